@@ -1,0 +1,82 @@
+"""The real CLIP tokenizer, built offline from the BPE vocabulary that open_clip ships.
+
+Stable Diffusion's tokenizer is OpenAI CLIP's byte-level BPE with 49408 tokens. open_clip carries the same merges
+(``bpe_simple_vocab_16e6.txt.gz``), so the vocabulary can be rebuilt without the hub, with ids identical to SD's.
+"""
+
+from __future__ import annotations
+
+import gzip
+import html
+import re
+import importlib.resources
+from functools import lru_cache
+from pathlib import Path
+
+import ftfy
+from transformers import CLIPTokenizer
+
+__all__ = ["bpe_vocabulary_path", "clean_prompt", "clip_vocab_and_merges", "offline_clip_tokenizer"]
+
+START_OF_TEXT = "<|startoftext|>"
+END_OF_TEXT = "<|endoftext|>"
+# CLIP keeps the first 48894 merges of the file: 49408 ids = 256 bytes * 2 (with and without "</w>") + merges + 2 specials.
+_NUM_MERGES = 49152 - 256 - 2
+
+
+def bpe_vocabulary_path() -> Path:
+    """Path of open_clip's packaged BPE merges file."""
+    return Path(str(importlib.resources.files("open_clip") / "bpe_simple_vocab_16e6.txt.gz"))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # GPT-2's reversible byte -> printable-unicode table, which CLIP's vocabulary is written in.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes)))
+
+
+@lru_cache(maxsize=1)
+def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's vocabulary (token -> id) and merge list, in the order that fixes the ids."""
+    with gzip.open(bpe_vocabulary_path(), "rt", encoding="utf-8") as f:
+        merges = [tuple(line.split()) for line in f.read().split("\n")[1 : _NUM_MERGES + 1]]
+    byte_symbols = list(_bytes_to_unicode().values())
+    tokens = byte_symbols + [s + "</w>" for s in byte_symbols]
+    tokens += ["".join(m) for m in merges]
+    tokens += [START_OF_TEXT, END_OF_TEXT]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != 49408:
+        raise RuntimeError(f"rebuilt CLIP vocabulary has {len(vocab)} tokens, expected 49408: {bpe_vocabulary_path()}")
+    return vocab, merges
+
+
+def offline_clip_tokenizer(model_max_length: int = 77, pad_token: str = END_OF_TEXT) -> CLIPTokenizer:
+    """A ``transformers.CLIPTokenizer`` equal to SD 1.x's, built with no download.
+
+    ``pad_token`` is ``<|endoftext|>`` as in SD 1.x; SD 2.x and open_clip pad with ``"!"`` (id 0).
+    """
+    vocab, merges = clip_vocab_and_merges()
+    return CLIPTokenizer(
+        vocab=dict(vocab),
+        merges=list(merges),
+        pad_token=pad_token,
+        model_max_length=model_max_length,
+    )
+
+
+def clean_prompt(text: str) -> str:
+    """Normalise a prompt as CLIP's reference tokenizer does before BPE.
+
+    ftfy repairs mojibake and curly quotes, HTML entities are unescaped (twice, as CLIP does) and whitespace is
+    collapsed. The tokenizers-backed ``CLIPTokenizer`` skips these steps, so ids match CLIP's only after this.
+    """
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return re.sub(r"\s+", " ", text).strip()
