@@ -164,7 +164,7 @@ class Scene:
         return {"object": self.object, "colour": self.colour, "style": self.style}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Names
 
 
@@ -227,13 +227,13 @@ def neighbours(name: str) -> list[str]:
     return list(_TABLES[cat][canon][1])
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Captions and prompts
 
 
 def template_key(*, object: bool, colour: bool, style: bool) -> str:
     """Key into TEMPLATES for a set of named attributes."""
-    present = [c for c, on in zip(CATEGORIES, (object, colour, style)) if on]
+    present = [c for c, on in zip(CATEGORIES, (object, colour, style), strict=True) if on]
     if not present:
         raise ValueError("a prompt must name at least one attribute")
     return "+".join(present)
@@ -267,7 +267,7 @@ def prompt(
     "a red star in the style of van gogh"). Deterministic.
     """
     values = {}
-    for cat, name in zip(CATEGORIES, (object, colour, style)):
+    for cat, name in zip(CATEGORIES, (object, colour, style), strict=True):
         if name is None:
             continue
         if category_of(name) != cat:
@@ -312,7 +312,7 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     return _fill(options[int(rng.integers(len(options)))], values)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Scenes
 
 
@@ -363,14 +363,14 @@ def render_dataset(seeds: Sequence[int], workers: int = 1) -> tuple[np.ndarray, 
         return _render_chunk(seeds)
     n_chunks = min(len(seeds) // 32, workers * 4)
     bounds = np.linspace(0, len(seeds), n_chunks + 1).astype(int)
-    chunks = [seeds[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    chunks = [seeds[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     # spawn, not fork: callers often have torch (and its thread pools) loaded, which fork does not survive reliably
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         parts = pool.map(_render_chunk, chunks)
     return np.concatenate([p[0] for p in parts]), [s for p in parts for s in p[1]]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Rendering
 
 
@@ -518,18 +518,21 @@ def _style_van_gogh(scene: Scene, lay: _Layout, col: np.ndarray, rng: np.random.
     psi += 2.0 * _smooth_noise(rng, 4)
     # break strokes along their length with finer noise so they read as dabs of paint, not contour lines
     stroke = np.sin(psi * 1.6 + 1.5 * _smooth_noise(rng, 10))
-    t = 0.5 + 0.5 * np.tanh(2.5 * stroke)
-    dark = _neutral(0.2, rng, 0.03) + np.array([0.0, 0.03, 0.1], dtype=np.float32)
-    light = _neutral(0.78, rng, 0.03)
+    t = 0.5 + 0.5 * np.tanh(1.8 * stroke)
+    dark = _neutral(0.24, rng, 0.03) + np.array([0.0, 0.02, 0.08], dtype=np.float32)
+    light = _neutral(0.7, rng, 0.03)
     bg = dark + (light - dark) * t[..., None]
-    fg = col * (0.72 + 0.34 * t[..., None]) + 0.12 * t[..., None] * (1 - col)
+    # the object gets the same strokes, gently, so its hue survives
+    fg = col * (0.84 + 0.2 * t[..., None]) + 0.1 * t[..., None] * (1 - col)
     # wobble the silhouette along the flow
     xh, yh, _, _ = _grids()
     ph = rng.uniform(0, 6.3, size=2)
-    dx = 1.0 * np.sin(yh * 0.45 + ph[0])
-    dy = 1.0 * np.sin(xh * 0.45 + ph[1])
+    dx = 0.7 * np.sin(yh * 0.45 + ph[0])
+    dy = 0.7 * np.sin(xh * 0.45 + ph[1])
     alpha = _object_mask(scene, lay, dx, dy)
-    return _composite(bg, np.clip(fg, 0, 1), alpha)
+    outline = np.clip(_object_mask(scene, lay, dx, dy, grow=1.6) - alpha, 0, 1)
+    img = _composite(bg, np.clip(fg, 0, 1), alpha)
+    return _composite(img, np.broadcast_to(dark * 0.6, img.shape), 0.8 * outline)
 
 
 def _style_mondrian(scene: Scene, lay: _Layout, col: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -572,18 +575,17 @@ def _style_seurat(scene: Scene, lay: _Layout, col: np.ndarray, rng: np.random.Ge
     alpha = _object_mask(scene, lay)
     base = _composite(ground_img, np.broadcast_to(col, ground_img.shape), alpha)
     # one dot per cell, jittered; colour = picture at the dot centre with per-dot variation
-    jitter = rng.uniform(-0.7, 0.7, size=(2, n, n)).astype(np.float32)
+    jitter = rng.uniform(-0.45, 0.45, size=(2, n, n)).astype(np.float32)
     cx = (np.arange(n, dtype=np.float32) + 0.5)[None, :] * _SEURAT_CELL + jitter[0]
     cy = (np.arange(n, dtype=np.float32) + 0.5)[:, None] * _SEURAT_CELL + jitter[1]
     sx = np.clip(cx.astype(int), 0, IMAGE_SIZE - 1)
     sy = np.clip(cy.astype(int), 0, IMAGE_SIZE - 1)
     dot_col = base[sy, sx]
     is_obj = alpha[sy, sx][..., None]
-    dot_col = dot_col * rng.uniform(0.82, 1.12, size=(n, n, 1)) + (1 - is_obj) * rng.uniform(
-        -0.08, 0.08, size=(n, n, 3)
-    )
+    speckle = rng.uniform(-0.05, 0.05, size=(n, n, 3))
+    dot_col = dot_col * rng.uniform(0.85, 1.1, size=(n, n, 1)) + (1 - is_obj) * speckle
     dot_col = np.clip(dot_col, 0, 1).astype(np.float32)
-    radius = rng.uniform(1.45, 1.85, size=(n, n)).astype(np.float32)
+    radius = rng.uniform(1.55, 1.95, size=(n, n)).astype(np.float32)
     xh, yh, _, _ = _grids()
     cell = _SEURAT_CELL * _SS
     rep = lambda a: np.repeat(np.repeat(a, cell, axis=0), cell, axis=1)  # noqa: E731
@@ -701,7 +703,7 @@ def render_scene(scene: Scene, seed: int) -> np.ndarray:
     return (np.clip(img, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Spec and contact sheet
 
 
