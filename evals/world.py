@@ -416,7 +416,7 @@ def _shape_inside(name: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     if name == "moon":
         return (u * u + v * v <= 0.92**2) & ((u - 0.45) ** 2 + (v + 0.18) ** 2 >= 0.76**2)
     if name == "diamond":
-        return np.abs(u) * (1 / 0.62) + np.abs(v) <= 0.98
+        return np.abs(u) * (1 / 0.68) + np.abs(v) <= 1.0
     raise ValueError(f"unknown object {name!r}")
 
 
@@ -524,13 +524,8 @@ def _style_van_gogh(scene: Scene, lay: _Layout, col: np.ndarray, rng: np.random.
     bg = dark + (light - dark) * t[..., None]
     # the object gets the same strokes, gently, so its hue survives
     fg = col * (0.84 + 0.2 * t[..., None]) + 0.1 * t[..., None] * (1 - col)
-    # wobble the silhouette along the flow
-    xh, yh, _, _ = _grids()
-    ph = rng.uniform(0, 6.3, size=2)
-    dx = 0.7 * np.sin(yh * 0.45 + ph[0])
-    dy = 0.7 * np.sin(xh * 0.45 + ph[1])
-    alpha = _object_mask(scene, lay, dx, dy)
-    outline = np.clip(_object_mask(scene, lay, dx, dy, grow=1.6) - alpha, 0, 1)
+    alpha = _object_mask(scene, lay)
+    outline = np.clip(_object_mask(scene, lay, grow=1.6) - alpha, 0, 1)
     img = _composite(bg, np.clip(fg, 0, 1), alpha)
     return _composite(img, np.broadcast_to(dark * 0.6, img.shape), 0.8 * outline)
 
