@@ -1,5 +1,30 @@
 """The shared Stable Diffusion pipeline wrapper: the only package that knows diffusers' internals."""
 
 from .tokenizer import clean_prompt, offline_clip_tokenizer
+from .wrapper import (
+    CROSS_ATTENTION_PATTERNS,
+    CrossAttentionLayer,
+    ModelNotFoundError,
+    PipelineWrapper,
+    PromptEncoding,
+    load_pipeline,
+)
 
-__all__ = ["clean_prompt", "offline_clip_tokenizer"]
+__all__ = [
+    "CROSS_ATTENTION_PATTERNS",
+    "CrossAttentionLayer",
+    "ModelNotFoundError",
+    "PipelineWrapper",
+    "PromptEncoding",
+    "clean_prompt",
+    "load_pipeline",
+    "micro_model_path",
+    "offline_clip_tokenizer",
+]
+
+
+def micro_model_path():  # noqa: ANN201 - re-exported lazily: pipelines.micro imports training-only modules
+    """Folder of the embedded micro Stable Diffusion (a diffusers ``StableDiffusionPipeline`` folder)."""
+    from .micro import micro_model_path as _path
+
+    return _path()

@@ -1,0 +1,159 @@
+"""Unified Concept Editing (Gandikota et al., 2024): a closed-form edit of cross-attention keys and values.
+
+Every key/value projection W of the UNet's cross-attention reads text embeddings c. UCE rewrites W so that the
+embeddings of an erased concept c_i are sent where a guide concept's embeddings go, v*_i = W c_guide_i, while
+preserved concepts c_j keep W c_j and a ridge term keeps W close to itself. One linear solve, no training.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from pipelines import CROSS_ATTENTION_PATTERNS, PipelineWrapper
+
+from .registry import ConceptSpec, WeightEdit, register_method
+
+__all__ = ["UCEConfig", "concept_embeddings", "erase_uce", "uce_input_map"]
+
+logger = logging.getLogger(__name__)
+
+TOKEN_POSITIONS = ("from_last", "last")
+
+
+@dataclass
+class UCEConfig:
+    """Settings of a UCE edit.
+
+    Attributes:
+        erase_scale: weight of the erase terms (the paper's scale on sum_i v*_i c_i^T and sum_i c_i c_i^T).
+        preserve_scale: weight of the preserve terms; ``None`` uses max(0.1, 1 / #preserved), as the authors do.
+        lamb: ridge weight lambda pulling W_new towards W; larger is gentler.
+        layers: fnmatch patterns of the UNet Linear modules to edit (default: all cross-attention keys and values).
+        token_positions: which token embeddings of a concept prompt are edited. ``"from_last"``: the concept's last
+            token, EOS and the padding after it (a causal text encoder has read the whole concept there; UCE's
+            choice). ``"last"``: only the last token and EOS.
+        templates: prompts the concept is embedded in, ``{}`` standing for it; more contexts generalise further.
+    """
+
+    erase_scale: float = 1.0
+    preserve_scale: float | None = None
+    lamb: float = 0.5
+    layers: tuple[str, ...] = CROSS_ATTENTION_PATTERNS
+    token_positions: str = "from_last"
+    templates: tuple[str, ...] = ("{}",)
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(self.layers)
+        self.templates = tuple(self.templates)
+        if self.erase_scale <= 0:
+            raise ValueError(f"erase_scale must be > 0, got {self.erase_scale}")
+        if self.preserve_scale is not None and self.preserve_scale < 0:
+            raise ValueError(f"preserve_scale must be >= 0, got {self.preserve_scale}")
+        if self.lamb <= 0:
+            raise ValueError(f"lamb must be > 0 (it keeps the system invertible), got {self.lamb}")
+        if not self.layers:
+            raise ValueError("layers is empty: give at least one module-name pattern")
+        if self.token_positions not in TOKEN_POSITIONS:
+            raise ValueError(f"token_positions must be one of {TOKEN_POSITIONS}, got {self.token_positions!r}")
+        if not self.templates or any("{}" not in t for t in self.templates):
+            raise ValueError(f"every template must contain '{{}}', got {list(self.templates)}")
+
+
+def _positions(wrapper: PipelineWrapper, prompt: str, phrase: str, mode: str) -> list[int]:
+    """Token positions of ``phrase``'s last token onwards inside ``prompt`` (BOS = 0)."""
+    total = wrapper.pipe.tokenizer.model_max_length
+    last = wrapper.phrase_positions(prompt, phrase)[-1] if phrase else 0
+    return list(range(last, total)) if mode == "from_last" else [last, last + 1]
+
+
+def concept_embeddings(
+    wrapper: PipelineWrapper,
+    concepts: Sequence[str],
+    guides: Sequence[str] | None,
+    config: UCEConfig,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows c_i (and the guide rows c_guide_i aligned to them) for every concept in every template, float64.
+
+    Target and guide positions are aligned from the concept's last token, as in the authors' code: the k-th
+    position after the target's last token is sent where the k-th position after the guide's last token goes.
+    """
+    rows, guide_rows = [], []
+    for template in config.templates:
+        prompts = [template.format(c) for c in concepts]
+        enc = wrapper.encode_prompts(prompts).embeddings.double()
+        genc = None
+        if guides is not None:
+            guide_prompts = [template.format(g).strip() if g else template.format("").strip() for g in guides]
+            genc = wrapper.encode_prompts(guide_prompts).embeddings.double()
+        for i, concept in enumerate(concepts):
+            pos = _positions(wrapper, prompts[i], concept, config.token_positions)
+            if genc is None:
+                rows.append(enc[i, pos])
+                continue
+            gpos = _positions(wrapper, guide_prompts[i], guides[i], config.token_positions)
+            n = min(len(pos), len(gpos))
+            rows.append(enc[i, pos[:n]])
+            guide_rows.append(genc[i, gpos[:n]])
+    return torch.cat(rows), (torch.cat(guide_rows) if guides is not None else None)
+
+
+def uce_input_map(
+    c_erase: torch.Tensor,
+    c_guide: torch.Tensor,
+    c_preserve: torch.Tensor | None,
+    erase_scale: float,
+    preserve_scale: float,
+    lamb: float,
+) -> torch.Tensor:
+    """The d x d matrix M with W_new = W M for every projection W reading d-dimensional text embeddings.
+
+    UCE's closed form (rows of ``c_*`` are embeddings c, v*_i = W c_guide_i):
+
+        W_new = (s_e sum_i v*_i c_i^T + s_p sum_j W c_j c_j^T + lambda W)
+                (s_e sum_i c_i c_i^T  + s_p sum_j c_j c_j^T   + lambda I)^-1
+
+    Every term on the left is W times something, so W_new = W M with
+    M = (s_e C_g^T C_e + s_p C_p^T C_p + lambda I)(s_e C_e^T C_e + s_p C_p^T C_p + lambda I)^-1,
+    shared by all layers of one width. Solved in float64.
+    """
+    d = c_erase.shape[1]
+    eye = torch.eye(d, dtype=torch.float64, device=c_erase.device)
+    preserve = c_preserve.T @ c_preserve if c_preserve is not None and len(c_preserve) else torch.zeros_like(eye)
+    left = erase_scale * c_guide.T @ c_erase + preserve_scale * preserve + lamb * eye
+    right = erase_scale * c_erase.T @ c_erase + preserve_scale * preserve + lamb * eye
+    # M = left @ right^-1  <=>  right^T M^T = left^T, and right is symmetric.
+    return torch.linalg.solve(right, left.T).T
+
+
+def edit_from_input_map(wrapper: PipelineWrapper, layer_patterns: Sequence[str], m: torch.Tensor) -> WeightEdit:
+    """dW = W (M - I) for every matched layer, and the layers' names."""
+    layers = wrapper.cross_attention_layers(layer_patterns)
+    eye = torch.eye(m.shape[0], dtype=torch.float64, device=m.device)
+    deltas = {}
+    for layer in layers:
+        if layer.in_features != m.shape[0]:
+            raise ValueError(f"{layer.name} reads {layer.in_features}-d inputs, text embeddings are {m.shape[0]}-d")
+        w = layer.module.weight.detach().double().to(m.device)
+        deltas[f"unet.{layer.name}"] = (w @ (m - eye)).float()
+    return WeightEdit(deltas, {"layers_matched": len(layers)})
+
+
+@register_method("uce", UCEConfig, family="closed_form", summary="Unified Concept Editing (closed-form K/V edit)")
+def erase_uce(wrapper: PipelineWrapper, concepts: ConceptSpec, config: UCEConfig) -> WeightEdit:
+    """Erase ``concepts.targets`` by sending them to their guides while keeping ``concepts.preserve``."""
+    guides = [concepts.guide_for(i) for i in range(len(concepts.targets))]
+    c_erase, c_guide = concept_embeddings(wrapper, concepts.targets, guides, config)
+    c_preserve = None
+    if concepts.preserve:
+        c_preserve, _ = concept_embeddings(wrapper, concepts.preserve, None, config)
+    preserve_scale = config.preserve_scale
+    if preserve_scale is None:
+        preserve_scale = max(0.1, 1.0 / max(1, len(concepts.preserve)))
+    m = uce_input_map(c_erase, c_guide, c_preserve, config.erase_scale, preserve_scale, config.lamb)
+    edit = edit_from_input_map(wrapper, config.layers, m)
+    edit.info.update(erase_embeddings=int(c_erase.shape[0]), preserve_scale=preserve_scale)
+    return edit

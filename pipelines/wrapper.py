@@ -1,0 +1,419 @@
+"""The shared Stable Diffusion pipeline wrapper.
+
+This is the one module that knows diffusers' internals: which modules are cross-attention projections, how a
+prompt becomes text embeddings, how a noise prediction is taken and how images are sampled. Erasure methods and
+evaluations ask it; they never reach into the UNet or the text encoder themselves.
+
+SD 1.x/2.x and the micro world use one text encoder; SDXL's two are concatenated along the feature axis exactly as
+``StableDiffusionXLPipeline.encode_prompt`` does, so every caller sees one ``(batch, tokens, width)`` tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from PIL import Image
+from tqdm.auto import tqdm
+
+__all__ = [
+    "CROSS_ATTENTION_PATTERNS",
+    "CrossAttentionLayer",
+    "ModelNotFoundError",
+    "PipelineWrapper",
+    "PromptEncoding",
+    "load_pipeline",
+]
+
+logger = logging.getLogger(__name__)
+
+# Cross-attention in diffusers' transformer blocks is always ``attn2``; its key/value projections read the text.
+CROSS_ATTENTION_PATTERNS: tuple[str, ...] = ("*attn2.to_k", "*attn2.to_v")
+
+
+class ModelNotFoundError(ValueError):
+    """The model argument names no embedded model, local folder or reachable hub repository."""
+
+
+@dataclass(frozen=True)
+class CrossAttentionLayer:
+    """One key or value projection of a cross-attention block: ``y = W c`` for a text embedding ``c``."""
+
+    name: str  # module name inside the UNet, e.g. "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    module: torch.nn.Linear
+
+    @property
+    def in_features(self) -> int:
+        return self.module.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.module.out_features
+
+
+@dataclass
+class PromptEncoding:
+    """Text-encoder output for a batch of prompts, as the UNet's cross-attention consumes it."""
+
+    prompts: list[str]
+    input_ids: torch.Tensor  # (batch, tokens) of the first tokenizer
+    embeddings: torch.Tensor  # (batch, tokens, width)
+    lengths: torch.Tensor  # (batch,) number of real tokens, BOS and EOS included
+    pooled: torch.Tensor | None = None  # SDXL's pooled embedding of the second encoder
+
+    def eos_position(self, index: int) -> int:
+        return int(self.lengths[index]) - 1
+
+
+def _is_local(model: str) -> bool:
+    return Path(model).expanduser().exists()
+
+
+def load_pipeline(
+    model: str = "micro",
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> PipelineWrapper:
+    """Load a Stable Diffusion pipeline and wrap it.
+
+    Args:
+        model: ``"micro"`` (the embedded default), ``"tiny"`` / ``"tiny-sdxl"`` (small random pipelines built in
+            code, for tests), a local diffusers folder, or a hub id such as ``"CompVis/stable-diffusion-v1-4"``.
+        device, dtype: where and in what precision the pipeline runs.
+        seed: initialises the random tiny pipelines; ignored for trained models.
+    """
+    if not isinstance(model, str) or not model.strip():
+        raise ModelNotFoundError("model must be a non-empty string")
+    if model == "tiny":
+        from .tiny import tiny_sd_pipeline
+
+        pipe, model_id = tiny_sd_pipeline(seed), f"tiny-sd(seed={seed})"
+    elif model == "tiny-sdxl":
+        from .tiny import tiny_sdxl_pipeline
+
+        pipe, model_id = tiny_sdxl_pipeline(seed), f"tiny-sdxl(seed={seed})"
+    else:
+        if model == "micro":
+            from .micro import micro_model_path
+
+            path = micro_model_path()
+            if not (path / "model_index.json").is_file():
+                raise ModelNotFoundError(f"the embedded micro model is missing at {path}: run scripts/train_micro.py")
+            source, model_id = str(path), "micro"
+        elif _is_local(model):
+            path = Path(model).expanduser()
+            if not (path / "model_index.json").is_file():
+                raise ModelNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+            source, model_id = str(path), str(path.resolve())
+        else:
+            source, model_id = model, model
+        try:
+            pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, safety_checker=None)
+        except (OSError, ValueError) as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelNotFoundError(f"cannot load model {model!r}: {first_line}") from err
+    if model.startswith("tiny") and dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    if not isinstance(pipe, StableDiffusionPipeline | StableDiffusionXLPipeline):
+        raise ModelNotFoundError(f"model {model!r} is a {type(pipe).__name__}, not a Stable Diffusion (XL) pipeline")
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return PipelineWrapper(pipe, model_id=model_id)
+
+
+class PipelineWrapper:
+    """A Stable Diffusion (XL) pipeline with the operations erasure methods and evaluations need."""
+
+    def __init__(self, pipe: StableDiffusionPipeline | StableDiffusionXLPipeline, model_id: str) -> None:
+        self.pipe = pipe
+        self.model_id = model_id
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def is_sdxl(self) -> bool:
+        return isinstance(self.pipe, StableDiffusionXLPipeline)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.unet.dtype
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.pipe.unet
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """Tokens a prompt may have, BOS and EOS excluded."""
+        return self.pipe.tokenizer.model_max_length - 2
+
+    @property
+    def image_size(self) -> int:
+        return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+
+    def components(self) -> dict[str, torch.nn.Module]:
+        """The pipeline's trainable modules by component name ("unet", "text_encoder", ...)."""
+        return {k: v for k, v in self.pipe.components.items() if isinstance(v, torch.nn.Module)}
+
+    # ------------------------------------------------------------------ layers
+    def cross_attention_layers(self, patterns: Sequence[str] = CROSS_ATTENTION_PATTERNS) -> list[CrossAttentionLayer]:
+        """UNet cross-attention projections whose module names match any of ``patterns`` (fnmatch syntax).
+
+        Raises ``ValueError`` when nothing matches, since an edit that touches no layer would silently do nothing.
+        """
+        layers = [
+            CrossAttentionLayer(name, module)
+            for name, module in self.unet.named_modules()
+            if isinstance(module, torch.nn.Linear) and any(fnmatch.fnmatchcase(name, p) for p in patterns)
+        ]
+        if not layers:
+            raise ValueError(f"no UNet module matches the cross-attention patterns {list(patterns)}")
+        logger.info("%d cross-attention projections match %s", len(layers), list(patterns))
+        return layers
+
+    def module(self, name: str) -> torch.nn.Module:
+        """A module by qualified name, ``"<component>.<path>"``, e.g. ``"unet.mid_block.attentions.0"``."""
+        component, _, path = name.partition(".")
+        modules = self.components()
+        if component not in modules:
+            raise KeyError(f"no pipeline component {component!r} (have {sorted(modules)})")
+        try:
+            return modules[component].get_submodule(path) if path else modules[component]
+        except AttributeError as err:
+            raise KeyError(f"no module {name!r} in the pipeline") from err
+
+    def fingerprint(self, module_names: Sequence[str]) -> str:
+        """sha256 over the float32 weights of the named modules (qualified names), in sorted order."""
+        digest = hashlib.sha256()
+        for name in sorted(module_names):
+            for pname, param in sorted(self.module(name).state_dict().items()):
+                digest.update(f"{name}.{pname}".encode())
+                digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    # ------------------------------------------------------------------ prompts
+    def token_count(self, prompt: str) -> int:
+        """Tokens of ``prompt`` without BOS/EOS, untruncated."""
+        return len(self.pipe.tokenizer(prompt, add_special_tokens=False, truncation=False)["input_ids"])
+
+    def check_prompt(self, prompt: str, what: str = "prompt") -> str:
+        """Return ``prompt`` stripped, or raise ``ValueError`` if it is empty or longer than the text encoder reads."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{what} is empty")
+        n = self.token_count(prompt.strip())
+        if n > self.max_prompt_tokens:
+            raise ValueError(
+                f"{what} {prompt[:40]!r}... has {n} tokens; the text encoder reads {self.max_prompt_tokens}"
+            )
+        return prompt.strip()
+
+    def phrase_positions(self, prompt: str, phrase: str) -> list[int]:
+        """Token positions (BOS = 0) that ``phrase`` occupies inside ``prompt``; its last occurrence wins."""
+        ids = self.pipe.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        sub = self.pipe.tokenizer(phrase, add_special_tokens=False)["input_ids"]
+        for start in range(len(ids) - len(sub), -1, -1):
+            if ids[start : start + len(sub)] == sub:
+                return [1 + start + i for i in range(len(sub))]
+        raise ValueError(f"phrase {phrase!r} does not occur in prompt {prompt!r}")
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptEncoding:
+        """Per-token text embeddings exactly as the pipeline computes them for generation."""
+        prompts = list(prompts)
+        tok = self.pipe.tokenizer(
+            prompts, padding="max_length", max_length=self.pipe.tokenizer.model_max_length, truncation=True
+        )
+        input_ids = torch.tensor(tok["input_ids"])
+        lengths = torch.tensor([sum(m) for m in tok["attention_mask"]])
+        if self.is_sdxl:
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+        else:
+            embeds, _ = self.pipe.encode_prompt(
+                prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+            pooled = None
+        return PromptEncoding(prompts, input_ids, embeds, lengths, pooled)
+
+    # ------------------------------------------------------------------ denoising
+    def _added_conditions(self, encoding: PromptEncoding, batch: int) -> dict[str, torch.Tensor] | None:
+        if not self.is_sdxl:
+            return None
+        size = self.image_size
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=self.device, dtype=self.dtype)
+        return {"text_embeds": encoding.pooled, "time_ids": time_ids.repeat(batch, 1)}
+
+    def noise_prediction(
+        self, latents: torch.Tensor, timestep: torch.Tensor | int, encoding: PromptEncoding
+    ) -> torch.Tensor:
+        """The UNet's noise prediction eps(latents, t, text) for a batch (no classifier-free guidance)."""
+        return self.unet(
+            latents,
+            timestep,
+            encoder_hidden_states=encoding.embeddings.to(latents.dtype),
+            added_cond_kwargs=self._added_conditions(encoding, latents.shape[0]),
+        ).sample
+
+    def initial_latents(self, seed: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """The starting noise for one image, a function of the seed alone (drawn on the CPU for portability)."""
+        height, width = height or self.image_size, width or self.image_size
+        shape = (
+            1,
+            self.unet.config.in_channels,
+            height // self.pipe.vae_scale_factor,
+            width // self.pipe.vae_scale_factor,
+        )
+        return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed)), dtype=torch.float32)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        *,
+        steps: int = 20,
+        guidance: float = 5.0,
+        batch_size: int = 8,
+        negative_prompt: str = "",
+        height: int | None = None,
+        width: int | None = None,
+        progress: bool = True,
+        callback_on_step_end: Callable | None = None,
+    ) -> list[Image.Image]:
+        """Images for (prompt, seed) pairs; the same pair gives the same image whatever else is in the batch.
+
+        Each image's starting noise comes from its own seed, so batching only changes floating-point summation order.
+        """
+        prompts, seeds = list(prompts), [int(s) for s in seeds]
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        images: list[Image.Image] = []
+        batches = range(0, len(prompts), batch_size)
+        for start in tqdm(batches, desc="generating", unit="batch", disable=not progress or len(batches) < 2):
+            chunk_prompts = prompts[start : start + batch_size]
+            latents = torch.cat([self.initial_latents(s, height, width) for s in seeds[start : start + batch_size]])
+            result = self.pipe(
+                prompt=chunk_prompts,
+                negative_prompt=[negative_prompt] * len(chunk_prompts),
+                latents=latents.to(self.device, self.dtype),
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=height or self.image_size,
+                width=width or self.image_size,
+                output_type="np",
+                callback_on_step_end=callback_on_step_end,
+            )
+            images.extend(Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8)) for a in result.images)
+        return images
+
+    # ------------------------------------------------------------------ weight edits
+    @torch.no_grad()
+    def apply_weight_deltas(self, deltas: dict[str, torch.Tensor], scale: float = 1.0) -> None:
+        """In place: ``W <- W + scale * dW`` for each Linear named (qualified) in ``deltas``."""
+        for name, delta in deltas.items():
+            weight = self.module(name).weight
+            if weight.shape != delta.shape:
+                raise ValueError(
+                    f"{name}: weight change of shape {tuple(delta.shape)} for weight {tuple(weight.shape)}"
+                )
+            weight.add_(delta.to(weight.device, weight.dtype), alpha=scale)
+
+    @contextlib.contextmanager
+    def weight_deltas(self, deltas: dict[str, torch.Tensor]) -> Iterator[None]:
+        """Apply weight changes for the ``with`` block and restore the exact original weights afterwards."""
+        originals = {name: self.module(name).weight.detach().clone() for name in deltas}
+        try:
+            self.apply_weight_deltas(deltas)
+            yield
+        finally:
+            with torch.no_grad():
+                for name, weight in originals.items():
+                    self.module(name).weight.copy_(weight)
+
+    def save_lora_weights(self, folder: str | Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Save ``dW = B @ A`` per module as a diffusers LoRA that ``pipe.load_lora_weights(folder)`` reproduces.
+
+        ``factors`` maps a qualified Linear name to ``(A, B)`` with A: (rank, in) and B: (out, rank). Alpha equals
+        the rank so the LoRA scale is exactly 1; ranks may differ per module (peft's ``rank_pattern``).
+        """
+        by_component: dict[str, dict[str, torch.Tensor]] = {}
+        ranks: dict[str, dict[str, int]] = {}
+        for name, (lora_a, lora_b) in factors.items():
+            component, _, path = name.partition(".")
+            if component not in ("unet", "text_encoder", "text_encoder_2"):
+                raise ValueError(f"cannot save a LoRA for component {component!r}")
+            by_component.setdefault(component, {})[f"{path}.lora_A.weight"] = lora_a.contiguous().float().cpu()
+            by_component.setdefault(component, {})[f"{path}.lora_B.weight"] = lora_b.contiguous().float().cpu()
+            ranks.setdefault(component, {})[path] = int(lora_a.shape[0])
+        kwargs = {}
+        for component, state in by_component.items():
+            pattern = ranks[component]
+            top = max(pattern.values())
+            kwargs[f"{component}_lora_layers"] = state
+            kwargs[f"{component}_lora_adapter_metadata"] = {
+                "r": top,
+                "lora_alpha": top,
+                "rank_pattern": pattern,
+                "alpha_pattern": pattern,
+                "target_modules": sorted(pattern),
+                "lora_dropout": 0.0,
+                "bias": "none",
+                "use_dora": False,
+            }
+        type(self.pipe).save_lora_weights(str(folder), safe_serialization=True, **kwargs)
+
+    def export_pipeline(self, folder: str | Path) -> None:
+        """A complete diffusers folder of the pipeline as it is now (edits included)."""
+        self.pipe.save_pretrained(str(folder), safe_serialization=True)
+
+    # ------------------------------------------------------------------ hooks
+    @contextlib.contextmanager
+    def capture(self, module_names: Sequence[str]) -> Iterator[dict[str, list[torch.Tensor]]]:
+        """Record the outputs of the named modules (qualified names) during the ``with`` block."""
+        captured: dict[str, list[torch.Tensor]] = {name: [] for name in module_names}
+        handles = []
+        try:
+            for name in module_names:
+
+                def hook(_module, _inputs, output, name=name):
+                    captured[name].append((output[0] if isinstance(output, tuple) else output).detach())
+
+                handles.append(self.module(name).register_forward_hook(hook))
+            yield captured
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextlib.contextmanager
+    def intervene(self, edits: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
+        """Replace the outputs of the named modules by ``edit(output)`` during the ``with`` block."""
+        handles = []
+        try:
+            for name, edit in edits.items():
+
+                def hook(_module, _inputs, output, edit=edit):
+                    if isinstance(output, tuple):
+                        return (edit(output[0]), *output[1:])
+                    return edit(output)
+
+                handles.append(self.module(name).register_forward_hook(hook))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
