@@ -92,7 +92,7 @@ def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
 
 
 def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
-    """A random SDXL-shaped pipeline: two text encoders (widths 32 + 32 = cross-attention 64) and micro-conditioning."""
+    """A random SDXL-shaped pipeline: two text encoders (32 + 32 = cross-attention width 64), micro-conditioning."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(16, 32),

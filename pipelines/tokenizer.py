@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import gzip
 import html
-import re
 import importlib.resources
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,7 +20,7 @@ __all__ = ["bpe_vocabulary_path", "clean_prompt", "clip_vocab_and_merges", "offl
 
 START_OF_TEXT = "<|startoftext|>"
 END_OF_TEXT = "<|endoftext|>"
-# CLIP keeps the first 48894 merges of the file: 49408 ids = 256 bytes * 2 (with and without "</w>") + merges + 2 specials.
+# CLIP keeps the first 48894 merges: 49408 ids = 256 bytes * 2 (with and without "</w>") + merges + 2 specials.
 _NUM_MERGES = 49152 - 256 - 2
 
 
@@ -40,7 +40,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             printable.append(b)
             codes.append(256 + extra)
             extra += 1
-    return dict(zip(printable, (chr(c) for c in codes)))
+    return dict(zip(printable, (chr(c) for c in codes), strict=True))
 
 
 @lru_cache(maxsize=1)
