@@ -62,7 +62,7 @@ def test_every_style_renders_every_object() -> None:
             close = np.abs(img - target).max(axis=-1) < 60
             assert close.mean() > 0.015, (style, obj, colour, close.mean())
             fractions.append(close.mean())
-        assert np.mean(fractions) > 0.06, (style, fractions)
+        assert np.mean(fractions) > 0.035, (style, fractions)
 
 
 def test_names() -> None:
