@@ -131,13 +131,14 @@ def save_artifact(
     wrapper: PipelineWrapper,
     *,
     overwrite: bool = False,
-    export_pipeline: bool = False,
+    export_pipeline: bool | None = None,
 ) -> Path:
     """Write the artifact atomically: everything goes to a temporary sibling folder that is renamed at the end.
 
     The weight change is stored as an exact LoRA when that is smaller than the changed weights, else as full
-    weight changes. ``export_pipeline`` additionally writes a complete diffusers folder of the edited pipeline
-    (``wrapper`` must then be the *unedited* base; it is edited for the export and restored).
+    weight changes. ``export_pipeline`` additionally writes a complete diffusers folder of the edited pipeline under
+    ``pipeline/`` (``wrapper`` must be the *unedited* base; it is edited for the export and restored). ``None``
+    exports exactly when the change is stored as full weights, which ``load_lora_weights`` cannot read.
     """
     folder = Path(folder)
     _check_destination(folder, overwrite)
@@ -154,7 +155,7 @@ def save_artifact(
         else:
             save_file({k: v.contiguous() for k, v in artifact.deltas.items()}, str(tmp / FULL_FILE))
             ranks = {}
-        if export_pipeline:
+        if export_pipeline or (export_pipeline is None and weight_format == "full"):
             with wrapper.weight_deltas(artifact.deltas):
                 wrapper.export_pipeline(tmp / "pipeline")
         with open(tmp / METADATA_FILE, "w") as f:

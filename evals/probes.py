@@ -1,0 +1,99 @@
+"""Probes: prompts that name one concept, with a seed, and the check that the image shows that concept.
+
+A probe's image is *correct* when zero-shot classification among its category's concept names returns the named
+concept. "Accuracy" everywhere in erase means the fraction of correct probes, so after an erasure a low accuracy on
+target probes is the goal and a high one on preserved probes is the constraint.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from . import world
+from .scorer import TEMPLATES, ClipScorer
+
+__all__ = [
+    "GENERIC_TEMPLATES",
+    "Probe",
+    "generic_probes",
+    "probe_accuracy",
+    "probe_correct",
+    "world_labels",
+    "world_probes",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Zero-shot templates for concepts of unknown category (hub models, user-given concepts).
+GENERIC_TEMPLATES: tuple[str, ...] = ("{}", "a picture of {}", "in the style of {}", "an image of {}")
+
+
+@dataclass(frozen=True)
+class Probe:
+    prompt: str
+    seed: int
+    concept: str  # the canonical concept the prompt names
+    category: str  # the zero-shot label set it is judged among
+
+
+def world_probes(concepts: Sequence[str], per_concept: int, seed: int = 0, name_as: str | None = None) -> list[Probe]:
+    """``per_concept`` probes per micro-world concept; the other attributes are random (fixed by ``seed``).
+
+    ``name_as`` writes the concept under another name (a synonym) while it is still judged as the canonical one.
+    """
+    rng = np.random.default_rng(seed)
+    probes = []
+    for concept in concepts:
+        category = world.category_of(concept)
+        canonical = world.canonical(concept)
+        for _ in range(per_concept):
+            named = {category: name_as or concept}
+            for other in world.CATEGORIES:
+                # Name each other attribute half the time, as real prompts do.
+                if other != category and rng.random() < 0.5:
+                    choices = [c for c in world.concepts(other) if c != "plain"]
+                    named[other] = choices[int(rng.integers(len(choices)))]
+            probes.append(Probe(world.prompt(**named), seed * 1_000_003 + len(probes), canonical, category))
+    return probes
+
+
+def generic_probes(concepts: Sequence[str], per_concept: int, seed: int = 0) -> list[Probe]:
+    """Probes for concepts outside the micro world, all judged among the same label set ``"concept"``."""
+    templates = ("a painting in the style of {}", "a picture of {}", "{}")
+    return [
+        Probe(templates[k % len(templates)].format(c), seed * 1_000_003 + i * per_concept + k, c, "concept")
+        for i, c in enumerate(concepts)
+        for k in range(per_concept)
+    ]
+
+
+def probe_correct(
+    scorer: ClipScorer,
+    images: Sequence[Image.Image],
+    probes: Sequence[Probe],
+    labels: Mapping[str, Sequence[str]],
+) -> list[bool]:
+    """Whether each image is zero-shot classified as its probe's concept, among ``labels[probe.category]``."""
+    if len(images) != len(probes):
+        raise ValueError(f"{len(images)} images for {len(probes)} probes")
+    correct = [False] * len(probes)
+    for category in sorted({p.category for p in probes}):
+        idx = [i for i, p in enumerate(probes) if p.category == category]
+        templates = TEMPLATES.get(category, GENERIC_TEMPLATES)
+        result = scorer.zero_shot([images[i] for i in idx], labels[category], templates)
+        for i, predicted in zip(idx, result.predictions, strict=True):
+            correct[i] = predicted == probes[i].concept
+    return correct
+
+
+def probe_accuracy(correct: Sequence[bool]) -> float:
+    return float(np.mean(correct)) if len(correct) else float("nan")
+
+
+def world_labels() -> dict[str, list[str]]:
+    return {c: world.concepts(c) for c in world.CATEGORIES}
