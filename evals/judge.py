@@ -1,0 +1,325 @@
+"""An independent ground-truth judge for the micro world: a small CNN that reads object, colour and style.
+
+CLIP verdicts on generated images are what the erasure metrics are built on; this judge exists to check them. It never
+sees text: it is trained on rendered images with their true labels (``evals.world``), with augmentations that mimic
+the ways a small diffusion model's samples are imperfect (blur, noise, slight colour drift, VAE-like softening), and it
+is shipped as ``evals/judge/`` (``model.safetensors`` + ``config.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from evals import world
+
+__all__ = [
+    "HELDOUT_SEED_OFFSET",
+    "Judge",
+    "JudgeConfig",
+    "augment",
+    "evaluate",
+    "judge_path",
+    "load_judge",
+    "train_judge",
+]
+
+logger = logging.getLogger(__name__)
+
+# Held-out renders come from seeds far from any training pool, so the two never share an image.
+HELDOUT_SEED_OFFSET = 1_000_000_000
+
+
+@dataclass
+class JudgeConfig:
+    """Architecture and training recipe of the judge."""
+
+    widths: tuple[int, ...] = (24, 48, 96, 128)  # channels of the four stride-2 stages
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    pool_size: int = 40_000  # pre-rendered training images (seeds seed_offset .. seed_offset + pool_size - 1)
+    seed_offset: int = 0
+    eval_size: int = 2000  # held-out renders for the reported accuracy
+    augment: bool = True
+    render_workers: int = 2
+    image_size: int = world.IMAGE_SIZE
+    classes: dict[str, list[str]] = field(default_factory=lambda: {c: world.concepts(c) for c in world.CATEGORIES})
+
+    def __post_init__(self) -> None:
+        self.widths = tuple(int(w) for w in self.widths)
+        if len(self.widths) < 1 or any(w < 1 for w in self.widths):
+            raise ValueError(f"widths must be positive, got {self.widths}")
+        for name in ("steps", "batch_size", "pool_size", "render_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_size < 0 or self.seed_offset < 0:
+            raise ValueError("eval_size and seed_offset must be >= 0")
+        if self.seed_offset + self.pool_size > HELDOUT_SEED_OFFSET:
+            raise ValueError("training seeds would overlap the held-out seeds")
+        if not (self.lr > 0 and self.weight_decay >= 0):
+            raise ValueError(f"bad optimiser settings lr={self.lr} weight_decay={self.weight_decay}")
+        if self.image_size != world.IMAGE_SIZE:
+            raise ValueError(f"image_size must be {world.IMAGE_SIZE}")
+        if set(self.classes) != set(world.CATEGORIES) or any(not v for v in self.classes.values()):
+            raise ValueError(f"classes must map each of {world.CATEGORIES} to its concept names")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+
+def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class Judge(nn.Module):
+    """Three-headed CNN: images in [0, 1], (N, 3, 64, 64) -> logits per category."""
+
+    def __init__(self, config: JudgeConfig, metrics: dict | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.metrics = dict(metrics or {})
+        # every stage halves the resolution; the first starts at 32x32, fine enough for 4 px dot and halftone pitches
+        layers: list[nn.Module] = []
+        cin = 3
+        for w in config.widths:
+            layers += [_conv_bn(cin, w, 2), _conv_bn(w, w, 1)]
+            cin = w
+        self.features = nn.Sequential(*layers)
+        # mean and max pooling: colour is an average over the object, shape and style cues are local peaks
+        self.heads = nn.ModuleDict({cat: nn.Linear(2 * cin, len(names)) for cat, names in config.classes.items()})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.features((x - 0.5) * 4.0)
+        pooled = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
+        return {cat: head(pooled) for cat, head in self.heads.items()}
+
+    @staticmethod
+    def to_tensor(images: np.ndarray | Sequence[Image.Image] | torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) float32 in [0, 1] from uint8/float (N, H, W, 3) arrays, PIL images or such a tensor."""
+        if isinstance(images, torch.Tensor):
+            x = images.float()
+            return x / 255.0 if images.dtype == torch.uint8 else x
+        if not isinstance(images, np.ndarray):
+            images = np.stack([np.asarray(im.convert("RGB")) for im in images])
+        if images.ndim == 3:
+            images = images[None]
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected (N, H, W, 3) images, got shape {images.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        return x.float() / 255.0 if images.dtype == np.uint8 else x.float()
+
+    @torch.no_grad()
+    def probabilities(
+        self, images: np.ndarray | Sequence[Image.Image] | torch.Tensor, batch_size: int = 256
+    ) -> dict[str, np.ndarray]:
+        """Category -> (N, n_classes) softmax probabilities (columns in ``config.classes`` order)."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        x = self.to_tensor(images)
+        if x.shape[-2:] != (world.IMAGE_SIZE, world.IMAGE_SIZE):
+            x = F.interpolate(x, size=(world.IMAGE_SIZE, world.IMAGE_SIZE), mode="bilinear", antialias=True)
+        out: dict[str, list[np.ndarray]] = {cat: [] for cat in self.config.classes}
+        for i in range(0, x.shape[0], batch_size):
+            logits = self(x[i : i + batch_size].to(device))
+            for cat, lg in logits.items():
+                out[cat].append(lg.softmax(dim=-1).float().cpu().numpy())
+        self.train(was_training)
+        return {
+            cat: np.concatenate(v) if v else np.zeros((0, len(self.config.classes[cat]))) for cat, v in out.items()
+        }
+
+    def predict(self, images: np.ndarray | Sequence[Image.Image] | torch.Tensor) -> dict[str, list[str]]:
+        """Category -> predicted canonical name per image. Accepts uint8 (N, 64, 64, 3) arrays or PIL images."""
+        probs = self.probabilities(images)
+        return {cat: [self.config.classes[cat][j] for j in p.argmax(axis=1)] for cat, p in probs.items()}
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write ``model.safetensors`` (fp32) and ``config.json`` (recipe, class names, measured metrics)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+        payload = {"config": self.config.to_dict(), "metrics": self.metrics}
+        (path / "config.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Judge:
+        """Load a judge written by ``save_pretrained`` (eval mode, CPU)."""
+        path = Path(path)
+        payload = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        cfg = payload["config"]
+        cfg["widths"] = tuple(cfg["widths"])
+        judge = cls(JudgeConfig(**cfg), metrics=payload.get("metrics"))
+        judge.load_state_dict(load_file(str(path / "model.safetensors")))
+        return judge.eval()
+
+
+def judge_path() -> Path:
+    """The shipped judge folder, ``evals/judge/``."""
+    return Path(__file__).resolve().parent / "judge"
+
+
+def load_judge(path: str | Path | None = None) -> Judge:
+    """Load the shipped judge (or one at ``path``)."""
+    return Judge.from_pretrained(judge_path() if path is None else path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _gaussian_kernels(sigma: torch.Tensor, size: int = 5) -> torch.Tensor:
+    r = torch.arange(size, dtype=torch.float32, device=sigma.device) - size // 2
+    k = torch.exp(-(r[None] ** 2) / (2 * sigma[:, None] ** 2))
+    return k / k.sum(dim=1, keepdim=True)
+
+
+def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Degrade a batch (N, 3, 64, 64) in [0, 1] the way generated samples are imperfect, keeping colour judgeable.
+
+    Per image: mirror (labels are mirror-invariant), blur or VAE-like down/up-sampling, small brightness / contrast /
+    per-channel gain drift, gaussian noise, coarse 8-bit-ish quantisation.
+    """
+    n, dev = x.shape[0], x.device
+
+    # random numbers come from the (CPU) generator whatever the device, so results do not depend on it
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.rand(shape, generator=generator).to(dev)
+
+    def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
+        return lo + (hi - lo) * rand(n, *shape)
+
+    flip = rand(n) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    # blur with sigma in [0.3, 1.1] for ~40% of the batch (separable, per-image kernel via grouped conv)
+    blur = rand(n) < 0.4
+    if blur.any():
+        idx = blur.nonzero().squeeze(1)
+        k = _gaussian_kernels(u(0.3, 1.1)[idx]).repeat_interleave(3, dim=0)  # (m*3, 5)
+        xb = x[idx].reshape(1, -1, *x.shape[-2:])
+        xb = F.conv2d(F.pad(xb, (2, 2, 0, 0), mode="replicate"), k[:, None, None, :], groups=k.shape[0])
+        xb = F.conv2d(F.pad(xb, (0, 0, 2, 2), mode="replicate"), k[:, None, :, None], groups=k.shape[0])
+        x = x.clone()
+        x[idx] = xb.reshape(len(idx), 3, *x.shape[-2:])
+    # the VAE's 4x bottleneck loses fine texture: down to 32 or 40 px and back for ~20%
+    soft = rand(n) < 0.2
+    if soft.any():
+        idx = soft.nonzero().squeeze(1)
+        side = 32 if torch.rand(1, generator=generator).item() < 0.5 else 40
+        small = F.interpolate(x[idx], size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+        x = x.clone()
+        x[idx] = F.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * u(0.88, 1.12, 1, 1, 1) + mean * u(0.9, 1.1, 1, 1, 1)
+    x = x * u(0.95, 1.05, 3, 1, 1) + u(-0.03, 0.03, 3, 1, 1)
+    x = x + torch.randn(x.shape, generator=generator).to(dev) * u(0.0, 0.05, 1, 1, 1)
+    return x.clamp(0, 1)
+
+
+def _labels(scenes: Sequence[world.Scene], classes: dict[str, list[str]]) -> dict[str, torch.Tensor]:
+    index = {cat: {name: i for i, name in enumerate(names)} for cat, names in classes.items()}
+    return {cat: torch.tensor([index[cat][s.labels()[cat]] for s in scenes]) for cat in classes}
+
+
+def evaluate(
+    judge: Judge,
+    images: np.ndarray | Sequence[Image.Image],
+    scenes: Sequence[world.Scene],
+) -> dict[str, float]:
+    """Accuracy per category of ``judge`` against the true scenes."""
+    pred = judge.predict(images)
+    return {
+        cat: float(np.mean([p == s.labels()[cat] for p, s in zip(pred[cat], scenes, strict=True)])) for cat in pred
+    }
+
+
+def train_judge(
+    config: JudgeConfig,
+    *,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+) -> Judge:
+    """Train a judge from scratch on renders of the world; held-out accuracy lands in ``judge.metrics``.
+
+    ``seed`` fixes initialisation, batch order and augmentation; the training images are the world's seeds
+    ``config.seed_offset ..`` and the held-out ones start at ``HELDOUT_SEED_OFFSET``.
+    """
+    t0 = time.perf_counter()
+    pool_seeds = range(config.seed_offset, config.seed_offset + config.pool_size)
+    pool, scenes = world.render_dataset(pool_seeds, workers=config.render_workers)
+    labels = _labels(scenes, config.classes)
+    # uint8 (N, 64, 64, 3) on the device; converted per batch to keep memory at 1 byte / value
+    pool_t = torch.from_numpy(pool).to(device)
+    render_s = time.perf_counter() - t0
+    logger.info("rendered %d training images in %.1fs", len(pool), render_s)
+
+    torch.manual_seed(seed)  # nn.Module init draws from the global generator
+    gen = torch.Generator().manual_seed(seed)
+    judge = Judge(config).to(device)
+    opt = torch.optim.AdamW(judge.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.15)
+    judge.train()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, desc="judge", unit="step")
+    for step in range(config.steps):
+        idx = torch.randint(len(pool_t), (config.batch_size,), generator=gen)
+        x = pool_t[idx.to(device)].permute(0, 3, 1, 2).float() / 255.0
+        if config.augment:
+            x = augment(x, gen)
+        logits = judge(x)
+        losses = {cat: F.cross_entropy(lg, labels[cat][idx].to(device)) for cat, lg in logits.items()}
+        loss = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if bar is not None:
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items()})
+        if step % 200 == 0 or step == config.steps - 1:
+            logger.info("step %d loss %s", step, {k: round(v.item(), 4) for k, v in losses.items()})
+    if bar is not None:
+        bar.close()
+    judge.eval().cpu()
+    train_s = time.perf_counter() - t0
+
+    metrics: dict = {"train_seconds": round(train_s, 1), "render_seconds": round(render_s, 1)}
+    if config.eval_size:
+        held_seeds = range(HELDOUT_SEED_OFFSET, HELDOUT_SEED_OFFSET + config.eval_size)
+        held, held_scenes = world.render_dataset(held_seeds, workers=config.render_workers)
+        acc = evaluate(judge, held, held_scenes)
+        eval_gen = torch.Generator().manual_seed(seed + 1)
+        degraded = (augment(Judge.to_tensor(held), eval_gen) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        acc_aug = evaluate(judge, degraded, held_scenes)
+        metrics.update(
+            heldout_size=config.eval_size,
+            heldout_accuracy={k: round(v, 4) for k, v in acc.items()},
+            heldout_accuracy_augmented={k: round(v, 4) for k, v in acc_aug.items()},
+        )
+        logger.info("held-out accuracy %s (augmented %s)", acc, acc_aug)
+    judge.metrics = metrics
+    if not math.isfinite(loss.item()):
+        raise RuntimeError("judge training diverged")
+    return judge

@@ -1,0 +1,51 @@
+"""Train the ground-truth judge CNN on renders of the micro world and save it (default: the shipped evals/judge/)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+import torch
+
+from evals.judge import JudgeConfig, judge_path, train_judge
+
+
+def main() -> None:
+    defaults = JudgeConfig()
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default=str(judge_path()), help="output folder")
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--pool-size", type=int, default=defaults.pool_size, help="pre-rendered training images")
+    parser.add_argument("--eval-size", type=int, default=defaults.eval_size, help="held-out renders to score")
+    parser.add_argument("--widths", type=int, nargs="+", default=list(defaults.widths))
+    parser.add_argument("--workers", type=int, default=defaults.render_workers, help="render processes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = JudgeConfig(
+        widths=tuple(args.widths),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        pool_size=args.pool_size,
+        eval_size=args.eval_size,
+        render_workers=args.workers,
+    )
+    judge = train_judge(config, device=args.device, seed=args.seed, progress=not args.no_progress)
+    judge.metrics["device"] = str(args.device) if args.device == "cpu" else torch.cuda.get_device_name()
+    judge.metrics["seed"] = args.seed
+    judge.save_pretrained(args.out)
+    print(json.dumps(judge.metrics, indent=2))
+    print(f"saved to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
