@@ -126,7 +126,6 @@ def self_check(
     seed: int = 0,
 ) -> tuple[CheckResult, Image.Image]:
     """Generate target and preserved probes before and after the edit and score them with the CLIP scorer."""
-    from evals import world
     from evals.probes import generic_probes, probe_accuracy, probe_correct, world_labels, world_probes
     from evals.scorer import ClipScorer
 

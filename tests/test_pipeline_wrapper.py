@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+import torch
+
+from pipelines import ModelNotFoundError, load_pipeline
+
+
+def _pixels(images):
+    return np.stack([np.asarray(i, dtype=np.int16) for i in images])
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
+def test_loads_and_generates(model):
+    wrapper = load_pipeline(model)
+    images = wrapper.generate(["a red star", "a blue moon"], [0, 1], steps=2, progress=False)
+    assert len(images) == 2 and images[0].size == (wrapper.image_size, wrapper.image_size)
+    assert wrapper.is_sdxl == (model == "tiny-sdxl")
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
+def test_same_prompt_and_seed_same_image_whatever_the_batch(model):
+    wrapper = load_pipeline(model)
+    alone = _pixels(wrapper.generate(["a red star"], [7], steps=3, progress=False))
+    batch = _pixels(wrapper.generate(["a cat", "a red star", "a dog"], [1, 7, 2], steps=3, batch_size=3, progress=False))
+    assert np.abs(alone[0] - batch[1]).max() <= 2
+    other_seed = _pixels(wrapper.generate(["a red star"], [8], steps=3, progress=False))
+    assert np.abs(alone - other_seed).max() > 2
+
+
+def test_cross_attention_layers_by_name(tiny):
+    layers = tiny.cross_attention_layers()
+    assert layers and all(layer.name.split(".")[-2] == "attn2" for layer in layers)
+    assert {layer.name.split(".")[-1] for layer in layers} == {"to_k", "to_v"}
+    assert all(layer.in_features == tiny.pipe.text_encoder.config.hidden_size for layer in layers)
+    only_keys = tiny.cross_attention_layers(["*attn2.to_k"])
+    assert len(only_keys) == len(layers) // 2
+    with pytest.raises(ValueError, match="no UNet module matches"):
+        tiny.cross_attention_layers(["*attn9.to_q"])
+
+
+def test_sdxl_embeddings_concatenate_both_encoders(tiny_sdxl):
+    enc = tiny_sdxl.encode_prompts(["a red star"])
+    assert enc.embeddings.shape == (1, 77, 64) and enc.pooled.shape == (1, 32)
+    assert tiny_sdxl.cross_attention_layers()[0].in_features == 64
+
+
+def test_encoding_positions_and_noise_prediction(tiny):
+    enc = tiny.encode_prompts(["a red star in the style of van gogh", "a cat"])
+    assert enc.embeddings.shape == (2, 77, 32)
+    assert enc.lengths.tolist() == [11, 4]
+    pos = tiny.phrase_positions("a red star in the style of van gogh", "van gogh")
+    ids = enc.input_ids[0, pos].tolist()
+    assert tiny.pipe.tokenizer.decode(ids).strip() == "van gogh"
+    eps = tiny.noise_prediction(tiny.initial_latents(0), 500, tiny.encode_prompts(["x"]))
+    assert eps.shape == tiny.initial_latents(0).shape and torch.isfinite(eps).all()
+
+
+def test_prompt_checks(tiny):
+    with pytest.raises(ValueError, match="empty"):
+        tiny.check_prompt("   ")
+    with pytest.raises(ValueError, match="tokens"):
+        tiny.check_prompt("word " * 100)
+    assert tiny.check_prompt("  van gogh ") == "van gogh"
+
+
+def test_capture_and_intervene_remove_their_hooks(tiny):
+    name = "unet." + tiny.cross_attention_layers()[0].name
+    module = tiny.module(name)
+    with tiny.capture([name]) as seen:
+        tiny.generate(["a star"], [0], steps=2, progress=False)
+    assert seen[name] and not module._forward_hooks
+    base = _pixels(tiny.generate(["a star"], [0], steps=2, progress=False))
+    with tiny.intervene({name: lambda out: out * 0}):
+        zeroed = _pixels(tiny.generate(["a star"], [0], steps=2, progress=False))
+    assert not module._forward_hooks and np.abs(base - zeroed).max() > 0
+    with pytest.raises(RuntimeError), tiny.intervene({name: lambda out: out}):
+        raise RuntimeError("boom")
+    assert not module._forward_hooks
+
+
+def test_missing_models_fail_with_one_line(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="model_index.json"):
+        load_pipeline(str(tmp_path))
+    with pytest.raises(ModelNotFoundError) as err:
+        load_pipeline("no-such-org/no-such-model")
+    assert "\n" not in str(err.value)
