@@ -41,17 +41,19 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: What the scorer accepts as images: PIL images (any mode, converted to RGB), or an array of shape ``(N, H, W, 3)``
-#: or ``(H, W, 3)``, either uint8 in [0, 255] or floating point in [0, 1] (diffusers' ``output_type="np"``).
-ImageBatch = Sequence[Image.Image] | np.ndarray
+#: What the scorer accepts as images: a sequence of PIL images (any mode, converted to RGB) or of ``(H, W, 3)`` arrays,
+#: or one array of shape ``(N, H, W, 3)`` or ``(H, W, 3)``; arrays are uint8 in [0, 255] or floating point in [0, 1]
+#: (diffusers' ``output_type="np"``).
+ImageBatch = Sequence[Image.Image] | Sequence[np.ndarray] | np.ndarray
 
 #: Zero-shot prompt templates per concept category; ``{}`` is replaced by the label. The class embedding is the
 #: normalised mean of the template embeddings (prompt ensembling, Radford et al. 2021, sec. 3.1.4).
 TEMPLATES: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {
-        "object": ("a {}", "a picture of a {}", "a photo of a {}", "an image of a {}"),
-        "colour": ("a {} object", "something {}", "a {} thing", "an image that is mostly {}"),
-        "style": ("in the style of {}", "a {} painting", "an artwork in the style of {}", "a picture in {} style"),
+        # Phrasings both a web-trained CLIP and the micro CLIP (trained on evals.world captions) read naturally.
+        "object": ("a {}", "a picture of a {}", "an image of a {}", "a photo of a {}"),
+        "colour": ("something {}", "a {} shape", "a {} object", "a {} thing"),
+        "style": ("a painting in the style of {}", "a {} painting", "in the style of {}", "{} style"),
     }
 )
 DEFAULT_TEMPLATES: tuple[str, ...] = TEMPLATES["object"]
@@ -87,25 +89,32 @@ class _Backend(Protocol):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _as_uint8_array(array: np.ndarray) -> np.ndarray:
+    if np.issubdtype(array.dtype, np.floating):
+        # Same conversion as diffusers' numpy_to_pil, so scores of "np" and "pil" pipeline outputs agree.
+        return (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+    if array.dtype != np.uint8:
+        raise TypeError(f"expected uint8 or floating point images, got dtype {array.dtype}")
+    return array
+
+
 def _as_uint8_images(images: ImageBatch) -> list[np.ndarray]:
     """Images as a list of ``(H, W, 3)`` uint8 arrays (views where possible, no copies of the whole batch)."""
     if isinstance(images, np.ndarray):
         array = images[None] if images.ndim == 3 else images
         if array.ndim != 4 or array.shape[-1] != 3:
             raise ValueError(f"expected images of shape (N, H, W, 3) or (H, W, 3), got {images.shape}")
-        if np.issubdtype(array.dtype, np.floating):
-            # Same conversion as diffusers' numpy_to_pil, so scores of "np" and "pil" pipeline outputs agree.
-            array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
-        elif array.dtype != np.uint8:
-            raise TypeError(f"expected uint8 or floating point images, got dtype {array.dtype}")
-        return list(array)
+        return list(_as_uint8_array(array))
     if isinstance(images, Image.Image):
         raise TypeError("expected a sequence of images, got a single PIL image; wrap it in a list")
     out = []
     for image in images:
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"expected PIL images or a numpy array, got a sequence of {type(image).__name__}")
-        out.append(np.asarray(image.convert("RGB")))
+        if isinstance(image, Image.Image):
+            out.append(np.asarray(image.convert("RGB")))
+        elif isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[-1] == 3:
+            out.append(_as_uint8_array(image))
+        else:
+            raise TypeError(f"expected PIL images or (H, W, 3) arrays, got {type(image).__name__}")
     return out
 
 

@@ -96,6 +96,7 @@ def test_image_formats_agree(scorer: ClipScorer) -> None:
     torch.testing.assert_close(scorer.image_embeddings([Image.fromarray(im) for im in images]), from_uint8)
     torch.testing.assert_close(scorer.image_embeddings(images.astype(np.float32) / 255.0), from_uint8)
     torch.testing.assert_close(scorer.image_embeddings(images[0]), from_uint8[:1])
+    torch.testing.assert_close(scorer.image_embeddings(list(images)), from_uint8)
     with pytest.raises(TypeError):
         scorer.image_embeddings(Image.fromarray(images[0]))  # type: ignore[arg-type]
 
