@@ -573,20 +573,17 @@ def _style_seurat(scene: Scene, lay: _Layout, col: np.ndarray, rng: np.random.Ge
     jitter = rng.uniform(-0.45, 0.45, size=(2, n, n)).astype(np.float32)
     cx = (np.arange(n, dtype=np.float32) + 0.5)[None, :] * _SEURAT_CELL + jitter[0]
     cy = (np.arange(n, dtype=np.float32) + 0.5)[:, None] * _SEURAT_CELL + jitter[1]
-    sx = np.clip(cx.astype(int), 0, IMAGE_SIZE - 1)
-    sy = np.clip(cy.astype(int), 0, IMAGE_SIZE - 1)
-    dot_col = base[sy, sx]
-    is_obj = alpha[sy, sx][..., None]
-    speckle = rng.uniform(-0.05, 0.05, size=(n, n, 3))
-    dot_col = dot_col * rng.uniform(0.85, 1.1, size=(n, n, 1)) + (1 - is_obj) * speckle
-    dot_col = np.clip(dot_col, 0, 1).astype(np.float32)
+    gain = rng.uniform(0.85, 1.1, size=(n, n, 1)).astype(np.float32)
+    speckle = rng.uniform(-0.05, 0.05, size=(n, n, 3)).astype(np.float32)
     radius = rng.uniform(1.55, 1.95, size=(n, n)).astype(np.float32)
     xh, yh, _, _ = _grids()
     cell = _SEURAT_CELL * _SS
     rep = lambda a: np.repeat(np.repeat(a, cell, axis=0), cell, axis=1)  # noqa: E731
     inside = (xh - rep(cx)) ** 2 + (yh - rep(cy)) ** 2 <= rep(radius) ** 2
     cover = inside.astype(np.float32).reshape(IMAGE_SIZE, _SS, IMAGE_SIZE, _SS).mean(axis=(1, 3))
-    colour_lo = np.repeat(np.repeat(dot_col, _SEURAT_CELL, axis=0), _SEURAT_CELL, axis=1)
+    up = lambda a: np.repeat(np.repeat(a, _SEURAT_CELL, axis=0), _SEURAT_CELL, axis=1)  # noqa: E731
+    # a dot straddling the object's edge takes both colours, so the silhouette stays sharp at small sizes
+    colour_lo = np.clip(base * up(gain) + (1 - alpha[..., None]) * up(speckle), 0, 1)
     paper = _neutral(0.95, rng, 0.01) + np.array([0.01, 0.0, -0.03], dtype=np.float32)
     return _composite(np.broadcast_to(paper, colour_lo.shape), colour_lo, cover)
 
@@ -617,7 +614,7 @@ def _style_picasso(scene: Scene, lay: _Layout, col: np.ndarray, rng: np.random.G
     gx, gy = (np.cos(gdir) * 0.012).astype(np.float32), (np.sin(gdir) * 0.012).astype(np.float32)
     grad = gx[facet] * (xl - sites[facet, 0]) + gy[facet] * (yl - sites[facet, 1])
     # each facet sees the object displaced a little: the fragmented, re-assembled look
-    offs = rng.uniform(-3.0, 3.0, size=(k, 2)).astype(np.float32)
+    offs = rng.uniform(-1.8, 1.8, size=(k, 2)).astype(np.float32)
     facet_hi = np.repeat(np.repeat(facet, _SS, axis=0), _SS, axis=1)
     alpha = _object_mask(scene, lay, offs[facet_hi, 0], offs[facet_hi, 1])
     bg = facet_bg[facet] * (shade[facet] + grad)[..., None]
@@ -642,9 +639,7 @@ def _style_monet(scene: Scene, lay: _Layout, col: np.ndarray, rng: np.random.Gen
     bg = bg * (1 - 0.5 * w2[..., None]) + tones[pick[2]] * 0.5 * w2[..., None]
     # short soft dabs
     bg = bg + 0.045 * _smooth_noise(rng, 16)[..., None]
-    xh, yh, _, _ = _grids()
-    ph = rng.uniform(0, 6.3, size=2)
-    alpha = _object_mask(scene, lay, 0.8 * np.sin(yh * 0.6 + ph[0]), 0.8 * np.sin(xh * 0.6 + ph[1]))
+    alpha = _object_mask(scene, lay)
     alpha = _blur(alpha, float(rng.uniform(1.2, 1.7)))
     fg = col * 0.92 + 0.08 + 0.06 * _smooth_noise(rng, 8)[..., None]
     img = _composite(bg, np.clip(fg, 0, 1), alpha)
