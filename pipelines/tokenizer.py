@@ -75,8 +75,10 @@ def offline_clip_tokenizer(model_max_length: int = 77, pad_token: str = END_OF_T
 def clean_prompt(text: str) -> str:
     """Normalise a prompt as CLIP's reference tokenizer does before BPE.
 
-    ftfy repairs mojibake and curly quotes, HTML entities are unescaped (twice, as CLIP does) and whitespace is
-    collapsed. The tokenizers-backed ``CLIPTokenizer`` skips these steps, so ids match CLIP's only after this.
+    ftfy repairs mojibake and curly quotes, HTML entities are unescaped (twice, as CLIP does), whitespace is
+    collapsed and the text lower-cased. The tokenizers-backed ``CLIPTokenizer`` skips these steps, so ids match
+    CLIP's only after this.
     """
     text = html.unescape(html.unescape(ftfy.fix_text(text)))
-    return re.sub(r"\s+", " ", text).strip()
+    # Lower-case the whole string at once, as CLIP does: per-character lowering gets Greek final sigma wrong.
+    return re.sub(r"\s+", " ", text).strip().lower()

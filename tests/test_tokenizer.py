@@ -152,12 +152,6 @@ def test_ids_match_open_clip(ours: CLIPTokenizer, reference: SimpleTokenizer) ->
     assert not mismatches, f"{len(mismatches)} prompts differ, first: {mismatches[:3]}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="clean_prompt does not lowercase: the tokenizers Lowercase normalizer maps each char alone, so a "
-    "word-final capital sigma becomes 'σ' where CLIP's Python str.lower() gives 'ς'. "
-    "Fix: clean_prompt(...).lower(); then drop this marker.",
-)
 def test_greek_final_sigma(ours: CLIPTokenizer, reference: SimpleTokenizer) -> None:
     prompts = ["ΟΔΥΣΣΕΥΣ", "ΣΊΣΥΦΟΣ", "a photo of ΟΔΥΣΣΕΥΣ."]
     assert _our_ids(ours, prompts) == _reference_ids(reference, prompts)
