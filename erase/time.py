@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pipelines import CROSS_ATTENTION_PATTERNS, PipelineWrapper
 
 from .registry import ConceptSpec, WeightEdit, register_method
-from .uce import UCEConfig, concept_embeddings, edit_from_input_map, uce_input_map
+from .uce import UCEConfig, concept_embeddings, edit_from_update, uce_update
 
 __all__ = ["TIMEConfig", "erase_time"]
 
@@ -45,5 +45,5 @@ def erase_time(wrapper: PipelineWrapper, concepts: ConceptSpec, config: TIMEConf
     shared = UCEConfig(lamb=config.lamb, layers=config.layers, templates=config.templates)
     guides = [concepts.guide_for(i) for i in range(len(concepts.targets))]
     c_source, c_dest = concept_embeddings(wrapper, concepts.targets, guides, shared)
-    m = uce_input_map(c_source, c_dest, None, erase_scale=1.0, preserve_scale=0.0, lamb=config.lamb)
-    return edit_from_input_map(wrapper, config.layers, m)
+    u, v = uce_update(c_source, c_dest, None, erase_scale=1.0, preserve_scale=0.0, lamb=config.lamb)
+    return edit_from_update(wrapper, config.layers, u, v)

@@ -17,7 +17,7 @@ from pipelines import CROSS_ATTENTION_PATTERNS, PipelineWrapper
 
 from .registry import ConceptSpec, WeightEdit, register_method
 
-__all__ = ["UCEConfig", "concept_embeddings", "erase_uce", "uce_input_map"]
+__all__ = ["UCEConfig", "concept_embeddings", "edit_from_update", "erase_uce", "uce_update"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,44 +101,57 @@ def concept_embeddings(
     return torch.cat(rows), (torch.cat(guide_rows) if guides is not None else None)
 
 
-def uce_input_map(
+def uce_update(
     c_erase: torch.Tensor,
     c_guide: torch.Tensor,
     c_preserve: torch.Tensor | None,
     erase_scale: float,
     preserve_scale: float,
     lamb: float,
-) -> torch.Tensor:
-    """The d x d matrix M with W_new = W M for every projection W reading d-dimensional text embeddings.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (U, V) of UCE's edit: W_new = W (I + U V) for every projection W reading these text embeddings.
 
     UCE's closed form (rows of ``c_*`` are embeddings c, v*_i = W c_guide_i):
 
         W_new = (s_e sum_i v*_i c_i^T + s_p sum_j W c_j c_j^T + lambda W)
                 (s_e sum_i c_i c_i^T  + s_p sum_j c_j c_j^T   + lambda I)^-1
 
-    Every term on the left is W times something, so W_new = W M with
-    M = (s_e C_g^T C_e + s_p C_p^T C_p + lambda I)(s_e C_e^T C_e + s_p C_p^T C_p + lambda I)^-1,
-    shared by all layers of one width. Solved in float64.
+    Every term on the left is W times something, so with R = s_e C_e^T C_e + s_p C_p^T C_p + lambda I,
+
+        W_new = W + W s_e (C_g - C_e)^T C_e R^-1 = W (I + U V),  U = (C_g - C_e)^T,  V = s_e C_e R^-1,
+
+    one d x d solve shared by all layers, and a change of rank at most the number of erased embeddings.
+    Solved in float64.
     """
     d = c_erase.shape[1]
-    eye = torch.eye(d, dtype=torch.float64, device=c_erase.device)
-    preserve = c_preserve.T @ c_preserve if c_preserve is not None and len(c_preserve) else torch.zeros_like(eye)
-    left = erase_scale * c_guide.T @ c_erase + preserve_scale * preserve + lamb * eye
-    right = erase_scale * c_erase.T @ c_erase + preserve_scale * preserve + lamb * eye
-    # M = left @ right^-1  <=>  right^T M^T = left^T, and right is symmetric.
-    return torch.linalg.solve(right, left.T).T
+    gram = lamb * torch.eye(d, dtype=torch.float64, device=c_erase.device)
+    gram = gram + erase_scale * c_erase.T @ c_erase
+    if c_preserve is not None and len(c_preserve):
+        gram = gram + preserve_scale * c_preserve.T @ c_preserve
+    v = erase_scale * torch.linalg.solve(gram, c_erase.T).T  # R is symmetric: C_e R^-1 = (R^-1 C_e^T)^T
+    return (c_guide - c_erase).T, v
 
 
-def edit_from_input_map(wrapper: PipelineWrapper, layer_patterns: Sequence[str], m: torch.Tensor) -> WeightEdit:
-    """dW = W (M - I) for every matched layer, and the layers' names."""
+def edit_from_update(
+    wrapper: PipelineWrapper, layer_patterns: Sequence[str], u: torch.Tensor, v: torch.Tensor
+) -> WeightEdit:
+    """dW = W U V for every matched layer, in the weights' precision (the solve itself was float64).
+
+    With fewer erased embeddings than text dimensions, (W U) V is the cheap order; otherwise W (U V).
+    """
     layers = wrapper.cross_attention_layers(layer_patterns)
-    eye = torch.eye(m.shape[0], dtype=torch.float64, device=m.device)
+    d = v.shape[1]
+    low_rank = v.shape[0] < d
+    uv = None if low_rank else (u @ v)
     deltas = {}
     for layer in layers:
-        if layer.in_features != m.shape[0]:
-            raise ValueError(f"{layer.name} reads {layer.in_features}-d inputs, text embeddings are {m.shape[0]}-d")
-        w = layer.module.weight.detach().double().to(m.device)
-        deltas[f"unet.{layer.name}"] = (w @ (m - eye)).float()
+        if layer.in_features != d:
+            raise ValueError(f"{layer.name} reads {layer.in_features}-d inputs, text embeddings are {d}-d")
+        w = layer.module.weight.detach().float()
+        if low_rank:
+            deltas[f"unet.{layer.name}"] = (w @ u.to(w)) @ v.to(w)
+        else:
+            deltas[f"unet.{layer.name}"] = w @ uv.to(w)
     return WeightEdit(deltas, {"layers_matched": len(layers)})
 
 
@@ -153,7 +166,7 @@ def erase_uce(wrapper: PipelineWrapper, concepts: ConceptSpec, config: UCEConfig
     preserve_scale = config.preserve_scale
     if preserve_scale is None:
         preserve_scale = max(0.1, 1.0 / max(1, len(concepts.preserve)))
-    m = uce_input_map(c_erase, c_guide, c_preserve, config.erase_scale, preserve_scale, config.lamb)
-    edit = edit_from_input_map(wrapper, config.layers, m)
+    u, v = uce_update(c_erase, c_guide, c_preserve, config.erase_scale, preserve_scale, config.lamb)
+    edit = edit_from_update(wrapper, config.layers, u, v)
     edit.info.update(erase_embeddings=int(c_erase.shape[0]), preserve_scale=preserve_scale)
     return edit

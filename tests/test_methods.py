@@ -63,3 +63,27 @@ def test_method_config_validation_names_the_bad_value(method):
         config_class(lamb=-1.0)
     with pytest.raises(ValueError, match="layers"):
         config_class(layers=())
+
+
+def test_uce_update_solves_the_papers_equation():
+    """W (I + U V) equals the paper's (sum v* c^T + sum W c c^T + lambda W)(sum c c^T + sum c c^T + lambda I)^-1."""
+    from erase.uce import uce_update
+
+    gen = torch.Generator().manual_seed(0)
+    d, out = 12, 7
+    w = torch.randn(out, d, generator=gen, dtype=torch.float64)
+    c_e, c_g = (
+        torch.randn(5, d, generator=gen, dtype=torch.float64),
+        torch.randn(5, d, generator=gen, dtype=torch.float64),
+    )
+    c_p = torch.randn(9, d, generator=gen, dtype=torch.float64)
+    s_e, s_p, lamb = 1.5, 0.3, 0.5
+    v_star = c_g @ w.T
+    left = s_e * v_star.T @ c_e + s_p * w @ c_p.T @ c_p + lamb * w
+    right = s_e * c_e.T @ c_e + s_p * c_p.T @ c_p + lamb * torch.eye(d, dtype=torch.float64)
+    expected = left @ torch.linalg.inv(right)
+    u, v = uce_update(c_e, c_g, c_p, s_e, s_p, lamb)
+    assert torch.allclose(w @ (torch.eye(d, dtype=torch.float64) + u @ v), expected, atol=1e-10)
+    # With a tiny ridge and no preserve set, erased embeddings land exactly on their guides' values.
+    u, v = uce_update(c_e, c_g, None, 1.0, 0.0, 1e-9)
+    assert torch.allclose((w @ (torch.eye(d, dtype=torch.float64) + u @ v)) @ c_e.T, w @ c_g.T, atol=1e-5)

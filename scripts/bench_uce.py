@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""Benchmark the closed-form edits: the micro model end to end, and SD 1.4-shaped weights (random) for the solver.
+
+    python scripts/bench_uce.py                 # micro edit + SD 1.4 shapes, 1 and 100 concepts
+    python scripts/bench_uce.py --skip-sd14     # micro only
+
+At SD 1.4 shapes the text embeddings are drawn at random (prompt encoding is excluded from the timing, as
+encoding cost is the text encoder's, not the method's); the solve and the per-layer weight changes are timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+# scripts/erase.py would shadow the erase package: drop this folder from the import path.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+import erase  # noqa: E402
+from erase.uce import edit_from_update, uce_update  # noqa: E402
+from pipelines import load_pipeline  # noqa: E402
+
+
+def timed(fn, repeats: int) -> tuple[float, float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), min(times)
+
+
+def sd14_wrapper():
+    """SD 1.4's UNet and text-encoder shapes with random weights (no download: configs written out here)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from pipelines import offline_clip_tokenizer
+    from pipelines.wrapper import PipelineWrapper
+
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=offline_clip_tokenizer(),
+        unet=unet,
+        scheduler=PNDMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return PipelineWrapper(pipe, "sd14-shaped-random")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-sd14", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch threads: {torch.get_num_threads()}")
+
+    try:
+        micro = load_pipeline("micro")
+    except ValueError as err:
+        print(f"micro model unavailable ({err}); skipping the micro benchmark")
+    else:
+        spec = erase.ConceptSpec(("van gogh",), preserve=tuple(erase.workflow.default_preserve(micro, ["van gogh"])))
+        med, best = timed(lambda: erase.erase_concepts(micro, spec, "uce"), args.repeats)
+        print(f"micro: full UCE edit of 1 concept (encoding included): median {med:.3f} s, best {best:.3f} s")
+
+    if args.skip_sd14:
+        return
+    wrapper = sd14_wrapper()
+    layers = wrapper.cross_attention_layers()
+    print(
+        f"SD 1.4 shapes: {len(layers)} cross-attention projections, {sum(p.numel() for p in wrapper.unet.parameters()) / 1e6:.0f}M UNet params"
+    )
+    gen = torch.Generator().manual_seed(0)
+    positions = 75  # "from_last" positions of a short concept prompt
+    preserve = torch.randn(20 * positions, 768, generator=gen, dtype=torch.float64)
+    for n in (1, 100):
+        c_erase = torch.randn(n * positions, 768, generator=gen, dtype=torch.float64)
+        c_guide = torch.randn(n * positions, 768, generator=gen, dtype=torch.float64)
+
+        def edit() -> None:
+            u, v = uce_update(c_erase, c_guide, preserve, 1.0, 0.1, 0.5)
+            edit_from_update(wrapper, erase.uce.UCEConfig().layers, u, v)
+
+        med, best = timed(edit, args.repeats)
+        print(
+            f"SD 1.4 shapes: closed-form UCE, {n:3d} concept(s) ({n * positions} embeddings): median {med:.3f} s, best {best:.3f} s"
+        )
+
+
+if __name__ == "__main__":
+    main()
