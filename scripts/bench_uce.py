@@ -98,9 +98,8 @@ def main() -> None:
         return
     wrapper = sd14_wrapper()
     layers = wrapper.cross_attention_layers()
-    print(
-        f"SD 1.4 shapes: {len(layers)} cross-attention projections, {sum(p.numel() for p in wrapper.unet.parameters()) / 1e6:.0f}M UNet params"
-    )
+    params = sum(p.numel() for p in wrapper.unet.parameters()) / 1e6
+    print(f"SD 1.4 shapes: {len(layers)} cross-attention projections, {params:.0f}M UNet params")
     gen = torch.Generator().manual_seed(0)
     positions = 75  # "from_last" positions of a short concept prompt
     preserve = torch.randn(20 * positions, 768, generator=gen, dtype=torch.float64)
@@ -108,13 +107,14 @@ def main() -> None:
         c_erase = torch.randn(n * positions, 768, generator=gen, dtype=torch.float64)
         c_guide = torch.randn(n * positions, 768, generator=gen, dtype=torch.float64)
 
-        def edit() -> None:
+        def edit(c_erase: torch.Tensor = c_erase, c_guide: torch.Tensor = c_guide) -> None:
             u, v = uce_update(c_erase, c_guide, preserve, 1.0, 0.1, 0.5)
             edit_from_update(wrapper, erase.uce.UCEConfig().layers, u, v)
 
         med, best = timed(edit, args.repeats)
         print(
-            f"SD 1.4 shapes: closed-form UCE, {n:3d} concept(s) ({n * positions} embeddings): median {med:.3f} s, best {best:.3f} s"
+            f"SD 1.4 shapes: closed-form UCE, {n:3d} concept(s) ({n * positions} embeddings): "
+            f"median {med:.3f} s, best {best:.3f} s"
         )
 
 
