@@ -168,6 +168,10 @@ class Judge(nn.Module):
         cfg = payload["config"]
         cfg["widths"] = tuple(cfg["widths"])
         judge = cls(JudgeConfig(**cfg), metrics=payload.get("metrics"))
+        current = {c: world.concepts(c) for c in world.CATEGORIES}
+        if judge.config.classes != current:
+            # still loadable (class names travel with the weights) but its verdicts no longer cover the world
+            logger.warning("judge at %s was trained on other concepts than the current world: %s", path, current)
         judge.load_state_dict(load_file(str(path / "model.safetensors")))
         return judge.eval()
 
@@ -305,7 +309,11 @@ def train_judge(
     judge.eval().cpu()
     train_s = time.perf_counter() - t0
 
-    metrics: dict = {"train_seconds": round(train_s, 1), "render_seconds": round(render_s, 1)}
+    metrics: dict = {
+        "train_seconds": round(train_s, 1),
+        "render_seconds": round(render_s, 1),
+        "world_version": world.WORLD_VERSION,
+    }
     if config.eval_size:
         held_seeds = range(HELDOUT_SEED_OFFSET, HELDOUT_SEED_OFFSET + config.eval_size)
         held, held_scenes = world.render_dataset(held_seeds, workers=config.render_workers)

@@ -1,0 +1,63 @@
+"""The shipped ground-truth judge reads fresh held-out renders correctly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from evals import world
+from evals.judge import HELDOUT_SEED_OFFSET, Judge, JudgeConfig, augment, evaluate, judge_path, load_judge
+
+
+@pytest.fixture(scope="module")
+def judge() -> Judge:
+    return load_judge()
+
+
+def test_shipped_files_are_small() -> None:
+    files = {p.name: p.stat().st_size for p in judge_path().iterdir()}
+    assert set(files) >= {"model.safetensors", "config.json"}
+    assert files["model.safetensors"] < 2 * 1024 * 1024
+
+
+def test_shipped_judge_accuracy(judge: Judge) -> None:
+    # seeds beyond the ones train_judge uses for its own held-out report
+    seeds = range(HELDOUT_SEED_OFFSET + 500_000, HELDOUT_SEED_OFFSET + 500_300)
+    images, scenes = world.render_dataset(seeds)
+    acc = evaluate(judge, images, scenes)
+    assert all(v >= 0.97 for v in acc.values()), acc
+    # the degradations it was trained for do not throw it off either
+    degraded = augment(Judge.to_tensor(images), torch.Generator().manual_seed(0))
+    acc_aug = evaluate(judge, (degraded * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy(), scenes)
+    assert all(v >= 0.95 for v in acc_aug.values()), acc_aug
+
+
+def test_predict_input_forms(judge: Judge) -> None:
+    images, scenes = world.render_dataset(range(8))
+    a = judge.predict(images)
+    b = judge.predict([Image.fromarray(im) for im in images])
+    c = judge.predict(images.astype(np.float32) / 255)
+    assert a == b == c
+    assert set(a) == set(world.CATEGORIES) and all(len(v) == 8 for v in a.values())
+    assert all(name in world.concepts(cat) for cat, names in a.items() for name in names)
+
+
+def test_save_load_round_trip(tmp_path, judge: Judge) -> None:
+    judge.save_pretrained(tmp_path)
+    again = Judge.from_pretrained(tmp_path)
+    x = torch.rand(4, 3, 64, 64)
+    with torch.no_grad():
+        out_a, out_b = judge.eval()(x), again(x)
+    for cat in out_a:
+        torch.testing.assert_close(out_a[cat], out_b[cat])
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError):
+        JudgeConfig(steps=0)
+    with pytest.raises(ValueError):
+        JudgeConfig(widths=(16, 0))
+    with pytest.raises(ValueError):
+        JudgeConfig(seed_offset=HELDOUT_SEED_OFFSET)
