@@ -1,0 +1,110 @@
+#!/usr/bin/env python
+"""Measure a closed-form erasure on the micro world: accuracy of each probe group before and after the edit.
+
+    python scripts/measure_erasure.py --concept "van gogh" --images 100
+    python scripts/measure_erasure.py --concept "van gogh" --concept mondrian --concept seurat \\
+        --concept picasso --concept monet --images 100 --json out.json
+
+Groups: each erased concept under its canonical name and under every synonym; every other style; objects and
+colours (pooled). Accuracy = micro-CLIP zero-shot verdict equals the named concept (the judge's beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+# scripts/erase.py would shadow the erase package: drop this folder from the import path.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import erase  # noqa: E402
+from erase.workflow import default_preserve  # noqa: E402
+from evals import world  # noqa: E402
+from evals.probes import Probe, probe_correct, world_labels, world_probes  # noqa: E402
+from evals.scorer import ClipScorer  # noqa: E402
+from pipelines import load_pipeline  # noqa: E402
+
+
+def probe_groups(targets: list[str], n: int, seed: int) -> dict[str, list[Probe]]:
+    groups: dict[str, list[Probe]] = {}
+    for t in targets:
+        groups[f"erased: {t}"] = world_probes([t], n, seed)
+        for k, syn in enumerate(world.synonyms(t)):
+            groups[f"erased: {t} as '{syn}'"] = world_probes([t], n, seed + 10 + k, name_as=syn)
+    for s in world.concepts("style"):
+        if s not in targets and s != "plain":
+            groups[f"kept style: {s}"] = world_probes([s], n, seed + 100)
+    objects, colours = world.concepts("object"), world.concepts("colour")
+    groups["kept: objects"] = world_probes(objects, max(1, n // len(objects)), seed + 200)
+    groups["kept: colours"] = world_probes(colours, max(1, n // len(colours)), seed + 300)
+    return groups
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concept", action="append", required=True)
+    parser.add_argument("--method", default="uce")
+    parser.add_argument("--images", type=int, default=100, help="images per group")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+
+    wrapper = load_pipeline("micro", device=args.device)
+    spec = erase.ConceptSpec(tuple(args.concept), preserve=tuple(default_preserve(wrapper, args.concept)))
+    artifact = erase.erase_concepts(wrapper, spec, args.method)
+    print(f"{args.method} edit of {args.concept}: {artifact.seconds:.3f} s, {len(artifact.deltas)} layers")
+    groups = probe_groups(args.concept, args.images, args.seed)
+    probes = [p for g in groups.values() for p in g]
+    prompts, seeds = [p.prompt for p in probes], [p.seed for p in probes]
+    start = time.perf_counter()
+    before = wrapper.generate(prompts, seeds, batch_size=args.batch_size)
+    with wrapper.weight_deltas(artifact.deltas):
+        after = wrapper.generate(prompts, seeds, batch_size=args.batch_size)
+    print(f"generated {2 * len(probes)} images in {time.perf_counter() - start:.1f} s")
+    scorer = ClipScorer.from_pretrained("micro", device=args.device)
+    labels = world_labels()
+    ok_before, ok_after = probe_correct(scorer, before, probes, labels), probe_correct(scorer, after, probes, labels)
+    judge_before = judge_after = None
+    try:
+        from evals.judge import load_judge
+
+        judge = load_judge()
+        j_before = judge.predict(np.stack([np.asarray(i) for i in before]))
+        j_after = judge.predict(np.stack([np.asarray(i) for i in after]))
+        judge_before = [j_before[p.category][i] == p.concept for i, p in enumerate(probes)]
+        judge_after = [j_after[p.category][i] == p.concept for i, p in enumerate(probes)]
+    except (ImportError, OSError, ValueError) as err:
+        print(f"judge unavailable: {err}")
+    results, start = {}, 0
+    header = f"{'group':42s} {'N':>4s}  {'CLIP before':>11s} {'CLIP after':>10s}"
+    print(header + f"  {'judge before':>12s} {'judge after':>11s}")
+    for name, group in groups.items():
+        sl = slice(start, start + len(group))
+        start += len(group)
+        row = {
+            "n": len(group),
+            "clip_before": float(np.mean(ok_before[sl])),
+            "clip_after": float(np.mean(ok_after[sl])),
+        }
+        if judge_before is not None:
+            row.update(judge_before=float(np.mean(judge_before[sl])), judge_after=float(np.mean(judge_after[sl])))
+        results[name] = row
+        jb = f"{row['judge_before']:12.1%} {row['judge_after']:11.1%}" if judge_before is not None else ""
+        print(f"{name:42s} {len(group):4d}  {row['clip_before']:11.1%} {row['clip_after']:10.1%}  {jb}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"concepts": args.concept, "method": args.method, "edit_seconds": artifact.seconds,
+                       "groups": results, "torch_threads": torch.get_num_threads()}, f, indent=2)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
