@@ -1,0 +1,141 @@
+"""The micro Stable Diffusion: where it lives, its architecture and its default sampler settings.
+
+The model is a real ``diffusers.StableDiffusionPipeline`` (VAE, UNet with cross-attention, CLIP text encoder and
+tokenizer, DPM-Solver++ scheduler) at toy scale: 64x64 images, 16x16x4 latents, a 128-wide text encoder that is the
+micro CLIP's text tower. Plain ``StableDiffusionPipeline.from_pretrained(micro_model_path())`` loads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+
+__all__ = [
+    "DEFAULT_GUIDANCE",
+    "DEFAULT_STEPS",
+    "IMAGE_SIZE",
+    "LATENT_CHANNELS",
+    "LATENT_SIZE",
+    "NOISE_SCHEDULE",
+    "UNetArch",
+    "VAEArch",
+    "build_unet",
+    "build_vae",
+    "inference_scheduler",
+    "micro_model_path",
+    "training_scheduler",
+]
+
+#: Default sampler settings for the micro model (DPM-Solver++ steps, classifier-free guidance scale).
+DEFAULT_STEPS: int = 20
+DEFAULT_GUIDANCE: float = 5.0
+
+IMAGE_SIZE = 64
+LATENT_SIZE = 16
+LATENT_CHANNELS = 4
+
+#: SD 1.x's noise schedule; training (DDPM) and inference (DPM-Solver++) schedulers are both built from it.
+NOISE_SCHEDULE: dict = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+}
+
+
+def micro_model_path() -> Path:
+    """The shipped micro SD pipeline folder (``model_index.json`` and ``world.json`` at its root)."""
+    return Path(__file__).resolve().parent / "micro"
+
+
+@dataclass(frozen=True)
+class VAEArch:
+    """``AutoencoderKL`` sizes: three blocks (two downsamplings: 64 -> 16), 4 latent channels."""
+
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    norm_num_groups: int = 16
+    mid_block_add_attention: bool = True
+
+    def __post_init__(self) -> None:
+        if len(self.block_out_channels) != 3:
+            raise ValueError("the micro VAE has exactly three blocks (64x64 -> 16x16 latents)")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError("block channels must be divisible by norm_num_groups")
+        if self.layers_per_block < 1:
+            raise ValueError("layers_per_block must be >= 1")
+
+
+@dataclass(frozen=True)
+class UNetArch:
+    """``UNet2DConditionModel`` sizes. Resolutions 16, 8, 4; cross-attention at 8 and 4 (and the 4x4 mid block)."""
+
+    # (48, 96, 144) = 6.2M parameters: the widest that keeps both shipped folders within 48 MB in fp16 (the text
+    # towers' 49408-token embeddings take most of it); depth stays at one layer per block for CPU sampling speed.
+    block_out_channels: tuple[int, ...] = (48, 96, 144)
+    layers_per_block: int = 1
+    norm_num_groups: int = 24
+    attention_head_dim: int = 48
+    transformer_layers: int = 1
+
+    def __post_init__(self) -> None:
+        if len(self.block_out_channels) != 3:
+            raise ValueError("the micro UNet has exactly three blocks")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError("block channels must be divisible by norm_num_groups")
+        if any(c % self.attention_head_dim for c in self.block_out_channels[1:]):
+            raise ValueError("attention blocks' channels must be divisible by attention_head_dim")
+        if self.layers_per_block < 1 or self.transformer_layers < 1:
+            raise ValueError("layers_per_block and transformer_layers must be >= 1")
+
+
+def build_vae(arch: VAEArch, scaling_factor: float = 1.0) -> AutoencoderKL:
+    """A freshly initialised micro VAE."""
+    n = len(arch.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=arch.block_out_channels,
+        layers_per_block=arch.layers_per_block,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=arch.norm_num_groups,
+        sample_size=IMAGE_SIZE,
+        scaling_factor=scaling_factor,
+        mid_block_add_attention=arch.mid_block_add_attention,
+        force_upcast=False,
+    )
+
+
+def build_unet(arch: UNetArch, cross_attention_dim: int) -> UNet2DConditionModel:
+    """A freshly initialised micro UNet conditioned on ``cross_attention_dim``-wide text states."""
+    # attention_head_dim is a head *width* here (heads = channels / width), so wider blocks get more heads.
+    heads = tuple(max(1, c // arch.attention_head_dim) for c in arch.block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=LATENT_SIZE,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=arch.block_out_channels,
+        layers_per_block=arch.layers_per_block,
+        norm_num_groups=arch.norm_num_groups,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=heads,
+        transformer_layers_per_block=arch.transformer_layers,
+    )
+
+
+def training_scheduler() -> DDPMScheduler:
+    """The DDPM scheduler used to noise latents in training (epsilon prediction)."""
+    return DDPMScheduler(**NOISE_SCHEDULE, clip_sample=False)
+
+
+def inference_scheduler() -> DPMSolverMultistepScheduler:
+    """DPM-Solver++ (2nd order) on the training betas: the scheduler saved in the pipeline folder."""
+    return DPMSolverMultistepScheduler(**NOISE_SCHEDULE, algorithm_type="dpmsolver++", solver_order=2)

@@ -1,0 +1,328 @@
+"""Shared plumbing for training the micro world's models: resumable pickle-free checkpoints, schedules, EMA, pools.
+
+Checkpoints are a safetensors file (model and optimizer tensors, flattened to ``name -> tensor``) plus a JSON file
+(step, seed, optimizer hyper-parameters, pointer to the safetensors file). Both are written atomically (temporary
+file, then ``os.replace``), the safetensors file first under a step-numbered name and the JSON last, so a session that
+dies mid-write leaves the previous checkpoint intact and never a JSON pointing at a half-written tensor file.
+
+Randomness inside the training loops is derived from ``(seed, step)`` rather than carried as generator state, so a
+resumed run draws exactly the batches and noise the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    "Checkpoint",
+    "Ema",
+    "ProgressCallback",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_save_safetensors",
+    "autocast_context",
+    "chunks",
+    "cosine_lr",
+    "flatten_optimizer_state",
+    "load_checkpoint",
+    "load_pool",
+    "pool_seeds",
+    "save_checkpoint",
+    "step_generator",
+    "step_rng",
+    "unflatten_optimizer_state",
+]
+
+logger = logging.getLogger(__name__)
+
+#: ``callback(stage, step, total_steps, metrics)``, called after every optimisation step (tests use it to interrupt).
+ProgressCallback = Callable[[str, int, int, dict[str, float]], None]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Atomic file writes
+# ----------------------------------------------------------------------------------------------------
+
+
+def _tmp_path(path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old or the new file, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """Atomically save a flat tensor dict as safetensors (contiguous CPU copies, so views and GPU tensors work)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(path)
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimizer state <-> flat tensors + JSON
+# ----------------------------------------------------------------------------------------------------
+
+
+def flatten_optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into tensors (``optim.<param>.<name>``) and JSON-able hyper-parameters."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, state in sd["state"].items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{pid}.{name}"] = value
+            else:
+                scalars.setdefault(str(pid), {})[name] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`flatten_optimizer_state`: a dict for ``optimizer.load_state_dict``."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if not key.startswith("optim."):
+            continue
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = value
+    for pid, extra in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(extra)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    """A loaded training checkpoint: the step it was taken after, named tensors by group, and free-form JSON."""
+
+    step: int
+    tensors: dict[str, dict[str, torch.Tensor]]
+    info: dict[str, Any]
+
+
+def save_checkpoint(
+    directory: str | Path,
+    step: int,
+    modules: dict[str, torch.nn.Module | dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    info: dict[str, Any],
+) -> None:
+    """Save a resumable checkpoint into ``directory`` (``ckpt-<step>.safetensors`` + ``ckpt.json``).
+
+    ``modules`` maps a group name to a module (its ``state_dict`` is saved) or a ready tensor dict (e.g. EMA
+    weights). Older checkpoint tensor files are deleted once the JSON that points at the new one is in place.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    flat: dict[str, torch.Tensor] = {}
+    for group, obj in modules.items():
+        sd = obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
+        for k, v in sd.items():
+            flat[f"{group}::{k}"] = v
+    opt_tensors, opt_meta = flatten_optimizer_state(optimizer)
+    flat.update(opt_tensors)
+    name = f"ckpt-{step:08d}.safetensors"
+    atomic_save_safetensors(flat, directory / name, metadata={"step": str(step)})
+    atomic_write_json(
+        directory / "ckpt.json",
+        {"step": step, "file": name, "optimizer": opt_meta, "groups": sorted(modules), "info": info},
+    )
+    for old in directory.glob("ckpt-*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+    logger.info("checkpoint %s/%s", directory, name)
+
+
+def load_checkpoint(
+    directory: str | Path, optimizer: torch.optim.Optimizer | None = None, device: str | torch.device = "cpu"
+) -> Checkpoint | None:
+    """Load the checkpoint in ``directory`` (None if there is none), restoring ``optimizer`` state when given."""
+    directory = Path(directory)
+    meta_path = directory / "ckpt.json"
+    if not meta_path.exists():
+        return None
+    meta = json.loads(meta_path.read_text())
+    path = directory / meta["file"]
+    with safe_open(str(path), framework="pt") as f:
+        file_step = int((f.metadata() or {}).get("step", -1))
+    if file_step != meta["step"]:
+        raise RuntimeError(f"checkpoint {path} holds step {file_step}, but {meta_path} says {meta['step']}")
+    flat = load_file(str(path), device=str(device))
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    opt_tensors: dict[str, torch.Tensor] = {}
+    for key, value in flat.items():
+        if "::" in key:
+            group, name = key.split("::", 1)
+            groups.setdefault(group, {})[name] = value
+        else:
+            opt_tensors[key] = value
+    if optimizer is not None:
+        optimizer.load_state_dict(unflatten_optimizer_state(opt_tensors, meta["optimizer"]))
+    return Checkpoint(step=int(meta["step"]), tensors=groups, info=meta.get("info", {}))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Schedules, randomness, EMA, autocast
+# ----------------------------------------------------------------------------------------------------
+
+
+def cosine_lr(step: int, total: int, warmup: int, base_lr: float, final_frac: float = 0.05) -> float:
+    """Linear warm-up for ``warmup`` steps, then cosine decay from ``base_lr`` to ``final_frac * base_lr``."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base_lr * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def step_rng(seed: int, step: int, stream: int = 0) -> np.random.Generator:
+    """NumPy generator for one training step, a pure function of (seed, step, stream) so resumes replay exactly."""
+    return np.random.default_rng([seed, step, stream])
+
+
+def step_generator(seed: int, step: int, device: str | torch.device, stream: int = 0) -> torch.Generator:
+    """Torch generator on ``device`` for one training step (see :func:`step_rng`)."""
+    value = int(np.random.default_rng([seed, step, stream, 7]).integers(0, 2**62))
+    return torch.Generator(device=torch.device(device)).manual_seed(value)
+
+
+class Ema:
+    """Exponential moving average of a module's floating-point parameters, kept in float32.
+
+    The decay ramps as ``min(decay, (1 + n) / (10 + n))`` so early averages are not dominated by the random init.
+    """
+
+    def __init__(self, module: torch.nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        current = module.state_dict()
+        keys = list(self.shadow)
+        # one fused multi-tensor kernel instead of hundreds of small launches per step on a GPU
+        torch._foreach_lerp_([self.shadow[k] for k in keys], [current[k].detach().float() for k in keys], 1.0 - d)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        missing = set(self.shadow) - set(tensors)
+        if missing:
+            raise KeyError(f"EMA checkpoint lacks {sorted(missing)[:5]}")
+        self.shadow = {k: tensors[k].float().clone() for k in self.shadow}
+
+    def copy_to(self, module: torch.nn.Module) -> None:
+        """Load the averaged weights into ``module`` (other buffers are left as they are)."""
+        sd = module.state_dict()
+        sd.update({k: v.to(sd[k].dtype) for k, v in self.shadow.items()})
+        module.load_state_dict(sd)
+
+
+def autocast_context(device: str | torch.device) -> torch.autocast:
+    """bf16 autocast on CUDA (H100s are fast at it); a disabled context elsewhere (CPU bf16 is slow and lossy)."""
+    device = torch.device(device)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The pre-rendered image pool
+# ----------------------------------------------------------------------------------------------------
+
+
+def pool_seeds(seed: int, size: int, split: str = "train") -> list[int]:
+    """World seeds of a pool. Train and held-out pools draw from disjoint ranges so evaluation never sees training
+    renders; the ``seed`` shifts the train range so two runs with different seeds see different images."""
+    if size < 1:
+        raise ValueError("pool size must be positive")
+    if split == "train":
+        start = 1_000_000 * (seed % 1000)
+    elif split == "heldout":
+        start = 2_000_000_000 + 1_000_000 * (seed % 1000)
+    else:
+        raise ValueError(f"unknown split {split!r}")
+    return list(range(start, start + size))
+
+
+def load_pool(
+    seeds: Sequence[int], cache_dir: str | Path | None, workers: int, tag: str = "pool"
+) -> tuple[np.ndarray, list[Any]]:
+    """Render the world images for ``seeds`` (multiprocess), cached as ``.npy`` + JSON labels in ``cache_dir``.
+
+    The cache is keyed by the seed range, so a rerun (or the next stage in the same work dir) skips rendering.
+    Returns ``(uint8 images (N, 64, 64, 3), scenes)``.
+    """
+    from evals import world  # late import: the world is only needed when a stage actually renders
+
+    seeds = list(seeds)
+    key = f"{tag}-{seeds[0]}-{len(seeds)}"
+    if cache_dir is not None:
+        cache = Path(cache_dir)
+        img_path, lab_path = cache / f"{key}.npy", cache / f"{key}.json"
+        if img_path.exists() and lab_path.exists():
+            images = np.load(img_path, allow_pickle=False)
+            labels = json.loads(lab_path.read_text())
+            if len(labels) == len(seeds) == len(images):
+                return images, [world.Scene(**lab) for lab in labels]
+            logger.warning("pool cache %s is inconsistent; re-rendering", key)
+    images, scenes = world.render_dataset(seeds, workers=workers)
+    images = np.ascontiguousarray(images, dtype=np.uint8)
+    if cache_dir is not None:
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, images, allow_pickle=False)
+        atomic_write_bytes(img_path, buf.getvalue())
+        atomic_write_json(lab_path, [s.labels() for s in scenes])
+    return images, list(scenes)
+
+
+def chunks(n: int, size: int) -> Iterable[slice]:
+    """Slices covering ``range(n)`` in pieces of at most ``size``."""
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))

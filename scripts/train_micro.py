@@ -1,0 +1,223 @@
+#!/usr/bin/env python
+"""Rebuild the micro world's models from a seed: micro CLIP, micro SD (VAE + UNet), export, evaluation.
+
+Examples::
+
+    # on a GPU machine, two calls of <= 8 minutes each
+    python scripts/train_micro.py --preset gpu --device cuda --stages clip,vae
+    python scripts/train_micro.py --preset gpu --device cuda --stages unet,export,eval
+    # everything on 2 CPU cores (prints a time estimate first)
+    python scripts/train_micro.py --preset cpu --device cpu
+    # measure per-step times and print the extrapolated total only
+    python scripts/train_micro.py --preset cpu --device cpu --estimate
+
+Every stage resumes from its checkpoint in --work; finished stages hand over through ``<work>/final/*.safetensors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .` (e.g. on a borrowed GPU machine)
+    sys.path.insert(0, str(ROOT))
+
+from evals.micro_clip import micro_clip_path, train_micro_clip  # noqa: E402
+from pipelines.micro import micro_model_path  # noqa: E402
+from pipelines.micro_training import (  # noqa: E402
+    Preset,
+    evaluate_micro,
+    export_micro,
+    preset,
+    save_final_clip,
+    train_unet,
+    train_vae,
+)
+
+STAGES = ("clip", "vae", "unet", "export", "eval")
+log = logging.getLogger("train_micro")
+
+
+def _override(p: Preset, args: argparse.Namespace) -> Preset:
+    def cfg(c, stage: str):
+        changes: dict = {"checkpoint_every_s": args.checkpoint_every_s}
+        if args.max_steps is not None:
+            steps = min(c.steps, args.max_steps)
+            changes.update(steps=steps, warmup=min(c.warmup, max(1, steps // 10)))
+            if stage == "clip":
+                changes["eval_every"] = max(1, steps)
+        if args.pool_size is not None:
+            changes["pool_size"] = max(args.pool_size, c.batch_size)
+            if stage == "clip":
+                changes["heldout_size"] = min(c.heldout_size, args.pool_size)
+        if args.batch_size is not None:
+            changes["batch_size"] = args.batch_size
+            changes.setdefault("pool_size", max(c.pool_size, args.batch_size))
+        if args.time_limit_min is not None:
+            changes["time_limit_s"] = 60.0 * args.time_limit_min
+        return dataclasses.replace(c, **changes)
+
+    eval_images = args.eval_images if args.eval_images is not None else p.eval_images
+    return Preset(cfg(p.clip, "clip"), cfg(p.vae, "vae"), cfg(p.unet, "unet"), eval_images, p.eval_batch)
+
+
+def _steps_timer() -> tuple[dict, object]:
+    marks: dict[str, list[float]] = {}
+
+    def callback(stage: str, step: int, total: int, metrics: dict) -> None:
+        marks.setdefault(stage, []).append(time.perf_counter())
+
+    return marks, callback
+
+
+def estimate(p: Preset, device: str, seed: int, workers: int, n_steps: int = 6) -> float:
+    """Run each training stage for a few steps in a scratch dir and extrapolate the preset's total wall time."""
+    from evals import world
+    from pipelines.micro_training import final_path
+
+    marks, cb = _steps_timer()
+    total = 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        small = dict(steps=n_steps, warmup=1, pool_size=max(256, p.clip.batch_size), checkpoint_every_s=1e9)
+        t = time.perf_counter()
+        world.render_dataset(range(2000), workers=workers)
+        render_s = (time.perf_counter() - t) / 2000 * (p.clip.pool_size + p.clip.heldout_size)
+        print(f"  pool rendering: ~{render_s / 60:.1f} min (once; cached in --work)")
+        total += render_s
+        clip_cfg = dataclasses.replace(p.clip, **small, heldout_size=64, eval_every=10**9)
+        model = train_micro_clip(clip_cfg, device=device, seed=seed, work_dir=tmp, callback=cb)
+        save_final_clip(model, clip_cfg.arch, tmp)
+        train_vae(dataclasses.replace(p.vae, **small), device=device, seed=seed, work_dir=tmp, callback=cb)
+        train_unet(dataclasses.replace(p.unet, **small), device=device, seed=seed, work_dir=tmp, callback=cb)
+        for stage, cfg in (("clip", p.clip), ("vae", p.vae), ("unet", p.unet)):
+            m = marks[stage]
+            per_step = (m[-1] - m[1]) / (len(m) - 2)  # skip the first step (lazy init, allocator warm-up)
+            print(
+                f"  {stage}: {per_step:.3f} s/step x {cfg.steps} steps (batch {cfg.batch_size}) "
+                f"= {per_step * cfg.steps / 60:.1f} min"
+            )
+            total += per_step * cfg.steps
+        latent_s = 0.0
+        if final_path(tmp, "vae").exists():
+            from pipelines.micro_training import encode_pool_latents, load_final_vae
+
+            vae = load_final_vae(tmp, device)
+            imgs, _ = world.render_dataset(range(512))
+            t = time.perf_counter()
+            with torch.no_grad():
+                encode_pool_latents(vae, imgs, device)
+            latent_s = (time.perf_counter() - t) / 512 * p.unet.pool_size
+            print(f"  latent caching: {latent_s / 60:.1f} min")
+        total += latent_s
+        export_micro(tmp, Path(tmp) / "sd", Path(tmp) / "clip_out")
+        t = time.perf_counter()
+        evaluate_micro(Path(tmp) / "sd", Path(tmp) / "clip_out", device=device, seed=seed, n_images=1, batch=1)
+        n_concepts = sum(len(world.concepts(c)) for c in world.CATEGORIES)
+        per_image = (time.perf_counter() - t) / n_concepts
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(Path(tmp) / "sd", dtype=torch.float32).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        pipe(["a red star"] * p.eval_batch, num_inference_steps=2, output_type="np")
+        t = time.perf_counter()
+        pipe(["a red star"] * p.eval_batch, num_inference_steps=20, guidance_scale=5.0, output_type="np")
+        per_image = min(per_image, (time.perf_counter() - t) / p.eval_batch)
+        eval_s = per_image * n_concepts * p.eval_images
+        print(f"  eval: {per_image:.2f} s/image x {n_concepts * p.eval_images} images = {eval_s / 60:.1f} min")
+        total += eval_s
+    print(f"  estimated total: {total / 3600:.2f} h")
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out-sd", type=Path, default=micro_model_path(), help="diffusers pipeline folder to write")
+    ap.add_argument("--out-clip", type=Path, default=micro_clip_path(), help="micro CLIP folder to write")
+    ap.add_argument("--work", type=Path, default=ROOT / ".train" / "micro", help="checkpoints, pool cache, eval")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--preset", choices=("cpu", "gpu"), default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes for rendering the pool")
+    ap.add_argument("--max-steps", type=int, default=None, help="cap every stage's steps (smoke tests)")
+    ap.add_argument("--pool-size", type=int, default=None, help="override the pool size (smoke tests)")
+    ap.add_argument("--batch-size", type=int, default=None, help="override every stage's batch size")
+    ap.add_argument("--eval-images", type=int, default=None, help="images per concept in the eval stage")
+    ap.add_argument("--time-limit-min", type=float, default=None, help="per training stage: stop, save, move on")
+    ap.add_argument("--checkpoint-every-s", type=float, default=180.0)
+    ap.add_argument("--estimate", action="store_true", help="measure per-step times, print the total, exit")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        ap.error(f"unknown stages {unknown}; choose from {STAGES}")
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    p = _override(preset(args.preset, render_workers=args.workers), args)
+    progress = not args.no_progress
+    print(f"preset {args.preset} on {args.device}: stages {stages}, work dir {args.work}", flush=True)
+
+    if args.estimate:
+        estimate(p, args.device, args.seed, args.workers)
+        return 0
+
+    t_all = time.perf_counter()
+    for stage in stages:
+        t = time.perf_counter()
+        print(f"== stage {stage}", flush=True)
+        if stage == "clip":
+            model = train_micro_clip(p.clip, device=args.device, seed=args.seed, work_dir=args.work, progress=progress)
+            path = save_final_clip(model, p.clip.arch, args.work)
+            metrics = (args.work / "clip" / "metrics.json").read_text()
+            print(f"micro CLIP -> {path}\n{metrics}", flush=True)
+        elif stage == "vae":
+            train_vae(p.vae, device=args.device, seed=args.seed, work_dir=args.work, progress=progress)
+            print((args.work / "vae" / "metrics.json").read_text(), flush=True)
+        elif stage == "unet":
+            train_unet(p.unet, device=args.device, seed=args.seed, work_dir=args.work, progress=progress)
+        elif stage == "export":
+            sd, clip = export_micro(args.work, args.out_sd, args.out_clip)
+            for folder in (sd, clip):
+                size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+                print(f"exported {folder}: {size / 1e6:.2f} MB", flush=True)
+        elif stage == "eval":
+            res = evaluate_micro(
+                args.out_sd,
+                args.out_clip,
+                device=args.device,
+                seed=args.seed,
+                n_images=p.eval_images,
+                batch=p.eval_batch,
+                out_dir=args.work,
+                progress=progress,
+            )
+            print("accuracy of the named attribute (micro CLIP zero-shot):", _fmt(res["clip"]))
+            if res["judge"] is not None:
+                print("accuracy of the named attribute (judge):            ", _fmt(res["judge"]))
+            else:
+                print("judge: not available (evals/judge missing or untrained)")
+            print(f"{res['seconds_per_image']:.3f} s/image; grids and eval.json in {args.work}", flush=True)
+        print(f"== stage {stage} done in {(time.perf_counter() - t) / 60:.1f} min", flush=True)
+    print(f"all done in {(time.perf_counter() - t_all) / 60:.1f} min", flush=True)
+    return 0
+
+
+def _fmt(acc: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:.1%}" for k, v in acc.items())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,192 @@
+"""Fast end-to-end checks of the micro world's training code with tiny configs (the real presets train for hours)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from evals import world
+from evals.micro_clip import (
+    ClipArch,
+    ClipTrainConfig,
+    caption_consistency,
+    load_micro_clip,
+    pixel_values,
+    train_micro_clip,
+    zero_shot_accuracy,
+)
+from pipelines.micro import DEFAULT_GUIDANCE, DEFAULT_STEPS, UNetArch, VAEArch
+from pipelines.micro_training import (
+    UNetTrainConfig,
+    VAETrainConfig,
+    export_micro,
+    final_path,
+    save_final_clip,
+    train_unet,
+    train_vae,
+)
+
+TINY_CLIP = ClipTrainConfig(
+    arch=ClipArch(
+        text_hidden=32,
+        text_layers=1,
+        text_heads=2,
+        text_intermediate=64,
+        vision_hidden=32,
+        vision_layers=1,
+        vision_heads=2,
+        vision_intermediate=64,
+        patch_size=16,
+        projection_dim=32,
+    ),
+    steps=3,
+    batch_size=16,
+    warmup=1,
+    pool_size=64,
+    heldout_size=32,
+    eval_every=3,
+    checkpoint_every_s=0.0,
+)
+TINY_VAE = VAETrainConfig(
+    arch=VAEArch(block_out_channels=(8, 16, 16), norm_num_groups=8), steps=3, batch_size=8, warmup=1, pool_size=64
+)
+TINY_UNET = UNetTrainConfig(
+    arch=UNetArch(block_out_channels=(16, 32, 32), norm_num_groups=8, attention_head_dim=16),
+    steps=6,
+    batch_size=8,
+    warmup=1,
+    pool_size=64,
+    checkpoint_every_s=0.0,
+)
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """A work dir in which the clip and vae stages have run (tiny configs)."""
+    torch.manual_seed(0)
+    work = tmp_path_factory.mktemp("micro")
+    model = train_micro_clip(TINY_CLIP, device="cpu", seed=0, work_dir=work)
+    save_final_clip(model, TINY_CLIP.arch, work)
+    train_vae(TINY_VAE, device="cpu", seed=0, work_dir=work)
+    return work
+
+
+def test_caption_consistency_is_multi_positive():
+    scenes = [
+        world.Scene("star", "red", "monet"),
+        world.Scene("star", "blue", "monet"),
+        world.Scene("heart", "red", "seurat"),
+    ]
+    # each caption is written for the scene at the same index
+    m = caption_consistency(["a red star", "claude monet style", "crimson"], scenes)
+    assert m.diagonal().all()
+    assert m[0].tolist() == [True, False, False]  # "a red star" fits only scene 0
+    assert m[1].tolist() == [True, True, False]  # both monet scenes
+    assert m[2].tolist() == [True, False, True]  # a synonym of red fits both red scenes
+
+
+def test_pixel_values_match_saved_preprocessor(work, tmp_path):
+    from transformers import CLIPImageProcessor
+
+    from evals.micro_clip import image_processor
+
+    images, _ = world.render_dataset(range(4))
+    image_processor().save_pretrained(tmp_path)
+    ref = CLIPImageProcessor.from_pretrained(tmp_path)(images=list(images), return_tensors="pt")["pixel_values"]
+    assert torch.allclose(pixel_values(images), ref, atol=1e-5)
+
+
+def test_stages_export_a_loadable_pipeline(work, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    train_unet(TINY_UNET, device="cpu", seed=0, work_dir=work)
+    assert final_path(work, "unet").exists()
+    sd, clip_dir = export_micro(work, tmp_path / "sd", tmp_path / "clip")
+    assert (sd / "model_index.json").exists() and (sd / "world.json").exists()
+    assert json.loads((sd / "world.json").read_text())["categories"] == list(world.CATEGORIES)
+    with safe_open(str(sd / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert all(f.get_slice(k).get_dtype() == "F16" for k in f.keys())
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd)  # plain load, no extra code or dtype
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.safety_checker is None
+    assert any(name.endswith("attn2.to_k") for name, _ in pipe.unet.named_modules())
+    out = pipe(
+        ["a red star", "something blue"],
+        num_inference_steps=2,
+        guidance_scale=DEFAULT_GUIDANCE,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    assert out.shape == (2, 64, 64, 3) and np.isfinite(out).all()
+    assert DEFAULT_STEPS == 20
+
+    # the text encoder in the pipeline is the micro CLIP's text tower, token for token
+    model, tokenizer = load_micro_clip(clip_dir)
+    ids = pipe.tokenizer(["a red star"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert ids.tolist() == tokenizer(["a red star"], padding="max_length", max_length=77).input_ids
+    with torch.no_grad():
+        a = pipe.text_encoder(ids)[0]
+        b = model.text_model(input_ids=ids).last_hidden_state
+    assert torch.allclose(a, b, atol=1e-5)
+    images, scenes = world.render_dataset(range(8))
+    acc = zero_shot_accuracy(model, tokenizer, images, scenes, "cpu")
+    assert set(acc) == set(world.CATEGORIES)
+
+
+def test_resume_continues_from_saved_step(work, tmp_path):
+    # Resume in a copy of the work dir, so the other tests' unet stage is unaffected.
+    import shutil
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(work, resumed, ignore=shutil.ignore_patterns("unet"))
+    (resumed / "final" / "unet.safetensors").unlink(missing_ok=True)
+
+    def stop_at_3(stage, step, total, metrics):
+        if step == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_unet(TINY_UNET, device="cpu", seed=0, work_dir=resumed, callback=stop_at_3)
+    assert json.loads((resumed / "unet" / "ckpt.json").read_text())["step"] == 3
+
+    seen: list[int] = []
+    unet = train_unet(
+        TINY_UNET, device="cpu", seed=0, work_dir=resumed, callback=lambda s, step, t, m: seen.append(step)
+    )
+    assert seen == [4, 5, 6]
+
+    # an uninterrupted run from scratch draws the same data and noise, so it ends with the same weights
+    fresh = tmp_path / "fresh"
+    shutil.copytree(work, fresh, ignore=shutil.ignore_patterns("unet"))
+    ref = train_unet(TINY_UNET, device="cpu", seed=0, work_dir=fresh)
+    for (k, a), b in zip(unet.state_dict().items(), ref.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), k
+
+
+def test_checkpoints_contain_no_pickles(work):
+    files = [f for f in work.rglob("*") if f.is_file()]
+    assert any(f.name.startswith("ckpt-") for f in files)
+    for f in files:
+        assert f.suffix in {".safetensors", ".json", ".npy", ".png"}, f
+        if f.suffix == ".safetensors":  # parses only as safetensors (its header length may start with 0x80)
+            with safe_open(str(f), "pt") as sf:
+                assert len(list(sf.keys())) > 0
+        else:
+            head = f.read_bytes()[:2]
+            assert not (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")), f  # pickle
+            assert head != b"PK", f  # torch.save's zip
+        if f.suffix == ".npy":
+            np.load(f, allow_pickle=False)
