@@ -1,0 +1,975 @@
+"""Batch generation audits: the original model and each erased artifact on one prompt suite, under identical seeds.
+
+:func:`run_audit` generates every (prompt, seed) image of the suite with the base model and with each erasure
+artifact applied temporarily (``wrapper.weight_deltas``), scores them with CLIP (and the micro world's judge when
+given one), and writes::
+
+    OUT/
+      audit.json                   settings that fix the pixels (model, fingerprint, steps, guidance, size, scheduler)
+      suite.csv                    the expanded suite: one row per image
+      images/<model-key>/<sha1(prompt)[:10]>-<seed>.png
+      grids/<category>.png         a labelled grid per category: rows concept x model, columns seeds
+      metrics.json                 everything below
+      report.html                  self-contained report (images embedded, bar charts as inline SVG, protocol)
+
+``<model-key>`` is ``original`` or ``<artifact folder name>-<sha1(erasure.json)[:8]>``.
+
+**Resumable.** Every image is written atomically (temporary file + ``os.replace``) and an image already on disk is
+never generated or written again. Images are generated in fixed batches (the process's images in suite order, cut
+every ``batch_size``); a batch is generated only if one of its images is missing, and a batch that was interrupted
+half-written is generated again whole (only its missing images are written), so an image's pixels never depend on
+where a run was stopped. Metrics are computed from the PNGs on disk, hence a killed and rerun audit ends with exactly
+the metrics of an uninterrupted one. ``audit.json`` guards the folder: rerunning into it with settings that change
+pixels (another model, steps, guidance...) is refused instead of mixing images.
+
+**Multi-process.** Unique images are dealt round-robin: process ``p`` of ``P`` makes images ``p, p + P, ...`` of the
+suite order. After its share each process calls ``barrier`` (e.g. ``accelerate.PartialState().wait_for_everyone``);
+then process 0 alone checks that every image exists and computes the metrics.
+
+**metrics.json** (``"schema_version": 1``; :data:`METRICS_SCHEMA` is its JSON Schema)::
+
+    {
+      "schema_version": 1,
+      "protocol": {model, model_fingerprint, scheduler, steps, guidance, height, width, negative_prompt,
+                   batch_size, images_per_prompt, num_processes, scorer, judge (bool), erase_version,
+                   suite: {name, source, file, rows, prompts, roles, labels: {category: [concept, ...]}},
+                   seeds: {count, min, max}},
+      "models": [                                  # "original" first, then one entry per artifact
+        {key, label, images,
+         artifact: null | {folder, method, concepts, guides, preserve, base_model, base_fingerprint,
+                           weight_format, config, created, erase_version},
+         clip:  {efficacy, generality, specificity, preservation: ACC, harmonic_mean: float | null},
+         judge: null | the same, with the judge's verdicts instead of CLIP's,
+         clip_score: {all, target, synonym, neighbour, unrelated: STAT},
+         vs_original: null (for "original") | {image_similarity: {all, <role>...: STAT},
+                                                cmmd: {all, <role>...: float | null}},
+         per_concept: [{concept, category, role, clip: ACC, judge: ACC | null, clip_score: STAT}],
+         per_category: {category: {clip: float | null, judge: float | null, concepts: int}}}
+      ]
+    }
+
+    ACC  = {value: k/n | null, low, high: Wilson 95% bounds | null, n, k}
+    STAT = {mean | null, std | null, n}
+
+Accuracy is the fraction of images whose zero-shot verdict among the category's labels is the row's concept; the
+role metrics (efficacy = target rows, generality = synonym, specificity = neighbour, preservation = unrelated) and
+CLIP score, image similarity and CMMD are defined in :mod:`evals.metrics`. ``per_category`` is the unweighted mean
+of that category's ``per_concept`` accuracies (all roles).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import html
+import io
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from erase.artifact import METADATA_FILE, ArtifactMismatchError, ErasureArtifact, load_artifact
+from pipelines import PipelineWrapper
+
+from . import metrics as M
+from .probes import GENERIC_TEMPLATES
+from .scorer import TEMPLATES, ClipScorer
+from .suites import ROLES, Suite, SuiteRow
+
+__all__ = [
+    "METRICS_SCHEMA",
+    "ORIGINAL",
+    "SCHEMA_VERSION",
+    "AuditError",
+    "AuditModel",
+    "generate_audit_images",
+    "image_name",
+    "prepare_models",
+    "run_audit",
+    "summary_table",
+]
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+ORIGINAL = "original"
+SETTINGS_FILE = "audit.json"
+GRID_SEEDS = 4  # images per (concept, model) row in the category grids
+REPORT_IMAGES = 6  # images per model in each prompt group of the report
+REPORT_THUMB = 128  # largest side of an image embedded in the report (px)
+
+
+class AuditError(ValueError):
+    """The audit cannot run as asked (an output folder made with other settings, images missing, bad arguments)."""
+
+
+@dataclass(frozen=True)
+class AuditModel:
+    """One column of the audit: the original model (``artifact is None``) or the base with one artifact applied."""
+
+    key: str
+    label: str
+    folder: str | None = None
+    artifact: ErasureArtifact | None = None
+    metadata: dict[str, Any] | None = None  # erasure.json as saved
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files
+
+
+def image_name(prompt: str, seed: int) -> str:
+    """``<sha1(prompt)[:10]>-<seed>.png``: a file name fixed by the image's prompt and seed alone."""
+    return f"{hashlib.sha1(prompt.encode('utf-8')).hexdigest()[:10]}-{int(seed)}.png"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    # A reader (or a rerun after a kill) sees either no file or the whole file, never a truncated one.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "artifact"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models and settings
+
+
+def prepare_models(wrapper: PipelineWrapper, artifacts: Sequence[str | Path]) -> list[AuditModel]:
+    """The original model plus one :class:`AuditModel` per artifact folder, each checked against ``wrapper``.
+
+    Raises ``ArtifactError`` for an unreadable folder and ``ArtifactMismatchError`` for an artifact made for other
+    base weights, before anything is generated.
+    """
+    models = [AuditModel(ORIGINAL, ORIGINAL)]
+    for folder in artifacts:
+        folder = Path(folder)
+        artifact = load_artifact(folder)
+        try:
+            found = wrapper.fingerprint(artifact.layers)
+        except KeyError as err:
+            raise ArtifactMismatchError(
+                f"{folder}: the artifact edits modules this pipeline lacks ({err}); it was made for "
+                f"{artifact.base_model!r}"
+            ) from err
+        if found != artifact.base_fingerprint:
+            raise ArtifactMismatchError(
+                f"{folder} was made for base model {artifact.base_model!r} (weights {artifact.base_fingerprint[:12]}),"
+                f" but {wrapper.model_id!r} has different weights ({found[:12]})"
+            )
+        raw = (folder / METADATA_FILE).read_bytes()
+        key = f"{_slug(folder.resolve().name)}-{hashlib.sha1(raw).hexdigest()[:8]}"
+        if any(m.key == key for m in models):
+            raise AuditError(f"artifact {folder} is given twice")
+        models.append(AuditModel(key, folder.resolve().name, str(folder), artifact, json.loads(raw)))
+    return models
+
+
+def _settings(wrapper: PipelineWrapper, steps: int, guidance: float) -> dict[str, Any]:
+    # Everything that changes pixels. The fingerprint covers the cross-attention projections only: cheap even for
+    # SDXL, and it is what erasure methods edit, so an edited base saved as a new model is told apart.
+    layers = [f"unet.{layer.name}" for layer in wrapper.cross_attention_layers()]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": wrapper.model_id,
+        "model_fingerprint": wrapper.fingerprint(layers),
+        "scheduler": type(wrapper.pipe.scheduler).__name__,
+        "steps": int(steps),
+        "guidance": float(guidance),
+        "height": wrapper.image_size,
+        "width": wrapper.image_size,
+        "negative_prompt": "",
+        "dtype": str(wrapper.dtype).removeprefix("torch."),
+    }
+
+
+def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
+    path = out_dir / SETTINGS_FILE
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise AuditError(f"{path} is corrupt ({err.msg}); use another output folder") from None
+        diffs = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v]
+        if diffs:
+            raise AuditError(
+                f"{out_dir} holds an audit made with other settings ({'; '.join(diffs)}); use another output folder"
+            )
+        return
+    # Several processes may get here at once; they write identical bytes, and os.replace keeps the file whole.
+    _atomic_write(path, _json_text(settings).encode("utf-8"))
+
+
+def _unique_images(rows: Sequence[SuiteRow]) -> list[tuple[str, int]]:
+    seen: dict[tuple[str, int], None] = {}
+    for row in rows:
+        seen.setdefault((row.prompt, row.seed), None)
+    return list(seen)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+def generate_audit_images(
+    wrapper: PipelineWrapper,
+    rows: Sequence[SuiteRow],
+    models: Sequence[AuditModel],
+    out_dir: str | Path,
+    *,
+    batch_size: int = 8,
+    steps: int = 20,
+    guidance: float = 5.0,
+    process_index: int = 0,
+    num_processes: int = 1,
+    progress: bool = True,
+    on_image: Callable[[Path], None] | None = None,
+) -> int:
+    """Generate this process's share of every model's images that are not on disk yet; returns how many it wrote.
+
+    See the module docstring for the fixed batches and the round-robin split. ``on_image(path)`` is called after
+    each image is written (progress reporting, tests that interrupt a run).
+    """
+    out_dir = Path(out_dir)
+    share = _unique_images(rows)[process_index::num_processes]
+    batches = [share[i : i + batch_size] for i in range(0, len(share), batch_size)]
+    written = 0
+    for model in models:
+        folder = out_dir / "images" / model.key
+        todo = [b for b in batches if any(not (folder / image_name(p, s)).is_file() for p, s in b)]
+        if not todo:
+            continue
+        logger.info("%s: %d of %d batches to generate", model.key, len(todo), len(batches))
+        folder.mkdir(parents=True, exist_ok=True)
+        edit = wrapper.weight_deltas(model.artifact.deltas) if model.artifact else contextlib.nullcontext()
+        with edit:
+            for batch in tqdm(todo, desc=f"audit {model.key}", unit="batch", disable=not progress):
+                prompts, seeds = [p for p, _ in batch], [s for _, s in batch]
+                images = wrapper.generate(
+                    prompts, seeds, steps=steps, guidance=guidance, batch_size=len(batch), progress=False
+                )
+                for (prompt, seed), image in zip(batch, images, strict=True):
+                    path = folder / image_name(prompt, seed)
+                    if path.is_file():
+                        continue  # written before an interruption: keep the file as it is
+                    _atomic_write(path, _png_bytes(image))
+                    written += 1
+                    if on_image is not None:
+                        on_image(path)
+    return written
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The audit
+
+
+def run_audit(
+    wrapper: PipelineWrapper,
+    suite: Suite,
+    artifacts: Sequence[str | Path],
+    out_dir: str | Path,
+    scorer: ClipScorer | None,
+    judge: torch.nn.Module | None = None,
+    *,
+    images_per_prompt: int = 1,
+    batch_size: int = 8,
+    steps: int = 20,
+    guidance: float = 5.0,
+    process_index: int = 0,
+    num_processes: int = 1,
+    progress: bool = True,
+    barrier: Callable[[], None] | None = None,
+    scorer_name: str = "",
+    on_image: Callable[[Path], None] | None = None,
+) -> dict[str, Any]:
+    """Audit ``artifacts`` (erasure artifact folders) against ``wrapper``'s base model on ``suite``.
+
+    Args:
+        wrapper: the base model; artifacts are applied to it temporarily and it is left as it was.
+        suite: the prompt suite; every row becomes ``images_per_prompt`` images (:meth:`Suite.expand`).
+        artifacts: artifact folders; each is checked against the base (``ArtifactMismatchError``) before any work.
+        out_dir: output folder (layout in the module docstring); an existing audit in it is resumed.
+        scorer: CLIP scorer for the metrics; only process 0 needs one (others may pass None).
+        judge: the micro world's :class:`evals.judge.Judge`; its accuracies are reported beside CLIP's when every
+            suite category and label is one of its classes.
+        images_per_prompt, batch_size, steps, guidance: generation settings.
+        process_index, num_processes: this process's place in a multi-process run (see module docstring).
+        barrier: called once every process's images are written; must block until all processes reach it.
+        scorer_name: how the scorer was specified, for the protocol.
+        on_image: called with each image path as it is written.
+
+    Returns the metrics (as written to ``metrics.json``) on process 0, and
+    ``{"process_index": p, "images_generated": n}`` on the others.
+    """
+    if not 0 <= process_index < num_processes:
+        raise AuditError(f"process_index {process_index} is not in 0 .. {num_processes - 1}")
+    for name, value in (("images_per_prompt", images_per_prompt), ("batch_size", batch_size), ("steps", steps)):
+        if value < 1:
+            raise AuditError(f"{name} must be >= 1, got {value}")
+    out_dir = Path(out_dir)
+    expanded = suite.expand(images_per_prompt)
+    for prompt in dict.fromkeys(r.prompt for r in expanded.rows):
+        wrapper.check_prompt(prompt, "suite prompt")
+    models = prepare_models(wrapper, artifacts)
+    settings = _settings(wrapper, steps, guidance)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_settings(out_dir, settings)
+    if process_index == 0:
+        _atomic_write(out_dir / "suite.csv", expanded.to_csv().encode("utf-8"))
+
+    generated = generate_audit_images(
+        wrapper,
+        expanded.rows,
+        models,
+        out_dir,
+        batch_size=batch_size,
+        steps=steps,
+        guidance=guidance,
+        process_index=process_index,
+        num_processes=num_processes,
+        progress=progress,
+        on_image=on_image,
+    )
+    logger.info("process %d of %d generated %d images", process_index, num_processes, generated)
+    if barrier is not None:
+        barrier()
+    if process_index != 0:
+        return {"process_index": process_index, "images_generated": generated}
+
+    if scorer is None:
+        raise AuditError("the main process needs a CLIP scorer to compute the metrics")
+    unique = _unique_images(expanded.rows)
+    missing = [
+        (m.key, p, s)
+        for m in models
+        for p, s in unique
+        if not (out_dir / "images" / m.key / image_name(p, s)).is_file()
+    ]
+    if missing:
+        key, prompt, seed = missing[0]
+        raise AuditError(
+            f"{len(missing)} images are missing (first: {key} {prompt!r} seed {seed}); run every process of the "
+            "audit before the metrics"
+        )
+    protocol = {
+        **{k: v for k, v in settings.items() if k != "schema_version"},
+        "batch_size": batch_size,
+        "images_per_prompt": images_per_prompt,
+        "num_processes": num_processes,
+        "scorer": scorer_name or "unspecified",
+        "judge": judge is not None,
+        "erase_version": _erase_version(),
+        "suite": {
+            "name": suite.name,
+            "source": suite.source,
+            "file": "suite.csv",
+            "rows": len(expanded.rows),
+            "prompts": len({r.prompt for r in expanded.rows}),
+            "roles": expanded.roles(),
+            "labels": {k: list(v) for k, v in expanded.labels.items()},
+        },
+        "seeds": {
+            "count": len({s for _, s in unique}),
+            "min": min(s for _, s in unique),
+            "max": max(s for _, s in unique),
+        },
+    }
+    images = {m.key: _load_images(out_dir / "images" / m.key, unique) for m in models}
+    result = _compute_metrics(expanded, models, unique, images, scorer, judge, protocol)
+    _atomic_write(out_dir / "metrics.json", _json_text(result).encode("utf-8"))
+    _write_category_grids(out_dir, expanded, models, unique, images)
+    _atomic_write(out_dir / "report.html", _report_html(result, expanded, models, unique, images).encode("utf-8"))
+    logger.info("audit written to %s", out_dir)
+    return result
+
+
+def _erase_version() -> str:
+    from erase import __version__
+
+    return __version__
+
+
+def _load_images(folder: Path, unique: Sequence[tuple[str, int]]) -> list[np.ndarray]:
+    arrays = []
+    for prompt, seed in unique:
+        with Image.open(folder / image_name(prompt, seed)) as image:
+            arrays.append(np.asarray(image.convert("RGB")))
+    return arrays
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _judge_usable(judge: torch.nn.Module | None, suite: Suite) -> bool:
+    if judge is None:
+        return False
+    classes = getattr(getattr(judge, "config", None), "classes", None) or {}
+    usable = all(cat in classes and set(labels) <= set(classes[cat]) for cat, labels in suite.labels.items())
+    if not usable:
+        logger.info("the judge's classes do not cover this suite's labels: judge accuracies are left out")
+    return usable
+
+
+def _role_block(correct: Sequence[bool], rows: Sequence[SuiteRow]) -> dict[str, Any]:
+    block = {
+        name: M.accuracy([c for c, r in zip(correct, rows, strict=True) if r.role == role])
+        for role, name in M.ROLE_METRICS.items()
+    }
+    block["harmonic_mean"] = M.harmonic_mean(block["efficacy"]["value"], block["preservation"]["value"])
+    return block
+
+
+def _by_role(values: Sequence[float], rows: Sequence[SuiteRow]) -> dict[str, dict]:
+    out = {"all": M.mean_std(values)}
+    for role in ROLES:
+        out[role] = M.mean_std([v for v, r in zip(values, rows, strict=True) if r.role == role])
+    return out
+
+
+def _compute_metrics(
+    suite: Suite,
+    models: Sequence[AuditModel],
+    unique: Sequence[tuple[str, int]],
+    images: dict[str, list[np.ndarray]],
+    scorer: ClipScorer,
+    judge: torch.nn.Module | None,
+    protocol: dict[str, Any],
+) -> dict[str, Any]:
+    rows = suite.rows
+    index = {key: i for i, key in enumerate(unique)}
+    row_image = [index[(r.prompt, r.seed)] for r in rows]
+    class_embeddings = {
+        cat: scorer.class_embeddings(list(labels), TEMPLATES.get(cat, GENERIC_TEMPLATES))
+        for cat, labels in suite.labels.items()
+    }
+    prompts = list(dict.fromkeys(r.prompt for r in rows))
+    prompt_embeddings = dict(zip(prompts, scorer.text_embeddings(prompts), strict=True))
+    text = torch.stack([prompt_embeddings[r.prompt] for r in rows])
+    use_judge = _judge_usable(judge, suite)
+    embeddings: dict[str, torch.Tensor] = {}
+    entries = []
+    for model in models:
+        emb = scorer.image_embeddings(images[model.key])[row_image]
+        embeddings[model.key] = emb
+        clip_ok = [False] * len(rows)
+        for cat, labels in suite.labels.items():
+            idx = [i for i, r in enumerate(rows) if r.category == cat]
+            ok, _ = M.zero_shot_correct(emb[idx], class_embeddings[cat], labels, [rows[i].concept for i in idx])
+            for i, flag in zip(idx, ok, strict=True):
+                clip_ok[i] = flag
+        judge_ok: list[bool] | None = None
+        if use_judge:
+            predictions = judge.predict(np.stack(images[model.key]))
+            judge_ok = [predictions[r.category][row_image[i]] == r.concept for i, r in enumerate(rows)]
+        scores = M.clip_scores(emb, text).tolist()
+        vs_original = None
+        if model.key != ORIGINAL:
+            base = embeddings[ORIGINAL]
+            similarity = M.paired_similarity(base, emb).tolist()
+            cmmd = {"all": M.cmmd(base, emb)}
+            for role in ROLES:
+                idx = [i for i, r in enumerate(rows) if r.role == role]
+                cmmd[role] = M.cmmd(base[idx], emb[idx])
+            vs_original = {"image_similarity": _by_role(similarity, rows), "cmmd": cmmd}
+        per_concept = []
+        groups = dict.fromkeys((r.concept, r.category, r.role) for r in rows)
+        for concept, category, role in groups:
+            idx = [i for i, r in enumerate(rows) if (r.concept, r.category, r.role) == (concept, category, role)]
+            per_concept.append(
+                {
+                    "concept": concept,
+                    "category": category,
+                    "role": role,
+                    "clip": M.accuracy([clip_ok[i] for i in idx]),
+                    "judge": M.accuracy([judge_ok[i] for i in idx]) if judge_ok is not None else None,
+                    "clip_score": M.mean_std([scores[i] for i in idx]),
+                }
+            )
+        per_category = {}
+        for cat in suite.labels:
+            mine = [c for c in per_concept if c["category"] == cat]
+            clip_values = [c["clip"]["value"] for c in mine]
+            judge_values = [c["judge"]["value"] for c in mine if c["judge"] is not None]
+            per_category[cat] = {
+                "clip": float(np.mean(clip_values)) if clip_values else None,
+                "judge": float(np.mean(judge_values)) if judge_values else None,
+                "concepts": len({c["concept"] for c in mine}),
+            }
+        entries.append(
+            {
+                "key": model.key,
+                "label": model.label,
+                "images": len(unique),
+                "artifact": _provenance(model),
+                "clip": _role_block(clip_ok, rows),
+                "judge": _role_block(judge_ok, rows) if judge_ok is not None else None,
+                "clip_score": _by_role(scores, rows),
+                "vs_original": vs_original,
+                "per_concept": per_concept,
+                "per_category": per_category,
+            }
+        )
+    return {"schema_version": SCHEMA_VERSION, "protocol": protocol, "models": entries}
+
+
+def _provenance(model: AuditModel) -> dict[str, Any] | None:
+    if model.artifact is None:
+        return None
+    meta = model.metadata or {}
+    return {
+        "folder": model.folder,
+        "method": meta.get("method"),
+        "concepts": meta.get("concepts", []),
+        "guides": meta.get("guides", []),
+        "preserve": meta.get("preserve", []),
+        "base_model": meta.get("base_model"),
+        "base_fingerprint": meta.get("base_fingerprint"),
+        "weight_format": meta.get("weight_format"),
+        "config": meta.get("config", {}),
+        "created": meta.get("created"),
+        "erase_version": meta.get("erase_version"),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schema
+
+_NUM = {"type": ["number", "null"]}
+_ACC = {
+    "type": "object",
+    "required": ["value", "low", "high", "n", "k"],
+    "properties": {
+        "value": _NUM,
+        "low": _NUM,
+        "high": _NUM,
+        "n": {"type": "integer", "minimum": 0},
+        "k": {"type": "integer", "minimum": 0},
+    },
+    "additionalProperties": False,
+}
+_STAT = {
+    "type": "object",
+    "required": ["mean", "std", "n"],
+    "properties": {"mean": _NUM, "std": _NUM, "n": {"type": "integer", "minimum": 0}},
+    "additionalProperties": False,
+}
+_ROLE_KEYS = ["all", *ROLES]
+_BY_ROLE_STAT = {
+    "type": "object",
+    "required": _ROLE_KEYS,
+    "properties": {k: _STAT for k in _ROLE_KEYS},
+    "additionalProperties": False,
+}
+_ROLE_BLOCK = {
+    "type": "object",
+    "required": [*M.ROLE_METRICS.values(), "harmonic_mean"],
+    "properties": {**{name: _ACC for name in M.ROLE_METRICS.values()}, "harmonic_mean": _NUM},
+    "additionalProperties": False,
+}
+#: JSON Schema (draft 2020-12) of ``metrics.json``.
+METRICS_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "erase audit metrics",
+    "type": "object",
+    "required": ["schema_version", "protocol", "models"],
+    "additionalProperties": False,
+    "properties": {
+        "schema_version": {"const": SCHEMA_VERSION},
+        "protocol": {
+            "type": "object",
+            "required": [
+                "model",
+                "model_fingerprint",
+                "scheduler",
+                "steps",
+                "guidance",
+                "height",
+                "width",
+                "batch_size",
+                "images_per_prompt",
+                "num_processes",
+                "scorer",
+                "judge",
+                "suite",
+                "seeds",
+            ],
+            "properties": {
+                "model": {"type": "string"},
+                "model_fingerprint": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                "steps": {"type": "integer", "minimum": 1},
+                "guidance": {"type": "number"},
+                "images_per_prompt": {"type": "integer", "minimum": 1},
+                "judge": {"type": "boolean"},
+                "suite": {
+                    "type": "object",
+                    "required": ["name", "source", "file", "rows", "prompts", "roles", "labels"],
+                    "properties": {
+                        "roles": {"type": "array", "items": {"enum": list(ROLES)}},
+                        "labels": {
+                            "type": "object",
+                            "additionalProperties": {"type": "array", "items": {"type": "string"}},
+                        },
+                    },
+                },
+                "seeds": {
+                    "type": "object",
+                    "required": ["count", "min", "max"],
+                    "properties": {k: {"type": "integer"} for k in ("count", "min", "max")},
+                },
+            },
+        },
+        "models": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": [
+                    "key",
+                    "label",
+                    "images",
+                    "artifact",
+                    "clip",
+                    "judge",
+                    "clip_score",
+                    "vs_original",
+                    "per_concept",
+                    "per_category",
+                ],
+                "additionalProperties": False,
+                "properties": {
+                    "key": {"type": "string"},
+                    "label": {"type": "string"},
+                    "images": {"type": "integer", "minimum": 0},
+                    "artifact": {
+                        "type": ["object", "null"],
+                        "required": ["folder", "method", "concepts", "base_model", "base_fingerprint"],
+                    },
+                    "clip": _ROLE_BLOCK,
+                    "judge": {"anyOf": [_ROLE_BLOCK, {"type": "null"}]},
+                    "clip_score": _BY_ROLE_STAT,
+                    "vs_original": {
+                        "anyOf": [
+                            {"type": "null"},
+                            {
+                                "type": "object",
+                                "required": ["image_similarity", "cmmd"],
+                                "additionalProperties": False,
+                                "properties": {
+                                    "image_similarity": _BY_ROLE_STAT,
+                                    "cmmd": {
+                                        "type": "object",
+                                        "required": _ROLE_KEYS,
+                                        "properties": {k: _NUM for k in _ROLE_KEYS},
+                                        "additionalProperties": False,
+                                    },
+                                },
+                            },
+                        ]
+                    },
+                    "per_concept": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["concept", "category", "role", "clip", "judge", "clip_score"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "concept": {"type": "string"},
+                                "category": {"type": "string"},
+                                "role": {"enum": list(ROLES)},
+                                "clip": _ACC,
+                                "judge": {"anyOf": [_ACC, {"type": "null"}]},
+                                "clip_score": _STAT,
+                            },
+                        },
+                    },
+                    "per_category": {
+                        "type": "object",
+                        "additionalProperties": {
+                            "type": "object",
+                            "required": ["clip", "judge", "concepts"],
+                            "additionalProperties": False,
+                            "properties": {"clip": _NUM, "judge": _NUM, "concepts": {"type": "integer"}},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Summary table
+
+
+def _pct(acc: dict | None) -> str:
+    if not acc or acc.get("value") is None:
+        return "-"
+    return f"{acc['value']:.0%} [{acc['low']:.0%},{acc['high']:.0%}] n={acc['n']}"
+
+
+def _num(value: float | None, fmt: str = ".3f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def summary_table(result: dict[str, Any]) -> str:
+    """A plain-text table of the headline metrics, one column per model (what ``scripts/audit.py`` prints)."""
+    models = result["models"]
+    lines: list[tuple[str, list[str]]] = []
+    for name in M.ROLE_METRICS.values():
+        lines.append((f"{name} (clip)", [_pct(m["clip"][name]) for m in models]))
+    if any(m["judge"] for m in models):
+        for name in M.ROLE_METRICS.values():
+            lines.append((f"{name} (judge)", [_pct(m["judge"][name]) if m["judge"] else "-" for m in models]))
+    lines.append(("harmonic mean (clip)", [_num(m["clip"]["harmonic_mean"]) for m in models]))
+    lines.append(("clip score", [_num(m["clip_score"]["all"]["mean"], ".2f") for m in models]))
+    lines.append(
+        (
+            "image similarity",
+            [_num(m["vs_original"]["image_similarity"]["all"]["mean"]) if m["vs_original"] else "-" for m in models],
+        )
+    )
+    lines.append(("cmmd", [_num(m["vs_original"]["cmmd"]["all"]) if m["vs_original"] else "-" for m in models]))
+    for cat in models[0]["per_category"]:
+        lines.append((f"mean accuracy: {cat}", [_num(m["per_category"][cat]["clip"], ".0%") for m in models]))
+    headers = ["metric", *[m["label"] for m in models]]
+    table = [headers, *[[name, *cells] for name, cells in lines]]
+    widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
+    out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Grids and report
+
+
+def _grid(rows: list[tuple[str, list[np.ndarray | None]]], columns: int, title: str = "") -> Image.Image:
+    cell = max(64, max((a.shape[0] for _, imgs in rows for a in imgs if a is not None), default=64))
+    cell = min(cell, 256)
+    label_w, head = 240, 20
+    grid = Image.new("RGB", (label_w + cell * columns, head + cell * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((4, 4), title, fill="black")
+    for i, (label, imgs) in enumerate(rows):
+        draw.text((4, head + i * cell + cell // 2 - 6), label[:38], fill="black")
+        for j, array in enumerate(imgs[:columns]):
+            if array is not None:
+                tile = Image.fromarray(array).resize((cell, cell), Image.Resampling.NEAREST)
+                grid.paste(tile, (label_w + j * cell, head + i * cell))
+    return grid
+
+
+def _write_category_grids(
+    out_dir: Path,
+    suite: Suite,
+    models: Sequence[AuditModel],
+    unique: Sequence[tuple[str, int]],
+    images: dict[str, list[np.ndarray]],
+) -> None:
+    index = {key: i for i, key in enumerate(unique)}
+    for category in suite.labels:
+        concepts = list(dict.fromkeys(r.concept for r in suite.rows if r.category == category))
+        grid_rows = []
+        for concept in concepts:
+            picks = list(dict.fromkeys((r.prompt, r.seed) for r in suite.rows if r.concept == concept))[:GRID_SEEDS]
+            for model in models:
+                label = concept if len(models) == 1 else f"{concept} [{model.label}]"
+                grid_rows.append((label, [images[model.key][index[p]] for p in picks]))
+        if grid_rows:
+            grid = _grid(grid_rows, GRID_SEEDS, f"{category}: rows concept x model, columns seeds")
+            _atomic_write(out_dir / "grids" / f"{_slug(category)}.png", _png_bytes(grid))
+
+
+def _thumb_uri(array: np.ndarray) -> str:
+    image = Image.fromarray(array)
+    if max(image.size) > REPORT_THUMB:
+        image.thumbnail((REPORT_THUMB, REPORT_THUMB), Image.Resampling.LANCZOS)
+    return "data:image/png;base64," + base64.b64encode(_png_bytes(image)).decode("ascii")
+
+
+def _bar_chart(title: str, bars: list[tuple[str, float | None, float | None, float | None]], vmax: float) -> str:
+    """An inline SVG: one horizontal bar per (label, value, low, high), whiskers from low to high."""
+    row_h, label_w, plot_w, top = 22, 200, 300, 24
+    height = top + row_h * len(bars) + 8
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + plot_w + 90}" height="{height}" role="img">',
+        f'<text x="4" y="15" font-size="13" font-weight="bold">{html.escape(title)}</text>',
+    ]
+    scale = plot_w / vmax if vmax > 0 else 0.0
+    for i, (label, value, low, high) in enumerate(bars):
+        y = top + i * row_h
+        parts.append(f'<text x="4" y="{y + 14}" font-size="12">{html.escape(label[:30])}</text>')
+        parts.append(
+            f'<line x1="{label_w}" y1="{y}" x2="{label_w}" y2="{y + row_h - 4}" stroke="#888" stroke-width="1"/>'
+        )
+        if value is None:
+            parts.append(f'<text x="{label_w + 4}" y="{y + 14}" font-size="12" fill="#888">n/a</text>')
+            continue
+        colour = "#9aa9c4" if i == 0 else "#d9825b"
+        width = max(0.0, value) * scale
+        parts.append(f'<rect x="{label_w}" y="{y + 3}" width="{width:.1f}" height="{row_h - 10}" fill="{colour}"/>')
+        if low is not None and high is not None:
+            x1, x2, ym = label_w + low * scale, label_w + high * scale, y + 3 + (row_h - 10) / 2
+            parts.append(f'<line x1="{x1:.1f}" y1="{ym}" x2="{x2:.1f}" y2="{ym}" stroke="black" stroke-width="1.2"/>')
+            for x in (x1, x2):
+                parts.append(f'<line x1="{x:.1f}" y1="{ym - 5}" x2="{x:.1f}" y2="{ym + 5}" stroke="black"/>')
+        parts.append(f'<text x="{label_w + plot_w + 6}" y="{y + 14}" font-size="12">{value:.3g}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _mean_interval(stat: dict) -> tuple[float | None, float | None, float | None]:
+    if stat["mean"] is None:
+        return None, None, None
+    half = M.Z95 * stat["std"] / np.sqrt(stat["n"]) if stat["n"] > 1 else 0.0
+    return stat["mean"], stat["mean"] - half, stat["mean"] + half
+
+
+def _charts(result: dict[str, Any]) -> list[str]:
+    models = result["models"]
+    charts = []
+    for source in ("clip", "judge"):
+        if not any(m[source] for m in models):
+            continue
+        for name in M.ROLE_METRICS.values():
+            bars = []
+            for m in models:
+                acc = m[source][name] if m[source] else {"value": None, "low": None, "high": None, "n": 0}
+                bars.append((f"{m['label']} (n={acc['n']})", acc["value"], acc["low"], acc["high"]))
+            charts.append(_bar_chart(f"{name} ({source}), Wilson 95% interval", bars, 1.0))
+        bars = [(m["label"], m[source]["harmonic_mean"] if m[source] else None, None, None) for m in models]
+        charts.append(_bar_chart(f"harmonic mean of 1 - efficacy and preservation ({source})", bars, 1.0))
+    bars = [(m["label"], *_mean_interval(m["clip_score"]["all"])) for m in models]
+    vmax = max([b[3] for b in bars if b[3] is not None] + [1.0]) * 1.1
+    charts.append(_bar_chart("CLIP score (mean, 95% normal interval)", bars, vmax))
+    erased = [m for m in models if m["vs_original"]]
+    if erased:
+        bars = [(m["label"], *_mean_interval(m["vs_original"]["image_similarity"]["all"])) for m in erased]
+        charts.append(_bar_chart("CLIP image similarity to the original (same seed)", bars, 1.0))
+        values = [m["vs_original"]["cmmd"]["all"] for m in erased]
+        vmax = max([abs(v) for v in values if v is not None] + [1e-9]) * 1.1
+        charts.append(
+            _bar_chart(
+                "CMMD to the original (x1000, unbiased)",
+                [(m["label"], v, None, None) for m, v in zip(erased, values, strict=True)],
+                vmax,
+            )
+        )
+    return charts
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _report_html(
+    result: dict[str, Any],
+    suite: Suite,
+    models: Sequence[AuditModel],
+    unique: Sequence[tuple[str, int]],
+    images: dict[str, list[np.ndarray]],
+) -> str:
+    protocol = result["protocol"]
+    index = {key: i for i, key in enumerate(unique)}
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>erase audit</title><style>",
+        "body{font-family:sans-serif;margin:1.5em;max-width:1200px} table{border-collapse:collapse;margin:.5em 0}",
+        "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px;text-align:left;vertical-align:top}",
+        "img.t{width:96px;height:96px;image-rendering:pixelated;margin:1px} .charts svg{margin:4px 12px 4px 0}",
+        "pre{background:#f4f4f4;padding:6px;font-size:12px}</style></head><body>",
+        f"<h1>Erasure audit: {html.escape(protocol['model'])}</h1>",
+        "<h2>Summary</h2>",
+        f"<pre>{html.escape(summary_table(result))}</pre>",
+        "<h2>Metrics</h2><div class='charts'>",
+        *_charts(result),
+        "</div>",
+        "<p>efficacy = zero-shot accuracy on target prompts (lower is better after erasure); generality = the same on "
+        "synonym prompts; specificity = accuracy on neighbour concepts; preservation = accuracy on unrelated "
+        "prompts. Zero-shot: argmax of CLIP cosine similarity over the category's labels. CMMD: unbiased MMD^2 with "
+        "a Gaussian RBF kernel (sigma 10) on CLIP image embeddings, times 1000.</p>",
+        "<h2>Protocol</h2>",
+    ]
+    seeds = protocol["seeds"]
+    parts.append(
+        _table(
+            ["setting", "value"],
+            [
+                ["model", protocol["model"]],
+                ["model fingerprint (cross-attention)", protocol["model_fingerprint"][:16]],
+                ["scheduler", protocol["scheduler"]],
+                ["steps", protocol["steps"]],
+                ["guidance", protocol["guidance"]],
+                ["image size", f"{protocol['width']}x{protocol['height']}"],
+                ["suite", f"{protocol['suite']['name']} ({protocol['suite']['source']})"],
+                ["images", f"{protocol['suite']['rows']} per model, {protocol['images_per_prompt']} per prompt"],
+                ["seeds", f"{seeds['count']} distinct, {seeds['min']} .. {seeds['max']} (suite.csv lists them)"],
+                ["scorer", protocol["scorer"]],
+                ["judge", "yes" if protocol["judge"] else "no"],
+                ["batch size / processes", f"{protocol['batch_size']} / {protocol['num_processes']}"],
+                ["erase version", protocol["erase_version"]],
+            ],
+        )
+    )
+    for m in result["models"]:
+        art = m["artifact"]
+        if art:
+            parts.append(f"<h3>Artifact {html.escape(m['label'])}</h3>")
+            parts.append(
+                _table(
+                    ["field", "value"],
+                    [[k, json.dumps(v) if not isinstance(v, str) else v] for k, v in art.items()],
+                )
+            )
+    parts.append(
+        "<h2>Images</h2><p>Per prompt group (role, concept): one row per model, same seeds in each column.</p>"
+    )
+    groups = dict.fromkeys((r.role, r.concept) for r in suite.rows)
+    for role, concept in groups:
+        picks = list(dict.fromkeys((r.prompt, r.seed) for r in suite.rows if (r.role, r.concept) == (role, concept)))
+        picks = picks[:REPORT_IMAGES]
+        parts.append(f"<h3>{html.escape(role)}: {html.escape(concept)}</h3><table>")
+        captions = "".join(f"<th>{html.escape(p[:40])}<br>seed {s}</th>" for p, s in picks)
+        parts.append(f"<tr><th>model</th>{captions}</tr>")
+        for model in models:
+            cells = "".join(
+                f"<td><img class='t' alt='{html.escape(p)}' src='{_thumb_uri(images[model.key][index[(p, s)]])}'></td>"
+                for p, s in picks
+            )
+            parts.append(f"<tr><th>{html.escape(model.label)}</th>{cells}</tr>")
+        parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""Audit erasure artifacts: generate a prompt suite with the original model and each artifact, score, report.
+
+python scripts/audit.py --out audits/micro                                     # the micro model alone
+python scripts/audit.py --erasure erased/van-gogh-uce --out audits/vg          # before/after one erasure
+python scripts/audit.py --model CompVis/stable-diffusion-v1-4 --suite art_styles --erasure erased/vg --out a/vg
+accelerate launch --num_processes 2 scripts/audit.py --erasure erased/vg --out audits/vg
+accelerate launch --multi_gpu --num_processes 2 scripts/audit.py --device cpu ...   # two CPU processes
+
+Writes OUT/metrics.json, OUT/report.html, OUT/grids/<category>.png and the images; rerunning the same command
+resumes an interrupted audit. Suites: "world" (the micro world, built for the erased concepts), a shipped suite
+(art_styles, objects, general) or --prompts FILE (CSV/JSONL: prompt,seed,concept,category,role).
+
+With accelerate 1.x, ``accelerate launch --cpu`` starts one process unless mpirun is set up; on a CPU-only machine
+``--multi_gpu`` (torchrun) with ``--device cpu`` starts real CPU processes, joined by gloo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+# scripts/erase.py would shadow the erase package: drop this folder from the import path.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+
+EXIT_BAD_INPUT = 2
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--model", default="micro", help="'micro' (default), 'tiny', a local diffusers folder or hub id"
+    )
+    parser.add_argument("--erasure", action="append", default=[], help="erasure artifact folder (repeatable)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--suite", help="'world', a shipped suite (art_styles, objects, general) or a file")
+    source.add_argument("--prompts", help="prompt suite file (.csv or .jsonl)")
+    parser.add_argument("--images-per-prompt", type=int, default=4, help="seeds per suite row (default: 4)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per generation batch (default: 8)")
+    parser.add_argument("--steps", type=int, help="sampling steps (default: 20)")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: 5.0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the world suite's prompts (default: 0)")
+    parser.add_argument(
+        "--scorer", help="CLIP scorer: 'micro' (default for micro), a CLIP folder or open_clip:NAME/PRETRAINED"
+    )
+    parser.add_argument("--no-judge", action="store_true", help="skip the micro world's judge")
+    parser.add_argument("--out", required=True, help="output folder (an existing audit there is resumed)")
+    parser.add_argument("--device", help="torch device (default: accelerate's device for this process)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--verbose", action="store_true", help="log progress details")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if args.model in ("micro", "tiny", "tiny-sdxl") or os.path.isdir(args.model):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from accelerate import PartialState
+
+    from erase import ArtifactError, load_artifact
+    from evals.audit import AuditError, run_audit, summary_table
+    from evals.suites import SuiteError, resolve_suite
+    from pipelines import ModelNotFoundError, load_pipeline
+
+    # accelerate only forms a multi-process CPU group when asked for the CPU explicitly (and its --cpu launcher starts
+    # a single process without mpirun), so on a machine without an accelerator the state is built with cpu=True.
+    use_cpu = (
+        (args.device is not None and torch.device(args.device).type == "cpu")
+        or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+        or not torch.cuda.is_available()
+    )
+    state = PartialState(cpu=use_cpu)
+    main_process = state.is_main_process
+    try:
+        for name in ("images_per_prompt", "batch_size", "steps"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        # Artifacts are read before the model loads, so a bad folder costs nothing.
+        targets = [c for folder in args.erasure for c in load_artifact(folder).concepts]
+        device = args.device or state.device
+        wrapper = load_pipeline(args.model, device=device)
+        micro = wrapper.model_id == "micro"
+        if args.prompts:
+            suite = resolve_suite(args.prompts)
+        else:
+            suite_name = args.suite or ("world" if micro or args.model.startswith("tiny") else "general")
+            suite = resolve_suite(suite_name, targets if suite_name == "world" else (), seed=args.seed)
+        if micro:
+            from pipelines.micro import DEFAULT_GUIDANCE, DEFAULT_STEPS
+        else:
+            DEFAULT_STEPS, DEFAULT_GUIDANCE = 20, 5.0  # noqa: N806 - the micro model's names for the same defaults
+        steps = args.steps or DEFAULT_STEPS
+        guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
+        scorer_name = args.scorer or ("micro" if micro else "open_clip:ViT-L-14/openai")
+        scorer = judge = None
+        if main_process:
+            # Only the main process scores; the others just generate.
+            from evals.scorer import ClipScorer
+
+            try:
+                scorer = ClipScorer.from_pretrained(scorer_name, device=device, progress=not args.quiet)
+            except (OSError, RuntimeError) as err:
+                raise ValueError(f"cannot load the CLIP scorer {scorer_name!r}: {err}") from err
+            if micro and not args.no_judge:
+                from evals.judge import load_judge
+
+                judge = load_judge().to(device)
+        result = run_audit(
+            wrapper,
+            suite,
+            args.erasure,
+            args.out,
+            scorer,
+            judge,
+            images_per_prompt=args.images_per_prompt,
+            batch_size=args.batch_size,
+            steps=steps,
+            guidance=guidance,
+            process_index=state.process_index,
+            num_processes=state.num_processes,
+            progress=not args.quiet and main_process,
+            barrier=state.wait_for_everyone,
+            scorer_name=scorer_name,
+        )
+    except (ValueError, TypeError, ModelNotFoundError, ArtifactError, SuiteError, AuditError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if main_process:
+        print(summary_table(result))
+        print(f"\nmetrics: {os.path.join(args.out, 'metrics.json')}")
+        print(f"report:  {os.path.join(args.out, 'report.html')}")
+        print(f"grids:   {os.path.join(args.out, 'grids')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
