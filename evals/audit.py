@@ -68,7 +68,7 @@ import json
 import logging
 import os
 import re
-import tempfile
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +95,7 @@ __all__ = [
     "AuditModel",
     "generate_audit_images",
     "image_name",
+    "per_concept_table",
     "prepare_models",
     "run_audit",
     "summary_table",
@@ -135,15 +136,17 @@ def image_name(prompt: str, seed: int) -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    # A reader (or a rerun after a kill) sees either no file or the whole file, never a truncated one.
+    # A reader (or a rerun after a kill) sees either no file or the whole file, never a truncated one. The temporary
+    # name is unique per process and call, so processes writing the same file concurrently never share one; "xb"
+    # (not mkstemp) so the file gets the usual umask permissions.
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -765,6 +768,26 @@ def summary_table(result: dict[str, Any]) -> str:
         lines.append((f"mean accuracy: {cat}", [_num(m["per_category"][cat]["clip"], ".0%") for m in models]))
     headers = ["metric", *[m["label"] for m in models]]
     table = [headers, *[[name, *cells] for name, cells in lines]]
+    widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
+    out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def per_concept_table(result: dict[str, Any]) -> str:
+    """A plain-text table of CLIP (and judge) accuracy per (concept, role), one column per model."""
+    models = result["models"]
+    judged = any(m["judge"] for m in models)
+    headers = ["category", "concept", "role", *[m["label"] for m in models]]
+    if judged:
+        headers += [f"{m['label']} (judge)" for m in models]
+    table = [headers]
+    for i, entry in enumerate(models[0]["per_concept"]):
+        cells = [entry["category"], entry["concept"], entry["role"]]
+        cells += [_pct(m["per_concept"][i]["clip"]) for m in models]
+        if judged:
+            cells += [_pct(m["per_concept"][i]["judge"]) for m in models]
+        table.append(cells)
     widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
     out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
     out.insert(1, "  ".join("-" * w for w in widths))

@@ -37,10 +37,12 @@ from . import world
 
 __all__ = [
     "COLUMNS",
+    "CONCEPT_TEMPLATES",
     "ROLES",
     "Suite",
     "SuiteError",
     "SuiteRow",
+    "concept_suite",
     "load_suite",
     "resolve_suite",
     "shipped_suites",
@@ -296,6 +298,35 @@ def world_suite(
     labels = {c: tuple(world.concepts(c)) for c in world.CATEGORIES}
     what = f"targets={canon}, seed={seed}, prompts_per_concept={prompts_per_concept}"
     return Suite("world", tuple(rows), labels, f"evals.suites.world_suite({what})").expand(images_per_prompt)
+
+
+#: Templates of :func:`concept_suite`, for concepts of unknown kind (styles, objects, characters).
+CONCEPT_TEMPLATES: tuple[str, ...] = ("a painting in the style of {}", "a picture of {}", "{}")
+
+
+def concept_suite(targets: Sequence[str], preserve: Sequence[str], images_per_prompt: int = 1, seed: int = 0) -> Suite:
+    """A suite for concepts outside the micro world (hub models), built from an erasure's own concept lists.
+
+    Each target gets the three :data:`CONCEPT_TEMPLATES` prompts (role ``target``), each preserved concept the
+    first two (``unrelated``); all are judged among one label set ``"concept"`` = targets + preserved concepts, as
+    ``scripts/erase.py``'s self-check does. There are no synonym or neighbour rows: write a suite file for those.
+    """
+    targets = list(dict.fromkeys(t.strip() for t in targets if t.strip()))
+    kept = [p for p in dict.fromkeys(p.strip() for p in preserve if p.strip()) if p not in targets]
+    if not targets:
+        raise SuiteError("concept_suite needs at least one target concept")
+    rows = [
+        SuiteRow(t.format(c), _prompt_seed(t.format(c), seed), c, "concept", role)
+        for concepts, role, templates in (
+            (targets, "target", CONCEPT_TEMPLATES),
+            (kept, "unrelated", CONCEPT_TEMPLATES[:2]),
+        )
+        for c in concepts
+        for t in templates
+    ]
+    what = f"targets={targets}, preserve={kept}, seed={seed}"
+    labels = {"concept": (*targets, *kept)}
+    return Suite("concepts", tuple(rows), labels, f"evals.suites.concept_suite({what})").expand(images_per_prompt)
 
 
 def resolve_suite(spec: str | Path, targets: Sequence[str] = (), seed: int = 0) -> Suite:

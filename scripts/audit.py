@@ -35,7 +35,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--erasure", action="append", default=[], help="erasure artifact folder (repeatable)")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--suite", help="'world', a shipped suite (art_styles, objects, general) or a file")
+    source.add_argument(
+        "--suite",
+        help="'world' (default for micro), a shipped suite (art_styles, objects, general) or a file; default for"
+        " other models: the erasures' targets and preserve sets, or 'general' without --erasure",
+    )
     source.add_argument("--prompts", help="prompt suite file (.csv or .jsonl)")
     parser.add_argument("--images-per-prompt", type=int, default=4, help="seeds per suite row (default: 4)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per generation batch (default: 8)")
@@ -62,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
 
     from erase import ArtifactError, load_artifact
-    from evals.audit import AuditError, run_audit, summary_table
-    from evals.suites import SuiteError, resolve_suite
+    from evals.audit import AuditError, per_concept_table, run_audit, summary_table
+    from evals.suites import SuiteError, concept_suite, resolve_suite
     from pipelines import ModelNotFoundError, load_pipeline
 
     # accelerate only forms a multi-process CPU group when asked for the CPU explicitly (and its --cpu launcher starts
@@ -81,15 +85,20 @@ def main(argv: list[str] | None = None) -> int:
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         # Artifacts are read before the model loads, so a bad folder costs nothing.
-        targets = [c for folder in args.erasure for c in load_artifact(folder).concepts]
+        artifacts = [load_artifact(folder) for folder in args.erasure]
+        targets = [c for a in artifacts for c in a.concepts]
         device = args.device or state.device
         wrapper = load_pipeline(args.model, device=device)
         micro = wrapper.model_id == "micro"
         if args.prompts:
             suite = resolve_suite(args.prompts)
-        else:
-            suite_name = args.suite or ("world" if micro or args.model.startswith("tiny") else "general")
+        elif args.suite or micro or not artifacts:
+            suite_name = args.suite or ("world" if micro else "general")
             suite = resolve_suite(suite_name, targets if suite_name == "world" else (), seed=args.seed)
+        else:
+            # A hub model with erasures and no suite: the erasures' own targets and preserve sets.
+            preserve = [p for a in artifacts for p in a.preserve]
+            suite = concept_suite(targets, preserve, seed=args.seed)
         if micro:
             from pipelines.micro import DEFAULT_GUIDANCE, DEFAULT_STEPS
         else:
@@ -133,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     if main_process:
         print(summary_table(result))
+        print()
+        print(per_concept_table(result))
         print(f"\nmetrics: {os.path.join(args.out, 'metrics.json')}")
         print(f"report:  {os.path.join(args.out, 'report.html')}")
         print(f"grids:   {os.path.join(args.out, 'grids')}")

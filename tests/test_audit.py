@@ -23,7 +23,17 @@ from evals import metrics as M
 from evals.audit import METRICS_SCHEMA, ORIGINAL, AuditError, image_name, run_audit, summary_table
 from evals.judge import Judge, JudgeConfig
 from evals.scorer import ClipScorer
-from evals.suites import ROLES, Suite, SuiteError, SuiteRow, load_suite, resolve_suite, shipped_suites, world_suite
+from evals.suites import (
+    ROLES,
+    Suite,
+    SuiteError,
+    SuiteRow,
+    concept_suite,
+    load_suite,
+    resolve_suite,
+    shipped_suites,
+    world_suite,
+)
 from pipelines import load_pipeline
 from pipelines.tokenizer import offline_clip_tokenizer
 
@@ -148,6 +158,13 @@ def test_world_suite_has_all_roles_and_expands():
     assert all(other[r.prompt] == r.seed for r in suite.rows if r.prompt in other)
     with pytest.raises(SuiteError, match="not a micro-world concept"):
         world_suite(["eiffel tower"])
+
+
+def test_concept_suite_for_hub_models():
+    suite = concept_suite(["van gogh"], ["claude monet", "van gogh", "a dog"])
+    assert suite.roles() == ["target", "unrelated"]
+    assert suite.labels == {"concept": ("van gogh", "claude monet", "a dog")}
+    assert len(suite.rows) == 3 + 2 * 2 and len(concept_suite(["x"], [], 2).rows) == 6
 
 
 def test_shipped_suites_resolve():
