@@ -139,8 +139,10 @@ def cmmd(
                   - 2 sum_{i, j} k(x_i, y_j) / (m n)
 
     i.e. the unbiased U-statistic (diagonal terms dropped), so it is 0 in expectation for equal distributions and
-    can be slightly negative. ``sigma = 10`` and ``scale = 1000`` follow the paper. Computed in float64; None when
-    either set has fewer than two images.
+    can be slightly negative. ``sigma = 10`` and ``scale = 1000`` follow the paper. The paper's reference code
+    averages ``k(x_i, x_j)`` over all pairs, i == j included (the biased V-statistic, which adds
+    ``(1 - mean off-diagonal k) / m``-sized terms); with the small image sets of an audit that bias would dominate, so
+    the diagonal is dropped here. Computed in float64; None when either set has fewer than two images.
     """
     x, y = embeddings_x.double(), embeddings_y.double()
     m, n = x.shape[0], y.shape[0]
