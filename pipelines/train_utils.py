@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,11 +39,13 @@ __all__ = [
     "cosine_lr",
     "flatten_optimizer_state",
     "load_checkpoint",
+    "SpeedMeter",
     "load_pool",
     "pool_seeds",
     "save_checkpoint",
     "step_generator",
     "step_rng",
+    "to_device",
     "unflatten_optimizer_state",
 ]
 
@@ -262,6 +265,38 @@ class Ema:
         sd = module.state_dict()
         sd.update({k: v.to(sd[k].dtype) for k, v in self.shadow.items()})
         module.load_state_dict(sd)
+
+
+class SpeedMeter:
+    """Wall-clock throughput of a training loop, overall and after a 10-step warm-up (CUDA init, cuDNN autotuning
+    and allocator growth make the first steps unrepresentative)."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self.t0 = time.monotonic()
+        self.t_warm: float | None = None
+        self.done = start
+
+    def tick(self, done: int) -> None:
+        self.done = done
+        if done == self.start + 10:
+            self.t_warm = time.monotonic()
+
+    def log(self, stage: str) -> None:
+        now = time.monotonic()
+        n = max(1, self.done - self.start)
+        msg = f"{stage}: {n} steps in {now - self.t0:.1f} s ({(now - self.t0) / n:.4f} s/step"
+        if self.t_warm is not None and self.done > self.start + 10:
+            msg += f", {(now - self.t_warm) / (self.done - self.start - 10):.4f} s/step after warm-up"
+        logger.info(msg + ")")
+
+
+def to_device(tensor: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """Host -> device copy that does not stall the CUDA queue (pinned staging + non_blocking); plain ``to`` on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def autocast_context(device: str | torch.device) -> torch.autocast:

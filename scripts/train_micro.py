@@ -54,7 +54,7 @@ def _override(p: Preset, args: argparse.Namespace) -> Preset:
             steps = min(c.steps, args.max_steps)
             changes.update(steps=steps, warmup=min(c.warmup, max(1, steps // 10)))
             if stage == "clip":
-                changes["eval_every"] = max(1, steps)
+                changes["eval_every"] = max(1, min(c.eval_every, steps))
         if args.pool_size is not None:
             changes["pool_size"] = max(args.pool_size, c.batch_size)
             if stage == "clip":
@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes every step: autotuned conv kernels pay off at once
     p = _override(preset(args.preset, render_workers=args.workers), args)
     progress = not args.no_progress
     print(f"preset {args.preset} on {args.device}: stages {stages}, work dir {args.work}", flush=True)
