@@ -50,6 +50,9 @@ log = logging.getLogger("train_micro")
 def _override(p: Preset, args: argparse.Namespace) -> Preset:
     def cfg(c, stage: str):
         changes: dict = {"checkpoint_every_s": args.checkpoint_every_s}
+        stage_steps = getattr(args, f"{stage}_steps")
+        if stage_steps is not None:
+            c = dataclasses.replace(c, steps=stage_steps, warmup=min(c.warmup, stage_steps))
         if args.max_steps is not None:
             steps = min(c.steps, args.max_steps)
             changes.update(steps=steps, warmup=min(c.warmup, max(1, steps // 10)))
@@ -149,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes for rendering the pool")
     ap.add_argument("--max-steps", type=int, default=None, help="cap every stage's steps (smoke tests)")
+    for stage in ("clip", "vae", "unet"):
+        ap.add_argument(f"--{stage}-steps", type=int, default=None, help=f"override the preset's {stage} steps")
     ap.add_argument("--pool-size", type=int, default=None, help="override the pool size (smoke tests)")
     ap.add_argument("--batch-size", type=int, default=None, help="override every stage's batch size")
     ap.add_argument("--eval-images", type=int, default=None, help="images per concept in the eval stage")
