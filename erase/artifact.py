@@ -35,6 +35,7 @@ __all__ = [
     "ArtifactMismatchError",
     "ErasureArtifact",
     "apply_artifact",
+    "check_artifact_base",
     "load_artifact",
     "low_rank_factors",
     "save_artifact",
@@ -229,20 +230,25 @@ def load_artifact(folder: str | Path) -> ErasureArtifact:
     )
 
 
-def apply_artifact(wrapper: PipelineWrapper, artifact: ErasureArtifact | str | Path) -> ErasureArtifact:
-    """Edit ``wrapper`` in place with the artifact, after checking it was made for these base weights."""
-    if not isinstance(artifact, ErasureArtifact):
-        artifact = load_artifact(artifact)
+def check_artifact_base(wrapper: PipelineWrapper, artifact: ErasureArtifact, where: str = "artifact") -> None:
+    """Raise ``ArtifactMismatchError`` unless the artifact was made for the pipeline's current base weights."""
     try:
         found = wrapper.fingerprint(artifact.layers)
     except KeyError as err:
         raise ArtifactMismatchError(
-            f"artifact edits modules this pipeline lacks ({err}); it was made for {artifact.base_model}"
+            f"{where} edits modules this pipeline lacks ({err}); it was made for {artifact.base_model!r}"
         ) from err
     if found != artifact.base_fingerprint:
         raise ArtifactMismatchError(
-            f"artifact was made for base model {artifact.base_model!r} (weights {artifact.base_fingerprint[:12]}), "
+            f"{where} was made for base model {artifact.base_model!r} (weights {artifact.base_fingerprint[:12]}), "
             f"but {wrapper.model_id!r} has different weights ({found[:12]})"
         )
+
+
+def apply_artifact(wrapper: PipelineWrapper, artifact: ErasureArtifact | str | Path) -> ErasureArtifact:
+    """Edit ``wrapper`` in place with the artifact, after checking it was made for these base weights."""
+    if not isinstance(artifact, ErasureArtifact):
+        artifact = load_artifact(artifact)
+    check_artifact_base(wrapper, artifact)
     wrapper.apply_weight_deltas(artifact.deltas)
     return artifact

@@ -79,7 +79,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from erase.artifact import METADATA_FILE, ArtifactMismatchError, ErasureArtifact, load_artifact
+from erase.artifact import METADATA_FILE, ErasureArtifact, check_artifact_base, load_artifact
 from pipelines import PipelineWrapper
 
 from . import metrics as M
@@ -178,18 +178,7 @@ def prepare_models(wrapper: PipelineWrapper, artifacts: Sequence[str | Path]) ->
     for folder in artifacts:
         folder = Path(folder)
         artifact = load_artifact(folder)
-        try:
-            found = wrapper.fingerprint(artifact.layers)
-        except KeyError as err:
-            raise ArtifactMismatchError(
-                f"{folder}: the artifact edits modules this pipeline lacks ({err}); it was made for "
-                f"{artifact.base_model!r}"
-            ) from err
-        if found != artifact.base_fingerprint:
-            raise ArtifactMismatchError(
-                f"{folder} was made for base model {artifact.base_model!r} (weights {artifact.base_fingerprint[:12]}),"
-                f" but {wrapper.model_id!r} has different weights ({found[:12]})"
-            )
+        check_artifact_base(wrapper, artifact, where=str(folder))
         raw = (folder / METADATA_FILE).read_bytes()
         key = f"{_slug(folder.resolve().name)}-{hashlib.sha1(raw).hexdigest()[:8]}"
         if any(m.key == key for m in models):
