@@ -67,6 +67,8 @@ def _override(p: Preset, args: argparse.Namespace) -> Preset:
             changes.setdefault("pool_size", max(c.pool_size, args.batch_size))
         if args.time_limit_min is not None:
             changes["time_limit_s"] = 60.0 * args.time_limit_min
+        if stage == "clip" and args.clip_freeze_text_after is not None:
+            changes["freeze_text_after"] = args.clip_freeze_text_after
         return dataclasses.replace(c, **changes)
 
     eval_images = args.eval_images if args.eval_images is not None else p.eval_images
@@ -154,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-steps", type=int, default=None, help="cap every stage's steps (smoke tests)")
     for stage in ("clip", "vae", "unet"):
         ap.add_argument(f"--{stage}-steps", type=int, default=None, help=f"override the preset's {stage} steps")
+    ap.add_argument(
+        "--clip-freeze-text-after",
+        type=int,
+        default=None,
+        help="train only the CLIP's vision side from this step on (continue the scorer after the UNet is trained)",
+    )
     ap.add_argument("--pool-size", type=int, default=None, help="override the pool size (smoke tests)")
     ap.add_argument("--batch-size", type=int, default=None, help="override every stage's batch size")
     ap.add_argument("--eval-images", type=int, default=None, help="images per concept in the eval stage")

@@ -190,3 +190,19 @@ def test_checkpoints_contain_no_pickles(work):
             assert head != b"PK", f  # torch.save's zip
         if f.suffix == ".npy":
             np.load(f, allow_pickle=False)
+
+
+def test_clip_can_continue_with_the_text_tower_frozen(work, tmp_path):
+    """Continuing the scorer after the UNet is trained must not change the SD text encoder it was trained on."""
+    import dataclasses
+    import shutil
+
+    cont = tmp_path / "cont"
+    shutil.copytree(work, cont)
+    before = train_micro_clip(TINY_CLIP, device="cpu", seed=0, work_dir=cont)  # resumes at its last step
+    longer = dataclasses.replace(TINY_CLIP, steps=TINY_CLIP.steps + 3, freeze_text_after=TINY_CLIP.steps)
+    after = train_micro_clip(longer, device="cpu", seed=0, work_dir=cont)
+    text_before, text_after = before.text_model.state_dict(), after.text_model.state_dict()
+    assert all(torch.equal(v, text_after[k]) for k, v in text_before.items())
+    vision_before, vision_after = before.vision_model.state_dict(), after.vision_model.state_dict()
+    assert any(not torch.equal(v, vision_after[k]) for k, v in vision_before.items())

@@ -1,0 +1,82 @@
+"""The shipped micro world: plain diffusers loads it, its CLIP scores it, and the README command erases from it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from evals import world
+from pipelines import load_pipeline, micro_model_path
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(
+    not (micro_model_path() / "model_index.json").is_file(), reason="micro model not built (scripts/train_micro.py)"
+)
+
+
+def test_plain_diffusers_loads_and_generates():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(micro_model_path()))
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red star in the style of van gogh", num_inference_steps=4, output_type="np").images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all() and image.std() > 0.02
+
+
+def test_world_json_is_the_world():
+    assert world.load_world_json(micro_model_path() / "world.json") == world.world_spec()
+
+
+def test_micro_clip_classifies_rendered_images():
+    from evals.probes import world_labels
+    from evals.scorer import TEMPLATES, ClipScorer
+
+    scorer = ClipScorer.from_pretrained("micro", progress=False)
+    images, scenes = world.render_dataset(range(10_000_000, 10_000_000 + 160))
+    for category, labels in world_labels().items():
+        truth = [getattr(s, category) for s in scenes]
+        predicted = scorer.zero_shot(images, labels, TEMPLATES[category]).predictions
+        accuracy = np.mean([p == t for p, t in zip(predicted, truth, strict=True)])
+        assert accuracy >= 0.8, f"{category}: {accuracy:.1%}"
+
+
+def test_readme_erase_command_on_micro(tmp_path):
+    out = tmp_path / "vg"
+    cmd = [sys.executable, str(ROOT / "scripts" / "erase.py"), "--concept", "van gogh", "--out", str(out), "--json"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    check = summary["check"]
+    assert check["target_after"] < check["target_before"]
+    assert (out / "before_after.png").is_file() and (out / "erasure.json").is_file()
+    assert summary["edit_seconds"] < 5
+
+
+def test_saved_lora_reproduces_the_in_memory_edit(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    import erase
+
+    wrapper = load_pipeline("micro")
+    artifact = erase.erase_concepts(wrapper, erase.ConceptSpec(("van gogh",), preserve=("monet", "star")), "uce")
+    erase.save_artifact(artifact, tmp_path / "vg", wrapper)
+    meta = json.loads((tmp_path / "vg" / "erasure.json").read_text())
+    prompts = ["a red star in the style of van gogh", "a blue moon in the style of monet"]
+
+    def run(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        gen = [torch.Generator().manual_seed(s) for s in (0, 1)]
+        return pipe(prompts, num_inference_steps=20, guidance_scale=5.0, generator=gen, output_type="np").images
+
+    with wrapper.weight_deltas(artifact.deltas):
+        edited = run(wrapper.pipe)
+    if meta["weight_format"] == "lora":
+        plain = StableDiffusionPipeline.from_pretrained(str(micro_model_path()))
+        plain.load_lora_weights(str(tmp_path / "vg"))
+    else:
+        plain = StableDiffusionPipeline.from_pretrained(str(tmp_path / "vg" / "pipeline"))
+    assert np.abs(run(plain) - edited).max() <= 1e-3
