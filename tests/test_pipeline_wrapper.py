@@ -21,7 +21,8 @@ def test_loads_and_generates(model):
 def test_same_prompt_and_seed_same_image_whatever_the_batch(model):
     wrapper = load_pipeline(model)
     alone = _pixels(wrapper.generate(["a red star"], [7], steps=3, progress=False))
-    batch = _pixels(wrapper.generate(["a cat", "a red star", "a dog"], [1, 7, 2], steps=3, batch_size=3, progress=False))
+    prompts, seeds = ["a cat", "a red star", "a dog"], [1, 7, 2]
+    batch = _pixels(wrapper.generate(prompts, seeds, steps=3, batch_size=3, progress=False))
     assert np.abs(alone[0] - batch[1]).max() <= 2
     other_seed = _pixels(wrapper.generate(["a red star"], [8], steps=3, progress=False))
     assert np.abs(alone - other_seed).max() > 2
