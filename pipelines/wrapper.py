@@ -118,7 +118,7 @@ def load_pipeline(
         else:
             source, model_id = model, model
         try:
-            pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, safety_checker=None)
+            pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, safety_checker=None)
         except (OSError, ValueError) as err:
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ModelNotFoundError(f"cannot load model {model!r}: {first_line}") from err
