@@ -21,7 +21,7 @@ __all__ = ["UCEConfig", "concept_embeddings", "edit_from_update", "erase_uce", "
 
 logger = logging.getLogger(__name__)
 
-TOKEN_POSITIONS = ("from_last", "last")
+TOKEN_POSITIONS = ("from_last", "from_first", "last")
 
 
 @dataclass
@@ -35,7 +35,8 @@ class UCEConfig:
         layers: fnmatch patterns of the UNet Linear modules to edit (default: all cross-attention keys and values).
         token_positions: which token embeddings of a concept prompt are edited. ``"from_last"``: the concept's last
             token, EOS and the padding after it (a causal text encoder has read the whole concept there; UCE's
-            choice). ``"last"``: only the last token and EOS.
+            choice). ``"from_first"``: from the concept's first token on, so that its earlier sub-words ("van" of
+            "van gogh"), which carry the concept too, are edited as well. ``"last"``: only the last token and EOS.
         templates: prompts the concept is embedded in, ``{}`` standing for it; more contexts generalise further.
     """
 
@@ -64,10 +65,15 @@ class UCEConfig:
 
 
 def _positions(wrapper: PipelineWrapper, prompt: str, phrase: str, mode: str) -> list[int]:
-    """Token positions of ``phrase``'s last token onwards inside ``prompt`` (BOS = 0)."""
+    """Token positions of ``phrase``'s last token onwards inside ``prompt`` (BOS = 0).
+
+    An empty phrase (the empty guide) ends where the prompt's own words end: BOS for a bare template.
+    """
     total = wrapper.pipe.tokenizer.model_max_length
-    last = wrapper.phrase_positions(prompt, phrase)[-1] if phrase else 0
-    return list(range(last, total)) if mode == "from_last" else [last, last + 1]
+    span = wrapper.phrase_positions(prompt, phrase) if phrase else [wrapper.token_count(prompt)]
+    if mode == "from_first":
+        return list(range(span[0], total))
+    return list(range(span[-1], total)) if mode == "from_last" else [span[-1], span[-1] + 1]
 
 
 def concept_embeddings(

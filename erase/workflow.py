@@ -5,6 +5,7 @@ Kept out of the script so tests call exactly what users run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -22,7 +23,16 @@ from pipelines import PipelineWrapper
 from .artifact import ErasureArtifact, save_artifact
 from .registry import ConceptSpec, erase_concepts, get_method
 
-__all__ = ["CheckResult", "EraseSummary", "default_output_folder", "default_preserve", "run_erase", "image_grid"]
+__all__ = [
+    "CheckResult",
+    "EraseSummary",
+    "default_guides",
+    "default_output_folder",
+    "default_preserve",
+    "default_templates",
+    "image_grid",
+    "run_erase",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +47,36 @@ def default_output_folder(concepts: Sequence[str], method: str) -> Path:
     """``erased/<concept>[+<concept>...]-<method>``, with the concepts made filename-safe."""
     slug = "+".join(re.sub(r"[^a-z0-9]+", "-", c.lower()).strip("-") or "concept" for c in concepts)
     return Path("erased") / f"{slug[:80]}-{method}"
+
+
+#: Contexts a style is embedded in for the edit (UCE/TIME ``templates``); more contexts generalise further.
+STYLE_TEMPLATES: tuple[str, ...] = (
+    "{}",
+    "a painting in the style of {}",
+    "a picture in the style of {}",
+    "a {} painting",
+)
+#: What an erased art style becomes: a generic word, as UCE's authors guide artists to "art".
+STYLE_GUIDE = "art"
+
+
+def _micro_styles(wrapper: PipelineWrapper, targets: Sequence[str]) -> bool:
+    if wrapper.model_id != "micro" or not targets:
+        return False
+    from evals import world
+
+    return all(_in_world(t) and world.category_of(t) == "style" for t in targets)
+
+
+def default_guides(wrapper: PipelineWrapper, targets: Sequence[str]) -> list[str]:
+    """ "art" for micro-world styles (mapping a style to the empty prompt leaves the unconditional mix of
+    styles, which still shows it a third of the time), else the empty prompt."""
+    return [STYLE_GUIDE] if _micro_styles(wrapper, targets) else [""]
+
+
+def default_templates(wrapper: PipelineWrapper, targets: Sequence[str]) -> tuple[str, ...]:
+    """Style contexts for micro-world styles (measured: van gogh falls to 8% instead of 21%), else the bare concept."""
+    return STYLE_TEMPLATES if _micro_styles(wrapper, targets) else ("{}",)
 
 
 def default_preserve(wrapper: PipelineWrapper, targets: Sequence[str]) -> list[str]:
@@ -186,13 +226,18 @@ def run_erase(
     spec = get_method(method)
     targets = [c.strip() for c in concepts] if concepts else []
     preserve_list = list(preserve) if preserve else default_preserve(wrapper, targets)
-    concept_spec = ConceptSpec(tuple(targets), tuple(guides) if guides else ("",), tuple(preserve_list))
+    guides = list(guides) if guides else default_guides(wrapper, targets)
+    preserve_list = [p for p in preserve_list if p not in guides]
+    concept_spec = ConceptSpec(tuple(targets), tuple(guides), tuple(preserve_list))
     concept_spec.check_against(wrapper)
     folder = Path(out) if out else default_output_folder(targets, method)
     from .artifact import _check_destination
 
     _check_destination(folder, overwrite)
-    config = spec.config_class(**(config_overrides or {}))
+    overrides = dict(config_overrides or {})
+    if "templates" in {f.name for f in dataclasses.fields(spec.config_class)}:
+        overrides.setdefault("templates", default_templates(wrapper, targets))
+    config = spec.config_class(**overrides)
     artifact = erase_concepts(wrapper, concept_spec, method, config)
     save_artifact(artifact, folder, wrapper, overwrite=overwrite)
     meta = json.loads((folder / "erasure.json").read_text())

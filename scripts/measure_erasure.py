@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import erase  # noqa: E402
-from erase.workflow import default_preserve  # noqa: E402
+from erase.workflow import default_guides, default_preserve, default_templates  # noqa: E402
 from evals import world  # noqa: E402
 from evals.probes import Probe, probe_correct, world_labels, world_probes  # noqa: E402
 from evals.scorer import ClipScorer  # noqa: E402
@@ -59,8 +59,12 @@ def main() -> None:
     args = parser.parse_args()
 
     wrapper = load_pipeline("micro", device=args.device)
-    spec = erase.ConceptSpec(tuple(args.concept), preserve=tuple(default_preserve(wrapper, args.concept)))
-    artifact = erase.erase_concepts(wrapper, spec, args.method)
+    # The same defaults scripts/erase.py uses.
+    guides = default_guides(wrapper, args.concept)
+    preserve = [p for p in default_preserve(wrapper, args.concept) if p not in guides]
+    spec = erase.ConceptSpec(tuple(args.concept), tuple(guides), tuple(preserve))
+    config = erase.get_method(args.method).config_class(templates=default_templates(wrapper, args.concept))
+    artifact = erase.erase_concepts(wrapper, spec, args.method, config)
     print(f"{args.method} edit of {args.concept}: {artifact.seconds:.3f} s, {len(artifact.deltas)} layers")
     groups = probe_groups(args.concept, args.images, args.seed)
     probes = [p for g in groups.values() for p in g]
