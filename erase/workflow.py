@@ -30,6 +30,7 @@ __all__ = [
     "default_output_folder",
     "default_preserve",
     "default_templates",
+    "erasure_settings",
     "image_grid",
     "run_erase",
 ]
@@ -205,6 +206,27 @@ def self_check(
     return check, grid
 
 
+def erasure_settings(
+    wrapper: PipelineWrapper,
+    targets: Sequence[str],
+    method: str = "uce",
+    guides: Sequence[str] | None = None,
+    preserve: Sequence[str] | None = None,
+    config_overrides: dict[str, Any] | None = None,
+) -> tuple[ConceptSpec, Any]:
+    """The concept spec and method config ``scripts/erase.py`` uses, with its defaults filled in and validated."""
+    spec = get_method(method)
+    preserve_list = list(preserve) if preserve else default_preserve(wrapper, targets)
+    guides = list(guides) if guides else default_guides(wrapper, targets)
+    preserve_list = [p for p in preserve_list if p not in guides]
+    concept_spec = ConceptSpec(tuple(targets), tuple(guides), tuple(preserve_list))
+    concept_spec.check_against(wrapper)
+    overrides = dict(config_overrides or {})
+    if "templates" in {f.name for f in dataclasses.fields(spec.config_class)}:
+        overrides.setdefault("templates", default_templates(wrapper, targets))
+    return concept_spec, spec.config_class(**overrides)
+
+
 def run_erase(
     wrapper: PipelineWrapper,
     concepts: Sequence[str],
@@ -223,21 +245,13 @@ def run_erase(
 
     Every input is validated before any work or write, so bad input costs nothing and leaves nothing behind.
     """
-    spec = get_method(method)
     targets = [c.strip() for c in concepts] if concepts else []
-    preserve_list = list(preserve) if preserve else default_preserve(wrapper, targets)
-    guides = list(guides) if guides else default_guides(wrapper, targets)
-    preserve_list = [p for p in preserve_list if p not in guides]
-    concept_spec = ConceptSpec(tuple(targets), tuple(guides), tuple(preserve_list))
-    concept_spec.check_against(wrapper)
+    concept_spec, config = erasure_settings(wrapper, targets, method, guides, preserve, config_overrides)
+    preserve_list = list(concept_spec.preserve)
     folder = Path(out) if out else default_output_folder(targets, method)
     from .artifact import _check_destination
 
     _check_destination(folder, overwrite)
-    overrides = dict(config_overrides or {})
-    if "templates" in {f.name for f in dataclasses.fields(spec.config_class)}:
-        overrides.setdefault("templates", default_templates(wrapper, targets))
-    config = spec.config_class(**overrides)
     artifact = erase_concepts(wrapper, concept_spec, method, config)
     save_artifact(artifact, folder, wrapper, overwrite=overwrite)
     meta = json.loads((folder / "erasure.json").read_text())

@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 import erase  # noqa: E402
 from erase.uce import edit_from_update, uce_update  # noqa: E402
+from erase.workflow import erasure_settings  # noqa: E402
 from pipelines import load_pipeline  # noqa: E402
 
 
@@ -90,8 +91,8 @@ def main() -> None:
     except ValueError as err:
         print(f"micro model unavailable ({err}); skipping the micro benchmark")
     else:
-        spec = erase.ConceptSpec(("van gogh",), preserve=tuple(erase.workflow.default_preserve(micro, ["van gogh"])))
-        med, best = timed(lambda: erase.erase_concepts(micro, spec, "uce"), args.repeats)
+        spec, config = erasure_settings(micro, ["van gogh"], "uce")  # the defaults scripts/erase.py uses
+        med, best = timed(lambda: erase.erase_concepts(micro, spec, "uce", config), args.repeats)
         print(f"micro: full UCE edit of 1 concept (encoding included): median {med:.3f} s, best {best:.3f} s")
 
     if args.skip_sd14:

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import erase  # noqa: E402
-from erase.workflow import default_guides, default_preserve, default_templates  # noqa: E402
+from erase.workflow import erasure_settings  # noqa: E402
 from evals import world  # noqa: E402
 from evals.probes import Probe, probe_correct, world_labels, world_probes  # noqa: E402
 from evals.scorer import ClipScorer  # noqa: E402
@@ -59,11 +59,7 @@ def main() -> None:
     args = parser.parse_args()
 
     wrapper = load_pipeline("micro", device=args.device)
-    # The same defaults scripts/erase.py uses.
-    guides = default_guides(wrapper, args.concept)
-    preserve = [p for p in default_preserve(wrapper, args.concept) if p not in guides]
-    spec = erase.ConceptSpec(tuple(args.concept), tuple(guides), tuple(preserve))
-    config = erase.get_method(args.method).config_class(templates=default_templates(wrapper, args.concept))
+    spec, config = erasure_settings(wrapper, args.concept, args.method)  # the defaults scripts/erase.py uses
     artifact = erase.erase_concepts(wrapper, spec, args.method, config)
     print(f"{args.method} edit of {args.concept}: {artifact.seconds:.3f} s, {len(artifact.deltas)} layers")
     groups = probe_groups(args.concept, args.images, args.seed)
