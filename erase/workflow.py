@@ -8,9 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from pipelines import PipelineWrapper
+from pipelines.files import atomic_write_bytes, png_bytes
 
 from .artifact import ErasureArtifact, save_artifact
 from .registry import ConceptSpec, erase_concepts, get_method
@@ -148,17 +147,6 @@ def image_grid(
     return grid
 
 
-def _save_image_atomic(image: Image.Image, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def self_check(
     wrapper: PipelineWrapper,
     artifact: ErasureArtifact,
@@ -265,7 +253,7 @@ def run_erase(
         scorer_name = scorer or ("micro" if wrapper.model_id == "micro" else "open_clip:ViT-L-14/openai")
         result, grid = self_check(wrapper, artifact, scorer_name, check_images)
         grid_path = folder / "before_after.png"
-        _save_image_atomic(grid, grid_path)
+        atomic_write_bytes(grid_path, png_bytes(grid))
     return EraseSummary(
         concepts=targets,
         method=method,

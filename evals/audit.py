@@ -63,12 +63,9 @@ import base64
 import contextlib
 import hashlib
 import html
-import io
 import json
 import logging
-import os
 import re
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +78,7 @@ from tqdm.auto import tqdm
 
 from erase.artifact import METADATA_FILE, ErasureArtifact, check_artifact_base, load_artifact
 from pipelines import PipelineWrapper
+from pipelines.files import atomic_write_bytes, png_bytes
 
 from . import metrics as M
 from .probes import GENERIC_TEMPLATES
@@ -133,27 +131,6 @@ class AuditModel:
 def image_name(prompt: str, seed: int) -> str:
     """``<sha1(prompt)[:10]>-<seed>.png``: a file name fixed by the image's prompt and seed alone."""
     return f"{hashlib.sha1(prompt.encode('utf-8')).hexdigest()[:10]}-{int(seed)}.png"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    # A reader (or a rerun after a kill) sees either no file or the whole file, never a truncated one. The temporary
-    # name is unique per process and call, so processes writing the same file concurrently never share one; "xb"
-    # (not mkstemp) so the file gets the usual umask permissions.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _json_text(obj: Any) -> str:
@@ -219,7 +196,7 @@ def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
             )
         return
     # Several processes may get here at once; they write identical bytes, and os.replace keeps the file whole.
-    _atomic_write(path, _json_text(settings).encode("utf-8"))
+    atomic_write_bytes(path, _json_text(settings).encode("utf-8"))
 
 
 def _unique_images(rows: Sequence[SuiteRow]) -> list[tuple[str, int]]:
@@ -274,7 +251,7 @@ def generate_audit_images(
                     path = folder / image_name(prompt, seed)
                     if path.is_file():
                         continue  # written before an interruption: keep the file as it is
-                    _atomic_write(path, _png_bytes(image))
+                    atomic_write_bytes(path, png_bytes(image))
                     written += 1
                     if on_image is not None:
                         on_image(path)
@@ -337,7 +314,7 @@ def run_audit(
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_settings(out_dir, settings)
     if process_index == 0:
-        _atomic_write(out_dir / "suite.csv", expanded.to_csv().encode("utf-8"))
+        atomic_write_bytes(out_dir / "suite.csv", expanded.to_csv().encode("utf-8"))
 
     generated = generate_audit_images(
         wrapper,
@@ -398,9 +375,9 @@ def run_audit(
     }
     images = {m.key: _load_images(out_dir / "images" / m.key, unique) for m in models}
     result = _compute_metrics(expanded, models, unique, images, scorer, judge, protocol)
-    _atomic_write(out_dir / "metrics.json", _json_text(result).encode("utf-8"))
+    atomic_write_bytes(out_dir / "metrics.json", _json_text(result).encode("utf-8"))
     _write_category_grids(out_dir, expanded, models, unique, images)
-    _atomic_write(out_dir / "report.html", _report_html(result, expanded, models, unique, images).encode("utf-8"))
+    atomic_write_bytes(out_dir / "report.html", _report_html(result, expanded, models, unique, images).encode("utf-8"))
     logger.info("audit written to %s", out_dir)
     return result
 
@@ -821,14 +798,14 @@ def _write_category_grids(
                 grid_rows.append((label, [images[model.key][index[p]] for p in picks]))
         if grid_rows:
             grid = _grid(grid_rows, GRID_SEEDS, f"{category}: rows concept x model, columns seeds")
-            _atomic_write(out_dir / "grids" / f"{_slug(category)}.png", _png_bytes(grid))
+            atomic_write_bytes(out_dir / "grids" / f"{_slug(category)}.png", png_bytes(grid))
 
 
 def _thumb_uri(array: np.ndarray) -> str:
     image = Image.fromarray(array)
     if max(image.size) > REPORT_THUMB:
         image.thumbnail((REPORT_THUMB, REPORT_THUMB), Image.Resampling.LANCZOS)
-    return "data:image/png;base64," + base64.b64encode(_png_bytes(image)).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
 
 
 def _bar_chart(title: str, bars: list[tuple[str, float | None, float | None, float | None]], vmax: float) -> str:

@@ -35,6 +35,7 @@ from evals.micro_clip import (
     tokenize,
     zero_shot_predict,
 )
+from pipelines.files import atomic_write_bytes
 from pipelines.micro import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
@@ -51,7 +52,6 @@ from pipelines.train_utils import (
     ProgressCallback,
     SpeedMeter,
     atomic_save_safetensors,
-    atomic_write_bytes,
     atomic_write_json,
     autocast_context,
     chunks,

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -27,11 +26,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .files import atomic_write_bytes, temporary_sibling
+
 __all__ = [
     "Checkpoint",
     "Ema",
     "ProgressCallback",
-    "atomic_write_bytes",
     "atomic_write_json",
     "atomic_save_safetensors",
     "autocast_context",
@@ -60,27 +60,6 @@ ProgressCallback = Callable[[str, int, int, dict[str, float]], None]
 # ----------------------------------------------------------------------------------------------------
 
 
-def _tmp_path(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old or the new file, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """Atomically write ``obj`` as indented JSON."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
@@ -92,7 +71,7 @@ def atomic_save_safetensors(
     """Atomically save a flat tensor dict as safetensors (contiguous CPU copies, so views and GPU tensors work)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
+    tmp = temporary_sibling(path)
     try:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         os.replace(tmp, path)
