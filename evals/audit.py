@@ -899,6 +899,7 @@ def _report_html(
         "body{font-family:sans-serif;margin:1.5em;max-width:1200px} table{border-collapse:collapse;margin:.5em 0}",
         "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px;text-align:left;vertical-align:top}",
         "img.t{width:96px;height:96px;image-rendering:pixelated;margin:1px} .charts svg{margin:4px 12px 4px 0}",
+        "th.p{max-width:140px;font-weight:normal}",
         "pre{background:#f4f4f4;padding:6px;font-size:12px}</style></head><body>",
         f"<h1>Erasure audit: {html.escape(protocol['model'])}</h1>",
         "<h2>Summary</h2>",
@@ -951,7 +952,7 @@ def _report_html(
         picks = list(dict.fromkeys((r.prompt, r.seed) for r in suite.rows if (r.role, r.concept) == (role, concept)))
         picks = picks[:REPORT_IMAGES]
         parts.append(f"<h3>{html.escape(role)}: {html.escape(concept)}</h3><table>")
-        captions = "".join(f"<th>{html.escape(p[:40])}<br>seed {s}</th>" for p, s in picks)
+        captions = "".join(f"<th class='p'>{html.escape(p)}<br>seed {s}</th>" for p, s in picks)
         parts.append(f"<tr><th>model</th>{captions}</tr>")
         for model in models:
             cells = "".join(
