@@ -660,7 +660,8 @@ def evaluate_micro(
 ) -> dict[str, Any]:
     """Generate ``n_images`` per concept from its one-attribute prompt (``world.prompt``) at the default sampler
     settings and fixed seeds, and report per-category accuracy of the named attribute as judged by the micro CLIP
-    (zero-shot) and by the ground-truth judge when it exists. Saves one image grid PNG per category in ``out_dir``.
+    (zero-shot) and by the ground-truth judge when it exists, and how often the two name the same concept for an
+    image. Saves one image grid PNG per category in ``out_dir``.
     """
     from evals import world
 
@@ -669,13 +670,19 @@ def evaluate_micro(
     pipe.set_progress_bar_config(disable=True)
     clip, clip_tok = load_micro_clip(clip_path, device)
     judge = _load_judge()
-    results: dict[str, Any] = {"clip": {}, "judge": {} if judge is not None else None, "per_concept": {}}
+    results: dict[str, Any] = {
+        "clip": {},
+        "judge": {} if judge is not None else None,
+        "agreement": {} if judge is not None else None,
+        "images": {},
+        "per_concept": {},
+    }
     t_start = time.monotonic()
     n_generated = 0
     for c_idx, cat in enumerate(world.CATEGORIES):
         names = world.concepts(cat)
         grid_rows = []
-        clip_hits, judge_hits = [], []
+        clip_hits, judge_hits, agree = [], [], []
         for n_idx, name in enumerate(tqdm(names, desc=f"eval {cat}", disable=not progress)):
             prompt = world.prompt(**{cat: name})
             imgs = []
@@ -701,11 +708,15 @@ def evaluate_micro(
                 judge_pred = judge.predict(images)[cat]
                 hits["judge"] = float(np.mean([p == name for p in judge_pred]))
                 judge_hits.append(hits["judge"])
+                agree.extend(a == b for a, b in zip(clip_pred, judge_pred, strict=True))
             results["per_concept"][f"{cat}:{name}"] = hits
             grid_rows.append(np.concatenate(list(images[: min(8, len(images))]), axis=1))
         results["clip"][cat] = float(np.mean(clip_hits))
+        results["images"][cat] = n_images * len(names)
         if judge is not None:
             results["judge"][cat] = float(np.mean(judge_hits))
+            # per image: does CLIP name the same concept of this category as the judge (right or wrong)?
+            results["agreement"][cat] = float(np.mean(agree))
         if out_dir is not None:
             width = max(r.shape[1] for r in grid_rows)
             rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in grid_rows]

@@ -93,6 +93,7 @@ def main() -> None:
     print(f"model {wrapper.model_id}, {n} images, batch {b}, {args.steps} steps, device {args.device}")
     print(f"  audit generation (PNG writes included): {n / audit_s:8.2f} images/s  ({audit_s:.2f} s)")
     print(f"  bare diffusers loop:                    {n / bare_s:8.2f} images/s  ({bare_s:.2f} s)")
+    print(f"  8 images (bare loop):                   {8 * bare_s / n:8.2f} s")
     print(f"  ratio audit / bare:                     {bare_s / audit_s:8.3f}")
 
 

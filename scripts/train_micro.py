@@ -221,8 +221,10 @@ def main(argv: list[str] | None = None) -> int:
             print("accuracy of the named attribute (micro CLIP zero-shot):", _fmt(res["clip"]))
             if res["judge"] is not None:
                 print("accuracy of the named attribute (judge):            ", _fmt(res["judge"]))
+                print("CLIP and judge name the same concept:              ", _fmt(res["agreement"]))
             else:
                 print("judge: not available (evals/judge missing or untrained)")
+            print(f"images per category: {res['images']}")
             print(f"{res['seconds_per_image']:.3f} s/image; grids and eval.json in {args.work}", flush=True)
         print(f"== stage {stage} done in {(time.perf_counter() - t) / 60:.1f} min", flush=True)
     print(f"all done in {(time.perf_counter() - t_all) / 60:.1f} min", flush=True)

@@ -27,6 +27,7 @@ from pipelines.micro import DEFAULT_GUIDANCE, DEFAULT_STEPS, UNetArch, VAEArch
 from pipelines.micro_training import (
     UNetTrainConfig,
     VAETrainConfig,
+    evaluate_micro,
     export_micro,
     final_path,
     save_final_clip,
@@ -144,6 +145,14 @@ def test_stages_export_a_loadable_pipeline(work, tmp_path):
     images, scenes = world.render_dataset(range(8))
     acc = zero_shot_accuracy(model, tokenizer, images, scenes, "cpu")
     assert set(acc) == set(world.CATEGORIES)
+
+    # the eval stage: per-category accuracies, CLIP-judge agreement, image counts and grids
+    res = evaluate_micro(sd, clip_dir, device="cpu", seed=0, n_images=2, batch=2, out_dir=tmp_path / "eval")
+    for key in ("clip", "judge", "agreement"):
+        assert set(res[key]) == set(world.CATEGORIES) and all(0.0 <= v <= 1.0 for v in res[key].values())
+    assert res["images"] == {cat: 2 * len(world.concepts(cat)) for cat in world.CATEGORIES}
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["agreement"] == res["agreement"]
+    assert all((tmp_path / "eval" / f"eval_{cat}.png").is_file() for cat in world.CATEGORIES)
 
 
 def test_resume_continues_from_saved_step(work, tmp_path):
