@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+from tiny_clip import save_clip_folder, tiny_clip_config
+from transformers import CLIPModel
 
 import erase
 from erase import ArtifactMismatchError, ConceptSpec, erase_concepts
@@ -35,7 +36,6 @@ from evals.suites import (
     world_suite,
 )
 from pipelines import load_pipeline
-from pipelines.tokenizer import offline_clip_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "audit.py"
@@ -48,25 +48,9 @@ STEPS = 2
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    text = dict(
-        vocab_size=49408,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32)
     torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config={**vision, "patch_size": 8}, projection_dim=16))
-    path = tmp_path_factory.mktemp("clip")
-    model.eval().save_pretrained(path)
-    offline_clip_tokenizer().save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
+    model = CLIPModel(tiny_clip_config(image_size=32, patch_size=8)).eval()
+    return save_clip_folder(model, tmp_path_factory.mktemp("clip"))
 
 
 @pytest.fixture(scope="module")

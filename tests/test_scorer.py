@@ -12,40 +12,14 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel  # noqa: E402
+from tiny_clip import MEAN, STD, save_clip_folder, tiny_clip_config  # noqa: E402
+from transformers import CLIPImageProcessor, CLIPModel  # noqa: E402
 
 from evals.scorer import DEFAULT_TEMPLATES, TEMPLATES, ClipScorer, ZeroShotResult  # noqa: E402
 from pipelines.tokenizer import clean_prompt, offline_clip_tokenizer  # noqa: E402
 
-MEAN = (0.48145466, 0.4578275, 0.40821073)
-STD = (0.26862954, 0.26130258, 0.27577711)
 PROJ = 16
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
-
-
-def _tiny_config() -> CLIPConfig:
-    text = dict(
-        vocab_size=49408,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64)
-    return CLIPConfig(text_config=text, vision_config={**vision, "patch_size": 16}, projection_dim=PROJ)
-
-
-def _save_folder(model: CLIPModel, path: Path) -> Path:
-    model.save_pretrained(path)
-    offline_clip_tokenizer().save_pretrained(path)
-    CLIPImageProcessor(
-        size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, image_mean=MEAN, image_std=STD
-    ).save_pretrained(path)
-    return path
 
 
 def _images(n: int, size: tuple[int, int] = (64, 64), seed: int = 0) -> np.ndarray:
@@ -60,7 +34,9 @@ def _solid(rgb: tuple[int, int, int], n: int, rng: np.random.Generator) -> np.nd
 @pytest.fixture(scope="module")
 def random_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    return _save_folder(CLIPModel(_tiny_config()).eval(), tmp_path_factory.mktemp("random_clip"))
+    return save_clip_folder(
+        CLIPModel(tiny_clip_config(projection_dim=PROJ)).eval(), tmp_path_factory.mktemp("random_clip")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +145,7 @@ def test_templates() -> None:
 def _train_red_blue(steps: int = 100) -> CLIPModel:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    model = CLIPModel(_tiny_config()).train()
+    model = CLIPModel(tiny_clip_config(projection_dim=PROJ)).train()
     tokenizer = offline_clip_tokenizer()
     captions = {c: [clean_prompt(t.replace("{}", c)) for t in TEMPLATES["colour"]] for c in COLOURS}
     ids = {
@@ -197,7 +173,7 @@ def _train_red_blue(steps: int = 100) -> CLIPModel:
 
 
 def test_trained_tiny_clip_separates_colours(tmp_path: Path) -> None:
-    scorer = ClipScorer.from_pretrained(_save_folder(_train_red_blue(), tmp_path), progress=False)
+    scorer = ClipScorer.from_pretrained(save_clip_folder(_train_red_blue(), tmp_path), progress=False)
     rng = np.random.default_rng(1)
     test_images = np.concatenate([_solid(rgb, 8, rng) for rgb in COLOURS.values()])
     truth = ["red"] * 8 + ["blue"] * 8
