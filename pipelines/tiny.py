@@ -62,10 +62,9 @@ def _scheduler() -> DDIMScheduler:
     )
 
 
-def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """A random SD 1.x-shaped pipeline: 32x32 images, 16x16x4 latents, cross-attention width 32."""
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+def _unet(**family: object) -> UNet2DConditionModel:
+    """Two resolutions (16x16, 8x8 latents), cross-attention at the lower one; ``family`` adds SD 1.x or SDXL parts."""
+    return UNet2DConditionModel(
         block_out_channels=(16, 32),
         layers_per_block=1,
         sample_size=16,
@@ -73,10 +72,15 @@ def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
         norm_num_groups=8,
+        **family,
     )
+
+
+def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """A random SD 1.x-shaped pipeline: 32x32 images, 16x16x4 latents, cross-attention width 32."""
+    torch.manual_seed(seed)
+    unet = _unet(cross_attention_dim=32, attention_head_dim=8)
     vae = _vae()
     text_encoder = CLIPTextModel(_text_config(32))
     return StableDiffusionPipeline(
@@ -94,22 +98,14 @@ def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
 def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     """A random SDXL-shaped pipeline: two text encoders (32 + 32 = cross-attention width 64), micro-conditioning."""
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = _unet(
+        cross_attention_dim=64,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=80,  # pooled text (32) + 6 time ids * 8
-        cross_attention_dim=64,
-        norm_num_groups=8,
     )
     return StableDiffusionXLPipeline(
         vae=_vae(),
