@@ -87,3 +87,26 @@ def test_uce_update_solves_the_papers_equation():
     # With a tiny ridge and no preserve set, erased embeddings land exactly on their guides' values.
     u, v = uce_update(c_e, c_g, None, 1.0, 0.0, 1e-9)
     assert torch.allclose((w @ (torch.eye(d, dtype=torch.float64) + u @ v)) @ c_e.T, w @ c_g.T, atol=1e-5)
+
+
+def test_uce_erases_twenty_concepts_at_once(tiny_sdxl):
+    """Each of 20 targets' edited embeddings maps (nearly) where its own guide's does; a preserved concept keeps its
+    mapping. Two embeddings per prompt ("last": last token and EOS) keep the 40 rows within tiny SDXL's 64 dims."""
+    tiny = tiny_sdxl
+    from erase.uce import UCEConfig, concept_embeddings
+
+    targets = tuple(f"concept number {i}" for i in range(20))
+    guides = tuple(f"guide number {i}" for i in range(20))
+    config = UCEConfig(token_positions="last", lamb=1e-3)
+    spec = ConceptSpec(targets, guides=guides, preserve=("a house",))
+    artifact = erase_concepts(tiny, spec, "uce", config)
+    c_e, c_g = concept_embeddings(tiny, targets, guides, config)
+    c_p, _ = concept_embeddings(tiny, ("a house",), None, config)
+    assert c_e.shape[0] == 40
+    for name, delta in artifact.deltas.items():
+        w = tiny.module(name).weight.detach().double()
+        w_new = w + delta.double()
+        before = (c_e @ w.T - c_g @ w.T).norm(dim=1)
+        after = (c_e @ w_new.T - c_g @ w.T).norm(dim=1)
+        assert (after < 0.05 * before).all(), name  # every one of the 20, not just on average
+        assert (c_p @ w_new.T - c_p @ w.T).norm() < 0.05 * (c_p @ w.T).norm(), name
