@@ -647,6 +647,24 @@ def _load_judge():
 
 
 @torch.no_grad()
+def _judge_on_reconstructions(
+    vae: AutoencoderKL, judge: Any, seed: int, device: torch.device, n: int = 512
+) -> dict[str, float]:
+    """The judge's accuracy on held-out renders passed through the VAE: the most the UNet can reach, since every
+    generated image is a VAE decoding."""
+    from evals import world
+    from evals.judge import evaluate
+
+    images, scenes = world.render_dataset(pool_seeds(seed, n, "heldout"))
+    recon = []
+    for sl in chunks(n, 64):
+        x = _to_unit(to_device(torch.from_numpy(images[sl]), device))
+        out = vae.decode(vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
+        recon.append(((out.permute(0, 2, 3, 1) + 1) * 127.5 + 0.5).to(torch.uint8).cpu().numpy())
+    return evaluate(judge, np.concatenate(recon), scenes)
+
+
+@torch.no_grad()
 def evaluate_micro(
     sd_path: str | Path,
     clip_path: str | Path,
@@ -723,6 +741,8 @@ def evaluate_micro(
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             Image.fromarray(np.concatenate(rows, axis=0)).save(Path(out_dir) / f"eval_{cat}.png")
     results["seconds_per_image"] = (time.monotonic() - t_start) / max(1, n_generated)
+    if judge is not None:
+        results["judge_on_vae_reconstructions"] = _judge_on_reconstructions(pipe.vae, judge, seed, device)
     if out_dir is not None:
         atomic_write_json(Path(out_dir) / "eval.json", results)
     return results

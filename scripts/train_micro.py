@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             if res["judge"] is not None:
                 print("accuracy of the named attribute (judge):            ", _fmt(res["judge"]))
                 print("CLIP and judge name the same concept:              ", _fmt(res["agreement"]))
+                print("judge on VAE reconstructions of renders (ceiling): ", _fmt(res["judge_on_vae_reconstructions"]))
             else:
                 print("judge: not available (evals/judge missing or untrained)")
             print(f"images per category: {res['images']}")

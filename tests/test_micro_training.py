@@ -151,6 +151,7 @@ def test_stages_export_a_loadable_pipeline(work, tmp_path):
     for key in ("clip", "judge", "agreement"):
         assert set(res[key]) == set(world.CATEGORIES) and all(0.0 <= v <= 1.0 for v in res[key].values())
     assert res["images"] == {cat: 2 * len(world.concepts(cat)) for cat in world.CATEGORIES}
+    assert set(res["judge_on_vae_reconstructions"]) == set(world.CATEGORIES)
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["agreement"] == res["agreement"]
     assert all((tmp_path / "eval" / f"eval_{cat}.png").is_file() for cat in world.CATEGORIES)
 
