@@ -12,6 +12,7 @@ colours (pooled). Accuracy = micro-CLIP zero-shot verdict equals the named conce
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -27,6 +28,7 @@ import torch  # noqa: E402
 import erase  # noqa: E402
 from erase.workflow import erasure_settings  # noqa: E402
 from evals import world  # noqa: E402
+from evals.metrics import wilson_interval  # noqa: E402
 from evals.probes import Probe, probe_correct, world_labels, world_probes  # noqa: E402
 from evals.scorer import ClipScorer  # noqa: E402
 from pipelines import load_pipeline  # noqa: E402
@@ -55,14 +57,22 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--preserve-scale", type=float, help="override UCE's preserve_scale (default: the method's)")
+    parser.add_argument("--group", action="append", help="measure only groups whose name contains this (repeatable)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
     wrapper = load_pipeline("micro", device=args.device)
-    spec, config = erasure_settings(wrapper, args.concept, args.method)  # the defaults scripts/erase.py uses
+    overrides = {} if args.preserve_scale is None else {"preserve_scale": args.preserve_scale}
+    # the defaults scripts/erase.py uses, plus any override
+    spec, config = erasure_settings(wrapper, args.concept, args.method, config_overrides=overrides)
     artifact = erase.erase_concepts(wrapper, spec, args.method, config)
     print(f"{args.method} edit of {args.concept}: {artifact.seconds:.3f} s, {len(artifact.deltas)} layers")
     groups = probe_groups(args.concept, args.images, args.seed)
+    if args.group:
+        groups = {name: g for name, g in groups.items() if any(part in name for part in args.group)}
+        if not groups:
+            parser.error(f"no group matches {args.group}")
     probes = [p for g in groups.values() for p in g]
     prompts, seeds = [p.prompt for p in probes], [p.seed for p in probes]
     start = time.perf_counter()
@@ -86,7 +96,7 @@ def main() -> None:
         print(f"judge unavailable: {err}")
     results, start = {}, 0
     header = f"{'group':42s} {'N':>4s}  {'CLIP before':>11s} {'CLIP after':>10s}"
-    print(header + f"  {'judge before':>12s} {'judge after':>11s}")
+    print(header + f"  {'after 95% CI':>14s}  {'judge before':>12s} {'judge after':>11s}")
     for name, group in groups.items():
         sl = slice(start, start + len(group))
         start += len(group)
@@ -99,10 +109,13 @@ def main() -> None:
             row.update(judge_before=float(np.mean(judge_before[sl])), judge_after=float(np.mean(judge_after[sl])))
         results[name] = row
         jb = f"{row['judge_before']:12.1%} {row['judge_after']:11.1%}" if judge_before is not None else ""
-        print(f"{name:42s} {len(group):4d}  {row['clip_before']:11.1%} {row['clip_after']:10.1%}  {jb}")
+        low, high = wilson_interval(int(np.sum(ok_after[sl])), len(group))
+        ci = f"[{low:.0%}, {high:.0%}]"
+        print(f"{name:42s} {len(group):4d}  {row['clip_before']:11.1%} {row['clip_after']:10.1%}  {ci:>14s}  {jb}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"concepts": args.concept, "method": args.method, "edit_seconds": artifact.seconds,
+            json.dump({"concepts": args.concept, "method": args.method, "config": dataclasses.asdict(config),
+                       "edit_seconds": artifact.seconds,
                        "groups": results, "torch_threads": torch.get_num_threads()}, f, indent=2)  # fmt: skip
 
 

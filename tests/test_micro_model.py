@@ -59,6 +59,21 @@ def test_readme_erase_command_on_micro(tmp_path):
     assert summary["edit_seconds"] < 5
 
 
+def test_measure_erasure_script_on_micro(tmp_path):
+    out = tmp_path / "m.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "measure_erasure.py"), "--concept", "van gogh", "--images", "6"]
+    cmd += ["--group", "erased: van gogh", "--group", "monet", "--preserve-scale", "0.3", "--json", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    measured = json.loads(out.read_text())
+    assert measured["config"]["preserve_scale"] == 0.3
+    groups = measured["groups"]
+    assert "kept style: monet" in groups and "erased: van gogh" in groups and "kept: objects" not in groups
+    assert all(g["n"] == 6 and 0 <= g["clip_after"] <= 1 and 0 <= g["judge_before"] <= 1 for g in groups.values())
+    # the erased target loses accuracy even on 6 images
+    assert groups["erased: van gogh"]["clip_after"] < groups["erased: van gogh"]["clip_before"]
+
+
 def test_saved_lora_reproduces_the_in_memory_edit(tmp_path):
     from diffusers import StableDiffusionPipeline
 
