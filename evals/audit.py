@@ -7,6 +7,7 @@ given one), and writes::
     OUT/
       audit.json                   settings that fix the pixels (model, fingerprint, steps, guidance, size, scheduler)
       suite.csv                    the expanded suite: one row per image
+      generation-<p>.json          process p's last run: images it generated, seconds, images per second
       images/<model-key>/<sha1(prompt)[:10]>-<seed>.png
       grids/<category>.png         a labelled grid per category: rows concept x model, columns seeds
       metrics.json                 everything below
@@ -66,6 +67,7 @@ import html
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +94,7 @@ __all__ = [
     "AuditError",
     "AuditModel",
     "generate_audit_images",
+    "generation_summary",
     "image_name",
     "per_concept_table",
     "prepare_models",
@@ -316,6 +319,7 @@ def run_audit(
     if process_index == 0:
         atomic_write_bytes(out_dir / "suite.csv", expanded.to_csv().encode("utf-8"))
 
+    start = time.perf_counter()
     generated = generate_audit_images(
         wrapper,
         expanded.rows,
@@ -329,7 +333,17 @@ def run_audit(
         progress=progress,
         on_image=on_image,
     )
-    logger.info("process %d of %d generated %d images", process_index, num_processes, generated)
+    seconds = time.perf_counter() - start
+    throughput = {
+        "process_index": process_index,
+        "images_generated": generated,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(generated / seconds, 3) if generated else None,
+        "batch_size": batch_size,
+    }
+    # Kept out of metrics.json, which must not depend on how a run was split or interrupted.
+    atomic_write_bytes(out_dir / f"generation-{process_index}.json", _json_text(throughput).encode("utf-8"))
+    logger.info("process %d of %d generated %d images in %.1f s", process_index, num_processes, generated, seconds)
     if barrier is not None:
         barrier()
     if process_index != 0:
@@ -738,6 +752,20 @@ def summary_table(result: dict[str, Any]) -> str:
     out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+def generation_summary(out_dir: str | Path, num_processes: int = 1) -> str:
+    """One line on the last run's generation throughput, over its processes' ``generation-<p>.json``."""
+    files = [Path(out_dir) / f"generation-{p}.json" for p in range(num_processes)]
+    runs = [json.loads(f.read_text(encoding="utf-8")) for f in files if f.is_file()]
+    generated = sum(r["images_generated"] for r in runs)
+    if not generated:
+        return "generation: nothing to generate (every image was already on disk)"
+    seconds = max(r["seconds"] for r in runs)  # processes run side by side
+    return (
+        f"generation: {generated} images in {seconds:.1f} s, {generated / seconds:.2f} images/s "
+        f"({num_processes} process(es), batch size {runs[0]['batch_size']})"
+    )
 
 
 def per_concept_table(result: dict[str, Any]) -> str:

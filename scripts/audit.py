@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
 
     from erase import ArtifactError, load_artifact
-    from evals.audit import AuditError, per_concept_table, run_audit, summary_table
+    from evals.audit import AuditError, generation_summary, per_concept_table, run_audit, summary_table
     from evals.suites import SuiteError, concept_suite, resolve_suite
     from pipelines import ModelNotFoundError, load_pipeline
 
@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         print(summary_table(result))
         print()
         print(per_concept_table(result))
-        print(f"\nmetrics: {os.path.join(args.out, 'metrics.json')}")
+        print(f"\n{generation_summary(args.out, state.num_processes)}")
+        print(f"metrics: {os.path.join(args.out, 'metrics.json')}")
         print(f"report:  {os.path.join(args.out, 'report.html')}")
         print(f"grids:   {os.path.join(args.out, 'grids')}")
     return 0

@@ -21,7 +21,15 @@ from transformers import CLIPModel
 import erase
 from erase import ArtifactMismatchError, ConceptSpec, erase_concepts
 from evals import metrics as M
-from evals.audit import METRICS_SCHEMA, ORIGINAL, AuditError, image_name, run_audit, summary_table
+from evals.audit import (
+    METRICS_SCHEMA,
+    ORIGINAL,
+    AuditError,
+    generation_summary,
+    image_name,
+    run_audit,
+    summary_table,
+)
 from evals.judge import Judge, JudgeConfig
 from evals.scorer import ClipScorer
 from evals.suites import (
@@ -210,6 +218,12 @@ def test_audit_outputs_schema_and_report(wrapper, small_suite, artifact_dir, sco
     assert "uce" in report and "van gogh" in report
     assert {p.name for p in (tmp_path / "grids").iterdir()} == {"object.png", "style.png"}
     assert "efficacy (clip)" in summary_table(result)
+    generation = json.loads((tmp_path / "generation-0.json").read_text())
+    assert generation["images_generated"] == 2 * 16 and generation["images_per_second"] > 0
+    assert generation_summary(tmp_path).startswith("generation: 32 images in ")
+    # a rerun finds everything on disk
+    _audit(wrapper, small_suite, [artifact_dir], tmp_path, scorer, judge=judge, scorer_name="tiny-clip")
+    assert "nothing to generate" in generation_summary(tmp_path)
     # unchanged weights after the audit: the artifact was applied temporarily
     again = wrapper.generate([row.prompt], [row.seed], steps=STEPS, progress=False)[0]
     on_disk = np.asarray(Image.open(tmp_path / "images" / ORIGINAL / image_name(row.prompt, row.seed)))
