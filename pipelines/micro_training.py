@@ -199,7 +199,7 @@ def preset(name: str, render_workers: int = 1) -> Preset:
             ),
             vae=VAETrainConfig(steps=2000, batch_size=32, lr=1e-3, warmup=100, pool_size=20_000, render_workers=w),
             unet=UNetTrainConfig(
-                steps=12_000, batch_size=32, lr=3e-4, warmup=500, ema_decay=0.999, pool_size=20_000, render_workers=w
+                steps=10_000, batch_size=32, lr=3e-4, warmup=500, ema_decay=0.999, pool_size=20_000, render_workers=w
             ),
             eval_images=32,
             eval_batch=16,
