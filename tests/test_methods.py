@@ -92,19 +92,18 @@ def test_uce_update_solves_the_papers_equation():
 def test_uce_erases_twenty_concepts_at_once(tiny_sdxl):
     """Each of 20 targets' edited embeddings maps (nearly) where its own guide's does; a preserved concept keeps its
     mapping. Two embeddings per prompt ("last": last token and EOS) keep the 40 rows within tiny SDXL's 64 dims."""
-    tiny = tiny_sdxl
     from erase.uce import UCEConfig, concept_embeddings
 
     targets = tuple(f"concept number {i}" for i in range(20))
     guides = tuple(f"guide number {i}" for i in range(20))
     config = UCEConfig(token_positions="last", lamb=1e-3)
     spec = ConceptSpec(targets, guides=guides, preserve=("a house",))
-    artifact = erase_concepts(tiny, spec, "uce", config)
-    c_e, c_g = concept_embeddings(tiny, targets, guides, config)
-    c_p, _ = concept_embeddings(tiny, ("a house",), None, config)
+    artifact = erase_concepts(tiny_sdxl, spec, "uce", config)
+    c_e, c_g = concept_embeddings(tiny_sdxl, targets, guides, config)
+    c_p, _ = concept_embeddings(tiny_sdxl, ("a house",), None, config)
     assert c_e.shape[0] == 40
     for name, delta in artifact.deltas.items():
-        w = tiny.module(name).weight.detach().double()
+        w = tiny_sdxl.module(name).weight.detach().double()
         w_new = w + delta.double()
         before = (c_e @ w.T - c_g @ w.T).norm(dim=1)
         after = (c_e @ w_new.T - c_g @ w.T).norm(dim=1)

@@ -6,35 +6,29 @@ from pathlib import Path
 
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
+from evals.micro_clip import CLIP_MEAN, CLIP_STD, ClipArch, micro_clip_config
 from pipelines.tokenizer import offline_clip_tokenizer
 
-# OpenAI CLIP's normalisation, as real CLIP folders carry it
-MEAN = (0.48145466, 0.4578275, 0.40821073)
-STD = (0.26862954, 0.26130258, 0.27577711)
+MEAN, STD = CLIP_MEAN, CLIP_STD
 
 
 def tiny_clip_config(image_size: int = 64, patch_size: int = 16, projection_dim: int = 16) -> CLIPConfig:
-    """Two-layer, 32-wide towers; the text side has SD's vocabulary and special tokens, so the real tokenizer fits."""
-    text = dict(
-        vocab_size=49408,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=image_size,
+    """The micro CLIP's config (SD's vocabulary and special tokens) at two layers and width 32, for ``image_size``."""
+    arch = ClipArch(
+        text_hidden=32,
+        text_layers=2,
+        text_heads=2,
+        text_intermediate=64,
+        vision_hidden=32,
+        vision_layers=2,
+        vision_heads=2,
+        vision_intermediate=64,
         patch_size=patch_size,
+        projection_dim=projection_dim,
     )
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
+    config = micro_clip_config(arch)
+    config.vision_config.image_size = image_size
+    return config
 
 
 def save_clip_folder(model: CLIPModel, path: Path) -> Path:
