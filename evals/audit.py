@@ -79,7 +79,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from erase.artifact import METADATA_FILE, ErasureArtifact, check_artifact_base, load_artifact
-from pipelines import PipelineWrapper
+from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
 from pipelines.files import atomic_write_bytes, png_bytes
 
 from . import metrics as M
@@ -220,8 +220,8 @@ def generate_audit_images(
     out_dir: str | Path,
     *,
     batch_size: int = 8,
-    steps: int = 20,
-    guidance: float = 5.0,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
     process_index: int = 0,
     num_processes: int = 1,
     progress: bool = True,
@@ -275,8 +275,8 @@ def run_audit(
     *,
     images_per_prompt: int = 1,
     batch_size: int = 8,
-    steps: int = 20,
-    guidance: float = 5.0,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
     process_index: int = 0,
     num_processes: int = 1,
     progress: bool = True,

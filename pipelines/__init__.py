@@ -3,6 +3,8 @@
 from .tokenizer import clean_prompt, offline_clip_tokenizer
 from .wrapper import (
     CROSS_ATTENTION_PATTERNS,
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
     CrossAttentionLayer,
     ModelNotFoundError,
     PipelineWrapper,
@@ -13,6 +15,8 @@ from .wrapper import (
 __all__ = [
     "CROSS_ATTENTION_PATTERNS",
     "CrossAttentionLayer",
+    "DEFAULT_GUIDANCE",
+    "DEFAULT_STEPS",
     "ModelNotFoundError",
     "PipelineWrapper",
     "PromptEncoding",

@@ -1,4 +1,5 @@
-"""The micro Stable Diffusion: where it lives, its architecture and its default sampler settings.
+"""The micro Stable Diffusion: where it lives, and its architecture (its sampler defaults are every
+model's: ``pipelines.DEFAULT_STEPS`` and ``DEFAULT_GUIDANCE``).
 
 The model is a real ``diffusers.StableDiffusionPipeline`` (VAE, UNet with cross-attention, CLIP text encoder and
 tokenizer, DPM-Solver++ scheduler) at toy scale: 64x64 images, 16x16x4 latents, a 128-wide text encoder that is the
@@ -13,8 +14,6 @@ from pathlib import Path
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 
 __all__ = [
-    "DEFAULT_GUIDANCE",
-    "DEFAULT_STEPS",
     "IMAGE_SIZE",
     "LATENT_CHANNELS",
     "LATENT_SIZE",
@@ -27,10 +26,6 @@ __all__ = [
     "micro_model_path",
     "training_scheduler",
 ]
-
-#: Default sampler settings for the micro model (DPM-Solver++ steps, classifier-free guidance scale).
-DEFAULT_STEPS: int = 20
-DEFAULT_GUIDANCE: float = 5.0
 
 IMAGE_SIZE = 64
 LATENT_SIZE = 16

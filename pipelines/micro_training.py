@@ -37,8 +37,6 @@ from evals.micro_clip import (
 )
 from pipelines.files import atomic_write_bytes
 from pipelines.micro import (
-    DEFAULT_GUIDANCE,
-    DEFAULT_STEPS,
     UNetArch,
     VAEArch,
     build_unet,
@@ -64,6 +62,7 @@ from pipelines.train_utils import (
     step_rng,
     to_device,
 )
+from pipelines.wrapper import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 __all__ = [
     "Preset",

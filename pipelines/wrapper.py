@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "CROSS_ATTENTION_PATTERNS",
+    "DEFAULT_GUIDANCE",
+    "DEFAULT_STEPS",
     "CrossAttentionLayer",
     "ModelNotFoundError",
     "PipelineWrapper",
@@ -34,6 +36,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Default sampler settings for every model: scheduler steps and classifier-free guidance scale. Generation, audits,
+#: erasure checks and the micro model's evaluation all start from these, so "default settings" means one thing.
+DEFAULT_STEPS: int = 20
+DEFAULT_GUIDANCE: float = 5.0
 
 # Cross-attention in diffusers' transformer blocks is always ``attn2``; its key/value projections read the text.
 CROSS_ATTENTION_PATTERNS: tuple[str, ...] = ("*attn2.to_k", "*attn2.to_v")
@@ -285,8 +292,8 @@ class PipelineWrapper:
         prompts: Sequence[str],
         seeds: Sequence[int],
         *,
-        steps: int = 20,
-        guidance: float = 5.0,
+        steps: int = DEFAULT_STEPS,
+        guidance: float = DEFAULT_GUIDANCE,
         batch_size: int = 8,
         negative_prompt: str = "",
         height: int | None = None,

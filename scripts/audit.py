@@ -25,6 +25,8 @@ import sys
 # scripts/erase.py would shadow the erase package: drop this folder from the import path.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 
+from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS  # noqa: E402
+
 EXIT_BAD_INPUT = 2
 
 
@@ -43,8 +45,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--prompts", help="prompt suite file (.csv or .jsonl)")
     parser.add_argument("--images-per-prompt", type=int, default=4, help="seeds per suite row (default: 4)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per generation batch (default: 8)")
-    parser.add_argument("--steps", type=int, help="sampling steps (default: 20)")
-    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: 5.0)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps (default: {DEFAULT_STEPS})")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=DEFAULT_GUIDANCE,
+        help=f"classifier-free guidance scale (default: {DEFAULT_GUIDANCE})",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the world suite's prompts (default: 0)")
     parser.add_argument(
         "--scorer", help="CLIP scorer: 'micro' (default for micro), a CLIP folder or open_clip:NAME/PRETRAINED"
@@ -99,12 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             # A hub model with erasures and no suite: the erasures' own targets and preserve sets.
             preserve = [p for a in artifacts for p in a.preserve]
             suite = concept_suite(targets, preserve, seed=args.seed)
-        if micro:
-            from pipelines.micro import DEFAULT_GUIDANCE, DEFAULT_STEPS
-        else:
-            DEFAULT_STEPS, DEFAULT_GUIDANCE = 20, 5.0  # noqa: N806 - the micro model's names for the same defaults
-        steps = args.steps or DEFAULT_STEPS
-        guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
+        steps, guidance = args.steps, args.guidance
         scorer_name = args.scorer or ("micro" if micro else "open_clip:ViT-L-14/openai")
         scorer = judge = None
         if main_process:

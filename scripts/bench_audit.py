@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from evals.audit import ORIGINAL, AuditModel, generate_audit_images  # noqa: E402
 from evals.suites import world_suite  # noqa: E402
-from pipelines import load_pipeline  # noqa: E402
+from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_pipeline  # noqa: E402
 
 
 def main() -> None:
@@ -34,8 +34,8 @@ def main() -> None:
     parser.add_argument("--model", default="micro")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--round-images", type=int, default=16, help="images per alternating round")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")

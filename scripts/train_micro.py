@@ -32,6 +32,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .` 
     sys.path.insert(0, str(ROOT))
 
 from evals.micro_clip import micro_clip_path, train_micro_clip  # noqa: E402
+from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS  # noqa: E402
 from pipelines.micro import micro_model_path  # noqa: E402
 from pipelines.micro_training import (  # noqa: E402
     Preset,
@@ -134,7 +135,12 @@ def estimate(p: Preset, device: str, seed: int, workers: int, n_steps: int = 6) 
         pipe.set_progress_bar_config(disable=True)
         pipe(["a red star"] * p.eval_batch, num_inference_steps=2, output_type="np")
         t = time.perf_counter()
-        pipe(["a red star"] * p.eval_batch, num_inference_steps=20, guidance_scale=5.0, output_type="np")
+        pipe(
+            ["a red star"] * p.eval_batch,
+            num_inference_steps=DEFAULT_STEPS,
+            guidance_scale=DEFAULT_GUIDANCE,
+            output_type="np",
+        )
         per_image = min(per_image, (time.perf_counter() - t) / p.eval_batch)
         eval_s = per_image * n_concepts * p.eval_images
         print(f"  eval: {per_image:.2f} s/image x {n_concepts * p.eval_images} images = {eval_s / 60:.1f} min")

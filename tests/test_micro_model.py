@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from evals import world
-from pipelines import load_pipeline, micro_model_path
+from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_pipeline, micro_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(
@@ -88,7 +88,13 @@ def test_saved_lora_reproduces_the_in_memory_edit(tmp_path):
     def run(pipe):
         pipe.set_progress_bar_config(disable=True)
         gen = [torch.Generator().manual_seed(s) for s in (0, 1)]
-        return pipe(prompts, num_inference_steps=20, guidance_scale=5.0, generator=gen, output_type="np").images
+        return pipe(
+            prompts,
+            num_inference_steps=DEFAULT_STEPS,
+            guidance_scale=DEFAULT_GUIDANCE,
+            generator=gen,
+            output_type="np",
+        ).images
 
     with wrapper.weight_deltas(artifact.deltas):
         edited = run(wrapper.pipe)
