@@ -34,6 +34,17 @@ def test_train_micro_command_runs_every_stage(tmp_path):
                  "--no-progress", cwd=tmp_path)  # fmt: skip
     assert "all done" in again.stdout
 
+    # the README's continuation: more CLIP steps with its text tower (the UNet's text encoder) frozen, more UNet steps
+    text_file = sd / "text_encoder" / "model.safetensors"
+    unet_file = sd / "unet" / "diffusion_pytorch_model.safetensors"
+    text_before, unet_before = text_file.read_bytes(), unet_file.read_bytes()
+    more = ["--clip-steps", "4", "--clip-freeze-text-after", "2", "--unet-steps", "4"]
+    caps = caps[2:]  # no --max-steps: the step overrides decide
+    _run("train_micro.py", "--preset", "cpu", "--device", "cpu", *caps, *paths, "--stages", "clip,unet,export", *more,
+         "--no-progress", cwd=tmp_path)  # fmt: skip
+    assert text_file.read_bytes() == text_before and unet_file.read_bytes() != unet_before
+    assert json.loads((work / "unet" / "ckpt.json").read_text())["file"].endswith("00000004.safetensors")
+
 
 def test_train_judge_command(tmp_path):
     out = tmp_path / "judge"
