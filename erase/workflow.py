@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from pipelines import PipelineWrapper
 from pipelines.files import atomic_write_bytes, png_bytes
@@ -30,7 +30,6 @@ __all__ = [
     "default_preserve",
     "default_templates",
     "erasure_settings",
-    "image_grid",
     "run_erase",
 ]
 
@@ -130,23 +129,6 @@ class EraseSummary:
         return json.dumps(asdict(self), indent=2)
 
 
-def image_grid(
-    rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str], col_labels: Sequence[str]
-) -> Image.Image:
-    """A labelled grid: one row per prompt, one column per model/variant."""
-    size = rows[0][0].size[0]
-    label_w, head_h, cell = 260, 18, max(size, 64)
-    grid = Image.new("RGB", (label_w + cell * len(col_labels), head_h + cell * len(rows)), "white")
-    draw = ImageDraw.Draw(grid)
-    for j, text in enumerate(col_labels):
-        draw.text((label_w + j * cell + 4, 3), text, fill="black")
-    for i, (row, text) in enumerate(zip(rows, row_labels, strict=True)):
-        draw.text((4, head_h + i * cell + cell // 2 - 6), text[:42], fill="black")
-        for j, img in enumerate(row):
-            grid.paste(img.resize((cell, cell), Image.NEAREST), (label_w + j * cell, head_h + i * cell))
-    return grid
-
-
 def self_check(
     wrapper: PipelineWrapper,
     artifact: ErasureArtifact,
@@ -155,6 +137,7 @@ def self_check(
     seed: int = 0,
 ) -> tuple[CheckResult, Image.Image]:
     """Generate target and preserved probes before and after the edit and score them with the CLIP scorer."""
+    from evals.grids import labelled_grid
     from evals.probes import generic_probes, probe_accuracy, probe_correct, world_labels, world_probes
     from evals.scorer import ClipScorer
 
@@ -186,7 +169,7 @@ def self_check(
         preserved_after=probe_accuracy(ok_after[n:]),
         images=2 * len(probes),
     )
-    grid = image_grid(
+    grid = labelled_grid(
         [[b, a] for b, a in zip(before, after, strict=True)],
         [("[erase] " if i < n else "[keep] ") + p.prompt for i, p in enumerate(probes)],
         ["before", "after"],

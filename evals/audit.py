@@ -75,7 +75,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm.auto import tqdm
 
 from erase.artifact import METADATA_FILE, ErasureArtifact, check_artifact_base, load_artifact
@@ -83,6 +83,7 @@ from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
 from pipelines.files import atomic_write_bytes, png_bytes
 
 from . import metrics as M
+from .grids import labelled_grid
 from .probes import GENERIC_TEMPLATES
 from .scorer import TEMPLATES, ClipScorer
 from .suites import ROLES, Suite, SuiteRow
@@ -792,22 +793,6 @@ def per_concept_table(result: dict[str, Any]) -> str:
 # Grids and report
 
 
-def _grid(rows: list[tuple[str, list[np.ndarray | None]]], columns: int, title: str = "") -> Image.Image:
-    cell = max(64, max((a.shape[0] for _, imgs in rows for a in imgs if a is not None), default=64))
-    cell = min(cell, 256)
-    label_w, head = 240, 20
-    grid = Image.new("RGB", (label_w + cell * columns, head + cell * len(rows)), "white")
-    draw = ImageDraw.Draw(grid)
-    draw.text((4, 4), title, fill="black")
-    for i, (label, imgs) in enumerate(rows):
-        draw.text((4, head + i * cell + cell // 2 - 6), label[:38], fill="black")
-        for j, array in enumerate(imgs[:columns]):
-            if array is not None:
-                tile = Image.fromarray(array).resize((cell, cell), Image.Resampling.NEAREST)
-                grid.paste(tile, (label_w + j * cell, head + i * cell))
-    return grid
-
-
 def _write_category_grids(
     out_dir: Path,
     suite: Suite,
@@ -825,7 +810,9 @@ def _write_category_grids(
                 label = concept if len(models) == 1 else f"{concept} [{model.label}]"
                 grid_rows.append((label, [images[model.key][index[p]] for p in picks]))
         if grid_rows:
-            grid = _grid(grid_rows, GRID_SEEDS, f"{category}: rows concept x model, columns seeds")
+            labels, tiles = zip(*grid_rows, strict=True)
+            title = f"{category}: rows concept x model, columns seeds"
+            grid = labelled_grid([t[:GRID_SEEDS] for t in tiles], labels, title=title)
             atomic_write_bytes(out_dir / "grids" / f"{_slug(category)}.png", png_bytes(grid))
 
 
