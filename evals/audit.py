@@ -803,16 +803,14 @@ def _write_category_grids(
     index = {key: i for i, key in enumerate(unique)}
     for category in suite.labels:
         concepts = list(dict.fromkeys(r.concept for r in suite.rows if r.category == category))
-        grid_rows = []
+        labels, tiles = [], []
         for concept in concepts:
             picks = list(dict.fromkeys((r.prompt, r.seed) for r in suite.rows if r.concept == concept))[:GRID_SEEDS]
             for model in models:
-                label = concept if len(models) == 1 else f"{concept} [{model.label}]"
-                grid_rows.append((label, [images[model.key][index[p]] for p in picks]))
-        if grid_rows:
-            labels, tiles = zip(*grid_rows, strict=True)
-            title = f"{category}: rows concept x model, columns seeds"
-            grid = labelled_grid([t[:GRID_SEEDS] for t in tiles], labels, title=title)
+                labels.append(concept if len(models) == 1 else f"{concept} [{model.label}]")
+                tiles.append([images[model.key][index[p]] for p in picks])
+        if tiles:
+            grid = labelled_grid(tiles, labels, title=f"{category}: rows concept x model, columns seeds")
             atomic_write_bytes(out_dir / "grids" / f"{_slug(category)}.png", png_bytes(grid))
 
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from tiny_clip import tiny_clip_arch
 
 from evals import world
 from evals.micro_clip import (
-    ClipArch,
     ClipTrainConfig,
     caption_consistency,
     load_micro_clip,
@@ -37,18 +37,7 @@ from pipelines.micro_training import (
 )
 
 TINY_CLIP = ClipTrainConfig(
-    arch=ClipArch(
-        text_hidden=32,
-        text_layers=1,
-        text_heads=2,
-        text_intermediate=64,
-        vision_hidden=32,
-        vision_layers=1,
-        vision_heads=2,
-        vision_intermediate=64,
-        patch_size=16,
-        projection_dim=32,
-    ),
+    arch=tiny_clip_arch(layers=1, projection_dim=32),
     steps=3,
     batch_size=16,
     warmup=1,

@@ -12,9 +12,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from tiny_clip import MEAN, STD, save_clip_folder, tiny_clip_config  # noqa: E402
+from tiny_clip import save_clip_folder, tiny_clip_config  # noqa: E402
 from transformers import CLIPImageProcessor, CLIPModel  # noqa: E402
 
+from evals.micro_clip import CLIP_MEAN, CLIP_STD  # noqa: E402
 from evals.scorer import DEFAULT_TEMPLATES, TEMPLATES, ClipScorer, ZeroShotResult  # noqa: E402
 from pipelines.tokenizer import clean_prompt, offline_clip_tokenizer  # noqa: E402
 
@@ -152,7 +153,7 @@ def _train_red_blue(steps: int = 100) -> CLIPModel:
         c: tokenizer(caps, padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
         for c, caps in captions.items()
     }
-    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     # Two threads fighting over two busy cores make these tiny steps ~10x slower than one thread.
     threads = torch.get_num_threads()
