@@ -161,15 +161,15 @@ def preset(name: str, render_workers: int = 1) -> Preset:
     if name == "gpu":
         # Measured on an H100 (16 cores): CLIP 0.063 s/step at batch 512, VAE 0.032 s/step at batch 128, UNet 0.145
         # s/step at batch 512 (0.105 at 256); all overhead-bound (a UNet step at batch 256 is 0.37 TFLOP). Start-up
-        # plus rendering 50k images ~1.5 min. Call `clip,vae` ~6 min, call `unet,export,eval` ~6.5 min; the time
-        # limits stop a stage early (and still save it) should a machine be slower.
+        # plus rendering 50k images ~1.5 min (the CLIP's 200k add ~15 s on 16 cores at ~1 ms an image a core).
+        # Call `clip,vae` ~6 min, call `unet,export,eval` ~6.5 min; the time limits stop a stage early (and still
+        # save it) should a machine be slower.
         return Preset(
             clip=ClipTrainConfig(
                 steps=3000,
                 batch_size=512,
                 lr=1e-3,
                 warmup=200,
-                pool_size=50_000,
                 render_workers=w,
                 eval_every=500,
                 time_limit_s=230.0,
@@ -194,7 +194,12 @@ def preset(name: str, render_workers: int = 1) -> Preset:
     if name == "cpu":
         return Preset(
             clip=ClipTrainConfig(
-                steps=4000, batch_size=128, lr=1e-3, warmup=200, pool_size=20_000, render_workers=w, eval_every=1000
+                steps=4000,
+                batch_size=128,
+                lr=1e-3,
+                warmup=200,
+                render_workers=w,
+                eval_every=1000,
             ),
             vae=VAETrainConfig(steps=2000, batch_size=32, lr=1e-3, warmup=100, pool_size=20_000, render_workers=w),
             unet=UNetTrainConfig(

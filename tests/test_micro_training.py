@@ -175,6 +175,14 @@ def test_resume_continues_from_saved_step(work, tmp_path):
         assert torch.allclose(a, b, atol=1e-6), k
 
 
+def test_clip_reports_held_out_and_training_pool_accuracy(work):
+    # The gap between the two is how much of the pool the vision tower has memorised.
+    metrics = json.loads((work / "clip" / "metrics.json").read_text())
+    for split in ("heldout_zero_shot", "train_pool_zero_shot"):
+        assert set(metrics[split]) == set(world.CATEGORIES)
+        assert all(0.0 <= v <= 1.0 for v in metrics[split].values())
+
+
 def test_checkpoints_contain_no_pickles(work):
     files = [f for f in work.rglob("*") if f.is_file()]
     assert any(f.name.startswith("ckpt-") for f in files)
