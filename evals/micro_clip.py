@@ -108,8 +108,8 @@ class ClipTrainConfig:
     weight_decay: float = 0.1
     warmup: int = 200
     # The vision tower memorises a small pool: after 8000 CPU steps on 20k images its object accuracy was 100% on
-    # those images and 79% on held-out ones. Rendering costs ~1 ms an image, so every preset uses this many. (The
-    # micro UNet does not memorise its 20k: same noise-prediction loss on them as on held-out images.)
+    # those images and 79% on held-out ones. Rendering costs ~1 ms an image, so every preset uses this many (the gap
+    # is then 2-4 points). The micro UNet does not memorise its 20k: same noise-prediction loss as on held-out images.
     pool_size: int = 200_000
     heldout_size: int = 1024
     render_workers: int = 1
