@@ -451,6 +451,15 @@ def train_micro_clip(
     # The same number of training images as held-out ones: their accuracy gap is how much the pool is memorised.
     seen = np.random.default_rng(seed).choice(len(scenes), size=min(len(scenes), len(held_scenes)), replace=False)
     seen_images, seen_scenes = images[seen], [scenes[i] for i in seen]
+
+    def evaluate() -> dict[str, dict[str, float]]:
+        return {
+            "heldout_zero_shot": zero_shot_accuracy(model, tokenizer, held_images, held_scenes, device),
+            "train_pool_zero_shot": zero_shot_accuracy(model, tokenizer, seen_images, seen_scenes, device),
+        }
+
+    evaluation: dict[str, dict[str, float]] = {}
+    evaluated_at = -1
     token_cache: dict[str, list[int]] = {}
     model.train()
     last_ckpt = t0 = time.monotonic()
@@ -490,10 +499,9 @@ def train_micro_clip(
         meter.tick(done)
         metrics = {"loss": loss.item(), "scale": model.logit_scale.exp().item()}
         if done % config.eval_every == 0 or done == config.steps:
-            acc = zero_shot_accuracy(model, tokenizer, held_images, held_scenes, device)
-            metrics.update({f"acc_{k}": v for k, v in acc.items()})
-            seen_acc = zero_shot_accuracy(model, tokenizer, seen_images, seen_scenes, device)
-            metrics.update({f"train_acc_{k}": v for k, v in seen_acc.items()})
+            evaluation, evaluated_at = evaluate(), done
+            metrics.update({f"acc_{k}": v for k, v in evaluation["heldout_zero_shot"].items()})
+            metrics.update({f"train_acc_{k}": v for k, v in evaluation["train_pool_zero_shot"].items()})
             logger.info("clip step %d: %s", done, metrics)
         bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items()}, refresh=False)
         now = time.monotonic()
@@ -509,12 +517,9 @@ def train_micro_clip(
     bar.close()
     meter.log("clip")
     model.eval()
-    acc = zero_shot_accuracy(model, tokenizer, held_images, held_scenes, device)
-    seen_acc = zero_shot_accuracy(model, tokenizer, seen_images, seen_scenes, device)
-    atomic_write_json(
-        ckpt_dir / "metrics.json",
-        {"step": step + 1, "heldout_zero_shot": acc, "train_pool_zero_shot": seen_acc, **metrics},
-    )
+    if evaluated_at != step + 1:  # stopped by the time limit between evaluations
+        evaluation = evaluate()
+    atomic_write_json(ckpt_dir / "metrics.json", {"step": step + 1, **evaluation, **metrics})
     return model
 
 
