@@ -37,9 +37,9 @@ def test_micro_clip_classifies_rendered_images():
 
     scorer = ClipScorer.from_pretrained("micro", progress=False)
     images, scenes = world.render_dataset(range(10_000_000, 10_000_000 + 160))
-    # Objects are the shipped CLIP's known weakness (94% on 1024 held-out renders, 87-88% on the busy picasso,
-    # seurat and mondrian backgrounds; see issue #3): the bar sits below that and far above chance (1/8).
-    bars = {"object": 0.85, "colour": 0.95, "style": 0.95}
+    # Objects are the shipped CLIP's hardest category (95.5% on 1024 held-out renders, 90-92% on the busy picasso,
+    # seurat and mondrian backgrounds; 95% on these 160): the bar leaves room for a 160-image sample's spread.
+    bars = {"object": 0.9, "colour": 0.95, "style": 0.95}
     for category, labels in world_labels().items():
         truth = [getattr(s, category) for s in scenes]
         predicted = scorer.zero_shot(images, labels, TEMPLATES[category]).predictions
