@@ -31,6 +31,7 @@ __all__ = [
     "Judge",
     "JudgeConfig",
     "augment",
+    "degrade",
     "evaluate",
     "judge_path",
     "load_judge",
@@ -250,6 +251,12 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
+def degrade(images: np.ndarray | torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """:func:`augment` on uint8 images (N, 64, 64, 3), returning uint8 images as a generated PNG would store them."""
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255.0
+    return (augment(x, generator) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1)
+
+
 def _labels(scenes: Sequence[world.Scene], classes: dict[str, list[str]]) -> dict[str, torch.Tensor]:
     index = {cat: {name: i for i, name in enumerate(names)} for cat, names in classes.items()}
     return {cat: torch.tensor([index[cat][s.labels()[cat]] for s in scenes]) for cat in classes}
@@ -332,7 +339,7 @@ def train_judge(
         held, held_scenes = world.render_dataset(held_seeds, workers=config.render_workers)
         acc = evaluate(judge, held, held_scenes)
         eval_gen = torch.Generator().manual_seed(seed + 1)
-        degraded = (augment(Judge.to_tensor(held), eval_gen) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        degraded = degrade(held, eval_gen).numpy()
         acc_aug = evaluate(judge, degraded, held_scenes)
         metrics.update(
             heldout_size=config.eval_size,

@@ -651,13 +651,12 @@ def _load_judge():
 
 
 @torch.no_grad()
-def _judge_on_reconstructions(
-    vae: AutoencoderKL, judge: Any, seed: int, device: torch.device, n: int = 512
-) -> dict[str, float]:
-    """The judge's accuracy on held-out renders passed through the VAE: the most the UNet can reach, since every
-    generated image is a VAE decoding."""
+def _vae_reconstructions(
+    vae: AutoencoderKL, seed: int, device: torch.device, n: int = 512
+) -> tuple[np.ndarray, list[Any]]:
+    """Held-out renders passed through the VAE, with their true scenes. Every generated image is a VAE decoding,
+    so a scorer's accuracy on these is the most it can reach on generated images: the ceiling the UNet aims at."""
     from evals import world
-    from evals.judge import evaluate
 
     images, scenes = world.render_dataset(pool_seeds(seed, n, "heldout"))
     recon = []
@@ -665,7 +664,7 @@ def _judge_on_reconstructions(
         x = _to_unit(to_device(torch.from_numpy(images[sl]), device))
         out = vae.decode(vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
         recon.append(((out.permute(0, 2, 3, 1) + 1) * 127.5 + 0.5).to(torch.uint8).cpu().numpy())
-    return evaluate(judge, np.concatenate(recon), scenes)
+    return np.concatenate(recon), scenes
 
 
 @torch.no_grad()
@@ -745,8 +744,22 @@ def evaluate_micro(
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             Image.fromarray(np.concatenate(rows, axis=0)).save(Path(out_dir) / f"eval_{cat}.png")
     results["seconds_per_image"] = (time.monotonic() - t_start) / max(1, n_generated)
+    recon, scenes = _vae_reconstructions(pipe.vae, seed, device)
+    results["clip_on_vae_reconstructions"] = {
+        cat: float(
+            np.mean(
+                [
+                    p == getattr(s, cat)
+                    for p, s in zip(zero_shot_predict(clip, clip_tok, recon, cat, device), scenes, strict=True)
+                ]
+            )
+        )
+        for cat in world.CATEGORIES
+    }
     if judge is not None:
-        results["judge_on_vae_reconstructions"] = _judge_on_reconstructions(pipe.vae, judge, seed, device)
+        from evals.judge import evaluate
+
+        results["judge_on_vae_reconstructions"] = evaluate(judge, recon, scenes)
     if out_dir is not None:
         atomic_write_json(Path(out_dir) / "eval.json", results)
     return results

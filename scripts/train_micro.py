@@ -70,6 +70,8 @@ def _override(p: Preset, args: argparse.Namespace) -> Preset:
             changes["time_limit_s"] = 60.0 * args.time_limit_min
         if stage == "clip" and args.clip_freeze_text_after is not None:
             changes["freeze_text_after"] = args.clip_freeze_text_after
+        if stage == "clip" and args.clip_augment_from is not None:
+            changes["augment_from"] = args.clip_augment_from
         return dataclasses.replace(c, **changes)
 
     eval_images = args.eval_images if args.eval_images is not None else p.eval_images
@@ -168,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="train only the CLIP's vision side from this step on (continue the scorer after the UNet is trained)",
     )
+    ap.add_argument(
+        "--clip-augment-from",
+        type=int,
+        default=None,
+        help="from this step on, degrade the CLIP training images as generated samples are (blur, softening, noise)",
+    )
     ap.add_argument("--pool-size", type=int, default=None, help="override the pool size (smoke tests)")
     ap.add_argument("--batch-size", type=int, default=None, help="override every stage's batch size")
     ap.add_argument("--eval-images", type=int, default=None, help="images per concept in the eval stage")
@@ -231,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("judge on VAE reconstructions of renders (ceiling): ", _fmt(res["judge_on_vae_reconstructions"]))
             else:
                 print("judge: not available (evals/judge missing or untrained)")
+            print("micro CLIP on VAE reconstructions of renders:       ", _fmt(res["clip_on_vae_reconstructions"]))
             print(f"images per category: {res['images']}")
             print(f"{res['seconds_per_image']:.3f} s/image; grids and eval.json in {args.work}", flush=True)
         print(f"== stage {stage} done in {(time.perf_counter() - t) / 60:.1f} min", flush=True)

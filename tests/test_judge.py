@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from evals import world
-from evals.judge import HELDOUT_SEED_OFFSET, Judge, JudgeConfig, augment, evaluate, judge_path, load_judge
+from evals.judge import HELDOUT_SEED_OFFSET, Judge, JudgeConfig, degrade, evaluate, judge_path, load_judge
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,10 @@ def test_shipped_judge_accuracy(judge: Judge) -> None:
     acc = evaluate(judge, images, scenes)
     assert all(v >= 0.97 for v in acc.values()), acc
     # the degradations it was trained for do not throw it off either
-    degraded = augment(Judge.to_tensor(images), torch.Generator().manual_seed(0))
-    acc_aug = evaluate(judge, (degraded * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy(), scenes)
+    degraded = degrade(images, torch.Generator().manual_seed(0))
+    assert degraded.dtype == torch.uint8 and degraded.shape == images.shape
+    assert not torch.equal(degraded, torch.from_numpy(images))
+    acc_aug = evaluate(judge, degraded.numpy(), scenes)
     assert all(v >= 0.95 for v in acc_aug.values()), acc_aug
 
 

@@ -140,7 +140,8 @@ def test_stages_export_a_loadable_pipeline(work, tmp_path):
     for key in ("clip", "judge", "agreement"):
         assert set(res[key]) == set(world.CATEGORIES) and all(0.0 <= v <= 1.0 for v in res[key].values())
     assert res["images"] == {cat: 2 * len(world.concepts(cat)) for cat in world.CATEGORIES}
-    assert set(res["judge_on_vae_reconstructions"]) == set(world.CATEGORIES)
+    for key in ("judge_on_vae_reconstructions", "clip_on_vae_reconstructions"):
+        assert set(res[key]) == set(world.CATEGORIES) and all(0.0 <= v <= 1.0 for v in res[key].values())
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["agreement"] == res["agreement"]
     assert all((tmp_path / "eval" / f"eval_{cat}.png").is_file() for cat in world.CATEGORIES)
 
@@ -178,7 +179,7 @@ def test_resume_continues_from_saved_step(work, tmp_path):
 def test_clip_reports_held_out_and_training_pool_accuracy(work):
     # The gap between the two is how much of the pool the vision tower has memorised.
     metrics = json.loads((work / "clip" / "metrics.json").read_text())
-    for split in ("heldout_zero_shot", "train_pool_zero_shot"):
+    for split in ("heldout_zero_shot", "heldout_degraded_zero_shot", "train_pool_zero_shot"):
         assert set(metrics[split]) == set(world.CATEGORIES)
         assert all(0.0 <= v <= 1.0 for v in metrics[split].values())
 
@@ -204,12 +205,20 @@ def test_clip_can_continue_with_the_text_tower_frozen(work, tmp_path):
     import dataclasses
     import shutil
 
-    cont = tmp_path / "cont"
-    shutil.copytree(work, cont)
-    before = train_micro_clip(TINY_CLIP, device="cpu", seed=0, work_dir=cont)  # resumes at its last step
     longer = dataclasses.replace(TINY_CLIP, steps=TINY_CLIP.steps + 3, freeze_text_after=TINY_CLIP.steps)
-    after = train_micro_clip(longer, device="cpu", seed=0, work_dir=cont)
-    text_before, text_after = before.text_model.state_dict(), after.text_model.state_dict()
-    assert all(torch.equal(v, text_after[k]) for k, v in text_before.items())
-    vision_before, vision_after = before.vision_model.state_dict(), after.vision_model.state_dict()
-    assert any(not torch.equal(v, vision_after[k]) for k, v in vision_before.items())
+    continued = {}
+    for name, config in {
+        "clean": longer,
+        "degraded": dataclasses.replace(longer, augment_from=TINY_CLIP.steps),
+    }.items():
+        cont = tmp_path / name
+        shutil.copytree(work, cont)
+        before = train_micro_clip(TINY_CLIP, device="cpu", seed=0, work_dir=cont)  # resumes at its last step
+        after = continued[name] = train_micro_clip(config, device="cpu", seed=0, work_dir=cont)
+        text_before, text_after = before.text_model.state_dict(), after.text_model.state_dict()
+        assert all(torch.equal(v, text_after[k]) for k, v in text_before.items())
+        vision_before, vision_after = before.vision_model.state_dict(), after.vision_model.state_dict()
+        assert any(not torch.equal(v, vision_after[k]) for k, v in vision_before.items())
+    # degrading the training images changes what the vision side learns from the same steps
+    clean, degraded = (continued[n].vision_model.state_dict() for n in ("clean", "degraded"))
+    assert any(not torch.equal(v, degraded[k]) for k, v in clean.items())
