@@ -37,8 +37,8 @@ def test_micro_clip_classifies_rendered_images():
 
     scorer = ClipScorer.from_pretrained("micro", progress=False)
     images, scenes = world.render_dataset(range(10_000_000, 10_000_000 + 160))
-    # Objects are the shipped CLIP's hardest category (95.5% on 1024 held-out renders, 90-92% on the busy picasso,
-    # seurat and mondrian backgrounds; 95% on these 160): the bar leaves room for a 160-image sample's spread.
+    # Objects are the shipped CLIP's hardest category (96.0% on 1024 held-out renders, 91-93% on the busy picasso,
+    # seurat and mondrian backgrounds): the bar leaves room for a 160-image sample's spread.
     bars = {"object": 0.9, "colour": 0.95, "style": 0.95}
     for category, labels in world_labels().items():
         truth = [getattr(s, category) for s in scenes]
