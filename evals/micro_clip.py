@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path
@@ -126,6 +127,12 @@ class ClipTrainConfig:
     # reconstructions of held-out renders (55% on seurat dots) where the judge, trained with it, reads 97%; 4000
     # vision-side steps with it took degraded renders 90 -> 96%, clean ones 95.5 -> 96%, VAE reconstructions 83 -> 86%.
     augment_from: int | None = None
+    # From this step on ``vae_fraction`` of each batch are VAE reconstructions (``reconstruct`` in
+    # :func:`train_micro_clip`) of the first ``vae_pool_size`` pool images, reconstructed once. Every generated image
+    # is a VAE decoding, and the degradations above only took the CLIP from 83 to 86% of objects on those.
+    vae_from: int | None = None
+    vae_pool_size: int = 20_000
+    vae_fraction: float = 0.5
     checkpoint_every_s: float = 180.0
     time_limit_s: float | None = None
 
@@ -142,6 +149,10 @@ class ClipTrainConfig:
             raise ValueError(f"freeze_text_after must be >= 0, got {self.freeze_text_after}")
         if self.augment_from is not None and self.augment_from < 0:
             raise ValueError(f"augment_from must be >= 0, got {self.augment_from}")
+        if self.vae_from is not None and self.vae_from < 0:
+            raise ValueError(f"vae_from must be >= 0, got {self.vae_from}")
+        if not 0 < self.vae_fraction <= 1 or self.vae_pool_size < 1:
+            raise ValueError("vae_fraction must be in (0, 1] and vae_pool_size >= 1")
         if self.lr <= 0 or self.weight_decay < 0 or self.render_workers < 1 or self.heldout_size < 1:
             raise ValueError("lr > 0, weight_decay >= 0, render_workers >= 1, heldout_size >= 1 required")
 
@@ -426,11 +437,14 @@ def train_micro_clip(
     work_dir: str | Path,
     progress: bool = False,
     callback: ProgressCallback | None = None,
+    reconstruct: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> CLIPModel:
     """Train (or resume) the micro CLIP; checkpoints live in ``work_dir/clip``. Returns the model in eval mode.
 
     Images come from a pre-rendered pool (cached in ``work_dir/pool``); captions are re-drawn every step with
     ``world.caption`` from a generator seeded by (seed, step), so a resumed run replays the same data.
+    ``reconstruct`` (uint8 images -> their VAE reconstructions, e.g. ``pipelines.micro_training.vae_reconstructor``)
+    is required when ``config.vae_from`` is set.
     """
     from evals import world
 
@@ -449,6 +463,8 @@ def train_micro_clip(
         logger.info("resuming micro CLIP from step %d", start)
     if start >= config.steps:
         return model.eval()
+    if config.vae_from is not None and reconstruct is None:
+        raise ValueError("config.vae_from is set but no reconstruct function was given")
 
     images, scenes = load_pool(
         pool_seeds(seed, config.pool_size), work_dir / "pool", config.render_workers, tag="train"
@@ -463,13 +479,20 @@ def train_micro_clip(
 
     # The held-out renders once more, degraded as generated samples are: how well the scorer reads imperfect images.
     held_degraded = degrade(held_images, torch.Generator().manual_seed(seed + 1)).numpy()
+    recon_pool, held_recon = None, None
+    if config.vae_from is not None:
+        recon_pool = torch.from_numpy(reconstruct(images[: config.vae_pool_size])).to(device)
+        held_recon = reconstruct(held_images)
 
     def evaluate() -> dict[str, dict[str, float]]:
-        return {
+        acc = {
             "heldout_zero_shot": zero_shot_accuracy(model, tokenizer, held_images, held_scenes, device),
             "heldout_degraded_zero_shot": zero_shot_accuracy(model, tokenizer, held_degraded, held_scenes, device),
             "train_pool_zero_shot": zero_shot_accuracy(model, tokenizer, seen_images, seen_scenes, device),
         }
+        if held_recon is not None:
+            acc["heldout_vae_zero_shot"] = zero_shot_accuracy(model, tokenizer, held_recon, held_scenes, device)
+        return acc
 
     evaluation: dict[str, dict[str, float]] = {}
     evaluated_at = -1
@@ -486,6 +509,12 @@ def train_micro_clip(
             model.text_model.requires_grad_(False)
         rng = step_rng(seed, step)
         idx = rng.choice(len(scenes), size=config.batch_size, replace=False)
+        n_recon = 0
+        if recon_pool is not None and step >= config.vae_from:
+            # The batch's first n_recon images become reconstructions (of other pool images, drawn separately so
+            # the caption stream above stays what it was without this option).
+            n_recon = round(config.batch_size * config.vae_fraction)
+            idx[:n_recon] = step_rng(seed, step, stream=4).choice(len(recon_pool), size=n_recon, replace=False)
         batch_scenes = [scenes[i] for i in idx]
         captions = [world.caption(s, rng) for s in batch_scenes]
         mask = to_device(torch.from_numpy(caption_consistency(captions, batch_scenes)), device)
@@ -493,6 +522,8 @@ def train_micro_clip(
         batch_images = pool[to_device(torch.from_numpy(idx), device)]
         if config.augment_from is not None and step >= config.augment_from:
             batch_images = degrade(batch_images.cpu(), step_generator(seed, step, "cpu", stream=3)).to(device)
+        if n_recon:
+            batch_images[:n_recon] = recon_pool[to_device(torch.from_numpy(idx[:n_recon]), device)]
         pv = pixel_values(batch_images)
         for g in optimizer.param_groups:
             g["lr"] = cosine_lr(step, config.steps, config.warmup, config.lr)
@@ -519,6 +550,8 @@ def train_micro_clip(
             metrics.update({f"acc_{k}": v for k, v in evaluation["heldout_zero_shot"].items()})
             metrics.update({f"train_acc_{k}": v for k, v in evaluation["train_pool_zero_shot"].items()})
             metrics.update({f"degraded_acc_{k}": v for k, v in evaluation["heldout_degraded_zero_shot"].items()})
+            if "heldout_vae_zero_shot" in evaluation:
+                metrics.update({f"vae_acc_{k}": v for k, v in evaluation["heldout_vae_zero_shot"].items()})
             logger.info("clip step %d: %s", done, metrics)
         bar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items()}, refresh=False)
         now = time.monotonic()

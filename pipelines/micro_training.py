@@ -7,11 +7,14 @@ run in another process or on another machine with only those files. Resumable ch
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +84,8 @@ __all__ = [
     "save_final_clip",
     "train_unet",
     "train_vae",
+    "vae_reconstructor",
+    "vae_roundtrip",
 ]
 
 logger = logging.getLogger(__name__)
@@ -651,6 +656,48 @@ def _load_judge():
 
 
 @torch.no_grad()
+def vae_roundtrip(
+    vae: AutoencoderKL, images: np.ndarray, device: str | torch.device, batch: int = 64, progress: bool = False
+) -> np.ndarray:
+    """uint8 images (N, 64, 64, 3) encoded to their posterior mode and decoded again, as uint8 images."""
+    device = torch.device(device)
+    out = []
+    for sl in tqdm(list(chunks(len(images), batch)), desc="vae roundtrip", disable=not progress):
+        x = _to_unit(to_device(torch.from_numpy(images[sl]), device))
+        y = vae.decode(vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
+        out.append(((y.permute(0, 2, 3, 1) + 1) * 127.5 + 0.5).to(torch.uint8).cpu().numpy())
+    return np.concatenate(out)
+
+
+def vae_reconstructor(
+    work_dir: str | Path, device: str | torch.device, progress: bool = False
+) -> Callable[[np.ndarray], np.ndarray]:
+    """:func:`vae_roundtrip` through ``work_dir``'s final VAE, cached in ``work_dir/pool`` under a digest of the VAE
+    file and the images (reconstructing 20k images takes minutes on a CPU; a resumed stage should not redo it)."""
+    work_dir = Path(work_dir)
+    vae_file = final_path(work_dir, "vae")
+    if not vae_file.exists():
+        raise FileNotFoundError(f"no trained VAE at {vae_file}: run the vae stage first")
+    vae = load_final_vae(work_dir, device)
+    vae_digest = hashlib.sha256(vae_file.read_bytes()).digest()
+
+    def reconstruct(images: np.ndarray) -> np.ndarray:
+        key = hashlib.sha256(vae_digest + np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
+        path = work_dir / "pool" / f"vae-recon-{len(images)}-{key}.npy"
+        if path.exists():
+            recon = np.load(path, allow_pickle=False)
+            if recon.shape == images.shape:
+                return recon
+            logger.warning("VAE reconstruction cache %s has the wrong shape; rebuilding", path.name)
+        recon = vae_roundtrip(vae, images, device, progress=progress)
+        buf = io.BytesIO()
+        np.save(buf, recon, allow_pickle=False)
+        atomic_write_bytes(path, buf.getvalue())
+        return recon
+
+    return reconstruct
+
+
 def _vae_reconstructions(
     vae: AutoencoderKL, seed: int, device: torch.device, n: int = 512
 ) -> tuple[np.ndarray, list[Any]]:
@@ -659,12 +706,7 @@ def _vae_reconstructions(
     from evals import world
 
     images, scenes = world.render_dataset(pool_seeds(seed, n, "heldout"))
-    recon = []
-    for sl in chunks(n, 64):
-        x = _to_unit(to_device(torch.from_numpy(images[sl]), device))
-        out = vae.decode(vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
-        recon.append(((out.permute(0, 2, 3, 1) + 1) * 127.5 + 0.5).to(torch.uint8).cpu().numpy())
-    return np.concatenate(recon), scenes
+    return vae_roundtrip(vae, images, device), scenes
 
 
 @torch.no_grad()

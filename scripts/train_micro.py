@@ -42,9 +42,11 @@ from pipelines.micro_training import (  # noqa: E402
     save_final_clip,
     train_unet,
     train_vae,
+    vae_reconstructor,
 )
 
-STAGES = ("clip", "vae", "unet", "export", "eval")
+# The VAE comes first: the CLIP can train on its reconstructions (--clip-vae-from); the two are otherwise independent.
+STAGES = ("vae", "clip", "unet", "export", "eval")
 log = logging.getLogger("train_micro")
 
 
@@ -72,6 +74,8 @@ def _override(p: Preset, args: argparse.Namespace) -> Preset:
             changes["freeze_text_after"] = args.clip_freeze_text_after
         if stage == "clip" and args.clip_augment_from is not None:
             changes["augment_from"] = args.clip_augment_from
+        if stage == "clip" and args.clip_vae_from is not None:
+            changes["vae_from"] = args.clip_vae_from
         return dataclasses.replace(c, **changes)
 
     eval_images = args.eval_images if args.eval_images is not None else p.eval_images
@@ -176,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="from this step on, degrade the CLIP training images as generated samples are (blur, softening, noise)",
     )
+    ap.add_argument(
+        "--clip-vae-from",
+        type=int,
+        default=None,
+        help="from this step on, half of each CLIP batch are VAE reconstructions (needs the vae stage done first)",
+    )
     ap.add_argument("--pool-size", type=int, default=None, help="override the pool size (smoke tests)")
     ap.add_argument("--batch-size", type=int, default=None, help="override every stage's batch size")
     ap.add_argument("--eval-images", type=int, default=None, help="images per concept in the eval stage")
@@ -186,10 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    unknown = sorted(set(stages) - set(STAGES))
+    requested = {s.strip() for s in args.stages.split(",") if s.strip()}
+    unknown = sorted(requested - set(STAGES))
     if unknown:
         ap.error(f"unknown stages {unknown}; choose from {STAGES}")
+    stages = [s for s in STAGES if s in requested]  # always in pipeline order, whatever order they were named in
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -207,7 +218,17 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         print(f"== stage {stage}", flush=True)
         if stage == "clip":
-            model = train_micro_clip(p.clip, device=args.device, seed=args.seed, work_dir=args.work, progress=progress)
+            reconstruct = None
+            if p.clip.vae_from is not None:
+                reconstruct = vae_reconstructor(args.work, args.device, progress=progress)
+            model = train_micro_clip(
+                p.clip,
+                device=args.device,
+                seed=args.seed,
+                work_dir=args.work,
+                progress=progress,
+                reconstruct=reconstruct,
+            )
             path = save_final_clip(model, p.clip.arch, args.work)
             metrics = (args.work / "clip" / "metrics.json").read_text()
             print(f"micro CLIP -> {path}\n{metrics}", flush=True)

@@ -34,6 +34,7 @@ from pipelines.micro_training import (
     save_final_clip,
     train_unet,
     train_vae,
+    vae_reconstructor,
 )
 
 TINY_CLIP = ClipTrainConfig(
@@ -210,15 +211,54 @@ def test_clip_can_continue_with_the_text_tower_frozen(work, tmp_path):
     for name, config in {
         "clean": longer,
         "degraded": dataclasses.replace(longer, augment_from=TINY_CLIP.steps),
+        "vae": dataclasses.replace(longer, vae_from=TINY_CLIP.steps, vae_pool_size=24),
     }.items():
         cont = tmp_path / name
         shutil.copytree(work, cont)
         before = train_micro_clip(TINY_CLIP, device="cpu", seed=0, work_dir=cont)  # resumes at its last step
-        after = continued[name] = train_micro_clip(config, device="cpu", seed=0, work_dir=cont)
+        reconstruct = vae_reconstructor(cont, "cpu") if config.vae_from is not None else None
+        after = continued[name] = train_micro_clip(
+            config, device="cpu", seed=0, work_dir=cont, reconstruct=reconstruct
+        )
         text_before, text_after = before.text_model.state_dict(), after.text_model.state_dict()
         assert all(torch.equal(v, text_after[k]) for k, v in text_before.items())
         vision_before, vision_after = before.vision_model.state_dict(), after.vision_model.state_dict()
         assert any(not torch.equal(v, vision_after[k]) for k, v in vision_before.items())
-    # degrading the training images changes what the vision side learns from the same steps
-    clean, degraded = (continued[n].vision_model.state_dict() for n in ("clean", "degraded"))
-    assert any(not torch.equal(v, degraded[k]) for k, v in clean.items())
+    # degrading the training images, or mixing in VAE reconstructions, changes what the vision side learns
+    clean = continued["clean"].vision_model.state_dict()
+    for name in ("degraded", "vae"):
+        other = continued[name].vision_model.state_dict()
+        assert any(not torch.equal(v, other[k]) for k, v in clean.items()), name
+    metrics = json.loads((tmp_path / "vae" / "clip" / "metrics.json").read_text())
+    assert set(metrics["heldout_vae_zero_shot"]) == set(world.CATEGORIES)
+    assert "heldout_vae_zero_shot" not in json.loads((tmp_path / "clean" / "clip" / "metrics.json").read_text())
+
+
+def test_clip_vae_option_needs_a_reconstruct_function(work, tmp_path):
+    import dataclasses
+    import shutil
+
+    shutil.copytree(work, tmp_path / "w")
+    config = dataclasses.replace(TINY_CLIP, steps=TINY_CLIP.steps + 1, vae_from=0)
+    with pytest.raises(ValueError, match="reconstruct"):
+        train_micro_clip(config, device="cpu", seed=0, work_dir=tmp_path / "w")
+    with pytest.raises(ValueError, match="vae_fraction"):
+        dataclasses.replace(TINY_CLIP, vae_fraction=0.0)
+    with pytest.raises(FileNotFoundError, match="vae stage"):
+        vae_reconstructor(tmp_path / "no-such-work", "cpu")
+
+
+def test_vae_reconstructions_are_cached_per_vae_and_images(work, tmp_path):
+    import shutil
+
+    shutil.copytree(work, tmp_path / "w")
+    images, _ = world.render_dataset(range(6))
+    reconstruct = vae_reconstructor(tmp_path / "w", "cpu")
+    first = reconstruct(images)
+    assert first.shape == images.shape and first.dtype == np.uint8
+    assert not np.array_equal(first, images)  # a tiny VAE does not reproduce its input
+    cached = list((tmp_path / "w" / "pool").glob("vae-recon-*.npy"))
+    assert len(cached) == 1
+    assert np.array_equal(vae_reconstructor(tmp_path / "w", "cpu")(images), first)  # read back from the cache
+    reconstruct(images[:3])  # other images: another cache entry
+    assert len(list((tmp_path / "w" / "pool").glob("vae-recon-*.npy"))) == 2
