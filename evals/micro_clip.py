@@ -522,11 +522,12 @@ def train_micro_clip(
         captions = [world.caption(s, rng) for s in batch_scenes]
         mask = to_device(torch.from_numpy(caption_consistency(captions, batch_scenes)), device)
         ids = to_device(tokenize(tokenizer, captions, cache=token_cache), device)
-        batch_images = pool[to_device(torch.from_numpy(idx), device)]
+        batch_images = pool[to_device(torch.from_numpy(idx[n_recon:]), device)]
         if config.augment_from is not None and step >= config.augment_from:
             batch_images = degrade(batch_images.cpu(), step_generator(seed, step, "cpu", stream=3)).to(device)
         if n_recon:
-            batch_images[:n_recon] = recon_pool[to_device(torch.from_numpy(idx[:n_recon]), device)]
+            recon = recon_pool[to_device(torch.from_numpy(idx[:n_recon]), device)]
+            batch_images = torch.cat([recon, batch_images])
         pv = pixel_values(batch_images)
         for g in optimizer.param_groups:
             g["lr"] = cosine_lr(step, config.steps, config.warmup, config.lr)

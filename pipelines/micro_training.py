@@ -8,7 +8,6 @@ run in another process or on another machine with only those files. Resumable ch
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
@@ -36,6 +35,7 @@ from evals.micro_clip import (
     micro_clip_config,
     save_micro_clip,
     tokenize,
+    zero_shot_accuracy,
     zero_shot_predict,
 )
 from pipelines.files import atomic_write_bytes
@@ -52,6 +52,7 @@ from pipelines.train_utils import (
     Ema,
     ProgressCallback,
     SpeedMeter,
+    atomic_save_npy,
     atomic_save_safetensors,
     atomic_write_json,
     autocast_context,
@@ -233,7 +234,7 @@ def _save_final(module: torch.nn.Module, path: Path, meta: dict[str, Any]) -> No
 
 def _read_final(path: Path, device: str | torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run the stage that produces it first")
+        raise FileNotFoundError(f"{path} is missing: run the {path.stem} stage first")
     with safe_open(str(path), framework="pt") as f:
         meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
     tensors = {
@@ -675,11 +676,8 @@ def vae_reconstructor(
     """:func:`vae_roundtrip` through ``work_dir``'s final VAE, cached in ``work_dir/pool`` under a digest of the VAE
     file and the images (reconstructing 20k images takes minutes on a CPU; a resumed stage should not redo it)."""
     work_dir = Path(work_dir)
-    vae_file = final_path(work_dir, "vae")
-    if not vae_file.exists():
-        raise FileNotFoundError(f"no trained VAE at {vae_file}: run the vae stage first")
     vae = load_final_vae(work_dir, device)
-    vae_digest = hashlib.sha256(vae_file.read_bytes()).digest()
+    vae_digest = hashlib.sha256(final_path(work_dir, "vae").read_bytes()).digest()
 
     def reconstruct(images: np.ndarray) -> np.ndarray:
         key = hashlib.sha256(vae_digest + np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
@@ -690,9 +688,7 @@ def vae_reconstructor(
                 return recon
             logger.warning("VAE reconstruction cache %s has the wrong shape; rebuilding", path.name)
         recon = vae_roundtrip(vae, images, device, progress=progress)
-        buf = io.BytesIO()
-        np.save(buf, recon, allow_pickle=False)
-        atomic_write_bytes(path, buf.getvalue())
+        atomic_save_npy(path, recon)
         return recon
 
     return reconstruct
@@ -787,17 +783,7 @@ def evaluate_micro(
             Image.fromarray(np.concatenate(rows, axis=0)).save(Path(out_dir) / f"eval_{cat}.png")
     results["seconds_per_image"] = (time.monotonic() - t_start) / max(1, n_generated)
     recon, scenes = _vae_reconstructions(pipe.vae, seed, device)
-    results["clip_on_vae_reconstructions"] = {
-        cat: float(
-            np.mean(
-                [
-                    p == getattr(s, cat)
-                    for p, s in zip(zero_shot_predict(clip, clip_tok, recon, cat, device), scenes, strict=True)
-                ]
-            )
-        )
-        for cat in world.CATEGORIES
-    }
+    results["clip_on_vae_reconstructions"] = zero_shot_accuracy(clip, clip_tok, recon, scenes, device)
     if judge is not None:
         from evals.judge import evaluate
 

@@ -11,6 +11,7 @@ resumed run draws exactly the batches and noise the uninterrupted run would have
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ __all__ = [
     "Ema",
     "ProgressCallback",
     "atomic_write_json",
+    "atomic_save_npy",
     "atomic_save_safetensors",
     "autocast_context",
     "chunks",
@@ -63,6 +65,13 @@ ProgressCallback = Callable[[str, int, int, dict[str, float]], None]
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """Atomically write ``obj`` as indented JSON."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
+    """Atomically save one array as ``.npy`` (no pickles: read it back with ``np.load(..., allow_pickle=False)``)."""
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def atomic_save_safetensors(
@@ -327,11 +336,7 @@ def load_pool(
     images, scenes = world.render_dataset(seeds, workers=workers)
     images = np.ascontiguousarray(images, dtype=np.uint8)
     if cache_dir is not None:
-        import io
-
-        buf = io.BytesIO()
-        np.save(buf, images, allow_pickle=False)
-        atomic_write_bytes(img_path, buf.getvalue())
+        atomic_save_npy(img_path, images)
         atomic_write_json(lab_path, [s.labels() for s in scenes])
     return images, list(scenes)
 
