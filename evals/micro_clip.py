@@ -36,7 +36,9 @@ from pipelines.train_utils import (
     autocast_context,
     chunks,
     cosine_lr,
+    final_path,
     load_checkpoint,
+    load_initial_weights,
     load_pool,
     pool_seeds,
     save_checkpoint,
@@ -464,8 +466,16 @@ def train_micro_clip(
         model.load_state_dict(ckpt.tensors["model"])
         start = ckpt.step
         logger.info("resuming micro CLIP from step %d", start)
+    elif (init := load_initial_weights(work_dir, "clip", device)) is not None:
+        model.load_state_dict(init)
     if start >= config.steps:
         return model.eval()
+    text_trains = config.freeze_text_after is None or config.freeze_text_after > start
+    if text_trains and final_path(work_dir, "unet").exists():
+        raise ValueError(
+            f"{work_dir} holds a UNet that reads this CLIP's text tower: train only the vision side "
+            f"(freeze_text_after <= {start}, --clip-freeze-text-after {start})"
+        )
     if config.vae_from is not None and reconstruct is None:
         raise ValueError("config.vae_from is set but no reconstruct function was given")
 

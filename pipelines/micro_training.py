@@ -58,7 +58,10 @@ from pipelines.train_utils import (
     autocast_context,
     chunks,
     cosine_lr,
+    final_path,
+    init_path,
     load_checkpoint,
+    load_initial_weights,
     load_pool,
     pool_seeds,
     save_checkpoint,
@@ -77,6 +80,7 @@ __all__ = [
     "export_micro",
     "declare_float32",
     "final_path",
+    "import_micro",
     "load_final_clip",
     "load_final_unet",
     "load_final_vae",
@@ -222,11 +226,6 @@ def preset(name: str, render_workers: int = 1) -> Preset:
 # ----------------------------------------------------------------------------------------------------
 
 
-def final_path(work_dir: str | Path, stage: str) -> Path:
-    """``<work>/final/<stage>.safetensors``: a stage's finished weights, the hand-over to later stages."""
-    return Path(work_dir) / "final" / f"{stage}.safetensors"
-
-
 def _save_final(module: torch.nn.Module, path: Path, meta: dict[str, Any]) -> None:
     tensors = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in module.state_dict().items()}
     atomic_save_safetensors(tensors, path, metadata={k: json.dumps(v) for k, v in meta.items()})
@@ -317,6 +316,11 @@ def train_vae(
         vae.load_state_dict(ckpt.tensors["model"])
         start = ckpt.step
         logger.info("resuming micro VAE from step %d", start)
+    if start < config.steps and final_path(work_dir, "unet").exists():
+        raise ValueError(
+            f"{work_dir} holds a UNet trained on this VAE's latents: training the VAE now would invalidate it "
+            "(continue the VAE in a new --work)"
+        )
     images, _ = load_pool(pool_seeds(seed, config.pool_size), work_dir / "pool", config.render_workers, tag="train")
     pool = torch.from_numpy(images).to(device)
     vae.train()
@@ -465,6 +469,9 @@ def train_unet(
         ema.load_state_dict(ckpt.tensors["ema"])
         start = ckpt.step
         logger.info("resuming micro UNet from step %d", start)
+    elif (init := load_initial_weights(work_dir, "unet", device)) is not None:
+        unet.load_state_dict(init)
+        ema = Ema(unet, config.ema_decay)
 
     if start < config.steps:
         images, scenes = load_pool(
@@ -637,6 +644,87 @@ def export_micro(work_dir: str | Path, out_sd: str | Path, out_clip: str | Path)
     world.write_world_json(tmp_sd / "world.json")
     _replace_dir(tmp_sd, out_sd)
     return out_sd, out_clip
+
+
+def _arch_of_exported(sd_path: Path, clip_path: Path) -> tuple[CLIPModel, AutoencoderKL, UNet2DConditionModel, dict]:
+    """Load exported models and rebuild each from the trainer's architecture dataclasses, so that training them
+    further in a work dir is exactly what training them from seed would have been (strict ``load_state_dict``)."""
+    shipped_clip = CLIPModel.from_pretrained(clip_path, dtype=torch.float32)
+    tc, vc = shipped_clip.config.text_config, shipped_clip.config.vision_config
+    clip_arch = ClipArch(
+        text_hidden=tc.hidden_size,
+        text_layers=tc.num_hidden_layers,
+        text_heads=tc.num_attention_heads,
+        text_intermediate=tc.intermediate_size,
+        vision_hidden=vc.hidden_size,
+        vision_layers=vc.num_hidden_layers,
+        vision_heads=vc.num_attention_heads,
+        vision_intermediate=vc.intermediate_size,
+        patch_size=vc.patch_size,
+        projection_dim=shipped_clip.config.projection_dim,
+    )
+    clip = CLIPModel(micro_clip_config(clip_arch))
+    clip.load_state_dict(shipped_clip.state_dict())
+
+    shipped_vae = AutoencoderKL.from_pretrained(sd_path / "vae", dtype=torch.float32)
+    c = shipped_vae.config
+    vae_arch = VAEArch(
+        block_out_channels=tuple(c.block_out_channels),
+        layers_per_block=c.layers_per_block,
+        norm_num_groups=c.norm_num_groups,
+        mid_block_add_attention=c.mid_block_add_attention,
+    )
+    vae = build_vae(vae_arch, scaling_factor=float(c.scaling_factor))
+    vae.load_state_dict(shipped_vae.state_dict())
+
+    shipped_unet = UNet2DConditionModel.from_pretrained(sd_path / "unet", dtype=torch.float32)
+    c = shipped_unet.config
+    heads = c.attention_head_dim if isinstance(c.attention_head_dim, list | tuple) else [c.attention_head_dim] * 3
+    layers = c.transformer_layers_per_block
+    unet_arch = UNetArch(
+        block_out_channels=tuple(c.block_out_channels),
+        layers_per_block=c.layers_per_block,
+        norm_num_groups=c.norm_num_groups,
+        attention_head_dim=c.block_out_channels[-1] // heads[-1],  # build_unet's heads = channels // head width
+        transformer_layers=layers if isinstance(layers, int) else layers[0],
+    )
+    unet = build_unet(unet_arch, cross_attention_dim=c.cross_attention_dim)
+    unet.load_state_dict(shipped_unet.state_dict())
+    archs = {"clip": asdict(clip_arch), "vae": asdict(vae_arch), "unet": asdict(unet_arch)}
+    return clip, vae, unet, archs
+
+
+def import_micro(work_dir: str | Path, sd_path: str | Path, clip_path: str | Path) -> None:
+    """Seed a new work dir with exported models (the inverse of :func:`export_micro`), so that training continues
+    from them instead of from seed. Checkpoints stay in ignored work dirs and are lost with the machine; the exported
+    folders are what lasts.
+
+    Writes ``final/{clip,vae,unet}`` (export and eval then work at once) and ``init/{clip,unet}``, the weights those
+    stages start from at step 0 with fresh optimizers: continuing is a warm restart, a new warm-up and cosine schedule
+    over the stage's steps. The CLIP's text tower must then stay frozen (the UNet reads it), and the VAE cannot be
+    retrained under the UNet; both stages refuse to.
+    """
+    work_dir, sd_path, clip_path = Path(work_dir), Path(sd_path), Path(clip_path)
+    if not (sd_path / "model_index.json").exists():
+        raise FileNotFoundError(f"{sd_path} is not a Stable Diffusion pipeline folder (no model_index.json)")
+    if not (clip_path / "config.json").exists():
+        raise FileNotFoundError(f"{clip_path} is not a CLIP model folder (no config.json)")
+    taken = [p for p in (work_dir / "final", work_dir / "init", work_dir / "clip", work_dir / "unet") if p.exists()]
+    if taken:
+        raise FileExistsError(f"{work_dir} already holds training state ({taken[0].name}/): import into a new --work")
+    clip, vae, unet, archs = _arch_of_exported(sd_path, clip_path)
+    text_encoder = CLIPTextModel.from_pretrained(sd_path / "text_encoder", dtype=torch.float32)
+    clip_text = clip.text_model.state_dict()
+    if any(not torch.equal(v, clip_text[k]) for k, v in text_encoder.state_dict().items()):
+        raise ValueError(f"{clip_path}'s text tower is not {sd_path}'s text encoder: they were not trained together")
+    source = {"imported_from": {"sd": str(sd_path), "clip": str(clip_path)}}
+    unet_meta = {"arch": archs["unet"], "cross_attention_dim": unet.config.cross_attention_dim, "step": 0}
+    _save_final(vae, final_path(work_dir, "vae"), {"arch": archs["vae"], "scaling_factor": vae.config.scaling_factor})
+    for path in (init_path(work_dir, "clip"), final_path(work_dir, "clip")):
+        _save_final(clip, path, {"arch": archs["clip"], **source})
+    for path in (init_path(work_dir, "unet"), final_path(work_dir, "unet")):
+        _save_final(unet, path, {**unet_meta, "complete": True, **source})
+    logger.info("imported %s and %s into %s", sd_path, clip_path, work_dir)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -39,7 +39,10 @@ __all__ = [
     "autocast_context",
     "chunks",
     "cosine_lr",
+    "final_path",
     "flatten_optimizer_state",
+    "init_path",
+    "load_initial_weights",
     "load_checkpoint",
     "SpeedMeter",
     "load_pool",
@@ -193,6 +196,34 @@ def load_checkpoint(
     if optimizer is not None:
         optimizer.load_state_dict(unflatten_optimizer_state(opt_tensors, meta["optimizer"]))
     return Checkpoint(step=int(meta["step"]), tensors=groups, info=meta.get("info", {}))
+
+
+# ----------------------------------------------------------------------------------------------------
+# A work dir's hand-over files
+# ----------------------------------------------------------------------------------------------------
+
+
+def final_path(work_dir: str | Path, stage: str) -> Path:
+    """``<work>/final/<stage>.safetensors``: a stage's finished weights, the hand-over to later stages."""
+    return Path(work_dir) / "final" / f"{stage}.safetensors"
+
+
+def init_path(work_dir: str | Path, stage: str) -> Path:
+    """``<work>/init/<stage>.safetensors``: weights a stage starts from instead of its seeded random init (written by
+    ``pipelines.micro_training.import_micro`` to continue exported models in a new work dir)."""
+    return Path(work_dir) / "init" / f"{stage}.safetensors"
+
+
+def load_initial_weights(
+    work_dir: str | Path, stage: str, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor] | None:
+    """The stage's starting weights as float32 tensors, or None when it starts from its random init."""
+    path = init_path(work_dir, stage)
+    if not path.exists():
+        return None
+    tensors = load_file(str(path), device=str(device))
+    logger.info("%s starts from %s instead of a random init", stage, path)
+    return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -38,12 +38,14 @@ from pipelines.micro_training import (  # noqa: E402
     Preset,
     evaluate_micro,
     export_micro,
+    import_micro,
     preset,
     save_final_clip,
     train_unet,
     train_vae,
     vae_reconstructor,
 )
+from pipelines.train_utils import init_path  # noqa: E402
 
 # The VAE comes first: the CLIP can train on its reconstructions (--clip-vae-from); the two are otherwise independent.
 STAGES = ("vae", "clip", "unet", "export", "eval")
@@ -56,6 +58,8 @@ def _override(p: Preset, args: argparse.Namespace) -> Preset:
         stage_steps = getattr(args, f"{stage}_steps")
         if stage_steps is not None:
             c = dataclasses.replace(c, steps=stage_steps, warmup=min(c.warmup, stage_steps))
+        if getattr(args, f"{stage}_lr") is not None:
+            changes["lr"] = getattr(args, f"{stage}_lr")
         if args.max_steps is not None:
             steps = min(c.steps, args.max_steps)
             changes.update(steps=steps, warmup=min(c.warmup, max(1, steps // 10)))
@@ -72,6 +76,8 @@ def _override(p: Preset, args: argparse.Namespace) -> Preset:
             changes["time_limit_s"] = 60.0 * args.time_limit_min
         if stage == "clip" and args.clip_freeze_text_after is not None:
             changes["freeze_text_after"] = args.clip_freeze_text_after
+        elif stage == "clip" and args.init_from is not None:
+            changes["freeze_text_after"] = 0  # the imported UNet reads the text tower
         if stage == "clip" and args.clip_augment_from is not None:
             changes["augment_from"] = args.clip_augment_from
         if stage == "clip" and args.clip_vae_from is not None:
@@ -168,6 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-steps", type=int, default=None, help="cap every stage's steps (smoke tests)")
     for stage in ("clip", "vae", "unet"):
         ap.add_argument(f"--{stage}-steps", type=int, default=None, help=f"override the preset's {stage} steps")
+        ap.add_argument(f"--{stage}-lr", type=float, default=None, help=f"override the preset's {stage} peak LR")
+    ap.add_argument(
+        "--init-from",
+        nargs="*",
+        metavar="FOLDER",
+        default=None,
+        help="start a new --work from exported models instead of from seed: no value for the shipped ones, or an SD "
+        "pipeline folder and a micro CLIP folder. They are step 0 of the clip and unet stages (new warm-up and cosine "
+        "schedule); the CLIP's text tower stays frozen. Rerun the same command to resume",
+    )
     ap.add_argument(
         "--clip-freeze-text-after",
         type=int,
@@ -200,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(requested - set(STAGES))
     if unknown:
         ap.error(f"unknown stages {unknown}; choose from {STAGES}")
+    if args.init_from not in (None, []) and len(args.init_from) != 2:
+        ap.error("--init-from takes no folder (the shipped models) or two: an SD pipeline folder and a CLIP folder")
     stages = [s for s in STAGES if s in requested]  # always in pipeline order, whatever order they were named in
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -214,6 +232,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     t_all = time.perf_counter()
+    if args.init_from is not None:
+        sources = args.init_from or [micro_model_path(), micro_clip_path()]
+        if init_path(args.work, "unet").exists():
+            print(f"{args.work} already starts from imported models: resuming", flush=True)
+        else:
+            import_micro(args.work, *sources)
+            print(f"imported {sources[0]} and {sources[1]} into {args.work}", flush=True)
     for stage in stages:
         t = time.perf_counter()
         print(f"== stage {stage}", flush=True)
