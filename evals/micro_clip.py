@@ -470,14 +470,14 @@ def train_micro_clip(
         model.load_state_dict(init)
     if start >= config.steps:
         return model.eval()
+    if config.vae_from is not None and reconstruct is None:
+        raise ValueError("config.vae_from is set but no reconstruct function was given")
     text_trains = config.freeze_text_after is None or config.freeze_text_after > start
     if text_trains and final_path(work_dir, "unet").exists():
         raise ValueError(
             f"{work_dir} holds a UNet that reads this CLIP's text tower: train only the vision side "
             f"(freeze_text_after <= {start}, --clip-freeze-text-after {start})"
         )
-    if config.vae_from is not None and reconstruct is None:
-        raise ValueError("config.vae_from is set but no reconstruct function was given")
 
     images, scenes = load_pool(
         pool_seeds(seed, config.pool_size), work_dir / "pool", config.render_workers, tag="train"

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from tiny_clip import tiny_clip_arch
+from transformers import CLIPModel
 
 from evals import world
 from evals.micro_clip import (
@@ -31,6 +32,7 @@ from pipelines.micro_training import (
     evaluate_micro,
     export_micro,
     final_path,
+    import_micro,
     save_final_clip,
     train_unet,
     train_vae,
@@ -262,3 +264,55 @@ def test_vae_reconstructions_are_cached_per_vae_and_images(work, tmp_path):
     assert np.array_equal(vae_reconstructor(tmp_path / "w", "cpu")(images), first)  # read back from the cache
     reconstruct(images[:3])  # other images: another cache entry
     assert len(list((tmp_path / "w" / "pool").glob("vae-recon-*.npy"))) == 2
+
+
+def test_import_continues_exported_models(work, tmp_path):
+    """Exported folders seed a new work dir (checkpoints do not outlive the machine that trained them): exporting it
+    again gives the same weights bit for bit, and the clip and unet stages restart from them, not from seed."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from evals.micro_clip import micro_clip_config, save_micro_clip
+    from pipelines.micro_training import load_final_unet
+
+    train_unet(TINY_UNET, device="cpu", seed=0, work_dir=work)  # already done if the export test ran first
+    sd, clip_dir = export_micro(work, tmp_path / "sd", tmp_path / "clip")
+    new = tmp_path / "new"
+    import_micro(new, sd, clip_dir)
+    sd2, clip2 = export_micro(new, tmp_path / "sd2", tmp_path / "clip2")
+    for a, b in (
+        (sd / "unet" / "diffusion_pytorch_model.safetensors", sd2 / "unet" / "diffusion_pytorch_model.safetensors"),
+        (sd / "vae" / "diffusion_pytorch_model.safetensors", sd2 / "vae" / "diffusion_pytorch_model.safetensors"),
+        (sd / "text_encoder" / "model.safetensors", sd2 / "text_encoder" / "model.safetensors"),
+        (clip_dir / "model.safetensors", clip2 / "model.safetensors"),
+    ):
+        x, y = load_file(a), load_file(b)
+        assert set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x), a
+
+    # a tiny LR moves the weights by ~1e-8: the restarted UNet is the imported one, not a seeded random init
+    imported, _ = load_final_unet(new)
+    restarted = train_unet(dataclasses.replace(TINY_UNET, steps=1, lr=1e-8), device="cpu", seed=0, work_dir=new)
+    for (k, a), b in zip(restarted.state_dict().items(), imported.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-4), k
+    # the CLIP's text tower is the imported UNet's text encoder: training it is refused, the vision side restarts
+    one_step = dataclasses.replace(TINY_CLIP, steps=1, lr=1e-8, eval_every=1)
+    with pytest.raises(ValueError, match="text tower"):
+        train_micro_clip(one_step, device="cpu", seed=0, work_dir=new)
+    clip = train_micro_clip(dataclasses.replace(one_step, freeze_text_after=0), device="cpu", seed=0, work_dir=new)
+    clip_before, _ = load_micro_clip(clip_dir)
+    after, before = clip.state_dict(), clip_before.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith("text_model."))
+    assert all(torch.allclose(after[k], v, atol=1e-4) for k, v in before.items())
+    with pytest.raises(ValueError, match="VAE"):
+        train_vae(TINY_VAE, device="cpu", seed=0, work_dir=new)
+
+    # refusals: a work dir that already holds training state, a folder that is no model, a CLIP from another run
+    with pytest.raises(FileExistsError, match="new --work"):
+        import_micro(new, sd, clip_dir)
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        import_micro(tmp_path / "a", tmp_path / "nowhere", clip_dir)
+    torch.manual_seed(1)
+    other = save_micro_clip(CLIPModel(micro_clip_config(TINY_CLIP.arch)), tmp_path / "other")
+    with pytest.raises(ValueError, match="not trained together"):
+        import_micro(tmp_path / "b", sd, other)

@@ -45,6 +45,20 @@ def test_train_micro_command_runs_every_stage(tmp_path):
     assert text_file.read_bytes() == text_before and unet_file.read_bytes() != unet_before
     assert json.loads((work / "unet" / "ckpt.json").read_text())["file"].endswith("00000004.safetensors")
 
+    # the README's restart from the exported models in a new work dir (checkpoints do not outlive their machine)
+    sd2, clip2 = tmp_path / "sd2", tmp_path / "clip2"
+    restart = ["--init-from", str(sd), str(clip), "--work", str(tmp_path / "work2"), "--out-sd", str(sd2),
+               "--out-clip", str(clip2), "--stages", "clip,unet,export", "--clip-steps", "2", "--unet-steps", "2",
+               "--unet-lr", "1e-3", "--no-progress"]  # fmt: skip
+    first = _run("train_micro.py", "--preset", "cpu", "--device", "cpu", *caps, *restart, cwd=tmp_path)
+    assert "imported" in first.stdout
+    assert (sd2 / "text_encoder" / "model.safetensors").read_bytes() == text_before
+    unet_after = (sd2 / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert unet_after != unet_file.read_bytes()
+    again = _run("train_micro.py", "--preset", "cpu", "--device", "cpu", *caps, *restart, cwd=tmp_path)
+    assert "resuming" in again.stdout  # the same command resumes; nothing trains twice
+    assert (sd2 / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == unet_after
+
 
 def test_train_judge_command(tmp_path):
     out = tmp_path / "judge"
