@@ -23,8 +23,6 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPTextModel
 
@@ -63,6 +61,7 @@ from pipelines.train_utils import (
     load_checkpoint,
     load_initial_weights,
     load_pool,
+    load_weights,
     pool_seeds,
     save_checkpoint,
     step_generator,
@@ -234,12 +233,7 @@ def _save_final(module: torch.nn.Module, path: Path, meta: dict[str, Any]) -> No
 def _read_final(path: Path, device: str | torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run the {path.stem} stage first")
-    with safe_open(str(path), framework="pt") as f:
-        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-    tensors = {
-        k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path), device=str(device)).items()
-    }
-    return tensors, meta
+    return load_weights(path, device)
 
 
 def save_final_clip(model: CLIPModel, arch: ClipArch, work_dir: str | Path) -> Path:
@@ -646,7 +640,7 @@ def export_micro(work_dir: str | Path, out_sd: str | Path, out_clip: str | Path)
     return out_sd, out_clip
 
 
-def _arch_of_exported(sd_path: Path, clip_path: Path) -> tuple[CLIPModel, AutoencoderKL, UNet2DConditionModel, dict]:
+def _rebuild_exported(sd_path: Path, clip_path: Path) -> tuple[CLIPModel, AutoencoderKL, UNet2DConditionModel, dict]:
     """Load exported models and rebuild each from the trainer's architecture dataclasses, so that training them
     further in a work dir is exactly what training them from seed would have been (strict ``load_state_dict``)."""
     shipped_clip = CLIPModel.from_pretrained(clip_path, dtype=torch.float32)
@@ -712,7 +706,7 @@ def import_micro(work_dir: str | Path, sd_path: str | Path, clip_path: str | Pat
     taken = [p for p in (work_dir / "final", work_dir / "init", work_dir / "clip", work_dir / "unet") if p.exists()]
     if taken:
         raise FileExistsError(f"{work_dir} already holds training state ({taken[0].name}/): import into a new --work")
-    clip, vae, unet, archs = _arch_of_exported(sd_path, clip_path)
+    clip, vae, unet, archs = _rebuild_exported(sd_path, clip_path)
     text_encoder = CLIPTextModel.from_pretrained(sd_path / "text_encoder", dtype=torch.float32)
     clip_text = clip.text_model.state_dict()
     if any(not torch.equal(v, clip_text[k]) for k, v in text_encoder.state_dict().items()):
@@ -720,9 +714,10 @@ def import_micro(work_dir: str | Path, sd_path: str | Path, clip_path: str | Pat
     source = {"imported_from": {"sd": str(sd_path), "clip": str(clip_path)}}
     unet_meta = {"arch": archs["unet"], "cross_attention_dim": unet.config.cross_attention_dim, "step": 0}
     _save_final(vae, final_path(work_dir, "vae"), {"arch": archs["vae"], "scaling_factor": vae.config.scaling_factor})
-    for path in (init_path(work_dir, "clip"), final_path(work_dir, "clip")):
+    # init/unet last: its presence marks a finished import (train_micro.py --init-from resumes on it)
+    for path in (final_path(work_dir, "clip"), init_path(work_dir, "clip")):
         _save_final(clip, path, {"arch": archs["clip"], **source})
-    for path in (init_path(work_dir, "unet"), final_path(work_dir, "unet")):
+    for path in (final_path(work_dir, "unet"), init_path(work_dir, "unet")):
         _save_final(unet, path, {**unet_meta, "complete": True, **source})
     logger.info("imported %s and %s into %s", sd_path, clip_path, work_dir)
 

@@ -43,6 +43,7 @@ __all__ = [
     "flatten_optimizer_state",
     "init_path",
     "load_initial_weights",
+    "load_weights",
     "load_checkpoint",
     "SpeedMeter",
     "load_pool",
@@ -214,6 +215,16 @@ def init_path(work_dir: str | Path, stage: str) -> Path:
     return Path(work_dir) / "init" / f"{stage}.safetensors"
 
 
+def load_weights(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A hand-over file's tensors (floating ones as float32; they are stored in fp16) and its JSON metadata."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    tensors = load_file(str(path), device=str(device))
+    return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, meta
+
+
 def load_initial_weights(
     work_dir: str | Path, stage: str, device: str | torch.device = "cpu"
 ) -> dict[str, torch.Tensor] | None:
@@ -221,9 +232,8 @@ def load_initial_weights(
     path = init_path(work_dir, stage)
     if not path.exists():
         return None
-    tensors = load_file(str(path), device=str(device))
     logger.info("%s starts from %s instead of a random init", stage, path)
-    return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    return load_weights(path, device)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
