@@ -36,6 +36,8 @@ __all__ = [
     "judge_path",
     "load_judge",
     "train_judge",
+    "warp",
+    "warp_images",
 ]
 
 logger = logging.getLogger(__name__)
@@ -251,10 +253,41 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
+def warp(x: torch.Tensor, generator: torch.Generator, amplitude: float = 0.1) -> torch.Tensor:
+    """Bend shapes the way a small diffusion model draws them: a batch (N, 3, H, W) in [0, 1] resampled through a
+    random rotation (up to 10 degrees, so a diamond stays a diamond), scale (0.9-1.1) and a smooth displacement
+    field (4x4 control points, each image's amplitude uniform in [0, ``amplitude``] of the half-width).
+
+    Why: the micro CLIP read 96% of objects on held-out renders but 78% once they were warped at amplitude 0.1, where
+    the judge still read 96%; that is the size of its gap to the judge on generated images (87.6% of the objects the
+    judge reads right). Labels survive: objects stay the same kind, colours and styles are untouched.
+    """
+    n, dev = x.shape[0], x.device
+    rand = lambda *shape: torch.rand((n, *shape), generator=generator)  # noqa: E731  CPU draws: device-independent
+    angle = (rand() * 2 - 1) * math.radians(10.0)
+    inv_scale = 1.0 / (0.9 + 0.2 * rand())
+    cos, sin, zero = torch.cos(angle) * inv_scale, torch.sin(angle) * inv_scale, torch.zeros(n)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1).to(dev)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    field = (rand(2, 4, 4) * 2 - 1) * (amplitude * rand(1, 1, 1))
+    field = F.interpolate(field.to(dev), size=x.shape[-2:], mode="bicubic", align_corners=False)
+    # border padding: reflection would mirror an object near the edge into a second one
+    return F.grid_sample(x, grid + field.permute(0, 2, 3, 1), padding_mode="border", align_corners=False).clamp(0, 1)
+
+
+def _on_uint8(images: np.ndarray | torch.Tensor, fn) -> torch.Tensor:
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255.0
+    return (fn(x) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1)
+
+
 def degrade(images: np.ndarray | torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """:func:`augment` on uint8 images (N, 64, 64, 3), returning uint8 images as a generated PNG would store them."""
-    x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255.0
-    return (augment(x, generator) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1)
+    return _on_uint8(images, lambda x: augment(x, generator))
+
+
+def warp_images(images: np.ndarray | torch.Tensor, generator: torch.Generator, amplitude: float = 0.1) -> torch.Tensor:
+    """:func:`warp` on uint8 images (N, 64, 64, 3), returning uint8 images."""
+    return _on_uint8(images, lambda x: warp(x, generator, amplitude))
 
 
 def _labels(scenes: Sequence[world.Scene], classes: dict[str, list[str]]) -> dict[str, torch.Tensor]:

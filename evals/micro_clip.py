@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-from evals.judge import degrade
+from evals.judge import degrade, warp_images
 from pipelines.tokenizer import clean_prompt, offline_clip_tokenizer
 from pipelines.train_utils import (
     ProgressCallback,
@@ -138,6 +138,11 @@ class ClipTrainConfig:
     vae_from: int | None = None
     vae_pool_size: int = 20_000
     vae_fraction: float = 0.5
+    # From this step on training images are warped (``evals.judge.warp``: small rotation, scale and a smooth
+    # displacement field) before any degradation. The shipped CLIP's objects fell from 96% on held-out renders to 78%
+    # on the same renders warped at amplitude 0.1, while the judge's stayed at 96%: generated shapes are wobbly.
+    warp_from: int | None = None
+    warp_amplitude: float = 0.1
     checkpoint_every_s: float = 180.0
     time_limit_s: float | None = None
 
@@ -156,6 +161,10 @@ class ClipTrainConfig:
             raise ValueError(f"augment_from must be >= 0, got {self.augment_from}")
         if self.vae_from is not None and self.vae_from < 0:
             raise ValueError(f"vae_from must be >= 0, got {self.vae_from}")
+        if self.warp_from is not None and self.warp_from < 0:
+            raise ValueError(f"warp_from must be >= 0, got {self.warp_from}")
+        if not 0 < self.warp_amplitude <= 0.5:
+            raise ValueError(f"warp_amplitude must be in (0, 0.5], got {self.warp_amplitude}")
         if not 0 < self.vae_fraction <= 1 or self.vae_pool_size < 1:
             raise ValueError("vae_fraction must be in (0, 1] and vae_pool_size >= 1")
         if self.lr <= 0 or self.weight_decay < 0 or self.render_workers < 1 or self.heldout_size < 1:
@@ -492,6 +501,8 @@ def train_micro_clip(
 
     # The held-out renders once more, degraded as generated samples are: how well the scorer reads imperfect images.
     held_degraded = degrade(held_images, torch.Generator().manual_seed(seed + 1)).numpy()
+    # ... and with their shapes bent as a small UNet bends them (amplitude up to 0.1, see ``warp_from``)
+    held_warped = warp_images(held_images, torch.Generator().manual_seed(seed + 2)).numpy()
     recon_pool, held_recon = None, None
     if config.vae_from is not None:
         recon_pool = torch.from_numpy(reconstruct(images[: config.vae_pool_size])).to(device)
@@ -501,6 +512,7 @@ def train_micro_clip(
         acc = {
             "heldout_zero_shot": zero_shot_accuracy(model, tokenizer, held_images, held_scenes, device),
             "heldout_degraded_zero_shot": zero_shot_accuracy(model, tokenizer, held_degraded, held_scenes, device),
+            "heldout_warped_zero_shot": zero_shot_accuracy(model, tokenizer, held_warped, held_scenes, device),
             "train_pool_zero_shot": zero_shot_accuracy(model, tokenizer, seen_images, seen_scenes, device),
         }
         if held_recon is not None:
@@ -533,6 +545,9 @@ def train_micro_clip(
         mask = to_device(torch.from_numpy(caption_consistency(captions, batch_scenes)), device)
         ids = to_device(tokenize(tokenizer, captions, cache=token_cache), device)
         batch_images = pool[to_device(torch.from_numpy(idx[n_recon:]), device)]
+        if config.warp_from is not None and step >= config.warp_from:
+            warp_gen = step_generator(seed, step, "cpu", stream=5)
+            batch_images = warp_images(batch_images.cpu(), warp_gen, config.warp_amplitude).to(device)
         if config.augment_from is not None and step >= config.augment_from:
             batch_images = degrade(batch_images.cpu(), step_generator(seed, step, "cpu", stream=3)).to(device)
         if n_recon:
@@ -564,6 +579,7 @@ def train_micro_clip(
             metrics.update({f"acc_{k}": v for k, v in evaluation["heldout_zero_shot"].items()})
             metrics.update({f"train_acc_{k}": v for k, v in evaluation["train_pool_zero_shot"].items()})
             metrics.update({f"degraded_acc_{k}": v for k, v in evaluation["heldout_degraded_zero_shot"].items()})
+            metrics.update({f"warped_acc_{k}": v for k, v in evaluation["heldout_warped_zero_shot"].items()})
             if "heldout_vae_zero_shot" in evaluation:
                 metrics.update({f"vae_acc_{k}": v for k, v in evaluation["heldout_vae_zero_shot"].items()})
             logger.info("clip step %d: %s", done, metrics)

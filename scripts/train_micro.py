@@ -80,6 +80,8 @@ def _override(p: Preset, args: argparse.Namespace) -> Preset:
             changes["freeze_text_after"] = 0  # the imported UNet reads the text tower
         if stage == "clip" and args.clip_augment_from is not None:
             changes["augment_from"] = args.clip_augment_from
+        if stage == "clip" and args.clip_warp_from is not None:
+            changes["warp_from"] = args.clip_warp_from
         if stage == "clip" and args.clip_vae_from is not None:
             changes["vae_from"] = args.clip_vae_from
         return dataclasses.replace(c, **changes)
@@ -195,6 +197,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="from this step on, degrade the CLIP training images as generated samples are (blur, softening, noise)",
+    )
+    ap.add_argument(
+        "--clip-warp-from",
+        type=int,
+        default=None,
+        help="from this step on, bend the shapes in CLIP training images as a small UNet draws them (rotation, "
+        "scale, smooth displacement)",
     )
     ap.add_argument(
         "--clip-vae-from",

@@ -8,7 +8,16 @@ import torch
 from PIL import Image
 
 from evals import world
-from evals.judge import HELDOUT_SEED_OFFSET, Judge, JudgeConfig, degrade, evaluate, judge_path, load_judge
+from evals.judge import (
+    HELDOUT_SEED_OFFSET,
+    Judge,
+    JudgeConfig,
+    degrade,
+    evaluate,
+    judge_path,
+    load_judge,
+    warp_images,
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +43,23 @@ def test_shipped_judge_accuracy(judge: Judge) -> None:
     assert not torch.equal(degraded, torch.from_numpy(images))
     acc_aug = evaluate(judge, degraded.numpy(), scenes)
     assert all(v >= 0.95 for v in acc_aug.values()), acc_aug
+
+
+def test_warped_renders_keep_their_labels(judge: Judge) -> None:
+    """The warp that CLIP training uses bends shapes without turning one object into another: the judge, which never
+    saw a warp, still reads them; and it is a real, seeded change of the image."""
+    images, scenes = world.render_dataset(range(HELDOUT_SEED_OFFSET + 600_000, HELDOUT_SEED_OFFSET + 600_300))
+    warped = warp_images(images, torch.Generator().manual_seed(0))
+    assert warped.dtype == torch.uint8 and warped.shape == images.shape
+    assert torch.equal(warped, warp_images(images, torch.Generator().manual_seed(0)))
+    changed = (warped.float() - torch.from_numpy(images).float()).abs().mean(dim=(1, 2, 3))
+    assert (changed > 1.0).float().mean() > 0.9
+    acc = evaluate(judge, warped.numpy(), scenes)
+    assert acc["object"] >= 0.9 and acc["colour"] >= 0.97 and acc["style"] >= 0.95, acc
+    with pytest.raises(ValueError, match="warp_amplitude"):
+        from evals.micro_clip import ClipTrainConfig
+
+        ClipTrainConfig(warp_amplitude=0.0)
 
 
 def test_predict_input_forms(judge: Judge) -> None:

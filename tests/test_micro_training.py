@@ -214,6 +214,7 @@ def test_clip_can_continue_with_the_text_tower_frozen(work, tmp_path):
         "clean": longer,
         "degraded": dataclasses.replace(longer, augment_from=TINY_CLIP.steps),
         "vae": dataclasses.replace(longer, vae_from=TINY_CLIP.steps, vae_pool_size=24),
+        "warped": dataclasses.replace(longer, warp_from=TINY_CLIP.steps),
     }.items():
         cont = tmp_path / name
         shutil.copytree(work, cont)
@@ -228,11 +229,12 @@ def test_clip_can_continue_with_the_text_tower_frozen(work, tmp_path):
         assert any(not torch.equal(v, vision_after[k]) for k, v in vision_before.items())
     # degrading the training images, or mixing in VAE reconstructions, changes what the vision side learns
     clean = continued["clean"].vision_model.state_dict()
-    for name in ("degraded", "vae"):
+    for name in ("degraded", "vae", "warped"):
         other = continued[name].vision_model.state_dict()
         assert any(not torch.equal(v, other[k]) for k, v in clean.items()), name
     metrics = json.loads((tmp_path / "vae" / "clip" / "metrics.json").read_text())
     assert set(metrics["heldout_vae_zero_shot"]) == set(world.CATEGORIES)
+    assert set(metrics["heldout_warped_zero_shot"]) == set(world.CATEGORIES)
     assert "heldout_vae_zero_shot" not in json.loads((tmp_path / "clean" / "clip" / "metrics.json").read_text())
 
 
