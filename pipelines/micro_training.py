@@ -803,7 +803,8 @@ def evaluate_micro(
     """Generate ``n_images`` per concept from its one-attribute prompt (``world.prompt``) at the default sampler
     settings and fixed seeds, and report per-category accuracy of the named attribute as judged by the micro CLIP
     (zero-shot) and by the ground-truth judge when it exists, and how often the two name the same concept for an
-    image. Saves one image grid PNG per category in ``out_dir``.
+    image, and CLIP's accuracy on the images the judge reads as the named concept (the scorer's own error, apart from
+    the UNet's). Saves one image grid PNG per category in ``out_dir``.
     """
     from evals import world
 
@@ -816,6 +817,7 @@ def evaluate_micro(
         "clip": {},
         "judge": {} if judge is not None else None,
         "agreement": {} if judge is not None else None,
+        "clip_where_judge_right": {} if judge is not None else None,
         "images": {},
         "per_concept": {},
     }
@@ -824,7 +826,7 @@ def evaluate_micro(
     for c_idx, cat in enumerate(world.CATEGORIES):
         names = world.concepts(cat)
         grid_rows = []
-        clip_hits, judge_hits, agree = [], [], []
+        clip_hits, judge_hits, agree, clip_given_judge = [], [], [], []
         for n_idx, name in enumerate(tqdm(names, desc=f"eval {cat}", disable=not progress)):
             prompt = world.prompt(**{cat: name})
             imgs = []
@@ -851,6 +853,7 @@ def evaluate_micro(
                 hits["judge"] = float(np.mean([p == name for p in judge_pred]))
                 judge_hits.append(hits["judge"])
                 agree.extend(a == b for a, b in zip(clip_pred, judge_pred, strict=True))
+                clip_given_judge.extend(c == name for c, j in zip(clip_pred, judge_pred, strict=True) if j == name)
             results["per_concept"][f"{cat}:{name}"] = hits
             grid_rows.append(np.concatenate(list(images[: min(8, len(images))]), axis=1))
         results["clip"][cat] = float(np.mean(clip_hits))
@@ -859,6 +862,8 @@ def evaluate_micro(
             results["judge"][cat] = float(np.mean(judge_hits))
             # per image: does CLIP name the same concept of this category as the judge (right or wrong)?
             results["agreement"][cat] = float(np.mean(agree))
+            # the scorer's own error: CLIP's accuracy on the images the UNet drew right (by the judge)
+            results["clip_where_judge_right"][cat] = float(np.mean(clip_given_judge)) if clip_given_judge else None
         if out_dir is not None:
             width = max(r.shape[1] for r in grid_rows)
             rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in grid_rows]

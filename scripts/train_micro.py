@@ -291,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             if res["judge"] is not None:
                 print("accuracy of the named attribute (judge):            ", _fmt(res["judge"]))
                 print("CLIP and judge name the same concept:              ", _fmt(res["agreement"]))
+                print("CLIP on the images the judge reads right:          ", _fmt(res["clip_where_judge_right"]))
                 print("judge on VAE reconstructions of renders (ceiling): ", _fmt(res["judge_on_vae_reconstructions"]))
             else:
                 print("judge: not available (evals/judge missing or untrained)")
@@ -302,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _fmt(acc: dict[str, float]) -> str:
-    return "  ".join(f"{k} {v:.1%}" for k, v in acc.items())
+def _fmt(acc: dict[str, float | None]) -> str:
+    return "  ".join(f"{k} {'n/a' if v is None else format(v, '.1%')}" for k, v in acc.items())
 
 
 if __name__ == "__main__":

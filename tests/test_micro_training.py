@@ -143,6 +143,9 @@ def test_stages_export_a_loadable_pipeline(work, tmp_path):
     for key in ("clip", "judge", "agreement"):
         assert set(res[key]) == set(world.CATEGORIES) and all(0.0 <= v <= 1.0 for v in res[key].values())
     assert res["images"] == {cat: 2 * len(world.concepts(cat)) for cat in world.CATEGORIES}
+    # None where the judge read no image of the category right (two images per concept here)
+    assert set(res["clip_where_judge_right"]) == set(world.CATEGORIES)
+    assert all(v is None or 0.0 <= v <= 1.0 for v in res["clip_where_judge_right"].values())
     for key in ("judge_on_vae_reconstructions", "clip_on_vae_reconstructions"):
         assert set(res[key]) == set(world.CATEGORIES) and all(0.0 <= v <= 1.0 for v in res[key].values())
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["agreement"] == res["agreement"]
