@@ -703,9 +703,15 @@ def import_micro(work_dir: str | Path, sd_path: str | Path, clip_path: str | Pat
         raise FileNotFoundError(f"{sd_path} is not a Stable Diffusion pipeline folder (no model_index.json)")
     if not (clip_path / "config.json").exists():
         raise FileNotFoundError(f"{clip_path} is not a CLIP model folder (no config.json)")
-    taken = [p for p in (work_dir / "final", work_dir / "init", work_dir / "clip", work_dir / "unet") if p.exists()]
+    # Only an import writes final/ and init/ without a stage's checkpoint folder beside them, and it writes
+    # init/unet last: without it and without checkpoints, what is there is an interrupted import, redone here.
+    taken = [p for p in (work_dir / s for s in ("clip", "vae", "unet")) if p.exists()]
+    if init_path(work_dir, "unet").exists():
+        taken.append(work_dir / "init")
     if taken:
         raise FileExistsError(f"{work_dir} already holds training state ({taken[0].name}/): import into a new --work")
+    if (work_dir / "final").exists() or (work_dir / "init").exists():
+        logger.warning("%s holds an interrupted import: importing again", work_dir)
     clip, vae, unet, archs = _rebuild_exported(sd_path, clip_path)
     text_encoder = CLIPTextModel.from_pretrained(sd_path / "text_encoder", dtype=torch.float32)
     clip_text = clip.text_model.state_dict()

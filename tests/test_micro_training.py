@@ -38,6 +38,7 @@ from pipelines.micro_training import (
     train_vae,
     vae_reconstructor,
 )
+from pipelines.train_utils import init_path
 
 TINY_CLIP = ClipTrainConfig(
     arch=tiny_clip_arch(layers=1, projection_dim=32),
@@ -315,6 +316,12 @@ def test_import_continues_exported_models(work, tmp_path):
     # refusals: a work dir that already holds training state, a folder that is no model, a CLIP from another run
     with pytest.raises(FileExistsError, match="new --work"):
         import_micro(new, sd, clip_dir)
+    # an import killed before its last file (init/unet) is redone, not refused
+    half = tmp_path / "half"
+    import_micro(half, sd, clip_dir)
+    init_path(half, "unet").unlink()
+    import_micro(half, sd, clip_dir)
+    assert init_path(half, "unet").is_file()
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         import_micro(tmp_path / "a", tmp_path / "nowhere", clip_dir)
     torch.manual_seed(1)
