@@ -2,7 +2,7 @@
 model's: ``pipelines.DEFAULT_STEPS`` and ``DEFAULT_GUIDANCE``).
 
 The model is a real ``diffusers.StableDiffusionPipeline`` (VAE, UNet with cross-attention, CLIP text encoder and
-tokenizer, DPM-Solver++ scheduler) at toy scale: 64x64 images, 16x16x4 latents, a 128-wide text encoder that is the
+tokenizer, SDE-DPM-Solver++ scheduler) at toy scale: 64x64 images, 16x16x4 latents, a 128-wide text encoder that is the
 micro CLIP's text tower. Plain ``StableDiffusionPipeline.from_pretrained(micro_model_path())`` loads it.
 """
 
@@ -136,8 +136,14 @@ def training_scheduler() -> DDPMScheduler:
 
 
 def inference_scheduler() -> DPMSolverMultistepScheduler:
-    """DPM-Solver++ (2nd order) on the training betas: the scheduler saved in the pipeline folder."""
-    scheduler = DPMSolverMultistepScheduler(**NOISE_SCHEDULE, algorithm_type="dpmsolver++", solver_order=2)
+    """SDE-DPM-Solver++ (2nd order, stochastic) on the training betas: the scheduler saved in the pipeline folder.
+
+    Why the stochastic variant: at the default 20 steps and guidance 7.5 the shipped UNet draws the named object
+    right (by the judge) in 93.6% / 93.0% of 512 images on two seed sets, against 90.6% / 88.5% with the
+    deterministic DPM-Solver++ and 92.0% with Euler ancestral (presumably the noise added at each step corrects the
+    small UNet's drift); colours 100 -> 98%, styles 100%.
+    """
+    scheduler = DPMSolverMultistepScheduler(**NOISE_SCHEDULE, algorithm_type="sde-dpmsolver++", solver_order=2)
     # SD 1.x's scheduler config carries these, and users swap samplers with ``Other.from_config(pipe.scheduler
     # .config)``: without them DDIM falls back to clip_sample=True, clips the latents and draws noise (object
     # accuracy 22%). DPM-Solver++ ignores them.

@@ -607,7 +607,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 
 def export_micro(work_dir: str | Path, out_sd: str | Path, out_clip: str | Path) -> tuple[Path, Path]:
     """Assemble the shipped folders from the ``final/*`` files: the micro CLIP folder and the SD pipeline folder
-    (fp16 safetensors, DPM-Solver++ scheduler, no safety checker, ``world.json`` beside ``model_index.json``)."""
+    (fp16 safetensors, SDE-DPM-Solver++ scheduler, no safety checker, ``world.json`` beside ``model_index.json``)."""
     from evals import world
 
     out_sd, out_clip = Path(out_sd), Path(out_clip)
