@@ -283,6 +283,9 @@ class PipelineWrapper:
 
     def initial_latents(self, seed: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
         """The starting noise for one image, a function of the seed alone (drawn on the CPU for portability)."""
+        return self._draw_latents(torch.Generator("cpu").manual_seed(int(seed)), height, width)
+
+    def _draw_latents(self, generator: torch.Generator, height: int | None, width: int | None) -> torch.Tensor:
         height, width = height or self.image_size, width or self.image_size
         shape = (
             1,
@@ -290,7 +293,7 @@ class PipelineWrapper:
             height // self.pipe.vae_scale_factor,
             width // self.pipe.vae_scale_factor,
         )
-        return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed)), dtype=torch.float32)
+        return torch.randn(shape, generator=generator, dtype=torch.float32)
 
     @torch.no_grad()
     def generate(
@@ -309,7 +312,10 @@ class PipelineWrapper:
     ) -> list[Image.Image]:
         """Images for (prompt, seed) pairs; the same pair gives the same image whatever else is in the batch.
 
-        Each image's starting noise comes from its own seed, so batching only changes floating-point summation order.
+        Each image's starting noise comes from its own seed, and so does the noise a stochastic sampler (the micro
+        model's SDE-DPM-Solver++, Euler ancestral) adds at each step: one CPU generator per image, seeded with its
+        seed, draws the starting noise and then the step noise, as ``pipe(prompt, generator=torch.Generator("cpu")
+        .manual_seed(seed))`` would. Batching only changes floating-point summation order.
         """
         prompts, seeds = list(prompts), [int(s) for s in seeds]
         if len(prompts) != len(seeds):
@@ -320,11 +326,13 @@ class PipelineWrapper:
         batches = range(0, len(prompts), batch_size)
         for start in tqdm(batches, desc="generating", unit="batch", disable=not progress or len(batches) < 2):
             chunk_prompts = prompts[start : start + batch_size]
-            latents = torch.cat([self.initial_latents(s, height, width) for s in seeds[start : start + batch_size]])
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start : start + batch_size]]
+            latents = torch.cat([self._draw_latents(g, height, width) for g in generators])
             result = self.pipe(
                 prompt=chunk_prompts,
                 negative_prompt=[negative_prompt] * len(chunk_prompts),
                 latents=latents.to(self.device, self.dtype),
+                generator=generators,
                 num_inference_steps=steps,
                 guidance_scale=guidance,
                 height=height or self.image_size,
