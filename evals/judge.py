@@ -263,7 +263,10 @@ def warp(x: torch.Tensor, generator: torch.Generator, amplitude: float = 0.1) ->
     judge reads right). Labels survive: objects stay the same kind, colours and styles are untouched.
     """
     n, dev = x.shape[0], x.device
-    rand = lambda *shape: torch.rand((n, *shape), generator=generator)  # noqa: E731  CPU draws: device-independent
+
+    def rand(*shape: int) -> torch.Tensor:  # drawn on the CPU generator: the same warp on any device
+        return torch.rand((n, *shape), generator=generator)
+
     angle = (rand() * 2 - 1) * math.radians(10.0)
     inv_scale = 1.0 / (0.9 + 0.2 * rand())
     cos, sin, zero = torch.cos(angle) * inv_scale, torch.sin(angle) * inv_scale, torch.zeros(n)

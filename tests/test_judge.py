@@ -56,10 +56,6 @@ def test_warped_renders_keep_their_labels(judge: Judge) -> None:
     assert (changed > 1.0).float().mean() > 0.9
     acc = evaluate(judge, warped.numpy(), scenes)
     assert acc["object"] >= 0.9 and acc["colour"] >= 0.97 and acc["style"] >= 0.95, acc
-    with pytest.raises(ValueError, match="warp_amplitude"):
-        from evals.micro_clip import ClipTrainConfig
-
-        ClipTrainConfig(warp_amplitude=0.0)
 
 
 def test_predict_input_forms(judge: Judge) -> None:

@@ -252,6 +252,8 @@ def test_clip_vae_option_needs_a_reconstruct_function(work, tmp_path):
         train_micro_clip(config, device="cpu", seed=0, work_dir=tmp_path / "w")
     with pytest.raises(ValueError, match="vae_fraction"):
         dataclasses.replace(TINY_CLIP, vae_fraction=0.0)
+    with pytest.raises(ValueError, match="warp_amplitude"):
+        dataclasses.replace(TINY_CLIP, warp_amplitude=0.0)
     with pytest.raises(FileNotFoundError, match="vae stage"):
         vae_reconstructor(tmp_path / "no-such-work", "cpu")
 
