@@ -84,6 +84,8 @@ def _override(p: Preset, args: argparse.Namespace) -> Preset:
             changes["warp_from"] = args.clip_warp_from
         if stage == "clip" and args.clip_vae_from is not None:
             changes["vae_from"] = args.clip_vae_from
+        if stage == "clip" and args.clip_class_prompt_weight is not None:
+            changes["class_prompt_weight"] = args.clip_class_prompt_weight
         return dataclasses.replace(c, **changes)
 
     eval_images = args.eval_images if args.eval_images is not None else p.eval_images
@@ -211,9 +213,22 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="from this step on, half of each CLIP batch are VAE reconstructions (needs the vae stage done first)",
     )
+    ap.add_argument(
+        "--clip-class-prompt-weight",
+        type=float,
+        default=None,
+        help="add the zero-shot classification loss (each image against every concept's one-attribute prompt) "
+        "with this weight",
+    )
     ap.add_argument("--pool-size", type=int, default=None, help="override the pool size (smoke tests)")
     ap.add_argument("--batch-size", type=int, default=None, help="override every stage's batch size")
     ap.add_argument("--eval-images", type=int, default=None, help="images per concept in the eval stage")
+    ap.add_argument(
+        "--eval-seed",
+        type=int,
+        default=None,
+        help="seed of the eval stage's image seeds (default: --seed); another value draws a fresh set of images",
+    )
     ap.add_argument("--time-limit-min", type=float, default=None, help="per training stage: stop, save, move on")
     ap.add_argument("--checkpoint-every-s", type=float, default=180.0)
     ap.add_argument("--estimate", action="store_true", help="measure per-step times, print the total, exit")
@@ -281,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.out_sd,
                 args.out_clip,
                 device=args.device,
-                seed=args.seed,
+                seed=args.seed if args.eval_seed is None else args.eval_seed,
                 n_images=p.eval_images,
                 batch=p.eval_batch,
                 out_dir=args.work,

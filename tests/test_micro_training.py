@@ -219,6 +219,7 @@ def test_clip_can_continue_with_the_text_tower_frozen(work, tmp_path):
         "degraded": dataclasses.replace(longer, augment_from=TINY_CLIP.steps),
         "vae": dataclasses.replace(longer, vae_from=TINY_CLIP.steps, vae_pool_size=24),
         "warped": dataclasses.replace(longer, warp_from=TINY_CLIP.steps),
+        "class prompts": dataclasses.replace(longer, class_prompt_weight=0.5),
     }.items():
         cont = tmp_path / name
         shutil.copytree(work, cont)
@@ -231,9 +232,10 @@ def test_clip_can_continue_with_the_text_tower_frozen(work, tmp_path):
         assert all(torch.equal(v, text_after[k]) for k, v in text_before.items())
         vision_before, vision_after = before.vision_model.state_dict(), after.vision_model.state_dict()
         assert any(not torch.equal(v, vision_after[k]) for k, v in vision_before.items())
-    # degrading the training images, or mixing in VAE reconstructions, changes what the vision side learns
+    # degrading or warping the training images, mixing in VAE reconstructions or adding the zero-shot classification
+    # loss changes what the vision side learns
     clean = continued["clean"].vision_model.state_dict()
-    for name in ("degraded", "vae", "warped"):
+    for name in ("degraded", "vae", "warped", "class prompts"):
         other = continued[name].vision_model.state_dict()
         assert any(not torch.equal(v, other[k]) for k, v in clean.items()), name
     metrics = json.loads((tmp_path / "vae" / "clip" / "metrics.json").read_text())

@@ -33,6 +33,11 @@ def test_train_micro_command_runs_every_stage(tmp_path):
     again = _run("train_micro.py", "--preset", "cpu", "--device", "cpu", *caps, *paths, "--stages", "clip,vae,unet",
                  "--no-progress", cwd=tmp_path)  # fmt: skip
     assert "all done" in again.stdout
+    # another eval seed draws other images from the same models
+    grid = (work / "eval_object.png").read_bytes()
+    _run("train_micro.py", "--preset", "cpu", "--device", "cpu", *caps, *paths, "--stages", "eval", "--eval-seed", "1",
+         "--no-progress", cwd=tmp_path)  # fmt: skip
+    assert (work / "eval_object.png").read_bytes() != grid
 
     # the README's continuation: more CLIP steps with its text tower (the UNet's text encoder) frozen, more UNet steps
     text_file = sd / "text_encoder" / "model.safetensors"
@@ -49,7 +54,7 @@ def test_train_micro_command_runs_every_stage(tmp_path):
     sd2, clip2 = tmp_path / "sd2", tmp_path / "clip2"
     restart = ["--init-from", str(sd), str(clip), "--work", str(tmp_path / "work2"), "--out-sd", str(sd2),
                "--out-clip", str(clip2), "--stages", "clip,unet,export", "--clip-steps", "2", "--unet-steps", "2",
-               "--unet-lr", "1e-3", "--no-progress"]  # fmt: skip
+               "--unet-lr", "1e-3", "--clip-class-prompt-weight", "0.5", "--no-progress"]  # fmt: skip
     first = _run("train_micro.py", "--preset", "cpu", "--device", "cpu", *caps, *restart, cwd=tmp_path)
     assert "imported" in first.stdout
     assert (sd2 / "text_encoder" / "model.safetensors").read_bytes() == text_before
