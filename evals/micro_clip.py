@@ -570,7 +570,8 @@ def train_micro_clip(
             loss = multi_positive_loss(out.logits_per_text.float(), mask)
             if config.class_prompt_weight > 0:
                 class_ids, labels = class_prompt_batch(batch_scenes, rng)
-                text = model.get_text_features(input_ids=to_device(tokenize(tokenizer, class_ids), device))
+                ids = to_device(tokenize(tokenizer, class_ids, cache=token_cache), device)
+                text = model.get_text_features(input_ids=ids)
                 text = F.normalize(text.pooler_output.float(), dim=-1)
                 logits = model.logit_scale.exp() * out.image_embeds.float() @ text.T
                 loss = loss + config.class_prompt_weight * class_prompt_loss(logits, labels, device)

@@ -78,14 +78,14 @@ def _override(p: Preset, args: argparse.Namespace) -> Preset:
             changes["freeze_text_after"] = args.clip_freeze_text_after
         elif stage == "clip" and args.init_from is not None:
             changes["freeze_text_after"] = 0  # the imported UNet reads the text tower
-        if stage == "clip" and args.clip_augment_from is not None:
-            changes["augment_from"] = args.clip_augment_from
-        if stage == "clip" and args.clip_warp_from is not None:
-            changes["warp_from"] = args.clip_warp_from
-        if stage == "clip" and args.clip_vae_from is not None:
-            changes["vae_from"] = args.clip_vae_from
-        if stage == "clip" and args.clip_class_prompt_weight is not None:
-            changes["class_prompt_weight"] = args.clip_class_prompt_weight
+        if stage == "clip":
+            clip_options = {
+                "augment_from": args.clip_augment_from,
+                "warp_from": args.clip_warp_from,
+                "vae_from": args.clip_vae_from,
+                "class_prompt_weight": args.clip_class_prompt_weight,
+            }
+            changes.update({k: v for k, v in clip_options.items() if v is not None})
         return dataclasses.replace(c, **changes)
 
     eval_images = args.eval_images if args.eval_images is not None else p.eval_images
