@@ -10,6 +10,8 @@ Examples::
     python scripts/train_micro.py --preset cpu --device cpu
     # measure per-step times and print the extrapolated total only
     python scripts/train_micro.py --preset cpu --device cpu --estimate
+    # replay every run that made the shipped weights (README, runs table): about 9.5 h on 2 CPU cores
+    python scripts/train_micro.py --recipe shipped --work .train/shipped
 
 Every stage resumes from its checkpoint in --work; finished stages hand over through ``<work>/final/*.safetensors``.
 """
@@ -165,6 +167,61 @@ def estimate(p: Preset, device: str, seed: int, workers: int, n_steps: int = 6) 
     return total
 
 
+#: The runs that made the shipped weights (README, runs table), in order, as this script's own options. Runs 1-7 share
+#: one work folder; runs 11, 13 and 14 each start a new one from the run before's export (``--init-from``).
+SHIPPED_RUNS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("run1", ("--stages", "vae,clip,unet")),
+    ("run2", ("--stages", "clip,unet", "--clip-steps", "8000", "--clip-freeze-text-after", "4000",
+              "--unet-steps", "20000")),
+    ("run3", ("--stages", "clip", "--clip-steps", "14000", "--clip-freeze-text-after", "4000")),
+    ("run4", ("--stages", "unet", "--unet-steps", "28000")),
+    ("run5", ("--stages", "clip", "--clip-steps", "18000", "--clip-freeze-text-after", "4000")),
+    ("run6", ("--stages", "unet", "--unet-steps", "40000")),
+    ("run7", ("--stages", "clip,export", "--clip-steps", "22000", "--clip-freeze-text-after", "4000",
+              "--clip-augment-from", "18000")),
+    ("run11", ("--init-from", "--stages", "clip,export", "--clip-steps", "3000", "--clip-lr", "5e-4",
+               "--clip-augment-from", "0", "--clip-warp-from", "0")),
+    ("run13", ("--init-from", "--stages", "clip,export", "--clip-steps", "3000", "--clip-lr", "5e-4",
+               "--clip-augment-from", "0", "--clip-warp-from", "0", "--clip-class-prompt-weight", "0.5")),
+    ("run14", ("--init-from", "--stages", "clip,export,eval", "--clip-steps", "4000", "--clip-lr", "3e-4",
+               "--clip-augment-from", "0", "--clip-warp-from", "0", "--clip-class-prompt-weight", "1.0")),
+)  # fmt: skip
+#: Options (argparse dests) a recipe sets itself, run by run, and those every run of it shares.
+_RECIPE_SETS = ("stages", "init_from", "preset", "clip_steps", "clip_lr", "vae_steps", "vae_lr", "unet_steps",
+                "unet_lr", "clip_freeze_text_after", "clip_augment_from", "clip_warp_from", "clip_vae_from",
+                "clip_class_prompt_weight", "estimate")  # fmt: skip
+_RECIPE_SHARES = ("device", "seed", "workers", "max_steps", "pool_size", "batch_size", "eval_images", "eval_seed",
+                  "time_limit_min", "checkpoint_every_s")  # fmt: skip
+
+
+def run_recipe(shared: list[str], work: Path, out_sd: Path, out_clip: Path) -> int:
+    """Run SHIPPED_RUNS one after another, each with the options ``shared`` by every run (device, seed, caps).
+
+    Each finished run leaves ``<work>/<run>.done``; rerunning the command skips those and resumes the one it was in.
+    Only the last run writes ``out_sd`` and ``out_clip``; the ones before export into ``<work>/<run>/``.
+    """
+    run_work, previous = work / SHIPPED_RUNS[0][0], None
+    for i, (name, options) in enumerate(SHIPPED_RUNS):
+        last = i == len(SHIPPED_RUNS) - 1
+        sd, clip = (out_sd, out_clip) if last else (work / name / "sd", work / name / "clip")
+        extra = list(options)
+        if "--init-from" in extra:  # from the run before's export: an SD folder and a CLIP folder
+            run_work = work / name
+            at = extra.index("--init-from") + 1
+            extra[at:at] = [str(previous[0]), str(previous[1])]
+        done = work / f"{name}.done"
+        if done.exists():
+            print(f"=== {name}: done before, skipped", flush=True)
+        else:
+            print(f"=== {name} ({i + 1} of {len(SHIPPED_RUNS)}): {' '.join(options)}", flush=True)
+            paths = ["--preset", "cpu", "--work", str(run_work), "--out-sd", str(sd), "--out-clip", str(clip)]
+            main([*shared, *paths, *extra])
+            done.write_text(" ".join(options) + "\n")
+        if "export" in options[options.index("--stages") + 1]:
+            previous = (sd, clip)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-sd", type=Path, default=micro_model_path(), help="diffusers pipeline folder to write")
@@ -172,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=ROOT / ".train" / "micro", help="checkpoints, pool cache, eval")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--preset", choices=("cpu", "gpu"), default="cpu")
+    ap.add_argument(
+        "--recipe",
+        choices=("shipped",),
+        default=None,
+        help="replay every run that made the shipped weights (README, runs table) in --work, one after another; "
+        "about 9.5 h on 2 CPU cores. Rerun the same command to resume",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes for rendering the pool")
@@ -236,6 +300,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.recipe is not None:
+        owned = [f"--{d.replace('_', '-')}" for d in _RECIPE_SETS if getattr(args, d) != ap.get_default(d)]
+        if owned:
+            ap.error(f"--recipe sets {', '.join(owned)} itself, run by run; leave it out")
+        shared = ["--no-progress"] if args.no_progress else []
+        for dest in _RECIPE_SHARES:
+            if getattr(args, dest) is not None:
+                shared += [f"--{dest.replace('_', '-')}", str(getattr(args, dest))]
+        return run_recipe(shared, args.work, args.out_sd, args.out_clip)
     requested = {s.strip() for s in args.stages.split(",") if s.strip()}
     unknown = sorted(requested - set(STAGES))
     if unknown:

@@ -65,6 +65,39 @@ def test_train_micro_command_runs_every_stage(tmp_path):
     assert (sd2 / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == unet_after
 
 
+def test_train_micro_recipe_replays_the_shipped_runs(tmp_path):
+    sd, clip, work = tmp_path / "sd", tmp_path / "clip", tmp_path / "work"
+    caps = ["--max-steps", "2", "--pool-size", "64", "--batch-size", "8", "--eval-images", "1", "--workers", "1"]
+    recipe = [
+        "--recipe",
+        "shipped",
+        "--work",
+        str(work),
+        "--out-sd",
+        str(sd),
+        "--out-clip",
+        str(clip),
+        "--no-progress",
+    ]
+    result = _run("train_micro.py", *caps, *recipe, cwd=tmp_path)
+    runs = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("=== ")]
+    assert runs == ["run1", "run2", "run3", "run4", "run5", "run6", "run7", "run11", "run13", "run14"]
+    assert all((work / f"{run}.done").is_file() for run in runs)
+    # the later runs start from the run before's export and keep its text tower (the UNet's text encoder) and UNet
+    text, unet = "text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors"
+    for name in (text, unet):
+        assert (sd / name).read_bytes() == (work / "run7" / "sd" / name).read_bytes()
+    assert (clip / "model.safetensors").read_bytes() != (work / "run13" / "clip" / "model.safetensors").read_bytes()
+    assert json.loads((work / "run14" / "eval.json").read_text())["images"]["object"] == 8
+    # rerunning skips every finished run
+    again = _run("train_micro.py", *caps, *recipe, cwd=tmp_path)
+    assert again.stdout.count("done before, skipped") == len(runs)
+    # the recipe sets the runs' options itself
+    cmd = [sys.executable, str(ROOT / "scripts" / "train_micro.py"), *recipe, "--clip-steps", "5"]
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert refused.returncode == 2 and "--recipe sets --clip-steps itself" in refused.stderr
+
+
 def test_train_judge_command(tmp_path):
     out = tmp_path / "judge"
     args = ["--steps", "2", "--batch-size", "8", "--pool-size", "32", "--eval-size", "16", "--widths", "4", "4"]
