@@ -23,6 +23,7 @@ __all__ = [
     "generic_probes",
     "probe_accuracy",
     "probe_correct",
+    "probe_verdicts",
     "world_labels",
     "world_probes",
 ]
@@ -72,6 +73,25 @@ def generic_probes(concepts: Sequence[str], per_concept: int, seed: int = 0) -> 
     ]
 
 
+def probe_verdicts(
+    scorer: ClipScorer,
+    images: Sequence[Image.Image],
+    probes: Sequence[Probe],
+    labels: Mapping[str, Sequence[str]],
+) -> list[str]:
+    """Each image's zero-shot verdict among ``labels[probe.category]``: what the image reads as."""
+    if len(images) != len(probes):
+        raise ValueError(f"{len(images)} images for {len(probes)} probes")
+    verdicts = [""] * len(probes)
+    for category in sorted({p.category for p in probes}):
+        idx = [i for i, p in enumerate(probes) if p.category == category]
+        templates = TEMPLATES.get(category, GENERIC_TEMPLATES)
+        result = scorer.zero_shot([images[i] for i in idx], labels[category], templates)
+        for i, predicted in zip(idx, result.predictions, strict=True):
+            verdicts[i] = predicted
+    return verdicts
+
+
 def probe_correct(
     scorer: ClipScorer,
     images: Sequence[Image.Image],
@@ -79,16 +99,8 @@ def probe_correct(
     labels: Mapping[str, Sequence[str]],
 ) -> list[bool]:
     """Whether each image is zero-shot classified as its probe's concept, among ``labels[probe.category]``."""
-    if len(images) != len(probes):
-        raise ValueError(f"{len(images)} images for {len(probes)} probes")
-    correct = [False] * len(probes)
-    for category in sorted({p.category for p in probes}):
-        idx = [i for i, p in enumerate(probes) if p.category == category]
-        templates = TEMPLATES.get(category, GENERIC_TEMPLATES)
-        result = scorer.zero_shot([images[i] for i in idx], labels[category], templates)
-        for i, predicted in zip(idx, result.predictions, strict=True):
-            correct[i] = predicted == probes[i].concept
-    return correct
+    verdicts = probe_verdicts(scorer, images, probes, labels)
+    return [v == p.concept for v, p in zip(verdicts, probes, strict=True)]
 
 
 def probe_accuracy(correct: Sequence[bool]) -> float:

@@ -6,17 +6,18 @@
         --concept picasso --concept monet --images 100 --json out.json
 
 Groups: each erased concept under its canonical name and under every synonym; every other style; objects and
-colours (pooled). Accuracy = micro-CLIP zero-shot verdict equals the named concept (the judge's beside it).
+colours (pooled). Accuracy = micro-CLIP zero-shot verdict equals the named concept (the judge's beside it). For a
+group of one concept the last column says what its images read as after the edit (the two most common verdicts).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
+from collections import Counter
 
 # scripts/erase.py would shadow the erase package: drop this folder from the import path.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
@@ -29,9 +30,10 @@ import erase  # noqa: E402
 from erase.workflow import erasure_settings  # noqa: E402
 from evals import world  # noqa: E402
 from evals.metrics import wilson_interval  # noqa: E402
-from evals.probes import Probe, probe_correct, world_labels, world_probes  # noqa: E402
+from evals.probes import Probe, probe_correct, probe_verdicts, world_labels, world_probes  # noqa: E402
 from evals.scorer import ClipScorer  # noqa: E402
 from pipelines import load_pipeline  # noqa: E402
+from pipelines.train_utils import atomic_write_json  # noqa: E402
 
 
 def probe_groups(targets: list[str], n: int, seed: int) -> dict[str, list[Probe]]:
@@ -82,7 +84,9 @@ def main() -> None:
     print(f"generated {2 * len(probes)} images in {time.perf_counter() - start:.1f} s")
     scorer = ClipScorer.from_pretrained("micro", device=args.device)
     labels = world_labels()
-    ok_before, ok_after = probe_correct(scorer, before, probes, labels), probe_correct(scorer, after, probes, labels)
+    ok_before = probe_correct(scorer, before, probes, labels)
+    read_after = probe_verdicts(scorer, after, probes, labels)
+    ok_after = [v == p.concept for v, p in zip(read_after, probes, strict=True)]
     judge_before = judge_after = None
     try:
         from evals.judge import load_judge
@@ -96,7 +100,7 @@ def main() -> None:
         print(f"judge unavailable: {err}")
     results, start = {}, 0
     header = f"{'group':42s} {'N':>4s}  {'CLIP before':>11s} {'CLIP after':>10s}"
-    print(header + f"  {'after 95% CI':>14s}  {'judge before':>12s} {'judge after':>11s}")
+    print(header + f"  {'after 95% CI':>14s}  {'judge before':>12s} {'judge after':>11s}  after, CLIP reads it as")
     for name, group in groups.items():
         sl = slice(start, start + len(group))
         start += len(group)
@@ -105,18 +109,21 @@ def main() -> None:
             "clip_before": float(np.mean(ok_before[sl])),
             "clip_after": float(np.mean(ok_after[sl])),
         }
+        if len({p.concept for p in group}) == 1:  # what an erased concept turned into (or a kept one stayed)
+            row["after_reads_as"] = dict(Counter(read_after[sl]).most_common())
         if judge_before is not None:
             row.update(judge_before=float(np.mean(judge_before[sl])), judge_after=float(np.mean(judge_after[sl])))
         results[name] = row
         jb = f"{row['judge_before']:12.1%} {row['judge_after']:11.1%}" if judge_before is not None else ""
         low, high = wilson_interval(int(np.sum(ok_after[sl])), len(group))
         ci = f"[{low:.0%}, {high:.0%}]"
-        print(f"{name:42s} {len(group):4d}  {row['clip_before']:11.1%} {row['clip_after']:10.1%}  {ci:>14s}  {jb}")
+        reads = ", ".join(f"{c} {k / len(group):.0%}" for c, k in list(row.get("after_reads_as", {}).items())[:2])
+        cells = f"{row['clip_before']:11.1%} {row['clip_after']:10.1%}  {ci:>14s}  {jb}"
+        print(f"{name:42s} {len(group):4d}  {cells}  {reads}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"concepts": args.concept, "method": args.method, "config": dataclasses.asdict(config),
-                       "edit_seconds": artifact.seconds,
-                       "groups": results, "torch_threads": torch.get_num_threads()}, f, indent=2)  # fmt: skip
+        atomic_write_json(args.json, {"concepts": args.concept, "method": args.method,
+                                      "config": dataclasses.asdict(config), "edit_seconds": artifact.seconds,
+                                      "groups": results, "torch_threads": torch.get_num_threads()})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -104,6 +104,12 @@ def test_measure_erasure_script_on_micro(tmp_path):
     assert all(g["n"] == 6 and 0 <= g["clip_after"] <= 1 and 0 <= g["judge_before"] <= 1 for g in groups.values())
     # the erased target loses accuracy even on 6 images
     assert groups["erased: van gogh"]["clip_after"] < groups["erased: van gogh"]["clip_before"]
+    # and what its images read as after the edit: styles, one verdict an image, van gogh's share is clip_after
+    became = groups["erased: van gogh"]["after_reads_as"]
+    assert sum(became.values()) == 6 and set(became) <= set(world.concepts("style"))
+    assert became.get("van gogh", 0) / 6 == groups["erased: van gogh"]["clip_after"]
+    row = next(line for line in result.stdout.splitlines() if line.startswith("erased: van gogh "))
+    assert row.rstrip().endswith(", ".join(f"{c} {k / 6:.0%}" for c, k in list(became.items())[:2]))
 
 
 def test_saved_lora_reproduces_the_in_memory_edit(tmp_path):
