@@ -44,7 +44,8 @@ then process 0 alone checks that every image exists and computes the metrics.
          clip_score: {all, target, synonym, neighbour, unrelated: STAT},
          vs_original: null (for "original") | {image_similarity: {all, <role>...: STAT},
                                                 cmmd: {all, <role>...: float | null}},
-         per_concept: [{concept, category, role, clip: ACC, judge: ACC | null, clip_score: STAT}],
+         per_concept: [{concept, category, role, clip: ACC, judge: ACC | null, clip_score: STAT,
+                        clip_reads_as: {label: images}}],
          per_category: {category: {clip: float | null, judge: float | null, concepts: int}}}
       ]
     }
@@ -55,7 +56,8 @@ then process 0 alone checks that every image exists and computes the metrics.
 Accuracy is the fraction of images whose zero-shot verdict among the category's labels is the row's concept; the
 role metrics (efficacy = target rows, generality = synonym, specificity = neighbour, preservation = unrelated) and
 CLIP score, image similarity and CMMD are defined in :mod:`evals.metrics`. ``per_category`` is the unweighted mean
-of that category's ``per_concept`` accuracies (all roles).
+of that category's ``per_concept`` accuracies (all roles). ``clip_reads_as`` counts the zero-shot verdicts of a
+(concept, role)'s images, most common first: what an erased concept's prompts turn into.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ import json
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -466,12 +469,12 @@ def _compute_metrics(
     for model in models:
         emb = scorer.image_embeddings(images[model.key])[row_image]
         embeddings[model.key] = emb
-        clip_ok = [False] * len(rows)
+        clip_ok, clip_verdicts = [False] * len(rows), [""] * len(rows)
         for cat, labels in suite.labels.items():
             idx = [i for i, r in enumerate(rows) if r.category == cat]
-            ok, _ = M.zero_shot_correct(emb[idx], class_embeddings[cat], labels, [rows[i].concept for i in idx])
-            for i, flag in zip(idx, ok, strict=True):
-                clip_ok[i] = flag
+            ok, verdicts = M.zero_shot_correct(emb[idx], class_embeddings[cat], labels, [rows[i].concept for i in idx])
+            for i, flag, verdict in zip(idx, ok, verdicts, strict=True):
+                clip_ok[i], clip_verdicts[i] = flag, verdict
         judge_ok: list[bool] | None = None
         if use_judge:
             predictions = judge.predict(np.stack(images[model.key]))
@@ -498,6 +501,7 @@ def _compute_metrics(
                     "clip": M.accuracy([clip_ok[i] for i in idx]),
                     "judge": M.accuracy([judge_ok[i] for i in idx]) if judge_ok is not None else None,
                     "clip_score": M.mean_std([scores[i] for i in idx]),
+                    "clip_reads_as": dict(Counter(clip_verdicts[i] for i in idx).most_common()),
                 }
             )
         per_category = {}
@@ -685,7 +689,15 @@ METRICS_SCHEMA: dict[str, Any] = {
                         "type": "array",
                         "items": {
                             "type": "object",
-                            "required": ["concept", "category", "role", "clip", "judge", "clip_score"],
+                            "required": [
+                                "concept",
+                                "category",
+                                "role",
+                                "clip",
+                                "judge",
+                                "clip_score",
+                                "clip_reads_as",
+                            ],
                             "additionalProperties": False,
                             "properties": {
                                 "concept": {"type": "string"},
@@ -694,6 +706,10 @@ METRICS_SCHEMA: dict[str, Any] = {
                                 "clip": _ACC,
                                 "judge": {"anyOf": [_ACC, {"type": "null"}]},
                                 "clip_score": _STAT,
+                                "clip_reads_as": {
+                                    "type": "object",
+                                    "additionalProperties": {"type": "integer", "minimum": 1},
+                                },
                             },
                         },
                     },
@@ -960,6 +976,9 @@ def _report_html(
     parts.append(
         "<h2>Images</h2><p>Per prompt group (role, concept): one row per model, same seeds in each column.</p>"
     )
+    reads_as = {
+        (m["key"], c["role"], c["concept"]): c["clip_reads_as"] for m in result["models"] for c in m["per_concept"]
+    }
     groups = dict.fromkeys((r.role, r.concept) for r in suite.rows)
     for role, concept in groups:
         picks = list(dict.fromkeys((r.prompt, r.seed) for r in suite.rows if (r.role, r.concept) == (role, concept)))
@@ -972,7 +991,11 @@ def _report_html(
                 f"<td><img class='t' alt='{html.escape(p)}' src='{_thumb_uri(images[model.key][index[(p, s)]])}'></td>"
                 for p, s in picks
             )
-            parts.append(f"<tr><th>{html.escape(model.label)}</th>{cells}</tr>")
+            counts = reads_as.get((model.key, role, concept), {})
+            reads = ", ".join(f"{c} {k}/{sum(counts.values())}" for c, k in list(counts.items())[:3])
+            parts.append(
+                f"<tr><th>{html.escape(model.label)}<br><small>reads as {html.escape(reads)}</small></th>{cells}</tr>"
+            )
         parts.append("</table>")
     parts.append("</body></html>")
     return "\n".join(parts)

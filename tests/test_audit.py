@@ -209,13 +209,22 @@ def test_audit_outputs_schema_and_report(wrapper, small_suite, artifact_dir, sco
     assert erased["vs_original"]["image_similarity"]["all"]["n"] == 16
     assert isinstance(erased["vs_original"]["cmmd"]["all"], float)
     assert {c["role"] for c in original["per_concept"]} == set(ROLES)
+    # what each group's images read as: one verdict an image, the concept's own count is the accuracy's k
+    for entry in original["per_concept"] + erased["per_concept"]:
+        reads_as, clip = entry["clip_reads_as"], entry["clip"]
+        assert sum(reads_as.values()) == clip["n"] and reads_as.get(entry["concept"], 0) == clip["k"]
+        assert set(reads_as) <= set(small_suite.labels[entry["category"]])
     images = sorted((tmp_path / "images").rglob("*.png"))
     assert len(images) == 2 * 16 and not list(tmp_path.rglob("*.tmp"))
     row = small_suite.rows[0]
     assert (tmp_path / "images" / ORIGINAL / image_name(row.prompt, row.seed)).is_file()
     report = (tmp_path / "report.html").read_text()
     assert report.count("data:image/png;base64,") == 2 * 16 and "<svg" in report
-    assert "uce" in report and "van gogh" in report
+    assert (
+        "uce" in report
+        and "van gogh" in report
+        and report.count("reads as ") == 2 * len({(r.role, r.concept) for r in small_suite.rows})
+    )
     assert {p.name for p in (tmp_path / "grids").iterdir()} == {"object.png", "style.png"}
     assert "efficacy (clip)" in summary_table(result)
     generation = json.loads((tmp_path / "generation-0.json").read_text())
