@@ -785,8 +785,17 @@ def generation_summary(out_dir: str | Path, num_processes: int = 1) -> str:
     )
 
 
+def _clip_cell(entry: dict[str, Any]) -> str:
+    """CLIP accuracy, and what the images mostly read as when that is another concept (an erased style's new one)."""
+    counts = entry["clip_reads_as"]
+    top = next(iter(counts), entry["concept"])
+    other = top != entry["concept"] and counts[top] > counts.get(entry["concept"], 0)  # ties are no verdict
+    return _pct(entry["clip"]) + (f" -> {top}" if other else "")
+
+
 def per_concept_table(result: dict[str, Any]) -> str:
-    """A plain-text table of CLIP (and judge) accuracy per (concept, role), one column per model."""
+    """A plain-text table of CLIP (and judge) accuracy per (concept, role), one column per model; ``-> x`` marks a
+    cell whose images read as ``x`` more often than as their own concept."""
     models = result["models"]
     judged = any(m["judge"] for m in models)
     headers = ["category", "concept", "role", *[m["label"] for m in models]]
@@ -795,7 +804,7 @@ def per_concept_table(result: dict[str, Any]) -> str:
     table = [headers]
     for i, entry in enumerate(models[0]["per_concept"]):
         cells = [entry["category"], entry["concept"], entry["role"]]
-        cells += [_pct(m["per_concept"][i]["clip"]) for m in models]
+        cells += [_clip_cell(m["per_concept"][i]) for m in models]
         if judged:
             cells += [_pct(m["per_concept"][i]["judge"]) for m in models]
         table.append(cells)

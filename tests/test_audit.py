@@ -27,6 +27,7 @@ from evals.audit import (
     AuditError,
     generation_summary,
     image_name,
+    per_concept_table,
     run_audit,
     summary_table,
 )
@@ -214,6 +215,14 @@ def test_audit_outputs_schema_and_report(wrapper, small_suite, artifact_dir, sco
         reads_as, clip = entry["clip_reads_as"], entry["clip"]
         assert sum(reads_as.values()) == clip["n"] and reads_as.get(entry["concept"], 0) == clip["k"]
         assert set(reads_as) <= set(small_suite.labels[entry["category"]])
+    # the text table marks each (row, model) whose images mostly read as another concept, and only those
+    lines = per_concept_table(result).splitlines()[2:]
+    for i, line in enumerate(lines):
+        concept = original["per_concept"][i]["concept"]
+        counts = [m["per_concept"][i]["clip_reads_as"] for m in (original, erased)]
+        tops = [next(iter(n)) for n in counts]
+        marks = [f"-> {t}" for t, n in zip(tops, counts, strict=True) if t != concept and n[t] > n.get(concept, 0)]
+        assert line.count("->") == len(marks) and all(mark in line for mark in marks)
     images = sorted((tmp_path / "images").rglob("*.png"))
     assert len(images) == 2 * 16 and not list(tmp_path.rglob("*.tmp"))
     row = small_suite.rows[0]
