@@ -1,5 +1,6 @@
 """The shared Stable Diffusion pipeline wrapper: the only package that knows diffusers' internals."""
 
+from .runtime import resolve_device, set_library_verbosity
 from .tokenizer import clean_prompt, offline_clip_tokenizer
 from .wrapper import (
     CROSS_ATTENTION_PATTERNS,
@@ -24,6 +25,8 @@ __all__ = [
     "load_pipeline",
     "micro_model_path",
     "offline_clip_tokenizer",
+    "resolve_device",
+    "set_library_verbosity",
 ]
 
 
