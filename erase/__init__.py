@@ -1,27 +1,37 @@
-"""erase: concept erasure for text-to-image diffusion models."""
+"""erase: concept erasure for text-to-image diffusion models.
+
+The public names load on first use (PEP 562), so ``erase.concepts`` and ``erase.layout`` check a command's input
+before torch and diffusers are imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .artifact import (  # noqa: E402 - __version__ first: artifact reads it
-    ArtifactError,
-    ArtifactExistsError,
-    ArtifactMismatchError,
-    ErasureArtifact,
-    apply_artifact,
-    check_artifact_base,
-    load_artifact,
-    low_rank_factors,
-    save_artifact,
-)
-from .registry import (  # noqa: E402
-    ConceptSpec,
-    Method,
-    WeightEdit,
-    available_methods,
-    erase_concepts,
-    get_method,
-    register_method,
-)
+_EXPORTS: dict[str, str] = {
+    "ArtifactError": "layout",
+    "ArtifactExistsError": "layout",
+    "ArtifactMismatchError": "layout",
+    "check_output_folder": "layout",
+    "concept_key": "concepts",
+    "ErasureArtifact": "artifact",
+    "apply_artifact": "artifact",
+    "check_artifact_base": "artifact",
+    "load": "artifact",
+    "load_artifact": "artifact",
+    "low_rank_factors": "artifact",
+    "save_artifact": "artifact",
+    "ConceptSpec": "registry",
+    "Method": "registry",
+    "WeightEdit": "registry",
+    "available_methods": "registry",
+    "erase_concepts": "registry",
+    "get_method": "registry",
+    "register_method": "registry",
+}
 
 __all__ = [
     "ArtifactError",
@@ -35,10 +45,47 @@ __all__ = [
     "apply_artifact",
     "available_methods",
     "check_artifact_base",
+    "check_output_folder",
+    "concept_key",
     "erase_concepts",
     "get_method",
+    "load",
     "load_artifact",
     "low_rank_factors",
     "register_method",
     "save_artifact",
 ]
+
+if TYPE_CHECKING:
+    from .artifact import (
+        ErasureArtifact,
+        apply_artifact,
+        check_artifact_base,
+        load,
+        load_artifact,
+        low_rank_factors,
+        save_artifact,
+    )
+    from .concepts import concept_key
+    from .layout import ArtifactError, ArtifactExistsError, ArtifactMismatchError, check_output_folder
+    from .registry import (
+        ConceptSpec,
+        Method,
+        WeightEdit,
+        available_methods,
+        erase_concepts,
+        get_method,
+        register_method,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'erase' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -3,22 +3,30 @@
 Layout::
 
     ARTIFACT/
-      erasure.json                         method, config, concepts, base model + fingerprint, timings, layers
+      erasure.json                         method, config, concepts, base model + fingerprint, timings, layers,
+                                           the weights file's sha256 and the weight norms before and after the edit
       pytorch_lora_weights.safetensors     weight_format "lora": dW = B A per module, with peft adapter metadata
       edited_weights.safetensors           weight_format "full": dW per module, when low rank would not be smaller
       pipeline/                            optional full ``save_pretrained`` export of the edited pipeline
+      before_after.png                     optional picture of the check ``scripts/erase.py`` runs
 
-Only safetensors and JSON are ever read back: nothing is unpickled.
+Only safetensors and JSON are ever read back: nothing is unpickled. Saving is atomic (a temporary sibling folder,
+swapped in whole), follows the user's umask, and never deletes anything but an earlier artifact of ours.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
+import errno
+import glob
+import hashlib
 import json
 import logging
+import math
 import os
 import shutil
-import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +35,23 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pipelines import PipelineWrapper
+from pipelines import PipelineWrapper, wrap_pipeline
+
+from .layout import (
+    ARTIFACT_ENTRIES,
+    FULL_FILE,
+    LORA_FILE,
+    LOW_PRECISION_NORM_RTOL,
+    METADATA_FILE,
+    PIPELINE_FOLDER,
+    SCHEMA_VERSION,
+    TEMPORARY_MARK,
+    ArtifactError,
+    ArtifactExistsError,
+    ArtifactMismatchError,
+    check_output_folder,
+    current_umask,
+)
 
 __all__ = [
     "ArtifactError",
@@ -36,29 +60,14 @@ __all__ = [
     "ErasureArtifact",
     "apply_artifact",
     "check_artifact_base",
+    "check_output_folder",
+    "load",
     "load_artifact",
     "low_rank_factors",
     "save_artifact",
 ]
 
 logger = logging.getLogger(__name__)
-
-SCHEMA_VERSION = 1
-METADATA_FILE = "erasure.json"
-LORA_FILE = "pytorch_lora_weights.safetensors"
-FULL_FILE = "edited_weights.safetensors"
-
-
-class ArtifactError(ValueError):
-    """An artifact folder is missing, corrupt, or not an erasure artifact."""
-
-
-class ArtifactExistsError(ArtifactError):
-    """The output folder already holds something that saving would destroy."""
-
-
-class ArtifactMismatchError(ArtifactError):
-    """The artifact was made for other base weights than the pipeline's."""
 
 
 @dataclass
@@ -73,6 +82,10 @@ class ErasureArtifact:
     deltas: dict[str, torch.Tensor]  # qualified module name -> dW (float32)
     seconds: float
     info: dict[str, Any] = field(default_factory=dict)
+    #: exact factors (A, B), dW = B @ A, when known: saved as the LoRA without an SVD
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    #: {"base": {module: ||W||_F}, "edited": {module: ||W + dW||_F}}: tells an edited pipeline from its base
+    weight_norms: dict[str, dict[str, float]] | None = None
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     version: str = ""
 
@@ -86,7 +99,9 @@ class ErasureArtifact:
     def layers(self) -> list[str]:
         return sorted(self.deltas)
 
-    def metadata(self, weight_format: str, ranks: dict[str, int] | None = None) -> dict[str, Any]:
+    def metadata(
+        self, weight_format: str, ranks: dict[str, int] | None = None, weights_sha256: str | None = None
+    ) -> dict[str, Any]:
         return {
             "schema_version": SCHEMA_VERSION,
             "method": self.method,
@@ -99,6 +114,8 @@ class ErasureArtifact:
             "layers": self.layers,
             "weight_format": weight_format,
             "lora_ranks": ranks or {},
+            "weights_sha256": weights_sha256,
+            "weight_norms": self.weight_norms,
             "seconds": self.seconds,
             "created": self.created,
             "erase_version": self.version,
@@ -114,16 +131,75 @@ def low_rank_factors(delta: torch.Tensor, rtol: float = 1e-7) -> tuple[torch.Ten
     return vh[:rank].float(), lora_b.float()
 
 
-def _check_destination(folder: Path, overwrite: bool) -> None:
-    if not folder.exists():
-        return
-    if not folder.is_dir():
-        raise ArtifactExistsError(f"{folder} exists and is not a folder")
-    if any(folder.iterdir()) and not overwrite:
-        what = "another erasure artifact" if (folder / METADATA_FILE).exists() else "files"
-        raise ArtifactExistsError(f"{folder} already holds {what}; choose another --out or pass --overwrite")
-    if any(folder.iterdir()) and not (folder / METADATA_FILE).exists():
-        raise ArtifactExistsError(f"{folder} holds files that are not an erasure artifact; refusing to overwrite them")
+# ---------------------------------------------------------------------------------------------------- writing
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Delete temporary folders of earlier saves to ``folder`` whose process is gone (a killed save's litter)."""
+    prefix = f".{folder.name}{TEMPORARY_MARK}"
+    for path in folder.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = path.name[len(prefix) :].split("-")[0]
+        if not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        logger.info("removing %s, left by an interrupted save", path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _finish_tree(root: Path) -> None:
+    """Give every file and folder the user's umask permissions (safetensors writes 0600) and flush them to disk."""
+    mask = current_umask()
+    for path in [root, *root.rglob("*")]:
+        if path.is_dir():
+            path.chmod(0o777 & ~mask)
+        else:
+            path.chmod(0o666 & ~mask)
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def save_artifact(
@@ -133,22 +209,32 @@ def save_artifact(
     *,
     overwrite: bool = False,
     export_pipeline: bool | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Write the artifact atomically: everything goes to a temporary sibling folder that is renamed at the end.
+    """Write the artifact atomically: everything goes to a temporary sibling folder that is swapped in at the end.
 
     The weight change is stored as an exact LoRA when that is smaller than the changed weights, else as full
     weight changes. ``export_pipeline`` additionally writes a complete diffusers folder of the edited pipeline under
     ``pipeline/`` (``wrapper`` must be the *unedited* base; it is edited for the export and restored). ``None``
     exports exactly when the change is stored as full weights, which ``load_lora_weights`` cannot read.
+    ``extra_files`` (name -> bytes, names from ``ARTIFACT_ENTRIES``) are written beside it, e.g. the check's picture.
+
+    With ``overwrite`` an earlier artifact at ``folder`` is replaced in one atomic exchange; a folder holding anything
+    else is refused. Returns the folder written (symbolic links resolved).
     """
-    folder = Path(folder)
-    _check_destination(folder, overwrite)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    factors = {name: low_rank_factors(d) for name, d in artifact.deltas.items()}
+    folder = check_output_folder(folder, overwrite)
+    for name in extra_files or {}:
+        if name not in ARTIFACT_ENTRIES:
+            raise ValueError(f"{name!r} is not a file an artifact folder holds")
+    _check_finite(artifact.deltas, "the weight change")
+    factors = artifact.factors or {name: low_rank_factors(d) for name, d in artifact.deltas.items()}
     lora_size = sum(a.numel() + b.numel() for a, b in factors.values())
     full_size = sum(d.numel() for d in artifact.deltas.values())
     weight_format = "lora" if lora_size < full_size else "full"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(folder)
+    tmp = folder.with_name(f".{folder.name}{TEMPORARY_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
     try:
         if weight_format == "lora":
             wrapper.save_lora_weights(tmp, factors)
@@ -156,19 +242,27 @@ def save_artifact(
         else:
             save_file({k: v.contiguous() for k, v in artifact.deltas.items()}, str(tmp / FULL_FILE))
             ranks = {}
+        weights_sha256 = _sha256(tmp / (LORA_FILE if weight_format == "lora" else FULL_FILE))
         if export_pipeline or (export_pipeline is None and weight_format == "full"):
             with wrapper.weight_deltas(artifact.deltas):
-                wrapper.export_pipeline(tmp / "pipeline")
-        with open(tmp / METADATA_FILE, "w") as f:
-            json.dump(artifact.metadata(weight_format, ranks), f, indent=2)
+                wrapper.export_pipeline(tmp / PIPELINE_FOLDER)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        (tmp / METADATA_FILE).write_text(json.dumps(artifact.metadata(weight_format, ranks, weights_sha256), indent=2))
+        _finish_tree(tmp)
         if folder.exists():
-            backup = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(folder, backup)
-            os.replace(tmp, folder)
-            shutil.rmtree(backup, ignore_errors=True)
+            if not _exchange(tmp, folder):  # no atomic exchange here: two renames, a microsecond apart
+                backup = folder.with_name(f".{folder.name}{TEMPORARY_MARK}{os.getpid()}-old")
+                os.replace(folder, backup)
+                os.replace(tmp, folder)
+                os.replace(backup, tmp)
+            shutil.rmtree(tmp, ignore_errors=True)  # the earlier artifact, swapped out
         else:
             os.replace(tmp, folder)
+        _fsync_dir(folder.parent)
+    except SafetensorError as err:  # safetensors reports a full disk as its own error, not an OSError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"cannot write the artifact to {folder}: {err}") from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -176,7 +270,42 @@ def save_artifact(
     return folder
 
 
+# ---------------------------------------------------------------------------------------------------- reading
 _REQUIRED = ("schema_version", "method", "config", "concepts", "base_model", "base_fingerprint", "layers")
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    for name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise ArtifactError(f"{what} of {name} holds NaN or infinite values")
+
+
+def _check_metadata(meta: Any, meta_path: Path) -> None:
+    """One line naming the first field of erasure.json that is missing or of the wrong type."""
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{meta_path} is not a JSON object")
+    missing = [k for k in _REQUIRED if k not in meta]
+    if missing:
+        raise ArtifactError(f"{meta_path} lacks {', '.join(missing)}")
+    version = meta["schema_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ArtifactError(f"{meta_path}: schema_version must be a positive integer, got {version!r}")
+    if version > SCHEMA_VERSION:
+        raise ArtifactError(f"{meta_path} uses artifact schema {version}; this erase reads {SCHEMA_VERSION}")
+    expected = {"method": str, "base_model": str, "base_fingerprint": str, "config": dict, "concepts": list,
+                "layers": list}  # fmt: skip
+    for key, kind in expected.items():
+        if not isinstance(meta[key], kind):
+            raise ArtifactError(f"{meta_path}: {key} must be a {kind.__name__}, got {type(meta[key]).__name__}")
+    for key in ("concepts", "layers", "guides", "preserve"):
+        if not all(isinstance(v, str) for v in meta.get(key) or []):
+            raise ArtifactError(f"{meta_path}: {key} must be a list of strings")
+    if not meta["layers"]:
+        raise ArtifactError(f"{meta_path} lists no layers: the artifact changes nothing")
+    if not meta["concepts"]:
+        raise ArtifactError(f"{meta_path} lists no concepts")
+    if meta.get("weight_format", "lora") not in ("lora", "full"):
+        raise ArtifactError(f"{meta_path}: unknown weight_format {meta.get('weight_format')!r}")
 
 
 def load_artifact(folder: str | Path) -> ErasureArtifact:
@@ -187,29 +316,36 @@ def load_artifact(folder: str | Path) -> ErasureArtifact:
         raise ArtifactError(f"{folder} is not an erasure artifact (no {METADATA_FILE})")
     try:
         meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
         raise ArtifactError(f"{meta_path} is corrupt: {err}") from err
-    missing = [k for k in _REQUIRED if k not in meta]
-    if missing:
-        raise ArtifactError(f"{meta_path} lacks {', '.join(missing)}")
-    if meta["schema_version"] > SCHEMA_VERSION:
-        raise ArtifactError(
-            f"{folder} uses artifact schema {meta['schema_version']}; this erase reads {SCHEMA_VERSION}"
-        )
+    _check_metadata(meta, meta_path)
     fmt = meta.get("weight_format", "lora")
     weights_path = folder / (LORA_FILE if fmt == "lora" else FULL_FILE)
+    if not weights_path.is_file():  # also refuses a FIFO or device, which open() would block on
+        raise ArtifactError(f"cannot read {weights_path}: not a regular file")
+    if meta.get("weights_sha256") and _sha256(weights_path) != meta["weights_sha256"]:
+        raise ArtifactError(f"{weights_path} does not match the sha256 in {METADATA_FILE}: the file was changed")
     try:
         tensors = load_file(str(weights_path))
     except (OSError, SafetensorError) as err:
         raise ArtifactError(f"cannot read {weights_path}: {err}") from err
+    _check_finite(tensors, str(weights_path.name))
     deltas: dict[str, torch.Tensor] = {}
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name in meta["layers"]:
         if fmt == "lora":
             component, _, path = name.partition(".")
             key_a, key_b = f"{component}.{path}.lora_A.weight", f"{component}.{path}.lora_B.weight"
             if key_a not in tensors or key_b not in tensors:
                 raise ArtifactError(f"{weights_path} has no LoRA weights for {name}")
-            deltas[name] = tensors[key_b].double().matmul(tensors[key_a].double()).float()
+            lora_a, lora_b = tensors[key_a], tensors[key_b]
+            if lora_a.dim() != 2 or lora_b.dim() != 2 or lora_b.shape[1] != lora_a.shape[0]:
+                raise ArtifactError(
+                    f"{weights_path}: LoRA factors of {name} do not multiply "
+                    f"(A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)})"
+                )
+            factors[name] = (lora_a.float(), lora_b.float())
+            deltas[name] = lora_b.double().matmul(lora_a.double()).float()
         else:
             if name not in tensors:
                 raise ArtifactError(f"{weights_path} has no weights for {name}")
@@ -218,37 +354,79 @@ def load_artifact(folder: str | Path) -> ErasureArtifact:
         method=meta["method"],
         config=meta["config"],
         concepts=meta["concepts"],
-        guides=meta.get("guides", []),
-        preserve=meta.get("preserve", []),
+        guides=meta.get("guides") or [],
+        preserve=meta.get("preserve") or [],
         base_model=meta["base_model"],
         base_fingerprint=meta["base_fingerprint"],
         deltas=deltas,
-        seconds=float(meta.get("seconds", 0.0)),
-        info=meta.get("info", {}),
-        created=meta.get("created", ""),
-        version=meta.get("erase_version", "unknown"),
+        seconds=float(meta.get("seconds") or 0.0),
+        info=meta.get("info") if isinstance(meta.get("info"), dict) else {},
+        factors=factors or None,
+        weight_norms=meta.get("weight_norms") if isinstance(meta.get("weight_norms"), dict) else None,
+        created=str(meta.get("created", "")),
+        version=str(meta.get("erase_version", "unknown")),
     )
 
 
+# ---------------------------------------------------------------------------------------------------- applying
+def _norms_match(found: dict[str, float], expected: dict[str, float] | None, rtol: float) -> bool:
+    if not expected or set(expected) != set(found):
+        return False
+    return all(math.isclose(found[k], float(expected[k]), rel_tol=rtol, abs_tol=1e-12) for k in found)
+
+
 def check_artifact_base(wrapper: PipelineWrapper, artifact: ErasureArtifact, where: str = "artifact") -> None:
-    """Raise ``ArtifactMismatchError`` unless the artifact was made for the pipeline's current base weights."""
+    """Raise ``ArtifactMismatchError`` unless the artifact was made for the pipeline's current base weights.
+
+    The float32 fingerprint decides. Where it differs, the per-module weight norms recorded at save time tell two
+    cases apart: a pipeline that already holds this edit (refused: applying twice doubles the edit), and a
+    float16/bfloat16 copy of the same base (accepted: its rounded weights cannot match a float32 fingerprint).
+    """
     try:
         found = wrapper.fingerprint(artifact.layers)
     except KeyError as err:
         raise ArtifactMismatchError(
             f"{where} edits modules this pipeline lacks ({err}); it was made for {artifact.base_model!r}"
         ) from err
-    if found != artifact.base_fingerprint:
-        raise ArtifactMismatchError(
-            f"{where} was made for base model {artifact.base_model!r} (weights {artifact.base_fingerprint[:12]}), "
-            f"but {wrapper.model_id!r} has different weights ({found[:12]})"
-        )
+    if found == artifact.base_fingerprint:
+        return
+    norms = artifact.weight_norms or {}
+    current = wrapper.weight_norms(artifact.layers)
+    if _norms_match(current, norms.get("edited"), 1e-6) or (
+        wrapper.dtype != torch.float32 and _norms_match(current, norms.get("edited"), LOW_PRECISION_NORM_RTOL)
+    ):
+        raise ArtifactMismatchError(f"{where} is already applied to this pipeline; applying it twice doubles the edit")
+    if wrapper.dtype != torch.float32 and _norms_match(current, norms.get("base"), LOW_PRECISION_NORM_RTOL):
+        logger.info("%s: %s weights match the base's norms within %g", where, wrapper.dtype, LOW_PRECISION_NORM_RTOL)
+        return
+    raise ArtifactMismatchError(
+        f"{where} was made for base model {artifact.base_model!r} (weights {artifact.base_fingerprint[:12]}), "
+        f"but {wrapper.model_id!r} has different weights ({found[:12]})"
+    )
 
 
 def apply_artifact(wrapper: PipelineWrapper, artifact: ErasureArtifact | str | Path) -> ErasureArtifact:
-    """Edit ``wrapper`` in place with the artifact, after checking it was made for these base weights."""
+    """Edit ``wrapper`` in place with the artifact, after checking it was made for these base weights.
+
+    All or nothing: every module and shape is checked before the first weight changes.
+    """
     if not isinstance(artifact, ErasureArtifact):
         artifact = load_artifact(artifact)
     check_artifact_base(wrapper, artifact)
     wrapper.apply_weight_deltas(artifact.deltas)
     return artifact
+
+
+def load(pipe: Any, folder: str | Path) -> ErasureArtifact:
+    """Apply an erasure artifact to a plain diffusers pipeline object, in place; returns the artifact.
+
+    ``pipe`` is a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (any pipeline of those classes, in any
+    precision, on any device) holding the base model the artifact was made from. The base-model fingerprint is
+    checked and a second application refused, so ``erase.load(pipe, folder)`` is safe to call where a LoRA could
+    otherwise be stacked twice::
+
+        pipe = StableDiffusionPipeline.from_pretrained("CompVis/stable-diffusion-v1-4")
+        erase.load(pipe, "erased/van-gogh-uce")
+    """
+    wrapper = wrap_pipeline(pipe)
+    return apply_artifact(wrapper, folder)

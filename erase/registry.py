@@ -19,6 +19,8 @@ import torch
 
 from pipelines import PipelineWrapper
 
+from .concepts import check_concept_text, concept_key
+
 __all__ = [
     "ConceptSpec",
     "Method",
@@ -41,11 +43,14 @@ FAMILIES = ("closed_form", "lora", "runtime")
 class ConceptSpec:
     """What to erase and what to keep.
 
+    Concepts are compared as CLIP reads them, up to case and spacing (``concept_key``): a concept cannot be both
+    erased and preserved, nor be its own guide, under another capitalisation.
+
     Attributes:
         targets: concepts to erase, e.g. ``("van gogh",)``.
         guides: what each target should become; one per target, or one for all. ``""`` (the empty prompt) maps a
-            target to "nothing in particular", the usual choice for styles.
-        preserve: concepts whose behaviour must not change (other styles, objects, ...).
+            target to "nothing in particular".
+        preserve: concepts whose behaviour must not change (other styles, objects, ...); duplicates are dropped.
     """
 
     targets: tuple[str, ...]
@@ -57,19 +62,26 @@ class ConceptSpec:
             value = getattr(self, name)
             if isinstance(value, str):
                 raise TypeError(f"{name} must be a sequence of strings, not the string {value!r}")
-            object.__setattr__(self, name, tuple(s.strip() if isinstance(s, str) else s for s in value))
         if not self.targets:
             raise ValueError("no concept to erase: targets is empty")
-        for t in self.targets:
-            if not isinstance(t, str) or not t:
-                raise ValueError(f"concept to erase is empty: {t!r}")
-        if len(set(self.targets)) != len(self.targets):
-            raise ValueError(f"duplicate concepts to erase: {list(self.targets)}")
-        if len(self.guides) not in (1, len(self.targets)):
-            raise ValueError(f"{len(self.guides)} guides for {len(self.targets)} targets: give one, or one per target")
-        overlap = set(self.targets) & set(self.preserve)
+        targets = tuple(check_concept_text(t, "concept to erase") for t in self.targets)
+        guides = tuple(g.strip() if isinstance(g, str) and not g.strip() else check_concept_text(g, "guide")
+                       for g in self.guides)  # fmt: skip
+        preserve = tuple(dict.fromkeys(check_concept_text(p, "preserved concept") for p in self.preserve))
+        object.__setattr__(self, "targets", targets)
+        object.__setattr__(self, "guides", guides)
+        object.__setattr__(self, "preserve", preserve)
+        keys = [concept_key(t) for t in targets]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"duplicate concepts to erase: {list(targets)}")
+        if len(guides) not in (1, len(targets)):
+            raise ValueError(f"{len(guides)} guides for {len(targets)} targets: give one, or one per target")
+        overlap = [p for p in preserve if concept_key(p) in keys]
         if overlap:
-            raise ValueError(f"concepts both erased and preserved: {sorted(overlap)}")
+            raise ValueError(f"concepts both erased and preserved: {overlap}")
+        for i, target in enumerate(targets):
+            if concept_key(self.guide_for(i)) == keys[i]:
+                raise ValueError(f"the guide of {target!r} is the concept itself: the edit would change nothing")
 
     def guide_for(self, index: int) -> str:
         return self.guides[0] if len(self.guides) == 1 else self.guides[index]
@@ -91,6 +103,8 @@ class WeightEdit:
 
     deltas: dict[str, torch.Tensor]
     info: dict[str, Any] = field(default_factory=dict)
+    #: exact low-rank factors (A, B) with dW = B @ A, when the method knows them (saves an SVD per layer)
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 @dataclass(frozen=True)
@@ -166,7 +180,13 @@ def erase_concepts(
     seconds = time.perf_counter() - start
     if not edit.deltas:
         raise RuntimeError(f"method {method!r} returned no weight change")
+    relative = _relative_change(wrapper, edit.deltas)
+    if max(relative.values()) == 0.0:
+        raise ValueError(f"the {method} edit changes nothing: the guide reads like the concept to this text encoder")
     logger.info("%s edited %d modules in %.3f s", method, len(edit.deltas), seconds)
+    factors = None
+    if edit.factors is not None:
+        factors = {k: (a.detach().float().cpu(), b.detach().float().cpu()) for k, (a, b) in edit.factors.items()}
     return ErasureArtifact(
         method=method,
         config=dataclasses.asdict(config),
@@ -177,5 +197,25 @@ def erase_concepts(
         base_fingerprint=wrapper.fingerprint(list(edit.deltas)),
         deltas={k: v.detach().float().cpu() for k, v in edit.deltas.items()},
         seconds=seconds,
-        info=edit.info,
+        info={**edit.info, "relative_change": relative},
+        factors=factors,
+        weight_norms=_weight_norms(wrapper, edit.deltas),
     )
+
+
+def _weight_norms(wrapper: PipelineWrapper, deltas: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Norms of the base and the edited weights, by which ``check_artifact_base`` recognises an edited pipeline."""
+    with wrapper.weight_deltas(deltas):
+        edited = wrapper.weight_norms(list(deltas))
+    return {"base": wrapper.weight_norms(list(deltas)), "edited": edited}
+
+
+def _relative_change(wrapper: PipelineWrapper, deltas: dict[str, torch.Tensor]) -> dict[str, float]:
+    """||dW||_F / ||W||_F per module: how far the edit moves each weight. ``ValueError`` for a non-finite change."""
+    relative = {}
+    for name, delta in sorted(deltas.items()):
+        if not torch.isfinite(delta).all():
+            raise ValueError(f"the edit of {name} is not finite (NaN or inf): the solve failed")
+        weight = wrapper.module(name).weight.detach().double()
+        relative[name] = float(delta.double().norm() / weight.norm().clamp_min(1e-30))
+    return relative

@@ -3,6 +3,11 @@
 Every key/value projection W of the UNet's cross-attention reads text embeddings c. UCE rewrites W so that the
 embeddings of an erased concept c_i are sent where a guide concept's embeddings go, v*_i = W c_guide_i, while
 preserved concepts c_j keep W c_j and a ridge term keeps W close to itself. One linear solve, no training.
+
+Defaults are the reference implementation's (rohitgandikota/unified-concept-editing, ``trainscripts/uce_sd_erase.py``):
+one embedding per prompt, the prompt's last token (BOS for the empty prompt; no EOS, no padding), erase and
+preserve scales 1, lambda 0.5, the bare concept as the only template. Where we differ: the solve is float64 (the
+reference inverts in float32), and other token choices and templates are options.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ __all__ = ["UCEConfig", "concept_embeddings", "edit_from_update", "erase_uce", "
 
 logger = logging.getLogger(__name__)
 
-TOKEN_POSITIONS = ("from_last", "from_first", "last")
+TOKEN_POSITIONS = ("last_token", "last", "from_last", "from_first")
 
 
 @dataclass
@@ -30,21 +35,24 @@ class UCEConfig:
 
     Attributes:
         erase_scale: weight of the erase terms (the paper's scale on sum_i v*_i c_i^T and sum_i c_i c_i^T).
-        preserve_scale: weight of the preserve terms; ``None`` uses max(0.1, 1 / #preserved), as the authors do.
+        preserve_scale: weight of the preserve terms (the reference's default, 1); ``None`` uses
+            max(0.1, 1 / #preserved), the rule of the authors' earlier ``train-scripts/train_erase.py``.
         lamb: ridge weight lambda pulling W_new towards W; larger is gentler.
         layers: fnmatch patterns of the UNet Linear modules to edit (default: all cross-attention keys and values).
-        token_positions: which token embeddings of a concept prompt are edited. ``"from_last"``: the concept's last
-            token, EOS and the padding after it (a causal text encoder has read the whole concept there; UCE's
-            choice). ``"from_first"``: from the concept's first token on, so that its earlier sub-words ("van" of
-            "van gogh"), which carry the concept too, are edited as well. ``"last"``: only the last token and EOS.
-        templates: prompts the concept is embedded in, ``{}`` standing for it; more contexts generalise further.
+        token_positions: which token embeddings of a concept prompt are edited. ``"last_token"`` (the reference's):
+            the concept's last token alone, where a causal text encoder has read the whole concept. ``"last"``: that
+            token and EOS. ``"from_last"``: the last token, EOS and all the padding after it (the older UCE
+            scripts' choice; many rows, so a large edit). ``"from_first"``: from the concept's first token on, so
+            that its earlier sub-words ("van" of "van gogh") are edited too.
+        templates: prompts the concept is embedded in, ``{}`` standing for it; more contexts generalise further
+            (the reference's ``--expand_prompts`` adds five per concept type: ``erase.workflow.CONCEPT_TYPES``).
     """
 
     erase_scale: float = 1.0
-    preserve_scale: float | None = None
+    preserve_scale: float | None = 1.0
     lamb: float = 0.5
     layers: tuple[str, ...] = CROSS_ATTENTION_PATTERNS
-    token_positions: str = "from_last"
+    token_positions: str = "last_token"
     templates: tuple[str, ...] = ("{}",)
 
     def __post_init__(self) -> None:
@@ -65,15 +73,18 @@ class UCEConfig:
 
 
 def _positions(wrapper: PipelineWrapper, prompt: str, phrase: str, mode: str) -> list[int]:
-    """Token positions of ``phrase``'s last token onwards inside ``prompt`` (BOS = 0).
+    """Token positions (BOS = 0) of ``phrase`` inside ``prompt`` that ``mode`` edits.
 
-    An empty phrase (the empty guide) ends where the prompt's own words end: BOS for a bare template.
+    An empty phrase (the empty guide) ends where the prompt's own words end: BOS for a bare template, as the
+    reference's ``attention_mask.sum() - 2`` gives for the empty prompt.
     """
-    total = wrapper.pipe.tokenizer.model_max_length
+    total = wrapper.max_prompt_tokens + 2
     span = wrapper.phrase_positions(prompt, phrase) if phrase else [wrapper.token_count(prompt)]
-    if mode == "from_first":
-        return list(range(span[0], total))
-    return list(range(span[-1], total)) if mode == "from_last" else [span[-1], span[-1] + 1]
+    if mode == "last_token":
+        return [span[-1]]
+    if mode == "last":
+        return [span[-1], span[-1] + 1]
+    return list(range(span[0] if mode == "from_first" else span[-1], total))
 
 
 def concept_embeddings(
@@ -143,22 +154,26 @@ def edit_from_update(
 ) -> WeightEdit:
     """dW = W U V for every matched layer, in the weights' precision (the solve itself was float64).
 
-    With fewer erased embeddings than text dimensions, (W U) V is the cheap order; otherwise W (U V).
+    With fewer erased embeddings than text dimensions the change is low rank and its exact LoRA factors come free,
+    B = W U and A = V (no SVD); otherwise dW = W (U V).
     """
     layers = wrapper.cross_attention_layers(layer_patterns)
     d = v.shape[1]
     low_rank = v.shape[0] < d
     uv = None if low_rank else (u @ v)
-    deltas = {}
+    deltas, factors = {}, {}
     for layer in layers:
         if layer.in_features != d:
             raise ValueError(f"{layer.name} reads {layer.in_features}-d inputs, text embeddings are {d}-d")
         w = layer.module.weight.detach().float()
+        name = f"unet.{layer.name}"
         if low_rank:
-            deltas[f"unet.{layer.name}"] = (w @ u.to(w)) @ v.to(w)
+            lora_b, lora_a = w @ u.to(w), v.to(w)
+            factors[name] = (lora_a, lora_b)
+            deltas[name] = lora_b @ lora_a
         else:
-            deltas[f"unet.{layer.name}"] = w @ uv.to(w)
-    return WeightEdit(deltas, {"layers_matched": len(layers)})
+            deltas[name] = w @ uv.to(w)
+    return WeightEdit(deltas, {"layers_matched": len(layers)}, factors=factors or None)
 
 
 @register_method("uce", UCEConfig, family="closed_form", summary="Unified Concept Editing (closed-form K/V edit)")

@@ -8,83 +8,83 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from tqdm.auto import tqdm
 
-from pipelines import PipelineWrapper
-from pipelines.files import atomic_write_bytes, png_bytes
+from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
+from pipelines.files import png_bytes
 
 from .artifact import ErasureArtifact, save_artifact
+from .layout import CHECK_PICTURE, METADATA_FILE, PIPELINE_FOLDER, check_output_folder, default_output_folder
 from .registry import ConceptSpec, erase_concepts, get_method
 
 __all__ = [
+    "CONCEPT_TYPES",
     "CheckResult",
+    "ConceptType",
     "EraseSummary",
-    "default_guides",
+    "GENERIC_PRESERVE",
+    "PRESERVE_SETS",
     "default_output_folder",
-    "default_preserve",
-    "default_templates",
     "erasure_settings",
+    "load_check_scorer",
+    "preserve_set",
     "run_erase",
+    "self_check",
 ]
+
+#: The check's scorer on models other than the micro one (needs the hub once, then its cache).
+DEFAULT_HUB_SCORER = "open_clip:ViT-L-14/openai"
 
 logger = logging.getLogger(__name__)
 
-#: Preserve set for models outside the micro world, when the user gives none: common artists and subjects.
+#: Preserve set of common artists and subjects (``--preserve-set generic``).
 GENERIC_PRESERVE: tuple[str, ...] = (
     "pablo picasso", "claude monet", "rembrandt", "salvador dali", "andy warhol",
     "a dog", "a cat", "a car", "a house", "a tree", "a person", "a city at night",
 )  # fmt: skip
 
 
-def default_output_folder(concepts: Sequence[str], method: str) -> Path:
-    """``erased/<concept>[+<concept>...]-<method>``, with the concepts made filename-safe."""
-    slug = "+".join(re.sub(r"[^a-z0-9]+", "-", c.lower()).strip("-") or "concept" for c in concepts)
-    return Path("erased") / f"{slug[:80]}-{method}"
+@dataclass(frozen=True)
+class ConceptType:
+    """What the reference UCE script does by ``--concept_type``: the default guide, and the templates its
+    ``--expand_prompts`` adds around each concept (and around its guide)."""
+
+    guide: str
+    expand_templates: tuple[str, ...]
 
 
-#: Contexts a style is embedded in for the edit (UCE/TIME ``templates``); more contexts generalise further.
-STYLE_TEMPLATES: tuple[str, ...] = (
-    "{}",
-    "a painting in the style of {}",
-    "a picture in the style of {}",
-    "a {} painting",
-)
-#: What an erased art style becomes: a generic word, as UCE's authors guide artists to "art".
-STYLE_GUIDE = "art"
+#: The reference's concept types (``trainscripts/uce_sd_erase.py``); "other" is ours: no guide, nothing to expand.
+CONCEPT_TYPES: dict[str, ConceptType] = {
+    "art": ConceptType("art", ("painting by {}", "art by {}", "artwork by {}", "picture by {}", "style of {}")),
+    "object": ConceptType("", ("image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}")),
+    "other": ConceptType("", ()),
+}
+DEFAULT_CONCEPT_TYPE = "art"
+PRESERVE_SETS = ("world", "generic")
 
 
-def _micro_styles(wrapper: PipelineWrapper, targets: Sequence[str]) -> bool:
-    if wrapper.model_id != "micro" or not targets:
-        return False
+def preserve_set(name: str, targets: Sequence[str]) -> list[str]:
+    """A named preserve set, minus the targets (and their synonyms).
+
+    ``"world"``: every concept of the micro world (``pipelines/micro/world.json``) but "plain"; ``"generic"``:
+    ``GENERIC_PRESERVE``.
+    """
+    from .concepts import concept_key
+
+    if name not in PRESERVE_SETS:
+        raise ValueError(f"unknown preserve set {name!r}; expected one of {', '.join(PRESERVE_SETS)}")
+    erased = {concept_key(t) for t in targets}
+    if name == "generic":
+        return [p for p in GENERIC_PRESERVE if concept_key(p) not in erased]
     from evals import world
 
-    return all(_in_world(t) and world.category_of(t) == "style" for t in targets)
-
-
-def default_guides(wrapper: PipelineWrapper, targets: Sequence[str]) -> list[str]:
-    """ "art" for micro-world styles (mapping a style to the empty prompt leaves the unconditional mix of
-    styles, which still shows it a third of the time), else the empty prompt."""
-    return [STYLE_GUIDE] if _micro_styles(wrapper, targets) else [""]
-
-
-def default_templates(wrapper: PipelineWrapper, targets: Sequence[str]) -> tuple[str, ...]:
-    """Style contexts for micro-world styles (measured: van gogh falls to 8% instead of 21%), else the bare concept."""
-    return STYLE_TEMPLATES if _micro_styles(wrapper, targets) else ("{}",)
-
-
-def default_preserve(wrapper: PipelineWrapper, targets: Sequence[str]) -> list[str]:
-    """Every other micro-world concept (minus the targets' synonyms) for the micro model, else ``GENERIC_PRESERVE``."""
-    if wrapper.model_id != "micro":
-        return [p for p in GENERIC_PRESERVE if p not in targets]
-    from evals import world
-
-    erased = {world.canonical(t) for t in targets if _in_world(t)}
+    erased |= {world.canonical(t) for t in targets if _in_world(t)}
     return [c for cat in world.CATEGORIES for c in world.concepts(cat) if c not in erased and c != "plain"]
 
 
@@ -121,6 +121,8 @@ class EraseSummary:
     check: CheckResult | None
     load_code: str
     grid: str | None
+    relative_change_median: float
+    relative_change_max: float
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -129,36 +131,69 @@ class EraseSummary:
         return json.dumps(asdict(self), indent=2)
 
 
+def load_check_scorer(wrapper: PipelineWrapper, scorer: str | None) -> tuple[str, Any]:
+    """The CLIP scorer of the check, loaded before any edit; ``ValueError`` naming the flags when it cannot load."""
+    from evals.scorer import ClipScorer
+
+    name = scorer or ("micro" if wrapper.model_id == "micro" else DEFAULT_HUB_SCORER)
+    try:
+        return name, ClipScorer.from_pretrained(name, device=wrapper.device, progress=False)
+    except (OSError, RuntimeError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"cannot load the CLIP scorer {name!r} for the check ({reason}); pass --no-check to skip the check, "
+            "or --scorer with a local CLIP folder"
+        ) from None
+
+
 def self_check(
     wrapper: PipelineWrapper,
     artifact: ErasureArtifact,
-    scorer_name: str,
+    scorer: Any,
     images_per_group: int = 8,
     seed: int = 0,
+    *,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
+    progress: bool = False,
 ) -> tuple[CheckResult, Image.Image]:
-    """Generate target and preserved probes before and after the edit and score them with the CLIP scorer."""
+    """Generate target and preserved probes before and after the edit and score them with the CLIP ``scorer``.
+
+    ``progress`` shows one bar over every denoising step of the check (its estimate is what a user on a CPU needs:
+    SD-sized images take minutes each there).
+    """
     from evals.grids import labelled_grid
     from evals.probes import generic_probes, probe_accuracy, probe_correct, world_labels, world_probes
-    from evals.scorer import ClipScorer
 
     if wrapper.model_id == "micro":
         per_target = max(1, images_per_group // len(artifact.concepts))
         target_probes = world_probes(artifact.concepts, per_target, seed)[:images_per_group]
-        kept = [p for p in artifact.preserve if _in_world(p)]
+        kept = [p for p in artifact.preserve if _in_world(p)] or preserve_set("world", artifact.concepts)
         preserved_probes = world_probes(kept, 1, seed + 1)
         step = max(1, len(preserved_probes) // images_per_group)
         preserved_probes = preserved_probes[::step][:images_per_group]
         labels = world_labels()
     else:
+        kept = list(artifact.preserve) or preserve_set("generic", artifact.concepts)
         target_probes = generic_probes(artifact.concepts, max(1, images_per_group // len(artifact.concepts)), seed)
-        preserved_probes = generic_probes(artifact.preserve[:images_per_group], 1, seed + 1)
-        labels = {"concept": list(artifact.concepts) + list(artifact.preserve)}
+        preserved_probes = generic_probes(kept[:images_per_group], 1, seed + 1)
+        labels = {"concept": list(artifact.concepts) + kept}
     probes = target_probes + preserved_probes
     prompts, seeds = [p.prompt for p in probes], [p.seed for p in probes]
-    before = wrapper.generate(prompts, seeds, progress=False)
-    with wrapper.weight_deltas(artifact.deltas):
-        after = wrapper.generate(prompts, seeds, progress=False)
-    scorer = ClipScorer.from_pretrained(scorer_name, device=wrapper.device, progress=False)
+    batch_size = 8
+    batches = -(-len(prompts) // batch_size)
+    with tqdm(total=2 * batches * steps, desc="check", unit="step", disable=not progress) as bar:
+
+        def tick(_pipe: Any, _step: int, _timestep: Any, kwargs: dict) -> dict:
+            bar.update(1)
+            return kwargs
+
+        settings = dict(
+            steps=steps, guidance=guidance, batch_size=batch_size, progress=False, callback_on_step_end=tick
+        )
+        before = wrapper.generate(prompts, seeds, **settings)
+        with wrapper.weight_deltas(artifact.deltas):
+            after = wrapper.generate(prompts, seeds, **settings)
     ok_before = probe_correct(scorer, before, probes, labels)
     ok_after = probe_correct(scorer, after, probes, labels)
     n = len(target_probes)
@@ -184,17 +219,42 @@ def erasure_settings(
     guides: Sequence[str] | None = None,
     preserve: Sequence[str] | None = None,
     config_overrides: dict[str, Any] | None = None,
+    *,
+    concept_type: str = DEFAULT_CONCEPT_TYPE,
+    preserve_sets: Sequence[str] = (),
+    expand_prompts: bool = False,
 ) -> tuple[ConceptSpec, Any]:
-    """The concept spec and method config ``scripts/erase.py`` uses, with its defaults filled in and validated."""
+    """The concept spec and method config ``scripts/erase.py`` uses, with its defaults filled in and validated.
+
+    As the reference UCE script: the guide comes from ``concept_type`` ("art" for art, else the empty prompt) unless
+    given, nothing is preserved unless asked (``preserve`` and/or named ``preserve_sets``), and ``expand_prompts``
+    adds the concept type's five templates to the bare concept.
+    """
     spec = get_method(method)
-    preserve_list = list(preserve) if preserve else default_preserve(wrapper, targets)
-    guides = list(guides) if guides else default_guides(wrapper, targets)
-    preserve_list = [p for p in preserve_list if p not in guides]
+    if concept_type not in CONCEPT_TYPES:
+        raise ValueError(f"unknown concept type {concept_type!r}; expected one of {', '.join(CONCEPT_TYPES)}")
+    kind = CONCEPT_TYPES[concept_type]
+    preserve_list = list(preserve or [])
+    for name in preserve_sets:
+        preserve_list += preserve_set(name, targets)
+    guides = list(guides) if guides else [kind.guide]
+    from .concepts import concept_key
+
+    guide_keys = {concept_key(g) for g in guides if isinstance(g, str)}
+    preserve_list = [p for p in preserve_list if not isinstance(p, str) or concept_key(p) not in guide_keys]
+    if preserve_sets:  # a named set never repeats a target; what the user typed is checked as typed
+        target_keys = {concept_key(t) for t in targets if isinstance(t, str)}
+        preserve_list = [p for p in preserve_list if p in (preserve or []) or concept_key(p) not in target_keys]
     concept_spec = ConceptSpec(tuple(targets), tuple(guides), tuple(preserve_list))
     concept_spec.check_against(wrapper)
+    fields = {f.name for f in dataclasses.fields(spec.config_class)}
     overrides = dict(config_overrides or {})
-    if "templates" in {f.name for f in dataclasses.fields(spec.config_class)}:
-        overrides.setdefault("templates", default_templates(wrapper, targets))
+    if concept_spec.preserve and "preserve_scale" not in fields:
+        raise ValueError(f"method {method!r} has no preserve term: it would ignore the concepts to preserve")
+    if expand_prompts:
+        if "templates" not in fields:
+            raise ValueError(f"method {method!r} takes no templates: it cannot expand prompts")
+        overrides["templates"] = ("{}", *kind.expand_templates)
     return concept_spec, spec.config_class(**overrides)
 
 
@@ -203,42 +263,54 @@ def run_erase(
     concepts: Sequence[str],
     *,
     method: str = "uce",
+    concept_type: str = DEFAULT_CONCEPT_TYPE,
     guides: Sequence[str] | None = None,
     preserve: Sequence[str] | None = None,
+    preserve_sets: Sequence[str] = (),
+    expand_prompts: bool = False,
     out: str | Path | None = None,
     overwrite: bool = False,
     check: bool = True,
     check_images: int = 8,
+    check_steps: int = DEFAULT_STEPS,
+    check_guidance: float = DEFAULT_GUIDANCE,
+    check_seed: int = 0,
     scorer: str | None = None,
     config_overrides: dict[str, Any] | None = None,
+    progress: bool = False,
 ) -> EraseSummary:
-    """Erase ``concepts`` from ``wrapper``'s model, save the artifact, and check the result.
+    """Erase ``concepts`` from ``wrapper``'s model, check the result, and save the artifact.
 
-    Every input is validated before any work or write, so bad input costs nothing and leaves nothing behind.
+    Every input is validated, and the check's scorer loaded, before the edit; the artifact (with the check's picture)
+    is written last, in one atomic step, so a run that fails writes nothing and replaces nothing.
     """
-    targets = [c.strip() for c in concepts] if concepts else []
-    concept_spec, config = erasure_settings(wrapper, targets, method, guides, preserve, config_overrides)
-    preserve_list = list(concept_spec.preserve)
-    folder = Path(out) if out else default_output_folder(targets, method)
-    from .artifact import _check_destination
-
-    _check_destination(folder, overwrite)
+    if check_images < 1 or check_steps < 1:
+        raise ValueError(f"the check needs at least 1 image and 1 step, got {check_images} and {check_steps}")
+    targets = [c.strip() if isinstance(c, str) else c for c in concepts] if concepts else []
+    concept_spec, config = erasure_settings(
+        wrapper, targets, method, guides, preserve, config_overrides,
+        concept_type=concept_type, preserve_sets=preserve_sets, expand_prompts=expand_prompts,
+    )  # fmt: skip
+    folder = check_output_folder(out if out else default_output_folder(concept_spec.targets, method), overwrite)
+    scorer_name, clip = load_check_scorer(wrapper, scorer) if check else (None, None)
     artifact = erase_concepts(wrapper, concept_spec, method, config)
-    save_artifact(artifact, folder, wrapper, overwrite=overwrite)
-    meta = json.loads((folder / "erasure.json").read_text())
+    result, extra_files = None, {}
+    if check:
+        result, grid = self_check(
+            wrapper, artifact, clip, check_images, check_seed, steps=check_steps, guidance=check_guidance,
+            progress=progress,
+        )  # fmt: skip
+        extra_files[CHECK_PICTURE] = png_bytes(grid)
+    folder = save_artifact(artifact, folder, wrapper, overwrite=overwrite, extra_files=extra_files)
+    meta = json.loads((folder / METADATA_FILE).read_text())
     weight_format = meta["weight_format"]
     if weight_format == "lora":
         load_code = f'pipe.load_lora_weights("{folder}")'
     else:
-        load_code = f'StableDiffusionPipeline.from_pretrained("{folder}/pipeline")'
-    result, grid_path = None, None
-    if check:
-        scorer_name = scorer or ("micro" if wrapper.model_id == "micro" else "open_clip:ViT-L-14/openai")
-        result, grid = self_check(wrapper, artifact, scorer_name, check_images)
-        grid_path = folder / "before_after.png"
-        atomic_write_bytes(grid_path, png_bytes(grid))
+        load_code = f'{type(wrapper.pipe).__name__}.from_pretrained("{folder / PIPELINE_FOLDER}")'
+    relative = sorted(artifact.info["relative_change"].values())
     return EraseSummary(
-        concepts=targets,
+        concepts=list(concept_spec.targets),
         method=method,
         model=wrapper.model_id,
         out=str(folder),
@@ -247,6 +319,13 @@ def run_erase(
         layers=len(artifact.deltas),
         check=result,
         load_code=load_code,
-        grid=str(grid_path) if grid_path else None,
-        extra={"preserve": preserve_list, "guides": list(concept_spec.guides), "info": artifact.info},
+        grid=str(folder / CHECK_PICTURE) if check else None,
+        relative_change_median=relative[len(relative) // 2],
+        relative_change_max=relative[-1],
+        extra={
+            "preserve": list(concept_spec.preserve),
+            "guides": list(concept_spec.guides),
+            "scorer": scorer_name,
+            "info": artifact.info,
+        },
     )

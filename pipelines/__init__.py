@@ -11,6 +11,7 @@ from .wrapper import (
     PipelineWrapper,
     PromptEncoding,
     load_pipeline,
+    wrap_pipeline,
 )
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "offline_clip_tokenizer",
     "resolve_device",
     "set_library_verbosity",
+    "wrap_pipeline",
 ]
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "PipelineWrapper",
     "PromptEncoding",
     "load_pipeline",
+    "wrap_pipeline",
 ]
 
 logger = logging.getLogger(__name__)
@@ -144,6 +145,14 @@ def load_pipeline(
     return PipelineWrapper(pipe, model_id=model_id)
 
 
+def wrap_pipeline(pipe: object, model_id: str | None = None) -> PipelineWrapper:
+    """Wrap a pipeline object a user built with plain diffusers; ``TypeError`` for anything but SD 1.x/2.x/XL."""
+    if not isinstance(pipe, StableDiffusionPipeline | StableDiffusionXLPipeline):
+        raise TypeError(f"expected a StableDiffusionPipeline or StableDiffusionXLPipeline, got {type(pipe).__name__}")
+    name = model_id or getattr(pipe, "name_or_path", None) or getattr(pipe.config, "_name_or_path", None)
+    return PipelineWrapper(pipe, model_id=str(name or type(pipe).__name__))
+
+
 class PipelineWrapper:
     """A Stable Diffusion (XL) pipeline with the operations erasure methods and evaluations need."""
 
@@ -216,6 +225,10 @@ class PipelineWrapper:
                 digest.update(f"{name}.{pname}".encode())
                 digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return digest.hexdigest()
+
+    def weight_norms(self, module_names: Sequence[str]) -> dict[str, float]:
+        """Frobenius norm of each named module's weight, in float64."""
+        return {name: float(self.module(name).weight.detach().double().norm()) for name in sorted(module_names)}
 
     # ------------------------------------------------------------------ prompts
     def token_count(self, prompt: str) -> int:
@@ -346,14 +359,18 @@ class PipelineWrapper:
     # ------------------------------------------------------------------ weight edits
     @torch.no_grad()
     def apply_weight_deltas(self, deltas: dict[str, torch.Tensor], scale: float = 1.0) -> None:
-        """In place: ``W <- W + scale * dW`` for each Linear named (qualified) in ``deltas``."""
+        """In place: ``W <- W + scale * dW`` for each Linear named (qualified) in ``deltas``.
+
+        All or nothing: every module and shape is checked before the first weight changes.
+        """
+        weights = {name: self.module(name).weight for name in deltas}
         for name, delta in deltas.items():
-            weight = self.module(name).weight
-            if weight.shape != delta.shape:
+            if weights[name].shape != delta.shape:
                 raise ValueError(
-                    f"{name}: weight change of shape {tuple(delta.shape)} for weight {tuple(weight.shape)}"
+                    f"{name}: weight change of shape {tuple(delta.shape)} for weight {tuple(weights[name].shape)}"
                 )
-            weight.add_(delta.to(weight.device, weight.dtype), alpha=scale)
+        for name, delta in deltas.items():
+            weights[name].add_(delta.to(weights[name].device, weights[name].dtype), alpha=scale)
 
     @contextlib.contextmanager
     def weight_deltas(self, deltas: dict[str, torch.Tensor]) -> Iterator[None]:

@@ -2,13 +2,18 @@
 """Erase concepts from a Stable Diffusion model and save an artifact any diffusers app can load.
 
 python scripts/erase.py --concept "van gogh"
-python scripts/erase.py --concept "van gogh" --concept monet --method uce --out erased/impressionists
+python scripts/erase.py --concept "van gogh" --concept monet --out erased/impressionists
+python scripts/erase.py --concept "a dog" --concept-type object --guide "an animal"
 python scripts/erase.py --model CompVis/stable-diffusion-v1-4 --concept "van gogh" --device cuda
+python scripts/erase.py --model ./my-sd-folder --concept "van gogh" --no-check        # offline, no scorer
+python scripts/erase.py --concept "van gogh" --set token_positions=from_last --set lamb=1.0
+python scripts/erase.py --list-methods
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -20,32 +25,115 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 EXIT_BAD_INPUT = 2
+CONCEPT_TYPES = ("art", "object", "other")  # erase.workflow.CONCEPT_TYPES, listed here to stay torch-free
+PRESERVE_SETS = ("world", "generic")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--concept", action="append", required=True, help="concept to erase (repeatable)")
-    parser.add_argument("--method", default="uce", help="erasure method (default: uce; see --list-methods)")
-    parser.add_argument(
-        "--model", default="micro", help="'micro' (embedded default), a local diffusers folder or hub id"
+    what = parser.add_argument_group("what to erase")
+    what.add_argument("--concept", action="append", help="concept to erase (repeatable)")
+    what.add_argument(
+        "--concept-type",
+        default="art",
+        choices=CONCEPT_TYPES,
+        help="sets the default guide and --expand-prompts' templates, as the reference UCE does: 'art' guides to "
+        "'art', 'object' and 'other' to the empty prompt (default: art)",
     )
-    parser.add_argument("--guide", action="append", help="what each concept becomes (default: the empty prompt)")
-    parser.add_argument("--preserve", action="append", help="concept to keep intact (repeatable; default: a set)")
-    parser.add_argument("--out", help="artifact folder (default: erased/<concept>-<method>)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --out")
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--no-check", action="store_true", help="skip the before/after check on fixed seeds")
-    parser.add_argument("--check-images", type=int, default=8, help="images per group in the check (default: 8)")
-    parser.add_argument("--scorer", help="CLIP scorer for the check (default: micro for the micro model)")
-    parser.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
-    parser.add_argument("--verbose", action="store_true", help="log progress details")
-    return parser.parse_args(argv)
+    what.add_argument("--guide", action="append", help="what each concept becomes (default: by --concept-type)")
+    what.add_argument("--preserve", action="append", help="concept to keep intact (repeatable; default: none)")
+    what.add_argument(
+        "--preserve-set",
+        action="append",
+        choices=PRESERVE_SETS,
+        default=[],
+        help="add a named preserve set: 'world' (every other micro-world concept) or 'generic' (common artists and "
+        "subjects)",
+    )
+    what.add_argument(
+        "--expand-prompts", action="store_true", help="also edit the concept in its type's five templates"
+    )
+    how = parser.add_argument_group("how")
+    how.add_argument("--method", default="uce", help="erasure method (default: uce; see --list-methods)")
+    how.add_argument("--list-methods", action="store_true", help="list the erasure methods and exit")
+    how.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a field of the method's config (VALUE is JSON, or a plain string), e.g. lamb=1.0 (repeatable)",
+    )
+    how.add_argument(
+        "--model",
+        default="micro",
+        help="'micro' (embedded default), 'tiny' or 'tiny-sdxl' (random test pipelines), a local diffusers folder, "
+        "or a hub id such as CompVis/stable-diffusion-v1-4",
+    )
+    how.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N, mps (default: cpu)")
+    how.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", help="artifact folder (default: erased/<concept>-<method>)")
+    out.add_argument("--overwrite", action="store_true", help="replace an earlier artifact at --out")
+    out.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    out.add_argument("--quiet", action="store_true", help="no progress bar")
+    out.add_argument("--verbose", action="store_true", help="log details, and show the libraries' loading bars")
+    check = parser.add_argument_group("the before/after check on fixed seeds")
+    check.add_argument("--no-check", action="store_true", help="skip it (needs no scorer: use offline on SD)")
+    check.add_argument("--check-images", type=int, default=8, help="images per group (default: 8)")
+    check.add_argument("--steps", type=int, help="sampling steps (default: 20)")
+    check.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: 7.5)")
+    check.add_argument("--seed", type=int, default=0, help="seed of the check's prompts and noise (default: 0)")
+    check.add_argument(
+        "--scorer",
+        help="CLIP scorer: 'micro', a local CLIP folder or open_clip:NAME/PRETRAINED (default: micro for the micro "
+        "model, open_clip:ViT-L-14/openai otherwise)",
+    )
+    args = parser.parse_args(argv)
+    if not args.concept and not args.list_methods:
+        parser.error("the following arguments are required: --concept")
+    return args
+
+
+def parse_config_overrides(pairs: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` pairs as a dict, VALUE read as JSON where it parses (lists become tuples), else as a string."""
+    overrides: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        overrides[key.strip()] = tuple(value) if isinstance(value, list) else value
+    return overrides
+
+
+def validate_early(args: argparse.Namespace) -> None:
+    """Everything that needs neither torch nor the model: concepts, numbers, --set, --out."""
+    from erase.concepts import check_concept_text
+    from erase.layout import check_output_folder, default_output_folder
+
+    concepts = [check_concept_text(c, "concept to erase") for c in args.concept]
+    for flag in ("check_images", "steps"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.guidance is not None and not args.guidance >= 0:
+        raise ValueError(f"--guidance must be >= 0, got {args.guidance}")
+    parse_config_overrides(args.set)
+    check_output_folder(args.out or default_output_folder(concepts, args.method), args.overwrite)
 
 
 def print_summary(summary) -> None:  # noqa: ANN001 - erase.workflow.EraseSummary
+    guides = ", ".join(repr(g) for g in summary.extra["guides"])
     print(f"Erased {', '.join(repr(c) for c in summary.concepts)} from {summary.model} with {summary.method}")
+    print(f"  guided to {guides}; {len(summary.extra['preserve'])} concept(s) preserved")
     print(f"  edit took {summary.edit_seconds:.3f} s over {summary.layers} layers ({summary.weight_format} weights)")
+    print(
+        f"  edit size           {summary.relative_change_median:.3f} (median), {summary.relative_change_max:.3f} "
+        "(max) of each weight's norm"
+    )
     if summary.check:
         c = summary.check
         print(f"  target accuracy     {c.target_before:6.1%} -> {c.target_after:6.1%}  (lower is better)")
@@ -54,41 +142,61 @@ def print_summary(summary) -> None:  # noqa: ANN001 - erase.workflow.EraseSummar
         )
         print(f"  before/after grid:  {summary.grid}")
     print(f"  artifact:           {summary.out}")
-    print(f"  load it in diffusers: {summary.load_code}")
+    print(f'  load it:            import erase; erase.load(pipe, "{summary.out}")')
+    print(f"  or in diffusers:    {summary.load_code}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    if args.model in ("micro", "tiny") or os.path.isdir(args.model):
+    if args.model in ("micro", "tiny", "tiny-sdxl") or os.path.isdir(args.model):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
-    from erase import ArtifactError, get_method
-    from erase.workflow import run_erase
-    from pipelines import ModelNotFoundError, load_pipeline
-
     try:
+        if not args.list_methods:
+            validate_early(args)
+        import torch
+
+        from erase import available_methods, get_method
+        from erase.workflow import run_erase
+        from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_pipeline, resolve_device, set_library_verbosity
+
+        if args.list_methods:
+            for name in available_methods():
+                method = get_method(name)
+                print(f"{name:8s} {method.family:12s} {method.summary}")
+            return 0
+        set_library_verbosity(args.verbose)
         get_method(args.method)
-        if args.check_images < 1:
-            raise ValueError(f"--check-images must be >= 1, got {args.check_images}")
+        device = resolve_device(args.device)
         start = time.perf_counter()
-        wrapper = load_pipeline(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+        wrapper = load_pipeline(args.model, device=device, dtype=getattr(torch, args.dtype))
         load_seconds = time.perf_counter() - start
         summary = run_erase(
             wrapper,
             args.concept,
             method=args.method,
+            concept_type=args.concept_type,
             guides=args.guide,
             preserve=args.preserve,
+            preserve_sets=args.preserve_set,
+            expand_prompts=args.expand_prompts,
             out=args.out,
             overwrite=args.overwrite,
             check=not args.no_check,
             check_images=args.check_images,
+            check_steps=args.steps or DEFAULT_STEPS,
+            check_guidance=DEFAULT_GUIDANCE if args.guidance is None else args.guidance,
+            check_seed=args.seed,
             scorer=args.scorer,
+            config_overrides=parse_config_overrides(args.set),
+            progress=not (args.quiet or args.json),
         )
-    except (ValueError, TypeError, ModelNotFoundError, ArtifactError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError) as err:  # bad input; ModelNotFoundError and ArtifactError included
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     summary.extra["load_seconds"] = load_seconds
     if args.json:

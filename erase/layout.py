@@ -1,0 +1,113 @@
+"""What an artifact folder holds and where one may be written: checked before torch is imported or a model loads,
+so a bad ``--out`` costs nothing. No torch here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = [
+    "ARTIFACT_ENTRIES",
+    "ArtifactError",
+    "ArtifactExistsError",
+    "ArtifactMismatchError",
+    "check_output_folder",
+    "default_output_folder",
+]
+
+SCHEMA_VERSION = 1
+METADATA_FILE = "erasure.json"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+FULL_FILE = "edited_weights.safetensors"
+PIPELINE_FOLDER = "pipeline"
+CHECK_PICTURE = "before_after.png"
+#: Everything an artifact folder may hold; ``overwrite`` replaces a folder only if it holds nothing else.
+ARTIFACT_ENTRIES = frozenset({METADATA_FILE, LORA_FILE, FULL_FILE, PIPELINE_FOLDER, CHECK_PICTURE})
+#: Relative tolerance on per-module weight norms when the pipeline runs in float16/bfloat16: its weights are the
+#: base's rounded, so the float32 fingerprint cannot match, while rounding moves a norm by far less than this.
+LOW_PRECISION_NORM_RTOL = 1e-3
+
+
+class ArtifactError(ValueError):
+    """An artifact folder is missing, corrupt, or not an erasure artifact."""
+
+
+class ArtifactExistsError(ArtifactError):
+    """The output folder already holds something that saving would destroy."""
+
+
+class ArtifactMismatchError(ArtifactError):
+    """The artifact was made for other base weights than the pipeline's."""
+
+
+TEMPORARY_MARK = ".erase-tmp-"
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting and restoring it: the only way POSIX offers)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _writable_ancestor(folder: Path) -> Path:
+    """The nearest existing ancestor of ``folder``; ``ArtifactError`` when one on the way is a file."""
+    parent = folder.parent
+    while not parent.exists():
+        if parent.is_symlink():
+            raise ArtifactError(f"cannot write {folder}: {parent} is a broken symbolic link")
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ArtifactError(f"cannot write {folder}: {parent} is a file, not a folder")
+    return parent
+
+
+def check_output_folder(folder: str | Path, overwrite: bool = False) -> Path:
+    """The folder an artifact will be written to (symbolic links resolved), or ``ArtifactError`` in one line.
+
+    Checked before any work: the folder must be new, empty, or (with ``overwrite``) hold an erasure artifact and
+    nothing else, and its parent must be writable (probed by creating and removing a folder there).
+    """
+    given = Path(folder).expanduser()
+    folder = Path(os.path.abspath(given))
+    if folder.is_symlink():
+        folder = given = folder.resolve()
+    if folder == Path.cwd() or folder.parent == folder:
+        raise ArtifactError(f"{folder} is the current or root folder; name a new folder for the artifact")
+    if folder.exists():
+        if not folder.is_dir():
+            raise ArtifactExistsError(f"{folder} exists and is not a folder")
+        if os.path.ismount(folder):
+            raise ArtifactError(f"{folder} is a mount point, which cannot be swapped atomically; name a folder in it")
+        entries = sorted(p.name for p in folder.iterdir())
+        if entries and not overwrite:
+            what = "another erasure artifact" if METADATA_FILE in entries else "files"
+            raise ArtifactExistsError(f"{folder} already holds {what}; choose another --out or pass --overwrite")
+        if entries and METADATA_FILE not in entries:
+            raise ArtifactExistsError(
+                f"{folder} holds files that are not an erasure artifact; refusing to replace them"
+            )
+        foreign = [e for e in entries if e not in ARTIFACT_ENTRIES and not e.startswith(".")]
+        if foreign:
+            raise ArtifactExistsError(
+                f"{folder} holds files beside the artifact ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}); --overwrite replaces an artifact folder only: move them"
+            )
+    ancestor = _writable_ancestor(folder)
+    try:
+        probe = ancestor / f".{folder.name[:64]}{TEMPORARY_MARK}probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as err:
+        raise ArtifactError(f"cannot write {folder}: {ancestor} is not writable ({err.strerror})") from None
+    return given
+
+
+def default_output_folder(concepts: Sequence[str], method: str) -> Path:
+    """``erased/<concept>[+<concept>...]-<method>``, with the concepts made filename-safe."""
+    slug = "+".join(re.sub(r"[^a-z0-9]+", "-", c.lower()).strip("-") or "concept" for c in concepts)
+    return Path("erased") / f"{slug[:80]}-{method}"
