@@ -1,6 +1,6 @@
 """erase: concept erasure for text-to-image diffusion models.
 
-The public names load on first use (PEP 562), so ``erase.concepts`` and ``erase.layout`` check a command's input
+The public names load on first use (PEP 562), so ``erase.inputs`` and ``erase.layout`` check a command's input
 before torch and diffusers are imported.
 """
 
@@ -16,7 +16,7 @@ _EXPORTS: dict[str, str] = {
     "ArtifactExistsError": "layout",
     "ArtifactMismatchError": "layout",
     "check_output_folder": "layout",
-    "concept_key": "concepts",
+    "concept_key": "inputs",
     "ErasureArtifact": "artifact",
     "apply_artifact": "artifact",
     "check_artifact_base": "artifact",
@@ -66,7 +66,7 @@ if TYPE_CHECKING:
         low_rank_factors,
         save_artifact,
     )
-    from .concepts import concept_key
+    from .inputs import concept_key
     from .layout import ArtifactError, ArtifactExistsError, ArtifactMismatchError, check_output_folder
     from .registry import (
         ConceptSpec,

@@ -19,7 +19,7 @@ import torch
 
 from pipelines import PipelineWrapper
 
-from .concepts import check_concept_text, concept_key
+from .inputs import check_concept_text, concept_key
 
 __all__ = [
     "ConceptSpec",

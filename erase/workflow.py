@@ -75,7 +75,7 @@ def preserve_set(name: str, targets: Sequence[str]) -> list[str]:
     ``"world"``: every concept of the micro world (``pipelines/micro/world.json``) but "plain"; ``"generic"``:
     ``GENERIC_PRESERVE``.
     """
-    from .concepts import concept_key
+    from .inputs import concept_key
 
     if name not in PRESERVE_SETS:
         raise ValueError(f"unknown preserve set {name!r}; expected one of {', '.join(PRESERVE_SETS)}")
@@ -238,7 +238,7 @@ def erasure_settings(
     for name in preserve_sets:
         preserve_list += preserve_set(name, targets)
     guides = list(guides) if guides else [kind.guide]
-    from .concepts import concept_key
+    from .inputs import concept_key
 
     guide_keys = {concept_key(g) for g in guides if isinstance(g, str)}
     preserve_list = [p for p in preserve_list if not isinstance(p, str) or concept_key(p) not in guide_keys]

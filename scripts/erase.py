@@ -13,7 +13,6 @@ python scripts/erase.py --list-methods
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -94,24 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def parse_config_overrides(pairs: list[str]) -> dict[str, object]:
-    """``KEY=VALUE`` pairs as a dict, VALUE read as JSON where it parses (lists become tuples), else as a string."""
-    overrides: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set {pair!r}: expected KEY=VALUE")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        overrides[key.strip()] = tuple(value) if isinstance(value, list) else value
-    return overrides
-
-
 def validate_early(args: argparse.Namespace) -> None:
     """Everything that needs neither torch nor the model: concepts, numbers, --set, --out."""
-    from erase.concepts import check_concept_text
+    from erase.inputs import check_concept_text, parse_config_overrides
     from erase.layout import check_output_folder, default_output_folder
 
     concepts = [check_concept_text(c, "concept to erase") for c in args.concept]
@@ -157,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from erase import available_methods, get_method
+        from erase.inputs import parse_config_overrides
         from erase.workflow import run_erase
         from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_pipeline, resolve_device, set_library_verbosity
 

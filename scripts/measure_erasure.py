@@ -8,6 +8,10 @@
 Groups: each erased concept under its canonical name and under every synonym; every other style; objects and
 colours (pooled). Accuracy = micro-CLIP zero-shot verdict equals the named concept (the judge's beside it). For a
 group of one concept the last column says what its images read as after the edit (the two most common verdicts).
+
+The edit is the one ``scripts/erase.py`` makes with the same options (``--concept-type``, ``--guide``, ``--preserve``,
+``--preserve-set``, ``--expand-prompts``, ``--set KEY=VALUE``). Bad input is a one-line error and exit 2, before any
+image is generated.
 """
 
 from __future__ import annotations
@@ -27,12 +31,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import erase  # noqa: E402
-from erase.workflow import erasure_settings  # noqa: E402
+from erase.inputs import check_concept_text, parse_config_overrides  # noqa: E402
+from erase.workflow import CONCEPT_TYPES, PRESERVE_SETS, erasure_settings  # noqa: E402
 from evals import world  # noqa: E402
 from evals.metrics import wilson_interval  # noqa: E402
 from evals.probes import Probe, probe_correct, probe_verdicts, world_labels, world_probes  # noqa: E402
 from evals.scorer import ClipScorer  # noqa: E402
-from pipelines import load_pipeline  # noqa: E402
+from pipelines import load_pipeline, resolve_device, set_library_verbosity  # noqa: E402
 from pipelines.train_utils import atomic_write_json  # noqa: E402
 
 
@@ -51,30 +56,79 @@ def probe_groups(targets: list[str], n: int, seed: int) -> dict[str, list[Probe]
     return groups
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--concept", action="append", required=True)
+    parser.add_argument("--concept", action="append", required=True, help="micro-world concept to erase")
     parser.add_argument("--method", default="uce")
+    parser.add_argument("--concept-type", default="art", choices=sorted(CONCEPT_TYPES))
+    parser.add_argument("--guide", action="append", help="what each concept becomes (default: by --concept-type)")
+    parser.add_argument("--preserve", action="append", help="concept to keep intact (repeatable; default: none)")
+    parser.add_argument("--preserve-set", action="append", default=[], choices=PRESERVE_SETS)
+    parser.add_argument("--expand-prompts", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method config field")
     parser.add_argument("--images", type=int, default=100, help="images per group")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--preserve-scale", type=float, help="override UCE's preserve_scale (default: the method's)")
     parser.add_argument("--group", action="append", help="measure only groups whose name contains this (repeatable)")
     parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
 
-    wrapper = load_pipeline("micro", device=args.device)
-    overrides = {} if args.preserve_scale is None else {"preserve_scale": args.preserve_scale}
-    # the defaults scripts/erase.py uses, plus any override
-    spec, config = erasure_settings(wrapper, args.concept, args.method, config_overrides=overrides)
-    artifact = erase.erase_concepts(wrapper, spec, args.method, config)
-    print(f"{args.method} edit of {args.concept}: {artifact.seconds:.3f} s, {len(artifact.deltas)} layers")
-    groups = probe_groups(args.concept, args.images, args.seed)
-    if args.group:
-        groups = {name: g for name, g in groups.items() if any(part in name for part in args.group)}
-        if not groups:
-            parser.error(f"no group matches {args.group}")
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    set_library_verbosity(False)
+    try:
+        for flag in ("images", "batch_size"):
+            if getattr(args, flag) < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+        for concept in args.concept:
+            check_concept_text(concept, "concept to erase")
+            world.canonical(concept)  # a concept outside the world has no probes to measure
+        if args.json:
+            check_writable_file(args.json)
+        device = resolve_device(args.device)
+        wrapper = load_pipeline("micro", device=device)
+        # the settings scripts/erase.py uses for the same options
+        spec, config = erasure_settings(
+            wrapper, args.concept, args.method, args.guide, args.preserve, parse_config_overrides(args.set),
+            concept_type=args.concept_type, preserve_sets=args.preserve_set, expand_prompts=args.expand_prompts,
+        )  # fmt: skip
+        groups = probe_groups(list(spec.targets), args.images, args.seed)
+        if args.group:
+            groups = {name: g for name, g in groups.items() if any(part in name for part in args.group)}
+            if not groups:
+                raise ValueError(f"no group matches {args.group}")
+        artifact = erase.erase_concepts(wrapper, spec, args.method, config)
+    except (ValueError, TypeError, KeyError, OSError) as err:
+        text = str(err.args[0] if isinstance(err, KeyError) and err.args else err).strip()
+        message = text.splitlines()[0] if text else type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    measure(wrapper, args, spec, config, artifact, groups)
+    return 0
+
+
+def check_writable_file(path: str) -> None:
+    """``OSError`` now, not after the measurement, when ``path`` cannot be written (probed with a sibling file)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise OSError(f"--json {path} is a folder")
+    os.makedirs(folder, exist_ok=True)
+    probe = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.probe")
+    try:
+        with open(probe, "x"):
+            pass
+    except OSError as err:
+        raise OSError(f"--json {path}: cannot write in {folder} ({err.strerror})") from None
+    os.unlink(probe)
+
+
+def measure(wrapper, args, spec, config, artifact, groups) -> None:  # noqa: ANN001 - the objects main built
+    print(
+        f"{args.method} edit of {list(spec.targets)} (guides {list(spec.guides)}, {len(spec.preserve)} preserved): "
+        f"{artifact.seconds:.3f} s, {len(artifact.deltas)} layers"
+    )
     probes = [p for g in groups.values() for p in g]
     prompts, seeds = [p.prompt for p in probes], [p.seed for p in probes]
     start = time.perf_counter()
@@ -82,7 +136,7 @@ def main() -> None:
     with wrapper.weight_deltas(artifact.deltas):
         after = wrapper.generate(prompts, seeds, batch_size=args.batch_size)
     print(f"generated {2 * len(probes)} images in {time.perf_counter() - start:.1f} s")
-    scorer = ClipScorer.from_pretrained("micro", device=args.device)
+    scorer = ClipScorer.from_pretrained("micro", device=wrapper.device)
     labels = world_labels()
     ok_before = probe_correct(scorer, before, probes, labels)
     read_after = probe_verdicts(scorer, after, probes, labels)
@@ -121,10 +175,11 @@ def main() -> None:
         cells = f"{row['clip_before']:11.1%} {row['clip_after']:10.1%}  {ci:>14s}  {jb}"
         print(f"{name:42s} {len(group):4d}  {cells}  {reads}")
     if args.json:
-        atomic_write_json(args.json, {"concepts": args.concept, "method": args.method,
-                                      "config": dataclasses.asdict(config), "edit_seconds": artifact.seconds,
-                                      "groups": results, "torch_threads": torch.get_num_threads()})  # fmt: skip
+        atomic_write_json(args.json, {"concepts": args.concept, "method": args.method, "guides": list(spec.guides),
+                                      "preserve": list(spec.preserve), "config": dataclasses.asdict(config),
+                                      "edit_seconds": artifact.seconds, "groups": results,
+                                      "torch_threads": torch.get_num_threads()})  # fmt: skip
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,12 +1,14 @@
-"""Concept strings as erasure reads them: checked and compared without torch, so the scripts refuse bad input before
-a model loads.
+"""User input checked without torch, so the scripts refuse bad input before a model loads: concept strings as
+erasure reads them, and ``KEY=VALUE`` overrides of a method's config.
 """
 
 from __future__ import annotations
 
+import json
 import unicodedata
+from collections.abc import Sequence
 
-__all__ = ["check_concept_text", "concept_key"]
+__all__ = ["check_concept_text", "concept_key", "parse_config_overrides"]
 
 
 def concept_key(text: str) -> str:
@@ -26,3 +28,18 @@ def check_concept_text(text: object, what: str) -> str:
     if not any(unicodedata.category(ch)[0] in "LNPS" for ch in text):
         raise ValueError(f"{what} {text!r} has no visible characters")
     return text
+
+
+def parse_config_overrides(pairs: Sequence[str]) -> dict[str, object]:
+    """``KEY=VALUE`` pairs as a dict, VALUE read as JSON where it parses (lists become tuples), else as a string."""
+    overrides: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        overrides[key.strip()] = tuple(value) if isinstance(value, list) else value
+    return overrides
