@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,6 +254,26 @@ class _OpenClipBackend:
         return self.model.encode_text(self.tokenizer(list(texts)).to(self.device))
 
 
+def _check_open_clip_spec(model_name: str, pretrained: str | None) -> None:
+    """Refuse, before anything loads, an unknown open_clip model and a local checkpoint that is not safetensors
+    (open_clip would ``torch.load``, i.e. unpickle, it).
+
+    Mirrors open_clip's own reading of ``pretrained``: a tag it knows for ``model_name`` first, else a file path
+    (a ``.safetensors`` name is read with safetensors, anything else with ``torch.load``).
+    """
+    import open_clip
+
+    if ":" not in model_name and model_name.replace("/", "-") not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {model_name!r} (open_clip.list_models() names the known ones)")
+    if pretrained is None or open_clip.get_pretrained_cfg(model_name, pretrained) or not os.path.isfile(pretrained):
+        return  # a known tag (open_clip's own source), or neither tag nor file: open_clip says so itself
+    if not str(pretrained).endswith(".safetensors"):
+        raise ValueError(
+            f"refusing to load the open_clip checkpoint {pretrained}: only .safetensors files are read (other "
+            "formats are pickles, which can run code as they load); convert it to safetensors first"
+        )
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Scorer
 # --------------------------------------------------------------------------------------------------------------------
@@ -350,9 +371,11 @@ class ClipScorer:
     ) -> ClipScorer:
         """A scorer over ``open_clip.create_model_and_transforms(model_name, pretrained=pretrained)``.
 
-        ``pretrained`` is an open_clip tag (downloads unless cached) or a local checkpoint path; ``None`` gives
-        random weights, useful only for tests.
+        ``pretrained`` is an open_clip tag (downloads unless cached) or a local ``.safetensors`` checkpoint; other
+        local files (``.bin``, ``.pt``: pickles, which can run code as they load) are refused with ``ValueError``
+        before anything loads. ``None`` gives random weights, useful only for tests.
         """
+        _check_open_clip_spec(model_name, pretrained)
         if pretrained is None:
             logger.warning("open_clip model %s has random weights: its scores are meaningless", model_name)
         logger.info("loading open_clip %s (pretrained=%s) on %s (%s)", model_name, pretrained, device, dtype)

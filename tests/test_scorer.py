@@ -224,6 +224,43 @@ def test_from_pretrained_rejects_bad_specs(tmp_path: Path) -> None:
         ClipScorer.from_pretrained(tmp_path)
 
 
+class _Built(Exception):
+    pass
+
+
+def test_open_clip_pickle_checkpoints_are_refused_before_loading(tmp_path: Path, monkeypatch) -> None:
+    import pickle
+
+    import open_clip
+
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    def create(*args, **kwargs):
+        raise _Built(kwargs.get("pretrained"))
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", create)
+    for name in ("evil.bin", "evil.pt", "evil"):
+        (tmp_path / name).write_bytes(pickle.dumps(Payload()))
+        with pytest.raises(
+            ValueError, match=rf"refusing to load the open_clip checkpoint .*{name}: only .safetensors"
+        ):
+            ClipScorer.from_pretrained(f"open_clip:ViT-B-32/{tmp_path / name}")
+        with pytest.raises(ValueError, match="only .safetensors"):
+            ClipScorer.from_open_clip("ViT-B-32", str(tmp_path / name))
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="unknown open_clip model 'no-such-model'"):
+        ClipScorer.from_pretrained("open_clip:no-such-model/openai")
+    # a safetensors file and a known tag go on to open_clip (which reads safetensors without unpickling)
+    (tmp_path / "weights.safetensors").write_bytes(b"{}")
+    for pretrained in (str(tmp_path / "weights.safetensors"), "openai"):
+        with pytest.raises(_Built, match=pretrained):
+            ClipScorer.from_pretrained(f"open_clip:ViT-B-32/{pretrained}")
+
+
 def test_micro_clip_loads_if_shipped() -> None:
     micro_clip = pytest.importorskip("evals.micro_clip")
     if not (micro_clip.micro_clip_path() / "config.json").is_file():
