@@ -33,7 +33,8 @@ def test_lora_artifact_loads_in_plain_diffusers_and_reproduces_the_edit(tiny, tm
 def test_full_artifact_exports_a_loadable_pipeline(tiny, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    artifact = erase_concepts(tiny, ConceptSpec(("van gogh",)), "uce")  # 75 positions in 32 dims: full rank
+    # 75 positions in 32 dims: full rank, stored as full weights plus a pipeline export
+    artifact = erase_concepts(tiny, ConceptSpec(("van gogh",)), "uce", UCEConfig(token_positions="from_last"))
     erase.save_artifact(artifact, tmp_path / "a", tiny)
     assert json.loads((tmp_path / "a" / "erasure.json").read_text())["weight_format"] == "full"
     exported = StableDiffusionPipeline.from_pretrained(str(tmp_path / "a" / "pipeline"))
@@ -74,7 +75,11 @@ def test_corrupt_artifacts_fail_clearly(tiny, tmp_path):
     erase.save_artifact(artifact, tmp_path / "a", tiny)
     with pytest.raises(ArtifactError, match="not an erasure artifact"):
         erase.load_artifact(tmp_path)
-    (tmp_path / "a" / "edited_weights.safetensors").write_bytes(b"garbage")
+    (tmp_path / "a" / "pytorch_lora_weights.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ArtifactError, match="sha256"):
+        erase.load_artifact(tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / "erasure.json").read_text())
+    (tmp_path / "a" / "erasure.json").write_text(json.dumps({**meta, "weights_sha256": None}))
     with pytest.raises(ArtifactError, match="cannot read"):
         erase.load_artifact(tmp_path / "a")
     (tmp_path / "a" / "erasure.json").write_text("{not json")

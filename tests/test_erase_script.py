@@ -15,6 +15,13 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600)
 
 
+def run_in_process(capsys, *args: str) -> tuple[int, str, str]:
+    """The script's main() in this process (no interpreter start-up): exit code, stdout, stderr."""
+    code = runpy.run_path(str(SCRIPT))["main"](list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def test_help_prints_usage():
     result = run_script("--help")
     assert result.returncode == 0 and "--concept" in result.stdout
@@ -36,15 +43,102 @@ def test_json_summary_and_artifact(tmp_path):
         (["--concept", "word " * 90], "tokens"),
         (["--concept", "x", "--method", "nope"], "unknown erasure method"),
         (["--concept", "x", "--model", "/no/such/folder/anywhere"], "cannot load model"),
+        (["--concept", "\u200b"], "no visible characters"),  # E05
+        (["--concept", "van gogh", "--preserve", "monet", "--preserve", "Van Gogh"], "both erased and preserved"),
+        (["--concept", "van gogh", "--guide", "van gogh"], "is the concept itself"),  # E28
+        (["--concept", "van gogh", "--device", "nonsense"], "unknown device"),  # E19
+        (["--concept", "van gogh", "--device", "cuda"], "CUDA is not available"),  # E18
+        (["--concept", "van gogh", "--method", "time", "--preserve", "monet"], "no preserve term"),  # E35
+        (["--concept", "van gogh", "--set", "nope=1"], "nope"),
+        (["--concept", "van gogh", "--set", "lamb"], "KEY=VALUE"),
+        (["--concept", "van gogh", "--check-images", "0"], "--check-images must be >= 1"),
     ],
 )
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, message):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "out"
-    result = run_script("--model", "tiny", "--out", str(out), "--no-check", *args)
-    assert result.returncode == 2
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0]
+    code, _, err = run_in_process(capsys, "--model", "tiny", "--out", str(out), "--no-check", *args)
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("where", ["parent_is_a_file", "cwd"])
+def test_unusable_out_is_refused_before_the_model_loads(tmp_path, where):  # E23b, E24
+    (tmp_path / "afile.txt").write_text("x")
+    out = str(tmp_path / "afile.txt" / "sub") if where == "parent_is_a_file" else "."
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--model", "/no/such/model", "--concept", "van gogh", "--out", out],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "cannot load model" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile.txt"]
+
+
+def test_no_scorer_offline_fails_before_the_edit_and_keeps_the_old_artifact(tmp_path):  # E32a-d
+    out = tmp_path / "vg"
+    assert run_script("--model", "tiny", "--concept", "van gogh", "--out", str(out), "--no-check").returncode == 0
+    before = (out / "erasure.json").read_bytes()
+    for scorer in ([], ["--scorer", "/nope"]):  # the default open_clip scorer is not cached offline; /nope is nothing
+        result = run_script("--model", "tiny", "--concept", "monet", "--out", str(out), "--overwrite", *scorer)
+        assert result.returncode == 2 and "--no-check" in result.stderr and "Traceback" not in result.stderr
+        assert (out / "erasure.json").read_bytes() == before
+    fresh = tmp_path / "fresh"
+    result = run_script("--model", "tiny", "--concept", "monet", "--out", str(fresh))
+    assert result.returncode == 2 and not fresh.exists()
+
+
+def test_list_methods():
+    result = run_script("--list-methods")
+    assert result.returncode == 0 and {"uce", "time"} <= {line.split()[0] for line in result.stdout.splitlines()}
+
+
+def test_tiny_sdxl_load_line_works_in_a_fresh_plain_process(tmp_path):
+    out = tmp_path / "vg"
+    result = run_script("--model", "tiny-sdxl", "--concept", "van gogh", "--out", str(out), "--no-check", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    code = "\n".join(
+        [
+            "import json, sys, torch",
+            "from pipelines.tiny import tiny_sdxl_pipeline",
+            "pipe = tiny_sdxl_pipeline(0)  # the base, as a user's from_pretrained would give it",
+            "unet = {k: v.clone() for k, v in pipe.unet.state_dict().items()}",
+            summary["load_code"],
+            "pipe.fuse_lora()",
+            "pipe.unload_lora_weights()  # keeps the fused weights, drops the adapter layers",
+            "changed = [k for k, v in pipe.unet.state_dict().items() if k in unet and not torch.equal(v, unet[k])]",
+            "print(json.dumps(changed))",
+        ]
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert loaded.returncode == 0, loaded.stderr
+    changed = json.loads(loaded.stdout.strip().splitlines()[-1])
+    assert changed and all(k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for k in changed)
+
+
+def test_sd_folder_lora_fuses_to_the_same_key_value_weights(tmp_path):
+    """A local SD 1.x folder (the tiny one, saved), --no-check: plain load_lora_weights + fuse_lora gives our K/V."""
+    from diffusers import StableDiffusionPipeline
+
+    import erase
+    from pipelines.tiny import tiny_sd_pipeline
+
+    tiny_sd_pipeline(0).save_pretrained(str(tmp_path / "base"))
+    out = tmp_path / "vg"
+    result = run_script("--model", str(tmp_path / "base"), "--concept", "van gogh", "--out", str(out), "--no-check")
+    assert result.returncode == 0, result.stderr
+    artifact = erase.load_artifact(out)
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "base"))
+    base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    pipe.load_lora_weights(str(out))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    fused = pipe.unet.state_dict()
+    for name, delta in artifact.deltas.items():
+        key = name.removeprefix("unet.") + ".weight"
+        expected = base[key].double() + delta.double()
+        assert (fused[key].double() - expected).norm() / expected.norm() <= 1e-5, key
 
 
 def test_existing_artifact_needs_overwrite(tmp_path, monkeypatch, capsys):

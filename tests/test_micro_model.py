@@ -88,13 +88,14 @@ def test_readme_erase_command_on_micro(tmp_path):
     check = summary["check"]
     assert check["target_after"] < check["target_before"]
     assert (out / "before_after.png").is_file() and (out / "erasure.json").is_file()
+    assert summary["weight_format"] == "lora" and summary["load_code"] == f'pipe.load_lora_weights("{out}")'
     assert summary["edit_seconds"] > 0  # reported; how fast it is lives in scripts/bench_uce.py, not in a timed test
 
 
 def test_measure_erasure_script_on_micro(tmp_path):
     out = tmp_path / "m.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "measure_erasure.py"), "--concept", "van gogh", "--images", "6"]
-    cmd += ["--group", "erased: van gogh", "--group", "monet", "--preserve-scale", "0.3", "--json", str(out)]
+    cmd += ["--group", "erased: van gogh", "--group", "monet", "--set", "preserve_scale=0.3", "--json", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     measured = json.loads(out.read_text())
@@ -116,11 +117,13 @@ def test_saved_lora_reproduces_the_in_memory_edit(tmp_path):
     from diffusers import StableDiffusionPipeline
 
     import erase
+    from erase.workflow import run_erase
 
     wrapper = load_pipeline("micro")
-    artifact = erase.erase_concepts(wrapper, erase.ConceptSpec(("van gogh",), preserve=("monet", "star")), "uce")
-    erase.save_artifact(artifact, tmp_path / "vg", wrapper)
+    run_erase(wrapper, ["van gogh"], out=tmp_path / "vg", check=False)  # the defaults of scripts/erase.py
+    artifact = erase.load_artifact(tmp_path / "vg")
     meta = json.loads((tmp_path / "vg" / "erasure.json").read_text())
+    assert meta["weight_format"] == "lora"  # the default artifact is a LoRA, the micro model included
     prompts = ["a red star in the style of van gogh", "a blue moon in the style of monet"]
 
     def run(pipe):
@@ -136,9 +139,9 @@ def test_saved_lora_reproduces_the_in_memory_edit(tmp_path):
 
     with wrapper.weight_deltas(artifact.deltas):
         edited = run(wrapper.pipe)
-    if meta["weight_format"] == "lora":
-        plain = StableDiffusionPipeline.from_pretrained(str(micro_model_path()))
-        plain.load_lora_weights(str(tmp_path / "vg"))
-    else:
-        plain = StableDiffusionPipeline.from_pretrained(str(tmp_path / "vg" / "pipeline"))
+    plain = StableDiffusionPipeline.from_pretrained(str(micro_model_path()))
+    plain.load_lora_weights(str(tmp_path / "vg"))
     assert np.abs(run(plain) - edited).max() <= 1e-3
+    fused = StableDiffusionPipeline.from_pretrained(str(micro_model_path()))
+    erase.load(fused, tmp_path / "vg")  # the same edit through erase.load
+    assert np.abs(run(fused) - edited).max() <= 1e-3
