@@ -109,3 +109,54 @@ def test_uce_erases_twenty_concepts_at_once(tiny_sdxl):
         after = (c_e @ w_new.T - c_g @ w.T).norm(dim=1)
         assert (after < 0.05 * before).all(), name  # every one of the 20, not just on average
         assert (c_p @ w_new.T - c_p @ w.T).norm() < 0.05 * (c_p @ w.T).norm(), name
+
+
+def _reference_uce_weights(pipe, edit, guides, preserve, erase_scale=1.0, preserve_scale=1.0, lamb=0.5):
+    """The reference UCE script's closed form (trainscripts/uce_sd_erase.py), written out independently of
+    erase.uce and evaluated in float64: one embedding per prompt, at attention_mask.sum() - 2 (the last real token;
+    BOS for the empty prompt), and per K/V module W_new = (lamb W + sum v* c^T)(lamb I + sum c c^T)^-1."""
+    embeds = {}
+    for text in {*edit, *guides, *preserve}:
+        emb = pipe.encode_prompt(text, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
+        mask = pipe.tokenizer(text, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt")["attention_mask"]  # fmt: skip
+        embeds[text] = emb[0, int(mask.sum()) - 2].double()
+    weights = {}
+    for name, module in pipe.unet.named_modules():
+        if "attn2" in name and name.endswith(("to_k", "to_v")):
+            w = module.weight.detach().double()
+            mat1, mat2 = lamb * w, lamb * torch.eye(w.shape[1], dtype=torch.float64)
+            for concept, guide in zip(edit, guides, strict=True):
+                c, v_star = embeds[concept][:, None], w @ embeds[guide][:, None]
+                mat1, mat2 = mat1 + erase_scale * v_star @ c.T, mat2 + erase_scale * c @ c.T
+            for concept in preserve:
+                c = embeds[concept][:, None]
+                mat1, mat2 = mat1 + preserve_scale * (w @ c) @ c.T, mat2 + preserve_scale * c @ c.T
+            weights[f"unet.{name}"] = mat1 @ torch.linalg.inv(mat2)
+    return weights
+
+
+@pytest.mark.parametrize(
+    "model, edit, guides, preserve",
+    [
+        ("micro", ("van gogh",), ("art",), ()),
+        ("micro", ("van gogh", "monet"), ("art", "art"), ("picasso", "a red star")),
+        ("tiny", ("van gogh",), ("",), ("claude monet",)),
+    ],
+)
+def test_uce_defaults_are_the_reference_closed_form(model, edit, guides, preserve):
+    """Our default UCE weights within 1e-5 (relative Frobenius) of the reference formula in float64."""
+    from pipelines import load_pipeline, micro_model_path
+
+    if model == "micro" and not (micro_model_path() / "model_index.json").is_file():
+        pytest.skip("micro model not built")
+    wrapper = load_pipeline(model)
+    artifact = erase_concepts(wrapper, ConceptSpec(edit, guides=guides, preserve=preserve), "uce")
+    reference = _reference_uce_weights(wrapper.pipe, edit, guides, preserve)
+    assert set(reference) == set(artifact.deltas)
+    for name, expected in reference.items():
+        ours = wrapper.module(name).weight.detach().double() + artifact.deltas[name].double()
+        assert (ours - expected).norm() / expected.norm() <= 1e-5, name
+        # and the change itself, which is small against W, agrees too
+        change = expected - wrapper.module(name).weight.detach().double()
+        assert (artifact.deltas[name].double() - change).norm() / change.norm() <= 1e-4, name
