@@ -5,7 +5,8 @@ artifact applied temporarily (``wrapper.weight_deltas``), scores them with CLIP 
 given one), and writes::
 
     OUT/
-      audit.json                   settings that fix the pixels (model, fingerprint, steps, guidance, size, scheduler)
+      audit.json                   what the folder holds: the settings that fix the pixels (model, fingerprint,
+                                   steps, guidance, size, scheduler, batch size, processes), the suite, the erasures
       suite.csv                    the expanded suite: one row per image
       generation-<p>.json          process p's last run: images it generated, seconds, images per second
       images/<model-key>/<sha1(prompt)[:10]>-<seed>.png
@@ -16,12 +17,16 @@ given one), and writes::
 ``<model-key>`` is ``original`` or ``<artifact folder name>-<sha1(erasure.json)[:8]>``.
 
 **Resumable.** Every image is written atomically (temporary file + ``os.replace``) and an image already on disk is
-never generated or written again. Images are generated in fixed batches (the process's images in suite order, cut
-every ``batch_size``); a batch is generated only if one of its images is missing, and a batch that was interrupted
-half-written is generated again whole (only its missing images are written), so an image's pixels never depend on
-where a run was stopped. Metrics are computed from the PNGs on disk, hence a killed and rerun audit ends with exactly
-the metrics of an uninterrupted one. ``audit.json`` guards the folder: rerunning into it with settings that change
-pixels (another model, steps, guidance...) is refused instead of mixing images.
+never generated or written again (one that no longer decodes whole, e.g. truncated by a copy, counts as missing).
+Images are generated in fixed batches (the process's images in suite order, cut every ``batch_size``); a batch is
+generated only if one of its images is missing, and a batch that was interrupted half-written is generated again whole
+(only its missing images are written), so an image's pixels never depend on where a run was stopped. Metrics are
+computed from the PNGs on disk, hence a killed and rerun audit ends with exactly the metrics of an uninterrupted one.
+``audit.json`` guards the folder: rerunning into it with settings that change pixels (another model, steps, guidance,
+batch size or number of processes, which decide how images are batched) or that would replace its report (another suite
+or set of erasures) is refused instead of mixing images. Temporary files left by a killed run are removed when the
+audit is resumed. A write that fails (disk full, read-only folder) raises :class:`AuditError` naming the file; what is
+on disk stays valid, so the same command resumes once it can write.
 
 **Multi-process.** Unique images are dealt round-robin: process ``p`` of ``P`` makes images ``p, p + P, ...`` of the
 suite order. After its share each process calls ``barrier`` (e.g. ``accelerate.PartialState().wait_for_everyone``);
@@ -64,10 +69,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import hashlib
 import html
 import json
 import logging
+import os
 import re
 import time
 from collections import Counter
@@ -83,7 +90,7 @@ from tqdm.auto import tqdm
 
 from erase.artifact import METADATA_FILE, ErasureArtifact, check_artifact_base, load_artifact
 from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
-from pipelines.files import atomic_write_bytes, png_bytes
+from pipelines.files import atomic_write_bytes, png_bytes, temporary_sibling
 
 from . import metrics as M
 from .grids import labelled_grid
@@ -97,6 +104,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "AuditError",
     "AuditModel",
+    "check_output_folder",
     "generate_audit_images",
     "generation_summary",
     "image_name",
@@ -114,6 +122,10 @@ SETTINGS_FILE = "audit.json"
 GRID_SEEDS = 4  # images per (concept, model) row in the category grids
 REPORT_IMAGES = 6  # images per model in each prompt group of the report
 REPORT_THUMB = 128  # largest side of an image embedded in the report (px)
+# A temporary file of pipelines.files.temporary_sibling: ".<name>.<pid>.<12 hex>.tmp".
+_TEMPORARY = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{12}\.tmp$")
+_STALE_SECONDS = 10.0  # a dead writer's temporary file is removed once this old (another machine may share the folder)
+_ABANDONED_SECONDS = 86400.0  # ... and anyone's once this old (its pid may have been reused)
 
 
 class AuditError(ValueError):
@@ -146,6 +158,55 @@ def _json_text(obj: Any) -> str:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "artifact"
+
+
+def _reason(err: OSError) -> str:
+    reason = err.strerror or str(err) or type(err).__name__
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason += "; free some space and rerun the same command to resume"
+    return reason
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Atomic write; a failure (disk full, read-only folder) is an :class:`AuditError` naming the file."""
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as err:
+        raise AuditError(f"cannot write {path}: {_reason(err)}") from err
+
+
+def _make_folder(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise AuditError(f"{path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise AuditError(f"cannot create the folder {path}: {_reason(err)}") from err
+
+
+def check_output_folder(out_dir: str | Path) -> None:
+    """Raise :class:`AuditError` when ``out_dir`` cannot hold an audit, before any model loads; writes nothing.
+
+    Refused: a file (or a dangling link) where the folder or one of its parents should be, and a folder that this
+    process cannot write to (read-only file system, permissions), or whose nearest existing parent it cannot write to.
+    A disk that fills up later is still only found when a write fails (:class:`AuditError` naming the file).
+    """
+    out_dir = Path(out_dir)
+    existing = out_dir
+    while not existing.exists():
+        if existing.is_symlink():
+            raise AuditError(f"cannot create the folder {out_dir}: {existing} is a link to nothing")
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == out_dir else f"cannot create the folder {out_dir}: "
+        raise AuditError(f"{where}{existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        read_only = hasattr(os, "statvfs") and bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        where = "" if existing == out_dir else f"cannot create the folder {out_dir}: "
+        reason = "read-only file system" if read_only else "permission denied"
+        raise AuditError(f"{where}{existing} is not writable ({reason})")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -189,21 +250,137 @@ def _settings(wrapper: PipelineWrapper, steps: int, guidance: float) -> dict[str
     }
 
 
-def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
-    path = out_dir / SETTINGS_FILE
-    if path.is_file():
+def _folder_settings(
+    pixels: dict[str, Any], suite: Suite, models: Sequence[AuditModel], batch_size: int, num_processes: int
+) -> dict[str, Any]:
+    """What ``audit.json`` pins: the pixel settings, the batching (images of one batch are generated together, which
+    moves pixels by a least significant bit), the expanded suite and the erasures (which decide the report)."""
+    suite_text = json.dumps({"rows": suite.to_csv(), "labels": suite.labels}, sort_keys=True)
+    return {
+        **pixels,
+        "batch_size": int(batch_size),
+        "num_processes": int(num_processes),
+        "suite": {
+            "name": suite.name,
+            "images": len(suite.rows),
+            "sha256": hashlib.sha256(suite_text.encode("utf-8")).hexdigest(),
+        },
+        "erasures": [m.key for m in models if m.artifact is not None],
+    }
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict) and {"name", "images", "sha256"} <= set(value):
+        return f"{value['name']!r} ({value['images']} images, sha256 {str(value['sha256'])[:12]})"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return repr(value)
+
+
+def _create_exclusive(path: Path, data: bytes) -> bool:
+    """Write ``path`` whole unless it exists; False when another process made it first (then it is left alone)."""
+    tmp = temporary_sibling(path)
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise AuditError(f"{path} is corrupt ({err.msg}); use another output folder") from None
-        diffs = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v]
-        if diffs:
-            raise AuditError(
-                f"{out_dir} holds an audit made with other settings ({'; '.join(diffs)}); use another output folder"
-            )
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: last writer wins, as before
+            os.replace(tmp, path)
+        return True
+    except OSError as err:
+        raise AuditError(f"cannot write {path}: {_reason(err)}") from err
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
+    """Pin ``settings`` to ``out_dir`` (``audit.json``), or refuse a folder whose audit was made with others."""
+    path = out_dir / SETTINGS_FILE
+    if path.exists() and not path.is_file():
+        raise AuditError(f"{path} is not a file; use another output folder")
+    # Concurrent audits into one folder: the first to link its audit.json wins, the others compare against it.
+    if not path.exists() and _create_exclusive(path, _json_text(settings).encode("utf-8")):
         return
-    # Several processes may get here at once; they write identical bytes, and os.replace keeps the file whole.
-    atomic_write_bytes(path, _json_text(settings).encode("utf-8"))
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # not JSON, not UTF-8
+        reason = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8 text"
+        raise AuditError(f"{path} is corrupt ({reason}); use another output folder") from None
+    except OSError as err:
+        raise AuditError(f"cannot read {path}: {_reason(err)}") from err
+    if not isinstance(saved, dict):
+        raise AuditError(
+            f"{path} is not an audit's settings (a JSON {type(saved).__name__}, not an object); "
+            "use another output folder"
+        )
+    unrecorded = [k for k in settings if k not in saved]
+    if unrecorded:
+        raise AuditError(
+            f"{out_dir} holds an audit made by an older version (its {SETTINGS_FILE} does not record "
+            f"{', '.join(unrecorded)}); use another output folder"
+        )
+    diffs = [f"{k} {_describe(saved[k])} -> {_describe(v)}" for k, v in settings.items() if saved[k] != v]
+    if diffs:
+        raise AuditError(
+            f"{out_dir} holds an audit made with other settings ({'; '.join(diffs)}); use another output folder"
+        )
+
+
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """Remove the temporary files a killed run left (``.<name>.<pid>.<hex>.tmp``), never a live writer's."""
+    folders = [out_dir, out_dir / "grids"]
+    if (out_dir / "images").is_dir():
+        folders += [f for f in (out_dir / "images").iterdir() if f.is_dir()]
+    now = time.time()
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            match = _TEMPORARY.match(path.name)
+            if not match:
+                continue
+            try:
+                age = now - path.lstat().st_mtime
+            except FileNotFoundError:
+                continue  # its writer just renamed it
+            if age > _ABANDONED_SECONDS or (age > _STALE_SECONDS and not _process_alive(int(match.group(1)))):
+                logger.info("removing %s, left by a run that was stopped", path)
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # someone else's process, or not a pid this system can tell about: leave its file alone
+    return True
+
+
+def _image_ok(path: Path, size: int) -> bool:
+    """Whether ``path`` holds a whole image of ``size`` x ``size``; a damaged one is logged (and then regenerated)."""
+    if not path.is_file():
+        return False
+    try:
+        with Image.open(path) as image:
+            image.load()
+            found = image.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        logger.warning("%s is damaged (%s): generating it again", path, str(err).strip() or type(err).__name__)
+        return False
+    if found != (size, size):
+        logger.warning("%s is %dx%d, not %dx%d: generating it again", path, *found, size, size)
+        return False
+    return True
 
 
 def _unique_images(rows: Sequence[SuiteRow]) -> list[tuple[str, int]]:
@@ -233,8 +410,10 @@ def generate_audit_images(
 ) -> int:
     """Generate this process's share of every model's images that are not on disk yet; returns how many it wrote.
 
-    See the module docstring for the fixed batches and the round-robin split. ``on_image(path)`` is called after
-    each image is written (progress reporting, tests that interrupt a run).
+    See the module docstring for the fixed batches and the round-robin split. An image on disk that does not decode
+    whole (or has another size) is logged and generated again with its batch. ``on_image(path)`` is called after
+    each image is written (progress reporting, tests that interrupt a run). A failed write raises
+    :class:`AuditError` naming the file.
     """
     out_dir = Path(out_dir)
     share = _unique_images(rows)[process_index::num_processes]
@@ -242,23 +421,27 @@ def generate_audit_images(
     written = 0
     for model in models:
         folder = out_dir / "images" / model.key
-        todo = [b for b in batches if any(not (folder / image_name(p, s)).is_file() for p, s in b)]
+        todo = []
+        for batch in batches:
+            needed = {(p, s) for p, s in batch if not _image_ok(folder / image_name(p, s), wrapper.image_size)}
+            if needed:
+                todo.append((batch, needed))
         if not todo:
             continue
         logger.info("%s: %d of %d batches to generate", model.key, len(todo), len(batches))
-        folder.mkdir(parents=True, exist_ok=True)
+        _make_folder(folder)
         edit = wrapper.weight_deltas(model.artifact.deltas) if model.artifact else contextlib.nullcontext()
         with edit:
-            for batch in tqdm(todo, desc=f"audit {model.key}", unit="batch", disable=not progress):
+            for batch, needed in tqdm(todo, desc=f"audit {model.key}", unit="batch", disable=not progress):
                 prompts, seeds = [p for p, _ in batch], [s for _, s in batch]
                 images = wrapper.generate(
                     prompts, seeds, steps=steps, guidance=guidance, batch_size=len(batch), progress=False
                 )
                 for (prompt, seed), image in zip(batch, images, strict=True):
-                    path = folder / image_name(prompt, seed)
-                    if path.is_file():
+                    if (prompt, seed) not in needed:
                         continue  # written before an interruption: keep the file as it is
-                    atomic_write_bytes(path, png_bytes(image))
+                    path = folder / image_name(prompt, seed)
+                    _write(path, png_bytes(image))
                     written += 1
                     if on_image is not None:
                         on_image(path)
@@ -318,10 +501,11 @@ def run_audit(
         wrapper.check_prompt(prompt, "suite prompt")
     models = prepare_models(wrapper, artifacts)
     settings = _settings(wrapper, steps, guidance)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _check_settings(out_dir, settings)
+    _make_folder(out_dir)
+    _check_settings(out_dir, _folder_settings(settings, expanded, models, batch_size, num_processes))
     if process_index == 0:
-        atomic_write_bytes(out_dir / "suite.csv", expanded.to_csv().encode("utf-8"))
+        _remove_stale_temporaries(out_dir)
+        _write(out_dir / "suite.csv", expanded.to_csv().encode("utf-8"))
 
     start = time.perf_counter()
     generated = generate_audit_images(
@@ -346,7 +530,7 @@ def run_audit(
         "batch_size": batch_size,
     }
     # Kept out of metrics.json, which must not depend on how a run was split or interrupted.
-    atomic_write_bytes(out_dir / f"generation-{process_index}.json", _json_text(throughput).encode("utf-8"))
+    _write(out_dir / f"generation-{process_index}.json", _json_text(throughput).encode("utf-8"))
     logger.info("process %d of %d generated %d images in %.1f s", process_index, num_processes, generated, seconds)
     if barrier is not None:
         barrier()
@@ -393,9 +577,9 @@ def run_audit(
     }
     images = {m.key: _load_images(out_dir / "images" / m.key, unique) for m in models}
     result = _compute_metrics(expanded, models, unique, images, scorer, judge, protocol)
-    atomic_write_bytes(out_dir / "metrics.json", _json_text(result).encode("utf-8"))
+    _write(out_dir / "metrics.json", _json_text(result).encode("utf-8"))
     _write_category_grids(out_dir, expanded, models, unique, images)
-    atomic_write_bytes(out_dir / "report.html", _report_html(result, expanded, models, unique, images).encode("utf-8"))
+    _write(out_dir / "report.html", _report_html(result, expanded, models, unique, images).encode("utf-8"))
     logger.info("audit written to %s", out_dir)
     return result
 
@@ -409,8 +593,15 @@ def _erase_version() -> str:
 def _load_images(folder: Path, unique: Sequence[tuple[str, int]]) -> list[np.ndarray]:
     arrays = []
     for prompt, seed in unique:
-        with Image.open(folder / image_name(prompt, seed)) as image:
-            arrays.append(np.asarray(image.convert("RGB")))
+        path = folder / image_name(prompt, seed)
+        try:
+            with Image.open(path) as image:
+                arrays.append(np.asarray(image.convert("RGB")))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            reason = str(err).strip() or type(err).__name__
+            raise AuditError(
+                f"cannot read the image {path} ({reason}); delete it and rerun to generate it again"
+            ) from err
     return arrays
 
 
@@ -836,7 +1027,7 @@ def _write_category_grids(
                 tiles.append([images[model.key][index[p]] for p in picks])
         if tiles:
             grid = labelled_grid(tiles, labels, title=f"{category}: rows concept x model, columns seeds")
-            atomic_write_bytes(out_dir / "grids" / f"{_slug(category)}.png", png_bytes(grid))
+            _write(out_dir / "grids" / f"{_slug(category)}.png", png_bytes(grid))
 
 
 def _thumb_uri(array: np.ndarray) -> str:

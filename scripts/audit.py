@@ -73,30 +73,45 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
 
     from erase import ArtifactError, load_artifact
-    from evals.audit import AuditError, generation_summary, per_concept_table, run_audit, summary_table
-    from evals.suites import SuiteError, concept_suite, resolve_suite
-    from pipelines import ModelNotFoundError, load_pipeline
-
-    # accelerate only forms a multi-process CPU group when asked for the CPU explicitly (and its --cpu launcher starts
-    # a single process without mpirun), so on a machine without an accelerator the state is built with cpu=True.
-    use_cpu = (
-        (args.device is not None and torch.device(args.device).type == "cpu")
-        or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-        or not torch.cuda.is_available()
+    from evals.audit import (
+        AuditError,
+        check_output_folder,
+        generation_summary,
+        per_concept_table,
+        run_audit,
+        summary_table,
     )
-    state = PartialState(cpu=use_cpu)
-    main_process = state.is_main_process
+    from evals.suites import SuiteError, concept_suite, resolve_suite
+    from pipelines import ModelNotFoundError, load_pipeline, resolve_device, set_library_verbosity
+
+    set_library_verbosity(args.verbose)
+    if not args.verbose:
+        # open_clip logs a failed download as an ERROR before raising it; the error line below says it once.
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(lambda r: not (r.levelno >= logging.ERROR and "open_clip" in r.pathname))
     try:
         for name in ("images_per_prompt", "batch_size", "steps"):
             value = getattr(args, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        # Artifacts are read before the model loads, so a bad folder costs nothing.
+        # Everything that can be checked is checked before the scorer and the model load: the device, the output
+        # folder, the artifacts, the suite.
+        device = resolve_device(args.device) if args.device is not None else None
+        # accelerate only forms a multi-process CPU group when asked for the CPU explicitly (and its --cpu launcher
+        # starts a single process without mpirun), so on a machine without an accelerator the state is built with
+        # cpu=True.
+        use_cpu = (
+            (device is not None and device.type == "cpu")
+            or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+            or not torch.cuda.is_available()
+        )
+        state = PartialState(cpu=use_cpu)
+        main_process = state.is_main_process
+        device = device or state.device
+        check_output_folder(args.out)
         artifacts = [load_artifact(folder) for folder in args.erasure]
         targets = [c for a in artifacts for c in a.concepts]
-        device = args.device or state.device
-        wrapper = load_pipeline(args.model, device=device)
-        micro = wrapper.model_id == "micro"
+        micro = args.model == "micro"
         if args.prompts:
             suite = resolve_suite(args.prompts)
         elif args.suite or micro or not artifacts:
@@ -121,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 from evals.judge import load_judge
 
                 judge = load_judge().to(device)
+        wrapper = load_pipeline(args.model, device=device)
         result = run_audit(
             wrapper,
             suite,
@@ -138,8 +154,11 @@ def main(argv: list[str] | None = None) -> int:
             barrier=state.wait_for_everyone,
             scorer_name=scorer_name,
         )
-    except (ValueError, TypeError, ModelNotFoundError, ArtifactError, SuiteError, AuditError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except (ValueError, TypeError, OSError, ModelNotFoundError, ArtifactError, SuiteError, AuditError) as err:
+        if isinstance(err, OSError) and err.filename is not None:
+            message = f"{err.filename}: {err.strerror or err}"  # a file the audit could not read or write
+        else:
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if main_process:
