@@ -54,6 +54,18 @@ def current_umask() -> int:
     return mask
 
 
+def _is_mount_point(path: Path) -> bool:
+    """``os.path.ismount``, plus bind mounts of a folder on the same file system, which only the mount table shows."""
+    if os.path.ismount(path):
+        return True
+    try:
+        with open("/proc/self/mountinfo") as f:
+            points = {line.split()[4].encode().decode("unicode_escape") for line in f if len(line.split()) > 4}
+    except OSError:
+        return False
+    return str(path.resolve()) in points
+
+
 def _writable_ancestor(folder: Path) -> Path:
     """The nearest existing ancestor of ``folder``; ``ArtifactError`` when one on the way is a file."""
     parent = folder.parent
@@ -81,7 +93,7 @@ def check_output_folder(folder: str | Path, overwrite: bool = False) -> Path:
     if folder.exists():
         if not folder.is_dir():
             raise ArtifactExistsError(f"{folder} exists and is not a folder")
-        if os.path.ismount(folder):
+        if _is_mount_point(folder):
             raise ArtifactError(f"{folder} is a mount point, which cannot be swapped atomically; name a folder in it")
         entries = sorted(p.name for p in folder.iterdir())
         if entries and not overwrite:
