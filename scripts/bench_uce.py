@@ -3,6 +3,8 @@
 
     python scripts/bench_uce.py                 # micro edit + SD 1.4 shapes, 1 and 100 concepts
     python scripts/bench_uce.py --skip-sd14     # micro only
+    python scripts/bench_uce.py --save-sd14 /tmp/sd14   # also save the SD 1.4-shaped pipeline (4 GB) for erase.py:
+    python scripts/erase.py --model /tmp/sd14 --concept "van gogh" --no-check
 
 At SD 1.4 shapes the text embeddings are drawn at random (prompt encoding is excluded from the timing, as
 encoding cost is the text encoder's, not the method's); the solve and the per-layer weight changes are timed.
@@ -82,6 +84,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-sd14", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--save-sd14", metavar="DIR", help="save the SD 1.4-shaped random pipeline to DIR")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch threads: {torch.get_num_threads()}")
@@ -98,25 +101,29 @@ def main() -> None:
     if args.skip_sd14:
         return
     wrapper = sd14_wrapper()
+    if args.save_sd14:
+        wrapper.export_pipeline(args.save_sd14)
+        print(f"SD 1.4-shaped random pipeline saved to {args.save_sd14}")
     layers = wrapper.cross_attention_layers()
     params = sum(p.numel() for p in wrapper.unet.parameters()) / 1e6
     print(f"SD 1.4 shapes: {len(layers)} cross-attention projections, {params:.0f}M UNet params")
     gen = torch.Generator().manual_seed(0)
-    positions = 75  # "from_last" positions of a short concept prompt
-    preserve = torch.randn(20 * positions, 768, generator=gen, dtype=torch.float64)
-    for n in (1, 100):
-        c_erase = torch.randn(n * positions, 768, generator=gen, dtype=torch.float64)
-        c_guide = torch.randn(n * positions, 768, generator=gen, dtype=torch.float64)
+    # one embedding a concept ("last_token", the default) and 75 ("from_last": last token, EOS and padding)
+    for mode, positions in (("last_token", 1), ("from_last", 75)):
+        preserve = torch.randn(20 * positions, 768, generator=gen, dtype=torch.float64)
+        for n in (1, 100):
+            c_erase = torch.randn(n * positions, 768, generator=gen, dtype=torch.float64)
+            c_guide = torch.randn(n * positions, 768, generator=gen, dtype=torch.float64)
 
-        def edit(c_erase: torch.Tensor = c_erase, c_guide: torch.Tensor = c_guide) -> None:
-            u, v = uce_update(c_erase, c_guide, preserve, 1.0, 0.1, 0.5)
-            edit_from_update(wrapper, erase.uce.UCEConfig().layers, u, v)
+            def edit(c_erase: torch.Tensor = c_erase, c_guide: torch.Tensor = c_guide, p=preserve) -> None:
+                u, v = uce_update(c_erase, c_guide, p, 1.0, 1.0, 0.5)
+                edit_from_update(wrapper, erase.uce.UCEConfig().layers, u, v)
 
-        med, best = timed(edit, args.repeats)
-        print(
-            f"SD 1.4 shapes: closed-form UCE, {n:3d} concept(s) ({n * positions} embeddings): "
-            f"median {med:.3f} s, best {best:.3f} s"
-        )
+            med, best = timed(edit, args.repeats)
+            print(
+                f"SD 1.4 shapes: closed-form UCE ({mode}), {n:3d} concept(s) ({n * positions} embeddings, "
+                f"20 preserved): median {med:.3f} s, best {best:.3f} s"
+            )
 
 
 if __name__ == "__main__":
