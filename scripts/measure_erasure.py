@@ -33,12 +33,12 @@ import torch  # noqa: E402
 import erase  # noqa: E402
 from erase.inputs import check_concept_text, parse_config_overrides  # noqa: E402
 from erase.workflow import CONCEPT_TYPES, PRESERVE_SETS, erasure_settings  # noqa: E402
-from evals import world  # noqa: E402
+from evals.microworld import world  # noqa: E402
 from evals.metrics import wilson_interval  # noqa: E402
 from evals.probes import Probe, probe_correct, probe_verdicts, world_labels, world_probes  # noqa: E402
 from evals.scorer import ClipScorer  # noqa: E402
 from pipelines import load_pipeline, resolve_device, set_library_verbosity  # noqa: E402
-from pipelines.train_utils import atomic_write_json  # noqa: E402
+from evals.microworld.train_utils import atomic_write_json  # noqa: E402
 
 
 def probe_groups(targets: list[str], n: int, seed: int) -> dict[str, list[Probe]]:
@@ -114,9 +114,9 @@ def check_writable_file(path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise OSError(f"--json {path} is a folder")
-    os.makedirs(folder, exist_ok=True)
     probe = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.probe")
     try:
+        os.makedirs(folder, exist_ok=True)
         with open(probe, "x"):
             pass
     except OSError as err:
@@ -143,7 +143,7 @@ def measure(wrapper, args, spec, config, artifact, groups) -> None:  # noqa: ANN
     ok_after = [v == p.concept for v, p in zip(read_after, probes, strict=True)]
     judge_before = judge_after = None
     try:
-        from evals.judge import load_judge
+        from evals.microworld.judge import load_judge
 
         judge = load_judge()
         j_before = judge.predict(np.stack([np.asarray(i) for i in before]))

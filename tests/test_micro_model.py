@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from evals import world
+from evals.microworld import world
 from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_pipeline, micro_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def test_swapped_samplers_draw_what_the_prompt_says(name, steps):
     import diffusers
     from diffusers import StableDiffusionPipeline
 
-    from evals.judge import load_judge
+    from evals.microworld.judge import load_judge
 
     pipe = StableDiffusionPipeline.from_pretrained(str(micro_model_path()))
     pipe.set_progress_bar_config(disable=True)
@@ -52,7 +52,7 @@ def test_swapped_samplers_draw_what_the_prompt_says(name, steps):
 def test_shipped_scheduler_is_the_inference_scheduler():
     from diffusers import DPMSolverMultistepScheduler
 
-    from pipelines.micro import inference_scheduler
+    from evals.microworld.sd_model import inference_scheduler
 
     shipped = DPMSolverMultistepScheduler.from_pretrained(str(micro_model_path() / "scheduler"))
     public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
@@ -145,3 +145,23 @@ def test_saved_lora_reproduces_the_in_memory_edit(tmp_path):
     fused = StableDiffusionPipeline.from_pretrained(str(micro_model_path()))
     erase.load(fused, tmp_path / "vg")  # the same edit through erase.load
     assert np.abs(run(fused) - edited).max() <= 1e-3
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--concept", ""], "empty"),  # M1
+        (["--concept", "van gogh", "--method", "foo"], "unknown erasure method"),  # M2
+        (["--concept", "van gogh", "--images", "0"], "--images must be >= 1"),  # M3
+        (["--concept", "van gogh", "--json", "/proc/no/m.json"], "cannot write"),  # M4
+        (["--concept", "banana"], "unknown concept name 'banana'"),  # M5
+        (["--concept", "van gogh", "--device", "nonsense"], "unknown device"),
+        (["--concept", "van gogh", "--group", "no such group"], "no group matches"),
+    ],
+)
+def test_measure_erasure_bad_input_is_one_line_before_any_image(capsys, args, message):
+    import runpy
+
+    code = runpy.run_path(str(ROOT / "scripts" / "measure_erasure.py"))["main"](args)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
