@@ -82,14 +82,14 @@ def preserve_set(name: str, targets: Sequence[str]) -> list[str]:
     erased = {concept_key(t) for t in targets}
     if name == "generic":
         return [p for p in GENERIC_PRESERVE if concept_key(p) not in erased]
-    from evals import world
+    from evals.microworld import world
 
     erased |= {world.canonical(t) for t in targets if _in_world(t)}
     return [c for cat in world.CATEGORIES for c in world.concepts(cat) if c not in erased and c != "plain"]
 
 
 def _in_world(name: str) -> bool:
-    from evals import world
+    from evals.microworld import world
 
     try:
         world.canonical(name)

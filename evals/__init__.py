@@ -1,18 +1,18 @@
-"""Evaluations: the micro world, the micro CLIP and the CLIP scorer every audit goes through."""
+"""Evaluations: the CLIP scorer every audit goes through, probes, prompt suites, metrics and audits; the micro world
+(its generator, micro CLIP, judge and their training) is the subpackage ``evals.microworld``."""
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-# Public names resolved on first access, so ``import evals.world`` does not pull in transformers and open_clip.
+# Resolved on first access, so ``import evals.microworld.world`` does not pull in transformers and open_clip.
 # Maps name -> submodule; add entries here rather than defining a second module ``__getattr__``.
 _LAZY_EXPORTS: dict[str, str] = {
     "ClipScorer": "scorer",
     "DEFAULT_TEMPLATES": "scorer",
     "TEMPLATES": "scorer",
     "ZeroShotResult": "scorer",
-    "micro_clip_path": "micro_clip",
 }
 
 __all__ = sorted(_LAZY_EXPORTS)

@@ -479,8 +479,8 @@ def run_audit(
         artifacts: artifact folders; each is checked against the base (``ArtifactMismatchError``) before any work.
         out_dir: output folder (layout in the module docstring); an existing audit in it is resumed.
         scorer: CLIP scorer for the metrics; only process 0 needs one (others may pass None).
-        judge: the micro world's :class:`evals.judge.Judge`; its accuracies are reported beside CLIP's when every
-            suite category and label is one of its classes.
+        judge: the micro world's :class:`evals.microworld.judge.Judge`; its accuracies are reported beside CLIP's
+            when every suite category and label is one of its classes.
         images_per_prompt, batch_size, steps, guidance: generation settings.
         process_index, num_processes: this process's place in a multi-process run (see module docstring).
         barrier: called once every process's images are written; must block until all processes reach it.

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from . import world
+from .microworld import world
 from .scorer import TEMPLATES, ClipScorer
 
 __all__ = [

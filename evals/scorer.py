@@ -51,7 +51,7 @@ ImageBatch = Sequence[Image.Image] | Sequence[np.ndarray] | np.ndarray
 #: normalised mean of the template embeddings (prompt ensembling, Radford et al. 2021, sec. 3.1.4).
 TEMPLATES: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {
-        # Phrasings both a web-trained CLIP and the micro CLIP (trained on evals.world captions) read naturally.
+        # Phrasings both a web-trained CLIP and the micro CLIP (trained on the micro world's captions) read naturally.
         "object": ("a {}", "a picture of a {}", "an image of a {}", "a photo of a {}"),
         "colour": ("something {}", "a {} shape", "a {} object", "a {} thing"),
         "style": ("a painting in the style of {}", "a {} painting", "in the style of {}", "{} style"),
@@ -307,7 +307,7 @@ class ClipScorer:
     ) -> ClipScorer:
         """Load a scorer from one of:
 
-        * ``"micro"``: the project's shipped micro CLIP (``evals.micro_clip.micro_clip_path()``);
+        * ``"micro"``: the project's shipped micro CLIP (``evals.microworld.clip.micro_clip_path()``);
         * a local folder holding a ``transformers.CLIPModel`` (``config.json`` with ``model_type == "clip"``);
         * ``"open_clip:NAME/PRETRAINED"``, e.g. ``"open_clip:ViT-L-14/openai"``, or with a local checkpoint,
           ``"open_clip:ViT-L-14//abs/path/to/weights.bin"`` (everything after the first ``/`` is ``pretrained``).
@@ -320,9 +320,11 @@ class ClipScorer:
         spec = str(name_or_path)
         if spec == "micro":
             try:
-                from .micro_clip import micro_clip_path
+                from .microworld.clip import micro_clip_path
             except ImportError as err:
-                raise RuntimeError("the micro CLIP is not available: evals.micro_clip could not be imported") from err
+                raise RuntimeError(
+                    "the micro CLIP is not available: evals.microworld.clip could not be imported"
+                ) from err
             return cls.from_transformers(micro_clip_path(), **kwargs)
         if spec.startswith(_OPEN_CLIP_PREFIX):
             model_name, _, pretrained = spec[len(_OPEN_CLIP_PREFIX) :].partition("/")

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import world
+from .microworld import world
 
 __all__ = [
     "COLUMNS",

@@ -11,6 +11,7 @@ from .wrapper import (
     PipelineWrapper,
     PromptEncoding,
     load_pipeline,
+    micro_model_path,
     wrap_pipeline,
 )
 
@@ -30,10 +31,3 @@ __all__ = [
     "set_library_verbosity",
     "wrap_pipeline",
 ]
-
-
-def micro_model_path():  # noqa: ANN201 - re-exported lazily: pipelines.micro imports training-only modules
-    """Folder of the embedded micro Stable Diffusion (a diffusers ``StableDiffusionPipeline`` folder)."""
-    from .micro import micro_model_path as _path
-
-    return _path()

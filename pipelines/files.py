@@ -1,15 +1,17 @@
-"""Atomic file writes, shared by training checkpoints, artifacts' extras and audits."""
+"""Atomic file writes, shared by training checkpoints, artifacts' extras, audits and the scripts' JSON reports."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
-__all__ = ["atomic_write_bytes", "png_bytes", "temporary_sibling"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "png_bytes", "temporary_sibling"]
 
 
 def temporary_sibling(path: Path) -> Path:
@@ -31,6 +33,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -33,6 +33,7 @@ __all__ = [
     "PipelineWrapper",
     "PromptEncoding",
     "load_pipeline",
+    "micro_model_path",
     "wrap_pipeline",
 ]
 
@@ -45,7 +46,7 @@ logger = logging.getLogger(__name__)
 #: models shipped with the DPM-Solver++ sampler, 256 object images (CLIP / judge): 7.5 -> 84.4 / 87.5%, 10 -> 84.8 /
 #: 89.8%, 12.5 -> 85.9 / 93.8%, 15 -> 85.5 / 92.6%, 20 -> 85.9 / 92.6%, 50 steps at 7.5 -> 83.2 / 87.9%: the scorer
 #: gains nothing beyond sampling spread, so the defaults stay diffusers' guidance. (What helped was the micro model's
-#: own sampler: ``pipelines.micro.inference_scheduler``.)
+#: own sampler: ``evals.microworld.sd_model.inference_scheduler``.)
 DEFAULT_STEPS: int = 20
 DEFAULT_GUIDANCE: float = 7.5
 
@@ -87,6 +88,12 @@ class PromptEncoding:
         return int(self.lengths[index]) - 1
 
 
+def micro_model_path() -> Path:
+    """The shipped micro SD pipeline folder, ``pipelines/micro/`` (``model_index.json`` and ``world.json`` at its
+    root; it is trained and written by ``evals.microworld.training``)."""
+    return Path(__file__).resolve().parent / "micro"
+
+
 def _is_local(model: str) -> bool:
     return Path(model).expanduser().exists()
 
@@ -118,8 +125,6 @@ def load_pipeline(
         pipe, model_id = tiny_sdxl_pipeline(seed), f"tiny-sdxl(seed={seed})"
     else:
         if model == "micro":
-            from .micro import micro_model_path
-
             path = micro_model_path()
             if not (path / "model_index.json").is_file():
                 raise ModelNotFoundError(f"the embedded micro model is missing at {path}: run scripts/train_micro.py")

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             except (OSError, RuntimeError) as err:
                 raise ValueError(f"cannot load the CLIP scorer {scorer_name!r}: {err}") from err
             if micro and not args.no_judge:
-                from evals.judge import load_judge
+                from evals.microworld.judge import load_judge
 
                 judge = load_judge().to(device)
         wrapper = load_pipeline(args.model, device=device)

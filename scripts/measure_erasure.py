@@ -33,12 +33,12 @@ import torch  # noqa: E402
 import erase  # noqa: E402
 from erase.inputs import check_concept_text, parse_config_overrides  # noqa: E402
 from erase.workflow import CONCEPT_TYPES, PRESERVE_SETS, erasure_settings  # noqa: E402
-from evals.microworld import world  # noqa: E402
 from evals.metrics import wilson_interval  # noqa: E402
+from evals.microworld import world  # noqa: E402
 from evals.probes import Probe, probe_correct, probe_verdicts, world_labels, world_probes  # noqa: E402
 from evals.scorer import ClipScorer  # noqa: E402
 from pipelines import load_pipeline, resolve_device, set_library_verbosity  # noqa: E402
-from evals.microworld.train_utils import atomic_write_json  # noqa: E402
+from pipelines.files import atomic_write_json  # noqa: E402
 
 
 def probe_groups(targets: list[str], n: int, seed: int) -> dict[str, list[Probe]]:

@@ -1,4 +1,5 @@
-"""Train the ground-truth judge CNN on renders of the micro world and save it (default: the shipped evals/judge/)."""
+"""Train the ground-truth judge CNN on renders of the micro world and save it (default: the shipped
+evals/microworld/judge/)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 
 import torch
 
-from evals.judge import JudgeConfig, judge_path, train_judge
+from evals.microworld.judge import JudgeConfig, judge_path, train_judge
 
 
 def main() -> None:

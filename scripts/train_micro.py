@@ -33,10 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .` (e.g. on a borrowed GPU machine)
     sys.path.insert(0, str(ROOT))
 
-from evals.micro_clip import micro_clip_path, train_micro_clip  # noqa: E402
-from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS  # noqa: E402
-from pipelines.micro import micro_model_path  # noqa: E402
-from pipelines.micro_training import (  # noqa: E402
+from evals.microworld.clip import micro_clip_path, train_micro_clip  # noqa: E402
+from evals.microworld.train_utils import init_path  # noqa: E402
+from evals.microworld.training import (  # noqa: E402
     Preset,
     evaluate_micro,
     export_micro,
@@ -47,7 +46,7 @@ from pipelines.micro_training import (  # noqa: E402
     train_vae,
     vae_reconstructor,
 )
-from pipelines.train_utils import init_path  # noqa: E402
+from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, micro_model_path  # noqa: E402
 
 # The VAE comes first: the CLIP can train on its reconstructions (--clip-vae-from); the two are otherwise independent.
 STAGES = ("vae", "clip", "unet", "export", "eval")
@@ -105,8 +104,8 @@ def _steps_timer() -> tuple[dict, object]:
 
 def estimate(p: Preset, device: str, seed: int, workers: int, n_steps: int = 6) -> float:
     """Run each training stage for a few steps in a scratch dir and extrapolate the preset's total wall time."""
-    from evals import world
-    from pipelines.micro_training import final_path
+    from evals.microworld import world
+    from evals.microworld.training import final_path
 
     marks, cb = _steps_timer()
     total = 0.0
@@ -132,7 +131,7 @@ def estimate(p: Preset, device: str, seed: int, workers: int, n_steps: int = 6) 
             total += per_step * cfg.steps
         latent_s = 0.0
         if final_path(tmp, "vae").exists():
-            from pipelines.micro_training import encode_pool_latents, load_final_vae
+            from evals.microworld.training import encode_pool_latents, load_final_vae
 
             vae = load_final_vae(tmp, device)
             imgs, _ = world.render_dataset(range(512))
@@ -384,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("CLIP on the images the judge reads right:          ", _fmt(res["clip_where_judge_right"]))
                 print("judge on VAE reconstructions of renders (ceiling): ", _fmt(res["judge_on_vae_reconstructions"]))
             else:
-                print("judge: not available (evals/judge missing or untrained)")
+                print("judge: not available (evals/microworld/judge missing or untrained)")
             print("micro CLIP on VAE reconstructions of renders:       ", _fmt(res["clip_on_vae_reconstructions"]))
             print(f"images per category: {res['images']}")
             print(f"{res['seconds_per_image']:.3f} s/image; grids and eval.json in {args.work}", flush=True)

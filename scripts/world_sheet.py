@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from evals.world import contact_sheet
+from evals.microworld.world import contact_sheet
 
 
 def main() -> None:

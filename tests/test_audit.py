@@ -31,7 +31,7 @@ from evals.audit import (
     run_audit,
     summary_table,
 )
-from evals.judge import Judge, JudgeConfig
+from evals.microworld.judge import Judge, JudgeConfig
 from evals.scorer import ClipScorer
 from evals.suites import (
     ROLES,

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from evals import world
-from evals.judge import (
+from evals.microworld import world
+from evals.microworld.judge import (
     HELDOUT_SEED_OFFSET,
     Judge,
     JudgeConfig,

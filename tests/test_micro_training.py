@@ -15,8 +15,8 @@ from safetensors import safe_open
 from tiny_clip import tiny_clip_arch
 from transformers import CLIPModel
 
-from evals import world
-from evals.micro_clip import (
+from evals.microworld import world
+from evals.microworld.clip import (
     ClipTrainConfig,
     caption_consistency,
     load_micro_clip,
@@ -24,9 +24,9 @@ from evals.micro_clip import (
     train_micro_clip,
     zero_shot_accuracy,
 )
-from pipelines import DEFAULT_GUIDANCE
-from pipelines.micro import UNetArch, VAEArch
-from pipelines.micro_training import (
+from evals.microworld.sd_model import UNetArch, VAEArch
+from evals.microworld.train_utils import init_path
+from evals.microworld.training import (
     UNetTrainConfig,
     VAETrainConfig,
     evaluate_micro,
@@ -38,7 +38,7 @@ from pipelines.micro_training import (
     train_vae,
     vae_reconstructor,
 )
-from pipelines.train_utils import init_path
+from pipelines import DEFAULT_GUIDANCE
 
 TINY_CLIP = ClipTrainConfig(
     arch=tiny_clip_arch(layers=1, projection_dim=32),
@@ -95,7 +95,7 @@ def test_caption_consistency_is_multi_positive():
 def test_pixel_values_match_saved_preprocessor(work, tmp_path):
     from transformers import CLIPImageProcessor
 
-    from evals.micro_clip import image_processor
+    from evals.microworld.clip import image_processor
 
     images, _ = world.render_dataset(range(4))
     image_processor().save_pretrained(tmp_path)
@@ -283,8 +283,8 @@ def test_import_continues_exported_models(work, tmp_path):
 
     from safetensors.torch import load_file
 
-    from evals.micro_clip import micro_clip_config, save_micro_clip
-    from pipelines.micro_training import load_final_unet
+    from evals.microworld.clip import micro_clip_config, save_micro_clip
+    from evals.microworld.training import load_final_unet
 
     train_unet(TINY_UNET, device="cpu", seed=0, work_dir=work)  # already done if the export test ran first
     sd, clip_dir = export_micro(work, tmp_path / "sd", tmp_path / "clip")

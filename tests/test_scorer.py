@@ -15,7 +15,7 @@ from PIL import Image  # noqa: E402
 from tiny_clip import save_clip_folder, tiny_clip_config  # noqa: E402
 from transformers import CLIPImageProcessor, CLIPModel  # noqa: E402
 
-from evals.micro_clip import CLIP_MEAN, CLIP_STD  # noqa: E402
+from evals.microworld.clip import CLIP_MEAN, CLIP_STD  # noqa: E402
 from evals.scorer import DEFAULT_TEMPLATES, TEMPLATES, ClipScorer, ZeroShotResult  # noqa: E402
 from pipelines.tokenizer import clean_prompt, offline_clip_tokenizer  # noqa: E402
 
@@ -262,7 +262,7 @@ def test_open_clip_pickle_checkpoints_are_refused_before_loading(tmp_path: Path,
 
 
 def test_micro_clip_loads_if_shipped() -> None:
-    micro_clip = pytest.importorskip("evals.micro_clip")
+    micro_clip = pytest.importorskip("evals.microworld.clip")
     if not (micro_clip.micro_clip_path() / "config.json").is_file():
         pytest.skip("the micro CLIP is not built yet")
     scorer = ClipScorer.from_pretrained("micro", progress=False)

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from evals import world
+from evals.microworld import world
 
 ALL_NAMES = {name: cat for cat in world.CATEGORIES for c in world.concepts(cat) for name in world.all_names(c)}
 # words the templates themselves use (everything in a caption that is not an attribute name)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-from evals.micro_clip import CLIP_MEAN, CLIP_STD, ClipArch, micro_clip_config
+from evals.microworld.clip import CLIP_MEAN, CLIP_STD, ClipArch, micro_clip_config
 from pipelines.tokenizer import offline_clip_tokenizer
 
 

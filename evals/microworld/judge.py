@@ -1,9 +1,9 @@
 """An independent ground-truth judge for the micro world: a small CNN that reads object, colour and style.
 
 CLIP verdicts on generated images are what the erasure metrics are built on; this judge exists to check them. It never
-sees text: it is trained on rendered images with their true labels (``evals.world``), with augmentations that mimic
-the ways a small diffusion model's samples are imperfect (blur, noise, slight colour drift, VAE-like softening), and it
-is shipped as ``evals/judge/`` (``model.safetensors`` + ``config.json``).
+sees text: it is trained on rendered images with their true labels (``evals.microworld.world``), with augmentations
+that mimic the ways a small diffusion model's samples are imperfect (blur, noise, slight colour drift, VAE-like
+softening), and it is shipped as ``evals/microworld/judge/`` (``model.safetensors`` + ``config.json``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from evals import world
+from evals.microworld import world
 
 __all__ = [
     "HELDOUT_SEED_OFFSET",
@@ -193,7 +193,7 @@ class Judge(nn.Module):
 
 
 def judge_path() -> Path:
-    """The shipped judge folder, ``evals/judge/``."""
+    """The shipped judge folder, ``evals/microworld/judge/``."""
     return Path(__file__).resolve().parent / "judge"
 
 

@@ -27,13 +27,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .files import atomic_write_bytes, temporary_sibling
+from pipelines.files import atomic_write_bytes, atomic_write_json, temporary_sibling
 
 __all__ = [
     "Checkpoint",
     "Ema",
     "ProgressCallback",
-    "atomic_write_json",
     "atomic_save_npy",
     "atomic_save_safetensors",
     "autocast_context",
@@ -64,11 +63,6 @@ ProgressCallback = Callable[[str, int, int, dict[str, float]], None]
 # ----------------------------------------------------------------------------------------------------
 # Atomic file writes
 # ----------------------------------------------------------------------------------------------------
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Atomically write ``obj`` as indented JSON."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
@@ -211,7 +205,7 @@ def final_path(work_dir: str | Path, stage: str) -> Path:
 
 def init_path(work_dir: str | Path, stage: str) -> Path:
     """``<work>/init/<stage>.safetensors``: weights a stage starts from instead of its seeded random init (written by
-    ``pipelines.micro_training.import_micro`` to continue exported models in a new work dir)."""
+    ``evals.microworld.training.import_micro`` to continue exported models in a new work dir)."""
     return Path(work_dir) / "init" / f"{stage}.safetensors"
 
 
@@ -361,7 +355,7 @@ def load_pool(
     The cache is keyed by the seed range, so a rerun (or the next stage in the same work dir) skips rendering.
     Returns ``(uint8 images (N, 64, 64, 3), scenes)``.
     """
-    from evals import world  # late import: the world is only needed when a stage actually renders
+    from evals.microworld import world  # late import: the world is only needed when a stage actually renders
 
     seeds = list(seeds)
     key = f"{tag}-{seeds[0]}-{len(seeds)}"

@@ -27,12 +27,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-from evals.judge import degrade, warp_images
-from pipelines.tokenizer import clean_prompt, offline_clip_tokenizer
-from pipelines.train_utils import (
+from evals.microworld.judge import degrade, warp_images
+from evals.microworld.train_utils import (
     ProgressCallback,
     SpeedMeter,
-    atomic_write_json,
     autocast_context,
     chunks,
     cosine_lr,
@@ -46,6 +44,8 @@ from pipelines.train_utils import (
     step_rng,
     to_device,
 )
+from pipelines.files import atomic_write_json
+from pipelines.tokenizer import clean_prompt, offline_clip_tokenizer
 
 __all__ = [
     "CLIP_MEAN",
@@ -129,7 +129,7 @@ class ClipTrainConfig:
     # From this step on only the vision side trains: the text tower is the micro SD's frozen text encoder, so once
     # the UNet has been trained on it, the scorer can keep improving without changing what the UNet reads.
     freeze_text_after: int | None = None
-    # From this step on training images are degraded the way generated samples are (``evals.judge.augment``: blur,
+    # From this step on training images are degraded the way generated samples are (``judge.augment``: blur,
     # VAE-like softening, noise, colour drift). Trained on clean renders only, the CLIP read 83% of objects on VAE
     # reconstructions of held-out renders (55% on seurat dots) where the judge, trained with it, reads 97%; 4000
     # vision-side steps with it took degraded renders 90 -> 96%, clean ones 95.5 -> 96%, VAE reconstructions 83 -> 86%.
@@ -143,7 +143,7 @@ class ClipTrainConfig:
     vae_from: int | None = None
     vae_pool_size: int = 20_000
     vae_fraction: float = 0.5
-    # From this step on training images are warped (``evals.judge.warp``: small rotation, scale and a smooth
+    # From this step on training images are warped (``judge.warp``: small rotation, scale and a smooth
     # displacement field) before any degradation. The shipped CLIP's objects fell from 96% on held-out renders to 78%
     # on the same renders warped at amplitude 0.1, while the judge's stayed at 96%: generated shapes are wobbly.
     # Measured (3000 vision-side steps from the shipped CLIP, peak LR 5e-4, with degradations; 26 min on 2 CPU
@@ -211,7 +211,7 @@ def micro_clip_config(arch: ClipArch | None = None) -> CLIPConfig:
 
 def micro_clip_path() -> Path:
     """The shipped micro CLIP folder (CLIPModel + tokenizer + preprocessor config)."""
-    return Path(__file__).resolve().parent / "micro_clip"
+    return Path(__file__).resolve().parent / "clip"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -302,7 +302,7 @@ def concept_text_embeddings(
     model: CLIPModel, tokenizer: CLIPTokenizer, category: str, device: str | torch.device
 ) -> tuple[list[str], torch.Tensor]:
     """Zero-shot class embeddings for a category: each concept's mean over the world's one-attribute templates."""
-    from evals import world
+    from evals.microworld import world
 
     names = world.concepts(category)
     rows = []
@@ -333,7 +333,7 @@ def zero_shot_accuracy(
     model: CLIPModel, tokenizer: CLIPTokenizer, images: np.ndarray, scenes: list, device: str | torch.device
 ) -> dict[str, float]:
     """Per-category zero-shot accuracy of ``model`` on labelled images."""
-    from evals import world
+    from evals.microworld import world
 
     was_training = model.training
     model.eval()
@@ -365,7 +365,7 @@ def _mentions(caption: str, scene) -> dict[str, str]:
 @lru_cache(maxsize=1 << 18)
 def _mentions_cached(caption: str, object: str, colour: str, style: str) -> tuple[tuple[str, str], ...]:
     # Captions repeat across steps; caching the regex scan keeps it off the GPU step's critical path.
-    from evals import world
+    from evals.microworld import world
 
     scene = world.Scene(object, colour, style)
     text = caption.lower()
@@ -380,7 +380,7 @@ def _mentions_cached(caption: str, object: str, colour: str, style: str) -> tupl
 def caption_consistency(captions: list[str], scenes: list) -> np.ndarray:
     """Bool matrix M[i, j]: caption i (written for scene i) is consistent with scene j (every attribute it names
     matches). The diagonal is always True."""
-    from evals import world
+    from evals.microworld import world
 
     n = len(captions)
     mask = np.ones((n, n), dtype=bool)
@@ -397,7 +397,7 @@ def class_prompt_batch(scenes: list, rng: np.random.Generator) -> tuple[list[str
 
     Returns the prompts and, per category, the slice of the prompts that belongs to it and the scenes' label indices.
     """
-    from evals import world
+    from evals.microworld import world
 
     prompts: list[str] = []
     labels: dict[str, tuple[slice, list[int]]] = {}
@@ -466,10 +466,10 @@ def train_micro_clip(
 
     Images come from a pre-rendered pool (cached in ``work_dir/pool``); captions are re-drawn every step with
     ``world.caption`` from a generator seeded by (seed, step), so a resumed run replays the same data.
-    ``reconstruct`` (uint8 images -> their VAE reconstructions, e.g. ``pipelines.micro_training.vae_reconstructor``)
+    ``reconstruct`` (uint8 images -> their VAE reconstructions, e.g. ``evals.microworld.training.vae_reconstructor``)
     is required when ``config.vae_from`` is set.
     """
-    from evals import world
+    from evals.microworld import world
 
     device = torch.device(device)
     work_dir = Path(work_dir)

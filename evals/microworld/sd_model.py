@@ -1,5 +1,6 @@
-"""The micro Stable Diffusion: where it lives, and its architecture (its sampler defaults are every
-model's: ``pipelines.DEFAULT_STEPS`` and ``DEFAULT_GUIDANCE``).
+"""The micro Stable Diffusion's architecture and schedulers, as training builds them (its sampler defaults are
+every model's: ``pipelines.DEFAULT_STEPS`` and ``DEFAULT_GUIDANCE``; the shipped folder is
+``pipelines.micro_model_path()``).
 
 The model is a real ``diffusers.StableDiffusionPipeline`` (VAE, UNet with cross-attention, CLIP text encoder and
 tokenizer, SDE-DPM-Solver++ scheduler) at toy scale: 64x64 images, 16x16x4 latents, a 128-wide text encoder that is the
@@ -9,7 +10,6 @@ micro CLIP's text tower. Plain ``StableDiffusionPipeline.from_pretrained(micro_m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 
@@ -24,7 +24,6 @@ __all__ = [
     "build_unet",
     "build_vae",
     "inference_scheduler",
-    "micro_model_path",
     "training_scheduler",
 ]
 
@@ -44,11 +43,6 @@ NOISE_SCHEDULE: dict = {
 
 #: Sampler settings that SD 1.x's scheduler config holds for the schedulers it may be swapped for (DDIM, PNDM).
 SD_SAMPLER_SETTINGS: dict = {"clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True}
-
-
-def micro_model_path() -> Path:
-    """The shipped micro SD pipeline folder (``model_index.json`` and ``world.json`` at its root)."""
-    return Path(__file__).resolve().parent / "micro"
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPTextModel
 
-from evals.micro_clip import (
+from evals.microworld.clip import (
     ClipArch,
     ClipTrainConfig,
     load_micro_clip,
@@ -36,8 +36,7 @@ from evals.micro_clip import (
     zero_shot_accuracy,
     zero_shot_predict,
 )
-from pipelines.files import atomic_write_bytes
-from pipelines.micro import (
+from evals.microworld.sd_model import (
     UNetArch,
     VAEArch,
     build_unet,
@@ -45,14 +44,12 @@ from pipelines.micro import (
     inference_scheduler,
     training_scheduler,
 )
-from pipelines.tokenizer import clip_vocab_and_merges, offline_clip_tokenizer
-from pipelines.train_utils import (
+from evals.microworld.train_utils import (
     Ema,
     ProgressCallback,
     SpeedMeter,
     atomic_save_npy,
     atomic_save_safetensors,
-    atomic_write_json,
     autocast_context,
     chunks,
     cosine_lr,
@@ -68,6 +65,8 @@ from pipelines.train_utils import (
     step_rng,
     to_device,
 )
+from pipelines.files import atomic_write_bytes, atomic_write_json
+from pipelines.tokenizer import clip_vocab_and_merges, offline_clip_tokenizer
 from pipelines.wrapper import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 __all__ = [
@@ -432,7 +431,7 @@ def train_unet(
     the empty string with probability ``caption_dropout`` so the same UNet serves as the unconditional model for CFG.
     Saves the EMA weights as ``final/unet`` and returns the EMA UNet.
     """
-    from evals import world
+    from evals.microworld import world
 
     device = torch.device(device)
     work_dir = Path(work_dir)
@@ -608,7 +607,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 def export_micro(work_dir: str | Path, out_sd: str | Path, out_clip: str | Path) -> tuple[Path, Path]:
     """Assemble the shipped folders from the ``final/*`` files: the micro CLIP folder and the SD pipeline folder
     (fp16 safetensors, SDE-DPM-Solver++ scheduler, no safety checker, ``world.json`` beside ``model_index.json``)."""
-    from evals import world
+    from evals.microworld import world
 
     out_sd, out_clip = Path(out_sd), Path(out_clip)
     clip, _ = load_final_clip(work_dir)
@@ -735,7 +734,7 @@ def import_micro(work_dir: str | Path, sd_path: str | Path, clip_path: str | Pat
 
 def _load_judge():
     try:
-        from evals.judge import load_judge
+        from evals.microworld.judge import load_judge
     except ImportError:
         return None
     try:
@@ -788,7 +787,7 @@ def _vae_reconstructions(
 ) -> tuple[np.ndarray, list[Any]]:
     """Held-out renders passed through the VAE, with their true scenes. Every generated image is a VAE decoding,
     so a scorer's accuracy on these is the most it can reach on generated images: the ceiling the UNet aims at."""
-    from evals import world
+    from evals.microworld import world
 
     images, scenes = world.render_dataset(pool_seeds(seed, n, "heldout"))
     return vae_roundtrip(vae, images, device), scenes
@@ -812,7 +811,7 @@ def evaluate_micro(
     image, and CLIP's accuracy on the images the judge reads as the named concept (the scorer's own error, apart from
     the UNet's). Saves one image grid PNG per category in ``out_dir``.
     """
-    from evals import world
+    from evals.microworld import world
 
     device = torch.device(device)
     pipe = StableDiffusionPipeline.from_pretrained(sd_path, dtype=torch.float32).to(device)
@@ -879,7 +878,7 @@ def evaluate_micro(
     recon, scenes = _vae_reconstructions(pipe.vae, seed, device)
     results["clip_on_vae_reconstructions"] = zero_shot_accuracy(clip, clip_tok, recon, scenes, device)
     if judge is not None:
-        from evals.judge import evaluate
+        from evals.microworld.judge import evaluate
 
         results["judge_on_vae_reconstructions"] = evaluate(judge, recon, scenes)
     if out_dir is not None:
