@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
 from pipelines.files import png_bytes
 
-from .artifact import ErasureArtifact, save_artifact
+from .artifact import ErasureArtifact, check_artifact_base, load_artifact, save_artifact
 from .layout import CHECK_PICTURE, METADATA_FILE, PIPELINE_FOLDER, check_output_folder, default_output_folder
 from .registry import ConceptSpec, erase_concepts, get_method
 
@@ -29,6 +29,7 @@ __all__ = [
     "ConceptType",
     "EraseSummary",
     "GENERIC_PRESERVE",
+    "audit_models",
     "PRESERVE_SETS",
     "default_output_folder",
     "erasure_settings",
@@ -329,3 +330,19 @@ def run_erase(
             "info": artifact.info,
         },
     )
+
+
+def audit_models(wrapper: PipelineWrapper, folders: Sequence[str | Path]) -> list:  # list[evals.audit.AuditModel]
+    """One audit column per artifact folder, each read and checked against ``wrapper``'s base model.
+
+    Raises ``ArtifactError`` for an unreadable folder and ``ArtifactMismatchError`` for an artifact made for other
+    base weights, before anything is generated.
+    """
+    from evals.audit import AuditModel
+
+    models = []
+    for folder in folders:
+        artifact = load_artifact(folder)
+        check_artifact_base(wrapper, artifact, where=str(folder))
+        models.append(AuditModel.erased(folder, (Path(folder) / METADATA_FILE).read_bytes(), artifact.deltas))
+    return models

@@ -72,6 +72,7 @@ import contextlib
 import errno
 import hashlib
 import html
+import importlib.metadata
 import json
 import logging
 import os
@@ -88,7 +89,6 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from erase.artifact import METADATA_FILE, ErasureArtifact, check_artifact_base, load_artifact
 from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
 from pipelines.files import atomic_write_bytes, png_bytes, temporary_sibling
 
@@ -109,7 +109,6 @@ __all__ = [
     "generation_summary",
     "image_name",
     "per_concept_table",
-    "prepare_models",
     "run_audit",
     "summary_table",
 ]
@@ -134,13 +133,24 @@ class AuditError(ValueError):
 
 @dataclass(frozen=True)
 class AuditModel:
-    """One column of the audit: the original model (``artifact is None``) or the base with one artifact applied."""
+    """One column of the audit: the original model (``deltas is None``) or the base with one erasure applied.
+
+    Erased models are built by the caller, which reads and checks the artifact (``erase.workflow.audit_models``):
+    evals sits below erase and never imports it.
+    """
 
     key: str
     label: str
     folder: str | None = None
-    artifact: ErasureArtifact | None = None
+    deltas: dict[str, torch.Tensor] | None = None  # the weight changes the erasure applies
     metadata: dict[str, Any] | None = None  # erasure.json as saved
+
+    @classmethod
+    def erased(cls, folder: str | Path, metadata_json: bytes, deltas: dict[str, torch.Tensor]) -> AuditModel:
+        """The column of one artifact folder; its key is fixed by the folder's name and its erasure.json bytes."""
+        folder = Path(folder)
+        key = f"{_slug(folder.resolve().name)}-{hashlib.sha1(metadata_json).hexdigest()[:8]}"
+        return cls(key, folder.resolve().name, str(folder), deltas, json.loads(metadata_json))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -213,25 +223,6 @@ def check_output_folder(out_dir: str | Path) -> None:
 # Models and settings
 
 
-def prepare_models(wrapper: PipelineWrapper, artifacts: Sequence[str | Path]) -> list[AuditModel]:
-    """The original model plus one :class:`AuditModel` per artifact folder, each checked against ``wrapper``.
-
-    Raises ``ArtifactError`` for an unreadable folder and ``ArtifactMismatchError`` for an artifact made for other
-    base weights, before anything is generated.
-    """
-    models = [AuditModel(ORIGINAL, ORIGINAL)]
-    for folder in artifacts:
-        folder = Path(folder)
-        artifact = load_artifact(folder)
-        check_artifact_base(wrapper, artifact, where=str(folder))
-        raw = (folder / METADATA_FILE).read_bytes()
-        key = f"{_slug(folder.resolve().name)}-{hashlib.sha1(raw).hexdigest()[:8]}"
-        if any(m.key == key for m in models):
-            raise AuditError(f"artifact {folder} is given twice")
-        models.append(AuditModel(key, folder.resolve().name, str(folder), artifact, json.loads(raw)))
-    return models
-
-
 def _settings(wrapper: PipelineWrapper, steps: int, guidance: float) -> dict[str, Any]:
     # Everything that changes pixels. The fingerprint covers the cross-attention projections only: cheap even for
     # SDXL, and it is what erasure methods edit, so an edited base saved as a new model is told apart.
@@ -265,7 +256,7 @@ def _folder_settings(
             "images": len(suite.rows),
             "sha256": hashlib.sha256(suite_text.encode("utf-8")).hexdigest(),
         },
-        "erasures": [m.key for m in models if m.artifact is not None],
+        "erasures": [m.key for m in models if m.deltas is not None],
     }
 
 
@@ -430,7 +421,7 @@ def generate_audit_images(
             continue
         logger.info("%s: %d of %d batches to generate", model.key, len(todo), len(batches))
         _make_folder(folder)
-        edit = wrapper.weight_deltas(model.artifact.deltas) if model.artifact else contextlib.nullcontext()
+        edit = wrapper.weight_deltas(model.deltas) if model.deltas is not None else contextlib.nullcontext()
         with edit:
             for batch, needed in tqdm(todo, desc=f"audit {model.key}", unit="batch", disable=not progress):
                 prompts, seeds = [p for p, _ in batch], [s for _, s in batch]
@@ -455,7 +446,7 @@ def generate_audit_images(
 def run_audit(
     wrapper: PipelineWrapper,
     suite: Suite,
-    artifacts: Sequence[str | Path],
+    erasures: Sequence[AuditModel],
     out_dir: str | Path,
     scorer: ClipScorer | None,
     judge: torch.nn.Module | None = None,
@@ -471,12 +462,13 @@ def run_audit(
     scorer_name: str = "",
     on_image: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
-    """Audit ``artifacts`` (erasure artifact folders) against ``wrapper``'s base model on ``suite``.
+    """Audit ``erasures`` against ``wrapper``'s base model on ``suite``.
 
     Args:
         wrapper: the base model; artifacts are applied to it temporarily and it is left as it was.
         suite: the prompt suite; every row becomes ``images_per_prompt`` images (:meth:`Suite.expand`).
-        artifacts: artifact folders; each is checked against the base (``ArtifactMismatchError``) before any work.
+        erasures: the erased models (:meth:`AuditModel.erased`), already checked against the base: what
+            ``erase.workflow.audit_models`` returns for artifact folders.
         out_dir: output folder (layout in the module docstring); an existing audit in it is resumed.
         scorer: CLIP scorer for the metrics; only process 0 needs one (others may pass None).
         judge: the micro world's :class:`evals.microworld.judge.Judge`; its accuracies are reported beside CLIP's
@@ -499,7 +491,10 @@ def run_audit(
     expanded = suite.expand(images_per_prompt)
     for prompt in dict.fromkeys(r.prompt for r in expanded.rows):
         wrapper.check_prompt(prompt, "suite prompt")
-    models = prepare_models(wrapper, artifacts)
+    models = [AuditModel(ORIGINAL, ORIGINAL), *erasures]
+    keys = [m.key for m in models]
+    if len(set(keys)) != len(keys):
+        raise AuditError(f"an erasure is given twice: {sorted(k for k in keys if keys.count(k) > 1)[0]}")
     settings = _settings(wrapper, steps, guidance)
     _make_folder(out_dir)
     _check_settings(out_dir, _folder_settings(settings, expanded, models, batch_size, num_processes))
@@ -585,9 +580,11 @@ def run_audit(
 
 
 def _erase_version() -> str:
-    from erase import __version__
-
-    return __version__
+    """The installed erase distribution's version, read from its metadata (evals does not import erase)."""
+    try:
+        return importlib.metadata.version("erase")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _load_images(folder: Path, unique: Sequence[tuple[str, int]]) -> list[np.ndarray]:
@@ -723,7 +720,7 @@ def _compute_metrics(
 
 
 def _provenance(model: AuditModel) -> dict[str, Any] | None:
-    if model.artifact is None:
+    if model.deltas is None:
         return None
     meta = model.metadata or {}
     return {

@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
 
     from erase import ArtifactError, load_artifact
+    from erase.workflow import audit_models
     from evals.audit import (
         AuditError,
         check_output_folder,
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_audit(
             wrapper,
             suite,
-            args.erasure,
+            audit_models(wrapper, args.erasure),
             args.out,
             scorer,
             judge,

@@ -20,6 +20,7 @@ from transformers import CLIPModel
 
 import erase
 from erase import ArtifactMismatchError, ConceptSpec, erase_concepts
+from erase.workflow import audit_models
 from evals import metrics as M
 from evals.audit import (
     METRICS_SCHEMA,
@@ -92,7 +93,7 @@ def small_suite() -> Suite:
 
 def _audit(wrapper, suite, artifacts, out, scorer, **kw):
     kw = {"images_per_prompt": 2, "batch_size": 3, "steps": STEPS, "progress": False, **kw}
-    return run_audit(wrapper, suite, artifacts, out, scorer, **kw)
+    return run_audit(wrapper, suite, audit_models(wrapper, artifacts), out, scorer, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------------------

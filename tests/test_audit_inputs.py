@@ -23,6 +23,7 @@ from transformers import CLIPModel
 
 import erase
 from erase import ConceptSpec, erase_concepts
+from erase.workflow import audit_models
 from evals.audit import AuditError, check_output_folder, image_name, run_audit
 from evals.scorer import ClipScorer
 from evals.suites import ROLES, Suite, world_suite
@@ -100,7 +101,7 @@ def nothing_loads(monkeypatch):
 
 def _audit(wrapper, suite, artifacts, out, scorer, **kw):
     kw = {"images_per_prompt": 1, "batch_size": 2, "steps": STEPS, "progress": False, **kw}
-    return run_audit(wrapper, suite, artifacts, out, scorer, **kw)
+    return run_audit(wrapper, suite, audit_models(wrapper, artifacts), out, scorer, **kw)
 
 
 def _args(clip_dir: Path, prompts: Path, out: Path, *more: str) -> list[str]:

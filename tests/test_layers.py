@@ -19,13 +19,7 @@ LAYERS: tuple[str, ...] = ("pipelines", "evals", "erase", "scripts")
 _RANK = {name: rank for rank, name in enumerate(LAYERS)}
 #: Upward imports that exist and are yet to be removed: (file, package imported) -> why. Nothing may join this list;
 #: an entry whose import is gone fails ``test_known_upward_imports_still_exist`` until it is deleted here.
-KNOWN_UPWARD: dict[tuple[str, str], str] = {
-    ("evals/audit.py", "erase"): (
-        "run_audit loads erasure artifact folders itself (erase.artifact: load_artifact, check_artifact_base, "
-        "METADATA_FILE, ErasureArtifact) and records erase.__version__; to go, the caller must hand it loaded, "
-        "checked erasures"
-    ),
-}
+KNOWN_UPWARD: dict[tuple[str, str], str] = {}
 
 
 def _imported_names(tree: ast.AST) -> list[tuple[int, str | None]]:
