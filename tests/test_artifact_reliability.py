@@ -222,3 +222,17 @@ def test_erase_load_accepts_a_half_precision_copy_of_the_base(saved):
     assert torch.allclose(half.module(name).weight.float(), expected, atol=2e-3)
     with pytest.raises(ArtifactMismatchError, match="already applied"):
         erase.load(half.pipe, folder)
+
+
+def test_erase_load_applies_to_a_plain_sdxl_pipeline(tiny_sdxl, tmp_path):
+    from pipelines.tiny import tiny_sdxl_pipeline
+
+    artifact = erase_concepts(tiny_sdxl, ConceptSpec(("van gogh",)), "uce")
+    folder = erase.save_artifact(artifact, tmp_path / "xl", tiny_sdxl)
+    plain = tiny_sdxl_pipeline(0)
+    erase.load(plain, folder)
+    for name, delta in artifact.deltas.items():
+        expected = tiny_sdxl.module(name).weight + delta
+        assert torch.allclose(plain.unet.get_submodule(name.removeprefix("unet.")).weight, expected, atol=1e-6)
+    with pytest.raises(ArtifactMismatchError, match="already applied"):
+        erase.load(plain, folder)
