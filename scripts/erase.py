@@ -103,6 +103,8 @@ def validate_early(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
     if args.guidance is not None and not args.guidance >= 0:
         raise ValueError(f"--guidance must be >= 0, got {args.guidance}")
     parse_config_overrides(args.set)

@@ -52,6 +52,8 @@ def test_json_summary_and_artifact(tmp_path):
         (["--concept", "van gogh", "--set", "nope=1"], "nope"),
         (["--concept", "van gogh", "--set", "lamb"], "KEY=VALUE"),
         (["--concept", "van gogh", "--check-images", "0"], "--check-images must be >= 1"),
+        (["--concept", "van gogh", "--seed", "-1"], "--seed must be >= 0"),
+        (["--concept", "van gogh", "--guidance", "nan"], "--guidance must be >= 0"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, message):
