@@ -92,11 +92,11 @@ from tqdm.auto import tqdm
 from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
 from pipelines.files import atomic_write_bytes, png_bytes, temporary_sibling
 
-from . import metrics as M
-from .grids import labelled_grid
-from .probes import GENERIC_TEMPLATES
-from .scorer import TEMPLATES, ClipScorer
-from .suites import ROLES, Suite, SuiteRow
+from .. import metrics as M
+from ..grids import labelled_grid
+from ..probes import GENERIC_TEMPLATES
+from ..scorer import TEMPLATES, ClipScorer
+from ..suites import ROLES, Suite, SuiteRow
 
 __all__ = [
     "METRICS_SCHEMA",
