@@ -7,9 +7,11 @@ python scripts/audit.py --model CompVis/stable-diffusion-v1-4 --suite art_styles
 accelerate launch --num_processes 2 scripts/audit.py --erasure erased/vg --out audits/vg
 accelerate launch --multi_gpu --num_processes 2 scripts/audit.py --device cpu ...   # two CPU processes
 
-Writes OUT/metrics.json, OUT/report.html, OUT/grids/<category>.png and the images; rerunning the same command
-resumes an interrupted audit. Suites: "world" (the micro world, built for the erased concepts), a shipped suite
-(art_styles, objects, general) or --prompts FILE (CSV/JSONL: prompt,seed,concept,category,role).
+Writes OUT/metrics.json, OUT/report.html, OUT/grids/<category>.png and the images, and prints the verdict (each
+erased concept's accuracy before -> after against the limits), the headline metrics and the per-concept table;
+rerunning the same command resumes an interrupted audit. Suites: "world" (the micro world, built for the erased
+concepts), a shipped suite (art_styles, objects, general) or --prompts FILE (CSV/JSONL: prompt,seed,concept,category,
+role).
 
 With accelerate 1.x, ``accelerate launch --cpu`` starts one process unless mpirun is set up; on a CPU-only machine
 ``--multi_gpu`` (torchrun) with ``--device cpu`` starts real CPU processes, joined by gloo.
@@ -81,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         per_concept_table,
         run_audit,
         summary_table,
+        verdict_text,
     )
     from evals.suites import SuiteError, concept_suite, resolve_suite
     from pipelines import ModelNotFoundError, load_pipeline, resolve_device, set_library_verbosity
@@ -163,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if main_process:
+        print(verdict_text(result))
+        print()
         print(summary_table(result))
         print()
         print(per_concept_table(result))
