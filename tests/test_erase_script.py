@@ -128,7 +128,9 @@ def test_sd_folder_lora_fuses_to_the_same_key_value_weights(tmp_path):
 
     tiny_sd_pipeline(0).save_pretrained(str(tmp_path / "base"))
     out = tmp_path / "vg"
-    result = run_script("--model", str(tmp_path / "base"), "--concept", "van gogh", "--out", str(out), "--no-check")
+    # the README's command for a local folder
+    result = run_script("--model", str(tmp_path / "base"), "--concept", "a church", "--concept-type", "object",
+                        "--no-check", "--out", str(out))  # fmt: skip
     assert result.returncode == 0, result.stderr
     artifact = erase.load_artifact(out)
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "base"))
