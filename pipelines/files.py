@@ -11,7 +11,7 @@ from typing import Any
 
 from PIL import Image
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "png_bytes", "temporary_sibling"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "png_bytes", "temporary_sibling", "write_synced_sibling"]
 
 
 def temporary_sibling(path: Path) -> Path:
@@ -19,17 +19,28 @@ def temporary_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` so that a reader (or a rerun after a kill) sees the old file or the whole new one, never a
-    truncated one. The file gets the usual umask permissions ("xb", not mkstemp's 0600)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_synced_sibling(path: Path, data: bytes) -> Path:
+    """``data`` written and flushed to disk under a fresh temporary name beside ``path``; the caller moves it into
+    place (``os.replace``, ``os.link``) and removes it. Usual umask permissions ("xb", not mkstemp's 0600)."""
     tmp = temporary_sibling(path)
     try:
         with open(tmp, "xb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` so that a reader (or a rerun after a kill) sees the old file or the whole new one, never a
+    truncated one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = write_synced_sibling(path, data)
+    try:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

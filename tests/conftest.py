@@ -5,6 +5,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -23,3 +25,39 @@ def tiny_sdxl():
     from pipelines import load_pipeline
 
     return load_pipeline("tiny-sdxl")
+
+
+# The audit tests' shared models: a tiny random CLIP as the scorer, the tiny pipeline and one UCE artifact on it,
+# built once per test module.
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_clip import save_clip_folder, tiny_clip_config
+    from transformers import CLIPModel
+
+    torch.manual_seed(0)
+    model = CLIPModel(tiny_clip_config(image_size=32, patch_size=8)).eval()
+    return save_clip_folder(model, tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="module")
+def scorer(clip_dir: Path):
+    from evals.scorer import ClipScorer
+
+    return ClipScorer.from_pretrained(str(clip_dir), progress=False)
+
+
+@pytest.fixture(scope="module")
+def wrapper():
+    from pipelines import load_pipeline
+
+    return load_pipeline("tiny")
+
+
+@pytest.fixture(scope="module")
+def artifact_dir(wrapper, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import erase
+
+    artifact = erase.erase_concepts(wrapper, erase.ConceptSpec(("van gogh",), preserve=("monet",)), "uce")
+    folder = tmp_path_factory.mktemp("art") / "vg"
+    erase.save_artifact(artifact, folder, wrapper, export_pipeline=False)
+    return folder

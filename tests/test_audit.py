@@ -15,11 +15,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_clip import save_clip_folder, tiny_clip_config
-from transformers import CLIPModel
 
-import erase
-from erase import ArtifactMismatchError, ConceptSpec, erase_concepts
+from erase import ArtifactMismatchError
 from erase.workflow import audit_models
 from evals import metrics as M
 from evals.audit import (
@@ -33,7 +30,6 @@ from evals.audit import (
     summary_table,
 )
 from evals.microworld.judge import Judge, JudgeConfig
-from evals.scorer import ClipScorer
 from evals.suites import (
     ROLES,
     Suite,
@@ -54,31 +50,6 @@ STEPS = 2
 
 # ----------------------------------------------------------------------------------------------------------------
 # fixtures
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = CLIPModel(tiny_clip_config(image_size=32, patch_size=8)).eval()
-    return save_clip_folder(model, tmp_path_factory.mktemp("clip"))
-
-
-@pytest.fixture(scope="module")
-def scorer(clip_dir: Path) -> ClipScorer:
-    return ClipScorer.from_pretrained(str(clip_dir), progress=False)
-
-
-@pytest.fixture(scope="module")
-def wrapper():
-    return load_pipeline("tiny")
-
-
-@pytest.fixture(scope="module")
-def artifact_dir(wrapper, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    artifact = erase_concepts(wrapper, ConceptSpec(("van gogh",), preserve=("monet",)), "uce")
-    folder = tmp_path_factory.mktemp("art") / "vg"
-    erase.save_artifact(artifact, folder, wrapper, export_pipeline=False)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from tiny_clip import save_clip_folder, tiny_clip_config
-from transformers import CLIPModel
 
-import erase
-from erase import ConceptSpec, erase_concepts
 from erase.workflow import audit_models
 from evals.audit import AuditError, check_output_folder, image_name, run_audit
 from evals.scorer import ClipScorer
 from evals.suites import ROLES, Suite, world_suite
-from pipelines import load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "audit.py"
@@ -42,31 +37,6 @@ PROMPTS = (
 
 # ----------------------------------------------------------------------------------------------------------------
 # fixtures and helpers
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = CLIPModel(tiny_clip_config(image_size=32, patch_size=8)).eval()
-    return save_clip_folder(model, tmp_path_factory.mktemp("clip"))
-
-
-@pytest.fixture(scope="module")
-def scorer(clip_dir: Path) -> ClipScorer:
-    return ClipScorer.from_pretrained(str(clip_dir), progress=False)
-
-
-@pytest.fixture(scope="module")
-def wrapper():
-    return load_pipeline("tiny")
-
-
-@pytest.fixture(scope="module")
-def artifact_dir(wrapper, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    artifact = erase_concepts(wrapper, ConceptSpec(("van gogh",), preserve=("monet",)), "uce")
-    folder = tmp_path_factory.mktemp("art") / "vg"
-    erase.save_artifact(artifact, folder, wrapper, export_pipeline=False)
-    return folder
 
 
 @pytest.fixture(scope="module")

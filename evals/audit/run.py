@@ -38,7 +38,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
-from pipelines.files import png_bytes, temporary_sibling
+from pipelines.files import png_bytes, write_synced_sibling
 
 from ..scorer import ClipScorer
 from ..suites import Suite, SuiteRow, load_suite
@@ -155,23 +155,22 @@ def _describe(value: Any) -> str:
 
 def _create_exclusive(path: Path, data: bytes) -> bool:
     """Write ``path`` whole unless it exists; False when another process made it first (then it is left alone)."""
-    tmp = temporary_sibling(path)
     try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        except OSError:  # a file system without hard links: last writer wins, as before
-            os.replace(tmp, path)
-        return True
+        tmp = write_synced_sibling(path, data)
     except OSError as err:
         raise AuditError(f"cannot write {path}: {reason(err)}") from err
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    except OSError:  # a file system without hard links: last writer wins, as before
+        try:
+            os.replace(tmp, path)
+        except OSError as err:
+            raise AuditError(f"cannot write {path}: {reason(err)}") from err
     finally:
         tmp.unlink(missing_ok=True)
+    return True
 
 
 def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
