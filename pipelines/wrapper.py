@@ -29,6 +29,8 @@ __all__ = [
     "DEFAULT_GUIDANCE",
     "DEFAULT_STEPS",
     "CrossAttentionLayer",
+    "LORA_TARGETS",
+    "LoraAdapters",
     "ModelNotFoundError",
     "PipelineWrapper",
     "PromptEncoding",
@@ -52,6 +54,20 @@ DEFAULT_GUIDANCE: float = 7.5
 
 # Cross-attention in diffusers' transformer blocks is always ``attn2``; its key/value projections read the text.
 CROSS_ATTENTION_PATTERNS: tuple[str, ...] = ("*attn2.to_k", "*attn2.to_v")
+
+#: LoRA target sets by name: fnmatch patterns over the UNet's Linear module names (diffusers' transformer blocks:
+#: ``attn1`` self-attention, ``attn2`` cross-attention, ``ff`` the GEGLU feed-forward, ``proj_in``/``proj_out`` the
+#: block's input and output projections, which are Linear only where ``use_linear_projection`` is set: SD 2.x, SDXL).
+#: ``noxattn`` is every transformer-block Linear but cross-attention: ESD-u's "everything but cross-attention" as far
+#: as a LoRA on Linear layers reaches (the official ESD-u also fine-tunes convolutions, resnets and time embeddings).
+LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "xattn": ("*attn2.to_q", "*attn2.to_k", "*attn2.to_v", "*attn2.to_out.0"),
+    "kv": CROSS_ATTENTION_PATTERNS,
+    "noxattn": (
+        "*attn1.to_q", "*attn1.to_k", "*attn1.to_v", "*attn1.to_out.0", "*ff.net.0.proj", "*ff.net.2",
+        "*proj_in", "*proj_out",
+    ),
+}  # fmt: skip
 
 
 class ModelNotFoundError(ValueError):
@@ -86,6 +102,81 @@ class PromptEncoding:
 
     def eos_position(self, index: int) -> int:
         return int(self.lengths[index]) - 1
+
+    def select(self, index: torch.Tensor | Sequence[int]) -> PromptEncoding:
+        """The encoding of a sub-batch (rows may repeat): what a training batch drawn from a prompt set needs."""
+        rows = torch.as_tensor(index, dtype=torch.long)
+        return PromptEncoding(
+            [self.prompts[int(i)] for i in rows],
+            self.input_ids[rows],
+            self.embeddings[rows.to(self.embeddings.device)],
+            self.lengths[rows],
+            None if self.pooled is None else self.pooled[rows.to(self.pooled.device)],
+        )
+
+
+class LoraAdapters:
+    """peft LoRA adapters injected into the UNet by ``PipelineWrapper.lora_adapters``; valid inside its block.
+
+    Training code sees only these parameters, a switch that turns the adapters off (the frozen model is then the very
+    same UNet, so one UNet sits in memory), their state for checkpoints, and the trained change as exact factors.
+    """
+
+    def __init__(self, unet: torch.nn.Module, names: Sequence[str], adapter_name: str) -> None:
+        self.names = list(names)
+        self.adapter_name = adapter_name
+        self._layers = {name: unet.get_submodule(name) for name in self.names}
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """The trainable tensors, A then B per module in name order (a stable order for optimizer state)."""
+        params = []
+        for layer in self._layers.values():
+            params += [layer.lora_A[self.adapter_name].weight, layer.lora_B[self.adapter_name].weight]
+        return params
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """``{"<module>.lora_A": A, "<module>.lora_B": B}``, detached copies (B without the scaling)."""
+        state = {}
+        for name, layer in self._layers.items():
+            state[f"{name}.lora_A"] = layer.lora_A[self.adapter_name].weight.detach().clone()
+            state[f"{name}.lora_B"] = layer.lora_B[self.adapter_name].weight.detach().clone()
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore ``state_dict()``'s tensors; ``ValueError`` for a missing key or a shape that differs."""
+        expected = self.state_dict()
+        if set(state) != set(expected):
+            raise ValueError(f"LoRA state holds {len(state)} tensors, the adapters {len(expected)}: another setup")
+        for name, layer in self._layers.items():
+            for part in ("lora_A", "lora_B"):
+                target = getattr(layer, part)[self.adapter_name].weight
+                value = state[f"{name}.{part}"]
+                if value.shape != target.shape:
+                    raise ValueError(f"{name}.{part}: saved shape {tuple(value.shape)}, adapter {tuple(target.shape)}")
+                target.copy_(value.to(target.device, target.dtype))
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """The base model for the ``with`` block: every adapter off, re-enabled afterwards (also on error)."""
+        try:
+            for layer in self._layers.values():
+                layer.enable_adapters(False)
+            yield
+        finally:
+            for layer in self._layers.values():
+                layer.enable_adapters(True)
+
+    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The trained change as exact factors ``{"unet.<module>": (A, B * scaling)}``, dW = B @ A, float32 on CPU."""
+        out = {}
+        for name, layer in self._layers.items():
+            lora_a = layer.lora_A[self.adapter_name].weight.detach().float().cpu().clone()
+            lora_b = layer.lora_B[self.adapter_name].weight.detach().float().cpu() * float(
+                layer.scaling[self.adapter_name]
+            )
+            out[f"unet.{name}"] = (lora_a, lora_b)
+        return out
 
 
 def micro_model_path() -> Path:
@@ -210,6 +301,122 @@ class PipelineWrapper:
             raise ValueError(f"no UNet module matches the cross-attention patterns {list(patterns)}")
         logger.info("%d cross-attention projections match %s", len(layers), list(patterns))
         return layers
+
+    def lora_modules(self, patterns: Sequence[str]) -> list[str]:
+        """UNet Linear module names (unqualified) matching any fnmatch pattern, sorted; ``ValueError`` for none.
+
+        Patterns are explicit module names, never shape tests, so the same patterns pick the same roles in SD 1.x,
+        2.x and SDXL; how many matched is logged so a pattern that reaches fewer layers than meant is visible.
+        """
+        patterns = list(patterns)
+        names = sorted(
+            name
+            for name, module in self.unet.named_modules()
+            if isinstance(module, torch.nn.Linear) and any(fnmatch.fnmatchcase(name, p) for p in patterns)
+        )
+        if not names:
+            raise ValueError(f"no UNet Linear module matches the LoRA target patterns {patterns}")
+        logger.info("%d UNet Linear modules match the LoRA targets %s", len(names), patterns)
+        return names
+
+    @contextlib.contextmanager
+    def lora_adapters(
+        self,
+        patterns: Sequence[str],
+        rank: int,
+        alpha: float,
+        *,
+        generator: torch.Generator,
+        adapter_name: str = "erase",
+    ) -> Iterator[LoraAdapters]:
+        """Trainable peft LoRA adapters on the matching UNet Linear modules, in place, for the ``with`` block.
+
+        A is drawn from ``generator`` (peft's own Kaiming-uniform bound, 1/sqrt(in_features), so the start is a
+        function of the seed alone) and B is zero, so the adapted model starts equal to the base. Afterwards the
+        adapters are removed (also on error): the original Linear modules are put back, with their weights
+        bit-identical (peft never writes them unless merged, which this never does) and their ``requires_grad``
+        flags as they were.
+        """
+        from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        unet = self.unet
+        if getattr(unet, "peft_config", None) or any(isinstance(m, BaseTunerLayer) for m in unet.modules()):
+            raise ValueError("the UNet already holds peft adapters (a loaded LoRA?): erase from the plain base model")
+        names = self.lora_modules(patterns)
+        requires_grad = {name: p.requires_grad for name, p in unet.named_parameters()}
+        had_config = hasattr(unet, "peft_config")
+        config = LoraConfig(
+            r=rank, lora_alpha=alpha, target_modules=names, lora_dropout=0.0, bias="none", init_lora_weights=True
+        )
+        try:
+            inject_adapter_in_model(config, unet, adapter_name)
+            adapters = LoraAdapters(unet, names, adapter_name)
+            with torch.no_grad():
+                for layer in adapters._layers.values():
+                    weight = layer.lora_A[adapter_name].weight
+                    bound = 1.0 / weight.shape[1] ** 0.5
+                    draw = torch.rand(weight.shape, generator=generator, dtype=torch.float32) * 2 * bound - bound
+                    weight.copy_(draw.to(weight.device, weight.dtype))
+                    layer.lora_B[adapter_name].weight.zero_()
+            yield adapters
+        finally:
+            for name in names:
+                module = unet.get_submodule(name)
+                if isinstance(module, BaseTunerLayer):
+                    parent, _, child = name.rpartition(".")
+                    setattr(unet.get_submodule(parent) if parent else unet, child, module.get_base_layer())
+            if not had_config and hasattr(unet, "peft_config"):
+                del unet.peft_config
+            for name, param in unet.named_parameters():
+                param.requires_grad_(requires_grad.get(name, param.requires_grad))
+
+    @torch.no_grad()
+    def sample_trajectories(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        *,
+        steps: int = DEFAULT_STEPS,
+        guidance: float = DEFAULT_GUIDANCE,
+        batch_size: int = 8,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every UNet input of the sampler's run on each (prompt, seed): ``(latents, timesteps)``.
+
+        ``latents`` is ``(len(prompts), K, C, h, w)`` float32 on the CPU and ``timesteps`` ``(K,)``, K being the UNet
+        calls of one run (``steps`` for single-evaluation samplers). The inputs are recorded exactly as the UNet
+        received them (after the scheduler's input scaling, one copy of classifier-free guidance's doubled batch),
+        by a forward pre-hook that is removed afterwards: the step callback sees latents after the scheduler step,
+        whose scaling into the next UNet input is scheduler-specific.
+        """
+        prompts = list(prompts)
+        calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+        count = {"n": 0}
+
+        def hook(_module, args, kwargs):  # noqa: ANN001, ANN202 - torch's forward pre-hook signature
+            sample = args[0] if args else kwargs["sample"]
+            timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+            n = count["n"]
+            calls.append((sample[:n].detach().float().cpu(), torch.as_tensor(timestep).detach().float().cpu()))
+
+        handle = self.unet.register_forward_pre_hook(hook, with_kwargs=True)
+        latents, timesteps = [], None
+        try:
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start : start + batch_size]
+                count["n"], calls = len(chunk), []
+                self.generate(chunk, seeds[start : start + batch_size], steps=steps, guidance=guidance,
+                              batch_size=batch_size, progress=False)  # fmt: skip
+                latents.append(torch.stack([x for x, _ in calls], dim=1))
+                found = torch.stack([t.reshape(-1)[0] for _, t in calls])
+                if timesteps is not None and not torch.equal(found, timesteps):
+                    raise RuntimeError("the sampler's timesteps differ between batches")
+                timesteps = found
+        finally:
+            handle.remove()
+        return torch.cat(latents), timesteps
 
     def module(self, name: str) -> torch.nn.Module:
         """A module by qualified name, ``"<component>.<path>"``, e.g. ``"unet.mid_block.attentions.0"``."""
