@@ -7,8 +7,17 @@ from __future__ import annotations
 import json
 import unicodedata
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-__all__ = ["check_concept_text", "concept_key", "parse_config_overrides"]
+__all__ = [
+    "CONCEPT_TYPES",
+    "DEFAULT_CONCEPT_TYPE",
+    "PRESERVE_SETS",
+    "ConceptType",
+    "check_concept_text",
+    "concept_key",
+    "parse_config_overrides",
+]
 
 
 def concept_key(text: str) -> str:
@@ -43,3 +52,22 @@ def parse_config_overrides(pairs: Sequence[str]) -> dict[str, object]:
             value = raw
         overrides[key.strip()] = tuple(value) if isinstance(value, list) else value
     return overrides
+
+
+@dataclass(frozen=True)
+class ConceptType:
+    """What the reference UCE script does by ``--concept_type``: the default guide, and the templates its
+    ``--expand_prompts`` adds around each concept (and around its guide)."""
+
+    guide: str
+    expand_templates: tuple[str, ...]
+
+
+#: The reference's concept types (``trainscripts/uce_sd_erase.py``); "other" is ours: no guide, nothing to expand.
+CONCEPT_TYPES: dict[str, ConceptType] = {
+    "art": ConceptType("art", ("painting by {}", "art by {}", "artwork by {}", "picture by {}", "style of {}")),
+    "object": ConceptType("", ("image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}")),
+    "other": ConceptType("", ()),
+}
+DEFAULT_CONCEPT_TYPE = "art"
+PRESERVE_SETS = ("world", "generic")

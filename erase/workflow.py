@@ -20,18 +20,15 @@ from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
 from pipelines.files import png_bytes
 
 from .artifact import ErasureArtifact, check_artifact_base, load_artifact, save_artifact
+from .inputs import CONCEPT_TYPES, DEFAULT_CONCEPT_TYPE, PRESERVE_SETS
 from .layout import CHECK_PICTURE, METADATA_FILE, PIPELINE_FOLDER, check_output_folder, default_output_folder
 from .registry import ConceptSpec, erase_concepts, get_method
 
 __all__ = [
-    "CONCEPT_TYPES",
     "CheckResult",
-    "ConceptType",
     "EraseSummary",
     "GENERIC_PRESERVE",
     "audit_models",
-    "PRESERVE_SETS",
-    "default_output_folder",
     "erasure_settings",
     "load_check_scorer",
     "preserve_set",
@@ -49,25 +46,6 @@ GENERIC_PRESERVE: tuple[str, ...] = (
     "pablo picasso", "claude monet", "rembrandt", "salvador dali", "andy warhol",
     "a dog", "a cat", "a car", "a house", "a tree", "a person", "a city at night",
 )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class ConceptType:
-    """What the reference UCE script does by ``--concept_type``: the default guide, and the templates its
-    ``--expand_prompts`` adds around each concept (and around its guide)."""
-
-    guide: str
-    expand_templates: tuple[str, ...]
-
-
-#: The reference's concept types (``trainscripts/uce_sd_erase.py``); "other" is ours: no guide, nothing to expand.
-CONCEPT_TYPES: dict[str, ConceptType] = {
-    "art": ConceptType("art", ("painting by {}", "art by {}", "artwork by {}", "picture by {}", "style of {}")),
-    "object": ConceptType("", ("image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}")),
-    "other": ConceptType("", ()),
-}
-DEFAULT_CONCEPT_TYPE = "art"
-PRESERVE_SETS = ("world", "generic")
 
 
 def preserve_set(name: str, targets: Sequence[str]) -> list[str]:

@@ -24,8 +24,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 EXIT_BAD_INPUT = 2
-CONCEPT_TYPES = ("art", "object", "other")  # erase.workflow.CONCEPT_TYPES, listed here to stay torch-free
-PRESERVE_SETS = ("world", "generic")
+
+from erase.inputs import CONCEPT_TYPES, DEFAULT_CONCEPT_TYPE, PRESERVE_SETS  # noqa: E402 - torch-free
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,8 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     what.add_argument("--concept", action="append", help="concept to erase (repeatable)")
     what.add_argument(
         "--concept-type",
-        default="art",
-        choices=CONCEPT_TYPES,
+        default=DEFAULT_CONCEPT_TYPE,
+        choices=sorted(CONCEPT_TYPES),
         help="sets the default guide and --expand-prompts' templates, as the reference UCE does: 'art' guides to "
         "'art', 'object' and 'other' to the empty prompt (default: art)",
     )

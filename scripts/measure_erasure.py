@@ -31,8 +31,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import erase  # noqa: E402
-from erase.inputs import check_concept_text, parse_config_overrides  # noqa: E402
-from erase.workflow import CONCEPT_TYPES, PRESERVE_SETS, erasure_settings  # noqa: E402
+from erase.inputs import CONCEPT_TYPES, PRESERVE_SETS, check_concept_text, parse_config_overrides  # noqa: E402
+from erase.workflow import erasure_settings  # noqa: E402
 from evals.metrics import wilson_interval  # noqa: E402
 from evals.microworld import world  # noqa: E402
 from evals.probes import Probe, probe_correct, probe_verdicts, world_labels, world_probes  # noqa: E402
