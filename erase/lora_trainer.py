@@ -1,0 +1,396 @@
+"""The shared LoRA trainer of the fine-tuning family: methods define a loss, this does everything else.
+
+A method gives the prompts whose trajectories make the training examples, and a loss on a batch of noisy latents
+``(x_t, t)`` that may ask two predictions of the ONE UNet in memory: ``trained`` (LoRA adapters on) and ``frozen``
+(adapters off, no gradient), so the frozen model is never a second copy. The trainer adds peft LoRA adapters on the
+config's module-name patterns (through ``PipelineWrapper.lora_adapters``), runs Adam through ``accelerate`` (device,
+mixed precision), shows a progress bar with the loss and steps/s, checkpoints, and returns the adapters as exact
+LoRA factors in a ``WeightEdit``, after which the UNet is its bit-identical self again.
+
+Where x_t comes from
+--------------------
+The reference implementations differ:
+
+* ESD's original script (``train-scripts/train-esd.py``, CompVis code) samples x_t with the model being TRAINED:
+  each iteration runs DDIM with the fine-tuned model on the concept prompt up to a random step, so the latents
+  drift as the model forgets the concept (and each iteration pays a partial denoising run).
+* ESD's newer diffusers script (``esd_sd.py``) samples x_t with the FROZEN base UNet (``pipe.unet = base_unet``
+  before the partial run), still one partial denoising run per iteration, and holds two UNets.
+* Concept ablation (Kumari et al.) noises images the frozen model generated once, before training (a fixed set);
+  SPM (Lyu et al.) trains on latents noised from frozen-model samples as well.
+
+We sample from the frozen model, once: the frozen model's trajectories do not change while the LoRA trains, so a
+pool of ``pool_images`` trajectories per prompt is drawn before training (every UNet input of a sampling run is a
+training example), and each step draws (x_t, t) from it uniformly. This is the newer ESD script's distribution
+without its per-iteration denoising cost, and what concept ablation and SPM do. What it gives up is the older
+script's on-policy drift, which we do not reproduce.
+
+Determinism and resuming
+------------------------
+One explicit ``torch.Generator`` seeded with ``config.seed`` draws, in order: the pool's seeds, the LoRA A matrices,
+then every batch. A checkpoint (``checkpoint_dir``, every ``checkpoint_every`` steps and at the end) holds the
+adapters, Adam's state (safetensors tensors, hyperparameters in JSON), the generator's state, the losses so far and
+the pool: rerunning the same call continues from the last checkpoint and ends with the weights an uninterrupted run
+ends with. Nothing is pickled. A checkpoint folder made by another run (other settings, concepts or base weights)
+is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import resource
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from pipelines import LoraAdapters, PipelineWrapper, PromptEncoding
+
+from .registry import WeightEdit
+
+__all__ = [
+    "Batch",
+    "LoraTrainConfig",
+    "LossFunction",
+    "Predictions",
+    "TrainingPool",
+    "config_key",
+    "sample_pool",
+    "train_lora",
+]
+
+logger = logging.getLogger(__name__)
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+_CHECKPOINT_PREFIX = "step-"
+_POOL_FILE = "pool.safetensors"
+_RUN_FILE = "run.json"
+
+
+@dataclass
+class LoraTrainConfig:
+    """Settings every LoRA method shares (a method's config dataclass extends this one).
+
+    Attributes:
+        rank, alpha: LoRA rank and alpha; the adapter's change is (alpha / rank) * B @ A.
+        lr: Adam's learning rate.
+        steps: optimizer steps.
+        batch_size: (x_t, t) examples per step.
+        seed: seeds the one generator that draws the pool's seeds, the LoRA initialisation and every batch.
+        layers: fnmatch patterns of UNet Linear module names to adapt; ``None`` lets the method choose.
+        pool_images: frozen-model trajectories sampled per prompt before training.
+        pool_steps, pool_guidance: the sampler's steps and classifier-free guidance for those trajectories.
+        checkpoint_dir: folder for checkpoints (``None``: none); rerunning with the same folder resumes.
+        checkpoint_every: steps between checkpoints (one is also written at the end).
+        mixed_precision: ``accelerate``'s setting: "no", "fp16" or "bf16" (autocast; the adapters stay float32).
+    """
+
+    rank: int = 4
+    alpha: float = 4.0
+    lr: float = 5e-5
+    steps: int = 200
+    batch_size: int = 1
+    seed: int = 0
+    layers: tuple[str, ...] | None = None
+    pool_images: int = 8
+    pool_steps: int = 50
+    pool_guidance: float = 3.0
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 100
+    mixed_precision: str = "no"
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            self.layers = tuple(self.layers)
+            if not self.layers:
+                raise ValueError("layers is empty: give at least one module-name pattern, or None for the default")
+        for name in ("rank", "steps", "batch_size", "pool_images", "pool_steps", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if not (self.lr > 0 and self.lr < 1):
+            raise ValueError(f"lr must be in (0, 1), got {self.lr}")
+        if not self.pool_guidance >= 0:
+            raise ValueError(f"pool_guidance must be >= 0, got {self.pool_guidance}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+
+
+@dataclass
+class TrainingPool:
+    """Frozen-model trajectories: ``latents`` (N, K, C, h, w) UNet inputs at ``timesteps`` (K,); ``owners`` (N,)
+    is the index of the prompt each trajectory was sampled for."""
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    owners: torch.Tensor
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"latents": self.latents, "timesteps": self.timesteps, "owners": self.owners}
+
+
+@dataclass
+class Batch:
+    """One training step's examples: noisy latents, their timesteps and which pool prompt each came from.
+
+    ``generator`` is the trainer's, for a loss that needs more randomness (an anchor prompt to draw): drawing from
+    it keeps the run deterministic and resumable.
+    """
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    prompts: torch.Tensor
+    generator: torch.Generator
+
+
+class Predictions:
+    """The two noise predictions a loss may ask of the one UNet: with the adapters and, without gradient, without."""
+
+    def __init__(self, wrapper: PipelineWrapper, adapters: LoraAdapters) -> None:
+        self._wrapper = wrapper
+        self._adapters = adapters
+
+    def trained(self, latents: torch.Tensor, timesteps: torch.Tensor, encoding: PromptEncoding) -> torch.Tensor:
+        return self._wrapper.noise_prediction(latents, timesteps, encoding)
+
+    @torch.no_grad()
+    def frozen(self, latents: torch.Tensor, timesteps: torch.Tensor, encoding: PromptEncoding) -> torch.Tensor:
+        with self._adapters.disabled():
+            return self._wrapper.noise_prediction(latents, timesteps, encoding)
+
+
+LossFunction = Callable[[Batch, Predictions], torch.Tensor]
+
+
+def sample_pool(
+    wrapper: PipelineWrapper, prompts: Sequence[str], config: LoraTrainConfig, generator: torch.Generator
+) -> TrainingPool:
+    """``config.pool_images`` frozen-model trajectories per prompt, their seeds drawn from ``generator``."""
+    seeds = torch.randint(0, 2**31 - 1, (len(prompts) * config.pool_images,), generator=generator).tolist()
+    owners = torch.arange(len(prompts)).repeat_interleave(config.pool_images)
+    latents, timesteps = wrapper.sample_trajectories(
+        [prompts[int(i)] for i in owners], seeds, steps=config.pool_steps, guidance=config.pool_guidance
+    )
+    return TrainingPool(latents, timesteps, owners)
+
+
+def _draw(pool: TrainingPool, batch_size: int, generator: torch.Generator, device: torch.device) -> tuple:
+    rows = torch.randint(0, pool.latents.shape[0], (batch_size,), generator=generator)
+    steps = torch.randint(0, pool.latents.shape[1], (batch_size,), generator=generator)
+    return pool.latents[rows, steps].to(device), pool.timesteps[steps].to(device), pool.owners[rows]
+
+
+def _run_key(wrapper: PipelineWrapper, key: dict[str, Any], modules: Sequence[str]) -> str:
+    """What identifies a run for resuming: the caller's description and the adapted modules' base weights."""
+    text = json.dumps({"run": key, "base": wrapper.fingerprint([f"unet.{m}" for m in modules])}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def _claim_folder(folder: Path, key: str) -> None:
+    """Mark ``folder`` as this run's, or refuse it when another run's checkpoints are there."""
+    path = folder / _RUN_FILE
+    if path.is_file():
+        try:
+            found = json.loads(path.read_text()).get("key")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            found = None
+        if found != key:
+            raise ValueError(
+                f"{folder} holds checkpoints of another run (other settings, concepts or base weights): "
+                "delete it or choose another checkpoint_dir"
+            )
+        return
+    if folder.exists() and any(folder.iterdir()):
+        raise ValueError(f"{folder} is not empty and holds no checkpoints of ours: choose another checkpoint_dir")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"key": key}))
+    os.replace(tmp, path)
+
+
+def _latest_checkpoint(folder: Path) -> Path | None:
+    found = sorted(p for p in folder.glob(f"{_CHECKPOINT_PREFIX}*") if (p / "state.json").is_file())
+    return found[-1] if found else None
+
+
+def _save_checkpoint(
+    folder: Path, step: int, adapters: LoraAdapters, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+    state: dict[str, Any],
+) -> None:  # fmt: skip
+    """Write ``step-NNNNNNNN/`` whole (a temporary folder renamed into place), then drop older checkpoints."""
+    final = folder / f"{_CHECKPOINT_PREFIX}{step:08d}"
+    tmp = folder / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous().cpu() for k, v in adapters.state_dict().items()}, str(tmp / "lora.safetensors"))
+    opt_state = optimizer.state_dict()
+    tensors = {"generator": generator.get_state()}
+    for index, values in opt_state["state"].items():
+        for key, value in values.items():
+            tensors[f"state.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**state, "param_groups": opt_state["param_groups"]}, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in folder.glob(f"{_CHECKPOINT_PREFIX}*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(
+    path: Path, adapters: LoraAdapters, optimizer: torch.optim.Optimizer, generator: torch.Generator
+) -> dict[str, Any]:
+    state = json.loads((path / "state.json").read_text())
+    adapters.load_state_dict(load_file(str(path / "lora.safetensors")))
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    generator.set_state(tensors.pop("generator"))
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        _, index, key = name.split(".", 2)
+        opt_state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
+    return state
+
+
+def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak resident set"
+
+
+# ------------------------------------------------------------------------------------------------ training
+def train_lora(
+    wrapper: PipelineWrapper,
+    *,
+    pool_prompts: Sequence[str],
+    loss_fn: LossFunction,
+    config: LoraTrainConfig,
+    layers: Sequence[str],
+    run_key: dict[str, Any],
+    progress: bool | None = None,
+    description: str = "training",
+) -> WeightEdit:
+    """Train LoRA adapters on ``layers`` (fnmatch patterns) to minimise ``loss_fn`` and return them as a change.
+
+    ``run_key`` describes the run (method, concepts, settings that change the result) so that a checkpoint folder is
+    only resumed by the same run. ``progress`` shows the bar (``None``: only on a terminal). The returned edit's
+    ``factors`` are the exact adapters and ``deltas`` their products; ``info`` records steps, the final loss, the
+    mean loss of every 100 steps, wall time and peak memory.
+    """
+    from accelerate import Accelerator
+
+    device = wrapper.device
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=config.mixed_precision)
+    if accelerator.num_processes > 1:
+        raise ValueError("multi-process LoRA training is not supported yet: run one process")
+    folder = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+    key = _run_key(wrapper, run_key, wrapper.lora_modules(layers))
+    if folder is not None:
+        _claim_folder(folder, key)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    generator = torch.Generator("cpu").manual_seed(config.seed)
+    pool_start = time.perf_counter()
+    pool = _pool(wrapper, pool_prompts, config, generator, folder)
+    pool_seconds = time.perf_counter() - pool_start
+    with wrapper.lora_adapters(layers, config.rank, config.alpha, generator=generator) as adapters:
+        optimizer = torch.optim.Adam(adapters.parameters(), lr=config.lr)
+        predictions = Predictions(wrapper, adapters)
+        losses: list[float] = []
+        seconds_before = 0.0
+        resumed_from = 0
+        latest = _latest_checkpoint(folder) if folder else None
+        if latest is not None:
+            state = _load_checkpoint(latest, adapters, optimizer, generator)
+            losses, seconds_before = list(state["losses"]), float(state["seconds"])
+            resumed_from = len(losses)
+            logger.info("resuming %s from step %d of %d", folder, resumed_from, config.steps)
+        run_start = time.perf_counter()
+        bar = tqdm(total=config.steps, initial=resumed_from, desc=description, unit="step",
+                   disable=(not progress) if progress is not None else None)  # fmt: skip
+        with bar:
+            for step in range(resumed_from, config.steps):
+                latents, timesteps, owners = _draw(pool, config.batch_size, generator, device)
+                batch = Batch(latents.to(wrapper.dtype), timesteps, owners, generator)
+                with accelerator.autocast():
+                    loss = loss_fn(batch, predictions)
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss)
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                bar.set_postfix(loss=f"{losses[-1]:.4g}")
+                bar.update(1)
+                done = step + 1
+                if folder is not None and (done % config.checkpoint_every == 0 or done == config.steps):
+                    seconds = seconds_before + time.perf_counter() - run_start
+                    meta = {"step": done, "losses": losses, "seconds": seconds}
+                    _save_checkpoint(folder, done, adapters, optimizer, generator, meta)
+        train_seconds = seconds_before + time.perf_counter() - run_start
+        factors = adapters.factors()
+        modules = list(adapters.names)
+    peak, peak_kind = _peak_memory_mb(device)
+    deltas = {name: b.double().matmul(a.double()).float() for name, (a, b) in factors.items()}
+    info = {
+        "steps": config.steps,
+        "final_loss": losses[-1] if losses else None,
+        "loss_per_100_steps": [
+            sum(losses[i : i + 100]) / len(losses[i : i + 100]) for i in range(0, len(losses), 100)
+        ],
+        "train_seconds": train_seconds,
+        "wall_seconds": time.perf_counter() - start + seconds_before,
+        "pool_seconds": pool_seconds,
+        "pool_examples": int(pool.latents.shape[0] * pool.latents.shape[1]),
+        "peak_memory_mb": peak,
+        "peak_memory_kind": peak_kind,
+        "resumed_from_step": resumed_from,
+        "lora_modules": len(modules),
+        "trainable_parameters": sum(a.numel() + b.numel() for a, b in factors.values()),
+    }
+    return WeightEdit(deltas=deltas, info=info, factors=factors)
+
+
+def _pool(
+    wrapper: PipelineWrapper,
+    prompts: Sequence[str],
+    config: LoraTrainConfig,
+    generator: torch.Generator,
+    folder: Path | None,
+) -> TrainingPool:
+    """The training pool; with a checkpoint folder it is sampled once and read back on resume.
+
+    The pool's seeds are drawn either way, so the generator is in the same state after this whether the pool was
+    sampled or read.
+    """
+    path = folder / _POOL_FILE if folder else None
+    if path is not None and path.is_file():
+        torch.randint(0, 2**31 - 1, (len(prompts) * config.pool_images,), generator=generator)
+        tensors = load_file(str(path))
+        return TrainingPool(tensors["latents"], tensors["timesteps"], tensors["owners"])
+    pool = sample_pool(wrapper, prompts, config, generator)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        save_file({k: v.contiguous() for k, v in pool.tensors().items()}, str(tmp))
+        os.replace(tmp, path)
+    return pool
+
+
+def config_key(config: Any, ignore: Sequence[str] = ("checkpoint_dir", "checkpoint_every")) -> dict[str, Any]:
+    """A config as a JSON-able dict without the fields that do not change the result (for ``run_key``)."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in ignore}
