@@ -228,8 +228,10 @@ def erasure_settings(
     concept_spec.check_against(wrapper)
     fields = {f.name for f in dataclasses.fields(spec.config_class)}
     overrides = dict(config_overrides or {})
-    if concept_spec.preserve and "preserve_scale" not in fields:
+    if concept_spec.preserve and not fields & {"preserve_scale", "anchor_prompts"}:
         raise ValueError(f"method {method!r} has no preserve term: it would ignore the concepts to preserve")
+    if concept_spec.preserve and "anchor_prompts" in fields and "anchor_prompts" not in overrides:
+        overrides["anchor_prompts"] = concept_spec.preserve  # LoRA methods keep the preserved concepts as anchors
     if expand_prompts:
         if "templates" not in fields:
             raise ValueError(f"method {method!r} takes no templates: it cannot expand prompts")

@@ -17,6 +17,21 @@ def method(request):
     return request.param
 
 
+def _fast_config(method):
+    """The default config, but for trained (LoRA) methods a few large steps on a small pool: seconds on tiny."""
+    spec = erase.get_method(method)
+    if spec.family == "lora":
+        return spec.config_class(steps=8, lr=1e-2, pool_images=2, pool_steps=4)
+    return None
+
+
+#: Weights each family's default config edits.
+_EDITED = {
+    "closed_form": ("attn2.to_k.weight", "attn2.to_v.weight"),
+    "lora": ("attn2.to_q.weight", "attn2.to_k.weight", "attn2.to_v.weight", "attn2.to_out.0.weight"),
+}
+
+
 def test_registry_lists_methods_and_refuses_duplicates():
     assert {"uce", "time"} <= set(erase.available_methods())
     spec = erase.get_method("uce")
@@ -29,11 +44,11 @@ def test_registry_lists_methods_and_refuses_duplicates():
 def test_method_changes_target_and_leaves_other_modules_bit_identical(tiny, method):
     before = {k: v.clone() for k, v in tiny.pipe.unet.state_dict().items()}
     text_before = {k: v.clone() for k, v in tiny.pipe.text_encoder.state_dict().items()}
-    artifact = erase_concepts(tiny, ConceptSpec(("van gogh",), preserve=("monet",)), method)
+    artifact = erase_concepts(tiny, ConceptSpec(("van gogh",), preserve=("monet",)), method, _fast_config(method))
     # Methods return the change; the pipeline is untouched until it is applied.
     assert all(torch.equal(v, tiny.pipe.unet.state_dict()[k]) for k, v in before.items())
     edited = {name.removeprefix("unet.") + ".weight" for name in artifact.deltas}
-    assert all(name.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for name in edited)
+    assert all(name.endswith(_EDITED[erase.get_method(method).family]) for name in edited)
     base = _pixels(tiny.generate(["a painting by van gogh"], [0], steps=3, progress=False))
     erase.apply_artifact(tiny, artifact)
     after_state = tiny.pipe.unet.state_dict()
@@ -48,7 +63,7 @@ def test_method_changes_target_and_leaves_other_modules_bit_identical(tiny, meth
 
 
 def test_save_load_round_trip(tiny, method, tmp_path):
-    artifact = erase_concepts(tiny, ConceptSpec(("van gogh", "monet")), method)
+    artifact = erase_concepts(tiny, ConceptSpec(("van gogh", "monet")), method, _fast_config(method))
     erase.save_artifact(artifact, tmp_path / "a", tiny)
     loaded = erase.load_artifact(tmp_path / "a")
     assert loaded.method == method and loaded.concepts == ["van gogh", "monet"]
@@ -59,8 +74,9 @@ def test_save_load_round_trip(tiny, method, tmp_path):
 
 def test_method_config_validation_names_the_bad_value(method):
     config_class = erase.get_method(method).config_class
+    bad = {"closed_form": "lamb", "lora": "lr"}[erase.get_method(method).family]
     with pytest.raises(ValueError, match="-1"):
-        config_class(lamb=-1.0)
+        config_class(**{bad: -1.0})
     with pytest.raises(ValueError, match="layers"):
         config_class(layers=())
 
