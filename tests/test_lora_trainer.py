@@ -1,0 +1,175 @@
+"""The wrapper's LoRA adapters and the shared LoRA trainer, on the tiny random pipeline (seconds each)."""
+
+import json
+
+import pytest
+import torch
+
+from erase.lora_trainer import LoraTrainConfig, train_lora
+from pipelines import LORA_TARGETS
+
+FAST = dict(steps=6, lr=1e-2, pool_images=2, pool_steps=4)
+
+
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _inputs(wrapper, batch=2):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 4, 16, 16, generator=gen)
+    return x, torch.full((batch,), 500), wrapper.encode_prompts(["van gogh"] * batch)
+
+
+def test_lora_modules_match_patterns_and_refuse_none(tiny):
+    names = tiny.lora_modules(LORA_TARGETS["xattn"])
+    assert len(names) == 16 and all(".attn2." in n for n in names)
+    assert all(n.endswith(("to_k", "to_v")) for n in tiny.lora_modules(LORA_TARGETS["kv"]))
+    rest = tiny.lora_modules(LORA_TARGETS["noxattn"])
+    assert rest and not any(".attn2." in n for n in rest)
+    with pytest.raises(ValueError, match="no UNet Linear module matches"):
+        tiny.lora_modules(["*no_such_module"])
+
+
+def test_adapters_change_only_targets_frozen_equals_original_and_are_removed(tiny):
+    before = _state(tiny.unet)
+    grads = {n: p.requires_grad for n, p in tiny.unet.named_parameters()}
+    x, t, enc = _inputs(tiny)
+    original = tiny.noise_prediction(x, t, enc).detach()
+    kv = tiny.lora_modules(LORA_TARGETS["kv"])
+    with tiny.lora_adapters(LORA_TARGETS["kv"], 2, 2.0, generator=torch.Generator().manual_seed(0)) as lora:
+        assert torch.equal(tiny.noise_prediction(x, t, enc), original)  # B = 0: starts equal to the base
+        with torch.no_grad():
+            for p in lora.parameters():
+                p.add_(0.05)
+        adapted = tiny.noise_prediction(x, t, enc).detach()
+        assert not torch.allclose(adapted, original)
+        with lora.disabled():
+            assert torch.equal(tiny.noise_prediction(x, t, enc), original)
+        factors = lora.factors()
+        assert lora.names == kv and set(factors) == {f"unet.{n}" for n in kv}
+        trainable = {n for n, p in tiny.unet.named_parameters() if p.requires_grad}
+        assert trainable and all(".lora_" in n for n in trainable)
+    after = _state(tiny.unet)
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+    assert {n: p.requires_grad for n, p in tiny.unet.named_parameters()} == grads
+    assert not hasattr(tiny.unet, "peft_config")
+    assert torch.equal(tiny.noise_prediction(x, t, enc), original)
+    # The adapters' change, applied as plain weight deltas, is the adapted model.
+    deltas = {k: b @ a for k, (a, b) in factors.items()}
+    with tiny.weight_deltas(deltas):
+        torch.testing.assert_close(tiny.noise_prediction(x, t, enc), adapted, atol=1e-5, rtol=0)
+
+
+def test_adapters_are_removed_on_error(tiny):
+    before = _state(tiny.unet)
+    with pytest.raises(RuntimeError, match="boom"):
+        with tiny.lora_adapters(LORA_TARGETS["xattn"], 2, 2.0, generator=torch.Generator().manual_seed(0)):
+            raise RuntimeError("boom")
+    after = _state(tiny.unet)
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_sample_trajectories_records_every_unet_input(tiny):
+    latents, timesteps = tiny.sample_trajectories(["van gogh", "monet", "a cat"], [0, 1, 2], steps=4, batch_size=2)
+    assert latents.shape == (3, 4, 4, 16, 16) and timesteps.shape == (4,)
+    assert torch.equal(latents[0, 0], tiny.initial_latents(0)[0])  # DDIM: the first input is the seed's noise
+    again, _ = tiny.sample_trajectories(["monet"], [1], steps=4)
+    torch.testing.assert_close(again[0], latents[1], atol=1e-4, rtol=0)  # batching: summation order only
+
+
+def _mse_to_frozen_plus_shift(batch, predict):
+    """A toy loss: move the concept's prediction 0.1 away from the frozen one."""
+    enc = ENCODINGS["enc"].select(batch.prompts)
+    target = predict.frozen(batch.latents, batch.timesteps, enc) + 0.1
+    return torch.nn.functional.mse_loss(predict.trained(batch.latents, batch.timesteps, enc), target)
+
+
+ENCODINGS = {}
+
+
+def _train(wrapper, **settings):
+    ENCODINGS["enc"] = wrapper.encode_prompts(["van gogh", "monet"])
+    config = LoraTrainConfig(**{**FAST, **settings})
+    return train_lora(
+        wrapper,
+        pool_prompts=["van gogh", "monet"],
+        loss_fn=_mse_to_frozen_plus_shift,
+        config=config,
+        layers=LORA_TARGETS["xattn"],
+        run_key={"test": "toy", "steps": config.steps, "seed": config.seed},
+        progress=False,
+    )
+
+
+def test_training_is_deterministic_leaves_base_identical_and_records_info(tiny):
+    before = _state(tiny.unet)
+    first = _train(tiny, seed=3)
+    assert all(torch.equal(before[k], v) for k, v in _state(tiny.unet).items())
+    second = _train(tiny, seed=3)
+    other = _train(tiny, seed=4)
+    for name, (a, b) in first.factors.items():
+        assert torch.equal(a, second.factors[name][0]) and torch.equal(b, second.factors[name][1])
+    assert any(not torch.equal(b, other.factors[k][1]) for k, (_, b) in first.factors.items())
+    info = first.info
+    assert info["steps"] == 6 and len(info["loss_per_100_steps"]) == 1 and info["final_loss"] >= 0
+    assert info["peak_memory_mb"] > 0 and info["wall_seconds"] > 0 and info["lora_modules"] == 16
+    assert info["final_loss"] < info["loss_per_100_steps"][0] * 2  # it trains (the toy loss falls from 0.01)
+
+
+def test_killed_run_resumed_equals_uninterrupted(tiny, tmp_path):
+    whole = _train(tiny, steps=8)
+    folder = tmp_path / "ckpt"
+    # "Killed" after step 4: the same run with steps=8 but stopped at the first checkpoint is simulated by a run
+    # whose loss raises at step 5, after the checkpoint of step 4 was written.
+    calls = {"n": 0}
+
+    def dying(batch, predict):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return _mse_to_frozen_plus_shift(batch, predict)
+
+    ENCODINGS["enc"] = tiny.encode_prompts(["van gogh", "monet"])
+    config = LoraTrainConfig(**{**FAST, "steps": 8, "checkpoint_dir": str(folder), "checkpoint_every": 4})
+    key = {"test": "toy", "steps": 8, "seed": 0}
+    run = dict(pool_prompts=["van gogh", "monet"], config=config, layers=LORA_TARGETS["xattn"], run_key=key)
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(tiny, loss_fn=dying, progress=False, **run)
+    assert [p.name for p in folder.glob("step-*")] == ["step-00000004"]
+    state = json.loads((folder / "step-00000004" / "state.json").read_text())
+    assert state["step"] == 4 and len(state["losses"]) == 4
+    resumed = train_lora(tiny, loss_fn=_mse_to_frozen_plus_shift, progress=False, **run)
+    assert resumed.info["resumed_from_step"] == 4
+    for name, (a, b) in whole.factors.items():
+        assert (resumed.factors[name][0] - a).abs().max() <= 1e-6, name
+        assert (resumed.factors[name][1] - b).abs().max() <= 1e-6, name
+    assert abs(resumed.info["final_loss"] - whole.info["final_loss"]) <= 1e-6
+    # Another run's settings are refused in that folder.
+    other = dict(run, run_key={**key, "seed": 1})
+    with pytest.raises(ValueError, match="another run"):
+        train_lora(tiny, loss_fn=_mse_to_frozen_plus_shift, progress=False, **other)
+
+
+def test_checkpoints_hold_no_pickles(tiny, tmp_path):
+    _train(tiny, checkpoint_dir=str(tmp_path / "c"), checkpoint_every=3)
+    files = sorted(p.name for p in (tmp_path / "c").rglob("*") if p.is_file())
+    assert files == ["lora.safetensors", "optimizer.safetensors", "pool.safetensors", "run.json", "state.json"]
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"rank": 0}, "rank"),
+        ({"steps": 0}, "steps"),
+        ({"lr": 0.0}, "lr"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"seed": -1}, "seed"),
+        ({"layers": ()}, "layers"),
+        ({"mixed_precision": "fp8"}, "mixed_precision"),
+        ({"pool_images": 0}, "pool_images"),
+    ],
+)
+def test_train_config_validation(bad, match):
+    with pytest.raises(ValueError, match=match):
+        LoraTrainConfig(**bad)
