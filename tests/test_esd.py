@@ -1,0 +1,123 @@
+"""ESD (erase/esd.py) on the tiny random pipeline: settings, target, variants, anchors, artifact and script."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import erase
+from erase import ConceptSpec, erase_concepts
+from erase.esd import ESDConfig, esd_target
+
+FAST = dict(steps=8, lr=1e-2, pool_images=2, pool_steps=4)
+
+
+def _pixels(images):
+    return np.stack([np.asarray(i, dtype=np.float32) for i in images])
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"train": "everything"}, "train"),
+        ({"negative_guidance": 0.0}, "negative_guidance"),
+        ({"anchor_weight": -1.0}, "anchor_weight"),
+        ({"anchor_prompts": ("",)}, "anchor_prompts"),
+        ({"steps": 0}, "steps"),
+        ({"rank": 0}, "rank"),
+        ({"layers": ()}, "layers"),
+    ],
+)
+def test_config_validation(bad, match):
+    with pytest.raises(ValueError, match=match):
+        ESDConfig(**bad)
+
+
+def test_defaults_are_the_reference_script_in_the_papers_form():
+    config = ESDConfig()
+    assert (config.lr, config.steps, config.negative_guidance, config.pool_guidance, config.pool_steps) == (
+        5e-5, 200, 1.0, 3.0, 50,
+    )  # fmt: skip
+    assert config.train == "xattn" and config.anchor_prompts == ()
+    assert config.patterns == ("*attn2.to_q", "*attn2.to_k", "*attn2.to_v", "*attn2.to_out.0")
+
+
+def test_target_is_the_paper_and_esd_sd_with_guidance_plus_one():
+    gen = torch.Generator().manual_seed(0)
+    e_c, e_0 = torch.randn(3, 4, generator=gen), torch.randn(3, 4, generator=gen)
+    assert torch.allclose(esd_target(e_c, e_0, 1.0), e_0 - (e_c - e_0))
+    newer_script_ng2 = e_c - 2 * (e_c - e_0)  # esd_sd.py: noise_pred_erase_from - ng * (erase - null), ng = 2
+    assert torch.allclose(esd_target(e_c, e_0, 1.0), newer_script_ng2)
+
+
+@pytest.mark.parametrize(
+    "train, ends",
+    [
+        ("kv", ("attn2.to_k", "attn2.to_v")),
+        ("noxattn", ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2")),
+    ],
+)
+def test_variants_adapt_their_modules(tiny, train, ends):
+    artifact = erase_concepts(tiny, ConceptSpec(("van gogh",)), "esd", ESDConfig(train=train, **FAST))
+    assert artifact.deltas and all(name.endswith(ends) for name in artifact.deltas)
+    assert artifact.info["variant"] == train
+
+
+def test_anchor_regularization_keeps_anchor_predictions_closer(tiny):
+    """The same steps with and without the anchor term: the anchor prompt's prediction moves less with it."""
+    x = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([100, 300, 600, 900])
+    anchor = tiny.encode_prompts(["a photo of a cat"] * 4)
+    original = tiny.noise_prediction(x, t, anchor).detach()
+    moved = {}
+    for weight in (0.0, 10.0):
+        config = ESDConfig(anchor_weight=weight, anchor_prompts=("a photo of a cat",), **{**FAST, "steps": 20})
+        artifact = erase_concepts(tiny, ConceptSpec(("van gogh",)), "esd", config)
+        with torch.no_grad(), tiny.weight_deltas(artifact.deltas):
+            moved[weight] = float((tiny.noise_prediction(x, t, anchor) - original).norm())
+        assert artifact.info["anchors"] == ["a photo of a cat"]
+    assert moved[10.0] < moved[0.0], moved
+
+
+def test_several_concepts_train_one_adapter(tiny):
+    artifact = erase_concepts(tiny, ConceptSpec(("van gogh", "claude monet")), "esd", ESDConfig(**FAST))
+    assert artifact.concepts == ["van gogh", "claude monet"] and artifact.info["steps"] == 8
+
+
+def test_artifact_loads_in_plain_diffusers_and_reproduces_the_in_memory_model(tiny, tmp_path):
+    from pipelines import load_pipeline
+
+    artifact = erase_concepts(tiny, ConceptSpec(("van gogh",)), "esd", ESDConfig(**FAST))
+    folder = erase.save_artifact(artifact, tmp_path / "esd", tiny)
+    meta = json.loads((folder / "erasure.json").read_text())
+    assert meta["weight_format"] == "lora" and meta["info"]["final_loss"] is not None
+    assert set(meta["lora_ranks"].values()) == {4}  # the adapters' own rank: saved exactly, no SVD
+    prompts, seeds = ["a painting by van gogh", "a cat"], [0, 1]
+    with tiny.weight_deltas(artifact.deltas):
+        in_memory = _pixels(tiny.generate(prompts, seeds, steps=4, progress=False))
+    base = _pixels(tiny.generate(prompts, seeds, steps=4, progress=False))
+    plain = load_pipeline("tiny")  # the same random weights, loaded afresh
+    plain.pipe.load_lora_weights(str(folder))
+    loaded = _pixels(plain.generate(prompts, seeds, steps=4, progress=False))
+    assert np.abs(loaded - in_memory).max() <= 1.0  # uint8 pixels: rounding at most
+    assert np.abs(base - in_memory).max() > 1.0  # and the edit is visible
+
+
+def test_erase_script_runs_esd_with_set(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("erase_script", Path(__file__).parents[1] / "scripts" / "erase.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "vg"
+    argv = ["--model", "tiny", "--concept", "van gogh", "--method", "esd", "--no-check", "--preserve", "monet",
+            "--out", str(out), "--json"]  # fmt: skip
+    argv += ["--set", "steps=3", "--set", "pool_steps=3", "--set", "pool_images=1"]
+    assert script.main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["method"] == "esd" and summary["weight_format"] == "lora"
+    meta = json.loads((out / "erasure.json").read_text())
+    assert meta["config"]["steps"] == 3 and meta["config"]["anchor_prompts"] == ["monet"]
+    assert meta["preserve"] == ["monet"]
