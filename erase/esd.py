@@ -29,6 +29,13 @@ Our defaults are ``esd_sd.py``'s, written in the paper's form: eta 1, lr 5e-5, 2
 with 50 sampler steps. Where we differ: the change is a rank-4 LoRA (alpha 4) rather than a full fine-tune of the
 modules (so the reference's learning rate moves the model less), and x_t comes from a pool of frozen-model
 trajectories sampled once instead of a partial denoising run per step.
+
+Measured on the micro world (``scripts/measure_erasure.py --concept "van gogh" --method esd --images 32``, CLIP and
+judge agree): the defaults leave van gogh at 100% (as the issue reports for the official script at its default
+rate). ``--set lr=1e-3`` (200 steps, the rest default): van gogh 100 -> 0%, "vincent van gogh" 9.4%, "starry night
+style" 6.2%, the five other styles unchanged (monet 96.9 -> 100%), objects 93.8 -> 96.9% (judge 90.6 -> 90.6%),
+colours 100 -> 96.9%; the edit took 30 CPU-seconds on 2 cores (3.6 s wall for the 8 x 50-step pool, 11.6 s wall for
+200 steps), peak resident memory 976 MB. 32 images a group: a first look, not the issue's 100-image bar.
 """
 
 from __future__ import annotations
