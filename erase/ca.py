@@ -1,0 +1,179 @@
+"""Ablating Concepts (Kumari et al., 2023), model-based variant: the concept's prediction becomes the anchor's.
+
+Loss, per step, on (x_t, t) drawn from frozen-model trajectories of the ANCHOR prompt c* (``erase.lora_trainer``;
+the anchor of a concept is its guide in ``ConceptSpec``, so ``--guide painting`` sets it)::
+
+    L = || eps_theta(x_t, c, t) - eps*(x_t, c*, t) ||^2
+        + anchor_weight * || eps_theta(x_t, a, t) - eps*(x_t, a, t) ||^2        (a: an anchor prompt, if any)
+
+eps_theta is the UNet with the LoRA adapters, eps* the same UNet with them off (the frozen model), c the concept
+("van gogh") and c* its anchor ("painting"). The first term is the paper's model-based objective: on images of the
+anchor, the model given the concept predicts what the original model predicts given the anchor, so the concept's
+distribution is moved onto the anchor's. The second is the family's anchor regularization, as in ``erase.esd``
+(``--preserve`` or ``anchor_prompts``; none by default); the paper's own optional prior-preservation term
+(``--with_prior_preservation``, the noise-prediction loss on anchor images) is not reproduced. Several concepts at
+once: the pool holds each distinct anchor's trajectories and each example is paired with a concept of that anchor,
+drawn with the trainer's generator.
+
+Reference (github.com/nupurkmr9/concept-ablation, ``diffusers/train.py`` and ``compvis/``): the style command
+(``--caption_target "van gogh" --class_prompt painting``) trains the cross-attention keys and values
+(``--parameter_group cross-attn``, ``freeze_model: crossattn-kv``; ``attn`` for every attention projection) with
+Adam at 2e-6 scaled by batch and GPUs (``--scale_lr``, batch 4 on 2 GPUs: 1.6e-5) for 100 steps (110 in the CompVis
+config), on 1000 images the frozen model draws for LLM-written captions of the anchor (25 steps, guidance 6),
+noised at a uniform timestep; the concept prompt is the anchor caption with the style appended ("..., in the style
+of van gogh"). Its target is the model being trained, under stop-gradient (``unet(...)`` in ``no_grad``).
+
+Our defaults follow it: keys and values (``train="kv"``; ``"xattn"`` adds queries and outputs), lr 1.6e-5 (the
+command's effective rate), 100 steps, batch 8 (its 4 x 2 GPUs), trajectories at 25 steps and guidance 6. Where we
+differ: the change is a rank-4 LoRA (alpha 4), not a full fine-tune of K/V (so the reference's rate moves the model
+less); the target is the frozen model's anchor prediction, not the trained model's under stop-gradient (with K/V
+trained both move with the adapters; the frozen one is a fixed target); x_t are the states of 8 frozen-model
+sampling trajectories per anchor (the sampler's timesteps) rather than freshly noised final images at any of 1000
+timesteps; and the prompts are the bare concept and anchor, not captions. The command line's default guide for art
+is "art", not the reference's "painting": pass ``--guide painting`` for the reference's anchor.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from pipelines import LORA_TARGETS, PipelineWrapper, PromptEncoding
+
+from .lora_trainer import Batch, LoraTrainConfig, Predictions, config_key, train_lora
+from .registry import ConceptSpec, WeightEdit, register_method
+
+__all__ = ["CA_VARIANTS", "CAConfig", "CALoss", "ca_loss", "erase_ca"]
+
+logger = logging.getLogger(__name__)
+
+#: ``train`` setting -> the LoRA target set of ``pipelines.LORA_TARGETS``.
+CA_VARIANTS: dict[str, str] = {"kv": "kv", "xattn": "xattn"}
+
+
+@dataclass
+class CAConfig(LoraTrainConfig):
+    """Settings of a concept-ablation erasure; the training fields are ``LoraTrainConfig``'s, with the reference's
+    defaults (see the module docstring).
+
+    Attributes:
+        train: ``kv`` (cross-attention keys and values, the reference's default) or ``xattn`` (all four projections).
+        anchor_weight: weight of the anchor-regularization term (used only when there are anchor prompts).
+        anchor_prompts: prompts whose predictions must not move; ``scripts/erase.py`` fills in ``--preserve``.
+    """
+
+    lr: float = 1.6e-5
+    steps: int = 100
+    batch_size: int = 8
+    pool_steps: int = 25
+    pool_guidance: float = 6.0
+    train: str = "kv"
+    anchor_weight: float = 1.0
+    anchor_prompts: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.anchor_prompts = tuple(self.anchor_prompts)
+        if self.train not in CA_VARIANTS:
+            raise ValueError(f"train must be one of {tuple(CA_VARIANTS)}, got {self.train!r}")
+        if not self.anchor_weight >= 0:
+            raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
+        if any(not isinstance(p, str) or not p.strip() for p in self.anchor_prompts):
+            raise ValueError(f"anchor_prompts must be non-empty strings, got {list(self.anchor_prompts)}")
+
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        return self.layers if self.layers is not None else LORA_TARGETS[CA_VARIANTS[self.train]]
+
+
+@dataclass
+class CALoss:
+    """The concept-ablation loss of one erasure, and the prompts whose trajectories it trains on.
+
+    ``pool_prompts`` are the distinct guides (the concepts' anchors); a pool example of guide j is paired with one
+    of ``concepts_of[j]`` (indices into the concepts). Built by ``ca_loss``; a callable the trainer takes.
+    """
+
+    pool_prompts: list[str]
+    concepts_of: list[list[int]]
+    anchors: list[str]
+    encoding: PromptEncoding
+    anchor_weight: float
+
+    def __call__(self, batch: Batch, predict: Predictions) -> torch.Tensor:
+        x, t, owners = batch.latents, batch.timesteps, batch.prompts
+        n = x.shape[0]
+        n_concepts = sum(len(c) for c in self.concepts_of)
+        # Encoding rows: the concepts, then the pool's anchors (guides), then the regularization anchors.
+        concept_rows = torch.tensor([self._concept(int(j), batch.generator) for j in owners], dtype=torch.long)
+        guide_rows = n_concepts + owners.long()
+        frozen_rows, trained_rows = [guide_rows], [concept_rows]
+        use_anchors = bool(self.anchors) and self.anchor_weight > 0
+        if use_anchors:
+            first = n_concepts + len(self.pool_prompts)
+            reg_rows = first + torch.randint(0, len(self.anchors), (n,), generator=batch.generator)
+            frozen_rows.append(reg_rows)
+            trained_rows.append(reg_rows)
+        k = len(frozen_rows)
+        frozen = predict.frozen(x.repeat(k, 1, 1, 1), t.repeat(k), self.encoding.select(torch.cat(frozen_rows)))
+        frozen = frozen.float().split(n)
+        trained = predict.trained(x.repeat(k, 1, 1, 1), t.repeat(k), self.encoding.select(torch.cat(trained_rows)))
+        trained = trained.float().split(n)
+        loss = torch.nn.functional.mse_loss(trained[0], frozen[0])
+        if use_anchors:
+            loss = loss + self.anchor_weight * torch.nn.functional.mse_loss(trained[1], frozen[1])
+        return loss
+
+    def _concept(self, guide: int, generator: torch.Generator) -> int:
+        choices = self.concepts_of[guide]
+        if len(choices) == 1:
+            return choices[0]
+        return choices[int(torch.randint(0, len(choices), (1,), generator=generator))]
+
+
+def ca_loss(wrapper: PipelineWrapper, concepts: ConceptSpec, config: CAConfig) -> CALoss:
+    """The loss for ``concepts`` (each target's anchor is its guide) and the anchors of ``config``/preserve."""
+    targets = list(concepts.targets)
+    guides = [concepts.guide_for(i) for i in range(len(targets))]
+    pool_prompts = list(dict.fromkeys(guides))
+    concepts_of = [[i for i, g in enumerate(guides) if g == p] for p in pool_prompts]
+    anchors = list(dict.fromkeys([*config.anchor_prompts, *concepts.preserve]))
+    for anchor in anchors:
+        wrapper.check_prompt(anchor, "anchor prompt")
+    encoding = wrapper.encode_prompts([*targets, *pool_prompts, *anchors])
+    return CALoss(pool_prompts, concepts_of, anchors, encoding, float(config.anchor_weight))
+
+
+@register_method("ca", CAConfig, "lora", "Ablating Concepts (Kumari et al., 2023), model-based: LoRA trained so the "
+                 "concept's prediction is the frozen model's for its anchor (the guide), optional anchor "
+                 "regularization")  # fmt: skip
+def erase_ca(wrapper: PipelineWrapper, concepts: ConceptSpec, config: CAConfig) -> WeightEdit:
+    """Train the concept-ablation LoRA for every target of ``concepts`` on trajectories of their anchors."""
+    loss = ca_loss(wrapper, concepts, config)
+    targets = list(concepts.targets)
+    edit = train_lora(
+        wrapper,
+        pool_prompts=loss.pool_prompts,
+        loss_fn=loss,
+        config=config,
+        layers=config.patterns,
+        run_key={
+            "method": "ca",
+            "targets": targets,
+            "guides": [concepts.guide_for(i) for i in range(len(targets))],
+            "anchors": loss.anchors,
+            "config": config_key(config),
+        },
+        description=f"ca {', '.join(targets)}",
+    )
+    edit.info.update(
+        {
+            "pool_prompts": loss.pool_prompts,
+            "anchors": loss.anchors,
+            "variant": config.train,
+            "patterns": list(config.patterns),
+        }
+    )
+    return edit
