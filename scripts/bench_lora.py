@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""Benchmark a LoRA erasure (the fine-tuning family) on the micro model: its cost, not its efficacy.
+
+    python scripts/bench_lora.py                                  # esd, reference defaults
+    python scripts/bench_lora.py --set lr=1e-3                    # esd as measured on micro
+    python scripts/bench_lora.py --method ca --set lr=1e-3        # concept ablation (anchor: --guide, default "art")
+
+Prints the edit's CPU seconds (all threads of this process) and wall seconds, split into sampling the pool of
+frozen-model trajectories and training; seconds per training step relative to one forward+backward of the UNet at
+the same batch with the same LoRA adapters trainable (the trainer's step is a frozen forward pass or two plus that);
+and the peak resident memory relative to the same process right after ``load_pipeline`` (the pipeline alone).
+Efficacy is ``scripts/measure_erasure.py``'s business.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import resource
+import statistics
+import sys
+import time
+
+# scripts/erase.py would shadow the erase package: drop this folder from the import path.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+import erase  # noqa: E402
+from erase.inputs import parse_config_overrides  # noqa: E402
+from erase.workflow import erasure_settings  # noqa: E402
+from pipelines import load_pipeline, set_library_verbosity  # noqa: E402
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def forward_backward_seconds(wrapper, config, concept: str, repeats: int) -> float:
+    """Median seconds of one forward+backward of the UNet, LoRA adapters on the method's modules trainable, at the
+    trainer's batch size (one warm-up call first)."""
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.cat([wrapper.initial_latents(i) for i in range(config.batch_size)]).to(wrapper.device)
+    timesteps = torch.randint(0, 1000, (config.batch_size,), generator=generator).to(wrapper.device)
+    encoding = wrapper.encode_prompts([concept] * config.batch_size)
+    times = []
+    with wrapper.lora_adapters(config.patterns, config.rank, config.alpha, generator=generator) as adapters:
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            loss = wrapper.noise_prediction(latents.to(wrapper.dtype), timesteps, encoding).float().pow(2).mean()
+            loss.backward()
+            if i:
+                times.append(time.perf_counter() - start)
+            for p in adapters.parameters():
+                p.grad = None
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="esd", help="a LoRA-family method (esd, ca)")
+    parser.add_argument("--concept", default="van gogh")
+    parser.add_argument("--guide", action="append", help="the guide (ca: the anchor); default by concept type art")
+    parser.add_argument("--preserve", action="append", help="preserved concepts (anchor regularization)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method config field")
+    parser.add_argument("--model", default="micro")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10, help="forward+backward timings (median)")
+    args = parser.parse_args(argv)
+    set_library_verbosity(False)
+    torch.set_num_threads(args.threads)
+    if erase.get_method(args.method).family != "lora":
+        parser.error(f"{args.method} is not a LoRA-family method")
+
+    wrapper = load_pipeline(args.model)
+    baseline = peak_rss_mb()
+    spec, config = erasure_settings(
+        wrapper, [args.concept], args.method, args.guide, args.preserve, parse_config_overrides(args.set)
+    )
+    cpu, wall = time.process_time(), time.perf_counter()
+    artifact = erase.erase_concepts(wrapper, spec, args.method, config)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    peak = peak_rss_mb()
+    info = artifact.info
+    fb = forward_backward_seconds(wrapper, config, args.concept, args.repeats)
+    per_step = info["train_seconds"] / info["steps"]
+
+    print(
+        f"{args.method} on {args.model}: {args.concept!r} -> guide {spec.guides[0]!r}, torch threads "
+        f"{torch.get_num_threads()}, {info['lora_modules']} LoRA modules ({info['trainable_parameters']} params)"
+    )
+    defaults = dataclasses.asdict(type(config)())
+    changed = {k: v for k, v in dataclasses.asdict(config).items() if v != defaults[k]}
+    print(
+        f"  settings           steps {config.steps}, batch {config.batch_size}, lr {config.lr:g}, pool "
+        f"{config.pool_images} x {config.pool_steps} steps; changed from defaults: {changed or 'none'}"
+    )
+    print(
+        f"  edit               {cpu:.1f} CPU-s, {wall:.1f} s wall "
+        f"(pool {info['pool_seconds']:.1f} s, training {info['train_seconds']:.1f} s wall)"
+    )
+    print(
+        f"  per training step  {per_step * 1000:.1f} ms = {per_step / fb:.2f} x one UNet forward+backward "
+        f"at batch {config.batch_size} ({fb * 1000:.1f} ms)"
+    )
+    print(
+        f"  peak memory        {peak:.0f} MB resident = {peak / baseline:.2f} x the process after load_pipeline "
+        f"({baseline:.0f} MB)"
+    )
+    print(
+        f"  final loss         {info['final_loss']:.4g} (per 100 steps: "
+        f"{', '.join(f'{v:.4g}' for v in info['loss_per_100_steps'])})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
