@@ -31,6 +31,13 @@ trained both move with the adapters; the frozen one is a fixed target); x_t are 
 sampling trajectories per anchor (the sampler's timesteps) rather than freshly noised final images at any of 1000
 timesteps; and the prompts are the bare concept and anchor, not captions. The command line's default guide for art
 is "art", not the reference's "painting": pass ``--guide painting`` for the reference's anchor.
+
+Measured on the micro world (``scripts/measure_erasure.py --concept "van gogh" --method ca --images 32``, guide
+"art", CLIP and judge agree on the erased groups): the defaults leave van gogh at 100%; ``--set lr=1e-3`` (100
+steps, batch 8) only halfway: van gogh 72%, "vincent van gogh" 69%, "starry night style" 66% (drawn as warhol, the
+micro model's "art"). ``--set lr=3e-3``: van gogh and both synonyms 100 -> 0% (all read as warhol), the five other
+styles kept (monet 96.9 -> 100%), objects 93.8 -> 93.8% (judge 90.6 -> 96.9%), colours 100 -> 96.9% (judge the
+same); the edit took about 15 s wall on 2 cores. 32 images a group: a first look, not the issue's 100-image bar.
 """
 
 from __future__ import annotations
