@@ -37,7 +37,11 @@ Measured on the micro world (``scripts/measure_erasure.py --concept "van gogh" -
 steps, batch 8) only halfway: van gogh 72%, "vincent van gogh" 69%, "starry night style" 66% (drawn as warhol, the
 micro model's "art"). ``--set lr=3e-3``: van gogh and both synonyms 100 -> 0% (all read as warhol), the five other
 styles kept (monet 96.9 -> 100%), objects 93.8 -> 93.8% (judge 90.6 -> 96.9%), colours 100 -> 96.9% (judge the
-same); the edit took about 15 s wall on 2 cores. 32 images a group: a first look, not the issue's 100-image bar.
+same); the edit took about 15 s wall on 2 cores. The same with ``--preserve-set world`` (21 anchors): still 0% on
+all three, other styles kept, objects 93.8 -> 100% (judge 90.6 -> 90.6%), colours 100 -> 96.9%. With the
+reference's anchor, ``--guide painting --set lr=3e-3``, much weaker: van gogh 87.5%, the synonyms 87.5% and 78.1%
+(our guess: the micro model's "painting" images are partly van gogh's, so the target keeps some of it). 32 images
+a group: a first look, not the issue's 100-image bar.
 """
 
 from __future__ import annotations
