@@ -48,20 +48,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from pipelines import LORA_TARGETS, PipelineWrapper, PromptEncoding
+from pipelines import PipelineWrapper, PromptEncoding
 
 from .lora_trainer import Batch, LoraTrainConfig, Predictions, config_key, train_lora
 from .registry import ConceptSpec, WeightEdit, register_method
 
-__all__ = ["CA_VARIANTS", "CAConfig", "CALoss", "ca_loss", "erase_ca"]
+__all__ = ["CAConfig", "CALoss", "ca_loss", "erase_ca"]
 
 logger = logging.getLogger(__name__)
-
-#: ``train`` setting -> the LoRA target set of ``pipelines.LORA_TARGETS``.
-CA_VARIANTS: dict[str, str] = {"kv": "kv", "xattn": "xattn"}
 
 
 @dataclass
@@ -71,9 +69,10 @@ class CAConfig(LoraTrainConfig):
 
     Attributes:
         train: ``kv`` (cross-attention keys and values, the reference's default) or ``xattn`` (all four projections).
-        anchor_weight: weight of the anchor-regularization term (used only when there are anchor prompts).
-        anchor_prompts: prompts whose predictions must not move; ``scripts/erase.py`` fills in ``--preserve``.
+        (``anchor_weight`` and ``anchor_prompts``: the family's anchor term, ``LoraTrainConfig``'s.)
     """
+
+    VARIANTS: ClassVar[tuple[str, ...]] = ("kv", "xattn")
 
     lr: float = 1.6e-5
     steps: int = 100
@@ -81,22 +80,6 @@ class CAConfig(LoraTrainConfig):
     pool_steps: int = 25
     pool_guidance: float = 6.0
     train: str = "kv"
-    anchor_weight: float = 1.0
-    anchor_prompts: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.anchor_prompts = tuple(self.anchor_prompts)
-        if self.train not in CA_VARIANTS:
-            raise ValueError(f"train must be one of {tuple(CA_VARIANTS)}, got {self.train!r}")
-        if not self.anchor_weight >= 0:
-            raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
-        if any(not isinstance(p, str) or not p.strip() for p in self.anchor_prompts):
-            raise ValueError(f"anchor_prompts must be non-empty strings, got {list(self.anchor_prompts)}")
-
-    @property
-    def patterns(self) -> tuple[str, ...]:
-        return self.layers if self.layers is not None else LORA_TARGETS[CA_VARIANTS[self.train]]
 
 
 @dataclass

@@ -42,20 +42,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from pipelines import LORA_TARGETS, PipelineWrapper
+from pipelines import PipelineWrapper
 
 from .lora_trainer import Batch, LoraTrainConfig, Predictions, config_key, train_lora
 from .registry import ConceptSpec, WeightEdit, register_method
 
-__all__ = ["ESD_VARIANTS", "ESDConfig", "erase_esd", "esd_target"]
+__all__ = ["ESDConfig", "erase_esd", "esd_target"]
 
 logger = logging.getLogger(__name__)
-
-#: ``train`` setting -> the LoRA target set of ``pipelines.LORA_TARGETS``.
-ESD_VARIANTS: dict[str, str] = {"xattn": "xattn", "noxattn": "noxattn", "kv": "kv"}
 
 
 @dataclass
@@ -65,30 +63,18 @@ class ESDConfig(LoraTrainConfig):
     Attributes:
         negative_guidance: eta in the paper's form (1 = the official scripts' defaults; ``esd_sd.py`` writes it 2).
         train: ``xattn`` (ESD-x, default), ``noxattn`` (ESD-u) or ``kv`` (keys and values only).
-        anchor_weight: weight of the anchor term (used only when there are anchor prompts).
-        anchor_prompts: prompts whose predictions must not move; ``scripts/erase.py`` fills in ``--preserve``.
+        (``anchor_weight`` and ``anchor_prompts``: the family's anchor term, ``LoraTrainConfig``'s.)
     """
+
+    VARIANTS: ClassVar[tuple[str, ...]] = ("xattn", "noxattn", "kv")
 
     negative_guidance: float = 1.0
     train: str = "xattn"
-    anchor_weight: float = 1.0
-    anchor_prompts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.anchor_prompts = tuple(self.anchor_prompts)
-        if self.train not in ESD_VARIANTS:
-            raise ValueError(f"train must be one of {tuple(ESD_VARIANTS)}, got {self.train!r}")
         if not self.negative_guidance > 0:
             raise ValueError(f"negative_guidance must be > 0, got {self.negative_guidance}")
-        if not self.anchor_weight >= 0:
-            raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
-        if any(not isinstance(p, str) or not p.strip() for p in self.anchor_prompts):
-            raise ValueError(f"anchor_prompts must be non-empty strings, got {list(self.anchor_prompts)}")
-
-    @property
-    def patterns(self) -> tuple[str, ...]:
-        return self.layers if self.layers is not None else LORA_TARGETS[ESD_VARIANTS[self.train]]
 
 
 def esd_target(frozen_concept: torch.Tensor, frozen_uncond: torch.Tensor, eta: float) -> torch.Tensor:

@@ -48,13 +48,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from pipelines import LoraAdapters, PipelineWrapper, PromptEncoding
+from pipelines import LORA_TARGETS, LoraAdapters, PipelineWrapper, PromptEncoding
 
 from .registry import WeightEdit
 
@@ -93,7 +93,14 @@ class LoraTrainConfig:
         checkpoint_dir: folder for checkpoints (``None``: none); rerunning with the same folder resumes.
         checkpoint_every: steps between checkpoints (one is also written at the end).
         mixed_precision: ``accelerate``'s setting: "no", "fp16" or "bf16" (autocast; the adapters stay float32).
+        train: which modules the adapters go on, one of the method's ``VARIANTS`` (a ``pipelines.LORA_TARGETS``
+            set); ``layers`` overrides it with explicit patterns.
+        anchor_weight: weight of the family's anchor regularization (used only when there are anchor prompts).
+        anchor_prompts: prompts whose predictions must not move; ``scripts/erase.py`` fills in ``--preserve``.
     """
+
+    #: the ``train`` settings a method offers; a method's config narrows it
+    VARIANTS: ClassVar[tuple[str, ...]] = tuple(LORA_TARGETS)
 
     rank: int = 4
     alpha: float = 4.0
@@ -108,6 +115,9 @@ class LoraTrainConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 100
     mixed_precision: str = "no"
+    train: str = "xattn"
+    anchor_weight: float = 1.0
+    anchor_prompts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.layers is not None:
@@ -128,6 +138,18 @@ class LoraTrainConfig:
             raise ValueError(f"pool_guidance must be >= 0, got {self.pool_guidance}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if self.train not in self.VARIANTS:
+            raise ValueError(f"train must be one of {self.VARIANTS}, got {self.train!r}")
+        self.anchor_prompts = tuple(self.anchor_prompts)
+        if not self.anchor_weight >= 0:
+            raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
+        if any(not isinstance(p, str) or not p.strip() for p in self.anchor_prompts):
+            raise ValueError(f"anchor_prompts must be non-empty strings, got {list(self.anchor_prompts)}")
+
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        """The module-name patterns the adapters go on: ``layers`` if given, else the ``train`` set's."""
+        return self.layers if self.layers is not None else LORA_TARGETS[self.train]
 
 
 @dataclass
