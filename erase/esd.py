@@ -82,8 +82,14 @@ def esd_target(frozen_concept: torch.Tensor, frozen_uncond: torch.Tensor, eta: f
     return frozen_uncond - eta * (frozen_concept - frozen_uncond)
 
 
-@register_method("esd", ESDConfig, "lora", "Erased Stable Diffusion (Gandikota et al., 2023): LoRA trained to "
-                 "negatively guide the concept's prediction, optional anchor regularization")  # fmt: skip
+@register_method(
+    "esd",
+    ESDConfig,
+    "lora",
+    "Erased Stable Diffusion (Gandikota et al., 2023): LoRA trained to negatively guide the concept's prediction, "
+    "optional anchor regularization",
+    uses_guides=False,
+)
 def erase_esd(wrapper: PipelineWrapper, concepts: ConceptSpec, config: ESDConfig) -> WeightEdit:
     """Train the ESD LoRA for every target of ``concepts`` (anchors: ``config.anchor_prompts`` and the preserved)."""
     targets = list(concepts.targets)

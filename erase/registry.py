@@ -114,14 +114,21 @@ class Method:
     run: Callable[[PipelineWrapper, ConceptSpec, Any], WeightEdit]
     family: str
     summary: str
+    uses_guides: bool = True  # False: the method ignores guides (ESD erases towards nothing in particular)
 
 
 _REGISTRY: dict[str, Method] = {}
 _loaded = False
 
 
-def register_method(name: str, config_class: type, family: str, summary: str = "") -> Callable:
-    """Decorator registering ``fn(wrapper, concepts, config) -> WeightEdit`` under ``name``."""
+def register_method(
+    name: str, config_class: type, family: str, summary: str = "", *, uses_guides: bool = True
+) -> Callable:
+    """Decorator registering ``fn(wrapper, concepts, config) -> WeightEdit`` under ``name``.
+
+    ``uses_guides=False`` marks a method that ignores ``ConceptSpec.guides``: the workflow then refuses ``--guide``
+    and records no guide, instead of a default the method never read.
+    """
     if family not in FAMILIES:
         raise ValueError(f"unknown method family {family!r}; expected one of {FAMILIES}")
     if not dataclasses.is_dataclass(config_class):
@@ -130,7 +137,8 @@ def register_method(name: str, config_class: type, family: str, summary: str = "
     def decorator(fn: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"an erasure method named {name!r} is already registered")
-        _REGISTRY[name] = Method(name, config_class, fn, family, summary or (fn.__doc__ or "").strip().split("\n")[0])
+        summary_line = summary or (fn.__doc__ or "").strip().split("\n")[0]
+        _REGISTRY[name] = Method(name, config_class, fn, family, summary_line, uses_guides)
         return fn
 
     return decorator

@@ -216,6 +216,10 @@ def erasure_settings(
     preserve_list = list(preserve or [])
     for name in preserve_sets:
         preserve_list += preserve_set(name, targets)
+    if not spec.uses_guides:
+        if guides:
+            raise ValueError(f"method {method!r} takes no guide: it would ignore --guide")
+        guides = [""]
     guides = list(guides) if guides else [kind.guide]
     from .inputs import concept_key
 
@@ -305,7 +309,7 @@ def run_erase(
         relative_change_max=relative[-1],
         extra={
             "preserve": list(concept_spec.preserve),
-            "guides": list(concept_spec.guides),
+            "guides": list(concept_spec.guides) if get_method(method).uses_guides else [],
             "scorer": scorer_name,
             "info": artifact.info,
         },

@@ -114,7 +114,8 @@ def validate_early(args: argparse.Namespace) -> None:
 def print_summary(summary) -> None:  # noqa: ANN001 - erase.workflow.EraseSummary
     guides = ", ".join(repr(g) for g in summary.extra["guides"])
     print(f"Erased {', '.join(repr(c) for c in summary.concepts)} from {summary.model} with {summary.method}")
-    print(f"  guided to {guides}; {len(summary.extra['preserve'])} concept(s) preserved")
+    guided = f"guided to {guides}; " if summary.extra["guides"] else ""  # empty: the method takes no guide
+    print(f"  {guided}{len(summary.extra['preserve'])} concept(s) preserved")
     print(f"  edit took {summary.edit_seconds:.3f} s over {summary.layers} layers ({summary.weight_format} weights)")
     print(
         f"  edit size           {summary.relative_change_median:.3f} (median), {summary.relative_change_max:.3f} "

@@ -101,3 +101,12 @@ def test_erase_script_runs_esd_with_set(tmp_path, capsys):
     meta = json.loads((out / "erasure.json").read_text())
     assert meta["config"]["steps"] == 3 and meta["config"]["anchor_prompts"] == ["monet"]
     assert meta["preserve"] == ["monet"]
+
+
+def test_esd_takes_no_guide(tiny):
+    from erase.workflow import erasure_settings
+
+    with pytest.raises(ValueError, match="takes no guide"):
+        erasure_settings(tiny, ["van gogh"], "esd", guides=["art"])
+    spec, _ = erasure_settings(tiny, ["van gogh"], "esd")
+    assert spec.guides == ("",)  # no default guide recorded for a method that never reads it
