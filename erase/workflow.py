@@ -316,17 +316,25 @@ def run_erase(
     )
 
 
-def audit_models(wrapper: PipelineWrapper, folders: Sequence[str | Path]) -> list:  # list[evals.audit.AuditModel]
-    """One audit column per artifact folder, each read and checked against ``wrapper``'s base model.
+def audit_models(
+    wrapper: PipelineWrapper,
+    folders: Sequence[str | Path],
+    artifacts: Sequence[ErasureArtifact] | None = None,
+) -> list:  # list[evals.audit.AuditModel]
+    """One audit column per artifact folder, each checked against ``wrapper``'s base model.
 
+    ``artifacts`` are the folders' artifacts when the caller has already read them (``scripts/audit.py`` reads them
+    before the model loads), so the weights are not read and hashed twice; otherwise each folder is read here.
     Raises ``ArtifactError`` for an unreadable folder and ``ArtifactMismatchError`` for an artifact made for other
     base weights, before anything is generated.
     """
     from evals.audit import AuditModel
 
+    if artifacts is not None and len(artifacts) != len(folders):
+        raise ValueError(f"{len(artifacts)} artifacts for {len(folders)} folders")
     models = []
-    for folder in folders:
-        artifact = load_artifact(folder)
+    for i, folder in enumerate(folders):
+        artifact = artifacts[i] if artifacts is not None else load_artifact(folder)
         check_artifact_base(wrapper, artifact, where=str(folder))
         models.append(AuditModel.erased(folder, (Path(folder) / METADATA_FILE).read_bytes(), artifact.deltas))
     return models

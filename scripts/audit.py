@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_audit(
             wrapper,
             suite,
-            audit_models(wrapper, args.erasure),
+            audit_models(wrapper, args.erasure, artifacts),
             args.out,
             scorer,
             judge,
