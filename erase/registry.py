@@ -188,7 +188,8 @@ def erase_concepts(
     seconds = time.perf_counter() - start
     if not edit.deltas:
         raise RuntimeError(f"method {method!r} returned no weight change")
-    relative = _relative_change(wrapper, edit.deltas)
+    norms = _weight_norms(wrapper, edit.deltas)
+    relative = _relative_change(norms["base"], edit.deltas)
     if max(relative.values()) == 0.0:
         raise ValueError(f"the {method} edit changes nothing: the guide reads like the concept to this text encoder")
     logger.info("%s edited %d modules in %.3f s", method, len(edit.deltas), seconds)
@@ -207,7 +208,7 @@ def erase_concepts(
         seconds=seconds,
         info={**edit.info, "relative_change": relative},
         factors=factors,
-        weight_norms=_weight_norms(wrapper, edit.deltas),
+        weight_norms=norms,
     )
 
 
@@ -218,12 +219,11 @@ def _weight_norms(wrapper: PipelineWrapper, deltas: dict[str, torch.Tensor]) -> 
     return {"base": wrapper.weight_norms(list(deltas)), "edited": edited}
 
 
-def _relative_change(wrapper: PipelineWrapper, deltas: dict[str, torch.Tensor]) -> dict[str, float]:
+def _relative_change(base_norms: dict[str, float], deltas: dict[str, torch.Tensor]) -> dict[str, float]:
     """||dW||_F / ||W||_F per module: how far the edit moves each weight. ``ValueError`` for a non-finite change."""
     relative = {}
     for name, delta in sorted(deltas.items()):
         if not torch.isfinite(delta).all():
             raise ValueError(f"the edit of {name} is not finite (NaN or inf): the solve failed")
-        weight = wrapper.module(name).weight.detach().double()
-        relative[name] = float(delta.double().norm() / weight.norm().clamp_min(1e-30))
+        relative[name] = float(delta.double().norm()) / max(base_norms[name], 1e-30)
     return relative
