@@ -46,12 +46,12 @@ from typing import ClassVar
 
 import torch
 
-from pipelines import PipelineWrapper
+from pipelines import PipelineWrapper, PromptEncoding
 
 from .lora_trainer import Batch, LoraTrainConfig, Predictions, config_key, train_lora
 from .registry import ConceptSpec, WeightEdit, register_method
 
-__all__ = ["ESDConfig", "erase_esd", "esd_target"]
+__all__ = ["ESDConfig", "ESDLoss", "erase_esd", "esd_loss", "esd_target"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,52 @@ def esd_target(frozen_concept: torch.Tensor, frozen_uncond: torch.Tensor, eta: f
     return frozen_uncond - eta * (frozen_concept - frozen_uncond)
 
 
+@dataclass
+class ESDLoss:
+    """The ESD loss of one erasure: a callable the trainer takes, built by ``esd_loss``.
+
+    Encoding rows: the targets (also the pool's prompts, so a pool example's owner is its concept's row), then the
+    empty prompt, then the anchor prompts.
+    """
+
+    targets: list[str]
+    anchors: list[str]
+    encoding: PromptEncoding
+    negative_guidance: float
+    anchor_weight: float
+
+    def __call__(self, batch: Batch, predict: Predictions) -> torch.Tensor:
+        x, t, rows = batch.latents, batch.timesteps, batch.prompts
+        n = x.shape[0]
+        uncond_row, first_anchor = len(self.targets), len(self.targets) + 1
+        frozen_rows = [rows, torch.full_like(rows, uncond_row)]
+        trained_rows = [rows]
+        use_anchors = bool(self.anchors) and self.anchor_weight > 0
+        if use_anchors:
+            anchor_rows = first_anchor + torch.randint(0, len(self.anchors), (n,), generator=batch.generator)
+            frozen_rows.append(anchor_rows)
+            trained_rows.append(anchor_rows)
+        k = len(frozen_rows)
+        frozen = predict.frozen(x.repeat(k, 1, 1, 1), t.repeat(k), self.encoding.select(torch.cat(frozen_rows)))
+        frozen = frozen.float().split(n)
+        trained = predict.trained(x.repeat(len(trained_rows), 1, 1, 1), t.repeat(len(trained_rows)),
+                                  self.encoding.select(torch.cat(trained_rows))).float().split(n)  # fmt: skip
+        loss = torch.nn.functional.mse_loss(trained[0], esd_target(frozen[0], frozen[1], self.negative_guidance))
+        if use_anchors:
+            loss = loss + self.anchor_weight * torch.nn.functional.mse_loss(trained[1], frozen[2])
+        return loss
+
+
+def esd_loss(wrapper: PipelineWrapper, concepts: ConceptSpec, config: ESDConfig) -> ESDLoss:
+    """The loss for ``concepts``' targets, anchored on ``config.anchor_prompts`` and the preserved concepts."""
+    targets = list(concepts.targets)
+    anchors = list(dict.fromkeys([*config.anchor_prompts, *concepts.preserve]))
+    for anchor in anchors:
+        wrapper.check_prompt(anchor, "anchor prompt")
+    encoding = wrapper.encode_prompts([*targets, "", *anchors])
+    return ESDLoss(targets, anchors, encoding, float(config.negative_guidance), float(config.anchor_weight))
+
+
 @register_method(
     "esd",
     ESDConfig,
@@ -92,43 +138,15 @@ def esd_target(frozen_concept: torch.Tensor, frozen_uncond: torch.Tensor, eta: f
 )
 def erase_esd(wrapper: PipelineWrapper, concepts: ConceptSpec, config: ESDConfig) -> WeightEdit:
     """Train the ESD LoRA for every target of ``concepts`` (anchors: ``config.anchor_prompts`` and the preserved)."""
-    targets = list(concepts.targets)
-    anchors = list(dict.fromkeys([*config.anchor_prompts, *concepts.preserve]))
-    for anchor in anchors:
-        wrapper.check_prompt(anchor, "anchor prompt")
-    use_anchors = bool(anchors) and config.anchor_weight > 0
-    # One encoding of every prompt the loss needs: targets, then the empty prompt, then the anchors.
-    encoding = wrapper.encode_prompts([*targets, "", *anchors])
-    uncond_row, first_anchor = len(targets), len(targets) + 1
-    eta, weight = float(config.negative_guidance), float(config.anchor_weight)
-
-    def loss_fn(batch: Batch, predict: Predictions) -> torch.Tensor:
-        x, t, rows = batch.latents, batch.timesteps, batch.prompts
-        n = x.shape[0]
-        frozen_rows = [rows, torch.full_like(rows, uncond_row)]
-        trained_rows = [rows]
-        if use_anchors:
-            anchor_rows = first_anchor + torch.randint(0, len(anchors), (n,), generator=batch.generator)
-            frozen_rows.append(anchor_rows)
-            trained_rows.append(anchor_rows)
-        k = len(frozen_rows)
-        frozen = predict.frozen(x.repeat(k, 1, 1, 1), t.repeat(k), encoding.select(torch.cat(frozen_rows)))
-        frozen = frozen.float().split(n)
-        trained = predict.trained(x.repeat(len(trained_rows), 1, 1, 1), t.repeat(len(trained_rows)),
-                                  encoding.select(torch.cat(trained_rows))).float().split(n)  # fmt: skip
-        loss = torch.nn.functional.mse_loss(trained[0], esd_target(frozen[0], frozen[1], eta))
-        if use_anchors:
-            loss = loss + weight * torch.nn.functional.mse_loss(trained[1], frozen[2])
-        return loss
-
+    loss = esd_loss(wrapper, concepts, config)
     edit = train_lora(
         wrapper,
-        pool_prompts=targets,
-        loss_fn=loss_fn,
+        pool_prompts=loss.targets,
+        loss_fn=loss,
         config=config,
         layers=config.patterns,
-        run_key={"method": "esd", "targets": targets, "anchors": anchors, "config": config_key(config)},
-        description=f"esd {', '.join(targets)}",
+        run_key={"method": "esd", "targets": loss.targets, "anchors": loss.anchors, "config": config_key(config)},
+        description=f"esd {', '.join(loss.targets)}",
     )
-    edit.info.update({"anchors": anchors, "variant": config.train, "patterns": list(config.patterns)})
+    edit.info.update({"anchors": loss.anchors, "variant": config.train, "patterns": list(config.patterns)})
     return edit

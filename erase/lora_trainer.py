@@ -31,7 +31,7 @@ One explicit ``torch.Generator`` seeded with ``config.seed`` draws, in order: th
 then every batch. A checkpoint (``checkpoint_dir``, every ``checkpoint_every`` steps and at the end) holds the
 adapters, Adam's state (safetensors tensors, hyperparameters in JSON), the generator's state, the losses so far and
 the pool: rerunning the same call continues from the last checkpoint and ends with the weights an uninterrupted run
-ends with. Nothing is pickled. A checkpoint folder made by another run (other settings, concepts or base weights)
+ends with; rerunning it with more ``steps`` trains a finished run further. Nothing is pickled. A checkpoint folder made by another run (other settings, concepts or base weights)
 is refused.
 """
 
@@ -342,6 +342,11 @@ def train_lora(
             state = _load_checkpoint(latest, adapters, optimizer, generator)
             losses, seconds_before = list(state["losses"]), float(state["seconds"])
             resumed_from = len(losses)
+            if resumed_from > config.steps:
+                raise ValueError(
+                    f"{folder} holds a checkpoint at step {resumed_from}, beyond steps={config.steps}: ask for at "
+                    "least as many steps, or choose another checkpoint_dir"
+                )
             logger.info("resuming %s from step %d of %d", folder, resumed_from, config.steps)
         run_start = time.perf_counter()
         bar = tqdm(total=config.steps, initial=resumed_from, desc=description, unit="step",
@@ -413,6 +418,10 @@ def _pool(
     return pool
 
 
-def config_key(config: Any, ignore: Sequence[str] = ("checkpoint_dir", "checkpoint_every")) -> dict[str, Any]:
-    """A config as a JSON-able dict without the fields that do not change the result (for ``run_key``)."""
+def config_key(config: Any, ignore: Sequence[str] = ("checkpoint_dir", "checkpoint_every", "steps")) -> dict[str, Any]:
+    """A config as a JSON-able dict without the fields that do not change the result (for ``run_key``).
+
+    ``steps`` is left out because the first k steps of a run do not depend on how many follow (constant learning
+    rate): rerunning with more steps and the same checkpoint folder continues a finished run.
+    """
     return {k: v for k, v in dataclasses.asdict(config).items() if k not in ignore}

@@ -34,7 +34,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # One line per method module; importing it registers the method.
-_METHOD_MODULES: tuple[str, ...] = ("erase.uce", "erase.time", "erase.esd", "erase.ca")
+_METHOD_MODULES: tuple[str, ...] = ("erase.uce", "erase.time", "erase.esd", "erase.ca", "erase.spm")
 
 FAMILIES = ("closed_form", "lora", "runtime")
 

@@ -68,6 +68,8 @@ LORA_TARGETS: dict[str, tuple[str, ...]] = {
         "*proj_in", "*proj_out",
     ),
 }  # fmt: skip
+#: every Linear of the transformer blocks (SPM's "Transformer2DModel" modules); Conv2d projections are not reached
+LORA_TARGETS["transformer"] = LORA_TARGETS["xattn"] + LORA_TARGETS["noxattn"]
 
 
 class ModelNotFoundError(ValueError):

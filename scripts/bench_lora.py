@@ -4,12 +4,16 @@
     python scripts/bench_lora.py                                  # esd, reference defaults
     python scripts/bench_lora.py --set lr=1e-3                    # esd as measured on micro
     python scripts/bench_lora.py --method ca --set lr=1e-3        # concept ablation (anchor: --guide, default "art")
+    python scripts/bench_lora.py --set lr=1e-3 --efficacy-at 25,50,100,200   # CPU time and steps to erase
+    python scripts/bench_uce.py --save-sd14 /tmp/sd14 && python scripts/bench_lora.py --model /tmp/sd14 \
+        --set steps=1 --set pool_images=1 --set pool_steps=2 --repeats 1        # one step at SD 1.4 shapes
 
 Prints the edit's CPU seconds (all threads of this process) and wall seconds, split into sampling the pool of
 frozen-model trajectories and training; seconds per training step relative to one forward+backward of the UNet at
 the same batch with the same LoRA adapters trainable (the trainer's step is a frozen forward pass or two plus that);
 and the peak resident memory relative to the same process right after ``load_pipeline`` (the pipeline alone).
-Efficacy is ``scripts/measure_erasure.py``'s business.
+``--efficacy-at`` adds how many steps and CPU-seconds it takes to erase the concept (micro CLIP on its probes);
+the full before/after tables are ``scripts/measure_erasure.py``'s business.
 
 Measured on 2 CPU cores (each erases van gogh on micro, 32 images a group):
 
@@ -66,6 +70,35 @@ def forward_backward_seconds(wrapper, config, concept: str, repeats: int) -> flo
     return statistics.median(times)
 
 
+def efficacy_curve(wrapper, spec, method: str, config, stages: list[int], images: int) -> list[tuple]:  # noqa: ANN001
+    """Train in stages (one checkpoint folder, so each stage continues the last) and after each stage score the
+    first target's probes with the micro CLIP: ``(steps, cumulative edit CPU-s, accuracy)`` per stage."""
+    import tempfile
+
+    from evals.probes import probe_correct, world_labels, world_probes
+    from evals.scorer import ClipScorer
+
+    scorer = ClipScorer.from_pretrained("micro", device=wrapper.device)
+    probes = world_probes([spec.targets[0]], images, seed=1234)
+    prompts, seeds = [p.prompt for p in probes], [p.seed for p in probes]
+    rows, cpu_total = [], 0.0
+    with tempfile.TemporaryDirectory(prefix="bench-lora-") as folder:
+        for steps in [0, *stages]:
+            if steps:
+                staged = dataclasses.replace(config, steps=steps, checkpoint_dir=folder, checkpoint_every=steps)
+                cpu = time.process_time()
+                deltas = erase.erase_concepts(wrapper, spec, method, staged).deltas
+                cpu_total += time.process_time() - cpu
+            else:
+                deltas = {}
+            with wrapper.weight_deltas(deltas):
+                images_after = wrapper.generate(prompts, seeds, batch_size=32, progress=False)
+            accuracy = sum(probe_correct(scorer, images_after, probes, world_labels())) / len(probes)
+            rows.append((steps, cpu_total, accuracy))
+            print(f"  {steps:5d} steps  {cpu_total:7.1f} CPU-s  {spec.targets[0]!r} {accuracy:6.1%}", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="esd", help="a LoRA-family method (esd, ca)")
@@ -76,11 +109,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="micro")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10, help="forward+backward timings (median)")
+    parser.add_argument(
+        "--efficacy-at",
+        help="micro only: also train in stages to these step counts (e.g. 25,50,100,200) and score the concept's "
+        "probes after each: CPU time and steps to erase it",
+    )
+    parser.add_argument("--images", type=int, default=32, help="probe images per stage of --efficacy-at")
     args = parser.parse_args(argv)
     set_library_verbosity(False)
     torch.set_num_threads(args.threads)
     if erase.get_method(args.method).family != "lora":
         parser.error(f"{args.method} is not a LoRA-family method")
+    if args.efficacy_at:
+        try:
+            stages = sorted({int(k) for k in args.efficacy_at.split(",")})
+        except ValueError:
+            parser.error(f"--efficacy-at takes step counts such as 25,50,100, got {args.efficacy_at!r}")
+        if stages[0] < 1 or args.images < 1 or args.model != "micro":
+            parser.error("--efficacy-at needs step counts >= 1, --images >= 1 and the micro model (its probes)")
 
     wrapper = load_pipeline(args.model)
     baseline = peak_rss_mb()
@@ -121,6 +167,15 @@ def main(argv: list[str] | None = None) -> int:
         f"  final loss         {info['final_loss']:.4g} (per 100 steps: "
         f"{', '.join(f'{v:.4g}' for v in info['loss_per_100_steps'])})"
     )
+    if args.efficacy_at:
+        print(f"efficacy by training steps ({args.images} images, micro CLIP; CPU-s of the edits, pool included):")
+        rows = efficacy_curve(wrapper, spec, args.method, config, stages, args.images)
+        reached = [r for r in rows if r[0] and r[2] <= 0.10]
+        if reached:
+            steps, cpu_s, accuracy = reached[0]
+            print(f"  reaches <= 10% at {steps} steps, {cpu_s:.1f} CPU-s ({accuracy:.1%})")
+        else:
+            print("  does not reach <= 10% within these steps")
     return 0
 
 

@@ -7,12 +7,14 @@ python scripts/erase.py --concept "a dog" --concept-type object --guide "an anim
 python scripts/erase.py --model CompVis/stable-diffusion-v1-4 --concept "van gogh" --device cuda
 python scripts/erase.py --model ./my-sd-folder --concept "van gogh" --no-check        # offline, no scorer
 python scripts/erase.py --concept "van gogh" --set token_positions=from_last --set lamb=1.0
+python scripts/erase.py --concept "van gogh" --method esd --lr 1e-3 --steps 200   # LoRA training
 python scripts/erase.py --list-methods
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -62,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="a field of the method's config (VALUE is JSON, or a plain string), e.g. lamb=1.0 (repeatable)",
     )
+    train = parser.add_argument_group("training (the LoRA methods: esd, ca, spm)")
+    train.add_argument("--steps", type=int, help="optimizer steps (default: the method's)")
+    train.add_argument("--lr", type=float, help="learning rate (default: the method's)")
+    train.add_argument("--rank", type=int, help="LoRA rank (default: the method's)")
     how.add_argument(
         "--model",
         default="micro",
@@ -79,9 +85,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check = parser.add_argument_group("the before/after check on fixed seeds")
     check.add_argument("--no-check", action="store_true", help="skip it (needs no scorer: use offline on SD)")
     check.add_argument("--check-images", type=int, default=8, help="images per group (default: 8)")
-    check.add_argument("--steps", type=int, help="sampling steps (default: 20)")
-    check.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: 7.5)")
-    check.add_argument("--seed", type=int, default=0, help="seed of the check's prompts and noise (default: 0)")
+    check.add_argument("--check-steps", type=int, help="sampling steps (default: 20)")
+    check.add_argument("--check-guidance", type=float, help="classifier-free guidance scale (default: 7.5)")
+    check.add_argument(
+        "--seed", type=int, default=0, help="seed of the training (LoRA methods) and of the check (default: 0)"
+    )
     check.add_argument(
         "--scorer",
         help="CLIP scorer: 'micro', a local CLIP folder or open_clip:NAME/PRETRAINED (default: micro for the micro "
@@ -95,20 +103,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def validate_early(args: argparse.Namespace) -> None:
     """Everything that needs neither torch nor the model: concepts, numbers, --set, --out."""
-    from erase.inputs import check_concept_text, parse_config_overrides
+    from erase.inputs import check_concept_text
     from erase.layout import check_output_folder, default_output_folder
 
     concepts = [check_concept_text(c, "concept to erase") for c in args.concept]
-    for flag in ("check_images", "steps"):
+    for flag in ("check_images", "check_steps", "steps", "rank"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
-    if args.guidance is not None and not args.guidance >= 0:
-        raise ValueError(f"--guidance must be >= 0, got {args.guidance}")
-    parse_config_overrides(args.set)
+    if args.check_guidance is not None and not args.check_guidance >= 0:
+        raise ValueError(f"--check-guidance must be >= 0, got {args.check_guidance}")
+    if args.lr is not None and not 0 < args.lr < 1:
+        raise ValueError(f"--lr must be in (0, 1), got {args.lr}")
+    config_overrides(args)
     check_output_folder(args.out or default_output_folder(concepts, args.method), args.overwrite)
+
+
+def config_overrides(args: argparse.Namespace, config_fields: set[str] | None = None) -> dict:
+    """``--set`` plus the training flags as config fields; ``config_fields`` (the method's) refuses a flag the method
+    does not have. ``--seed`` seeds a method that has a seed; the check always."""
+    from erase.inputs import parse_config_overrides
+
+    overrides = parse_config_overrides(args.set)
+    for flag in ("steps", "lr", "rank"):
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if flag in overrides:
+            raise ValueError(f"--{flag} and --set {flag}=... both given: give one")
+        if config_fields is not None and flag not in config_fields:
+            raise ValueError(f"--{flag} does not apply to method {args.method!r}: it has no {flag} setting")
+        overrides[flag] = value
+    if config_fields is not None and "seed" in config_fields and "seed" not in overrides:
+        overrides["seed"] = args.seed
+    return overrides
 
 
 def print_summary(summary) -> None:  # noqa: ANN001 - erase.workflow.EraseSummary
@@ -144,7 +174,6 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from erase import available_methods, get_method
-        from erase.inputs import parse_config_overrides
         from erase.workflow import run_erase
         from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_pipeline, resolve_device, set_library_verbosity
 
@@ -154,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:8s} {method.family:12s} {method.summary}")
             return 0
         set_library_verbosity(args.verbose)
-        get_method(args.method)
+        method = get_method(args.method)
+        overrides = config_overrides(args, {f.name for f in dataclasses.fields(method.config_class)})
         device = resolve_device(args.device)
         start = time.perf_counter()
         wrapper = load_pipeline(args.model, device=device, dtype=getattr(torch, args.dtype))
@@ -172,11 +202,11 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             check=not args.no_check,
             check_images=args.check_images,
-            check_steps=args.steps or DEFAULT_STEPS,
-            check_guidance=DEFAULT_GUIDANCE if args.guidance is None else args.guidance,
+            check_steps=args.check_steps or DEFAULT_STEPS,
+            check_guidance=DEFAULT_GUIDANCE if args.check_guidance is None else args.check_guidance,
             check_seed=args.seed,
             scorer=args.scorer,
-            config_overrides=parse_config_overrides(args.set),
+            config_overrides=overrides,
             progress=not (args.quiet or args.json),
         )
     except KeyboardInterrupt:

@@ -53,7 +53,11 @@ def test_json_summary_and_artifact(tmp_path):
         (["--concept", "van gogh", "--set", "lamb"], "KEY=VALUE"),
         (["--concept", "van gogh", "--check-images", "0"], "--check-images must be >= 1"),
         (["--concept", "van gogh", "--seed", "-1"], "--seed must be >= 0"),
-        (["--concept", "van gogh", "--guidance", "nan"], "--guidance must be >= 0"),
+        (["--concept", "van gogh", "--check-guidance", "nan"], "--check-guidance must be >= 0"),
+        (["--concept", "van gogh", "--steps", "100"], "--steps does not apply to method 'uce'"),
+        (["--concept", "van gogh", "--method", "esd", "--lr", "2"], "--lr must be in (0, 1)"),
+        (["--concept", "van gogh", "--method", "esd", "--rank", "0"], "--rank must be >= 1"),
+        (["--concept", "van gogh", "--method", "esd", "--steps", "3", "--set", "steps=4"], "both given"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, message):

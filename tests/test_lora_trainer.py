@@ -173,3 +173,21 @@ def test_checkpoints_hold_no_pickles(tiny, tmp_path):
 def test_train_config_validation(bad, match):
     with pytest.raises(ValueError, match=match):
         LoraTrainConfig(**bad)
+
+
+def test_more_steps_in_the_same_folder_continue_a_finished_run(tiny, tmp_path):
+    """Steps are not part of a run's identity: 4 steps, then the same call with 8, equal 8 steps at once."""
+    from erase import ConceptSpec, erase_concepts
+    from erase.esd import ESDConfig
+
+    spec = ConceptSpec(("van gogh",))
+    settings = dict(lr=1e-2, pool_images=2, pool_steps=4, checkpoint_every=100)
+    whole = erase_concepts(tiny, spec, "esd", ESDConfig(steps=8, **settings))
+    folder = str(tmp_path / "ckpt")
+    erase_concepts(tiny, spec, "esd", ESDConfig(steps=4, checkpoint_dir=folder, **settings))
+    longer = erase_concepts(tiny, spec, "esd", ESDConfig(steps=8, checkpoint_dir=folder, **settings))
+    assert longer.info["resumed_from_step"] == 4
+    for name, delta in whole.deltas.items():
+        assert (longer.deltas[name] - delta).abs().max() <= 1e-6, name
+    with pytest.raises(ValueError, match="beyond steps=6"):
+        erase_concepts(tiny, spec, "esd", ESDConfig(steps=6, checkpoint_dir=folder, **settings))

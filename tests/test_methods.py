@@ -1,5 +1,6 @@
 """Checks every registered erasure method gets, table-driven over the registry."""
 
+import fnmatch
 import json
 
 import numpy as np
@@ -27,11 +28,10 @@ def _fast_config(method):
     return None
 
 
-#: Weights each family's default config edits.
-_EDITED = {
-    "closed_form": ("attn2.to_k.weight", "attn2.to_v.weight"),
-    "lora": ("attn2.to_q.weight", "attn2.to_k.weight", "attn2.to_v.weight", "attn2.to_out.0.weight"),
-}
+def _edited_patterns(method):
+    """The module-name patterns a method's default config edits: K/V for closed forms, the config's for LoRA."""
+    config = _fast_config(method)
+    return config.patterns if config is not None else ("*attn2.to_k", "*attn2.to_v")
 
 
 def test_registry_lists_methods_and_refuses_duplicates():
@@ -50,7 +50,8 @@ def test_method_changes_target_and_leaves_other_modules_bit_identical(tiny, meth
     # Methods return the change; the pipeline is untouched until it is applied.
     assert all(torch.equal(v, tiny.pipe.unet.state_dict()[k]) for k, v in before.items())
     edited = {name.removeprefix("unet.") + ".weight" for name in artifact.deltas}
-    assert all(name.endswith(_EDITED[erase.get_method(method).family]) for name in edited)
+    patterns = _edited_patterns(method)
+    assert all(any(fnmatch.fnmatchcase(name.removesuffix(".weight"), p) for p in patterns) for name in edited)
     base = _pixels(tiny.generate(["a painting by van gogh"], [0], steps=3, progress=False))
     erase.apply_artifact(tiny, artifact)
     after_state = tiny.pipe.unet.state_dict()

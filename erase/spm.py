@@ -1,0 +1,174 @@
+"""SPM-style one-dimensional adapter (Lyu et al., 2024): a rank-1 LoRA trained with ESD's loss plus latent anchoring.
+
+Loss, per step, on (x_t, t) drawn from frozen-model trajectories of the concept prompt c (``erase.lora_trainer``)::
+
+    L = || eps_theta(x_t, c, t) - [eps*(x_t, "", t) - eta (eps*(x_t, c, t) - eps*(x_t, "", t))] ||^2
+        + latent_anchor_weight * mean_j || eps_theta(x_t, e_j, t) - eps*(x_t, e_j, t) ||^2
+        + anchor_weight * || eps_theta(x_t, a, t) - eps*(x_t, a, t) ||^2        (a: an anchor prompt, if any)
+
+The first term is ESD's (``erase.esd``; SPM's "erase" action with guidance 1 is exactly it). The second is SPM's
+latent anchoring: each step draws ``latent_anchors`` random text embeddings e_j per example, each a Gaussian
+direction over the whole token sequence, accepted with probability ``1 - cos(e_j, c)`` (so directions near the
+concept are rejected), and scaled to ``U(0.8, 1.2)`` times the concept embedding's norm; the adapted model must
+predict on them what the frozen model predicts. Random points around the concept's norm stand in for "everything
+else", without a list of prompts to keep. The third is the family's anchor regularization on named prompts
+(``--preserve``), as in ESD; none by default.
+
+The adapter is rank 1 (the paper's "one-dimensional" membrane) on every Linear of the transformer blocks
+(``train="transformer"``, SPM's ``Transformer2DModel`` modules; SD 1.x's Conv2d ``proj_in``/``proj_out`` are not
+reached by a Linear LoRA).
+
+Reference (github.com/Con6924/SPM, ``train_spm.py`` and ``configs/*/config.yaml``): rank 1, alpha 1, lr 1e-4 (AdamW
+8-bit, cosine schedule with 3 restarts and 500 warm-up steps), 3000 iterations, batch 1, guidance 1 for the erase
+target, x_t from a DDIM run of 30 steps at guidance 3 stopped at a random step, 4 latent anchors a step, weight 1000.
+Our defaults are these numbers. Where we differ: plain Adam at a constant rate (no 8-bit optimizer or schedule);
+x_t comes from a pool of FROZEN-model trajectories sampled once (``erase.lora_trainer``), where the reference runs
+the adapted model (``with network:``) for every iteration; the adapter is saved as a standard LoRA.
+
+Not built here: SPM's facilitated transport, which scales the adapter at inference time per prompt by the prompt's
+similarity to the erased concept. It needs a runtime intervention (a hook deciding per prompt), which the
+sparse-autoencoder methods' runtime-intervention loader (issue 19) is to provide; until then an SPM artifact is a
+plain LoRA applied at full strength to every prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from pipelines import PipelineWrapper, PromptEncoding
+
+from .esd import ESDConfig, ESDLoss, esd_loss
+from .lora_trainer import Batch, Predictions, config_key, train_lora
+from .registry import ConceptSpec, WeightEdit, register_method
+
+__all__ = ["SPMConfig", "SPMLoss", "erase_spm", "latent_anchor_embeddings"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SPMConfig(ESDConfig):
+    """Settings of an SPM erasure: ESD's (``negative_guidance`` and the training fields) with SPM's defaults.
+
+    Attributes:
+        latent_anchors: random anchor embeddings drawn per example and step (the reference's sampling batch, 4).
+        latent_anchor_weight: weight of the latent-anchoring term (the reference's ``la_strength``, 1000).
+        train: ``transformer`` (every transformer-block Linear, the reference's), or ESD's variants.
+    """
+
+    VARIANTS: ClassVar[tuple[str, ...]] = ("transformer", "xattn", "noxattn", "kv")
+
+    rank: int = 1
+    alpha: float = 1.0
+    lr: float = 1e-4
+    steps: int = 3000
+    pool_steps: int = 30
+    pool_guidance: float = 3.0
+    train: str = "transformer"
+    latent_anchors: int = 4
+    latent_anchor_weight: float = 1000.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (
+            isinstance(self.latent_anchors, bool)
+            or not isinstance(self.latent_anchors, int)
+            or self.latent_anchors < 0
+        ):
+            raise ValueError(f"latent_anchors must be an integer >= 0, got {self.latent_anchors!r}")
+        if not self.latent_anchor_weight >= 0:
+            raise ValueError(f"latent_anchor_weight must be >= 0, got {self.latent_anchor_weight}")
+
+
+def latent_anchor_embeddings(concept: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` random embeddings shaped like ``concept`` (any shape), rejected by their similarity to it.
+
+    Each is a Gaussian direction d / |d| over all of ``concept``'s entries, kept with probability ``1 - cos(d, c)``
+    and scaled by ``s |c|`` with ``s ~ U(0.8, 1.2)``; computed in float32 on the CPU (the generator's device).
+    """
+    flat = concept.detach().float().cpu().reshape(-1)
+    norm = flat.norm()
+    samples = []
+    while len(samples) < count:
+        direction = torch.randn(flat.shape, generator=generator)
+        direction = direction / direction.norm()
+        similarity = torch.dot(direction, flat) / norm
+        if float(torch.rand((), generator=generator)) < 1 - float(similarity):
+            scale = 0.8 + 0.4 * float(torch.rand((), generator=generator))
+            samples.append(scale * norm * direction)
+    return torch.stack(samples).reshape(count, *concept.shape)
+
+
+@dataclass
+class SPMLoss:
+    """ESD's loss plus latent anchoring; a callable the trainer takes (built in ``erase_spm``)."""
+
+    erase: ESDLoss
+    latent_anchors: int
+    latent_anchor_weight: float
+
+    def __call__(self, batch: Batch, predict: Predictions) -> torch.Tensor:
+        loss = self.erase(batch, predict)
+        if self.latent_anchors and self.latent_anchor_weight > 0:
+            loss = loss + self.latent_anchor_weight * self.anchoring(batch, predict)
+        return loss
+
+    def anchoring(self, batch: Batch, predict: Predictions) -> torch.Tensor:
+        """mean || eps_theta(x, e, t) - eps*(x, e, t) ||^2 over ``latent_anchors`` random e per example."""
+        m = self.latent_anchors
+        concept = self.erase.encoding.select(batch.prompts)
+        embeddings, pooled = [], []
+        for i in range(len(batch.prompts)):
+            embeddings.append(latent_anchor_embeddings(concept.embeddings[i], m, batch.generator))
+            if concept.pooled is not None:  # SDXL: the pooled text embedding is drawn the same way
+                pooled.append(latent_anchor_embeddings(concept.pooled[i], m, batch.generator))
+        rows = torch.arange(len(batch.prompts)).repeat_interleave(m)
+        encoding = concept.select(rows)
+        dtype, device = concept.embeddings.dtype, concept.embeddings.device
+        anchors = PromptEncoding(
+            ["<latent anchor>"] * len(rows),
+            encoding.input_ids,
+            torch.cat(embeddings).to(device, dtype),
+            encoding.lengths,
+            torch.cat(pooled).to(device, dtype) if pooled else None,
+        )
+        x, t = batch.latents.repeat_interleave(m, dim=0), batch.timesteps.repeat_interleave(m)
+        frozen = predict.frozen(x, t, anchors).float()
+        trained = predict.trained(x, t, anchors).float()
+        return torch.nn.functional.mse_loss(trained, frozen)
+
+
+@register_method(
+    "spm",
+    SPMConfig,
+    "lora",
+    "SPM-style one-dimensional adapter (Lyu et al., 2024): rank-1 LoRA with ESD's loss and latent anchoring "
+    "(no facilitated transport yet)",
+    uses_guides=False,
+)
+def erase_spm(wrapper: PipelineWrapper, concepts: ConceptSpec, config: SPMConfig) -> WeightEdit:
+    """Train the SPM adapter for every target of ``concepts`` (prompt anchors: ``anchor_prompts`` and preserved)."""
+    loss = SPMLoss(esd_loss(wrapper, concepts, config), config.latent_anchors, float(config.latent_anchor_weight))
+    targets = loss.erase.targets
+    edit = train_lora(
+        wrapper,
+        pool_prompts=targets,
+        loss_fn=loss,
+        config=config,
+        layers=config.patterns,
+        run_key={"method": "spm", "targets": targets, "anchors": loss.erase.anchors, "config": config_key(config)},
+        description=f"spm {', '.join(targets)}",
+    )
+    edit.info.update(
+        {
+            "anchors": loss.erase.anchors,
+            "variant": config.train,
+            "patterns": list(config.patterns),
+            "facilitated_transport": False,
+        }
+    )
+    return edit
