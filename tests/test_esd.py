@@ -110,3 +110,52 @@ def test_esd_takes_no_guide(tiny):
         erasure_settings(tiny, ["van gogh"], "esd", guides=["art"])
     spec, _ = erasure_settings(tiny, ["van gogh"], "esd")
     assert spec.guides == ("",)  # no default guide recorded for a method that never reads it
+
+
+_PLAIN_DIFFUSERS = """
+import sys, numpy, torch
+from diffusers import StableDiffusionPipeline
+model, lora, out = sys.argv[1:4]
+pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+pipe.set_progress_bar_config(disable=True)
+pipe.load_lora_weights(lora)
+images = [pipe("a painting by van gogh", generator=torch.Generator("cpu").manual_seed(seed), num_inference_steps=8,
+               output_type="np").images[0] for seed in (0, 1)]
+numpy.save(out, numpy.stack(images))
+"""
+
+
+def test_a_fresh_plain_diffusers_process_draws_what_the_in_memory_edit_draws_on_micro(tmp_path):
+    """The micro model, an ESD artifact, and a new interpreter that imports only diffusers: the same float images
+    as the in-memory edit (max abs difference <= 1e-3 on the [0, 1] scale)."""
+    import subprocess
+    import sys
+
+    import erase
+    from pipelines import load_pipeline, micro_model_path
+
+    micro = load_pipeline("micro")
+    config = ESDConfig(steps=10, lr=1e-3, pool_images=1, pool_steps=5)
+    artifact = erase_concepts(micro, ConceptSpec(("van gogh",)), "esd", config)
+    folder = erase.save_artifact(artifact, tmp_path / "vg", micro)
+
+    def draw():
+        return np.stack([
+            micro.pipe("a painting by van gogh", generator=torch.Generator("cpu").manual_seed(seed),
+                       num_inference_steps=8, output_type="np").images[0]
+            for seed in (0, 1)
+        ])  # fmt: skip
+
+    micro.pipe.set_progress_bar_config(disable=True)
+    base = draw()
+    with micro.weight_deltas(artifact.deltas):
+        in_memory = draw()
+    out = tmp_path / "plain.npy"
+    result = subprocess.run(
+        [sys.executable, "-c", _PLAIN_DIFFUSERS, str(micro_model_path()), str(folder), str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    plain = np.load(out)
+    assert np.abs(plain - in_memory).max() <= 1e-3
+    assert np.abs(base - in_memory).max() > 1e-2  # the edit is visible, so the comparison means something
