@@ -31,8 +31,18 @@ One explicit ``torch.Generator`` seeded with ``config.seed`` draws, in order: th
 then every batch. A checkpoint (``checkpoint_dir``, every ``checkpoint_every`` steps and at the end) holds the
 adapters, Adam's state (safetensors tensors, hyperparameters in JSON), the generator's state, the losses so far and
 the pool: rerunning the same call continues from the last checkpoint and ends with the weights an uninterrupted run
-ends with; rerunning it with more ``steps`` trains a finished run further. Nothing is pickled. A checkpoint folder made by another run (other settings, concepts or base weights)
-is refused.
+ends with; rerunning it with more ``steps`` trains a finished run further. Nothing is pickled. A checkpoint folder
+made by another run (other settings, concepts, base weights or number of processes) is refused.
+
+Several processes
+-----------------
+Launched as several processes (``accelerate launch --multi_gpu --num_processes N``, or ``torchrun``; on the CPU the
+processes join over gloo), every process samples the same pool and starts from the same adapters, then draws its
+own batches (process 0 from the run's generator, process R from one seeded by (seed, R)); after each backward pass
+the adapters' gradients and the loss are averaged across processes, so every process takes the same Adam step and
+ends with the same adapters: N processes train on N x ``batch_size`` examples a step. Process 0 alone writes the
+checkpoints, which hold every process's generator state. Each process samples the whole pool (it is small next to
+training); sharding it is left undone.
 """
 
 from __future__ import annotations
@@ -250,18 +260,35 @@ def _latest_checkpoint(folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _process_seed(seed: int, rank: int) -> int:
+    """The batch generator's seed of process ``rank`` > 0 (process 0 goes on with the run's own generator)."""
+    return int(hashlib.sha256(f"{seed}/{rank}".encode()).hexdigest()[:15], 16)
+
+
+def _generator_states(accelerator: Any, generator: torch.Generator) -> list[torch.Tensor]:
+    """Every process's batch-generator state, on every process (a collective call when there are several)."""
+    state = generator.get_state()
+    if accelerator.num_processes == 1:
+        return [state]
+    gathered = accelerator.gather(state.to(torch.int32)[None].to(accelerator.device)).cpu()
+    return [row.to(torch.uint8) for row in gathered]
+
+
 def _save_checkpoint(
-    folder: Path, step: int, adapters: LoraAdapters, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-    state: dict[str, Any],
+    folder: Path, step: int, adapters: LoraAdapters, optimizer: torch.optim.Optimizer,
+    generator_states: list[torch.Tensor], state: dict[str, Any],
 ) -> None:  # fmt: skip
-    """Write ``step-NNNNNNNN/`` whole (a temporary folder renamed into place), then drop older checkpoints."""
+    """Write ``step-NNNNNNNN/`` whole (a temporary folder renamed into place), then drop older checkpoints.
+
+    ``generator_states`` holds each process's batch generator (``generator`` for process 0, ``generator.R`` for
+    process R), so a multi-process run resumes with every process where it was."""
     final = folder / f"{_CHECKPOINT_PREFIX}{step:08d}"
     tmp = folder / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous().cpu() for k, v in adapters.state_dict().items()}, str(tmp / "lora.safetensors"))
     opt_state = optimizer.state_dict()
-    tensors = {"generator": generator.get_state()}
+    tensors = {"generator" if r == 0 else f"generator.{r}": g for r, g in enumerate(generator_states)}
     for index, values in opt_state["state"].items():
         for key, value in values.items():
             tensors[f"state.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
@@ -275,12 +302,13 @@ def _save_checkpoint(
 
 
 def _load_checkpoint(
-    path: Path, adapters: LoraAdapters, optimizer: torch.optim.Optimizer, generator: torch.Generator
+    path: Path, adapters: LoraAdapters, optimizer: torch.optim.Optimizer, generator: torch.Generator, rank: int = 0
 ) -> dict[str, Any]:
     state = json.loads((path / "state.json").read_text())
     adapters.load_state_dict(load_file(str(path / "lora.safetensors")))
     tensors = load_file(str(path / "optimizer.safetensors"))
-    generator.set_state(tensors.pop("generator"))
+    states = {name: tensors.pop(name) for name in list(tensors) if name.startswith("generator")}
+    generator.set_state(states["generator" if rank == 0 else f"generator.{rank}"])
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
         _, index, key = name.split(".", 2)
@@ -318,20 +346,25 @@ def train_lora(
 
     device = wrapper.device
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=config.mixed_precision)
-    if accelerator.num_processes > 1:
-        raise ValueError("multi-process LoRA training is not supported yet: run one process")
+    processes, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    if processes > 1 and device != accelerator.device and device.type != "cpu":
+        raise ValueError(f"process {rank} trains on {device}, but accelerate assigned it {accelerator.device}")
     folder = Path(config.checkpoint_dir) if config.checkpoint_dir else None
-    key = _run_key(wrapper, run_key, wrapper.lora_modules(layers))
+    key = _run_key(wrapper, {**run_key, "processes": processes}, wrapper.lora_modules(layers))
     if folder is not None:
-        _claim_folder(folder, key)
+        if main:
+            _claim_folder(folder, key)
+        accelerator.wait_for_everyone()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     generator = torch.Generator("cpu").manual_seed(config.seed)
     pool_start = time.perf_counter()
-    pool = _pool(wrapper, pool_prompts, config, generator, folder)
+    pool = _pool(wrapper, pool_prompts, config, generator, folder if main else None)
     pool_seconds = time.perf_counter() - pool_start
     with wrapper.lora_adapters(layers, config.rank, config.alpha, generator=generator) as adapters:
+        if rank:  # every process starts from the same adapters, then draws its own batches
+            generator = torch.Generator("cpu").manual_seed(_process_seed(config.seed, rank))
         optimizer = torch.optim.Adam(adapters.parameters(), lr=config.lr)
         predictions = Predictions(wrapper, adapters)
         losses: list[float] = []
@@ -339,7 +372,7 @@ def train_lora(
         resumed_from = 0
         latest = _latest_checkpoint(folder) if folder else None
         if latest is not None:
-            state = _load_checkpoint(latest, adapters, optimizer, generator)
+            state = _load_checkpoint(latest, adapters, optimizer, generator, rank)
             losses, seconds_before = list(state["losses"]), float(state["seconds"])
             resumed_from = len(losses)
             if resumed_from > config.steps:
@@ -349,8 +382,9 @@ def train_lora(
                 )
             logger.info("resuming %s from step %d of %d", folder, resumed_from, config.steps)
         run_start = time.perf_counter()
+        show = (None if main else False) if progress is None else (progress and main)
         bar = tqdm(total=config.steps, initial=resumed_from, desc=description, unit="step",
-                   disable=(not progress) if progress is not None else None)  # fmt: skip
+                   disable=None if show is None else not show)  # fmt: skip
         with bar:
             for step in range(resumed_from, config.steps):
                 latents, timesteps, owners = _draw(pool, config.batch_size, generator, device)
@@ -359,15 +393,23 @@ def train_lora(
                     loss = loss_fn(batch, predictions)
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(loss)
+                loss = loss.detach()
+                if processes > 1:  # gradient sync: every process takes the step of the mean gradient
+                    for param in adapters.parameters():
+                        param.grad = accelerator.reduce(param.grad, reduction="mean")
+                    loss = accelerator.reduce(loss, reduction="mean")
                 optimizer.step()
-                losses.append(float(loss.detach()))
+                losses.append(float(loss))
                 bar.set_postfix(loss=f"{losses[-1]:.4g}")
                 bar.update(1)
                 done = step + 1
                 if folder is not None and (done % config.checkpoint_every == 0 or done == config.steps):
                     seconds = seconds_before + time.perf_counter() - run_start
-                    meta = {"step": done, "losses": losses, "seconds": seconds}
-                    _save_checkpoint(folder, done, adapters, optimizer, generator, meta)
+                    meta = {"step": done, "losses": losses, "seconds": seconds, "processes": processes}
+                    states = _generator_states(accelerator, generator)
+                    if main:
+                        _save_checkpoint(folder, done, adapters, optimizer, states, meta)
+                    accelerator.wait_for_everyone()
         train_seconds = seconds_before + time.perf_counter() - run_start
         factors = adapters.factors()
         modules = list(adapters.names)
@@ -386,6 +428,8 @@ def train_lora(
         "peak_memory_mb": peak,
         "peak_memory_kind": peak_kind,
         "resumed_from_step": resumed_from,
+        "processes": processes,
+        "examples_per_step": config.batch_size * processes,
         "lora_modules": len(modules),
         "trainable_parameters": sum(a.numel() + b.numel() for a, b in factors.values()),
     }

@@ -6,7 +6,6 @@ import json
 import os
 import runpy
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from launch import two_process_launcher
 from PIL import Image
 
 from erase import ArtifactMismatchError
@@ -318,12 +318,6 @@ def _run(*args: str, launcher: list[str] | None = None) -> subprocess.CompletedP
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _prompt_file(tmp_path: Path) -> Path:
     path = tmp_path / "prompts.csv"
     path.write_text(
@@ -359,14 +353,11 @@ def test_script_bad_input_is_one_line_exit_2(tmp_path, clip_dir, artifact_dir, c
 
 
 def test_accelerate_launch_two_processes_matches_in_process(tmp_path, clip_dir, artifact_dir, wrapper, scorer):
-    if shutil.which("accelerate") is None:
+    launcher = two_process_launcher()
+    if launcher is None:
         pytest.skip("accelerate launcher not installed")
     prompts = _prompt_file(tmp_path)
     out = tmp_path / "launched"
-    # accelerate 1.x's --cpu launcher starts one process (without mpirun); --multi_gpu is torchrun, and the script
-    # joins the processes over gloo when the device is the CPU.
-    launcher = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    launcher += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
     args = ["--model", "tiny", "--prompts", str(prompts), "--erasure", str(artifact_dir), "--scorer", str(clip_dir)]
     args += ["--steps", str(STEPS), "--images-per-prompt", "2", "--batch-size", "3", "--quiet", "--device", "cpu"]
     args += ["--out", str(out)]

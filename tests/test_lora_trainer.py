@@ -191,3 +191,55 @@ def test_more_steps_in_the_same_folder_continue_a_finished_run(tiny, tmp_path):
         assert (longer.deltas[name] - delta).abs().max() <= 1e-6, name
     with pytest.raises(ValueError, match="beyond steps=6"):
         erase_concepts(tiny, spec, "esd", ESDConfig(steps=6, checkpoint_dir=folder, **settings))
+
+
+_TWO_PROCESS_TRAINING = """
+import json, sys
+import torch
+from safetensors.torch import save_file
+from accelerate import PartialState
+from erase import ConceptSpec, erase_concepts
+from erase.esd import ESDConfig
+from pipelines import load_pipeline
+
+torch.set_num_threads(1)
+out, checkpoints = sys.argv[1:3]
+rank = PartialState(cpu=True).process_index
+config = ESDConfig(steps=6, lr=1e-2, pool_images=2, pool_steps=4, checkpoint_dir=checkpoints, checkpoint_every=3)
+edit = erase_concepts(load_pipeline("tiny"), ConceptSpec(("van gogh",)), "esd", config)
+save_file({k: v.contiguous() for k, v in edit.deltas.items()}, f"{out}/deltas-{rank}.safetensors")
+json.dump(edit.info, open(f"{out}/info-{rank}.json", "w"))
+"""
+
+
+def test_two_processes_sync_gradients_and_end_with_the_same_adapters(tiny, tmp_path):
+    import os
+    import subprocess
+
+    from launch import two_process_launcher
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from erase import ConceptSpec, erase_concepts
+    from erase.esd import ESDConfig
+
+    launcher = two_process_launcher()
+    if launcher is None:
+        pytest.skip("accelerate launcher not installed")
+    script = tmp_path / "train.py"
+    script.write_text(_TWO_PROCESS_TRAINING)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*launcher, str(script), str(tmp_path), str(tmp_path / "ckpt")], capture_output=True,
+                            text=True, timeout=600, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [load_file(str(tmp_path / f"deltas-{r}.safetensors")) for r in (0, 1)]
+    infos = [json.loads((tmp_path / f"info-{r}.json").read_text()) for r in (0, 1)]
+    assert set(ranks[0]) == set(ranks[1]) and all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    assert infos[0]["processes"] == 2 and infos[0]["examples_per_step"] == 2
+    assert infos[0]["loss_per_100_steps"] == infos[1]["loss_per_100_steps"]  # the loss is averaged too
+    # Each process drew its own batches: the synced run is not a one-process run of the same seed.
+    alone = erase_concepts(tiny, ConceptSpec(("van gogh",)), "esd", ESDConfig(steps=6, lr=1e-2, pool_images=2,
+                                                                              pool_steps=4))  # fmt: skip
+    assert any(not torch.allclose(alone.deltas[k], ranks[0][k], atol=1e-6) for k in ranks[0])
+    with safe_open(str(tmp_path / "ckpt" / "step-00000006" / "optimizer.safetensors"), "pt") as f:
+        assert {"generator", "generator.1"} <= set(f.keys())

@@ -1,0 +1,22 @@
+"""Starting real multi-process runs in tests: accelerate's launcher, two CPU processes joined over gloo."""
+
+import shutil
+import socket
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def two_process_launcher() -> list[str] | None:
+    """``accelerate launch`` for two local processes, or ``None`` where the launcher is not installed.
+
+    accelerate 1.x's ``--cpu`` launcher starts one process (without mpirun); ``--multi_gpu`` is torchrun, and the
+    processes join over gloo when the code asks accelerate for the CPU.
+    """
+    if shutil.which("accelerate") is None:
+        return None
+    launcher = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    return launcher + ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
