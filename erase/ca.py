@@ -32,16 +32,15 @@ sampling trajectories per anchor (the sampler's timesteps) rather than freshly n
 timesteps; and the prompts are the bare concept and anchor, not captions. The command line's default guide for art
 is "art", not the reference's "painting": pass ``--guide painting`` for the reference's anchor.
 
-Measured on the micro world (``scripts/measure_erasure.py --concept "van gogh" --method ca --images 32``, guide
-"art", CLIP and judge agree on the erased groups): the defaults leave van gogh at 100%; ``--set lr=1e-3`` (100
-steps, batch 8) only halfway: van gogh 72%, "vincent van gogh" 69%, "starry night style" 66% (drawn as warhol, the
-micro model's "art"). ``--set lr=3e-3``: van gogh and both synonyms 100 -> 0% (all read as warhol), the five other
-styles kept (monet 96.9 -> 100%), objects 93.8 -> 93.8% (judge 90.6 -> 96.9%), colours 100 -> 96.9% (judge the
-same); the edit took about 15 s wall on 2 cores. The same with ``--preserve-set world`` (21 anchors): still 0% on
-all three, other styles kept, objects 93.8 -> 100% (judge 90.6 -> 90.6%), colours 100 -> 96.9%. With the
-reference's anchor, ``--guide painting --set lr=3e-3``, much weaker: van gogh 87.5%, the synonyms 87.5% and 78.1%
-(our guess: the micro model's "painting" images are partly van gogh's, so the target keeps some of it). 32 images
-a group: a first look, not the issue's 100-image bar.
+Measured on the micro world (``scripts/measure_erasure.py --concept "van gogh" --method ca --images 100``, guide
+"art", CLIP / judge, before -> after): the defaults leave van gogh at 100% (32 images); ``--set lr=1e-3`` (100
+steps, batch 8) erases it only halfway (72%, 32 images). ``--set lr=3e-3``: van gogh 100 -> 1 / 100 -> 1%,
+"vincent van gogh" 100 -> 2 / 2%, "starry night style" 100 -> 1 / 1% (all read as warhol, the micro model's
+"art"); the five other styles 98-100% after (monet 99 -> 98%, judge 100 -> 100%); objects 87.5 -> 88.5% (judge 91.7
+-> 92.7%), colours 94.8 -> 93.8% (judge 97.9 -> 94.8%); the edit took 15.8 s wall. With ``--preserve-set world``
+(21 anchors, 32 images) still 0% on all three, other styles kept. With the reference's anchor, ``--guide painting
+--set lr=3e-3`` (32 images), much weaker: van gogh 87.5%, the synonyms 87.5% and 78.1% (our guess: the micro
+model's "painting" images are partly van gogh's, so the target keeps some of it).
 """
 
 from __future__ import annotations

@@ -94,12 +94,14 @@ def test_erase_script_runs_esd_with_set(tmp_path, capsys):
     out = tmp_path / "vg"
     argv = ["--model", "tiny", "--concept", "van gogh", "--method", "esd", "--no-check", "--preserve", "monet",
             "--out", str(out), "--json"]  # fmt: skip
-    argv += ["--set", "steps=3", "--set", "pool_steps=3", "--set", "pool_images=1"]
+    argv += ["--steps", "3", "--lr", "1e-3", "--rank", "2", "--seed", "7", "--set", "pool_steps=3"]
+    argv += ["--set", "pool_images=1"]
     assert script.main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["method"] == "esd" and summary["weight_format"] == "lora"
     meta = json.loads((out / "erasure.json").read_text())
     assert meta["config"]["steps"] == 3 and meta["config"]["anchor_prompts"] == ["monet"]
+    assert (meta["config"]["lr"], meta["config"]["rank"], meta["config"]["seed"]) == (1e-3, 2, 7)
     assert meta["preserve"] == ["monet"]
 
 
