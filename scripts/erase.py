@@ -169,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.model in ("micro", "tiny", "tiny-sdxl") or os.path.isdir(args.model):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            raise ValueError(
+                "scripts/erase.py runs as one process: for multi-process training launch your own script that calls "
+                "erase.erase_concepts (see the README)"
+            )
         if not args.list_methods:
             validate_early(args)
         import torch

@@ -165,3 +165,9 @@ def test_existing_artifact_needs_overwrite(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as third:
         runpy.run_path(str(SCRIPT), run_name="__main__")
     assert third.value.code == 0
+
+
+def test_a_multi_process_launch_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = run_in_process(capsys, "--model", "tiny", "--concept", "van gogh", "--out", str(tmp_path / "o"))
+    assert code == 2 and "runs as one process" in err and not (tmp_path / "o").exists()
