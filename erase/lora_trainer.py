@@ -16,14 +16,15 @@ The reference implementations differ:
   drift as the model forgets the concept (and each iteration pays a partial denoising run).
 * ESD's newer diffusers script (``esd_sd.py``) samples x_t with the FROZEN base UNet (``pipe.unet = base_unet``
   before the partial run), still one partial denoising run per iteration, and holds two UNets.
-* Concept ablation (Kumari et al.) noises images the frozen model generated once, before training (a fixed set);
-  SPM (Lyu et al.) trains on latents noised from frozen-model samples as well.
+* Concept ablation (Kumari et al.) noises images the frozen model generated once, before training (a fixed set).
+* SPM (Lyu et al., ``train_spm.py``) samples with the model being TRAINED, like the older ESD script: each
+  iteration runs DDIM (30 steps, guidance 3) with the adapter on up to a random step.
 
 We sample from the frozen model, once: the frozen model's trajectories do not change while the LoRA trains, so a
 pool of ``pool_images`` trajectories per prompt is drawn before training (every UNet input of a sampling run is a
 training example), and each step draws (x_t, t) from it uniformly. This is the newer ESD script's distribution
-without its per-iteration denoising cost, and what concept ablation and SPM do. What it gives up is the older
-script's on-policy drift, which we do not reproduce.
+without its per-iteration denoising cost, and close to what concept ablation does. What it gives up is the
+on-policy drift of the older ESD script and of SPM, which we do not reproduce.
 
 Determinism and resuming
 ------------------------
