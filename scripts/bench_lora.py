@@ -17,10 +17,16 @@ the full before/after tables are ``scripts/measure_erasure.py``'s business.
 
 Measured on 2 CPU cores (each erases van gogh on micro, 32 images a group):
 
-* ``--set lr=1e-3`` (esd, 200 steps, batch 1): 31.6 CPU-s, 15.9 s wall (pool 4.4 s, training 11.4 s); 56.9 ms a
-  step = 1.46 x a forward+backward (39.1 ms); peak 967 MB resident = 1.07 x the loaded pipeline (903 MB).
+* ``--set lr=1e-3 --efficacy-at 25,50,100,150,200`` (esd, batch 1): van gogh 100% after 25, 50 and 100 steps, 31%
+  after 150, 0% after 200 steps = 35.6 CPU-s of edits, pool included (the goal: at most 40 CPU-s, one fifth of the
+  official ESD-x script's ~200 CPU-s for 6%). 200 steps: 36.2 CPU-s, 18.2 s wall (pool 3.4 s, training 14.7 s);
+  73.6 ms a step = 1.65 x a forward+backward (44.5 ms); peak 982 MB resident = 1.07 x the loaded pipeline (917 MB).
+  (An earlier run of the same: 56.9 ms a step = 1.46 x; the machine was shared in both.)
 * ``--method ca --set lr=3e-3`` (100 steps, batch 8): 32.1 CPU-s, 16.1 s wall (pool 2.2 s, training 13.9 s);
   138.6 ms a step = 1.51 x a forward+backward (91.6 ms); peak 1005 MB = 1.09 x the loaded pipeline (921 MB).
+* ``--method spm --set lr=1e-3`` (batch 1, 4 latent anchors a step): 172.6 ms a step = 4.37 x a forward+backward
+  (the anchors add 4 frozen and 4 trained predictions); peak 1000 MB = 1.09 x; van gogh still 100% after 400 steps
+  (156 CPU-s).
 """
 
 from __future__ import annotations
