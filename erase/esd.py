@@ -40,6 +40,14 @@ concepts (``--preserve-set world``, weight 1, same 200 steps) objects hold (87.5
 colours 94.8 -> 95.8%, judge 97.9 -> 96.9%) but van gogh is only erased to 20% ("vincent van gogh" 38%, "starry
 night style" 27%): the anchors buy preservation with efficacy at equal steps. The edit took 16.5 s wall
 (26.7 s with the anchors).
+
+Several concepts share the steps. Five styles at once (van gogh, mondrian, seurat, picasso, monet; ``--set lr=1e-3``,
+100 images a group): at 200 steps nothing is erased (97-100% on every name and synonym) while objects fall 87.5 ->
+80.2% (judge 91.7 -> 81.2%) and colours 94.8 -> 85.4%; at ``--set steps=1000`` every style and synonym is at 0-13%
+(van gogh 6%, picasso 11%, "cubism" and "starry night style" 13%; each erased style reads as another erased one)
+and warhol stays at 98%, but objects fall to 45.8% (judge 50.0%) and colours to 45.8% (judge 45.8%): five styles
+erased through cross-attention at this rate break what was to be kept. Not measured yet: the anchor term on the
+world's other concepts for the five-style run.
 """
 
 from __future__ import annotations
