@@ -121,8 +121,8 @@ model, lora, out = sys.argv[1:4]
 pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
 pipe.set_progress_bar_config(disable=True)
 pipe.load_lora_weights(lora)
-images = [pipe("a painting by van gogh", generator=torch.Generator("cpu").manual_seed(seed), num_inference_steps=8,
-               output_type="np").images[0] for seed in (0, 1)]
+images = [pipe("a painting by van gogh", generator=torch.Generator("cpu").manual_seed(seed), num_inference_steps=6,
+               output_type="np").images[0] for seed in (0,)]
 numpy.save(out, numpy.stack(images))
 """
 
@@ -144,8 +144,8 @@ def test_a_fresh_plain_diffusers_process_draws_what_the_in_memory_edit_draws_on_
     def draw():
         return np.stack([
             micro.pipe("a painting by van gogh", generator=torch.Generator("cpu").manual_seed(seed),
-                       num_inference_steps=8, output_type="np").images[0]
-            for seed in (0, 1)
+                       num_inference_steps=6, output_type="np").images[0]
+            for seed in (0,)
         ])  # fmt: skip
 
     micro.pipe.set_progress_bar_config(disable=True)

@@ -204,27 +204,30 @@ def test_uce_defaults_are_the_reference_closed_form(model, edit, guides, preserv
         assert (artifact.deltas[name].double() - change).norm() / change.norm() <= 1e-4, name
 
 
-@pytest.mark.parametrize("method", [m for m in erase.available_methods() if erase.get_method(m).family == "lora"])
-def test_audit_script_takes_lora_artifacts_unchanged(tmp_path, clip_dir, method, capsys):
-    """``scripts/audit.py --erasure`` on each LoRA method's artifact, as ``scripts/erase.py`` saves it."""
+def test_audit_script_takes_lora_artifacts_unchanged(tmp_path, clip_dir, capsys):
+    """``scripts/audit.py --erasure`` on LoRA artifacts as ``scripts/erase.py`` saves them: esd (cross-attention)
+    and spm (every transformer-block Linear, rank 1), side by side in one audit."""
     import runpy
     from pathlib import Path
 
     from pipelines import load_pipeline
 
     tiny = load_pipeline("tiny")
-    artifact = erase_concepts(tiny, ConceptSpec(("van gogh",)), method, _fast_config(method))
-    folder = erase.save_artifact(artifact, tmp_path / method, tiny)
+    folders = []
+    for method in ("esd", "spm"):
+        artifact = erase_concepts(tiny, ConceptSpec(("van gogh",)), method, _fast_config(method))
+        folders.append(erase.save_artifact(artifact, tmp_path / method, tiny))
     prompts = tmp_path / "p.csv"
     prompts.write_text(
         "prompt,seed,concept,category,role\na painting by van gogh,1,van gogh,style,target\n"
         "a painting by monet,2,monet,style,neighbour\na red star,3,star,object,unrelated\n"
     )
     script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "audit.py"), run_name="audit_script")
-    args = ["--model", "tiny", "--scorer", str(clip_dir), "--prompts", str(prompts), "--erasure", str(folder)]
+    args = ["--model", "tiny", "--scorer", str(clip_dir), "--prompts", str(prompts)]
+    args += [a for folder in folders for a in ("--erasure", str(folder))]
     out = tmp_path / "audit"
     assert script["main"]([*args, "--steps", "2", "--images-per-prompt", "1", "--quiet", "--out", str(out)]) == 0
     saved = json.loads((out / "metrics.json").read_text())
-    original, erased = saved["models"]
-    assert erased["artifact"]["method"] == method and (out / "report.html").is_file()
-    assert erased["vs_original"]["image_similarity"]["all"]["n"] == original["clip"]["efficacy"]["n"] + 2
+    original, *erased = saved["models"]
+    assert [m["artifact"]["method"] for m in erased] == ["esd", "spm"] and (out / "report.html").is_file()
+    assert all(m["vs_original"]["image_similarity"]["all"]["n"] == 3 for m in erased)
