@@ -277,6 +277,10 @@ def run_erase(
         concept_type=concept_type, preserve_sets=preserve_sets, expand_prompts=expand_prompts,
     )  # fmt: skip
     folder = check_output_folder(out if out else default_output_folder(concept_spec.targets, method), overwrite)
+    if check:
+        wrapper.check_sampler_steps(check_steps)
+    if getattr(config, "pool_steps", None) is not None:  # the LoRA methods' trajectories, sampled before training
+        wrapper.check_sampler_steps(config.pool_steps)
     scorer_name, clip = load_check_scorer(wrapper, scorer) if check else (None, None)
     artifact = erase_concepts(wrapper, concept_spec, method, config)
     result, extra_files = None, {}

@@ -11,6 +11,7 @@ SD 1.x/2.x and the micro world use one text encoder; SDXL's two are concatenated
 from __future__ import annotations
 
 import contextlib
+import copy
 import fnmatch
 import hashlib
 import logging
@@ -549,6 +550,7 @@ class PipelineWrapper:
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.check_sampler_steps(steps)
         images: list[Image.Image] = []
         batches = range(0, len(prompts), batch_size)
         for start in tqdm(batches, desc="generating", unit="batch", disable=not progress or len(batches) < 2):
@@ -569,6 +571,18 @@ class PipelineWrapper:
             )
             images.extend(Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8)) for a in result.images)
         return images
+
+    def check_sampler_steps(self, steps: int) -> None:
+        """``ValueError`` in one line when the pipeline's sampler cannot run ``steps`` steps (PNDM, SD 1.x's own
+        sampler, needs at least 4), instead of the scheduler's numpy error in the middle of a run."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"sampling steps must be an integer >= 1, got {steps!r}")
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        try:
+            scheduler.set_timesteps(steps)
+        except (ValueError, IndexError) as err:
+            name = type(scheduler).__name__
+            raise ValueError(f"the model's sampler ({name}) cannot run {steps} steps: {err}; use more steps") from None
 
     # ------------------------------------------------------------------ weight edits
     @torch.no_grad()

@@ -111,3 +111,20 @@ def test_missing_models_fail_with_one_line(tmp_path):
     with pytest.raises(ModelNotFoundError) as err:
         load_pipeline("no-such-org/no-such-model")
     assert "\n" not in str(err.value)
+
+
+def test_a_step_count_the_sampler_cannot_run_is_one_clear_error(tmp_path):
+    """SD 1.x ships PNDM, which cannot run fewer than 4 steps: a ValueError naming it, before any work."""
+    from diffusers import PNDMScheduler
+
+    from erase.workflow import run_erase
+
+    wrapper = load_pipeline("tiny")
+    wrapper.pipe.scheduler = PNDMScheduler.from_config(wrapper.pipe.scheduler.config)
+    wrapper.check_sampler_steps(4)
+    with pytest.raises(ValueError, match="PNDMScheduler\\) cannot run 2 steps"):
+        wrapper.generate(["a cat"], [0], steps=2, progress=False)
+    overrides = {"steps": 1, "pool_steps": 2, "pool_images": 1}
+    with pytest.raises(ValueError, match="cannot run 2 steps"):
+        run_erase(wrapper, ["van gogh"], method="esd", out=tmp_path / "o", check=False, config_overrides=overrides)
+    assert not (tmp_path / "o").exists()
