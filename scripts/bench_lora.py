@@ -24,6 +24,12 @@ Measured on 2 CPU cores (each erases van gogh on micro, 32 images a group):
   (An earlier run of the same: 56.9 ms a step = 1.46 x; the machine was shared in both.)
 * ``--method ca --set lr=3e-3`` (100 steps, batch 8): 32.1 CPU-s, 16.1 s wall (pool 2.2 s, training 13.9 s);
   138.6 ms a step = 1.51 x a forward+backward (91.6 ms); peak 1005 MB = 1.09 x the loaded pipeline (921 MB).
+* SD 1.4 shapes, random weights (``--model /tmp/sd14 --set steps=2 --set pool_images=1 --set pool_steps=4
+  --repeats 1``; esd, 64 LoRA modules, 397,824 parameters): 24.3 s a training step = 2.01 x one UNet
+  forward+backward at batch 1 (12.1 s) on 2 CPU cores; the pool's one 4-step PNDM run took 159 s; peak 7239 MB
+  resident (the float32 pipeline is about 4.3 GB; that run's baseline of 900 MB was measured before the weights
+  were read, which this script now does). A GPU user can scale from their own UNet forward+backward: about 2 of
+  them a step at batch 1, plus the pool (pool_images x pool_steps sampler steps per concept, once).
 * ``--method spm --set lr=1e-3`` (batch 1, 4 latent anchors a step): 172.6 ms a step = 4.37 x a forward+backward
   (the anchors add 4 frozen and 4 trained predictions); peak 1000 MB = 1.09 x; van gogh still 100% after 400 steps
   (156 CPU-s).
@@ -135,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--efficacy-at needs step counts >= 1, --images >= 1 and the micro model (its probes)")
 
     wrapper = load_pipeline(args.model)
+    # safetensors weights are memory-mapped: read every one so the baseline is the pipeline resident in memory
+    with torch.no_grad():
+        for module in wrapper.components().values():
+            for param in module.parameters():
+                param.sum()
     baseline = peak_rss_mb()
     spec, config = erasure_settings(
         wrapper, [args.concept], args.method, args.guide, args.preserve, parse_config_overrides(args.set)

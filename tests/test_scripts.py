@@ -112,3 +112,13 @@ def test_world_sheet_command(tmp_path):
     _run("world_sheet.py", "--out", str(out), "--scale", "1", cwd=tmp_path)
     with Image.open(out) as sheet:
         assert sheet.width >= 8 * 64 and sheet.height == 7 * 64  # 8 objects by 7 styles
+
+
+def test_bench_lora_prints_cost_memory_and_the_efficacy_curve(tmp_path):
+    args = ["--set", "pool_images=1", "--set", "pool_steps=4", "--repeats", "1", "--threads", "1"]
+    result = _run("bench_lora.py", "--model", "tiny", "--set", "steps=2", *args, cwd=tmp_path)
+    assert "per training step" in result.stdout and "x one UNet forward+backward" in result.stdout
+    assert "x the process after load_pipeline" in result.stdout
+    result = _run("bench_lora.py", "--set", "steps=1", "--efficacy-at", "1,2", "--images", "2", *args, cwd=tmp_path)
+    lines = [line for line in result.stdout.splitlines() if "CPU-s  'van gogh'" in line]
+    assert [line.split()[0] for line in lines] == ["0", "1", "2"]
