@@ -7,6 +7,9 @@ Layout::
                                            the weights file's sha256 and the weight norms before and after the edit
       pytorch_lora_weights.safetensors     weight_format "lora": dW = B A per module, with peft adapter metadata
       edited_weights.safetensors           weight_format "full": dW per module, when low rank would not be smaller
+      intervention.json, intervention.safetensors, sae.safetensors, sae.json
+                                           weight_format "intervention": the SAE family's runtime edit
+                                           (``erase.intervention``), installed with ``erase.attach``
       pipeline/                            optional full ``save_pretrained`` export of the edited pipeline
       before_after.png                     optional picture of the check ``scripts/erase.py`` runs
 
@@ -16,6 +19,7 @@ swapped in whole), follows the user's umask, and never deletes anything but an e
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime as _dt
 import errno
@@ -27,6 +31,7 @@ import math
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,12 +45,12 @@ from pipelines import PipelineWrapper, wrap_pipeline
 from .layout import (
     ARTIFACT_ENTRIES,
     FULL_FILE,
-    LORA_FILE,
     LOW_PRECISION_NORM_RTOL,
     METADATA_FILE,
     PIPELINE_FOLDER,
     SCHEMA_VERSION,
     TEMPORARY_MARK,
+    WEIGHTS_FILES,
     ArtifactError,
     ArtifactExistsError,
     ArtifactMismatchError,
@@ -88,6 +93,10 @@ class ErasureArtifact:
     weight_norms: dict[str, dict[str, float]] | None = None
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     version: str = ""
+    #: the runtime family's edit (``erase.intervention.SAEIntervention``); ``deltas`` is then empty
+    intervention: Any = None
+    #: the hooks of ``apply_artifact`` for a runtime artifact (remove them to restore the pipeline)
+    handle: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.version:
@@ -97,7 +106,23 @@ class ErasureArtifact:
 
     @property
     def layers(self) -> list[str]:
-        return sorted(self.deltas)
+        """The modules the artifact edits: weight-changed Linears, or the runtime edit's hook point."""
+        return [self.intervention.hook_point] if self.intervention is not None else sorted(self.deltas)
+
+    @property
+    def fingerprint_modules(self) -> list[str]:
+        """The modules whose weights ``base_fingerprint`` covers (a runtime edit depends on its whole component)."""
+        return [self.intervention.component] if self.intervention is not None else self.layers
+
+    @contextlib.contextmanager
+    def applied(self, wrapper: PipelineWrapper) -> Iterator[None]:
+        """The edit in force for the ``with`` block (weights restored, or hooks removed, afterwards); unchecked."""
+        if self.intervention is not None:
+            with self.intervention.attach(wrapper):
+                yield
+        else:
+            with wrapper.weight_deltas(self.deltas):
+                yield
 
     def metadata(
         self, weight_format: str, ranks: dict[str, int] | None = None, weights_sha256: str | None = None
@@ -227,22 +252,29 @@ def save_artifact(
         if name not in ARTIFACT_ENTRIES:
             raise ValueError(f"{name!r} is not a file an artifact folder holds")
     _check_finite(artifact.deltas, "the weight change")
-    factors = artifact.factors or {name: low_rank_factors(d) for name, d in artifact.deltas.items()}
-    lora_size = sum(a.numel() + b.numel() for a, b in factors.values())
-    full_size = sum(d.numel() for d in artifact.deltas.values())
-    weight_format = "lora" if lora_size < full_size else "full"
+    if artifact.intervention is not None:
+        factors, weight_format = {}, "intervention"
+    else:
+        factors = artifact.factors or {name: low_rank_factors(d) for name, d in artifact.deltas.items()}
+        lora_size = sum(a.numel() + b.numel() for a, b in factors.values())
+        full_size = sum(d.numel() for d in artifact.deltas.values())
+        weight_format = "lora" if lora_size < full_size else "full"
     folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(folder)
     tmp = folder.with_name(f".{folder.name}{TEMPORARY_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
-        if weight_format == "lora":
+        ranks: dict[str, int] = {}
+        if weight_format == "intervention":
+            artifact.intervention.save(tmp)
+        elif weight_format == "lora":
             wrapper.save_lora_weights(tmp, factors)
             ranks = {name: int(a.shape[0]) for name, (a, _) in factors.items()}
         else:
             save_file({k: v.contiguous() for k, v in artifact.deltas.items()}, str(tmp / FULL_FILE))
-            ranks = {}
-        weights_sha256 = _sha256(tmp / (LORA_FILE if weight_format == "lora" else FULL_FILE))
+        weights_sha256 = _sha256(tmp / WEIGHTS_FILES[weight_format])
+        if weight_format == "intervention" and export_pipeline:
+            raise ValueError("a runtime intervention changes no weights: there is no edited pipeline to export")
         if export_pipeline or (export_pipeline is None and weight_format == "full"):
             with wrapper.weight_deltas(artifact.deltas):
                 wrapper.export_pipeline(tmp / PIPELINE_FOLDER)
@@ -266,7 +298,9 @@ def save_artifact(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("saved %s artifact (%s, %d modules) to %s", artifact.method, weight_format, len(factors), folder)
+    logger.info(
+        "saved %s artifact (%s, %d modules) to %s", artifact.method, weight_format, len(artifact.layers), folder
+    )
     return folder
 
 
@@ -304,7 +338,7 @@ def _check_metadata(meta: Any, meta_path: Path) -> None:
         raise ArtifactError(f"{meta_path} lists no layers: the artifact changes nothing")
     if not meta["concepts"]:
         raise ArtifactError(f"{meta_path} lists no concepts")
-    if meta.get("weight_format", "lora") not in ("lora", "full"):
+    if meta.get("weight_format", "lora") not in WEIGHTS_FILES:
         raise ArtifactError(f"{meta_path}: unknown weight_format {meta.get('weight_format')!r}")
 
 
@@ -320,7 +354,7 @@ def load_artifact(folder: str | Path) -> ErasureArtifact:
         raise ArtifactError(f"{meta_path} is corrupt: {err}") from err
     _check_metadata(meta, meta_path)
     fmt = meta.get("weight_format", "lora")
-    weights_path = folder / (LORA_FILE if fmt == "lora" else FULL_FILE)
+    weights_path = folder / WEIGHTS_FILES[fmt]
     if not weights_path.is_file():  # also refuses a FIFO or device, which open() would block on
         raise ArtifactError(f"cannot read {weights_path}: not a regular file")
     if meta.get("weights_sha256") and _sha256(weights_path) != meta["weights_sha256"]:
@@ -332,7 +366,17 @@ def load_artifact(folder: str | Path) -> ErasureArtifact:
     _check_finite(tensors, str(weights_path.name))
     deltas: dict[str, torch.Tensor] = {}
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for name in meta["layers"]:
+    intervention = None
+    if fmt == "intervention":
+        from .intervention import SAEIntervention
+
+        try:
+            intervention = SAEIntervention.load(folder)
+        except ValueError as err:
+            raise ArtifactError(str(err)) from err
+        if meta["layers"] != [intervention.hook_point]:
+            raise ArtifactError(f"{meta_path}: layers must list the intervention's hook point")
+    for name in meta["layers"] if intervention is None else []:
         if fmt == "lora":
             component, _, path = name.partition(".")
             key_a, key_b = f"{component}.{path}.lora_A.weight", f"{component}.{path}.lora_B.weight"
@@ -365,6 +409,7 @@ def load_artifact(folder: str | Path) -> ErasureArtifact:
         weight_norms=meta.get("weight_norms") if isinstance(meta.get("weight_norms"), dict) else None,
         created=str(meta.get("created", "")),
         version=str(meta.get("erase_version", "unknown")),
+        intervention=intervention,
     )
 
 
@@ -382,6 +427,9 @@ def check_artifact_base(wrapper: PipelineWrapper, artifact: ErasureArtifact, whe
     cases apart: a pipeline that already holds this edit (refused: applying twice doubles the edit), and a
     float16/bfloat16 copy of the same base (accepted: its rounded weights cannot match a float32 fingerprint).
     """
+    if artifact.intervention is not None:
+        _check_runtime_base(wrapper, artifact, where)
+        return
     try:
         found = wrapper.fingerprint(artifact.layers)
     except KeyError as err:
@@ -405,15 +453,38 @@ def check_artifact_base(wrapper: PipelineWrapper, artifact: ErasureArtifact, whe
     )
 
 
+def _check_runtime_base(wrapper: PipelineWrapper, artifact: ErasureArtifact, where: str) -> None:
+    """A runtime edit reads a whole component: its fingerprint must match, or, in float16/bfloat16, its norm."""
+    component = artifact.intervention.component
+    try:
+        wrapper.hook_point(artifact.intervention.hook_point)
+    except ValueError as err:
+        raise ArtifactMismatchError(f"{where}: {err}; it was made for {artifact.base_model!r}") from err
+    if wrapper.fingerprint([component]) == artifact.base_fingerprint:
+        return
+    expected = ((artifact.weight_norms or {}).get("base") or {}).get(component)
+    if wrapper.dtype != torch.float32 and isinstance(expected, int | float):
+        if math.isclose(wrapper.parameter_norm(component), float(expected), rel_tol=LOW_PRECISION_NORM_RTOL):
+            return
+    raise ArtifactMismatchError(
+        f"{where} was made for base model {artifact.base_model!r} (its {component}'s weights "
+        f"{artifact.base_fingerprint[:12]}), but {wrapper.model_id!r} has different weights"
+    )
+
+
 def apply_artifact(wrapper: PipelineWrapper, artifact: ErasureArtifact | str | Path) -> ErasureArtifact:
     """Edit ``wrapper`` in place with the artifact, after checking it was made for these base weights.
 
-    All or nothing: every module and shape is checked before the first weight changes.
+    All or nothing: every module and shape is checked before the first weight changes. A runtime intervention is
+    attached instead (``artifact.handle.remove()`` takes it off again).
     """
     if not isinstance(artifact, ErasureArtifact):
         artifact = load_artifact(artifact)
     check_artifact_base(wrapper, artifact)
-    wrapper.apply_weight_deltas(artifact.deltas)
+    if artifact.intervention is not None:
+        artifact.handle = artifact.intervention.attach(wrapper)
+    else:
+        wrapper.apply_weight_deltas(artifact.deltas)
     return artifact
 
 
@@ -429,4 +500,7 @@ def load(pipe: Any, folder: str | Path) -> ErasureArtifact:
         erase.load(pipe, "erased/van-gogh-uce")
     """
     wrapper = wrap_pipeline(pipe)
-    return apply_artifact(wrapper, folder)
+    artifact = load_artifact(folder)
+    if artifact.intervention is not None:
+        raise ArtifactError(f"{folder} is a runtime intervention ({artifact.method}): install it with erase.attach")
+    return apply_artifact(wrapper, artifact)

@@ -16,6 +16,7 @@ __all__ = [
     "ConceptType",
     "check_concept_text",
     "concept_key",
+    "check_integer_fields",
     "parse_config_overrides",
 ]
 
@@ -37,6 +38,14 @@ def check_concept_text(text: object, what: str) -> str:
     if not any(unicodedata.category(ch)[0] in "LNPS" for ch in text):
         raise ValueError(f"{what} {text!r} has no visible characters")
     return text
+
+
+def check_integer_fields(config: object, names: Sequence[str], minimum: int = 1) -> None:
+    """``ValueError`` naming the first of a config's fields that is not an integer >= ``minimum`` (bools refused)."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def parse_config_overrides(pairs: Sequence[str]) -> dict[str, object]:

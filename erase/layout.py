@@ -16,6 +16,7 @@ __all__ = [
     "ArtifactExistsError",
     "ArtifactMismatchError",
     "check_output_folder",
+    "check_writable_folder",
     "default_output_folder",
 ]
 
@@ -25,8 +26,12 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 FULL_FILE = "edited_weights.safetensors"
 PIPELINE_FOLDER = "pipeline"
 CHECK_PICTURE = "before_after.png"
+INTERVENTION_ENTRIES = ("intervention.json", "intervention.safetensors", "sae.safetensors", "sae.json")
+#: the file whose sha256 ``erasure.json`` records, by weight format
+WEIGHTS_FILES = {"lora": LORA_FILE, "full": FULL_FILE, "intervention": "intervention.safetensors"}
 #: Everything an artifact folder may hold; ``overwrite`` replaces a folder only if it holds nothing else.
-ARTIFACT_ENTRIES = frozenset({METADATA_FILE, LORA_FILE, FULL_FILE, PIPELINE_FOLDER, CHECK_PICTURE})
+ARTIFACT_ENTRIES = frozenset({METADATA_FILE, LORA_FILE, FULL_FILE, PIPELINE_FOLDER, CHECK_PICTURE,
+                              *INTERVENTION_ENTRIES})  # fmt: skip
 #: Relative tolerance on per-module weight norms when the pipeline runs in float16/bfloat16: its weights are the
 #: base's rounded, so the float32 fingerprint cannot match, while rounding moves a norm by far less than this.
 LOW_PRECISION_NORM_RTOL = 1e-3
@@ -109,14 +114,27 @@ def check_output_folder(folder: str | Path, overwrite: bool = False) -> Path:
                 f"{folder} holds files beside the artifact ({', '.join(foreign[:3])}"
                 f"{', ...' if len(foreign) > 3 else ''}); --overwrite replaces an artifact folder only: move them"
             )
-    ancestor = _writable_ancestor(folder)
+    _probe_writable(folder, _writable_ancestor(folder))
+    return given
+
+
+def _probe_writable(folder: Path, ancestor: Path) -> None:
     try:
         probe = ancestor / f".{folder.name[:64]}{TEMPORARY_MARK}probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         probe.mkdir()
         probe.rmdir()
     except OSError as err:
         raise ArtifactError(f"cannot write {folder}: {ancestor} is not writable ({err.strerror})") from None
-    return given
+
+
+def check_writable_folder(folder: str | Path) -> Path:
+    """A folder that will be created or added to (an SAE store, a cache): ``ArtifactError`` in one line unless it,
+    or the nearest existing folder above it, is a writable folder."""
+    folder = Path(os.path.abspath(Path(folder).expanduser()))
+    if folder.exists() and not folder.is_dir():
+        raise ArtifactError(f"cannot write {folder}: it is a file, not a folder")
+    _probe_writable(folder, folder if folder.is_dir() else _writable_ancestor(folder))
+    return folder
 
 
 def default_output_folder(concepts: Sequence[str], method: str) -> Path:

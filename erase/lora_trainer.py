@@ -67,6 +67,7 @@ from tqdm.auto import tqdm
 
 from pipelines import LORA_TARGETS, LoraAdapters, PipelineWrapper, PromptEncoding
 
+from .inputs import check_integer_fields
 from .registry import WeightEdit
 
 __all__ = [
@@ -135,12 +136,8 @@ class LoraTrainConfig:
             self.layers = tuple(self.layers)
             if not self.layers:
                 raise ValueError("layers is empty: give at least one module-name pattern, or None for the default")
-        for name in ("rank", "steps", "batch_size", "pool_images", "pool_steps", "checkpoint_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        check_integer_fields(self, ("rank", "steps", "batch_size", "pool_images", "pool_steps", "checkpoint_every"))
+        check_integer_fields(self, ("seed",), minimum=0)
         if not self.alpha > 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
         if not (self.lr > 0 and self.lr < 1):

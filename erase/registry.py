@@ -2,7 +2,8 @@
 
 A method is one file in ``erase/``: a config dataclass validated in ``__post_init__`` and one function
 ``(pipeline wrapper, concepts, config) -> WeightEdit`` registered under a name. Methods do not mutate the pipeline:
-they return the change, and ``erase_concepts`` packages it as an artifact with the provenance a user needs.
+they return the change (weight changes, or for the runtime family an ``SAEIntervention``), and ``erase_concepts``
+packages it as an artifact with the provenance a user needs.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # One line per method module; importing it registers the method.
-_METHOD_MODULES: tuple[str, ...] = ("erase.uce", "erase.time", "erase.esd", "erase.ca", "erase.spm")
+_METHOD_MODULES: tuple[str, ...] = (
+    "erase.uce", "erase.time", "erase.esd", "erase.ca", "erase.spm", "erase.itd", "erase.saeuron",
+)  # fmt: skip
 
 FAMILIES = ("closed_form", "lora", "runtime")
 
@@ -105,6 +108,8 @@ class WeightEdit:
     info: dict[str, Any] = field(default_factory=dict)
     #: exact low-rank factors (A, B) with dW = B @ A, when the method knows them (saves an SVD per layer)
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    #: the runtime family's result (``erase.intervention.SAEIntervention``) instead of weight changes
+    intervention: Any = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,10 @@ class Method:
     family: str
     summary: str
     uses_guides: bool = True  # False: the method ignores guides (ESD erases towards nothing in particular)
+    #: runtime family: ``(intervention, tokens, timestep) -> tokens`` (``None``: leave them as they are)
+    runtime_edit: Callable | None = None
+    #: runtime family: raises ``ValueError`` when a loaded intervention's tables do not fit its SAE
+    check_intervention: Callable | None = None
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -122,15 +131,25 @@ _loaded = False
 
 
 def register_method(
-    name: str, config_class: type, family: str, summary: str = "", *, uses_guides: bool = True
+    name: str,
+    config_class: type,
+    family: str,
+    summary: str = "",
+    *,
+    uses_guides: bool = True,
+    runtime_edit: Callable | None = None,
+    check_intervention: Callable | None = None,
 ) -> Callable:
     """Decorator registering ``fn(wrapper, concepts, config) -> WeightEdit`` under ``name``.
 
     ``uses_guides=False`` marks a method that ignores ``ConceptSpec.guides``: the workflow then refuses ``--guide``
-    and records no guide, instead of a default the method never read.
+    and records no guide, instead of a default the method never read. A "runtime" method gives ``runtime_edit``,
+    which applies its intervention to a hook point's tokens while the pipeline runs.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown method family {family!r}; expected one of {FAMILIES}")
+    if (family == "runtime") != (runtime_edit is not None):
+        raise ValueError("a runtime method, and only a runtime method, gives a runtime_edit")
     if not dataclasses.is_dataclass(config_class):
         raise TypeError(f"config class of method {name!r} must be a dataclass")
 
@@ -138,7 +157,8 @@ def register_method(
         if name in _REGISTRY:
             raise ValueError(f"an erasure method named {name!r} is already registered")
         summary_line = summary or (fn.__doc__ or "").strip().split("\n")[0]
-        _REGISTRY[name] = Method(name, config_class, fn, family, summary_line, uses_guides)
+        _REGISTRY[name] = Method(name, config_class, fn, family, summary_line, uses_guides, runtime_edit,
+                                 check_intervention)  # fmt: skip
         return fn
 
     return decorator
@@ -186,6 +206,8 @@ def erase_concepts(
     start = time.perf_counter()
     edit = spec.run(wrapper, concepts, config)
     seconds = time.perf_counter() - start
+    if edit.intervention is not None:
+        return _runtime_artifact(wrapper, concepts, method, config, edit, seconds)
     if not edit.deltas:
         raise RuntimeError(f"method {method!r} returned no weight change")
     norms = _weight_norms(wrapper, edit.deltas)
@@ -209,6 +231,30 @@ def erase_concepts(
         info={**edit.info, "relative_change": relative},
         factors=factors,
         weight_norms=norms,
+    )
+
+
+def _runtime_artifact(wrapper: PipelineWrapper, concepts: ConceptSpec, method: str, config: Any, edit: WeightEdit,
+                      seconds: float):  # fmt: skip  # -> ErasureArtifact
+    """The artifact of a runtime method: no weight changes; the fingerprint covers the hooked component, whose
+    parameter norm (``weight_norms``) recognises a float16/bfloat16 copy of the same weights."""
+    from .artifact import ErasureArtifact
+
+    component = edit.intervention.component
+    logger.info("%s: intervention at %s in %.3f s", method, edit.intervention.hook_point, seconds)
+    return ErasureArtifact(
+        method=method,
+        config=dataclasses.asdict(config),
+        concepts=list(concepts.targets),
+        guides=list(concepts.guides),
+        preserve=list(concepts.preserve),
+        base_model=wrapper.model_id,
+        base_fingerprint=wrapper.fingerprint([component]),
+        deltas={},
+        seconds=seconds,
+        info=dict(edit.info),
+        weight_norms={"base": {component: wrapper.parameter_norm(component)}},
+        intervention=edit.intervention,
     )
 
 

@@ -30,6 +30,8 @@ __all__ = [
     "DEFAULT_GUIDANCE",
     "DEFAULT_STEPS",
     "CrossAttentionLayer",
+    "HOOK_POINT_PATTERNS",
+    "HookHandles",
     "LORA_TARGETS",
     "LoraAdapters",
     "ModelNotFoundError",
@@ -71,6 +73,22 @@ LORA_TARGETS: dict[str, tuple[str, ...]] = {
 }  # fmt: skip
 #: every Linear of the transformer blocks (SPM's "Transformer2DModel" modules); Conv2d projections are not reached
 LORA_TARGETS["transformer"] = LORA_TARGETS["xattn"] + LORA_TARGETS["noxattn"]
+
+#: Where the SAE family reads and edits activations, as fnmatch patterns over qualified module names (digits spelled
+#: out, since fnmatch's ``*`` would also match deeper modules): a CLIP text encoder's layers (the residual stream
+#: after layer N; SDXL's second encoder too) and the UNet's transformer blocks (``Transformer2DModel`` in a down, mid
+#: or up block). transformers 5 names CLIPTextModel's layers ``encoder.layers.N``, earlier versions
+#: ``text_model.encoder.layers.N``.
+HOOK_POINT_PATTERNS: tuple[str, ...] = tuple(
+    f"{encoder}.{prefix}encoder.layers.{digits}"
+    for encoder in ("text_encoder", "text_encoder_2")
+    for prefix in ("", "text_model.")
+    for digits in ("[0-9]", "[0-9][0-9]")
+) + (
+    "unet.down_blocks.[0-9].attentions.[0-9]",
+    "unet.mid_block.attentions.[0-9]",
+    "unet.up_blocks.[0-9].attentions.[0-9]",
+)
 
 
 class ModelNotFoundError(ValueError):
@@ -445,6 +463,10 @@ class PipelineWrapper:
         """Frobenius norm of each named module's weight, in float64."""
         return {name: float(self.module(name).weight.detach().double().norm()) for name in sorted(module_names)}
 
+    def parameter_norm(self, name: str) -> float:
+        """Frobenius norm of all of a module's parameters together (a whole component), in float64."""
+        return float(sum(p.detach().double().pow(2).sum() for p in self.module(name).parameters()) ** 0.5)
+
     # ------------------------------------------------------------------ prompts
     def token_count(self, prompt: str) -> int:
         """Tokens of ``prompt`` without BOS/EOS, untruncated."""
@@ -649,6 +671,139 @@ class PipelineWrapper:
         self.pipe.save_pretrained(str(folder), safe_serialization=True)
 
     # ------------------------------------------------------------------ hooks
+    def hook_point(self, name: str) -> torch.nn.Module:
+        """The module a hook point names, validated: a text encoder's layer or a UNet transformer block.
+
+        Hook points are qualified module names matching ``HOOK_POINT_PATTERNS`` (a text-encoder layer's output is
+        the residual stream after that layer; a transformer block's output is its hidden states, ``(B, C, H, W)``).
+        ``ValueError`` in one line names the hook points this pipeline has when ``name`` is not one of them.
+        """
+        points = self.hook_points()
+        if name not in points:
+            sample = ", ".join(points[:2] + points[-2:])
+            raise ValueError(f"{name!r} is not a hook point of this pipeline; it has {len(points)}, e.g. {sample}")
+        return self.module(name)
+
+    def hook_width(self, name: str) -> int:
+        """The width of a hook point's activations (features per token)."""
+        module = self.hook_point(name)
+        if name.startswith("unet."):
+            return int(module.config.in_channels)  # a transformer block's output has its input's channels
+        return int(self.module(name.partition(".")[0]).config.hidden_size)
+
+    def hook_points(self) -> list[str]:
+        """Every hook point of the pipeline: text-encoder layers and UNet transformer blocks, by qualified name."""
+        points = []
+        for component, module in self.components().items():
+            for path, _ in module.named_modules():
+                name = f"{component}.{path}"
+                if any(fnmatch.fnmatchcase(name, p) for p in HOOK_POINT_PATTERNS):
+                    points.append(name)
+        return points
+
+    @torch.no_grad()
+    def text_activations(self, hook: str, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """The residual stream at a text-encoder hook point, ``(len(prompts), tokens, width)`` float32 on the CPU,
+        for the prompts exactly as generation encodes them (padded to the encoder's full length)."""
+        if not hook.startswith("text_encoder"):
+            raise ValueError(f"{hook!r} is not a text-encoder hook point")
+        self.hook_point(hook)
+        prompts, chunks = list(prompts), []
+        for start in range(0, len(prompts), batch_size):
+            with self.capture([hook]) as got:
+                self.encode_prompts(prompts[start : start + batch_size])
+            chunks.append(got[hook][0].float().cpu())
+        return torch.cat(chunks)
+
+    @torch.no_grad()
+    def unet_activations(
+        self,
+        hook: str,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        *,
+        steps: int = DEFAULT_STEPS,
+        guidance: float = DEFAULT_GUIDANCE,
+        batch_size: int = 8,
+        progress: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A UNet hook point's output at every sampling step of each (prompt, seed), conditional half only.
+
+        Returns ``(activations, timesteps)``: ``(len(prompts), K, H*W, C)`` float32 on the CPU (each spatial position
+        a token) and the ``(K,)`` timesteps of the K UNet calls. Classifier-free guidance runs the unconditional and
+        the conditional batch together (``[uncond, cond]``, as diffusers' pipelines concatenate them); only the
+        conditional half is kept.
+        """
+        if not hook.startswith("unet."):
+            raise ValueError(f"{hook!r} is not a UNet hook point")
+        module = self.hook_point(hook)
+        prompts = list(prompts)
+        calls: list[torch.Tensor] = []
+        times: list[torch.Tensor] = []
+        count = {"n": 0}
+
+        def record_timestep(_module, args, kwargs):  # noqa: ANN001, ANN202 - torch's forward pre-hook signature
+            timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+            times.append(torch.as_tensor(timestep).detach().float().cpu().reshape(-1)[0])
+
+        def record_output(_module, _inputs, output):  # noqa: ANN001, ANN202 - torch's forward hook signature
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = hidden[-count["n"] :]  # the conditional half ([uncond, cond]), or all without guidance
+            calls.append(hidden.detach().float().cpu().flatten(2).transpose(1, 2))
+
+        handles = [
+            self.unet.register_forward_pre_hook(record_timestep, with_kwargs=True),
+            module.register_forward_hook(record_output),
+        ]
+        activations, timesteps = [], None
+        try:
+            batches = range(0, len(prompts), batch_size)
+            for start in tqdm(batches, desc="activations", unit="batch", disable=not progress):
+                chunk = prompts[start : start + batch_size]
+                count["n"], calls[:], times[:] = len(chunk), [], []
+                self.generate(chunk, seeds[start : start + batch_size], steps=steps, guidance=guidance,
+                              batch_size=batch_size, progress=False)  # fmt: skip
+                activations.append(torch.stack(calls, dim=1))
+                found = torch.stack(times)
+                if timesteps is not None and not torch.equal(found, timesteps):
+                    raise RuntimeError("the sampler's timesteps differ between batches")
+                timesteps = found
+        finally:
+            for handle in handles:
+                handle.remove()
+        return torch.cat(activations), timesteps
+
+    def add_output_edit(
+        self, name: str, edit: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+    ) -> HookHandles:
+        """Replace a hook point's output by ``edit(output, timestep)`` until the returned handle is removed.
+
+        ``timestep`` is the UNet's current timestep for a UNet hook point (recorded by a forward pre-hook on the
+        UNet) and ``None`` for a text-encoder one. Forward hooks only: the pipeline's classes are left untouched.
+        """
+        module = self.hook_point(name)
+        state: dict[str, torch.Tensor | None] = {"t": None}
+        handles = []
+
+        def record_timestep(_module, args, kwargs):  # noqa: ANN001, ANN202 - torch's forward pre-hook signature
+            timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+            state["t"] = torch.as_tensor(timestep).detach().reshape(-1)[0].cpu()
+
+        def apply(_module, _inputs, output):  # noqa: ANN001, ANN202 - torch's forward hook signature
+            if isinstance(output, tuple):
+                return (edit(output[0], state["t"]), *output[1:])
+            return edit(output, state["t"])
+
+        try:
+            if name.startswith("unet."):
+                handles.append(self.unet.register_forward_pre_hook(record_timestep, with_kwargs=True))
+            handles.append(module.register_forward_hook(apply))
+        except BaseException:
+            for handle in handles:
+                handle.remove()
+            raise
+        return HookHandles(handles)
+
     @contextlib.contextmanager
     def capture(self, module_names: Sequence[str]) -> Iterator[dict[str, list[torch.Tensor]]]:
         """Record the outputs of the named modules (qualified names) during the ``with`` block."""
@@ -683,3 +838,24 @@ class PipelineWrapper:
         finally:
             for handle in handles:
                 handle.remove()
+
+
+class HookHandles:
+    """The hooks of one intervention: ``remove()`` takes them all off (also as a context manager's exit)."""
+
+    def __init__(self, handles: Sequence[torch.utils.hooks.RemovableHandle]) -> None:
+        self._handles = list(handles)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __enter__(self) -> HookHandles:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.remove()

@@ -10,12 +10,13 @@ import errno
 import hashlib
 import json
 import re
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from pipelines import PipelineWrapper
 from pipelines.files import atomic_write_bytes
 
 __all__ = [
@@ -42,7 +43,7 @@ class AuditError(ValueError):
 
 @dataclass(frozen=True)
 class AuditModel:
-    """One column of the audit: the original model (``deltas is None``) or the base with one erasure applied.
+    """One column of the audit: the original model (``edit is None``) or the base with one erasure applied.
 
     Erased models are built by the caller, which reads and checks the artifact (``erase.workflow.audit_models``):
     evals sits below erase and never imports it.
@@ -51,15 +52,19 @@ class AuditModel:
     key: str
     label: str
     folder: str | None = None
-    deltas: dict[str, torch.Tensor] | None = None  # the weight changes the erasure applies
+    #: ``edit(wrapper)`` is a context manager that puts the erasure in force for its block (weight changes applied
+    #: and restored, or an intervention attached and removed)
+    edit: Callable[[PipelineWrapper], AbstractContextManager] | None = None
     metadata: dict[str, Any] | None = None  # erasure.json as saved
 
     @classmethod
-    def erased(cls, folder: str | Path, metadata_json: bytes, deltas: dict[str, torch.Tensor]) -> AuditModel:
+    def erased(
+        cls, folder: str | Path, metadata_json: bytes, edit: Callable[[PipelineWrapper], AbstractContextManager]
+    ) -> AuditModel:
         """The column of one artifact folder; its key is fixed by the folder's name and its erasure.json bytes."""
         folder = Path(folder)
         key = f"{slug(folder.resolve().name)}-{hashlib.sha1(metadata_json).hexdigest()[:8]}"
-        return cls(key, folder.resolve().name, str(folder), deltas, json.loads(metadata_json))
+        return cls(key, folder.resolve().name, str(folder), edit, json.loads(metadata_json))
 
 
 def image_name(prompt: str, seed: int) -> str:

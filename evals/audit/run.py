@@ -141,7 +141,7 @@ def _folder_settings(
             "images": len(suite.rows),
             "sha256": hashlib.sha256(suite_text.encode("utf-8")).hexdigest(),
         },
-        "erasures": [m.key for m in models if m.deltas is not None],
+        "erasures": [m.key for m in models if m.edit is not None],
     }
 
 
@@ -305,7 +305,7 @@ def generate_audit_images(
             continue
         logger.info("%s: %d of %d batches to generate", model.key, len(todo), len(batches))
         make_folder(folder)
-        edit = wrapper.weight_deltas(model.deltas) if model.deltas is not None else contextlib.nullcontext()
+        edit = model.edit(wrapper) if model.edit is not None else contextlib.nullcontext()
         with edit:
             for batch, needed in tqdm(todo, desc=f"audit {model.key}", unit="batch", disable=not progress):
                 prompts, seeds = [p for p, _ in batch], [s for _, s in batch]

@@ -149,7 +149,7 @@ def compute_metrics(
 
 
 def _provenance(model: AuditModel) -> dict[str, Any] | None:
-    if model.deltas is None:
+    if model.edit is None:
         return None
     meta = model.metadata or {}
     return {
