@@ -19,6 +19,8 @@ _EXPORTS: dict[str, str] = {
     "concept_key": "inputs",
     "ErasureArtifact": "artifact",
     "apply_artifact": "artifact",
+    "attach": "intervention",
+    "SAEIntervention": "intervention",
     "check_artifact_base": "artifact",
     "load": "artifact",
     "load_artifact": "artifact",
@@ -40,9 +42,11 @@ __all__ = [
     "ConceptSpec",
     "ErasureArtifact",
     "Method",
+    "SAEIntervention",
     "WeightEdit",
     "__version__",
     "apply_artifact",
+    "attach",
     "available_methods",
     "check_artifact_base",
     "check_output_folder",
@@ -67,6 +71,7 @@ if TYPE_CHECKING:
         save_artifact,
     )
     from .inputs import concept_key
+    from .intervention import SAEIntervention, attach
     from .layout import ArtifactError, ArtifactExistsError, ArtifactMismatchError, check_output_folder
     from .registry import (
         ConceptSpec,

@@ -201,7 +201,6 @@ def train_sae(
     optimizer = torch.optim.Adam(sae.parameters(), lr=config.lr, eps=6.25e-10)
     steps_per_epoch = math.ceil(tokens / config.batch_size)
     total = steps_per_epoch * config.epochs
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total))
     since_fired = torch.zeros(sae.latents, dtype=torch.long, device=device)
     run_key = hashlib.sha256(
         json.dumps(dataclasses.asdict(config), sort_keys=True).encode()
@@ -212,7 +211,7 @@ def train_sae(
     start_epoch = 0
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if folder is not None and (folder / _CHECKPOINT_STATE).is_file():
-        start_epoch, history, generator = _resume(folder, run_key, sae, optimizer, schedule, since_fired)
+        start_epoch, history, generator = _resume(folder, run_key, sae, optimizer, since_fired)
         logger.info("resuming SAE training at epoch %d of %d", start_epoch, config.epochs)
     else:
         with torch.no_grad():
@@ -224,6 +223,8 @@ def train_sae(
             order = torch.randperm(tokens, generator=generator)
             losses = []
             for i in range(steps_per_epoch):
+                for group in optimizer.param_groups:  # linear decay to 0 over the run
+                    group["lr"] = config.lr * (1.0 - (epoch * steps_per_epoch + i) / total)
                 x = activations[order[i * config.batch_size : (i + 1) * config.batch_size]].to(device)
                 pre = sae.pre_activations(x)
                 top = pre.topk(sae.k, dim=-1)
@@ -243,7 +244,6 @@ def train_sae(
                     grad -= (grad * sae.W_dec).sum(1, keepdim=True) * sae.W_dec
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
                 optimizer.step()
-                schedule.step()
                 sae.normalize_decoder()
                 losses.append(float(fvu.detach()))
                 bar.update(1)
@@ -251,7 +251,7 @@ def train_sae(
             history.append(sum(losses) / len(losses))
             logger.info("SAE epoch %d: mean FVU %.4f, %d dead features", epoch + 1, history[-1], int(dead.sum()))
             if folder is not None:
-                _checkpoint(folder, run_key, epoch + 1, history, generator, sae, optimizer, schedule, since_fired)
+                _checkpoint(folder, run_key, epoch + 1, history, generator, sae, optimizer, since_fired)
     finally:
         bar.close()
     sae.eval().requires_grad_(False)
@@ -260,7 +260,7 @@ def train_sae(
     return sae, stats
 
 
-def _checkpoint(folder, run_key, epoch, history, generator, sae, optimizer, schedule, since_fired) -> None:  # noqa: ANN001
+def _checkpoint(folder, run_key, epoch, history, generator, sae, optimizer, since_fired) -> None:  # noqa: ANN001
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"sae.{k}": v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
     tensors["since_fired"] = since_fired.cpu()
@@ -275,11 +275,10 @@ def _checkpoint(folder, run_key, epoch, history, generator, sae, optimizer, sche
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
-    atomic_write_json(folder / _CHECKPOINT_STATE, {"run": run_key, "epoch": epoch, "history": history,
-                                                   "schedule": schedule.state_dict()["last_epoch"]})  # fmt: skip
+    atomic_write_json(folder / _CHECKPOINT_STATE, {"run": run_key, "epoch": epoch, "history": history})
 
 
-def _resume(folder, run_key, sae, optimizer, schedule, since_fired):  # noqa: ANN001, ANN202
+def _resume(folder, run_key, sae, optimizer, since_fired):  # noqa: ANN001, ANN202
     try:
         state = json.loads((folder / _CHECKPOINT_STATE).read_text())
         tensors = load_file(str(folder / _CHECKPOINT_FILE))
@@ -299,8 +298,6 @@ def _resume(folder, run_key, sae, optimizer, schedule, since_fired):  # noqa: AN
         if entry:
             opt_state["state"][i] = entry
     optimizer.load_state_dict(opt_state)
-    for _ in range(int(state["schedule"])):
-        schedule.step()
     return int(state["epoch"]), list(state["history"]), generator
 
 

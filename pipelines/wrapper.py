@@ -776,9 +776,11 @@ class PipelineWrapper:
     def add_output_edit(
         self, name: str, edit: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
     ) -> HookHandles:
-        """Replace a hook point's output by ``edit(output, timestep)`` until the returned handle is removed.
+        """Replace a hook point's output by ``edit(tokens, timestep)`` until the returned handle is removed.
 
-        ``timestep`` is the UNet's current timestep for a UNet hook point (recorded by a forward pre-hook on the
+        ``tokens`` is the output as ``(batch, tokens, width)``: a text encoder's as it is, a transformer block's
+        ``(B, C, H, W)`` with each spatial position a token (both halves of classifier-free guidance's batch), and
+        the edit returns the same shape. ``timestep`` is the UNet's current timestep for a UNet hook point (recorded by a forward pre-hook on the
         UNet) and ``None`` for a text-encoder one. Forward hooks only: the pipeline's classes are left untouched.
         """
         module = self.hook_point(name)
@@ -789,10 +791,16 @@ class PipelineWrapper:
             timestep = args[1] if len(args) > 1 else kwargs["timestep"]
             state["t"] = torch.as_tensor(timestep).detach().reshape(-1)[0].cpu()
 
+        def as_tokens(hidden: torch.Tensor) -> torch.Tensor:
+            edited = edit(hidden.flatten(2).transpose(1, 2) if hidden.dim() == 4 else hidden, state["t"])
+            if hidden.dim() == 4:
+                edited = edited.transpose(1, 2).reshape(hidden.shape)
+            return edited
+
         def apply(_module, _inputs, output):  # noqa: ANN001, ANN202 - torch's forward hook signature
             if isinstance(output, tuple):
-                return (edit(output[0], state["t"]), *output[1:])
-            return edit(output, state["t"])
+                return (as_tokens(output[0]), *output[1:])
+            return as_tokens(output)
 
         try:
             if name.startswith("unet."):

@@ -1,0 +1,312 @@
+"""The SAE family on tiny models: the TopK SAE and its training, hook points and activation collection, the runtime
+intervention artifact (save, load, attach, remove, audit), itd's gate and saeuron's error-preserving edit."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import erase
+from erase import ConceptSpec, erase_concepts
+from erase.sae import (
+    SAETrainConfig,
+    TopKSAE,
+    build_sae,
+    find_sae,
+    fraction_of_variance_unexplained,
+    load_sae,
+    save_sae,
+    train_sae,
+)
+
+TEXT_HOOK = "text_encoder.encoder.layers.1"
+UNET_HOOK = "unet.up_blocks.0.attentions.1"
+WORDS = "red blue green cat dog house tree car city night sun moon river boat bird star".split()
+
+
+def _pixels(images):
+    return np.stack([np.asarray(i, dtype=np.float32) for i in images])
+
+
+def _prompts(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(2, 6)))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def sae_store(wrapper, tmp_path_factory):
+    """SAEs for the tiny pipeline's default itd and saeuron hook points, trained in seconds."""
+    store = tmp_path_factory.mktemp("saes")
+    config = SAETrainConfig(expansion=4, k=8, batch_size=512, epochs=3, dead_tokens=5000)
+    prompts = _prompts(48)
+    build_sae(wrapper, TEXT_HOOK, prompts, store / "text", config)
+    build_sae(wrapper, UNET_HOOK, prompts[:16], store / "unet", config, steps=4)
+    return store
+
+
+def _itd(wrapper, store, concepts=("van gogh",), **settings):
+    config = erase.get_method("itd").config_class(sae_stores=(str(store),), top_features=8, **settings)
+    return erase_concepts(wrapper, ConceptSpec(concepts), "itd", config)
+
+
+def _saeuron(wrapper, store, **settings):
+    defaults = dict(sae_stores=(str(store),), percentile=95.0, multiplier=-5.0, images_per_prompt=1,
+                    other_prompts=6, steps=4, guidance=7.5)  # fmt: skip
+    config = erase.get_method("saeuron").config_class(**{**defaults, **settings})
+    return erase_concepts(wrapper, ConceptSpec(("van gogh",)), "saeuron", config)
+
+
+# ---------------------------------------------------------------------------------------------------- the SAE
+def test_topk_codes_have_k_features_and_decoder_rows_have_unit_norm():
+    sae = TopKSAE(16, 64, 5)
+    z = sae.encode(torch.randn(10, 16))
+    assert ((z > 0).sum(-1) <= 5).all() and (z >= 0).all()
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(64), atol=1e-6)
+    assert sae(torch.randn(3, 7, 16)).shape == (3, 7, 16)
+    with pytest.raises(ValueError, match="k must be"):
+        TopKSAE(16, 8, 9)
+
+
+def _sparse_data(n=6000, d=24, atoms=48, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    dictionary = torch.nn.functional.normalize(torch.randn(atoms, d, generator=gen), dim=1)
+    codes = torch.zeros(n, atoms)
+    idx = torch.randint(0, atoms, (n, 3), generator=gen)
+    codes.scatter_(1, idx, torch.rand(n, 3, generator=gen) + 0.5)
+    return codes @ dictionary + 0.3
+
+
+def test_training_explains_sparse_data_and_decoder_rows_stay_unit_norm():
+    x = _sparse_data()
+    sae, stats = train_sae(x[:5000], SAETrainConfig(expansion=4, k=4, batch_size=128, epochs=10, lr=3e-3))
+    with torch.no_grad():
+        fvu = float(fraction_of_variance_unexplained(x[5000:], sae(x[5000:])))
+    assert fvu < 0.25, fvu  # an untrained SAE explains nothing (FVU about 1)
+    assert stats["fvu_by_epoch"][-1] < stats["fvu_by_epoch"][0]
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.latents), atol=1e-5)
+
+
+def test_an_interrupted_training_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    import erase.sae as sae_module
+
+    x = _sparse_data(n=2000)
+    config = SAETrainConfig(expansion=2, k=4, batch_size=256, epochs=3, lr=3e-3)
+    whole, _ = train_sae(x, config)
+    real = sae_module._checkpoint
+
+    def checkpoint_then_die(folder, run_key, epoch, *args):
+        real(folder, run_key, epoch, *args)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sae_module, "_checkpoint", checkpoint_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(x, config, checkpoint_dir=tmp_path / "ck")
+    monkeypatch.setattr(sae_module, "_checkpoint", real)
+    resumed, stats = train_sae(x, config, checkpoint_dir=tmp_path / "ck")
+    assert len(stats["fvu_by_epoch"]) == 3
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5), name
+    with pytest.raises(ValueError, match="another SAE run"):
+        train_sae(x, SAETrainConfig(expansion=2, k=3, batch_size=256, epochs=3), checkpoint_dir=tmp_path / "ck")
+
+
+def test_sae_folder_round_trip_and_damage_is_one_line(tmp_path):
+    sae = TopKSAE(8, 16, 2)
+    save_sae(sae, tmp_path / "s", {"hook_point": "x"}, ["a cat", "a dog"])
+    loaded, meta = load_sae(tmp_path / "s")
+    assert meta["hook_point"] == "x" and all(torch.equal(a, b) for a, b in
+                                             zip(sae.state_dict().values(), loaded.state_dict().values()))  # fmt: skip
+    (tmp_path / "s" / "sae.safetensors").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="sha256|cannot read"):
+        load_sae(tmp_path / "s")
+    with pytest.raises(ValueError, match="not an SAE folder"):
+        load_sae(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="must be an integer"):
+        SAETrainConfig(k=0)
+
+
+# ---------------------------------------------------------------------------------------------------- the wrapper
+def test_hook_points_are_named_validated_and_sized(wrapper):
+    points = wrapper.hook_points()
+    assert TEXT_HOOK in points and UNET_HOOK in points
+    assert all(p.startswith(("text_encoder.", "unet.")) for p in points)
+    with pytest.raises(ValueError, match="not a hook point"):
+        wrapper.hook_point("unet.up_blocks.0.attentions.1.transformer_blocks.0")
+    assert wrapper.hook_width(TEXT_HOOK) == wrapper.pipe.text_encoder.config.hidden_size
+    assert wrapper.text_activations(TEXT_HOOK, ["a cat"]).shape[-1] == wrapper.hook_width(TEXT_HOOK)
+
+
+def test_unet_activations_keep_the_conditional_half(wrapper):
+    """At the first step both runs feed the UNet the same latents and text: the guided run's conditional half is
+    the unguided run's activation."""
+    guided, t1 = wrapper.unet_activations(UNET_HOOK, ["a red cat", "a dog"], [0, 1], steps=3, guidance=7.5)
+    plain, t2 = wrapper.unet_activations(UNET_HOOK, ["a red cat", "a dog"], [0, 1], steps=3, guidance=1.0)
+    assert guided.shape[:2] == (2, 3) and guided.shape[-1] == wrapper.hook_width(UNET_HOOK)
+    assert torch.equal(t1, t2)
+    assert torch.allclose(guided[:, 0], plain[:, 0], atol=1e-4)
+
+
+def test_an_identity_output_edit_changes_nothing_and_is_removed(wrapper):
+    base = _pixels(wrapper.generate(["a cat"], [0], steps=3, progress=False))
+    seen = []
+    with wrapper.add_output_edit(UNET_HOOK, lambda x, t: seen.append(t) or x) as handle:
+        assert handle.active
+        same = _pixels(wrapper.generate(["a cat"], [0], steps=3, progress=False))
+    assert not handle.active
+    assert np.array_equal(base, same)
+    assert len(seen) == 3 and all(t is not None for t in seen)  # one UNet call a step, with its timestep
+    seen.clear()
+    wrapper.generate(["a cat"], [0], steps=3, progress=False)
+    assert not seen
+
+
+def test_find_sae_matches_by_hook_and_weights(wrapper, sae_store):
+    from pipelines import load_pipeline
+
+    assert find_sae(wrapper, TEXT_HOOK, [sae_store]).name == "text"
+    assert find_sae(wrapper, "text_encoder.encoder.layers.0", [sae_store]) is None
+    other = load_pipeline("tiny", seed=1)  # other weights: the SAE does not fit them
+    assert find_sae(other, TEXT_HOOK, [sae_store]) is None
+
+
+# ---------------------------------------------------------------------------------------------------- itd
+def test_itd_gate_leaves_other_prompts_bit_identical_and_edits_the_concept(wrapper, sae_store):
+    """Per prompt: where the gate does not fire the text encoder's output is bit-identical, where it fires it is
+    edited; the concept's own prompts fire (the threshold is calibrated on them)."""
+    from erase.itd import _gate_error
+
+    artifact = _itd(wrapper, sae_store)
+    assert artifact.deltas == {} and artifact.layers == [TEXT_HOOK]
+    assert artifact.info["features"] >= 1 and artifact.info["gate_threshold"] > 0
+    prompts = ["painting by van gogh", "art by van gogh", *[p for p in _prompts(64, seed=5) if "van" not in p]]
+    mse = _gate_error(artifact.intervention, wrapper.text_activations(TEXT_HOOK, prompts))[0]
+    fired = mse >= artifact.intervention.settings["threshold"]
+    assert fired[:2].all() and not fired[2:].all()
+    before = wrapper.encode_prompts(prompts).embeddings
+    with artifact.applied(wrapper):
+        after = wrapper.encode_prompts(prompts).embeddings
+        concept = _pixels(wrapper.generate(prompts[:1], [0], steps=3, progress=False))
+    for i, fire in enumerate(fired.tolist()):
+        assert torch.equal(before[i], after[i]) != fire, prompts[i]
+    original = _pixels(wrapper.generate(prompts[:1], [0], steps=3, progress=False))
+    assert np.abs(concept - original).max() > 1
+
+
+def test_itd_without_its_gate_edits_every_prompt(wrapper, sae_store):
+    artifact = _itd(wrapper, sae_store, gate=False)
+    assert artifact.intervention.settings["threshold"] == 0.0
+    with artifact.applied(wrapper):
+        after = wrapper.encode_prompts(["a red cat"]).embeddings
+    assert not torch.equal(after, wrapper.encode_prompts(["a red cat"]).embeddings)
+
+
+def test_no_sae_for_this_model_says_how_to_train_one(wrapper, tmp_path):
+    with pytest.raises(ValueError, match="train_sae.py"):
+        erase_concepts(wrapper, ConceptSpec(("van gogh",)), "itd",
+                       erase.get_method("itd").config_class(sae_stores=(str(tmp_path),)))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------- saeuron
+def test_saeuron_keeps_the_reconstruction_error(wrapper, sae_store):
+    """x' = x + W_dec (z' - z): with every factor 1 the edit returns the activations themselves, not 2 x_hat - x
+    as the official code's sign slip would."""
+    from erase.saeuron import saeuron_edit
+
+    artifact = _saeuron(wrapper, sae_store)
+    intervention = artifact.intervention
+    tables = intervention.tables
+    assert tables["selected"].shape == (4, intervention.sae.latents) and tables["selected"].any()
+    tokens = wrapper.text_activations(TEXT_HOOK, ["x"])[:, :4, :].new_zeros(2, 16, intervention.sae.d_in)
+    tokens += torch.randn(tokens.shape, generator=torch.Generator().manual_seed(0))
+    intervention.tables = {**tables, "factor": torch.ones_like(tables["factor"])}
+    out = saeuron_edit(intervention, tokens, tables["timesteps"][0])
+    assert torch.allclose(out, tokens, atol=1e-6)
+    intervention.tables = tables
+    out = saeuron_edit(intervention, tokens, tables["timesteps"][0])
+    assert out is None or out.shape == tokens.shape
+
+
+def test_saeuron_changes_the_concept_and_is_removed_exactly(wrapper, sae_store):
+    artifact = _saeuron(wrapper, sae_store)
+    base = _pixels(wrapper.generate(["painting by van gogh"], [0], steps=4, progress=False))
+    with artifact.applied(wrapper):
+        edited = _pixels(wrapper.generate(["painting by van gogh"], [0], steps=4, progress=False))
+    assert np.abs(edited - base).max() > 0
+    assert np.array_equal(base, _pixels(wrapper.generate(["painting by van gogh"], [0], steps=4, progress=False)))
+
+
+# ---------------------------------------------------------------------------------------------------- the artifact
+@pytest.mark.parametrize("method", ["itd", "saeuron"])
+def test_runtime_artifact_saves_loads_and_attaches_to_a_plain_pipeline(wrapper, sae_store, tmp_path, method):
+    artifact = _itd(wrapper, sae_store) if method == "itd" else _saeuron(wrapper, sae_store)
+    folder = erase.save_artifact(artifact, tmp_path / method, wrapper)
+    meta = json.loads((folder / "erasure.json").read_text())
+    assert meta["weight_format"] == "intervention" and meta["layers"] == artifact.layers
+    assert {"intervention.json", "intervention.safetensors", "sae.safetensors", "sae.json"} <= {
+        p.name for p in folder.iterdir()
+    }
+    loaded = erase.load_artifact(folder)
+    assert loaded.intervention.identity() == artifact.intervention.identity()
+    prompt = ["painting by van gogh"]
+    base = _pixels(wrapper.generate(prompt, [0], steps=4, progress=False))
+    with artifact.applied(wrapper):
+        in_memory = _pixels(wrapper.generate(prompt, [0], steps=4, progress=False))
+    handle = erase.attach(wrapper.pipe, folder)
+    with pytest.raises(ValueError, match="already attached"):
+        erase.attach(wrapper.pipe, folder)
+    attached = _pixels(wrapper.generate(prompt, [0], steps=4, progress=False))
+    handle.remove()
+    assert np.abs(attached - in_memory).max() <= 1.0
+    assert np.array_equal(base, _pixels(wrapper.generate(prompt, [0], steps=4, progress=False)))
+    with erase.attach(wrapper.pipe, folder):  # a context manager too, and attachable again once removed
+        pass
+    with pytest.raises(erase.ArtifactError, match="erase.attach"):
+        erase.load(wrapper.pipe, folder)
+
+
+def test_damaged_or_foreign_runtime_artifacts_are_refused(wrapper, sae_store, tmp_path, artifact_dir):
+    from safetensors.torch import load_file, save_file
+
+    from pipelines import load_pipeline
+
+    folder = erase.save_artifact(_itd(wrapper, sae_store), tmp_path / "itd", wrapper)
+    with pytest.raises(erase.ArtifactMismatchError, match="different weights"):
+        erase.attach(load_pipeline("tiny", seed=1).pipe, folder)
+    with pytest.raises(ValueError, match="not a runtime intervention"):
+        erase.attach(wrapper.pipe, artifact_dir)
+    tables = load_file(str(folder / "intervention.safetensors"))
+    save_file({"features": tables["features"][:3]}, str(folder / "intervention.safetensors"))
+    with pytest.raises(erase.ArtifactError):
+        erase.load_artifact(folder)
+
+
+def test_an_audit_generates_through_the_intervention(wrapper, sae_store, scorer, tmp_path):
+    from erase.workflow import audit_models
+    from evals.audit import run_audit
+    from evals.suites import ROLES, Suite, world_suite
+
+    folder = erase.save_artifact(_itd(wrapper, sae_store), tmp_path / "itd", wrapper)
+    full = world_suite(["van gogh"])
+    suite = Suite("small", tuple(next(r for r in full.rows if r.role == role) for role in ROLES), full.labels, "t")
+    result = run_audit(wrapper, suite, audit_models(wrapper, [folder]), tmp_path / "audit", scorer, None, steps=2,
+                       progress=False)  # fmt: skip
+    assert [m["key"] for m in result["models"]][0] == "original" and len(result["models"]) == 2
+    assert len(list((tmp_path / "audit" / "images").iterdir())) == 2
+
+
+def test_train_sae_script_bad_input_is_one_line(tmp_path):
+    script = [sys.executable, "scripts/train_sae.py", "--model", "tiny"]
+    for extra, message in [
+        (["--hook", "unet.nope"], "not a hook point"),
+        (["--hook", TEXT_HOOK, "--prompts", str(tmp_path / "missing.txt")], "no such file"),
+        (["--hook", TEXT_HOOK, "--set", "k=0"], "must be an integer"),
+        (["--hook", TEXT_HOOK, "--out", "README.md/x"], "cannot write"),
+    ]:
+        done = subprocess.run(script + extra, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, (extra, done.stderr)
+        assert done.stderr.startswith("error:") and message in done.stderr, (extra, done.stderr)
+        assert "Traceback" not in done.stderr
