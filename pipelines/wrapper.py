@@ -780,8 +780,9 @@ class PipelineWrapper:
 
         ``tokens`` is the output as ``(batch, tokens, width)``: a text encoder's as it is, a transformer block's
         ``(B, C, H, W)`` with each spatial position a token (both halves of classifier-free guidance's batch), and
-        the edit returns the same shape. ``timestep`` is the UNet's current timestep for a UNet hook point (recorded by a forward pre-hook on the
-        UNet) and ``None`` for a text-encoder one. Forward hooks only: the pipeline's classes are left untouched.
+        the edit returns the same shape. ``timestep`` is the UNet's current timestep for a UNet hook point
+        (recorded by a forward pre-hook on the UNet) and ``None`` for a text-encoder one. Forward hooks only: the
+        pipeline's classes are left untouched.
         """
         module = self.hook_point(name)
         state: dict[str, torch.Tensor | None] = {"t": None}

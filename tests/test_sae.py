@@ -118,8 +118,9 @@ def test_sae_folder_round_trip_and_damage_is_one_line(tmp_path):
     sae = TopKSAE(8, 16, 2)
     save_sae(sae, tmp_path / "s", {"hook_point": "x"}, ["a cat", "a dog"])
     loaded, meta = load_sae(tmp_path / "s")
-    assert meta["hook_point"] == "x" and all(torch.equal(a, b) for a, b in
-                                             zip(sae.state_dict().values(), loaded.state_dict().values()))  # fmt: skip
+    assert meta["hook_point"] == "x"
+    for a, b in zip(sae.state_dict().values(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
     (tmp_path / "s" / "sae.safetensors").write_bytes(b"junk")
     with pytest.raises(ValueError, match="sha256|cannot read"):
         load_sae(tmp_path / "s")
