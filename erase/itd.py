@@ -61,24 +61,30 @@ class ItDConfig:
         templates: the concept prompts, ``{}`` standing for the concept.
         retain_prompts: how many of the SAE's training prompts (those naming no erased concept) join the retain set.
         gate: calibrate the gate (``False``: edit every prompt, the gate threshold 0).
+        gate_statistic: the per-prompt error the gate thresholds: the squared error's ``"mean"`` over tokens (the
+            reference's edit) or its ``"max"`` over tokens (the reference's celebrity calibration).
         keep_error: keep the SAE's reconstruction error (x + W_dec (z' - z)) instead of replacing x by the decode.
     """
 
     hook_point: str | None = None
     sae: str | None = None
     sae_stores: tuple[str, ...] = ()
-    top_features: int = 256
+    top_features: int | None = None
     scale: float = -8.0
     templates: tuple[str, ...] = ("{}", "painting by {}", "art by {}", "artwork by {}", "picture by {}", "style of {}")
-    retain_prompts: int = 500
+    retain_prompts: int = 0
     gate: bool = True
+    gate_statistic: str = "max"
     keep_error: bool = False
 
     def __post_init__(self) -> None:
-        check_integer_fields(self, ("top_features",))
+        if self.top_features is not None:
+            check_integer_fields(self, ("top_features",))
         check_integer_fields(self, ("retain_prompts",), minimum=0)
         if not isinstance(self.scale, int | float) or not self.scale <= 0:
             raise ValueError(f"scale must be <= 0 (a negative factor, or 0 to switch features off), got {self.scale}")
+        if self.gate_statistic not in ("mean", "max"):
+            raise ValueError(f"gate_statistic must be 'mean' or 'max', got {self.gate_statistic!r}")
         self.templates = tuple(self.templates)
         self.sae_stores = tuple(self.sae_stores)
         if not self.templates or not all(isinstance(t, str) and t.count("{}") == 1 for t in self.templates):
@@ -108,7 +114,9 @@ def _gate_error(intervention: SAEIntervention, tokens: torch.Tensor) -> tuple[to
     z = sae.encode(x)
     z_edited = torch.where(features, z * intervention.settings["scale"], z)
     edited, plain = sae.decode(z_edited), sae.decode(z)
-    return (edited - x).pow(2).mean(dim=(1, 2)), edited, plain
+    per_token = (edited - x).pow(2).mean(dim=2)
+    statistic = per_token.amax(dim=1) if intervention.settings.get("gate_statistic") == "max" else per_token.mean(1)
+    return statistic, edited, plain
 
 
 def itd_edit(intervention: SAEIntervention, tokens: torch.Tensor, _timestep: Any) -> torch.Tensor | None:
@@ -156,16 +164,19 @@ def erase_itd(wrapper: PipelineWrapper, concepts: ConceptSpec, config: ItDConfig
     retain += unrelated[: config.retain_prompts]
     with torch.no_grad():
         z_concept = sae.encode(wrapper.text_activations(hook, concept_prompts)[:, 1:])
-        selected = _prompt_features(z_concept, config.top_features).any(0)
+        top = config.top_features or sae.k
+        selected = _prompt_features(z_concept, top).any(0)
         if retain:
             z_retain = sae.encode(wrapper.text_activations(hook, retain)[:, 1:])
-            selected &= ~_prompt_features(z_retain, config.top_features).any(0)
+            selected &= ~_prompt_features(z_retain, top).any(0)
     if not selected.any():
         raise ValueError(
             f"no SAE feature is specific to {list(concepts.targets)}: every feature of the concept prompts is also "
-            f"among the top {config.top_features} of a retain prompt; lower top_features or narrow the retain set"
+            f"among the top {config.top_features or sae.k} of a retain prompt; lower top_features or narrow the "
+            "retain set"
         )
-    settings: dict[str, Any] = {"scale": float(config.scale), "threshold": 0.0, "keep_error": config.keep_error}
+    settings: dict[str, Any] = {"scale": float(config.scale), "threshold": 0.0, "keep_error": config.keep_error,
+                                "gate_statistic": config.gate_statistic}  # fmt: skip
     intervention = SAEIntervention("itd", hook, sae, settings, {"features": selected}, sae_meta)
     if config.gate:
         with torch.no_grad():

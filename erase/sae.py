@@ -41,6 +41,7 @@ from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
 from pipelines.files import atomic_write_bytes, atomic_write_json, temporary_sibling
 
 from .inputs import check_integer_fields
+from .layout import current_umask
 
 __all__ = [
     "SAE_FILE",
@@ -312,6 +313,7 @@ def save_sae(sae: TopKSAE, folder: str | Path, metadata: dict[str, Any], prompts
     tmp = temporary_sibling(path)
     try:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in weights.items()}, str(tmp))
+        tmp.chmod(0o666 & ~current_umask())  # safetensors writes 0600; an SAE store is shared like any file
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

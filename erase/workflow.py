@@ -128,22 +128,29 @@ def load_check_scorer(wrapper: PipelineWrapper, scorer: str | None) -> tuple[str
 
 
 def _check_probes(
-    wrapper: PipelineWrapper, targets: Sequence[str], preserve: Sequence[str], images_per_group: int, seed: int
+    wrapper: PipelineWrapper,
+    targets: Sequence[str],
+    preserve: Sequence[str],
+    images_per_group: int,
+    seed: int,
+    per_preserved: int = 1,
 ) -> tuple[list, list, dict[str, list[str]]]:
-    """The check's probes: (target probes, preserved probes, the labels they are scored among)."""
+    """The check's probes: (target probes, preserved probes, the labels they are scored among); ``per_preserved``
+    images of each preserved concept before thinning to ``images_per_group``."""
     from evals.probes import generic_probes, world_labels, world_probes
 
     if wrapper.model_id == "micro":
         per_target = max(1, images_per_group // max(1, len(targets)))
         target_probes = world_probes(targets, per_target, seed)[:images_per_group] if targets else []
         kept = [p for p in preserve if _in_world(p)] or preserve_set("world", targets)
-        preserved_probes = world_probes(kept, 1, seed + 1)
+        preserved_probes = world_probes(kept, per_preserved, seed + 1)
         step = max(1, len(preserved_probes) // images_per_group)
         return target_probes, preserved_probes[::step][:images_per_group], world_labels()
     kept = list(preserve) or preserve_set("generic", targets)
     per_target = max(1, images_per_group // max(1, len(targets)))
     target_probes = generic_probes(targets, per_target, seed) if targets else []
-    return target_probes, generic_probes(kept[:images_per_group], 1, seed + 1), {"concept": list(targets) + kept}
+    preserved_probes = generic_probes(kept[:images_per_group], per_preserved, seed + 1)[:images_per_group]
+    return target_probes, preserved_probes, {"concept": list(targets) + kept}
 
 
 def reconstruction_check(
@@ -161,7 +168,7 @@ def reconstruction_check(
     reconstruction at ``hook`` (every activation there replaced by W_dec z + b_dec): what the SAE costs by itself."""
     from evals.probes import probe_accuracy, probe_correct
 
-    _, probes, labels = _check_probes(wrapper, [], [], images, seed)
+    _, probes, labels = _check_probes(wrapper, [], [], images, seed, per_preserved=-(-images // 8))
     prompts, seeds = [p.prompt for p in probes], [p.seed for p in probes]
     before = wrapper.generate(prompts, seeds, steps=steps, guidance=guidance, progress=False)
     with torch.no_grad(), wrapper.add_output_edit(hook, lambda tokens, _t: sae(tokens.float()).to(tokens.dtype)):
@@ -270,7 +277,7 @@ def erasure_settings(
     concept_spec.check_against(wrapper)
     fields = {f.name for f in dataclasses.fields(spec.config_class)}
     overrides = dict(config_overrides or {})
-    if concept_spec.preserve and not fields & {"preserve_scale", "anchor_prompts"}:
+    if concept_spec.preserve and not fields & {"preserve_scale", "anchor_prompts", "retain_prompts", "other_prompts"}:
         raise ValueError(f"method {method!r} has no preserve term: it would ignore the concepts to preserve")
     if concept_spec.preserve and "anchor_prompts" in fields and "anchor_prompts" not in overrides:
         overrides["anchor_prompts"] = concept_spec.preserve  # LoRA methods keep the preserved concepts as anchors

@@ -146,11 +146,15 @@ def print_summary(summary) -> None:  # noqa: ANN001 - erase.workflow.EraseSummar
     print(f"Erased {', '.join(repr(c) for c in summary.concepts)} from {summary.model} with {summary.method}")
     guided = f"guided to {guides}; " if summary.extra["guides"] else ""  # empty: the method takes no guide
     print(f"  {guided}{len(summary.extra['preserve'])} concept(s) preserved")
-    print(f"  edit took {summary.edit_seconds:.3f} s over {summary.layers} layers ({summary.weight_format} weights)")
-    print(
-        f"  edit size           {summary.relative_change_median:.3f} (median), {summary.relative_change_max:.3f} "
-        "(max) of each weight's norm"
-    )
+    if summary.weight_format == "intervention":
+        info = summary.extra["info"]
+        features = f"{info['features']} features" if "features" in info else "per-timestep features"
+        print(f"  edit took {summary.edit_seconds:.3f} s: an SAE intervention at {info['hook_point']} ({features})")
+    else:
+        took = f"{summary.edit_seconds:.3f} s over {summary.layers} layers ({summary.weight_format} weights)"
+        print(f"  edit took {took}")
+        median, largest = summary.relative_change_median, summary.relative_change_max
+        print(f"  edit size           {median:.3f} (median), {largest:.3f} (max) of each weight's norm")
     if summary.check:
         c = summary.check
         print(f"  target accuracy     {c.target_before:6.1%} -> {c.target_after:6.1%}  (lower is better)")
@@ -159,8 +163,11 @@ def print_summary(summary) -> None:  # noqa: ANN001 - erase.workflow.EraseSummar
         )
         print(f"  before/after grid:  {summary.grid}")
     print(f"  artifact:           {summary.out}")
-    print(f'  load it:            import erase; erase.load(pipe, "{summary.out}")')
-    print(f"  or in diffusers:    {summary.load_code}")
+    if summary.weight_format == "intervention":  # hooks, installed by erase: there is no plain-diffusers form
+        print(f"  load it:            import erase; {summary.load_code}  (handle.remove() undoes it)")
+    else:
+        print(f'  load it:            import erase; erase.load(pipe, "{summary.out}")')
+        print(f"  or in diffusers:    {summary.load_code}")
 
 
 def main(argv: list[str] | None = None) -> int:

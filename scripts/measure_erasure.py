@@ -127,13 +127,13 @@ def check_writable_file(path: str) -> None:
 def measure(wrapper, args, spec, config, artifact, groups) -> None:  # noqa: ANN001 - the objects main built
     print(
         f"{args.method} edit of {list(spec.targets)} (guides {list(spec.guides)}, {len(spec.preserve)} preserved): "
-        f"{artifact.seconds:.3f} s, {len(artifact.deltas)} layers"
+        f"{artifact.seconds:.3f} s, {len(artifact.layers)} layers"
     )
     probes = [p for g in groups.values() for p in g]
     prompts, seeds = [p.prompt for p in probes], [p.seed for p in probes]
     start = time.perf_counter()
     before = wrapper.generate(prompts, seeds, batch_size=args.batch_size)
-    with wrapper.weight_deltas(artifact.deltas):
+    with artifact.applied(wrapper):
         after = wrapper.generate(prompts, seeds, batch_size=args.batch_size)
     print(f"generated {2 * len(probes)} images in {time.perf_counter() - start:.1f} s")
     scorer = ClipScorer.from_pretrained("micro", device=wrapper.device)
@@ -177,7 +177,7 @@ def measure(wrapper, args, spec, config, artifact, groups) -> None:  # noqa: ANN
     if args.json:
         atomic_write_json(args.json, {"concepts": args.concept, "method": args.method, "guides": list(spec.guides),
                                       "preserve": list(spec.preserve), "config": dataclasses.asdict(config),
-                                      "edit_seconds": artifact.seconds, "groups": results,
+                                      "edit_seconds": artifact.seconds, "info": artifact.info, "groups": results,
                                       "torch_threads": torch.get_num_threads()})  # fmt: skip
 
 

@@ -311,3 +311,80 @@ def test_train_sae_script_bad_input_is_one_line(tmp_path):
         assert done.returncode == 2, (extra, done.stderr)
         assert done.stderr.startswith("error:") and message in done.stderr, (extra, done.stderr)
         assert "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- micro
+def _micro_with_saes():
+    from erase.sae import shipped_sae_store
+    from pipelines import micro_model_path
+
+    if not (micro_model_path() / "model_index.json").is_file() or not any(shipped_sae_store().glob("*/sae.json")):
+        pytest.skip("micro model or its shipped SAEs not built")
+    from pipelines import load_pipeline
+
+    return load_pipeline("micro")
+
+
+def test_itd_on_micro_leaves_64_unrelated_prompts_untouched(tmp_path):
+    """The shipped SAE, default settings: prompts naming no erased concept pass the gate untouched (their text
+    embeddings, hence their images, bit-identical); the few that fire are counted and must stay few."""
+    from evals.microworld import world
+
+    micro = _micro_with_saes()
+    artifact = erase_concepts(micro, ConceptSpec(("van gogh",)), "itd")
+    rng = np.random.default_rng(2026)
+    names = [n.casefold() for n in world.all_names("van gogh")]
+    captions = [world.caption(world.random_scene(rng), rng) for _ in range(200)]
+    unrelated = [c for c in captions if not any(n in c.casefold() for n in names)][:64]
+    assert len(unrelated) == 64
+    before = micro.encode_prompts(unrelated).embeddings
+    with artifact.applied(micro):
+        after = micro.encode_prompts(unrelated).embeddings
+        concept = micro.encode_prompts(["a red star in the style of van gogh"]).embeddings
+    untouched = [torch.equal(a, b) for a, b in zip(before, after, strict=True)]
+    print(f"itd gate fired on {64 - sum(untouched)} of 64 prompts naming no erased concept")
+    assert sum(untouched) >= 58  # measured: 64 - 1
+    assert not torch.equal(concept, micro.encode_prompts(["a red star in the style of van gogh"]).embeddings)
+    keep = [p for p, same in zip(unrelated, untouched, strict=True) if same][:4]
+    original = _pixels(micro.generate(keep, [0, 1, 2, 3], progress=False))
+    with artifact.applied(micro):
+        assert np.array_equal(original, _pixels(micro.generate(keep, [0, 1, 2, 3], progress=False)))
+
+
+def test_attach_in_a_fresh_plain_process_matches_the_in_memory_intervention(tmp_path):
+    """A process that imports only diffusers, torch and erase draws what the in-memory intervention draws (within
+    1e-3), and removing the handle gives back the original images bit for bit."""
+    from diffusers import StableDiffusionPipeline
+
+    from pipelines import micro_model_path, wrap_pipeline
+
+    micro = _micro_with_saes()
+    folder = erase.save_artifact(erase_concepts(micro, ConceptSpec(("van gogh",)), "itd"), tmp_path / "itd", micro)
+    prompts = ["a red star in the style of van gogh", "a blue moon, van gogh painting"]
+    code = "\n".join([
+        "import sys, numpy, torch, diffusers, erase",
+        f"pipe = diffusers.StableDiffusionPipeline.from_pretrained({str(micro_model_path())!r})",
+        "pipe.set_progress_bar_config(disable=True)",
+        f"prompts = {prompts!r}",
+        "def draw():",
+        "    gens = [torch.Generator('cpu').manual_seed(i) for i in range(len(prompts))]",
+        "    return pipe(prompts, generator=gens, num_inference_steps=10, output_type='np').images",
+        "original = draw()",
+        f"handle = erase.attach(pipe, {str(folder)!r})",
+        "erased = draw()",
+        "handle.remove()",
+        "restored = draw()",
+        f"numpy.save({str(tmp_path / 'erased.npy')!r}, erased)",
+        "print('restored', bool((restored == original).all()), 'changed', float(abs(erased - original).max()))",
+    ])  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "restored True" in done.stdout, done.stdout
+    assert float(done.stdout.split("changed")[-1]) > 0.05
+    pipe = StableDiffusionPipeline.from_pretrained(str(micro_model_path()))
+    pipe.set_progress_bar_config(disable=True)
+    artifact = erase.load_artifact(folder)
+    with artifact.applied(wrap_pipeline(pipe)):
+        gens = [torch.Generator("cpu").manual_seed(i) for i in range(len(prompts))]
+        in_memory = pipe(prompts, generator=gens, num_inference_steps=10, output_type="np").images
+    assert np.abs(np.load(tmp_path / "erased.npy") - in_memory).max() <= 1e-3
