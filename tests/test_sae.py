@@ -343,7 +343,7 @@ def test_itd_on_micro_leaves_64_unrelated_prompts_untouched(tmp_path):
         concept = micro.encode_prompts(["a red star in the style of van gogh"]).embeddings
     untouched = [torch.equal(a, b) for a, b in zip(before, after, strict=True)]
     print(f"itd gate fired on {64 - sum(untouched)} of 64 prompts naming no erased concept")
-    assert sum(untouched) >= 58  # measured: 64 - 1
+    assert sum(untouched) >= 60  # measured: all 64
     assert not torch.equal(concept, micro.encode_prompts(["a red star in the style of van gogh"]).embeddings)
     keep = [p for p, same in zip(unrelated, untouched, strict=True) if same][:4]
     original = _pixels(micro.generate(keep, [0, 1, 2, 3], progress=False))
