@@ -56,7 +56,7 @@ class SAeUronConfig:
         percentile: features scoring above this percentile (of all features, per timestep) are the concept's.
         multiplier: scales the concept's mean activation that replaces a firing feature's factor (negative).
         templates: the concept's prompts, ``{}`` standing for the concept.
-        images_per_prompt: stats images per prompt (seeds ``seed``, ``seed + 1``, ...).
+        images_per_prompt: stats images per prompt (seeds ``seed``, ``seed + 1``, ...; the reference draws one).
         other_prompts: how many of the SAE's training prompts (naming no erased concept) make the "other" stats.
         steps, guidance: the sampler's settings for the stats images (reference: 100 DDIM steps, guidance 9).
         seed: first seed of the stats images.
@@ -68,7 +68,7 @@ class SAeUronConfig:
     percentile: float = 99.999
     multiplier: float = -1.0
     templates: tuple[str, ...] = ("{}", "painting by {}", "art by {}", "artwork by {}", "picture by {}", "style of {}")
-    images_per_prompt: int = 4
+    images_per_prompt: int = 1
     other_prompts: int = 100
     steps: int = 100
     guidance: float = 9.0
