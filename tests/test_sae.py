@@ -388,3 +388,20 @@ def test_attach_in_a_fresh_plain_process_matches_the_in_memory_intervention(tmp_
         gens = [torch.Generator("cpu").manual_seed(i) for i in range(len(prompts))]
         in_memory = pipe(prompts, generator=gens, num_inference_steps=10, output_type="np").images
     assert np.abs(np.load(tmp_path / "erased.npy") - in_memory).max() <= 1e-3
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--method", "itd"], ["--method", "saeuron", "--set", "steps=20"]],  # the README's commands
+)
+def test_readme_sae_commands_on_micro(tmp_path, extra):
+    _micro_with_saes()
+    out = tmp_path / "vg"
+    command = [sys.executable, "scripts/erase.py", "--concept", "van gogh", *extra, "--out", str(out),
+               "--check-images", "4", "--json"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["weight_format"] == "intervention" and summary["load_code"].startswith("handle = erase.attach(")
+    assert summary["check"]["target_after"] <= summary["check"]["target_before"]
+    assert erase.load_artifact(out).intervention is not None
