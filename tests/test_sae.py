@@ -392,7 +392,10 @@ def test_attach_in_a_fresh_plain_process_matches_the_in_memory_intervention(tmp_
 
 @pytest.mark.parametrize(
     "extra",
-    [["--method", "itd"], ["--method", "saeuron", "--set", "steps=20"]],  # the README's commands
+    [
+        ["--method", "itd", "--preserve-set", "world", "--set", "scale=-1"],
+        ["--method", "saeuron", "--set", "steps=20", "--set", "percentile=99", "--set", "multiplier=-20"],
+    ],  # the README's commands
 )
 def test_readme_sae_commands_on_micro(tmp_path, extra):
     _micro_with_saes()
@@ -405,3 +408,12 @@ def test_readme_sae_commands_on_micro(tmp_path, extra):
     assert summary["weight_format"] == "intervention" and summary["load_code"].startswith("handle = erase.attach(")
     assert summary["check"]["target_after"] <= summary["check"]["target_before"]
     assert erase.load_artifact(out).intervention is not None
+
+
+def test_bench_sae_prints_the_overhead_on_micro():
+    _micro_with_saes()
+    command = [sys.executable, "scripts/bench_sae.py", "--method", "itd", "--images", "2", "--steps", "4",
+               "--repeats", "1"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "itd" in done.stdout and "overhead" in done.stdout
