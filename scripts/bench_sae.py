@@ -8,6 +8,10 @@
 Same prompts and seeds both ways (half name the concept, so itd's gate fires on them), timed alternately (bare,
 attached, bare, ...) to cancel drift; prints the median seconds of each and the overhead. Goals: itd at most 5%,
 saeuron at most 15%.
+
+Measured on micro, 2 CPU cores, 16 images x 20 steps, 3 runs each way: itd (defaults) 2.76 s bare, 2.79 s attached,
++1.1% (its hook runs once a prompt, in the text encoder); saeuron (``--set steps=20 --set percentile=99 --set
+multiplier=-20``) 2.98 s bare, 3.22 s attached, +8.0% (an SAE encode and decode at every UNet call).
 """
 
 from __future__ import annotations
