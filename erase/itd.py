@@ -39,7 +39,9 @@ Measured on micro (``scripts/measure_erasure.py --method itd --images 100``, mic
   gogh (their object drawn right 7/8 -> 1/8): -8 on 40 features breaks the rest of such a prompt.
 * ``--preserve-set world --set scale=-1`` (9 features; the retain set is the other 21 world concepts): van gogh
   1%, "vincent van gogh" 0%, "starry night style" 1%; other styles unchanged; objects 87.5 -> 88.5% (judge 91.7 ->
-  94.8%), colours 94.8 -> 93.8% (judge 97.9 -> 96.9%). Every bar of the issue met.
+  94.8%), colours 94.8 -> 93.8% (judge 97.9 -> 96.9%). Every bar of the issue met. Five styles at once (van gogh,
+  mondrian, seurat, picasso, monet; 17 concepts preserved): each style and each synonym 0-1%, warhol 100%, objects
+  87.5 -> 87.5% (judge 91.7 -> 92.7%), colours 94.8 -> 91.7% (judge 97.9 -> 94.8%: 0.1 point over the 3 allowed).
 """
 
 from __future__ import annotations
