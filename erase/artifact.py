@@ -24,7 +24,6 @@ import ctypes
 import datetime as _dt
 import errno
 import glob
-import hashlib
 import json
 import logging
 import math
@@ -41,6 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipelines import PipelineWrapper, wrap_pipeline
+from pipelines.files import file_sha256
 
 from .layout import (
     ARTIFACT_ENTRIES,
@@ -219,14 +219,6 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_artifact(
     artifact: ErasureArtifact,
     folder: str | Path,
@@ -272,7 +264,7 @@ def save_artifact(
             ranks = {name: int(a.shape[0]) for name, (a, _) in factors.items()}
         else:
             save_file({k: v.contiguous() for k, v in artifact.deltas.items()}, str(tmp / FULL_FILE))
-        weights_sha256 = _sha256(tmp / WEIGHTS_FILES[weight_format])
+        weights_sha256 = file_sha256(tmp / WEIGHTS_FILES[weight_format])
         if weight_format == "intervention" and export_pipeline:
             raise ValueError("a runtime intervention changes no weights: there is no edited pipeline to export")
         if export_pipeline or (export_pipeline is None and weight_format == "full"):
@@ -357,7 +349,7 @@ def load_artifact(folder: str | Path) -> ErasureArtifact:
     weights_path = folder / WEIGHTS_FILES[fmt]
     if not weights_path.is_file():  # also refuses a FIFO or device, which open() would block on
         raise ArtifactError(f"cannot read {weights_path}: not a regular file")
-    if meta.get("weights_sha256") and _sha256(weights_path) != meta["weights_sha256"]:
+    if meta.get("weights_sha256") and file_sha256(weights_path) != meta["weights_sha256"]:
         raise ArtifactError(f"{weights_path} does not match the sha256 in {METADATA_FILE}: the file was changed")
     try:
         tensors = load_file(str(weights_path))

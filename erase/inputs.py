@@ -17,6 +17,7 @@ __all__ = [
     "check_concept_text",
     "concept_key",
     "check_integer_fields",
+    "check_templates",
     "parse_config_overrides",
 ]
 
@@ -46,6 +47,14 @@ def check_integer_fields(config: object, names: Sequence[str], minimum: int = 1)
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_templates(templates: Sequence[str]) -> tuple[str, ...]:
+    """Prompt templates as a tuple; ``ValueError`` unless there is at least one and each holds one ``{}``."""
+    templates = tuple(templates)
+    if not templates or not all(isinstance(t, str) and t.count("{}") == 1 for t in templates):
+        raise ValueError(f"templates must each hold one '{{}}', got {templates!r}")
+    return templates
 
 
 def parse_config_overrides(pairs: Sequence[str]) -> dict[str, object]:

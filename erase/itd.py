@@ -54,7 +54,7 @@ import torch
 
 from pipelines import PipelineWrapper
 
-from .inputs import check_integer_fields, concept_key
+from .inputs import check_integer_fields, check_templates, concept_key
 from .intervention import SAEIntervention
 from .registry import ConceptSpec, WeightEdit, register_method
 from .sae import resolve_sae
@@ -103,10 +103,8 @@ class ItDConfig:
             raise ValueError(f"scale must be <= 0 (a negative factor, or 0 to switch features off), got {self.scale}")
         if self.gate_statistic not in ("mean", "max"):
             raise ValueError(f"gate_statistic must be 'mean' or 'max', got {self.gate_statistic!r}")
-        self.templates = tuple(self.templates)
+        self.templates = check_templates(self.templates)
         self.sae_stores = tuple(self.sae_stores)
-        if not self.templates or not all(isinstance(t, str) and t.count("{}") == 1 for t in self.templates):
-            raise ValueError(f"templates must each hold one '{{}}', got {self.templates!r}")
 
 
 def default_text_hook(wrapper: PipelineWrapper) -> str:

@@ -34,11 +34,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
-from pipelines.files import atomic_write_bytes, atomic_write_json, temporary_sibling
+from pipelines.files import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, file_sha256
 
 from .inputs import check_integer_fields
 from .layout import current_umask
@@ -269,13 +269,7 @@ def _checkpoint(folder, run_key, epoch, history, generator, sae, optimizer, sinc
     for i, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():
             tensors[f"adam.{i}.{key}"] = torch.as_tensor(value).cpu().contiguous()
-    path = folder / _CHECKPOINT_FILE
-    tmp = temporary_sibling(path)
-    try:
-        save_file(tensors, str(tmp))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_save_safetensors(tensors, folder / _CHECKPOINT_FILE)
     atomic_write_json(folder / _CHECKPOINT_STATE, {"run": run_key, "epoch": epoch, "history": history})
 
 
@@ -310,14 +304,9 @@ def save_sae(sae: TopKSAE, folder: str | Path, metadata: dict[str, Any], prompts
     weights = {"encoder.weight": sae.encoder.weight, "encoder.bias": sae.encoder.bias, "W_dec": sae.W_dec,
                "b_dec": sae.b_dec}  # fmt: skip
     path = folder / SAE_FILE
-    tmp = temporary_sibling(path)
-    try:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in weights.items()}, str(tmp))
-        tmp.chmod(0o666 & ~current_umask())  # safetensors writes 0600; an SAE store is shared like any file
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    meta = {**metadata, "d_in": sae.d_in, "latents": sae.latents, "k": sae.k, "sha256": _sha256(path)}
+    atomic_save_safetensors({k: v.float() for k, v in weights.items()}, path)
+    path.chmod(0o666 & ~current_umask())  # safetensors writes 0600; an SAE store is shared like any file
+    meta = {**metadata, "d_in": sae.d_in, "latents": sae.latents, "k": sae.k, "sha256": file_sha256(path)}
     if prompts:
         atomic_write_bytes(folder / PROMPTS_FILE, ("\n".join(prompts) + "\n").encode())
     atomic_write_json(folder / SAE_METADATA, meta)
@@ -337,7 +326,7 @@ def load_sae(folder: str | Path) -> tuple[TopKSAE, dict[str, Any]]:
         raise ValueError(f"cannot read the SAE in {folder}: {err}") from err
     if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int) for k in ("d_in", "latents", "k")):
         raise ValueError(f"{meta_path} lacks the SAE's sizes (d_in, latents, k)")
-    if meta.get("sha256") and _sha256(path) != meta["sha256"]:
+    if meta.get("sha256") and file_sha256(path) != meta["sha256"]:
         raise ValueError(f"{path} does not match the sha256 in {SAE_METADATA}: the file was changed")
     sae = TopKSAE(meta["d_in"], meta["latents"], meta["k"])
     expected = {"encoder.weight": (sae.latents, sae.d_in), "encoder.bias": (sae.latents,),
@@ -359,14 +348,6 @@ def sae_prompts(folder: str | Path) -> list[str]:
     """The prompts an SAE was trained on (empty if it records none)."""
     path = Path(folder) / PROMPTS_FILE
     return [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def shipped_sae_store() -> Path:
@@ -467,13 +448,7 @@ def collect_activations(
         tokens = acts.reshape(-1, acts.shape[-1])
     tokens = tokens.half()  # what the cache keeps: a rerun trains on the same numbers whether cached or not
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temporary_sibling(path)
-        try:
-            save_file({"activations": tokens.contiguous()}, str(tmp))
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_save_safetensors({"activations": tokens}, path)
     return tokens.float()
 
 

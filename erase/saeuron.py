@@ -46,7 +46,7 @@ import torch
 
 from pipelines import PipelineWrapper
 
-from .inputs import check_integer_fields, concept_key
+from .inputs import check_integer_fields, check_templates, concept_key
 from .intervention import SAEIntervention
 from .registry import ConceptSpec, WeightEdit, register_method
 from .sae import resolve_sae
@@ -94,10 +94,8 @@ class SAeUronConfig:
             raise ValueError(f"multiplier must be negative, got {self.multiplier!r}")
         if not isinstance(self.guidance, int | float) or not self.guidance >= 0:
             raise ValueError(f"guidance must be >= 0, got {self.guidance!r}")
-        self.templates = tuple(self.templates)
+        self.templates = check_templates(self.templates)
         self.sae_stores = tuple(self.sae_stores)
-        if not self.templates or not all(isinstance(t, str) and t.count("{}") == 1 for t in self.templates):
-            raise ValueError(f"templates must each hold one '{{}}', got {self.templates!r}")
 
 
 def default_unet_hook(wrapper: PipelineWrapper) -> str:
