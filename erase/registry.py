@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 # One line per method module; importing it registers the method.
 _METHOD_MODULES: tuple[str, ...] = (
-    "erase.uce", "erase.time", "erase.esd", "erase.ca", "erase.spm", "erase.itd", "erase.saeuron",
+    "erase.uce", "erase.time", "erase.rece", "erase.esd", "erase.ca", "erase.spm", "erase.itd", "erase.saeuron",
 )  # fmt: skip
 
 FAMILIES = ("closed_form", "lora", "runtime")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -512,6 +512,81 @@ class PipelineWrapper:
             pooled = None
         return PromptEncoding(prompts, input_ids, embeds, lengths, pooled)
 
+    def encode_with_vectors(self, templates: Sequence[str], vectors: torch.Tensor) -> PromptEncoding:
+        """Text embeddings of prompts in which free input-embedding vectors stand for words, differentiably.
+
+        Each template holds ``{}`` exactly once; its prompt is BOS + tokens(text before ``{}``) + k slots +
+        tokens(text after) + EOS + padding, and the slots' *input token embeddings* (the text encoder's
+        ``get_input_embeddings()`` output, before position embeddings) are ``vectors``: ``(k, width)`` for every
+        template alike or ``(len(templates), k, width)`` one set per template. Everything else is what
+        :meth:`encode_prompts` computes for ordinary text, so a slot holding a real token's row of
+        :meth:`token_embedding_matrix` gives that token's encoding. Gradients flow to ``vectors`` (the method runs
+        under the caller's grad mode). The vectors enter through a forward hook on the input-embedding module,
+        removed before returning; ``input_ids`` holds BOS's id at the slots, a placeholder the hook overwrites.
+
+        ``ValueError`` when a template lacks ``{}`` or has it twice, or when a prompt would be longer than the text
+        encoder reads; ``NotImplementedError`` on SDXL (two encoders, two input embeddings).
+        """
+        if self.is_sdxl:
+            raise NotImplementedError("encode_with_vectors: free token vectors are SD 1.x/2.x only, not on SDXL yet")
+        templates = list(templates)
+        if not templates:
+            raise ValueError("encode_with_vectors needs at least one template")
+        tokenizer, encoder = self.pipe.tokenizer, self.pipe.text_encoder
+        embedding = encoder.get_input_embeddings()
+        width = embedding.embedding_dim
+        if vectors.dim() == 2:
+            vectors = vectors.unsqueeze(0).expand(len(templates), -1, -1)
+        if vectors.dim() != 3 or vectors.shape[0] != len(templates) or vectors.shape[2] != width:
+            raise ValueError(f"vectors must be (k, {width}) or (templates, k, {width}), got {tuple(vectors.shape)}")
+        k, length = vectors.shape[1], tokenizer.model_max_length
+        if k < 1:
+            raise ValueError("vectors hold no slot (k = 0)")
+        rows, starts, lengths = [], [], []
+        for template in templates:
+            if template.count("{}") != 1:
+                raise ValueError(f"template {template!r} must contain '{{}}' exactly once")
+            before, after = template.split("{}")
+            ids_before = tokenizer(before, add_special_tokens=False)["input_ids"] if before.strip() else []
+            ids_after = tokenizer(after, add_special_tokens=False)["input_ids"] if after.strip() else []
+            ids = [tokenizer.bos_token_id, *ids_before, *[tokenizer.bos_token_id] * k, *ids_after]
+            ids.append(tokenizer.eos_token_id)
+            if len(ids) > length:
+                raise ValueError(f"template {template[:40]!r} with {k} vector(s) has {len(ids) - 2} tokens; the text "
+                                 f"encoder reads {length - 2}")  # fmt: skip
+            starts.append(1 + len(ids_before))
+            lengths.append(len(ids))
+            rows.append(ids + [tokenizer.pad_token_id] * (length - len(ids)))
+        input_ids = torch.tensor(rows)
+        slots = torch.tensor(starts).unsqueeze(1) + torch.arange(k)  # (batch, k) positions of the vectors
+
+        def insert(_module, _inputs, output):  # noqa: ANN001, ANN202 - torch's forward hook signature
+            index = slots.to(output.device).unsqueeze(-1).expand(-1, -1, output.shape[-1])
+            return output.scatter(1, index, vectors.to(output.device, output.dtype))
+
+        mask = None  # as the pipeline's encode_prompt: a mask only for encoders configured to take one
+        if getattr(encoder.config, "use_attention_mask", False):
+            mask = (torch.arange(length) < torch.tensor(lengths).unsqueeze(1)).long().to(self.device)
+        handle = embedding.register_forward_hook(insert)
+        try:
+            embeds = encoder(input_ids.to(self.device), attention_mask=mask)[0]
+        finally:
+            handle.remove()
+        names = [t.replace("{}", " ".join(f"<v{i}>" for i in range(k))) for t in templates]
+        return PromptEncoding(names, input_ids, embeds.to(encoder.dtype), torch.tensor(lengths))
+
+    def token_embedding_matrix(self) -> torch.Tensor:
+        """The text encoder's input token embeddings, ``(vocab, width)``, detached (shares the weight's storage:
+        read it, do not write it). Row ``i`` is what token id ``i`` puts into :meth:`encode_with_vectors`' slots."""
+        if self.is_sdxl:
+            raise NotImplementedError("token_embedding_matrix: SD 1.x/2.x only, not on SDXL yet")
+        return self.pipe.text_encoder.get_input_embeddings().weight.detach()
+
+    def decode_tokens(self, ids: Sequence[int] | torch.Tensor) -> str:
+        """Text of token ids (special tokens dropped), as the tokenizer writes it back."""
+        ids = [int(i) for i in (ids.reshape(-1).tolist() if isinstance(ids, torch.Tensor) else ids)]
+        return self.pipe.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
     # ------------------------------------------------------------------ denoising
     def _added_conditions(self, encoding: PromptEncoding, batch: int) -> dict[str, torch.Tensor] | None:
         if not self.is_sdxl:
@@ -548,7 +623,7 @@ class PipelineWrapper:
     @torch.no_grad()
     def generate(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[str] | PromptEncoding,
         seeds: Sequence[int],
         *,
         steps: int = DEFAULT_STEPS,
@@ -559,6 +634,7 @@ class PipelineWrapper:
         width: int | None = None,
         progress: bool = True,
         callback_on_step_end: Callable | None = None,
+        eta: float | None = None,
     ) -> list[Image.Image]:
         """Images for (prompt, seed) pairs; the same pair gives the same image whatever else is in the batch.
 
@@ -566,33 +642,71 @@ class PipelineWrapper:
         model's SDE-DPM-Solver++, Euler ancestral) adds at each step: one CPU generator per image, seeded with its
         seed, draws the starting noise and then the step noise, as ``pipe(prompt, generator=torch.Generator("cpu")
         .manual_seed(seed))`` would. Batching only changes floating-point summation order.
+
+        ``prompts`` may also be a :class:`PromptEncoding`: its embeddings then condition the images as they are
+        (diffusers' ``prompt_embeds``), which is how an attack feeds adversarial embeddings. ``eta`` samples with
+        DDIM at that noise level instead of the pipeline's own sampler (0: deterministic DDIM, 1: as much noise as
+        DDPM's ancestral sampler), for every model alike.
         """
-        prompts, seeds = list(prompts), [int(s) for s in seeds]
-        if len(prompts) != len(seeds):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        encoded = isinstance(prompts, PromptEncoding)
+        count = len(prompts.prompts) if encoded else len(prompts)
+        seeds = [int(s) for s in seeds]
+        if count != len(seeds):
+            raise ValueError(f"{count} prompts but {len(seeds)} seeds")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if eta is not None and not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1] (DDIM's noise level), got {eta}")
         self.check_sampler_steps(steps)
         images: list[Image.Image] = []
-        batches = range(0, len(prompts), batch_size)
-        for start in tqdm(batches, desc="generating", unit="batch", disable=not progress or len(batches) < 2):
-            chunk_prompts = prompts[start : start + batch_size]
-            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start : start + batch_size]]
-            latents = torch.cat([self._draw_latents(g, height, width) for g in generators])
-            result = self.pipe(
-                prompt=chunk_prompts,
-                negative_prompt=[negative_prompt] * len(chunk_prompts),
-                latents=latents.to(self.device, self.dtype),
-                generator=generators,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                height=height or self.image_size,
-                width=width or self.image_size,
-                output_type="np",
-                callback_on_step_end=callback_on_step_end,
-            )
-            images.extend(Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8)) for a in result.images)
+        batches = range(0, count, batch_size)
+        with self._sampler(eta) as sampler_kwargs:
+            for start in tqdm(batches, desc="generating", unit="batch", disable=not progress or len(batches) < 2):
+                rows = range(start, min(start + batch_size, count))
+                generators = [torch.Generator("cpu").manual_seed(seeds[i]) for i in rows]
+                latents = torch.cat([self._draw_latents(g, height, width) for g in generators])
+                result = self.pipe(
+                    **self._condition(prompts, rows),
+                    negative_prompt=[negative_prompt] * len(rows),
+                    latents=latents.to(self.device, self.dtype),
+                    generator=generators,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    height=height or self.image_size,
+                    width=width or self.image_size,
+                    output_type="np",
+                    callback_on_step_end=callback_on_step_end,
+                    **sampler_kwargs,
+                )
+                images.extend(
+                    Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8)) for a in result.images
+                )
         return images
+
+    def _condition(self, prompts: Sequence[str] | PromptEncoding, rows: range) -> dict[str, object]:
+        """The pipeline's conditioning arguments for some rows: prompts as text, or their embeddings."""
+        if not isinstance(prompts, PromptEncoding):
+            return {"prompt": [prompts[i] for i in rows]}
+        chunk = prompts.select(list(rows))
+        condition = {"prompt_embeds": chunk.embeddings.to(self.device, self.dtype)}
+        if self.is_sdxl:
+            condition["pooled_prompt_embeds"] = chunk.pooled.to(self.device, self.dtype)
+        return condition
+
+    @contextlib.contextmanager
+    def _sampler(self, eta: float | None) -> Iterator[dict[str, float]]:
+        """The pipeline's own sampler (``eta is None``), or DDIM with noise level ``eta`` for the block: the
+        scheduler is swapped as diffusers documents (``pipe.scheduler = DDIMScheduler.from_config(...)``) and put
+        back afterwards."""
+        if eta is None:
+            yield {}
+            return
+        original = self.pipe.scheduler
+        self.pipe.scheduler = DDIMScheduler.from_config(original.config)
+        try:
+            yield {"eta": float(eta)}
+        finally:
+            self.pipe.scheduler = original
 
     def check_sampler_steps(self, steps: int) -> None:
         """``ValueError`` in one line when the pipeline's sampler cannot run ``steps`` steps (PNDM, SD 1.x's own

@@ -1,0 +1,40 @@
+"""Attacks that try to bring an erased concept back, and their success rates.
+
+One file per attack, each a config dataclass (its budget) and a function ``(target, config, seed) -> AttackResult``
+registered by name (:mod:`.base`); :mod:`.suite` runs several against one erasure and writes their table.
+
+========================  =========  ==================================================================================
+attack                    kind       what it does
+========================  =========  ==================================================================================
+``rece_embedding``        embedding  the closed-form embedding whose edited keys/values equal the original ones (RECE)
+``ring_a_bell``           embedding  the concept's direction in embedding space added to the prompt (Ring-A-Bell)
+``noise_probe``           sampling   DDIM re-sampling at full noise, keeping the candidate the scorer rates most
+                                     like the concept
+========================  =========  ==================================================================================
+"""
+
+from .base import (
+    Attack,
+    AttackProbe,
+    AttackResult,
+    AttackTarget,
+    attack_probes,
+    attack_success,
+    available_attacks,
+    get_attack,
+    register_attack,
+    run_attack,
+)
+
+__all__ = [
+    "Attack",
+    "AttackProbe",
+    "AttackResult",
+    "AttackTarget",
+    "attack_probes",
+    "attack_success",
+    "available_attacks",
+    "get_attack",
+    "register_attack",
+    "run_attack",
+]
