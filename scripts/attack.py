@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""Attack an erasure: try to bring its concept back, and report the attack success rate of each attack.
+
+python scripts/attack.py --erasure erased/van-gogh-uce --out attacks/vg-uce                  # every attack
+python scripts/attack.py --erasure erased/van-gogh-uce --attack rece_embedding --out attacks/vg
+
+For each erased concept: N probe prompts naming it (--images, default 48) drawn by the original model, by the erased
+model, and by the erased model under each attack. The success rate of a row is the share of its images the scorer
+(and on the micro world the judge) reads as the erased concept, with its Wilson 95% interval. Writes OUT/attack.json
+(settings), OUT/<concept>/<row>/ (images, grid.png, result.json) and OUT/<concept>/attacks.json (the table), and
+prints the table; rerunning the same command resumes. Attacks: see evals/attacks/__init__.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+# scripts/erase.py would shadow the erase package: drop this folder from the import path.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+
+EXIT_BAD_INPUT = 2
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--erasure", required=True, help="erasure artifact folder")
+    parser.add_argument("--attack", action="append", help="attack name, or 'all' (default: all; repeatable)")
+    parser.add_argument("--out", required=True, help="output folder (an earlier run there is resumed)")
+    parser.add_argument("--model", help="base model (default: the artifact's own base model)")
+    parser.add_argument("--images", type=int, default=48, help="probes (images) per row (default: 48)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the probes and the attacks (default: 0)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per generation batch (default: 16)")
+    parser.add_argument(
+        "--scorer", help="CLIP scorer: 'micro' (default for micro), a CLIP folder or open_clip:NAME/PRETRAINED"
+    )
+    parser.add_argument("--no-judge", action="store_true", help="skip the micro world's judge")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--verbose", action="store_true", help="log progress details")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from erase import ArtifactError, check_artifact_base, load_artifact
+    from evals.attacks import AttackTarget, attack_probes, available_attacks
+    from evals.attacks.suite import asr_table, run_attack_suite
+    from evals.audit import AuditError, check_output_folder
+    from evals.audit.common import slug
+    from pipelines import ModelNotFoundError, load_pipeline, resolve_device, set_library_verbosity
+
+    set_library_verbosity(args.verbose)
+    try:
+        for name in ("images", "batch_size"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        names = args.attack or ["all"]
+        attacks = available_attacks() if "all" in names else list(dict.fromkeys(names))
+        unknown = [a for a in attacks if a not in available_attacks()]
+        if unknown:
+            raise ValueError(f"unknown attack {unknown[0]!r}; available: all, {', '.join(available_attacks())}")
+        device = resolve_device(args.device)
+        check_output_folder(args.out)
+        artifact = load_artifact(args.erasure)
+        model = args.model or artifact.base_model
+        if model in ("micro", "tiny", "tiny-sdxl") or os.path.isdir(model):
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        micro = model == "micro"
+        scorer_name = args.scorer or ("micro" if micro else "open_clip:ViT-L-14/openai")
+        from evals.scorer import ClipScorer
+
+        try:
+            scorer = ClipScorer.from_pretrained(scorer_name, device=device, progress=False)
+        except (OSError, RuntimeError) as err:
+            raise ValueError(f"cannot load the CLIP scorer {scorer_name!r}: {err}") from err
+        judge = None
+        if micro and not args.no_judge:
+            from evals.microworld.judge import load_judge
+
+            judge = load_judge().to(device)
+        wrapper = load_pipeline(model, device=device)
+        check_artifact_base(wrapper, artifact, where=args.erasure)
+        erasure = {"folder": os.path.abspath(args.erasure), "method": artifact.method, "concepts": artifact.concepts,
+                   "base_fingerprint": artifact.base_fingerprint, "config": artifact.config}  # fmt: skip
+        for concept in artifact.concepts:
+            target = AttackTarget(wrapper, artifact.applied, concept, attack_probes(concept, args.images, args.seed),
+                                  scorer=scorer, batch_size=args.batch_size, progress=not args.quiet)  # fmt: skip
+            summary = run_attack_suite(target, attacks, args.out, scorer=scorer, judge=judge, seed=args.seed,
+                                       erasure=erasure)  # fmt: skip
+            print(asr_table(summary))
+            print(f"table and images: {os.path.join(args.out, slug(concept))}")
+    except (ValueError, TypeError, OSError, ModelNotFoundError, ArtifactError, AuditError) as err:
+        if isinstance(err, OSError) and err.filename is not None:
+            message = f"{err.filename}: {err.strerror or err}"
+        else:
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""The attack suite: probes, the attacks' maths and outputs, the rece method, the resumable runner and the script."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import erase
+from evals.attacks import AttackTarget, attack_probes, attack_success, available_attacks, run_attack
+from evals.attacks.noise_probe import NoiseProbeConfig
+from evals.attacks.rece_embedding import adversarial_map, projection_weights, restored_share
+from evals.attacks.ring_a_bell import RingABellConfig, concept_direction
+from evals.attacks.suite import run_attack_suite
+from evals.microworld import world
+from evals.scorer import TEMPLATES
+
+
+def _pixels(images):
+    return np.stack([np.asarray(i, dtype=np.int16) for i in images])
+
+
+@pytest.fixture(scope="module")
+def uce(wrapper):
+    return erase.erase_concepts(wrapper, erase.ConceptSpec(("van gogh",), preserve=("monet",)), "uce")
+
+
+def _target(wrapper, artifact, n=3, **kwargs):
+    return AttackTarget(wrapper, artifact.applied, "van gogh", attack_probes("van gogh", n, 1), steps=2,
+                        progress=False, **kwargs)  # fmt: skip
+
+
+def test_probes_name_the_concept_and_their_neutral_twin_does_not():
+    probes = attack_probes("vincent van gogh", 20, 3)
+    assert probes == attack_probes("vincent van gogh", 20, 3)
+    for p in probes:
+        assert "vincent van gogh" in p.prompt and "van gogh" not in p.neutral and p.neutral.strip()
+        assert p.concept == "van gogh" and p.category == "style"
+    generic = attack_probes("the eiffel tower", 4, 0)
+    assert all("the eiffel tower" in p.prompt and "eiffel" not in p.neutral for p in generic)
+    assert {p.category for p in generic} == {"concept"}
+    with pytest.raises(ValueError, match="at least one probe"):
+        attack_probes("van gogh", 0)
+
+
+def test_the_adversarial_map_inverts_a_shared_invertible_edit():
+    torch.manual_seed(0)
+    d = 6
+    weights = [torch.randn(8, d, dtype=torch.float64) for _ in range(3)]
+    a = torch.eye(d, dtype=torch.float64) + 0.3 * torch.randn(d, d, dtype=torch.float64)
+    edited = [w @ a for w in weights]
+    m = adversarial_map(weights, edited, 1e-9)
+    assert torch.allclose(m, torch.linalg.inv(a), atol=1e-6)
+    assert torch.allclose(adversarial_map(weights, weights, 1e-9), torch.eye(d, dtype=torch.float64), atol=1e-6)
+    c = torch.randn(5, d, dtype=torch.float64)
+    assert restored_share(weights, edited, c, c @ m.T) == pytest.approx(1.0, abs=1e-6)
+    assert restored_share(weights, edited, c, c) == pytest.approx(0.0, abs=1e-12)
+    assert restored_share(weights, weights, c, c) is None
+
+
+def test_generation_from_embeddings_and_with_ddim_noise(wrapper):
+    prompts = ["a red star in the style of van gogh", "a blue circle"]
+    scheduler = wrapper.pipe.scheduler
+    plain = wrapper.generate(prompts, [1, 2], steps=2, progress=False)
+    embedded = wrapper.generate(wrapper.encode_prompts(prompts), [1, 2], steps=2, progress=False)
+    assert np.array_equal(_pixels(plain), _pixels(embedded))
+    noisy = wrapper.generate(prompts, [1, 2], steps=2, progress=False, eta=1.0)
+    assert np.array_equal(_pixels(noisy), _pixels(wrapper.generate(prompts, [1, 2], steps=2, progress=False, eta=1.0)))
+    assert not np.array_equal(_pixels(noisy), _pixels(plain))
+    assert wrapper.pipe.scheduler is scheduler  # DDIM only for the call
+    with pytest.raises(ValueError, match="eta"):
+        wrapper.generate(prompts, [1, 2], steps=2, eta=1.5)
+
+
+def test_rece_embedding_restores_a_uce_edit_and_leaves_the_pipeline_as_it_was(wrapper, uce):
+    before = projection_weights(wrapper, ("*attn2.to_k", "*attn2.to_v"))
+    target = _target(wrapper, uce)
+    result = run_attack("rece_embedding", target)
+    assert len(result.images) == 3 and result.embeddings.shape[0] == 3
+    assert result.info["layers_edited"] == result.info["layers_matched"] > 0
+    assert result.info["restored_share"] > 0.95
+    assert result.config == {"regularization": 1e-3, "layers": ("*attn2.to_k", "*attn2.to_v")}
+    after = projection_weights(wrapper, ("*attn2.to_k", "*attn2.to_v"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # against no edit at all the attack is the prompt itself
+    same = run_attack("rece_embedding", AttackTarget(wrapper, lambda w: contextlib.nullcontext(), "van gogh",
+                                                     target.probes, steps=2, progress=False))  # fmt: skip
+    assert same.info["layers_edited"] == 0 and same.info["restored_share"] is None
+
+
+def test_ring_a_bell_adds_the_concept_direction(wrapper, uce):
+    direction = concept_direction(wrapper, "van gogh", 8, 0)
+    assert direction.shape == wrapper.encode_prompts(["x"]).embeddings.shape[1:] and direction.norm() > 0
+    target = _target(wrapper, uce)
+    result = run_attack("ring_a_bell", target, RingABellConfig(eta=2.0, pairs=8), seed=0)
+    plain = wrapper.encode_prompts([p.prompt for p in target.probes]).embeddings
+    moved = result.embeddings - plain
+    assert torch.allclose(moved, 2.0 * concept_direction(wrapper, "van gogh", 8, 7919).expand_as(moved), atol=1e-4)
+    with pytest.raises(ValueError, match="base"):
+        RingABellConfig(base="elsewhere")
+
+
+def test_noise_probe_keeps_the_candidate_the_scorer_likes_best(wrapper, uce, scorer):
+    target = _target(wrapper, uce, n=2, scorer=scorer)
+    result = run_attack("noise_probe", target, NoiseProbeConfig(candidates=3), seed=5)
+    assert result.info["candidates_drawn"] == 6 and len(result.images) == 2
+    styles = world.concepts("style")
+    with target.erased_model():
+        seeds = [(p.seed * 7 + 5 * 1_000_003 + j) % 2**63 for p in target.probes for j in range(3)]
+        again = target.generate([p.prompt for p in target.probes for _ in range(3)], seeds, eta=1.0)
+    probs = scorer.zero_shot(again, styles, TEMPLATES["style"]).probs[:, styles.index("van gogh")]
+    best = probs.reshape(2, 3).argmax(dim=1).tolist()
+    assert result.info["picked"] == best
+    assert np.array_equal(_pixels(result.images), _pixels([again[i * 3 + j] for i, j in enumerate(best)]))
+    with pytest.raises(ValueError, match="scorer"):
+        run_attack("noise_probe", _target(wrapper, uce))
+
+
+def test_rece_erases_what_undoes_uce(wrapper):
+    spec = erase.ConceptSpec(("van gogh",), preserve=("monet",))
+    uce = erase.erase_concepts(wrapper, spec, "uce")
+    rece = erase.erase_concepts(wrapper, spec, "rece")
+    assert set(rece.deltas) == set(uce.deltas)
+    assert rece.info["rounds"] == 1 and len(rece.info["adversarial_restored_share"]) == 1
+    assert any(not torch.allclose(rece.deltas[k], uce.deltas[k]) for k in uce.deltas)
+    patterns = ("*attn2.to_k", "*attn2.to_v")
+    original = projection_weights(wrapper, patterns)
+    names = sorted(original)
+    with wrapper.weight_deltas(uce.deltas):
+        uce_weights = projection_weights(wrapper, patterns)
+    with wrapper.weight_deltas(rece.deltas):
+        rece_weights = projection_weights(wrapper, patterns)
+    c = wrapper.encode_prompts(["van gogh"]).embeddings[0].double()
+    m = adversarial_map([original[n] for n in names], [uce_weights[n] for n in names], 1e-3)
+    # the embedding that undoes UCE undoes much less of RECE's edit
+    on_uce = restored_share([original[n] for n in names], [uce_weights[n] for n in names], c, c @ m.T)
+    on_rece = restored_share([original[n] for n in names], [rece_weights[n] for n in names], c, c @ m.T)
+    assert on_uce > 0.95 and on_rece < on_uce - 0.2
+    zero = erase.erase_concepts(wrapper, spec, "rece", erase.get_method("rece").config_class(rounds=0))
+    assert all(torch.allclose(zero.deltas[k], uce.deltas[k]) for k in uce.deltas)
+    with pytest.raises(ValueError, match="rounds"):
+        erase.get_method("rece").config_class(rounds=-1)
+
+
+def test_the_suite_writes_every_row_and_resumes_without_redoing_them(wrapper, uce, scorer, tmp_path):
+    target = _target(wrapper, uce, n=2, scorer=scorer)
+    summary = run_attack_suite(target, ["rece_embedding"], tmp_path, scorer=scorer, erasure={"id": 1})
+    assert [r["row"] for r in summary["rows"]] == ["original", "unattacked", "rece_embedding"]
+    for row in summary["rows"]:
+        assert row["clip"]["n"] == 2 and row["judge"] is None
+        assert len(list((tmp_path / "van-gogh" / row["row"] / "images").glob("*.png"))) == 2
+    assert (tmp_path / "van-gogh" / "comparison.png").is_file()
+    stamp = (tmp_path / "van-gogh" / "rece_embedding" / "result.json").stat().st_mtime_ns
+    again = run_attack_suite(target, ["rece_embedding"], tmp_path, scorer=scorer, erasure={"id": 1})
+    assert (tmp_path / "van-gogh" / "rece_embedding" / "result.json").stat().st_mtime_ns == stamp
+    assert again["rows"] == summary["rows"]
+    with pytest.raises(ValueError, match="other settings"):
+        run_attack_suite(target, ["rece_embedding"], tmp_path, scorer=scorer, erasure={"id": 2})
+
+
+def test_attack_success_counts_the_concept_with_its_interval(wrapper, scorer):
+    probes = attack_probes("van gogh", 4, 0)
+    images = wrapper.generate([p.prompt for p in probes], [p.seed for p in probes], steps=2, progress=False)
+    success = attack_success(images, probes, scorer, {"style": world.concepts("style")})
+    flags = [v == "van gogh" for v in success["clip_verdicts"]]
+    assert success["clip"]["k"] == sum(flags) and success["clip"]["n"] == 4
+    assert success["clip"]["low"] <= success["clip"]["value"] <= success["clip"]["high"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--attack", "nope"], "unknown attack 'nope'"),
+        (["--images", "0"], "--images must be >= 1"),
+        (["--device", "nonsense"], "device"),
+    ],
+)
+def test_attack_script_bad_input_is_one_line(artifact_dir, tmp_path, capsys, args, message):
+    sys.path.insert(0, "scripts")
+    try:
+        import attack as attack_script
+    finally:
+        sys.path.pop(0)
+    code = attack_script.main(["--erasure", str(artifact_dir), "--out", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error:") and message in err and len(err.splitlines()) == 1
+    code = attack_script.main(["--erasure", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")])
+    assert code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_every_attack_is_listed():
+    assert {"rece_embedding", "ring_a_bell", "noise_probe"} <= set(available_attacks())
+
+
+def test_readme_attack_command_on_micro(tmp_path):
+    """The README's commands: erase van gogh with UCE, then attack it (one attack, few images, to stay quick)."""
+    out = tmp_path / "vg"
+    command = [sys.executable, "scripts/erase.py", "--concept", "van gogh", "--out", str(out), "--no-check", "--quiet"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    command = [sys.executable, "scripts/attack.py", "--erasure", str(out), "--attack", "rece_embedding", "--out",
+               str(tmp_path / "attacks"), "--images", "6", "--quiet"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = {r["row"]: r for r in json.loads((tmp_path / "attacks" / "van-gogh" / "attacks.json").read_text())["rows"]}
+    assert rows["original"]["clip"]["value"] >= 0.5 and rows["unattacked"]["clip"]["value"] <= 0.34
+    assert rows["rece_embedding"]["clip"]["value"] >= 0.5  # the closed-form embedding brings UCE's erasure back
+    assert rows["rece_embedding"]["judge"]["n"] == 6
