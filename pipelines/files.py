@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ __all__ = [
     "atomic_write_json",
     "file_sha256",
     "png_bytes",
+    "slug",
     "temporary_sibling",
     "write_synced_sibling",
 ]
@@ -87,3 +89,8 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of ``text`` (model keys, grid names, attacked concepts)."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "artifact"

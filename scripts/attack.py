@@ -47,11 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from erase import ArtifactError, check_artifact_base, load_artifact
-    from evals.attacks import AttackTarget, attack_probes, available_attacks
+    from evals.attacks import AttackTarget, attack_labels, attack_probes, available_attacks
     from evals.attacks.suite import asr_table, run_attack_suite
     from evals.audit import AuditError, check_output_folder
-    from evals.audit.common import slug
     from pipelines import ModelNotFoundError, load_pipeline, resolve_device, set_library_verbosity
+    from pipelines.files import slug
 
     set_library_verbosity(args.verbose)
     try:
@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         names = args.attack or ["all"]
+        unknown = [a for a in names if a != "all" and a not in available_attacks()]
         attacks = available_attacks() if "all" in names else list(dict.fromkeys(names))
-        unknown = [a for a in attacks if a not in available_attacks()]
         if unknown:
             raise ValueError(f"unknown attack {unknown[0]!r}; available: all, {', '.join(available_attacks())}")
         device = resolve_device(args.device)
@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                    "base_fingerprint": artifact.base_fingerprint, "config": artifact.config}  # fmt: skip
         for concept in artifact.concepts:
             target = AttackTarget(wrapper, artifact.applied, concept, attack_probes(concept, args.images, args.seed),
-                                  scorer=scorer, batch_size=args.batch_size, progress=not args.quiet)  # fmt: skip
+                                  labels=attack_labels(concept, artifact.preserve), scorer=scorer,
+                                  batch_size=args.batch_size, progress=not args.quiet)  # fmt: skip
             summary = run_attack_suite(target, attacks, args.out, scorer=scorer, judge=judge, seed=args.seed,
                                        erasure=erasure)  # fmt: skip
             print(asr_table(summary))

@@ -3,6 +3,7 @@
 
 python scripts/audit.py --out audits/micro                                     # the micro model alone
 python scripts/audit.py --erasure erased/van-gogh-uce --out audits/vg          # before/after one erasure
+python scripts/audit.py --erasure erased/van-gogh-uce --attack all --out audits/vg   # ... and every attack on it
 python scripts/audit.py --model CompVis/stable-diffusion-v1-4 --suite art_styles --erasure erased/vg --out a/vg
 accelerate launch --num_processes 2 scripts/audit.py --erasure erased/vg --out audits/vg
 accelerate launch --multi_gpu --num_processes 2 scripts/audit.py --device cpu ...   # two CPU processes
@@ -59,6 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--scorer", help="CLIP scorer: 'micro' (default for micro), a CLIP folder or open_clip:NAME/PRETRAINED"
     )
     parser.add_argument("--no-judge", action="store_true", help="skip the micro world's judge")
+    parser.add_argument(
+        "--attack",
+        action="append",
+        default=[],
+        help="also attack each erased concept: an attack name or 'all' (repeatable); adds an attacks section",
+    )
+    parser.add_argument("--attack-images", type=int, default=48, help="probes per attack row (default: 48)")
     parser.add_argument("--out", required=True, help="output folder (an existing audit there is resumed)")
     parser.add_argument("--device", help="torch device (default: accelerate's device for this process)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -94,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         for handler in logging.getLogger().handlers:
             handler.addFilter(lambda r: not (r.levelno >= logging.ERROR and "open_clip" in r.pathname))
     try:
-        for name in ("images_per_prompt", "batch_size", "steps"):
+        for name in ("images_per_prompt", "batch_size", "steps", "attack_images"):
             value = getattr(args, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -113,6 +121,16 @@ def main(argv: list[str] | None = None) -> int:
         main_process = state.is_main_process
         device = device or state.device
         check_output_folder(args.out)
+        attacks = []
+        if args.attack:
+            from evals.attacks import available_attacks
+
+            unknown = [a for a in args.attack if a != "all" and a not in available_attacks()]
+            attacks = available_attacks() if "all" in args.attack else list(dict.fromkeys(args.attack))
+            if unknown:
+                raise ValueError(f"unknown attack {unknown[0]!r}; available: all, {', '.join(available_attacks())}")
+            if not args.erasure:
+                raise ValueError("--attack needs an --erasure to attack")
         artifacts = [load_artifact(folder) for folder in args.erasure]
         targets = [c for a in artifacts for c in a.concepts]
         micro = args.model == "micro"
@@ -157,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.quiet and main_process,
             barrier=state.wait_for_everyone,
             scorer_name=scorer_name,
+            attacks=attacks,
+            attack_probes=args.attack_images,
         )
     except (ValueError, TypeError, OSError, ModelNotFoundError, ArtifactError, SuiteError, AuditError) as err:
         if isinstance(err, OSError) and err.filename is not None:
@@ -171,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         print(summary_table(result))
         print()
         print(per_concept_table(result))
+        if result.get("attacks"):
+            from evals.attacks.suite import asr_table
+
+            for section in result["attacks"]:
+                print(f"\nattacks on {section['label']}:")
+                print(asr_table(section))
         print(f"\n{generation_summary(args.out, state.num_processes)}")
         print(f"metrics: {os.path.join(args.out, 'metrics.json')}")
         print(f"report:  {os.path.join(args.out, 'report.html')}")

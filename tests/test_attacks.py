@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import runpy
 import subprocess
 import sys
 
@@ -178,18 +179,15 @@ def test_attack_success_counts_the_concept_with_its_interval(wrapper, scorer):
         (["--attack", "nope"], "unknown attack 'nope'"),
         (["--images", "0"], "--images must be >= 1"),
         (["--device", "nonsense"], "device"),
+        (["--attack", "all", "--attack", "nope"], "unknown attack"),
     ],
 )
 def test_attack_script_bad_input_is_one_line(artifact_dir, tmp_path, capsys, args, message):
-    sys.path.insert(0, "scripts")
-    try:
-        import attack as attack_script
-    finally:
-        sys.path.pop(0)
-    code = attack_script.main(["--erasure", str(artifact_dir), "--out", str(tmp_path / "out"), *args])
+    main = runpy.run_path("scripts/attack.py", run_name="attack_script")["main"]  # in-process: no start-up
+    code = main(["--erasure", str(artifact_dir), "--out", str(tmp_path / "out"), *args])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error:") and message in err and len(err.splitlines()) == 1
-    code = attack_script.main(["--erasure", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")])
+    code = main(["--erasure", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")])
     assert code == 2 and "error:" in capsys.readouterr().err
 
 
@@ -211,3 +209,25 @@ def test_readme_attack_command_on_micro(tmp_path):
     assert rows["original"]["clip"]["value"] >= 0.5 and rows["unattacked"]["clip"]["value"] <= 0.34
     assert rows["rece_embedding"]["clip"]["value"] >= 0.5  # the closed-form embedding brings UCE's erasure back
     assert rows["rece_embedding"]["judge"]["n"] == 6
+
+
+def test_an_audit_with_attacks_reports_them(wrapper, scorer, artifact_dir, tmp_path):
+    from erase.workflow import audit_models
+    from evals.audit import METRICS_SCHEMA, run_audit
+    from evals.suites import ROLES, Suite, world_suite
+
+    full = world_suite(["van gogh"])
+    suite = Suite("small", tuple(next(r for r in full.rows if r.role == role) for role in ROLES), full.labels, "t")
+    models = audit_models(wrapper, [artifact_dir])
+    result = run_audit(wrapper, suite, models, tmp_path / "audit", scorer, None, steps=2, progress=False,
+                       attacks=["rece_embedding"], attack_probes=2)  # fmt: skip
+    (section,) = result["attacks"]
+    assert section["model"] == models[0].key and section["concept"] == "van gogh"
+    assert [r["row"] for r in section["rows"]] == ["original", "unattacked", "rece_embedding"]
+    assert (tmp_path / "audit" / section["comparison"]).is_file()
+    saved = json.loads((tmp_path / "audit" / "metrics.json").read_text())
+    assert saved["attacks"][0]["rows"][2]["clip"]["n"] == 2
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(saved, METRICS_SCHEMA)
+    html = (tmp_path / "audit" / "report.html").read_text()
+    assert 'id="attacks"' in html and "rece_embedding" in html and "data:image/png;base64" in html

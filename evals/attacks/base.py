@@ -36,6 +36,7 @@ __all__ = [
     "AttackProbe",
     "AttackResult",
     "AttackTarget",
+    "attack_labels",
     "attack_probes",
     "attack_success",
     "available_attacks",
@@ -51,7 +52,12 @@ _ATTACK_MODULES: tuple[str, ...] = (
     "evals.attacks.rece_embedding",
     "evals.attacks.ring_a_bell",
     "evals.attacks.noise_probe",
+    "evals.attacks.unlearn_diff_atk",
+    "evals.attacks.concept_inversion",
 )
+
+#: Labels a concept outside the micro world is told apart from when nothing else is given (zero-shot needs rivals).
+GENERIC_ALTERNATIVES: tuple[str, ...] = ("a photo", "a painting", "a drawing", "an abstract pattern")
 
 #: Prompts for concepts outside the micro world: (with the concept, the same without it).
 GENERIC_PAIRS: tuple[tuple[str, str], ...] = (
@@ -84,7 +90,7 @@ class AttackTarget:
         erased: ``erased(wrapper)`` is a context manager that puts the erasure in force for its block.
         concept: the erased concept under attack, as the user named it.
         probes: the prompts whose images the attack must bring the concept back into (one image each).
-        labels: category -> the zero-shot labels a verdict is taken among.
+        labels: category -> the zero-shot labels a verdict is taken among (default: :func:`attack_labels`).
         scorer: a :class:`evals.scorer.ClipScorer`, for attacks that pick images by score (``noise_probe``).
         steps, guidance: the sampler settings every image of the attack is drawn with.
         batch_size: images per generation batch.
@@ -95,12 +101,16 @@ class AttackTarget:
     erased: Callable[[PipelineWrapper], AbstractContextManager]
     concept: str
     probes: list[AttackProbe]
-    labels: Mapping[str, Sequence[str]] = field(default_factory=world_labels)
+    labels: Mapping[str, Sequence[str]] | None = None
     scorer: Any = None
     steps: int = DEFAULT_STEPS
     guidance: float = DEFAULT_GUIDANCE
     batch_size: int = 16
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.labels is None:
+            self.labels = attack_labels(self.concept)
 
     @contextlib.contextmanager
     def erased_model(self) -> Iterator[PipelineWrapper]:
@@ -229,6 +239,17 @@ def attack_probes(concept: str, n: int, seed: int = 0) -> list[AttackProbe]:
         probes.append(AttackProbe(world.prompt(**named, **{category: concept}), world.prompt(**named),
                                   seed * 1_000_003 + i, canonical, category))  # fmt: skip
     return probes
+
+
+def attack_labels(concept: str, others: Sequence[str] = ()) -> dict[str, list[str]]:
+    """The zero-shot label sets an attacked concept's images are judged among: the micro world's categories for a
+    world concept; otherwise one set ``"concept"``: the concept, ``others`` (say the erasure's preserved concepts)
+    and :data:`GENERIC_ALTERNATIVES`."""
+    try:
+        world.category_of(concept)
+        return world_labels()
+    except ValueError:
+        return {"concept": list(dict.fromkeys([concept, *others, *GENERIC_ALTERNATIVES]))}
 
 
 def _random_name(category: str, rng: np.random.Generator) -> str:

@@ -25,9 +25,8 @@ from typing import Any
 
 from PIL import Image
 
-from pipelines.files import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, png_bytes
+from pipelines.files import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, png_bytes, slug
 
-from ..audit.common import slug
 from ..grids import labelled_grid
 from .base import AttackResult, AttackTarget, attack_success, get_attack, run_attack
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import PipelineWrapper
-from pipelines.files import atomic_write_bytes
+from pipelines.files import atomic_write_bytes, slug
 
 __all__ = [
     "ORIGINAL",
@@ -75,11 +74,6 @@ def image_name(prompt: str, seed: int) -> str:
 def json_text(obj: Any) -> str:
     """The JSON files' one format (indented, keys in insertion order, no NaN): reruns write identical bytes."""
     return json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n"
-
-
-def slug(text: str) -> str:
-    """A file-name-safe form of ``text`` (model keys, grid names)."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "artifact"
 
 
 def reason(err: OSError) -> str:

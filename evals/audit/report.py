@@ -602,6 +602,25 @@ def _image_groups(
     return out
 
 
+def _attack_sections(result: dict[str, Any], out_dir: Path | None) -> list[dict[str, Any]]:
+    """The attacks section: per (erasure, concept) a table of success rates and the comparison grid."""
+    sections = []
+    for entry in result.get("attacks", []):
+        rows = []
+        for row in entry["rows"]:
+            cells = [f"{_pct(row[s])} ({row[s]['k']}/{row[s]['n']}) {_interval(row[s])}" if row.get(s) else "-"
+                     for s in ("clip", "judge")]  # fmt: skip
+            seconds = f"{row['seconds']:.0f} s" if "seconds" in row else ""
+            rows.append({"name": row["row"], "kind": row["kind"], "cells": cells, "seconds": seconds})
+        uri = None
+        grid = out_dir / entry["comparison"] if out_dir is not None else None
+        if grid is not None and grid.is_file():
+            uri = "data:image/png;base64," + base64.b64encode(grid.read_bytes()).decode("ascii")
+        sections.append({"title": f"{entry['label']}: {entry['concept']}", "n": entry["n"], "rows": rows,
+                         "grid": uri})  # fmt: skip
+    return sections
+
+
 def _provenance(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Each erasure's artifact as (field, value) rows; values stay structured (lists, mappings) for the template."""
     fields = [
@@ -670,9 +689,11 @@ def render_report(
     suite: Suite,
     unique: Sequence[tuple[str, int]],
     images: dict[str, list[np.ndarray]],
+    out_dir: Path | None = None,
 ) -> str:
     """``report.html`` for ``result`` (``metrics.json``): the verdict first, then the overview chart, the per-concept
-    table, settings and provenance, the images and the per-metric charts. Self-contained (images as data URIs)."""
+    table, the attacks (when the audit ran them; their comparison grids are read from ``out_dir``), settings and
+    provenance, the images and the per-metric charts. Self-contained (images as data URIs)."""
     protocol = result["protocol"]
     models = result["models"]
     context = {
@@ -694,6 +715,7 @@ def render_report(
         "summary_headers": ["metric", *[m["label"] for m in models]],
         "summary_rows": _summary_rows(result),
         "detail_charts": _detail_charts(result),
+        "attacks": _attack_sections(result, out_dir),
     }
     return _environment().get_template("report.html.j2").render(**context)
 
@@ -729,4 +751,4 @@ def write_report(
 ) -> None:
     """Write ``grids/<category>.png`` and ``report.html`` into ``out_dir`` (a failed write is an ``AuditError``)."""
     _write_category_grids(out_dir, result, suite, unique, images)
-    write_file(out_dir / "report.html", render_report(result, suite, unique, images).encode("utf-8"))
+    write_file(out_dir / "report.html", render_report(result, suite, unique, images, out_dir).encode("utf-8"))

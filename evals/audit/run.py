@@ -40,6 +40,9 @@ from tqdm.auto import tqdm
 from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
 from pipelines.files import png_bytes, write_synced_sibling
 
+from ..attacks import AttackTarget, attack_labels
+from ..attacks import attack_probes as make_probes
+from ..attacks.suite import run_attack_suite
 from ..scorer import ClipScorer
 from ..suites import Suite, SuiteRow, load_suite
 from .common import (
@@ -51,6 +54,7 @@ from .common import (
     json_text,
     make_folder,
     reason,
+    slug,
     write_file,
 )
 from .report import write_report
@@ -345,6 +349,8 @@ def run_audit(
     barrier: Callable[[], None] | None = None,
     scorer_name: str = "",
     on_image: Callable[[Path], None] | None = None,
+    attacks: Sequence[str] = (),
+    attack_probes: int = 48,
 ) -> dict[str, Any]:
     """Audit ``erasures`` against ``wrapper``'s base model on ``suite``.
 
@@ -362,6 +368,10 @@ def run_audit(
         barrier: called once every process's images are written; must block until all processes reach it.
         scorer_name: how the scorer was specified, for the protocol.
         on_image: called with each image path as it is written.
+        attacks: attacks (``evals.attacks``) to run against every erased concept of every erasure, after the metrics:
+            their success rates go into ``metrics.json`` (``"attacks"``) and the report; their images into
+            ``OUT/attacks/<model-key>/`` (resumed like the rest).
+        attack_probes: probes (images) per attack row.
 
     Returns the metrics (as written to ``metrics.json``) on process 0, and
     ``{"process_index": p, "images_generated": n}`` on the others.
@@ -456,10 +466,45 @@ def run_audit(
     }
     images = {m.key: _load_images(out_dir / "images" / m.key, unique) for m in models}
     result = compute_metrics(expanded, models, unique, images, scorer, judge, protocol)
+    if attacks:
+        result["attacks"] = run_attack_section(wrapper, models[1:], out_dir, scorer, judge, attacks, attack_probes,
+                                               steps=steps, guidance=guidance, batch_size=batch_size,
+                                               progress=progress)  # fmt: skip
     write_file(out_dir / "metrics.json", json_text(result).encode("utf-8"))
     write_report(out_dir, result, expanded, unique, images)
     logger.info("audit written to %s", out_dir)
     return result
+
+
+def run_attack_section(
+    wrapper: PipelineWrapper,
+    erasures: Sequence[AuditModel],
+    out_dir: Path,
+    scorer: ClipScorer,
+    judge: torch.nn.Module | None,
+    attacks: Sequence[str],
+    probes: int,
+    *,
+    steps: int,
+    guidance: float,
+    batch_size: int,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """Each attack against each erased concept of each erasure (:func:`evals.attacks.suite.run_attack_suite`):
+    one summary per (erasure, concept), with where its comparison grid lies relative to ``out_dir``."""
+    sections = []
+    for model in erasures:
+        metadata = model.metadata or {}
+        for concept in metadata.get("concepts", []):
+            labels = attack_labels(concept, metadata.get("preserve", []))
+            target = AttackTarget(wrapper, model.edit, concept, make_probes(concept, probes, 0), labels=labels,
+                                  scorer=scorer, steps=steps, guidance=guidance, batch_size=batch_size,
+                                  progress=progress)  # fmt: skip
+            folder = out_dir / "attacks" / model.key
+            summary = run_attack_suite(target, attacks, folder, scorer=scorer, judge=judge, erasure=metadata)
+            comparison = (folder / slug(concept) / "comparison.png").relative_to(out_dir)
+            sections.append({"model": model.key, "label": model.label, **summary, "comparison": str(comparison)})
+    return sections
 
 
 def _erase_version() -> str:

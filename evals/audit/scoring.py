@@ -211,6 +211,23 @@ METRICS_SCHEMA: dict[str, Any] = {
     "additionalProperties": False,
     "properties": {
         "schema_version": {"const": SCHEMA_VERSION},
+        "attacks": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["model", "label", "concept", "n", "seed", "rows", "comparison"],
+                "properties": {
+                    "rows": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["row", "kind", "clip", "judge"],
+                            "properties": {"clip": _ACC, "judge": {"anyOf": [_ACC, {"type": "null"}]}},
+                        },
+                    }
+                },
+            },
+        },
         "protocol": {
             "type": "object",
             "required": [
