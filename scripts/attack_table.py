@@ -14,6 +14,7 @@ rows are kept).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -25,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 import erase  # noqa: E402
+from erase.inputs import PRESERVE_SETS, parse_config_overrides  # noqa: E402
 from erase.workflow import erasure_settings  # noqa: E402
 from evals.attacks import AttackTarget, attack_probes, available_attacks  # noqa: E402
 from evals.attacks.suite import run_attack_suite  # noqa: E402
@@ -34,7 +36,7 @@ from evals.microworld.judge import load_judge  # noqa: E402
 from evals.probes import probe_correct, world_labels, world_probes  # noqa: E402
 from evals.scorer import ClipScorer  # noqa: E402
 from pipelines import load_pipeline, set_library_verbosity  # noqa: E402
-from pipelines.files import atomic_write_json  # noqa: E402
+from pipelines.files import atomic_write_json, slug  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,6 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concept", default="van gogh", help="micro-world concept to erase (default: van gogh)")
     parser.add_argument("--method", action="append", help="erasure method (repeatable; default: every method)")
     parser.add_argument("--attack", action="append", help="attack (repeatable; default: every attack)")
+    parser.add_argument("--preserve-set", action="append", default=[], choices=PRESERVE_SETS,
+                        help="preserve set for every method (as scripts/erase.py)")  # fmt: skip
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config field, every method")
+    parser.add_argument("--label", default="", help="suffix of the table's row names (default: the options given)")
     parser.add_argument("--images", type=int, default=48, help="probes per row and images per preserved group")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
@@ -54,13 +60,13 @@ def cell(acc: dict | None) -> str:
     return f"{acc['value']:.0%} [{acc['low']:.0%}, {acc['high']:.0%}]"
 
 
-def preserved(wrapper, artifact, scorer, judge, concept: str, n: int, seed: int) -> dict:  # noqa: ANN001
-    """Accuracy on other styles, objects and colours (n images each), the erasure in force."""
+def preserved(wrapper, applied, scorer, judge, concept: str, n: int, seed: int) -> dict:  # noqa: ANN001
+    """Accuracy on other styles, objects and colours (n images each), with ``applied(wrapper)`` in force."""
     styles = [s for s in world.concepts("style") if s not in ("plain", world.canonical(concept))]
     probes = []
     for k, group in enumerate((styles, world.concepts("object"), world.concepts("colour"))):
         probes += world_probes(group, max(1, n // len(group)), seed + 500 + k)
-    with artifact.applied(wrapper):
+    with applied(wrapper):
         images = wrapper.generate([p.prompt for p in probes], [p.seed for p in probes], batch_size=16, progress=False)
     clip = probe_correct(scorer, images, probes, world_labels())
     verdicts = judge.predict(np.stack([np.asarray(i) for i in images]))
@@ -82,24 +88,33 @@ def main(argv: list[str] | None = None) -> int:
         import json
 
         table = json.loads(open(table_path).read())
+    if "original" not in table:
+        untouched = preserved(wrapper, lambda w: contextlib.nullcontext(), scorer, judge, args.concept, args.images,
+                              args.seed)  # fmt: skip
+        table["original"] = {"rows": {}, "preserved": untouched}
+    overrides = parse_config_overrides(args.set)
+    suffix = args.label or "".join([*(f" +{p} preserve" for p in args.preserve_set), *(f" {kv}" for kv in args.set)])
     for method in methods:
         start = time.perf_counter()
-        spec, config = erasure_settings(wrapper, [args.concept], method, None, None, {}, concept_type="art",
-                                        preserve_sets=[], expand_prompts=False)  # fmt: skip
+        spec, config = erasure_settings(wrapper, [args.concept], method, None, None, dict(overrides),
+                                        concept_type="art", preserve_sets=args.preserve_set,
+                                        expand_prompts=False)  # fmt: skip
+        name = method + suffix
         artifact = erase.erase_concepts(wrapper, spec, method, config)
         erase_seconds = time.perf_counter() - start
         target = AttackTarget(wrapper, artifact.applied, args.concept, attack_probes(args.concept, args.images,
                               args.seed), scorer=scorer, progress=False)  # fmt: skip
-        erasure = {"method": method, "config": artifact.config}
-        summary = run_attack_suite(target, attacks, os.path.join(args.out, method), scorer=scorer, judge=judge,
+        erasure = {"method": method, "config": artifact.config, "preserve": list(spec.preserve)}
+        summary = run_attack_suite(target, attacks, os.path.join(args.out, slug(name)), scorer=scorer, judge=judge,
                                    seed=args.seed, erasure=erasure)  # fmt: skip
-        entry = table.get(method, {})
+        entry = table.get(name, {})
         if "preserved" not in entry:
-            entry["preserved"] = preserved(wrapper, artifact, scorer, judge, args.concept, args.images, args.seed)
+            entry["preserved"] = preserved(wrapper, artifact.applied, scorer, judge, args.concept, args.images,
+                                           args.seed)  # fmt: skip
         entry.update(rows={r["row"]: r for r in summary["rows"]}, erase_seconds=erase_seconds)
-        table[method] = entry
+        table[name] = entry
         atomic_write_json(table_path, table)
-        print(f"{method}: done in {time.perf_counter() - start:.0f} s", flush=True)
+        print(f"{name}: done in {time.perf_counter() - start:.0f} s", flush=True)
     names = ["original", "unattacked", *attacks]
     lines = [f"| method | {' | '.join(names)} | preserved |", "|" + " --- |" * (len(names) + 2)]
     for method, entry in table.items():
@@ -108,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(
                 f"| {method} ({scorer_name}) | {' | '.join(cells)} | {cell(entry['preserved'][scorer_name])} |"
             )
-    seconds = {a: np.mean([e["rows"][a]["seconds"] for e in table.values() if a in e["rows"]]) for a in attacks}
+    seconds = {a: np.median([e["rows"][a]["seconds"] for e in table.values() if a in e["rows"]]) for a in attacks}
     lines.append("")
-    lines.append("Wall time per attack (mean over methods, 2 CPU cores): "
+    lines.append("Wall time per attack (median over methods, 2 CPU cores): "
                  + ", ".join(f"{a} {s:.0f} s" for a, s in seconds.items()))  # fmt: skip
     text = "\n".join(lines)
     with open(os.path.join(args.out, "table.md"), "w") as f:

@@ -97,7 +97,7 @@ def test_unlearn_diff_atk_writes_a_prefix_that_lowers_the_loss(wrapper, uce):
     config = UnlearnDiffAtkConfig(tokens=2, iterations=6, lr=0.05, batch=2, optimisation_probes=2, eval_pairs=4,
                                   checks=3)  # fmt: skip
     target = _target(wrapper, uce)
-    result = run_attack("unlearn_diff_atk", target, config, seed=0)
+    result = run_attack("unlearn_diff_atk", target, config, seed=1)
     info = result.info
     assert len(result.images) == len(target.probes) == len(result.prompts)
     assert all(
@@ -106,7 +106,7 @@ def test_unlearn_diff_atk_writes_a_prefix_that_lowers_the_loss(wrapper, uce):
     )
     assert len(info["prefix_ids"]) == 2 and info["retokenized_same"] == 1.0 and len(info["loss_curve"]) == 6
     assert info["loss_final"] < info["loss_initial"]
-    again = run_attack("unlearn_diff_atk", target, config, seed=0)
+    again = run_attack("unlearn_diff_atk", target, config, seed=1)
     assert again.prompts == result.prompts and np.array_equal(_pixels(again.images), _pixels(result.images))
     assert again.info["loss_curve"] == info["loss_curve"]
     # the images are the erased model's for the attacked text

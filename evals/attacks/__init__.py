@@ -10,6 +10,10 @@ attack                    kind       what it does
 ``ring_a_bell``           embedding  the concept's direction in embedding space added to the prompt (Ring-A-Bell)
 ``noise_probe``           sampling   DDIM re-sampling at full noise, keeping the candidate the scorer rates most
                                      like the concept
+``unlearn_diff_atk``      prompt     k adversarial prefix tokens whose erased noise prediction matches the original's
+                                     (UnlearnDiffAtk; a universal prefix, projected to real words)
+``concept_inversion``     embedding  a new token learnt against the erased model by textual inversion, put in the
+                                     concept's place (Pham et al., concept inversion)
 ========================  =========  ==================================================================================
 """
 

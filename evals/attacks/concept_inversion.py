@@ -18,8 +18,7 @@ prompted with textual inversion's style templates ("a painting in the style of {
 
 Where we differ (a CPU budget of a minute or two on the micro model):
 
-* ``steps`` steps of ``batch`` (x_t, t) pairs instead of 5,000 of 16, at lr 0.02 (tuned on micro; 0.08 overshoots
-  at this budget).
+* ``steps`` steps of ``batch`` (x_t, t) pairs instead of 5,000 of 16 (the reference's lr, 0.08, kept).
 * The training data are the original model's own sampling runs of ``train_prompts`` prompts naming the concept
   (:func:`.base.attack_probes` with fresh seeds, the attack's sampler settings): x_t are the UNet inputs of those
   runs and the target is the original model's conditional noise prediction there, so no image is encoded and the
@@ -27,6 +26,11 @@ Where we differ (a CPU budget of a minute or two on the micro model):
   learnt token, which keeps the word order the probes use.
 * No token is added to the tokenizer: the vector enters through a hook on the input embeddings, which is what an
   added token's embedding row does. The attack feeds the resulting prompt embeddings to the UNet (white box).
+
+On micro, against UCE's erasure of "van gogh" (16 probes, defaults, seed 0; 42 s on one CPU thread): 6/16 (37.5%)
+by CLIP and by the judge, against 0/16 unattacked; the loss falls from 0.0043 (the word "art") to 0.0005 (0.0028 for
+the erased model with the concept's own words). 60 steps already reach it; 16 training prompts did no better, and lr
+0.02 got 5/16.
 """
 
 from __future__ import annotations
@@ -64,8 +68,8 @@ class ConceptInversionConfig:
         eval_pairs: fixed pairs on which the initial, final and unattacked losses are reported.
     """
 
-    steps: int = 60
-    lr: float = 0.02
+    steps: int = 200
+    lr: float = 0.08
     weight_decay: float = 1e-2
     batch: int = 8
     init_word: str = "art"

@@ -23,16 +23,26 @@ Where we differ (a CPU budget of a minute or two on the micro model):
   attack's sampler settings; :meth:`pipelines.PipelineWrapper.sample_trajectories`) and the target is the original
   model's conditional noise prediction there: no VAE encoding, and the pairs are the states the sampler visits.
 * The reference optimises a distribution over the vocabulary (one simplex per token, sampled straight through); we
-  optimise continuous embeddings with nearest-token projection (PEZ), with AdamW at lr 0.05 (tuned on micro).
+  optimise continuous embeddings with nearest-token projection (PEZ), with AdamW at lr 0.02 (of 0.005, 0.02 and
+  0.05 tried on micro).
+* The reference stops a prompt's search when its classifier sees the concept; ours never sees a classifier and
+  keeps, of the start and ``checks`` checkpoints, the prefix whose text has the lowest loss on fixed pairs.
 * ``vocabulary="words"`` (the default) projects only to whole-word alphabetic tokens that tokenise back to
   themselves, so the decoded prompt re-tokenises to the optimised ids; ``"all"`` is the reference's whole
   vocabulary (BOS and EOS excepted), whose decoded text may tokenise differently.
+
+On micro, against UCE's erasure of "van gogh" (16 probes, defaults, seed 0; 44 s on one CPU thread): 0/16 by CLIP
+and by the judge, as unattacked. The search does lower the loss (0.00207 at the random start, 0.00163 found, 0.00217
+unattacked), with prefixes such as "thwaite shape love cts missing"; no prefix of whole words it finds (nor "vincent",
+"starry night" or "gogh" written by hand) brings the style back through UCE's edit on micro. Lr 0.005 and the whole
+vocabulary did no better.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +69,9 @@ logger = logging.getLogger(__name__)
 
 VOCABULARIES = ("words", "all")
 
+#: word_vocabulary's ids per wrapper (they depend on its tokenizer alone), dropped with the wrapper
+_WORDS: weakref.WeakKeyDictionary[PipelineWrapper, torch.Tensor] = weakref.WeakKeyDictionary()
+
 
 @dataclass
 class UnlearnDiffAtkConfig:
@@ -77,13 +90,13 @@ class UnlearnDiffAtkConfig:
     """
 
     tokens: int = 5
-    iterations: int = 40
-    lr: float = 0.05
+    iterations: int = 200
+    lr: float = 0.02
     weight_decay: float = 0.1
     batch: int = 8
     optimisation_probes: int = 4
     eval_pairs: int = 32
-    checks: int = 4
+    checks: int = 8
     vocabulary: str = "words"
 
     def __post_init__(self) -> None:
@@ -157,7 +170,9 @@ def prompt_loss(wrapper: PipelineWrapper, pairs: NoiseTargets, index: torch.Tens
 
 def word_vocabulary(wrapper: PipelineWrapper) -> torch.Tensor:
     """Ids of the whole-word lower-case alphabetic tokens that tokenise back to one token: a prefix of them, decoded
-    and joined by spaces, re-tokenises to the same ids."""
+    and joined by spaces, re-tokenises to the same ids. Computed once per wrapper (a second on CPU)."""
+    if wrapper in _WORDS:
+        return _WORDS[wrapper]
     ids = []
     for i in range(wrapper.token_embedding_matrix().shape[0]):
         text = wrapper.decode_tokens([i])
@@ -165,7 +180,8 @@ def word_vocabulary(wrapper: PipelineWrapper) -> torch.Tensor:
         whole_word = word and wrapper.decode_tokens([i, i]) == f"{text} {text}"
         if whole_word and wrapper.token_count(text) == 1:
             ids.append(i)
-    return torch.tensor(ids)
+    _WORDS[wrapper] = torch.tensor(ids)
+    return _WORDS[wrapper]
 
 
 def _all_vocabulary(wrapper: PipelineWrapper) -> torch.Tensor:
