@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         erase_seconds = time.perf_counter() - start
         target = AttackTarget(wrapper, artifact.applied, args.concept, attack_probes(args.concept, args.images,
                               args.seed), scorer=scorer, progress=False)  # fmt: skip
-        erasure = {"method": method, "config": artifact.config, "preserve": list(spec.preserve)}
+        erasure = {"method": method, "config": artifact.config}
+        if spec.preserve:
+            erasure["preserve"] = list(spec.preserve)
         summary = run_attack_suite(target, attacks, os.path.join(args.out, slug(name)), scorer=scorer, judge=judge,
                                    seed=args.seed, erasure=erasure)  # fmt: skip
         entry = table.get(name, {})
