@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from erase import ArtifactError, check_artifact_base, load_artifact
-    from evals.attacks import AttackTarget, attack_labels, attack_probes, available_attacks
+    from evals.attacks import AttackTarget, attack_labels, attack_probes, resolve_attacks
     from evals.attacks.suite import asr_table, run_attack_suite
     from evals.audit import AuditError, check_output_folder
     from pipelines import ModelNotFoundError, load_pipeline, resolve_device, set_library_verbosity
@@ -59,10 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         names = args.attack or ["all"]
-        unknown = [a for a in names if a != "all" and a not in available_attacks()]
-        attacks = available_attacks() if "all" in names else list(dict.fromkeys(names))
-        if unknown:
-            raise ValueError(f"unknown attack {unknown[0]!r}; available: all, {', '.join(available_attacks())}")
+        attacks = resolve_attacks(names)
         device = resolve_device(args.device)
         check_output_folder(args.out)
         artifact = load_artifact(args.erasure)

@@ -123,12 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         check_output_folder(args.out)
         attacks = []
         if args.attack:
-            from evals.attacks import available_attacks
+            from evals.attacks import resolve_attacks
 
-            unknown = [a for a in args.attack if a != "all" and a not in available_attacks()]
-            attacks = available_attacks() if "all" in args.attack else list(dict.fromkeys(args.attack))
-            if unknown:
-                raise ValueError(f"unknown attack {unknown[0]!r}; available: all, {', '.join(available_attacks())}")
+            attacks = resolve_attacks(args.attack)
             if not args.erasure:
                 raise ValueError("--attack needs an --erasure to attack")
         artifacts = [load_artifact(folder) for folder in args.erasure]

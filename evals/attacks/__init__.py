@@ -26,8 +26,10 @@ from .base import (
     attack_probes,
     attack_success,
     available_attacks,
+    check_budget,
     get_attack,
     register_attack,
+    resolve_attacks,
     run_attack,
 )
 
@@ -40,7 +42,9 @@ __all__ = [
     "attack_probes",
     "attack_success",
     "available_attacks",
+    "check_budget",
     "get_attack",
     "register_attack",
+    "resolve_attacks",
     "run_attack",
 ]

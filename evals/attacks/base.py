@@ -40,8 +40,10 @@ __all__ = [
     "attack_probes",
     "attack_success",
     "available_attacks",
+    "check_budget",
     "get_attack",
     "register_attack",
+    "resolve_attacks",
     "run_attack",
 ]
 
@@ -183,6 +185,31 @@ def available_attacks() -> list[str]:
     """Attack names in the order the suite runs them (cheapest first)."""
     _load_attacks()
     return list(_REGISTRY)
+
+
+def resolve_attacks(names: Sequence[str]) -> list[str]:
+    """Attack names as a user gives them (``"all"`` for every attack), checked: ``ValueError`` names the first
+    unknown one."""
+    known = available_attacks()
+    unknown = [n for n in names if n != "all" and n not in known]
+    if unknown:
+        raise ValueError(f"unknown attack {unknown[0]!r}; available: all, {', '.join(known)}")
+    return known if "all" in names else list(dict.fromkeys(names))
+
+
+def check_budget(config: Any, integers: Sequence[str], positive: Sequence[str] = (),
+                 non_negative: Sequence[str] = ()) -> None:  # fmt: skip
+    """Validate an attack config's budget fields: ``integers`` >= 1, ``positive`` > 0, ``non_negative`` >= 0."""
+    for name in integers:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    for name in positive:
+        if not getattr(config, name) > 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(config, name)}")
+    for name in non_negative:
+        if not getattr(config, name) >= 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
 
 
 def get_attack(name: str) -> Attack:

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from pipelines import PipelineWrapper
 
-from .base import AttackResult, AttackTarget, attack_probes, register_attack
+from .base import AttackResult, AttackTarget, attack_probes, check_budget, register_attack
 from .unlearn_diff_atk import NoiseTargets, noise_matching_loss, original_noise_targets, prompt_loss
 
 __all__ = ["ConceptInversionConfig", "concept_inversion", "concept_template", "nearest_words"]
@@ -77,14 +77,7 @@ class ConceptInversionConfig:
     eval_pairs: int = 32
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch", "train_prompts", "eval_pairs"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        check_budget(self, ("steps", "batch", "train_prompts", "eval_pairs"), ("lr",), ("weight_decay",))
         if not isinstance(self.init_word, str) or not self.init_word.strip():
             raise ValueError("init_word is empty")
 

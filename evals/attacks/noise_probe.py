@@ -19,7 +19,7 @@ import torch
 
 from ..probes import GENERIC_TEMPLATES
 from ..scorer import TEMPLATES
-from .base import AttackResult, AttackTarget, register_attack
+from .base import AttackResult, AttackTarget, check_budget, register_attack
 
 __all__ = ["NoiseProbeConfig", "noise_probe"]
 
@@ -39,8 +39,7 @@ class NoiseProbeConfig:
     eta: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.candidates < 1:
-            raise ValueError(f"candidates must be >= 1, got {self.candidates}")
+        check_budget(self, ("candidates",))
         if not 0.0 < self.eta <= 1.0:
             raise ValueError(f"eta must be in (0, 1], got {self.eta}")
 

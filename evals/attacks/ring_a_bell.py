@@ -26,7 +26,7 @@ import torch
 
 from pipelines import PipelineWrapper
 
-from .base import AttackResult, AttackTarget, attack_probes, register_attack
+from .base import AttackResult, AttackTarget, attack_probes, check_budget, register_attack
 
 __all__ = ["RingABellConfig", "concept_direction", "ring_a_bell"]
 
@@ -51,10 +51,7 @@ class RingABellConfig:
     base: str = "prompt"
 
     def __post_init__(self) -> None:
-        if self.eta <= 0:
-            raise ValueError(f"eta must be > 0, got {self.eta}")
-        if self.pairs < 1:
-            raise ValueError(f"pairs must be >= 1, got {self.pairs}")
+        check_budget(self, ("pairs",), ("eta",))
         if self.base not in BASES:
             raise ValueError(f"base must be one of {BASES}, got {self.base!r}")
 

@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from pipelines import PipelineWrapper, PromptEncoding
 
-from .base import AttackResult, AttackTarget, register_attack
+from .base import AttackResult, AttackTarget, check_budget, register_attack
 
 __all__ = [
     "NoiseTargets",
@@ -100,14 +100,8 @@ class UnlearnDiffAtkConfig:
     vocabulary: str = "words"
 
     def __post_init__(self) -> None:
-        for name in ("tokens", "iterations", "batch", "optimisation_probes", "eval_pairs", "checks"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        integers = ("tokens", "iterations", "batch", "optimisation_probes", "eval_pairs", "checks")
+        check_budget(self, integers, ("lr",), ("weight_decay",))
         if self.vocabulary not in VOCABULARIES:
             raise ValueError(f"vocabulary must be one of {VOCABULARIES}, got {self.vocabulary!r}")
 
