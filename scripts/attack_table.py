@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: done in {time.perf_counter() - start:.0f} s", flush=True)
     names = ["original", "unattacked", *attacks]
     lines = [f"| method | {' | '.join(names)} | preserved |", "|" + " --- |" * (len(names) + 2)]
-    for method, entry in table.items():
+    for method, entry in sorted(table.items(), key=lambda item: item[0] != "original"):
         for scorer_name in ("clip", "judge"):
             cells = [cell(entry["rows"].get(n, {}).get(scorer_name)) for n in names]
             lines.append(
