@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import time
@@ -28,7 +29,7 @@ import numpy as np  # noqa: E402
 import erase  # noqa: E402
 from erase.inputs import PRESERVE_SETS, parse_config_overrides  # noqa: E402
 from erase.workflow import erasure_settings  # noqa: E402
-from evals.attacks import AttackTarget, attack_probes, available_attacks  # noqa: E402
+from evals.attacks import AttackTarget, attack_probes, resolve_attacks  # noqa: E402
 from evals.attacks.suite import run_attack_suite  # noqa: E402
 from evals.metrics import accuracy  # noqa: E402
 from evals.microworld import world  # noqa: E402
@@ -77,22 +78,26 @@ def preserved(wrapper, applied, scorer, judge, concept: str, n: int, seed: int) 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     set_library_verbosity(False)
-    methods = args.method or erase.available_methods()
-    attacks = args.attack or available_attacks()
+    try:
+        if args.images < 1:
+            raise ValueError(f"--images must be >= 1, got {args.images}")
+        world.canonical(args.concept)  # the table is the micro world's: a concept outside it has no probes
+        methods = [erase.get_method(m).name for m in args.method or erase.available_methods()]
+        attacks = resolve_attacks(args.attack or ["all"])
+        overrides = parse_config_overrides(args.set)
+        os.makedirs(args.out, exist_ok=True)
+    except (ValueError, OSError) as err:
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
     wrapper = load_pipeline("micro")
     scorer = ClipScorer.from_pretrained("micro", progress=False)
     judge = load_judge()
     table_path = os.path.join(args.out, "table.json")
-    table = {}
-    if os.path.exists(table_path):
-        import json
-
-        table = json.loads(open(table_path).read())
+    table = json.loads(open(table_path).read()) if os.path.exists(table_path) else {}
     if "original" not in table:
         untouched = preserved(wrapper, lambda w: contextlib.nullcontext(), scorer, judge, args.concept, args.images,
                               args.seed)  # fmt: skip
         table["original"] = {"rows": {}, "preserved": untouched}
-    overrides = parse_config_overrides(args.set)
     suffix = args.label or "".join([*(f" +{p} preserve" for p in args.preserve_set), *(f" {kv}" for kv in args.set)])
     for method in methods:
         start = time.perf_counter()
