@@ -20,6 +20,10 @@ start is a UCE edit with UCE's own defaults, then 1 round with lambda_reg = 1e-3
 preserve scale 0.1, lambda 0.1, the preserve set plus the empty prompt. Where we differ: the solves are float64, and
 the rounds start from our UCE edit in memory instead of a UCE checkpoint on disk.
 
+Each round's change has rank up to 77 per concept (every token row): on SD's 768-wide text embeddings the artifact is
+still a LoRA, on narrow models (the micro model's 128, the tiny test model's 32) it is saved as full weights with an
+exported pipeline (``StableDiffusionPipeline.from_pretrained(folder / "pipeline")``).
+
 Measured on the micro world (van gogh, 48 probes a row, CLIP / judge; ``scripts/attack_table.py``): the round
 erases van gogh (0%) but, with nothing preserved but the empty prompt, costs preserved accuracy (other styles,
 objects, colours: 96 / 98% originally, UCE 94 / 96%, RECE 72 / 70%); with ``--preserve-set world`` (the analogue of
