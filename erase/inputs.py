@@ -17,9 +17,19 @@ __all__ = [
     "check_concept_text",
     "concept_key",
     "check_integer_fields",
+    "error_line",
     "check_templates",
     "parse_config_overrides",
 ]
+
+
+def error_line(err: BaseException) -> str:
+    """The one line a script prints after ``error:`` for a refused input: a file error as ``path: reason``, a
+    ``KeyError`` without its quotes, anything else as its message's first line (its type's name when it has none)."""
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{err.filename}: {err.strerror or err}"
+    text = str(err.args[0] if isinstance(err, KeyError) and err.args else err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def concept_key(text: str) -> str:

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from erase import ArtifactError, check_artifact_base, load_artifact
+    from erase.inputs import error_line
     from evals.attacks import AttackTarget, attack_labels, attack_probes, resolve_attacks
     from evals.attacks.suite import asr_table, run_attack_suite
     from evals.audit import AuditError, check_output_folder
@@ -92,11 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             print(asr_table(summary))
             print(f"table and images: {os.path.join(args.out, slug(concept))}")
     except (ValueError, TypeError, OSError, ModelNotFoundError, ArtifactError, AuditError) as err:
-        if isinstance(err, OSError) and err.filename is not None:
-            message = f"{err.filename}: {err.strerror or err}"
-        else:
-            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
 

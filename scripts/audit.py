@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
 
     from erase import ArtifactError, load_artifact
+    from erase.inputs import error_line
     from erase.workflow import audit_models
     from evals.audit import (
         AuditError,
@@ -176,11 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             attack_probes=args.attack_images,
         )
     except (ValueError, TypeError, OSError, ModelNotFoundError, ArtifactError, SuiteError, AuditError) as err:
-        if isinstance(err, OSError) and err.filename is not None:
-            message = f"{err.filename}: {err.strerror or err}"  # a file the audit could not read or write
-        else:
-            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if main_process:
         print(verdict_text(result))

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import erase  # noqa: E402
-from erase.inputs import CONCEPT_TYPES, PRESERVE_SETS, check_concept_text, parse_config_overrides  # noqa: E402
+from erase.inputs import CONCEPT_TYPES, PRESERVE_SETS, check_concept_text, error_line, parse_config_overrides  # noqa: E402
 from erase.workflow import erasure_settings  # noqa: E402
 from evals.metrics import wilson_interval  # noqa: E402
 from evals.microworld import world  # noqa: E402
@@ -101,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"no group matches {args.group}")
         artifact = erase.erase_concepts(wrapper, spec, args.method, config)
     except (ValueError, TypeError, KeyError, OSError) as err:
-        text = str(err.args[0] if isinstance(err, KeyError) and err.args else err).strip()
-        message = text.splitlines()[0] if text else type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     measure(wrapper, args, spec, config, artifact, groups)
     return 0

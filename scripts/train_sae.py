@@ -131,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except (ValueError, TypeError, OSError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
+        from erase.inputs import error_line
+
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.json:
         print(json.dumps(reports, indent=2))
