@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from pipelines import PipelineWrapper
 
 from .base import AttackResult, AttackTarget, attack_probes, check_budget, register_attack
-from .unlearn_diff_atk import NoiseTargets, noise_matching_loss, original_noise_targets, prompt_loss
+from .unlearn_diff_atk import NoiseTargets, matching_step, noise_matching_loss, original_noise_targets, prompt_loss
 
 __all__ = ["ConceptInversionConfig", "concept_inversion", "concept_template", "nearest_words"]
 
@@ -142,14 +142,7 @@ def concept_inversion(target: AttackTarget, config: ConceptInversionConfig, seed
         loss_initial = _vector_loss(wrapper, pairs, eval_index, templates, start)
         curve = []
         for _ in tqdm(range(config.steps), desc="concept_inversion", unit="step", disable=not target.progress):
-            index = torch.randint(0, len(pairs), (config.batch,), generator=generator)
-            encoding = wrapper.encode_with_vectors([templates[int(r)] for r in pairs.rows[index]], vector)
-            loss = noise_matching_loss(wrapper, pairs, index, encoding)
-            (grad,) = torch.autograd.grad(loss, [vector])
-            optimizer.zero_grad(set_to_none=True)
-            vector.grad = grad
-            optimizer.step()
-            curve.append(float(loss.detach()))
+            curve.append(matching_step(wrapper, pairs, templates, config.batch, generator, vector, optimizer))
         learnt = vector.detach()
         loss_final = _vector_loss(wrapper, pairs, eval_index, templates, learnt)
         with torch.no_grad():

@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,7 @@ __all__ = [
     "NoiseTargets",
     "PrefixSearch",
     "UnlearnDiffAtkConfig",
+    "matching_step",
     "noise_matching_loss",
     "optimise_prefix",
     "original_noise_targets",
@@ -148,6 +150,29 @@ def noise_matching_loss(
     x = pairs.latents[index].to(wrapper.device, wrapper.dtype)
     eps = wrapper.noise_prediction(x, pairs.timesteps[index].to(wrapper.device), encoding)
     return F.mse_loss(eps.float(), pairs.targets[index].to(eps.device))
+
+
+def matching_step(
+    wrapper: PipelineWrapper,
+    pairs: NoiseTargets,
+    templates: list[str],
+    batch: int,
+    generator: torch.Generator,
+    parameter: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    vectors: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> float:
+    """One optimiser step on ``batch`` pairs drawn with ``generator``: the noise-matching loss of their templates with
+    ``vectors(parameter)`` (the parameter itself by default) in the slots, its gradient applied to ``parameter``."""
+    index = torch.randint(0, len(pairs), (batch,), generator=generator)
+    slots = parameter if vectors is None else vectors(parameter)
+    encoding = wrapper.encode_with_vectors([templates[int(r)] for r in pairs.rows[index]], slots)
+    loss = noise_matching_loss(wrapper, pairs, index, encoding)
+    (grad,) = torch.autograd.grad(loss, [parameter])
+    optimizer.zero_grad(set_to_none=True)
+    parameter.grad = grad
+    optimizer.step()
+    return float(loss.detach())
 
 
 @torch.no_grad()
@@ -244,18 +269,13 @@ def optimise_prefix(
     loss_initial = text_loss(start_ids)
     best_ids, best_loss, scored = start_ids, loss_initial, {tuple(start_ids.tolist()): loss_initial}
     check_at = {round(config.iterations * (c + 1) / config.checks) for c in range(config.checks)}
+
+    def straight(z: torch.Tensor) -> torch.Tensor:  # the loss at the projected tokens, its gradient to z
+        return z + (projection.embeddings(projection.ids(z), matrix) - z).detach()
+
     curve = []
     for step in tqdm(range(1, config.iterations + 1), desc="unlearn_diff_atk", unit="step", disable=not progress):
-        index = torch.randint(0, len(pairs), (config.batch,), generator=generator)
-        projected = projection.embeddings(projection.ids(z), matrix)
-        straight = z + (projected - z).detach()  # the loss at the projected tokens, its gradient to z
-        encoding = wrapper.encode_with_vectors([templates[int(r)] for r in pairs.rows[index]], straight)
-        loss = noise_matching_loss(wrapper, pairs, index, encoding)
-        (grad,) = torch.autograd.grad(loss, [z])
-        optimizer.zero_grad(set_to_none=True)
-        z.grad = grad
-        optimizer.step()
-        curve.append(float(loss.detach()))
+        curve.append(matching_step(wrapper, pairs, templates, config.batch, generator, z, optimizer, straight))
         if step in check_at:
             ids = projection.ids(z)
             key = tuple(ids.tolist())
