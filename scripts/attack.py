@@ -3,6 +3,7 @@
 
 python scripts/attack.py --erasure erased/van-gogh-uce --out attacks/vg-uce                  # every attack
 python scripts/attack.py --erasure erased/van-gogh-uce --attack rece_embedding --out attacks/vg
+python scripts/attack.py --erasure erased/van-gogh-uce --attack noise_probe --set noise_probe.candidates=16 --out a/vg
 
 For each erased concept: N probe prompts naming it (--images, default 48) drawn by the original model, by the erased
 model, and by the erased model under each attack. The success rate of a row is the share of its images the scorer
@@ -30,6 +31,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attack", action="append", help="attack name, or 'all' (default: all; repeatable)")
     parser.add_argument("--out", required=True, help="output folder (an earlier run there is resumed)")
     parser.add_argument("--model", help="base model (default: the artifact's own base model)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="ATTACK.KEY=VALUE",
+        help="an attack's budget setting, e.g. noise_probe.candidates=4 (repeatable; see evals/attacks)",
+    )
     parser.add_argument("--images", type=int, default=48, help="probes (images) per row (default: 48)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the probes and the attacks (default: 0)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per generation batch (default: 16)")
@@ -43,12 +51,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def budget_overrides(pairs: list[str]) -> dict[str, dict[str, object]]:
+    """``ATTACK.KEY=VALUE`` pairs as ``{attack: {key: value}}`` (values read as JSON where they parse)."""
+    from erase.inputs import parse_config_overrides
+
+    grouped: dict[str, dict[str, object]] = {}
+    for pair in pairs:
+        name, dot, rest = pair.partition(".")
+        if not dot or "=" not in rest:
+            raise ValueError(f"--set {pair!r}: expected ATTACK.KEY=VALUE, e.g. noise_probe.candidates=4")
+        grouped.setdefault(name, {}).update(parse_config_overrides([rest]))
+    return grouped
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from erase import ArtifactError, check_artifact_base, load_artifact
     from erase.inputs import error_line
-    from evals.attacks import AttackTarget, attack_labels, attack_probes, resolve_attacks
+    from evals.attacks import AttackTarget, attack_configs, attack_labels, attack_probes, resolve_attacks
     from evals.attacks.suite import asr_table, run_attack_suite
     from evals.audit import AuditError, check_output_folder
     from pipelines import ModelNotFoundError, load_pipeline, resolve_device, set_library_verbosity
@@ -61,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         names = args.attack or ["all"]
         attacks = resolve_attacks(names)
+        configs = attack_configs(budget_overrides(args.set))
         device = resolve_device(args.device)
         check_output_folder(args.out)
         artifact = load_artifact(args.erasure)
@@ -89,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                                   labels=attack_labels(concept, artifact.preserve), scorer=scorer,
                                   batch_size=args.batch_size, progress=not args.quiet)  # fmt: skip
             summary = run_attack_suite(target, attacks, args.out, scorer=scorer, judge=judge, seed=args.seed,
-                                       erasure=erasure)  # fmt: skip
+                                       configs=configs, erasure=erasure)  # fmt: skip
             print(asr_table(summary))
             print(f"table and images: {os.path.join(args.out, slug(concept))}")
     except (ValueError, TypeError, OSError, ModelNotFoundError, ArtifactError, AuditError) as err:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import erase
-from evals.attacks import AttackTarget, attack_probes, attack_success, available_attacks, run_attack
+from evals.attacks import AttackTarget, attack_configs, attack_probes, attack_success, available_attacks, run_attack
 from evals.attacks.noise_probe import NoiseProbeConfig
 from evals.attacks.rece_embedding import adversarial_map, projection_weights, restored_share
 from evals.attacks.ring_a_bell import RingABellConfig, concept_direction
@@ -180,6 +180,9 @@ def test_attack_success_counts_the_concept_with_its_interval(wrapper, scorer):
         (["--images", "0"], "--images must be >= 1"),
         (["--device", "nonsense"], "device"),
         (["--attack", "all", "--attack", "nope"], "unknown attack"),
+        (["--set", "noise_probe.nope=3"], "has no setting 'nope'"),
+        (["--set", "noise_probe.candidates=0"], "candidates must be an integer >= 1"),
+        (["--set", "candidates=4"], "expected ATTACK.KEY=VALUE"),
     ],
 )
 def test_attack_script_bad_input_is_one_line(artifact_dir, tmp_path, capsys, args, message):
@@ -191,8 +194,11 @@ def test_attack_script_bad_input_is_one_line(artifact_dir, tmp_path, capsys, arg
     assert code == 2 and "error:" in capsys.readouterr().err
 
 
-def test_every_attack_is_listed():
+def test_every_attack_is_listed_and_takes_budget_overrides():
     assert {"rece_embedding", "ring_a_bell", "noise_probe"} <= set(available_attacks())
+    configs = attack_configs({"noise_probe": {"candidates": 2}, "ring_a_bell": {"eta": 3.0, "base": "neutral"}})
+    assert configs["noise_probe"] == NoiseProbeConfig(candidates=2)
+    assert configs["ring_a_bell"] == RingABellConfig(eta=3.0, base="neutral")
 
 
 def test_readme_attack_command_on_micro(tmp_path):

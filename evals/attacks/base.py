@@ -36,6 +36,7 @@ __all__ = [
     "AttackProbe",
     "AttackResult",
     "AttackTarget",
+    "attack_configs",
     "attack_labels",
     "attack_probes",
     "attack_success",
@@ -195,6 +196,23 @@ def resolve_attacks(names: Sequence[str]) -> list[str]:
     if unknown:
         raise ValueError(f"unknown attack {unknown[0]!r}; available: all, {', '.join(known)}")
     return known if "all" in names else list(dict.fromkeys(names))
+
+
+def attack_configs(overrides: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Configs of the named attacks with some fields changed (``{"noise_probe": {"candidates": 4}}``); ``ValueError``
+    in one line for an unknown attack or field, or a bad value."""
+    configs = {}
+    for name, fields in overrides.items():
+        attack = get_attack(name)
+        known = {f.name for f in dataclasses.fields(attack.config_class)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"attack {name!r} has no setting {unknown[0]!r}; it has {', '.join(sorted(known))}")
+        try:
+            configs[name] = attack.config_class(**fields)
+        except TypeError as err:
+            raise ValueError(f"attack {name!r}: {err}") from None
+    return configs
 
 
 def check_budget(config: Any, integers: Sequence[str], positive: Sequence[str] = (),
