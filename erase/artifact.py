@@ -91,6 +91,9 @@ class ErasureArtifact:
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
     #: {"base": {module: ||W||_F}, "edited": {module: ||W + dW||_F}}: tells an edited pipeline from its base
     weight_norms: dict[str, dict[str, float]] | None = None
+    #: {"float16" | "bfloat16": the base fingerprint of the same weights rounded to that dtype}: recognises a
+    #: half-precision copy of the base exactly (artifacts made in float32)
+    low_precision_fingerprints: dict[str, str] | None = None
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     version: str = ""
     #: the runtime family's edit (``erase.intervention.SAEIntervention``); ``deltas`` is then empty
@@ -141,6 +144,7 @@ class ErasureArtifact:
             "lora_ranks": ranks or {},
             "weights_sha256": weights_sha256,
             "weight_norms": self.weight_norms,
+            "low_precision_fingerprints": self.low_precision_fingerprints,
             "seconds": self.seconds,
             "created": self.created,
             "erase_version": self.version,
@@ -399,6 +403,7 @@ def load_artifact(folder: str | Path) -> ErasureArtifact:
         info=meta.get("info") if isinstance(meta.get("info"), dict) else {},
         factors=factors or None,
         weight_norms=meta.get("weight_norms") if isinstance(meta.get("weight_norms"), dict) else None,
+        low_precision_fingerprints=_string_map(meta.get("low_precision_fingerprints")),
         created=str(meta.get("created", "")),
         version=str(meta.get("erase_version", "unknown")),
         intervention=intervention,
@@ -406,6 +411,21 @@ def load_artifact(folder: str | Path) -> ErasureArtifact:
 
 
 # ---------------------------------------------------------------------------------------------------- applying
+def _string_map(value: Any) -> dict[str, str] | None:
+    if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        return dict(value)
+    return None
+
+
+def _low_precision_match(wrapper: PipelineWrapper, artifact: ErasureArtifact) -> bool | None:
+    """Whether a float16/bfloat16 pipeline holds exactly the artifact's base rounded to its dtype; None when the
+    artifact records no fingerprint for that dtype (older artifacts, or made in low precision)."""
+    stored = (artifact.low_precision_fingerprints or {}).get(str(wrapper.dtype).removeprefix("torch."))
+    if wrapper.dtype == torch.float32 or stored is None:
+        return None
+    return wrapper.fingerprint(artifact.fingerprint_modules) == stored
+
+
 def _norms_match(found: dict[str, float], expected: dict[str, float] | None, rtol: float) -> bool:
     if not expected or set(expected) != set(found):
         return False
@@ -436,7 +456,14 @@ def check_artifact_base(wrapper: PipelineWrapper, artifact: ErasureArtifact, whe
         wrapper.dtype != torch.float32 and _norms_match(current, norms.get("edited"), LOW_PRECISION_NORM_RTOL)
     ):
         raise ArtifactMismatchError(f"{where} is already applied to this pipeline; applying it twice doubles the edit")
-    if wrapper.dtype != torch.float32 and _norms_match(current, norms.get("base"), LOW_PRECISION_NORM_RTOL):
+    exact = _low_precision_match(wrapper, artifact)
+    if exact:
+        return
+    if (
+        exact is None
+        and wrapper.dtype != torch.float32
+        and _norms_match(current, norms.get("base"), LOW_PRECISION_NORM_RTOL)
+    ):
         logger.info("%s: %s weights match the base's norms within %g", where, wrapper.dtype, LOW_PRECISION_NORM_RTOL)
         return
     raise ArtifactMismatchError(
@@ -454,8 +481,11 @@ def _check_runtime_base(wrapper: PipelineWrapper, artifact: ErasureArtifact, whe
         raise ArtifactMismatchError(f"{where}: {err}; it was made for {artifact.base_model!r}") from err
     if wrapper.fingerprint([component]) == artifact.base_fingerprint:
         return
+    exact = _low_precision_match(wrapper, artifact)
+    if exact:
+        return
     expected = ((artifact.weight_norms or {}).get("base") or {}).get(component)
-    if wrapper.dtype != torch.float32 and isinstance(expected, int | float):
+    if exact is None and wrapper.dtype != torch.float32 and isinstance(expected, int | float):
         if math.isclose(wrapper.parameter_norm(component), float(expected), rel_tol=LOW_PRECISION_NORM_RTOL):
             return
     raise ArtifactMismatchError(

@@ -231,6 +231,7 @@ def erase_concepts(
         info={**edit.info, "relative_change": relative},
         factors=factors,
         weight_norms=norms,
+        low_precision_fingerprints=_low_precision_fingerprints(wrapper, list(edit.deltas)),
     )
 
 
@@ -254,8 +255,17 @@ def _runtime_artifact(wrapper: PipelineWrapper, concepts: ConceptSpec, method: s
         seconds=seconds,
         info=dict(edit.info),
         weight_norms={"base": {component: wrapper.parameter_norm(component)}},
+        low_precision_fingerprints=_low_precision_fingerprints(wrapper, [component]),
         intervention=edit.intervention,
     )
+
+
+def _low_precision_fingerprints(wrapper: PipelineWrapper, modules: list[str]) -> dict[str, str] | None:
+    """The base fingerprint rounded to float16 and bfloat16 (exact recognition of a half-precision copy of the base);
+    only a float32 pipeline can compute them."""
+    if wrapper.dtype != torch.float32:
+        return None
+    return {str(d).removeprefix("torch."): wrapper.fingerprint(modules, d) for d in (torch.float16, torch.bfloat16)}
 
 
 def _weight_norms(wrapper: PipelineWrapper, deltas: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:

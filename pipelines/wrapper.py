@@ -450,13 +450,18 @@ class PipelineWrapper:
         except AttributeError as err:
             raise KeyError(f"no module {name!r} in the pipeline") from err
 
-    def fingerprint(self, module_names: Sequence[str]) -> str:
-        """sha256 over the float32 weights of the named modules (qualified names), in sorted order."""
+    def fingerprint(self, module_names: Sequence[str], precision: torch.dtype = torch.float32) -> str:
+        """sha256 over the float32 weights of the named modules (qualified names), in sorted order.
+
+        ``precision`` rounds the weights to that dtype first: a float32 pipeline's float16 fingerprint equals the
+        plain fingerprint of the same weights loaded in float16 (diffusers' ``torch_dtype`` casts the same way).
+        """
         digest = hashlib.sha256()
         for name in sorted(module_names):
             for pname, param in sorted(self.module(name).state_dict().items()):
                 digest.update(f"{name}.{pname}".encode())
-                digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+                rounded = param.detach().to("cpu").to(precision).to(torch.float32)
+                digest.update(rounded.contiguous().numpy().tobytes())
         return digest.hexdigest()
 
     def weight_norms(self, module_names: Sequence[str]) -> dict[str, float]:

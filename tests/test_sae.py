@@ -285,6 +285,20 @@ def test_damaged_or_foreign_runtime_artifacts_are_refused(wrapper, sae_store, tm
         erase.load_artifact(folder)
 
 
+def test_a_half_precision_copy_of_the_base_takes_the_intervention(wrapper, sae_store):
+    """float16 weights cannot match the float32 fingerprint: the hooked component's norm recognises them, and a
+    float16 copy of other weights is still refused."""
+    from erase.artifact import check_artifact_base
+    from pipelines import load_pipeline
+
+    artifact = _itd(wrapper, sae_store)
+    half = load_pipeline("tiny", dtype=torch.float16)
+    assert half.fingerprint([artifact.intervention.component]) != artifact.base_fingerprint
+    check_artifact_base(half, artifact)
+    with pytest.raises(erase.ArtifactMismatchError, match="different weights"):
+        check_artifact_base(load_pipeline("tiny", seed=1, dtype=torch.float16), artifact)
+
+
 def test_an_audit_generates_through_the_intervention(wrapper, sae_store, scorer, tmp_path):
     from erase.workflow import audit_models
     from evals.audit import run_audit
