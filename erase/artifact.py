@@ -4,7 +4,8 @@ Layout::
 
     ARTIFACT/
       erasure.json                         method, config, concepts, base model + fingerprint, timings, layers,
-                                           the weights file's sha256 and the weight norms before and after the edit
+                                           the weights file's sha256, the weight norms before and after the edit
+                                           and the base fingerprint rounded to float16 and bfloat16
       pytorch_lora_weights.safetensors     weight_format "lora": dW = B A per module, with peft adapter metadata
       edited_weights.safetensors           weight_format "full": dW per module, when low rank would not be smaller
       intervention.json, intervention.safetensors, sae.safetensors, sae.json
