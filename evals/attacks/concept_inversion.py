@@ -129,11 +129,9 @@ def concept_inversion(target: AttackTarget, config: ConceptInversionConfig, seed
     train = attack_probes(target.concept, config.train_prompts, seed + 104_729)
     prompts = [p.prompt for p in train]
     templates = [concept_template(p, target.concept) for p in prompts]
-    seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=generator).tolist()
     clock = time.perf_counter()
-    pairs = original_noise_targets(target, prompts, seeds)
+    pairs, eval_index = original_noise_targets(target, prompts, generator, config.eval_pairs)
     seconds = {"targets": time.perf_counter() - clock}
-    eval_index = torch.randperm(len(pairs), generator=generator)[: config.eval_pairs]
     with target.erased_model():
         start = wrapper.token_embedding_matrix()[token].float().clone().unsqueeze(0)
         vector = start.clone().requires_grad_(True)

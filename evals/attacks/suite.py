@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +48,9 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
             found = json.loads(path.read_text())
         except (OSError, ValueError) as err:
             raise ValueError(f"{path} is unreadable ({err}); use another --out folder") from None
-        if found != json.loads(json.dumps(settings)):
-            changed = sorted(
-                k for k in set(found) | set(settings) if found.get(k) != json.loads(json.dumps(settings.get(k)))
-            )
+        expected = json.loads(json.dumps(settings))  # as the file holds it (tuples become lists)
+        if found != expected:
+            changed = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
             raise ValueError(
                 f"{out} holds an attack run with other settings ({', '.join(changed)}); use another --out"
             )
@@ -87,12 +86,11 @@ def run_attack_suite(
     seed: int = 0,
     configs: dict[str, Any] | None = None,
     erasure: dict[str, Any] | None = None,
-    on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run the baselines and ``attacks`` on ``target`` and write them under ``out_dir``; returns ``attacks.json``.
 
     ``configs`` maps an attack name to its config (its default otherwise); ``erasure`` is what identifies the
-    attacked erasure (its ``erasure.json``), recorded and checked on a rerun. ``on_row`` sees each row as it lands.
+    attacked erasure (its ``erasure.json``), recorded and checked on a rerun.
     """
     out = Path(out_dir)
     configs = dict(configs or {})
@@ -120,8 +118,6 @@ def run_attack_suite(
             if name in BASELINES or row.get("config") == _config_dict(name, config):
                 logger.info("%s: already done, kept", name)
                 rows.append(row)
-                if on_row:
-                    on_row(row)
                 continue
         if name in BASELINES:
             prompts, seeds = [p.prompt for p in target.probes], [p.seed for p in target.probes]
@@ -137,8 +133,6 @@ def run_attack_suite(
         row = _rate_row(name, kind, attack_success(images, target.probes, scorer, target.labels, judge), result)
         _write_row(folder, images, row, result)
         rows.append(row)
-        if on_row:
-            on_row(row)
     _write_comparison(concept_dir, [r["row"] for r in rows], target)
     summary = {"schema_version": SUITE_SCHEMA_VERSION, "concept": target.concept, "n": len(target.probes),
                "seed": seed, "erasure": erasure,

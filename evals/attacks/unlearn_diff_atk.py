@@ -122,10 +122,14 @@ class NoiseTargets:
 
 
 @torch.no_grad()
-def original_noise_targets(target: AttackTarget, prompts: list[str], seeds: list[int]) -> NoiseTargets:
-    """The original model's sampling runs of ``prompts`` with the attack's sampler settings, every UNet input (x_t,
-    t) of them, and the original model's conditional noise prediction there (call outside ``erased_model``)."""
+def original_noise_targets(
+    target: AttackTarget, prompts: list[str], generator: torch.Generator, eval_pairs: int
+) -> tuple[NoiseTargets, torch.Tensor]:
+    """The original model's sampling runs of ``prompts`` (seeds drawn from ``generator``) with the attack's sampler
+    settings, every UNet input (x_t, t) of them, and the original model's conditional noise prediction there (call
+    outside ``erased_model``); and the indices of ``eval_pairs`` of them, drawn next, on which a loss is compared."""
     wrapper = target.wrapper
+    seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=generator).tolist()
     latents, timesteps = wrapper.sample_trajectories(prompts, seeds, steps=target.steps, guidance=target.guidance,
                                                      batch_size=target.batch_size)  # fmt: skip
     n, k = latents.shape[:2]
@@ -139,7 +143,8 @@ def original_noise_targets(target: AttackTarget, prompts: list[str], seeds: list
         x = flat[index].to(wrapper.device, wrapper.dtype)
         eps = wrapper.noise_prediction(x, times[index].to(wrapper.device), encoding.select(rows[index]))
         targets.append(eps.float().cpu())
-    return NoiseTargets(flat, times, torch.cat(targets), rows)
+    eval_index = torch.randperm(n * k, generator=generator)[:eval_pairs]
+    return NoiseTargets(flat, times, torch.cat(targets), rows), eval_index
 
 
 def noise_matching_loss(
@@ -302,11 +307,9 @@ def unlearn_diff_atk(target: AttackTarget, config: UnlearnDiffAtkConfig, seed: i
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(len(target.probes), generator=generator)[: config.optimisation_probes].sort().values
     prompts = [target.probes[int(i)].prompt for i in chosen]
-    seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=generator).tolist()
     clock = time.perf_counter()
-    pairs = original_noise_targets(target, prompts, seeds)
+    pairs, eval_index = original_noise_targets(target, prompts, generator, config.eval_pairs)
     seconds = {"targets": time.perf_counter() - clock}
-    eval_index = torch.randperm(len(pairs), generator=generator)[: config.eval_pairs]
     with target.erased_model():
         loss_unattacked = prompt_loss(wrapper, pairs, eval_index, prompts)
         found = optimise_prefix(wrapper, pairs, prompts, config, generator, eval_index, target.progress)
