@@ -38,9 +38,6 @@ __all__ = [
     "self_check",
 ]
 
-#: The check's scorer on models other than the micro one (needs the hub once, then its cache).
-DEFAULT_HUB_SCORER = "open_clip:ViT-L-14/openai"
-
 logger = logging.getLogger(__name__)
 
 #: Preserve set of common artists and subjects (``--preserve-set generic``).
@@ -114,9 +111,9 @@ class EraseSummary:
 
 def load_check_scorer(wrapper: PipelineWrapper, scorer: str | None) -> tuple[str, Any]:
     """The CLIP scorer of the check, loaded before any edit; ``ValueError`` naming the flags when it cannot load."""
-    from evals.scorer import ClipScorer
+    from evals.scorer import ClipScorer, default_scorer
 
-    name = scorer or ("micro" if wrapper.model_id == "micro" else DEFAULT_HUB_SCORER)
+    name = scorer or default_scorer(wrapper.model_id)
     try:
         return name, ClipScorer.from_pretrained(name, device=wrapper.device, progress=False)
     except (OSError, RuntimeError, ValueError) as err:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -33,12 +33,18 @@ from tqdm.auto import tqdm
 from pipelines.tokenizer import clean_prompt
 
 __all__ = [
+    "DEFAULT_HUB_SCORER",
     "DEFAULT_TEMPLATES",
     "TEMPLATES",
     "ClipScorer",
     "ImageBatch",
     "ZeroShotResult",
+    "default_scorer",
+    "load_scoring",
 ]
+
+#: The scorer of models that ship none (needs the hub once, then its cache).
+DEFAULT_HUB_SCORER = "open_clip:ViT-L-14/openai"
 
 logger = logging.getLogger(__name__)
 
@@ -471,3 +477,31 @@ class ClipScorer:
             predictions=tuple(labels[i] for i in indices.tolist()),
             probs=probs,
         )
+
+
+def default_scorer(model: str) -> str:
+    """The scorer a script uses for ``model`` unless told: the micro world's own CLIP for the embedded model (it is
+    what reads that world), ``DEFAULT_HUB_SCORER`` for every other."""
+    return "micro" if model == "micro" else DEFAULT_HUB_SCORER
+
+
+def load_scoring(
+    model: str, scorer: str | None, *, judge: bool, device: str | torch.device = "cpu", progress: bool = False
+) -> tuple[str, ClipScorer, Any]:
+    """What the scripts score with: ``(scorer name, CLIP scorer, judge or None)``.
+
+    The scorer is ``scorer`` or ``default_scorer(model)``; ``ValueError`` in one line when it cannot load. The judge
+    (the micro world's ground truth) is loaded when ``judge`` is asked for and ``model`` is the micro one.
+    """
+    name = scorer or default_scorer(model)
+    try:
+        clip = ClipScorer.from_pretrained(name, device=device, progress=progress)
+    except (OSError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot load the CLIP scorer {name!r}: {reason}") from None
+    ground_truth = None
+    if judge and model == "micro":
+        from .microworld.judge import load_judge
+
+        ground_truth = load_judge().to(device)
+    return name, clip, ground_truth

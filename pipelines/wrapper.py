@@ -35,6 +35,7 @@ __all__ = [
     "LORA_TARGETS",
     "LoraAdapters",
     "ModelNotFoundError",
+    "check_model_reference",
     "PipelineWrapper",
     "PromptEncoding",
     "load_pipeline",
@@ -210,6 +211,34 @@ def _is_local(model: str) -> bool:
     return Path(model).expanduser().exists()
 
 
+def _looks_like_path(model: str) -> bool:
+    """A reference no hub id can be: a hub id is ``name`` or ``owner/name``, never absolute, relative or deeper."""
+    return model.startswith(("/", "./", "../", "~")) or model.count("/") > 1
+
+
+def check_model_reference(model: object) -> None:
+    """``ModelNotFoundError`` in one line when ``model`` cannot load and that is known without loading it.
+
+    Checked by the scripts before a scorer or anything else slow loads: an empty name, the embedded micro model
+    missing, a folder that is not a diffusers pipeline, a path that does not exist. A hub id is only found missing
+    when it loads.
+    """
+    if not isinstance(model, str) or not model.strip():
+        raise ModelNotFoundError("model must be a non-empty string")
+    if model in ("tiny", "tiny-sdxl"):
+        return
+    if model == "micro":
+        path = micro_model_path()
+        if not (path / "model_index.json").is_file():
+            raise ModelNotFoundError(f"the embedded micro model is missing at {path}: run scripts/train_micro.py")
+    elif _is_local(model):
+        path = Path(model).expanduser()
+        if not (path / "model_index.json").is_file():
+            raise ModelNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+    elif _looks_like_path(model):
+        raise ModelNotFoundError(f"model folder {model} does not exist")
+
+
 def load_pipeline(
     model: str = "micro",
     *,
@@ -225,8 +254,7 @@ def load_pipeline(
         device, dtype: where and in what precision the pipeline runs.
         seed: initialises the random tiny pipelines; ignored for trained models.
     """
-    if not isinstance(model, str) or not model.strip():
-        raise ModelNotFoundError("model must be a non-empty string")
+    check_model_reference(model)
     if model == "tiny":
         from .tiny import tiny_sd_pipeline
 
@@ -237,14 +265,9 @@ def load_pipeline(
         pipe, model_id = tiny_sdxl_pipeline(seed), f"tiny-sdxl(seed={seed})"
     else:
         if model == "micro":
-            path = micro_model_path()
-            if not (path / "model_index.json").is_file():
-                raise ModelNotFoundError(f"the embedded micro model is missing at {path}: run scripts/train_micro.py")
-            source, model_id = str(path), "micro"
+            source, model_id = str(micro_model_path()), "micro"
         elif _is_local(model):
             path = Path(model).expanduser()
-            if not (path / "model_index.json").is_file():
-                raise ModelNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
             source, model_id = str(path), str(path.resolve())
         else:
             source, model_id = model, model

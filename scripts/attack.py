@@ -7,9 +7,10 @@ python scripts/attack.py --erasure erased/van-gogh-uce --attack noise_probe --se
 
 For each erased concept: N probe prompts naming it (--images, default 48) drawn by the original model, by the erased
 model, and by the erased model under each attack. The success rate of a row is the share of its images the scorer
-(and on the micro world the judge) reads as the erased concept, with its Wilson 95% interval. Writes OUT/attack.json
-(settings), OUT/<concept>/<row>/ (images, grid.png, result.json) and OUT/<concept>/attacks.json (the table), and
-prints the table; rerunning the same command resumes. Attacks: see evals/attacks/__init__.py.
+(and on the micro world the judge) reads as the erased concept, with its Wilson 95% interval. Writes, per concept,
+OUT/<concept>/attack.json (settings), OUT/<concept>/<row>/ (images, result.json), OUT/<concept>/comparison.png and
+OUT/<concept>/attacks.json (the table), and prints the table; rerunning the same command resumes. Attacks: see
+evals/attacks/__init__.py.
 """
 
 from __future__ import annotations
@@ -70,9 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     from erase import ArtifactError, check_artifact_base, load_artifact
     from erase.inputs import error_line
     from evals.attacks import AttackTarget, attack_configs, attack_labels, attack_probes, resolve_attacks
-    from evals.attacks.suite import asr_table, run_attack_suite
+    from evals.attacks.suite import asr_table, check_suite_folder, run_attack_suite
     from evals.audit import AuditError, check_output_folder
-    from pipelines import ModelNotFoundError, load_pipeline, resolve_device, set_library_verbosity
+    from evals.scorer import load_scoring
+    from pipelines import (
+        ModelNotFoundError,
+        check_model_reference,
+        load_pipeline,
+        resolve_device,
+        set_library_verbosity,
+    )
     from pipelines.files import slug
 
     set_library_verbosity(args.verbose)
@@ -86,22 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         check_output_folder(args.out)
         artifact = load_artifact(args.erasure)
+        check_suite_folder(args.out, artifact.concepts)
         model = args.model or artifact.base_model
+        check_model_reference(model)
         if model in ("micro", "tiny", "tiny-sdxl") or os.path.isdir(model):
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        micro = model == "micro"
-        scorer_name = args.scorer or ("micro" if micro else "open_clip:ViT-L-14/openai")
-        from evals.scorer import ClipScorer
-
-        try:
-            scorer = ClipScorer.from_pretrained(scorer_name, device=device, progress=False)
-        except (OSError, RuntimeError) as err:
-            raise ValueError(f"cannot load the CLIP scorer {scorer_name!r}: {err}") from err
-        judge = None
-        if micro and not args.no_judge:
-            from evals.microworld.judge import load_judge
-
-            judge = load_judge().to(device)
+        _, scorer, judge = load_scoring(model, args.scorer, judge=not args.no_judge, device=device)
         wrapper = load_pipeline(model, device=device)
         check_artifact_base(wrapper, artifact, where=args.erasure)
         erasure = {"folder": os.path.abspath(args.erasure), "method": artifact.method, "concepts": artifact.concepts,

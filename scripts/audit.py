@@ -95,13 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         verdict_text,
     )
     from evals.suites import SuiteError, concept_suite, resolve_suite
-    from pipelines import ModelNotFoundError, load_pipeline, resolve_device, set_library_verbosity
+    from pipelines import (
+        ModelNotFoundError,
+        check_model_reference,
+        load_pipeline,
+        resolve_device,
+        set_library_verbosity,
+    )
 
     set_library_verbosity(args.verbose)
-    if not args.verbose:
-        # open_clip logs a failed download as an ERROR before raising it; the error line below says it once.
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(lambda r: not (r.levelno >= logging.ERROR and "open_clip" in r.pathname))
     try:
         for name in ("images_per_prompt", "batch_size", "steps", "attack_images"):
             value = getattr(args, name)
@@ -142,20 +144,14 @@ def main(argv: list[str] | None = None) -> int:
             preserve = [p for a in artifacts for p in a.preserve]
             suite = concept_suite(targets, preserve, seed=args.seed)
         steps, guidance = args.steps, args.guidance
-        scorer_name = args.scorer or ("micro" if micro else "open_clip:ViT-L-14/openai")
-        scorer = judge = None
-        if main_process:
-            # Only the main process scores; the others just generate.
-            from evals.scorer import ClipScorer
+        check_model_reference(args.model)
+        from evals.scorer import default_scorer, load_scoring
 
-            try:
-                scorer = ClipScorer.from_pretrained(scorer_name, device=device, progress=not args.quiet)
-            except (OSError, RuntimeError) as err:
-                raise ValueError(f"cannot load the CLIP scorer {scorer_name!r}: {err}") from err
-            if micro and not args.no_judge:
-                from evals.microworld.judge import load_judge
-
-                judge = load_judge().to(device)
+        scorer_name, scorer, judge = args.scorer or default_scorer(args.model), None, None
+        if main_process:  # only the main process scores; the others just generate
+            scorer_name, scorer, judge = load_scoring(
+                args.model, args.scorer, judge=not args.no_judge, device=device, progress=not args.quiet
+            )
         wrapper = load_pipeline(args.model, device=device)
         result = run_audit(
             wrapper,

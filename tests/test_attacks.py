@@ -162,6 +162,22 @@ def test_the_suite_writes_every_row_and_resumes_without_redoing_them(wrapper, uc
     assert again["rows"] == summary["rows"]
     with pytest.raises(ValueError, match="other settings"):
         run_attack_suite(target, ["rece_embedding"], tmp_path, scorer=scorer, erasure={"id": 2})
+    # a damaged row (a truncated image, an unreadable result) is run again; the intact ones are kept
+    concept = tmp_path / "van-gogh"
+    image = concept / "rece_embedding" / "images" / "001.png"
+    image.write_bytes(image.read_bytes()[:100])
+    (concept / "original" / "result.json").write_text("{")
+    kept = (concept / "unattacked" / "result.json").stat().st_mtime_ns
+    mended = run_attack_suite(target, ["rece_embedding"], tmp_path, scorer=scorer, erasure={"id": 1})
+
+    def untimed(rows):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    assert untimed(mended["rows"]) == untimed(summary["rows"])
+    assert (concept / "unattacked" / "result.json").stat().st_mtime_ns == kept
+    assert (concept / "rece_embedding" / "result.json").stat().st_mtime_ns != stamp
+    assert json.loads((concept / "original" / "result.json").read_text())["row"] == "original"
+    assert len(image.read_bytes()) > 100
 
 
 def test_attack_success_counts_the_concept_with_its_interval(wrapper, scorer):
@@ -192,6 +208,39 @@ def test_attack_script_bad_input_is_one_line(artifact_dir, tmp_path, capsys, arg
     assert code == 2 and err.startswith("error:") and message in err and len(err.splitlines()) == 1
     code = main(["--erasure", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")])
     assert code == 2 and "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (
+            lambda out: (out / "van-gogh").mkdir(parents=True) or (out / "van-gogh" / "attack.json").write_text("{"),
+            "attack.json is unreadable",
+        ),
+        (
+            lambda out: (out / "van-gogh").mkdir(parents=True) or (out / "van-gogh" / "attack.json").write_text("[]"),
+            "not an attack run of this version",
+        ),
+        (lambda out: out.mkdir() or (out / "van-gogh").write_text(""), "is a file, not a folder"),
+    ],
+)
+def test_attack_script_refuses_a_damaged_output_folder_before_the_model_loads(
+    artifact_dir, tmp_path, capsys, monkeypatch, setup, message
+):
+    import evals.scorer
+
+    def no_scorer(*_args, **_kwargs):
+        raise AssertionError("the scorer was loaded")
+
+    monkeypatch.setattr(evals.scorer, "load_scoring", no_scorer)
+    setup(tmp_path / "out")
+    main = runpy.run_path("scripts/attack.py", run_name="attack_script")["main"]
+    code = main(["--erasure", str(artifact_dir), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    code = main(["--erasure", str(artifact_dir), "--out", str(tmp_path / "o2"), "--model", str(tmp_path / "no/such")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "does not exist" in err and len(err.splitlines()) == 1
 
 
 def test_every_attack_is_listed_and_takes_budget_overrides():

@@ -111,6 +111,8 @@ def test_missing_models_fail_with_one_line(tmp_path):
     with pytest.raises(ModelNotFoundError) as err:
         load_pipeline("no-such-org/no-such-model")
     assert "\n" not in str(err.value)
+    with pytest.raises(ModelNotFoundError, match="does not exist"):  # a path, not a hub id: known without the hub
+        load_pipeline(str(tmp_path / "models" / "sd"))
 
 
 def test_a_step_count_the_sampler_cannot_run_is_one_clear_error(tmp_path):

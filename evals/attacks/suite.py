@@ -30,7 +30,7 @@ from pipelines.files import atomic_save_safetensors, atomic_write_bytes, atomic_
 from ..grids import labelled_grid
 from .base import AttackResult, AttackTarget, attack_success, get_attack, run_attack
 
-__all__ = ["BASELINES", "SUITE_SCHEMA_VERSION", "asr_table", "run_attack_suite"]
+__all__ = ["BASELINES", "SUITE_SCHEMA_VERSION", "asr_table", "check_suite_folder", "run_attack_suite"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +40,36 @@ BASELINES = ("original", "unattacked")
 _GRID_IMAGES = 8
 
 
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _read_settings(path: Path) -> dict[str, Any]:
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path} is unreadable ({_first_line(err)}); use another --out folder") from None
+    if not isinstance(found, dict) or found.get("schema_version") != SUITE_SCHEMA_VERSION:
+        raise ValueError(f"{path} is not an attack run of this version; use another --out folder")
+    return found
+
+
+def check_suite_folder(out_dir: str | Path, concepts: Sequence[str]) -> None:
+    """``ValueError`` in one line when ``out_dir`` cannot take a suite run on ``concepts``, before any model loads:
+    a concept's folder is a file, or holds an unreadable ``attack.json`` or one of another version."""
+    for concept in concepts:
+        concept_dir = Path(out_dir) / slug(concept)
+        if concept_dir.exists() and not concept_dir.is_dir():
+            raise ValueError(f"{concept_dir} is a file, not a folder; use another --out folder")
+        if (concept_dir / "attack.json").exists():
+            _read_settings(concept_dir / "attack.json")
+
+
 def _check_settings(out: Path, settings: dict[str, Any]) -> None:
     """Write ``attack.json`` on the first run; on a rerun refuse other settings (``ValueError``, one line)."""
     path = out / "attack.json"
     if path.exists():
-        try:
-            found = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{path} is unreadable ({err}); use another --out folder") from None
+        found = _read_settings(path)
         expected = json.loads(json.dumps(settings))  # as the file holds it (tuples become lists)
         if found != expected:
             changed = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
@@ -103,6 +125,7 @@ def run_attack_suite(
         "seed": seed,
         "steps": target.steps,
         "guidance": target.guidance,
+        "batch_size": target.batch_size,  # images drawn together differ from those drawn apart in the last bit
         "erasure": erasure,
     }
     concept_dir = out / slug(target.concept)
@@ -111,14 +134,12 @@ def run_attack_suite(
     rows = []
     for name in (*BASELINES, *attacks):
         folder = concept_dir / name
-        done = folder / "result.json"
         config = configs.get(name)
-        if done.exists():
-            row = json.loads(done.read_text())
-            if name in BASELINES or row.get("config") == _config_dict(name, config):
-                logger.info("%s: already done, kept", name)
-                rows.append(row)
-                continue
+        row = _finished_row(folder, len(target.probes))
+        if row is not None and (name in BASELINES or row.get("config") == _config_dict(name, config)):
+            logger.info("%s: already done, kept", name)
+            rows.append(row)
+            continue
         if name in BASELINES:
             prompts, seeds = [p.prompt for p in target.probes], [p.seed for p in target.probes]
             if name == "original":
@@ -139,6 +160,22 @@ def run_attack_suite(
                "rows": [{k: v for k, v in r.items() if k != "clip_verdicts"} for r in rows]}  # fmt: skip
     atomic_write_json(concept_dir / "attacks.json", summary)
     return summary
+
+
+def _finished_row(folder: Path, images: int) -> dict[str, Any] | None:
+    """A row's ``result.json`` when the row is finished and intact; ``None`` (the row is run again) when it is
+    missing, unreadable, or one of its images is (a run killed while the disk filled, a file damaged since)."""
+    try:
+        row = json.loads((folder / "result.json").read_text())
+        for i in range(images):
+            with Image.open(folder / "images" / f"{i:03d}.png") as image:
+                image.load()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        logger.warning("%s: %s; running the row again", folder, _first_line(err))
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def _write_comparison(concept_dir: Path, names: list[str], target: AttackTarget) -> None:
