@@ -274,6 +274,9 @@ def erasure_settings(
     concept_spec.check_against(wrapper)
     fields = {f.name for f in dataclasses.fields(spec.config_class)}
     overrides = dict(config_overrides or {})
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"method {method!r} has no setting {unknown[0]!r}; it has {', '.join(sorted(fields))}")
     if concept_spec.preserve and not fields & {"preserve_scale", "anchor_prompts", "retain_prompts", "other_prompts"}:
         raise ValueError(f"method {method!r} has no preserve term: it would ignore the concepts to preserve")
     if concept_spec.preserve and "anchor_prompts" in fields and "anchor_prompts" not in overrides:

@@ -27,16 +27,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 import erase  # noqa: E402
-from erase.inputs import PRESERVE_SETS, parse_config_overrides  # noqa: E402
+from erase.inputs import PRESERVE_SETS, error_line, parse_config_overrides  # noqa: E402
 from erase.workflow import erasure_settings  # noqa: E402
 from evals.attacks import AttackTarget, attack_probes, resolve_attacks  # noqa: E402
-from evals.attacks.suite import run_attack_suite  # noqa: E402
+from evals.attacks.suite import check_suite_folder, run_attack_suite  # noqa: E402
+from evals.audit import AuditError, check_output_folder  # noqa: E402
 from evals.metrics import accuracy  # noqa: E402
 from evals.microworld import world  # noqa: E402
-from evals.microworld.judge import load_judge  # noqa: E402
 from evals.probes import probe_correct, world_labels, world_probes  # noqa: E402
-from evals.scorer import ClipScorer  # noqa: E402
-from pipelines import load_pipeline, set_library_verbosity  # noqa: E402
+from evals.scorer import load_scoring  # noqa: E402
+from pipelines import ModelNotFoundError, load_pipeline, set_library_verbosity  # noqa: E402
 from pipelines.files import atomic_write_json, slug  # noqa: E402
 
 
@@ -75,6 +75,20 @@ def preserved(wrapper, applied, scorer, judge, concept: str, n: int, seed: int) 
     return {"clip": accuracy(clip), "judge": accuracy(judged)}
 
 
+def _read_table(path: str) -> dict:
+    """The table of an earlier run at ``--out`` (resumed), or an empty one; ``ValueError`` when it is unreadable."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path} is unreadable ({error_line(err)}); use another --out folder") from None
+    if not isinstance(table, dict) or not all(isinstance(e, dict) and "rows" in e for e in table.values()):
+        raise ValueError(f"{path} is not a robustness table; use another --out folder")
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     set_library_verbosity(False)
@@ -85,43 +99,47 @@ def main(argv: list[str] | None = None) -> int:
         methods = [erase.get_method(m).name for m in args.method or erase.available_methods()]
         attacks = resolve_attacks(args.attack or ["all"])
         overrides = parse_config_overrides(args.set)
+        check_output_folder(args.out)
+        table_path = os.path.join(args.out, "table.json")
+        table = _read_table(table_path)
+        suffix = args.label or "".join([*(f" +{p} preserve" for p in args.preserve_set),
+                                        *(f" {kv}" for kv in args.set)])  # fmt: skip
+        for method in methods:
+            check_suite_folder(os.path.join(args.out, slug(method + suffix)), [args.concept])
+        wrapper = load_pipeline("micro")
+        _, scorer, judge = load_scoring("micro", None, judge=True)
+        # every method's settings are checked before the first one runs
+        settings = {m: erasure_settings(wrapper, [args.concept], m, None, None, dict(overrides), concept_type="art",
+                                        preserve_sets=args.preserve_set) for m in methods}  # fmt: skip
         os.makedirs(args.out, exist_ok=True)
-    except (ValueError, OSError) as err:
-        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+        if "original" not in table:
+            untouched = preserved(wrapper, lambda w: contextlib.nullcontext(), scorer, judge, args.concept,
+                                  args.images, args.seed)  # fmt: skip
+            table["original"] = {"rows": {}, "preserved": untouched}
+        for method in methods:
+            start = time.perf_counter()
+            spec, config = settings[method]
+            name = method + suffix
+            artifact = erase.erase_concepts(wrapper, spec, method, config)
+            erase_seconds = time.perf_counter() - start
+            target = AttackTarget(wrapper, artifact.applied, args.concept, attack_probes(args.concept, args.images,
+                                  args.seed), scorer=scorer, progress=False)  # fmt: skip
+            erasure = {"method": method, "config": artifact.config}
+            if spec.preserve:
+                erasure["preserve"] = list(spec.preserve)
+            summary = run_attack_suite(target, attacks, os.path.join(args.out, slug(name)), scorer=scorer,
+                                       judge=judge, seed=args.seed, erasure=erasure)  # fmt: skip
+            entry = table.get(name, {})
+            if "preserved" not in entry:
+                entry["preserved"] = preserved(wrapper, artifact.applied, scorer, judge, args.concept, args.images,
+                                               args.seed)  # fmt: skip
+            entry.update(rows={r["row"]: r for r in summary["rows"]}, erase_seconds=erase_seconds)
+            table[name] = entry
+            atomic_write_json(table_path, table)
+            print(f"{name}: done in {time.perf_counter() - start:.0f} s", flush=True)
+    except (ValueError, TypeError, OSError, ModelNotFoundError, AuditError) as err:
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
-    wrapper = load_pipeline("micro")
-    scorer = ClipScorer.from_pretrained("micro", progress=False)
-    judge = load_judge()
-    table_path = os.path.join(args.out, "table.json")
-    table = json.loads(open(table_path).read()) if os.path.exists(table_path) else {}
-    if "original" not in table:
-        untouched = preserved(wrapper, lambda w: contextlib.nullcontext(), scorer, judge, args.concept, args.images,
-                              args.seed)  # fmt: skip
-        table["original"] = {"rows": {}, "preserved": untouched}
-    suffix = args.label or "".join([*(f" +{p} preserve" for p in args.preserve_set), *(f" {kv}" for kv in args.set)])
-    for method in methods:
-        start = time.perf_counter()
-        spec, config = erasure_settings(wrapper, [args.concept], method, None, None, dict(overrides),
-                                        concept_type="art", preserve_sets=args.preserve_set,
-                                        expand_prompts=False)  # fmt: skip
-        name = method + suffix
-        artifact = erase.erase_concepts(wrapper, spec, method, config)
-        erase_seconds = time.perf_counter() - start
-        target = AttackTarget(wrapper, artifact.applied, args.concept, attack_probes(args.concept, args.images,
-                              args.seed), scorer=scorer, progress=False)  # fmt: skip
-        erasure = {"method": method, "config": artifact.config}
-        if spec.preserve:
-            erasure["preserve"] = list(spec.preserve)
-        summary = run_attack_suite(target, attacks, os.path.join(args.out, slug(name)), scorer=scorer, judge=judge,
-                                   seed=args.seed, erasure=erasure)  # fmt: skip
-        entry = table.get(name, {})
-        if "preserved" not in entry:
-            entry["preserved"] = preserved(wrapper, artifact.applied, scorer, judge, args.concept, args.images,
-                                           args.seed)  # fmt: skip
-        entry.update(rows={r["row"]: r for r in summary["rows"]}, erase_seconds=erase_seconds)
-        table[name] = entry
-        atomic_write_json(table_path, table)
-        print(f"{name}: done in {time.perf_counter() - start:.0f} s", flush=True)
     names = ["original", "unattacked", *attacks]
     lines = [f"| method | {' | '.join(names)} | preserved |", "|" + " --- |" * (len(names) + 2)]
     for method, entry in sorted(table.items(), key=lambda item: item[0] != "original"):

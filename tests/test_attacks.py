@@ -298,3 +298,25 @@ def test_readme_attack_table_command_on_micro(tmp_path):
     for entry in (table["uce"], table["rece"]):
         assert entry["rows"]["rece_embedding"]["clip"]["n"] == 4 and entry["preserved"]["judge"]["n"] > 0
     assert "| uce (clip) |" in (tmp_path / "table.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "args, setup, message",
+    [
+        (["--method", "uce", "--set", "nope=1"], None, "has no setting 'nope'"),
+        (["--method", "time", "--preserve-set", "world"], None, "has no preserve term"),
+        (["--method", "uce", "--concept", "banana"], None, "banana"),
+        (["--method", "uce"], lambda out: out.mkdir() or (out / "table.json").write_text("{"), "is unreadable"),
+        (["--method", "uce"], lambda out: out.write_text(""), "is a file"),
+    ],
+)
+def test_attack_table_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, setup, message):
+    main = runpy.run_path("scripts/attack_table.py", run_name="attack_table_script")["main"]
+    out = tmp_path / "out"
+    if setup:
+        setup(out)
+    before = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
+    assert main([*args, "--images", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and len(err.splitlines()) == 1
+    assert (sorted(p.name for p in out.iterdir()) if out.is_dir() else None) == before
