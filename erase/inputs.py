@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 __all__ = [
     "CONCEPT_TYPES",
@@ -19,6 +19,7 @@ __all__ = [
     "check_integer_fields",
     "error_line",
     "check_templates",
+    "config_from_overrides",
     "parse_config_overrides",
 ]
 
@@ -80,6 +81,15 @@ def parse_config_overrides(pairs: Sequence[str]) -> dict[str, object]:
             value = raw
         overrides[key.strip()] = tuple(value) if isinstance(value, list) else value
     return overrides
+
+
+def config_from_overrides(config_class: type, overrides: dict[str, object], owner: str) -> object:
+    """``config_class(**overrides)``; a key it has no field for is a ``ValueError`` naming ``owner``'s settings."""
+    known = {f.name for f in fields(config_class)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"{owner} has no setting {unknown[0]!r}; it has {', '.join(sorted(known))}")
+    return config_class(**overrides)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
 from pipelines.files import png_bytes
 
 from .artifact import ErasureArtifact, check_artifact_base, load_artifact, save_artifact
-from .inputs import CONCEPT_TYPES, DEFAULT_CONCEPT_TYPE, PRESERVE_SETS
+from .inputs import CONCEPT_TYPES, DEFAULT_CONCEPT_TYPE, PRESERVE_SETS, config_from_overrides
 from .layout import CHECK_PICTURE, METADATA_FILE, PIPELINE_FOLDER, check_output_folder, default_output_folder
 from .registry import ConceptSpec, erase_concepts, get_method
 
@@ -274,9 +274,6 @@ def erasure_settings(
     concept_spec.check_against(wrapper)
     fields = {f.name for f in dataclasses.fields(spec.config_class)}
     overrides = dict(config_overrides or {})
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"method {method!r} has no setting {unknown[0]!r}; it has {', '.join(sorted(fields))}")
     if concept_spec.preserve and not fields & {"preserve_scale", "anchor_prompts", "retain_prompts", "other_prompts"}:
         raise ValueError(f"method {method!r} has no preserve term: it would ignore the concepts to preserve")
     if concept_spec.preserve and "anchor_prompts" in fields and "anchor_prompts" not in overrides:
@@ -285,7 +282,7 @@ def erasure_settings(
         if "templates" not in fields:
             raise ValueError(f"method {method!r} takes no templates: it cannot expand prompts")
         overrides["templates"] = ("{}", *kind.expand_templates)
-    return concept_spec, spec.config_class(**overrides)
+    return concept_spec, config_from_overrides(spec.config_class, overrides, f"method {method!r}")
 
 
 def run_erase(

@@ -92,12 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.prompt_count < 2 or args.check_images < 0 or (args.steps is not None and args.steps < 1):
             raise ValueError("--prompt-count must be >= 2, --check-images >= 0 and --steps >= 1")
-        from erase.inputs import parse_config_overrides
+        from erase.inputs import config_from_overrides, parse_config_overrides
         from erase.layout import check_writable_folder
         from erase.sae import SAETrainConfig, build_sae
         from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_pipeline, resolve_device, set_library_verbosity
 
-        config = SAETrainConfig(**parse_config_overrides(args.set))
+        config = config_from_overrides(SAETrainConfig, parse_config_overrides(args.set), "the SAE training")
         prompts = None if args.list_hooks else read_prompts(args.prompts, args.prompt_count, config.seed)
         if not args.list_hooks:
             check_writable_folder(args.out)

@@ -321,6 +321,8 @@ def test_train_sae_script_bad_input_is_one_line(tmp_path, capsys):
         (["--hook", "unet.nope"], "not a hook point"),
         (["--hook", TEXT_HOOK, "--prompts", str(tmp_path / "missing.txt")], "no such file"),
         (["--hook", TEXT_HOOK, "--set", "k=0"], "must be an integer"),
+        (["--hook", TEXT_HOOK, "--set", "nope=1"], "has no setting 'nope'"),
+        (["--model", str(tmp_path / "no" / "model"), "--hook", TEXT_HOOK], "does not exist"),
         (["--hook", TEXT_HOOK, "--out", "README.md/x"], "cannot write"),
     ]:
         assert main(["--model", "tiny", *extra]) == 2, extra
