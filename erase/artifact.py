@@ -8,6 +8,9 @@ Layout::
                                            and the base fingerprint rounded to float16 and bfloat16
       pytorch_lora_weights.safetensors     weight_format "lora": dW = B A per module, with peft adapter metadata
       edited_weights.safetensors           weight_format "full": dW per module, when low rank would not be smaller
+      transport.json, transport.safetensors
+                                           optional facilitated transport of a LoRA (``erase.transport``): its
+                                           strength per prompt, installed with ``erase.attach``
       intervention.json, intervention.safetensors, sae.safetensors, sae.json
                                            weight_format "intervention": the SAE family's runtime edit
                                            (``erase.intervention``), installed with ``erase.attach``
@@ -58,6 +61,7 @@ from .layout import (
     check_output_folder,
     current_umask,
 )
+from .transport import TRANSPORT_FILE, FacilitatedTransport
 
 __all__ = [
     "ArtifactError",
@@ -99,6 +103,9 @@ class ErasureArtifact:
     version: str = ""
     #: the runtime family's edit (``erase.intervention.SAEIntervention``); ``deltas`` is then empty
     intervention: Any = None
+    #: facilitated transport (``erase.transport.FacilitatedTransport``): the LoRA's strength follows each prompt's
+    #: likeness to the erased concepts when it is applied (``applied``, ``erase.attach``)
+    transport: Any = None
     #: the hooks of ``apply_artifact`` for a runtime artifact (remove them to restore the pipeline)
     handle: Any = field(default=None, repr=False, compare=False)
 
@@ -124,9 +131,16 @@ class ErasureArtifact:
         if self.intervention is not None:
             with self.intervention.attach(wrapper):
                 yield
+        elif self.transport is not None:
+            with self.transport.attach(wrapper, self.lora_factors()):
+                yield
         else:
             with wrapper.weight_deltas(self.deltas):
                 yield
+
+    def lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The weight change as exact factors (A, B), dW = B A: the method's own, else by SVD."""
+        return self.factors or {name: low_rank_factors(d) for name, d in self.deltas.items()}
 
     def metadata(
         self, weight_format: str, ranks: dict[str, int] | None = None, weights_sha256: str | None = None
@@ -252,7 +266,7 @@ def save_artifact(
     if artifact.intervention is not None:
         factors, weight_format = {}, "intervention"
     else:
-        factors = artifact.factors or {name: low_rank_factors(d) for name, d in artifact.deltas.items()}
+        factors = artifact.lora_factors()
         lora_size = sum(a.numel() + b.numel() for a, b in factors.values())
         full_size = sum(d.numel() for d in artifact.deltas.values())
         weight_format = "lora" if lora_size < full_size else "full"
@@ -270,6 +284,8 @@ def save_artifact(
         else:
             save_file({k: v.contiguous() for k, v in artifact.deltas.items()}, str(tmp / FULL_FILE))
         weights_sha256 = file_sha256(tmp / WEIGHTS_FILES[weight_format])
+        if artifact.transport is not None:
+            artifact.transport.save(tmp)
         if weight_format == "intervention" and export_pipeline:
             raise ValueError("a runtime intervention changes no weights: there is no edited pipeline to export")
         if export_pipeline or (export_pipeline is None and weight_format == "full"):
@@ -373,6 +389,12 @@ def load_artifact(folder: str | Path) -> ErasureArtifact:
             raise ArtifactError(str(err)) from err
         if meta["layers"] != [intervention.hook_point]:
             raise ArtifactError(f"{meta_path}: layers must list the intervention's hook point")
+    transport = None
+    if fmt != "intervention" and (folder / TRANSPORT_FILE).exists():
+        try:
+            transport = FacilitatedTransport.load(folder)
+        except ValueError as err:
+            raise ArtifactError(str(err)) from err
     for name in meta["layers"] if intervention is None else []:
         if fmt == "lora":
             component, _, path = name.partition(".")
@@ -408,6 +430,7 @@ def load_artifact(folder: str | Path) -> ErasureArtifact:
         created=str(meta.get("created", "")),
         version=str(meta.get("erase_version", "unknown")),
         intervention=intervention,
+        transport=transport,
     )
 
 
@@ -506,6 +529,8 @@ def apply_artifact(wrapper: PipelineWrapper, artifact: ErasureArtifact | str | P
     check_artifact_base(wrapper, artifact)
     if artifact.intervention is not None:
         artifact.handle = artifact.intervention.attach(wrapper)
+    elif artifact.transport is not None:
+        artifact.handle = artifact.transport.attach(wrapper, artifact.lora_factors())
     else:
         wrapper.apply_weight_deltas(artifact.deltas)
     return artifact
@@ -526,4 +551,9 @@ def load(pipe: Any, folder: str | Path) -> ErasureArtifact:
     artifact = load_artifact(folder)
     if artifact.intervention is not None:
         raise ArtifactError(f"{folder} is a runtime intervention ({artifact.method}): install it with erase.attach")
+    if artifact.transport is not None:
+        raise ArtifactError(
+            f"{folder} scales its LoRA per prompt (facilitated transport): install it with erase.attach, or apply it "
+            "at full strength to every prompt with pipe.load_lora_weights"
+        )
     return apply_artifact(wrapper, artifact)

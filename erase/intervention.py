@@ -105,7 +105,8 @@ class SAEIntervention:
         handles = wrapper.add_output_edit(self.hook_point, self.edit)
         token = id(handles)
         attached[token] = key
-        return _DetachingHandles(handles, module, token)
+        handles.on_remove.append(lambda: _ATTACHED.get(module, {}).pop(token, None))
+        return handles
 
     # ------------------------------------------------------------------ files
     def save(self, folder: Path) -> list[str]:
@@ -155,29 +156,16 @@ class SAEIntervention:
         return intervention
 
 
-class _DetachingHandles(HookHandles):
-    """Hook handles that also forget the attachment, so the same intervention may be attached again later."""
-
-    def __init__(self, handles: HookHandles, module: torch.nn.Module, token: int) -> None:
-        super().__init__([])
-        self._inner, self._module, self._token = handles, module, token
-
-    @property
-    def active(self) -> bool:
-        return self._inner.active
-
-    def remove(self) -> None:
-        self._inner.remove()
-        _ATTACHED.get(self._module, {}).pop(self._token, None)
-
-
 def attached_interventions(wrapper: PipelineWrapper, hook_point: str) -> int:
     """How many interventions are attached at a hook point of the wrapper's pipeline now."""
     return len(_ATTACHED.get(wrapper.hook_point(hook_point), {}))
 
 
 def attach(pipe: Any, folder: str | Path) -> HookHandles:
-    """Install an SAE-family artifact on a plain diffusers pipeline; returns the handle that removes it.
+    """Install a runtime artifact on a plain diffusers pipeline; returns the handle that removes it.
+
+    Runtime artifacts: the SAE family's interventions, and a LoRA with facilitated transport (``spm``; its strength
+    follows each prompt, see ``erase.transport``).
 
     ``pipe`` is a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` holding the base model the artifact was
     made for (checked by fingerprint). The handle's ``remove()`` (or leaving ``with erase.attach(pipe, folder):``)
@@ -187,7 +175,9 @@ def attach(pipe: Any, folder: str | Path) -> HookHandles:
 
     wrapper = pipe if isinstance(pipe, PipelineWrapper) else wrap_pipeline(pipe)
     artifact = load_artifact(folder)
-    if artifact.intervention is None:
+    if artifact.intervention is None and artifact.transport is None:
         raise ValueError(f"{folder} is a weight edit ({artifact.method}), not a runtime intervention: use erase.load")
     check_artifact_base(wrapper, artifact, where=str(folder))
+    if artifact.transport is not None:
+        return artifact.transport.attach(wrapper, artifact.lora_factors())
     return artifact.intervention.attach(wrapper)

@@ -110,6 +110,8 @@ class WeightEdit:
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
     #: the runtime family's result (``erase.intervention.SAEIntervention``) instead of weight changes
     intervention: Any = None
+    #: a LoRA whose strength follows each prompt (``erase.transport.FacilitatedTransport``), if the method has one
+    transport: Any = None
 
 
 @dataclass(frozen=True)
@@ -232,6 +234,7 @@ def erase_concepts(
         factors=factors,
         weight_norms=norms,
         low_precision_fingerprints=_low_precision_fingerprints(wrapper, list(edit.deltas)),
+        transport=edit.transport,
     )
 
 

@@ -35,10 +35,11 @@ styles 95-100% after (monet 99 -> 95%, judge 100 -> 100%); objects 87.5 -> 93.8%
 94.8 -> 93.8% (judge 97.9 -> 93.8%). The edit took 114 s wall (a step costs 4.4 UNet forward+backward passes: the
 four latent anchors add four frozen and four trained predictions). Not measured: five styles at once.
 
-Not built here: SPM's facilitated transport, which scales the adapter at inference time per prompt by the prompt's
-similarity to the erased concept. It needs a runtime intervention (a hook deciding per prompt), which the
-sparse-autoencoder methods' runtime-intervention loader (issue 19) is to provide; until then an SPM artifact is a
-plain LoRA applied at full strength to every prompt.
+Facilitated transport (``facilitated_transport``, on by default as in the reference's inference): the artifact is
+the LoRA plus the erased concepts as ``erase.transport`` reads them, and wherever it is applied through ``erase``
+(``erase.attach(pipe, folder)``, ``apply_artifact``, audits, attacks) the adapter's strength for each prompt is the
+prompt's likeness to the erased concepts, so prompts far from them meet the base model. ``pipe.load_lora_weights``
+still loads the same folder as a plain LoRA at full strength for every prompt.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ from pipelines import PipelineWrapper, PromptEncoding
 from .esd import ESDConfig, ESDLoss, esd_loss
 from .lora_trainer import Batch, Predictions, config_key, train_lora
 from .registry import ConceptSpec, WeightEdit, register_method
+from .transport import METRICS as TRANSPORT_METRICS
+from .transport import FacilitatedTransport
 
 __all__ = ["SPMConfig", "SPMLoss", "erase_spm", "latent_anchor_embeddings"]
 
@@ -68,6 +71,9 @@ class SPMConfig(ESDConfig):
         latent_anchors: random anchor embeddings drawn per example and step (the reference's sampling batch, 4).
         latent_anchor_weight: weight of the latent-anchoring term (the reference's ``la_strength``, 1000).
         train: ``transformer`` (every transformer-block Linear, the reference's), or ESD's variants.
+        facilitated_transport: scale the adapter per prompt by its likeness to the erased concepts when it is
+            applied (``erase.transport``; the reference's inference default); off, it applies at full strength.
+        transport_metric: the likeness: ``clipcos_tokenuni`` (the reference's default), ``clipcos`` or ``tokenuni``.
     """
 
     VARIANTS: ClassVar[tuple[str, ...]] = ("transformer", "xattn", "noxattn", "kv")
@@ -81,9 +87,17 @@ class SPMConfig(ESDConfig):
     train: str = "transformer"
     latent_anchors: int = 4
     latent_anchor_weight: float = 1000.0
+    facilitated_transport: bool = True
+    transport_metric: str = "clipcos_tokenuni"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not isinstance(self.facilitated_transport, bool):
+            raise ValueError(f"facilitated_transport must be true or false, got {self.facilitated_transport!r}")
+        if self.transport_metric not in TRANSPORT_METRICS:
+            raise ValueError(
+                f"transport_metric must be one of {', '.join(TRANSPORT_METRICS)}, got {self.transport_metric!r}"
+            )
         if (
             isinstance(self.latent_anchors, bool)
             or not isinstance(self.latent_anchors, int)
@@ -156,8 +170,8 @@ class SPMLoss:
     "spm",
     SPMConfig,
     "lora",
-    "SPM-style one-dimensional adapter (Lyu et al., 2024): rank-1 LoRA with ESD's loss and latent anchoring "
-    "(no facilitated transport yet)",
+    "SPM-style one-dimensional adapter (Lyu et al., 2024): rank-1 LoRA with ESD's loss and latent anchoring, "
+    "facilitated transport at inference",
     uses_guides=False,
 )
 def erase_spm(wrapper: PipelineWrapper, concepts: ConceptSpec, config: SPMConfig) -> WeightEdit:
@@ -173,12 +187,14 @@ def erase_spm(wrapper: PipelineWrapper, concepts: ConceptSpec, config: SPMConfig
         run_key={"method": "spm", "targets": targets, "anchors": loss.erase.anchors, "config": config_key(config)},
         description=f"spm {', '.join(targets)}",
     )
+    if config.facilitated_transport:
+        edit.transport = FacilitatedTransport.of_concepts(wrapper, list(targets), config.transport_metric)
     edit.info.update(
         {
             "anchors": loss.erase.anchors,
             "variant": config.train,
             "patterns": list(config.patterns),
-            "facilitated_transport": False,
+            "facilitated_transport": config.transport_metric if config.facilitated_transport else False,
         }
     )
     return edit

@@ -298,6 +298,7 @@ class PipelineWrapper:
 
     def __init__(self, pipe: StableDiffusionPipeline | StableDiffusionXLPipeline, model_id: str) -> None:
         self.pipe = pipe
+        self._direct_unet_calls = 0  # > 0 while noise_prediction calls the UNet itself (no guidance halves)
         self.model_id = model_id
 
     # ------------------------------------------------------------------ properties
@@ -610,6 +611,12 @@ class PipelineWrapper:
             raise NotImplementedError("token_embedding_matrix: SD 1.x/2.x only, not on SDXL yet")
         return self.pipe.text_encoder.get_input_embeddings().weight.detach()
 
+    def special_token_ids(self) -> set[int]:
+        """The tokenizer's special token ids (start, end, padding, unknown)."""
+        tokenizer = self.pipe.tokenizer
+        return {int(i) for i in tokenizer.convert_tokens_to_ids(list(tokenizer.special_tokens_map.values()))
+                if i is not None}  # fmt: skip
+
     def decode_tokens(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Text of token ids (special tokens dropped), as the tokenizer writes it back."""
         ids = [int(i) for i in (ids.reshape(-1).tolist() if isinstance(ids, torch.Tensor) else ids)]
@@ -627,12 +634,16 @@ class PipelineWrapper:
         self, latents: torch.Tensor, timestep: torch.Tensor | int, encoding: PromptEncoding
     ) -> torch.Tensor:
         """The UNet's noise prediction eps(latents, t, text) for a batch (no classifier-free guidance)."""
-        return self.unet(
-            latents,
-            timestep,
-            encoder_hidden_states=encoding.embeddings.to(latents.dtype),
-            added_cond_kwargs=self._added_conditions(encoding, latents.shape[0]),
-        ).sample
+        self._direct_unet_calls += 1
+        try:
+            return self.unet(
+                latents,
+                timestep,
+                encoder_hidden_states=encoding.embeddings.to(latents.dtype),
+                added_cond_kwargs=self._added_conditions(encoding, latents.shape[0]),
+            ).sample
+        finally:
+            self._direct_unet_calls -= 1
 
     def initial_latents(self, seed: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
         """The starting noise for one image, a function of the seed alone (drawn on the CPU for portability)."""
@@ -955,6 +966,93 @@ class PipelineWrapper:
             raise
         return HookHandles(handles)
 
+    def _guidance_halves(self) -> bool:
+        """Whether the UNet's batch now is classifier-free guidance's [unconditional; conditional] halves: inside a
+        pipeline call that guides (diffusers' ``do_classifier_free_guidance``), not in ``noise_prediction``."""
+        if self._direct_unet_calls:
+            return False
+        try:
+            return bool(self.pipe.do_classifier_free_guidance)
+        except AttributeError:  # no pipeline call yet: the property reads the call's guidance scale
+            return False
+
+    def add_prompt_scaled_lora(
+        self,
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        scale_of: Callable[[torch.Tensor, list[torch.Tensor | None]], torch.Tensor],
+    ) -> HookHandles:
+        """Add a low-rank change to named Linears, its strength set per prompt, until the handle is removed.
+
+        Each Linear ``W`` in ``factors`` (name -> ``(A, B)``) computes ``W x + s B A x``, with ``s`` the strength of
+        the prompt that conditions the image: ``scale_of(embeddings, token_ids)`` on the conditional prompts of the
+        UNet's batch (``(n, tokens, width)`` text embeddings as the UNet receives them, and each prompt's token ids
+        where the text encoder made that embedding in this process, else ``None``, e.g. an embedding passed in
+        directly) returns ``(n,)`` strengths. Under classifier-free guidance the unconditional half takes the
+        strength of its conditional partner, so a prompt's whole guided prediction is scaled as one. Hooks only: a
+        UNet forward pre-hook computes the strengths, forward hooks on the Linears add the change; the text
+        encoder's forward hook remembers which token ids made which embedding. Linears inside transformer blocks
+        only (their inputs are batch-first).
+        """
+        import hashlib
+        from collections import OrderedDict
+
+        modules = {name: self.module(name) for name in factors}
+        for name, module in modules.items():
+            if not isinstance(module, torch.nn.Linear):
+                raise ValueError(f"{name} is a {type(module).__name__}, not a Linear")
+            lora_a, lora_b = factors[name]
+            if lora_a.shape[1] != module.in_features or lora_b.shape[0] != module.out_features:
+                raise ValueError(f"the change of {name} does not fit its weight {tuple(module.weight.shape)}")
+        token_ids: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        state: dict[str, torch.Tensor | None] = {"scale": None}
+
+        def digest(row: torch.Tensor) -> bytes:
+            return hashlib.sha1(row.detach().float().cpu().contiguous().numpy().tobytes()).digest()
+
+        def remember_tokens(_module, args, kwargs, output):  # noqa: ANN001, ANN202 - torch's forward hook signature
+            ids = args[0] if args else kwargs.get("input_ids")
+            hidden = output[0]
+            if ids is None or hidden.dim() != 3:
+                return
+            for row_ids, row in zip(ids, hidden, strict=True):
+                token_ids[digest(row)] = row_ids.detach().cpu()
+                if len(token_ids) > 4096:
+                    token_ids.popitem(last=False)
+
+        def set_strengths(_module, args, kwargs):  # noqa: ANN001, ANN202 - torch's forward pre-hook signature
+            text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[2]
+            halves = self._guidance_halves() and text.shape[0] % 2 == 0
+            conditional = text[text.shape[0] // 2 :] if halves else text
+            strengths = scale_of(conditional.float(), [token_ids.get(digest(row)) for row in conditional])
+            strengths = strengths.reshape(-1).float()
+            state["scale"] = torch.cat([strengths, strengths]) if halves else strengths
+
+        def add_change(name: str):  # noqa: ANN202
+            lora_a, lora_b = factors[name]
+
+            def hook(_module, inputs, output):  # noqa: ANN001, ANN202 - torch's forward hook signature
+                scale = state["scale"]
+                if scale is None or output.shape[0] != scale.shape[0]:
+                    raise RuntimeError(f"{name}: no per-prompt strength for a batch of {output.shape[0]}")
+                a, b = lora_a.to(output.device, output.dtype), lora_b.to(output.device, output.dtype)
+                change = torch.nn.functional.linear(torch.nn.functional.linear(inputs[0], a), b)
+                return output + scale.to(output.device, output.dtype).view(-1, *[1] * (output.dim() - 1)) * change
+
+            return hook
+
+        handles = []
+        try:
+            handles.append(self.unet.register_forward_pre_hook(set_strengths, with_kwargs=True))
+            if getattr(self.pipe, "text_encoder", None) is not None:
+                handles.append(self.pipe.text_encoder.register_forward_hook(remember_tokens, with_kwargs=True))
+            for name, module in modules.items():
+                handles.append(module.register_forward_hook(add_change(name)))
+        except BaseException:
+            for handle in handles:
+                handle.remove()
+            raise
+        return HookHandles(handles)
+
     @contextlib.contextmanager
     def capture(self, module_names: Sequence[str]) -> Iterator[dict[str, list[torch.Tensor]]]:
         """Record the outputs of the named modules (qualified names) during the ``with`` block."""
@@ -996,6 +1094,8 @@ class HookHandles:
 
     def __init__(self, handles: Sequence[torch.utils.hooks.RemovableHandle]) -> None:
         self._handles = list(handles)
+        #: called once, after the hooks are off (e.g. to forget a record of the attachment)
+        self.on_remove: list[Callable[[], None]] = []
 
     @property
     def active(self) -> bool:
@@ -1004,6 +1104,8 @@ class HookHandles:
     def remove(self) -> None:
         while self._handles:
             self._handles.pop().remove()
+        while self.on_remove:
+            self.on_remove.pop()()
 
     def __enter__(self) -> HookHandles:
         return self

@@ -1,0 +1,167 @@
+"""Facilitated transport (SPM, Lyu et al., 2024): an erasing LoRA whose strength follows each prompt's likeness to
+the erased concepts, so prompts far from them meet the base model.
+
+For a prompt p and the erased concepts' prompts c_j, the adapter's strength is ::
+
+    s(p) = max_j max( cos(flat(E(p)), flat(E(c_j))),  |T(p) & T(c_j)| / |T(c_j)| )
+
+with E the text embedding the UNet receives (every token position, flattened) and T the set of a prompt's token
+ids without special tokens: the reference's ``clipcos_tokenuni`` metric (``infer_spm.py`` of
+github.com/Con6924/SPM), where a prompt naming every token of a concept gets the full adapter. Under classifier-free
+guidance the unconditional half runs at its prompt's strength too, as the reference scales the whole call.
+
+Where we differ from the reference: it computes s per prompt before generating one prompt at a time; we compute it
+inside the UNet's call for every prompt of a batch (``PipelineWrapper.add_prompt_scaled_lora``), from the
+embeddings the UNet receives. A prompt's token ids are known when the text encoder made its embedding in this
+process; an embedding passed in directly (``prompt_embeds``, as the embedding attacks do) or made another way (SDXL's
+two encoders, ``clip_skip``) is scored by the cosine term alone, clipped at 0 (the reference's token term is never
+negative, so its strength never is).
+
+Installed with ``erase.attach(pipe, folder)`` (the artifact is then still a plain LoRA: ``pipe.load_lora_weights``
+applies it at full strength to every prompt). Files beside ``erasure.json``::
+
+    transport.json           the metric, the erased prompts, their token-id sets, the special token ids
+    transport.safetensors    the erased prompts' text embeddings
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from pipelines import HookHandles, PipelineWrapper
+from pipelines.files import atomic_save_safetensors
+
+__all__ = ["TRANSPORT_FILE", "TRANSPORT_TENSORS", "FacilitatedTransport"]
+
+logger = logging.getLogger(__name__)
+
+TRANSPORT_FILE = "transport.json"
+TRANSPORT_TENSORS = "transport.safetensors"
+METRICS = ("clipcos_tokenuni", "clipcos", "tokenuni")
+
+# UNet -> the transports attached to it now: attaching the same one twice would add the adapter twice
+_ATTACHED: weakref.WeakKeyDictionary[torch.nn.Module, set[str]] = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class FacilitatedTransport:
+    """The erased concepts as the strength rule reads them.
+
+    Attributes:
+        prompts: the erased concepts' prompts c_j.
+        embeddings: their text embeddings ``(n, tokens, width)``, float32.
+        token_sets: each prompt's token ids, special tokens removed.
+        special_ids: the tokenizer's special token ids (removed from a prompt's ids before the overlap).
+        metric: ``clipcos_tokenuni`` (the reference's default), ``clipcos`` or ``tokenuni``.
+    """
+
+    prompts: list[str]
+    embeddings: torch.Tensor
+    token_sets: list[list[int]]
+    special_ids: list[int]
+    metric: str = "clipcos_tokenuni"
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"unknown transport metric {self.metric!r}; expected one of {', '.join(METRICS)}")
+        if self.embeddings.dim() != 3 or self.embeddings.shape[0] != len(self.prompts) != 0:
+            raise ValueError(f"transport embeddings of shape {tuple(self.embeddings.shape)} for {len(self.prompts)} "
+                             "prompts")  # fmt: skip
+        if len(self.token_sets) != len(self.prompts) or not all(self.token_sets):
+            raise ValueError("every erased prompt needs a non-empty token set")
+
+    @classmethod
+    def of_concepts(cls, wrapper: PipelineWrapper, prompts: list[str], metric: str = "clipcos_tokenuni"):  # noqa: ANN206
+        """The rule for ``prompts`` as ``wrapper``'s text encoder reads them."""
+        encoding = wrapper.encode_prompts(prompts)
+        special = sorted(wrapper.special_token_ids())
+        token_sets = [sorted(set(ids.tolist()) - set(special)) for ids in encoding.input_ids]
+        return cls(list(prompts), encoding.embeddings.detach().float().cpu(), token_sets, special, metric)
+
+    def strengths(self, embeddings: torch.Tensor, token_ids: list[torch.Tensor | None]) -> torch.Tensor:
+        """s(p) for each row of ``embeddings`` ``(m, tokens, width)``; ``token_ids[i]`` None when unknown."""
+        concepts = self.embeddings.to(embeddings.device)
+        if concepts.shape[1:] != embeddings.shape[1:]:
+            raise ValueError(f"prompt embeddings of shape {tuple(embeddings.shape[1:])}, but the erased concepts' are "
+                             f"{tuple(concepts.shape[1:])}")  # fmt: skip
+        cosine = torch.nn.functional.cosine_similarity(
+            embeddings.flatten(1)[:, None], concepts.flatten(1)[None], dim=-1
+        )  # (m, n)
+        scores = []
+        for i, ids in enumerate(token_ids):
+            terms = []
+            if self.metric != "tokenuni":
+                terms.append(cosine[i].clamp(min=0.0) if ids is None else cosine[i])
+            if self.metric != "clipcos" and ids is not None:
+                prompt = set(ids.tolist()) - set(self.special_ids)
+                terms.append(torch.tensor([len(prompt & set(c)) / len(c) for c in self.token_sets]))
+            if not terms:  # tokenuni alone and no token ids: nothing says the concept is there
+                scores.append(torch.zeros(()))
+                continue
+            scores.append(torch.stack([t.to(cosine.device, cosine.dtype) for t in terms]).amax())
+        return torch.stack(scores).to(embeddings.device)
+
+    def identity(self) -> str:
+        import hashlib
+
+        digest = hashlib.sha256(json.dumps([self.prompts, self.metric, self.token_sets]).encode())
+        digest.update(self.embeddings.contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def attach(self, wrapper: PipelineWrapper, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> HookHandles:
+        """Install the adapter ``factors`` (name -> (A, B), dW = B A) at per-prompt strength until the handle is
+        removed; attaching the same transport to the same UNet twice is refused."""
+        key, unet = self.identity(), wrapper.unet
+        attached = _ATTACHED.setdefault(unet, set())
+        if key in attached:
+            raise ValueError("this facilitated-transport adapter is already attached to the pipeline")
+        handles = wrapper.add_prompt_scaled_lora(factors, self.strengths)
+        attached.add(key)
+        handles.on_remove.append(lambda: _ATTACHED.get(unet, set()).discard(key))
+        return handles
+
+    # ------------------------------------------------------------------ files
+    def save(self, folder: Path) -> list[str]:
+        atomic_save_safetensors({"embeddings": self.embeddings.contiguous()}, folder / TRANSPORT_TENSORS)
+        description = {"metric": self.metric, "prompts": self.prompts, "token_sets": self.token_sets,
+                       "special_ids": self.special_ids}  # fmt: skip
+        (folder / TRANSPORT_FILE).write_text(json.dumps(description, indent=2))
+        return [TRANSPORT_FILE, TRANSPORT_TENSORS]
+
+    @classmethod
+    def load(cls, folder: Path):  # noqa: ANN206
+        """Read the transport files of an artifact folder; ``ValueError`` in one line when they are bad."""
+        path, tensors_path = folder / TRANSPORT_FILE, folder / TRANSPORT_TENSORS
+        try:
+            description = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"cannot read {path}: {err}") from None
+        if not isinstance(description, dict):
+            raise ValueError(f"{path} is not a JSON object")
+        prompts, token_sets = description.get("prompts"), description.get("token_sets")
+        special, metric = description.get("special_ids"), description.get("metric")
+        if not (isinstance(prompts, list) and all(isinstance(p, str) for p in prompts)):
+            raise ValueError(f"{path}: prompts must be a list of strings")
+        if not (isinstance(token_sets, list) and all(_ints(t) for t in token_sets) and _ints(special)):
+            raise ValueError(f"{path}: token_sets and special_ids must be lists of integers")
+        if not tensors_path.is_file():
+            raise ValueError(f"cannot read {tensors_path}: not a regular file")
+        try:
+            embeddings = load_file(str(tensors_path)).get("embeddings")
+        except (OSError, SafetensorError) as err:
+            raise ValueError(f"cannot read {tensors_path}: {err}") from None
+        if embeddings is None or not embeddings.is_floating_point() or not torch.isfinite(embeddings).all():
+            raise ValueError(f"{tensors_path}: no finite 'embeddings' tensor")
+        return cls(prompts, embeddings.float(), token_sets, special, metric)
+
+
+def _ints(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
