@@ -17,6 +17,7 @@ __all__ = [
     "check_concept_text",
     "concept_key",
     "check_integer_fields",
+    "check_number_fields",
     "error_line",
     "check_templates",
     "config_from_overrides",
@@ -58,6 +59,16 @@ def check_integer_fields(config: object, names: Sequence[str], minimum: int = 1)
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_number_fields(config: object, positive: Sequence[str] = (), non_negative: Sequence[str] = ()) -> None:
+    """``ValueError`` naming the first of a config's ``positive`` fields not > 0 or ``non_negative`` fields not >= 0
+    (NaN fails both)."""
+    for names, bound, ok in ((positive, "> 0", lambda v: v > 0), (non_negative, ">= 0", lambda v: v >= 0)):
+        for name in names:
+            value = getattr(config, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
+                raise ValueError(f"{name} must be a number {bound}, got {value!r}")
 
 
 def check_templates(templates: Sequence[str]) -> tuple[str, ...]:

@@ -47,6 +47,7 @@ import torch
 from evals.attacks.rece_embedding import adversarial_map, projection_weights, restored_share
 from pipelines import PipelineWrapper
 
+from .inputs import check_integer_fields, check_number_fields
 from .registry import ConceptSpec, WeightEdit, register_method
 from .uce import UCEConfig, edit_from_update, erase_uce, uce_update
 
@@ -75,13 +76,8 @@ class RECEConfig(UCEConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
-            raise ValueError(f"rounds must be an integer >= 0, got {self.rounds!r}")
-        for name in ("regularization", "round_erase_scale", "round_lamb"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.round_preserve_scale < 0:
-            raise ValueError(f"round_preserve_scale must be >= 0, got {self.round_preserve_scale}")
+        check_integer_fields(self, ["rounds"], minimum=0)
+        check_number_fields(self, ("regularization", "round_erase_scale", "round_lamb"), ("round_preserve_scale",))
 
 
 def _sequence_rows(wrapper: PipelineWrapper, prompts: Sequence[str]) -> torch.Tensor:
@@ -102,17 +98,16 @@ def erase_rece(wrapper: PipelineWrapper, concepts: ConceptSpec, config: RECEConf
     c_guide = _sequence_rows(wrapper, guides)
     c_preserve = _sequence_rows(wrapper, ["", *concepts.preserve])
     original = projection_weights(wrapper, config.layers)
-    names = sorted(original)
     restored = []
     for _ in range(config.rounds):
         with wrapper.weight_deltas(deltas):
             edited = projection_weights(wrapper, config.layers)
-            m = adversarial_map([original[n] for n in names], [edited[n] for n in names], config.regularization)
+            m = adversarial_map(original, edited, config.regularization)
             c_adv = c_target @ m.T
             u, v = uce_update(c_adv, c_guide, c_preserve, config.round_erase_scale, config.round_preserve_scale,
                               config.round_lamb)  # fmt: skip
             step = edit_from_update(wrapper, config.layers, u, v)
-        restored.append(restored_share([original[n] for n in names], [edited[n] for n in names], c_target, c_adv))
+        restored.append(restored_share(original, edited, c_target, c_adv))
         deltas = {k: deltas[k] + step.deltas[k].float().cpu() for k in deltas}
     logger.info("rece: %d rounds after UCE; the adversarial embeddings restored %s of the keys/values", config.rounds,
                 ", ".join("n/a" if r is None else f"{r:.1%}" for r in restored) or "-")  # fmt: skip

@@ -53,6 +53,7 @@ import torch
 from pipelines import PipelineWrapper, PromptEncoding
 
 from .esd import ESDConfig, ESDLoss, esd_loss
+from .inputs import check_integer_fields, check_number_fields
 from .lora_trainer import Batch, Predictions, config_key, train_lora
 from .registry import ConceptSpec, WeightEdit, register_method
 from .transport import METRICS as TRANSPORT_METRICS
@@ -98,14 +99,8 @@ class SPMConfig(ESDConfig):
             raise ValueError(
                 f"transport_metric must be one of {', '.join(TRANSPORT_METRICS)}, got {self.transport_metric!r}"
             )
-        if (
-            isinstance(self.latent_anchors, bool)
-            or not isinstance(self.latent_anchors, int)
-            or self.latent_anchors < 0
-        ):
-            raise ValueError(f"latent_anchors must be an integer >= 0, got {self.latent_anchors!r}")
-        if not self.latent_anchor_weight >= 0:
-            raise ValueError(f"latent_anchor_weight must be >= 0, got {self.latent_anchor_weight}")
+        check_integer_fields(self, ["latent_anchors"], minimum=0)
+        check_number_fields(self, non_negative=("latent_anchor_weight",))
 
 
 def latent_anchor_embeddings(concept: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:

@@ -335,9 +335,9 @@ def run_erase(
     folder = save_artifact(artifact, folder, wrapper, overwrite=overwrite, extra_files=extra_files)
     meta = json.loads((folder / METADATA_FILE).read_text())
     weight_format = meta["weight_format"]
-    if weight_format == "lora":
+    if weight_format == "lora" and artifact.transport is None:
         load_code = f'pipe.load_lora_weights("{folder}")'
-    elif weight_format == "intervention":
+    elif weight_format == "intervention" or artifact.transport is not None:
         load_code = f'handle = erase.attach(pipe, "{folder}")'
     else:
         load_code = f'{type(wrapper.pipe).__name__}.from_pretrained("{folder / PIPELINE_FOLDER}")'
@@ -360,6 +360,7 @@ def run_erase(
             "guides": list(concept_spec.guides) if get_method(method).uses_guides else [],
             "scorer": scorer_name,
             "info": artifact.info,
+            "transport": artifact.transport is not None,
         },
     )
 

@@ -52,9 +52,9 @@ def test_probes_name_the_concept_and_their_neutral_twin_does_not():
 def test_the_adversarial_map_inverts_a_shared_invertible_edit():
     torch.manual_seed(0)
     d = 6
-    weights = [torch.randn(8, d, dtype=torch.float64) for _ in range(3)]
+    weights = {f"layer{i}": torch.randn(8, d, dtype=torch.float64) for i in range(3)}
     a = torch.eye(d, dtype=torch.float64) + 0.3 * torch.randn(d, d, dtype=torch.float64)
-    edited = [w @ a for w in weights]
+    edited = {name: w @ a for name, w in weights.items()}
     m = adversarial_map(weights, edited, 1e-9)
     assert torch.allclose(m, torch.linalg.inv(a), atol=1e-6)
     assert torch.allclose(adversarial_map(weights, weights, 1e-9), torch.eye(d, dtype=torch.float64), atol=1e-6)
@@ -62,6 +62,8 @@ def test_the_adversarial_map_inverts_a_shared_invertible_edit():
     assert restored_share(weights, edited, c, c @ m.T) == pytest.approx(1.0, abs=1e-6)
     assert restored_share(weights, edited, c, c) == pytest.approx(0.0, abs=1e-12)
     assert restored_share(weights, weights, c, c) is None
+    with pytest.raises(ValueError, match="same non-empty layers"):
+        adversarial_map(weights, {"layer0": edited["layer0"]}, 1e-9)
 
 
 def test_generation_from_embeddings_and_with_ddim_noise(wrapper):
@@ -131,16 +133,15 @@ def test_rece_erases_what_undoes_uce(wrapper):
     assert any(not torch.allclose(rece.deltas[k], uce.deltas[k]) for k in uce.deltas)
     patterns = ("*attn2.to_k", "*attn2.to_v")
     original = projection_weights(wrapper, patterns)
-    names = sorted(original)
     with wrapper.weight_deltas(uce.deltas):
         uce_weights = projection_weights(wrapper, patterns)
     with wrapper.weight_deltas(rece.deltas):
         rece_weights = projection_weights(wrapper, patterns)
     c = wrapper.encode_prompts(["van gogh"]).embeddings[0].double()
-    m = adversarial_map([original[n] for n in names], [uce_weights[n] for n in names], 1e-3)
+    m = adversarial_map(original, uce_weights, 1e-3)
     # the embedding that undoes UCE undoes much less of RECE's edit
-    on_uce = restored_share([original[n] for n in names], [uce_weights[n] for n in names], c, c @ m.T)
-    on_rece = restored_share([original[n] for n in names], [rece_weights[n] for n in names], c, c @ m.T)
+    on_uce = restored_share(original, uce_weights, c, c @ m.T)
+    on_rece = restored_share(original, rece_weights, c, c @ m.T)
     assert on_uce > 0.95 and on_rece < on_uce - 0.2
     zero = erase.erase_concepts(wrapper, spec, "rece", erase.get_method("rece").config_class(rounds=0))
     assert all(torch.allclose(zero.deltas[k], uce.deltas[k]) for k in uce.deltas)

@@ -1,10 +1,15 @@
 """SPM (erase/spm.py) on the tiny random pipeline: settings, latent anchors, the anchoring term, variants."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
+import erase
 from erase import ConceptSpec, erase_concepts
 from erase.spm import SPMConfig, latent_anchor_embeddings
+from erase.transport import FacilitatedTransport
 
 FAST = dict(steps=8, lr=1e-2, pool_images=2, pool_steps=4)
 
@@ -17,6 +22,8 @@ FAST = dict(steps=8, lr=1e-2, pool_images=2, pool_steps=4)
         ({"latent_anchor_weight": -1.0}, "latent_anchor_weight"),
         ({"train": "everything"}, "train"),
         ({"negative_guidance": 0.0}, "negative_guidance"),
+        ({"facilitated_transport": "yes"}, "facilitated_transport"),
+        ({"transport_metric": "cosine"}, "transport_metric"),
     ],
 )
 def test_config_validation(bad, match):
@@ -59,7 +66,7 @@ def test_default_adapter_is_rank_one_on_every_transformer_block_linear(tiny):
     for end in ends:
         assert any(name.endswith(end) for name in artifact.deltas), end
     assert all(torch.linalg.matrix_rank(d, rtol=1e-5) == 1 for d in artifact.deltas.values())
-    assert artifact.info["variant"] == "transformer" and artifact.info["facilitated_transport"] is False
+    assert artifact.info["variant"] == "transformer" and artifact.info["facilitated_transport"] == "clipcos_tokenuni"
 
 
 def test_latent_anchoring_keeps_other_embeddings_predictions_closer(tiny):
@@ -80,3 +87,92 @@ def test_latent_anchoring_keeps_other_embeddings_predictions_closer(tiny):
 def test_spm_on_sdxl_draws_pooled_anchors(tiny_sdxl):
     artifact = erase_concepts(tiny_sdxl, ConceptSpec(("van gogh",)), "spm", SPMConfig(**{**FAST, "steps": 2}))
     assert artifact.deltas and artifact.info["steps"] == 2
+
+
+# ------------------------------------------------------------------------------------------ facilitated transport
+def _pixels(images):
+    return np.stack([np.asarray(i, dtype=np.float32) for i in images])
+
+
+def test_prompt_scaled_lora_scales_each_prompt_of_a_guided_batch(tiny):
+    """Strength 1 for one prompt and 0 for its batch neighbour: the first draws what the merged change draws, the
+    second exactly what the base draws (so the unconditional half took its own prompt's strength, not a neighbour's);
+    the strength rule sees each prompt's token ids when the text encoder made it, and None for an embedding passed in.
+    """
+    names = tiny.lora_modules(["*attn2.to_v", "*ff.net.2"])
+    gen = torch.Generator().manual_seed(0)
+    factors = {}
+    for name in names:
+        module = tiny.module(name)
+        factors[name] = (
+            torch.randn(1, module.in_features, generator=gen),
+            torch.randn(module.out_features, 1, generator=gen),
+        )
+    deltas = {name: b @ a for name, (a, b) in factors.items()}
+    seen = []
+
+    def strengths(embeddings, token_ids):
+        seen.append([ids is not None for ids in token_ids])
+        return torch.tensor([1.0, 0.0])[: embeddings.shape[0]]
+
+    prompts, seeds = ["a painting by van gogh", "a cat"], [0, 1]
+    base = _pixels(tiny.generate(prompts, seeds, steps=3, progress=False))
+    with tiny.weight_deltas(deltas):
+        full = _pixels(tiny.generate(prompts, seeds, steps=3, progress=False))
+    with tiny.add_prompt_scaled_lora(factors, strengths):
+        scaled = _pixels(tiny.generate(prompts, seeds, steps=3, progress=False))
+        assert all(all(row) for row in seen)
+        encoding = tiny.encode_prompts(prompts)
+        seen.clear()
+        shifted = type(encoding)(encoding.prompts, encoding.input_ids, encoding.embeddings + 0.01, encoding.lengths)
+        tiny.generate(shifted, seeds, steps=2, progress=False)
+        assert seen and not any(any(row) for row in seen)
+        x = torch.randn(2, 4, 16, 16, generator=gen)
+        t = torch.tensor([500, 500])
+        direct = tiny.noise_prediction(x, t, encoding)  # no guidance halves: one strength per row
+    assert np.abs(scaled[0] - full[0]).max() <= 1.0 and np.abs(full[0] - base[0]).max() > 1.0
+    assert np.array_equal(scaled[1], base[1])
+    assert torch.equal(direct[1], tiny.noise_prediction(x, t, encoding)[1])
+    assert np.array_equal(_pixels(tiny.generate(prompts, seeds, steps=3, progress=False)), base)  # hooks removed
+
+
+def test_transport_strength_is_the_references_clipcos_tokenuni():
+    """max over concepts of max(cosine of the flattened embeddings, share of the concept's tokens in the prompt);
+    without token ids the cosine alone, never below 0."""
+    concept = torch.zeros(1, 3, 2)
+    concept[0, 0, 0] = 1.0
+    transport = FacilitatedTransport(["van gogh"], concept, [[7, 8]], [0, 9])
+    same, opposite = concept.clone(), -concept
+    orthogonal = torch.zeros(1, 3, 2)
+    orthogonal[0, 1, 1] = 1.0
+    rows = torch.cat([same, opposite, orthogonal, opposite])
+    ids = [torch.tensor([0, 5, 9]), torch.tensor([0, 7, 8, 9]), torch.tensor([0, 7, 9]), None]
+    assert torch.allclose(transport.strengths(rows, ids), torch.tensor([1.0, 1.0, 0.5, 0.0]))
+    cos_only = FacilitatedTransport(["van gogh"], concept, [[7, 8]], [0, 9], metric="clipcos")
+    assert torch.allclose(cos_only.strengths(rows, ids), torch.tensor([1.0, -1.0, 0.0, 0.0]))
+
+
+def test_spm_artifact_with_transport_round_trips_attaches_once_and_restores(tiny, tmp_path):
+    artifact = erase_concepts(tiny, ConceptSpec(("van gogh",)), "spm", SPMConfig(**FAST))
+    folder = erase.save_artifact(artifact, tmp_path / "spm", tiny)
+    assert {"transport.json", "transport.safetensors", "pytorch_lora_weights.safetensors"} <= {
+        p.name for p in folder.iterdir()
+    }
+    prompts, seeds = ["a painting by van gogh", "a cat"], [0, 1]
+    base = _pixels(tiny.generate(prompts, seeds, steps=3, progress=False))
+    with artifact.applied(tiny):
+        in_memory = _pixels(tiny.generate(prompts, seeds, steps=3, progress=False))
+    handle = erase.attach(tiny.pipe, folder)
+    with pytest.raises(ValueError, match="already attached"):
+        erase.attach(tiny.pipe, folder)
+    attached = _pixels(tiny.generate(prompts, seeds, steps=3, progress=False))
+    handle.remove()
+    assert np.abs(attached - in_memory).max() <= 1.0 and np.abs(attached - base).max() > 1.0
+    assert np.array_equal(_pixels(tiny.generate(prompts, seeds, steps=3, progress=False)), base)
+    with pytest.raises(erase.ArtifactError, match="erase.attach"):
+        erase.load(tiny.pipe, folder)
+    (folder / "transport.json").write_text(json.dumps({"metric": "clipcos", "prompts": ["van gogh"]}))
+    with pytest.raises(erase.ArtifactError, match="token_sets"):
+        erase.load_artifact(folder)
+    off = erase_concepts(tiny, ConceptSpec(("van gogh",)), "spm", SPMConfig(facilitated_transport=False, **FAST))
+    assert off.transport is None and off.info["facilitated_transport"] is False

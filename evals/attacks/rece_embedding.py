@@ -64,29 +64,38 @@ def projection_weights(wrapper: PipelineWrapper, patterns: Sequence[str]) -> dic
     }
 
 
+def _paired(
+    original: dict[str, torch.Tensor], edited: dict[str, torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(W_l, W'_l) by layer name, float64; ``ValueError`` unless both name the same non-empty set of layers."""
+    if set(original) != set(edited) or not original:
+        raise ValueError(f"need the same non-empty layers, got {len(original)} and {len(edited)}")
+    return [(original[n].double().cpu(), edited[n].double().cpu()) for n in sorted(original)]
+
+
 def adversarial_map(
-    original: Sequence[torch.Tensor], edited: Sequence[torch.Tensor], regularization: float
+    original: dict[str, torch.Tensor], edited: dict[str, torch.Tensor], regularization: float
 ) -> torch.Tensor:
-    """``M = (sum_l W'_l^T W'_l + lambda I)^-1 sum_l W'_l^T W_l``, so that ``c* = M c`` (float64, ``d x d``)."""
-    if len(original) != len(edited) or not original:
-        raise ValueError(f"need matching non-empty weight lists, got {len(original)} and {len(edited)}")
-    d = original[0].shape[1]
+    """``M = (sum_l W'_l^T W'_l + lambda I)^-1 sum_l W'_l^T W_l``, so that ``c* = M c`` (float64, ``d x d``); the
+    weights by layer name, before (``original``) and after (``edited``) the erasure."""
+    pairs = _paired(original, edited)
+    d = pairs[0][0].shape[1]
     gram = regularization * torch.eye(d, dtype=torch.float64)
     cross = torch.zeros(d, d, dtype=torch.float64)
-    for w, w_edited in zip(original, edited, strict=True):
-        w, w_edited = w.double().cpu(), w_edited.double().cpu()
+    for w, w_edited in pairs:
         gram += w_edited.T @ w_edited
         cross += w_edited.T @ w
     return torch.linalg.solve(gram, cross)
 
 
 def restored_share(
-    original: Sequence[torch.Tensor], edited: Sequence[torch.Tensor], c: torch.Tensor, c_star: torch.Tensor
+    original: dict[str, torch.Tensor], edited: dict[str, torch.Tensor], c: torch.Tensor, c_star: torch.Tensor
 ) -> float | None:
     """1 - ||W' c* - W c|| / ||W' c - W c|| summed over layers: how much of the edit's effect on the keys and values
     the embedding undoes (1: all of it); None when the edit does not change them."""
     before = after = 0.0
-    for w, w_edited in zip(original, edited, strict=True):
+    c, c_star = c.double(), c_star.double()
+    for w, w_edited in _paired(original, edited):
         before += float((c @ (w_edited - w).T).norm() ** 2)
         after += float((c_star @ w_edited.T - c @ w.T).norm() ** 2)
     return None if before == 0.0 else 1.0 - (after / before) ** 0.5
@@ -100,18 +109,17 @@ def rece_embedding(target: AttackTarget, config: ReceEmbeddingConfig, seed: int)
     original = projection_weights(target.wrapper, config.layers)
     with target.erased_model() as wrapper:
         edited = projection_weights(wrapper, config.layers)
-        names = sorted(original)
-        changed = sum(not torch.equal(original[n], edited[n]) for n in names)
-        m = adversarial_map([original[n] for n in names], [edited[n] for n in names], config.regularization)
+        changed = sum(not torch.equal(original[n], edited[n]) for n in original)
+        m = adversarial_map(original, edited, config.regularization)
         encoding = wrapper.encode_prompts([p.prompt for p in target.probes])
         c = encoding.embeddings.double().cpu()
         c_star = c @ m.T
         encoding.embeddings = c_star.to(encoding.embeddings.device, encoding.embeddings.dtype)
         images = target.generate(encoding, [p.seed for p in target.probes])
     flat, flat_star = c.reshape(-1, c.shape[-1]), c_star.reshape(-1, c.shape[-1])
-    restored = restored_share([original[n] for n in names], [edited[n] for n in names], flat, flat_star)
-    logger.info("rece_embedding: %d of %d projections edited; restores %s of their change", changed, len(names),
+    restored = restored_share(original, edited, flat, flat_star)
+    logger.info("rece_embedding: %d of %d projections edited; restores %s of their change", changed, len(original),
                 "n/a" if restored is None else f"{restored:.1%}")  # fmt: skip
-    info = {"layers_matched": len(names), "layers_edited": changed, "restored_share": restored,
+    info = {"layers_matched": len(original), "layers_edited": changed, "restored_share": restored,
             "map_distance_from_identity": float((m - torch.eye(m.shape[0], dtype=m.dtype)).norm())}  # fmt: skip
     return AttackResult("rece_embedding", {}, images, 0.0, embeddings=c_star.float(), info=info)
