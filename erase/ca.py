@@ -58,7 +58,7 @@ import torch
 
 from pipelines import PipelineWrapper, PromptEncoding
 
-from .lora_trainer import Batch, LoraTrainConfig, Predictions, config_key, train_lora
+from .lora_trainer import Batch, LoraTrainConfig, Predictions, anchor_rows, anchor_term, config_key, train_lora
 from .registry import ConceptSpec, WeightEdit, register_method
 
 __all__ = ["CAConfig", "CALoss", "ca_loss", "erase_ca"]
@@ -101,28 +101,18 @@ class CALoss:
     anchor_weight: float
 
     def __call__(self, batch: Batch, predict: Predictions) -> torch.Tensor:
-        x, t, owners = batch.latents, batch.timesteps, batch.prompts
-        n = x.shape[0]
+        owners = batch.prompts
         n_concepts = sum(len(c) for c in self.concepts_of)
         # Encoding rows: the concepts, then the pool's anchors (guides), then the regularization anchors.
         concept_rows = torch.tensor([self._concept(int(j), batch.generator) for j in owners], dtype=torch.long)
-        guide_rows = n_concepts + owners.long()
-        frozen_rows, trained_rows = [guide_rows], [concept_rows]
-        use_anchors = bool(self.anchors) and self.anchor_weight > 0
-        if use_anchors:
-            first = n_concepts + len(self.pool_prompts)
-            reg_rows = first + torch.randint(0, len(self.anchors), (n,), generator=batch.generator)
-            frozen_rows.append(reg_rows)
-            trained_rows.append(reg_rows)
-        k = len(frozen_rows)
-        frozen = predict.frozen(x.repeat(k, 1, 1, 1), t.repeat(k), self.encoding.select(torch.cat(frozen_rows)))
-        frozen = frozen.float().split(n)
-        trained = predict.trained(x.repeat(k, 1, 1, 1), t.repeat(k), self.encoding.select(torch.cat(trained_rows)))
-        trained = trained.float().split(n)
+        frozen_rows, trained_rows = [n_concepts + owners.long()], [concept_rows]
+        anchors = anchor_rows(batch, n_concepts + len(self.pool_prompts), len(self.anchors), self.anchor_weight)
+        if anchors is not None:
+            frozen_rows.append(anchors)
+            trained_rows.append(anchors)
+        frozen, trained = predict.on_rows(batch, self.encoding, frozen_rows, trained_rows)
         loss = torch.nn.functional.mse_loss(trained[0], frozen[0])
-        if use_anchors:
-            loss = loss + self.anchor_weight * torch.nn.functional.mse_loss(trained[1], frozen[1])
-        return loss
+        return loss if anchors is None else loss + anchor_term(frozen[1], trained[1], self.anchor_weight)
 
     def _concept(self, guide: int, generator: torch.Generator) -> int:
         choices = self.concepts_of[guide]

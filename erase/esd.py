@@ -63,7 +63,7 @@ import torch
 
 from pipelines import PipelineWrapper, PromptEncoding
 
-from .lora_trainer import Batch, LoraTrainConfig, Predictions, config_key, train_lora
+from .lora_trainer import Batch, LoraTrainConfig, Predictions, anchor_rows, anchor_term, config_key, train_lora
 from .registry import ConceptSpec, WeightEdit, register_method
 
 __all__ = ["ESDConfig", "ESDLoss", "erase_esd", "esd_loss", "esd_target"]
@@ -112,25 +112,15 @@ class ESDLoss:
     anchor_weight: float
 
     def __call__(self, batch: Batch, predict: Predictions) -> torch.Tensor:
-        x, t, rows = batch.latents, batch.timesteps, batch.prompts
-        n = x.shape[0]
-        uncond_row, first_anchor = len(self.targets), len(self.targets) + 1
-        frozen_rows = [rows, torch.full_like(rows, uncond_row)]
-        trained_rows = [rows]
-        use_anchors = bool(self.anchors) and self.anchor_weight > 0
-        if use_anchors:
-            anchor_rows = first_anchor + torch.randint(0, len(self.anchors), (n,), generator=batch.generator)
-            frozen_rows.append(anchor_rows)
-            trained_rows.append(anchor_rows)
-        k = len(frozen_rows)
-        frozen = predict.frozen(x.repeat(k, 1, 1, 1), t.repeat(k), self.encoding.select(torch.cat(frozen_rows)))
-        frozen = frozen.float().split(n)
-        trained = predict.trained(x.repeat(len(trained_rows), 1, 1, 1), t.repeat(len(trained_rows)),
-                                  self.encoding.select(torch.cat(trained_rows))).float().split(n)  # fmt: skip
+        rows = batch.prompts
+        anchors = anchor_rows(batch, len(self.targets) + 1, len(self.anchors), self.anchor_weight)
+        frozen_rows, trained_rows = [rows, torch.full_like(rows, len(self.targets))], [rows]  # the concept, ""
+        if anchors is not None:
+            frozen_rows.append(anchors)
+            trained_rows.append(anchors)
+        frozen, trained = predict.on_rows(batch, self.encoding, frozen_rows, trained_rows)
         loss = torch.nn.functional.mse_loss(trained[0], esd_target(frozen[0], frozen[1], self.negative_guidance))
-        if use_anchors:
-            loss = loss + self.anchor_weight * torch.nn.functional.mse_loss(trained[1], frozen[2])
-        return loss
+        return loss if anchors is None else loss + anchor_term(frozen[2], trained[1], self.anchor_weight)
 
 
 def esd_loss(wrapper: PipelineWrapper, concepts: ConceptSpec, config: ESDConfig) -> ESDLoss:

@@ -76,6 +76,8 @@ __all__ = [
     "LossFunction",
     "Predictions",
     "TrainingPool",
+    "anchor_rows",
+    "anchor_term",
     "config_key",
     "sample_pool",
     "train_lora",
@@ -201,6 +203,38 @@ class Predictions:
     def frozen(self, latents: torch.Tensor, timesteps: torch.Tensor, encoding: PromptEncoding) -> torch.Tensor:
         with self._adapters.disabled():
             return self._wrapper.noise_prediction(latents, timesteps, encoding)
+
+    def on_rows(
+        self,
+        batch: Batch,
+        encoding: PromptEncoding,
+        frozen_rows: Sequence[torch.Tensor],
+        trained_rows: Sequence[torch.Tensor],
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """The frozen and the trained predictions (float32) on the batch's x_t, one per example under each entry of
+        ``frozen_rows`` / ``trained_rows`` (encoding rows, one per example): each model in one UNet call, split back
+        per entry."""
+        n = batch.latents.shape[0]
+
+        def predict(model: Callable, rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+            k = len(rows)
+            x, t = batch.latents.repeat(k, 1, 1, 1), batch.timesteps.repeat(k)
+            return model(x, t, encoding.select(torch.cat(list(rows)))).float().split(n)
+
+        return predict(self.frozen, frozen_rows), predict(self.trained, trained_rows)
+
+
+def anchor_rows(batch: Batch, first_row: int, anchors: int, weight: float) -> torch.Tensor | None:
+    """One random anchor prompt per example (encoding rows ``first_row ..``, drawn from the batch's generator), or
+    ``None`` when the anchor term is off (no anchors, or weight 0)."""
+    if not anchors or not weight > 0:
+        return None
+    return first_row + torch.randint(0, anchors, (batch.latents.shape[0],), generator=batch.generator)
+
+
+def anchor_term(frozen: torch.Tensor, trained: torch.Tensor, weight: float) -> torch.Tensor:
+    """The family's anchor regularization: ``weight * || eps_theta(x, a, t) - eps*(x, a, t) ||^2``."""
+    return weight * torch.nn.functional.mse_loss(trained, frozen)
 
 
 LossFunction = Callable[[Batch, Predictions], torch.Tensor]
