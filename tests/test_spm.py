@@ -99,7 +99,7 @@ def test_prompt_scaled_lora_scales_each_prompt_of_a_guided_batch(tiny):
     second exactly what the base draws (so the unconditional half took its own prompt's strength, not a neighbour's);
     the strength rule sees each prompt's token ids when the text encoder made it, and None for an embedding passed in.
     """
-    names = tiny.lora_modules(["*attn2.to_v", "*ff.net.2"])
+    names = [f"unet.{name}" for name in tiny.lora_modules(["*attn2.to_v", "*ff.net.2"])]
     gen = torch.Generator().manual_seed(0)
     factors = {}
     for name in names:
