@@ -40,6 +40,15 @@ the LoRA plus the erased concepts as ``erase.transport`` reads them, and whereve
 (``erase.attach(pipe, folder)``, ``apply_artifact``, audits, attacks) the adapter's strength for each prompt is the
 prompt's likeness to the erased concepts, so prompts far from them meet the base model. ``pipe.load_lora_weights``
 still loads the same folder as a plain LoRA at full strength for every prompt.
+
+Measured with the micro setting above (``scripts/measure_erasure.py --images 100``, CLIP / judge, after the edit;
+the same adapter, transport on vs off): van gogh 5 / 5% both; "vincent van gogh" 13 / 13% both; "starry night
+style" **73 / 73%** on vs 18 / 18% off; other styles 99-100% on (monet 99 -> 99%) vs 95-100% off (monet 99 -> 95%);
+objects 89.6 / 93.8% on vs 93.8 / 89.6% off; colours 93.8 / 95.8% on vs 93.8 / 93.8% off. Transport trades a
+synonym that shares no token with the concept for the rest of the world: a world prompt naming van gogh gets
+strength 1.0, "a red star in starry night style" 0.07, prompts of other styles 0.34 on average (monet's 0-0.54),
+of colours 0.29, "a blue circle" 0. Embedding attacks meet the cosine term alone (no token ids): see the
+robustness table in the micro model's card. ``--set facilitated_transport=false`` gives the plain adapter.
 """
 
 from __future__ import annotations
