@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pipelines import HookHandles, PipelineWrapper, wrap_pipeline
+from pipelines.files import read_json_object, read_tensors
 
 from .sae import SAE_FILE, SAE_METADATA, TopKSAE, load_sae, save_sae
 
@@ -124,25 +124,11 @@ class SAEIntervention:
     def load(cls, folder: Path) -> SAEIntervention:
         """Read the intervention files of an artifact folder; ``ValueError`` in one line when they are bad."""
         path = folder / INTERVENTION_FILE
-        try:
-            description = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"cannot read {path}: {err}") from err
-        if not isinstance(description, dict):
-            raise ValueError(f"{path} is not a JSON object")
+        description = read_json_object(path)
         for key, kind in (("kind", str), ("hook_point", str), ("settings", dict)):
             if not isinstance(description.get(key), kind):
                 raise ValueError(f"{path}: {key} must be a {kind.__name__}")
-        tensors_path = folder / INTERVENTION_TENSORS
-        if not tensors_path.is_file():
-            raise ValueError(f"cannot read {tensors_path}: not a regular file")
-        try:
-            tables = load_file(str(tensors_path))
-        except (OSError, SafetensorError) as err:
-            raise ValueError(f"cannot read {tensors_path}: {err}") from err
-        for name, tensor in tables.items():
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise ValueError(f"{tensors_path}: {name} holds NaN or infinite values")
+        tables = read_tensors(folder / INTERVENTION_TENSORS)
         sae, sae_meta = load_sae(folder)
         from .registry import get_method
 

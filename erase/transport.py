@@ -33,11 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from pipelines import HookHandles, PipelineWrapper
-from pipelines.files import atomic_save_safetensors
+from pipelines.files import atomic_save_safetensors, read_json_object, read_tensors
 
 __all__ = ["TRANSPORT_FILE", "TRANSPORT_TENSORS", "FacilitatedTransport"]
 
@@ -140,26 +138,16 @@ class FacilitatedTransport:
     def load(cls, folder: Path):  # noqa: ANN206
         """Read the transport files of an artifact folder; ``ValueError`` in one line when they are bad."""
         path, tensors_path = folder / TRANSPORT_FILE, folder / TRANSPORT_TENSORS
-        try:
-            description = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"cannot read {path}: {err}") from None
-        if not isinstance(description, dict):
-            raise ValueError(f"{path} is not a JSON object")
+        description = read_json_object(path)
         prompts, token_sets = description.get("prompts"), description.get("token_sets")
         special, metric = description.get("special_ids"), description.get("metric")
         if not (isinstance(prompts, list) and all(isinstance(p, str) for p in prompts)):
             raise ValueError(f"{path}: prompts must be a list of strings")
         if not (isinstance(token_sets, list) and all(_ints(t) for t in token_sets) and _ints(special)):
             raise ValueError(f"{path}: token_sets and special_ids must be lists of integers")
-        if not tensors_path.is_file():
-            raise ValueError(f"cannot read {tensors_path}: not a regular file")
-        try:
-            embeddings = load_file(str(tensors_path)).get("embeddings")
-        except (OSError, SafetensorError) as err:
-            raise ValueError(f"cannot read {tensors_path}: {err}") from None
-        if embeddings is None or not embeddings.is_floating_point() or not torch.isfinite(embeddings).all():
-            raise ValueError(f"{tensors_path}: no finite 'embeddings' tensor")
+        embeddings = read_tensors(tensors_path).get("embeddings")
+        if embeddings is None or not embeddings.is_floating_point():
+            raise ValueError(f"{tensors_path}: no 'embeddings' tensor")
         return cls(prompts, embeddings.float(), token_sets, special, metric)
 
 

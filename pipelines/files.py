@@ -1,4 +1,5 @@
-"""Atomic file writes, shared by training checkpoints, artifacts' extras, audits and the scripts' JSON reports."""
+"""Atomic file writes, shared by training checkpoints, artifacts' extras, audits and the scripts' JSON reports, and
+the checked reads of the small JSON and safetensors files artifacts hold."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from typing import Any
 from PIL import Image
 
 __all__ = [
+    "read_json_object",
+    "read_tensors",
     "atomic_save_safetensors",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -94,3 +97,33 @@ def file_sha256(path: str | Path) -> str:
 def slug(text: str) -> str:
     """A file-name-safe form of ``text`` (model keys, grid names, attacked concepts)."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "artifact"
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """A JSON file holding an object; ``ValueError`` in one line naming the file when it is unreadable or not one."""
+    try:
+        found = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from None
+    if not isinstance(found, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return found
+
+
+def read_tensors(path: str | Path) -> dict[str, Any]:
+    """The tensors of a safetensors file, every floating-point one finite; ``ValueError`` in one line naming the file
+    when it is not a regular file (a FIFO would block), unreadable, or holds NaN or infinite values."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise ValueError(f"cannot read {path}: not a regular file")
+    try:
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from None
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{path}: {name} holds NaN or infinite values")
+    return tensors
