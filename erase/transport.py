@@ -20,7 +20,8 @@ negative, so its strength never is).
 Installed with ``erase.attach(pipe, folder)`` (the artifact is then still a plain LoRA: ``pipe.load_lora_weights``
 applies it at full strength to every prompt). Files beside ``erasure.json``::
 
-    transport.json           the metric, the erased prompts, their token-id sets, the special token ids
+    transport.json           the metric, the erased prompts, their token-id sets, the special token ids, and the
+                             sha256 of the embeddings file
     transport.safetensors    the erased prompts' text embeddings
 """
 
@@ -35,7 +36,7 @@ from pathlib import Path
 import torch
 
 from pipelines import HookHandles, PipelineWrapper
-from pipelines.files import atomic_save_safetensors, read_json_object, read_tensors
+from pipelines.files import atomic_save_safetensors, file_sha256, read_json_object, read_tensors
 
 __all__ = ["TRANSPORT_FILE", "TRANSPORT_TENSORS", "FacilitatedTransport"]
 
@@ -130,7 +131,8 @@ class FacilitatedTransport:
     def save(self, folder: Path) -> list[str]:
         atomic_save_safetensors({"embeddings": self.embeddings.contiguous()}, folder / TRANSPORT_TENSORS)
         description = {"metric": self.metric, "prompts": self.prompts, "token_sets": self.token_sets,
-                       "special_ids": self.special_ids}  # fmt: skip
+                       "special_ids": self.special_ids,
+                       "embeddings_sha256": file_sha256(folder / TRANSPORT_TENSORS)}  # fmt: skip
         (folder / TRANSPORT_FILE).write_text(json.dumps(description, indent=2))
         return [TRANSPORT_FILE, TRANSPORT_TENSORS]
 
@@ -145,6 +147,10 @@ class FacilitatedTransport:
             raise ValueError(f"{path}: prompts must be a list of strings")
         if not (isinstance(token_sets, list) and all(_ints(t) for t in token_sets) and _ints(special)):
             raise ValueError(f"{path}: token_sets and special_ids must be lists of integers")
+        if not isinstance(description.get("embeddings_sha256"), str):
+            raise ValueError(f"{path}: embeddings_sha256 must be a string")
+        if tensors_path.is_file() and file_sha256(tensors_path) != description["embeddings_sha256"]:
+            raise ValueError(f"{tensors_path} does not match the sha256 in {TRANSPORT_FILE}: the file was changed")
         embeddings = read_tensors(tensors_path).get("embeddings")
         if embeddings is None or not embeddings.is_floating_point():
             raise ValueError(f"{tensors_path}: no 'embeddings' tensor")

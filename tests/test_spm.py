@@ -171,6 +171,12 @@ def test_spm_artifact_with_transport_round_trips_attaches_once_and_restores(tiny
     assert np.array_equal(_pixels(tiny.generate(prompts, seeds, steps=3, progress=False)), base)
     with pytest.raises(erase.ArtifactError, match="erase.attach"):
         erase.load(tiny.pipe, folder)
+    tensors = folder / "transport.safetensors"
+    saved = tensors.read_bytes()
+    tensors.write_bytes(saved[:-4] + bytes(4))
+    with pytest.raises(erase.ArtifactError, match="was changed"):
+        erase.load_artifact(folder)
+    tensors.write_bytes(saved)
     (folder / "transport.json").write_text(json.dumps({"metric": "clipcos", "prompts": ["van gogh"]}))
     with pytest.raises(erase.ArtifactError, match="token_sets"):
         erase.load_artifact(folder)
