@@ -196,8 +196,6 @@ def erase_concepts(
 
     Apply the result with ``erase.apply_artifact(wrapper, artifact)`` or save it with ``erase.save_artifact``.
     """
-    from .artifact import ErasureArtifact
-
     spec = get_method(method)
     if not isinstance(concepts, ConceptSpec):
         concepts = ConceptSpec(tuple(concepts))
@@ -209,7 +207,11 @@ def erase_concepts(
     edit = spec.run(wrapper, concepts, config)
     seconds = time.perf_counter() - start
     if edit.intervention is not None:
-        return _runtime_artifact(wrapper, concepts, method, config, edit, seconds)
+        component = edit.intervention.component  # a runtime edit reads its whole component
+        logger.info("%s: intervention at %s in %.3f s", method, edit.intervention.hook_point, seconds)
+        return _artifact(wrapper, concepts, method, config, seconds, [component], deltas={}, info=dict(edit.info),
+                         weight_norms={"base": {component: wrapper.parameter_norm(component)}},
+                         intervention=edit.intervention)  # fmt: skip
     if not edit.deltas:
         raise RuntimeError(f"method {method!r} returned no weight change")
     norms = _weight_norms(wrapper, edit.deltas)
@@ -220,32 +222,18 @@ def erase_concepts(
     factors = None
     if edit.factors is not None:
         factors = {k: (a.detach().float().cpu(), b.detach().float().cpu()) for k, (a, b) in edit.factors.items()}
-    return ErasureArtifact(
-        method=method,
-        config=dataclasses.asdict(config),
-        concepts=list(concepts.targets),
-        guides=list(concepts.guides),
-        preserve=list(concepts.preserve),
-        base_model=wrapper.model_id,
-        base_fingerprint=wrapper.fingerprint(list(edit.deltas)),
-        deltas={k: v.detach().float().cpu() for k, v in edit.deltas.items()},
-        seconds=seconds,
-        info={**edit.info, "relative_change": relative},
-        factors=factors,
-        weight_norms=norms,
-        low_precision_fingerprints=_low_precision_fingerprints(wrapper, list(edit.deltas)),
-        transport=edit.transport,
-    )
+    return _artifact(wrapper, concepts, method, config, seconds, list(edit.deltas),
+                     deltas={k: v.detach().float().cpu() for k, v in edit.deltas.items()},
+                     info={**edit.info, "relative_change": relative}, factors=factors, weight_norms=norms,
+                     transport=edit.transport)  # fmt: skip
 
 
-def _runtime_artifact(wrapper: PipelineWrapper, concepts: ConceptSpec, method: str, config: Any, edit: WeightEdit,
-                      seconds: float):  # fmt: skip  # -> ErasureArtifact
-    """The artifact of a runtime method: no weight changes; the fingerprint covers the hooked component, whose
-    parameter norm (``weight_norms``) recognises a float16/bfloat16 copy of the same weights."""
+def _artifact(wrapper: PipelineWrapper, concepts: ConceptSpec, method: str, config: Any, seconds: float,
+              fingerprinted: list[str], **fields: Any):  # fmt: skip  # -> ErasureArtifact
+    """The artifact of an edit: its provenance, and the base fingerprint of the ``fingerprinted`` modules (in float32
+    and rounded to float16 and bfloat16, which recognise a half-precision copy of the same weights exactly)."""
     from .artifact import ErasureArtifact
 
-    component = edit.intervention.component
-    logger.info("%s: intervention at %s in %.3f s", method, edit.intervention.hook_point, seconds)
     return ErasureArtifact(
         method=method,
         config=dataclasses.asdict(config),
@@ -253,13 +241,10 @@ def _runtime_artifact(wrapper: PipelineWrapper, concepts: ConceptSpec, method: s
         guides=list(concepts.guides),
         preserve=list(concepts.preserve),
         base_model=wrapper.model_id,
-        base_fingerprint=wrapper.fingerprint([component]),
-        deltas={},
+        base_fingerprint=wrapper.fingerprint(fingerprinted),
         seconds=seconds,
-        info=dict(edit.info),
-        weight_norms={"base": {component: wrapper.parameter_norm(component)}},
-        low_precision_fingerprints=_low_precision_fingerprints(wrapper, [component]),
-        intervention=edit.intervention,
+        low_precision_fingerprints=_low_precision_fingerprints(wrapper, fingerprinted),
+        **fields,
     )
 
 
