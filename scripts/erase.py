@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from erase import available_methods, get_method
+        from erase.inputs import config_from_overrides
         from erase.workflow import run_erase
         from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_pipeline, resolve_device, set_library_verbosity
 
@@ -200,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         set_library_verbosity(args.verbose)
         method = get_method(args.method)
         overrides = config_overrides(args, {f.name for f in dataclasses.fields(method.config_class)})
+        config_from_overrides(method.config_class, overrides, f"method {args.method!r}")  # values, before the model
         device = resolve_device(args.device)
         start = time.perf_counter()
         wrapper = load_pipeline(args.model, device=device, dtype=getattr(torch, args.dtype))

@@ -45,6 +45,7 @@ def test_json_summary_and_artifact(tmp_path):
         (["--concept", "x", "--model", "/no/such/folder/anywhere"], "does not exist"),
         (["--concept", "\u200b"], "no visible characters"),  # E05
         (["--concept", "van gogh", "--set", "nope=1"], "has no setting 'nope'"),
+        (["--concept", "van gogh", "--method", "spm", "--set", "facilitated_transport=1"], "true or false"),
         (["--concept", "van gogh", "--preserve", "monet", "--preserve", "Van Gogh"], "both erased and preserved"),
         (["--concept", "van gogh", "--guide", "van gogh"], "is the concept itself"),  # E28
         (["--concept", "van gogh", "--device", "nonsense"], "unknown device"),  # E19
