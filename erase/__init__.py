@@ -21,6 +21,7 @@ _EXPORTS: dict[str, str] = {
     "apply_artifact": "artifact",
     "attach": "intervention",
     "SAEIntervention": "intervention",
+    "FacilitatedTransport": "transport",
     "check_artifact_base": "artifact",
     "load": "artifact",
     "load_artifact": "artifact",
@@ -41,6 +42,7 @@ __all__ = [
     "ArtifactMismatchError",
     "ConceptSpec",
     "ErasureArtifact",
+    "FacilitatedTransport",
     "Method",
     "SAEIntervention",
     "WeightEdit",
@@ -82,6 +84,7 @@ if TYPE_CHECKING:
         get_method,
         register_method,
     )
+    from .transport import FacilitatedTransport
 
 
 def __getattr__(name: str) -> Any:
