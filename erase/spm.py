@@ -33,7 +33,13 @@ it by 400 steps (69% at 200); weight 10 leaves 16% at 400 steps. The micro setti
 van gogh 100 -> 5 / 100 -> 5%, "vincent van gogh" 100 -> 13 / 13%, "starry night style" 100 -> 18 / 18%; the other
 styles 95-100% after (monet 99 -> 95%, judge 100 -> 100%); objects 87.5 -> 93.8% (judge 91.7 -> 89.6%), colours
 94.8 -> 93.8% (judge 97.9 -> 93.8%). The edit took 114 s wall (a step costs 4.4 UNet forward+backward passes: the
-four latent anchors add four frozen and four trained predictions). Not measured: five styles at once.
+four latent anchors add four frozen and four trained predictions).
+
+Five styles at once (van gogh, mondrian, seurat, picasso, monet) in one rank-1 adapter, ``--set steps=1500`` (343 s),
+transport on: nothing is erased (van gogh 99%, seurat and picasso 99-100%, mondrian 75%, monet 70%, synonyms alike;
+100 images a group). One dimension does not hold five concepts: the reference trains one adapter per concept and
+adds them at inference, each at its own transport strength. That composition is not built here: give ``spm`` one
+concept per artifact.
 
 Facilitated transport (``facilitated_transport``, on by default as in the reference's inference): the artifact is
 the LoRA plus the erased concepts as ``erase.transport`` reads them, and wherever it is applied through ``erase``
