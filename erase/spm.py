@@ -59,7 +59,9 @@ robustness table in the micro model's card. ``--set facilitated_transport=false`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -90,6 +92,8 @@ class SPMConfig(ESDConfig):
         facilitated_transport: scale the adapter per prompt by its likeness to the erased concepts when it is
             applied (``erase.transport``; the reference's inference default); off, it applies at full strength.
         transport_metric: the likeness: ``clipcos_tokenuni`` (the reference's default), ``clipcos`` or ``tokenuni``.
+        adapter_per_concept: with several concepts, one adapter each (the reference's way: ``steps`` each), saved
+            as one LoRA whose rank blocks transport scales apart; off, one adapter shares the steps of all.
     """
 
     VARIANTS: ClassVar[tuple[str, ...]] = ("transformer", "xattn", "noxattn", "kv")
@@ -105,11 +109,13 @@ class SPMConfig(ESDConfig):
     latent_anchor_weight: float = 1000.0
     facilitated_transport: bool = True
     transport_metric: str = "clipcos_tokenuni"
+    adapter_per_concept: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.facilitated_transport, bool):
-            raise ValueError(f"facilitated_transport must be true or false, got {self.facilitated_transport!r}")
+        for name in ("facilitated_transport", "adapter_per_concept"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.transport_metric not in TRANSPORT_METRICS:
             raise ValueError(
                 f"transport_metric must be one of {', '.join(TRANSPORT_METRICS)}, got {self.transport_metric!r}"
@@ -185,7 +191,41 @@ class SPMLoss:
     uses_guides=False,
 )
 def erase_spm(wrapper: PipelineWrapper, concepts: ConceptSpec, config: SPMConfig) -> WeightEdit:
-    """Train the SPM adapter for every target of ``concepts`` (prompt anchors: ``anchor_prompts`` and preserved)."""
+    """Train the SPM adapter for ``concepts``' targets (prompt anchors: ``anchor_prompts`` and the preserved).
+
+    Several targets get one adapter each (``adapter_per_concept``, the reference's way), trained one after another
+    with the same settings and saved as one LoRA of rank ``rank x targets``; transport then scales each concept's
+    block by the prompt's likeness to that concept.
+    """
+    targets = list(concepts.targets)
+    if len(targets) == 1 or not config.adapter_per_concept:
+        edit, anchors = _train_adapter(wrapper, concepts, config)
+        groups = None
+    else:
+        edits = []
+        for i, target in enumerate(targets):
+            one = ConceptSpec((target,), ("",), concepts.preserve)
+            checkpoints = os.path.join(config.checkpoint_dir, f"concept-{i}") if config.checkpoint_dir else None
+            adapter, anchors = _train_adapter(wrapper, one, dataclasses.replace(config, checkpoint_dir=checkpoints))
+            edits.append(adapter)
+        edit = _stack_adapters(edits)
+        groups = list(range(len(targets)))
+    if config.facilitated_transport:
+        edit.transport = FacilitatedTransport.of_concepts(wrapper, targets, config.transport_metric, groups)
+    edit.info.update(
+        {
+            "anchors": anchors,
+            "variant": config.train,
+            "patterns": list(config.patterns),
+            "adapters": 1 if groups is None else len(groups),
+            "facilitated_transport": config.transport_metric if config.facilitated_transport else False,
+        }
+    )
+    return edit
+
+
+def _train_adapter(wrapper: PipelineWrapper, concepts: ConceptSpec, config: SPMConfig) -> tuple[WeightEdit, list[str]]:
+    """One adapter trained on all of ``concepts``' targets; returns it and its anchor prompts."""
     loss = SPMLoss(esd_loss(wrapper, concepts, config), config.latent_anchors, float(config.latent_anchor_weight))
     targets = loss.erase.targets
     edit = train_lora(
@@ -197,14 +237,18 @@ def erase_spm(wrapper: PipelineWrapper, concepts: ConceptSpec, config: SPMConfig
         run_key={"method": "spm", "targets": targets, "anchors": loss.erase.anchors, "config": config_key(config)},
         description=f"spm {', '.join(targets)}",
     )
-    if config.facilitated_transport:
-        edit.transport = FacilitatedTransport.of_concepts(wrapper, list(targets), config.transport_metric)
-    edit.info.update(
-        {
-            "anchors": loss.erase.anchors,
-            "variant": config.train,
-            "patterns": list(config.patterns),
-            "facilitated_transport": config.transport_metric if config.facilitated_transport else False,
-        }
-    )
-    return edit
+    return edit, loss.erase.anchors
+
+
+def _stack_adapters(edits: list[WeightEdit]) -> WeightEdit:
+    """Adapters side by side as one LoRA: A's rows and B's columns concatenated in order, so dW = sum_i B_i A_i and
+    block i of the rank is adapter i; ``info`` keeps each adapter's training record."""
+    names = list(edits[0].factors)
+    factors = {
+        name: (torch.cat([e.factors[name][0] for e in edits]), torch.cat([e.factors[name][1] for e in edits], dim=1))
+        for name in names
+    }
+    deltas = {name: b.double().matmul(a.double()).float() for name, (a, b) in factors.items()}
+    per_adapter = [e.info for e in edits]
+    info = {"steps": sum(i.get("steps", 0) for i in per_adapter), "per_adapter": per_adapter}
+    return WeightEdit(deltas=deltas, info=info, factors=factors)

@@ -60,6 +60,9 @@ class FacilitatedTransport:
         token_sets: each prompt's token ids, special tokens removed.
         special_ids: the tokenizer's special token ids (removed from a prompt's ids before the overlap).
         metric: ``clipcos_tokenuni`` (the reference's default), ``clipcos`` or ``tokenuni``.
+        groups: which adapter each prompt belongs to (``None``: one adapter for all). With G groups the LoRA's rank
+            is G equal blocks, block g the adapter of group g, scaled by group g's strength: the reference's one
+            adapter per concept, each at its own strength.
     """
 
     prompts: list[str]
@@ -67,8 +70,13 @@ class FacilitatedTransport:
     token_sets: list[list[int]]
     special_ids: list[int]
     metric: str = "clipcos_tokenuni"
+    groups: list[int] | None = None
 
     def __post_init__(self) -> None:
+        if self.groups is not None and (
+            len(self.groups) != len(self.prompts) or sorted(set(self.groups)) != list(range(max(self.groups) + 1))
+        ):
+            raise ValueError(f"groups must number each prompt's adapter 0, 1, ..., got {self.groups!r}")
         if self.metric not in METRICS:
             raise ValueError(f"unknown transport metric {self.metric!r}; expected one of {', '.join(METRICS)}")
         if self.embeddings.dim() != 3 or self.embeddings.shape[0] != len(self.prompts) != 0:
@@ -77,16 +85,33 @@ class FacilitatedTransport:
         if len(self.token_sets) != len(self.prompts) or not all(self.token_sets):
             raise ValueError("every erased prompt needs a non-empty token set")
 
+    @property
+    def group_count(self) -> int:
+        return 1 if self.groups is None else max(self.groups) + 1
+
     @classmethod
-    def of_concepts(cls, wrapper: PipelineWrapper, prompts: list[str], metric: str = "clipcos_tokenuni"):  # noqa: ANN206
+    def of_concepts(  # noqa: ANN206
+        cls,
+        wrapper: PipelineWrapper,
+        prompts: list[str],
+        metric: str = "clipcos_tokenuni",
+        groups: list[int] | None = None,
+    ):
         """The rule for ``prompts`` as ``wrapper``'s text encoder reads them."""
         encoding = wrapper.encode_prompts(prompts)
         special = sorted(wrapper.special_token_ids())
         token_sets = [sorted(set(ids.tolist()) - set(special)) for ids in encoding.input_ids]
-        return cls(list(prompts), encoding.embeddings.detach().float().cpu(), token_sets, special, metric)
+        return cls(list(prompts), encoding.embeddings.detach().float().cpu(), token_sets, special, metric, groups)
 
     def strengths(self, embeddings: torch.Tensor, token_ids: list[torch.Tensor | None]) -> torch.Tensor:
-        """s(p) for each row of ``embeddings`` ``(m, tokens, width)``; ``token_ids[i]`` None when unknown."""
+        """``(m, groups)``: each group's strength, the largest s(p) over its prompts, for each row of ``embeddings``
+        ``(m, tokens, width)``; ``token_ids[i]`` None when unknown."""
+        likeness = self.likeness(embeddings, token_ids)  # (m, prompts)
+        groups = torch.tensor(self.groups or [0] * len(self.prompts), device=likeness.device)
+        return torch.stack([likeness[:, groups == g].amax(dim=1) for g in range(self.group_count)], dim=1)
+
+    def likeness(self, embeddings: torch.Tensor, token_ids: list[torch.Tensor | None]) -> torch.Tensor:
+        """``(m, prompts)``: max(cosine, token share) of each row of ``embeddings`` to each erased prompt."""
         concepts = self.embeddings.to(embeddings.device)
         if concepts.shape[1:] != embeddings.shape[1:]:
             raise ValueError(f"prompt embeddings of shape {tuple(embeddings.shape[1:])}, but the erased concepts' are "
@@ -94,7 +119,7 @@ class FacilitatedTransport:
         cosine = torch.nn.functional.cosine_similarity(
             embeddings.flatten(1)[:, None], concepts.flatten(1)[None], dim=-1
         )  # (m, n)
-        scores = []
+        rows = []
         for i, ids in enumerate(token_ids):
             terms = []
             if self.metric != "tokenuni":
@@ -103,15 +128,14 @@ class FacilitatedTransport:
                 prompt = set(ids.tolist()) - set(self.special_ids)
                 terms.append(torch.tensor([len(prompt & set(c)) / len(c) for c in self.token_sets]))
             if not terms:  # tokenuni alone and no token ids: nothing says the concept is there
-                scores.append(torch.zeros(()))
-                continue
-            scores.append(torch.stack([t.to(cosine.device, cosine.dtype) for t in terms]).amax())
-        return torch.stack(scores).to(embeddings.device)
+                terms.append(torch.zeros(len(self.prompts)))
+            rows.append(torch.stack([t.to(cosine.device, cosine.dtype) for t in terms]).amax(dim=0))
+        return torch.stack(rows)
 
     def identity(self) -> str:
         import hashlib
 
-        digest = hashlib.sha256(json.dumps([self.prompts, self.metric, self.token_sets]).encode())
+        digest = hashlib.sha256(json.dumps([self.prompts, self.metric, self.token_sets, self.groups]).encode())
         digest.update(self.embeddings.contiguous().numpy().tobytes())
         return digest.hexdigest()
 
@@ -131,7 +155,7 @@ class FacilitatedTransport:
     def save(self, folder: Path) -> list[str]:
         atomic_save_safetensors({"embeddings": self.embeddings.contiguous()}, folder / TRANSPORT_TENSORS)
         description = {"metric": self.metric, "prompts": self.prompts, "token_sets": self.token_sets,
-                       "special_ids": self.special_ids,
+                       "special_ids": self.special_ids, "groups": self.groups,
                        "embeddings_sha256": file_sha256(folder / TRANSPORT_TENSORS)}  # fmt: skip
         (folder / TRANSPORT_FILE).write_text(json.dumps(description, indent=2))
         return [TRANSPORT_FILE, TRANSPORT_TENSORS]
@@ -147,6 +171,9 @@ class FacilitatedTransport:
             raise ValueError(f"{path}: prompts must be a list of strings")
         if not (isinstance(token_sets, list) and all(_ints(t) for t in token_sets) and _ints(special)):
             raise ValueError(f"{path}: token_sets and special_ids must be lists of integers")
+        groups = description.get("groups")
+        if groups is not None and not _ints(groups):
+            raise ValueError(f"{path}: groups must be null or a list of integers")
         if not isinstance(description.get("embeddings_sha256"), str):
             raise ValueError(f"{path}: embeddings_sha256 must be a string")
         if tensors_path.is_file() and file_sha256(tensors_path) != description["embeddings_sha256"]:
@@ -154,7 +181,7 @@ class FacilitatedTransport:
         embeddings = read_tensors(tensors_path).get("embeddings")
         if embeddings is None or not embeddings.is_floating_point():
             raise ValueError(f"{tensors_path}: no 'embeddings' tensor")
-        return cls(prompts, embeddings.float(), token_sets, special, metric)
+        return cls(prompts, embeddings.float(), token_sets, special, metric, groups)
 
 
 def _ints(value: object) -> bool:

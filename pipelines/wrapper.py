@@ -987,11 +987,12 @@ class PipelineWrapper:
         the prompt that conditions the image: ``scale_of(embeddings, token_ids)`` on the conditional prompts of the
         UNet's batch (``(n, tokens, width)`` text embeddings as the UNet receives them, and each prompt's token ids
         where the text encoder made that embedding in this process, else ``None``, e.g. an embedding passed in
-        directly) returns ``(n,)`` strengths. Under classifier-free guidance the unconditional half takes the
-        strength of its conditional partner, so a prompt's whole guided prediction is scaled as one. Hooks only: a
-        UNet forward pre-hook computes the strengths, forward hooks on the Linears add the change; the text
-        encoder's forward hook remembers which token ids made which embedding. Linears inside transformer blocks
-        only (their inputs are batch-first).
+        directly) returns ``(n,)`` strengths, or ``(n, G)``: then the rank is G equal blocks (adapters added
+        together), ``B_g A_g`` scaled by the prompt's strength g. Under classifier-free guidance the unconditional
+        half takes the strength of its conditional partner, so a prompt's whole guided prediction is scaled as one.
+        Hooks only: a UNet forward pre-hook computes the strengths, forward hooks on the Linears add the change; the
+        text encoder's forward hook remembers which token ids made which embedding. Linears inside transformer
+        blocks only (their inputs are batch-first).
         """
         import hashlib
         from collections import OrderedDict
@@ -1024,7 +1025,7 @@ class PipelineWrapper:
             halves = self._guidance_halves() and text.shape[0] % 2 == 0
             conditional = text[text.shape[0] // 2 :] if halves else text
             strengths = scale_of(conditional.float(), [token_ids.get(digest(row)) for row in conditional])
-            strengths = strengths.reshape(-1).float()
+            strengths = strengths.reshape(conditional.shape[0], -1).float()  # (prompts, groups)
             state["scale"] = torch.cat([strengths, strengths]) if halves else strengths
 
         def add_change(name: str):  # noqa: ANN202
@@ -1032,11 +1033,13 @@ class PipelineWrapper:
 
             def hook(_module, inputs, output):  # noqa: ANN001, ANN202 - torch's forward hook signature
                 scale = state["scale"]
-                if scale is None or output.shape[0] != scale.shape[0]:
-                    raise RuntimeError(f"{name}: no per-prompt strength for a batch of {output.shape[0]}")
+                if scale is None or output.shape[0] != scale.shape[0] or lora_a.shape[0] % scale.shape[1]:
+                    raise RuntimeError(f"{name}: no per-prompt strength for a batch of {tuple(output.shape)}")
                 a, b = lora_a.to(output.device, output.dtype), lora_b.to(output.device, output.dtype)
-                change = torch.nn.functional.linear(torch.nn.functional.linear(inputs[0], a), b)
-                return output + scale.to(output.device, output.dtype).view(-1, *[1] * (output.dim() - 1)) * change
+                hidden = torch.nn.functional.linear(inputs[0], a)  # (rows, ..., rank)
+                scale = scale.to(output.device, output.dtype).repeat_interleave(a.shape[0] // scale.shape[1], dim=1)
+                hidden = hidden * scale.view(scale.shape[0], *[1] * (hidden.dim() - 2), scale.shape[1])
+                return output + torch.nn.functional.linear(hidden, b)
 
             return hook
 

@@ -147,9 +147,16 @@ def test_transport_strength_is_the_references_clipcos_tokenuni():
     orthogonal[0, 1, 1] = 1.0
     rows = torch.cat([same, opposite, orthogonal, opposite])
     ids = [torch.tensor([0, 5, 9]), torch.tensor([0, 7, 8, 9]), torch.tensor([0, 7, 9]), None]
-    assert torch.allclose(transport.strengths(rows, ids), torch.tensor([1.0, 1.0, 0.5, 0.0]))
+    assert torch.allclose(transport.strengths(rows, ids)[:, 0], torch.tensor([1.0, 1.0, 0.5, 0.0]))
     cos_only = FacilitatedTransport(["van gogh"], concept, [[7, 8]], [0, 9], metric="clipcos")
-    assert torch.allclose(cos_only.strengths(rows, ids), torch.tensor([1.0, -1.0, 0.0, 0.0]))
+    assert torch.allclose(cos_only.strengths(rows, ids)[:, 0], torch.tensor([1.0, -1.0, 0.0, 0.0]))
+    two = FacilitatedTransport(["van gogh", "monet"], torch.cat([concept, orthogonal]), [[7, 8], [5]], [0, 9],
+                               groups=[0, 1])  # fmt: skip
+    assert torch.allclose(two.strengths(rows, ids), torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.5, 1.0], [0.0, 0.0]]))
+    with pytest.raises(ValueError, match="groups"):
+        FacilitatedTransport(
+            ["van gogh", "monet"], torch.cat([concept, orthogonal]), [[7, 8], [5]], [0], groups=[0, 2]
+        )
 
 
 def test_spm_artifact_with_transport_round_trips_attaches_once_and_restores(tiny, tmp_path):
@@ -182,3 +189,26 @@ def test_spm_artifact_with_transport_round_trips_attaches_once_and_restores(tiny
         erase.load_artifact(folder)
     off = erase_concepts(tiny, ConceptSpec(("van gogh",)), "spm", SPMConfig(facilitated_transport=False, **FAST))
     assert off.transport is None and off.info["facilitated_transport"] is False
+
+
+def test_several_concepts_get_one_adapter_each_scaled_apart(tiny):
+    """Two concepts: two rank-1 adapters side by side (the first is exactly the one-concept adapter, same seed), and
+    a prompt at strengths (1, 0) draws what the first adapter alone draws."""
+    both = erase_concepts(tiny, ConceptSpec(("van gogh", "monet")), "spm", SPMConfig(**FAST))
+    one = erase_concepts(tiny, ConceptSpec(("van gogh",)), "spm", SPMConfig(**FAST))
+    assert both.transport.groups == [0, 1] and both.info["adapters"] == 2
+    for name, (a, b) in both.factors.items():
+        assert (
+            a.shape[0] == 2
+            and torch.equal(a[:1], one.factors[name][0])
+            and torch.equal(b[:, :1], one.factors[name][1])
+        )
+    prompts, seeds = ["a painting by van gogh", "a cat"], [0, 1]
+    with tiny.weight_deltas(one.deltas):
+        first_only = _pixels(tiny.generate(prompts, seeds, steps=3, progress=False))
+    with tiny.add_prompt_scaled_lora(both.factors, lambda e, _ids: torch.tensor([[1.0, 0.0]]).repeat(e.shape[0], 1)):
+        scaled = _pixels(tiny.generate(prompts, seeds, steps=3, progress=False))
+    assert np.abs(scaled - first_only).max() <= 1.0
+    shared = erase_concepts(tiny, ConceptSpec(("van gogh", "monet")), "spm",
+                            SPMConfig(adapter_per_concept=False, **FAST))  # fmt: skip
+    assert shared.transport.groups is None and next(iter(shared.factors.values()))[0].shape[0] == 1
