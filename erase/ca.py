@@ -58,7 +58,16 @@ import torch
 
 from pipelines import PipelineWrapper, PromptEncoding
 
-from .lora_trainer import Batch, LoraTrainConfig, Predictions, anchor_rows, anchor_term, config_key, train_lora
+from .lora_trainer import (
+    Batch,
+    LoraTrainConfig,
+    Predictions,
+    anchor_rows,
+    anchor_term,
+    config_key,
+    predict_rows,
+    train_lora,
+)
 from .registry import ConceptSpec, WeightEdit, register_method
 
 __all__ = ["CAConfig", "CALoss", "ca_loss", "erase_ca"]
@@ -110,7 +119,7 @@ class CALoss:
         if anchors is not None:
             frozen_rows.append(anchors)
             trained_rows.append(anchors)
-        frozen, trained = predict.on_rows(batch, self.encoding, frozen_rows, trained_rows)
+        frozen, trained = predict_rows(predict, batch, self.encoding, frozen_rows, trained_rows)
         loss = torch.nn.functional.mse_loss(trained[0], frozen[0])
         return loss if anchors is None else loss + anchor_term(frozen[1], trained[1], self.anchor_weight)
 

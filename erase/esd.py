@@ -71,7 +71,16 @@ import torch
 
 from pipelines import PipelineWrapper, PromptEncoding
 
-from .lora_trainer import Batch, LoraTrainConfig, Predictions, anchor_rows, anchor_term, config_key, train_lora
+from .lora_trainer import (
+    Batch,
+    LoraTrainConfig,
+    Predictions,
+    anchor_rows,
+    anchor_term,
+    config_key,
+    predict_rows,
+    train_lora,
+)
 from .registry import ConceptSpec, WeightEdit, register_method
 
 __all__ = ["ESDConfig", "ESDLoss", "erase_esd", "esd_loss", "esd_target"]
@@ -126,7 +135,7 @@ class ESDLoss:
         if anchors is not None:
             frozen_rows.append(anchors)
             trained_rows.append(anchors)
-        frozen, trained = predict.on_rows(batch, self.encoding, frozen_rows, trained_rows)
+        frozen, trained = predict_rows(predict, batch, self.encoding, frozen_rows, trained_rows)
         loss = torch.nn.functional.mse_loss(trained[0], esd_target(frozen[0], frozen[1], self.negative_guidance))
         return loss if anchors is None else loss + anchor_term(frozen[2], trained[1], self.anchor_weight)
 

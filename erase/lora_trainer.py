@@ -79,6 +79,7 @@ __all__ = [
     "anchor_rows",
     "anchor_term",
     "config_key",
+    "predict_rows",
     "sample_pool",
     "train_lora",
 ]
@@ -204,24 +205,25 @@ class Predictions:
         with self._adapters.disabled():
             return self._wrapper.noise_prediction(latents, timesteps, encoding)
 
-    def on_rows(
-        self,
-        batch: Batch,
-        encoding: PromptEncoding,
-        frozen_rows: Sequence[torch.Tensor],
-        trained_rows: Sequence[torch.Tensor],
-    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        """The frozen and the trained predictions (float32) on the batch's x_t, one per example under each entry of
-        ``frozen_rows`` / ``trained_rows`` (encoding rows, one per example): each model in one UNet call, split back
-        per entry."""
-        n = batch.latents.shape[0]
 
-        def predict(model: Callable, rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-            k = len(rows)
-            x, t = batch.latents.repeat(k, 1, 1, 1), batch.timesteps.repeat(k)
-            return model(x, t, encoding.select(torch.cat(list(rows)))).float().split(n)
+def predict_rows(
+    predict: Predictions,
+    batch: Batch,
+    encoding: PromptEncoding,
+    frozen_rows: Sequence[torch.Tensor],
+    trained_rows: Sequence[torch.Tensor],
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """The frozen and the trained predictions (float32) on the batch's x_t, one per example under each entry of
+    ``frozen_rows`` / ``trained_rows`` (encoding rows, one per example): each model in one UNet call, split back per
+    entry."""
+    n = batch.latents.shape[0]
 
-        return predict(self.frozen, frozen_rows), predict(self.trained, trained_rows)
+    def run(model: Callable, rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        k = len(rows)
+        x, t = batch.latents.repeat(k, 1, 1, 1), batch.timesteps.repeat(k)
+        return model(x, t, encoding.select(torch.cat(list(rows)))).float().split(n)
+
+    return run(predict.frozen, frozen_rows), run(predict.trained, trained_rows)
 
 
 def anchor_rows(batch: Batch, first_row: int, anchors: int, weight: float) -> torch.Tensor | None:
