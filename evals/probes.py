@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -21,6 +22,7 @@ __all__ = [
     "GENERIC_TEMPLATES",
     "Probe",
     "generic_probes",
+    "judge_correct",
     "probe_accuracy",
     "probe_correct",
     "probe_verdicts",
@@ -101,6 +103,12 @@ def probe_correct(
     """Whether each image is zero-shot classified as its probe's concept, among ``labels[probe.category]``."""
     verdicts = probe_verdicts(scorer, images, probes, labels)
     return [v == p.concept for v, p in zip(verdicts, probes, strict=True)]
+
+
+def judge_correct(judge: Any, images: Sequence[Image.Image], probes: Sequence[Any]) -> list[bool]:
+    """Whether the micro world's judge reads each image as its probe's concept (in the probe's category)."""
+    predicted = judge.predict(np.stack([np.asarray(i.convert("RGB")) for i in images]))
+    return [predicted[p.category][i] == p.concept for i, p in enumerate(probes)]
 
 
 def probe_accuracy(correct: Sequence[bool]) -> float:

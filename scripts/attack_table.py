@@ -34,7 +34,7 @@ from evals.attacks.suite import check_suite_folder, run_attack_suite  # noqa: E4
 from evals.audit import AuditError, check_output_folder  # noqa: E402
 from evals.metrics import accuracy  # noqa: E402
 from evals.microworld import world  # noqa: E402
-from evals.probes import probe_correct, world_labels, world_probes  # noqa: E402
+from evals.probes import judge_correct, probe_correct, world_labels, world_probes  # noqa: E402
 from evals.scorer import load_scoring  # noqa: E402
 from pipelines import ModelNotFoundError, load_pipeline, set_library_verbosity  # noqa: E402
 from pipelines.files import atomic_write_json, slug  # noqa: E402
@@ -70,9 +70,7 @@ def preserved(wrapper, applied, scorer, judge, concept: str, n: int, seed: int) 
     with applied(wrapper):
         images = wrapper.generate([p.prompt for p in probes], [p.seed for p in probes], batch_size=16, progress=False)
     clip = probe_correct(scorer, images, probes, world_labels())
-    verdicts = judge.predict(np.stack([np.asarray(i) for i in images]))
-    judged = [verdicts[p.category][i] == p.concept for i, p in enumerate(probes)]
-    return {"clip": accuracy(clip), "judge": accuracy(judged)}
+    return {"clip": accuracy(clip), "judge": accuracy(judge_correct(judge, images, probes))}
 
 
 def _read_table(path: str) -> dict:

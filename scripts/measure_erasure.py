@@ -35,7 +35,7 @@ from erase.inputs import CONCEPT_TYPES, PRESERVE_SETS, check_concept_text, error
 from erase.workflow import erasure_settings  # noqa: E402
 from evals.metrics import wilson_interval  # noqa: E402
 from evals.microworld import world  # noqa: E402
-from evals.probes import Probe, probe_correct, probe_verdicts, world_labels, world_probes  # noqa: E402
+from evals.probes import Probe, judge_correct, probe_correct, probe_verdicts, world_labels, world_probes  # noqa: E402
 from evals.scorer import ClipScorer  # noqa: E402
 from pipelines import load_pipeline, resolve_device, set_library_verbosity  # noqa: E402
 from pipelines.files import atomic_write_json  # noqa: E402
@@ -144,10 +144,7 @@ def measure(wrapper, args, spec, config, artifact, groups) -> None:  # noqa: ANN
         from evals.microworld.judge import load_judge
 
         judge = load_judge()
-        j_before = judge.predict(np.stack([np.asarray(i) for i in before]))
-        j_after = judge.predict(np.stack([np.asarray(i) for i in after]))
-        judge_before = [j_before[p.category][i] == p.concept for i, p in enumerate(probes)]
-        judge_after = [j_after[p.category][i] == p.concept for i, p in enumerate(probes)]
+        judge_before, judge_after = judge_correct(judge, before, probes), judge_correct(judge, after, probes)
     except (ImportError, OSError, ValueError) as err:
         print(f"judge unavailable: {err}")
     results, start = {}, 0

@@ -29,7 +29,7 @@ from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
 
 from .. import metrics as M
 from ..microworld import world
-from ..probes import Probe, probe_verdicts, world_labels
+from ..probes import Probe, judge_correct, probe_verdicts, world_labels
 
 __all__ = [
     "Attack",
@@ -320,6 +320,5 @@ def attack_success(
            "clip_verdicts": verdicts}  # fmt: skip
     classes = getattr(getattr(judge, "config", None), "classes", None) or {}
     if judge is not None and all(p.category in classes for p in probes):
-        predicted = judge.predict(np.stack([np.asarray(i.convert("RGB")) for i in images]))
-        out["judge"] = M.accuracy([predicted[p.category][i] == p.concept for i, p in enumerate(probes)])
+        out["judge"] = M.accuracy(judge_correct(judge, images, probes))
     return out
