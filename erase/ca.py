@@ -44,8 +44,11 @@ model's "painting" images are partly van gogh's, so the target keeps some of it)
 
 Several concepts share the steps: five styles at once (van gogh, mondrian, seurat, picasso, monet; ``--set
 lr=3e-3``, 100 steps, 100 images a group) erase little: van gogh 96%, mondrian 100%, seurat 77%, picasso 78%, monet
-79% (synonyms alike), warhol 99%, objects 87.5 -> 83.3% (judge 91.7 -> 81.2%), colours 94.8 -> 95.8%. Not measured
-yet: more steps for five.
+79% (synonyms alike), warhol 99%, objects 87.5 -> 83.3% (judge 91.7 -> 81.2%), colours 94.8 -> 95.8%. With the
+world's other concepts as anchors and more steps (``--set steps=500 --preserve-set world``, 206 s): van gogh, seurat,
+picasso, monet and their synonyms 0-1%, but mondrian 23% (its synonyms 27-35%); every erased style now reads as
+warhol (the guide "art" draws warhol's halftone on this model), warhol itself 100%; objects 87.5 -> 95.8% (judge
+91.7 -> 97.9%), colours 94.8 -> 93.8% (judge 97.9 -> 92.7%).
 """
 
 from __future__ import annotations
