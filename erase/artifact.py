@@ -72,6 +72,7 @@ __all__ = [
     "check_artifact_base",
     "check_output_folder",
     "load",
+    "factor_products",
     "load_artifact",
     "low_rank_factors",
     "save_artifact",
@@ -165,6 +166,11 @@ class ErasureArtifact:
             "erase_version": self.version,
             "info": self.info,
         }
+
+
+def factor_products(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The weight changes of low-rank factors, ``dW = B @ A`` per module (multiplied in float64, float32 out)."""
+    return {name: b.double().matmul(a.double()).float() for name, (a, b) in factors.items()}
 
 
 def low_rank_factors(delta: torch.Tensor, rtol: float = 1e-7) -> tuple[torch.Tensor, torch.Tensor]:
@@ -408,11 +414,11 @@ def load_artifact(folder: str | Path) -> ErasureArtifact:
                     f"(A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)})"
                 )
             factors[name] = (lora_a.float(), lora_b.float())
-            deltas[name] = lora_b.double().matmul(lora_a.double()).float()
         else:
             if name not in tensors:
                 raise ArtifactError(f"{weights_path} has no weights for {name}")
             deltas[name] = tensors[name].float()
+    deltas.update(factor_products(factors))
     return ErasureArtifact(
         method=meta["method"],
         config=meta["config"],

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,14 +38,21 @@ from pipelines.files import read_json_object, read_tensors
 
 from .sae import SAE_FILE, SAE_METADATA, TopKSAE, load_sae, save_sae
 
-__all__ = ["INTERVENTION_FILE", "INTERVENTION_TENSORS", "SAEIntervention", "attach", "attached_interventions"]
+__all__ = [
+    "INTERVENTION_FILE",
+    "INTERVENTION_TENSORS",
+    "SAEIntervention",
+    "attach",
+    "attach_once",
+    "attached_interventions",
+]
 
 logger = logging.getLogger(__name__)
 
 INTERVENTION_FILE = "intervention.json"
 INTERVENTION_TENSORS = "intervention.safetensors"
 
-# hook-point module -> the interventions attached to it now, so a second attachment of the same one is refused
+# module -> the runtime edits attached to it now (handle id -> identity), so a second attachment of one is refused
 _ATTACHED: weakref.WeakKeyDictionary[torch.nn.Module, dict[int, str]] = weakref.WeakKeyDictionary()
 
 
@@ -97,16 +105,12 @@ class SAEIntervention:
 
     def attach(self, wrapper: PipelineWrapper) -> HookHandles:
         """Install on the wrapper's pipeline until the handle is removed; a second attachment is refused."""
-        module = wrapper.hook_point(self.hook_point)
-        key = self.identity()
-        attached = _ATTACHED.setdefault(module, {})
-        if key in attached.values():
-            raise ValueError(f"this {self.kind} intervention is already attached at {self.hook_point}")
-        handles = wrapper.add_output_edit(self.hook_point, self.edit)
-        token = id(handles)
-        attached[token] = key
-        handles.on_remove.append(lambda: _ATTACHED.get(module, {}).pop(token, None))
-        return handles
+        return attach_once(
+            wrapper.hook_point(self.hook_point),
+            self.identity(),
+            lambda: wrapper.add_output_edit(self.hook_point, self.edit),
+            f"this {self.kind} intervention is already attached at {self.hook_point}",
+        )
 
     # ------------------------------------------------------------------ files
     def save(self, folder: Path) -> list[str]:
@@ -140,6 +144,19 @@ class SAEIntervention:
         if method.check_intervention is not None:
             method.check_intervention(intervention)
         return intervention
+
+
+def attach_once(module: torch.nn.Module, key: str, install: Callable[[], HookHandles], refusal: str) -> HookHandles:
+    """``install()`` the hooks of a runtime edit identified by ``key`` on ``module``, unless the same edit is attached
+    there now (``ValueError(refusal)``: it would apply twice); the handle forgets the attachment when removed."""
+    attached = _ATTACHED.setdefault(module, {})
+    if key in attached.values():
+        raise ValueError(refusal)
+    handles = install()
+    token = id(handles)
+    attached[token] = key
+    handles.on_remove.append(lambda: _ATTACHED.get(module, {}).pop(token, None))
+    return handles
 
 
 def attached_interventions(wrapper: PipelineWrapper, hook_point: str) -> int:

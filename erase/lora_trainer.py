@@ -67,6 +67,7 @@ from tqdm.auto import tqdm
 
 from pipelines import LORA_TARGETS, LoraAdapters, PipelineWrapper, PromptEncoding
 
+from .artifact import factor_products
 from .inputs import check_integer_fields
 from .registry import WeightEdit
 
@@ -448,7 +449,7 @@ def train_lora(
         factors = adapters.factors()
         modules = list(adapters.names)
     peak, peak_kind = _peak_memory_mb(device)
-    deltas = {name: b.double().matmul(a.double()).float() for name, (a, b) in factors.items()}
+    deltas = factor_products(factors)
     info = {
         "steps": config.steps,
         "final_loss": losses[-1] if losses else None,

@@ -72,6 +72,7 @@ import torch
 
 from pipelines import PipelineWrapper, PromptEncoding
 
+from .artifact import factor_products
 from .esd import ESDConfig, ESDLoss, esd_loss
 from .inputs import check_integer_fields, check_number_fields
 from .lora_trainer import Batch, Predictions, config_key, train_lora
@@ -251,7 +252,7 @@ def _stack_adapters(edits: list[WeightEdit]) -> WeightEdit:
         name: (torch.cat([e.factors[name][0] for e in edits]), torch.cat([e.factors[name][1] for e in edits], dim=1))
         for name in names
     }
-    deltas = {name: b.double().matmul(a.double()).float() for name, (a, b) in factors.items()}
+    deltas = factor_products(factors)
     per_adapter = [e.info for e in edits]
     info = {"steps": sum(i.get("steps", 0) for i in per_adapter), "per_adapter": per_adapter}
     return WeightEdit(deltas=deltas, info=info, factors=factors)

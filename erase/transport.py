@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +37,8 @@ import torch
 from pipelines import HookHandles, PipelineWrapper
 from pipelines.files import atomic_save_safetensors, file_sha256, read_json_object, read_tensors
 
+from .intervention import attach_once
+
 __all__ = ["TRANSPORT_FILE", "TRANSPORT_TENSORS", "FacilitatedTransport"]
 
 logger = logging.getLogger(__name__)
@@ -45,9 +46,6 @@ logger = logging.getLogger(__name__)
 TRANSPORT_FILE = "transport.json"
 TRANSPORT_TENSORS = "transport.safetensors"
 METRICS = ("clipcos_tokenuni", "clipcos", "tokenuni")
-
-# UNet -> the transports attached to it now: attaching the same one twice would add the adapter twice
-_ATTACHED: weakref.WeakKeyDictionary[torch.nn.Module, set[str]] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -79,7 +77,7 @@ class FacilitatedTransport:
             raise ValueError(f"groups must number each prompt's adapter 0, 1, ..., got {self.groups!r}")
         if self.metric not in METRICS:
             raise ValueError(f"unknown transport metric {self.metric!r}; expected one of {', '.join(METRICS)}")
-        if self.embeddings.dim() != 3 or self.embeddings.shape[0] != len(self.prompts) != 0:
+        if not self.prompts or self.embeddings.dim() != 3 or self.embeddings.shape[0] != len(self.prompts):
             raise ValueError(f"transport embeddings of shape {tuple(self.embeddings.shape)} for {len(self.prompts)} "
                              "prompts")  # fmt: skip
         if len(self.token_sets) != len(self.prompts) or not all(self.token_sets):
@@ -142,14 +140,12 @@ class FacilitatedTransport:
     def attach(self, wrapper: PipelineWrapper, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> HookHandles:
         """Install the adapter ``factors`` (name -> (A, B), dW = B A) at per-prompt strength until the handle is
         removed; attaching the same transport to the same UNet twice is refused."""
-        key, unet = self.identity(), wrapper.unet
-        attached = _ATTACHED.setdefault(unet, set())
-        if key in attached:
-            raise ValueError("this facilitated-transport adapter is already attached to the pipeline")
-        handles = wrapper.add_prompt_scaled_lora(factors, self.strengths)
-        attached.add(key)
-        handles.on_remove.append(lambda: _ATTACHED.get(unet, set()).discard(key))
-        return handles
+        return attach_once(
+            wrapper.unet,
+            self.identity(),
+            lambda: wrapper.add_prompt_scaled_lora(factors, self.strengths),
+            "this facilitated-transport adapter is already attached to the pipeline",
+        )
 
     # ------------------------------------------------------------------ files
     def save(self, folder: Path) -> list[str]:

@@ -21,7 +21,7 @@ from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
 from pipelines.files import png_bytes
 
 from .artifact import ErasureArtifact, check_artifact_base, load_artifact, save_artifact
-from .inputs import CONCEPT_TYPES, DEFAULT_CONCEPT_TYPE, PRESERVE_SETS, config_from_overrides
+from .inputs import CONCEPT_TYPES, DEFAULT_CONCEPT_TYPE, PRESERVE_SETS, config_from_overrides, error_line
 from .layout import CHECK_PICTURE, METADATA_FILE, PIPELINE_FOLDER, check_output_folder, default_output_folder
 from .registry import ConceptSpec, erase_concepts, get_method
 
@@ -111,17 +111,16 @@ class EraseSummary:
 
 def load_check_scorer(wrapper: PipelineWrapper, scorer: str | None) -> tuple[str, Any]:
     """The CLIP scorer of the check, loaded before any edit; ``ValueError`` naming the flags when it cannot load."""
-    from evals.scorer import ClipScorer, default_scorer
+    from evals.scorer import load_scoring
 
-    name = scorer or default_scorer(wrapper.model_id)
     try:
-        return name, ClipScorer.from_pretrained(name, device=wrapper.device, progress=False)
-    except (OSError, RuntimeError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        name, clip, _ = load_scoring(wrapper.model_id, scorer, judge=False, device=wrapper.device)
+    except ValueError as err:
         raise ValueError(
-            f"cannot load the CLIP scorer {name!r} for the check ({reason}); pass --no-check to skip the check, "
-            "or --scorer with a local CLIP folder"
+            f"{error_line(err)}; the check needs it: pass --no-check to skip the check, or --scorer with a local CLIP "
+            "folder"
         ) from None
+    return name, clip
 
 
 def _check_probes(
