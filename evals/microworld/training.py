@@ -785,8 +785,9 @@ def vae_reconstructor(
 def _vae_reconstructions(
     vae: AutoencoderKL, seed: int, device: torch.device, n: int = 512
 ) -> tuple[np.ndarray, list[Any]]:
-    """Held-out renders passed through the VAE, with their true scenes. Every generated image is a VAE decoding,
-    so a scorer's accuracy on these is the most it can reach on generated images: the ceiling the UNet aims at."""
+    """``n`` held-out renders passed through the VAE, with their true scenes. Every generated image is a VAE
+    decoding, so a scorer's accuracy on these is the most it can reach on generated images: the ceiling the UNet aims
+    at."""
     from evals.microworld import world
 
     images, scenes = world.render_dataset(pool_seeds(seed, n, "heldout"))
@@ -875,7 +876,8 @@ def evaluate_micro(
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             Image.fromarray(np.concatenate(rows, axis=0)).save(Path(out_dir) / f"eval_{cat}.png")
     results["seconds_per_image"] = (time.monotonic() - t_start) / max(1, n_generated)
-    recon, scenes = _vae_reconstructions(pipe.vae, seed, device)
+    # 16 renders per eval image a concept: 512 at the default 32, as many as a smoke run's few images deserve
+    recon, scenes = _vae_reconstructions(pipe.vae, seed, device, n=max(64, 16 * n_images))
     results["clip_on_vae_reconstructions"] = zero_shot_accuracy(clip, clip_tok, recon, scenes, device)
     if judge is not None:
         from evals.microworld.judge import evaluate
