@@ -135,7 +135,7 @@ def _check_probes(
     images of each preserved concept before thinning to ``images_per_group``."""
     from evals.probes import generic_probes, world_labels, world_probes
 
-    if wrapper.model_id == "micro":
+    if wrapper.world_file is not None:
         per_target = max(1, images_per_group // max(1, len(targets)))
         target_probes = world_probes(targets, per_target, seed)[:images_per_group] if targets else []
         kept = [p for p in preserve if _in_world(p)] or preserve_set("world", targets)

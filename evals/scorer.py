@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from pipelines import world_file
 from pipelines.tokenizer import clean_prompt
 
 __all__ = [
@@ -480,9 +481,9 @@ class ClipScorer:
 
 
 def default_scorer(model: str) -> str:
-    """The scorer a script uses for ``model`` unless told: the micro world's own CLIP for the embedded model (it is
-    what reads that world), ``DEFAULT_HUB_SCORER`` for every other."""
-    return "micro" if model == "micro" else DEFAULT_HUB_SCORER
+    """The scorer a script uses for ``model`` unless told: the micro world's own CLIP for a model of that world
+    (:func:`pipelines.world_file`; it is what reads that world), ``DEFAULT_HUB_SCORER`` for every other."""
+    return "micro" if world_file(model) is not None else DEFAULT_HUB_SCORER
 
 
 def load_scoring(
@@ -491,7 +492,7 @@ def load_scoring(
     """What the scripts score with: ``(scorer name, CLIP scorer, judge or None)``.
 
     The scorer is ``scorer`` or ``default_scorer(model)``; ``ValueError`` in one line when it cannot load. The judge
-    (the micro world's ground truth) is loaded when ``judge`` is asked for and ``model`` is the micro one.
+    (the micro world's ground truth) is loaded when ``judge`` is asked for and ``model`` draws the micro world.
     """
     name = scorer or default_scorer(model)
     try:
@@ -500,7 +501,7 @@ def load_scoring(
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"cannot load the CLIP scorer {name!r}: {reason}") from None
     ground_truth = None
-    if judge and model == "micro":
+    if judge and world_file(model) is not None:
         from .microworld.judge import load_judge
 
         ground_truth = load_judge().to(device)

@@ -17,6 +17,7 @@ from .wrapper import (
     check_model_reference,
     load_pipeline,
     micro_model_path,
+    world_file,
     wrap_pipeline,
 )
 
@@ -39,5 +40,6 @@ __all__ = [
     "offline_clip_tokenizer",
     "resolve_device",
     "set_library_verbosity",
+    "world_file",
     "wrap_pipeline",
 ]

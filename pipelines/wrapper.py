@@ -40,6 +40,7 @@ __all__ = [
     "PromptEncoding",
     "load_pipeline",
     "micro_model_path",
+    "world_file",
     "wrap_pipeline",
 ]
 
@@ -207,6 +208,22 @@ def micro_model_path() -> Path:
     return Path(__file__).resolve().parent / "micro"
 
 
+def world_file(model: str) -> Path | None:
+    """The ``world.json`` of a model trained on the micro world's renders (the shipped micro model, or one
+    ``scripts/train_micro.py`` exported), else ``None``.
+
+    What a model draws decides how it is read: a model of the world is probed with the world's concepts, scored by
+    the world's CLIP and checked by its judge; any other with generic prompts and a hub CLIP. Decided by the folder,
+    not by the name ``"micro"``, so a retrained world model is read as the shipped one is.
+    """
+    if not model.strip() or model in ("tiny", "tiny-sdxl"):
+        return None
+    folder = micro_model_path() if model == "micro" else Path(model).expanduser()
+    if not (folder / "world.json").is_file():
+        return None
+    return folder / "world.json"
+
+
 def _is_local(model: str) -> bool:
     return Path(model).expanduser().exists()
 
@@ -309,6 +326,11 @@ class PipelineWrapper:
     @property
     def device(self) -> torch.device:
         return self.pipe.unet.device
+
+    @property
+    def world_file(self) -> Path | None:
+        """The micro world's description when this model was trained on it (see :func:`world_file`)."""
+        return world_file(self.model_id)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         load_pipeline,
         resolve_device,
         set_library_verbosity,
+        world_file,
     )
 
     set_library_verbosity(args.verbose)
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--attack needs an --erasure to attack")
         artifacts = [load_artifact(folder) for folder in args.erasure]
         targets = [c for a in artifacts for c in a.concepts]
-        micro = args.model == "micro"
+        micro = world_file(args.model) is not None
         if args.prompts:
             suite = resolve_suite(args.prompts)
         elif args.suite or micro or not artifacts:

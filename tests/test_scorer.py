@@ -267,3 +267,24 @@ def test_micro_clip_loads_if_shipped() -> None:
         pytest.skip("the micro CLIP is not built yet")
     scorer = ClipScorer.from_pretrained("micro", progress=False)
     assert scorer.image_embeddings(_images(2)).shape[0] == 2
+
+
+def test_a_model_is_read_as_the_world_it_draws_not_by_its_name(tmp_path):
+    """A retrained world model (a folder with ``world.json``, as train_micro exports it) gets the world's scorer and
+    judge like the shipped one; a hub id, a tiny model or a folder without a world gets the hub scorer."""
+    from evals.scorer import DEFAULT_HUB_SCORER, default_scorer
+    from pipelines import micro_model_path, world_file
+
+    retrained = tmp_path / "my-micro"
+    retrained.mkdir()
+    (retrained / "model_index.json").write_text("{}")
+    (retrained / "world.json").write_text((micro_model_path() / "world.json").read_text())
+    plain = tmp_path / "plain-sd"
+    plain.mkdir()
+    (plain / "model_index.json").write_text("{}")
+    assert world_file("micro") == micro_model_path() / "world.json"
+    assert world_file(str(retrained)) == retrained / "world.json"
+    assert default_scorer("micro") == default_scorer(str(retrained)) == "micro"
+    for other in (str(plain), "CompVis/stable-diffusion-v1-4", "tiny", ""):
+        assert world_file(other) is None
+        assert default_scorer(other) == DEFAULT_HUB_SCORER
