@@ -38,7 +38,14 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
-from pipelines.files import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, file_sha256
+from pipelines.files import (
+    atomic_save_safetensors,
+    atomic_write_bytes,
+    atomic_write_json,
+    file_sha256,
+    read_json_object,
+    read_tensors,
+)
 
 from .inputs import check_integer_fields
 from .layout import current_umask
@@ -319,23 +326,18 @@ def load_sae(folder: str | Path) -> tuple[TopKSAE, dict[str, Any]]:
     meta_path, path = folder / SAE_METADATA, folder / SAE_FILE
     if not meta_path.is_file() or not path.is_file():
         raise ValueError(f"{folder} is not an SAE folder (needs {SAE_METADATA} and {SAE_FILE})")
-    try:
-        meta = json.loads(meta_path.read_text())
-        tensors = load_file(str(path))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError) as err:
-        raise ValueError(f"cannot read the SAE in {folder}: {err}") from err
-    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int) for k in ("d_in", "latents", "k")):
+    meta = read_json_object(meta_path)
+    if not all(isinstance(meta.get(k), int) for k in ("d_in", "latents", "k")):
         raise ValueError(f"{meta_path} lacks the SAE's sizes (d_in, latents, k)")
     if meta.get("sha256") and file_sha256(path) != meta["sha256"]:
         raise ValueError(f"{path} does not match the sha256 in {SAE_METADATA}: the file was changed")
+    tensors = read_tensors(path)
     sae = TopKSAE(meta["d_in"], meta["latents"], meta["k"])
     expected = {"encoder.weight": (sae.latents, sae.d_in), "encoder.bias": (sae.latents,),
                 "W_dec": (sae.latents, sae.d_in), "b_dec": (sae.d_in,)}  # fmt: skip
     for key, shape in expected.items():
         if key not in tensors or tuple(tensors[key].shape) != shape:
             raise ValueError(f"{path}: {key} must have shape {shape}")
-        if not torch.isfinite(tensors[key]).all():
-            raise ValueError(f"{path}: {key} holds NaN or infinite values")
     with torch.no_grad():
         sae.encoder.weight.copy_(tensors["encoder.weight"])
         sae.encoder.bias.copy_(tensors["encoder.bias"])

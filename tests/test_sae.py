@@ -128,6 +128,20 @@ def test_sae_folder_round_trip_and_damage_is_one_line(tmp_path):
         load_sae(tmp_path / "nothing")
     with pytest.raises(ValueError, match="must be an integer"):
         SAETrainConfig(k=0)
+    # metadata that is not an object, and NaN weights under metadata that records no sha256
+    save_sae(sae, tmp_path / "t", {"hook_point": "x"}, [])
+    meta_path = tmp_path / "t" / "sae.json"
+    meta_path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a JSON object"):
+        load_sae(tmp_path / "t")
+    with torch.no_grad():
+        sae.b_dec[0] = float("nan")
+    save_sae(sae, tmp_path / "t", {"hook_point": "x"}, [])
+    meta = json.loads(meta_path.read_text())
+    meta.pop("sha256")
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="b_dec holds NaN"):
+        load_sae(tmp_path / "t")
 
 
 # ---------------------------------------------------------------------------------------------------- the wrapper
