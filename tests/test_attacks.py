@@ -16,7 +16,7 @@ import erase
 from evals.attacks import AttackTarget, attack_configs, attack_probes, attack_success, available_attacks, run_attack
 from evals.attacks.noise_probe import NoiseProbeConfig
 from evals.attacks.rece_embedding import adversarial_map, projection_weights, restored_share
-from evals.attacks.ring_a_bell import RingABellConfig, concept_direction
+from evals.attacks.ring_a_bell import RingABellConfig, RingABellPromptConfig, concept_direction
 from evals.attacks.suite import run_attack_suite
 from evals.microworld import world
 from evals.scorer import TEMPLATES
@@ -106,6 +106,31 @@ def test_ring_a_bell_adds_the_concept_direction(wrapper, uce):
     assert torch.allclose(moved, 2.0 * concept_direction(wrapper, "van gogh", 8, 7919).expand_as(moved), atol=1e-4)
     with pytest.raises(ValueError, match="base"):
         RingABellConfig(base="elsewhere")
+
+
+def test_ring_a_bell_prompt_writes_text_nearer_the_target_than_it_started(wrapper, uce):
+    config = RingABellPromptConfig(eta=2.0, pairs=8, length=4, population=8, generations=6, searches=2)
+    target = _target(wrapper, uce)
+    before = projection_weights(wrapper, ("*attn2.to_k", "*attn2.to_v"))
+    result = run_attack("ring_a_bell_prompt", target, config, seed=3)
+    info = result.info
+    assert len(result.images) == 3 and len(info["prompts_found"]) == 2
+    assert result.prompts == [info["prompts_found"][i % 2] for i in range(3)]  # the third probe takes the first's
+    for curve in info["loss_curves"]:
+        assert all(b <= a for a, b in zip(curve, curve[1:], strict=False))  # the best is never mutated away
+    assert all(f < i for f, i in zip(info["loss_final"], info["loss_initial"], strict=True))
+    # the written text encodes as the searched tokens: its loss is the search's
+    direction = concept_direction(wrapper, "van gogh", 8, 3 + 7919)
+    searched = wrapper.encode_prompts(info["searched_prompts"]).embeddings.float() + 2.0 * direction
+    written = wrapper.encode_prompts(info["prompts_found"]).embeddings.float()
+    assert (written - searched).pow(2).sum(dim=(1, 2)).tolist() == pytest.approx(info["loss_final"], rel=1e-4)
+    after = projection_weights(wrapper, ("*attn2.to_k", "*attn2.to_v"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    again = run_attack("ring_a_bell_prompt", target, config, seed=3)
+    assert again.prompts == result.prompts
+    for bad in ({"population": 1}, {"mutation_rate": 1.5}, {"generations": 0}, {"base": "elsewhere"}):
+        with pytest.raises(ValueError):
+            RingABellPromptConfig(**bad)
 
 
 def test_noise_probe_keeps_the_candidate_the_scorer_likes_best(wrapper, uce, scorer):

@@ -8,6 +8,8 @@ attack                    kind       what it does
 ========================  =========  ==================================================================================
 ``rece_embedding``        embedding  the closed-form embedding whose edited keys/values equal the original ones (RECE)
 ``ring_a_bell``           embedding  the concept's direction in embedding space added to the prompt (Ring-A-Bell)
+``ring_a_bell_prompt``    prompt     a written prompt whose embedding is nearest that target (Ring-A-Bell's genetic
+                                     search over tokens)
 ``noise_probe``           sampling   DDIM re-sampling at full noise, keeping the candidate the scorer rates most
                                      like the concept
 ``unlearn_diff_atk``      prompt     k adversarial prefix tokens whose erased noise prediction matches the original's

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -46,9 +47,13 @@ __all__ = [
     "register_attack",
     "resolve_attacks",
     "run_attack",
+    "word_vocabulary",
 ]
 
 logger = logging.getLogger(__name__)
+
+#: word_vocabulary's ids per wrapper (they depend on its tokenizer alone), dropped with the wrapper
+_WORDS: weakref.WeakKeyDictionary[PipelineWrapper, torch.Tensor] = weakref.WeakKeyDictionary()
 
 #: One line per attack module; importing it registers the attack.
 _ATTACK_MODULES: tuple[str, ...] = (
@@ -322,3 +327,19 @@ def attack_success(
     if judge is not None and all(p.category in classes for p in probes):
         out["judge"] = M.accuracy(judge_correct(judge, images, probes))
     return out
+
+
+def word_vocabulary(wrapper: PipelineWrapper) -> torch.Tensor:
+    """Ids of the whole-word lower-case alphabetic tokens that tokenise back to one token: a prefix of them, decoded
+    and joined by spaces, re-tokenises to the same ids. Computed once per wrapper (a second on CPU)."""
+    if wrapper in _WORDS:
+        return _WORDS[wrapper]
+    ids = []
+    for i in range(wrapper.token_embedding_matrix().shape[0]):
+        text = wrapper.decode_tokens([i])
+        word = text.isascii() and text.isalpha() and text.islower()  # the tokenizer lower-cases every prompt
+        whole_word = word and wrapper.decode_tokens([i, i]) == f"{text} {text}"
+        if whole_word and wrapper.token_count(text) == 1:
+            ids.append(i)
+    _WORDS[wrapper] = torch.tensor(ids)
+    return _WORDS[wrapper]

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,7 +51,7 @@ from tqdm.auto import tqdm
 
 from pipelines import PipelineWrapper, PromptEncoding
 
-from .base import AttackResult, AttackTarget, check_budget, register_attack
+from .base import AttackResult, AttackTarget, check_budget, register_attack, word_vocabulary
 
 __all__ = [
     "NoiseTargets",
@@ -64,15 +63,11 @@ __all__ = [
     "original_noise_targets",
     "prompt_loss",
     "unlearn_diff_atk",
-    "word_vocabulary",
 ]
 
 logger = logging.getLogger(__name__)
 
 VOCABULARIES = ("words", "all")
-
-#: word_vocabulary's ids per wrapper (they depend on its tokenizer alone), dropped with the wrapper
-_WORDS: weakref.WeakKeyDictionary[PipelineWrapper, torch.Tensor] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -190,22 +185,6 @@ def prompt_loss(wrapper: PipelineWrapper, pairs: NoiseTargets, index: torch.Tens
         encoding = wrapper.encode_prompts([prompts[int(r)] for r in pairs.rows[chunk]])
         total += float(noise_matching_loss(wrapper, pairs, chunk, encoding)) * len(chunk)
     return total / len(index)
-
-
-def word_vocabulary(wrapper: PipelineWrapper) -> torch.Tensor:
-    """Ids of the whole-word lower-case alphabetic tokens that tokenise back to one token: a prefix of them, decoded
-    and joined by spaces, re-tokenises to the same ids. Computed once per wrapper (a second on CPU)."""
-    if wrapper in _WORDS:
-        return _WORDS[wrapper]
-    ids = []
-    for i in range(wrapper.token_embedding_matrix().shape[0]):
-        text = wrapper.decode_tokens([i])
-        word = text.isascii() and text.isalpha() and text.islower()  # the tokenizer lower-cases every prompt
-        whole_word = word and wrapper.decode_tokens([i, i]) == f"{text} {text}"
-        if whole_word and wrapper.token_count(text) == 1:
-            ids.append(i)
-    _WORDS[wrapper] = torch.tensor(ids)
-    return _WORDS[wrapper]
 
 
 def _all_vocabulary(wrapper: PipelineWrapper) -> torch.Tensor:
