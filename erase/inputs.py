@@ -79,15 +79,20 @@ def check_templates(templates: Sequence[str]) -> tuple[str, ...]:
     return templates
 
 
+#: Python's spellings of the JSON constants, which users type as often (``--set facilitated_transport=False``)
+_PYTHON_CONSTANTS: dict[str, object] = {"True": True, "False": False, "None": None}
+
+
 def parse_config_overrides(pairs: Sequence[str]) -> dict[str, object]:
-    """``KEY=VALUE`` pairs as a dict, VALUE read as JSON where it parses (lists become tuples), else as a string."""
+    """``KEY=VALUE`` pairs as a dict, VALUE read as JSON where it parses (lists become tuples), ``True`` / ``False`` /
+    ``None`` as Python reads them, else as a string."""
     overrides: dict[str, object] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--set {pair!r}: expected KEY=VALUE")
         try:
-            value = json.loads(raw)
+            value = _PYTHON_CONSTANTS[raw.strip()] if raw.strip() in _PYTHON_CONSTANTS else json.loads(raw)
         except json.JSONDecodeError:
             value = raw
         overrides[key.strip()] = tuple(value) if isinstance(value, list) else value

@@ -242,3 +242,12 @@ def test_audit_script_takes_lora_artifacts_unchanged(tmp_path, clip_dir, capsys)
     original, *erased = saved["models"]
     assert [m["artifact"]["method"] for m in erased] == ["esd", "spm"] and (out / "report.html").is_file()
     assert all(m["vs_original"]["image_similarity"]["all"]["n"] == 3 for m in erased)
+
+
+def test_set_values_read_as_json_or_as_python_spells_them():
+    from erase.inputs import parse_config_overrides
+
+    parsed = parse_config_overrides(["a=False", "b=true", "c=None", "d=[1, 2]", "e=van gogh", "f=1e-3", "g= True "])
+    assert parsed == {"a": False, "b": True, "c": None, "d": (1, 2), "e": "van gogh", "f": 1e-3, "g": True}
+    spm = erase.get_method("spm").config_class
+    assert spm(**parse_config_overrides(["facilitated_transport=False"])).facilitated_transport is False
