@@ -9,6 +9,8 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
+from pipelines.checks import check_integer_fields, check_number_fields, error_line
+
 __all__ = [
     "CONCEPT_TYPES",
     "DEFAULT_CONCEPT_TYPE",
@@ -23,15 +25,6 @@ __all__ = [
     "config_from_overrides",
     "parse_config_overrides",
 ]
-
-
-def error_line(err: BaseException) -> str:
-    """The one line a script prints after ``error:`` for a refused input: a file error as ``path: reason``, a
-    ``KeyError`` without its quotes, anything else as its message's first line (its type's name when it has none)."""
-    if isinstance(err, OSError) and err.filename is not None:
-        return f"{err.filename}: {err.strerror or err}"
-    text = str(err.args[0] if isinstance(err, KeyError) and err.args else err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def concept_key(text: str) -> str:
@@ -51,24 +44,6 @@ def check_concept_text(text: object, what: str) -> str:
     if not any(unicodedata.category(ch)[0] in "LNPS" for ch in text):
         raise ValueError(f"{what} {text!r} has no visible characters")
     return text
-
-
-def check_integer_fields(config: object, names: Sequence[str], minimum: int = 1) -> None:
-    """``ValueError`` naming the first of a config's fields that is not an integer >= ``minimum`` (bools refused)."""
-    for name in names:
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def check_number_fields(config: object, positive: Sequence[str] = (), non_negative: Sequence[str] = ()) -> None:
-    """``ValueError`` naming the first of a config's ``positive`` fields not > 0 or ``non_negative`` fields not >= 0
-    (NaN fails both)."""
-    for names, bound, ok in ((positive, "> 0", lambda v: v > 0), (non_negative, ">= 0", lambda v: v >= 0)):
-        for name in names:
-            value = getattr(config, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
-                raise ValueError(f"{name} must be a number {bound}, got {value!r}")
 
 
 def check_templates(templates: Sequence[str]) -> tuple[str, ...]:

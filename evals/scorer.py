@@ -31,6 +31,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipelines import world_file
+from pipelines.checks import error_line
 from pipelines.tokenizer import clean_prompt
 
 __all__ = [
@@ -498,8 +499,7 @@ def load_scoring(
     try:
         clip = ClipScorer.from_pretrained(name, device=device, progress=progress)
     except (OSError, RuntimeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"cannot load the CLIP scorer {name!r}: {reason}") from None
+        raise ValueError(f"cannot load the CLIP scorer {name!r}: {error_line(err)}") from None
     ground_truth = None
     if judge and world_file(model) is not None:
         from .microworld.judge import load_judge

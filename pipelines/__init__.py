@@ -1,25 +1,36 @@
-"""The shared Stable Diffusion pipeline wrapper: the only package that knows diffusers' internals."""
+"""The shared Stable Diffusion pipeline wrapper: the only package that knows diffusers' internals.
 
-from .runtime import resolve_device, set_library_verbosity
-from .tokenizer import clean_prompt, offline_clip_tokenizer
-from .wrapper import (
-    CROSS_ATTENTION_PATTERNS,
-    DEFAULT_GUIDANCE,
-    DEFAULT_STEPS,
-    HOOK_POINT_PATTERNS,
-    LORA_TARGETS,
-    CrossAttentionLayer,
-    HookHandles,
-    LoraAdapters,
-    ModelNotFoundError,
-    PipelineWrapper,
-    PromptEncoding,
-    check_model_reference,
-    load_pipeline,
-    micro_model_path,
-    world_file,
-    wrap_pipeline,
-)
+The public names load on first use (PEP 562), so ``pipelines.checks`` and ``pipelines.files`` serve input checks
+before torch and diffusers are imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    "resolve_device": "runtime",
+    "set_library_verbosity": "runtime",
+    "clean_prompt": "tokenizer",
+    "offline_clip_tokenizer": "tokenizer",
+    "CROSS_ATTENTION_PATTERNS": "wrapper",
+    "DEFAULT_GUIDANCE": "wrapper",
+    "DEFAULT_STEPS": "wrapper",
+    "HOOK_POINT_PATTERNS": "wrapper",
+    "LORA_TARGETS": "wrapper",
+    "CrossAttentionLayer": "wrapper",
+    "HookHandles": "wrapper",
+    "LoraAdapters": "wrapper",
+    "ModelNotFoundError": "wrapper",
+    "PipelineWrapper": "wrapper",
+    "PromptEncoding": "wrapper",
+    "check_model_reference": "wrapper",
+    "load_pipeline": "wrapper",
+    "micro_model_path": "wrapper",
+    "world_file": "wrapper",
+    "wrap_pipeline": "wrapper",
+}
 
 __all__ = [
     "CROSS_ATTENTION_PATTERNS",
@@ -43,3 +54,37 @@ __all__ = [
     "world_file",
     "wrap_pipeline",
 ]
+
+if TYPE_CHECKING:
+    from .runtime import resolve_device, set_library_verbosity
+    from .tokenizer import clean_prompt, offline_clip_tokenizer
+    from .wrapper import (
+        CROSS_ATTENTION_PATTERNS,
+        DEFAULT_GUIDANCE,
+        DEFAULT_STEPS,
+        HOOK_POINT_PATTERNS,
+        LORA_TARGETS,
+        CrossAttentionLayer,
+        HookHandles,
+        LoraAdapters,
+        ModelNotFoundError,
+        PipelineWrapper,
+        PromptEncoding,
+        check_model_reference,
+        load_pipeline,
+        micro_model_path,
+        world_file,
+        wrap_pipeline,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pipelines' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -25,6 +25,8 @@ from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline,
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .checks import error_line
+
 __all__ = [
     "CROSS_ATTENTION_PATTERNS",
     "DEFAULT_GUIDANCE",
@@ -291,8 +293,7 @@ def load_pipeline(
         try:
             pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, safety_checker=None)
         except (OSError, ValueError) as err:
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ModelNotFoundError(f"cannot load model {model!r}: {first_line}") from err
+            raise ModelNotFoundError(f"cannot load model {model!r}: {error_line(err)}") from err
     if model.startswith("tiny") and dtype != torch.float32:
         pipe.to(dtype=dtype)
     if not isinstance(pipe, StableDiffusionPipeline | StableDiffusionXLPipeline):

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
+from pipelines.checks import check_integer_fields, check_number_fields
 
 from .. import metrics as M
 from ..microworld import world
@@ -223,16 +224,8 @@ def attack_configs(overrides: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]
 def check_budget(config: Any, integers: Sequence[str], positive: Sequence[str] = (),
                  non_negative: Sequence[str] = ()) -> None:  # fmt: skip
     """Validate an attack config's budget fields: ``integers`` >= 1, ``positive`` > 0, ``non_negative`` >= 0."""
-    for name in integers:
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    for name in positive:
-        if not getattr(config, name) > 0:
-            raise ValueError(f"{name} must be > 0, got {getattr(config, name)}")
-    for name in non_negative:
-        if not getattr(config, name) >= 0:
-            raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
+    check_integer_fields(config, integers)
+    check_number_fields(config, positive, non_negative)
 
 
 def get_attack(name: str) -> Attack:

@@ -25,6 +25,7 @@ from typing import Any
 
 from PIL import Image
 
+from pipelines.checks import error_line
 from pipelines.files import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, png_bytes, slug
 
 from ..grids import labelled_grid
@@ -40,15 +41,11 @@ BASELINES = ("original", "unattacked")
 _GRID_IMAGES = 8
 
 
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-
-
 def _read_settings(path: Path) -> dict[str, Any]:
     try:
         found = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise ValueError(f"{path} is unreadable ({_first_line(err)}); use another --out folder") from None
+        raise ValueError(f"{path} is unreadable ({error_line(err)}); use another --out folder") from None
     if not isinstance(found, dict) or found.get("schema_version") != SUITE_SCHEMA_VERSION:
         raise ValueError(f"{path} is not an attack run of this version; use another --out folder")
     return found
@@ -173,7 +170,7 @@ def _finished_row(folder: Path, images: int) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        logger.warning("%s: %s; running the row again", folder, _first_line(err))
+        logger.warning("%s: %s; running the row again", folder, error_line(err))
         return None
     return row if isinstance(row, dict) else None
 
