@@ -48,7 +48,14 @@ lr=3e-3``, 100 steps, 100 images a group) erase little: van gogh 96%, mondrian 1
 world's other concepts as anchors and more steps (``--set steps=500 --preserve-set world``, 206 s): van gogh, seurat,
 picasso, monet and their synonyms 0-1%, but mondrian 23% (its synonyms 27-35%); every erased style now reads as
 warhol (the guide "art" draws warhol's halftone on this model), warhol itself 100%; objects 87.5 -> 95.8% (judge
-91.7 -> 97.9%), colours 94.8 -> 93.8% (judge 97.9 -> 92.7%).
+91.7 -> 97.9%), colours 94.8 -> 93.8% (judge 97.9 -> 92.7%). At ``--set steps=1000`` (385 s) mondrian is 13% but
+"de stijl" 21%, colours 88.5% (judge 88.5%). At ``--set steps=1500`` (450 s) every style and synonym is at 0-2%
+(mondrian's synonyms 1-2%), warhol 100%, objects 87.5 -> 92.7% (judge 91.7 -> 97.9%), colours 94.8 -> 87.5% (judge
+97.9 -> 89.6%): the five-style bar is met; the colours pay for the warhol halftone every erased style now wears (as
+with UCE's five styles and the same guide)::
+
+    scripts/measure_erasure.py --concept "van gogh" --concept mondrian --concept seurat --concept picasso \
+        --concept monet --method ca --set lr=3e-3 --set steps=1500 --preserve-set world --images 100
 """
 
 from __future__ import annotations
