@@ -190,7 +190,7 @@ _RECIPE_SETS = ("stages", "init_from", "preset", "clip_steps", "clip_lr", "vae_s
                 "unet_lr", "clip_freeze_text_after", "clip_augment_from", "clip_warp_from", "clip_vae_from",
                 "clip_class_prompt_weight")  # fmt: skip
 _RECIPE_SHARES = ("device", "seed", "workers", "max_steps", "pool_size", "batch_size", "eval_images", "eval_seed",
-                  "time_limit_min", "checkpoint_every_s")  # fmt: skip
+                  "eval_steps", "time_limit_min", "checkpoint_every_s")  # fmt: skip
 
 
 def run_recipe(shared: list[str], work: Path, out_sd: Path, out_clip: Path) -> int:
@@ -292,6 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="seed of the eval stage's image seeds (default: --seed); another value draws a fresh set of images",
     )
+    ap.add_argument(
+        "--eval-steps",
+        type=int,
+        default=None,
+        help="sampler steps of the eval stage's images (default: the pipelines' default, as every audit draws them)",
+    )
     ap.add_argument("--time-limit-min", type=float, default=None, help="per training stage: stop, save, move on")
     ap.add_argument("--checkpoint-every-s", type=float, default=180.0)
     ap.add_argument("--estimate", action="store_true", help="measure per-step times, print the total, exit")
@@ -299,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.eval_steps is not None and args.eval_steps < 1:
+        ap.error(f"--eval-steps must be >= 1, got {args.eval_steps}")
     if args.recipe is not None:
         owned = [f"--{d.replace('_', '-')}" for d in _RECIPE_SETS if getattr(args, d) != ap.get_default(d)]
         if owned:
@@ -373,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed if args.eval_seed is None else args.eval_seed,
                 n_images=p.eval_images,
                 batch=p.eval_batch,
+                steps=args.eval_steps,
                 out_dir=args.work,
                 progress=progress,
             )

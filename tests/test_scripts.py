@@ -21,7 +21,8 @@ def _run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_train_micro_command_runs_every_stage(tmp_path):
     sd, clip, work = tmp_path / "sd", tmp_path / "clip", tmp_path / "work"
-    caps = ["--max-steps", "2", "--pool-size", "64", "--batch-size", "8", "--eval-images", "1", "--workers", "1"]
+    caps = ["--max-steps", "2", "--pool-size", "64", "--batch-size", "8", "--eval-images", "1", "--eval-steps", "2",
+            "--workers", "1"]  # fmt: skip
     paths = ["--out-sd", str(sd), "--out-clip", str(clip), "--work", str(work)]
     result = _run("train_micro.py", "--preset", "cpu", "--device", "cpu", *caps, *paths, "--no-progress", cwd=tmp_path)
     assert "all done" in result.stdout
@@ -67,7 +68,8 @@ def test_train_micro_command_runs_every_stage(tmp_path):
 
 def test_train_micro_recipe_replays_the_shipped_runs(tmp_path):
     sd, clip, work = tmp_path / "sd", tmp_path / "clip", tmp_path / "work"
-    caps = ["--max-steps", "2", "--pool-size", "64", "--batch-size", "8", "--eval-images", "1", "--workers", "1"]
+    caps = ["--max-steps", "2", "--pool-size", "64", "--batch-size", "8", "--eval-images", "1", "--eval-steps", "2",
+            "--workers", "1"]  # fmt: skip
     recipe = [
         "--recipe",
         "shipped",

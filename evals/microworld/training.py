@@ -803,14 +803,15 @@ def evaluate_micro(
     seed: int,
     n_images: int = 32,
     batch: int = 16,
+    steps: int | None = None,
     out_dir: str | Path | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Generate ``n_images`` per concept from its one-attribute prompt (``world.prompt``) at the default sampler
-    settings and fixed seeds, and report per-category accuracy of the named attribute as judged by the micro CLIP
-    (zero-shot) and by the ground-truth judge when it exists, and how often the two name the same concept for an
-    image, and CLIP's accuracy on the images the judge reads as the named concept (the scorer's own error, apart from
-    the UNet's). Saves one image grid PNG per category in ``out_dir``.
+    settings (``steps``: ``DEFAULT_STEPS`` unless given) and fixed seeds, and report per-category accuracy of the
+    named attribute as judged by the micro CLIP (zero-shot) and by the ground-truth judge when it exists, and how
+    often the two name the same concept for an image, and CLIP's accuracy on the images the judge reads as the named
+    concept (the scorer's own error, apart from the UNet's). Saves one image grid PNG per category in ``out_dir``.
     """
     from evals.microworld import world
 
@@ -843,7 +844,7 @@ def evaluate_micro(
                 ]
                 out = pipe(
                     [prompt] * len(gens),
-                    num_inference_steps=DEFAULT_STEPS,
+                    num_inference_steps=DEFAULT_STEPS if steps is None else steps,
                     guidance_scale=DEFAULT_GUIDANCE,
                     generator=gens,
                     output_type="np",
