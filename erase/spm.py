@@ -42,7 +42,9 @@ one adapter per concept (the default, as the reference; the micro setting, 600 s
 van gogh 4%, "vincent van gogh" 11%, but mondrian 41%, seurat 70%, picasso 59%, monet 45% (their full names 32-73%),
 and every synonym that shares no token with its concept 73-77% ("starry night style", "de stijl", "pointillism",
 "cubism", "impressionism"); warhol 100%, objects 87.5 -> 90.6% (judge 91.7 -> 95.8%), colours 94.8 -> 91.7% (judge
-97.9 -> 93.8%). The micro setting was chosen on van gogh; the other styles need more steps, not measured yet.
+97.9 -> 93.8%). The shortfall is each adapter's own, not the stacking: mondrian erased alone at the same setting
+(48 images) keeps 31% after 600 steps and 21% after 1500 (judge 19%; "de stijl" 90% and 85% under transport), so
+on this model a rank-1 adapter at lr 1e-3 does not take every style below the issue's 15%; van gogh is the easy one.
 
 Facilitated transport (``facilitated_transport``, on by default as in the reference's inference): the artifact is
 the LoRA plus the erased concepts as ``erase.transport`` reads them, and wherever it is applied through ``erase``
