@@ -39,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipelines import PipelineWrapper
+from pipelines.checks import check_integer_fields
 
 from .base import AttackResult, AttackTarget, attack_probes, check_budget, register_attack, word_vocabulary
 
@@ -103,11 +104,11 @@ def ring_a_bell(target: AttackTarget, config: RingABellConfig, seed: int) -> Att
 
 
 @dataclass
-class RingABellPromptConfig:
-    """Settings (the budget) of Ring-A-Bell's discrete search.
+class RingABellPromptConfig(RingABellConfig):
+    """Settings (the budget) of Ring-A-Bell's discrete search: :class:`RingABellConfig`'s (the target is
+    ``E(base prompt) + eta * d``) and the search's.
 
     Attributes:
-        eta, pairs, base: as :class:`RingABellConfig` (the target is ``E(base prompt) + eta * d``).
         length: free tokens of the written prompt (reference: 16).
         population: members of each generation (reference: 200).
         generations: generations of the search (reference: 3000).
@@ -117,9 +118,6 @@ class RingABellPromptConfig:
             search per prompt).
     """
 
-    eta: float = 0.9
-    pairs: int = 64
-    base: str = "prompt"
     length: int = 16
     population: int = 64
     generations: int = 150
@@ -128,15 +126,13 @@ class RingABellPromptConfig:
     searches: int = 4
 
     def __post_init__(self) -> None:
-        check_budget(self, ("pairs", "length", "generations", "searches"), ("eta",))
-        if isinstance(self.population, bool) or not isinstance(self.population, int) or self.population < 2:
-            raise ValueError(f"population must be an integer >= 2, got {self.population!r}")
+        super().__post_init__()
+        check_budget(self, ("length", "generations", "searches"))
+        check_integer_fields(self, ("population",), minimum=2)
         for name in ("crossover_rate", "mutation_rate"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not 0 <= value <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-        if self.base not in BASES:
-            raise ValueError(f"base must be one of {BASES}, got {self.base!r}")
 
 
 @dataclass
@@ -216,15 +212,14 @@ def ring_a_bell_prompt(target: AttackTarget, config: RingABellPromptConfig, seed
     direction = concept_direction(wrapper, target.concept, config.pairs, seed + 7919)
     searched = target.probes[: config.searches]
     bases = [p.prompt if config.base == "prompt" else p.neutral for p in searched]
-    targets = wrapper.encode_prompts(bases).embeddings.float() + config.eta * direction.to(wrapper.device)
+    shift = config.eta * direction.to(wrapper.device)
+    targets = wrapper.encode_prompts(bases).embeddings.float() + shift
     vocabulary = word_vocabulary(wrapper)
     generator = torch.Generator().manual_seed(seed)
     found = []
     for row in tqdm(targets, desc="ring_a_bell_prompt", unit="search", disable=not target.progress):
         found.append(search_tokens(wrapper, row, vocabulary, config, generator))
     written = [wrapper.decode_tokens(f.ids) for f in found]
-    unattacked = [float((wrapper.encode_prompts([b]).embeddings.float() - t).pow(2).sum())
-                  for b, t in zip(bases, targets, strict=True)]  # fmt: skip
     seconds = {"search": time.perf_counter() - clock}
     attacked = [written[i % len(written)] for i in range(len(target.probes))]
     with target.erased_model():
@@ -238,7 +233,7 @@ def ring_a_bell_prompt(target: AttackTarget, config: RingABellPromptConfig, seed
         "searched_prompts": bases,
         "loss_initial": [f.curve[0] for f in found],
         "loss_final": [f.loss for f in found],
-        "loss_of_the_base_prompt": unattacked,
+        "loss_of_the_base_prompt": float(shift.pow(2).sum()),  # the prompt itself misses its target by eta d
         "loss_curves": [f.curve for f in found],
         "vocabulary_size": int(len(vocabulary)),
         "direction_norm": float(direction.norm()),
