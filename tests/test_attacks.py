@@ -174,6 +174,14 @@ def test_rece_erases_what_undoes_uce(wrapper):
         erase.get_method("rece").config_class(rounds=-1)
 
 
+def test_the_suite_checks_every_attack_against_the_model_before_drawing_anything(wrapper, uce, scorer, tmp_path):
+    target = _target(wrapper, uce, n=2, scorer=scorer)
+    too_long = {"ring_a_bell_prompt": RingABellPromptConfig(length=wrapper.max_prompt_tokens + 1)}
+    with pytest.raises(ValueError, match="more tokens than the text encoder reads"):
+        run_attack_suite(target, ["rece_embedding", "ring_a_bell_prompt"], tmp_path, scorer=scorer, configs=too_long)
+    assert not list(tmp_path.rglob("*.png"))
+
+
 def test_the_suite_writes_every_row_and_resumes_without_redoing_them(wrapper, uce, scorer, tmp_path):
     target = _target(wrapper, uce, n=2, scorer=scorer)
     summary = run_attack_suite(target, ["rece_embedding"], tmp_path, scorer=scorer, erasure={"id": 1})

@@ -43,6 +43,7 @@ __all__ = [
     "attack_probes",
     "attack_success",
     "available_attacks",
+    "check_attack",
     "check_budget",
     "get_attack",
     "register_attack",
@@ -155,6 +156,9 @@ class Attack:
     #: "embedding": feeds prompt embeddings to the UNet (white-box, diffusers' ``prompt_embeds``); "prompt": writes
     #: text any deployment accepts; "sampling": changes only how images are sampled
     kind: str
+    #: ``check(target, config)`` raises for a target the attack cannot run on (known once the model is loaded, before
+    #: any image is drawn: a suite checks every attack before its baselines)
+    check: Callable[[AttackTarget, Any], None] | None = None
 
 
 _REGISTRY: dict[str, Attack] = {}
@@ -162,8 +166,11 @@ _loaded = False
 KINDS = ("embedding", "prompt", "sampling")
 
 
-def register_attack(name: str, config_class: type, summary: str, kind: str) -> Callable:
-    """Decorator registering ``fn(target, config, seed) -> AttackResult`` under ``name``."""
+def register_attack(
+    name: str, config_class: type, summary: str, kind: str, check: Callable[[AttackTarget, Any], None] | None = None
+) -> Callable:
+    """Decorator registering ``fn(target, config, seed) -> AttackResult`` under ``name`` (``check``: see
+    :attr:`Attack.check`)."""
     if kind not in KINDS:
         raise ValueError(f"unknown attack kind {kind!r}; expected one of {KINDS}")
     if not dataclasses.is_dataclass(config_class):
@@ -172,7 +179,7 @@ def register_attack(name: str, config_class: type, summary: str, kind: str) -> C
     def decorator(fn: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"an attack named {name!r} is already registered")
-        _REGISTRY[name] = Attack(name, config_class, fn, summary, kind)
+        _REGISTRY[name] = Attack(name, config_class, fn, summary, kind, check)
         return fn
 
     return decorator
@@ -235,14 +242,23 @@ def get_attack(name: str) -> Attack:
     return _REGISTRY[name]
 
 
-def run_attack(name: str, target: AttackTarget, config: Any = None, seed: int = 0) -> AttackResult:
-    """Run one attack; the pipeline is left as it was (the erasure is in force only inside the attack)."""
+def check_attack(name: str, target: AttackTarget, config: Any = None) -> Any:
+    """The config ``name`` runs ``target`` with (its default when ``None``); raises when it is of the wrong class,
+    there are no probes, or the attack's own check refuses the target."""
     attack = get_attack(name)
     config = attack.config_class() if config is None else config
     if not isinstance(config, attack.config_class):
         raise TypeError(f"attack {name!r} takes a {attack.config_class.__name__}, got {type(config).__name__}")
     if not target.probes:
         raise ValueError("no probes to attack")
+    if attack.check is not None:
+        attack.check(target, config)
+    return config
+
+
+def run_attack(name: str, target: AttackTarget, config: Any = None, seed: int = 0) -> AttackResult:
+    """Run one attack; the pipeline is left as it was (the erasure is in force only inside the attack)."""
+    attack, config = get_attack(name), check_attack(name, target, config)
     start = time.perf_counter()
     result = attack.run(target, config, seed)
     result.seconds = time.perf_counter() - start

@@ -196,17 +196,20 @@ def search_tokens(
     return TokenSearch(members[best].clone(), float(losses[best]), curve)
 
 
-@register_attack("ring_a_bell_prompt", RingABellPromptConfig,
-                 "a written prompt whose embedding is the concept direction's (Ring-A-Bell's genetic search)",
-                 "prompt")  # fmt: skip
-def ring_a_bell_prompt(target: AttackTarget, config: RingABellPromptConfig, seed: int) -> AttackResult:
-    """Search the first ``config.searches`` probes' targets on the original model (white box), then draw every probe
-    from a found prompt, as text, with the erased model."""
+def _check_prompt_search(target: AttackTarget, config: RingABellPromptConfig) -> None:
     if target.wrapper.is_sdxl:
         raise NotImplementedError("ring_a_bell_prompt: the token search is SD 1.x/2.x only, not on SDXL yet")
     if config.length > target.wrapper.max_prompt_tokens:
         raise ValueError(f"length {config.length} is more tokens than the text encoder reads "
                          f"({target.wrapper.max_prompt_tokens})")  # fmt: skip
+
+
+@register_attack("ring_a_bell_prompt", RingABellPromptConfig,
+                 "a written prompt whose embedding is the concept direction's (Ring-A-Bell's genetic search)",
+                 "prompt", check=_check_prompt_search)  # fmt: skip
+def ring_a_bell_prompt(target: AttackTarget, config: RingABellPromptConfig, seed: int) -> AttackResult:
+    """Search the first ``config.searches`` probes' targets on the original model (white box), then draw every probe
+    from a found prompt, as text, with the erased model."""
     wrapper = target.wrapper
     clock = time.perf_counter()
     direction = concept_direction(wrapper, target.concept, config.pairs, seed + 7919)

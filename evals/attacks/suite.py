@@ -29,7 +29,7 @@ from pipelines.checks import error_line
 from pipelines.files import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, png_bytes, slug
 
 from ..grids import labelled_grid
-from .base import AttackResult, AttackTarget, attack_success, get_attack, run_attack
+from .base import AttackResult, AttackTarget, attack_success, check_attack, get_attack, run_attack
 
 __all__ = ["BASELINES", "SUITE_SCHEMA_VERSION", "asr_table", "check_suite_folder", "run_attack_suite"]
 
@@ -114,7 +114,7 @@ def run_attack_suite(
     out = Path(out_dir)
     configs = dict(configs or {})
     for name in attacks:
-        get_attack(name)  # an unknown name fails before anything runs
+        check_attack(name, target, configs.get(name))  # an unknown name or a target it refuses: before any image
     settings = {
         "schema_version": SUITE_SCHEMA_VERSION,
         "concept": target.concept,

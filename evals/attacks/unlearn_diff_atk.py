@@ -272,17 +272,21 @@ def optimise_prefix(
                         curve, int(len(allowed)))  # fmt: skip
 
 
-@register_attack("unlearn_diff_atk", UnlearnDiffAtkConfig, "adversarial prefix tokens matching the original's noise",
-                 "prompt")  # fmt: skip
-def unlearn_diff_atk(target: AttackTarget, config: UnlearnDiffAtkConfig, seed: int) -> AttackResult:
-    """Optimise one prefix over ``optimisation_probes`` probes (chosen and initialised with ``seed``), then draw every
-    probe from ``"<prefix> <probe prompt>"`` with the erased model."""
+def _check_prefix_room(target: AttackTarget, config: UnlearnDiffAtkConfig) -> None:
     wrapper, k = target.wrapper, config.tokens
     for probe in target.probes:
         if wrapper.token_count(probe.prompt) + k > wrapper.max_prompt_tokens:
             raise ValueError(
                 f"probe {probe.prompt[:40]!r} plus {k} prefix tokens is longer than the text encoder reads"
             )
+
+
+@register_attack("unlearn_diff_atk", UnlearnDiffAtkConfig, "adversarial prefix tokens matching the original's noise",
+                 "prompt", check=_check_prefix_room)  # fmt: skip
+def unlearn_diff_atk(target: AttackTarget, config: UnlearnDiffAtkConfig, seed: int) -> AttackResult:
+    """Optimise one prefix over ``optimisation_probes`` probes (chosen and initialised with ``seed``), then draw every
+    probe from ``"<prefix> <probe prompt>"`` with the erased model."""
+    wrapper, k = target.wrapper, config.tokens
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(len(target.probes), generator=generator)[: config.optimisation_probes].sort().values
     prompts = [target.probes[int(i)].prompt for i in chosen]
