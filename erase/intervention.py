@@ -16,8 +16,8 @@ Files beside ``erasure.json`` (``weight_format: "intervention"``)::
     intervention.safetensors       the method's tables (features, multipliers, per-timestep tables)
     sae.safetensors, sae.json      the SAE it reads the activations with
 
-How the features are edited is the method's: each runtime method registers its ``runtime_edit`` (tokens in, tokens
-out) with the registry, and ``intervention.json``'s ``kind`` names it.
+How the features are edited is the method's: each runtime method registers its ``runtime_edit`` (intervention,
+tokens, timestep, guided) -> tokens with the registry, and ``intervention.json``'s ``kind`` names it.
 """
 
 from __future__ import annotations
@@ -67,6 +67,8 @@ class SAEIntervention:
         settings: the method's scalars (JSON), e.g. a gate threshold or a multiplier.
         tables: the method's tensors, e.g. the selected features or per-timestep tables.
         sae_metadata: the SAE's ``sae.json`` (its training and quality), kept with the artifact.
+        memory: what the method remembers from one UNet call to the next within one generation (saeuron's gate
+            latch); the method resets it when a new generation starts. Never saved, not part of the identity.
     """
 
     kind: str
@@ -75,6 +77,7 @@ class SAEIntervention:
     settings: dict[str, Any] = field(default_factory=dict)
     tables: dict[str, torch.Tensor] = field(default_factory=dict)
     sae_metadata: dict[str, Any] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def component(self) -> str:
@@ -90,8 +93,9 @@ class SAEIntervention:
             digest.update(self.tables[name].detach().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()
 
-    def edit(self, tokens: torch.Tensor, timestep: torch.Tensor | None) -> torch.Tensor:
-        """The hook point's activations ``(batch, tokens, width)`` after the method's edit (float32 maths)."""
+    def edit(self, tokens: torch.Tensor, timestep: torch.Tensor | None, guided: bool = False) -> torch.Tensor:
+        """The hook point's activations ``(batch, tokens, width)`` after the method's edit (float32 maths);
+        ``guided``: the batch is classifier-free guidance's [unconditional; conditional] halves."""
         from .registry import get_method
 
         runtime_edit = get_method(self.kind).runtime_edit
@@ -100,7 +104,7 @@ class SAEIntervention:
         if self.sae.encoder.weight.device != tokens.device:
             self.sae.to(tokens.device)
             self.tables = {k: v.to(tokens.device) for k, v in self.tables.items()}
-        edited = runtime_edit(self, tokens.float(), timestep)
+        edited = runtime_edit(self, tokens.float(), timestep, guided)
         return tokens if edited is None else edited.to(tokens.dtype)
 
     def attach(self, wrapper: PipelineWrapper) -> HookHandles:
@@ -108,7 +112,9 @@ class SAEIntervention:
         return attach_once(
             wrapper.hook_point(self.hook_point),
             self.identity(),
-            lambda: wrapper.add_output_edit(self.hook_point, self.edit),
+            lambda: wrapper.add_output_edit(
+                self.hook_point, lambda tokens, timestep: self.edit(tokens, timestep, wrapper.guidance_halves())
+            ),
             f"this {self.kind} intervention is already attached at {self.hook_point}",
         )
 

@@ -135,7 +135,9 @@ def _gate_error(intervention: SAEIntervention, tokens: torch.Tensor) -> tuple[to
     return statistic, edited, plain
 
 
-def itd_edit(intervention: SAEIntervention, tokens: torch.Tensor, _timestep: Any) -> torch.Tensor | None:
+def itd_edit(
+    intervention: SAEIntervention, tokens: torch.Tensor, _timestep: Any, _guided: bool = False
+) -> torch.Tensor | None:
     """The gated deactivation on a batch of prompts' tokens; ``None`` (leave them) when no prompt passes the gate."""
     mse, edited, plain = _gate_error(intervention, tokens)
     fired = mse >= intervention.settings["threshold"]

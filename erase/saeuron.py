@@ -79,6 +79,11 @@ class SAeUronConfig:
         other_prompts: how many of the SAE's training prompts (naming no erased concept) make the "other" stats.
         steps, guidance: the sampler's settings for the stats images (reference: 100 DDIM steps, guidance 9).
         seed: first seed of the stats images.
+        gate: edit an image at a timestep only where the concept is present in it: the concept's chosen features,
+            averaged over the image's positions and summed, reach ``gate`` times their value on the concept's stats
+            images (``None``: every image, the reference). Ours, not the reference's: see the module docstring.
+        gate_steps: how many UNet calls of one generation the gate must pass before the image is edited; from then on
+            it is edited to the end of the generation.
     """
 
     hook_point: str | None = None
@@ -92,9 +97,14 @@ class SAeUronConfig:
     steps: int = 100
     guidance: float = 9.0
     seed: int = 188
+    gate: float | None = None
+    gate_steps: int = 2
 
     def __post_init__(self) -> None:
-        check_integer_fields(self, ("images_per_prompt", "steps", "other_prompts"))
+        if self.gate is not None and (isinstance(self.gate, bool) or not isinstance(self.gate, int | float)
+                                      or not 0 < self.gate <= 1):  # fmt: skip
+            raise ValueError(f"gate must be None or in (0, 1], got {self.gate!r}")
+        check_integer_fields(self, ("images_per_prompt", "steps", "other_prompts", "gate_steps"))
         check_integer_fields(self, ("seed",), minimum=0)
         if not isinstance(self.percentile, int | float) or not 0 < self.percentile < 100:
             raise ValueError(f"percentile must be in (0, 100), got {self.percentile!r}")
@@ -115,19 +125,73 @@ def default_unet_hook(wrapper: PipelineWrapper) -> str:
     return [p for p in ups if p.startswith(first + ".attentions.")][-1]
 
 
-def saeuron_edit(intervention: SAEIntervention, tokens: torch.Tensor, timestep: Any) -> torch.Tensor | None:
-    """Scale the concept's firing features at the nearest tabled timestep; x' = x + W_dec (z' - z)."""
+def _presence(codes: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """How present each concept is in each image: its chosen features' codes averaged over the image's positions and
+    summed: ``(images, concepts)``, from codes ``(images, positions, latents)`` and ``selected`` of shape
+    ``(concepts, latents)``."""
+    return codes.mean(dim=1) @ selected.to(codes.dtype).T
+
+
+def saeuron_edit(
+    intervention: SAEIntervention, tokens: torch.Tensor, timestep: Any, guided: bool = False
+) -> torch.Tensor | None:
+    """Scale the present concepts' firing features at the nearest tabled timestep; x' = x + W_dec (z' - z).
+
+    Tables hold one row per erased concept; where two concepts present in one image chose the same feature, the
+    stronger scaling applies. Images where no concept passes its gate are returned untouched (bit-identical). In a
+    ``guided`` batch ([unconditional; conditional]) an image's conditional half decides for both halves, so the
+    image is edited in both as the ungated edit is: editing one half alone would be amplified by the guidance scale.
+    """
     if timestep is None:
         return None
     tables = intervention.tables
     row = int((tables["timesteps"] - float(timestep)).abs().argmin())
-    selected = tables["selected"][row]
+    selected = _per_concept(tables["selected"])[:, row]  # (concepts, latents)
     if not selected.any():
         return None
     sae = intervention.sae
     z = sae.encode(tokens)
-    scale = torch.where(selected & (z > tables["threshold"][row]), tables["factor"][row], torch.ones_like(z))
-    return tokens + (z * scale - z) @ sae.W_dec
+    gate = tables.get("gate")
+    present = torch.ones(len(z), len(selected), dtype=torch.bool, device=z.device)
+    if gate is not None:
+        passes = _presence(z, selected) >= gate[:, row]
+        if guided and len(passes) % 2 == 0:
+            passes = passes[len(passes) // 2 :].repeat(2, 1)
+        present = _latched(intervention.memory, passes, float(timestep), int(intervention.settings["gate_steps"]))
+    chosen = present[:, :, None] & selected  # (images, concepts, latents)
+    edited = chosen.any(dim=(1, 2))
+    if not edited.any():
+        return None
+    factors = torch.where(chosen, _per_concept(tables["factor"])[:, row], 0.0)
+    strongest = factors.abs().argmax(dim=1, keepdim=True)
+    factor = torch.where(chosen.any(1), factors.gather(1, strongest).squeeze(1), 1.0)  # (images, latents)
+    z, x = z[edited], tokens[edited]
+    scale = torch.where(z > tables["threshold"][row], factor[edited, None, :], 1.0)
+    out = tokens.clone()
+    out[edited] = x + (z * scale - z) @ sae.W_dec
+    return out
+
+
+def _latched(memory: dict[str, Any], passes: torch.Tensor, timestep: float, needed: int) -> torch.Tensor:
+    """Whether each (image, concept) has passed the gate at ``needed`` UNet calls of this generation so far.
+
+    The edit removes what the gate measures, so a gate read afresh at every call lets the concept back in a few
+    steps after the edit begins; once passed, it holds to the end. A generation is told from the next by its
+    timesteps, which only fall within one: a call at a later timestep, or with another batch size, starts afresh.
+    """
+    count = memory.get("gate_passes")
+    last = memory.get("timestep")
+    if count is None or count.shape != passes.shape or count.device != passes.device or timestep > last:
+        count = torch.zeros(passes.shape, dtype=torch.int32, device=passes.device)
+    count = count + passes.int()
+    memory.update(gate_passes=count, timestep=timestep)
+    return count >= needed
+
+
+def _per_concept(table: torch.Tensor) -> torch.Tensor:
+    """A ``(concepts, timesteps, latents)`` table; artifacts written before per-concept tables hold one merged
+    ``(timesteps, latents)`` table, read as one concept."""
+    return table if table.dim() == 3 else table[None]
 
 
 def check_saeuron(intervention: SAEIntervention) -> None:
@@ -135,12 +199,24 @@ def check_saeuron(intervention: SAEIntervention) -> None:
     times = tables.get("timesteps")
     if times is None or times.dim() != 1 or times.numel() == 0:
         raise ValueError("a saeuron intervention needs a 1-d 'timesteps' table")
-    for name in ("selected", "threshold", "factor"):
-        table = tables.get(name)
-        if table is None or tuple(table.shape) != (times.numel(), latents):
-            raise ValueError(f"a saeuron intervention needs a {name!r} table of shape ({times.numel()}, {latents})")
-    if tables["selected"].dtype != torch.bool:
+    steps = times.numel()
+    threshold = tables.get("threshold")
+    if threshold is None or tuple(threshold.shape) != (steps, latents):
+        raise ValueError(f"a saeuron intervention needs a 'threshold' table of shape ({steps}, {latents})")
+    selected = tables.get("selected")
+    if selected is None or selected.dim() not in (2, 3) or tuple(selected.shape[-2:]) != (steps, latents):
+        raise ValueError(f"a saeuron intervention needs a 'selected' table of shape (concepts, {steps}, {latents})")
+    if selected.dtype != torch.bool:
         raise ValueError("a saeuron intervention's 'selected' table must be boolean")
+    if tables.get("factor") is None or tables["factor"].shape != selected.shape:
+        raise ValueError(f"a saeuron intervention needs a 'factor' table of the selected table's shape "
+                         f"{tuple(selected.shape)}")  # fmt: skip
+    gate = tables.get("gate")
+    if gate is not None and tuple(gate.shape) != (_per_concept(selected).shape[0], steps):
+        raise ValueError(f"a saeuron intervention's 'gate' table must have shape (concepts, {steps})")
+    needed = intervention.settings.get("gate_steps")
+    if gate is not None and (isinstance(needed, bool) or not isinstance(needed, int) or needed < 1):
+        raise ValueError("a gated saeuron intervention needs an integer 'gate_steps' setting >= 1")
 
 
 def _normalized(mean: torch.Tensor) -> torch.Tensor:
@@ -187,21 +263,23 @@ def erase_saeuron(wrapper: PipelineWrapper, concepts: ConceptSpec, config: SAeUr
     concept_codes = [_mean_codes(wrapper, sae, hook, [t.format(c) for t in config.templates], config)[0]
                      for c in concepts.targets]  # fmt: skip
     threshold = torch.cat([other_codes, *concept_codes]).mean(0)  # m(t, f): the mean over all stats images
-    selected = torch.zeros_like(mu_other, dtype=torch.bool)
-    factor = torch.ones_like(mu_other)
-    counts = []
+    selected, factor, gate = [], [], []
     for codes in concept_codes:
         mu_c = codes.mean(0)
         score = _normalized(mu_c) - _normalized(mu_other)
         cut = torch.quantile(score.double(), config.percentile / 100, dim=-1, keepdim=True).float()
         chosen = score > cut
-        scaling = mu_c * config.multiplier
-        stronger = chosen & (~selected | (scaling.abs() > factor.abs()))
-        factor = torch.where(stronger, scaling, factor)
-        selected |= chosen
-        counts.append(chosen.sum(-1).float().mean().item())
-    tables = {"timesteps": timesteps.float(), "selected": selected, "threshold": threshold, "factor": factor}
-    settings = {"percentile": float(config.percentile), "multiplier": float(config.multiplier)}
+        selected.append(chosen)
+        factor.append(torch.where(chosen, mu_c * config.multiplier, 1.0))
+        if config.gate is not None:  # presence on the concept's own stats images, timestep by timestep
+            gate.append(config.gate * (codes * chosen).sum(-1).mean(0))
+    tables = {"timesteps": timesteps.float(), "selected": torch.stack(selected), "threshold": threshold,
+              "factor": torch.stack(factor)}  # fmt: skip
+    if gate:
+        tables["gate"] = torch.stack(gate)
+    counts = [float(c.sum(-1).float().mean()) for c in selected]
+    settings = {"percentile": float(config.percentile), "multiplier": float(config.multiplier), "gate": config.gate,
+                "gate_steps": config.gate_steps}  # fmt: skip
     intervention = SAEIntervention("saeuron", hook, sae, settings, tables, sae_meta)
     info = {"hook_point": hook, "latents": sae.latents, "timesteps": int(timesteps.numel()),
             "features_per_timestep": counts, "other_prompts": len(others)}  # fmt: skip

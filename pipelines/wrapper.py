@@ -989,7 +989,7 @@ class PipelineWrapper:
             raise
         return HookHandles(handles)
 
-    def _guidance_halves(self) -> bool:
+    def guidance_halves(self) -> bool:
         """Whether the UNet's batch now is classifier-free guidance's [unconditional; conditional] halves: inside a
         pipeline call that guides (diffusers' ``do_classifier_free_guidance``), not in ``noise_prediction``."""
         if self._direct_unet_calls:
@@ -1045,7 +1045,7 @@ class PipelineWrapper:
 
         def set_strengths(_module, args, kwargs):  # noqa: ANN001, ANN202 - torch's forward pre-hook signature
             text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[2]
-            halves = self._guidance_halves() and text.shape[0] % 2 == 0
+            halves = self.guidance_halves() and text.shape[0] % 2 == 0
             conditional = text[text.shape[0] // 2 :] if halves else text
             strengths = scale_of(conditional.float(), [token_ids.get(digest(row)) for row in conditional])
             strengths = strengths.reshape(conditional.shape[0], -1).float()  # (prompts, groups)

@@ -234,7 +234,7 @@ def test_saeuron_keeps_the_reconstruction_error(wrapper, sae_store):
     artifact = _saeuron(wrapper, sae_store)
     intervention = artifact.intervention
     tables = intervention.tables
-    assert tables["selected"].shape == (4, intervention.sae.latents) and tables["selected"].any()
+    assert tables["selected"].shape == (1, 4, intervention.sae.latents) and tables["selected"].any()
     tokens = wrapper.text_activations(TEXT_HOOK, ["x"])[:, :4, :].new_zeros(2, 16, intervention.sae.d_in)
     tokens += torch.randn(tokens.shape, generator=torch.Generator().manual_seed(0))
     intervention.tables = {**tables, "factor": torch.ones_like(tables["factor"])}
@@ -252,6 +252,71 @@ def test_saeuron_changes_the_concept_and_is_removed_exactly(wrapper, sae_store):
         edited = _pixels(wrapper.generate(["painting by van gogh"], [0], steps=4, progress=False))
     assert np.abs(edited - base).max() > 0
     assert np.array_equal(base, _pixels(wrapper.generate(["painting by van gogh"], [0], steps=4, progress=False)))
+
+
+def test_saeuron_gate_edits_an_image_once_it_has_passed_and_leaves_the_rest_bit_identical(wrapper, sae_store):
+    """The gate: an image is edited only after the concept's presence passed its gate at ``gate_steps`` calls of
+    one generation; then to the end of it; a later timestep starts a new generation. Images below it are returned
+    as they came."""
+    from erase.saeuron import saeuron_edit
+
+    artifact = _saeuron(wrapper, sae_store, gate=0.5, gate_steps=2)
+    intervention = artifact.intervention
+    tables = intervention.tables
+    assert tables["gate"].shape == (1, 4) and (tables["gate"] > 0).all()
+    t = tables["timesteps"]
+    tokens = 4 * torch.randn(3, 16, intervention.sae.d_in, generator=torch.Generator().manual_seed(0))
+    tokens[1] = intervention.sae.b_dec.detach()  # the SAE's origin: hardly any feature fires
+    ungated = {**tables}
+    del ungated["gate"]
+    intervention.tables = ungated
+    everywhere = saeuron_edit(intervention, tokens, t[1])
+    assert everywhere is not None and not torch.equal(everywhere, tokens)
+    # rows 0 and 2 pass the gate at every call, row 1 never
+    presence = intervention.sae.encode(tokens).mean(1) @ tables["selected"][0].float().T  # (3, timesteps)
+    gate = (presence[1] + presence[[0, 2]].amin(0)) / 2
+    assert (presence[1] < gate).all() and (presence[[0, 2]] >= gate).all()
+    intervention.tables = {**tables, "gate": gate[None]}
+    assert saeuron_edit(intervention, tokens, t[0]) is None  # one pass of the two needed
+    out = saeuron_edit(intervention, tokens, t[1])
+    assert torch.equal(out[1], tokens[1]) and torch.equal(out[[0, 2]], everywhere[[0, 2]])
+    intervention.tables = {**tables, "gate": torch.full_like(gate[None], float("inf"))}
+    out = saeuron_edit(intervention, tokens, t[2])  # latched: passes no more, still edited
+    assert torch.equal(out[1], tokens[1]) and not torch.equal(out[0], tokens[0])
+    assert saeuron_edit(intervention, tokens, t[0]) is None  # a later timestep: a new generation, nothing passed
+    # classifier-free guidance's [unconditional; conditional] batch: the conditional half decides for both halves
+    low, high = sorted((0, 2), key=lambda i: float(presence[i, 1]))
+    assert presence[low, 1] < presence[high, 1] and not torch.equal(everywhere[low], tokens[low])
+    between = torch.full_like(gate, float("inf"))
+    between[1] = (presence[low, 1] + presence[high, 1]) / 2
+    intervention.tables = {**tables, "gate": between[None]}
+    intervention.settings = {**intervention.settings, "gate_steps": 1}
+    out = saeuron_edit(intervention, tokens[[low, high]], t[1], guided=True)
+    assert torch.equal(out, everywhere[[low, high]])
+    intervention.memory.clear()  # a new generation
+    assert saeuron_edit(intervention, tokens[[high, low]], t[1], guided=True) is None
+
+
+def test_saeuron_per_concept_tables_read_merged_ones_and_gate_is_checked(wrapper, sae_store):
+    from erase.saeuron import check_saeuron, saeuron_edit
+
+    artifact = _saeuron(wrapper, sae_store)
+    intervention = artifact.intervention
+    tables = intervention.tables
+    tokens = torch.randn(2, 16, intervention.sae.d_in, generator=torch.Generator().manual_seed(1))
+    per_concept = saeuron_edit(intervention, tokens, tables["timesteps"][0])
+    intervention.tables = {**tables, "selected": tables["selected"][0], "factor": tables["factor"][0]}
+    check_saeuron(intervention)  # artifacts written before per-concept tables
+    assert torch.equal(saeuron_edit(intervention, tokens, tables["timesteps"][0]), per_concept)
+    intervention.tables = {**tables, "gate": torch.ones(2, 4)}
+    with pytest.raises(ValueError, match="'gate' table must have shape"):
+        check_saeuron(intervention)
+    config_class = erase.get_method("saeuron").config_class
+    for bad in (0, 1.5, True, "0.5"):
+        with pytest.raises(ValueError, match="gate must be"):
+            config_class(gate=bad)
+    with pytest.raises(ValueError, match="gate_steps"):
+        config_class(gate=0.5, gate_steps=0)
 
 
 # ---------------------------------------------------------------------------------------------------- the artifact
