@@ -72,10 +72,8 @@ from .lora_trainer import (
     Batch,
     LoraTrainConfig,
     Predictions,
-    anchor_rows,
-    anchor_term,
     config_key,
-    predict_rows,
+    predict_anchored,
     train_lora,
 )
 from .registry import ConceptSpec, WeightEdit, register_method
@@ -124,14 +122,12 @@ class CALoss:
         n_concepts = sum(len(c) for c in self.concepts_of)
         # Encoding rows: the concepts, then the pool's anchors (guides), then the regularization anchors.
         concept_rows = torch.tensor([self._concept(int(j), batch.generator) for j in owners], dtype=torch.long)
-        frozen_rows, trained_rows = [n_concepts + owners.long()], [concept_rows]
-        anchors = anchor_rows(batch, n_concepts + len(self.pool_prompts), len(self.anchors), self.anchor_weight)
-        if anchors is not None:
-            frozen_rows.append(anchors)
-            trained_rows.append(anchors)
-        frozen, trained = predict_rows(predict, batch, self.encoding, frozen_rows, trained_rows)
-        loss = torch.nn.functional.mse_loss(trained[0], frozen[0])
-        return loss if anchors is None else loss + anchor_term(frozen[1], trained[1], self.anchor_weight)
+        first_anchor = n_concepts + len(self.pool_prompts)
+        frozen, trained, anchored = predict_anchored(
+            predict, batch, self.encoding, [n_concepts + owners.long()], [concept_rows],
+            range(first_anchor, first_anchor + len(self.anchors)), self.anchor_weight,
+        )  # fmt: skip
+        return torch.nn.functional.mse_loss(trained[0], frozen[0]) + anchored
 
     def _concept(self, guide: int, generator: torch.Generator) -> int:
         choices = self.concepts_of[guide]

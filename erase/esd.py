@@ -75,10 +75,8 @@ from .lora_trainer import (
     Batch,
     LoraTrainConfig,
     Predictions,
-    anchor_rows,
-    anchor_term,
     config_key,
-    predict_rows,
+    predict_anchored,
     train_lora,
 )
 from .registry import ConceptSpec, WeightEdit, register_method
@@ -129,15 +127,14 @@ class ESDLoss:
     anchor_weight: float
 
     def __call__(self, batch: Batch, predict: Predictions) -> torch.Tensor:
-        rows = batch.prompts
-        anchors = anchor_rows(batch, len(self.targets) + 1, len(self.anchors), self.anchor_weight)
-        frozen_rows, trained_rows = [rows, torch.full_like(rows, len(self.targets))], [rows]  # the concept, ""
-        if anchors is not None:
-            frozen_rows.append(anchors)
-            trained_rows.append(anchors)
-        frozen, trained = predict_rows(predict, batch, self.encoding, frozen_rows, trained_rows)
+        rows, first_anchor = batch.prompts, len(self.targets) + 1
+        frozen_rows = [rows, torch.full_like(rows, len(self.targets))]  # the concept, ""
+        frozen, trained, anchored = predict_anchored(
+            predict, batch, self.encoding, frozen_rows, [rows],
+            range(first_anchor, first_anchor + len(self.anchors)), self.anchor_weight,
+        )  # fmt: skip
         loss = torch.nn.functional.mse_loss(trained[0], esd_target(frozen[0], frozen[1], self.negative_guidance))
-        return loss if anchors is None else loss + anchor_term(frozen[2], trained[1], self.anchor_weight)
+        return loss + anchored
 
 
 def esd_loss(wrapper: PipelineWrapper, concepts: ConceptSpec, config: ESDConfig) -> ESDLoss:

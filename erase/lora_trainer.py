@@ -77,9 +77,8 @@ __all__ = [
     "LossFunction",
     "Predictions",
     "TrainingPool",
-    "anchor_rows",
-    "anchor_term",
     "config_key",
+    "predict_anchored",
     "predict_rows",
     "sample_pool",
     "train_lora",
@@ -227,17 +226,27 @@ def predict_rows(
     return run(predict.frozen, frozen_rows), run(predict.trained, trained_rows)
 
 
-def anchor_rows(batch: Batch, first_row: int, anchors: int, weight: float) -> torch.Tensor | None:
-    """One random anchor prompt per example (encoding rows ``first_row ..``, drawn from the batch's generator), or
-    ``None`` when the anchor term is off (no anchors, or weight 0)."""
-    if not anchors or not weight > 0:
-        return None
-    return first_row + torch.randint(0, anchors, (batch.latents.shape[0],), generator=batch.generator)
+def predict_anchored(
+    predict: Predictions,
+    batch: Batch,
+    encoding: PromptEncoding,
+    frozen_rows: Sequence[torch.Tensor],
+    trained_rows: Sequence[torch.Tensor],
+    anchors: range,
+    weight: float,
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], torch.Tensor | float]:
+    """``predict_rows`` plus the family's anchor regularization, in the same two UNet calls::
 
+        anchor_term = weight * || eps_theta(x_t, a, t) - eps*(x_t, a, t) ||^2
 
-def anchor_term(frozen: torch.Tensor, trained: torch.Tensor, weight: float) -> torch.Tensor:
-    """The family's anchor regularization: ``weight * || eps_theta(x, a, t) - eps*(x, a, t) ||^2``."""
-    return weight * torch.nn.functional.mse_loss(trained, frozen)
+    with one anchor prompt ``a`` per example drawn from the encoding rows ``anchors`` (by the batch's generator).
+    Returns the frozen and the trained predictions of the given rows and the term (0 when it is off: no anchors, or
+    weight 0)."""
+    if not len(anchors) or not weight > 0:
+        return (*predict_rows(predict, batch, encoding, frozen_rows, trained_rows), 0.0)
+    drawn = anchors.start + torch.randint(0, len(anchors), (batch.latents.shape[0],), generator=batch.generator)
+    frozen, trained = predict_rows(predict, batch, encoding, [*frozen_rows, drawn], [*trained_rows, drawn])
+    return frozen[:-1], trained[:-1], weight * torch.nn.functional.mse_loss(trained[-1], frozen[-1])
 
 
 LossFunction = Callable[[Batch, Predictions], torch.Tensor]
