@@ -67,7 +67,9 @@ van gogh's style unprompted. Measured (100 images a group, CLIP / judge, ``--set
   (judge 91.7%): an edit in one half alone is amplified by the guidance scale.
 
 So on this model's block the style and the objects' shapes share features even within van gogh's own images; no
-setting measured meets every bar of the issue (see the issue's notes). Five styles with the gate: not measured yet.
+setting measured meets every bar of the issue (see the issue's notes). Five styles with the gate (0.7, -20): each
+style kept 20-70% (van gogh 20%, seurat 61%), warhol 84%, objects 65.6% (judge 68.8%), colours 74.0% (judge
+75.0%): less broken than without it (warhol 0%, objects 36.5%), still not usable.
 """
 
 from __future__ import annotations
