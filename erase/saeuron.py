@@ -47,33 +47,38 @@ Why the other styles and the objects lose: the damping also fires, weaker, in im
 96-image sample of the objects group at the tuned setting, 9 of the 11 objects the judge lost were drawn in another
 style (plain, picasso, monet, mondrian, warhol). The ``gate`` option (ours; the reference edits every image) edits
 an image only once its concept is present: the concept's chosen features, their codes averaged over the image's
-positions and summed, reach ``gate`` times their value on the concept's stats images, at ``gate_steps`` UNet calls
+positions and summed, reach ``gate`` times their value on the concept's stats images at ``gate_steps`` UNet calls
 of the generation; from then on the image stays edited (the edit removes what the gate reads: read afresh at every
-call, ``gate=0.5`` left van gogh in 68% of its images). In a guided batch the image's conditional half decides for both
-halves. Images that never pass are bit-identical to the original model's. On the world's probes (48 a group,
-before any edit, the tuned features) ``gate=0.7`` passes at 98% of the van gogh images' UNet calls and 0-2% of
-other styles' calls; it passes on about 11% of the images of prompts that name no style, those the model draws in
-van gogh's style unprompted. Measured (100 images a group, CLIP / judge, ``--set steps=20 --set percentile=99
---set gate=0.7``):
+call, ``gate=0.5`` left van gogh in 68% of its images). In a guided batch the image's conditional half decides for
+both halves, so a passing image is edited as the ungated edit would edit it. Images that never pass are
+bit-identical to the original model's. On the world's probes (48 a group, before any edit, the tuned features) the
+presence separates van gogh's images from other styles' from the second call on (AUC above 0.9999); at the first
+call seurat's and picasso's images reach van gogh's lower tail. About 11% of the images of prompts that name no
+style pass: those the model draws in van gogh's style unprompted, which the edit then erases too.
 
-* ``multiplier=-20``: van gogh 28 / 23%, "vincent van gogh" 37 / 28%, "starry night style" 32 / 32%; every other
-  style unchanged (mondrian 100%, seurat 99%, picasso 100%, monet 99%, warhol 100%); objects 87.5 -> 87.5% (judge
-  91.7 -> 90.6%), colours 94.8 -> 91.7% (judge 97.9 -> 94.8%). The preservation bars are met (colours 0.1 point
-  over), the erasure ones are not: the images the gate passes late keep the style.
-* ``multiplier=-40``: van gogh 14 / 15%, synonyms 21-22%, other styles unchanged, objects 81.2% (judge 83.3%),
-  colours 88.5% (judge 91.7%): in the images it edits, the stronger damping breaks the object with the style.
+Measured (100 images a group, CLIP / judge; ``--set steps=20 --set percentile=99 --set multiplier=-20`` and):
+
+* ``--set gate=0.3`` (``gate_steps`` 1; the micro setting): van gogh 8 / 7%, "vincent van gogh" 13 / 8%, "starry
+  night style" 10 / 11%; other styles within 1 point (mondrian 99%, seurat 100 / 99%, picasso, monet, warhol
+  unchanged); objects 87.5 -> 89.6% (judge 91.7 -> 91.7%), colours 94.8 -> 91.7% (judge 97.9 -> 94.8%). Every bar
+  of the issue but colours, 0.1 point over (3 images of 96, drawn in van gogh's style, whose colour changed with it).
+* ``gate=0.5``: the same erasure (8 / 7%, 13 / 8%, 10 / 11%), other styles unchanged, objects 87.5% (judge 92.7%),
+  colours 91.7% (judge 93.8%).
+* ``gate=0.7, gate_steps=2``: van gogh 28 / 23%, synonyms 28-37%: passing later, images keep the style; every other
+  style unchanged, objects 87.5% (judge 90.6%), colours 91.7% (judge 94.8%). At multiplier -40: van gogh 14 / 15%,
+  objects 81.2% (judge 83.3%), colours 88.5% (judge 91.7%): the stronger damping breaks the object with the style.
 * Each half of a guided batch deciding for itself (an earlier form of the gate; the unconditional half seldom
-  passes): van gogh 7 / 6%, synonyms 12%, other styles unchanged, objects 84.4% (judge 91.7%), but colours 86.5%
-  (judge 91.7%): an edit in one half alone is amplified by the guidance scale.
+  passes; gate 0.7, 2 calls): van gogh 7 / 6%, but colours 86.5% (judge 91.7%): an edit in one half alone is
+  amplified by the guidance scale.
+* Five styles at once (gate 0.7, 2 calls): each style kept 20-70% (van gogh 20%, seurat 61%), warhol 84%, objects
+  65.6% (judge 68.8%), colours 74.0% (judge 75.0%): less broken than without the gate (warhol 0%, objects 36.5%),
+  still not usable.
 
 A finer block is worse. An SAE on ``up_blocks.1.attentions.1`` (8 x 8 positions, 1536 features, 1024 images,
 FVU 0.081, images through it 92.2 -> 92.2%; not shipped), judged on 48-96 images a group: percentile 99,
 multiplier -20: van gogh 4% but mondrian 2%, objects 17%, colours 14%; -5: van gogh 4%, mondrian 10%, objects
-56%; -1: nothing erased (van gogh 94%); gate 0.7 at -5: van gogh 17%, seurat 71%, objects 84%, colours 90%.
-So on this model's blocks the style and the objects' shapes share features even within van gogh's own images; no
-setting measured meets every bar of the issue (see the issue's notes). Five styles with the gate (0.7, -20): each
-style kept 20-70% (van gogh 20%, seurat 61%), warhol 84%, objects 65.6% (judge 68.8%), colours 74.0% (judge
-75.0%): less broken than without it (warhol 0%, objects 36.5%), still not usable.
+56%; -1: nothing erased (van gogh 94%); gate 0.7 at -5: van gogh 17%, seurat 71%, objects 84%, colours 90%: its
+features are shared by more of the world than those of the coarser block.
 """
 
 from __future__ import annotations
@@ -130,7 +135,7 @@ class SAeUronConfig:
     guidance: float = 9.0
     seed: int = 188
     gate: float | None = None
-    gate_steps: int = 2
+    gate_steps: int = 1
 
     def __post_init__(self) -> None:
         if self.gate is not None and (isinstance(self.gate, bool) or not isinstance(self.gate, int | float)

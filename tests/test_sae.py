@@ -490,7 +490,7 @@ def test_attach_in_a_fresh_plain_process_matches_the_in_memory_intervention(tmp_
     "extra",
     [
         ["--method", "itd", "--preserve-set", "world", "--set", "scale=-1"],
-        ["--method", "saeuron", "--set", "steps=20", "--set", "percentile=99", "--set", "multiplier=-20"],
+        "--method saeuron --set steps=20 --set percentile=99 --set multiplier=-20 --set gate=0.3".split(),
     ],  # the README's commands
 )
 def test_readme_sae_commands_on_micro(tmp_path, extra):
