@@ -117,9 +117,9 @@ class SAeUronConfig:
         other_prompts: how many of the SAE's training prompts (naming no erased concept) make the "other" stats.
         steps, guidance: the sampler's settings for the stats images (reference: 100 DDIM steps, guidance 9).
         seed: first seed of the stats images.
-        gate: edit an image at a timestep only where the concept is present in it: the concept's chosen features,
-            averaged over the image's positions and summed, reach ``gate`` times their value on the concept's stats
-            images (``None``: every image, the reference). Ours, not the reference's: see the module docstring.
+        gate: edit an image only once the concept is present in it: the concept's chosen features, averaged over
+            the image's positions and summed, reach ``gate`` times their value on the concept's stats images
+            (``None``: every image, the reference). Ours, not the reference's; micro: 0.3 (module docstring).
         gate_steps: how many UNet calls of one generation the gate must pass before the image is edited; from then on
             it is edited to the end of the generation.
     """
