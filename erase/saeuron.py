@@ -165,11 +165,12 @@ def default_unet_hook(wrapper: PipelineWrapper) -> str:
     return [p for p in ups if p.startswith(first + ".attentions.")][-1]
 
 
-def _presence(codes: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-    """How present each concept is in each image: its chosen features' codes averaged over the image's positions and
-    summed: ``(images, concepts)``, from codes ``(images, positions, latents)`` and ``selected`` of shape
-    ``(concepts, latents)``."""
-    return codes.mean(dim=1) @ selected.to(codes.dtype).T
+def _presence(mean_codes: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """How present a concept is in an image: its chosen features' codes, averaged over the image's positions
+    (``mean_codes``), summed; the shapes broadcast, e.g. ``(images, 1, latents)`` x ``(concepts, latents)`` at
+    one timestep gives ``(images, concepts)``, ``(images, timesteps, latents)`` x ``(timesteps, latents)``
+    gives ``(images, timesteps)``."""
+    return (mean_codes * selected).sum(-1)
 
 
 def saeuron_edit(
@@ -194,7 +195,7 @@ def saeuron_edit(
     gate = tables.get("gate")
     present = torch.ones(len(z), len(selected), dtype=torch.bool, device=z.device)
     if gate is not None:
-        passes = _presence(z, selected) >= gate[:, row]
+        passes = _presence(z.mean(dim=1, keepdim=True), selected) >= gate[:, row]
         if guided and len(passes) % 2 == 0:
             passes = passes[len(passes) // 2 :].repeat(2, 1)
         present = _latched(intervention.memory, passes, float(timestep), int(intervention.settings["gate_steps"]))
@@ -312,7 +313,7 @@ def erase_saeuron(wrapper: PipelineWrapper, concepts: ConceptSpec, config: SAeUr
         selected.append(chosen)
         factor.append(torch.where(chosen, mu_c * config.multiplier, 1.0))
         if config.gate is not None:  # presence on the concept's own stats images, timestep by timestep
-            gate.append(config.gate * (codes * chosen).sum(-1).mean(0))
+            gate.append(config.gate * _presence(codes, chosen).mean(0))
     tables = {"timesteps": timesteps.float(), "selected": torch.stack(selected), "threshold": threshold,
               "factor": torch.stack(factor)}  # fmt: skip
     if gate:
