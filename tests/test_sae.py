@@ -297,6 +297,62 @@ def test_saeuron_gate_edits_an_image_once_it_has_passed_and_leaves_the_rest_bit_
     assert saeuron_edit(intervention, tokens[[high, low]], t[1], guided=True) is None
 
 
+def test_saeuron_gate_sits_above_every_rival_image_but_ignores_rivals_that_end_as_the_concept():
+    from erase.saeuron import _gate
+
+    own = torch.tensor([[4.0, 8.0, 10.0], [6.0, 12.0, 10.0]])  # mean (5, 10, 10)
+    rivals = torch.tensor([[3.0, 1.0, 1.0], [0.5, 2.5, 2.0]])
+    assert torch.equal(_gate(0.3, own, rivals), torch.tensor([3.0, 3.0, 3.0]))  # max(0.3 * mean, rivals' max)
+    drawn_as_the_concept = torch.tensor([[9.0, 9.0, 9.0]])  # ends at the concept's strength: an instance of it
+    assert torch.equal(_gate(0.3, own, torch.cat([rivals, drawn_as_the_concept])), _gate(0.3, own, rivals))
+    assert torch.equal(_gate(0.3, own, drawn_as_the_concept), 0.3 * own.mean(0))
+
+
+def test_saeuron_gate_edits_only_the_concept_most_present_in_an_image(wrapper, sae_store):
+    from erase.saeuron import saeuron_edit
+
+    intervention = _saeuron(wrapper, sae_store, gate=0.5).intervention
+    tables = intervention.tables
+    t = tables["timesteps"][0]
+    tokens = 4 * torch.randn(1, 16, intervention.sae.d_in, generator=torch.Generator().manual_seed(2))
+    mean_codes = intervention.sae.encode(tokens).mean(1)
+    fired = (mean_codes[0] > 0).nonzero().flatten()
+    assert len(fired) >= 2
+    first, second = torch.zeros(2, intervention.sae.latents, dtype=torch.bool)
+    first[fired[0]], second[fired[1]] = True, True
+    steps = len(tables["timesteps"])
+    selected = torch.stack([first.expand(steps, -1), second.expand(steps, -1)])
+    factor = torch.where(selected, -3.0, 1.0)
+    presence = torch.stack([mean_codes[0, fired[0]], mean_codes[0, fired[1]]])
+
+    def edit(concepts, gate):
+        intervention.memory.clear()
+        intervention.tables = {**tables, "selected": selected[concepts], "factor": factor[concepts],
+                               "gate": gate[concepts, None].expand(-1, steps),
+                               "threshold": torch.zeros_like(tables["threshold"])}  # fmt: skip
+        return saeuron_edit(intervention, tokens, t)
+
+    both_pass = presence / torch.tensor([2.0, 1.0])  # both present at their gates, the first one twice over
+    out = edit([0, 1], both_pass)
+    assert torch.equal(out, edit([0], both_pass)) and not torch.equal(out, edit([1], both_pass))
+    only_second = torch.stack([presence[0] * 2, presence[1]])
+    assert torch.equal(edit([0, 1], only_second), edit([1], only_second))
+
+
+def test_saeuron_scores_each_concept_against_the_others_erased_with_it(wrapper, sae_store):
+    """As the reference scores a style against every other style: erased together, a concept's "other" images
+    include the other erased concept's, so its chosen features are not the ones it shares with that concept."""
+    config = erase.get_method("saeuron").config_class(
+        sae_stores=(str(sae_store),), percentile=90.0, multiplier=-5.0, other_prompts=6, steps=4, guidance=7.5
+    )
+    alone = erase_concepts(wrapper, ConceptSpec(("van gogh",)), "saeuron", config).intervention.tables
+    pair = erase_concepts(wrapper, ConceptSpec(("van gogh", "monet")), "saeuron", config).intervention.tables
+    assert not torch.equal(alone["selected"][0], pair["selected"][0])
+    shared = (pair["selected"][0] & pair["selected"][1]).sum()
+    alone_monet = erase_concepts(wrapper, ConceptSpec(("monet",)), "saeuron", config).intervention.tables
+    assert shared <= (alone["selected"][0] & alone_monet["selected"][0]).sum()
+
+
 def test_saeuron_per_concept_tables_read_merged_ones_and_gate_is_checked(wrapper, sae_store):
     from erase.saeuron import check_saeuron, saeuron_edit
 
