@@ -102,6 +102,10 @@ Measured (100 images a group, CLIP / judge; ``--set steps=20 --set percentile=99
   on this model yet: every style's own prompts but monet's are erased and the rest of the world is kept, but an
   erased style's prompts lose their object and colour with it.
 
+Seurat alone (gate 0.3): 18-22% left by CLIP but 50-51% by the judge (the edited images read as picasso to CLIP,
+the judge still sees the dots), monet 99 -> 91%, warhol 97%, objects 83.3% (judge 87.5%), colours 92.7% (judge
+96.9%): this block's seurat features do not carry all of seurat's style, alone or with others.
+
 A finer block is worse. An SAE on ``up_blocks.1.attentions.1`` (8 x 8 positions, 1536 features, 1024 images,
 FVU 0.081, images through it 92.2 -> 92.2%; not shipped), judged on 48-96 images a group: percentile 99,
 multiplier -20: van gogh 4% but mondrian 2%, objects 17%, colours 14%; -5: van gogh 4%, mondrian 10%, objects
