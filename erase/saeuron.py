@@ -305,6 +305,11 @@ def _gate(ratio: float, own: torch.Tensor, rivals: torch.Tensor) -> torch.Tensor
     return floor if rivals.numel() == 0 else torch.maximum(floor, rivals.max(0).values)
 
 
+def _rivals(i: int, others: torch.Tensor, concepts: list[torch.Tensor]) -> torch.Tensor:
+    """Every stats image but the ``i``-th concept's own: the other prompts' and the other erased concepts'."""
+    return torch.cat([others, *(c for j, c in enumerate(concepts) if j != i)])
+
+
 def _normalized(mean: torch.Tensor) -> torch.Tensor:
     """Mean activations as a distribution over features, per timestep."""
     return mean / mean.sum(-1, keepdim=True).clamp_min(1e-12)
@@ -350,25 +355,24 @@ def erase_saeuron(wrapper: PipelineWrapper, concepts: ConceptSpec, config: SAeUr
         raise ValueError("saeuron needs other prompts to score against: preserve some concepts, or use an SAE that "
                          "records its training prompts")  # fmt: skip
     other_codes, timesteps = _mean_codes(wrapper, sae, hook, others, config)
-    concept_codes = [_mean_codes(wrapper, sae, hook, [t.format(c) for t in config.templates], config)[0]
-                     for c in concepts.targets]  # fmt: skip
+    concept_prompts = [[t.format(c) for t in config.templates] for c in concepts.targets]
+    concept_codes = [_mean_codes(wrapper, sae, hook, prompts, config)[0] for prompts in concept_prompts]
     threshold = torch.cat([other_codes, *concept_codes]).mean(0)  # m(t, f): the mean over all stats images
     if config.gate is not None:  # the same prompts again, each image on its own noise
         noisy_others = _mean_codes(wrapper, sae, hook, others, config, own_noise=True)[0]
-        noisy_concepts = [_mean_codes(wrapper, sae, hook, [t.format(c) for t in config.templates], config,
-                                      own_noise=True)[0] for c in concepts.targets]  # fmt: skip
+        noisy_concepts = [_mean_codes(wrapper, sae, hook, prompts, config, own_noise=True)[0]
+                          for prompts in concept_prompts]  # fmt: skip
     selected, factor, gate = [], [], []
     for i, codes in enumerate(concept_codes):
         mu_c = codes.mean(0)
-        rivals = [other_codes, *(c for j, c in enumerate(concept_codes) if j != i)]
-        score = _normalized(mu_c) - _normalized(torch.cat(rivals).mean(0))  # mu_o: every other image, (K, latents)
+        score = _normalized(mu_c) - _normalized(_rivals(i, other_codes, concept_codes).mean(0))  # mu_o: (K, latents)
         cut = torch.quantile(score.double(), config.percentile / 100, dim=-1, keepdim=True).float()
         chosen = score > cut
         selected.append(chosen)
         factor.append(torch.where(chosen, mu_c * config.multiplier, 1.0))
         if config.gate is not None:
-            rivals = [noisy_others, *(c for j, c in enumerate(noisy_concepts) if j != i)]
-            gate.append(_gate(config.gate, _presence(noisy_concepts[i], chosen), _presence(torch.cat(rivals), chosen)))
+            rivals = _rivals(i, noisy_others, noisy_concepts)
+            gate.append(_gate(config.gate, _presence(noisy_concepts[i], chosen), _presence(rivals, chosen)))
     tables = {"timesteps": timesteps.float(), "selected": torch.stack(selected), "threshold": threshold,
               "factor": torch.stack(factor)}  # fmt: skip
     if gate:
