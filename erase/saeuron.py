@@ -248,14 +248,17 @@ def _latched(memory: dict[str, Any], passes: torch.Tensor, timestep: float, need
     """Whether each (image, concept) has passed the gate at ``needed`` UNet calls of this generation so far.
 
     The edit removes what the gate measures, so a gate read afresh at every call lets the concept back in a few
-    steps after the edit begins; once passed, it holds to the end. A generation is told from the next by its
-    timesteps, which only fall within one: a call at a later timestep, or with another batch size, starts afresh.
+    steps after the edit begins; once passed, it holds to the end. An image is edited for the first concept it
+    latches and no other: the edit itself raises other concepts' features (damped van gogh reads as picasso), and
+    counting on would add their edits one after another. ``passes`` holds at most one concept per image (the most
+    present), so no two concepts latch at the same call. A generation is told from the next by its timesteps, which
+    only fall within one: a call at a later timestep, or with another batch size, starts afresh.
     """
     count = memory.get("gate_passes")
     last = memory.get("timestep")
     if count is None or count.shape != passes.shape or count.device != passes.device or timestep > last:
         count = torch.zeros(passes.shape, dtype=torch.int32, device=passes.device)
-    count = count + passes.int()
+    count = count + (passes & ~(count >= needed).any(1, keepdim=True)).int()
     memory.update(gate_passes=count, timestep=timestep)
     return count >= needed
 

@@ -308,7 +308,7 @@ def test_saeuron_gate_sits_above_every_rival_image_but_ignores_rivals_that_end_a
     assert torch.equal(_gate(0.3, own, drawn_as_the_concept), 0.3 * own.mean(0))
 
 
-def test_saeuron_gate_edits_only_the_concept_most_present_in_an_image(wrapper, sae_store):
+def test_saeuron_gate_edits_an_image_for_one_concept_the_most_present_and_first_latched(wrapper, sae_store):
     from erase.saeuron import saeuron_edit
 
     intervention = _saeuron(wrapper, sae_store, gate=0.5).intervention
@@ -325,18 +325,26 @@ def test_saeuron_gate_edits_only_the_concept_most_present_in_an_image(wrapper, s
     factor = torch.where(selected, -3.0, 1.0)
     presence = torch.stack([mean_codes[0, fired[0]], mean_codes[0, fired[1]]])
 
-    def edit(concepts, gate):
-        intervention.memory.clear()
+    def edit(concepts, gate, at=t, new_generation=True):
+        if new_generation:
+            intervention.memory.clear()
         intervention.tables = {**tables, "selected": selected[concepts], "factor": factor[concepts],
                                "gate": gate[concepts, None].expand(-1, steps),
                                "threshold": torch.zeros_like(tables["threshold"])}  # fmt: skip
-        return saeuron_edit(intervention, tokens, t)
+        return saeuron_edit(intervention, tokens, at)
 
     both_pass = presence / torch.tensor([2.0, 1.0])  # both present at their gates, the first one twice over
     out = edit([0, 1], both_pass)
     assert torch.equal(out, edit([0], both_pass)) and not torch.equal(out, edit([1], both_pass))
     only_second = torch.stack([presence[0] * 2, presence[1]])
     assert torch.equal(edit([0, 1], only_second), edit([1], only_second))
+    # latched to the first concept it passed: a second concept passing at a later call adds no edit of its own
+    only_first = torch.stack([presence[0], presence[1] * 2])
+    later = tables["timesteps"][1]
+    edit([0, 1], only_first)
+    assert torch.equal(edit([0, 1], only_second, at=later, new_generation=False), edit([0], only_first, at=later))
+    edit([1], only_first)  # the second concept alone: nothing passes at the first call, so it latches at the next
+    assert torch.equal(edit([1], only_second, at=later, new_generation=False), edit([1], only_second, at=later))
 
 
 def test_saeuron_scores_each_concept_against_the_others_erased_with_it(wrapper, sae_store):
