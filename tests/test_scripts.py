@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +21,16 @@ def _run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
-def test_train_micro_command_runs_every_stage(tmp_path):
+def _main(script: str, *args: str, capsys) -> str:  # noqa: ANN001 - pytest's capsys fixture
+    """The script's ``main`` in this process, as a follow-up command to one run with ``_run`` (no interpreter
+    start-up: importing torch and transformers is most of a short run); returns what it printed."""
+    main = runpy.run_path(str(ROOT / "scripts" / script), run_name=f"{Path(script).stem}_script")["main"]
+    capsys.readouterr()
+    assert main(list(args)) == 0
+    return capsys.readouterr().out
+
+
+def test_train_micro_command_runs_every_stage(tmp_path, capsys):
     sd, clip, work = tmp_path / "sd", tmp_path / "clip", tmp_path / "work"
     caps = ["--max-steps", "2", "--pool-size", "64", "--batch-size", "8", "--eval-images", "1", "--eval-steps", "2",
             "--workers", "1"]  # fmt: skip
@@ -31,13 +42,13 @@ def test_train_micro_command_runs_every_stage(tmp_path):
     evaluation = json.loads((work / "eval.json").read_text())
     assert set(evaluation["agreement"]) == {"object", "colour", "style"}
     # rerunning resumes: every stage is already complete, nothing trains again
-    again = _run("train_micro.py", "--preset", "cpu", "--device", "cpu", *caps, *paths, "--stages", "clip,vae,unet",
-                 "--no-progress", cwd=tmp_path)  # fmt: skip
-    assert "all done" in again.stdout
+    again = _main("train_micro.py", "--preset", "cpu", "--device", "cpu", *caps, *paths, "--stages", "clip,vae,unet",
+                  "--no-progress", capsys=capsys)  # fmt: skip
+    assert "all done" in again
     # another eval seed draws other images from the same models
     grid = (work / "eval_object.png").read_bytes()
-    _run("train_micro.py", "--preset", "cpu", "--device", "cpu", *caps, *paths, "--stages", "eval", "--eval-seed", "1",
-         "--no-progress", cwd=tmp_path)  # fmt: skip
+    _main("train_micro.py", "--preset", "cpu", "--device", "cpu", *caps, *paths, "--stages", "eval",
+          "--eval-seed", "1", "--no-progress", capsys=capsys)  # fmt: skip
     assert (work / "eval_object.png").read_bytes() != grid
 
     # the README's continuation: more CLIP steps with its text tower (the UNet's text encoder) frozen, more UNet steps
@@ -46,8 +57,8 @@ def test_train_micro_command_runs_every_stage(tmp_path):
     text_before, unet_before = text_file.read_bytes(), unet_file.read_bytes()
     more = ["--clip-steps", "4", "--clip-freeze-text-after", "2", "--unet-steps", "4"]
     caps = caps[2:]  # no --max-steps: the step overrides decide
-    _run("train_micro.py", "--preset", "cpu", "--device", "cpu", *caps, *paths, "--stages", "clip,unet,export", *more,
-         "--no-progress", cwd=tmp_path)  # fmt: skip
+    _main("train_micro.py", "--preset", "cpu", "--device", "cpu", *caps, *paths, "--stages", "clip,unet,export", *more,
+          "--no-progress", capsys=capsys)  # fmt: skip
     assert text_file.read_bytes() == text_before and unet_file.read_bytes() != unet_before
     assert json.loads((work / "unet" / "ckpt.json").read_text())["file"].endswith("00000004.safetensors")
 
@@ -56,17 +67,17 @@ def test_train_micro_command_runs_every_stage(tmp_path):
     restart = ["--init-from", str(sd), str(clip), "--work", str(tmp_path / "work2"), "--out-sd", str(sd2),
                "--out-clip", str(clip2), "--stages", "clip,unet,export", "--clip-steps", "2", "--unet-steps", "2",
                "--unet-lr", "1e-3", "--clip-class-prompt-weight", "0.5", "--no-progress"]  # fmt: skip
-    first = _run("train_micro.py", "--preset", "cpu", "--device", "cpu", *caps, *restart, cwd=tmp_path)
-    assert "imported" in first.stdout
+    first = _main("train_micro.py", "--preset", "cpu", "--device", "cpu", *caps, *restart, capsys=capsys)
+    assert "imported" in first
     assert (sd2 / "text_encoder" / "model.safetensors").read_bytes() == text_before
     unet_after = (sd2 / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
     assert unet_after != unet_file.read_bytes()
-    again = _run("train_micro.py", "--preset", "cpu", "--device", "cpu", *caps, *restart, cwd=tmp_path)
-    assert "resuming" in again.stdout  # the same command resumes; nothing trains twice
+    again = _main("train_micro.py", "--preset", "cpu", "--device", "cpu", *caps, *restart, capsys=capsys)
+    assert "resuming" in again  # the same command resumes; nothing trains twice
     assert (sd2 / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == unet_after
 
 
-def test_train_micro_recipe_replays_the_shipped_runs(tmp_path):
+def test_train_micro_recipe_replays_the_shipped_runs(tmp_path, capsys):
     sd, clip, work = tmp_path / "sd", tmp_path / "clip", tmp_path / "work"
     caps = ["--max-steps", "2", "--pool-size", "64", "--batch-size", "8", "--eval-images", "1", "--eval-steps", "2",
             "--workers", "1"]  # fmt: skip
@@ -92,12 +103,12 @@ def test_train_micro_recipe_replays_the_shipped_runs(tmp_path):
     assert (clip / "model.safetensors").read_bytes() != (work / "run13" / "clip" / "model.safetensors").read_bytes()
     assert json.loads((work / "run14" / "eval.json").read_text())["images"]["object"] == 8
     # rerunning skips every finished run
-    again = _run("train_micro.py", *caps, *recipe, cwd=tmp_path)
-    assert again.stdout.count("done before, skipped") == len(runs)
+    again = _main("train_micro.py", *caps, *recipe, capsys=capsys)
+    assert again.count("done before, skipped") == len(runs)
     # the recipe sets the runs' options itself
-    cmd = [sys.executable, str(ROOT / "scripts" / "train_micro.py"), *recipe, "--clip-steps", "5"]
-    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert refused.returncode == 2 and "--recipe sets --clip-steps itself" in refused.stderr
+    with pytest.raises(SystemExit) as refused:
+        _main("train_micro.py", *recipe, "--clip-steps", "5", capsys=capsys)
+    assert refused.value.code == 2 and "--recipe sets --clip-steps itself" in capsys.readouterr().err
 
 
 def test_train_judge_command(tmp_path):
