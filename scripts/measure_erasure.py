@@ -51,8 +51,9 @@ def probe_groups(targets: list[str], n: int, seed: int) -> dict[str, list[Probe]
         if s not in targets and s != "plain":
             groups[f"kept style: {s}"] = world_probes([s], n, seed + 100)
     objects, colours = world.concepts("object"), world.concepts("colour")
-    groups["kept: objects"] = world_probes(objects, max(1, n // len(objects)), seed + 200)
-    groups["kept: colours"] = world_probes(colours, max(1, n // len(colours)), seed + 300)
+    # at least n images in the pooled groups too: the same number of each object (colour), rounded up
+    groups["kept: objects"] = world_probes(objects, -(-n // len(objects)), seed + 200)
+    groups["kept: colours"] = world_probes(colours, -(-n // len(colours)), seed + 300)
     return groups
 
 

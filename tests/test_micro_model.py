@@ -1,8 +1,10 @@
 """The shipped micro world: plain diffusers loads it, its CLIP scores it, and the README command erases from it."""
 
 import json
+import runpy
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +167,14 @@ def test_measure_erasure_bad_input_is_one_line_before_any_image(capsys, args, me
     code = runpy.run_path(str(ROOT / "scripts" / "measure_erasure.py"))["main"](args)
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_measure_erasure_groups_hold_at_least_the_images_asked():
+    probe_groups = runpy.run_path(str(ROOT / "scripts" / "measure_erasure.py"), run_name="measure_erasure")[
+        "probe_groups"
+    ]
+    groups = probe_groups(["van gogh", "seurat"], 100, 1234)
+    assert all(len(probes) >= 100 for probes in groups.values())
+    # the pooled groups hold each object (colour) equally often
+    objects = Counter(p.concept for p in groups["kept: objects"])
+    assert set(objects) == set(world.concepts("object")) and len(set(objects.values())) == 1
