@@ -90,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.model in ("micro", "tiny", "tiny-sdxl") or os.path.isdir(args.model):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        if args.prompt_count < 2 or args.check_images < 0 or (args.steps is not None and args.steps < 1):
-            raise ValueError("--prompt-count must be >= 2, --check-images >= 0 and --steps >= 1")
+        for option, value, bar in (("--prompt-count", args.prompt_count, 2), ("--check-images", args.check_images, 0),
+                                   ("--steps", args.steps, 1), ("--guidance", args.guidance, 0)):  # fmt: skip
+            if value is not None and not value >= bar:  # NaN fails too
+                raise ValueError(f"{option} must be >= {bar}, got {value}")
         from erase.inputs import config_from_overrides, parse_config_overrides
         from erase.layout import check_writable_folder
         from erase.sae import SAETrainConfig, build_sae

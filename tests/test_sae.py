@@ -467,6 +467,10 @@ def test_train_sae_script_bad_input_is_one_line(tmp_path, capsys):
         (["--hook", TEXT_HOOK, "--set", "nope=1"], "has no setting 'nope'"),
         (["--model", str(tmp_path / "no" / "model"), "--hook", TEXT_HOOK], "does not exist"),
         (["--hook", TEXT_HOOK, "--out", "README.md/x"], "cannot write"),
+        (["--hook", TEXT_HOOK, "--guidance", "-1"], "--guidance must be >= 0"),
+        (["--hook", TEXT_HOOK, "--guidance", "nan"], "--guidance must be >= 0"),
+        (["--hook", TEXT_HOOK, "--steps", "0"], "--steps must be >= 1"),
+        (["--hook", TEXT_HOOK, "--check-images", "-1"], "--check-images must be >= 0"),
     ]:
         assert main(["--model", "tiny", *extra]) == 2, extra
         err = capsys.readouterr().err
