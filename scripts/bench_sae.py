@@ -29,7 +29,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import erase  # noqa: E402
-from erase.inputs import parse_config_overrides  # noqa: E402
+from erase.inputs import check_concept_text, config_from_overrides, error_line, parse_config_overrides  # noqa: E402
 from pipelines import load_pipeline, set_library_verbosity  # noqa: E402
 
 PROMPTS = ("a red star in the style of {}", "a blue circle, {}", "a green moon", "a yellow heart drawing")
@@ -66,21 +66,32 @@ def overhead(wrapper, artifact, prompts: list[str], seeds: list[int], steps: int
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     set_library_verbosity(False)
-    wrapper = load_pipeline(args.model)
-    prompts = [PROMPTS[i % len(PROMPTS)].format(args.concept) for i in range(args.images)]
-    seeds = list(range(args.images))
-    if args.erasure:
-        artifacts = {erase.load_artifact(args.erasure).method: erase.load_artifact(args.erasure)}
-    else:
+    try:
+        for flag in ("images", "steps", "repeats"):
+            if getattr(args, flag) < 1:
+                raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+        concept = check_concept_text(args.concept, "concept to erase")
+        overrides = parse_config_overrides(args.set)
         artifacts = {}
-        for method in args.method or ["itd", "saeuron"]:
-            config = erase.get_method(method).config_class(**parse_config_overrides(args.set))
-            artifacts[method] = erase.erase_concepts(wrapper, erase.ConceptSpec((args.concept,)), method, config)
+        if args.erasure:
+            artifact = erase.load_artifact(args.erasure)
+            artifacts[artifact.method] = artifact
+        configs = {}
+        for method in [] if args.erasure else args.method or ["itd", "saeuron"]:
+            configs[method] = config_from_overrides(erase.get_method(method).config_class, overrides, method)
+        wrapper = load_pipeline(args.model)
+        for method, config in configs.items():
+            artifacts[method] = erase.erase_concepts(wrapper, erase.ConceptSpec((concept,)), method, config)
+        for method, artifact in artifacts.items():
+            if artifact.intervention is None:
+                raise ValueError(f"{method} is not a runtime intervention")
+            erase.check_artifact_base(wrapper, artifact)
+    except (ValueError, TypeError, KeyError, OSError) as err:
+        print(f"error: {error_line(err)}", file=sys.stderr)
+        return 2
+    prompts = [PROMPTS[i % len(PROMPTS)].format(concept) for i in range(args.images)]
+    seeds = list(range(args.images))
     for method, artifact in artifacts.items():
-        if artifact.intervention is None:
-            print(f"error: {method} is not a runtime intervention", file=sys.stderr)
-            return 2
-        erase.check_artifact_base(wrapper, artifact)
         bare, attached = overhead(wrapper, artifact, prompts, seeds, args.steps, args.repeats)
         print(f"{method:8s} {args.images} images x {args.steps} steps: bare {bare:.2f} s, attached {attached:.2f} s, "
               f"overhead {100 * (attached / bare - 1):+.1f}%  (hook point {artifact.layers[0]})")  # fmt: skip

@@ -574,6 +574,24 @@ def test_readme_sae_commands_on_micro(tmp_path, extra):
     assert erase.load_artifact(out).intervention is not None
 
 
+def test_bench_sae_bad_input_is_one_line(tmp_path, capsys):
+    import runpy
+
+    main = runpy.run_path("scripts/bench_sae.py", run_name="bench_sae_script")["main"]  # in-process: no start-up
+    for extra, message in [
+        (["--images", "0"], "--images must be >= 1"),
+        (["--steps", "-1"], "--steps must be >= 1"),
+        (["--repeats", "0"], "--repeats must be >= 1"),
+        (["--concept", " "], "concept to erase is empty"),
+        (["--set", "nope=1"], "has no setting 'nope'"),
+        (["--erasure", str(tmp_path)], "not an erasure artifact"),
+        (["--model", str(tmp_path / "no" / "model")], "does not exist"),
+    ]:
+        assert main(["--model", "tiny", *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1, (extra, err)
+
+
 def test_bench_sae_prints_the_overhead_on_micro():
     _micro_with_saes()
     command = [sys.executable, "scripts/bench_sae.py", "--method", "itd", "--images", "2", "--steps", "4",
