@@ -8,6 +8,7 @@ import runpy
 import subprocess
 import sys
 
+import jsonschema
 import numpy as np
 import pytest
 import torch
@@ -316,7 +317,6 @@ def test_an_audit_with_attacks_reports_them(wrapper, scorer, artifact_dir, tmp_p
     assert (tmp_path / "audit" / section["comparison"]).is_file()
     saved = json.loads((tmp_path / "audit" / "metrics.json").read_text())
     assert saved["attacks"][0]["rows"][2]["clip"]["n"] == 2
-    jsonschema = pytest.importorskip("jsonschema")
     jsonschema.validate(saved, METRICS_SCHEMA)
     html = (tmp_path / "audit" / "report.html").read_text()
     assert 'id="attacks"' in html and "rece_embedding" in html and "data:image/png;base64" in html

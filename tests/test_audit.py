@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 import torch
@@ -169,7 +170,6 @@ def test_metric_functions():
 
 
 def test_audit_outputs_schema_and_report(wrapper, small_suite, artifact_dir, scorer, tmp_path):
-    jsonschema = pytest.importorskip("jsonschema")
     judge = Judge(JudgeConfig(widths=(4,))).eval()  # random, but exercises the judge column
     result = _audit(wrapper, small_suite, [artifact_dir], tmp_path, scorer, judge=judge, scorer_name="tiny-clip")
     saved = json.loads((tmp_path / "metrics.json").read_text())
