@@ -9,7 +9,7 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
-from pipelines.checks import check_integer_fields, check_number_fields, error_line
+from pipelines.checks import check_integer_fields, check_number_fields, check_option_minimums, error_line
 
 __all__ = [
     "CONCEPT_TYPES",
@@ -20,6 +20,7 @@ __all__ = [
     "concept_key",
     "check_integer_fields",
     "check_number_fields",
+    "check_option_minimums",
     "error_line",
     "check_templates",
     "config_from_overrides",

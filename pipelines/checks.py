@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["check_integer_fields", "check_number_fields", "error_line"]
+__all__ = ["check_integer_fields", "check_number_fields", "check_option_minimums", "error_line"]
 
 
 def error_line(err: BaseException) -> str:
@@ -15,6 +15,15 @@ def error_line(err: BaseException) -> str:
         return f"{err.filename}: {err.strerror or err}"
     text = str(err.args[0] if isinstance(err, KeyError) and err.args else err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def check_option_minimums(args: object, minimums: dict[str, float]) -> None:
+    """``ValueError`` naming the first command-line option (an ``argparse`` attribute) below its minimum, as
+    ``--option-name must be >= minimum, got value``; options left unset (``None``) pass, NaN fails."""
+    for name, minimum in minimums.items():
+        value = getattr(args, name)
+        if value is not None and not value >= minimum:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
 
 
 def check_integer_fields(config: object, names: Sequence[str], minimum: int = 1) -> None:

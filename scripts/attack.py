@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from erase import ArtifactError, check_artifact_base, load_artifact
-    from erase.inputs import error_line
+    from erase.inputs import check_option_minimums, error_line
     from evals.attacks import AttackTarget, attack_configs, attack_labels, attack_probes, resolve_attacks
     from evals.attacks.suite import asr_table, check_suite_folder, run_attack_suite
     from evals.audit import AuditError, check_output_folder
@@ -85,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     set_library_verbosity(args.verbose)
     try:
-        for name in ("images", "batch_size"):
-            if getattr(args, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        check_option_minimums(args, {"images": 1, "batch_size": 1})
         names = args.attack or ["all"]
         attacks = resolve_attacks(names)
         configs = attack_configs(budget_overrides(args.set))

@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 import erase  # noqa: E402
-from erase.inputs import PRESERVE_SETS, error_line, parse_config_overrides  # noqa: E402
+from erase.inputs import PRESERVE_SETS, check_option_minimums, error_line, parse_config_overrides  # noqa: E402
 from erase.workflow import erasure_settings  # noqa: E402
 from evals.attacks import AttackTarget, attack_probes, resolve_attacks  # noqa: E402
 from evals.attacks.suite import check_suite_folder, run_attack_suite  # noqa: E402
@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     set_library_verbosity(False)
     try:
-        if args.images < 1:
-            raise ValueError(f"--images must be >= 1, got {args.images}")
+        check_option_minimums(args, {"images": 1})
         world.canonical(args.concept)  # the table is the micro world's: a concept outside it has no probes
         methods = [erase.get_method(m).name for m in args.method or erase.available_methods()]
         attacks = resolve_attacks(args.attack or ["all"])

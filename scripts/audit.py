@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
 
     from erase import ArtifactError, load_artifact
-    from erase.inputs import error_line
+    from erase.inputs import check_option_minimums, error_line
     from erase.workflow import audit_models
     from evals.audit import (
         AuditError,
@@ -106,10 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     set_library_verbosity(args.verbose)
     try:
-        for name in ("images_per_prompt", "batch_size", "steps", "attack_images"):
-            value = getattr(args, name)
-            if value is not None and value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        check_option_minimums(args, {"images_per_prompt": 1, "batch_size": 1, "steps": 1, "attack_images": 1})
         # Everything that can be checked is checked before the scorer and the model load: the device, the output
         # folder, the artifacts, the suite.
         device = resolve_device(args.device) if args.device is not None else None

@@ -26,7 +26,8 @@ import torch  # noqa: E402
 
 from evals.audit import ORIGINAL, AuditModel, generate_audit_images  # noqa: E402
 from evals.suites import world_suite  # noqa: E402
-from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_pipeline  # noqa: E402
+from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_pipeline, resolve_device  # noqa: E402
+from pipelines.checks import check_option_minimums, error_line  # noqa: E402
 
 
 def main() -> None:
@@ -40,9 +41,15 @@ def main() -> None:
     parser.add_argument("--round-images", type=int, default=16, help="images per alternating round")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    try:
+        check_option_minimums(args, {"images": 1, "batch_size": 1, "steps": 1, "guidance": 0, "round_images": 1,
+                                     "threads": 1})  # fmt: skip
+        device = resolve_device(args.device)
+        wrapper = load_pipeline(args.model, device=device)
+    except (ValueError, TypeError, OSError) as err:
+        parser.error(error_line(err))
     if args.threads:
         torch.set_num_threads(args.threads)
-    wrapper = load_pipeline(args.model, device=args.device)
     suite = world_suite(["van gogh"])
     rows = [suite.rows[i % len(suite.rows)] for i in range(args.images)]
     rows = [type(r)(r.prompt, r.seed + i, r.concept, r.category, r.role) for i, r in enumerate(rows)]

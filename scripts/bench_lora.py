@@ -52,7 +52,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import erase  # noqa: E402
-from erase.inputs import parse_config_overrides  # noqa: E402
+from erase.inputs import check_concept_text, check_option_minimums, error_line, parse_config_overrides  # noqa: E402
 from erase.workflow import erasure_settings  # noqa: E402
 from pipelines import load_pipeline, set_library_verbosity  # noqa: E402
 
@@ -129,9 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=32, help="probe images per stage of --efficacy-at")
     args = parser.parse_args(argv)
     set_library_verbosity(False)
+    try:
+        check_option_minimums(args, {"threads": 1, "repeats": 1, "images": 1})
+        if erase.get_method(args.method).family != "lora":
+            raise ValueError(f"{args.method} is not a LoRA-family method")
+        check_concept_text(args.concept, "concept to erase")
+        overrides = parse_config_overrides(args.set)
+    except (ValueError, TypeError) as err:
+        parser.error(error_line(err))
     torch.set_num_threads(args.threads)
-    if erase.get_method(args.method).family != "lora":
-        parser.error(f"{args.method} is not a LoRA-family method")
     if args.efficacy_at:
         try:
             stages = sorted({int(k) for k in args.efficacy_at.split(",")})
@@ -140,16 +146,17 @@ def main(argv: list[str] | None = None) -> int:
         if stages[0] < 1 or args.images < 1 or args.model != "micro":
             parser.error("--efficacy-at needs step counts >= 1, --images >= 1 and the micro model (its probes)")
 
-    wrapper = load_pipeline(args.model)
+    try:
+        wrapper = load_pipeline(args.model)
+        spec, config = erasure_settings(wrapper, [args.concept], args.method, args.guide, args.preserve, overrides)
+    except (ValueError, TypeError, KeyError, OSError) as err:
+        parser.error(error_line(err))
     # safetensors weights are memory-mapped: read every one so the baseline is the pipeline resident in memory
     with torch.no_grad():
         for module in wrapper.components().values():
             for param in module.parameters():
                 param.sum()
     baseline = peak_rss_mb()
-    spec, config = erasure_settings(
-        wrapper, [args.concept], args.method, args.guide, args.preserve, parse_config_overrides(args.set)
-    )
     cpu, wall = time.process_time(), time.perf_counter()
     artifact = erase.erase_concepts(wrapper, spec, args.method, config)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall

@@ -29,7 +29,13 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import erase  # noqa: E402
-from erase.inputs import check_concept_text, config_from_overrides, error_line, parse_config_overrides  # noqa: E402
+from erase.inputs import (  # noqa: E402
+    check_concept_text,
+    check_option_minimums,
+    config_from_overrides,
+    error_line,
+    parse_config_overrides,
+)
 from pipelines import load_pipeline, set_library_verbosity  # noqa: E402
 
 PROMPTS = ("a red star in the style of {}", "a blue circle, {}", "a green moon", "a yellow heart drawing")
@@ -67,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     set_library_verbosity(False)
     try:
-        for flag in ("images", "steps", "repeats"):
-            if getattr(args, flag) < 1:
-                raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+        check_option_minimums(args, {"images": 1, "steps": 1, "repeats": 1})
         concept = check_concept_text(args.concept, "concept to erase")
         overrides = parse_config_overrides(args.set)
         artifacts = {}

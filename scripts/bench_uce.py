@@ -25,6 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import erase  # noqa: E402
+from erase.inputs import check_option_minimums, error_line  # noqa: E402
+from erase.layout import check_writable_folder  # noqa: E402
 from erase.uce import edit_from_update, uce_update  # noqa: E402
 from erase.workflow import erasure_settings  # noqa: E402
 from pipelines import load_pipeline  # noqa: E402
@@ -86,6 +88,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--save-sd14", metavar="DIR", help="save the SD 1.4-shaped random pipeline to DIR")
     args = parser.parse_args()
+    try:
+        check_option_minimums(args, {"repeats": 1, "threads": 1})
+        if args.save_sd14:
+            check_writable_folder(args.save_sd14)
+    except (ValueError, OSError) as err:
+        parser.error(error_line(err))
     torch.set_num_threads(args.threads)
     print(f"torch threads: {torch.get_num_threads()}")
 

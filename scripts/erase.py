@@ -103,18 +103,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def validate_early(args: argparse.Namespace) -> None:
     """Everything that needs neither torch nor the model: concepts, numbers, --set, --out."""
-    from erase.inputs import check_concept_text
+    from erase.inputs import check_concept_text, check_option_minimums
     from erase.layout import check_output_folder, default_output_folder
 
     concepts = [check_concept_text(c, "concept to erase") for c in args.concept]
-    for flag in ("check_images", "check_steps", "steps", "rank"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    if args.seed < 0:
-        raise ValueError(f"--seed must be >= 0, got {args.seed}")
-    if args.check_guidance is not None and not args.check_guidance >= 0:
-        raise ValueError(f"--check-guidance must be >= 0, got {args.check_guidance}")
+    check_option_minimums(args, {"check_images": 1, "check_steps": 1, "steps": 1, "rank": 1, "seed": 0,
+                                 "check_guidance": 0})  # fmt: skip
     if args.lr is not None and not 0 < args.lr < 1:
         raise ValueError(f"--lr must be in (0, 1), got {args.lr}")
     config_overrides(args)

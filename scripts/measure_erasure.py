@@ -31,7 +31,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import erase  # noqa: E402
-from erase.inputs import CONCEPT_TYPES, PRESERVE_SETS, check_concept_text, error_line, parse_config_overrides  # noqa: E402
+from erase.inputs import (  # noqa: E402
+    CONCEPT_TYPES,
+    PRESERVE_SETS,
+    check_concept_text,
+    check_option_minimums,
+    error_line,
+    parse_config_overrides,
+)
 from erase.workflow import erasure_settings  # noqa: E402
 from evals.metrics import wilson_interval  # noqa: E402
 from evals.microworld import world  # noqa: E402
@@ -80,9 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     set_library_verbosity(False)
     try:
-        for flag in ("images", "batch_size"):
-            if getattr(args, flag) < 1:
-                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+        check_option_minimums(args, {"images": 1, "batch_size": 1})
         for concept in args.concept:
             check_concept_text(concept, "concept to erase")
             world.canonical(concept)  # a concept outside the world has no probes to measure

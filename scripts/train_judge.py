@@ -6,10 +6,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import sys
 
 import torch
 
-from evals.microworld.judge import JudgeConfig, judge_path, train_judge
+# scripts/erase.py would shadow the erase package: drop this folder from the import path.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+
+from erase.layout import check_writable_folder  # noqa: E402
+from evals.microworld.judge import JudgeConfig, judge_path, train_judge  # noqa: E402
+from pipelines import resolve_device  # noqa: E402
+from pipelines.checks import check_option_minimums, error_line  # noqa: E402
 
 
 def main() -> None:
@@ -36,20 +44,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
+    try:  # everything that can fail, before the renders and the training
+        check_option_minimums(args, {"seed": 0, "threads": 1})
+        config = JudgeConfig(
+            widths=tuple(args.widths),
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            pool_size=args.pool_size,
+            eval_size=args.eval_size,
+            render_workers=args.workers,
+        )
+        device = resolve_device(args.device)
+        check_writable_folder(args.out)
+    except (ValueError, TypeError, OSError) as err:
+        parser.error(error_line(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = JudgeConfig(
-        widths=tuple(args.widths),
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        pool_size=args.pool_size,
-        eval_size=args.eval_size,
-        render_workers=args.workers,
-    )
-    judge = train_judge(config, device=args.device, seed=args.seed, progress=not args.no_progress)
-    judge.metrics["device"] = str(args.device) if args.device == "cpu" else torch.cuda.get_device_name()
+    judge = train_judge(config, device=device, seed=args.seed, progress=not args.no_progress)
+    judge.metrics["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     judge.metrics["seed"] = args.seed
     judge.save_pretrained(args.out)
     print(json.dumps(judge.metrics, indent=2))

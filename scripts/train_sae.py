@@ -90,11 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.model in ("micro", "tiny", "tiny-sdxl") or os.path.isdir(args.model):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        for option, value, bar in (("--prompt-count", args.prompt_count, 2), ("--check-images", args.check_images, 0),
-                                   ("--steps", args.steps, 1), ("--guidance", args.guidance, 0)):  # fmt: skip
-            if value is not None and not value >= bar:  # NaN fails too
-                raise ValueError(f"{option} must be >= {bar}, got {value}")
-        from erase.inputs import config_from_overrides, parse_config_overrides
+        from erase.inputs import check_option_minimums, config_from_overrides, parse_config_overrides
+
+        check_option_minimums(args, {"prompt_count": 2, "check_images": 0, "steps": 1, "guidance": 0})
         from erase.layout import check_writable_folder
         from erase.sae import SAETrainConfig, build_sae
         from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_pipeline, resolve_device, set_library_verbosity

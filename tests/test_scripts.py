@@ -135,3 +135,37 @@ def test_bench_lora_prints_cost_memory_and_the_efficacy_curve(tmp_path):
     result = _run("bench_lora.py", "--set", "steps=1", "--efficacy-at", "1,2", "--images", "2", *args, cwd=tmp_path)
     lines = [line for line in result.stdout.splitlines() if "CPU-s  'van gogh'" in line]
     assert [line.split()[0] for line in lines] == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("bench_uce.py", ["--skip-sd14", "--repeats", "0"], "--repeats must be >= 1"),
+        ("bench_uce.py", ["--skip-sd14", "--threads", "-1"], "--threads must be >= 1"),
+        ("bench_uce.py", ["--skip-sd14", "--save-sd14", str(ROOT / "README.md" / "x")], "cannot write"),
+        ("bench_lora.py", ["--model", "tiny", "--repeats", "0"], "--repeats must be >= 1"),
+        ("bench_lora.py", ["--model", "tiny", "--method", "nope"], "unknown erasure method 'nope'"),
+        ("bench_lora.py", ["--model", "tiny", "--method", "uce"], "not a LoRA-family method"),
+        ("bench_lora.py", ["--model", "tiny", "--concept", " "], "concept to erase is empty"),
+        ("bench_lora.py", ["--model", "tiny", "--set", "nope=1"], "has no setting 'nope'"),
+        ("bench_lora.py", ["--model", "no/such/folder/"], "does not exist"),
+        ("bench_audit.py", ["--model", "tiny", "--images", "0"], "--images must be >= 1"),
+        ("bench_audit.py", ["--model", "tiny", "--batch-size", "0"], "--batch-size must be >= 1"),
+        ("bench_audit.py", ["--model", "tiny", "--device", "nonsense"], "unknown device 'nonsense'"),
+        ("world_sheet.py", ["--scale", "0"], "--scale must be >= 1"),
+        ("world_sheet.py", ["--out", "sheet.txt"], "must name a .png file"),
+        ("world_sheet.py", ["--out", str(ROOT / "README.md" / "sheet.png")], "cannot write"),
+        ("train_judge.py", ["--steps", "0"], "steps must be >= 1"),
+        ("train_judge.py", ["--device", "nonsense"], "unknown device 'nonsense'"),
+        ("train_judge.py", ["--out", str(ROOT / "README.md" / "judge")], "cannot write"),
+    ],
+)
+def test_benchmark_and_world_scripts_refuse_bad_input_in_one_line(script, args, message, monkeypatch, capsys):
+    """Before any model, render or training: argparse's usage, then one ``error:`` line, and exit 2."""
+    main = runpy.run_path(str(ROOT / "scripts" / script), run_name=script)["main"]
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    with pytest.raises(SystemExit) as refused:
+        main()
+    err = capsys.readouterr().err.strip()
+    assert refused.value.code == 2 and err.splitlines()[-1].startswith(f"{script}: error:"), err
+    assert message in err.splitlines()[-1], err
