@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             stages = sorted({int(k) for k in args.efficacy_at.split(",")})
         except ValueError:
             parser.error(f"--efficacy-at takes step counts such as 25,50,100, got {args.efficacy_at!r}")
-        if stages[0] < 1 or args.images < 1 or args.model != "micro":
-            parser.error("--efficacy-at needs step counts >= 1, --images >= 1 and the micro model (its probes)")
+        if stages[0] < 1 or args.model != "micro":
+            parser.error("--efficacy-at needs step counts >= 1 and the micro model (its probes)")
 
     try:
         wrapper = load_pipeline(args.model)

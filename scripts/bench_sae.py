@@ -76,13 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         check_option_minimums(args, {"images": 1, "steps": 1, "repeats": 1})
         concept = check_concept_text(args.concept, "concept to erase")
         overrides = parse_config_overrides(args.set)
-        artifacts = {}
+        artifacts, configs = {}, {}
         if args.erasure:
             artifact = erase.load_artifact(args.erasure)
             artifacts[artifact.method] = artifact
-        configs = {}
-        for method in [] if args.erasure else args.method or ["itd", "saeuron"]:
-            configs[method] = config_from_overrides(erase.get_method(method).config_class, overrides, method)
+        else:
+            for method in args.method or ["itd", "saeuron"]:
+                configs[method] = config_from_overrides(erase.get_method(method).config_class, overrides, method)
         wrapper = load_pipeline(args.model)
         for method, config in configs.items():
             artifacts[method] = erase.erase_concepts(wrapper, erase.ConceptSpec((concept,)), method, config)
