@@ -98,13 +98,13 @@ class ESDConfig(LoraTrainConfig):
 
     VARIANTS: ClassVar[tuple[str, ...]] = ("xattn", "noxattn", "kv")
 
+    NUMBER_RANGES: ClassVar[dict[str, str]] = {**LoraTrainConfig.NUMBER_RANGES, "negative_guidance": "> 0"}
+
     negative_guidance: float = 1.0
     train: str = "xattn"
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.negative_guidance > 0:
-            raise ValueError(f"negative_guidance must be > 0, got {self.negative_guidance}")
+        super().__post_init__()  # checks negative_guidance too: NUMBER_RANGES
 
 
 def esd_target(frozen_concept: torch.Tensor, frozen_uncond: torch.Tensor, eta: float) -> torch.Tensor:

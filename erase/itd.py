@@ -48,13 +48,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from pipelines import PipelineWrapper
 
-from .inputs import check_integer_fields, check_templates, concept_key
+from .inputs import check_number_fields, check_number_values, check_templates, concept_key
 from .intervention import SAEIntervention
 from .registry import ConceptSpec, WeightEdit, register_method
 from .sae import resolve_sae
@@ -84,6 +84,8 @@ class ItDConfig:
         keep_error: keep the SAE's reconstruction error (x + W_dec (z' - z)) instead of replacing x by the decode.
     """
 
+    NUMBER_RANGES: ClassVar[dict[str, str]] = {"top_features": ">= 1", "scale": "<= 0", "retain_prompts": ">= 0"}
+
     hook_point: str | None = None
     sae: str | None = None
     sae_stores: tuple[str, ...] = ()
@@ -96,11 +98,7 @@ class ItDConfig:
     keep_error: bool = False
 
     def __post_init__(self) -> None:
-        if self.top_features is not None:
-            check_integer_fields(self, ("top_features",))
-        check_integer_fields(self, ("retain_prompts",), minimum=0)
-        if not isinstance(self.scale, int | float) or not self.scale <= 0:
-            raise ValueError(f"scale must be <= 0 (a negative factor, or 0 to switch features off), got {self.scale}")
+        check_number_fields(self)  # scale <= 0: a negative factor, or 0 to switch features off
         if self.gate_statistic not in ("mean", "max"):
             raise ValueError(f"gate_statistic must be 'mean' or 'max', got {self.gate_statistic!r}")
         self.templates = check_templates(self.templates)
@@ -155,9 +153,7 @@ def check_itd(intervention: SAEIntervention) -> None:
     features = intervention.tables.get("features")
     if features is None or features.dtype != torch.bool or tuple(features.shape) != (intervention.sae.latents,):
         raise ValueError(f"an itd intervention needs a boolean 'features' table of {intervention.sae.latents} latents")
-    for key in ("scale", "threshold"):
-        if not isinstance(intervention.settings.get(key), int | float):
-            raise ValueError(f"an itd intervention needs a numeric {key!r} setting")
+    check_number_values(intervention.settings, {"scale": "<= 0", "threshold": ">= 0"}, "an itd intervention")
 
 
 @register_method(

@@ -68,7 +68,7 @@ from tqdm.auto import tqdm
 from pipelines import LORA_TARGETS, LoraAdapters, PipelineWrapper, PromptEncoding
 
 from .artifact import factor_products
-from .inputs import check_integer_fields
+from .inputs import check_number_fields
 from .registry import WeightEdit
 
 __all__ = [
@@ -117,6 +117,12 @@ class LoraTrainConfig:
     #: the ``train`` settings a method offers; a method's config narrows it
     VARIANTS: ClassVar[tuple[str, ...]] = tuple(LORA_TARGETS)
 
+    NUMBER_RANGES: ClassVar[dict[str, str]] = {
+        "rank": ">= 1", "alpha": "> 0", "lr": "(0, 1)", "steps": ">= 1", "batch_size": ">= 1", "seed": ">= 0",
+        "pool_images": ">= 1", "pool_steps": ">= 1", "pool_guidance": ">= 0", "checkpoint_every": ">= 1",
+        "anchor_weight": ">= 0",
+    }  # fmt: skip
+
     rank: int = 4
     alpha: float = 4.0
     lr: float = 5e-5
@@ -139,21 +145,12 @@ class LoraTrainConfig:
             self.layers = tuple(self.layers)
             if not self.layers:
                 raise ValueError("layers is empty: give at least one module-name pattern, or None for the default")
-        check_integer_fields(self, ("rank", "steps", "batch_size", "pool_images", "pool_steps", "checkpoint_every"))
-        check_integer_fields(self, ("seed",), minimum=0)
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
-        if not (self.lr > 0 and self.lr < 1):
-            raise ValueError(f"lr must be in (0, 1), got {self.lr}")
-        if not self.pool_guidance >= 0:
-            raise ValueError(f"pool_guidance must be >= 0, got {self.pool_guidance}")
+        check_number_fields(self)  # every number of the method's config class, against its NUMBER_RANGES
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         if self.train not in self.VARIANTS:
             raise ValueError(f"train must be one of {self.VARIANTS}, got {self.train!r}")
         self.anchor_prompts = tuple(self.anchor_prompts)
-        if not self.anchor_weight >= 0:
-            raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
         if any(not isinstance(p, str) or not p.strip() for p in self.anchor_prompts):
             raise ValueError(f"anchor_prompts must be non-empty strings, got {list(self.anchor_prompts)}")
 

@@ -50,13 +50,13 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from evals.attacks.rece_embedding import adversarial_map, projection_weights, restored_share
 from pipelines import PipelineWrapper
 
-from .inputs import check_integer_fields, check_number_fields
 from .registry import ConceptSpec, WeightEdit, register_method
 from .uce import UCEConfig, edit_from_update, erase_uce, uce_update
 
@@ -77,6 +77,11 @@ class RECEConfig(UCEConfig):
             0.1).
     """
 
+    NUMBER_RANGES: ClassVar[dict[str, str]] = {
+        **UCEConfig.NUMBER_RANGES, "rounds": ">= 0", "regularization": "> 0", "round_erase_scale": "> 0",
+        "round_preserve_scale": ">= 0", "round_lamb": "> 0",
+    }  # fmt: skip
+
     rounds: int = 1
     regularization: float = 1e-3
     round_erase_scale: float = 1.0
@@ -84,9 +89,7 @@ class RECEConfig(UCEConfig):
     round_lamb: float = 0.1
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        check_integer_fields(self, ["rounds"], minimum=0)
-        check_number_fields(self, ("regularization", "round_erase_scale", "round_lamb"), ("round_preserve_scale",))
+        super().__post_init__()  # UCEConfig's checks every number of this class against its NUMBER_RANGES
 
 
 def _sequence_rows(wrapper: PipelineWrapper, prompts: Sequence[str]) -> torch.Tensor:

@@ -139,13 +139,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from pipelines import PipelineWrapper
 
-from .inputs import check_integer_fields, check_templates, concept_key
+from .inputs import check_number_fields, check_number_values, check_templates, concept_key
 from .intervention import SAEIntervention
 from .registry import ConceptSpec, WeightEdit, register_method
 from .sae import resolve_sae
@@ -178,6 +178,11 @@ class SAeUronConfig:
             it is edited to the end of the generation.
     """
 
+    NUMBER_RANGES: ClassVar[dict[str, str]] = {
+        "percentile": "(0, 100)", "multiplier": "< 0", "images_per_prompt": ">= 1", "other_prompts": ">= 1",
+        "steps": ">= 1", "guidance": ">= 0", "seed": ">= 0", "gate": "(0, 1]", "gate_steps": ">= 1",
+    }  # fmt: skip
+
     hook_point: str | None = None
     sae: str | None = None
     sae_stores: tuple[str, ...] = ()
@@ -193,17 +198,7 @@ class SAeUronConfig:
     gate_steps: int = 1
 
     def __post_init__(self) -> None:
-        if self.gate is not None and (isinstance(self.gate, bool) or not isinstance(self.gate, int | float)
-                                      or not 0 < self.gate <= 1):  # fmt: skip
-            raise ValueError(f"gate must be None or in (0, 1], got {self.gate!r}")
-        check_integer_fields(self, ("images_per_prompt", "steps", "other_prompts", "gate_steps"))
-        check_integer_fields(self, ("seed",), minimum=0)
-        if not isinstance(self.percentile, int | float) or not 0 < self.percentile < 100:
-            raise ValueError(f"percentile must be in (0, 100), got {self.percentile!r}")
-        if not isinstance(self.multiplier, int | float) or not self.multiplier < 0:
-            raise ValueError(f"multiplier must be negative, got {self.multiplier!r}")
-        if not isinstance(self.guidance, int | float) or not self.guidance >= 0:
-            raise ValueError(f"guidance must be >= 0, got {self.guidance!r}")
+        check_number_fields(self)
         self.templates = check_templates(self.templates)
         self.sae_stores = tuple(self.sae_stores)
 
@@ -311,9 +306,8 @@ def check_saeuron(intervention: SAEIntervention) -> None:
     gate = tables.get("gate")
     if gate is not None and tuple(gate.shape) != (_per_concept(selected).shape[0], steps):
         raise ValueError(f"a saeuron intervention's 'gate' table must have shape (concepts, {steps})")
-    needed = intervention.settings.get("gate_steps")
-    if gate is not None and (isinstance(needed, bool) or not isinstance(needed, int) or needed < 1):
-        raise ValueError("a gated saeuron intervention needs an integer 'gate_steps' setting >= 1")
+    ranges = {"percentile": "(0, 100)", "multiplier": "< 0", "gate": "(0, 1] | null", "gate_steps": "int >= 1"}
+    check_number_values(intervention.settings, ranges, "a saeuron intervention")
 
 
 def _gate(ratio: float, own: torch.Tensor, rivals: torch.Tensor) -> torch.Tensor:

@@ -76,7 +76,6 @@ from pipelines import PipelineWrapper, PromptEncoding
 
 from .artifact import factor_products
 from .esd import ESDConfig, ESDLoss, esd_loss
-from .inputs import check_integer_fields, check_number_fields
 from .lora_trainer import Batch, Predictions, config_key, train_lora
 from .registry import ConceptSpec, WeightEdit, register_method
 from .transport import METRICS as TRANSPORT_METRICS
@@ -103,6 +102,11 @@ class SPMConfig(ESDConfig):
     """
 
     VARIANTS: ClassVar[tuple[str, ...]] = ("transformer", "xattn", "noxattn", "kv")
+    NUMBER_RANGES: ClassVar[dict[str, str]] = {
+        **ESDConfig.NUMBER_RANGES,
+        "latent_anchors": ">= 0",
+        "latent_anchor_weight": ">= 0",
+    }
 
     rank: int = 1
     alpha: float = 1.0
@@ -118,16 +122,11 @@ class SPMConfig(ESDConfig):
     adapter_per_concept: bool = True
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("facilitated_transport", "adapter_per_concept"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        super().__post_init__()  # every number and bool, against NUMBER_RANGES
         if self.transport_metric not in TRANSPORT_METRICS:
             raise ValueError(
                 f"transport_metric must be one of {', '.join(TRANSPORT_METRICS)}, got {self.transport_metric!r}"
             )
-        check_integer_fields(self, ["latent_anchors"], minimum=0)
-        check_number_fields(self, non_negative=("latent_anchor_weight",))
 
 
 def latent_anchor_embeddings(concept: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:

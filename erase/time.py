@@ -10,9 +10,11 @@ so it runs on UCE's solver. For erasure the destination is the guide ("van gogh"
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from pipelines import CROSS_ATTENTION_PATTERNS, PipelineWrapper
 
+from .inputs import check_number_fields
 from .registry import ConceptSpec, WeightEdit, register_method
 from .uce import UCEConfig, concept_embeddings, edit_from_update, uce_update
 
@@ -29,12 +31,15 @@ class TIMEConfig:
         templates: prompts the source and destination are embedded in, ``{}`` standing for them.
     """
 
+    NUMBER_RANGES: ClassVar[dict[str, str]] = {"lamb": "> 0"}
+
     lamb: float = 0.1
     layers: tuple[str, ...] = CROSS_ATTENTION_PATTERNS
     templates: tuple[str, ...] = ("{}",)
 
     def __post_init__(self) -> None:
         # The shared fields are validated once, by UCE's config.
+        check_number_fields(self)
         UCEConfig(lamb=self.lamb, layers=self.layers, templates=self.templates)
         self.layers, self.templates = tuple(self.layers), tuple(self.templates)
 

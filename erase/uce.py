@@ -15,11 +15,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from pipelines import CROSS_ATTENTION_PATTERNS, PipelineWrapper
 
+from .inputs import check_number_fields
 from .registry import ConceptSpec, WeightEdit, register_method
 
 __all__ = ["UCEConfig", "concept_embeddings", "edit_from_update", "erase_uce", "uce_update"]
@@ -48,6 +50,8 @@ class UCEConfig:
             (the reference's ``--expand_prompts`` adds five per concept type: ``erase.workflow.CONCEPT_TYPES``).
     """
 
+    NUMBER_RANGES: ClassVar[dict[str, str]] = {"erase_scale": "> 0", "preserve_scale": ">= 0", "lamb": "> 0"}
+
     erase_scale: float = 1.0
     preserve_scale: float | None = 1.0
     lamb: float = 0.5
@@ -58,12 +62,7 @@ class UCEConfig:
     def __post_init__(self) -> None:
         self.layers = tuple(self.layers)
         self.templates = tuple(self.templates)
-        if self.erase_scale <= 0:
-            raise ValueError(f"erase_scale must be > 0, got {self.erase_scale}")
-        if self.preserve_scale is not None and self.preserve_scale < 0:
-            raise ValueError(f"preserve_scale must be >= 0, got {self.preserve_scale}")
-        if self.lamb <= 0:
-            raise ValueError(f"lamb must be > 0 (it keeps the system invertible), got {self.lamb}")
+        check_number_fields(self)  # lamb > 0 keeps the system invertible
         if not self.layers:
             raise ValueError("layers is empty: give at least one module-name pattern")
         if self.token_positions not in TOKEN_POSITIONS:

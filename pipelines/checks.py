@@ -1,11 +1,30 @@
 """Checks of user input and settings shared by every layer, without torch: the scripts run them before a model
-loads (``pipelines`` loads its torch modules on first use), the method and attack configs in ``__post_init__``."""
+loads (``pipelines`` loads its torch modules on first use), the method and attack configs in ``__post_init__``.
+
+Every number a user can set goes through :func:`check_number`: a real number, never a bool (JSON's ``true`` is not
+1 here), finite, an integer where one is asked for, and inside its range. A config states its ranges once, as
+``NUMBER_RANGES`` (field -> range), and :func:`check_number_fields` checks every number field of it, ranged or not.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
 
-__all__ = ["check_integer_fields", "check_number_fields", "check_option_minimums", "error_line"]
+__all__ = [
+    "check_number",
+    "check_number_fields",
+    "check_number_values",
+    "check_option_minimums",
+    "error_line",
+    "number_kind",
+]
+
+#: A range as configs write it: ``"> 0"``, ``">= 1"``, ``"< 0"``, ``"<= 0"``, or an interval ``"(0, 1]"``.
+_BOUND = re.compile(r"^(>=|>|<=|<)\s*(-?[\d.e+-]+)$")
+_INTERVAL = re.compile(r"^([(\[])\s*(-?[\d.e+-]+)\s*,\s*(-?[\d.e+-]+)\s*([)\]])$")
 
 
 def error_line(err: BaseException) -> str:
@@ -17,28 +36,115 @@ def error_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def _in_range(value: float, spec: str) -> bool:
+    bound = _BOUND.match(spec)
+    if bound:
+        op, limit = bound.group(1), float(bound.group(2))
+        return {">": value > limit, ">=": value >= limit, "<": value < limit, "<=": value <= limit}[op]
+    interval = _INTERVAL.match(spec)
+    if interval is None:
+        raise ValueError(f"bad range {spec!r}: expected '> x', '>= x', '< x', '<= x' or an interval such as '(0, 1]'")
+    left, low, high, right = interval.group(1), float(interval.group(2)), float(interval.group(3)), interval.group(4)
+    return (value > low if left == "(" else value >= low) and (value < high if right == ")" else value <= high)
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past float's range is no finite float
+        return False
+
+
+def check_number(name: str, value: object, spec: str = "", *, integer: bool = False, optional: bool = False) -> None:
+    """``ValueError`` in one line naming ``name`` unless ``value`` is a finite real number (an ``int`` when
+    ``integer``; never a bool) inside ``spec`` (see ``NUMBER_RANGES``; ``""``: any), or ``None`` when ``optional``."""
+    if value is None and optional:
+        return
+    what = "an integer" if integer else "a finite number"
+    where = f" {spec}" if spec else ""
+    if spec.startswith(("(", "[")):
+        where = f" in {spec}"
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, int if integer else int | float)
+        and (integer or _finite(value))
+        and (not spec or _in_range(value, spec))
+    )
+    if not ok:
+        none = " or null" if optional else ""
+        raise ValueError(f"{name} must be {what}{where}{none}, got {value!r}")
+
+
+def number_kind(annotation: object) -> tuple[str, bool] | None:
+    """What a dataclass field's annotation asks for: ``("int" | "float" | "bool", optional)``, ``("int[]" |
+    "float[]", False)`` for a tuple of numbers, or ``None`` for anything else."""
+    text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    text = text.replace("typing.", "").replace(" ", "")
+    parts = set(text.split("|"))
+    optional = "None" in parts
+    parts -= {"None"}
+    if parts == {"bool"}:
+        return "bool", optional
+    if parts == {"int"}:
+        return "int", optional
+    if parts and parts <= {"int", "float"}:
+        return "float", optional
+    for kind in ("int", "float"):
+        if text in (f"tuple[{kind},...]", f"Sequence[{kind}]", f"list[{kind}]"):
+            return f"{kind}[]", False
+    return None
+
+
+def check_number_fields(config: object, ranges: Mapping[str, str] | None = None) -> None:
+    """Check every number of the dataclass ``config``: each field annotated ``int``, ``float`` (``| None``) or a
+    tuple of them with :func:`check_number` in its range (``ranges``, default the class's ``NUMBER_RANGES``; an
+    unranged number must still be finite), and each ``bool`` field is a bool. ``ValueError`` names the first bad
+    field."""
+    ranges = dict(getattr(type(config), "NUMBER_RANGES", {}) if ranges is None else ranges)
+    kinds = {f.name: number_kind(f.type) for f in dataclasses.fields(config)}
+    unknown = sorted(set(ranges) - {n for n, k in kinds.items() if k is not None and k[0] != "bool"})
+    if unknown:
+        raise TypeError(f"{type(config).__name__} has no number field {unknown[0]!r} to range")
+    for name, kind in kinds.items():
+        if kind is None:
+            continue
+        value, spec = getattr(config, name), ranges.get(name, "")
+        if kind[0] == "bool":
+            if not isinstance(value, bool) and not (kind[1] and value is None):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
+        elif kind[0].endswith("[]"):
+            if not isinstance(value, tuple | list):
+                raise ValueError(f"{name} must be a list of numbers, got {value!r}")
+            for i, item in enumerate(value):
+                check_number(f"{name}[{i}]", item, spec, integer=kind[0] == "int[]")
+        else:
+            check_number(name, value, spec, integer=kind[0] == "int", optional=kind[1])
+
+
+def check_number_values(values: Mapping[str, object], ranges: Mapping[str, str], where: str) -> None:
+    """The numbers of a settings mapping read from a file (an intervention's ``settings``): ``ranges`` maps each
+    required key to its range, ``"int ..."`` for an integer, ``"... | null"`` where null is allowed. ``ValueError``
+    names ``where`` and the key."""
+    for key, spec in ranges.items():
+        optional = spec.endswith("| null")
+        spec = spec.removesuffix("| null").strip()
+        integer = spec.startswith("int")
+        spec = spec.removeprefix("int").strip()
+        if key not in values:
+            raise ValueError(f"{where}: the setting {key!r} is missing")
+        try:
+            check_number(key, values[key], spec, integer=integer, optional=optional)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+
+
 def check_option_minimums(args: object, minimums: dict[str, float]) -> None:
-    """``ValueError`` naming the first command-line option (an ``argparse`` attribute) below its minimum, as
-    ``--option-name must be >= minimum, got value``; options left unset (``None``) pass, NaN fails."""
+    """``ValueError`` naming the first command-line option (an ``argparse`` attribute) below its minimum or not
+    finite, as ``--option-name must be >= minimum, got value``; options left unset (``None``) pass."""
     for name, minimum in minimums.items():
         value = getattr(args, name)
-        if value is not None and not value >= minimum:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
-
-
-def check_integer_fields(config: object, names: Sequence[str], minimum: int = 1) -> None:
-    """``ValueError`` naming the first of a config's fields that is not an integer >= ``minimum`` (bools refused)."""
-    for name in names:
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def check_number_fields(config: object, positive: Sequence[str] = (), non_negative: Sequence[str] = ()) -> None:
-    """``ValueError`` naming the first of a config's ``positive`` fields not > 0 or ``non_negative`` fields not >= 0
-    (NaN fails both)."""
-    for names, bound, ok in ((positive, "> 0", lambda v: v > 0), (non_negative, ">= 0", lambda v: v >= 0)):
-        for name in names:
-            value = getattr(config, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
-                raise ValueError(f"{name} must be a number {bound}, got {value!r}")
+        try:
+            check_number(name, value, f">= {minimum}", optional=True)
+        except ValueError:
+            finite = "" if isinstance(value, int | float) and math.isfinite(value) else " (a finite number)"
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}{finite}, got {value}") from None

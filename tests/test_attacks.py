@@ -233,6 +233,10 @@ def test_attack_success_counts_the_concept_with_its_interval(wrapper, scorer):
         (["--attack", "all", "--attack", "nope"], "unknown attack"),
         (["--set", "noise_probe.nope=3"], "has no setting 'nope'"),
         (["--set", "noise_probe.candidates=0"], "candidates must be an integer >= 1"),
+        (["--set", "rece_embedding.regularization=NaN"], "regularization must be a finite number > 0, got nan"),
+        (["--set", "rece_embedding.regularization=true"], "regularization must be a finite number > 0, got True"),
+        (["--set", "unlearn_diff_atk.lr=Infinity"], "lr must be a finite number > 0, got inf"),
+        (["--set", "ring_a_bell_prompt.mutation_rate=-Infinity"], "mutation_rate must be a finite number in [0, 1]"),
         (["--set", "candidates=4"], "expected ATTACK.KEY=VALUE"),
     ],
 )

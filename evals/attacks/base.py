@@ -27,7 +27,6 @@ import torch
 from PIL import Image
 
 from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
-from pipelines.checks import check_integer_fields, check_number_fields
 
 from .. import metrics as M
 from ..microworld import world
@@ -44,7 +43,6 @@ __all__ = [
     "attack_success",
     "available_attacks",
     "check_attack",
-    "check_budget",
     "get_attack",
     "register_attack",
     "resolve_attacks",
@@ -226,13 +224,6 @@ def attack_configs(overrides: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]
         except TypeError as err:
             raise ValueError(f"attack {name!r}: {err}") from None
     return configs
-
-
-def check_budget(config: Any, integers: Sequence[str], positive: Sequence[str] = (),
-                 non_negative: Sequence[str] = ()) -> None:  # fmt: skip
-    """Validate an attack config's budget fields: ``integers`` >= 1, ``positive`` > 0, ``non_negative`` >= 0."""
-    check_integer_fields(config, integers)
-    check_number_fields(config, positive, non_negative)
 
 
 def get_attack(name: str) -> Attack:

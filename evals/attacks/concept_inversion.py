@@ -39,14 +39,16 @@ import logging
 import re
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pipelines import PipelineWrapper
+from pipelines.checks import check_number_fields
 
-from .base import AttackResult, AttackTarget, attack_probes, check_budget, register_attack
+from .base import AttackResult, AttackTarget, attack_probes, register_attack
 from .unlearn_diff_atk import NoiseTargets, matching_step, noise_matching_loss, original_noise_targets, prompt_loss
 
 __all__ = ["ConceptInversionConfig", "concept_inversion", "concept_template", "nearest_words"]
@@ -68,6 +70,11 @@ class ConceptInversionConfig:
         eval_pairs: fixed pairs on which the initial, final and unattacked losses are reported.
     """
 
+    NUMBER_RANGES: ClassVar[dict[str, str]] = {
+        "steps": ">= 1", "lr": "> 0", "weight_decay": ">= 0", "batch": ">= 1", "train_prompts": ">= 1",
+        "eval_pairs": ">= 1",
+    }  # fmt: skip
+
     steps: int = 200
     lr: float = 0.08
     weight_decay: float = 1e-2
@@ -77,7 +84,7 @@ class ConceptInversionConfig:
     eval_pairs: int = 32
 
     def __post_init__(self) -> None:
-        check_budget(self, ("steps", "batch", "train_prompts", "eval_pairs"), ("lr",), ("weight_decay",))
+        check_number_fields(self)
         if not isinstance(self.init_word, str) or not self.init_word.strip():
             raise ValueError("init_word is empty")
 

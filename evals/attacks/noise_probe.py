@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from pipelines.checks import check_number_fields
+
 from ..probes import GENERIC_TEMPLATES
 from ..scorer import TEMPLATES
-from .base import AttackResult, AttackTarget, check_budget, register_attack
+from .base import AttackResult, AttackTarget, register_attack
 
 __all__ = ["NoiseProbeConfig", "noise_probe"]
 
@@ -35,13 +38,13 @@ class NoiseProbeConfig:
         eta: DDIM's noise level while re-sampling, in (0, 1].
     """
 
+    NUMBER_RANGES: ClassVar[dict[str, str]] = {"candidates": ">= 1", "eta": "(0, 1]"}
+
     candidates: int = 8
     eta: float = 1.0
 
     def __post_init__(self) -> None:
-        check_budget(self, ("candidates",))
-        if not 0.0 < self.eta <= 1.0:
-            raise ValueError(f"eta must be in (0, 1], got {self.eta}")
+        check_number_fields(self)
 
 
 @register_attack("noise_probe", NoiseProbeConfig, "best of N noisy re-samplings, picked by the scorer", "sampling")

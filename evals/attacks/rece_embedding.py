@@ -24,10 +24,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from pipelines import CROSS_ATTENTION_PATTERNS, PipelineWrapper
+from pipelines.checks import check_number_fields
 
 from .base import AttackResult, AttackTarget, register_attack
 
@@ -46,13 +48,14 @@ class ReceEmbeddingConfig:
             and values).
     """
 
+    NUMBER_RANGES: ClassVar[dict[str, str]] = {"regularization": "> 0"}  # it keeps the solve invertible
+
     regularization: float = 1e-3
     layers: tuple[str, ...] = CROSS_ATTENTION_PATTERNS
 
     def __post_init__(self) -> None:
         self.layers = tuple(self.layers)
-        if self.regularization <= 0:
-            raise ValueError(f"regularization must be > 0 (it keeps the solve invertible), got {self.regularization}")
+        check_number_fields(self)
         if not self.layers:
             raise ValueError("layers is empty: give at least one module-name pattern")
 

@@ -34,14 +34,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
 
 from pipelines import PipelineWrapper
-from pipelines.checks import check_integer_fields
+from pipelines.checks import check_number_fields
 
-from .base import AttackResult, AttackTarget, attack_probes, check_budget, register_attack, word_vocabulary
+from .base import AttackResult, AttackTarget, attack_probes, register_attack, word_vocabulary
 
 __all__ = [
     "RingABellConfig",
@@ -69,12 +70,14 @@ class RingABellConfig:
             ``"neutral"`` to the same prompt without it.
     """
 
+    NUMBER_RANGES: ClassVar[dict[str, str]] = {"eta": "> 0", "pairs": ">= 1"}
+
     eta: float = 0.9
     pairs: int = 64
     base: str = "prompt"
 
     def __post_init__(self) -> None:
-        check_budget(self, ("pairs",), ("eta",))
+        check_number_fields(self)
         if self.base not in BASES:
             raise ValueError(f"base must be one of {BASES}, got {self.base!r}")
 
@@ -118,6 +121,11 @@ class RingABellPromptConfig(RingABellConfig):
             search per prompt).
     """
 
+    NUMBER_RANGES: ClassVar[dict[str, str]] = {
+        **RingABellConfig.NUMBER_RANGES, "length": ">= 1", "population": ">= 2", "generations": ">= 1",
+        "crossover_rate": "[0, 1]", "mutation_rate": "[0, 1]", "searches": ">= 1",
+    }  # fmt: skip
+
     length: int = 16
     population: int = 64
     generations: int = 150
@@ -126,13 +134,7 @@ class RingABellPromptConfig(RingABellConfig):
     searches: int = 4
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        check_budget(self, ("length", "generations", "searches"))
-        check_integer_fields(self, ("population",), minimum=2)
-        for name in ("crossover_rate", "mutation_rate"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not 0 <= value <= 1:
-                raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+        super().__post_init__()  # RingABellConfig's checks every number of this class against NUMBER_RANGES
 
 
 @dataclass

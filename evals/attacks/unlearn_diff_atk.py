@@ -44,14 +44,16 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pipelines import PipelineWrapper, PromptEncoding
+from pipelines.checks import check_number_fields
 
-from .base import AttackResult, AttackTarget, check_budget, register_attack, word_vocabulary
+from .base import AttackResult, AttackTarget, register_attack, word_vocabulary
 
 __all__ = [
     "NoiseTargets",
@@ -86,6 +88,11 @@ class UnlearnDiffAtkConfig:
         vocabulary: ``"words"`` (whole-word alphabetic tokens) or ``"all"`` (every non-special token).
     """
 
+    NUMBER_RANGES: ClassVar[dict[str, str]] = {
+        "tokens": ">= 1", "iterations": ">= 1", "lr": "> 0", "weight_decay": ">= 0", "batch": ">= 1",
+        "optimisation_probes": ">= 1", "eval_pairs": ">= 1", "checks": ">= 1",
+    }  # fmt: skip
+
     tokens: int = 5
     iterations: int = 200
     lr: float = 0.02
@@ -97,8 +104,7 @@ class UnlearnDiffAtkConfig:
     vocabulary: str = "words"
 
     def __post_init__(self) -> None:
-        integers = ("tokens", "iterations", "batch", "optimisation_probes", "eval_pairs", "checks")
-        check_budget(self, integers, ("lr",), ("weight_decay",))
+        check_number_fields(self)
         if self.vocabulary not in VOCABULARIES:
             raise ValueError(f"vocabulary must be one of {VOCABULARIES}, got {self.vocabulary!r}")
 
