@@ -9,7 +9,8 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
-from pipelines.checks import check_integer_fields, check_number_fields, check_option_minimums, error_line
+from pipelines.checks import check_number, check_number_fields, check_number_values, check_option_minimums, error_line
+from pipelines.tokenizer import concept_text
 
 __all__ = [
     "CONCEPT_TYPES",
@@ -18,8 +19,9 @@ __all__ = [
     "ConceptType",
     "check_concept_text",
     "concept_key",
-    "check_integer_fields",
+    "check_number",
     "check_number_fields",
+    "check_number_values",
     "check_option_minimums",
     "error_line",
     "check_templates",
@@ -29,12 +31,14 @@ __all__ = [
 
 
 def concept_key(text: str) -> str:
-    """What a concept is up to case and spacing, as CLIP's tokenizer reads it ("Van  Gogh" and "van gogh" agree)."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    """The one reading of a concept (``pipelines.tokenizer.concept_text``): what is tokenised, compared, looked up
+    and named on disk ("Van  Gogh", "van gogh" and its fullwidth spelling agree)."""
+    return concept_text(text)
 
 
 def check_concept_text(text: object, what: str) -> str:
-    """``text`` stripped, or ``ValueError`` when it is not a string, empty, invisible or holds control characters."""
+    """``text``'s reading (``concept_key``), or ``ValueError`` when it is not a string, or is empty, invisible, holds
+    control characters or reads as nothing (``"&nbsp;"``)."""
     if not isinstance(text, str):
         raise TypeError(f"{what} must be a string, got {type(text).__name__}")
     text = text.strip()
@@ -44,7 +48,10 @@ def check_concept_text(text: object, what: str) -> str:
         raise ValueError(f"{what} {text!r} contains a control character")
     if not any(unicodedata.category(ch)[0] in "LNPS" for ch in text):
         raise ValueError(f"{what} {text!r} has no visible characters")
-    return text
+    reading = concept_key(text)
+    if not any(unicodedata.category(ch)[0] in "LNPS" for ch in reading):
+        raise ValueError(f"{what} {text!r} reads as empty text to the tokenizer")
+    return reading
 
 
 def check_templates(templates: Sequence[str]) -> tuple[str, ...]:

@@ -4,11 +4,13 @@ so a bad ``--out`` costs nothing. No torch here.
 
 from __future__ import annotations
 
+import hashlib
 import os
-import re
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+
+from pipelines.tokenizer import concept_folder, concept_text
 
 __all__ = [
     "ARTIFACT_ENTRIES",
@@ -140,6 +142,11 @@ def check_writable_folder(folder: str | Path) -> Path:
 
 
 def default_output_folder(concepts: Sequence[str], method: str) -> Path:
-    """``erased/<concept>[+<concept>...]-<method>``, with the concepts made filename-safe."""
-    slug = "+".join(re.sub(r"[^a-z0-9]+", "-", c.lower()).strip("-") or "concept" for c in concepts)
-    return Path("erased") / f"{slug[:80]}-{method}"
+    """``erased/<concept>[+<concept>...]-<method>``, each concept by its folder name
+    (``pipelines.tokenizer.concept_folder``: distinct readings, distinct names); a list past 80 characters is cut
+    and marked with a hash of all the readings, so two long lists still differ."""
+    name = "+".join(concept_folder(c) for c in concepts)
+    if len(name) > 80:
+        digest = hashlib.sha256("\n".join(concept_text(c) for c in concepts).encode()).hexdigest()[:8]
+        name = f"{name[:71]}-{digest}"
+    return Path("erased") / f"{name}-{method}"

@@ -46,8 +46,9 @@ FAMILIES = ("closed_form", "lora", "runtime")
 class ConceptSpec:
     """What to erase and what to keep.
 
-    Concepts are compared as CLIP reads them, up to case and spacing (``concept_key``): a concept cannot be both
-    erased and preserved, nor be its own guide, under another capitalisation.
+    Every text is kept as its one reading (``concept_key``: CLIP's clean-up plus NFKC), the form the text encoder is
+    fed and concepts are compared in: a concept cannot be both erased and preserved, nor be its own guide, under
+    another capitalisation, spacing or width.
 
     Attributes:
         targets: concepts to erase, e.g. ``("van gogh",)``.
@@ -74,9 +75,11 @@ class ConceptSpec:
         object.__setattr__(self, "targets", targets)
         object.__setattr__(self, "guides", guides)
         object.__setattr__(self, "preserve", preserve)
-        keys = [concept_key(t) for t in targets]
+        keys = list(targets)  # readings already
         if len(set(keys)) != len(keys):
-            raise ValueError(f"duplicate concepts to erase: {list(targets)}")
+            twice = next(k for k in keys if keys.count(k) > 1)
+            given = [t for t, k in zip(self.targets, keys, strict=True) if k == twice]
+            raise ValueError(f"duplicate concepts to erase: {', '.join(map(repr, given))} all read as {twice!r}")
         if len(guides) not in (1, len(targets)):
             raise ValueError(f"{len(guides)} guides for {len(targets)} targets: give one, or one per target")
         overlap = [p for p in preserve if concept_key(p) in keys]

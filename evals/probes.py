@@ -8,12 +8,15 @@ target probes is the goal and a high one on preserved probes is the constraint.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from pipelines.tokenizer import concept_text
 
 from .microworld import world
 from .scorer import TEMPLATES, ClipScorer
@@ -26,6 +29,7 @@ __all__ = [
     "probe_accuracy",
     "probe_correct",
     "probe_verdicts",
+    "world_concept",
     "world_labels",
     "world_probes",
 ]
@@ -42,6 +46,25 @@ class Probe:
     seed: int
     concept: str  # the canonical concept the prompt names
     category: str  # the zero-shot label set it is judged among
+
+
+def world_concept(name: str) -> str | None:
+    """The micro-world name (canonical or synonym) that a concept as a user writes it stands for, or ``None``.
+
+    The name is read as the text encoder reads it (``concept_text``: case, spacing, width), then tried as it is,
+    with hyphens and underscores as spaces, without a leading article ("a circle") and without a trailing "style"
+    ("van gogh style"). Anything else is not a world concept: the check probes it generically.
+    """
+    reading = concept_text(name)
+    spaced = " ".join(re.sub(r"[-_]+", " ", reading).split())
+    bare = re.sub(r"^(a|an|the) ", "", spaced)
+    for candidate in (reading, spaced, bare, re.sub(r" (style|art)$", "", bare)):
+        try:
+            world.canonical(candidate)
+        except ValueError:
+            continue
+        return candidate
+    return None
 
 
 def world_probes(concepts: Sequence[str], per_concept: int, seed: int = 0, name_as: str | None = None) -> list[Probe]:

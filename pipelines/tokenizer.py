@@ -1,22 +1,40 @@
-"""The real CLIP tokenizer, built offline from the BPE vocabulary that open_clip ships.
+"""The real CLIP tokenizer, built offline from the BPE vocabulary that open_clip ships, and the one reading of a
+concept's text.
 
 Stable Diffusion's tokenizer is OpenAI CLIP's byte-level BPE with 49408 tokens. open_clip carries the same merges
 (``bpe_simple_vocab_16e6.txt.gz``), so the vocabulary can be rebuilt without the hub, with ids identical to SD's.
+
+A concept is read once, by :func:`concept_text`: CLIP's own clean-up plus NFKC, so that "Van  Gogh", "van gogh" and
+the same words in fullwidth letters are one concept, the one the text encoder is fed. That form is what is tokenised,
+compared (duplicates, a guide equal to its concept), looked up in the micro world and named on disk
+(:func:`concept_folder`). Torch-free and cheap: the scripts read concepts with it before a model loads.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import html
 import importlib.resources
 import re
+import unicodedata
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ftfy
-from transformers import CLIPTokenizer
 
-__all__ = ["bpe_vocabulary_path", "clean_prompt", "clip_vocab_and_merges", "offline_clip_tokenizer"]
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
+
+__all__ = [
+    "bpe_vocabulary_path",
+    "clean_prompt",
+    "clip_vocab_and_merges",
+    "concept_folder",
+    "concept_text",
+    "offline_clip_tokenizer",
+]
 
 START_OF_TEXT = "<|startoftext|>"
 END_OF_TEXT = "<|endoftext|>"
@@ -63,6 +81,8 @@ def offline_clip_tokenizer(model_max_length: int = 77, pad_token: str = END_OF_T
 
     ``pad_token`` is ``<|endoftext|>`` as in SD 1.x; SD 2.x and open_clip pad with ``"!"`` (id 0).
     """
+    from transformers import CLIPTokenizer
+
     vocab, merges = clip_vocab_and_merges()
     return CLIPTokenizer(
         vocab=dict(vocab),
@@ -82,3 +102,35 @@ def clean_prompt(text: str) -> str:
     text = html.unescape(html.unescape(ftfy.fix_text(text)))
     # Lower-case the whole string at once, as CLIP does: per-character lowering gets Greek final sigma wrong.
     return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def concept_text(text: str) -> str:
+    """A concept (or guide, or preserved concept) as the text encoder is fed it: NFKC, then CLIP's clean-up
+    (:func:`clean_prompt`: ftfy, HTML entities, whitespace, lower case), then NFKC again for what the clean-up
+    produced. Idempotent.
+
+    NFKC is ours: CLIP's BPE keeps fullwidth and other compatibility forms as they are and splits them into byte
+    tokens, so "van gogh" in fullwidth letters would be a different concept from "van gogh" to the model while it
+    reads the same to a user.
+    """
+    text = clean_prompt(unicodedata.normalize("NFKC", text))
+    return unicodedata.normalize("NFKC", text)
+
+
+#: Folder names stay well under file systems' 255-byte limit, leaving room for suffixes and temporaries.
+_FOLDER_LENGTH = 60
+
+
+def concept_folder(text: str) -> str:
+    """A file-name-safe folder name for a concept, distinct for distinct :func:`concept_text` readings.
+
+    The plain slug (``van gogh`` -> ``van-gogh``) when it spells the reading exactly (only ``a-z``, ``0-9`` and
+    single spaces, short enough); otherwise the slug, or ``concept``, plus 8 hex digits of the reading's sha256
+    (``van-gogh`` -> ``van-gogh-1f0e...``; two emoji get two folders).
+    """
+    reading = concept_text(text)
+    slug = re.sub(r"[^a-z0-9]+", "-", reading).strip("-")
+    if slug.replace("-", " ") == reading and len(slug) <= _FOLDER_LENGTH:
+        return slug
+    digest = hashlib.sha256(reading.encode()).hexdigest()[:8]
+    return f"{slug[: _FOLDER_LENGTH - 9] or 'concept'}-{digest}"

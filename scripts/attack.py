@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         resolve_device,
         set_library_verbosity,
     )
-    from pipelines.files import slug
+    from pipelines.tokenizer import concept_folder
 
     set_library_verbosity(args.verbose)
     try:
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_attack_suite(target, attacks, args.out, scorer=scorer, judge=judge, seed=args.seed,
                                        configs=configs, erasure=erasure)  # fmt: skip
             print(asr_table(summary))
-            print(f"table and images: {os.path.join(args.out, slug(concept))}")
+            print(f"table and images: {os.path.join(args.out, concept_folder(concept))}")
     except (ValueError, TypeError, OSError, ModelNotFoundError, ArtifactError, AuditError) as err:
         print(f"error: {error_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT

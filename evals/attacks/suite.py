@@ -1,6 +1,7 @@
 """Run attacks against one erasure and write what they found: a resumable folder and an ASR table.
 
-Layout of the output folder (one subfolder per attacked concept, ``<concept>/``)::
+Layout of the output folder (one subfolder per attacked concept, ``<concept>/``, named by
+``pipelines.tokenizer.concept_folder``: distinct concepts, distinct folders)::
 
     <concept>/attack.json        settings: concept, probes, seed, sampler, erasure; a rerun must match them
     <concept>/original/          the original model's images of the probes, and its rate (what there was to erase)
@@ -26,7 +27,8 @@ from typing import Any
 from PIL import Image
 
 from pipelines.checks import error_line
-from pipelines.files import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, png_bytes, slug
+from pipelines.files import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, png_bytes
+from pipelines.tokenizer import concept_folder
 
 from ..grids import labelled_grid
 from .base import AttackResult, AttackTarget, attack_success, check_attack, get_attack, run_attack
@@ -55,7 +57,7 @@ def check_suite_folder(out_dir: str | Path, concepts: Sequence[str]) -> None:
     """``ValueError`` in one line when ``out_dir`` cannot take a suite run on ``concepts``, before any model loads:
     a concept's folder is a file, or holds an unreadable ``attack.json`` or one of another version."""
     for concept in concepts:
-        concept_dir = Path(out_dir) / slug(concept)
+        concept_dir = Path(out_dir) / concept_folder(concept)
         if concept_dir.exists() and not concept_dir.is_dir():
             raise ValueError(f"{concept_dir} is a file, not a folder; use another --out folder")
         if (concept_dir / "attack.json").exists():
@@ -125,7 +127,7 @@ def run_attack_suite(
         "batch_size": target.batch_size,  # images drawn together differ from those drawn apart in the last bit
         "erasure": erasure,
     }
-    concept_dir = out / slug(target.concept)
+    concept_dir = out / concept_folder(target.concept)
     concept_dir.mkdir(parents=True, exist_ok=True)
     _check_settings(concept_dir, settings)
     rows = []

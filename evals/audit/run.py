@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
 from pipelines.files import png_bytes, write_synced_sibling
+from pipelines.tokenizer import concept_folder
 
 from ..attacks import AttackTarget, attack_labels
 from ..attacks import attack_probes as make_probes
@@ -54,7 +55,6 @@ from .common import (
     json_text,
     make_folder,
     reason,
-    slug,
     write_file,
 )
 from .report import write_report
@@ -502,7 +502,7 @@ def run_attack_section(
                                   progress=progress)  # fmt: skip
             folder = out_dir / "attacks" / model.key
             summary = run_attack_suite(target, attacks, folder, scorer=scorer, judge=judge, erasure=metadata)
-            comparison = (folder / slug(concept) / "comparison.png").relative_to(out_dir)
+            comparison = (folder / concept_folder(concept) / "comparison.png").relative_to(out_dir)
             sections.append({"model": model.key, "label": model.label, **summary, "comparison": str(comparison)})
     return sections
 
