@@ -30,6 +30,8 @@ __all__ = [
     "EraseSummary",
     "GENERIC_PRESERVE",
     "audit_models",
+    "check_probes",
+    "edit_size_warnings",
     "erasure_settings",
     "load_check_scorer",
     "preserve_set",
@@ -62,18 +64,15 @@ def preserve_set(name: str, targets: Sequence[str]) -> list[str]:
         return [p for p in GENERIC_PRESERVE if concept_key(p) not in erased]
     from evals.microworld import world
 
-    erased |= {world.canonical(t) for t in targets if _in_world(t)}
+    erased |= {world.canonical(t) for t in map(_world_name, targets) if t is not None}
     return [c for cat in world.CATEGORIES for c in world.concepts(cat) if c not in erased and c != "plain"]
 
 
-def _in_world(name: str) -> bool:
-    from evals.microworld import world
+def _world_name(name: str) -> str | None:
+    """The micro-world name ``name`` stands for (``evals.probes.world_concept``), or ``None``."""
+    from evals.probes import world_concept
 
-    try:
-        world.canonical(name)
-    except (KeyError, ValueError):
-        return False
-    return True
+    return world_concept(name)
 
 
 @dataclass
@@ -102,6 +101,8 @@ class EraseSummary:
     relative_change_median: float
     relative_change_max: float
     extra: dict[str, Any] = field(default_factory=dict)
+    #: what the user should know about the result, one line each (an edit larger than the weights it changes)
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         from dataclasses import asdict
@@ -123,7 +124,7 @@ def load_check_scorer(wrapper: PipelineWrapper, scorer: str | None) -> tuple[str
     return name, clip
 
 
-def _check_probes(
+def check_probes(
     wrapper: PipelineWrapper,
     targets: Sequence[str],
     preserve: Sequence[str],
@@ -132,16 +133,29 @@ def _check_probes(
     per_preserved: int = 1,
 ) -> tuple[list, list, dict[str, list[str]]]:
     """The check's probes: (target probes, preserved probes, the labels they are scored among); ``per_preserved``
-    images of each preserved concept before thinning to ``images_per_group``."""
+    images of each preserved concept before thinning to ``images_per_group``.
+
+    Decided before any edit, for any concept a user can write: on the micro world a target that names a world
+    concept in any spelling (``evals.probes.world_concept``) gets world probes, judged in its category; any other
+    ("a dog") gets generic probes, judged among the other such targets and the preserved world concepts.
+    """
+    from evals.microworld import world
     from evals.probes import generic_probes, world_labels, world_probes
 
     if wrapper.world_file is not None:
         per_target = max(1, images_per_group // max(1, len(targets)))
-        target_probes = world_probes(targets, per_target, seed)[:images_per_group] if targets else []
-        kept = [p for p in preserve if _in_world(p)] or preserve_set("world", targets)
+        named = [_world_name(t) for t in targets]
+        outside = [t for t, n in zip(targets, named, strict=True) if n is None]
+        target_probes = world_probes([n for n in named if n is not None], per_target, seed)
+        target_probes = (target_probes + generic_probes(outside, per_target, seed))[:images_per_group]
+        kept = [n for n in map(_world_name, preserve) if n is not None] or preserve_set("world", targets)
         preserved_probes = world_probes(kept, per_preserved, seed + 1)
         step = max(1, len(preserved_probes) // images_per_group)
-        return target_probes, preserved_probes[::step][:images_per_group], world_labels()
+        labels: dict[str, list[str]] = world_labels()
+        if outside:
+            logger.info("the check probes %s generically: not micro-world concepts", ", ".join(map(repr, outside)))
+            labels["concept"] = [*outside, *(world.canonical(k) for k in kept)]
+        return target_probes, preserved_probes[::step][:images_per_group], labels
     kept = list(preserve) or preserve_set("generic", targets)
     per_target = max(1, images_per_group // max(1, len(targets)))
     target_probes = generic_probes(targets, per_target, seed) if targets else []
@@ -164,7 +178,7 @@ def reconstruction_check(
     reconstruction at ``hook`` (every activation there replaced by W_dec z + b_dec): what the SAE costs by itself."""
     from evals.probes import probe_accuracy, probe_correct
 
-    _, probes, labels = _check_probes(wrapper, [], [], images, seed, per_preserved=-(-images // 8))
+    _, probes, labels = check_probes(wrapper, [], [], images, seed, per_preserved=-(-images // 8))
     prompts, seeds = [p.prompt for p in probes], [p.seed for p in probes]
     before = wrapper.generate(prompts, seeds, steps=steps, guidance=guidance, progress=False)
     with torch.no_grad(), wrapper.add_output_edit(hook, lambda tokens, _t: sae(tokens.float()).to(tokens.dtype)):
@@ -186,18 +200,20 @@ def self_check(
     steps: int = DEFAULT_STEPS,
     guidance: float = DEFAULT_GUIDANCE,
     progress: bool = False,
+    probes: tuple[list, list, dict[str, list[str]]] | None = None,
 ) -> tuple[CheckResult, Image.Image]:
     """Generate target and preserved probes before and after the edit and score them with the CLIP ``scorer``.
 
+    ``probes``: the check's probes as :func:`check_probes` decided them before the edit (default: decided here).
     ``progress`` shows one bar over every denoising step of the check (its estimate is what a user on a CPU needs:
     SD-sized images take minutes each there).
     """
     from evals.grids import labelled_grid
     from evals.probes import probe_accuracy, probe_correct
 
-    target_probes, preserved_probes, labels = _check_probes(
-        wrapper, artifact.concepts, artifact.preserve, images_per_group, seed
-    )
+    if probes is None:
+        probes = check_probes(wrapper, artifact.concepts, artifact.preserve, images_per_group, seed)
+    target_probes, preserved_probes, labels = probes
     probes = target_probes + preserved_probes
     prompts, seeds = [p.prompt for p in probes], [p.seed for p in probes]
     batch_size = 8
@@ -323,12 +339,15 @@ def run_erase(
     if getattr(config, "pool_steps", None) is not None:  # the LoRA methods' trajectories, sampled before training
         wrapper.check_sampler_steps(config.pool_steps)
     scorer_name, clip = load_check_scorer(wrapper, scorer) if check else (None, None)
+    probes = None  # the check's probes, decided before the edit: a concept they cannot take fails here, not after it
+    if check:
+        probes = check_probes(wrapper, concept_spec.targets, concept_spec.preserve, check_images, check_seed)
     artifact = erase_concepts(wrapper, concept_spec, method, config)
     result, extra_files = None, {}
     if check:
         result, grid = self_check(
             wrapper, artifact, clip, check_images, check_seed, steps=check_steps, guidance=check_guidance,
-            progress=progress,
+            progress=progress, probes=probes,
         )  # fmt: skip
         extra_files[CHECK_PICTURE] = png_bytes(grid)
     folder = save_artifact(artifact, folder, wrapper, overwrite=overwrite, extra_files=extra_files)
@@ -361,7 +380,22 @@ def run_erase(
             "info": artifact.info,
             "transport": artifact.transport is not None,
         },
+        warnings=edit_size_warnings(artifact.info.get("relative_change", {})),
     )
+
+
+def edit_size_warnings(relative_change: dict[str, float], limit: float = 1.0) -> list[str]:
+    """A warning line when some layers' edits are larger than the layers' weights (``|dW| / |W| > limit``) or not
+    finite: the edit then replaces what the layer knew rather than adjusting it."""
+    large = {name: r for name, r in relative_change.items() if not r <= limit}
+    if not large:
+        return []
+    worst = max(large.values(), key=lambda r: r if r == r else float("inf"))
+    return [
+        f"the edit is larger than the weights in {len(large)} of {len(relative_change)} layers (up to {worst:.0%} of "
+        "a layer's norm): expect the model to change beyond the concepts; erase fewer concepts at once, or raise "
+        "lamb / lower the learning rate"
+    ]
 
 
 def audit_models(

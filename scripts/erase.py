@@ -156,6 +156,8 @@ def print_summary(summary) -> None:  # noqa: ANN001 - erase.workflow.EraseSummar
             f"  preserved accuracy  {c.preserved_before:6.1%} -> {c.preserved_after:6.1%}  ({c.images} images scored)"
         )
         print(f"  before/after grid:  {summary.grid}")
+    for warning in summary.warnings:
+        print(f"  warning: {warning}")
     print(f"  artifact:           {summary.out}")
     if summary.weight_format == "intervention":  # hooks, installed by erase: there is no plain-diffusers form
         print(f"  load it:            import erase; {summary.load_code}  (handle.remove() undoes it)")
