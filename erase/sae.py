@@ -18,6 +18,11 @@ A trained SAE is a folder: ``sae.safetensors`` (the four tensors), ``sae.json`` 
 the model component it reads, the collection settings, its quality) and ``prompts.txt`` (what it was trained on).
 ``find_sae`` looks one up by hook point and component fingerprint, so a shipped SAE is found for the model whose
 weights it was trained on, whatever that model is called.
+
+Quality floor (``sae_quality_problems``): an SAE whose fraction of variance unexplained on held-out tokens is 1 or
+more explains less than the activations' mean, and one trained on fewer tokens than it has features cannot have
+learnt them; neither is a result. ``build_sae`` refuses to save such an SAE unless forced, and a method reading one
+(``resolve_sae``) logs a warning.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors import SafetensorError
@@ -47,7 +52,7 @@ from pipelines.files import (
     read_tensors,
 )
 
-from .inputs import check_integer_fields
+from .inputs import check_number_fields
 from .layout import current_umask
 
 __all__ = [
@@ -63,6 +68,7 @@ __all__ = [
     "load_sae",
     "resolve_sae",
     "sae_prompts",
+    "sae_quality_problems",
     "save_sae",
     "shipped_sae_store",
     "train_sae",
@@ -143,6 +149,11 @@ class SAETrainConfig:
         seed: seeds the initialisation and the batch order.
     """
 
+    NUMBER_RANGES: ClassVar[dict[str, str]] = {
+        "expansion": ">= 1", "k": ">= 1", "lr": "(0, 1)", "batch_size": ">= 1", "epochs": ">= 1", "aux_k": ">= 1",
+        "aux_coef": ">= 0", "dead_tokens": ">= 1", "seed": ">= 0",
+    }  # fmt: skip
+
     expansion: int = 16
     k: int = 32
     lr: float = 4e-4
@@ -154,14 +165,7 @@ class SAETrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_integer_fields(self, ("expansion", "k", "batch_size", "epochs", "dead_tokens"))
-        check_integer_fields(self, ("seed",), minimum=0)
-        if self.aux_k is not None and (not isinstance(self.aux_k, int) or self.aux_k < 1):
-            raise ValueError(f"aux_k must be an integer >= 1 or None, got {self.aux_k!r}")
-        if not (isinstance(self.lr, int | float) and 0 < self.lr < 1):
-            raise ValueError(f"lr must be in (0, 1), got {self.lr!r}")
-        if not (isinstance(self.aux_coef, int | float) and self.aux_coef >= 0):
-            raise ValueError(f"aux_coef must be >= 0, got {self.aux_coef!r}")
+        check_number_fields(self)
 
 
 def _aux_loss(sae: TopKSAE, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor, aux_k: int):
@@ -346,6 +350,23 @@ def load_sae(folder: str | Path) -> tuple[TopKSAE, dict[str, Any]]:
     return sae.eval().requires_grad_(False), meta
 
 
+def sae_quality_problems(meta: dict[str, Any]) -> list[str]:
+    """Why an SAE (its ``sae.json``) is below the quality floor, one phrase per reason; empty when it is not."""
+    quality = meta.get("quality")
+    if not isinstance(quality, dict):
+        return ["it records no quality (an SAE from scripts/train_sae.py does)"]
+    problems = []
+    fvu = quality.get("fvu")
+    if isinstance(fvu, bool) or not isinstance(fvu, int | float) or not math.isfinite(fvu) or fvu >= 1:
+        problems.append(f"its fraction of variance unexplained is {fvu!r} (>= 1: it explains less than the mean)")
+    tokens, latents = quality.get("training_tokens"), meta.get("latents")
+    if tokens is None and isinstance(meta.get("collection"), dict):  # SAEs written before training_tokens
+        tokens = meta["collection"].get("tokens", 0) - quality.get("held_out_tokens", 0)
+    if isinstance(latents, int) and (not isinstance(tokens, int) or tokens < latents):
+        problems.append(f"it was trained on {tokens} tokens, fewer than its {latents} features")
+    return problems
+
+
 def sae_prompts(folder: str | Path) -> list[str]:
     """The prompts an SAE was trained on (empty if it records none)."""
     path = Path(folder) / PROMPTS_FILE
@@ -397,6 +418,9 @@ def resolve_sae(
     else:
         folder = Path(sae)
     model, meta = load_sae(folder)
+    problems = sae_quality_problems(meta)
+    if problems:
+        logger.warning("the SAE in %s is below the quality floor: %s", folder, "; ".join(problems))
     if meta.get("hook_point") not in (None, hook):
         raise ValueError(f"the SAE in {folder} reads {meta.get('hook_point')}, not {hook}")
     width = wrapper.hook_width(hook)
@@ -465,12 +489,17 @@ def build_sae(
     guidance: float = DEFAULT_GUIDANCE,
     cache_dir: str | Path | None = None,
     progress: bool = False,
+    force: bool = False,
 ) -> tuple[TopKSAE, dict[str, Any]]:
     """Collect ``hook``'s activations over ``prompts``, train an SAE on them and write it to ``out``.
 
     The last 5% of the tokens (the last prompts' tokens) are held out: the SAE's quality is measured on them, as
     the fraction of variance unexplained and the share of features that fire on none of them (dead). Training
     checkpoints go to ``cache_dir`` (default: ``out/.work``), so an interrupted run resumes.
+
+    An SAE below the quality floor (``sae_quality_problems``) is a ``ValueError`` and is not written unless
+    ``force``: too few tokens before training, an FVU of 1 or more after it (its checkpoint is kept, so a forced
+    rerun does not train again).
     """
     config = config or SAETrainConfig()
     wrapper.hook_point(hook)
@@ -479,6 +508,12 @@ def build_sae(
     tokens = collect_activations(wrapper, hook, prompts, seed=config.seed, steps=steps, guidance=guidance,
                                  cache_dir=work, progress=progress)  # fmt: skip
     held = max(1, tokens.shape[0] // 20)
+    training_tokens, latents = int(tokens.shape[0]) - held, config.expansion * int(tokens.shape[1])
+    if training_tokens < latents and not force:
+        raise ValueError(
+            f"{len(prompts)} prompts give {training_tokens} training tokens at {hook}, fewer than the SAE's {latents} "
+            "features: give more prompts or a smaller expansion (or force it: train_sae.py --force)"
+        )
     sae, stats = train_sae(tokens[:-held], config, device=wrapper.device, checkpoint_dir=work / "checkpoint",
                            progress=progress)  # fmt: skip
     sae.cpu()
@@ -487,7 +522,7 @@ def build_sae(
         z = torch.cat([sae.encode(chunk) for chunk in test.split(8192)])
         fvu = float(fraction_of_variance_unexplained(test, z @ sae.W_dec + sae.b_dec))
         dead = float((z > 0).any(0).logical_not().float().mean())
-    quality = {"fvu": fvu, "dead_share": dead, "held_out_tokens": held}
+    quality = {"fvu": fvu, "dead_share": dead, "held_out_tokens": held, "training_tokens": training_tokens}
     metadata = {
         "hook_point": hook,
         "model": wrapper.model_id,
@@ -498,6 +533,11 @@ def build_sae(
         "training": {**dataclasses.asdict(config), **stats},
         "quality": quality,
     }
+    problems = sae_quality_problems({**metadata, "latents": sae.latents})
+    quality["below_floor"] = problems
+    if problems and not force:
+        raise ValueError(f"the SAE for {hook} is below the quality floor and was not saved: {'; '.join(problems)} "
+                         "(train_sae.py --force keeps it anyway)")  # fmt: skip
     save_sae(sae, out, metadata, prompts)
     logger.info("SAE for %s: FVU %.4f, %.1f%% dead features, written to %s", hook, fvu, 100 * dead, out)
     return sae, metadata

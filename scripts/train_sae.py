@@ -11,7 +11,8 @@ Each SAE goes to OUT/<model>-<hook point>/ (sae.safetensors, sae.json, prompts.t
 ``--set sae_stores='["OUT"]'`` (or the folder itself with ``--set sae=OUT/...``). Activations and training checkpoints
 are kept under OUT/<...>/.work: rerunning the same command resumes. The report gives the SAE's fraction of variance
 unexplained and dead-feature share on held-out tokens, and with --check-images the accuracy of images generated
-through its plain reconstruction beside the original model's.
+through its plain reconstruction beside the original model's. An SAE below the quality floor (fraction of variance
+unexplained >= 1, or fewer training tokens than features) is refused and not written, unless --force.
 
 Prompts: 'world' (the micro world's captions, --prompt-count of them) or a text file, one prompt a line.
 """
@@ -48,6 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--check-images", type=int, default=0, help="images of the reconstruction check (0: skip)")
     parser.add_argument("--scorer", help="CLIP scorer of the check (default: as scripts/erase.py)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="save an SAE below the quality floor (FVU >= 1, fewer tokens than features)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--verbose", action="store_true", help="log details")
@@ -120,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         for hook in args.hook:
             folder = sae_folder(args.out, wrapper.model_id, hook)
             sae, meta = build_sae(wrapper, hook, prompts, folder, config, steps=steps, guidance=guidance,
-                                  progress=not (args.quiet or args.json))  # fmt: skip
+                                  progress=not (args.quiet or args.json), force=args.force)  # fmt: skip
             report = {"hook_point": hook, "folder": str(folder), **meta["quality"], "latents": sae.latents, "k": sae.k}
             if scorer is not None:
                 from erase.workflow import reconstruction_check
@@ -142,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['hook_point']}: {r['latents']} features, k={r['k']} -> {r['folder']}")
         print(f"  fraction of variance unexplained {r['fvu']:.4f}, dead features {r['dead_share']:.1%} "
               f"({r['held_out_tokens']} held-out tokens)")  # fmt: skip
+        if r.get("below_floor"):
+            print(f"  warning: saved below the quality floor (--force): {'; '.join(r['below_floor'])}")
         if "check" in r:
             c = r["check"]
             before, after = c["accuracy_original"], c["accuracy_reconstructed"]
