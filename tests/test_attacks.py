@@ -358,3 +358,19 @@ def test_attack_table_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys,
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and len(err.splitlines()) == 1
     assert (sorted(p.name for p in out.iterdir()) if out.is_dir() else None) == before
+
+
+def test_concepts_that_read_differently_get_their_own_attack_folders(wrapper, scorer, tmp_path):
+    from pipelines.tokenizer import concept_folder
+
+    spec = erase.ConceptSpec(("van gogh", "van-gogh", "\U0001f3a8", "\U0001f58c\ufe0f"))
+    artifact = erase.erase_concepts(wrapper, spec, "uce")
+    folders = set()
+    for concept in artifact.concepts:
+        target = AttackTarget(wrapper, artifact.applied, concept, attack_probes(concept, 1, 1), steps=2,
+                              progress=False, scorer=scorer)  # fmt: skip
+        run_attack_suite(target, ["rece_embedding"], tmp_path, scorer=scorer, erasure={"id": 1})
+        settings = json.loads((tmp_path / concept_folder(concept) / "attack.json").read_text())
+        assert settings["concept"] == concept
+        folders.add(concept_folder(concept))
+    assert len(folders) == 4 and {p.name for p in tmp_path.iterdir()} == folders

@@ -60,6 +60,15 @@ def test_json_summary_and_artifact(tmp_path):
         (["--concept", "van gogh", "--method", "esd", "--lr", "2"], "--lr must be in (0, 1)"),
         (["--concept", "van gogh", "--method", "esd", "--rank", "0"], "--rank must be >= 1"),
         (["--concept", "van gogh", "--method", "esd", "--steps", "3", "--set", "steps=4"], "both given"),
+        (["--concept", "van gogh", "--set", "lamb=NaN"], "lamb must be a finite number > 0, got nan"),
+        (["--concept", "van gogh", "--set", "erase_scale=true"], "erase_scale must be a finite number > 0, got True"),
+        (["--concept", "van gogh", "--method", "esd", "--set", "lr=Infinity"], "lr must be a finite number in (0, 1)"),
+        (["--concept", "van gogh", "--check-guidance", "inf"], "--check-guidance must be >= 0 (a finite number)"),
+        (
+            ["--concept", "\uff56\uff41\uff4e \uff47\uff4f\uff47\uff48", "--concept", "Van Gogh"],
+            "all read as 'van gogh'",
+        ),
+        (["--concept", "&nbsp;"], "reads as empty text"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, message):
