@@ -95,3 +95,8 @@ def test_the_committed_docs_are_up_to_date_with_their_json(capsys):
     for sae_json in sorted((ROOT / "pipelines/saes").glob("*/sae.json")):
         fvu = json.loads(sae_json.read_text())["quality"]["fvu"]
         assert f"| {fvu:.3f} (" in card
+
+
+def test_the_readme_stays_a_guide_of_at_most_12_kb():
+    readme = (ROOT / "README.md").read_bytes()
+    assert len(readme) <= 12 * 1024, f"README.md is {len(readme)} bytes: measurements go to docs/ or the model card"
