@@ -35,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import erase  # noqa: E402
-from erase.inputs import check_concept_text, check_option_minimums, error_line, parse_config_overrides  # noqa: E402
+from erase.core.inputs import check_concept_text, check_option_minimums, error_line, parse_config_overrides  # noqa: E402
 from erase.workflow import erasure_settings  # noqa: E402
 from pipelines import load_pipeline, set_library_verbosity  # noqa: E402
 

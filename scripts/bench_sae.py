@@ -25,7 +25,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import erase  # noqa: E402
-from erase.inputs import (  # noqa: E402
+from erase.core.inputs import (  # noqa: E402
     check_concept_text,
     check_option_minimums,
     config_from_overrides,

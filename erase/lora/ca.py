@@ -1,6 +1,6 @@
 """Ablating Concepts (Kumari et al., 2023), model-based variant: the concept's prediction becomes the anchor's.
 
-Loss, per step, on (x_t, t) drawn from frozen-model trajectories of the ANCHOR prompt c* (``erase.lora_trainer``;
+Loss, per step, on (x_t, t) drawn from frozen-model trajectories of the ANCHOR prompt c* (``erase.lora.trainer``;
 the anchor of a concept is its guide in ``ConceptSpec``, so ``--guide painting`` sets it)::
 
     L = || eps_theta(x_t, c, t) - eps*(x_t, c*, t) ||^2
@@ -9,7 +9,7 @@ the anchor of a concept is its guide in ``ConceptSpec``, so ``--guide painting``
 eps_theta is the UNet with the LoRA adapters, eps* the same UNet with them off (the frozen model), c the concept
 ("van gogh") and c* its anchor ("painting"). The first term is the paper's model-based objective: on images of the
 anchor, the model given the concept predicts what the original model predicts given the anchor, so the concept's
-distribution is moved onto the anchor's. The second is the family's anchor regularization, as in ``erase.esd``
+distribution is moved onto the anchor's. The second is the family's anchor regularization, as in ``erase.lora.esd``
 (``--preserve`` or ``anchor_prompts``; none by default); the paper's own optional prior-preservation term
 (``--with_prior_preservation``, the noise-prediction loss on anchor images) is not reproduced. Several concepts at
 once: the pool holds each distinct anchor's trajectories and each example is paired with a concept of that anchor,
@@ -47,7 +47,8 @@ import torch
 
 from pipelines import PipelineWrapper, PromptEncoding
 
-from .lora_trainer import (
+from ..core.registry import ConceptSpec, WeightEdit, register_method
+from .trainer import (
     Batch,
     LoraTrainConfig,
     Predictions,
@@ -55,7 +56,6 @@ from .lora_trainer import (
     predict_anchored,
     train_lora,
 )
-from .registry import ConceptSpec, WeightEdit, register_method
 
 __all__ = ["CAConfig", "CALoss", "ca_loss", "erase_ca"]
 

@@ -51,9 +51,9 @@ import torch
 
 from pipelines import PipelineWrapper
 
-from .inputs import check_integer_fields, check_templates, concept_key
+from ..core.inputs import check_integer_fields, check_templates, concept_key
+from ..core.registry import ConceptSpec, WeightEdit, register_method
 from .intervention import SAEIntervention
-from .registry import ConceptSpec, WeightEdit, register_method
 from .sae import resolve_sae
 
 __all__ = ["SAeUronConfig", "erase_saeuron", "saeuron_edit"]

@@ -20,7 +20,7 @@ import torch
 
 from pipelines import CROSS_ATTENTION_PATTERNS, PipelineWrapper
 
-from .registry import ConceptSpec, WeightEdit, register_method
+from ..core.registry import ConceptSpec, WeightEdit, register_method
 
 __all__ = ["UCEConfig", "concept_embeddings", "edit_from_update", "erase_uce", "uce_update"]
 

@@ -45,8 +45,8 @@ import torch
 from evals.attacks.rece_embedding import adversarial_map, projection_weights, restored_share
 from pipelines import PipelineWrapper
 
-from .inputs import check_integer_fields, check_number_fields
-from .registry import ConceptSpec, WeightEdit, register_method
+from ..core.inputs import check_integer_fields, check_number_fields
+from ..core.registry import ConceptSpec, WeightEdit, register_method
 from .uce import UCEConfig, edit_from_update, erase_uce, uce_update
 
 __all__ = ["RECEConfig", "erase_rece"]

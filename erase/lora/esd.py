@@ -1,6 +1,6 @@
 """Erased Stable Diffusion (Gandikota et al., 2023): a LoRA trained so the concept's prediction is negatively guided.
 
-Loss, per step, on (x_t, t) drawn from frozen-model trajectories of the concept prompt c (``erase.lora_trainer``)::
+Loss, per step, on (x_t, t) drawn from frozen-model trajectories of the concept prompt c (``erase.lora.trainer``)::
 
     L = || eps_theta(x_t, c, t) - [eps*(x_t, "", t) - eta (eps*(x_t, c, t) - eps*(x_t, "", t))] ||^2
         + anchor_weight * || eps_theta(x_t, a, t) - eps*(x_t, a, t) ||^2        (a: an anchor prompt, if any)
@@ -45,7 +45,8 @@ import torch
 
 from pipelines import PipelineWrapper, PromptEncoding
 
-from .lora_trainer import (
+from ..core.registry import ConceptSpec, WeightEdit, register_method
+from .trainer import (
     Batch,
     LoraTrainConfig,
     Predictions,
@@ -53,7 +54,6 @@ from .lora_trainer import (
     predict_anchored,
     train_lora,
 )
-from .registry import ConceptSpec, WeightEdit, register_method
 
 __all__ = ["ESDConfig", "ESDLoss", "erase_esd", "esd_loss", "esd_target"]
 

@@ -1,12 +1,12 @@
 """SPM-style one-dimensional adapter (Lyu et al., 2024): a rank-1 LoRA trained with ESD's loss plus latent anchoring.
 
-Loss, per step, on (x_t, t) drawn from frozen-model trajectories of the concept prompt c (``erase.lora_trainer``)::
+Loss, per step, on (x_t, t) drawn from frozen-model trajectories of the concept prompt c (``erase.lora.trainer``)::
 
     L = || eps_theta(x_t, c, t) - [eps*(x_t, "", t) - eta (eps*(x_t, c, t) - eps*(x_t, "", t))] ||^2
         + latent_anchor_weight * mean_j || eps_theta(x_t, e_j, t) - eps*(x_t, e_j, t) ||^2
         + anchor_weight * || eps_theta(x_t, a, t) - eps*(x_t, a, t) ||^2        (a: an anchor prompt, if any)
 
-The first term is ESD's (``erase.esd``; SPM's "erase" action with guidance 1 is exactly it). The second is SPM's
+The first term is ESD's (``erase.lora.esd``; SPM's "erase" action with guidance 1 is exactly it). The second is SPM's
 latent anchoring: each step draws ``latent_anchors`` random text embeddings e_j per example, each a Gaussian
 direction over the whole token sequence, accepted with probability ``1 - cos(e_j, c)`` (so directions near the
 concept are rejected), and scaled to ``U(0.8, 1.2)`` times the concept embedding's norm; the adapted model must
@@ -22,7 +22,7 @@ Reference (github.com/Con6924/SPM, ``train_spm.py`` and ``configs/*/config.yaml`
 8-bit, cosine schedule with 3 restarts and 500 warm-up steps), 3000 iterations, batch 1, guidance 1 for the erase
 target, x_t from a DDIM run of 30 steps at guidance 3 stopped at a random step, 4 latent anchors a step, weight 1000.
 Our defaults are these numbers. Where we differ: plain Adam at a constant rate (no 8-bit optimizer or schedule);
-x_t comes from a pool of FROZEN-model trajectories sampled once (``erase.lora_trainer``), where the reference runs
+x_t comes from a pool of FROZEN-model trajectories sampled once (``erase.lora.trainer``), where the reference runs
 the adapted model (``with network:``) for every iteration; the adapter is saved as a standard LoRA.
 
 Micro setting: ``--lr 1e-3 --steps 600 --set latent_anchor_weight=10`` (the reference's anchor weight 1000 holds
@@ -31,7 +31,7 @@ forward+backward passes (the four latent anchors add four frozen and four traine
 get one adapter each, as the reference; one shared rank-1 adapter holds none of five styles on micro.
 
 Facilitated transport (``facilitated_transport``, on by default as in the reference's inference): the artifact is
-the LoRA plus the erased concepts as ``erase.transport`` reads them, and wherever it is applied through ``erase``
+the LoRA plus the erased concepts as ``erase.lora.transport`` reads them, and wherever it is applied through ``erase``
 (``erase.attach(pipe, folder)``, ``apply_artifact``, audits, attacks) the adapter's strength for each prompt is the
 prompt's likeness to the erased concepts, so prompts far from them meet the base model. ``pipe.load_lora_weights``
 still loads the same folder as a plain LoRA at full strength for every prompt.
@@ -53,11 +53,11 @@ import torch
 
 from pipelines import PipelineWrapper, PromptEncoding
 
-from .artifact import factor_products
+from ..core.artifact import factor_products
+from ..core.inputs import check_integer_fields, check_number_fields
+from ..core.registry import ConceptSpec, WeightEdit, register_method
 from .esd import ESDConfig, ESDLoss, esd_loss
-from .inputs import check_integer_fields, check_number_fields
-from .lora_trainer import Batch, Predictions, config_key, train_lora
-from .registry import ConceptSpec, WeightEdit, register_method
+from .trainer import Batch, Predictions, config_key, train_lora
 from .transport import METRICS as TRANSPORT_METRICS
 from .transport import FacilitatedTransport
 
@@ -75,7 +75,7 @@ class SPMConfig(ESDConfig):
         latent_anchor_weight: weight of the latent-anchoring term (the reference's ``la_strength``, 1000).
         train: ``transformer`` (every transformer-block Linear, the reference's), or ESD's variants.
         facilitated_transport: scale the adapter per prompt by its likeness to the erased concepts when it is
-            applied (``erase.transport``; the reference's inference default); off, it applies at full strength.
+            applied (``erase.lora.transport``; the reference's inference default); off, it applies at full strength.
         transport_metric: the likeness: ``clipcos_tokenuni`` (the reference's default), ``clipcos`` or ``tokenuni``.
         adapter_per_concept: with several concepts, one adapter each (the reference's way: ``steps`` each), saved
             as one LoRA whose rank blocks transport scales apart; off, one adapter shares the steps of all.
