@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import erase
-from erase.inputs import check_concept_text
-from erase.layout import default_output_folder
+from erase.core.inputs import check_concept_text
+from erase.core.layout import default_output_folder
 from erase.workflow import check_probes
 from evals.probes import world_concept
 from pipelines import load_pipeline

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from erase.registry import available_methods, get_method
-from erase.sae import SAETrainConfig
+from erase.core.registry import available_methods, get_method
+from erase.sae.sae import SAETrainConfig
 from evals.attacks import available_attacks, get_attack
 from pipelines.checks import check_number, check_number_fields, check_number_values, number_kind
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import erase
-from erase.sae import SAE_METADATA, SAETrainConfig, build_sae, resolve_sae, sae_quality_problems
+from erase.sae.sae import SAE_METADATA, SAETrainConfig, build_sae, resolve_sae, sae_quality_problems
 from erase.workflow import edit_size_warnings, run_erase
 
 ROOT = Path(__file__).parents[1]

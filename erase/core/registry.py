@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 # One line per method module; importing it registers the method.
 _METHOD_MODULES: tuple[str, ...] = (
-    "erase.uce", "erase.time", "erase.rece", "erase.esd", "erase.ca", "erase.spm", "erase.itd", "erase.saeuron",
+    "erase.closed_form.uce", "erase.closed_form.time", "erase.closed_form.rece",
+    "erase.lora.esd", "erase.lora.ca", "erase.lora.spm", "erase.sae.itd", "erase.sae.saeuron",
 )  # fmt: skip
 
 FAMILIES = ("closed_form", "lora", "runtime")
@@ -68,7 +69,8 @@ class ConceptSpec:
                 raise TypeError(f"{name} must be a sequence of strings, not the string {value!r}")
         if not self.targets:
             raise ValueError("no concept to erase: targets is empty")
-        targets = tuple(check_concept_text(t, "concept to erase") for t in self.targets)
+        given = tuple(self.targets)
+        targets = tuple(check_concept_text(t, "concept to erase") for t in given)
         guides = tuple(g.strip() if isinstance(g, str) and not g.strip() else check_concept_text(g, "guide")
                        for g in self.guides)  # fmt: skip
         preserve = tuple(dict.fromkeys(check_concept_text(p, "preserved concept") for p in self.preserve))
@@ -78,8 +80,8 @@ class ConceptSpec:
         keys = list(targets)  # readings already
         if len(set(keys)) != len(keys):
             twice = next(k for k in keys if keys.count(k) > 1)
-            given = [t for t, k in zip(self.targets, keys, strict=True) if k == twice]
-            raise ValueError(f"duplicate concepts to erase: {', '.join(map(repr, given))} all read as {twice!r}")
+            alike = [t.strip() for t, k in zip(given, keys, strict=True) if k == twice]
+            raise ValueError(f"duplicate concepts to erase: {', '.join(map(repr, alike))} all read as {twice!r}")
         if len(guides) not in (1, len(targets)):
             raise ValueError(f"{len(guides)} guides for {len(targets)} targets: give one, or one per target")
         overlap = [p for p in preserve if concept_key(p) in keys]
@@ -111,9 +113,9 @@ class WeightEdit:
     info: dict[str, Any] = field(default_factory=dict)
     #: exact low-rank factors (A, B) with dW = B @ A, when the method knows them (saves an SVD per layer)
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-    #: the runtime family's result (``erase.intervention.SAEIntervention``) instead of weight changes
+    #: the runtime family's result (``erase.sae.intervention.SAEIntervention``) instead of weight changes
     intervention: Any = None
-    #: a LoRA whose strength follows each prompt (``erase.transport.FacilitatedTransport``), if the method has one
+    #: a LoRA whose strength follows each prompt (``erase.lora.transport.FacilitatedTransport``), if the method has one
     transport: Any = None
 
 

@@ -14,8 +14,8 @@ from typing import ClassVar
 
 from pipelines import CROSS_ATTENTION_PATTERNS, PipelineWrapper
 
-from .inputs import check_number_fields
-from .registry import ConceptSpec, WeightEdit, register_method
+from ..core.inputs import check_number_fields
+from ..core.registry import ConceptSpec, WeightEdit, register_method
 from .uce import UCEConfig, concept_embeddings, edit_from_update, uce_update
 
 __all__ = ["TIMEConfig", "erase_time"]
