@@ -21,8 +21,15 @@ from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
 from pipelines.files import png_bytes
 
 from .core.artifact import ErasureArtifact, check_artifact_base, load_artifact, save_artifact
-from .core.inputs import CONCEPT_TYPES, DEFAULT_CONCEPT_TYPE, PRESERVE_SETS, config_from_overrides, error_line
-from .core.layout import CHECK_PICTURE, METADATA_FILE, PIPELINE_FOLDER, check_output_folder, default_output_folder
+from .core.inputs import (
+    CONCEPT_TYPES,
+    DEFAULT_CONCEPT_TYPE,
+    PRESERVE_SETS,
+    concept_key,
+    config_from_overrides,
+    error_line,
+)
+from .core.layout import CHECK_PICTURE, METADATA_FILE, check_output_folder, default_output_folder
 from .core.registry import ConceptSpec, erase_concepts, get_method
 
 __all__ = [
@@ -53,8 +60,6 @@ def preserve_set(name: str, targets: Sequence[str]) -> list[str]:
     ``"world"``: every concept of the micro world (``pipelines/micro/world.json``) but "plain"; ``"generic"``:
     ``GENERIC_PRESERVE``.
     """
-    from .core.inputs import concept_key
-
     if name not in PRESERVE_SETS:
         raise ValueError(f"unknown preserve set {name!r}; expected one of {', '.join(PRESERVE_SETS)}")
     erased = {concept_key(t) for t in targets}
@@ -262,8 +267,6 @@ def erasure_settings(
             raise ValueError(f"method {method!r} takes no guide: it would ignore --guide")
         guides = [""]
     guides = list(guides) if guides else [kind.guide]
-    from .core.inputs import concept_key
-
     guide_keys = {concept_key(g) for g in guides if isinstance(g, str)}
     preserve_list = [p for p in preserve_list if not isinstance(p, str) or concept_key(p) not in guide_keys]
     if preserve_sets:  # a named set never repeats a target; what the user typed is checked as typed
@@ -332,14 +335,8 @@ def run_erase(
         )  # fmt: skip
         extra_files[CHECK_PICTURE] = png_bytes(grid)
     folder = save_artifact(artifact, folder, wrapper, overwrite=overwrite, extra_files=extra_files)
-    meta = json.loads((folder / METADATA_FILE).read_text())
-    weight_format = meta["weight_format"]
-    if weight_format == "lora" and artifact.transport is None:
-        load_code = f'pipe.load_lora_weights("{folder}")'
-    elif weight_format == "intervention" or artifact.transport is not None:
-        load_code = f'handle = erase.attach(pipe, "{folder}")'
-    else:
-        load_code = f'{type(wrapper.pipe).__name__}.from_pretrained("{folder / PIPELINE_FOLDER}")'
+    weight_format = json.loads((folder / METADATA_FILE).read_text())["weight_format"]
+    load_code = f'handle = erase.load(pipe, "{folder}")'
     relative = sorted(artifact.info.get("relative_change", {}).values()) or [0.0]  # a runtime edit changes none
     return EraseSummary(
         concepts=list(concept_spec.targets),
@@ -359,7 +356,7 @@ def run_erase(
             "guides": list(concept_spec.guides) if get_method(method).uses_guides else [],
             "scorer": scorer_name,
             "info": artifact.info,
-            "transport": artifact.transport is not None,
+            "payloads": list(artifact.payloads),
         },
     )
 

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         for method, config in configs.items():
             artifacts[method] = erase.erase_concepts(wrapper, erase.ConceptSpec((concept,)), method, config)
         for method, artifact in artifacts.items():
-            if artifact.intervention is None:
+            if artifact.payload("intervention") is None:
                 raise ValueError(f"{method} is not a runtime intervention")
             erase.check_artifact_base(wrapper, artifact)
     except (ValueError, TypeError, KeyError, OSError) as err:

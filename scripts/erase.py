@@ -157,14 +157,7 @@ def print_summary(summary) -> None:  # noqa: ANN001 - erase.workflow.EraseSummar
         )
         print(f"  before/after grid:  {summary.grid}")
     print(f"  artifact:           {summary.out}")
-    if summary.weight_format == "intervention":  # hooks, installed by erase: there is no plain-diffusers form
-        print(f"  load it:            import erase; {summary.load_code}  (handle.remove() undoes it)")
-    elif summary.extra.get("transport"):  # a LoRA whose strength follows the prompt: hooks, or plain at full strength
-        print(f"  load it:            import erase; {summary.load_code}  (strength per prompt; handle.remove())")
-        print(f'  or in diffusers:    pipe.load_lora_weights("{summary.out}")  (full strength on every prompt)')
-    else:
-        print(f'  load it:            import erase; erase.load(pipe, "{summary.out}")')
-        print(f"  or in diffusers:    {summary.load_code}")
+    print(f"  load it:            import erase; {summary.load_code}  (handle.remove() undoes it)")
 
 
 def main(argv: list[str] | None = None) -> int:

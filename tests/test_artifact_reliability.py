@@ -16,6 +16,7 @@ from erase import ArtifactError, ArtifactExistsError, ArtifactMismatchError, Con
 from erase.closed_form.uce import UCEConfig
 from erase.core.layout import LORA_FILE, METADATA_FILE, TEMPORARY_MARK
 from pipelines import load_pipeline
+from pipelines.files import file_sha256
 from pipelines.tiny import tiny_sd_pipeline
 from pipelines.wrapper import PipelineWrapper
 
@@ -33,10 +34,11 @@ def _edit_meta(folder, **changes):
 
 
 def _retamper_weights(folder, change):
-    """Rewrite the LoRA file with ``change(tensors)`` and drop the sha256 so the tampering reaches the loader."""
+    """Rewrite the LoRA file with ``change(tensors)`` and record its new sha256, so the tampering reaches the
+    loader."""
     tensors = load_file(str(folder / LORA_FILE))
     save_file(change(tensors), str(folder / LORA_FILE))
-    _edit_meta(folder, weights_sha256=None)
+    _edit_meta(folder, checksums={LORA_FILE: file_sha256(folder / LORA_FILE)})
 
 
 @pytest.mark.parametrize(
@@ -47,7 +49,7 @@ def _retamper_weights(folder, change):
         ({"layers": None}, "layers must be a list"),  # A05c
         ({"layers": []}, "lists no layers"),  # A13b
         ({"concepts": [1]}, "concepts must be a list of strings"),
-        ({"weight_format": "pickle"}, "unknown weight_format"),
+        ({"payloads": {"pickle": {}}}, "unknown payload kind 'pickle'"),
     ],
 )
 def test_malformed_metadata_is_an_artifact_error(saved, changes, message):
@@ -179,7 +181,7 @@ def test_no_op_and_non_finite_edits_are_refused(tiny, tmp_path):  # E28, A13 on 
     artifact = erase_concepts(tiny, ConceptSpec(("van gogh",)), "uce")
     name = artifact.layers[0]
     artifact.deltas[name] = torch.full_like(artifact.deltas[name], float("nan"))
-    artifact.factors = None
+    artifact.payload("weights").factors = None
     with pytest.raises(ArtifactError, match="NaN"):
         erase.save_artifact(artifact, tmp_path / "nan", tiny)
     assert not (tmp_path / "nan").exists()
@@ -201,8 +203,8 @@ def test_erase_load_applies_to_a_plain_pipeline_once(saved, tiny):
     with tiny.weight_deltas(artifact.deltas):
         edited = np.asarray(tiny.generate(["a van gogh star"], [3], steps=4, progress=False)[0], dtype=np.float32)
     plain = tiny_sd_pipeline(0)  # a plain diffusers pipeline object with the same base weights
-    loaded = erase.load(plain, folder)
-    assert loaded.concepts == ["van gogh"]
+    handle = erase.load(plain, folder)
+    assert handle.artifact.concepts == ["van gogh"]
     again = np.asarray(PipelineWrapper(plain, "x").generate(["a van gogh star"], [3], steps=4, progress=False)[0])
     assert np.abs(edited - again.astype(np.float32)).max() <= 1.0
     with pytest.raises(ArtifactMismatchError, match="already applied"):

@@ -114,7 +114,7 @@ def test_tiny_sdxl_load_line_works_in_a_fresh_plain_process(tmp_path):
             "from pipelines.tiny import tiny_sdxl_pipeline",
             "pipe = tiny_sdxl_pipeline(0)  # the base, as a user's from_pretrained would give it",
             "unet = {k: v.clone() for k, v in pipe.unet.state_dict().items()}",
-            summary["load_code"],
+            f"pipe.load_lora_weights({summary['out']!r})",
             "pipe.fuse_lora()",
             "pipe.unload_lora_weights()  # keeps the fused weights, drops the adapter layers",
             "changed = [k for k, v in pipe.unet.state_dict().items() if k in unet and not torch.equal(v, unet[k])]",

@@ -54,10 +54,10 @@ def test_method_changes_target_and_leaves_other_modules_bit_identical(tiny, meth
     patterns = _edited_patterns(method)
     assert all(any(fnmatch.fnmatchcase(name.removesuffix(".weight"), p) for p in patterns) for name in edited)
     base = _pixels(tiny.generate(["a painting by van gogh"], [0], steps=3, progress=False))
-    if artifact.transport is not None:  # facilitated transport: applied as hooks, the weights stay as they are
+    if artifact.payload("transport") is not None:  # facilitated transport: applied as hooks, the weights stay
         tiny.apply_weight_deltas(artifact.deltas)
     else:
-        erase.apply_artifact(tiny, artifact)
+        erase.load(tiny, artifact)
     after_state = tiny.pipe.unet.state_dict()
     for key, value in before.items():
         if key in edited:
@@ -84,7 +84,7 @@ def test_artifact_loads_in_plain_diffusers_and_reproduces_the_in_memory_model(ti
     assert meta["method"] == method and meta["guides"] == ["painting"]
     assert meta["weight_format"] == ("full" if full_rank else "lora")
     if erase.get_method(method).family == "lora":  # the adapters' own rank, saved exactly (no SVD)
-        assert set(meta["lora_ranks"].values()) == {meta["config"]["rank"]}
+        assert set(meta["payloads"]["weights"]["lora_ranks"].values()) == {meta["config"]["rank"]}
     prompts, seeds = ["a painting by van gogh", "a cat"], [0, 1]
     with tiny.weight_deltas(artifact.deltas):
         in_memory = _pixels(tiny.generate(prompts, seeds, steps=4, progress=False))

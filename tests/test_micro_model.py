@@ -90,7 +90,7 @@ def test_readme_erase_command_on_micro(tmp_path):
     check = summary["check"]
     assert check["target_after"] < check["target_before"]
     assert (out / "before_after.png").is_file() and (out / "erasure.json").is_file()
-    assert summary["weight_format"] == "lora" and summary["load_code"] == f'pipe.load_lora_weights("{out}")'
+    assert summary["weight_format"] == "lora" and summary["load_code"] == f'handle = erase.load(pipe, "{out}")'
     assert summary["edit_seconds"] > 0  # reported; how fast it is lives in scripts/bench_uce.py, not in a timed test
 
 

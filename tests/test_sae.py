@@ -198,7 +198,7 @@ def test_itd_gate_leaves_other_prompts_bit_identical_and_edits_the_concept(wrapp
     assert artifact.deltas == {} and artifact.layers == [TEXT_HOOK]
     assert artifact.info["features"] >= 1 and artifact.info["gate_threshold"] > 0
     prompts = ["painting by van gogh", "art by van gogh", *[p for p in _prompts(64, seed=5) if "van" not in p]]
-    mse = _gate_error(artifact.intervention, wrapper.text_activations(TEXT_HOOK, prompts))[0]
+    mse = _gate_error(artifact.payload("intervention"), wrapper.text_activations(TEXT_HOOK, prompts))[0]
     fired = mse >= artifact.intervention.settings["threshold"]
     assert fired[:2].all() and not fired[2:].all()
     before = wrapper.encode_prompts(prompts).embeddings
@@ -232,7 +232,7 @@ def test_saeuron_keeps_the_reconstruction_error(wrapper, sae_store):
     from erase.sae.saeuron import saeuron_edit
 
     artifact = _saeuron(wrapper, sae_store)
-    intervention = artifact.intervention
+    intervention = artifact.payload("intervention")
     tables = intervention.tables
     assert tables["selected"].shape == (1, 4, intervention.sae.latents) and tables["selected"].any()
     tokens = wrapper.text_activations(TEXT_HOOK, ["x"])[:, :4, :].new_zeros(2, 16, intervention.sae.d_in)
@@ -261,7 +261,7 @@ def test_saeuron_gate_edits_an_image_once_it_has_passed_and_leaves_the_rest_bit_
     from erase.sae.saeuron import saeuron_edit
 
     artifact = _saeuron(wrapper, sae_store, gate=0.5, gate_steps=2)
-    intervention = artifact.intervention
+    intervention = artifact.payload("intervention")
     tables = intervention.tables
     assert tables["gate"].shape == (1, 4) and (tables["gate"] > 0).all()
     t = tables["timesteps"]
@@ -311,7 +311,7 @@ def test_saeuron_gate_sits_above_every_rival_image_but_ignores_rivals_that_end_a
 def test_saeuron_gate_edits_an_image_for_one_concept_the_most_present_and_first_latched(wrapper, sae_store):
     from erase.sae.saeuron import saeuron_edit
 
-    intervention = _saeuron(wrapper, sae_store, gate=0.5).intervention
+    intervention = _saeuron(wrapper, sae_store, gate=0.5).payload("intervention")
     tables = intervention.tables
     t = tables["timesteps"][0]
     tokens = 4 * torch.randn(1, 16, intervention.sae.d_in, generator=torch.Generator().manual_seed(2))
@@ -353,11 +353,13 @@ def test_saeuron_scores_each_concept_against_the_others_erased_with_it(wrapper, 
     config = erase.get_method("saeuron").config_class(
         sae_stores=(str(sae_store),), percentile=90.0, multiplier=-5.0, other_prompts=6, steps=4, guidance=7.5
     )
-    alone = erase_concepts(wrapper, ConceptSpec(("van gogh",)), "saeuron", config).intervention.tables
-    pair = erase_concepts(wrapper, ConceptSpec(("van gogh", "monet")), "saeuron", config).intervention.tables
+    alone = erase_concepts(wrapper, ConceptSpec(("van gogh",)), "saeuron", config).payload("intervention").tables
+    pair = (
+        erase_concepts(wrapper, ConceptSpec(("van gogh", "monet")), "saeuron", config).payload("intervention").tables
+    )
     assert not torch.equal(alone["selected"][0], pair["selected"][0])
     shared = (pair["selected"][0] & pair["selected"][1]).sum()
-    alone_monet = erase_concepts(wrapper, ConceptSpec(("monet",)), "saeuron", config).intervention.tables
+    alone_monet = erase_concepts(wrapper, ConceptSpec(("monet",)), "saeuron", config).payload("intervention").tables
     assert shared <= (alone["selected"][0] & alone_monet["selected"][0]).sum()
 
 
@@ -365,7 +367,7 @@ def test_saeuron_per_concept_tables_read_merged_ones_and_gate_is_checked(wrapper
     from erase.sae.saeuron import check_saeuron, saeuron_edit
 
     artifact = _saeuron(wrapper, sae_store)
-    intervention = artifact.intervention
+    intervention = artifact.payload("intervention")
     tables = intervention.tables
     tokens = torch.randn(2, 16, intervention.sae.d_in, generator=torch.Generator().manual_seed(1))
     per_concept = saeuron_edit(intervention, tokens, tables["timesteps"][0])
@@ -394,34 +396,30 @@ def test_runtime_artifact_saves_loads_and_attaches_to_a_plain_pipeline(wrapper, 
         p.name for p in folder.iterdir()
     }
     loaded = erase.load_artifact(folder)
-    assert loaded.intervention.identity() == artifact.intervention.identity()
+    assert loaded.payload("intervention").identity() == artifact.payload("intervention").identity()
     prompt = ["painting by van gogh"]
     base = _pixels(wrapper.generate(prompt, [0], steps=4, progress=False))
     with artifact.applied(wrapper):
         in_memory = _pixels(wrapper.generate(prompt, [0], steps=4, progress=False))
-    handle = erase.attach(wrapper.pipe, folder)
+    handle = erase.load(wrapper.pipe, folder)
     with pytest.raises(ValueError, match="already attached"):
-        erase.attach(wrapper.pipe, folder)
+        erase.load(wrapper.pipe, folder)
     attached = _pixels(wrapper.generate(prompt, [0], steps=4, progress=False))
     handle.remove()
     assert np.abs(attached - in_memory).max() <= 1.0
     assert np.array_equal(base, _pixels(wrapper.generate(prompt, [0], steps=4, progress=False)))
-    with erase.attach(wrapper.pipe, folder):  # a context manager too, and attachable again once removed
+    with erase.load(wrapper.pipe, folder):  # a context manager too, and attachable again once removed
         pass
-    with pytest.raises(erase.ArtifactError, match="erase.attach"):
-        erase.load(wrapper.pipe, folder)
 
 
-def test_damaged_or_foreign_runtime_artifacts_are_refused(wrapper, sae_store, tmp_path, artifact_dir):
+def test_damaged_or_foreign_runtime_artifacts_are_refused(wrapper, sae_store, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from pipelines import load_pipeline
 
     folder = erase.save_artifact(_itd(wrapper, sae_store), tmp_path / "itd", wrapper)
     with pytest.raises(erase.ArtifactMismatchError, match="different weights"):
-        erase.attach(load_pipeline("tiny", seed=1).pipe, folder)
-    with pytest.raises(ValueError, match="not a runtime intervention"):
-        erase.attach(wrapper.pipe, artifact_dir)
+        erase.load(load_pipeline("tiny", seed=1).pipe, folder)
     tables = load_file(str(folder / "intervention.safetensors"))
     save_file({"features": tables["features"][:3]}, str(folder / "intervention.safetensors"))
     with pytest.raises(erase.ArtifactError):
@@ -436,7 +434,7 @@ def test_a_half_precision_copy_of_the_base_takes_the_intervention(wrapper, sae_s
 
     artifact = _itd(wrapper, sae_store)
     half = load_pipeline("tiny", dtype=torch.float16)
-    assert half.fingerprint([artifact.intervention.component]) != artifact.base_fingerprint
+    assert half.fingerprint([artifact.payload("intervention").component]) != artifact.base_fingerprint
     check_artifact_base(half, artifact)
     with pytest.raises(erase.ArtifactMismatchError, match="different weights"):
         check_artifact_base(load_pipeline("tiny", seed=1, dtype=torch.float16), artifact)
@@ -534,7 +532,7 @@ def test_attach_in_a_fresh_plain_process_matches_the_in_memory_intervention(tmp_
         "    gens = [torch.Generator('cpu').manual_seed(i) for i in range(len(prompts))]",
         "    return pipe(prompts, generator=gens, num_inference_steps=10, output_type='np').images",
         "original = draw()",
-        f"handle = erase.attach(pipe, {str(folder)!r})",
+        f"handle = erase.load(pipe, {str(folder)!r})",
         "erased = draw()",
         "handle.remove()",
         "restored = draw()",
@@ -569,9 +567,9 @@ def test_readme_sae_commands_on_micro(tmp_path, extra):
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
-    assert summary["weight_format"] == "intervention" and summary["load_code"].startswith("handle = erase.attach(")
+    assert summary["weight_format"] == "intervention" and summary["load_code"].startswith("handle = erase.load(")
     assert summary["check"]["target_after"] <= summary["check"]["target_before"]
-    assert erase.load_artifact(out).intervention is not None
+    assert erase.load_artifact(out).payload("intervention") is not None
 
 
 def test_bench_sae_bad_input_is_one_line(tmp_path, capsys):

@@ -10,6 +10,7 @@ import erase
 from erase import ConceptSpec, erase_concepts
 from erase.lora.spm import SPMConfig, latent_anchor_embeddings
 from erase.lora.transport import FacilitatedTransport
+from pipelines.files import file_sha256
 
 FAST = dict(steps=8, lr=1e-2, pool_images=2, pool_steps=4)
 
@@ -169,15 +170,13 @@ def test_spm_artifact_with_transport_round_trips_attaches_once_and_restores(tiny
     base = _pixels(tiny.generate(prompts, seeds, steps=3, progress=False))
     with artifact.applied(tiny):
         in_memory = _pixels(tiny.generate(prompts, seeds, steps=3, progress=False))
-    handle = erase.attach(tiny.pipe, folder)
+    handle = erase.load(tiny.pipe, folder)
     with pytest.raises(ValueError, match="already attached"):
-        erase.attach(tiny.pipe, folder)
+        erase.load(tiny.pipe, folder)
     attached = _pixels(tiny.generate(prompts, seeds, steps=3, progress=False))
     handle.remove()
     assert np.abs(attached - in_memory).max() <= 1.0 and np.abs(attached - base).max() > 1.0
     assert np.array_equal(_pixels(tiny.generate(prompts, seeds, steps=3, progress=False)), base)
-    with pytest.raises(erase.ArtifactError, match="erase.attach"):
-        erase.load(tiny.pipe, folder)
     tensors = folder / "transport.safetensors"
     saved = tensors.read_bytes()
     tensors.write_bytes(saved[:-4] + bytes(4))
@@ -185,10 +184,15 @@ def test_spm_artifact_with_transport_round_trips_attaches_once_and_restores(tiny
         erase.load_artifact(folder)
     tensors.write_bytes(saved)
     (folder / "transport.json").write_text(json.dumps({"metric": "clipcos", "prompts": ["van gogh"]}))
+    with pytest.raises(erase.ArtifactError, match="transport.json does not match the sha256"):
+        erase.load_artifact(folder)
+    meta = json.loads((folder / "erasure.json").read_text())  # the same file with its checksum recorded
+    meta["checksums"]["transport.json"] = file_sha256(folder / "transport.json")
+    (folder / "erasure.json").write_text(json.dumps(meta))
     with pytest.raises(erase.ArtifactError, match="token_sets"):
         erase.load_artifact(folder)
     off = erase_concepts(tiny, ConceptSpec(("van gogh",)), "spm", SPMConfig(facilitated_transport=False, **FAST))
-    assert off.transport is None and off.info["facilitated_transport"] is False
+    assert off.payload("transport") is None and off.info["facilitated_transport"] is False
 
 
 def test_several_concepts_get_one_adapter_each_scaled_apart(tiny):
@@ -196,19 +200,24 @@ def test_several_concepts_get_one_adapter_each_scaled_apart(tiny):
     a prompt at strengths (1, 0) draws what the first adapter alone draws."""
     both = erase_concepts(tiny, ConceptSpec(("van gogh", "monet")), "spm", SPMConfig(**FAST))
     one = erase_concepts(tiny, ConceptSpec(("van gogh",)), "spm", SPMConfig(**FAST))
-    assert both.transport.groups == [0, 1] and both.info["adapters"] == 2
-    for name, (a, b) in both.factors.items():
+    assert both.payload("transport").groups == [0, 1] and both.info["adapters"] == 2
+    for name, (a, b) in both.payload("weights").factors.items():
         assert (
             a.shape[0] == 2
-            and torch.equal(a[:1], one.factors[name][0])
-            and torch.equal(b[:, :1], one.factors[name][1])
+            and torch.equal(a[:1], one.payload("weights").factors[name][0])
+            and torch.equal(b[:, :1], one.payload("weights").factors[name][1])
         )
     prompts, seeds = ["a painting by van gogh", "a cat"], [0, 1]
     with tiny.weight_deltas(one.deltas):
         first_only = _pixels(tiny.generate(prompts, seeds, steps=3, progress=False))
-    with tiny.add_prompt_scaled_lora(both.factors, lambda e, _ids: torch.tensor([[1.0, 0.0]]).repeat(e.shape[0], 1)):
+    with tiny.add_prompt_scaled_lora(
+        both.payload("weights").factors, lambda e, _ids: torch.tensor([[1.0, 0.0]]).repeat(e.shape[0], 1)
+    ):
         scaled = _pixels(tiny.generate(prompts, seeds, steps=3, progress=False))
     assert np.abs(scaled - first_only).max() <= 1.0
     shared = erase_concepts(tiny, ConceptSpec(("van gogh", "monet")), "spm",
                             SPMConfig(adapter_per_concept=False, **FAST))  # fmt: skip
-    assert shared.transport.groups is None and next(iter(shared.factors.values()))[0].shape[0] == 1
+    assert (
+        shared.payload("transport").groups is None
+        and next(iter(shared.payload("weights").factors.values()))[0].shape[0] == 1
+    )

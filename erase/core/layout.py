@@ -20,7 +20,7 @@ __all__ = [
     "default_output_folder",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: payloads by kind, and the sha256 of every payload file
 METADATA_FILE = "erasure.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 FULL_FILE = "edited_weights.safetensors"

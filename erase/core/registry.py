@@ -9,7 +9,6 @@ packages it as an artifact with the provenance a user needs.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +19,11 @@ import torch
 
 from pipelines import PipelineWrapper
 
+from .artifact import ErasureArtifact
+from .discovery import discover_families
 from .inputs import check_concept_text, concept_key
+from .payloads import kind_of
+from .weights import WEIGHTS_KIND, WeightChange
 
 __all__ = [
     "ConceptSpec",
@@ -33,12 +36,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-# One line per method module; importing it registers the method.
-_METHOD_MODULES: tuple[str, ...] = (
-    "erase.closed_form.uce", "erase.closed_form.time", "erase.closed_form.rece",
-    "erase.lora.esd", "erase.lora.ca", "erase.lora.spm", "erase.sae.itd", "erase.sae.saeuron",
-)  # fmt: skip
 
 FAMILIES = ("closed_form", "lora", "runtime")
 
@@ -103,16 +100,15 @@ class ConceptSpec:
 
 @dataclass
 class WeightEdit:
-    """A method's result: additive changes ``dW`` to Linear weights (qualified names), and anything worth recording."""
+    """A method's result: additive changes ``dW`` to Linear weights (qualified names), any further payloads (a
+    runtime intervention, a facilitated transport; ``erase.core.payloads``), and anything worth recording."""
 
     deltas: dict[str, torch.Tensor]
     info: dict[str, Any] = field(default_factory=dict)
     #: exact low-rank factors (A, B) with dW = B @ A, when the method knows them (saves an SVD per layer)
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-    #: the runtime family's result (``erase.sae.intervention.SAEIntervention``) instead of weight changes
-    intervention: Any = None
-    #: a LoRA whose strength follows each prompt (``erase.lora.transport.FacilitatedTransport``), if the method has one
-    transport: Any = None
+    #: payloads beside the weight change, each of a registered payload kind
+    payloads: list[Any] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -130,7 +126,6 @@ class Method:
 
 
 _REGISTRY: dict[str, Method] = {}
-_loaded = False
 
 
 def register_method(
@@ -167,21 +162,13 @@ def register_method(
     return decorator
 
 
-def _load_methods() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        for module in _METHOD_MODULES:
-            importlib.import_module(module)
-
-
 def available_methods() -> list[str]:
-    _load_methods()
+    discover_families()
     return sorted(_REGISTRY)
 
 
 def get_method(name: str) -> Method:
-    _load_methods()
+    discover_families()
     if name not in _REGISTRY:
         raise ValueError(f"unknown erasure method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
@@ -192,10 +179,10 @@ def erase_concepts(
     concepts: ConceptSpec | Sequence[str],
     method: str = "uce",
     config: Any = None,
-):  # -> ErasureArtifact (imported lazily to keep the modules acyclic)
+) -> ErasureArtifact:
     """Run an erasure method and return its artifact; the pipeline itself is left unchanged.
 
-    Apply the result with ``erase.apply_artifact(wrapper, artifact)`` or save it with ``erase.save_artifact``.
+    Install the result with ``erase.load(wrapper, artifact)`` or save it with ``erase.save_artifact``.
     """
     spec = get_method(method)
     if not isinstance(concepts, ConceptSpec):
@@ -207,46 +194,45 @@ def erase_concepts(
     start = time.perf_counter()
     edit = spec.run(wrapper, concepts, config)
     seconds = time.perf_counter() - start
-    if edit.intervention is not None:
-        component = edit.intervention.component  # a runtime edit reads its whole component
-        logger.info("%s: intervention at %s in %.3f s", method, edit.intervention.hook_point, seconds)
-        return _artifact(wrapper, concepts, method, config, seconds, [component], deltas={}, info=dict(edit.info),
-                         weight_norms={"base": {component: wrapper.parameter_norm(component)}},
-                         intervention=edit.intervention)  # fmt: skip
-    if not edit.deltas:
-        raise RuntimeError(f"method {method!r} returned no weight change")
-    norms = _weight_norms(wrapper, edit.deltas)
-    relative = _relative_change(norms["base"], edit.deltas)
-    if max(relative.values()) == 0.0:
-        raise ValueError(f"the {method} edit changes nothing: the guide reads like the concept to this text encoder")
-    logger.info("%s edited %d modules in %.3f s", method, len(edit.deltas), seconds)
-    factors = None
-    if edit.factors is not None:
-        factors = {k: (a.detach().float().cpu(), b.detach().float().cpu()) for k, (a, b) in edit.factors.items()}
-    return _artifact(wrapper, concepts, method, config, seconds, list(edit.deltas),
-                     deltas={k: v.detach().float().cpu() for k, v in edit.deltas.items()},
-                     info={**edit.info, "relative_change": relative}, factors=factors, weight_norms=norms,
-                     transport=edit.transport)  # fmt: skip
-
-
-def _artifact(wrapper: PipelineWrapper, concepts: ConceptSpec, method: str, config: Any, seconds: float,
-              fingerprinted: list[str], **fields: Any):  # fmt: skip  # -> ErasureArtifact
-    """The artifact of an edit: its provenance, and the base fingerprint of the ``fingerprinted`` modules (in float32
-    and rounded to float16 and bfloat16, which recognise a half-precision copy of the same weights exactly)."""
-    from .artifact import ErasureArtifact
-
-    return ErasureArtifact(
+    payloads: dict[str, Any] = {}
+    info = dict(edit.info)
+    if edit.deltas:
+        deltas = {k: v.detach().float().cpu() for k, v in edit.deltas.items()}
+        base = wrapper.weight_norms(list(deltas))
+        info["relative_change"] = relative = _relative_change(base, deltas)
+        if max(relative.values()) == 0.0:
+            raise ValueError(
+                f"the {method} edit changes nothing: the guide reads like the concept to this text encoder"
+            )
+        factors = None
+        if edit.factors is not None:
+            factors = {k: (a.detach().float().cpu(), b.detach().float().cpu()) for k, (a, b) in edit.factors.items()}
+        payloads[WEIGHTS_KIND.name] = WeightChange(deltas, factors)
+    for payload in edit.payloads:
+        payloads[kind_of(payload).name] = payload
+    if not payloads:
+        raise RuntimeError(f"method {method!r} returned no weight change and no payload")
+    artifact = ErasureArtifact(
         method=method,
         config=dataclasses.asdict(config),
         concepts=list(concepts.targets),
         guides=list(concepts.guides),
         preserve=list(concepts.preserve),
         base_model=wrapper.model_id,
-        base_fingerprint=wrapper.fingerprint(fingerprinted),
+        base_fingerprint="",
+        payloads=payloads,
         seconds=seconds,
-        low_precision_fingerprints=_low_precision_fingerprints(wrapper, fingerprinted),
-        **fields,
+        info=info,
     )
+    fingerprinted = artifact.fingerprint_modules
+    artifact.base_fingerprint = wrapper.fingerprint(fingerprinted)
+    artifact.low_precision_fingerprints = _low_precision_fingerprints(wrapper, fingerprinted)
+    artifact.weight_norms = {"base": artifact.base_norms(wrapper)}
+    if artifact.deltas:
+        with wrapper.weight_deltas(artifact.deltas):
+            artifact.weight_norms["edited"] = artifact.base_norms(wrapper)
+    logger.info("%s: %s on %d modules in %.3f s", method, ", ".join(payloads), len(artifact.layers), seconds)
+    return artifact
 
 
 def _low_precision_fingerprints(wrapper: PipelineWrapper, modules: list[str]) -> dict[str, str] | None:
@@ -255,13 +241,6 @@ def _low_precision_fingerprints(wrapper: PipelineWrapper, modules: list[str]) ->
     if wrapper.dtype != torch.float32:
         return None
     return {str(d).removeprefix("torch."): wrapper.fingerprint(modules, d) for d in (torch.float16, torch.bfloat16)}
-
-
-def _weight_norms(wrapper: PipelineWrapper, deltas: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
-    """Norms of the base and the edited weights, by which ``check_artifact_base`` recognises an edited pipeline."""
-    with wrapper.weight_deltas(deltas):
-        edited = wrapper.weight_norms(list(deltas))
-    return {"base": wrapper.weight_norms(list(deltas)), "edited": edited}
 
 
 def _relative_change(base_norms: dict[str, float], deltas: dict[str, torch.Tensor]) -> dict[str, float]:

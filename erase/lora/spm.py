@@ -74,9 +74,9 @@ import torch
 
 from pipelines import PipelineWrapper, PromptEncoding
 
-from ..core.artifact import factor_products
 from ..core.inputs import check_integer_fields, check_number_fields
 from ..core.registry import ConceptSpec, WeightEdit, register_method
+from ..core.weights import factor_products
 from .esd import ESDConfig, ESDLoss, esd_loss
 from .trainer import Batch, Predictions, config_key, train_lora
 from .transport import METRICS as TRANSPORT_METRICS
@@ -217,7 +217,7 @@ def erase_spm(wrapper: PipelineWrapper, concepts: ConceptSpec, config: SPMConfig
         edit = _stack_adapters(edits)
         groups = list(range(len(targets)))
     if config.facilitated_transport:
-        edit.transport = FacilitatedTransport.of_concepts(wrapper, targets, config.transport_metric, groups)
+        edit.payloads.append(FacilitatedTransport.of_concepts(wrapper, targets, config.transport_metric, groups))
     edit.info.update(
         {
             "anchors": anchors,

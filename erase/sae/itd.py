@@ -205,4 +205,4 @@ def erase_itd(wrapper: PipelineWrapper, concepts: ConceptSpec, config: ItDConfig
             "retain_prompts": len(retain)}  # fmt: skip
     logger.info("itd: %d of %d features selected at %s, gate threshold %.4g", int(selected.sum()), sae.latents, hook,
                 settings["threshold"])  # fmt: skip
-    return WeightEdit(deltas={}, info=info, intervention=intervention)
+    return WeightEdit(deltas={}, info=info, payloads=[intervention])

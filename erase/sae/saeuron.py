@@ -409,4 +409,4 @@ def erase_saeuron(wrapper: PipelineWrapper, concepts: ConceptSpec, config: SAeUr
     info = {"hook_point": hook, "latents": sae.latents, "timesteps": int(timesteps.numel()),
             "features_per_timestep": counts, "other_prompts": len(others)}  # fmt: skip
     logger.info("saeuron: %s features a timestep at %s", counts, hook)
-    return WeightEdit(deltas={}, info=info, intervention=intervention)
+    return WeightEdit(deltas={}, info=info, payloads=[intervention])
