@@ -5,7 +5,6 @@ Kept out of the script so tests call exactly what users run.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections.abc import Sequence
@@ -262,7 +261,7 @@ def erasure_settings(
     preserve_list = list(preserve or [])
     for name in preserve_sets:
         preserve_list += preserve_set(name, targets)
-    if not spec.uses_guides:
+    if not spec.capabilities.guides:
         if guides:
             raise ValueError(f"method {method!r} takes no guide: it would ignore --guide")
         guides = [""]
@@ -274,16 +273,16 @@ def erasure_settings(
         preserve_list = [p for p in preserve_list if p in (preserve or []) or concept_key(p) not in target_keys]
     concept_spec = ConceptSpec(tuple(targets), tuple(guides), tuple(preserve_list))
     concept_spec.check_against(wrapper)
-    fields = {f.name for f in dataclasses.fields(spec.config_class)}
+    can = spec.capabilities
     overrides = dict(config_overrides or {})
-    if concept_spec.preserve and not fields & {"preserve_scale", "anchor_prompts", "retain_prompts", "other_prompts"}:
+    if concept_spec.preserve and not can.preserve:
         raise ValueError(f"method {method!r} has no preserve term: it would ignore the concepts to preserve")
-    if concept_spec.preserve and "anchor_prompts" in fields and "anchor_prompts" not in overrides:
-        overrides["anchor_prompts"] = concept_spec.preserve  # LoRA methods keep the preserved concepts as anchors
+    if concept_spec.preserve and can.preserve_setting and can.preserve_setting not in overrides:
+        overrides[can.preserve_setting] = concept_spec.preserve  # recorded in the artifact's config
     if expand_prompts:
-        if "templates" not in fields:
+        if can.templates is None:
             raise ValueError(f"method {method!r} takes no templates: it cannot expand prompts")
-        overrides["templates"] = ("{}", *kind.expand_templates)
+        overrides[can.templates] = ("{}", *kind.expand_templates)
     return concept_spec, config_from_overrides(spec.config_class, overrides, f"method {method!r}")
 
 
@@ -323,8 +322,8 @@ def run_erase(
     folder = check_output_folder(out if out else default_output_folder(concept_spec.targets, method), overwrite)
     if check:
         wrapper.check_sampler_steps(check_steps)
-    if getattr(config, "pool_steps", None) is not None:  # the LoRA methods' trajectories, sampled before training
-        wrapper.check_sampler_steps(config.pool_steps)
+    for name in get_method(method).capabilities.sampler_steps:  # e.g. the LoRA methods' pool, sampled before training
+        wrapper.check_sampler_steps(getattr(config, name))
     scorer_name, clip = load_check_scorer(wrapper, scorer) if check else (None, None)
     artifact = erase_concepts(wrapper, concept_spec, method, config)
     result, extra_files = None, {}
@@ -353,7 +352,7 @@ def run_erase(
         relative_change_max=relative[-1],
         extra={
             "preserve": list(concept_spec.preserve),
-            "guides": list(concept_spec.guides) if get_method(method).uses_guides else [],
+            "guides": list(concept_spec.guides) if get_method(method).capabilities.guides else [],
             "scorer": scorer_name,
             "info": artifact.info,
             "payloads": list(artifact.payloads),

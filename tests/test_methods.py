@@ -15,24 +15,39 @@ def _pixels(images):
     return np.stack([np.asarray(i, dtype=np.float32) for i in images])
 
 
-@pytest.fixture(params=[m for m in erase.available_methods() if erase.get_method(m).family != "runtime"])
+@pytest.fixture(params=[m for m in erase.available_methods() if not erase.get_method(m).runtime])
 def method(request):
     """Every weight-editing method (the runtime family, which edits no weight, is tested in test_sae.py)."""
     return request.param
 
 
 def _fast_config(method):
-    """The default config, but for trained (LoRA) methods a few large steps on a small pool: seconds on tiny."""
-    spec = erase.get_method(method)
-    if spec.family == "lora":
-        return spec.config_class(steps=8, lr=1e-2, pool_images=2, pool_steps=4)
-    return None
+    """The method's declared quick config (``Capabilities.quick``): seconds on tiny."""
+    return erase.get_method(method).quick_config()
 
 
 def _edited_patterns(method):
     """The module-name patterns a method's default config edits: K/V for closed forms, the config's for LoRA."""
     config = _fast_config(method)
-    return config.patterns if config is not None else ("*attn2.to_k", "*attn2.to_v")
+    return getattr(config, "patterns", None) or getattr(config, "layers", None) or ("*attn2.to_k", "*attn2.to_v")
+
+
+def test_every_method_declares_what_it_can_do_and_registration_checks_it():
+    """Methods are found in their family packages, and their capabilities name fields their configs have."""
+    from erase.core.registry import Capabilities
+
+    runtime = {m for m in erase.available_methods() if erase.get_method(m).runtime}
+    assert {"uce", "time", "rece", "esd", "ca", "spm"} <= set(erase.available_methods()) - runtime
+    for name in erase.available_methods():
+        method = erase.get_method(name)
+        assert method.runtime == (method.family == "runtime")
+        config = method.quick_config()
+        assert config is None or isinstance(config, method.config_class)
+    spec = erase.get_method("uce")
+    with pytest.raises(ValueError, match="does not have"):
+        erase.register_method("other", spec.config_class, "closed_form", capabilities=Capabilities(templates="nope"))
+    with pytest.raises(ValueError, match="does not have"):
+        erase.register_method("other", spec.config_class, "closed_form", capabilities=Capabilities(quick={"x": 1}))
 
 
 def test_registry_lists_methods_and_refuses_duplicates():
@@ -83,7 +98,7 @@ def test_artifact_loads_in_plain_diffusers_and_reproduces_the_in_memory_model(ti
     full_rank = method == "rece"
     assert meta["method"] == method and meta["guides"] == ["painting"]
     assert meta["weight_format"] == ("full" if full_rank else "lora")
-    if erase.get_method(method).family == "lora":  # the adapters' own rank, saved exactly (no SVD)
+    if erase.get_method(method).capabilities.training:  # the adapters' own rank, saved exactly (no SVD)
         assert set(meta["payloads"]["weights"]["lora_ranks"].values()) == {meta["config"]["rank"]}
     prompts, seeds = ["a painting by van gogh", "a cat"], [0, 1]
     with tiny.weight_deltas(artifact.deltas):
@@ -111,7 +126,7 @@ def test_save_load_round_trip(tiny, method, tmp_path):
 
 def test_method_config_validation_names_the_bad_value(method):
     config_class = erase.get_method(method).config_class
-    bad = {"closed_form": "lamb", "lora": "lr"}[erase.get_method(method).family]
+    bad = "lr" if erase.get_method(method).capabilities.training else "lamb"
     with pytest.raises(ValueError, match="-1"):
         config_class(**{bad: -1.0})
     with pytest.raises(ValueError, match="layers"):

@@ -57,7 +57,7 @@ from evals.attacks.rece_embedding import adversarial_map, projection_weights, re
 from pipelines import PipelineWrapper
 
 from ..core.inputs import check_integer_fields, check_number_fields
-from ..core.registry import ConceptSpec, WeightEdit, register_method
+from ..core.registry import Capabilities, ConceptSpec, WeightEdit, register_method
 from .uce import UCEConfig, edit_from_update, erase_uce, uce_update
 
 __all__ = ["RECEConfig", "erase_rece"]
@@ -95,7 +95,13 @@ def _sequence_rows(wrapper: PipelineWrapper, prompts: Sequence[str]) -> torch.Te
     return embeddings.reshape(-1, embeddings.shape[-1])
 
 
-@register_method("rece", RECEConfig, family="closed_form", summary="RECE: UCE plus erasing its adversarial embeddings")
+@register_method(
+    "rece",
+    RECEConfig,
+    family="closed_form",
+    summary="RECE: UCE plus erasing its adversarial embeddings",
+    capabilities=Capabilities(preserve=True, templates="templates"),
+)
 def erase_rece(wrapper: PipelineWrapper, concepts: ConceptSpec, config: RECEConfig) -> WeightEdit:
     """UCE's edit, then ``config.rounds`` rounds of erasing the closed-form embeddings that restore the concepts."""
     uce_fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(UCEConfig)}

@@ -26,6 +26,7 @@ from .payloads import kind_of
 from .weights import WEIGHTS_KIND, WeightChange
 
 __all__ = [
+    "Capabilities",
     "ConceptSpec",
     "Method",
     "WeightEdit",
@@ -112,17 +113,54 @@ class WeightEdit:
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """What a method can do, declared where it registers; the workflow, the scripts and the tests read these instead
+    of guessing from config field names.
+
+    Attributes:
+        guides: the method reads ``ConceptSpec.guides`` (``False``: ``--guide`` is refused and no guide recorded).
+        preserve: the method has a preserve term that reads ``ConceptSpec.preserve`` (``False``: ``--preserve`` is
+            refused rather than ignored).
+        preserve_setting: a config field the workflow fills with the preserve set unless the user set it, so the
+            artifact's config records it (the LoRA family's ``anchor_prompts``).
+        templates: a config field of prompt templates (``{}`` the concept) that ``--expand-prompts`` fills.
+        training: the method trains by gradient steps (the LoRA trainer).
+        sampler_steps: config fields that are sampler step counts, checked against the model's sampler before work.
+        quick: config settings for a run of seconds on the tiny model (tests and smoke benchmarks); ``None`` where
+            the method needs more than a config (e.g. a trained SAE).
+    """
+
+    guides: bool = True
+    preserve: bool = False
+    preserve_setting: str | None = None
+    templates: str | None = None
+    training: bool = False
+    sampler_steps: tuple[str, ...] = ()
+    quick: dict[str, Any] | None = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     config_class: type
     run: Callable[[PipelineWrapper, ConceptSpec, Any], WeightEdit]
     family: str
     summary: str
-    uses_guides: bool = True  # False: the method ignores guides (ESD erases towards nothing in particular)
+    capabilities: Capabilities = Capabilities()
     #: runtime family: ``(intervention, tokens, timestep) -> tokens`` (``None``: leave them as they are)
     runtime_edit: Callable | None = None
-    #: runtime family: raises ``ValueError`` when a loaded intervention's tables do not fit its SAE
+    #: runtime family: raises ``ValueError`` when a loaded intervention's tables or settings do not fit its SAE
     check_intervention: Callable | None = None
+
+    @property
+    def runtime(self) -> bool:
+        """The method edits nothing but installs a runtime intervention."""
+        return self.runtime_edit is not None
+
+    def quick_config(self) -> Any:
+        """The config of a run of seconds on the tiny model (``capabilities.quick``); ``None`` where there is none."""
+        quick = self.capabilities.quick
+        return None if quick is None else self.config_class(**quick)
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -134,15 +172,13 @@ def register_method(
     family: str,
     summary: str = "",
     *,
-    uses_guides: bool = True,
+    capabilities: Capabilities = Capabilities(),
     runtime_edit: Callable | None = None,
     check_intervention: Callable | None = None,
 ) -> Callable:
-    """Decorator registering ``fn(wrapper, concepts, config) -> WeightEdit`` under ``name``.
-
-    ``uses_guides=False`` marks a method that ignores ``ConceptSpec.guides``: the workflow then refuses ``--guide``
-    and records no guide, instead of a default the method never read. A "runtime" method gives ``runtime_edit``,
-    which applies its intervention to a hook point's tokens while the pipeline runs.
+    """Decorator registering ``fn(wrapper, concepts, config) -> WeightEdit`` under ``name``, with what the method
+    can do (``Capabilities``). A "runtime" method gives ``runtime_edit``, which applies its intervention to a hook
+    point's tokens while the pipeline runs.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown method family {family!r}; expected one of {FAMILIES}")
@@ -150,12 +186,18 @@ def register_method(
         raise ValueError("a runtime method, and only a runtime method, gives a runtime_edit")
     if not dataclasses.is_dataclass(config_class):
         raise TypeError(f"config class of method {name!r} must be a dataclass")
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    named = [capabilities.preserve_setting, capabilities.templates, *capabilities.sampler_steps]
+    unknown = [n for n in named if n is not None and n not in fields]
+    if unknown or (capabilities.quick and set(capabilities.quick) - fields):
+        missing = unknown or sorted(set(capabilities.quick) - fields)
+        raise ValueError(f"method {name!r} declares capabilities on {missing}, which its config does not have")
 
     def decorator(fn: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"an erasure method named {name!r} is already registered")
         summary_line = summary or (fn.__doc__ or "").strip().split("\n")[0]
-        _REGISTRY[name] = Method(name, config_class, fn, family, summary_line, uses_guides, runtime_edit,
+        _REGISTRY[name] = Method(name, config_class, fn, family, summary_line, capabilities, runtime_edit,
                                  check_intervention)  # fmt: skip
         return fn
 

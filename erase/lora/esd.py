@@ -63,6 +63,7 @@ colours 94.8 -> 94.8% (judge 97.9 -> 95.8%)::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import ClassVar
@@ -73,6 +74,7 @@ from pipelines import PipelineWrapper, PromptEncoding
 
 from ..core.registry import ConceptSpec, WeightEdit, register_method
 from .trainer import (
+    TRAINED,
     Batch,
     LoraTrainConfig,
     Predictions,
@@ -153,7 +155,7 @@ def esd_loss(wrapper: PipelineWrapper, concepts: ConceptSpec, config: ESDConfig)
     "lora",
     "Erased Stable Diffusion (Gandikota et al., 2023): LoRA trained to negatively guide the concept's prediction, "
     "optional anchor regularization",
-    uses_guides=False,
+    capabilities=dataclasses.replace(TRAINED, guides=False),
 )
 def erase_esd(wrapper: PipelineWrapper, concepts: ConceptSpec, config: ESDConfig) -> WeightEdit:
     """Train the ESD LoRA for every target of ``concepts`` (anchors: ``config.anchor_prompts`` and the preserved)."""

@@ -78,7 +78,7 @@ from ..core.inputs import check_integer_fields, check_number_fields
 from ..core.registry import ConceptSpec, WeightEdit, register_method
 from ..core.weights import factor_products
 from .esd import ESDConfig, ESDLoss, esd_loss
-from .trainer import Batch, Predictions, config_key, train_lora
+from .trainer import TRAINED, Batch, Predictions, config_key, train_lora
 from .transport import METRICS as TRANSPORT_METRICS
 from .transport import FacilitatedTransport
 
@@ -194,7 +194,7 @@ class SPMLoss:
     "lora",
     "SPM-style one-dimensional adapter (Lyu et al., 2024): rank-1 LoRA with ESD's loss and latent anchoring, "
     "facilitated transport at inference",
-    uses_guides=False,
+    capabilities=dataclasses.replace(TRAINED, guides=False),
 )
 def erase_spm(wrapper: PipelineWrapper, concepts: ConceptSpec, config: SPMConfig) -> WeightEdit:
     """Train the SPM adapter for ``concepts``' targets (prompt anchors: ``anchor_prompts`` and the preserved).

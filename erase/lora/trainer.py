@@ -68,10 +68,11 @@ from tqdm.auto import tqdm
 from pipelines import LORA_TARGETS, LoraAdapters, PipelineWrapper, PromptEncoding
 
 from ..core.inputs import check_integer_fields
-from ..core.registry import WeightEdit
+from ..core.registry import Capabilities, WeightEdit
 from ..core.weights import factor_products
 
 __all__ = [
+    "TRAINED",
     "Batch",
     "LoraTrainConfig",
     "LossFunction",
@@ -504,6 +505,18 @@ def _pool(
         save_file({k: v.contiguous() for k, v in pool.tensors().items()}, str(tmp))
         os.replace(tmp, path)
     return pool
+
+
+#: What every method of the LoRA trainer can do: keep preserved concepts as anchors (``anchor_prompts``, filled in
+#: by the workflow), train, sample its pool with ``pool_steps`` sampler steps; ``quick``: a few large steps on a
+#: small pool, seconds on the tiny model.
+TRAINED = Capabilities(
+    preserve=True,
+    preserve_setting="anchor_prompts",
+    training=True,
+    sampler_steps=("pool_steps",),
+    quick={"steps": 8, "lr": 1e-2, "pool_images": 2, "pool_steps": 4},
+)
 
 
 def config_key(config: Any, ignore: Sequence[str] = ("checkpoint_dir", "checkpoint_every", "steps")) -> dict[str, Any]:

@@ -55,7 +55,7 @@ import torch
 from pipelines import PipelineWrapper
 
 from ..core.inputs import check_integer_fields, check_templates, concept_key
-from ..core.registry import ConceptSpec, WeightEdit, register_method
+from ..core.registry import Capabilities, ConceptSpec, WeightEdit, register_method
 from .intervention import SAEIntervention
 from .sae import resolve_sae
 
@@ -165,7 +165,7 @@ def check_itd(intervention: SAEIntervention) -> None:
     ItDConfig,
     family="runtime",
     summary="Interpret-then-Deactivate: gated SAE feature deactivation in the text encoder",
-    uses_guides=False,
+    capabilities=Capabilities(guides=False, preserve=True, templates="templates", quick=None),
     runtime_edit=itd_edit,
     check_intervention=check_itd,
 )

@@ -146,7 +146,7 @@ import torch
 from pipelines import PipelineWrapper
 
 from ..core.inputs import check_integer_fields, check_templates, concept_key
-from ..core.registry import ConceptSpec, WeightEdit, register_method
+from ..core.registry import Capabilities, ConceptSpec, WeightEdit, register_method
 from .intervention import SAEIntervention
 from .sae import resolve_sae
 
@@ -362,7 +362,7 @@ def _mean_codes(wrapper: PipelineWrapper, sae, hook: str, prompts: list[str], co
     SAeUronConfig,
     family="runtime",
     summary="SAeUron: per-timestep SAE feature damping in a UNet transformer block",
-    uses_guides=False,
+    capabilities=Capabilities(guides=False, preserve=True, templates="templates", quick=None),
     runtime_edit=saeuron_edit,
     check_intervention=check_saeuron,
 )
