@@ -108,3 +108,87 @@ def test_old_names_are_aliases_of_load(base, tmp_path, artifact_dir):
     with erase.apply_artifact(pipe, artifact_dir):
         assert not _same_state(pipe, state)
     assert _same_state(pipe, state)
+
+
+# ---------------------------------------------------------------------------------------------------- checks (D5)
+def _itd_folder(base, sae_store, tmp_path):
+    artifact = erase_concepts(base, ConceptSpec(("van gogh",)), "itd", _config("itd", sae_store))
+    return erase.save_artifact(artifact, tmp_path / "itd", base)
+
+
+def _rewrite_json(folder, name, change):
+    """Change a JSON file of the artifact and record its new sha256, as an artifact made that way would have it."""
+    import json
+
+    from pipelines.files import file_sha256
+
+    path = folder / name
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    meta = json.loads((folder / "erasure.json").read_text())
+    meta["checksums"][name] = file_sha256(path)
+    (folder / "erasure.json").write_text(json.dumps(meta))
+
+
+def test_intervention_json_is_covered_by_the_checksum(base, sae_store, tmp_path):
+    folder = _itd_folder(base, sae_store, tmp_path)
+    path = folder / "intervention.json"
+    path.write_text(path.read_text().replace('"threshold":', '"threshold": 0.0, "was":', 1))
+    pipe = tiny_sd_pipeline(0)
+    with pytest.raises(erase.ArtifactError, match="intervention.json does not match the sha256"):
+        erase.load(pipe, folder)
+
+
+def _settings(**changes):
+    return lambda d: {**d, "settings": {**d["settings"], **changes}}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (_settings(threshold=float("nan")), "finite number as its 'threshold'"),  # D5: NaN threshold
+        (_settings(threshold=float("inf")), "finite number as its 'threshold'"),  # D5: infinite threshold
+        (_settings(scale=float("nan")), "finite number as its 'scale'"),  # D5: NaN scale
+        (_settings(gate_statistic="median"), "gate_statistic must be one of"),  # D5: unknown gate statistic
+        (_settings(keep_error="no"), "keep_error must be true or false"),  # further: a string for a switch
+        (_settings(threshold=-1.0), "threshold must be >= 0"),  # further: a gate that lets every prompt through
+    ],
+)
+def test_an_intervention_that_does_not_fit_is_refused_before_anything_is_installed(
+    base, sae_store, tmp_path, change, message
+):
+    folder = _itd_folder(base, sae_store, tmp_path)
+    _rewrite_json(folder, "intervention.json", change)
+    pipe = tiny_sd_pipeline(0)
+    with pytest.raises(erase.ArtifactError, match=message) as err:
+        erase.load(pipe, folder)
+    assert "\n" not in str(err.value)
+
+
+def test_the_hook_points_width_is_checked_against_the_live_model(base, sae_store):
+    """An SAE of another width than the hook point's activations (a block of another width, or another model) is
+    refused with one line before any hook is installed, not a tensor-size error at the first generation."""
+    from erase.sae.sae import TopKSAE
+
+    artifact = erase_concepts(base, ConceptSpec(("van gogh",)), "itd", _config("itd", sae_store))
+    intervention = artifact.payload("intervention")
+    intervention.sae = TopKSAE(intervention.sae.d_in + 8, intervention.sae.latents, intervention.sae.k)
+    pipe = tiny_sd_pipeline(0)
+    before = {id(m): len(m._forward_hooks) for m in pipe.text_encoder.modules()}
+    with pytest.raises(erase.ArtifactMismatchError, match="wide"):
+        erase.load(pipe, artifact)
+    assert {id(m): len(m._forward_hooks) for m in pipe.text_encoder.modules()} == before
+
+
+def test_an_intervention_moved_to_another_layer_of_the_same_width_is_refused(base, sae_store, tmp_path):
+    """D5: the hook point moved to another text-encoder layer (same width, same component fingerprint), erasure.json
+    made to agree: the SAE was trained at the original layer, so the edit would read activations it does not know."""
+    import json
+
+    folder = _itd_folder(base, sae_store, tmp_path)
+    other = "text_encoder.encoder.layers.0"
+    _rewrite_json(folder, "intervention.json", lambda d: {**d, "hook_point": other})
+    meta = json.loads((folder / "erasure.json").read_text())
+    meta["layers"], meta["payloads"]["intervention"]["hook_point"] = [other], other
+    (folder / "erasure.json").write_text(json.dumps(meta))
+    with pytest.raises(erase.ArtifactError, match="not the one its SAE was trained at"):
+        erase.load(tiny_sd_pipeline(0), folder)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +128,10 @@ class SAEIntervention:
                 raise ValueError(f"{path}: {key} must be a {kind.__name__}")
         tables = read_tensors(folder / INTERVENTION_TENSORS)
         sae, sae_meta = load_sae(folder)
+        trained_at = sae_meta.get("hook_point") if isinstance(sae_meta, dict) else None
+        if trained_at is not None and trained_at != description["hook_point"]:
+            raise ValueError(f"{path}: the hook point {description['hook_point']!r} is not the one its SAE was "
+                             f"trained at ({trained_at!r})")  # fmt: skip
         method = get_method(description["kind"])
         if method.runtime_edit is None:
             raise ValueError(f"{path}: method {description['kind']!r} makes no runtime intervention")
@@ -137,11 +140,6 @@ class SAEIntervention:
         if method.check_intervention is not None:
             method.check_intervention(intervention)
         return intervention
-
-
-def _check_number(value: object, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{what} is {value!r}, not a finite number")
 
 
 class InterventionKind(PayloadKind):
@@ -169,6 +167,9 @@ class InterventionKind(PayloadKind):
         return {payload.component: wrapper.parameter_norm(payload.component)}
 
     def check(self, payload: SAEIntervention, wrapper: PipelineWrapper) -> None:
+        check_intervention = get_method(payload.kind).check_intervention
+        if check_intervention is not None:
+            check_intervention(payload)
         width = wrapper.hook_width(payload.hook_point)
         if width != payload.sae.d_in:
             raise ValueError(f"the hook point {payload.hook_point} is {width} wide, but the intervention's SAE reads "

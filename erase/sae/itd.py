@@ -47,6 +47,7 @@ Measured on micro (``scripts/measure_erasure.py --method itd --images 100``, mic
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +63,9 @@ from .sae import resolve_sae
 __all__ = ["ItDConfig", "erase_itd", "itd_edit"]
 
 logger = logging.getLogger(__name__)
+
+#: the per-prompt statistics of the reconstruction error the gate can threshold
+GATE_STATISTICS = ("mean", "max")
 
 
 @dataclass
@@ -101,7 +105,7 @@ class ItDConfig:
         check_integer_fields(self, ("retain_prompts",), minimum=0)
         if not isinstance(self.scale, int | float) or not self.scale <= 0:
             raise ValueError(f"scale must be <= 0 (a negative factor, or 0 to switch features off), got {self.scale}")
-        if self.gate_statistic not in ("mean", "max"):
+        if self.gate_statistic not in GATE_STATISTICS:
             raise ValueError(f"gate_statistic must be 'mean' or 'max', got {self.gate_statistic!r}")
         self.templates = check_templates(self.templates)
         self.sae_stores = tuple(self.sae_stores)
@@ -155,9 +159,22 @@ def check_itd(intervention: SAEIntervention) -> None:
     features = intervention.tables.get("features")
     if features is None or features.dtype != torch.bool or tuple(features.shape) != (intervention.sae.latents,):
         raise ValueError(f"an itd intervention needs a boolean 'features' table of {intervention.sae.latents} latents")
+    if not intervention.hook_point.startswith("text_encoder"):
+        raise ValueError(f"itd edits the text encoder: {intervention.hook_point!r} is not a text-encoder hook point")
+    settings = intervention.settings
     for key in ("scale", "threshold"):
-        if not isinstance(intervention.settings.get(key), int | float):
-            raise ValueError(f"an itd intervention needs a numeric {key!r} setting")
+        value = settings.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"an itd intervention needs a finite number as its {key!r} setting, got {value!r}")
+    if settings["scale"] > 0:
+        raise ValueError(f"an itd intervention's scale must be <= 0, got {settings['scale']}")
+    if settings["threshold"] < 0:
+        raise ValueError(f"an itd intervention's gate threshold must be >= 0, got {settings['threshold']}")
+    if settings.get("gate_statistic", "mean") not in GATE_STATISTICS:
+        raise ValueError(f"an itd intervention's gate_statistic must be one of {', '.join(GATE_STATISTICS)}, got "
+                         f"{settings['gate_statistic']!r}")  # fmt: skip
+    if not isinstance(settings.get("keep_error", False), bool):
+        raise ValueError(f"an itd intervention's keep_error must be true or false, got {settings['keep_error']!r}")
 
 
 @register_method(

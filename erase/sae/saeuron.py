@@ -305,6 +305,9 @@ def check_saeuron(intervention: SAEIntervention) -> None:
         raise ValueError(f"a saeuron intervention needs a 'selected' table of shape (concepts, {steps}, {latents})")
     if selected.dtype != torch.bool:
         raise ValueError("a saeuron intervention's 'selected' table must be boolean")
+    for name in ("timesteps", "threshold", "factor", "gate"):
+        if name in tables and not tables[name].is_floating_point():
+            raise ValueError(f"a saeuron intervention's {name!r} table must hold floats, not {tables[name].dtype}")
     if tables.get("factor") is None or tables["factor"].shape != selected.shape:
         raise ValueError(f"a saeuron intervention needs a 'factor' table of the selected table's shape "
                          f"{tuple(selected.shape)}")  # fmt: skip
