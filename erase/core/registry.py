@@ -1,9 +1,10 @@
 """The method interface every erasure method shares, and the registry that lists them.
 
-A method is one file in ``erase/``: a config dataclass validated in ``__post_init__`` and one function
-``(pipeline wrapper, concepts, config) -> WeightEdit`` registered under a name. Methods do not mutate the pipeline:
-they return the change (weight changes, or for the runtime family an ``SAEIntervention``), and ``erase_concepts``
-packages it as an artifact with the provenance a user needs.
+A method is one file in its family's package (``erase/closed_form``, ``erase/lora``, ``erase/sae``, found there by
+``erase.core.discovery``): a config dataclass validated in ``__post_init__`` and one function ``(pipeline wrapper,
+concepts, config) -> WeightEdit`` registered under a name with what it can do (``Capabilities``). Methods do not
+mutate the pipeline: they return the change (weight changes, and payloads such as an ``SAEIntervention``), and
+``erase_concepts`` packages it as an artifact with the provenance a user needs.
 """
 
 from __future__ import annotations

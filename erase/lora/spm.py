@@ -48,7 +48,7 @@ on this model a rank-1 adapter at lr 1e-3 does not take every style below the is
 
 Facilitated transport (``facilitated_transport``, on by default as in the reference's inference): the artifact is
 the LoRA plus the erased concepts as ``erase.lora.transport`` reads them, and wherever it is applied through ``erase``
-(``erase.attach(pipe, folder)``, ``apply_artifact``, audits, attacks) the adapter's strength for each prompt is the
+(``erase.load(pipe, folder)``, audits, attacks) the adapter's strength for each prompt is the
 prompt's likeness to the erased concepts, so prompts far from them meet the base model. ``pipe.load_lora_weights``
 still loads the same folder as a plain LoRA at full strength for every prompt.
 
