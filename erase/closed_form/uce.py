@@ -152,7 +152,7 @@ def uce_update(
 def edit_from_update(
     wrapper: PipelineWrapper, layer_patterns: Sequence[str], u: torch.Tensor, v: torch.Tensor
 ) -> WeightEdit:
-    """dW = W U V for every matched layer, in the weights' precision (the solve itself was float64).
+    """dW = W U V for every matched layer, in the weights' precision (the solve itself is float64).
 
     With fewer erased embeddings than text dimensions the change is low rank and its exact LoRA factors come free,
     B = W U and A = V (no SVD); otherwise dW = W (U V).
