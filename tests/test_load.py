@@ -10,9 +10,8 @@ from diffusers import StableDiffusionPipeline
 import erase
 from erase import ConceptSpec, erase_concepts
 from erase.sae.sae import SAETrainConfig, build_sae
-from pipelines import load_pipeline
+from pipelines import PipelineWrapper, load_pipeline
 from pipelines.tiny import tiny_sd_pipeline
-from pipelines.wrapper import PipelineWrapper
 
 TEXT_HOOK = "text_encoder.encoder.layers.1"
 WORDS = "red blue green cat dog house tree car city night sun moon river boat bird star".split()
