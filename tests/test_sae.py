@@ -199,7 +199,7 @@ def test_itd_gate_leaves_other_prompts_bit_identical_and_edits_the_concept(wrapp
     assert artifact.info["features"] >= 1 and artifact.info["gate_threshold"] > 0
     prompts = ["painting by van gogh", "art by van gogh", *[p for p in _prompts(64, seed=5) if "van" not in p]]
     mse = _gate_error(artifact.payload("intervention"), wrapper.text_activations(TEXT_HOOK, prompts))[0]
-    fired = mse >= artifact.intervention.settings["threshold"]
+    fired = mse >= artifact.payload("intervention").settings["threshold"]
     assert fired[:2].all() and not fired[2:].all()
     before = wrapper.encode_prompts(prompts).embeddings
     with artifact.applied(wrapper):
@@ -213,7 +213,7 @@ def test_itd_gate_leaves_other_prompts_bit_identical_and_edits_the_concept(wrapp
 
 def test_itd_without_its_gate_edits_every_prompt(wrapper, sae_store):
     artifact = _itd(wrapper, sae_store, gate=False)
-    assert artifact.intervention.settings["threshold"] == 0.0
+    assert artifact.payload("intervention").settings["threshold"] == 0.0
     with artifact.applied(wrapper):
         after = wrapper.encode_prompts(["a red cat"]).embeddings
     assert not torch.equal(after, wrapper.encode_prompts(["a red cat"]).embeddings)
