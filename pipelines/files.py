@@ -109,6 +109,10 @@ def write_error(path: str | Path, err: BaseException) -> WriteError:
     :class:`WriteError` about ``path``."""
     if isinstance(err, WriteError):
         return err
+    if isinstance(err, FileExistsError | NotADirectoryError) and err.filename and Path(err.filename) != Path(path):
+        blocking = next((p for p in [Path(err.filename), *Path(err.filename).parents] if p.is_file()), None)
+        if blocking is not None:  # mkdir on the way met a file
+            return WriteError(path, errno.ENOTDIR, f"{blocking} is a file, not a folder")
     if isinstance(err, OSError):
         return WriteError(path, err.errno, write_failure_reason(err.errno, err.strerror or str(err)))
     found = re.search(r"os error (\d+)", str(err))  # safetensors: "I/O error: No space left on device (os error 28)"
@@ -229,16 +233,18 @@ def atomic_output(path: str | Path, *, folder: bool = False, replace: bool = Tru
     """
     path = Path(path)
     tmp = temporary_sibling(path)
+    moving = False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if folder:
             tmp.mkdir()
         yield tmp
         _sync(tmp)
+        moving = True
         move_into_place(tmp, path, replace=replace)
     except BaseException as err:
         _remove(tmp)
-        if _is_write_failure(err) and not isinstance(err, FileExistsError):
+        if _is_write_failure(err) and not (moving and isinstance(err, FileExistsError)):
             raise write_error(path, err) from err
         raise
 

@@ -117,9 +117,10 @@ def test_a_read_only_file_system_is_one_line(tmp_path):
 
 def test_a_file_where_a_folder_should_be_is_one_line(tmp_path):
     (tmp_path / "afile").write_text("keep")
-    with pytest.raises(WriteError) as caught:
-        atomic_save_safetensors({"a": torch.zeros(2)}, tmp_path / "afile" / "ck" / "pool.safetensors")
-    _one_line(caught.value, "cannot write", "afile")
+    for path in (tmp_path / "afile" / "ck" / "pool.safetensors", tmp_path / "afile" / "pool.safetensors"):
+        with pytest.raises(WriteError) as caught:
+            atomic_save_safetensors({"a": torch.zeros(2)}, path)
+        _one_line(caught.value, f"cannot write {path}: ", "afile", "a file, not a folder")
     assert (tmp_path / "afile").read_text() == "keep" and sorted(os.listdir(tmp_path)) == ["afile"]
 
 
@@ -288,3 +289,20 @@ def test_a_full_checkpoint_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_pa
     assert names == ["ck/pool.safetensors", "ck/run.json", "ck/step-00000002/lora.safetensors",
                      "ck/step-00000002/optimizer.safetensors", "ck/step-00000002/state.json"], names  # fmt: skip
     assert not (tmp_path / "art").exists()
+
+
+def test_erase_names_a_damaged_checkpoint_and_restart_starts_afresh(tmp_path, capsys):  # D1
+    checkpoints = tmp_path / "ck"
+    run = ["--model", "tiny", "--concept", "van gogh", "--method", "esd", "--steps", "2", "--no-check", "--quiet",
+           "--set", "pool_images=2", "--set", "pool_steps=4", "--set", f"checkpoint_dir={checkpoints}"]  # fmt: skip
+    assert _erase_in_process(capsys, *run, "--out", str(tmp_path / "a"))[0] == 0
+    (checkpoints / "step-00000002" / "state.json").write_text('{"step": 2, "losses": [0.1')
+    code, err = _erase_in_process(capsys, *run, "--out", str(tmp_path / "b"))
+    line = _error_line(err)
+    assert code == 2 and f"the checkpoint file {checkpoints / 'step-00000002' / 'state.json'} is damaged" in line
+    assert "--restart" in line and not (tmp_path / "b").exists()
+    assert _erase_in_process(capsys, *run, "--restart", "--out", str(tmp_path / "b"))[0] == 0
+    first, again = (load_file(str(tmp_path / f / "pytorch_lora_weights.safetensors")) for f in "ab")
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    code, err = _erase_in_process(capsys, "--model", "tiny", "--concept", "van gogh", "--restart", "--out", "c")
+    assert code == 2 and "--restart does not apply to method 'uce'" in _error_line(err)
