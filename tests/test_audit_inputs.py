@@ -170,9 +170,9 @@ def test_disk_full_is_one_line_and_the_audit_resumes(main, clip_dir, prompts, tm
     out = tmp_path / "out"
     real_fsync, calls = os.fsync, []
 
-    def fsync(fd):  # the disk fills up after audit.json, suite.csv and two images
+    def fsync(fd):  # the disk fills up after audit.json (1 fsync), suite.csv and two images (file and folder: 2)
         calls.append(fd)
-        if len(calls) > 4:
+        if len(calls) > 7:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_fsync(fd)
 
