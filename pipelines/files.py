@@ -47,6 +47,7 @@ __all__ = [
     "read_tensors",
     "remove_stale_temporaries",
     "slug",
+    "sync_to_disk",
     "temporary_sibling",
     "write_failure_reason",
     "write_error",
@@ -201,8 +202,8 @@ def check_name_lengths(path: str | Path, entries: tuple[str, ...] = (), *, tempo
             )  # fmt: skip
 
 
-def _sync(path: Path) -> None:
-    """Flush a file, or every file of a folder and the folder itself, to disk."""
+def sync_to_disk(path: Path) -> None:
+    """Flush a file, or a folder with everything in it, to disk."""
     for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
         fd = os.open(item, os.O_RDONLY)
         try:
@@ -239,7 +240,7 @@ def atomic_output(path: str | Path, *, folder: bool = False, replace: bool = Tru
         if folder:
             tmp.mkdir()
         yield tmp
-        _sync(tmp)
+        sync_to_disk(tmp)
         moving = True
         move_into_place(tmp, path, replace=replace)
     except BaseException as err:

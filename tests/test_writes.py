@@ -68,6 +68,14 @@ def test_a_write_past_the_file_size_limit_is_one_line_and_keeps_the_old_file(tmp
     assert torch.equal(load_file(str(tmp_path / "w.safetensors"))["w"], tensors["w"])
 
 
+def _python_on_tmpfs(disk: Path, options: str, code: str) -> list[str]:
+    """The lines ``code`` prints, run by this Python with a private tmpfs on ``disk`` (its path: ``sys.argv[1]``)."""
+    found = run_on_tmpfs(disk, options, [sys.executable, "-c", code, str(disk)], timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert found.returncode == 0, found.stderr
+    return found.stdout.splitlines()
+
+
 def test_a_full_disk_is_one_line_and_leaves_no_temporaries(tmp_path):
     """ENOSPC on a real 64 KiB tmpfs (a private mount: no root needed)."""
     if not private_tmpfs_available(tmp_path):
@@ -84,10 +92,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporaries(tmp_path):
         "print(sorted(os.listdir(out)))\n"
     )
     disk = tmp_path / "disk"
-    found = run_on_tmpfs(disk, "size=64k", [sys.executable, "-c", code, str(disk)], timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
-    assert found.returncode == 0, found.stderr
-    error, listing = found.stdout.splitlines()
+    error, listing = _python_on_tmpfs(disk, "size=64k", code)
     assert error.startswith(f"error: cannot write {disk / 'b.safetensors'}: No space left on device;"), error
     assert "rerun the same command to resume" in error
     assert listing == "['a.safetensors']"
@@ -107,10 +112,7 @@ def test_a_read_only_file_system_is_one_line(tmp_path):
         "        print('error:', err)\n"
     )
     disk = tmp_path / "ro"
-    found = run_on_tmpfs(disk, "ro,size=16k", [sys.executable, "-c", code, str(disk)], timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
-    assert found.returncode == 0, found.stderr
-    lines = found.stdout.splitlines()
+    lines = _python_on_tmpfs(disk, "ro,size=16k", code)
     assert len(lines) == 2 and all("Read-only file system" in line for line in lines), lines
     assert lines[0].startswith(f"error: cannot write {disk / 'ck'}")
 

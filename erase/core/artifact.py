@@ -9,11 +9,11 @@ Layout::
       pytorch_lora_weights.safetensors     weight_format "lora": dW = B A per module, with peft adapter metadata
       edited_weights.safetensors           weight_format "full": dW per module, when low rank would not be smaller
       transport.json, transport.safetensors
-                                           optional facilitated transport of a LoRA (``erase.transport``): its
+                                           optional facilitated transport of a LoRA (``erase.lora.transport``): its
                                            strength per prompt, installed with ``erase.attach``
       intervention.json, intervention.safetensors, sae.safetensors, sae.json
                                            weight_format "intervention": the SAE family's runtime edit
-                                           (``erase.intervention``), installed with ``erase.attach``
+                                           (``erase.sae.intervention``), installed with ``erase.attach``
       pipeline/                            optional full ``save_pretrained`` export of the edited pipeline
       before_after.png                     optional picture of the check ``scripts/erase.py`` runs
 
@@ -41,8 +41,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipelines import PipelineWrapper, wrap_pipeline
-from pipelines.files import file_sha256, move_into_place, write_error
+from pipelines.files import file_sha256, move_into_place, sync_to_disk, write_error
 
+from ..lora.transport import TRANSPORT_FILE, FacilitatedTransport
 from .layout import (
     ARTIFACT_ENTRIES,
     FULL_FILE,
@@ -59,7 +60,6 @@ from .layout import (
     current_umask,
     temporary_folder,
 )
-from .transport import TRANSPORT_FILE, FacilitatedTransport
 
 __all__ = [
     "ArtifactError",
@@ -100,9 +100,9 @@ class ErasureArtifact:
     low_precision_fingerprints: dict[str, str] | None = None
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     version: str = ""
-    #: the runtime family's edit (``erase.intervention.SAEIntervention``); ``deltas`` is then empty
+    #: the runtime family's edit (``erase.sae.intervention.SAEIntervention``); ``deltas`` is then empty
     intervention: Any = None
-    #: facilitated transport (``erase.transport.FacilitatedTransport``): the LoRA's strength follows each prompt's
+    #: facilitated transport (``erase.lora.transport.FacilitatedTransport``): the LoRA's strength follows each prompt's
     #: likeness to the erased concepts when it is applied (``applied``, ``erase.attach``)
     transport: Any = None
     #: the hooks of ``apply_artifact`` for a runtime artifact (remove them to restore the pipeline)
@@ -110,7 +110,7 @@ class ErasureArtifact:
 
     def __post_init__(self) -> None:
         if not self.version:
-            from . import __version__
+            from .. import __version__
 
             self.version = __version__
 
@@ -205,21 +205,8 @@ def _finish_tree(root: Path) -> None:
     """Give every file and folder the user's umask permissions (safetensors writes 0600) and flush them to disk."""
     mask = current_umask()
     for path in [root, *root.rglob("*")]:
-        if path.is_dir():
-            path.chmod(0o777 & ~mask)
-        else:
-            path.chmod(0o666 & ~mask)
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+    sync_to_disk(root)
 
 
 def save_artifact(
@@ -361,7 +348,7 @@ def load_artifact(folder: str | Path) -> ErasureArtifact:
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     intervention = None
     if fmt == "intervention":
-        from .intervention import SAEIntervention
+        from ..sae.intervention import SAEIntervention
 
         try:
             intervention = SAEIntervention.load(folder)

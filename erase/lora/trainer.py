@@ -76,9 +76,9 @@ from pipelines.files import (
     write_error,
 )
 
-from .artifact import factor_products
-from .inputs import check_integer_fields
-from .registry import WeightEdit
+from ..core.artifact import factor_products
+from ..core.inputs import check_integer_fields
+from ..core.registry import WeightEdit
 
 __all__ = [
     "Batch",

@@ -50,8 +50,8 @@ from pipelines.files import (
     remove_stale_temporaries,
 )
 
-from .inputs import check_integer_fields
-from .layout import current_umask
+from ..core.inputs import check_integer_fields
+from ..core.layout import current_umask
 
 __all__ = [
     "SAE_FILE",
