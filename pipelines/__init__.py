@@ -14,6 +14,7 @@ _EXPORTS: dict[str, str] = {
     "resolve_device": "runtime",
     "set_library_verbosity": "runtime",
     "clean_prompt": "tokenizer",
+    "HubUnreachableError": "hub",
     "offline_clip_tokenizer": "tokenizer",
     "CROSS_ATTENTION_PATTERNS": "modules",
     "DEFAULT_GUIDANCE": "sampling",
@@ -40,6 +41,7 @@ __all__ = [
     "DEFAULT_STEPS",
     "HOOK_POINT_PATTERNS",
     "HookHandles",
+    "HubUnreachableError",
     "LORA_TARGETS",
     "LoraAdapters",
     "ModelNotFoundError",
@@ -58,6 +60,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .hooks import HOOK_POINT_PATTERNS, HookHandles
+    from .hub import HubUnreachableError
     from .loading import ModelNotFoundError, check_model_reference, micro_model_path, world_file
     from .modules import CROSS_ATTENTION_PATTERNS, LORA_TARGETS, CrossAttentionLayer
     from .runtime import resolve_device, set_library_verbosity

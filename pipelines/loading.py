@@ -2,7 +2,8 @@
 
 A model is ``"micro"`` (the embedded default), ``"tiny"`` / ``"tiny-sdxl"`` (small random pipelines built in code,
 for tests), a local diffusers folder, or a hub id such as ``"CompVis/stable-diffusion-v1-4"``. What can be known
-without loading (an empty name, a missing folder, a folder that is no pipeline) is checked before anything slow.
+without loading (an empty name, a missing folder, a folder that is no pipeline) is checked before anything slow; a
+hub id goes through :func:`pipelines.hub.load_from_hub`, so no network is said in one line within seconds.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from .checks import error_line
+from .hub import HubUnreachableError, load_from_hub
 from .modules import Pipeline
 
 __all__ = [
@@ -85,9 +87,16 @@ def check_model_reference(model: object) -> None:
         raise ModelNotFoundError(f"model folder {model} does not exist")
 
 
-def _from_pretrained(model: str, source: str, dtype: torch.dtype) -> DiffusionPipeline:
+def _from_pretrained(model: str, source: str, dtype: torch.dtype, hub: bool) -> DiffusionPipeline:
+    def load(local_files_only: bool) -> DiffusionPipeline:
+        return DiffusionPipeline.from_pretrained(
+            source, dtype=dtype, safety_checker=None, local_files_only=local_files_only
+        )
+
     try:
-        return DiffusionPipeline.from_pretrained(source, dtype=dtype, safety_checker=None)
+        return load_from_hub(f"model {model!r}", load) if hub else load(True)
+    except HubUnreachableError as err:
+        raise ModelNotFoundError(str(err)) from err
     except (OSError, ValueError) as err:
         raise ModelNotFoundError(f"cannot load model {model!r}: {error_line(err)}") from err
 
@@ -117,12 +126,12 @@ def load_diffusers_pipeline(
 
         pipe, model_id = tiny_sdxl_pipeline(seed), f"tiny-sdxl(seed={seed})"
     elif model == "micro":
-        pipe, model_id = _from_pretrained(model, str(micro_model_path()), dtype), "micro"
+        pipe, model_id = _from_pretrained(model, str(micro_model_path()), dtype, hub=False), "micro"
     elif _is_local(model):
         path = Path(model).expanduser()
-        pipe, model_id = _from_pretrained(model, str(path), dtype), str(path.resolve())
+        pipe, model_id = _from_pretrained(model, str(path), dtype, hub=False), str(path.resolve())
     else:
-        pipe, model_id = _from_pretrained(model, model, dtype), model
+        pipe, model_id = _from_pretrained(model, model, dtype, hub=True), model
     if model in _TINY and dtype != torch.float32:
         pipe.to(dtype=dtype)
     if not isinstance(pipe, StableDiffusionPipeline | StableDiffusionXLPipeline):
