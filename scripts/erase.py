@@ -27,7 +27,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 EXIT_BAD_INPUT = 2
 
-from erase.inputs import CONCEPT_TYPES, DEFAULT_CONCEPT_TYPE, PRESERVE_SETS, error_line  # noqa: E402 - torch-free
+from erase.core.inputs import CONCEPT_TYPES, DEFAULT_CONCEPT_TYPE, PRESERVE_SETS, error_line  # noqa: E402 - torch-free
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,8 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def validate_early(args: argparse.Namespace) -> None:
     """Everything that needs neither torch nor the model: concepts, numbers, --set, --out."""
-    from erase.inputs import check_concept_text, check_option_minimums
-    from erase.layout import check_output_folder, default_output_folder
+    from erase.core.inputs import check_concept_text, check_option_minimums
+    from erase.core.layout import check_output_folder, default_output_folder
 
     concepts = [check_concept_text(c, "concept to erase") for c in args.concept]
     check_option_minimums(args, {"check_images": 1, "check_steps": 1, "steps": 1, "rank": 1, "seed": 0,
@@ -118,7 +118,7 @@ def validate_early(args: argparse.Namespace) -> None:
 def config_overrides(args: argparse.Namespace, config_fields: set[str] | None = None) -> dict:
     """``--set`` plus the training flags as config fields; ``config_fields`` (the method's) refuses a flag the method
     does not have. ``--seed`` seeds a method that has a seed; the check always."""
-    from erase.inputs import parse_config_overrides
+    from erase.core.inputs import parse_config_overrides
 
     overrides = parse_config_overrides(args.set)
     for flag in ("steps", "lr", "rank"):
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from erase import available_methods, get_method
-        from erase.inputs import config_from_overrides
+        from erase.core.inputs import config_from_overrides
         from erase.workflow import run_erase
         from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_pipeline, resolve_device, set_library_verbosity
 
