@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -24,7 +25,6 @@ from PIL import Image
 from . import hooks, loading, modules, sampling, text, weights
 from .hooks import HookHandles
 from .modules import CROSS_ATTENTION_PATTERNS, CrossAttentionLayer
-from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from .text import PromptEncoding
 from .weights import LoraAdapters
 
@@ -179,42 +179,19 @@ class PipelineWrapper:
         sampling.check_sampler_steps(self.pipe, steps)
 
     def generate(
-        self,
-        prompts: Sequence[str] | PromptEncoding,
-        seeds: Sequence[int],
-        *,
-        steps: int = DEFAULT_STEPS,
-        guidance: float = DEFAULT_GUIDANCE,
-        batch_size: int = 8,
-        negative_prompt: str = "",
-        height: int | None = None,
-        width: int | None = None,
-        progress: bool = True,
-        callback_on_step_end: Callable | None = None,
-        eta: float | None = None,
+        self, prompts: Sequence[str] | PromptEncoding, seeds: Sequence[int], **options: Any
     ) -> list[Image.Image]:
-        """Images for (prompt, seed) pairs; the same pair gives the same image whatever else is in the batch
-        (:func:`sampling.generate`)."""
-        return sampling.generate(
-            self.pipe, prompts, seeds, steps=steps, guidance=guidance, batch_size=batch_size,
-            negative_prompt=negative_prompt, height=height, width=width, progress=progress,
-            callback_on_step_end=callback_on_step_end, eta=eta,
-        )  # fmt: skip
+        """Images for (prompt, seed) pairs; the same pair gives the same image whatever else is in the batch.
+        ``options`` are :func:`sampling.generate`'s (steps, guidance, batch_size, negative_prompt, height, width,
+        progress, callback_on_step_end, eta)."""
+        return sampling.generate(self.pipe, prompts, seeds, **options)
 
     def sample_trajectories(
-        self,
-        prompts: Sequence[str],
-        seeds: Sequence[int],
-        *,
-        steps: int = DEFAULT_STEPS,
-        guidance: float = DEFAULT_GUIDANCE,
-        batch_size: int = 8,
+        self, prompts: Sequence[str], seeds: Sequence[int], **options: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every UNet input of the sampler's run on each (prompt, seed): ``(latents, timesteps)``
-        (:func:`sampling.sample_trajectories`)."""
-        return sampling.sample_trajectories(
-            self.pipe, prompts, seeds, steps=steps, guidance=guidance, batch_size=batch_size
-        )
+        """Every UNet input of the sampler's run on each (prompt, seed): ``(latents, timesteps)``. ``options`` are
+        :func:`sampling.sample_trajectories`' (steps, guidance, batch_size)."""
+        return sampling.sample_trajectories(self.pipe, prompts, seeds, **options)
 
     # ------------------------------------------------------------------ weights (pipelines.weights)
     def lora_adapters(
@@ -286,21 +263,11 @@ class PipelineWrapper:
         return hooks.text_activations(self.pipe, hook, prompts, batch_size)
 
     def unet_activations(
-        self,
-        hook: str,
-        prompts: Sequence[str],
-        seeds: Sequence[int],
-        *,
-        steps: int = DEFAULT_STEPS,
-        guidance: float = DEFAULT_GUIDANCE,
-        batch_size: int = 8,
-        progress: bool = False,
+        self, hook: str, prompts: Sequence[str], seeds: Sequence[int], **options: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A UNet hook point's output at every sampling step, conditional half only: ``(activations, timesteps)``
-        (:func:`hooks.unet_activations`)."""
-        return hooks.unet_activations(
-            self.pipe, hook, prompts, seeds, steps=steps, guidance=guidance, batch_size=batch_size, progress=progress
-        )
+        """A UNet hook point's output at every sampling step, conditional half only: ``(activations, timesteps)``.
+        ``options`` are :func:`hooks.unet_activations`' (steps, guidance, batch_size, progress)."""
+        return hooks.unet_activations(self.pipe, hook, prompts, seeds, **options)
 
     def add_output_edit(
         self, name: str, edit: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
