@@ -21,6 +21,8 @@ import os
 import sys
 import time
 
+# The command line's front end (``erase-concept``, ``python scripts/erase.py``): the one module of erase that reads
+# argv and the environment and prints; the library it calls does none of these.
 from .inputs import CONCEPT_TYPES, DEFAULT_CONCEPT_TYPE, PRESERVE_SETS, error_line  # torch-free
 
 __all__ = ["EXIT_BAD_INPUT", "main", "parse_args"]
