@@ -1,7 +1,7 @@
 """erase: concept erasure for text-to-image diffusion models.
 
-The public names load on first use (PEP 562), so ``erase.inputs`` and ``erase.layout`` check a command's input
-before torch and diffusers are imported.
+The public names load on first use (PEP 562), so ``erase.core.inputs`` and ``erase.core.layout`` check a command's
+input before torch and diffusers are imported.
 """
 
 from __future__ import annotations
@@ -13,28 +13,28 @@ from pipelines.lazy import lazy_exports
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
-    "ArtifactError": "layout",
-    "ArtifactExistsError": "layout",
-    "ArtifactMismatchError": "layout",
-    "check_output_folder": "layout",
-    "concept_key": "inputs",
-    "ErasureArtifact": "artifact",
-    "apply_artifact": "artifact",
-    "attach": "intervention",
-    "SAEIntervention": "intervention",
-    "FacilitatedTransport": "transport",
-    "check_artifact_base": "artifact",
-    "load": "artifact",
-    "load_artifact": "artifact",
-    "low_rank_factors": "artifact",
-    "save_artifact": "artifact",
-    "ConceptSpec": "registry",
-    "Method": "registry",
-    "WeightEdit": "registry",
-    "available_methods": "registry",
-    "erase_concepts": "registry",
-    "get_method": "registry",
-    "register_method": "registry",
+    "ArtifactError": "core.layout",
+    "ArtifactExistsError": "core.layout",
+    "ArtifactMismatchError": "core.layout",
+    "check_output_folder": "core.layout",
+    "concept_key": "core.inputs",
+    "ErasureArtifact": "core.artifact",
+    "apply_artifact": "core.artifact",
+    "attach": "sae.intervention",
+    "SAEIntervention": "sae.intervention",
+    "FacilitatedTransport": "lora.transport",
+    "check_artifact_base": "core.artifact",
+    "load": "core.artifact",
+    "load_artifact": "core.artifact",
+    "low_rank_factors": "core.artifact",
+    "save_artifact": "core.artifact",
+    "ConceptSpec": "core.registry",
+    "Method": "core.registry",
+    "WeightEdit": "core.registry",
+    "available_methods": "core.registry",
+    "erase_concepts": "core.registry",
+    "get_method": "core.registry",
+    "register_method": "core.registry",
 }
 
 __all__ = [
@@ -64,7 +64,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .artifact import (
+    from .core.artifact import (
         ErasureArtifact,
         apply_artifact,
         check_artifact_base,
@@ -73,10 +73,9 @@ if TYPE_CHECKING:
         low_rank_factors,
         save_artifact,
     )
-    from .inputs import concept_key
-    from .intervention import SAEIntervention, attach
-    from .layout import ArtifactError, ArtifactExistsError, ArtifactMismatchError, check_output_folder
-    from .registry import (
+    from .core.inputs import concept_key
+    from .core.layout import ArtifactError, ArtifactExistsError, ArtifactMismatchError, check_output_folder
+    from .core.registry import (
         ConceptSpec,
         Method,
         WeightEdit,
@@ -85,6 +84,7 @@ if TYPE_CHECKING:
         get_method,
         register_method,
     )
-    from .transport import FacilitatedTransport
+    from .lora.transport import FacilitatedTransport
+    from .sae.intervention import SAEIntervention, attach
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

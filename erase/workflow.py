@@ -20,10 +20,10 @@ from tqdm.auto import tqdm
 from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
 from pipelines.files import png_bytes
 
-from .artifact import ErasureArtifact, check_artifact_base, load_artifact, save_artifact
-from .inputs import CONCEPT_TYPES, DEFAULT_CONCEPT_TYPE, PRESERVE_SETS, config_from_overrides, error_line
-from .layout import CHECK_PICTURE, METADATA_FILE, PIPELINE_FOLDER, check_output_folder, default_output_folder
-from .registry import ConceptSpec, erase_concepts, get_method
+from .core.artifact import ErasureArtifact, check_artifact_base, load_artifact, save_artifact
+from .core.inputs import CONCEPT_TYPES, DEFAULT_CONCEPT_TYPE, PRESERVE_SETS, config_from_overrides, error_line
+from .core.layout import CHECK_PICTURE, METADATA_FILE, PIPELINE_FOLDER, check_output_folder, default_output_folder
+from .core.registry import ConceptSpec, erase_concepts, get_method
 
 __all__ = [
     "CheckResult",
@@ -53,7 +53,7 @@ def preserve_set(name: str, targets: Sequence[str]) -> list[str]:
     ``"world"``: every concept of the micro world (``pipelines/micro/world.json``) but "plain"; ``"generic"``:
     ``GENERIC_PRESERVE``.
     """
-    from .inputs import concept_key
+    from .core.inputs import concept_key
 
     if name not in PRESERVE_SETS:
         raise ValueError(f"unknown preserve set {name!r}; expected one of {', '.join(PRESERVE_SETS)}")
@@ -262,7 +262,7 @@ def erasure_settings(
             raise ValueError(f"method {method!r} takes no guide: it would ignore --guide")
         guides = [""]
     guides = list(guides) if guides else [kind.guide]
-    from .inputs import concept_key
+    from .core.inputs import concept_key
 
     guide_keys = {concept_key(g) for g in guides if isinstance(g, str)}
     preserve_list = [p for p in preserve_list if not isinstance(p, str) or concept_key(p) not in guide_keys]

@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def budget_overrides(pairs: list[str]) -> dict[str, dict[str, object]]:
     """``ATTACK.KEY=VALUE`` pairs as ``{attack: {key: value}}`` (values read as JSON where they parse)."""
-    from erase.inputs import parse_config_overrides
+    from erase.core.inputs import parse_config_overrides
 
     grouped: dict[str, dict[str, object]] = {}
     for pair in pairs:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from erase import ArtifactError, check_artifact_base, load_artifact
-    from erase.inputs import check_option_minimums, error_line
+    from erase.core.inputs import check_option_minimums, error_line
     from evals.attacks import AttackTarget, attack_configs, attack_labels, attack_probes, resolve_attacks
     from evals.attacks.suite import asr_table, check_suite_folder, run_attack_suite
     from evals.audit import AuditError, check_output_folder

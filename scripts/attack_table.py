@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 import erase  # noqa: E402
-from erase.inputs import PRESERVE_SETS, check_option_minimums, error_line, parse_config_overrides  # noqa: E402
+from erase.core.inputs import PRESERVE_SETS, check_option_minimums, error_line, parse_config_overrides  # noqa: E402
 from erase.workflow import erasure_settings  # noqa: E402
 from evals.attacks import AttackTarget, attack_probes, resolve_attacks  # noqa: E402
 from evals.attacks.suite import check_suite_folder, run_attack_suite  # noqa: E402

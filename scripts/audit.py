@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
 
     from erase import ArtifactError, load_artifact
-    from erase.inputs import check_option_minimums, error_line
+    from erase.core.inputs import check_option_minimums, error_line
     from erase.workflow import audit_models
     from evals.audit import (
         AuditError,

@@ -15,24 +15,7 @@ and the peak resident memory relative to the same process right after ``load_pip
 ``--efficacy-at`` adds how many steps and CPU-seconds it takes to erase the concept (micro CLIP on its probes);
 the full before/after tables are ``scripts/measure_erasure.py``'s business.
 
-Measured on 2 CPU cores (each erases van gogh on micro, 32 images a group):
-
-* ``--set lr=1e-3 --efficacy-at 25,50,100,150,200`` (esd, batch 1): van gogh 100% after 25, 50 and 100 steps, 31%
-  after 150, 0% after 200 steps = 35.6 CPU-s of edits, pool included (the goal: at most 40 CPU-s, one fifth of the
-  official ESD-x script's ~200 CPU-s for 6%). 200 steps: 36.2 CPU-s, 18.2 s wall (pool 3.4 s, training 14.7 s);
-  73.6 ms a step = 1.65 x a forward+backward (44.5 ms); peak 982 MB resident = 1.07 x the loaded pipeline (917 MB).
-  (An earlier run of the same: 56.9 ms a step = 1.46 x; the machine was shared in both.)
-* ``--method ca --set lr=3e-3`` (100 steps, batch 8): 32.1 CPU-s, 16.1 s wall (pool 2.2 s, training 13.9 s);
-  138.6 ms a step = 1.51 x a forward+backward (91.6 ms); peak 1005 MB = 1.09 x the loaded pipeline (921 MB).
-* SD 1.4 shapes, random weights (``--model /tmp/sd14 --set steps=2 --set pool_images=1 --set pool_steps=4
-  --repeats 1``; esd, 64 LoRA modules, 397,824 parameters): 24.3 s a training step = 2.01 x one UNet
-  forward+backward at batch 1 (12.1 s) on 2 CPU cores; the pool's one 4-step PNDM run took 159 s; peak 7239 MB
-  resident (the float32 pipeline is about 4.3 GB; that run's baseline of 900 MB was measured before the weights
-  were read, which this script now does). A GPU user can scale from their own UNet forward+backward: about 2 of
-  them a step at batch 1, plus the pool (pool_images x pool_steps sampler steps per concept, once).
-* ``--method spm --set lr=1e-3`` (batch 1, 4 latent anchors a step): 172.6 ms a step = 4.37 x a forward+backward
-  (the anchors add 4 frozen and 4 trained predictions); peak 1000 MB = 1.09 x; van gogh still 100% after 400 steps
-  (156 CPU-s).
+Figures: ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -52,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import erase  # noqa: E402
-from erase.inputs import check_concept_text, check_option_minimums, error_line, parse_config_overrides  # noqa: E402
+from erase.core.inputs import check_concept_text, check_option_minimums, error_line, parse_config_overrides  # noqa: E402
 from erase.workflow import erasure_settings  # noqa: E402
 from pipelines import load_pipeline, set_library_verbosity  # noqa: E402
 

@@ -9,11 +9,7 @@ Same prompts and seeds both ways (half name the concept, so itd's gate fires on 
 attached, bare, ...) to cancel drift; prints the median seconds of each and the overhead. Goals: itd at most 5%,
 saeuron at most 15%.
 
-Measured on micro, 2 CPU cores, 16 images x 20 steps, 3 runs each way: itd (defaults) 2.76 s bare, 2.79 s attached,
-+1.1% (its hook runs once a prompt, in the text encoder); saeuron (``--set steps=20 --set percentile=99 --set
-multiplier=-20``) 2.98 s bare, 3.22 s attached, +8.0% (an SAE encode and decode at every UNet call); with ``--set
-gate=0.3`` as well 2.62 s bare, 2.82 s attached, +7.6% (every prompt here names the concept, so the gate passes);
-the gate bounded by the other stats images and given to the most present concept (2026-12-01): 3.09 s, 3.32 s, +7.7%.
+Figures: ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -29,7 +25,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import erase  # noqa: E402
-from erase.inputs import (  # noqa: E402
+from erase.core.inputs import (  # noqa: E402
     check_concept_text,
     check_option_minimums,
     config_from_overrides,

@@ -25,9 +25,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import erase  # noqa: E402
-from erase.inputs import check_option_minimums, error_line  # noqa: E402
-from erase.layout import check_writable_folder  # noqa: E402
-from erase.uce import edit_from_update, uce_update  # noqa: E402
+from erase.closed_form.uce import edit_from_update, uce_update  # noqa: E402
+from erase.core.inputs import check_option_minimums, error_line  # noqa: E402
+from erase.core.layout import check_writable_folder  # noqa: E402
 from erase.workflow import erasure_settings  # noqa: E402
 from pipelines import load_pipeline  # noqa: E402
 
@@ -125,7 +125,7 @@ def main() -> None:
 
             def edit(c_erase: torch.Tensor = c_erase, c_guide: torch.Tensor = c_guide, p=preserve) -> None:
                 u, v = uce_update(c_erase, c_guide, p, 1.0, 1.0, 0.5)
-                edit_from_update(wrapper, erase.uce.UCEConfig().layers, u, v)
+                edit_from_update(wrapper, erase.closed_form.uce.UCEConfig().layers, u, v)
 
             med, best = timed(edit, args.repeats)
             print(

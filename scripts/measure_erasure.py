@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import erase  # noqa: E402
-from erase.inputs import (  # noqa: E402
+from erase.core.inputs import (  # noqa: E402
     CONCEPT_TYPES,
     PRESERVE_SETS,
     check_concept_text,

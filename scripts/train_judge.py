@@ -14,7 +14,7 @@ import torch
 # scripts/erase.py would shadow the erase package: drop this folder from the import path.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 
-from erase.layout import check_writable_folder  # noqa: E402
+from erase.core.layout import check_writable_folder  # noqa: E402
 from evals.microworld.judge import JudgeConfig, judge_path, train_judge  # noqa: E402
 from pipelines import resolve_device  # noqa: E402
 from pipelines.checks import check_option_minimums, error_line  # noqa: E402

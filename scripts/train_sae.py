@@ -90,11 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.model in ("micro", "tiny", "tiny-sdxl") or os.path.isdir(args.model):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        from erase.inputs import check_option_minimums, config_from_overrides, parse_config_overrides
+        from erase.core.inputs import check_option_minimums, config_from_overrides, parse_config_overrides
 
         check_option_minimums(args, {"prompt_count": 2, "check_images": 0, "steps": 1, "guidance": 0})
-        from erase.layout import check_writable_folder
-        from erase.sae import SAETrainConfig, build_sae
+        from erase.core.layout import check_writable_folder
+        from erase.sae.sae import SAETrainConfig, build_sae
         from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_pipeline, resolve_device, set_library_verbosity
 
         config = config_from_overrides(SAETrainConfig, parse_config_overrides(args.set), "the SAE training")
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except (ValueError, TypeError, OSError) as err:
-        from erase.inputs import error_line
+        from erase.core.inputs import error_line
 
         print(f"error: {error_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -6,7 +6,7 @@ import torch
 
 import erase
 from erase import ArtifactError, ArtifactExistsError, ArtifactMismatchError, ConceptSpec, erase_concepts
-from erase.uce import UCEConfig
+from erase.closed_form.uce import UCEConfig
 from pipelines import load_pipeline
 from pipelines.tiny import tiny_sd_pipeline
 from pipelines.wrapper import PipelineWrapper

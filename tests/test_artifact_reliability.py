@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 import erase
 from erase import ArtifactError, ArtifactExistsError, ArtifactMismatchError, ConceptSpec, erase_concepts
-from erase.layout import LORA_FILE, METADATA_FILE, TEMPORARY_MARK
-from erase.uce import UCEConfig
+from erase.closed_form.uce import UCEConfig
+from erase.core.layout import LORA_FILE, METADATA_FILE, TEMPORARY_MARK
 from pipelines import load_pipeline
 from pipelines.tiny import tiny_sd_pipeline
 from pipelines.wrapper import PipelineWrapper

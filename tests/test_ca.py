@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from erase import ConceptSpec, erase_concepts
-from erase.ca import CAConfig, ca_loss
-from erase.lora_trainer import Batch
+from erase.lora.ca import CAConfig, ca_loss
+from erase.lora.trainer import Batch
 
 FAST = dict(steps=8, lr=1e-2, pool_images=2, pool_steps=4, batch_size=2)
 

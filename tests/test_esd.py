@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from erase import ConceptSpec, erase_concepts
-from erase.esd import ESDConfig, esd_target
+from erase.lora.esd import ESDConfig, esd_target
 
 FAST = dict(steps=8, lr=1e-2, pool_images=2, pool_steps=4)
 

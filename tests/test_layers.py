@@ -63,12 +63,12 @@ def test_checker_finds_an_upward_import_anywhere_in_a_file() -> None:
         "from . import metrics\n"  # relative: its own package
         "from evals.microworld import world\n"
         "def load():\n"
-        "    from erase.artifact import load_artifact\n"  # inside a function
+        "    from erase.core.artifact import load_artifact\n"  # inside a function
         "    return load_artifact\n"
         "class Later:\n"
         "    def run(self):\n"
         "        import scripts.audit as audit\n"
-        "        return importlib.import_module('erase.uce'), __import__('os')\n"
+        "        return importlib.import_module('erase.closed_form.uce'), __import__('os')\n"
     )
     assert upward_imports(source, "evals") == [(6, "erase"), (10, "scripts"), (11, "erase")]
     assert upward_imports(source, "erase") == [(10, "scripts")]

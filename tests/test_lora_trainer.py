@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from erase.lora_trainer import LoraTrainConfig, train_lora
+from erase.lora.trainer import LoraTrainConfig, train_lora
 from pipelines import LORA_TARGETS
 
 FAST = dict(steps=6, lr=1e-2, pool_images=2, pool_steps=4)
@@ -178,7 +178,7 @@ def test_train_config_validation(bad, match):
 def test_more_steps_in_the_same_folder_continue_a_finished_run(tiny, tmp_path):
     """Steps are not part of a run's identity: 4 steps, then the same call with 8, equal 8 steps at once."""
     from erase import ConceptSpec, erase_concepts
-    from erase.esd import ESDConfig
+    from erase.lora.esd import ESDConfig
 
     spec = ConceptSpec(("van gogh",))
     settings = dict(lr=1e-2, pool_images=2, pool_steps=4, checkpoint_every=100)
@@ -199,7 +199,7 @@ import torch
 from safetensors.torch import save_file
 from accelerate import PartialState
 from erase import ConceptSpec, erase_concepts
-from erase.esd import ESDConfig
+from erase.lora.esd import ESDConfig
 from pipelines import load_pipeline
 
 torch.set_num_threads(1)
@@ -221,7 +221,7 @@ def test_two_processes_sync_gradients_and_end_with_the_same_adapters(tiny, tmp_p
     from safetensors.torch import load_file
 
     from erase import ConceptSpec, erase_concepts
-    from erase.esd import ESDConfig
+    from erase.lora.esd import ESDConfig
 
     launcher = two_process_launcher()
     if launcher is None:

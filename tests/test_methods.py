@@ -120,7 +120,7 @@ def test_method_config_validation_names_the_bad_value(method):
 
 def test_uce_update_solves_the_papers_equation():
     """W (I + U V) equals the paper's (sum v* c^T + sum W c c^T + lambda W)(sum c c^T + sum c c^T + lambda I)^-1."""
-    from erase.uce import uce_update
+    from erase.closed_form.uce import uce_update
 
     gen = torch.Generator().manual_seed(0)
     d, out = 12, 7
@@ -145,7 +145,7 @@ def test_uce_update_solves_the_papers_equation():
 def test_uce_erases_twenty_concepts_at_once(tiny_sdxl):
     """Each of 20 targets' edited embeddings maps (nearly) where its own guide's does; a preserved concept keeps its
     mapping. Two embeddings per prompt ("last": last token and EOS) keep the 40 rows within tiny SDXL's 64 dims."""
-    from erase.uce import UCEConfig, concept_embeddings
+    from erase.closed_form.uce import UCEConfig, concept_embeddings
 
     targets = tuple(f"concept number {i}" for i in range(20))
     guides = tuple(f"guide number {i}" for i in range(20))
@@ -166,8 +166,8 @@ def test_uce_erases_twenty_concepts_at_once(tiny_sdxl):
 
 def _reference_uce_weights(pipe, edit, guides, preserve, erase_scale=1.0, preserve_scale=1.0, lamb=0.5):
     """The reference UCE script's closed form (trainscripts/uce_sd_erase.py), written out independently of
-    erase.uce and evaluated in float64: one embedding per prompt, at attention_mask.sum() - 2 (the last real token;
-    BOS for the empty prompt), and per K/V module W_new = (lamb W + sum v* c^T)(lamb I + sum c c^T)^-1."""
+    erase.closed_form.uce and evaluated in float64: one embedding per prompt, at attention_mask.sum() - 2 (the last
+    real token; BOS for the empty prompt), and per K/V module W_new = (lamb W + sum v* c^T)(lamb I + sum c c^T)^-1."""
     embeds = {}
     for text in {*edit, *guides, *preserve}:
         emb = pipe.encode_prompt(text, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
@@ -245,7 +245,7 @@ def test_audit_script_takes_lora_artifacts_unchanged(tmp_path, clip_dir, capsys)
 
 
 def test_set_values_read_as_json_or_as_python_spells_them():
-    from erase.inputs import parse_config_overrides
+    from erase.core.inputs import parse_config_overrides
 
     parsed = parse_config_overrides(["a=False", "b=true", "c=None", "d=[1, 2]", "e=van gogh", "f=1e-3", "g= True "])
     assert parsed == {"a": False, "b": True, "c": None, "d": (1, 2), "e": "van gogh", "f": 1e-3, "g": True}

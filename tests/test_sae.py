@@ -11,7 +11,7 @@ import torch
 
 import erase
 from erase import ConceptSpec, erase_concepts
-from erase.sae import (
+from erase.sae.sae import (
     SAETrainConfig,
     TopKSAE,
     build_sae,
@@ -90,7 +90,7 @@ def test_training_explains_sparse_data_and_decoder_rows_stay_unit_norm():
 
 
 def test_an_interrupted_training_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
-    import erase.sae as sae_module
+    import erase.sae.sae as sae_module
 
     x = _sparse_data(n=2000)
     config = SAETrainConfig(expansion=2, k=4, batch_size=256, epochs=3, lr=3e-3)
@@ -192,7 +192,7 @@ def test_find_sae_matches_by_hook_and_weights(wrapper, sae_store):
 def test_itd_gate_leaves_other_prompts_bit_identical_and_edits_the_concept(wrapper, sae_store):
     """Per prompt: where the gate does not fire the text encoder's output is bit-identical, where it fires it is
     edited; the concept's own prompts fire (the threshold is calibrated on them)."""
-    from erase.itd import _gate_error
+    from erase.sae.itd import _gate_error
 
     artifact = _itd(wrapper, sae_store)
     assert artifact.deltas == {} and artifact.layers == [TEXT_HOOK]
@@ -229,7 +229,7 @@ def test_no_sae_for_this_model_says_how_to_train_one(wrapper, tmp_path):
 def test_saeuron_keeps_the_reconstruction_error(wrapper, sae_store):
     """x' = x + W_dec (z' - z): with every factor 1 the edit returns the activations themselves, not 2 x_hat - x
     as the official code's sign slip would."""
-    from erase.saeuron import saeuron_edit
+    from erase.sae.saeuron import saeuron_edit
 
     artifact = _saeuron(wrapper, sae_store)
     intervention = artifact.intervention
@@ -258,7 +258,7 @@ def test_saeuron_gate_edits_an_image_once_it_has_passed_and_leaves_the_rest_bit_
     """The gate: an image is edited only after the concept's presence passed its gate at ``gate_steps`` calls of
     one generation; then to the end of it; a later timestep starts a new generation. Images below it are returned
     as they came."""
-    from erase.saeuron import saeuron_edit
+    from erase.sae.saeuron import saeuron_edit
 
     artifact = _saeuron(wrapper, sae_store, gate=0.5, gate_steps=2)
     intervention = artifact.intervention
@@ -298,7 +298,7 @@ def test_saeuron_gate_edits_an_image_once_it_has_passed_and_leaves_the_rest_bit_
 
 
 def test_saeuron_gate_sits_above_every_rival_image_but_ignores_rivals_that_end_as_the_concept():
-    from erase.saeuron import _gate
+    from erase.sae.saeuron import _gate
 
     own = torch.tensor([[4.0, 8.0, 10.0], [6.0, 12.0, 10.0]])  # mean (5, 10, 10)
     rivals = torch.tensor([[3.0, 1.0, 1.0], [0.5, 2.5, 2.0]])
@@ -309,7 +309,7 @@ def test_saeuron_gate_sits_above_every_rival_image_but_ignores_rivals_that_end_a
 
 
 def test_saeuron_gate_edits_an_image_for_one_concept_the_most_present_and_first_latched(wrapper, sae_store):
-    from erase.saeuron import saeuron_edit
+    from erase.sae.saeuron import saeuron_edit
 
     intervention = _saeuron(wrapper, sae_store, gate=0.5).intervention
     tables = intervention.tables
@@ -362,7 +362,7 @@ def test_saeuron_scores_each_concept_against_the_others_erased_with_it(wrapper, 
 
 
 def test_saeuron_per_concept_tables_read_merged_ones_and_gate_is_checked(wrapper, sae_store):
-    from erase.saeuron import check_saeuron, saeuron_edit
+    from erase.sae.saeuron import check_saeuron, saeuron_edit
 
     artifact = _saeuron(wrapper, sae_store)
     intervention = artifact.intervention
@@ -431,7 +431,7 @@ def test_damaged_or_foreign_runtime_artifacts_are_refused(wrapper, sae_store, tm
 def test_a_half_precision_copy_of_the_base_takes_the_intervention(wrapper, sae_store):
     """float16 weights cannot match the float32 fingerprint: the hooked component's norm recognises them, and a
     float16 copy of other weights is still refused."""
-    from erase.artifact import check_artifact_base
+    from erase.core.artifact import check_artifact_base
     from pipelines import load_pipeline
 
     artifact = _itd(wrapper, sae_store)
@@ -479,7 +479,7 @@ def test_train_sae_script_bad_input_is_one_line(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------------- micro
 def _micro_with_saes():
-    from erase.sae import shipped_sae_store
+    from erase.sae.sae import shipped_sae_store
     from pipelines import micro_model_path
 
     if not (micro_model_path() / "model_index.json").is_file() or not any(shipped_sae_store().glob("*/sae.json")):

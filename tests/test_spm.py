@@ -8,8 +8,8 @@ import torch
 
 import erase
 from erase import ConceptSpec, erase_concepts
-from erase.spm import SPMConfig, latent_anchor_embeddings
-from erase.transport import FacilitatedTransport
+from erase.lora.spm import SPMConfig, latent_anchor_embeddings
+from erase.lora.transport import FacilitatedTransport
 
 FAST = dict(steps=8, lr=1e-2, pool_images=2, pool_steps=4)
 

@@ -2,7 +2,7 @@
 and the report on process 0. The folder's layout and ``metrics.json`` are described in :mod:`evals.audit`.
 
 **Resumable.** Every image is written atomically (temporary file + ``os.replace``) and an image already on disk is
-never generated or written again (one that no longer decodes whole, e.g. truncated by a copy, counts as missing).
+never generated or written again (one that does not decode whole, e.g. truncated by a copy, counts as missing).
 Images are generated in fixed batches (the process's images in suite order, cut every ``batch_size``); a batch is
 generated only if one of its images is missing, and a batch that was interrupted half-written is generated again whole
 (only its missing images are written), so an image's pixels never depend on where a run was stopped. Metrics are

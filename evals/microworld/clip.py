@@ -112,44 +112,33 @@ class ClipTrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup: int = 200
-    # The vision tower memorises a small pool: after 8000 CPU steps on 20k images its object accuracy was 100% on
-    # those images and 79% on held-out ones. Rendering costs ~1 ms an image, so every preset uses this many (the gap
-    # is then 2-4 points). The micro UNet does not memorise its 20k: same noise-prediction loss as on held-out images.
+    # The vision tower learns a small pool by heart; rendering costs ~1 ms an image, so every preset draws this many.
+    # (The micro UNet does not memorise its 20k.) Figures: the micro model's card.
     pool_size: int = 200_000
     heldout_size: int = 1024
     render_workers: int = 1
     eval_every: int = 1000
     # Weight of ``class_prompt_loss`` (each image against every concept's one-attribute prompt), added to the
-    # contrastive loss. From scratch, 0.5 gave +2 points of object accuracy at 1500 H100 steps but cost 60% more time
-    # per step, so it is off by default. As a vision-side continuation it is cheap (the frozen text tower encodes 23
-    # short prompts a step) and is what lifted the shipped CLIP past its plateau (runs 13-14 in the README: 3000 steps
-    # at 0.5 then 4000 at 1.0, with warps and degradations): held-out render objects 95.6 -> 96.5 -> 96.8%, generated
-    # objects (two 512-image seed sets pooled) 89.3 -> 90.5 -> 90.5%.
+    # contrastive loss. Off by default: from scratch it costs 60% more time a step; as a vision-side continuation it is
+    # cheap (the frozen text tower encodes 23 short prompts a step), and the shipped CLIP was trained with it (the
+    # micro model's card, runs 13-14).
     class_prompt_weight: float = 0.0
     # From this step on only the vision side trains: the text tower is the micro SD's frozen text encoder, so once
     # the UNet has been trained on it, the scorer can keep improving without changing what the UNet reads.
     freeze_text_after: int | None = None
     # From this step on training images are degraded the way generated samples are (``judge.augment``: blur,
-    # VAE-like softening, noise, colour drift). Trained on clean renders only, the CLIP read 83% of objects on VAE
-    # reconstructions of held-out renders (55% on seurat dots) where the judge, trained with it, reads 97%; 4000
-    # vision-side steps with it took degraded renders 90 -> 96%, clean ones 95.5 -> 96%, VAE reconstructions 83 -> 86%.
+    # VAE-like softening, noise, colour drift): trained on clean renders only, the CLIP misreads degraded images that
+    # the judge, trained with them, reads right.
     augment_from: int | None = None
     # From this step on ``vae_fraction`` of each batch are VAE reconstructions (``reconstruct`` in
-    # :func:`train_micro_clip`) of the first ``vae_pool_size`` pool images, reconstructed once. Every generated image
-    # is a VAE decoding, and the degradations above only took the CLIP from 83 to 86% of objects on those. Measured
-    # (steps 22000 -> 28000 from the shipped step-22000 CLIP, 44 min on 2 CPU cores): objects on held-out VAE
-    # reconstructions 86 -> 91%, clean renders 96.0 -> 95.8%, but on generated images 86.3 -> 84.4% (agreement with
-    # the judge 83 -> 82%), so it was not shipped: what separates CLIP from the judge there is not the VAE's blur.
+    # :func:`train_micro_clip`) of the first ``vae_pool_size`` pool images, reconstructed once: every generated image
+    # is a VAE decoding. Off in the shipped CLIP (it lost generated objects; the micro model's card, run 8).
     vae_from: int | None = None
     vae_pool_size: int = 20_000
     vae_fraction: float = 0.5
     # From this step on training images are warped (``judge.warp``: small rotation, scale and a smooth
-    # displacement field) before any degradation. The shipped CLIP's objects fell from 96% on held-out renders to 78%
-    # on the same renders warped at amplitude 0.1, while the judge's stayed at 96%: generated shapes are wobbly.
-    # Measured (3000 vision-side steps from the shipped CLIP, peak LR 5e-4, with degradations; 26 min on 2 CPU
-    # cores): warped renders 78 -> 95%, clean ones 96.0 -> 95.6%, but on the eval stage's 512 generated objects 84.8
-    # -> 83.6% (on the images the judge reads right 87.5 -> 86.6%) under the DPM-Solver++ sampler. It agreed with the
-    # judge more often in four of five paired comparisons, though, and ships with the SDE sampler (README, run 12).
+    # displacement field) before any degradation: generated shapes are wobbly, and the CLIP misread warped renders
+    # that the judge reads right (the micro model's card, run 11).
     warp_from: int | None = None
     warp_amplitude: float = 0.1
     checkpoint_every_s: float = 180.0

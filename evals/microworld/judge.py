@@ -186,7 +186,7 @@ class Judge(nn.Module):
         judge = cls(JudgeConfig(**cfg), metrics=payload.get("metrics"))
         current = {c: world.concepts(c) for c in world.CATEGORIES}
         if judge.config.classes != current:
-            # still loadable (class names travel with the weights) but its verdicts no longer cover the world
+            # still loadable (class names travel with the weights) but its verdicts do not cover the world
             logger.warning("judge at %s was trained on other concepts than the current world: %s", path, current)
         judge.load_state_dict(load_file(str(path / "model.safetensors")))
         return judge.eval()

@@ -96,7 +96,7 @@ class SAEIntervention:
     def edit(self, tokens: torch.Tensor, timestep: torch.Tensor | None, guided: bool = False) -> torch.Tensor:
         """The hook point's activations ``(batch, tokens, width)`` after the method's edit (float32 maths);
         ``guided``: the batch is classifier-free guidance's [unconditional; conditional] halves."""
-        from .registry import get_method
+        from ..core.registry import get_method
 
         runtime_edit = get_method(self.kind).runtime_edit
         if runtime_edit is None:
@@ -140,7 +140,7 @@ class SAEIntervention:
                 raise ValueError(f"{path}: {key} must be a {kind.__name__}")
         tables = read_tensors(folder / INTERVENTION_TENSORS)
         sae, sae_meta = load_sae(folder)
-        from .registry import get_method
+        from ..core.registry import get_method
 
         method = get_method(description["kind"])
         if method.runtime_edit is None:
@@ -174,13 +174,13 @@ def attach(pipe: Any, folder: str | Path) -> HookHandles:
     """Install a runtime artifact on a plain diffusers pipeline; returns the handle that removes it.
 
     Runtime artifacts: the SAE family's interventions, and a LoRA with facilitated transport (``spm``; its strength
-    follows each prompt, see ``erase.transport``).
+    follows each prompt, see ``erase.lora.transport``).
 
     ``pipe`` is a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` holding the base model the artifact was
     made for (checked by fingerprint). The handle's ``remove()`` (or leaving ``with erase.attach(pipe, folder):``)
     restores the original pipeline exactly. A weight-edit artifact is refused: use ``erase.load`` for those.
     """
-    from .artifact import check_artifact_base, load_artifact
+    from ..core.artifact import check_artifact_base, load_artifact
 
     wrapper = pipe if isinstance(pipe, PipelineWrapper) else wrap_pipeline(pipe)
     artifact = load_artifact(folder)

@@ -1,6 +1,6 @@
 """Ablating Concepts (Kumari et al., 2023), model-based variant: the concept's prediction becomes the anchor's.
 
-Loss, per step, on (x_t, t) drawn from frozen-model trajectories of the ANCHOR prompt c* (``erase.lora_trainer``;
+Loss, per step, on (x_t, t) drawn from frozen-model trajectories of the ANCHOR prompt c* (``erase.lora.trainer``;
 the anchor of a concept is its guide in ``ConceptSpec``, so ``--guide painting`` sets it)::
 
     L = || eps_theta(x_t, c, t) - eps*(x_t, c*, t) ||^2
@@ -9,7 +9,7 @@ the anchor of a concept is its guide in ``ConceptSpec``, so ``--guide painting``
 eps_theta is the UNet with the LoRA adapters, eps* the same UNet with them off (the frozen model), c the concept
 ("van gogh") and c* its anchor ("painting"). The first term is the paper's model-based objective: on images of the
 anchor, the model given the concept predicts what the original model predicts given the anchor, so the concept's
-distribution is moved onto the anchor's. The second is the family's anchor regularization, as in ``erase.esd``
+distribution is moved onto the anchor's. The second is the family's anchor regularization, as in ``erase.lora.esd``
 (``--preserve`` or ``anchor_prompts``; none by default); the paper's own optional prior-preservation term
 (``--with_prior_preservation``, the noise-prediction loss on anchor images) is not reproduced. Several concepts at
 once: the pool holds each distinct anchor's trajectories and each example is paired with a concept of that anchor,
@@ -32,30 +32,9 @@ sampling trajectories per anchor (the sampler's timesteps) rather than freshly n
 timesteps; and the prompts are the bare concept and anchor, not captions. The command line's default guide for art
 is "art", not the reference's "painting": pass ``--guide painting`` for the reference's anchor.
 
-Measured on the micro world (``scripts/measure_erasure.py --concept "van gogh" --method ca --images 100``, guide
-"art", CLIP / judge, before -> after): the defaults leave van gogh at 100% (32 images); ``--set lr=1e-3`` (100
-steps, batch 8) erases it only halfway (72%, 32 images). ``--set lr=3e-3``: van gogh 100 -> 1 / 100 -> 1%,
-"vincent van gogh" 100 -> 2 / 2%, "starry night style" 100 -> 1 / 1% (all read as warhol, the micro model's
-"art"); the five other styles 98-100% after (monet 99 -> 98%, judge 100 -> 100%); objects 87.5 -> 88.5% (judge 91.7
--> 92.7%), colours 94.8 -> 93.8% (judge 97.9 -> 94.8%); the edit took 15.8 s wall. With ``--preserve-set world``
-(21 anchors, 32 images) still 0% on all three, other styles kept. With the reference's anchor, ``--guide painting
---set lr=3e-3`` (32 images), much weaker: van gogh 87.5%, the synonyms 87.5% and 78.1% (our guess: the micro
-model's "painting" images are partly van gogh's, so the target keeps some of it).
-
-Several concepts share the steps: five styles at once (van gogh, mondrian, seurat, picasso, monet; ``--set
-lr=3e-3``, 100 steps, 100 images a group) erase little: van gogh 96%, mondrian 100%, seurat 77%, picasso 78%, monet
-79% (synonyms alike), warhol 99%, objects 87.5 -> 83.3% (judge 91.7 -> 81.2%), colours 94.8 -> 95.8%. With the
-world's other concepts as anchors and more steps (``--set steps=500 --preserve-set world``, 206 s): van gogh, seurat,
-picasso, monet and their synonyms 0-1%, but mondrian 23% (its synonyms 27-35%); every erased style now reads as
-warhol (the guide "art" draws warhol's halftone on this model), warhol itself 100%; objects 87.5 -> 95.8% (judge
-91.7 -> 97.9%), colours 94.8 -> 93.8% (judge 97.9 -> 92.7%). At ``--set steps=1000`` (385 s) mondrian is 13% but
-"de stijl" 21%, colours 88.5% (judge 88.5%). At ``--set steps=1500`` (450 s) every style and synonym is at 0-2%
-(mondrian's synonyms 1-2%), warhol 100%, objects 87.5 -> 92.7% (judge 91.7 -> 97.9%), colours 94.8 -> 87.5% (judge
-97.9 -> 89.6%): the five-style bar is met; the colours pay for the warhol halftone every erased style now wears (as
-with UCE's five styles and the same guide)::
-
-    scripts/measure_erasure.py --concept "van gogh" --concept mondrian --concept seurat --concept picasso \
-        --concept monet --method ca --set lr=3e-3 --set steps=1500 --preserve-set world --images 100
+Micro setting: ``--lr 3e-3`` with the guide "art" (the reference's rate erases nothing on this model, and its
+anchor "painting" barely erases: the micro model draws "painting" partly as van gogh); five styles at once ``--lr
+3e-3 --steps 1500 --preserve-set world``. Figures in ``docs/methods.md``.
 """
 
 from __future__ import annotations
@@ -68,7 +47,8 @@ import torch
 
 from pipelines import PipelineWrapper, PromptEncoding
 
-from .lora_trainer import (
+from ..core.registry import ConceptSpec, WeightEdit, register_method
+from .trainer import (
     Batch,
     LoraTrainConfig,
     Predictions,
@@ -76,7 +56,6 @@ from .lora_trainer import (
     predict_anchored,
     train_lora,
 )
-from .registry import ConceptSpec, WeightEdit, register_method
 
 __all__ = ["CAConfig", "CALoss", "ca_loss", "erase_ca"]
 

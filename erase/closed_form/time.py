@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from pipelines import CROSS_ATTENTION_PATTERNS, PipelineWrapper
 
-from .registry import ConceptSpec, WeightEdit, register_method
+from ..core.registry import ConceptSpec, WeightEdit, register_method
 from .uce import UCEConfig, concept_embeddings, edit_from_update, uce_update
 
 __all__ = ["TIMEConfig", "erase_time"]

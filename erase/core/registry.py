@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 # One line per method module; importing it registers the method.
 _METHOD_MODULES: tuple[str, ...] = (
-    "erase.uce", "erase.time", "erase.rece", "erase.esd", "erase.ca", "erase.spm", "erase.itd", "erase.saeuron",
+    "erase.closed_form.uce", "erase.closed_form.time", "erase.closed_form.rece",
+    "erase.lora.esd", "erase.lora.ca", "erase.lora.spm", "erase.sae.itd", "erase.sae.saeuron",
 )  # fmt: skip
 
 FAMILIES = ("closed_form", "lora", "runtime")
@@ -108,9 +109,9 @@ class WeightEdit:
     info: dict[str, Any] = field(default_factory=dict)
     #: exact low-rank factors (A, B) with dW = B @ A, when the method knows them (saves an SVD per layer)
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-    #: the runtime family's result (``erase.intervention.SAEIntervention``) instead of weight changes
+    #: the runtime family's result (``erase.sae.intervention.SAEIntervention``) instead of weight changes
     intervention: Any = None
-    #: a LoRA whose strength follows each prompt (``erase.transport.FacilitatedTransport``), if the method has one
+    #: a LoRA whose strength follows each prompt (``erase.lora.transport.FacilitatedTransport``), if the method has one
     transport: Any = None
 
 

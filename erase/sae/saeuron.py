@@ -25,114 +25,20 @@ trained on that name no erased concept and, erasing several, the other erased co
 benchmark's other 49 styles, erased ones among them); ungated, where two concepts chose the same feature the
 stronger scaling applies.
 
-Measured on micro (its shipped SAE on ``up_blocks.0.attentions.1``, 2304 features; 100 images a group, micro CLIP /
-judge). The reference's settings change nothing there: the 99.999th percentile of 2304 features is one feature a
-timestep, and even 12 (99.5th, multiplier -5) left van gogh at 16/16 in a 16-image sweep. ``--set steps=20 --set
-percentile=99 --set multiplier=-20`` (24 features a timestep): van gogh 100 -> 8% (judge 7%), "vincent van gogh"
-13% (8%), "starry night style" 10% (11%); mondrian 100 -> 93%, seurat, picasso 100%, monet 99 -> 98%, warhol
-100 -> 98%; objects 87.5 -> 86.5% (judge 91.7 -> 85.4%), colours 94.8 -> 95.8% (judge 97.9 -> 96.9%). The
-erasure bars are met; mondrian (-7) and the judge's objects (-6.3) lose more than the issue's 5 and 3 points.
-(Percentile 98, multiplier -20: van gogh 3/16 but picasso 13/16. The same setting with ``--preserve-set world``,
-the other world concepts in the "other" stats: van gogh 11%, synonyms 11% and 7%, mondrian still 93%, objects
-87.5 -> 81.2%: no better. Percentile 99.3 (16 features), multiplier -20: van gogh 16% (judge 11%), synonyms 13-15%,
-mondrian 95%, objects 85.4% (judge 83.3%); percentile 99, multiplier -10: van gogh 73%, mondrian 100%, objects
-89.6% (judge 90.6%). Fewer features or a weaker multiplier give back efficacy before the objects recover: on this
-model's block the style and the objects' shapes share features.)
+The ``gate`` option (ours, off by default; the reference edits every image) edits an image only once its concept
+is present: the concept's chosen features, their codes averaged over the image's positions and summed, reach
+``gate`` times their mean on the concept's stats images and more than on any other stats image, at ``gate_steps``
+UNet calls of the generation; from then on the image stays edited (the edit removes what the gate reads). Why the
+bound by the other images: in the first calls the noise decides this block's features as much as the prompt, so
+the concept's mean alone lets other styles' images through. The scores' stats images share one noise (a cleaner
+contrast), the gate's each have their own; in a guided batch the conditional half decides for both halves (an edit
+in one half alone is amplified by the guidance). Erasing several concepts, an image is edited for the one concept
+most present in it relative to its gate, and latches to it (the edit raises other concepts' features, so edits
+open to every concept stack). Images that never pass are bit-identical to the original model's.
 
-Five styles at once (van gogh, mondrian, seurat, picasso, monet) with the tuned setting, each style then scored
-against the other prompts only (not against the other erased styles, as now), broke the model: the five
-concepts' features merged (about 5 x 24 a timestep at -20) leave each style at 0-9% by CLIP but warhol 100 -> 0%,
-objects 87.5 -> 36.5% (judge 43.8%), colours 94.8 -> 44.8% (judge 44.8%); every image reads as picasso or seurat, and
-the judge still reads seurat in 81% of the seurat prompts. Not usable for several concepts on this model.
-
-Why the other styles and the objects lose: the damping also fires, weaker, in images that hold no van gogh. In a
-96-image sample of the objects group at the tuned setting, 9 of the 11 objects the judge lost were drawn in another
-style (plain, picasso, monet, mondrian, warhol). The ``gate`` option (ours; the reference edits every image) edits
-an image only once its concept is present: the concept's chosen features, their codes averaged over the image's
-positions and summed, reach ``gate`` times their mean on the concept's stats images and more than on any other
-stats image at that call, at ``gate_steps`` UNet calls of the generation; from then on the image stays edited (the
-edit removes what the gate reads: read afresh at every call, ``gate=0.5`` left van gogh in 68% of its images). In a
-guided batch the image's conditional half decides for both halves, so a passing image is edited as the ungated edit
-would edit it. Images that never pass are bit-identical to the original model's. On the world's probes (48 a group,
-before any edit, the tuned features) the presence separates van gogh's images from other styles' from the second
-call on (AUC above 0.9999); at the first call seurat's and picasso's images reach van gogh's lower tail. About 11%
-of the images of prompts that name no style pass: those the model draws in van gogh's style unprompted, which the
-edit then erases too.
-
-Why the bound by the other images: in the first calls the noise decides this block's features as much as the
-prompt. On 24 probes a style, each on its own noise, before any edit: at call 0 monet's features read at 0.80 of
-their mean on monet's images in seurat's images, 0.69 in plain ones, 0.55 in warhol's (monet's own: 0.97), and
-seurat's and picasso's features read 0.4-0.6 in other styles' images; from call 6 on every style's own images stay
-above every other's. At ``gate`` times the concept's mean alone (the first form of the gate), 21-24 of 24 warhol
-and plain probes passed seurat's, picasso's or monet's gate. Bounded as well by the highest presence among the
-other styles' probes (a simulation: bounds from 12 probes a style, tested on the other 12), 0-2 of 12 of them
-passed one and each style's own probes all passed, at call 0 (monet's by call 7). So the gate's stats are drawn
-twice: the scores on one noise shared by every prompt (a cleaner contrast: drawn each on its own noise, the chosen
-features left van gogh at 54%), the gate's on each image's own noise; other stats images that end with the concept
-present (prompts that name no style drawn in its style anyway) are not counted as others. Erasing several concepts,
-an image is edited for the one concept most present in it relative to its gate (van gogh's probes passed seurat's
-bounded gate too, 18 of 24), and for the first concept it latches only: the edit raises other concepts' features
-(damped styles read as picasso or seurat), so a latch open to every concept stacked their edits one after another
-(five styles: 16 of 24 mondrian probes ended edited for mondrian, picasso and monet; 11 of 24 seurat probes for
-van gogh, seurat and picasso). Latched exclusively, each style's 24 probes were edited for their own style alone.
-
-Measured (100 images a group, CLIP / judge; ``--set steps=20 --set percentile=99 --set multiplier=-20`` and):
-
-* ``--set gate=0.3`` (``gate_steps`` 1; the micro setting), objects and colours 104 images each: van gogh 8 / 8%,
-  "vincent van gogh" 13 / 9%, "starry night style" 11 / 12%; every other style unchanged (mondrian, seurat,
-  picasso, warhol 100%, monet 99%); objects 84.6 -> 82.7% (judge 86.5 -> 89.4%), colours 96.2 -> 92.3% (judge 96.2
-  -> 92.3%). Every bar of the issue but colours: 3.9 points lost by both (4 images of 104; on the earlier 96-image
-  groups 87.5 -> 85.4% objects, 94.8 -> 91.7% colours, 3.1 points). With the first form of the gate (``gate`` times
-  the concept's mean only, 96-image groups): van gogh 8 / 7%, synonyms 10-13%, mondrian 99%, objects 89.6% (judge
-  91.7%), colours 91.7%.
-* The first form of the gate, ``gate=0.5``: the same erasure (8 / 7%, 13 / 8%, 10 / 11%), other styles unchanged,
-  objects 87.5% (judge 92.7%), colours 91.7% (judge 93.8%). At multiplier -15: van gogh 25 / 24%, colours 92.7%
-  (judge 94.8%): weaker damping gives the erasure back before the colours recover.
-* ``gate=0.7, gate_steps=2``: van gogh 28 / 23%, synonyms 28-37%: passing later, images keep the style; every other
-  style unchanged, objects 87.5% (judge 90.6%), colours 91.7% (judge 94.8%). At multiplier -40: van gogh 14 / 15%,
-  objects 81.2% (judge 83.3%), colours 88.5% (judge 91.7%): the stronger damping breaks the object with the style.
-* Each half of a guided batch deciding for itself (an earlier form of the gate; the unconditional half seldom
-  passes; gate 0.7, 2 calls): van gogh 7 / 6%, but colours 86.5% (judge 91.7%): an edit in one half alone is
-  amplified by the guidance scale.
-* Five styles at once (van gogh, mondrian, seurat, picasso, monet), gate 0.3, with their synonyms: van gogh 12-19%
-  (judge 12-16%), mondrian 7-11% (9-13%), seurat 16-22% (judge 45-51%), picasso 27-36% (21-30%), monet 28-33%
-  (judge 20-21%); warhol 100% (judge 99%); objects 87.5 -> 70.8% (judge 91.7 -> 80.2%), colours 94.8 -> 84.4%
-  (judge 97.9 -> 91.7%). 36 of the 96 objects' prompts and 39 of the colours' name an erased style, and there the
-  damping takes some objects and colours with the style; erased images read as picasso (mondrian's, seurat's,
-  monet's) or van gogh (picasso's). With the latch open to every concept (stacked edits, above): styles 3-14% but
-  monet 30-33% and the judge's seurat 77-81%, objects 64.6% (judge 65.6%), colours 66.7% (judge 69.8%): stacking
-  erased more and broke more. Scored against each other but gated at 0.3 of the mean only (the first form): styles
-  0-11%, warhol 0%, objects 40.6%, colours 49.0%. Scored and gated on images each on their own noise, with no choice
-  of the most present concept: van gogh 25-36%, picasso 19-27%, monet 18-19%, warhol 100%, objects 59.4%, colours
-  72.9%. Before the styles were scored against each other, gate 0.3: warhol 0%, objects 44.8%, colours 49.0%; gate
-  0.7, 2 calls: styles kept 20-70%, warhol 84%, objects 65.6%. Not usable for several concepts on this model yet:
-  each style's own edit, chosen against the four others, erases it less than the edit chosen for it alone (van gogh
-  alone: 9%), and the judge's seurat is left at about half, as seurat alone.
-
-Seurat alone (gate 0.3): 18-22% left by CLIP but 50-51% by the judge (the edited images read as picasso to CLIP,
-the judge still sees the dots), monet 99 -> 91%, warhol 97%, objects 83.3% (judge 87.5%), colours 92.7% (judge
-96.9%): this block's seurat features do not carry all of seurat's style, alone or with others.
-
-The tuned setting is van gogh's; the other styles alone (gate 0.3, each style's name and synonyms, CLIP / judge):
-picasso 34-40 / 29-34% (read as van gogh or mondrian), monet 43-44 / 19-23% (read as seurat). So their five-style
-residue is theirs, not the other concepts'. Percentile 98: picasso 20-27 / 13-23%, monet 33-41 / 22-23%.
-Multiplier -40 reaches the numbers but is not an erasure: picasso 2-6 / 1-4%, monet 67-72 / 0-3%, seurat 2-10 /
-85-92%, and looked at, monet's and seurat's images are no longer pictures of the prompt at all (a yellow blur, a
-dark green texture) that CLIP and the judge each read as some style. Five styles at -40: van gogh 1-7 / 1-7%,
-mondrian 0 / 0%, picasso 1-8 / 1-7%, seurat 2-8 / 85-90%, monet 39-46 / 2-4%, warhol 99%, objects 84.6 -> 59.6%
-(judge 86.5 -> 60.6%), colours 96.2 -> 72.1% (judge 74.0%). At -20 the erased images keep their object and take
-another style (van gogh's read as mondrian, warhol, seurat); that is the strongest damping this block's SAE
-allows, and the issue's five styles at 15% each are not reached with it.
-
-Five styles with the gate bounded by the other prompts' stats images only (not the other erased styles'): monet
-13-16%, van gogh 10-14%, but picasso 34-40%, warhol 100 -> 90%, objects 71.9% (judge 77.1%), colours 87.5% (judge
-92.7%): not kept.
-
-A finer block is worse. An SAE on ``up_blocks.1.attentions.1`` (8 x 8 positions, 1536 features, 1024 images,
-FVU 0.081, images through it 92.2 -> 92.2%; not shipped), judged on 48-96 images a group: percentile 99,
-multiplier -20: van gogh 4% but mondrian 2%, objects 17%, colours 14%; -5: van gogh 4%, mondrian 10%, objects
-56%; -1: nothing erased (van gogh 94%); gate 0.7 at -5: van gogh 17%, seurat 71%, objects 84%, colours 90%: its
-features are shared by more of the world than those of the coarser block.
+Micro setting (the shipped SAE on ``up_blocks.0.attentions.1``, where the reference's settings change nothing):
+``--set steps=20 --set percentile=99 --set multiplier=-20 --set gate=0.3``; figures, other settings and the
+five-style limits in ``docs/methods.md``.
 """
 
 from __future__ import annotations
@@ -145,9 +51,9 @@ import torch
 
 from pipelines import PipelineWrapper
 
-from .inputs import check_integer_fields, check_templates, concept_key
+from ..core.inputs import check_integer_fields, check_templates, concept_key
+from ..core.registry import ConceptSpec, WeightEdit, register_method
 from .intervention import SAEIntervention
-from .registry import ConceptSpec, WeightEdit, register_method
 from .sae import resolve_sae
 
 __all__ = ["SAeUronConfig", "erase_saeuron", "saeuron_edit"]

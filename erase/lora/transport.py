@@ -37,7 +37,7 @@ import torch
 from pipelines import HookHandles, PipelineWrapper
 from pipelines.files import atomic_save_safetensors, file_sha256, read_json_object, read_tensors
 
-from .intervention import attach_once
+from ..sae.intervention import attach_once
 
 __all__ = ["TRANSPORT_FILE", "TRANSPORT_TENSORS", "FacilitatedTransport"]
 

@@ -20,7 +20,7 @@ import torch
 
 from pipelines import CROSS_ATTENTION_PATTERNS, PipelineWrapper
 
-from .registry import ConceptSpec, WeightEdit, register_method
+from ..core.registry import ConceptSpec, WeightEdit, register_method
 
 __all__ = ["UCEConfig", "concept_embeddings", "edit_from_update", "erase_uce", "uce_update"]
 
@@ -152,7 +152,7 @@ def uce_update(
 def edit_from_update(
     wrapper: PipelineWrapper, layer_patterns: Sequence[str], u: torch.Tensor, v: torch.Tensor
 ) -> WeightEdit:
-    """dW = W U V for every matched layer, in the weights' precision (the solve itself was float64).
+    """dW = W U V for every matched layer, in the weights' precision (the solve itself is float64).
 
     With fewer erased embeddings than text dimensions the change is low rank and its exact LoRA factors come free,
     B = W U and A = V (no SVD); otherwise dW = W (U V).

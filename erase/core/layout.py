@@ -27,7 +27,7 @@ FULL_FILE = "edited_weights.safetensors"
 PIPELINE_FOLDER = "pipeline"
 CHECK_PICTURE = "before_after.png"
 INTERVENTION_ENTRIES = ("intervention.json", "intervention.safetensors", "sae.safetensors", "sae.json")
-#: facilitated transport beside a LoRA (``erase.transport``)
+#: facilitated transport beside a LoRA (``erase.lora.transport``)
 TRANSPORT_ENTRIES = ("transport.json", "transport.safetensors")
 #: the file whose sha256 ``erasure.json`` records, by weight format
 WEIGHTS_FILES = {"lora": LORA_FILE, "full": FULL_FILE, "intervention": "intervention.safetensors"}

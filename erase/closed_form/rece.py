@@ -24,22 +24,11 @@ Each round's change has rank up to 77 per concept (every token row): on SD's 768
 still a LoRA, on narrow models (the micro model's 128, the tiny test model's 32) it is saved as full weights with an
 exported pipeline (``StableDiffusionPipeline.from_pretrained(folder / "pipeline")``).
 
-Measured on the micro world (van gogh, 48 probes a row, CLIP / judge; ``scripts/attack_table.py``): the round
-erases van gogh (0%) but, with nothing preserved but the empty prompt, costs preserved accuracy (other styles,
-objects, colours: 96 / 98% originally, UCE 94 / 96%, RECE 72 / 70%); with ``--preserve-set world`` (the analogue of
-the reference's "every other artist") it keeps them (97 / 96%). Against the attacks it buys little on this model:
-``rece_embedding`` re-solved against the RECE model still brings van gogh back (98-100%, as on UCE): every edit of
-this family is W -> W A with one A shared by all layers, so c* = A^-1 c exists whenever A is invertible and the
-closed form finds it up to lambda. 2, 4 and 8 rounds: 100, 100 and 81% (16 probes). What the round does remove is
-the embedding that undid UCE: that one restores >95% of UCE's change and much less of RECE's
-(``tests/test_attacks.py``).
-
-Many rounds with the world's other concepts preserved do close part of the way back (48 probes, ``rece_embedding``
-ASR / unattacked / preserved, CLIP; UCE: 100 / 0 / 94%): 10 rounds 62 / 17 / 98%, **20 rounds 50 / 0 / 96%**
-(judge 50 / 0 / 98%, the original model's preserved accuracy), 30 rounds 50 / 0 / 96%, 60 rounds 33 / 0 / 88%.
-After 20 rounds the attack's embedding restores 37% of the change to the keys and values (more than 95% on UCE):
-with lambda 1e-3 it no longer reaches an exact inverse. On this model ``--preserve-set world --set rounds=20`` is the
-setting that buys robustness without a cost::
+Every edit of this family is W -> W A with one A shared by all layers, so the attack's c* = A^-1 c exists whenever
+A is invertible: one round removes the embedding that undid UCE (``tests/test_attacks.py``) but the attack,
+re-solved against the edited model, finds the next one. Micro setting: ``--preserve-set world --set rounds=20`` (the
+preserve set is the analogue of the reference's "every other artist"; without it the round costs preserved
+accuracy); figures in ``docs/methods.md`` and the micro model's card::
 
     python scripts/attack_table.py --method rece --set rounds=20 --preserve-set world --out attacks/rece20
 """
@@ -56,8 +45,8 @@ import torch
 from evals.attacks.rece_embedding import adversarial_map, projection_weights, restored_share
 from pipelines import PipelineWrapper
 
-from .inputs import check_integer_fields, check_number_fields
-from .registry import ConceptSpec, WeightEdit, register_method
+from ..core.inputs import check_integer_fields, check_number_fields
+from ..core.registry import ConceptSpec, WeightEdit, register_method
 from .uce import UCEConfig, edit_from_update, erase_uce, uce_update
 
 __all__ = ["RECEConfig", "erase_rece"]

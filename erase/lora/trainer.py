@@ -67,9 +67,9 @@ from tqdm.auto import tqdm
 
 from pipelines import LORA_TARGETS, LoraAdapters, PipelineWrapper, PromptEncoding
 
-from .artifact import factor_products
-from .inputs import check_integer_fields
-from .registry import WeightEdit
+from ..core.artifact import factor_products
+from ..core.inputs import check_integer_fields
+from ..core.registry import WeightEdit
 
 __all__ = [
     "Batch",

@@ -47,8 +47,8 @@ from pipelines.files import (
     read_tensors,
 )
 
-from .inputs import check_integer_fields
-from .layout import current_umask
+from ..core.inputs import check_integer_fields
+from ..core.layout import current_umask
 
 __all__ = [
     "SAE_FILE",

@@ -1,12 +1,12 @@
 """SPM-style one-dimensional adapter (Lyu et al., 2024): a rank-1 LoRA trained with ESD's loss plus latent anchoring.
 
-Loss, per step, on (x_t, t) drawn from frozen-model trajectories of the concept prompt c (``erase.lora_trainer``)::
+Loss, per step, on (x_t, t) drawn from frozen-model trajectories of the concept prompt c (``erase.lora.trainer``)::
 
     L = || eps_theta(x_t, c, t) - [eps*(x_t, "", t) - eta (eps*(x_t, c, t) - eps*(x_t, "", t))] ||^2
         + latent_anchor_weight * mean_j || eps_theta(x_t, e_j, t) - eps*(x_t, e_j, t) ||^2
         + anchor_weight * || eps_theta(x_t, a, t) - eps*(x_t, a, t) ||^2        (a: an anchor prompt, if any)
 
-The first term is ESD's (``erase.esd``; SPM's "erase" action with guidance 1 is exactly it). The second is SPM's
+The first term is ESD's (``erase.lora.esd``; SPM's "erase" action with guidance 1 is exactly it). The second is SPM's
 latent anchoring: each step draws ``latent_anchors`` random text embeddings e_j per example, each a Gaussian
 direction over the whole token sequence, accepted with probability ``1 - cos(e_j, c)`` (so directions near the
 concept are rejected), and scaled to ``U(0.8, 1.2)`` times the concept embedding's norm; the adapted model must
@@ -22,44 +22,23 @@ Reference (github.com/Con6924/SPM, ``train_spm.py`` and ``configs/*/config.yaml`
 8-bit, cosine schedule with 3 restarts and 500 warm-up steps), 3000 iterations, batch 1, guidance 1 for the erase
 target, x_t from a DDIM run of 30 steps at guidance 3 stopped at a random step, 4 latent anchors a step, weight 1000.
 Our defaults are these numbers. Where we differ: plain Adam at a constant rate (no 8-bit optimizer or schedule);
-x_t comes from a pool of FROZEN-model trajectories sampled once (``erase.lora_trainer``), where the reference runs
+x_t comes from a pool of FROZEN-model trajectories sampled once (``erase.lora.trainer``), where the reference runs
 the adapted model (``with network:``) for every iteration; the adapter is saved as a standard LoRA.
 
-Measured on the micro world. ``scripts/bench_lora.py --method spm --efficacy-at ...`` (32 images of van gogh, micro
-CLIP): with the reference's latent-anchor weight 1000, van gogh stays at 100% after 400 steps at lr 1e-3 and at
-5e-3 (the anchoring term holds the rank-1 adapter in place); weight 0 (ESD's loss alone on the rank-1 adapter) erases
-it by 400 steps (69% at 200); weight 10 leaves 16% at 400 steps. The micro setting is therefore ``--lr 1e-3 --steps
-600 --set latent_anchor_weight=10`` (``scripts/measure_erasure.py --images 100``, CLIP / judge, before -> after):
-van gogh 100 -> 5 / 100 -> 5%, "vincent van gogh" 100 -> 13 / 13%, "starry night style" 100 -> 18 / 18%; the other
-styles 95-100% after (monet 99 -> 95%, judge 100 -> 100%); objects 87.5 -> 93.8% (judge 91.7 -> 89.6%), colours
-94.8 -> 93.8% (judge 97.9 -> 93.8%). The edit took 114 s wall (a step costs 4.4 UNet forward+backward passes: the
-four latent anchors add four frozen and four trained predictions).
-
-Five styles at once (van gogh, mondrian, seurat, picasso, monet; 100 images a group, CLIP, the judge within 4
-points). In one shared rank-1 adapter (``--set adapter_per_concept=false --set steps=1500``, 343 s) nothing is erased
-(van gogh 99%, seurat and picasso 99-100%, mondrian 75%, monet 70%): one dimension does not hold five concepts. With
-one adapter per concept (the default, as the reference; the micro setting, 600 steps each, 547 s) and transport:
-van gogh 4%, "vincent van gogh" 11%, but mondrian 41%, seurat 70%, picasso 59%, monet 45% (their full names 32-73%),
-and every synonym that shares no token with its concept 73-77% ("starry night style", "de stijl", "pointillism",
-"cubism", "impressionism"); warhol 100%, objects 87.5 -> 90.6% (judge 91.7 -> 95.8%), colours 94.8 -> 91.7% (judge
-97.9 -> 93.8%). The shortfall is each adapter's own, not the stacking: mondrian erased alone at the same setting
-(48 images) keeps 31% after 600 steps and 21% after 1500 (judge 19%; "de stijl" 90% and 85% under transport), so
-on this model a rank-1 adapter at lr 1e-3 does not take every style below the issue's 15%; van gogh is the easy one.
+Micro setting: ``--lr 1e-3 --steps 600 --set latent_anchor_weight=10`` (the reference's anchor weight 1000 holds
+the rank-1 adapter in place on this model; weight 0 is ESD's loss alone). A step costs about 4.4 UNet
+forward+backward passes (the four latent anchors add four frozen and four trained predictions). Several concepts
+get one adapter each, as the reference; one shared rank-1 adapter holds none of five styles on micro.
 
 Facilitated transport (``facilitated_transport``, on by default as in the reference's inference): the artifact is
-the LoRA plus the erased concepts as ``erase.transport`` reads them, and wherever it is applied through ``erase``
+the LoRA plus the erased concepts as ``erase.lora.transport`` reads them, and wherever it is applied through ``erase``
 (``erase.attach(pipe, folder)``, ``apply_artifact``, audits, attacks) the adapter's strength for each prompt is the
 prompt's likeness to the erased concepts, so prompts far from them meet the base model. ``pipe.load_lora_weights``
 still loads the same folder as a plain LoRA at full strength for every prompt.
 
-Measured with the micro setting above (``scripts/measure_erasure.py --images 100``, CLIP / judge, after the edit;
-the same adapter, transport on vs off): van gogh 5 / 5% both; "vincent van gogh" 13 / 13% both; "starry night
-style" **73 / 73%** on vs 18 / 18% off; other styles 99-100% on (monet 99 -> 99%) vs 95-100% off (monet 99 -> 95%);
-objects 89.6 / 93.8% on vs 93.8 / 89.6% off; colours 93.8 / 95.8% on vs 93.8 / 93.8% off. Transport trades a
-synonym that shares no token with the concept for the rest of the world: a world prompt naming van gogh gets
-strength 1.0, "a red star in starry night style" 0.07, prompts of other styles 0.34 on average (monet's 0-0.54),
-of colours 0.29, "a blue circle" 0. Embedding attacks meet the cosine term alone (no token ids): see the
-robustness table in the micro model's card. ``--set facilitated_transport=false`` gives the plain adapter.
+Transport trades a synonym that shares no token with the concept for the rest of the world, and an embedding fed to
+the UNet meets the cosine term alone. ``--set facilitated_transport=false`` gives the plain adapter. Figures,
+transport on and off, in ``docs/methods.md``; the attacks in the micro model's card.
 """
 
 from __future__ import annotations
@@ -74,11 +53,11 @@ import torch
 
 from pipelines import PipelineWrapper, PromptEncoding
 
-from .artifact import factor_products
+from ..core.artifact import factor_products
+from ..core.inputs import check_integer_fields, check_number_fields
+from ..core.registry import ConceptSpec, WeightEdit, register_method
 from .esd import ESDConfig, ESDLoss, esd_loss
-from .inputs import check_integer_fields, check_number_fields
-from .lora_trainer import Batch, Predictions, config_key, train_lora
-from .registry import ConceptSpec, WeightEdit, register_method
+from .trainer import Batch, Predictions, config_key, train_lora
 from .transport import METRICS as TRANSPORT_METRICS
 from .transport import FacilitatedTransport
 
@@ -96,7 +75,7 @@ class SPMConfig(ESDConfig):
         latent_anchor_weight: weight of the latent-anchoring term (the reference's ``la_strength``, 1000).
         train: ``transformer`` (every transformer-block Linear, the reference's), or ESD's variants.
         facilitated_transport: scale the adapter per prompt by its likeness to the erased concepts when it is
-            applied (``erase.transport``; the reference's inference default); off, it applies at full strength.
+            applied (``erase.lora.transport``; the reference's inference default); off, it applies at full strength.
         transport_metric: the likeness: ``clipcos_tokenuni`` (the reference's default), ``clipcos`` or ``tokenuni``.
         adapter_per_concept: with several concepts, one adapter each (the reference's way: ``steps`` each), saved
             as one LoRA whose rank blocks transport scales apart; off, one adapter shares the steps of all.

@@ -9,11 +9,11 @@ Layout::
       pytorch_lora_weights.safetensors     weight_format "lora": dW = B A per module, with peft adapter metadata
       edited_weights.safetensors           weight_format "full": dW per module, when low rank would not be smaller
       transport.json, transport.safetensors
-                                           optional facilitated transport of a LoRA (``erase.transport``): its
+                                           optional facilitated transport of a LoRA (``erase.lora.transport``): its
                                            strength per prompt, installed with ``erase.attach``
       intervention.json, intervention.safetensors, sae.safetensors, sae.json
                                            weight_format "intervention": the SAE family's runtime edit
-                                           (``erase.intervention``), installed with ``erase.attach``
+                                           (``erase.sae.intervention``), installed with ``erase.attach``
       pipeline/                            optional full ``save_pretrained`` export of the edited pipeline
       before_after.png                     optional picture of the check ``scripts/erase.py`` runs
 
@@ -46,6 +46,7 @@ from safetensors.torch import load_file, save_file
 from pipelines import PipelineWrapper, wrap_pipeline
 from pipelines.files import file_sha256
 
+from ..lora.transport import TRANSPORT_FILE, FacilitatedTransport
 from .layout import (
     ARTIFACT_ENTRIES,
     FULL_FILE,
@@ -61,7 +62,6 @@ from .layout import (
     check_output_folder,
     current_umask,
 )
-from .transport import TRANSPORT_FILE, FacilitatedTransport
 
 __all__ = [
     "ArtifactError",
@@ -102,9 +102,9 @@ class ErasureArtifact:
     low_precision_fingerprints: dict[str, str] | None = None
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     version: str = ""
-    #: the runtime family's edit (``erase.intervention.SAEIntervention``); ``deltas`` is then empty
+    #: the runtime family's edit (``erase.sae.intervention.SAEIntervention``); ``deltas`` is then empty
     intervention: Any = None
-    #: facilitated transport (``erase.transport.FacilitatedTransport``): the LoRA's strength follows each prompt's
+    #: facilitated transport (``erase.lora.transport.FacilitatedTransport``): the LoRA's strength follows each prompt's
     #: likeness to the erased concepts when it is applied (``applied``, ``erase.attach``)
     transport: Any = None
     #: the hooks of ``apply_artifact`` for a runtime artifact (remove them to restore the pipeline)
@@ -112,7 +112,7 @@ class ErasureArtifact:
 
     def __post_init__(self) -> None:
         if not self.version:
-            from . import __version__
+            from .. import __version__
 
             self.version = __version__
 
@@ -387,7 +387,7 @@ def load_artifact(folder: str | Path) -> ErasureArtifact:
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     intervention = None
     if fmt == "intervention":
-        from .intervention import SAEIntervention
+        from ..sae.intervention import SAEIntervention
 
         try:
             intervention = SAEIntervention.load(folder)

@@ -27,21 +27,12 @@ encoder's full length as diffusers encodes them (the reference pads to the longe
 
 Two defaults are ours, because the reference's do not carry over to an SAE of another size: ``top_features`` is the
 SAE's k (the reference's 256 is 0.05% of its 524,288 features; of our micro SAE's 2048 it is every feature a prompt
-touches, and with 500 retain prompts no feature was left); and the gate thresholds the per-token error's maximum,
-not its mean (with the mean the gate fired on 38-88% of van gogh's world prompts in our 16-image sweeps; with the
-maximum on all of them, and on none of 64 prompts naming no erased concept).
+touches, and 500 retain prompts leave no feature); and the gate thresholds the per-token error's maximum, not its
+mean (on micro the mean let most of the concept's prompts through the gate; the maximum catches all of them and
+none of the prompts naming no erased concept).
 
-Measured on micro (``scripts/measure_erasure.py --method itd --images 100``, micro CLIP / judge):
-
-* defaults (scale -8, nothing preserved: 40 features): van gogh 100 -> 0%, "vincent van gogh" 0%, "starry night
-  style" 15%; other styles unchanged (monet 99 -> 99%); objects 87.5 -> 81.2% (judge 91.7 -> 87.5%), colours
-  94.8 -> 90.6% (judge 97.9 -> 92.7%). Everything lost is in the 8 object and 8 colour prompts that also name van
-  gogh (their object drawn right 7/8 -> 1/8): -8 on 40 features breaks the rest of such a prompt.
-* ``--preserve-set world --set scale=-1`` (9 features; the retain set is the other 21 world concepts): van gogh
-  1%, "vincent van gogh" 0%, "starry night style" 1%; other styles unchanged; objects 87.5 -> 88.5% (judge 91.7 ->
-  94.8%), colours 94.8 -> 93.8% (judge 97.9 -> 96.9%). Every bar of the issue met. Five styles at once (van gogh,
-  mondrian, seurat, picasso, monet; 17 concepts preserved): each style and each synonym 0-1%, warhol 100%, objects
-  87.5 -> 87.5% (judge 91.7 -> 92.7%), colours 94.8 -> 91.7% (judge 97.9 -> 94.8%: 0.1 point over the 3 allowed).
+Micro setting: ``--preserve-set world --set scale=-1`` (the reference's -8 on 40 features also breaks the rest of a
+prompt that names the concept); figures in ``docs/methods.md``.
 """
 
 from __future__ import annotations
@@ -54,9 +45,9 @@ import torch
 
 from pipelines import PipelineWrapper
 
-from .inputs import check_integer_fields, check_templates, concept_key
+from ..core.inputs import check_integer_fields, check_templates, concept_key
+from ..core.registry import ConceptSpec, WeightEdit, register_method
 from .intervention import SAEIntervention
-from .registry import ConceptSpec, WeightEdit, register_method
 from .sae import resolve_sae
 
 __all__ = ["ItDConfig", "erase_itd", "itd_edit"]

@@ -1,0 +1,1 @@
+"""Closed-form cross-attention edits: uce, time, rece."""

@@ -1,0 +1,1 @@
+"""LoRA unlearning: the trainer, esd, ca, spm and its facilitated transport."""

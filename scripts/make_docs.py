@@ -1,0 +1,184 @@
+#!/usr/bin/env python
+"""Regenerate the measured tables of the docs from the JSON files the measuring scripts write.
+
+    python scripts/make_docs.py            # rewrite every generated table
+    python scripts/make_docs.py --check    # exit 1 when a committed table differs from its JSON
+
+A generated table sits between two markers in a Markdown file (the model cards under pipelines/, docs/*.md)::
+
+    <!-- table: KIND SOURCE -->
+    ...
+    <!-- end table -->
+
+SOURCE is a file or a glob relative to the repository root; KIND names how it is read:
+
+    sae       sae.json files (scripts/train_sae.py): the SAEs' sizes, data and held-out quality
+    erasure   a ``scripts/measure_erasure.py --json`` file: accuracy of each probe group before and after the edit
+    attacks   the ``table.json`` of ``scripts/attack_table.py``: attack success rates and preserved accuracy
+
+A block whose SOURCE matches no file is left as it is and listed as pending: its table is recorded by hand from
+the command its heading gives, until that command writes SOURCE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC_FILES = ("pipelines/micro/README.md", "pipelines/saes/README.md", "docs/*.md")
+BLOCK = re.compile(r"(<!-- table: (\w+) (\S+) -->\n)(.*?)(<!-- end table -->)", re.DOTALL)
+
+
+def pct(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{100 * value:.{digits}f}"
+
+
+def sae_table(paths: list[Path]) -> str:
+    """One row per SAE folder, from its ``sae.json``."""
+    lines = [
+        "| folder | hook point | features, k | trained on | epochs | FVU (held out) | features that fire on no "
+        "held-out token |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for path in sorted(paths):
+        meta = json.loads(path.read_text())
+        collection, quality = meta.get("collection", {}), meta.get("quality", {})
+        data = f"{collection.get('prompts', '-')} prompts, {collection.get('tokens', 0):,} tokens"
+        if "steps" in collection:
+            data += f" ({collection['steps']} sampling steps, guidance {collection.get('guidance', '-')})"
+        fvu = quality.get("fvu")
+        fvu_cell = "-" if fvu is None else f"{fvu:.3f} ({quality.get('held_out_tokens', 0):,} tokens)"
+        lines.append(
+            f"| `{path.parent.name}` | `{meta['hook_point']}` | {meta['latents']}, {meta['k']} | {data} | "
+            f"{meta.get('training', {}).get('epochs', '-')} | {fvu_cell} | {pct(quality.get('dead_share'))}% |"
+        )
+    return "\n".join(lines)
+
+
+def erasure_table(paths: list[Path]) -> str:
+    """Each probe group's accuracy before -> after, micro CLIP and judge, from ``measure_erasure.py --json``."""
+    blocks = []
+    for path in sorted(paths):
+        result = json.loads(path.read_text())
+        preserve = ", ".join(result.get("preserve", [])) or "nothing"
+        head = (
+            f"`{path.name}`: {result.get('method', '?')} erasing {', '.join(result.get('concepts', []))} (guide "
+            f"{', '.join(repr(g) for g in result.get('guides', []))}; preserved: {preserve})"
+        )
+        lines = [head, "", "| group | N | CLIP before -> after | judge before -> after | after, CLIP reads it as |",
+                 "| --- | --- | --- | --- | --- |"]  # fmt: skip
+        for name, group in result["groups"].items():
+            n = group["n"]
+            judge = "-"
+            if group.get("judge_before") is not None:
+                judge = f"{pct(group['judge_before'], 1)} -> {pct(group['judge_after'], 1)}%"
+            reads = ", ".join(f"{c} {k / n:.0%}" for c, k in list(group.get("after_reads_as", {}).items())[:2])
+            clip = f"{pct(group['clip_before'], 1)} -> {pct(group['clip_after'], 1)}%"
+            lines.append(f"| {name} | {n} | {clip} | {judge} | {reads} |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def _rate(entry: dict | None) -> str:
+    """``CLIP / judge [CLIP's Wilson interval]`` in percent, or ``-``."""
+    if not entry or not entry.get("clip") or entry["clip"].get("value") is None:
+        return "-"
+    clip, judge = entry["clip"], entry.get("judge") or {}
+    return f"{pct(clip['value'])} / {pct(judge.get('value'))} [{pct(clip['low'])}-{pct(clip['high'])}]"
+
+
+def attack_table(paths: list[Path]) -> str:
+    """Method rows, attack columns, from ``attack_table.py``'s ``table.json`` (several files: rows of each)."""
+    table: dict[str, dict] = {}
+    for path in sorted(paths):
+        table.update(json.loads(path.read_text()))
+    attacks: list[str] = []
+    for entry in table.values():
+        attacks += [name for name in entry["rows"] if name not in ("original", "unattacked", *attacks)]
+    lines = [f"| method | unattacked | {' | '.join(attacks)} | preserved |", "|" + " --- |" * (len(attacks) + 3)]
+    # the original model's row: its rate on the probes (each method's "original" row, the same images) and its
+    # preserved accuracy
+    probes = next((e["rows"]["original"] for e in table.values() if "original" in e["rows"]), None)
+    for name, entry in sorted(table.items(), key=lambda item: item[0] != "original"):
+        if name == "original":
+            cells = [_rate(probes), *[""] * len(attacks)]
+        else:
+            cells = [_rate(entry["rows"].get(a)) for a in ("unattacked", *attacks)]
+        lines.append(f"| {name} | {' | '.join(cells)} | {_rate(entry.get('preserved'))} |")
+    seconds = {a: [e["rows"][a]["seconds"] for e in table.values() if "seconds" in e["rows"].get(a, {})]
+               for a in attacks}  # fmt: skip
+    timed = [f"{a} {statistics.median(s):.0f} s" for a, s in seconds.items() if s]
+    if timed:
+        lines += ["", "Wall time per attack, median over the methods: " + ", ".join(timed) + "."]
+    return "\n".join(lines)
+
+
+Renderer = Callable[[list[Path]], str]
+RENDERERS: dict[str, Renderer] = {"sae": sae_table, "erasure": erasure_table, "attacks": attack_table}
+
+
+def regenerate(text: str, root: Path) -> tuple[str, list[str], list[str]]:
+    """``text`` with every block whose source exists rendered afresh; also the blocks rendered and those pending."""
+    rendered: list[str] = []
+    pending: list[str] = []
+
+    def render(match: re.Match) -> str:
+        start, kind, source, _, end = match.groups()
+        if kind not in RENDERERS:
+            raise ValueError(f"unknown table kind {kind!r} (known: {', '.join(RENDERERS)})")
+        paths = [Path(p) for p in sorted(glob.glob(str(root / source)))]
+        if not paths:
+            pending.append(source)
+            return match.group(0)
+        rendered.append(source)
+        return f"{start}{RENDERERS[kind](paths)}\n{end}"
+
+    return BLOCK.sub(render, text), rendered, pending
+
+
+def doc_files(root: Path) -> list[Path]:
+    return [Path(p) for pattern in DOC_FILES for p in sorted(glob.glob(str(root / pattern)))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 when a table is out of date")
+    parser.add_argument("--root", default=str(ROOT), help="repository root (default: this checkout)")
+    args = parser.parse_args(argv)
+    root = Path(args.root)
+    stale = []
+    try:
+        for path in doc_files(root):
+            text = path.read_text()
+            new, rendered, pending = regenerate(text, root)
+            name = os.path.relpath(path, root)
+            for source in pending:
+                print(f"{name}: pending, no file matches {source} (table recorded by hand)")
+            if new == text:
+                print(f"{name}: {len(rendered)} table(s) up to date")
+                continue
+            stale.append(name)
+            if not args.check:
+                temporary = path.with_name(f".{path.name}.tmp")
+                temporary.write_text(new)
+                os.replace(temporary, path)  # atomic: a reader sees the old file or the new one
+                print(f"{name}: {len(rendered)} table(s) written")
+    except (OSError, ValueError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.check and stale:
+        print(f"out of date (run python scripts/make_docs.py): {', '.join(stale)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
