@@ -23,7 +23,7 @@ import time
 
 # The command line's front end (``erase-concept``, ``python scripts/erase.py``): the one module of erase that reads
 # argv and the environment and prints; the library it calls does none of these.
-from .inputs import CONCEPT_TYPES, DEFAULT_CONCEPT_TYPE, PRESERVE_SETS, error_line  # torch-free
+from .core.inputs import CONCEPT_TYPES, DEFAULT_CONCEPT_TYPE, PRESERVE_SETS, error_line  # torch-free
 
 __all__ = ["EXIT_BAD_INPUT", "main", "parse_args"]
 
@@ -103,8 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def validate_early(args: argparse.Namespace) -> None:
     """Everything that needs neither torch nor the model: concepts, numbers, --set, --out."""
-    from .inputs import check_concept_text, check_option_minimums
-    from .layout import check_output_folder, default_output_folder
+    from .core.inputs import check_concept_text, check_option_minimums
+    from .core.layout import check_output_folder, default_output_folder
 
     concepts = [check_concept_text(c, "concept to erase") for c in args.concept]
     check_option_minimums(args, {"check_images": 1, "check_steps": 1, "steps": 1, "rank": 1, "seed": 0,
@@ -118,7 +118,7 @@ def validate_early(args: argparse.Namespace) -> None:
 def config_overrides(args: argparse.Namespace, config_fields: set[str] | None = None) -> dict:
     """``--set`` plus the training flags as config fields; ``config_fields`` (the method's) refuses a flag the method
     does not have. ``--seed`` seeds a method that has a seed; the check always."""
-    from .inputs import parse_config_overrides
+    from .core.inputs import parse_config_overrides
 
     overrides = parse_config_overrides(args.set)
     for flag in ("steps", "lr", "rank"):
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_pipeline, resolve_device, set_library_verbosity
 
         from . import available_methods, get_method
-        from .inputs import config_from_overrides
+        from .core.inputs import config_from_overrides
         from .workflow import run_erase
 
         if args.list_methods:
