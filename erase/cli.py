@@ -68,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--steps", type=int, help="optimizer steps (default: the method's)")
     train.add_argument("--lr", type=float, help="learning rate (default: the method's)")
     train.add_argument("--rank", type=int, help="LoRA rank (default: the method's)")
+    train.add_argument(
+        "--restart", action="store_true", default=None,
+        help="start afresh: delete the run's checkpoints in --set checkpoint_dir=... (a damaged one, say) first",
+    )  # fmt: skip
     how.add_argument(
         "--model",
         default="micro",
@@ -121,7 +125,7 @@ def config_overrides(args: argparse.Namespace, config_fields: set[str] | None = 
     from .core.inputs import parse_config_overrides
 
     overrides = parse_config_overrides(args.set)
-    for flag in ("steps", "lr", "rank"):
+    for flag in ("steps", "lr", "rank", "restart"):
         value = getattr(args, flag)
         if value is None:
             continue

@@ -18,11 +18,18 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
-from pipelines.files import png_bytes
+from pipelines.files import claim_folder, png_bytes
 
 from .core.artifact import ErasureArtifact, check_artifact_base, load_artifact, save_artifact
 from .core.inputs import CONCEPT_TYPES, DEFAULT_CONCEPT_TYPE, PRESERVE_SETS, config_from_overrides, error_line
-from .core.layout import CHECK_PICTURE, METADATA_FILE, PIPELINE_FOLDER, check_output_folder, default_output_folder
+from .core.layout import (
+    CHECK_PICTURE,
+    METADATA_FILE,
+    PIPELINE_FOLDER,
+    check_checkpoint_folder,
+    check_output_folder,
+    default_output_folder,
+)
 from .core.registry import ConceptSpec, erase_concepts, get_method
 
 __all__ = [
@@ -308,7 +315,8 @@ def run_erase(
     """Erase ``concepts`` from ``wrapper``'s model, check the result, and save the artifact.
 
     Every input is validated, and the check's scorer loaded, before the edit; the artifact (with the check's picture)
-    is written last, in one atomic step, so a run that fails writes nothing and replaces nothing.
+    is written last, in one atomic step, so a run that fails writes nothing and replaces nothing. The output folder
+    is claimed for the whole run (``pipelines.files.claim_folder``): a second run to it fails at once.
     """
     if check_images < 1 or check_steps < 1:
         raise ValueError(f"the check needs at least 1 image and 1 step, got {check_images} and {check_steps}")
@@ -318,20 +326,23 @@ def run_erase(
         concept_type=concept_type, preserve_sets=preserve_sets, expand_prompts=expand_prompts,
     )  # fmt: skip
     folder = check_output_folder(out if out else default_output_folder(concept_spec.targets, method), overwrite)
+    check_checkpoint_folder(getattr(config, "checkpoint_dir", None), folder)
     if check:
         wrapper.check_sampler_steps(check_steps)
     if getattr(config, "pool_steps", None) is not None:  # the LoRA methods' trajectories, sampled before training
         wrapper.check_sampler_steps(config.pool_steps)
-    scorer_name, clip = load_check_scorer(wrapper, scorer) if check else (None, None)
-    artifact = erase_concepts(wrapper, concept_spec, method, config)
-    result, extra_files = None, {}
-    if check:
-        result, grid = self_check(
-            wrapper, artifact, clip, check_images, check_seed, steps=check_steps, guidance=check_guidance,
-            progress=progress,
-        )  # fmt: skip
-        extra_files[CHECK_PICTURE] = png_bytes(grid)
-    folder = save_artifact(artifact, folder, wrapper, overwrite=overwrite, extra_files=extra_files)
+    with claim_folder(folder):
+        check_output_folder(folder, overwrite)  # again, now that no other run can write it
+        scorer_name, clip = load_check_scorer(wrapper, scorer) if check else (None, None)
+        artifact = erase_concepts(wrapper, concept_spec, method, config)
+        result, extra_files = None, {}
+        if check:
+            result, grid = self_check(
+                wrapper, artifact, clip, check_images, check_seed, steps=check_steps, guidance=check_guidance,
+                progress=progress,
+            )  # fmt: skip
+            extra_files[CHECK_PICTURE] = png_bytes(grid)
+        folder = save_artifact(artifact, folder, wrapper, overwrite=overwrite, extra_files=extra_files)
     meta = json.loads((folder / METADATA_FILE).read_text())
     weight_format = meta["weight_format"]
     if weight_format == "lora" and artifact.transport is None:

@@ -363,3 +363,35 @@ def test_attack_table_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys,
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and len(err.splitlines()) == 1
     assert (sorted(p.name for p in out.iterdir()) if out.is_dir() else None) == before
+
+
+def test_an_attack_row_that_cannot_be_written_is_one_line_and_the_suite_resumes(wrapper, uce, scorer, tmp_path):
+    """D1 for attack rows: the file size limit (EFBIG) stands for a full disk; nothing half-written is left, and
+    the same call finishes once the files can be written."""
+    from faults import file_size_limit
+
+    from pipelines.files import WriteError
+
+    target = _target(wrapper, uce, n=2, scorer=scorer)
+    with file_size_limit(1024), pytest.raises(WriteError) as caught:  # attack.json fits, an image does not
+        run_attack_suite(target, ["rece_embedding"], tmp_path, scorer=scorer)
+    assert str(caught.value).startswith(f"cannot write {tmp_path / 'van-gogh' / 'original' / 'images'}")
+    assert "File too large" in str(caught.value) and "\n" not in str(caught.value)
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert files == ["van-gogh/attack.json"]  # no temporary, no row marked done
+    summary = run_attack_suite(target, ["rece_embedding"], tmp_path, scorer=scorer)
+    assert [r["row"] for r in summary["rows"]] == ["original", "unattacked", "rece_embedding"]
+
+
+def test_attack_script_refuses_a_folder_another_run_holds_before_the_model_loads(
+    artifact_dir, tmp_path, capsys, monkeypatch
+):  # D4
+    import evals.scorer
+    from pipelines.files import claim_folder
+
+    monkeypatch.setattr(evals.scorer, "load_scoring", lambda *a, **k: pytest.fail("the scorer was loaded"))
+    main = runpy.run_path("scripts/attack.py", run_name="attack_script")["main"]
+    with claim_folder(tmp_path / "out"):
+        code = main(["--erasure", str(artifact_dir), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "being written by another run" in err and len(err.splitlines()) == 1

@@ -164,6 +164,17 @@ def test_read_only_out_is_refused_early(main, clip_dir, prompts, read_only_dir, 
     assert sorted(p.name for p in read_only_dir.iterdir()) == ["keep.txt"]
 
 
+def test_an_out_another_audit_holds_is_refused_before_the_model_loads(
+    main, clip_dir, prompts, tmp_path, capsys, nothing_loads
+):  # D4 of reliability-2026-12-07
+    from pipelines.files import claim_folder
+
+    with claim_folder(tmp_path / "out"):
+        assert main(_args(clip_dir, prompts, tmp_path / "out")) == 2
+    assert f"being written by another run (process {os.getpid()})" in _one_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_disk_full_is_one_line_and_the_audit_resumes(main, clip_dir, prompts, tmp_path, capsys, monkeypatch):
     assert main(_args(clip_dir, prompts, tmp_path / "ref")) == 0
@@ -171,9 +182,9 @@ def test_disk_full_is_one_line_and_the_audit_resumes(main, clip_dir, prompts, tm
     out = tmp_path / "out"
     real_fsync, calls = os.fsync, []
 
-    def fsync(fd):  # the disk fills up after audit.json, suite.csv and two images
+    def fsync(fd):  # the disk fills up after audit.json (1 fsync), suite.csv and two images (file and folder: 2)
         calls.append(fd)
-        if len(calls) > 4:
+        if len(calls) > 7:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_fsync(fd)
 

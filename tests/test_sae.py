@@ -8,6 +8,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from faults import file_size_limit
+from safetensors.torch import save_file
 
 import erase
 from erase import ConceptSpec, erase_concepts
@@ -21,6 +23,7 @@ from erase.sae.sae import (
     save_sae,
     train_sae,
 )
+from pipelines.files import DamagedCheckpointError, WriteError
 
 TEXT_HOOK = "text_encoder.encoder.layers.1"
 UNET_HOOK = "unet.up_blocks.0.attentions.1"
@@ -114,6 +117,82 @@ def test_an_interrupted_training_resumes_to_the_uninterrupted_weights(tmp_path, 
         assert torch.allclose(a, b, atol=1e-5), name
     with pytest.raises(ValueError, match="another SAE run"):
         train_sae(x, SAETrainConfig(expansion=2, k=3, batch_size=256, epochs=3), checkpoint_dir=tmp_path / "ck")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),  # truncated
+        lambda p: save_file({"x": torch.zeros(1)}, str(p)),  # no state in its header
+        lambda p: save_file({"x": torch.zeros(1)}, str(p), metadata={"state": '{"run": 1, "epoch": "2"}'}),
+    ],
+)
+def test_a_damaged_sae_checkpoint_is_named_and_restart_starts_afresh(tmp_path, damage):  # D1
+    x = _sparse_data(n=600)
+    config = SAETrainConfig(expansion=2, k=4, batch_size=256, epochs=2, lr=3e-3)
+    fresh, _ = train_sae(x, config)
+    folder = tmp_path / "ck"
+    train_sae(x, config, checkpoint_dir=folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.safetensors"]  # tensors and state: one file
+    damage(folder / "checkpoint.safetensors")
+    with pytest.raises(DamagedCheckpointError) as caught:
+        train_sae(x, config, checkpoint_dir=folder)
+    message = str(caught.value)
+    assert f"the checkpoint file {folder / 'checkpoint.safetensors'} is damaged" in message
+    assert "--restart" in message and "\n" not in message
+    again, stats = train_sae(x, config, checkpoint_dir=folder, restart=True)
+    assert len(stats["fvu_by_epoch"]) == 2
+    pairs = zip(fresh.state_dict().values(), again.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_an_sae_checkpoint_that_cannot_be_written_keeps_the_last_one(tmp_path, monkeypatch):  # D1
+    import erase.sae.sae as sae_module
+
+    x = _sparse_data(n=600)
+    config = SAETrainConfig(expansion=2, k=4, batch_size=256, epochs=3, lr=3e-3)
+    whole, _ = train_sae(x, config)
+    folder, real = tmp_path / "ck", sae_module._checkpoint
+
+    def checkpoint_then_die(folder, run_key, epoch, *args):  # killed after the first epoch's checkpoint
+        real(folder, run_key, epoch, *args)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(sae_module, "_checkpoint", checkpoint_then_die)
+        train_sae(x, config, checkpoint_dir=folder)
+    before = (folder / "checkpoint.safetensors").read_bytes()
+    with file_size_limit(len(before) // 2), pytest.raises(WriteError) as caught:
+        train_sae(x, config, checkpoint_dir=folder)
+    assert str(caught.value).startswith(f"cannot write {folder / 'checkpoint.safetensors'}: File too large")
+    assert [p.name for p in folder.iterdir()] == ["checkpoint.safetensors"]
+    assert (folder / "checkpoint.safetensors").read_bytes() == before
+    resumed, _ = train_sae(x, config, checkpoint_dir=folder)
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_train_sae_script_write_faults_are_one_line(tmp_path, capsys):  # D1, D4, D10
+    import runpy
+
+    from pipelines.files import claim_folder
+
+    main = runpy.run_path("scripts/train_sae.py", run_name="train_sae_script")["main"]
+    (tmp_path / "prompts.txt").write_text("\n".join(_prompts(16)) + "\n")
+    args = ["--model", "tiny", "--hook", TEXT_HOOK, "--prompts", str(tmp_path / "prompts.txt"), "--quiet"]
+    out = tmp_path / "saes"
+    with file_size_limit(2048):  # the activation cache is larger: the disk "fills" at the first write
+        assert main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write {out}/") and "File too large" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not [p for p in out.rglob("*") if p.is_file()]  # no temporary left
+    (folder,) = out.iterdir()  # the SAE's folder, made before the failed write
+    with claim_folder(folder):  # another run trains this SAE
+        assert main([*args, "--out", str(out)]) == 2
+    assert "being written by another run" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / ("s" * 256) / "saes")]) == 2  # before the model loads
+    assert "longer than this file system allows" in capsys.readouterr().err
 
 
 def test_sae_folder_round_trip_and_damage_is_one_line(tmp_path):

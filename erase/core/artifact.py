@@ -24,16 +24,13 @@ swapped in whole), follows the user's umask, and never deletes anything but an e
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime as _dt
-import errno
 import glob
 import json
 import logging
 import math
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +41,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipelines import PipelineWrapper, wrap_pipeline
-from pipelines.files import file_sha256
+from pipelines.files import file_sha256, move_into_place, sync_to_disk, write_error
 
 from ..lora.transport import TRANSPORT_FILE, FacilitatedTransport
 from .layout import (
@@ -61,6 +58,7 @@ from .layout import (
     ArtifactMismatchError,
     check_output_folder,
     current_umask,
+    temporary_folder,
 )
 
 __all__ = [
@@ -207,41 +205,8 @@ def _finish_tree(root: Path) -> None:
     """Give every file and folder the user's umask permissions (safetensors writes 0600) and flush them to disk."""
     mask = current_umask()
     for path in [root, *root.rglob("*")]:
-        if path.is_dir():
-            path.chmod(0o777 & ~mask)
-        else:
-            path.chmod(0o666 & ~mask)
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-_RENAME_EXCHANGE = 2
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd = -100
-    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
-    if result == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), str(b))
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+    sync_to_disk(root)
 
 
 def save_artifact(
@@ -278,9 +243,9 @@ def save_artifact(
         weight_format = "lora" if lora_size < full_size else "full"
     folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(folder)
-    tmp = folder.with_name(f".{folder.name}{TEMPORARY_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
+    tmp = temporary_folder(folder)
     try:
+        tmp.mkdir()
         ranks: dict[str, int] = {}
         if weight_format == "intervention":
             artifact.intervention.save(tmp)
@@ -301,19 +266,15 @@ def save_artifact(
             (tmp / name).write_bytes(data)
         (tmp / METADATA_FILE).write_text(json.dumps(artifact.metadata(weight_format, ranks, weights_sha256), indent=2))
         _finish_tree(tmp)
-        if folder.exists():
-            if not _exchange(tmp, folder):  # no atomic exchange here: two renames, a microsecond apart
-                backup = folder.with_name(f".{folder.name}{TEMPORARY_MARK}{os.getpid()}-old")
-                os.replace(folder, backup)
-                os.replace(tmp, folder)
-                os.replace(backup, tmp)
-            shutil.rmtree(tmp, ignore_errors=True)  # the earlier artifact, swapped out
-        else:
-            os.replace(tmp, folder)
-        _fsync_dir(folder.parent)
-    except SafetensorError as err:  # safetensors reports a full disk as its own error, not an OSError
+        try:  # without overwrite, an artifact another run swapped in meanwhile is refused, never replaced
+            move_into_place(tmp, folder, replace=overwrite)
+        except FileExistsError:
+            raise ArtifactExistsError(
+                f"{folder} was filled by another run while this one worked; choose another --out or pass --overwrite"
+            ) from None
+    except (OSError, SafetensorError) as err:  # a full disk, a read-only folder: one line, nothing left behind
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(f"cannot write the artifact to {folder}: {err}") from err
+        raise write_error(folder, err) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
