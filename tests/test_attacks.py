@@ -365,6 +365,7 @@ def test_attack_table_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys,
     assert (sorted(p.name for p in out.iterdir()) if out.is_dir() else None) == before
 
 
+@pytest.mark.slow
 def test_an_attack_row_that_cannot_be_written_is_one_line_and_the_suite_resumes(wrapper, uce, scorer, tmp_path):
     """D1 for attack rows: the file size limit (EFBIG) stands for a full disk; nothing half-written is left, and
     the same call finishes once the files can be written."""

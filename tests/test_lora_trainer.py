@@ -173,6 +173,7 @@ def _files(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_cannot_be_written_keeps_the_last_one_and_resumes(tiny, tmp_path):  # D1
     """The file size limit (EFBIG, real as root too) stands for a full disk: one line naming the checkpoint, no
     temporary left, the last good checkpoint intact; once the files can be written, the same call resumes."""
@@ -192,6 +193,7 @@ def _truncate(path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "damage, file",
     [
