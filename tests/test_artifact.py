@@ -16,6 +16,7 @@ def _pixels(images):
     return np.stack([np.asarray(i, dtype=np.float32) for i in images])
 
 
+@pytest.mark.slow
 def test_lora_artifact_loads_in_plain_diffusers_and_reproduces_the_edit(tiny, tmp_path):
     # Few token positions -> low rank: the change is stored as a LoRA.
     artifact = erase_concepts(tiny, ConceptSpec(("van gogh",)), "uce", UCEConfig(token_positions="last"))
@@ -30,6 +31,7 @@ def test_lora_artifact_loads_in_plain_diffusers_and_reproduces_the_edit(tiny, tm
     assert np.abs(edited - reloaded).max() <= 1.0
 
 
+@pytest.mark.slow
 def test_full_artifact_exports_a_loadable_pipeline(tiny, tmp_path):
     from diffusers import StableDiffusionPipeline
 

@@ -207,6 +207,7 @@ def test_a_case_variant_cannot_be_both_erased_and_preserved():  # E11d
         ConceptSpec(("van gogh",), preserve=("monet", "Van Gogh"))
 
 
+@pytest.mark.slow
 def test_erase_load_applies_to_a_plain_pipeline_once(saved, tiny):
     artifact, folder = saved
     with tiny.weight_deltas(artifact.deltas):

@@ -175,6 +175,7 @@ def test_an_out_another_audit_holds_is_refused_before_the_model_loads(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_disk_full_is_one_line_and_the_audit_resumes(main, clip_dir, prompts, tmp_path, capsys, monkeypatch):
     assert main(_args(clip_dir, prompts, tmp_path / "ref")) == 0
     capsys.readouterr()
@@ -207,6 +208,7 @@ def test_disk_full_is_one_line_and_the_audit_resumes(main, clip_dir, prompts, tm
 # what the folder holds (U12b, U13, U29)
 
 
+@pytest.mark.slow
 def test_another_suite_or_erasure_set_is_refused(wrapper, suite, artifact_dir, scorer, tmp_path):
     _audit(wrapper, suite, [artifact_dir], tmp_path, scorer)
     before = _snapshot(tmp_path)
@@ -230,6 +232,7 @@ def test_another_suite_or_erasure_set_is_refused(wrapper, suite, artifact_dir, s
         _audit(wrapper, suite, [artifact_dir], tmp_path, scorer)
 
 
+@pytest.mark.slow
 def test_another_batching_is_refused(wrapper, suite, scorer, tmp_path):
     _audit(wrapper, suite, [], tmp_path, scorer)
     before = _snapshot(tmp_path)
@@ -276,6 +279,7 @@ def test_script_audit_json_list_is_one_line(main, clip_dir, prompts, tmp_path, c
 # images on disk (U17, U14b)
 
 
+@pytest.mark.slow
 def test_damaged_images_are_generated_again(wrapper, suite, artifact_dir, scorer, tmp_path, caplog):
     reference = _audit(wrapper, suite, [artifact_dir], tmp_path / "ref", scorer)
     out = tmp_path / "out"
@@ -300,6 +304,7 @@ def test_damaged_images_are_generated_again(wrapper, suite, artifact_dir, scorer
     assert all(p.stat().st_mtime_ns == t for p, t in untouched.items())
 
 
+@pytest.mark.slow
 def test_an_image_still_damaged_at_scoring_is_named(wrapper, suite, scorer, tmp_path):
     # process 1's share is on disk, then one of its images is damaged: process 0 does not regenerate other shares
     _audit(wrapper, suite, [], tmp_path, None, process_index=1, num_processes=2)
@@ -322,6 +327,7 @@ def _dead_pid() -> int:
         pid += 1
 
 
+@pytest.mark.slow
 def test_a_killed_runs_temporary_files_are_removed(wrapper, suite, scorer, tmp_path):
     _audit(wrapper, suite, [], tmp_path, scorer)
     row = suite.rows[0]
@@ -377,6 +383,7 @@ def test_pickle_checkpoint_and_unloadable_scorer_are_one_line(main, prompts, tmp
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_quiet_shows_no_loading_bars(clip_dir, prompts, tmp_path):
     # a subprocess: the library verbosity the script sets is process-wide
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -184,6 +184,7 @@ def _env(cache: Path, endpoint: str) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow
 def test_a_cached_hub_id_loads_without_network_and_a_partly_cached_one_is_one_line(tmp_path, closed_endpoint):
     """The real environment: HF_ENDPOINT a closed port, HF_HUB_OFFLINE unset, a hub cache of our own. A repository
     whose files are all cached loads (from the cache alone, within seconds); with one weights file missing, the

@@ -33,6 +33,7 @@ def test_lora_modules_match_patterns_and_refuse_none(tiny):
         tiny.lora_modules(["*no_such_module"])
 
 
+@pytest.mark.slow
 def test_adapters_change_only_targets_frozen_equals_original_and_are_removed(tiny):
     before = _state(tiny.unet)
     grads = {n: p.requires_grad for n, p in tiny.unet.named_parameters()}
@@ -72,6 +73,7 @@ def test_adapters_are_removed_on_error(tiny):
     assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_sample_trajectories_records_every_unet_input(tiny):
     latents, timesteps = tiny.sample_trajectories(["van gogh", "monet", "a cat"], [0, 1, 2], steps=4, batch_size=2)
     assert latents.shape == (3, 4, 4, 16, 16) and timesteps.shape == (4,)
@@ -104,6 +106,7 @@ def _train(wrapper, **settings):
     )
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_leaves_base_identical_and_records_info(tiny):
     before = _state(tiny.unet)
     first = _train(tiny, seed=3)
@@ -119,6 +122,7 @@ def test_training_is_deterministic_leaves_base_identical_and_records_info(tiny):
     assert info["final_loss"] < info["loss_per_100_steps"][0] * 2  # it trains (the toy loss falls from 0.01)
 
 
+@pytest.mark.slow
 def test_killed_run_resumed_equals_uninterrupted(tiny, tmp_path):
     whole = _train(tiny, steps=8)
     folder = tmp_path / "ckpt"
@@ -153,6 +157,7 @@ def test_killed_run_resumed_equals_uninterrupted(tiny, tmp_path):
         train_lora(tiny, loss_fn=_mse_to_frozen_plus_shift, progress=False, **other)
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_no_pickles(tiny, tmp_path):
     _train(tiny, checkpoint_dir=str(tmp_path / "c"), checkpoint_every=3)
     files = sorted(p.name for p in (tmp_path / "c").rglob("*") if p.is_file())
@@ -168,6 +173,7 @@ def _files(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_cannot_be_written_keeps_the_last_one_and_resumes(tiny, tmp_path):  # D1
     """The file size limit (EFBIG, real as root too) stands for a full disk: one line naming the checkpoint, no
     temporary left, the last good checkpoint intact; once the files can be written, the same call resumes."""
@@ -187,6 +193,7 @@ def _truncate(path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "damage, file",
     [
@@ -251,6 +258,7 @@ def test_train_config_validation(bad, match):
         LoraTrainConfig(**bad)
 
 
+@pytest.mark.slow
 def test_more_steps_in_the_same_folder_continue_a_finished_run(tiny, tmp_path):
     """Steps are not part of a run's identity: 4 steps, then the same call with 8, equal 8 steps at once."""
     from erase import ConceptSpec, erase_concepts
@@ -288,6 +296,7 @@ json.dump(edit.info, open(f"{out}/info-{rank}.json", "w"))
 """
 
 
+@pytest.mark.slow
 def test_two_processes_sync_gradients_and_end_with_the_same_adapters(tiny, tmp_path):
     import os
     import subprocess

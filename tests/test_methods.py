@@ -15,7 +15,14 @@ def _pixels(images):
     return np.stack([np.asarray(i, dtype=np.float32) for i in images])
 
 
-@pytest.fixture(params=[m for m in erase.available_methods() if not erase.get_method(m).runtime])
+def _method_param(name: str):
+    """A method as a test parameter; slow: the trained ones and rece (its adversarial-embedding search), seconds to a
+    minute each on tiny."""
+    slow = erase.get_method(name).capabilities.training or name == "rece"
+    return pytest.param(name, marks=pytest.mark.slow if slow else ())
+
+
+@pytest.fixture(params=[_method_param(m) for m in erase.available_methods() if not erase.get_method(m).runtime])
 def method(request):
     """Every weight-editing method (the runtime family, which edits no weight, is tested in test_sae.py)."""
     return request.param
@@ -84,6 +91,7 @@ def test_method_changes_target_and_leaves_other_modules_bit_identical(tiny, meth
     assert np.abs(base - erased).max() > 1
 
 
+@pytest.mark.slow
 def test_artifact_loads_in_plain_diffusers_and_reproduces_the_in_memory_model(tiny, method, tmp_path):
     """Every method's default artifact loads in plain diffusers and draws what the in-memory edit draws (uint8 pixels
     within rounding), and the edit is visible: a LoRA (``load_lora_weights`` on a freshly loaded base) where that is
@@ -157,6 +165,7 @@ def test_uce_update_solves_the_papers_equation():
     assert torch.allclose((w @ (torch.eye(d, dtype=torch.float64) + u @ v)) @ c_e.T, w @ c_g.T, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_uce_erases_twenty_concepts_at_once(tiny_sdxl):
     """Each of 20 targets' edited embeddings maps (nearly) where its own guide's does; a preserved concept keeps its
     mapping. Two embeddings per prompt ("last": last token and EOS) keep the 40 rows within tiny SDXL's 64 dims."""
@@ -230,6 +239,7 @@ def test_uce_defaults_are_the_reference_closed_form(model, edit, guides, preserv
         assert (artifact.deltas[name].double() - change).norm() / change.norm() <= 1e-4, name
 
 
+@pytest.mark.slow
 def test_audit_script_takes_lora_artifacts_unchanged(tmp_path, clip_dir, capsys):
     """``scripts/audit.py --erasure`` on LoRA artifacts as ``scripts/erase.py`` saves them: esd (cross-attention)
     and spm (every transformer-block Linear, rank 1), side by side in one audit."""

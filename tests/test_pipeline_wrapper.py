@@ -9,6 +9,7 @@ def _pixels(images):
     return np.stack([np.asarray(i, dtype=np.int16) for i in images])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
 def test_loads_and_generates(model):
     wrapper = load_pipeline(model)
@@ -17,6 +18,7 @@ def test_loads_and_generates(model):
     assert wrapper.is_sdxl == (model == "tiny-sdxl")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
 def test_same_prompt_and_seed_same_image_whatever_the_batch(model):
     wrapper = load_pipeline(model)
@@ -28,6 +30,7 @@ def test_same_prompt_and_seed_same_image_whatever_the_batch(model):
     assert np.abs(alone - other_seed).max() > 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["EulerAncestralDiscreteScheduler", "sde-dpmsolver++"])
 def test_stochastic_samplers_draw_their_step_noise_from_the_seed(sampler):
     """A sampler that adds noise at each step (the micro model ships one) must not make images depend on the global
@@ -90,6 +93,7 @@ def test_prompt_checks(tiny):
     assert tiny.check_prompt("  van gogh ") == "van gogh"
 
 
+@pytest.mark.slow
 def test_capture_and_intervene_remove_their_hooks(tiny):
     name = "unet." + tiny.cross_attention_layers()[0].name
     module = tiny.module(name)

@@ -82,6 +82,7 @@ def _sparse_data(n=6000, d=24, atoms=48, seed=0):
     return codes @ dictionary + 0.3
 
 
+@pytest.mark.slow
 def test_training_explains_sparse_data_and_decoder_rows_stay_unit_norm():
     x = _sparse_data()
     sae, stats = train_sae(x[:5000], SAETrainConfig(expansion=4, k=4, batch_size=128, epochs=10, lr=3e-3))
@@ -92,6 +93,7 @@ def test_training_explains_sparse_data_and_decoder_rows_stay_unit_norm():
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.latents), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_an_interrupted_training_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
     import erase.sae.sae as sae_module
 
@@ -305,6 +307,7 @@ def test_no_sae_for_this_model_says_how_to_train_one(wrapper, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- saeuron
+@pytest.mark.slow
 def test_saeuron_keeps_the_reconstruction_error(wrapper, sae_store):
     """x' = x + W_dec (z' - z): with every factor 1 the edit returns the activations themselves, not 2 x_hat - x
     as the official code's sign slip would."""
@@ -324,6 +327,7 @@ def test_saeuron_keeps_the_reconstruction_error(wrapper, sae_store):
     assert out is None or out.shape == tokens.shape
 
 
+@pytest.mark.slow
 def test_saeuron_changes_the_concept_and_is_removed_exactly(wrapper, sae_store):
     artifact = _saeuron(wrapper, sae_store)
     base = _pixels(wrapper.generate(["painting by van gogh"], [0], steps=4, progress=False))
@@ -333,6 +337,7 @@ def test_saeuron_changes_the_concept_and_is_removed_exactly(wrapper, sae_store):
     assert np.array_equal(base, _pixels(wrapper.generate(["painting by van gogh"], [0], steps=4, progress=False)))
 
 
+@pytest.mark.slow
 def test_saeuron_gate_edits_an_image_once_it_has_passed_and_leaves_the_rest_bit_identical(wrapper, sae_store):
     """The gate: an image is edited only after the concept's presence passed its gate at ``gate_steps`` calls of
     one generation; then to the end of it; a later timestep starts a new generation. Images below it are returned
@@ -387,6 +392,7 @@ def test_saeuron_gate_sits_above_every_rival_image_but_ignores_rivals_that_end_a
     assert torch.equal(_gate(0.3, own, drawn_as_the_concept), 0.3 * own.mean(0))
 
 
+@pytest.mark.slow
 def test_saeuron_gate_edits_an_image_for_one_concept_the_most_present_and_first_latched(wrapper, sae_store):
     from erase.sae.saeuron import saeuron_edit
 
@@ -426,6 +432,7 @@ def test_saeuron_gate_edits_an_image_for_one_concept_the_most_present_and_first_
     assert torch.equal(edit([1], only_second, at=later, new_generation=False), edit([1], only_second, at=later))
 
 
+@pytest.mark.slow
 def test_saeuron_scores_each_concept_against_the_others_erased_with_it(wrapper, sae_store):
     """As the reference scores a style against every other style: erased together, a concept's "other" images
     include the other erased concept's, so its chosen features are not the ones it shares with that concept."""
@@ -442,6 +449,7 @@ def test_saeuron_scores_each_concept_against_the_others_erased_with_it(wrapper, 
     assert shared <= (alone["selected"][0] & alone_monet["selected"][0]).sum()
 
 
+@pytest.mark.slow
 def test_saeuron_per_concept_tables_read_merged_ones_and_gate_is_checked(wrapper, sae_store):
     from erase.sae.saeuron import check_saeuron, saeuron_edit
 
@@ -465,6 +473,7 @@ def test_saeuron_per_concept_tables_read_merged_ones_and_gate_is_checked(wrapper
 
 
 # ---------------------------------------------------------------------------------------------------- the artifact
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["itd", "saeuron"])
 def test_runtime_artifact_saves_loads_and_attaches_to_a_plain_pipeline(wrapper, sae_store, tmp_path, method):
     artifact = _itd(wrapper, sae_store) if method == "itd" else _saeuron(wrapper, sae_store)
@@ -519,6 +528,7 @@ def test_a_half_precision_copy_of_the_base_takes_the_intervention(wrapper, sae_s
         check_artifact_base(load_pipeline("tiny", seed=1, dtype=torch.float16), artifact)
 
 
+@pytest.mark.slow
 def test_an_audit_generates_through_the_intervention(wrapper, sae_store, scorer, tmp_path):
     from erase.workflow import audit_models
     from evals.audit import run_audit
@@ -566,6 +576,7 @@ def _micro_with_saes():
     return load_pipeline("micro")
 
 
+@pytest.mark.slow
 def test_itd_on_micro_leaves_64_unrelated_prompts_untouched(tmp_path):
     """The shipped SAE, default settings: prompts naming no erased concept pass the gate untouched (their text
     embeddings, hence their images, bit-identical); the few that fire are counted and must stay few."""
@@ -592,6 +603,7 @@ def test_itd_on_micro_leaves_64_unrelated_prompts_untouched(tmp_path):
         assert np.array_equal(original, _pixels(micro.generate(keep, [0, 1, 2, 3], progress=False)))
 
 
+@pytest.mark.slow
 def test_attach_in_a_fresh_plain_process_matches_the_in_memory_intervention(tmp_path):
     """A process that imports only diffusers, torch and erase draws what the in-memory intervention draws (within
     1e-3), and removing the handle gives back the original images bit for bit."""
@@ -631,6 +643,7 @@ def test_attach_in_a_fresh_plain_process_matches_the_in_memory_intervention(tmp_
     assert np.abs(np.load(tmp_path / "erased.npy") - in_memory).max() <= 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra",
     [
@@ -669,6 +682,7 @@ def test_bench_sae_bad_input_is_one_line(tmp_path, capsys):
         assert err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1, (extra, err)
 
 
+@pytest.mark.slow
 def test_bench_sae_prints_the_overhead_on_micro():
     _micro_with_saes()
     command = [sys.executable, "scripts/bench_sae.py", "--method", "itd", "--images", "2", "--steps", "4",

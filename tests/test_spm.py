@@ -61,6 +61,7 @@ def test_latent_anchors_reject_directions_by_their_similarity_to_the_concept():
     assert cos.abs().mean() < 0.1
 
 
+@pytest.mark.slow
 def test_default_adapter_is_rank_one_on_every_transformer_block_linear(tiny):
     artifact = erase_concepts(tiny, ConceptSpec(("van gogh",)), "spm", SPMConfig(**FAST))
     ends = ("attn1.to_q", "attn2.to_k", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
@@ -70,6 +71,7 @@ def test_default_adapter_is_rank_one_on_every_transformer_block_linear(tiny):
     assert artifact.info["variant"] == "transformer" and artifact.info["facilitated_transport"] == "clipcos_tokenuni"
 
 
+@pytest.mark.slow
 def test_latent_anchoring_keeps_other_embeddings_predictions_closer(tiny):
     """The same steps with and without latent anchoring: an unrelated prompt's prediction moves less with it."""
     x = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(5))
@@ -160,6 +162,7 @@ def test_transport_strength_is_the_references_clipcos_tokenuni():
         )
 
 
+@pytest.mark.slow
 def test_spm_artifact_with_transport_round_trips_attaches_once_and_restores(tiny, tmp_path):
     artifact = erase_concepts(tiny, ConceptSpec(("van gogh",)), "spm", SPMConfig(**FAST))
     folder = erase.save_artifact(artifact, tmp_path / "spm", tiny)
@@ -195,6 +198,7 @@ def test_spm_artifact_with_transport_round_trips_attaches_once_and_restores(tiny
     assert off.payload("transport") is None and off.info["facilitated_transport"] is False
 
 
+@pytest.mark.slow
 def test_several_concepts_get_one_adapter_each_scaled_apart(tiny):
     """Two concepts: two rank-1 adapters side by side (the first is exactly the one-concept adapter, same seed), and
     a prompt at strengths (1, 0) draws what the first adapter alone draws."""

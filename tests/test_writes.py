@@ -228,6 +228,7 @@ def test_erase_to_a_folder_another_run_holds_fails_before_the_edit(tmp_path, cap
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_two_erase_runs_racing_for_one_folder_leave_one_artifact(tmp_path):  # D4
     out = tmp_path / "x"
     command = [sys.executable, str(ERASE), "--model", "tiny", "--no-check", "--quiet", "--out", str(out)]
@@ -272,6 +273,7 @@ def test_a_checkpoint_dir_in_the_output_folder_is_refused_before_training(tmp_pa
     assert not (out / "ck").exists() and (not out.exists() or os.listdir(out) == [])
 
 
+@pytest.mark.slow
 def test_a_full_checkpoint_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path):  # D1, the report's case
     if not private_tmpfs_available(tmp_path):
         pytest.skip("no private tmpfs (user namespaces) on this system")
