@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from pipelines.lazy import lazy_exports
 
-__version__ = "0.1.0"
+from .core.version import __version__
 
 _EXPORTS: dict[str, str] = {
     "ArtifactError": "core.layout",
@@ -18,15 +18,17 @@ _EXPORTS: dict[str, str] = {
     "ArtifactMismatchError": "core.layout",
     "check_output_folder": "core.layout",
     "concept_key": "core.inputs",
+    "ArtifactHandle": "core.artifact",
     "ErasureArtifact": "core.artifact",
-    "apply_artifact": "core.artifact",
-    "attach": "sae.intervention",
+    "apply_artifact": "loading",
+    "attach": "loading",
     "SAEIntervention": "sae.intervention",
     "FacilitatedTransport": "lora.transport",
+    "WeightChange": "core.weights",
     "check_artifact_base": "core.artifact",
-    "load": "core.artifact",
+    "load": "loading",
     "load_artifact": "core.artifact",
-    "low_rank_factors": "core.artifact",
+    "low_rank_factors": "core.weights",
     "save_artifact": "core.artifact",
     "ConceptSpec": "core.registry",
     "Method": "core.registry",
@@ -40,12 +42,14 @@ _EXPORTS: dict[str, str] = {
 __all__ = [
     "ArtifactError",
     "ArtifactExistsError",
+    "ArtifactHandle",
     "ArtifactMismatchError",
     "ConceptSpec",
     "ErasureArtifact",
     "FacilitatedTransport",
     "Method",
     "SAEIntervention",
+    "WeightChange",
     "WeightEdit",
     "__version__",
     "apply_artifact",
@@ -64,15 +68,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .core.artifact import (
-        ErasureArtifact,
-        apply_artifact,
-        check_artifact_base,
-        load,
-        load_artifact,
-        low_rank_factors,
-        save_artifact,
-    )
+    from .core.artifact import ArtifactHandle, ErasureArtifact, check_artifact_base, load_artifact, save_artifact
     from .core.inputs import concept_key
     from .core.layout import ArtifactError, ArtifactExistsError, ArtifactMismatchError, check_output_folder
     from .core.registry import (
@@ -84,7 +80,9 @@ if TYPE_CHECKING:
         get_method,
         register_method,
     )
+    from .core.weights import WeightChange, low_rank_factors
+    from .loading import apply_artifact, attach, load
     from .lora.transport import FacilitatedTransport
-    from .sae.intervention import SAEIntervention, attach
+    from .sae.intervention import SAEIntervention
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

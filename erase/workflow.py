@@ -5,7 +5,6 @@ Kept out of the script so tests call exactly what users run.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections.abc import Sequence
@@ -18,11 +17,24 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
-from pipelines.files import png_bytes
+from pipelines.files import claim_folder, png_bytes
 
 from .core.artifact import ErasureArtifact, check_artifact_base, load_artifact, save_artifact
-from .core.inputs import CONCEPT_TYPES, DEFAULT_CONCEPT_TYPE, PRESERVE_SETS, config_from_overrides, error_line
-from .core.layout import CHECK_PICTURE, METADATA_FILE, PIPELINE_FOLDER, check_output_folder, default_output_folder
+from .core.inputs import (
+    CONCEPT_TYPES,
+    DEFAULT_CONCEPT_TYPE,
+    PRESERVE_SETS,
+    concept_key,
+    config_from_overrides,
+    error_line,
+)
+from .core.layout import (
+    CHECK_PICTURE,
+    METADATA_FILE,
+    check_checkpoint_folder,
+    check_output_folder,
+    default_output_folder,
+)
 from .core.registry import ConceptSpec, erase_concepts, get_method
 
 __all__ = [
@@ -55,8 +67,6 @@ def preserve_set(name: str, targets: Sequence[str]) -> list[str]:
     ``"world"``: every concept of the micro world (``pipelines/micro/world.json``) but "plain"; ``"generic"``:
     ``GENERIC_PRESERVE``.
     """
-    from .core.inputs import concept_key
-
     if name not in PRESERVE_SETS:
         raise ValueError(f"unknown preserve set {name!r}; expected one of {', '.join(PRESERVE_SETS)}")
     erased = {concept_key(t) for t in targets}
@@ -273,13 +283,11 @@ def erasure_settings(
     preserve_list = list(preserve or [])
     for name in preserve_sets:
         preserve_list += preserve_set(name, targets)
-    if not spec.uses_guides:
+    if not spec.capabilities.guides:
         if guides:
             raise ValueError(f"method {method!r} takes no guide: it would ignore --guide")
         guides = [""]
     guides = list(guides) if guides else [kind.guide]
-    from .core.inputs import concept_key
-
     guide_keys = {concept_key(g) for g in guides if isinstance(g, str)}
     preserve_list = [p for p in preserve_list if not isinstance(p, str) or concept_key(p) not in guide_keys]
     if preserve_sets:  # a named set never repeats a target; what the user typed is checked as typed
@@ -287,16 +295,16 @@ def erasure_settings(
         preserve_list = [p for p in preserve_list if p in (preserve or []) or concept_key(p) not in target_keys]
     concept_spec = ConceptSpec(tuple(targets), tuple(guides), tuple(preserve_list))
     concept_spec.check_against(wrapper)
-    fields = {f.name for f in dataclasses.fields(spec.config_class)}
+    can = spec.capabilities
     overrides = dict(config_overrides or {})
-    if concept_spec.preserve and not fields & {"preserve_scale", "anchor_prompts", "retain_prompts", "other_prompts"}:
+    if concept_spec.preserve and not can.preserve:
         raise ValueError(f"method {method!r} has no preserve term: it would ignore the concepts to preserve")
-    if concept_spec.preserve and "anchor_prompts" in fields and "anchor_prompts" not in overrides:
-        overrides["anchor_prompts"] = concept_spec.preserve  # LoRA methods keep the preserved concepts as anchors
+    if concept_spec.preserve and can.preserve_setting and can.preserve_setting not in overrides:
+        overrides[can.preserve_setting] = concept_spec.preserve  # recorded in the artifact's config
     if expand_prompts:
-        if "templates" not in fields:
+        if can.templates is None:
             raise ValueError(f"method {method!r} takes no templates: it cannot expand prompts")
-        overrides["templates"] = ("{}", *kind.expand_templates)
+        overrides[can.templates] = ("{}", *kind.expand_templates)
     return concept_spec, config_from_overrides(spec.config_class, overrides, f"method {method!r}")
 
 
@@ -324,7 +332,8 @@ def run_erase(
     """Erase ``concepts`` from ``wrapper``'s model, check the result, and save the artifact.
 
     Every input is validated, and the check's scorer loaded, before the edit; the artifact (with the check's picture)
-    is written last, in one atomic step, so a run that fails writes nothing and replaces nothing.
+    is written last, in one atomic step, so a run that fails writes nothing and replaces nothing. The output folder
+    is claimed for the whole run (``pipelines.files.claim_folder``): a second run to it fails at once.
     """
     if check_images < 1 or check_steps < 1:
         raise ValueError(f"the check needs at least 1 image and 1 step, got {check_images} and {check_steps}")
@@ -334,31 +343,28 @@ def run_erase(
         concept_type=concept_type, preserve_sets=preserve_sets, expand_prompts=expand_prompts,
     )  # fmt: skip
     folder = check_output_folder(out if out else default_output_folder(concept_spec.targets, method), overwrite)
+    check_checkpoint_folder(getattr(config, "checkpoint_dir", None), folder)
     if check:
         wrapper.check_sampler_steps(check_steps)
-    if getattr(config, "pool_steps", None) is not None:  # the LoRA methods' trajectories, sampled before training
-        wrapper.check_sampler_steps(config.pool_steps)
-    scorer_name, clip = load_check_scorer(wrapper, scorer) if check else (None, None)
+    for name in get_method(method).capabilities.sampler_steps:  # e.g. the LoRA methods' pool, sampled before training
+        wrapper.check_sampler_steps(getattr(config, name))
     probes = None  # the check's probes, decided before the edit: a concept they cannot take fails here, not after it
     if check:
         probes = check_probes(wrapper, concept_spec.targets, concept_spec.preserve, check_images, check_seed)
-    artifact = erase_concepts(wrapper, concept_spec, method, config)
-    result, extra_files = None, {}
-    if check:
-        result, grid = self_check(
-            wrapper, artifact, clip, check_images, check_seed, steps=check_steps, guidance=check_guidance,
-            progress=progress, probes=probes,
-        )  # fmt: skip
-        extra_files[CHECK_PICTURE] = png_bytes(grid)
-    folder = save_artifact(artifact, folder, wrapper, overwrite=overwrite, extra_files=extra_files)
-    meta = json.loads((folder / METADATA_FILE).read_text())
-    weight_format = meta["weight_format"]
-    if weight_format == "lora" and artifact.transport is None:
-        load_code = f'pipe.load_lora_weights("{folder}")'
-    elif weight_format == "intervention" or artifact.transport is not None:
-        load_code = f'handle = erase.attach(pipe, "{folder}")'
-    else:
-        load_code = f'{type(wrapper.pipe).__name__}.from_pretrained("{folder / PIPELINE_FOLDER}")'
+    with claim_folder(folder):
+        check_output_folder(folder, overwrite)  # again, now that no other run can write it
+        scorer_name, clip = load_check_scorer(wrapper, scorer) if check else (None, None)
+        artifact = erase_concepts(wrapper, concept_spec, method, config)
+        result, extra_files = None, {}
+        if check:
+            result, grid = self_check(
+                wrapper, artifact, clip, check_images, check_seed, steps=check_steps, guidance=check_guidance,
+                progress=progress, probes=probes,
+            )  # fmt: skip
+            extra_files[CHECK_PICTURE] = png_bytes(grid)
+        folder = save_artifact(artifact, folder, wrapper, overwrite=overwrite, extra_files=extra_files)
+    weight_format = json.loads((folder / METADATA_FILE).read_text())["weight_format"]
+    load_code = f'handle = erase.load(pipe, "{folder}")'
     relative = sorted(artifact.info.get("relative_change", {}).values()) or [0.0]  # a runtime edit changes none
     return EraseSummary(
         concepts=list(concept_spec.targets),
@@ -375,10 +381,10 @@ def run_erase(
         relative_change_max=relative[-1],
         extra={
             "preserve": list(concept_spec.preserve),
-            "guides": list(concept_spec.guides) if get_method(method).uses_guides else [],
+            "guides": list(concept_spec.guides) if get_method(method).capabilities.guides else [],
             "scorer": scorer_name,
             "info": artifact.info,
-            "transport": artifact.transport is not None,
+            "payloads": list(artifact.payloads),
         },
         warnings=edit_size_warnings(artifact.info.get("relative_change", {})),
     )

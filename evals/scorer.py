@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from pipelines import world_file
 from pipelines.checks import error_line
+from pipelines.hub import hub_error, hub_offline, hub_unreachable
 from pipelines.tokenizer import clean_prompt
 
 __all__ = [
@@ -282,6 +283,40 @@ def _check_open_clip_spec(model_name: str, pretrained: str | None) -> None:
         )
 
 
+def _open_clip_cached(repo_id: str, filename: str) -> bool:
+    """Whether open_clip's weights file for a hub-served tag, or the safetensors file it tries first, is in the
+    local hub cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    names = [filename]
+    if filename == "open_clip_pytorch_model.bin":
+        names.append("open_clip_model.safetensors")
+    elif filename.endswith((".bin", ".pth")):
+        names.append(filename[:-4] + ".safetensors")
+    return any(isinstance(try_to_load_from_cache(repo_id, name), str) for name in names)
+
+
+def _check_open_clip_download(model_name: str, pretrained: str | None) -> None:
+    """``HubUnreachableError`` in one line, within seconds, when a pretrained tag's weights must come from the hub
+    and it cannot be reached (:func:`pipelines.hub.hub_unreachable`): open_clip itself would retry the download
+    several times with growing waits. Weights already cached load with ``HF_HUB_OFFLINE=1``, which open_clip's
+    downloads honour (nothing is checked then); without it they are tried online first, so the error then names
+    that setting."""
+    import open_clip
+
+    if pretrained is None:
+        return
+    hub_file = open_clip.get_pretrained_cfg(model_name, pretrained).get("hf_hub", "")
+    if not hub_file or hub_offline():
+        return  # a local file or a tag open_clip does not know; offline, open_clip reads its cache without waiting
+    reason = hub_unreachable()
+    if reason is None:
+        return
+    repo_id, filename = os.path.split(hub_file)
+    cached = _open_clip_cached(repo_id, filename or "open_clip_pytorch_model.bin")
+    raise hub_error(f"the CLIP scorer 'open_clip:{model_name}/{pretrained}'", reason, cached=cached)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Scorer
 # --------------------------------------------------------------------------------------------------------------------
@@ -383,9 +418,11 @@ class ClipScorer:
 
         ``pretrained`` is an open_clip tag (downloads unless cached) or a local ``.safetensors`` checkpoint; other
         local files (``.bin``, ``.pt``: pickles, which can run code as they load) are refused with ``ValueError``
-        before anything loads. ``None`` gives random weights, useful only for tests.
+        before anything loads, and so is a tag whose weights need the hub when it cannot be reached
+        (``pipelines.HubUnreachableError``, one line). ``None`` gives random weights, useful only for tests.
         """
         _check_open_clip_spec(model_name, pretrained)
+        _check_open_clip_download(model_name, pretrained)
         if pretrained is None:
             logger.warning("open_clip model %s has random weights: its scores are meaningless", model_name)
         logger.info("loading open_clip %s (pretrained=%s) on %s (%s)", model_name, pretrained, device, dtype)

@@ -14,22 +14,23 @@ _EXPORTS: dict[str, str] = {
     "resolve_device": "runtime",
     "set_library_verbosity": "runtime",
     "clean_prompt": "tokenizer",
+    "HubUnreachableError": "hub",
     "offline_clip_tokenizer": "tokenizer",
-    "CROSS_ATTENTION_PATTERNS": "wrapper",
-    "DEFAULT_GUIDANCE": "wrapper",
-    "DEFAULT_STEPS": "wrapper",
-    "HOOK_POINT_PATTERNS": "wrapper",
-    "LORA_TARGETS": "wrapper",
-    "CrossAttentionLayer": "wrapper",
-    "HookHandles": "wrapper",
-    "LoraAdapters": "wrapper",
-    "ModelNotFoundError": "wrapper",
+    "CROSS_ATTENTION_PATTERNS": "modules",
+    "DEFAULT_GUIDANCE": "sampling",
+    "DEFAULT_STEPS": "sampling",
+    "HOOK_POINT_PATTERNS": "hooks",
+    "LORA_TARGETS": "modules",
+    "CrossAttentionLayer": "modules",
+    "HookHandles": "hooks",
+    "LoraAdapters": "weights",
+    "ModelNotFoundError": "loading",
     "PipelineWrapper": "wrapper",
-    "PromptEncoding": "wrapper",
-    "check_model_reference": "wrapper",
+    "PromptEncoding": "text",
+    "check_model_reference": "loading",
     "load_pipeline": "wrapper",
-    "micro_model_path": "wrapper",
-    "world_file": "wrapper",
+    "micro_model_path": "loading",
+    "world_file": "loading",
     "wrap_pipeline": "wrapper",
 }
 
@@ -40,6 +41,7 @@ __all__ = [
     "DEFAULT_STEPS",
     "HOOK_POINT_PATTERNS",
     "HookHandles",
+    "HubUnreachableError",
     "LORA_TARGETS",
     "LoraAdapters",
     "ModelNotFoundError",
@@ -57,25 +59,15 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .hooks import HOOK_POINT_PATTERNS, HookHandles
+    from .hub import HubUnreachableError
+    from .loading import ModelNotFoundError, check_model_reference, micro_model_path, world_file
+    from .modules import CROSS_ATTENTION_PATTERNS, LORA_TARGETS, CrossAttentionLayer
     from .runtime import resolve_device, set_library_verbosity
+    from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS
+    from .text import PromptEncoding
     from .tokenizer import clean_prompt, offline_clip_tokenizer
-    from .wrapper import (
-        CROSS_ATTENTION_PATTERNS,
-        DEFAULT_GUIDANCE,
-        DEFAULT_STEPS,
-        HOOK_POINT_PATTERNS,
-        LORA_TARGETS,
-        CrossAttentionLayer,
-        HookHandles,
-        LoraAdapters,
-        ModelNotFoundError,
-        PipelineWrapper,
-        PromptEncoding,
-        check_model_reference,
-        load_pipeline,
-        micro_model_path,
-        world_file,
-        wrap_pipeline,
-    )
+    from .weights import LoraAdapters
+    from .wrapper import PipelineWrapper, load_pipeline, wrap_pipeline
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

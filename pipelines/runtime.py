@@ -45,9 +45,14 @@ def _open_clip_errors(record: logging.LogRecord) -> bool:
     return not (record.levelno >= logging.ERROR and "open_clip" in record.pathname)
 
 
+def _failed_fetch_errors(record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and record.getMessage().startswith("An error occurred while trying"))
+
+
 def set_library_verbosity(verbose: bool) -> None:
-    """Show or hide the loading bars and info logs of diffusers, transformers and huggingface_hub, and open_clip's
-    error log of a failed download (the exception that follows it is what a script reports).
+    """Show or hide the loading bars and info logs of diffusers, transformers and huggingface_hub, and the error logs
+    of a failed download or a missing cached file of open_clip and diffusers' model loader (the exception that
+    follows each is what a script reports).
 
     Called by the scripts (``--verbose``): the bars print raw cursor codes into log files and say nothing about the
     phases that take time, which get their own bars.
@@ -61,9 +66,11 @@ def set_library_verbosity(verbose: bool) -> None:
         transformers.utils.logging.enable_progress_bar()
         huggingface_hub.utils.enable_progress_bars()
         return
-    # open_clip logs a failed download as an ERROR before raising it; the script's error line says it once.
+    # open_clip and diffusers log a failed download as an ERROR before raising it; the script's error line says it
+    # once.
     for handler in logging.getLogger().handlers:
         handler.addFilter(_open_clip_errors)
+    logging.getLogger("diffusers.models.modeling_utils").addFilter(_failed_fetch_errors)
     diffusers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

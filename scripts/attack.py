@@ -16,6 +16,7 @@ evals/attacks/__init__.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -81,9 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         resolve_device,
         set_library_verbosity,
     )
+    from pipelines.files import claim_folder
     from pipelines.tokenizer import concept_folder
 
     set_library_verbosity(args.verbose)
+    claim = contextlib.ExitStack()  # the --out folder, held from its check to the end of the run
     try:
         check_option_minimums(args, {"images": 1, "batch_size": 1})
         names = args.attack or ["all"]
@@ -91,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         configs = attack_configs(budget_overrides(args.set))
         device = resolve_device(args.device)
         check_output_folder(args.out)
+        claim.enter_context(claim_folder(args.out))
         artifact = load_artifact(args.erasure)
         check_suite_folder(args.out, artifact.concepts)
         model = args.model or artifact.base_model
@@ -113,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, ModelNotFoundError, ArtifactError, AuditError) as err:
         print(f"error: {error_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        claim.close()
     return 0
 
 

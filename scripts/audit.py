@@ -21,6 +21,7 @@ With accelerate 1.x, ``accelerate launch --cpu`` starts one process unless mpiru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -103,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         set_library_verbosity,
         world_file,
     )
+    from pipelines.files import claim_folder
 
     set_library_verbosity(args.verbose)
+    claim = contextlib.ExitStack()  # the --out folder, held by the main process from its check to the end of the run
     try:
         check_option_minimums(args, {"images_per_prompt": 1, "batch_size": 1, "steps": 1, "attack_images": 1})
         # Everything that can be checked is checked before the scorer and the model load: the device, the output
@@ -122,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         main_process = state.is_main_process
         device = device or state.device
         check_output_folder(args.out)
+        if main_process:  # the processes of one launch write one audit together
+            claim.enter_context(claim_folder(args.out))
         attacks = []
         if args.attack:
             from evals.attacks import resolve_attacks
@@ -173,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, ModelNotFoundError, ArtifactError, SuiteError, AuditError) as err:
         print(f"error: {error_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        claim.close()
     if main_process:
         print(verdict_text(result))
         print()

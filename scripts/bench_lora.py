@@ -96,7 +96,7 @@ def efficacy_curve(wrapper, spec, method: str, config, stages: list[int], images
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", default="esd", help="a LoRA-family method (esd, ca)")
+    parser.add_argument("--method", default="esd", help="a method that trains (esd, ca, spm, ...)")
     parser.add_argument("--concept", default="van gogh")
     parser.add_argument("--guide", action="append", help="the guide (ca: the anchor); default by concept type art")
     parser.add_argument("--preserve", action="append", help="preserved concepts (anchor regularization)")
@@ -114,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     set_library_verbosity(False)
     try:
         check_option_minimums(args, {"threads": 1, "repeats": 1, "images": 1})
-        if erase.get_method(args.method).family != "lora":
-            raise ValueError(f"{args.method} is not a LoRA-family method")
+        if not erase.get_method(args.method).capabilities.training:
+            trained = [m for m in erase.available_methods() if erase.get_method(m).capabilities.training]
+            raise ValueError(f"{args.method} is no method that trains; those are {', '.join(trained)}")
         check_concept_text(args.concept, "concept to erase")
         overrides = parse_config_overrides(args.set)
     except (ValueError, TypeError) as err:

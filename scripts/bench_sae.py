@@ -40,7 +40,7 @@ PROMPTS = ("a red star in the style of {}", "a blue circle, {}", "a green moon",
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="micro")
-    parser.add_argument("--method", action="append", choices=["itd", "saeuron"], help="default: both")
+    parser.add_argument("--method", action="append", help="a runtime (SAE) method; default: every one registered")
     parser.add_argument("--erasure", help="an SAE-family artifact folder instead of making one")
     parser.add_argument("--concept", default="van gogh")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method setting")
@@ -77,13 +77,16 @@ def main(argv: list[str] | None = None) -> int:
             artifact = erase.load_artifact(args.erasure)
             artifacts[artifact.method] = artifact
         else:
-            for method in args.method or ["itd", "saeuron"]:
+            runtime = [m for m in erase.available_methods() if erase.get_method(m).runtime]
+            for method in args.method or runtime:
+                if method not in runtime:
+                    raise ValueError(f"{method!r} is no runtime method; runtime methods: {', '.join(runtime)}")
                 configs[method] = config_from_overrides(erase.get_method(method).config_class, overrides, method)
         wrapper = load_pipeline(args.model)
         for method, config in configs.items():
             artifacts[method] = erase.erase_concepts(wrapper, erase.ConceptSpec((concept,)), method, config)
         for method, artifact in artifacts.items():
-            if artifact.intervention is None:
+            if not erase.get_method(artifact.method).runtime:
                 raise ValueError(f"{method} is not a runtime intervention")
             erase.check_artifact_base(wrapper, artifact)
     except (ValueError, TypeError, KeyError, OSError) as err:

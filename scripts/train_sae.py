@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--check-images", type=int, default=0, help="images of the reconstruction check (0: skip)")
     parser.add_argument("--scorer", help="CLIP scorer of the check (default: as scripts/erase.py)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--restart", action="store_true", help="start the training afresh (delete its checkpoint)")
     parser.add_argument(
         "--force",
         action="store_true",
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         from erase.core.layout import check_writable_folder
         from erase.sae.sae import SAETrainConfig, build_sae
         from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_pipeline, resolve_device, set_library_verbosity
+        from pipelines.files import claim_folder
 
         config = config_from_overrides(SAETrainConfig, parse_config_overrides(args.set), "the SAE training")
         prompts = None if args.list_hooks else read_prompts(args.prompts, args.prompt_count, config.seed)
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         for hook in args.hook:
             wrapper.hook_point(hook)
+            check_writable_folder(sae_folder(args.out, wrapper.model_id, hook), entries=(".work",))
         scorer = None
         if args.check_images:
             from erase.workflow import load_check_scorer
@@ -125,8 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         reports = []
         for hook in args.hook:
             folder = sae_folder(args.out, wrapper.model_id, hook)
-            sae, meta = build_sae(wrapper, hook, prompts, folder, config, steps=steps, guidance=guidance,
-                                  progress=not (args.quiet or args.json), force=args.force)  # fmt: skip
+            with claim_folder(folder):
+                sae, meta = build_sae(wrapper, hook, prompts, folder, config, steps=steps, guidance=guidance,
+                                      restart=args.restart, progress=not (args.quiet or args.json),
+                                      force=args.force)  # fmt: skip
             report = {"hook_point": hook, "folder": str(folder), **meta["quality"], "latents": sae.latents, "k": sae.k}
             if scorer is not None:
                 from erase.workflow import reconstruction_check

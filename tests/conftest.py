@@ -5,12 +5,45 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+# The time ``pytest -m "not slow"`` takes, read off a run of more than that subset, so that ``.ci/run`` runs the
+# suite once and prints both times: collection plus the setup, call and teardown of every test not marked slow. A
+# module-scoped fixture built during a slow test counts as slow here, though the subset alone would build it too.
+_SESSION = {"start": 0.0, "collected": 0.0}
+_SECONDS = {"fast": 0.0, "slow": 0.0}
+_TESTS = {"fast": set(), "slow": set()}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _SESSION["start"] = time.perf_counter()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    _SESSION["collected"] = time.perf_counter()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    kind = "slow" if "slow" in report.keywords else "fast"
+    _SECONDS[kind] += report.duration
+    _TESTS[kind].add(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 - pytest's TerminalReporter
+    if not _TESTS["fast"] and not _TESTS["slow"]:
+        return
+    collection = _SESSION["collected"] - _SESSION["start"]
+    fast = collection + _SECONDS["fast"]
+    terminalreporter.write_line(
+        f"fast subset (-m 'not slow'): {fast:.0f} s for {len(_TESTS['fast'])} tests ({collection:.0f} s of it "
+        f"collection); slow tests: {_SECONDS['slow']:.0f} s for {len(_TESTS['slow'])}"
+    )
 
 
 @pytest.fixture

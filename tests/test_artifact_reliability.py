@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import erase
@@ -16,6 +17,7 @@ from erase import ArtifactError, ArtifactExistsError, ArtifactMismatchError, Con
 from erase.closed_form.uce import UCEConfig
 from erase.core.layout import LORA_FILE, METADATA_FILE, TEMPORARY_MARK
 from pipelines import load_pipeline
+from pipelines.files import file_sha256
 from pipelines.tiny import tiny_sd_pipeline
 from pipelines.wrapper import PipelineWrapper
 
@@ -32,11 +34,20 @@ def _edit_meta(folder, **changes):
     (folder / METADATA_FILE).write_text(json.dumps(meta))
 
 
-def _retamper_weights(folder, change):
-    """Rewrite the LoRA file with ``change(tensors)`` and drop the sha256 so the tampering reaches the loader."""
+def _retamper_weights(folder, change, adapter=None):
+    """Rewrite the LoRA file with ``change(tensors)`` (and its adapter metadata with ``adapter(metadata)``, else
+    without one) and record its new sha256, so the tampering reaches the loader."""
     tensors = load_file(str(folder / LORA_FILE))
-    save_file(change(tensors), str(folder / LORA_FILE))
-    _edit_meta(folder, weights_sha256=None)
+    header = None
+    if adapter is not None:
+        with safe_open(str(folder / LORA_FILE), "pt") as f:
+            metadata = f.metadata()
+        header = {
+            **metadata,
+            "lora_adapter_metadata": json.dumps(adapter(json.loads(metadata["lora_adapter_metadata"]))),
+        }
+    save_file(change(tensors), str(folder / LORA_FILE), metadata=header)
+    _edit_meta(folder, checksums={LORA_FILE: file_sha256(folder / LORA_FILE)})
 
 
 @pytest.mark.parametrize(
@@ -47,7 +58,7 @@ def _retamper_weights(folder, change):
         ({"layers": None}, "layers must be a list"),  # A05c
         ({"layers": []}, "lists no layers"),  # A13b
         ({"concepts": [1]}, "concepts must be a list of strings"),
-        ({"weight_format": "pickle"}, "unknown weight_format"),
+        ({"payloads": {"pickle": {}}}, "unknown payload kind 'pickle'"),
     ],
 )
 def test_malformed_metadata_is_an_artifact_error(saved, changes, message):
@@ -179,7 +190,7 @@ def test_no_op_and_non_finite_edits_are_refused(tiny, tmp_path):  # E28, A13 on 
     artifact = erase_concepts(tiny, ConceptSpec(("van gogh",)), "uce")
     name = artifact.layers[0]
     artifact.deltas[name] = torch.full_like(artifact.deltas[name], float("nan"))
-    artifact.factors = None
+    artifact.payload("weights").factors = None
     with pytest.raises(ArtifactError, match="NaN"):
         erase.save_artifact(artifact, tmp_path / "nan", tiny)
     assert not (tmp_path / "nan").exists()
@@ -196,13 +207,14 @@ def test_a_case_variant_cannot_be_both_erased_and_preserved():  # E11d
         ConceptSpec(("van gogh",), preserve=("monet", "Van Gogh"))
 
 
+@pytest.mark.slow
 def test_erase_load_applies_to_a_plain_pipeline_once(saved, tiny):
     artifact, folder = saved
     with tiny.weight_deltas(artifact.deltas):
         edited = np.asarray(tiny.generate(["a van gogh star"], [3], steps=4, progress=False)[0], dtype=np.float32)
     plain = tiny_sd_pipeline(0)  # a plain diffusers pipeline object with the same base weights
-    loaded = erase.load(plain, folder)
-    assert loaded.concepts == ["van gogh"]
+    handle = erase.load(plain, folder)
+    assert handle.artifact.concepts == ["van gogh"]
     again = np.asarray(PipelineWrapper(plain, "x").generate(["a van gogh star"], [3], steps=4, progress=False)[0])
     assert np.abs(edited - again.astype(np.float32)).max() <= 1.0
     with pytest.raises(ArtifactMismatchError, match="already applied"):
@@ -241,3 +253,75 @@ def test_erase_load_applies_to_a_plain_sdxl_pipeline(tiny_sdxl, tmp_path):
         assert torch.allclose(plain.unet.get_submodule(name.removeprefix("unet.")).weight, expected, atol=1e-6)
     with pytest.raises(ArtifactMismatchError, match="already applied"):
         erase.load(plain, folder)
+
+
+# ---------------------------------------------------------------------------------------------------- D12
+def _scaled(factor, rslora=False):
+    """Adapter metadata with every alpha times ``factor`` (and rsLoRA's alpha / sqrt(r) scaling if asked)."""
+
+    def change(metadata):
+        out = dict(metadata)
+        for key, value in metadata.items():
+            if key.endswith(".lora_alpha"):
+                out[key] = value * factor
+            elif key.endswith(".alpha_pattern"):
+                out[key] = {k: v * factor for k, v in value.items()}
+            elif key.endswith(".r") and rslora:
+                out[key.removesuffix(".r") + ".use_rslora"] = True
+        return out
+
+    return change
+
+
+@pytest.mark.parametrize("factor, rslora", [(2.0, False), (0.5, False)])
+def test_erase_load_applies_a_lora_as_load_lora_weights_does(saved, factor, rslora):
+    """D12: the adapter's alpha and rank (and rsLoRA) scale the change for ``erase.load`` exactly as for diffusers'
+    ``load_lora_weights`` (fused, to compare the weights)."""
+    artifact, folder = saved
+    _retamper_weights(folder, lambda t: t, adapter=_scaled(factor, rslora))
+    ours = tiny_sd_pipeline(0)
+    erase.load(ours, folder)
+    theirs = tiny_sd_pipeline(0)
+    theirs.load_lora_weights(str(folder))
+    theirs.fuse_lora()
+    for name, delta in artifact.deltas.items():
+        path = name.removeprefix("unet.")
+        found = ours.unet.get_submodule(path).weight
+        assert torch.allclose(found, theirs.unet.get_submodule(path).weight, atol=1e-6), name
+        base = tiny_sd_pipeline(0).unet.get_submodule(path).weight
+        assert not torch.allclose(found, base + delta, atol=1e-6), name  # the scale is in force, not ignored
+
+
+@pytest.mark.parametrize(
+    "change, adapter, message",
+    [
+        (lambda t: {k: v.to(torch.int32) for k, v in t.items()}, None, "int32 values, not floats"),  # D12
+        (lambda t: {**t, "unet.extra.lora_A.weight": torch.ones(1, 4)}, None, "no LoRA factor"),  # D12
+        (lambda t: {**t, "unet.x.alpha": torch.tensor(2.0)}, None, "no LoRA factor"),  # further: kohya's alphas
+        (lambda t: t, lambda m: {k: ({p: 2 for p in v} if k.endswith("rank_pattern") else v) for k, v in m.items()},
+         "the metadata says 2"),  # further: a rank the factors do not have
+        (lambda t: t, lambda m: {**m, "unet.use_dora": True}, "DoRA"),  # further: diffusers would apply DoRA
+    ],
+)  # fmt: skip
+def test_a_lora_erase_cannot_apply_as_diffusers_would_is_refused(saved, change, adapter, message):
+    _, folder = saved
+    _retamper_weights(folder, change, adapter=adapter)
+    with pytest.raises(ArtifactError, match=message) as err:
+        erase.load_artifact(folder)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: {k: v for k, v in m.items() if k != "checksums"}, "lacks checksums"),  # D12
+        (lambda m: {**m, "checksums": {}}, "not covered by the checksums"),  # D12: an emptied checksum
+        (lambda m: {**m, "checksums": {**m["checksums"], "intervention.json": "0" * 64}}, "no payload"),  # further
+    ],
+)
+def test_erasure_json_without_its_checksums_is_refused(saved, change, message):
+    _, folder = saved
+    meta = json.loads((folder / METADATA_FILE).read_text())
+    (folder / METADATA_FILE).write_text(json.dumps(change(meta)))
+    with pytest.raises(ArtifactError, match=message):
+        erase.load(tiny_sd_pipeline(0), folder)

@@ -93,6 +93,7 @@ def test_configs_and_templates_check_their_input():
     assert {"unlearn_diff_atk", "concept_inversion"} <= set(available_attacks())
 
 
+@pytest.mark.slow
 def test_unlearn_diff_atk_writes_a_prefix_that_lowers_the_loss(wrapper, uce):
     config = UnlearnDiffAtkConfig(tokens=2, iterations=6, lr=0.05, batch=2, optimisation_probes=2, eval_pairs=4,
                                   checks=3)  # fmt: skip
@@ -115,6 +116,7 @@ def test_unlearn_diff_atk_writes_a_prefix_that_lowers_the_loss(wrapper, uce):
     assert np.array_equal(_pixels(drawn), _pixels(result.images))
 
 
+@pytest.mark.slow
 def test_concept_inversion_learns_a_token_that_lowers_the_loss(wrapper, uce):
     config = ConceptInversionConfig(steps=6, lr=0.05, batch=2, train_prompts=2, eval_pairs=4)
     target = _target(wrapper, uce)

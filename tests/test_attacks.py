@@ -81,6 +81,7 @@ def test_generation_from_embeddings_and_with_ddim_noise(wrapper):
         wrapper.generate(prompts, [1, 2], steps=2, eta=1.5)
 
 
+@pytest.mark.slow
 def test_rece_embedding_restores_a_uce_edit_and_leaves_the_pipeline_as_it_was(wrapper, uce):
     before = projection_weights(wrapper, ("*attn2.to_k", "*attn2.to_v"))
     target = _target(wrapper, uce)
@@ -97,6 +98,7 @@ def test_rece_embedding_restores_a_uce_edit_and_leaves_the_pipeline_as_it_was(wr
     assert same.info["layers_edited"] == 0 and same.info["restored_share"] is None
 
 
+@pytest.mark.slow
 def test_ring_a_bell_adds_the_concept_direction(wrapper, uce):
     direction = concept_direction(wrapper, "van gogh", 8, 0)
     assert direction.shape == wrapper.encode_prompts(["x"]).embeddings.shape[1:] and direction.norm() > 0
@@ -109,6 +111,7 @@ def test_ring_a_bell_adds_the_concept_direction(wrapper, uce):
         RingABellConfig(base="elsewhere")
 
 
+@pytest.mark.slow
 def test_ring_a_bell_prompt_writes_text_nearer_the_target_than_it_started(wrapper, uce):
     config = RingABellPromptConfig(eta=2.0, pairs=8, length=4, population=8, generations=6, searches=2)
     target = _target(wrapper, uce)
@@ -134,6 +137,7 @@ def test_ring_a_bell_prompt_writes_text_nearer_the_target_than_it_started(wrappe
             RingABellPromptConfig(**bad)
 
 
+@pytest.mark.slow
 def test_noise_probe_keeps_the_candidate_the_scorer_likes_best(wrapper, uce, scorer):
     target = _target(wrapper, uce, n=2, scorer=scorer)
     result = run_attack("noise_probe", target, NoiseProbeConfig(candidates=3), seed=5)
@@ -183,6 +187,7 @@ def test_the_suite_checks_every_attack_against_the_model_before_drawing_anything
     assert not list(tmp_path.rglob("*.png"))
 
 
+@pytest.mark.slow
 def test_the_suite_writes_every_row_and_resumes_without_redoing_them(wrapper, uce, scorer, tmp_path):
     target = _target(wrapper, uce, n=2, scorer=scorer)
     summary = run_attack_suite(target, ["rece_embedding"], tmp_path, scorer=scorer, erasure={"id": 1})
@@ -215,6 +220,7 @@ def test_the_suite_writes_every_row_and_resumes_without_redoing_them(wrapper, uc
     assert len(image.read_bytes()) > 100
 
 
+@pytest.mark.slow
 def test_attack_success_counts_the_concept_with_its_interval(wrapper, scorer):
     probes = attack_probes("van gogh", 4, 0)
     images = wrapper.generate([p.prompt for p in probes], [p.seed for p in probes], steps=2, progress=False)
@@ -289,6 +295,7 @@ def test_every_attack_is_listed_and_takes_budget_overrides():
     assert configs["ring_a_bell"] == RingABellConfig(eta=3.0, base="neutral")
 
 
+@pytest.mark.slow
 def test_readme_attack_command_on_micro(tmp_path):
     """The README's commands: erase van gogh with UCE, then attack it (one attack, few images, to stay quick)."""
     out = tmp_path / "vg"
@@ -305,6 +312,7 @@ def test_readme_attack_command_on_micro(tmp_path):
     assert rows["rece_embedding"]["judge"]["n"] == 6
 
 
+@pytest.mark.slow
 def test_an_audit_with_attacks_reports_them(wrapper, scorer, artifact_dir, tmp_path):
     from erase.workflow import audit_models
     from evals.audit import METRICS_SCHEMA, run_audit
@@ -326,6 +334,7 @@ def test_an_audit_with_attacks_reports_them(wrapper, scorer, artifact_dir, tmp_p
     assert 'id="attacks"' in html and "rece_embedding" in html and "data:image/png;base64" in html
 
 
+@pytest.mark.slow
 def test_readme_attack_table_command_on_micro(tmp_path):
     """The README's robustness table, cut to two methods, one attack and four probes."""
     main = runpy.run_path("scripts/attack_table.py", run_name="attack_table_script")["main"]  # in-process
@@ -358,6 +367,39 @@ def test_attack_table_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys,
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and len(err.splitlines()) == 1
     assert (sorted(p.name for p in out.iterdir()) if out.is_dir() else None) == before
+
+
+@pytest.mark.slow
+def test_an_attack_row_that_cannot_be_written_is_one_line_and_the_suite_resumes(wrapper, uce, scorer, tmp_path):
+    """D1 for attack rows: the file size limit (EFBIG) stands for a full disk; nothing half-written is left, and
+    the same call finishes once the files can be written."""
+    from faults import file_size_limit
+
+    from pipelines.files import WriteError
+
+    target = _target(wrapper, uce, n=2, scorer=scorer)
+    with file_size_limit(1024), pytest.raises(WriteError) as caught:  # attack.json fits, an image does not
+        run_attack_suite(target, ["rece_embedding"], tmp_path, scorer=scorer)
+    assert str(caught.value).startswith(f"cannot write {tmp_path / 'van-gogh' / 'original' / 'images'}")
+    assert "File too large" in str(caught.value) and "\n" not in str(caught.value)
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert files == ["van-gogh/attack.json"]  # no temporary, no row marked done
+    summary = run_attack_suite(target, ["rece_embedding"], tmp_path, scorer=scorer)
+    assert [r["row"] for r in summary["rows"]] == ["original", "unattacked", "rece_embedding"]
+
+
+def test_attack_script_refuses_a_folder_another_run_holds_before_the_model_loads(
+    artifact_dir, tmp_path, capsys, monkeypatch
+):  # D4
+    import evals.scorer
+    from pipelines.files import claim_folder
+
+    monkeypatch.setattr(evals.scorer, "load_scoring", lambda *a, **k: pytest.fail("the scorer was loaded"))
+    main = runpy.run_path("scripts/attack.py", run_name="attack_script")["main"]
+    with claim_folder(tmp_path / "out"):
+        code = main(["--erasure", str(artifact_dir), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "being written by another run" in err and len(err.splitlines()) == 1
 
 
 def test_concepts_that_read_differently_get_their_own_attack_folders(wrapper, scorer, tmp_path):

@@ -169,6 +169,7 @@ def test_metric_functions():
 # the audit
 
 
+@pytest.mark.slow
 def test_audit_outputs_schema_and_report(wrapper, small_suite, artifact_dir, scorer, tmp_path):
     judge = Judge(JudgeConfig(widths=(4,))).eval()  # random, but exercises the judge column
     result = _audit(wrapper, small_suite, [artifact_dir], tmp_path, scorer, judge=judge, scorer_name="tiny-clip")
@@ -234,6 +235,7 @@ def _counting(wrapper, monkeypatch, log):
     monkeypatch.setattr(wrapper, "generate", generate)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_the_same_metrics(wrapper, small_suite, artifact_dir, scorer, tmp_path, monkeypatch):
     reference = _audit(wrapper, small_suite, [artifact_dir], tmp_path / "ref", scorer)
     calls: list = []
@@ -275,6 +277,7 @@ def test_kill_and_resume_gives_the_same_metrics(wrapper, small_suite, artifact_d
     assert _audit(wrapper, small_suite, [artifact_dir], out, scorer) == result and calls == []
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(wrapper, small_suite, artifact_dir, scorer, tmp_path):
     one = _audit(wrapper, small_suite, [artifact_dir], tmp_path / "one", scorer)
     two = tmp_path / "two"
@@ -293,11 +296,13 @@ def test_two_processes_match_one(wrapper, small_suite, artifact_dir, scorer, tmp
         assert m1["clip"] == m2["clip"]
 
 
+@pytest.mark.slow
 def test_missing_share_is_reported(wrapper, small_suite, scorer, tmp_path):
     with pytest.raises(AuditError, match="images are missing"):
         _audit(wrapper, small_suite, [], tmp_path, scorer, process_index=0, num_processes=2)
 
 
+@pytest.mark.slow
 def test_foreign_artifact_and_changed_settings_are_refused(wrapper, small_suite, artifact_dir, scorer, tmp_path):
     other = load_pipeline("tiny", seed=1)
     with pytest.raises(ArtifactMismatchError):
@@ -352,6 +357,7 @@ def test_script_bad_input_is_one_line_exit_2(tmp_path, clip_dir, artifact_dir, c
     assert "--images-per-prompt must be >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_accelerate_launch_two_processes_matches_in_process(tmp_path, clip_dir, artifact_dir, wrapper, scorer):
     launcher = two_process_launcher()
     if launcher is None:

@@ -164,15 +164,27 @@ def test_read_only_out_is_refused_early(main, clip_dir, prompts, read_only_dir, 
     assert sorted(p.name for p in read_only_dir.iterdir()) == ["keep.txt"]
 
 
+def test_an_out_another_audit_holds_is_refused_before_the_model_loads(
+    main, clip_dir, prompts, tmp_path, capsys, nothing_loads
+):  # D4 of reliability-2026-12-07
+    from pipelines.files import claim_folder
+
+    with claim_folder(tmp_path / "out"):
+        assert main(_args(clip_dir, prompts, tmp_path / "out")) == 2
+    assert f"being written by another run (process {os.getpid()})" in _one_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
 def test_disk_full_is_one_line_and_the_audit_resumes(main, clip_dir, prompts, tmp_path, capsys, monkeypatch):
     assert main(_args(clip_dir, prompts, tmp_path / "ref")) == 0
     capsys.readouterr()
     out = tmp_path / "out"
     real_fsync, calls = os.fsync, []
 
-    def fsync(fd):  # the disk fills up after audit.json, suite.csv and two images
+    def fsync(fd):  # the disk fills up after audit.json (1 fsync), suite.csv and two images (file and folder: 2)
         calls.append(fd)
-        if len(calls) > 4:
+        if len(calls) > 7:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_fsync(fd)
 
@@ -196,6 +208,7 @@ def test_disk_full_is_one_line_and_the_audit_resumes(main, clip_dir, prompts, tm
 # what the folder holds (U12b, U13, U29)
 
 
+@pytest.mark.slow
 def test_another_suite_or_erasure_set_is_refused(wrapper, suite, artifact_dir, scorer, tmp_path):
     _audit(wrapper, suite, [artifact_dir], tmp_path, scorer)
     before = _snapshot(tmp_path)
@@ -219,6 +232,7 @@ def test_another_suite_or_erasure_set_is_refused(wrapper, suite, artifact_dir, s
         _audit(wrapper, suite, [artifact_dir], tmp_path, scorer)
 
 
+@pytest.mark.slow
 def test_another_batching_is_refused(wrapper, suite, scorer, tmp_path):
     _audit(wrapper, suite, [], tmp_path, scorer)
     before = _snapshot(tmp_path)
@@ -265,6 +279,7 @@ def test_script_audit_json_list_is_one_line(main, clip_dir, prompts, tmp_path, c
 # images on disk (U17, U14b)
 
 
+@pytest.mark.slow
 def test_damaged_images_are_generated_again(wrapper, suite, artifact_dir, scorer, tmp_path, caplog):
     reference = _audit(wrapper, suite, [artifact_dir], tmp_path / "ref", scorer)
     out = tmp_path / "out"
@@ -289,6 +304,7 @@ def test_damaged_images_are_generated_again(wrapper, suite, artifact_dir, scorer
     assert all(p.stat().st_mtime_ns == t for p, t in untouched.items())
 
 
+@pytest.mark.slow
 def test_an_image_still_damaged_at_scoring_is_named(wrapper, suite, scorer, tmp_path):
     # process 1's share is on disk, then one of its images is damaged: process 0 does not regenerate other shares
     _audit(wrapper, suite, [], tmp_path, None, process_index=1, num_processes=2)
@@ -311,6 +327,7 @@ def _dead_pid() -> int:
         pid += 1
 
 
+@pytest.mark.slow
 def test_a_killed_runs_temporary_files_are_removed(wrapper, suite, scorer, tmp_path):
     _audit(wrapper, suite, [], tmp_path, scorer)
     row = suite.rows[0]
@@ -366,6 +383,7 @@ def test_pickle_checkpoint_and_unloadable_scorer_are_one_line(main, prompts, tmp
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_quiet_shows_no_loading_bars(clip_dir, prompts, tmp_path):
     # a subprocess: the library verbosity the script sets is process-wide
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -91,6 +91,7 @@ def _section(report: str, name: str) -> str:
     return match.group(1)
 
 
+@pytest.mark.slow
 def test_verdict_states_the_erased_concepts_figures(erased):
     out, result = erased
     original, vg = result["models"]
@@ -128,6 +129,7 @@ def test_verdict_states_the_erased_concepts_figures(erased):
     assert verdict_text(result).startswith(f"{vg['label']} (uce): {found.headline}")
 
 
+@pytest.mark.slow
 def test_report_tables_and_image_order(erased):
     out, result = erased
     report = (out / "report.html").read_text()
@@ -174,6 +176,7 @@ def test_report_tables_and_image_order(erased):
     assert (out / "report.html").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_an_erasure_that_leaves_its_target_fails_and_the_report_is_escaped(wrapper, suite, scorer, tmp_path):
     config = {"scale": 1.0, "layers": ["a", "b"], "note": "<script>alert(1)</script>", "inner": {"k": [1, 2]}}
     noop = AuditModel(

@@ -99,6 +99,7 @@ def test_each_concept_is_paired_with_its_own_anchor(tiny):
     assert ("monet", "art") in pairs
 
 
+@pytest.mark.slow
 def test_default_adapts_only_cross_attention_keys_and_values_on_anchor_trajectories(tiny):
     artifact = erase_concepts(tiny, ConceptSpec(("van gogh",), guides=("painting",)), "ca", CAConfig(**FAST))
     names = set(artifact.deltas)
@@ -111,6 +112,7 @@ def test_default_adapts_only_cross_attention_keys_and_values_on_anchor_trajector
     assert {name.rsplit(".", 1)[1] for name in xattn.deltas} == {"to_q", "to_k", "to_v", "0"}
 
 
+@pytest.mark.slow
 def test_anchor_regularization_keeps_anchor_predictions_closer(tiny):
     """The same steps with and without the anchor term: the anchor prompt's prediction moves less with it."""
     x = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(5))
@@ -127,6 +129,7 @@ def test_anchor_regularization_keeps_anchor_predictions_closer(tiny):
     assert moved[10.0] < moved[0.0], moved
 
 
+@pytest.mark.slow
 def test_erase_script_runs_ca_with_guide_and_preserve(tmp_path, capsys):
     import importlib.util
     from pathlib import Path

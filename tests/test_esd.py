@@ -50,6 +50,7 @@ def test_target_is_the_paper_and_esd_sd_with_guidance_plus_one():
     assert torch.allclose(esd_target(e_c, e_0, 1.0), newer_script_ng2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "train, ends",
     [
@@ -63,6 +64,7 @@ def test_variants_adapt_their_modules(tiny, train, ends):
     assert artifact.info["variant"] == train
 
 
+@pytest.mark.slow
 def test_anchor_regularization_keeps_anchor_predictions_closer(tiny):
     """The same steps with and without the anchor term: the anchor prompt's prediction moves less with it."""
     x = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(5))
@@ -79,11 +81,13 @@ def test_anchor_regularization_keeps_anchor_predictions_closer(tiny):
     assert moved[10.0] < moved[0.0], moved
 
 
+@pytest.mark.slow
 def test_several_concepts_train_one_adapter(tiny):
     artifact = erase_concepts(tiny, ConceptSpec(("van gogh", "claude monet")), "esd", ESDConfig(**FAST))
     assert artifact.concepts == ["van gogh", "claude monet"] and artifact.info["steps"] == 8
 
 
+@pytest.mark.slow
 def test_erase_script_runs_esd_with_set(tmp_path, capsys):
     import importlib.util
     from pathlib import Path
@@ -127,6 +131,7 @@ numpy.save(out, numpy.stack(images))
 """
 
 
+@pytest.mark.slow
 def test_a_fresh_plain_diffusers_process_draws_what_the_in_memory_edit_draws_on_micro(tmp_path):
     """The micro model, an ESD artifact, and a new interpreter that imports only diffusers: the same float images
     as the in-memory edit (max abs difference <= 1e-3 on the [0, 1] scale)."""

@@ -4,9 +4,11 @@ import json
 
 import pytest
 import torch
+from faults import file_size_limit
 
 from erase.lora.trainer import LoraTrainConfig, train_lora
 from pipelines import LORA_TARGETS
+from pipelines.files import DamagedCheckpointError, WriteError
 
 FAST = dict(steps=6, lr=1e-2, pool_images=2, pool_steps=4)
 
@@ -31,6 +33,7 @@ def test_lora_modules_match_patterns_and_refuse_none(tiny):
         tiny.lora_modules(["*no_such_module"])
 
 
+@pytest.mark.slow
 def test_adapters_change_only_targets_frozen_equals_original_and_are_removed(tiny):
     before = _state(tiny.unet)
     grads = {n: p.requires_grad for n, p in tiny.unet.named_parameters()}
@@ -70,6 +73,7 @@ def test_adapters_are_removed_on_error(tiny):
     assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_sample_trajectories_records_every_unet_input(tiny):
     latents, timesteps = tiny.sample_trajectories(["van gogh", "monet", "a cat"], [0, 1, 2], steps=4, batch_size=2)
     assert latents.shape == (3, 4, 4, 16, 16) and timesteps.shape == (4,)
@@ -97,11 +101,12 @@ def _train(wrapper, **settings):
         loss_fn=_mse_to_frozen_plus_shift,
         config=config,
         layers=LORA_TARGETS["xattn"],
-        run_key={"test": "toy", "steps": config.steps, "seed": config.seed},
+        run_key={"test": "toy", "seed": config.seed},  # as a method's: more steps continue a run
         progress=False,
     )
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_leaves_base_identical_and_records_info(tiny):
     before = _state(tiny.unet)
     first = _train(tiny, seed=3)
@@ -117,6 +122,7 @@ def test_training_is_deterministic_leaves_base_identical_and_records_info(tiny):
     assert info["final_loss"] < info["loss_per_100_steps"][0] * 2  # it trains (the toy loss falls from 0.01)
 
 
+@pytest.mark.slow
 def test_killed_run_resumed_equals_uninterrupted(tiny, tmp_path):
     whole = _train(tiny, steps=8)
     folder = tmp_path / "ckpt"
@@ -151,10 +157,87 @@ def test_killed_run_resumed_equals_uninterrupted(tiny, tmp_path):
         train_lora(tiny, loss_fn=_mse_to_frozen_plus_shift, progress=False, **other)
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_no_pickles(tiny, tmp_path):
     _train(tiny, checkpoint_dir=str(tmp_path / "c"), checkpoint_every=3)
     files = sorted(p.name for p in (tmp_path / "c").rglob("*") if p.is_file())
     assert files == ["lora.safetensors", "optimizer.safetensors", "pool.safetensors", "run.json", "state.json"]
+
+
+def _same_factors(a, b):
+    return all(torch.equal(x, b.factors[name][0]) and torch.equal(y, b.factors[name][1])
+               for name, (x, y) in a.factors.items())  # fmt: skip
+
+
+def _files(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_cannot_be_written_keeps_the_last_one_and_resumes(tiny, tmp_path):  # D1
+    """The file size limit (EFBIG, real as root too) stands for a full disk: one line naming the checkpoint, no
+    temporary left, the last good checkpoint intact; once the files can be written, the same call resumes."""
+    whole = _train(tiny, steps=6)
+    folder = tmp_path / "ck"
+    _train(tiny, steps=4, checkpoint_dir=str(folder), checkpoint_every=2)
+    before = _files(folder)
+    with file_size_limit(30_000), pytest.raises(WriteError) as caught:  # the optimizer's file is larger
+        _train(tiny, steps=6, checkpoint_dir=str(folder), checkpoint_every=2)
+    assert str(caught.value).startswith(f"cannot write {folder / 'step-00000006'}: File too large")
+    assert "\n" not in str(caught.value) and _files(folder) == before
+    resumed = _train(tiny, steps=6, checkpoint_dir=str(folder), checkpoint_every=2)
+    assert resumed.info["resumed_from_step"] == 4 and _same_factors(resumed, whole)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "damage, file",
+    [
+        (_truncate, "step-00000004/lora.safetensors"),
+        (_truncate, "step-00000004/optimizer.safetensors"),
+        (lambda p: p.write_text('{"step": 4, "losses"'), "step-00000004/state.json"),
+        (lambda p: p.write_text("[4]"), "step-00000004/state.json"),
+        (lambda p: p.write_text('{"step": 4}'), "step-00000004/state.json"),  # fields missing
+        (_truncate, "pool.safetensors"),
+        (lambda p: p.write_bytes(b"\xff\xfe"), "run.json"),
+    ],
+)
+def test_a_damaged_checkpoint_is_named_and_restart_starts_afresh(tiny, tmp_path, damage, file):  # D1
+    folder = tmp_path / "ck"
+    fresh = _train(tiny, steps=4)
+    _train(tiny, steps=4, checkpoint_dir=str(folder), checkpoint_every=2)
+    damage(folder / file)
+    with pytest.raises(DamagedCheckpointError) as caught:
+        _train(tiny, steps=4, checkpoint_dir=str(folder), checkpoint_every=2)
+    message = str(caught.value)
+    assert f"the checkpoint file {folder / file} is damaged" in message and "--restart" in message
+    assert "\n" not in message
+    again = _train(tiny, steps=4, checkpoint_dir=str(folder), checkpoint_every=2, restart=True)
+    assert again.info["resumed_from_step"] == 0 and _same_factors(again, fresh)
+    assert sorted(p.name for p in folder.iterdir()) == ["pool.safetensors", "run.json", "step-00000004"]
+
+
+def test_restart_deletes_only_the_runs_own_files(tiny, tmp_path):
+    folder = tmp_path / "ck"
+    _train(tiny, steps=2, checkpoint_dir=str(folder), checkpoint_every=2)
+    (folder / "notes.txt").write_text("the user's")
+    with pytest.raises(ValueError, match="holds no checkpoints of ours"):
+        _train(tiny, steps=2, checkpoint_dir=str(folder), restart=True)
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"] and (folder / "notes.txt").read_text() == "the user's"
+    with pytest.raises(ValueError, match="needs a checkpoint_dir"):
+        LoraTrainConfig(restart=True)
+
+
+def test_a_checkpoint_dir_that_cannot_be_made_is_one_line_before_training(tiny, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for where in (tmp_path / "afile" / "ck", tmp_path / ("c" * 256)):
+        with pytest.raises(WriteError) as caught:
+            _train(tiny, steps=2, checkpoint_dir=str(where))
+        assert "\n" not in str(caught.value) and str(caught.value).startswith("cannot write")
 
 
 @pytest.mark.parametrize(
@@ -175,6 +258,7 @@ def test_train_config_validation(bad, match):
         LoraTrainConfig(**bad)
 
 
+@pytest.mark.slow
 def test_more_steps_in_the_same_folder_continue_a_finished_run(tiny, tmp_path):
     """Steps are not part of a run's identity: 4 steps, then the same call with 8, equal 8 steps at once."""
     from erase import ConceptSpec, erase_concepts
@@ -212,6 +296,7 @@ json.dump(edit.info, open(f"{out}/info-{rank}.json", "w"))
 """
 
 
+@pytest.mark.slow
 def test_two_processes_sync_gradients_and_end_with_the_same_adapters(tiny, tmp_path):
     import os
     import subprocess

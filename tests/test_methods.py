@@ -15,24 +15,46 @@ def _pixels(images):
     return np.stack([np.asarray(i, dtype=np.float32) for i in images])
 
 
-@pytest.fixture(params=[m for m in erase.available_methods() if erase.get_method(m).family != "runtime"])
+def _method_param(name: str):
+    """A method as a test parameter; slow: the trained ones and rece (its adversarial-embedding search), seconds to a
+    minute each on tiny."""
+    slow = erase.get_method(name).capabilities.training or name == "rece"
+    return pytest.param(name, marks=pytest.mark.slow if slow else ())
+
+
+@pytest.fixture(params=[_method_param(m) for m in erase.available_methods() if not erase.get_method(m).runtime])
 def method(request):
     """Every weight-editing method (the runtime family, which edits no weight, is tested in test_sae.py)."""
     return request.param
 
 
 def _fast_config(method):
-    """The default config, but for trained (LoRA) methods a few large steps on a small pool: seconds on tiny."""
-    spec = erase.get_method(method)
-    if spec.family == "lora":
-        return spec.config_class(steps=8, lr=1e-2, pool_images=2, pool_steps=4)
-    return None
+    """The method's declared quick config (``Capabilities.quick``): seconds on tiny."""
+    return erase.get_method(method).quick_config()
 
 
 def _edited_patterns(method):
     """The module-name patterns a method's default config edits: K/V for closed forms, the config's for LoRA."""
     config = _fast_config(method)
-    return config.patterns if config is not None else ("*attn2.to_k", "*attn2.to_v")
+    return getattr(config, "patterns", None) or getattr(config, "layers", None) or ("*attn2.to_k", "*attn2.to_v")
+
+
+def test_every_method_declares_what_it_can_do_and_registration_checks_it():
+    """Methods are found in their family packages, and their capabilities name fields their configs have."""
+    from erase.core.registry import Capabilities
+
+    runtime = {m for m in erase.available_methods() if erase.get_method(m).runtime}
+    assert {"uce", "time", "rece", "esd", "ca", "spm"} <= set(erase.available_methods()) - runtime
+    for name in erase.available_methods():
+        method = erase.get_method(name)
+        assert method.runtime == (method.family == "runtime")
+        config = method.quick_config()
+        assert config is None or isinstance(config, method.config_class)
+    spec = erase.get_method("uce")
+    with pytest.raises(ValueError, match="does not have"):
+        erase.register_method("other", spec.config_class, "closed_form", capabilities=Capabilities(templates="nope"))
+    with pytest.raises(ValueError, match="does not have"):
+        erase.register_method("other", spec.config_class, "closed_form", capabilities=Capabilities(quick={"x": 1}))
 
 
 def test_registry_lists_methods_and_refuses_duplicates():
@@ -54,10 +76,10 @@ def test_method_changes_target_and_leaves_other_modules_bit_identical(tiny, meth
     patterns = _edited_patterns(method)
     assert all(any(fnmatch.fnmatchcase(name.removesuffix(".weight"), p) for p in patterns) for name in edited)
     base = _pixels(tiny.generate(["a painting by van gogh"], [0], steps=3, progress=False))
-    if artifact.transport is not None:  # facilitated transport: applied as hooks, the weights stay as they are
+    if artifact.payload("transport") is not None:  # facilitated transport: applied as hooks, the weights stay
         tiny.apply_weight_deltas(artifact.deltas)
     else:
-        erase.apply_artifact(tiny, artifact)
+        erase.load(tiny, artifact)
     after_state = tiny.pipe.unet.state_dict()
     for key, value in before.items():
         if key in edited:
@@ -69,6 +91,7 @@ def test_method_changes_target_and_leaves_other_modules_bit_identical(tiny, meth
     assert np.abs(base - erased).max() > 1
 
 
+@pytest.mark.slow
 def test_artifact_loads_in_plain_diffusers_and_reproduces_the_in_memory_model(tiny, method, tmp_path):
     """Every method's default artifact loads in plain diffusers and draws what the in-memory edit draws (uint8 pixels
     within rounding), and the edit is visible: a LoRA (``load_lora_weights`` on a freshly loaded base) where that is
@@ -83,8 +106,8 @@ def test_artifact_loads_in_plain_diffusers_and_reproduces_the_in_memory_model(ti
     full_rank = method == "rece"
     assert meta["method"] == method and meta["guides"] == ["painting"]
     assert meta["weight_format"] == ("full" if full_rank else "lora")
-    if erase.get_method(method).family == "lora":  # the adapters' own rank, saved exactly (no SVD)
-        assert set(meta["lora_ranks"].values()) == {meta["config"]["rank"]}
+    if erase.get_method(method).capabilities.training:  # the adapters' own rank, saved exactly (no SVD)
+        assert set(meta["payloads"]["weights"]["lora_ranks"].values()) == {meta["config"]["rank"]}
     prompts, seeds = ["a painting by van gogh", "a cat"], [0, 1]
     with tiny.weight_deltas(artifact.deltas):
         in_memory = _pixels(tiny.generate(prompts, seeds, steps=4, progress=False))
@@ -111,7 +134,7 @@ def test_save_load_round_trip(tiny, method, tmp_path):
 
 def test_method_config_validation_names_the_bad_value(method):
     config_class = erase.get_method(method).config_class
-    bad = {"closed_form": "lamb", "lora": "lr"}[erase.get_method(method).family]
+    bad = "lr" if erase.get_method(method).capabilities.training else "lamb"
     with pytest.raises(ValueError, match="-1"):
         config_class(**{bad: -1.0})
     with pytest.raises(ValueError, match="layers"):
@@ -142,6 +165,7 @@ def test_uce_update_solves_the_papers_equation():
     assert torch.allclose((w @ (torch.eye(d, dtype=torch.float64) + u @ v)) @ c_e.T, w @ c_g.T, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_uce_erases_twenty_concepts_at_once(tiny_sdxl):
     """Each of 20 targets' edited embeddings maps (nearly) where its own guide's does; a preserved concept keeps its
     mapping. Two embeddings per prompt ("last": last token and EOS) keep the 40 rows within tiny SDXL's 64 dims."""
@@ -215,6 +239,7 @@ def test_uce_defaults_are_the_reference_closed_form(model, edit, guides, preserv
         assert (artifact.deltas[name].double() - change).norm() / change.norm() <= 1e-4, name
 
 
+@pytest.mark.slow
 def test_audit_script_takes_lora_artifacts_unchanged(tmp_path, clip_dir, capsys):
     """``scripts/audit.py --erasure`` on LoRA artifacts as ``scripts/erase.py`` saves them: esd (cross-attention)
     and spm (every transformer-block Linear, rank 1), side by side in one audit."""

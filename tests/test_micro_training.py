@@ -92,6 +92,7 @@ def test_caption_consistency_is_multi_positive():
     assert m[2].tolist() == [True, False, True]  # a synonym of red fits both red scenes
 
 
+@pytest.mark.slow
 def test_pixel_values_match_saved_preprocessor(work, tmp_path):
     from transformers import CLIPImageProcessor
 
@@ -103,6 +104,7 @@ def test_pixel_values_match_saved_preprocessor(work, tmp_path):
     assert torch.allclose(pixel_values(images), ref, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_stages_export_a_loadable_pipeline(work, tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -153,6 +155,7 @@ def test_stages_export_a_loadable_pipeline(work, tmp_path):
     assert all((tmp_path / "eval" / f"eval_{cat}.png").is_file() for cat in world.CATEGORIES)
 
 
+@pytest.mark.slow
 def test_resume_continues_from_saved_step(work, tmp_path):
     # Resume in a copy of the work dir, so the other tests' unet stage is unaffected.
     import shutil
@@ -183,6 +186,7 @@ def test_resume_continues_from_saved_step(work, tmp_path):
         assert torch.allclose(a, b, atol=1e-6), k
 
 
+@pytest.mark.slow
 def test_clip_reports_held_out_and_training_pool_accuracy(work):
     # The gap between the two is how much of the pool the vision tower has memorised.
     metrics = json.loads((work / "clip" / "metrics.json").read_text())
@@ -191,6 +195,7 @@ def test_clip_reports_held_out_and_training_pool_accuracy(work):
         assert all(0.0 <= v <= 1.0 for v in metrics[split].values())
 
 
+@pytest.mark.slow
 def test_checkpoints_contain_no_pickles(work):
     files = [f for f in work.rglob("*") if f.is_file()]
     assert any(f.name.startswith("ckpt-") for f in files)
@@ -207,6 +212,7 @@ def test_checkpoints_contain_no_pickles(work):
             np.load(f, allow_pickle=False)
 
 
+@pytest.mark.slow
 def test_clip_can_continue_with_the_text_tower_frozen(work, tmp_path):
     """Continuing the scorer after the UNet is trained must not change the SD text encoder it was trained on."""
     import dataclasses
@@ -244,6 +250,7 @@ def test_clip_can_continue_with_the_text_tower_frozen(work, tmp_path):
     assert "heldout_vae_zero_shot" not in json.loads((tmp_path / "clean" / "clip" / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_clip_vae_option_needs_a_reconstruct_function(work, tmp_path):
     import dataclasses
     import shutil
@@ -260,6 +267,7 @@ def test_clip_vae_option_needs_a_reconstruct_function(work, tmp_path):
         vae_reconstructor(tmp_path / "no-such-work", "cpu")
 
 
+@pytest.mark.slow
 def test_vae_reconstructions_are_cached_per_vae_and_images(work, tmp_path):
     import shutil
 
@@ -276,6 +284,7 @@ def test_vae_reconstructions_are_cached_per_vae_and_images(work, tmp_path):
     assert len(list((tmp_path / "w" / "pool").glob("vae-recon-*.npy"))) == 2
 
 
+@pytest.mark.slow
 def test_import_continues_exported_models(work, tmp_path):
     """Exported folders seed a new work dir (checkpoints do not outlive the machine that trained them): exporting it
     again gives the same weights bit for bit, and the clip and unet stages restart from them, not from seed."""

@@ -9,6 +9,7 @@ def _pixels(images):
     return np.stack([np.asarray(i, dtype=np.int16) for i in images])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
 def test_loads_and_generates(model):
     wrapper = load_pipeline(model)
@@ -17,6 +18,7 @@ def test_loads_and_generates(model):
     assert wrapper.is_sdxl == (model == "tiny-sdxl")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
 def test_same_prompt_and_seed_same_image_whatever_the_batch(model):
     wrapper = load_pipeline(model)
@@ -28,6 +30,7 @@ def test_same_prompt_and_seed_same_image_whatever_the_batch(model):
     assert np.abs(alone - other_seed).max() > 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["EulerAncestralDiscreteScheduler", "sde-dpmsolver++"])
 def test_stochastic_samplers_draw_their_step_noise_from_the_seed(sampler):
     """A sampler that adds noise at each step (the micro model ships one) must not make images depend on the global
@@ -90,6 +93,7 @@ def test_prompt_checks(tiny):
     assert tiny.check_prompt("  van gogh ") == "van gogh"
 
 
+@pytest.mark.slow
 def test_capture_and_intervene_remove_their_hooks(tiny):
     name = "unet." + tiny.cross_attention_layers()[0].name
     module = tiny.module(name)
@@ -130,3 +134,128 @@ def test_a_step_count_the_sampler_cannot_run_is_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match="cannot run 2 steps"):
         run_erase(wrapper, ["van gogh"], method="esd", out=tmp_path / "o", check=False, config_overrides=overrides)
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------- pipelines.modules
+def test_modules_by_qualified_name_and_by_pattern(tiny):
+    from pipelines import CROSS_ATTENTION_PATTERNS, LORA_TARGETS
+
+    assert tiny.module("unet") is tiny.unet
+    with pytest.raises(KeyError, match="no pipeline component 'unett'"):
+        tiny.module("unett.mid_block")
+    with pytest.raises(KeyError, match="no module 'unet.mid_block.nowhere'"):
+        tiny.module("unet.mid_block.nowhere")
+    assert set(tiny.components()) >= {"unet", "vae", "text_encoder"} and "scheduler" not in tiny.components()
+    # the "kv" LoRA targets are the cross-attention layers a closed-form edit reaches
+    assert tiny.lora_modules(LORA_TARGETS["kv"]) == sorted(
+        layer.name for layer in tiny.cross_attention_layers(CROSS_ATTENTION_PATTERNS)
+    )
+    transformer = tiny.lora_modules(LORA_TARGETS["transformer"])
+    assert set(tiny.lora_modules(LORA_TARGETS["xattn"])) < set(transformer)
+    with pytest.raises(ValueError, match="no UNet Linear module matches"):
+        tiny.lora_modules(["*conv_nowhere"])
+
+
+# ---------------------------------------------------------------------------------------------- pipelines.text
+def test_prompt_encodings_select_rows_and_tokens_decode_back(tiny):
+    encoding = tiny.encode_prompts(["a cat", "a red star"])
+    picked = encoding.select([1, 1, 0])
+    assert picked.prompts == ["a red star", "a red star", "a cat"]
+    assert torch.equal(picked.embeddings[0], encoding.embeddings[1]) and picked.lengths.tolist() == [5, 5, 4]
+    tokenizer = tiny.pipe.tokenizer
+    assert {tokenizer.bos_token_id, tokenizer.eos_token_id} <= tiny.special_token_ids()
+    ids = encoding.input_ids[1, : encoding.lengths[1]]
+    assert tiny.decode_tokens(ids) == "a red star"  # BOS and EOS dropped
+    assert tiny.token_count("a red star") == 3 == int(encoding.lengths[1]) - 2
+
+
+# ---------------------------------------------------------------------------------------------- pipelines.sampling
+def test_guidance_halves_inside_a_guided_call_only(tiny):
+    """The UNet's batch is [unconditional; conditional] inside a guided pipeline call, and a plain batch inside
+    ``noise_prediction`` or an unguided call: what a per-prompt LoRA's strengths depend on."""
+    seen = []
+    handle = tiny.unet.register_forward_pre_hook(lambda *_: seen.append(tiny.guidance_halves()))
+    try:
+        tiny.generate(["a cat"], [0], steps=2, guidance=7.5, progress=False)
+        guided, seen[:] = list(seen), []
+        # after a guided call the pipeline still reports guidance; a direct UNet call is a plain batch all the same
+        tiny.noise_prediction(tiny.initial_latents(0), 500, tiny.encode_prompts(["a cat"]))
+        direct, seen[:] = list(seen), []
+        tiny.generate(["a cat"], [0], steps=2, guidance=1.0, progress=False)
+    finally:
+        handle.remove()
+    assert guided == [True, True] and direct == [False] and seen == [False, False]
+
+
+def test_ddim_sampling_swaps_the_scheduler_for_the_call_only(tiny):
+    from diffusers import EulerDiscreteScheduler
+
+    tiny.pipe.scheduler = EulerDiscreteScheduler.from_config(tiny.pipe.scheduler.config)
+    original = tiny.pipe.scheduler
+    own = _pixels(tiny.generate(["a cat"], [0], steps=3, progress=False))
+    ddim = _pixels(tiny.generate(["a cat"], [0], steps=3, eta=0.0, progress=False))
+    assert tiny.pipe.scheduler is original and np.abs(own - ddim).max() > 0
+    with pytest.raises(ValueError, match="eta must be in"):
+        tiny.generate(["a cat"], [0], steps=3, eta=1.5, progress=False)
+    with pytest.raises(ValueError, match="2 prompts but 1 seeds"):
+        tiny.generate(["a cat", "a dog"], [0], steps=3, progress=False)
+    assert tiny.pipe.scheduler is original
+
+
+# ---------------------------------------------------------------------------------------------- pipelines.weights
+def test_weight_edits_are_all_or_nothing_and_undone_exactly(tiny):
+    first, second = (f"unet.{layer.name}" for layer in tiny.cross_attention_layers()[:2])
+    before = {name: tiny.module(name).weight.detach().clone() for name in (first, second)}
+    fingerprint = tiny.fingerprint([first, second])
+    delta = torch.randn_like(before[first]) * 0.1
+    with pytest.raises(ValueError, match="weight change of shape"):
+        tiny.apply_weight_deltas({first: delta, second: torch.zeros(3, 3)})
+    assert torch.equal(tiny.module(first).weight, before[first])  # nothing changed: the bad shape came second
+    with tiny.weight_deltas({first: delta}):
+        assert torch.allclose(tiny.module(first).weight, before[first] + delta)
+        assert tiny.fingerprint([first, second]) != fingerprint
+    assert torch.equal(tiny.module(first).weight, before[first]) and tiny.fingerprint([first, second]) == fingerprint
+    norms = tiny.weight_norms([first])
+    assert norms[first] == pytest.approx(float(before[first].double().norm()))
+    assert tiny.parameter_norm(first) >= norms[first]  # the bias, where there is one, adds to the weight's norm
+
+
+def test_a_saved_lora_reproduces_the_change_in_plain_diffusers(tiny, tmp_path):
+    from pipelines.tiny import tiny_sd_pipeline
+
+    name = f"unet.{tiny.cross_attention_layers()[0].name}"
+    weight = tiny.module(name).weight
+    generator = torch.Generator().manual_seed(0)
+    lora_a = torch.randn(2, weight.shape[1], generator=generator)
+    lora_b = torch.randn(weight.shape[0], 2, generator=generator) * 0.1
+    tiny.save_lora_weights(tmp_path, {name: (lora_a, lora_b)})
+    plain = tiny_sd_pipeline(0)
+    plain.load_lora_weights(str(tmp_path))
+    plain.fuse_lora()
+    path = name.partition(".")[2]
+    assert torch.allclose(plain.unet.get_submodule(path).weight, weight + lora_b @ lora_a, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- pipelines.hooks
+def test_hook_points_and_output_edits_come_off_with_their_handle(tiny):
+    points = tiny.hook_points()
+    assert any(p.startswith("text_encoder.") for p in points) and any(p.startswith("unet.") for p in points)
+    with pytest.raises(ValueError, match="is not a hook point of this pipeline"):
+        tiny.hook_point("unet.conv_in")
+    point = next(p for p in points if p.startswith("unet."))
+    module = tiny.hook_point(point)
+    base = _pixels(tiny.generate(["a star"], [0], steps=2, progress=False))
+    times = []
+
+    def zero(tokens, timestep):
+        assert tokens.dim() == 3 and tokens.shape[-1] == tiny.hook_width(point)
+        times.append(timestep)
+        return tokens * 0
+
+    with tiny.add_output_edit(point, zero) as handle:
+        edited = _pixels(tiny.generate(["a star"], [0], steps=2, progress=False))
+        assert handle.active
+    assert not handle.active and not module._forward_hooks and not tiny.unet._forward_pre_hooks
+    assert np.abs(base - edited).max() > 0 and len(times) == 2 and all(t is not None for t in times)
+    again = _pixels(tiny.generate(["a star"], [0], steps=2, progress=False))
+    assert np.array_equal(base, again)

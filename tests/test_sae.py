@@ -8,6 +8,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from faults import file_size_limit
+from safetensors.torch import save_file
 
 import erase
 from erase import ConceptSpec, erase_concepts
@@ -21,6 +23,7 @@ from erase.sae.sae import (
     save_sae,
     train_sae,
 )
+from pipelines.files import DamagedCheckpointError, WriteError
 
 TEXT_HOOK = "text_encoder.encoder.layers.1"
 UNET_HOOK = "unet.up_blocks.0.attentions.1"
@@ -79,6 +82,7 @@ def _sparse_data(n=6000, d=24, atoms=48, seed=0):
     return codes @ dictionary + 0.3
 
 
+@pytest.mark.slow
 def test_training_explains_sparse_data_and_decoder_rows_stay_unit_norm():
     x = _sparse_data()
     sae, stats = train_sae(x[:5000], SAETrainConfig(expansion=4, k=4, batch_size=128, epochs=10, lr=3e-3))
@@ -89,6 +93,7 @@ def test_training_explains_sparse_data_and_decoder_rows_stay_unit_norm():
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.latents), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_an_interrupted_training_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
     import erase.sae.sae as sae_module
 
@@ -112,6 +117,82 @@ def test_an_interrupted_training_resumes_to_the_uninterrupted_weights(tmp_path, 
         assert torch.allclose(a, b, atol=1e-5), name
     with pytest.raises(ValueError, match="another SAE run"):
         train_sae(x, SAETrainConfig(expansion=2, k=3, batch_size=256, epochs=3), checkpoint_dir=tmp_path / "ck")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),  # truncated
+        lambda p: save_file({"x": torch.zeros(1)}, str(p)),  # no state in its header
+        lambda p: save_file({"x": torch.zeros(1)}, str(p), metadata={"state": '{"run": 1, "epoch": "2"}'}),
+    ],
+)
+def test_a_damaged_sae_checkpoint_is_named_and_restart_starts_afresh(tmp_path, damage):  # D1
+    x = _sparse_data(n=600)
+    config = SAETrainConfig(expansion=2, k=4, batch_size=256, epochs=2, lr=3e-3)
+    fresh, _ = train_sae(x, config)
+    folder = tmp_path / "ck"
+    train_sae(x, config, checkpoint_dir=folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.safetensors"]  # tensors and state: one file
+    damage(folder / "checkpoint.safetensors")
+    with pytest.raises(DamagedCheckpointError) as caught:
+        train_sae(x, config, checkpoint_dir=folder)
+    message = str(caught.value)
+    assert f"the checkpoint file {folder / 'checkpoint.safetensors'} is damaged" in message
+    assert "--restart" in message and "\n" not in message
+    again, stats = train_sae(x, config, checkpoint_dir=folder, restart=True)
+    assert len(stats["fvu_by_epoch"]) == 2
+    pairs = zip(fresh.state_dict().values(), again.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_an_sae_checkpoint_that_cannot_be_written_keeps_the_last_one(tmp_path, monkeypatch):  # D1
+    import erase.sae.sae as sae_module
+
+    x = _sparse_data(n=600)
+    config = SAETrainConfig(expansion=2, k=4, batch_size=256, epochs=3, lr=3e-3)
+    whole, _ = train_sae(x, config)
+    folder, real = tmp_path / "ck", sae_module._checkpoint
+
+    def checkpoint_then_die(folder, run_key, epoch, *args):  # killed after the first epoch's checkpoint
+        real(folder, run_key, epoch, *args)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(sae_module, "_checkpoint", checkpoint_then_die)
+        train_sae(x, config, checkpoint_dir=folder)
+    before = (folder / "checkpoint.safetensors").read_bytes()
+    with file_size_limit(len(before) // 2), pytest.raises(WriteError) as caught:
+        train_sae(x, config, checkpoint_dir=folder)
+    assert str(caught.value).startswith(f"cannot write {folder / 'checkpoint.safetensors'}: File too large")
+    assert [p.name for p in folder.iterdir()] == ["checkpoint.safetensors"]
+    assert (folder / "checkpoint.safetensors").read_bytes() == before
+    resumed, _ = train_sae(x, config, checkpoint_dir=folder)
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_train_sae_script_write_faults_are_one_line(tmp_path, capsys):  # D1, D4, D10
+    import runpy
+
+    from pipelines.files import claim_folder
+
+    main = runpy.run_path("scripts/train_sae.py", run_name="train_sae_script")["main"]
+    (tmp_path / "prompts.txt").write_text("\n".join(_prompts(16)) + "\n")
+    args = ["--model", "tiny", "--hook", TEXT_HOOK, "--prompts", str(tmp_path / "prompts.txt"), "--quiet"]
+    out = tmp_path / "saes"
+    with file_size_limit(2048):  # the activation cache is larger: the disk "fills" at the first write
+        assert main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write {out}/") and "File too large" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not [p for p in out.rglob("*") if p.is_file()]  # no temporary left
+    (folder,) = out.iterdir()  # the SAE's folder, made before the failed write
+    with claim_folder(folder):  # another run trains this SAE
+        assert main([*args, "--out", str(out)]) == 2
+    assert "being written by another run" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / ("s" * 256) / "saes")]) == 2  # before the model loads
+    assert "longer than this file system allows" in capsys.readouterr().err
 
 
 def test_sae_folder_round_trip_and_damage_is_one_line(tmp_path):
@@ -198,8 +279,8 @@ def test_itd_gate_leaves_other_prompts_bit_identical_and_edits_the_concept(wrapp
     assert artifact.deltas == {} and artifact.layers == [TEXT_HOOK]
     assert artifact.info["features"] >= 1 and artifact.info["gate_threshold"] > 0
     prompts = ["painting by van gogh", "art by van gogh", *[p for p in _prompts(64, seed=5) if "van" not in p]]
-    mse = _gate_error(artifact.intervention, wrapper.text_activations(TEXT_HOOK, prompts))[0]
-    fired = mse >= artifact.intervention.settings["threshold"]
+    mse = _gate_error(artifact.payload("intervention"), wrapper.text_activations(TEXT_HOOK, prompts))[0]
+    fired = mse >= artifact.payload("intervention").settings["threshold"]
     assert fired[:2].all() and not fired[2:].all()
     before = wrapper.encode_prompts(prompts).embeddings
     with artifact.applied(wrapper):
@@ -213,7 +294,7 @@ def test_itd_gate_leaves_other_prompts_bit_identical_and_edits_the_concept(wrapp
 
 def test_itd_without_its_gate_edits_every_prompt(wrapper, sae_store):
     artifact = _itd(wrapper, sae_store, gate=False)
-    assert artifact.intervention.settings["threshold"] == 0.0
+    assert artifact.payload("intervention").settings["threshold"] == 0.0
     with artifact.applied(wrapper):
         after = wrapper.encode_prompts(["a red cat"]).embeddings
     assert not torch.equal(after, wrapper.encode_prompts(["a red cat"]).embeddings)
@@ -226,13 +307,14 @@ def test_no_sae_for_this_model_says_how_to_train_one(wrapper, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- saeuron
+@pytest.mark.slow
 def test_saeuron_keeps_the_reconstruction_error(wrapper, sae_store):
     """x' = x + W_dec (z' - z): with every factor 1 the edit returns the activations themselves, not 2 x_hat - x
     as the official code's sign slip would."""
     from erase.sae.saeuron import saeuron_edit
 
     artifact = _saeuron(wrapper, sae_store)
-    intervention = artifact.intervention
+    intervention = artifact.payload("intervention")
     tables = intervention.tables
     assert tables["selected"].shape == (1, 4, intervention.sae.latents) and tables["selected"].any()
     tokens = wrapper.text_activations(TEXT_HOOK, ["x"])[:, :4, :].new_zeros(2, 16, intervention.sae.d_in)
@@ -245,6 +327,7 @@ def test_saeuron_keeps_the_reconstruction_error(wrapper, sae_store):
     assert out is None or out.shape == tokens.shape
 
 
+@pytest.mark.slow
 def test_saeuron_changes_the_concept_and_is_removed_exactly(wrapper, sae_store):
     artifact = _saeuron(wrapper, sae_store)
     base = _pixels(wrapper.generate(["painting by van gogh"], [0], steps=4, progress=False))
@@ -254,6 +337,7 @@ def test_saeuron_changes_the_concept_and_is_removed_exactly(wrapper, sae_store):
     assert np.array_equal(base, _pixels(wrapper.generate(["painting by van gogh"], [0], steps=4, progress=False)))
 
 
+@pytest.mark.slow
 def test_saeuron_gate_edits_an_image_once_it_has_passed_and_leaves_the_rest_bit_identical(wrapper, sae_store):
     """The gate: an image is edited only after the concept's presence passed its gate at ``gate_steps`` calls of
     one generation; then to the end of it; a later timestep starts a new generation. Images below it are returned
@@ -261,7 +345,7 @@ def test_saeuron_gate_edits_an_image_once_it_has_passed_and_leaves_the_rest_bit_
     from erase.sae.saeuron import saeuron_edit
 
     artifact = _saeuron(wrapper, sae_store, gate=0.5, gate_steps=2)
-    intervention = artifact.intervention
+    intervention = artifact.payload("intervention")
     tables = intervention.tables
     assert tables["gate"].shape == (1, 4) and (tables["gate"] > 0).all()
     t = tables["timesteps"]
@@ -308,10 +392,11 @@ def test_saeuron_gate_sits_above_every_rival_image_but_ignores_rivals_that_end_a
     assert torch.equal(_gate(0.3, own, drawn_as_the_concept), 0.3 * own.mean(0))
 
 
+@pytest.mark.slow
 def test_saeuron_gate_edits_an_image_for_one_concept_the_most_present_and_first_latched(wrapper, sae_store):
     from erase.sae.saeuron import saeuron_edit
 
-    intervention = _saeuron(wrapper, sae_store, gate=0.5).intervention
+    intervention = _saeuron(wrapper, sae_store, gate=0.5).payload("intervention")
     tables = intervention.tables
     t = tables["timesteps"][0]
     tokens = 4 * torch.randn(1, 16, intervention.sae.d_in, generator=torch.Generator().manual_seed(2))
@@ -347,25 +432,29 @@ def test_saeuron_gate_edits_an_image_for_one_concept_the_most_present_and_first_
     assert torch.equal(edit([1], only_second, at=later, new_generation=False), edit([1], only_second, at=later))
 
 
+@pytest.mark.slow
 def test_saeuron_scores_each_concept_against_the_others_erased_with_it(wrapper, sae_store):
     """As the reference scores a style against every other style: erased together, a concept's "other" images
     include the other erased concept's, so its chosen features are not the ones it shares with that concept."""
     config = erase.get_method("saeuron").config_class(
         sae_stores=(str(sae_store),), percentile=90.0, multiplier=-5.0, other_prompts=6, steps=4, guidance=7.5
     )
-    alone = erase_concepts(wrapper, ConceptSpec(("van gogh",)), "saeuron", config).intervention.tables
-    pair = erase_concepts(wrapper, ConceptSpec(("van gogh", "monet")), "saeuron", config).intervention.tables
+    alone = erase_concepts(wrapper, ConceptSpec(("van gogh",)), "saeuron", config).payload("intervention").tables
+    pair = (
+        erase_concepts(wrapper, ConceptSpec(("van gogh", "monet")), "saeuron", config).payload("intervention").tables
+    )
     assert not torch.equal(alone["selected"][0], pair["selected"][0])
     shared = (pair["selected"][0] & pair["selected"][1]).sum()
-    alone_monet = erase_concepts(wrapper, ConceptSpec(("monet",)), "saeuron", config).intervention.tables
+    alone_monet = erase_concepts(wrapper, ConceptSpec(("monet",)), "saeuron", config).payload("intervention").tables
     assert shared <= (alone["selected"][0] & alone_monet["selected"][0]).sum()
 
 
+@pytest.mark.slow
 def test_saeuron_per_concept_tables_read_merged_ones_and_gate_is_checked(wrapper, sae_store):
     from erase.sae.saeuron import check_saeuron, saeuron_edit
 
     artifact = _saeuron(wrapper, sae_store)
-    intervention = artifact.intervention
+    intervention = artifact.payload("intervention")
     tables = intervention.tables
     tokens = torch.randn(2, 16, intervention.sae.d_in, generator=torch.Generator().manual_seed(1))
     per_concept = saeuron_edit(intervention, tokens, tables["timesteps"][0])
@@ -384,6 +473,7 @@ def test_saeuron_per_concept_tables_read_merged_ones_and_gate_is_checked(wrapper
 
 
 # ---------------------------------------------------------------------------------------------------- the artifact
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["itd", "saeuron"])
 def test_runtime_artifact_saves_loads_and_attaches_to_a_plain_pipeline(wrapper, sae_store, tmp_path, method):
     artifact = _itd(wrapper, sae_store) if method == "itd" else _saeuron(wrapper, sae_store)
@@ -394,34 +484,30 @@ def test_runtime_artifact_saves_loads_and_attaches_to_a_plain_pipeline(wrapper, 
         p.name for p in folder.iterdir()
     }
     loaded = erase.load_artifact(folder)
-    assert loaded.intervention.identity() == artifact.intervention.identity()
+    assert loaded.payload("intervention").identity() == artifact.payload("intervention").identity()
     prompt = ["painting by van gogh"]
     base = _pixels(wrapper.generate(prompt, [0], steps=4, progress=False))
     with artifact.applied(wrapper):
         in_memory = _pixels(wrapper.generate(prompt, [0], steps=4, progress=False))
-    handle = erase.attach(wrapper.pipe, folder)
+    handle = erase.load(wrapper.pipe, folder)
     with pytest.raises(ValueError, match="already attached"):
-        erase.attach(wrapper.pipe, folder)
+        erase.load(wrapper.pipe, folder)
     attached = _pixels(wrapper.generate(prompt, [0], steps=4, progress=False))
     handle.remove()
     assert np.abs(attached - in_memory).max() <= 1.0
     assert np.array_equal(base, _pixels(wrapper.generate(prompt, [0], steps=4, progress=False)))
-    with erase.attach(wrapper.pipe, folder):  # a context manager too, and attachable again once removed
+    with erase.load(wrapper.pipe, folder):  # a context manager too, and attachable again once removed
         pass
-    with pytest.raises(erase.ArtifactError, match="erase.attach"):
-        erase.load(wrapper.pipe, folder)
 
 
-def test_damaged_or_foreign_runtime_artifacts_are_refused(wrapper, sae_store, tmp_path, artifact_dir):
+def test_damaged_or_foreign_runtime_artifacts_are_refused(wrapper, sae_store, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from pipelines import load_pipeline
 
     folder = erase.save_artifact(_itd(wrapper, sae_store), tmp_path / "itd", wrapper)
     with pytest.raises(erase.ArtifactMismatchError, match="different weights"):
-        erase.attach(load_pipeline("tiny", seed=1).pipe, folder)
-    with pytest.raises(ValueError, match="not a runtime intervention"):
-        erase.attach(wrapper.pipe, artifact_dir)
+        erase.load(load_pipeline("tiny", seed=1).pipe, folder)
     tables = load_file(str(folder / "intervention.safetensors"))
     save_file({"features": tables["features"][:3]}, str(folder / "intervention.safetensors"))
     with pytest.raises(erase.ArtifactError):
@@ -436,12 +522,13 @@ def test_a_half_precision_copy_of_the_base_takes_the_intervention(wrapper, sae_s
 
     artifact = _itd(wrapper, sae_store)
     half = load_pipeline("tiny", dtype=torch.float16)
-    assert half.fingerprint([artifact.intervention.component]) != artifact.base_fingerprint
+    assert half.fingerprint([artifact.payload("intervention").component]) != artifact.base_fingerprint
     check_artifact_base(half, artifact)
     with pytest.raises(erase.ArtifactMismatchError, match="different weights"):
         check_artifact_base(load_pipeline("tiny", seed=1, dtype=torch.float16), artifact)
 
 
+@pytest.mark.slow
 def test_an_audit_generates_through_the_intervention(wrapper, sae_store, scorer, tmp_path):
     from erase.workflow import audit_models
     from evals.audit import run_audit
@@ -489,6 +576,7 @@ def _micro_with_saes():
     return load_pipeline("micro")
 
 
+@pytest.mark.slow
 def test_itd_on_micro_leaves_64_unrelated_prompts_untouched(tmp_path):
     """The shipped SAE, default settings: prompts naming no erased concept pass the gate untouched (their text
     embeddings, hence their images, bit-identical); the few that fire are counted and must stay few."""
@@ -515,6 +603,7 @@ def test_itd_on_micro_leaves_64_unrelated_prompts_untouched(tmp_path):
         assert np.array_equal(original, _pixels(micro.generate(keep, [0, 1, 2, 3], progress=False)))
 
 
+@pytest.mark.slow
 def test_attach_in_a_fresh_plain_process_matches_the_in_memory_intervention(tmp_path):
     """A process that imports only diffusers, torch and erase draws what the in-memory intervention draws (within
     1e-3), and removing the handle gives back the original images bit for bit."""
@@ -534,7 +623,7 @@ def test_attach_in_a_fresh_plain_process_matches_the_in_memory_intervention(tmp_
         "    gens = [torch.Generator('cpu').manual_seed(i) for i in range(len(prompts))]",
         "    return pipe(prompts, generator=gens, num_inference_steps=10, output_type='np').images",
         "original = draw()",
-        f"handle = erase.attach(pipe, {str(folder)!r})",
+        f"handle = erase.load(pipe, {str(folder)!r})",
         "erased = draw()",
         "handle.remove()",
         "restored = draw()",
@@ -554,6 +643,7 @@ def test_attach_in_a_fresh_plain_process_matches_the_in_memory_intervention(tmp_
     assert np.abs(np.load(tmp_path / "erased.npy") - in_memory).max() <= 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra",
     [
@@ -569,9 +659,9 @@ def test_readme_sae_commands_on_micro(tmp_path, extra):
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
-    assert summary["weight_format"] == "intervention" and summary["load_code"].startswith("handle = erase.attach(")
+    assert summary["weight_format"] == "intervention" and summary["load_code"].startswith("handle = erase.load(")
     assert summary["check"]["target_after"] <= summary["check"]["target_before"]
-    assert erase.load_artifact(out).intervention is not None
+    assert erase.load_artifact(out).payload("intervention") is not None
 
 
 def test_bench_sae_bad_input_is_one_line(tmp_path, capsys):
@@ -592,6 +682,7 @@ def test_bench_sae_bad_input_is_one_line(tmp_path, capsys):
         assert err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1, (extra, err)
 
 
+@pytest.mark.slow
 def test_bench_sae_prints_the_overhead_on_micro():
     _micro_with_saes()
     command = [sys.executable, "scripts/bench_sae.py", "--method", "itd", "--images", "2", "--steps", "4",

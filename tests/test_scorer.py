@@ -173,6 +173,7 @@ def _train_red_blue(steps: int = 100) -> CLIPModel:
     return model.eval()
 
 
+@pytest.mark.slow
 def test_trained_tiny_clip_separates_colours(tmp_path: Path) -> None:
     scorer = ClipScorer.from_pretrained(save_clip_folder(_train_red_blue(), tmp_path), progress=False)
     rng = np.random.default_rng(1)
@@ -190,6 +191,7 @@ def test_trained_tiny_clip_separates_colours(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_open_clip_random_weights_end_to_end(tmp_path: Path) -> None:
     import open_clip
 

@@ -30,6 +30,7 @@ def _main(script: str, *args: str, capsys) -> str:  # noqa: ANN001 - pytest's ca
     return capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_train_micro_command_runs_every_stage(tmp_path, capsys):
     sd, clip, work = tmp_path / "sd", tmp_path / "clip", tmp_path / "work"
     caps = ["--max-steps", "2", "--pool-size", "64", "--batch-size", "8", "--eval-images", "1", "--eval-steps", "2",
@@ -77,6 +78,7 @@ def test_train_micro_command_runs_every_stage(tmp_path, capsys):
     assert (sd2 / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == unet_after
 
 
+@pytest.mark.slow
 def test_train_micro_recipe_replays_the_shipped_runs(tmp_path, capsys):
     sd, clip, work = tmp_path / "sd", tmp_path / "clip", tmp_path / "work"
     caps = ["--max-steps", "2", "--pool-size", "64", "--batch-size", "8", "--eval-images", "1", "--eval-steps", "2",
@@ -111,6 +113,7 @@ def test_train_micro_recipe_replays_the_shipped_runs(tmp_path, capsys):
     assert refused.value.code == 2 and "--recipe sets --clip-steps itself" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_judge_command(tmp_path):
     out = tmp_path / "judge"
     args = ["--steps", "2", "--batch-size", "8", "--pool-size", "32", "--eval-size", "16", "--widths", "4", "4"]
@@ -120,6 +123,7 @@ def test_train_judge_command(tmp_path):
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_world_sheet_command(tmp_path):
     out = tmp_path / "world.png"
     _run("world_sheet.py", "--out", str(out), "--scale", "1", cwd=tmp_path)
@@ -127,6 +131,7 @@ def test_world_sheet_command(tmp_path):
         assert sheet.width >= 8 * 64 and sheet.height == 7 * 64  # 8 objects by 7 styles
 
 
+@pytest.mark.slow
 def test_bench_lora_prints_cost_memory_and_the_efficacy_curve(tmp_path):
     args = ["--set", "pool_images=1", "--set", "pool_steps=4", "--repeats", "1", "--threads", "1"]
     result = _run("bench_lora.py", "--model", "tiny", "--set", "steps=2", *args, cwd=tmp_path)

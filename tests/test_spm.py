@@ -10,6 +10,7 @@ import erase
 from erase import ConceptSpec, erase_concepts
 from erase.lora.spm import SPMConfig, latent_anchor_embeddings
 from erase.lora.transport import FacilitatedTransport
+from pipelines.files import file_sha256
 
 FAST = dict(steps=8, lr=1e-2, pool_images=2, pool_steps=4)
 
@@ -60,6 +61,7 @@ def test_latent_anchors_reject_directions_by_their_similarity_to_the_concept():
     assert cos.abs().mean() < 0.1
 
 
+@pytest.mark.slow
 def test_default_adapter_is_rank_one_on_every_transformer_block_linear(tiny):
     artifact = erase_concepts(tiny, ConceptSpec(("van gogh",)), "spm", SPMConfig(**FAST))
     ends = ("attn1.to_q", "attn2.to_k", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
@@ -69,6 +71,7 @@ def test_default_adapter_is_rank_one_on_every_transformer_block_linear(tiny):
     assert artifact.info["variant"] == "transformer" and artifact.info["facilitated_transport"] == "clipcos_tokenuni"
 
 
+@pytest.mark.slow
 def test_latent_anchoring_keeps_other_embeddings_predictions_closer(tiny):
     """The same steps with and without latent anchoring: an unrelated prompt's prediction moves less with it."""
     x = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(5))
@@ -159,6 +162,7 @@ def test_transport_strength_is_the_references_clipcos_tokenuni():
         )
 
 
+@pytest.mark.slow
 def test_spm_artifact_with_transport_round_trips_attaches_once_and_restores(tiny, tmp_path):
     artifact = erase_concepts(tiny, ConceptSpec(("van gogh",)), "spm", SPMConfig(**FAST))
     folder = erase.save_artifact(artifact, tmp_path / "spm", tiny)
@@ -169,15 +173,13 @@ def test_spm_artifact_with_transport_round_trips_attaches_once_and_restores(tiny
     base = _pixels(tiny.generate(prompts, seeds, steps=3, progress=False))
     with artifact.applied(tiny):
         in_memory = _pixels(tiny.generate(prompts, seeds, steps=3, progress=False))
-    handle = erase.attach(tiny.pipe, folder)
+    handle = erase.load(tiny.pipe, folder)
     with pytest.raises(ValueError, match="already attached"):
-        erase.attach(tiny.pipe, folder)
+        erase.load(tiny.pipe, folder)
     attached = _pixels(tiny.generate(prompts, seeds, steps=3, progress=False))
     handle.remove()
     assert np.abs(attached - in_memory).max() <= 1.0 and np.abs(attached - base).max() > 1.0
     assert np.array_equal(_pixels(tiny.generate(prompts, seeds, steps=3, progress=False)), base)
-    with pytest.raises(erase.ArtifactError, match="erase.attach"):
-        erase.load(tiny.pipe, folder)
     tensors = folder / "transport.safetensors"
     saved = tensors.read_bytes()
     tensors.write_bytes(saved[:-4] + bytes(4))
@@ -185,30 +187,41 @@ def test_spm_artifact_with_transport_round_trips_attaches_once_and_restores(tiny
         erase.load_artifact(folder)
     tensors.write_bytes(saved)
     (folder / "transport.json").write_text(json.dumps({"metric": "clipcos", "prompts": ["van gogh"]}))
+    with pytest.raises(erase.ArtifactError, match="transport.json does not match the sha256"):
+        erase.load_artifact(folder)
+    meta = json.loads((folder / "erasure.json").read_text())  # the same file with its checksum recorded
+    meta["checksums"]["transport.json"] = file_sha256(folder / "transport.json")
+    (folder / "erasure.json").write_text(json.dumps(meta))
     with pytest.raises(erase.ArtifactError, match="token_sets"):
         erase.load_artifact(folder)
     off = erase_concepts(tiny, ConceptSpec(("van gogh",)), "spm", SPMConfig(facilitated_transport=False, **FAST))
-    assert off.transport is None and off.info["facilitated_transport"] is False
+    assert off.payload("transport") is None and off.info["facilitated_transport"] is False
 
 
+@pytest.mark.slow
 def test_several_concepts_get_one_adapter_each_scaled_apart(tiny):
     """Two concepts: two rank-1 adapters side by side (the first is exactly the one-concept adapter, same seed), and
     a prompt at strengths (1, 0) draws what the first adapter alone draws."""
     both = erase_concepts(tiny, ConceptSpec(("van gogh", "monet")), "spm", SPMConfig(**FAST))
     one = erase_concepts(tiny, ConceptSpec(("van gogh",)), "spm", SPMConfig(**FAST))
-    assert both.transport.groups == [0, 1] and both.info["adapters"] == 2
-    for name, (a, b) in both.factors.items():
+    assert both.payload("transport").groups == [0, 1] and both.info["adapters"] == 2
+    for name, (a, b) in both.payload("weights").factors.items():
         assert (
             a.shape[0] == 2
-            and torch.equal(a[:1], one.factors[name][0])
-            and torch.equal(b[:, :1], one.factors[name][1])
+            and torch.equal(a[:1], one.payload("weights").factors[name][0])
+            and torch.equal(b[:, :1], one.payload("weights").factors[name][1])
         )
     prompts, seeds = ["a painting by van gogh", "a cat"], [0, 1]
     with tiny.weight_deltas(one.deltas):
         first_only = _pixels(tiny.generate(prompts, seeds, steps=3, progress=False))
-    with tiny.add_prompt_scaled_lora(both.factors, lambda e, _ids: torch.tensor([[1.0, 0.0]]).repeat(e.shape[0], 1)):
+    with tiny.add_prompt_scaled_lora(
+        both.payload("weights").factors, lambda e, _ids: torch.tensor([[1.0, 0.0]]).repeat(e.shape[0], 1)
+    ):
         scaled = _pixels(tiny.generate(prompts, seeds, steps=3, progress=False))
     assert np.abs(scaled - first_only).max() <= 1.0
     shared = erase_concepts(tiny, ConceptSpec(("van gogh", "monet")), "spm",
                             SPMConfig(adapter_per_concept=False, **FAST))  # fmt: skip
-    assert shared.transport.groups is None and next(iter(shared.factors.values()))[0].shape[0] == 1
+    assert (
+        shared.payload("transport").groups is None
+        and next(iter(shared.payload("weights").factors.values()))[0].shape[0] == 1
+    )

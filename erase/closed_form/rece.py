@@ -46,7 +46,7 @@ import torch
 from evals.attacks.rece_embedding import adversarial_map, projection_weights, restored_share
 from pipelines import PipelineWrapper
 
-from ..core.registry import ConceptSpec, WeightEdit, register_method
+from ..core.registry import Capabilities, ConceptSpec, WeightEdit, register_method
 from .uce import UCEConfig, edit_from_update, erase_uce, uce_update
 
 __all__ = ["RECEConfig", "erase_rece"]
@@ -87,7 +87,13 @@ def _sequence_rows(wrapper: PipelineWrapper, prompts: Sequence[str]) -> torch.Te
     return embeddings.reshape(-1, embeddings.shape[-1])
 
 
-@register_method("rece", RECEConfig, family="closed_form", summary="RECE: UCE plus erasing its adversarial embeddings")
+@register_method(
+    "rece",
+    RECEConfig,
+    family="closed_form",
+    summary="RECE: UCE plus erasing its adversarial embeddings",
+    capabilities=Capabilities(preserve=True, templates="templates"),
+)
 def erase_rece(wrapper: PipelineWrapper, concepts: ConceptSpec, config: RECEConfig) -> WeightEdit:
     """UCE's edit, then ``config.rounds`` rounds of erasing the closed-form embeddings that restore the concepts."""
     uce_fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(UCEConfig)}

@@ -15,7 +15,7 @@ from typing import ClassVar
 from pipelines import CROSS_ATTENTION_PATTERNS, PipelineWrapper
 
 from ..core.inputs import check_number_fields
-from ..core.registry import ConceptSpec, WeightEdit, register_method
+from ..core.registry import Capabilities, ConceptSpec, WeightEdit, register_method
 from .uce import UCEConfig, concept_embeddings, edit_from_update, uce_update
 
 __all__ = ["TIMEConfig", "erase_time"]
@@ -44,7 +44,13 @@ class TIMEConfig:
         self.layers, self.templates = tuple(self.layers), tuple(self.templates)
 
 
-@register_method("time", TIMEConfig, family="closed_form", summary="TIME: source -> destination projection edit")
+@register_method(
+    "time",
+    TIMEConfig,
+    family="closed_form",
+    summary="TIME: source -> destination projection edit",
+    capabilities=Capabilities(templates="templates"),
+)
 def erase_time(wrapper: PipelineWrapper, concepts: ConceptSpec, config: TIMEConfig) -> WeightEdit:
     """Send each source prompt (``targets``) to its destination (``guides``); preserve set ignored, as in TIME."""
     shared = UCEConfig(lamb=config.lamb, layers=config.layers, templates=config.templates)

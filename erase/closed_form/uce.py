@@ -22,7 +22,7 @@ import torch
 from pipelines import CROSS_ATTENTION_PATTERNS, PipelineWrapper
 
 from ..core.inputs import check_number_fields
-from ..core.registry import ConceptSpec, WeightEdit, register_method
+from ..core.registry import Capabilities, ConceptSpec, WeightEdit, register_method
 
 __all__ = ["UCEConfig", "concept_embeddings", "edit_from_update", "erase_uce", "uce_update"]
 
@@ -175,7 +175,13 @@ def edit_from_update(
     return WeightEdit(deltas, {"layers_matched": len(layers)}, factors=factors or None)
 
 
-@register_method("uce", UCEConfig, family="closed_form", summary="Unified Concept Editing (closed-form K/V edit)")
+@register_method(
+    "uce",
+    UCEConfig,
+    family="closed_form",
+    summary="Unified Concept Editing (closed-form K/V edit)",
+    capabilities=Capabilities(preserve=True, templates="templates"),
+)
 def erase_uce(wrapper: PipelineWrapper, concepts: ConceptSpec, config: UCEConfig) -> WeightEdit:
     """Erase ``concepts.targets`` by sending them to their guides while keeping ``concepts.preserve``."""
     guides = [concepts.guide_for(i) for i in range(len(concepts.targets))]

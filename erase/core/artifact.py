@@ -3,37 +3,30 @@
 Layout::
 
     ARTIFACT/
-      erasure.json                         method, config, concepts, base model + fingerprint, timings, layers,
-                                           the weights file's sha256, the weight norms before and after the edit
-                                           and the base fingerprint rounded to float16 and bfloat16
-      pytorch_lora_weights.safetensors     weight_format "lora": dW = B A per module, with peft adapter metadata
-      edited_weights.safetensors           weight_format "full": dW per module, when low rank would not be smaller
-      transport.json, transport.safetensors
-                                           optional facilitated transport of a LoRA (``erase.lora.transport``): its
-                                           strength per prompt, installed with ``erase.attach``
-      intervention.json, intervention.safetensors, sae.safetensors, sae.json
-                                           weight_format "intervention": the SAE family's runtime edit
-                                           (``erase.sae.intervention``), installed with ``erase.attach``
-      pipeline/                            optional full ``save_pretrained`` export of the edited pipeline
-      before_after.png                     optional picture of the check ``scripts/erase.py`` runs
+      erasure.json       method, config, concepts, base model + fingerprint, timings, layers, the payloads (kind ->
+                         what its files hold), the sha256 of every payload file, the weight norms before and after the
+                         edit and the base fingerprint rounded to float16 and bfloat16
+      <payload files>    each payload kind's own (``erase.core.payloads``): the weight change as a diffusers LoRA
+                         or as full weight changes (``erase.core.weights``), an SAE intervention, a facilitated
+                         transport, ...
+      pipeline/          optional full ``save_pretrained`` export of the edited pipeline
+      before_after.png   optional picture of the check ``scripts/erase.py`` runs
 
-Only safetensors and JSON are ever read back: nothing is unpickled. Saving is atomic (a temporary sibling folder,
-swapped in whole), follows the user's umask, and never deletes anything but an earlier artifact of ours.
+Only safetensors and JSON are ever read back: nothing is unpickled, and every payload file must match its sha256 in
+``erasure.json``. Saving is atomic (a temporary sibling folder, swapped in whole), follows the user's umask, and
+never deletes anything but an earlier artifact of ours.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime as _dt
-import errno
 import glob
 import json
 import logging
 import math
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,40 +34,38 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from pipelines import PipelineWrapper, wrap_pipeline
-from pipelines.files import file_sha256
+from pipelines import PipelineWrapper
+from pipelines.files import file_sha256, move_into_place, sync_to_disk, write_error
 
-from ..lora.transport import TRANSPORT_FILE, FacilitatedTransport
+from .discovery import discover_families
 from .layout import (
     ARTIFACT_ENTRIES,
-    FULL_FILE,
     LOW_PRECISION_NORM_RTOL,
     METADATA_FILE,
     PIPELINE_FOLDER,
     SCHEMA_VERSION,
     TEMPORARY_MARK,
-    WEIGHTS_FILES,
     ArtifactError,
     ArtifactExistsError,
     ArtifactMismatchError,
     check_output_folder,
     current_umask,
+    temporary_folder,
 )
+from .payloads import Installed, payload_kind
+from .version import __version__
 
 __all__ = [
     "ArtifactError",
     "ArtifactExistsError",
     "ArtifactMismatchError",
+    "ArtifactHandle",
     "ErasureArtifact",
-    "apply_artifact",
     "check_artifact_base",
     "check_output_folder",
-    "load",
-    "factor_products",
+    "install_artifact",
     "load_artifact",
-    "low_rank_factors",
     "save_artifact",
 ]
 
@@ -83,6 +74,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ErasureArtifact:
+    """An erasure's provenance and its payloads (kind name -> payload; ``erase.core.payloads``)."""
+
     method: str
     config: dict[str, Any]
     concepts: list[str]
@@ -90,62 +83,61 @@ class ErasureArtifact:
     preserve: list[str]
     base_model: str
     base_fingerprint: str
-    deltas: dict[str, torch.Tensor]  # qualified module name -> dW (float32)
+    payloads: dict[str, Any]
     seconds: float
     info: dict[str, Any] = field(default_factory=dict)
-    #: exact factors (A, B), dW = B @ A, when known: saved as the LoRA without an SVD
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-    #: {"base": {module: ||W||_F}, "edited": {module: ||W + dW||_F}}: tells an edited pipeline from its base
+    #: {"base": {module: norm}, "edited": {module: norm}}: tells an edited pipeline, or a half-precision copy of the
+    #: base, from another model ("edited" only where the payloads change weights)
     weight_norms: dict[str, dict[str, float]] | None = None
     #: {"float16" | "bfloat16": the base fingerprint of the same weights rounded to that dtype}: recognises a
     #: half-precision copy of the base exactly (artifacts made in float32)
     low_precision_fingerprints: dict[str, str] | None = None
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    version: str = ""
-    #: the runtime family's edit (``erase.sae.intervention.SAEIntervention``); ``deltas`` is then empty
-    intervention: Any = None
-    #: facilitated transport (``erase.lora.transport.FacilitatedTransport``): the LoRA's strength follows each prompt's
-    #: likeness to the erased concepts when it is applied (``applied``, ``erase.attach``)
-    transport: Any = None
-    #: the hooks of ``apply_artifact`` for a runtime artifact (remove them to restore the pipeline)
-    handle: Any = field(default=None, repr=False, compare=False)
+    version: str = __version__
 
-    def __post_init__(self) -> None:
-        if not self.version:
-            from .. import __version__
+    def payload(self, kind: str) -> Any:
+        """The payload of kind ``kind``, or ``None`` when the artifact holds none."""
+        return self.payloads.get(kind)
 
-            self.version = __version__
+    @property
+    def deltas(self) -> dict[str, torch.Tensor]:
+        """The additive weight changes of the payloads, qualified Linear name -> dW (empty for a runtime edit)."""
+        changes = [payload_kind(name).weight_changes(p) for name, p in self.payloads.items()]
+        changes = [c for c in changes if c]
+        if len(changes) == 1:
+            return changes[0]
+        merged: dict[str, torch.Tensor] = {}
+        for change in changes:
+            for name, delta in change.items():
+                merged[name] = merged[name] + delta if name in merged else delta
+        return merged
 
     @property
     def layers(self) -> list[str]:
-        """The modules the artifact edits: weight-changed Linears, or the runtime edit's hook point."""
-        return [self.intervention.hook_point] if self.intervention is not None else sorted(self.deltas)
+        """The modules the payloads change or hook."""
+        return sorted({m for name, p in self.payloads.items() for m in payload_kind(name).modules(p)})
 
     @property
     def fingerprint_modules(self) -> list[str]:
-        """The modules whose weights ``base_fingerprint`` covers (a runtime edit depends on its whole component)."""
-        return [self.intervention.component] if self.intervention is not None else self.layers
+        """The modules whose base weights ``base_fingerprint`` covers."""
+        return sorted({m for name, p in self.payloads.items() for m in payload_kind(name).fingerprinted(p)})
+
+    def base_norms(self, wrapper: PipelineWrapper) -> dict[str, float]:
+        """The norms of the fingerprinted modules in ``wrapper``, as each payload kind measures them."""
+        return {k: v for name, p in self.payloads.items() for k, v in payload_kind(name).norms(p, wrapper).items()}
 
     @contextlib.contextmanager
     def applied(self, wrapper: PipelineWrapper) -> Iterator[None]:
-        """The edit in force for the ``with`` block (weights restored, or hooks removed, afterwards); unchecked."""
-        if self.intervention is not None:
-            with self.intervention.attach(wrapper):
-                yield
-        elif self.transport is not None:
-            with self.transport.attach(wrapper, self.lora_factors()):
-                yield
-        else:
-            with wrapper.weight_deltas(self.deltas):
-                yield
+        """The payloads in force for the ``with`` block, the pipeline restored exactly afterwards; the base is not
+        checked (``install_artifact`` checks it)."""
+        handle = _install(wrapper, self)
+        try:
+            yield
+        finally:
+            handle.remove()
 
-    def lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """The weight change as exact factors (A, B), dW = B A: the method's own, else by SVD."""
-        return self.factors or {name: low_rank_factors(d) for name, d in self.deltas.items()}
-
-    def metadata(
-        self, weight_format: str, ranks: dict[str, int] | None = None, weights_sha256: str | None = None
-    ) -> dict[str, Any]:
+    def metadata(self, records: dict[str, dict[str, Any]], checksums: dict[str, str]) -> dict[str, Any]:
+        formats = [r["weight_format"] for r in records.values() if "weight_format" in r]
         return {
             "schema_version": SCHEMA_VERSION,
             "method": self.method,
@@ -156,9 +148,9 @@ class ErasureArtifact:
             "base_model": self.base_model,
             "base_fingerprint": self.base_fingerprint,
             "layers": self.layers,
-            "weight_format": weight_format,
-            "lora_ranks": ranks or {},
-            "weights_sha256": weights_sha256,
+            "weight_format": formats[0] if formats else None,
+            "payloads": records,
+            "checksums": checksums,
             "weight_norms": self.weight_norms,
             "low_precision_fingerprints": self.low_precision_fingerprints,
             "seconds": self.seconds,
@@ -166,19 +158,6 @@ class ErasureArtifact:
             "erase_version": self.version,
             "info": self.info,
         }
-
-
-def factor_products(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The weight changes of low-rank factors, ``dW = B @ A`` per module (multiplied in float64, float32 out)."""
-    return {name: b.double().matmul(a.double()).float() for name, (a, b) in factors.items()}
-
-
-def low_rank_factors(delta: torch.Tensor, rtol: float = 1e-7) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact factorisation dW = B @ A, with the rank the numerical rank of dW (singular values > rtol * largest)."""
-    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    rank = max(1, int((s > rtol * s[0]).sum())) if s.numel() and s[0] > 0 else 1
-    lora_b = u[:, :rank] * s[:rank]
-    return vh[:rank].float(), lora_b.float()
 
 
 # ---------------------------------------------------------------------------------------------------- writing
@@ -207,41 +186,8 @@ def _finish_tree(root: Path) -> None:
     """Give every file and folder the user's umask permissions (safetensors writes 0600) and flush them to disk."""
     mask = current_umask()
     for path in [root, *root.rglob("*")]:
-        if path.is_dir():
-            path.chmod(0o777 & ~mask)
-        else:
-            path.chmod(0o666 & ~mask)
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-_RENAME_EXCHANGE = 2
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd = -100
-    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
-    if result == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), str(b))
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+    sync_to_disk(root)
 
 
 def save_artifact(
@@ -255,11 +201,12 @@ def save_artifact(
 ) -> Path:
     """Write the artifact atomically: everything goes to a temporary sibling folder that is swapped in at the end.
 
-    The weight change is stored as an exact LoRA when that is smaller than the changed weights, else as full
-    weight changes. ``export_pipeline`` additionally writes a complete diffusers folder of the edited pipeline under
-    ``pipeline/`` (``wrapper`` must be the *unedited* base; it is edited for the export and restored). ``None``
-    exports exactly when the change is stored as full weights, which ``load_lora_weights`` cannot read.
-    ``extra_files`` (name -> bytes, names from ``ARTIFACT_ENTRIES``) are written beside it, e.g. the check's picture.
+    Each payload writes its own files (a weight change as an exact LoRA when that is smaller than the changed
+    weights, else as full weight changes). ``export_pipeline`` additionally writes a complete diffusers folder of the
+    edited pipeline under ``pipeline/`` (``wrapper`` must be the *unedited* base; it is edited for the export and
+    restored). ``None`` exports exactly when a weight change is stored as full weights, which ``load_lora_weights``
+    cannot read. ``extra_files`` (name -> bytes, names from ``ARTIFACT_ENTRIES``) are written beside it, e.g. the
+    check's picture.
 
     With ``overwrite`` an earlier artifact at ``folder`` is replaced in one atomic exchange; a folder holding anything
     else is refused. Returns the folder written (symbolic links resolved).
@@ -268,63 +215,52 @@ def save_artifact(
     for name in extra_files or {}:
         if name not in ARTIFACT_ENTRIES:
             raise ValueError(f"{name!r} is not a file an artifact folder holds")
+    if not artifact.payloads:
+        raise ValueError("the artifact holds no payload: it changes nothing")
     _check_finite(artifact.deltas, "the weight change")
-    if artifact.intervention is not None:
-        factors, weight_format = {}, "intervention"
-    else:
-        factors = artifact.lora_factors()
-        lora_size = sum(a.numel() + b.numel() for a, b in factors.values())
-        full_size = sum(d.numel() for d in artifact.deltas.values())
-        weight_format = "lora" if lora_size < full_size else "full"
+    deltas = artifact.deltas
+    if export_pipeline and not deltas:
+        raise ValueError("the artifact changes no weights: there is no edited pipeline to export")
     folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(folder)
-    tmp = folder.with_name(f".{folder.name}{TEMPORARY_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
+    tmp = temporary_folder(folder)
     try:
-        ranks: dict[str, int] = {}
-        if weight_format == "intervention":
-            artifact.intervention.save(tmp)
-        elif weight_format == "lora":
-            wrapper.save_lora_weights(tmp, factors)
-            ranks = {name: int(a.shape[0]) for name, (a, _) in factors.items()}
-        else:
-            save_file({k: v.contiguous() for k, v in artifact.deltas.items()}, str(tmp / FULL_FILE))
-        weights_sha256 = file_sha256(tmp / WEIGHTS_FILES[weight_format])
-        if artifact.transport is not None:
-            artifact.transport.save(tmp)
-        if weight_format == "intervention" and export_pipeline:
-            raise ValueError("a runtime intervention changes no weights: there is no edited pipeline to export")
-        if export_pipeline or (export_pipeline is None and weight_format == "full"):
-            with wrapper.weight_deltas(artifact.deltas):
+        tmp.mkdir()
+        records, checksums = {}, {}
+        for name, payload in artifact.payloads.items():
+            kind = payload_kind(name)
+            records[name] = kind.save(payload, tmp, wrapper)
+            for file in kind.files:
+                if (tmp / file).is_file():
+                    checksums[file] = file_sha256(tmp / file)
+        full = any(r.get("weight_format") == "full" for r in records.values())
+        if export_pipeline or (export_pipeline is None and full):
+            with wrapper.weight_deltas(deltas):
                 wrapper.export_pipeline(tmp / PIPELINE_FOLDER)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
-        (tmp / METADATA_FILE).write_text(json.dumps(artifact.metadata(weight_format, ranks, weights_sha256), indent=2))
+        (tmp / METADATA_FILE).write_text(json.dumps(artifact.metadata(records, checksums), indent=2))
         _finish_tree(tmp)
-        if folder.exists():
-            if not _exchange(tmp, folder):  # no atomic exchange here: two renames, a microsecond apart
-                backup = folder.with_name(f".{folder.name}{TEMPORARY_MARK}{os.getpid()}-old")
-                os.replace(folder, backup)
-                os.replace(tmp, folder)
-                os.replace(backup, tmp)
-            shutil.rmtree(tmp, ignore_errors=True)  # the earlier artifact, swapped out
-        else:
-            os.replace(tmp, folder)
-        _fsync_dir(folder.parent)
-    except SafetensorError as err:  # safetensors reports a full disk as its own error, not an OSError
+        try:  # without overwrite, an artifact another run swapped in meanwhile is refused, never replaced
+            move_into_place(tmp, folder, replace=overwrite)
+        except FileExistsError:
+            raise ArtifactExistsError(
+                f"{folder} was filled by another run while this one worked; choose another --out or pass --overwrite"
+            ) from None
+    except (OSError, SafetensorError) as err:  # a full disk, a read-only folder: one line, nothing left behind
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(f"cannot write the artifact to {folder}: {err}") from err
+        raise write_error(folder, err) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info(
-        "saved %s artifact (%s, %d modules) to %s", artifact.method, weight_format, len(artifact.layers), folder
-    )
+    logger.info("saved %s artifact (%s, %d modules) to %s", artifact.method, ", ".join(records),
+                len(artifact.layers), folder)  # fmt: skip
     return folder
 
 
 # ---------------------------------------------------------------------------------------------------- reading
-_REQUIRED = ("schema_version", "method", "config", "concepts", "base_model", "base_fingerprint", "layers")
+_REQUIRED = ("schema_version", "method", "config", "concepts", "base_model", "base_fingerprint", "layers",
+             "payloads", "checksums")  # fmt: skip
 
 
 def _check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
@@ -337,16 +273,19 @@ def _check_metadata(meta: Any, meta_path: Path) -> None:
     """One line naming the first field of erasure.json that is missing or of the wrong type."""
     if not isinstance(meta, dict):
         raise ArtifactError(f"{meta_path} is not a JSON object")
-    missing = [k for k in _REQUIRED if k not in meta]
-    if missing:
-        raise ArtifactError(f"{meta_path} lacks {', '.join(missing)}")
+    if "schema_version" not in meta:
+        raise ArtifactError(f"{meta_path} lacks schema_version")
     version = meta["schema_version"]
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ArtifactError(f"{meta_path}: schema_version must be a positive integer, got {version!r}")
-    if version > SCHEMA_VERSION:
-        raise ArtifactError(f"{meta_path} uses artifact schema {version}; this erase reads {SCHEMA_VERSION}")
+    if version != SCHEMA_VERSION:
+        raise ArtifactError(f"{meta_path} uses artifact schema {version}; this erase reads {SCHEMA_VERSION}"
+                            + (": erase the concept again" if version < SCHEMA_VERSION else ""))  # fmt: skip
+    missing = [k for k in _REQUIRED if k not in meta]
+    if missing:
+        raise ArtifactError(f"{meta_path} lacks {', '.join(missing)}")
     expected = {"method": str, "base_model": str, "base_fingerprint": str, "config": dict, "concepts": list,
-                "layers": list}  # fmt: skip
+                "layers": list, "payloads": dict, "checksums": dict}  # fmt: skip
     for key, kind in expected.items():
         if not isinstance(meta[key], kind):
             raise ArtifactError(f"{meta_path}: {key} must be a {kind.__name__}, got {type(meta[key]).__name__}")
@@ -357,12 +296,37 @@ def _check_metadata(meta: Any, meta_path: Path) -> None:
         raise ArtifactError(f"{meta_path} lists no layers: the artifact changes nothing")
     if not meta["concepts"]:
         raise ArtifactError(f"{meta_path} lists no concepts")
-    if meta.get("weight_format", "lora") not in WEIGHTS_FILES:
-        raise ArtifactError(f"{meta_path}: unknown weight_format {meta.get('weight_format')!r}")
+    if not meta["payloads"] or not all(isinstance(r, dict) for r in meta["payloads"].values()):
+        raise ArtifactError(f"{meta_path}: payloads must map each payload kind to an object")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta["checksums"].items()):
+        raise ArtifactError(f"{meta_path}: checksums must map file names to sha256 strings")
+
+
+def _check_files(folder: Path, meta: dict[str, Any]) -> None:
+    """Every file of every payload kind in the folder is listed in ``checksums`` and matches it, and every file
+    listed is there."""
+    meta_path = folder / METADATA_FILE
+    checksums = meta["checksums"]
+    kinds = [payload_kind(name) for name in meta["payloads"]]
+    known = {file for kind in kinds for file in kind.files}
+    stray = sorted(set(checksums) - known)
+    if stray:
+        raise ArtifactError(f"{meta_path}: checksums lists {stray[0]!r}, which no payload of the artifact writes")
+    for file in sorted(known):
+        path = folder / file
+        if file not in checksums:
+            if path.exists():
+                raise ArtifactError(f"{path} is not covered by the checksums in {METADATA_FILE}")
+            continue
+        if not path.is_file():  # also refuses a FIFO or device, which open() would block on
+            raise ArtifactError(f"cannot read {path}: not a regular file")
+        if file_sha256(path) != checksums[file]:
+            raise ArtifactError(f"{path} does not match the sha256 in {METADATA_FILE}: the file was changed")
 
 
 def load_artifact(folder: str | Path) -> ErasureArtifact:
     """Read an artifact folder; raises ``ArtifactError`` with one line saying what is wrong."""
+    discover_families()
     folder = Path(folder)
     meta_path = folder / METADATA_FILE
     if not meta_path.is_file():
@@ -372,54 +336,19 @@ def load_artifact(folder: str | Path) -> ErasureArtifact:
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
         raise ArtifactError(f"{meta_path} is corrupt: {err}") from err
     _check_metadata(meta, meta_path)
-    fmt = meta.get("weight_format", "lora")
-    weights_path = folder / WEIGHTS_FILES[fmt]
-    if not weights_path.is_file():  # also refuses a FIFO or device, which open() would block on
-        raise ArtifactError(f"cannot read {weights_path}: not a regular file")
-    if meta.get("weights_sha256") and file_sha256(weights_path) != meta["weights_sha256"]:
-        raise ArtifactError(f"{weights_path} does not match the sha256 in {METADATA_FILE}: the file was changed")
     try:
-        tensors = load_file(str(weights_path))
-    except (OSError, SafetensorError) as err:
-        raise ArtifactError(f"cannot read {weights_path}: {err}") from err
-    _check_finite(tensors, str(weights_path.name))
-    deltas: dict[str, torch.Tensor] = {}
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    intervention = None
-    if fmt == "intervention":
-        from ..sae.intervention import SAEIntervention
-
+        for name in meta["payloads"]:
+            payload_kind(name)
+    except ValueError as err:
+        raise ArtifactError(f"{meta_path}: {err}") from None
+    _check_files(folder, meta)
+    payloads = {}
+    for name, record in meta["payloads"].items():
         try:
-            intervention = SAEIntervention.load(folder)
+            payloads[name] = payload_kind(name).load(folder, record)
         except ValueError as err:
             raise ArtifactError(str(err)) from err
-        if meta["layers"] != [intervention.hook_point]:
-            raise ArtifactError(f"{meta_path}: layers must list the intervention's hook point")
-    transport = None
-    if fmt != "intervention" and (folder / TRANSPORT_FILE).exists():
-        try:
-            transport = FacilitatedTransport.load(folder)
-        except ValueError as err:
-            raise ArtifactError(str(err)) from err
-    for name in meta["layers"] if intervention is None else []:
-        if fmt == "lora":
-            component, _, path = name.partition(".")
-            key_a, key_b = f"{component}.{path}.lora_A.weight", f"{component}.{path}.lora_B.weight"
-            if key_a not in tensors or key_b not in tensors:
-                raise ArtifactError(f"{weights_path} has no LoRA weights for {name}")
-            lora_a, lora_b = tensors[key_a], tensors[key_b]
-            if lora_a.dim() != 2 or lora_b.dim() != 2 or lora_b.shape[1] != lora_a.shape[0]:
-                raise ArtifactError(
-                    f"{weights_path}: LoRA factors of {name} do not multiply "
-                    f"(A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)})"
-                )
-            factors[name] = (lora_a.float(), lora_b.float())
-        else:
-            if name not in tensors:
-                raise ArtifactError(f"{weights_path} has no weights for {name}")
-            deltas[name] = tensors[name].float()
-    deltas.update(factor_products(factors))
-    return ErasureArtifact(
+    artifact = ErasureArtifact(
         method=meta["method"],
         config=meta["config"],
         concepts=meta["concepts"],
@@ -427,17 +356,17 @@ def load_artifact(folder: str | Path) -> ErasureArtifact:
         preserve=meta.get("preserve") or [],
         base_model=meta["base_model"],
         base_fingerprint=meta["base_fingerprint"],
-        deltas=deltas,
+        payloads=payloads,
         seconds=float(meta.get("seconds") or 0.0),
         info=meta.get("info") if isinstance(meta.get("info"), dict) else {},
-        factors=factors or None,
         weight_norms=meta.get("weight_norms") if isinstance(meta.get("weight_norms"), dict) else None,
         low_precision_fingerprints=_string_map(meta.get("low_precision_fingerprints")),
         created=str(meta.get("created", "")),
         version=str(meta.get("erase_version", "unknown")),
-        intervention=intervention,
-        transport=transport,
     )
+    if meta["layers"] != artifact.layers:
+        raise ArtifactError(f"{meta_path}: layers must list the modules its payloads change")
+    return artifact
 
 
 # ---------------------------------------------------------------------------------------------------- applying
@@ -449,7 +378,7 @@ def _string_map(value: Any) -> dict[str, str] | None:
 
 def _low_precision_match(wrapper: PipelineWrapper, artifact: ErasureArtifact) -> bool | None:
     """Whether a float16/bfloat16 pipeline holds exactly the artifact's base rounded to its dtype; None when the
-    artifact records no fingerprint for that dtype (older artifacts, or made in low precision)."""
+    artifact records no fingerprint for that dtype (made in low precision)."""
     stored = (artifact.low_precision_fingerprints or {}).get(str(wrapper.dtype).removeprefix("torch."))
     if wrapper.dtype == torch.float32 or stored is None:
         return None
@@ -459,21 +388,23 @@ def _low_precision_match(wrapper: PipelineWrapper, artifact: ErasureArtifact) ->
 def _norms_match(found: dict[str, float], expected: dict[str, float] | None, rtol: float) -> bool:
     if not expected or set(expected) != set(found):
         return False
-    return all(math.isclose(found[k], float(expected[k]), rel_tol=rtol, abs_tol=1e-12) for k in found)
+    return all(
+        isinstance(expected[k], int | float)
+        and math.isclose(found[k], float(expected[k]), rel_tol=rtol, abs_tol=1e-12)
+        for k in found
+    )
 
 
 def check_artifact_base(wrapper: PipelineWrapper, artifact: ErasureArtifact, where: str = "artifact") -> None:
     """Raise ``ArtifactMismatchError`` unless the artifact was made for the pipeline's current base weights.
 
-    The float32 fingerprint decides. Where it differs, the per-module weight norms recorded at save time tell two
-    cases apart: a pipeline that already holds this edit (refused: applying twice doubles the edit), and a
-    float16/bfloat16 copy of the same base (accepted: its rounded weights cannot match a float32 fingerprint).
+    The float32 fingerprint decides. Where it differs, the norms recorded at save time tell two cases apart: a
+    pipeline that already holds this edit (refused: applying twice doubles the edit), and a float16/bfloat16 copy of
+    the same base (accepted: its rounded weights cannot match a float32 fingerprint).
     """
-    if artifact.intervention is not None:
-        _check_runtime_base(wrapper, artifact, where)
-        return
+    modules = artifact.fingerprint_modules
     try:
-        found = wrapper.fingerprint(artifact.layers)
+        found = wrapper.fingerprint(modules)
     except KeyError as err:
         raise ArtifactMismatchError(
             f"{where} edits modules this pipeline lacks ({err}); it was made for {artifact.base_model!r}"
@@ -481,7 +412,7 @@ def check_artifact_base(wrapper: PipelineWrapper, artifact: ErasureArtifact, whe
     if found == artifact.base_fingerprint:
         return
     norms = artifact.weight_norms or {}
-    current = wrapper.weight_norms(artifact.layers)
+    current = artifact.base_norms(wrapper)
     if _norms_match(current, norms.get("edited"), 1e-6) or (
         wrapper.dtype != torch.float32 and _norms_match(current, norms.get("edited"), LOW_PRECISION_NORM_RTOL)
     ):
@@ -497,69 +428,57 @@ def check_artifact_base(wrapper: PipelineWrapper, artifact: ErasureArtifact, whe
         logger.info("%s: %s weights match the base's norms within %g", where, wrapper.dtype, LOW_PRECISION_NORM_RTOL)
         return
     raise ArtifactMismatchError(
-        f"{where} was made for base model {artifact.base_model!r} (weights {artifact.base_fingerprint[:12]}), "
-        f"but {wrapper.model_id!r} has different weights ({found[:12]})"
+        f"{where} was made for base model {artifact.base_model!r} (weights {artifact.base_fingerprint[:12]} of "
+        f"{', '.join(modules[:2])}{', ...' if len(modules) > 2 else ''}), but {wrapper.model_id!r} has different "
+        f"weights ({found[:12]})"
     )
 
 
-def _check_runtime_base(wrapper: PipelineWrapper, artifact: ErasureArtifact, where: str) -> None:
-    """A runtime edit reads a whole component: its fingerprint must match, or, in float16/bfloat16, its norm."""
-    component = artifact.intervention.component
+class ArtifactHandle:
+    """An artifact installed on a pipeline: ``remove()`` (or leaving a ``with`` block) takes every payload off again
+    and restores the pipeline bit for bit (weights copied back from their saved originals, hooks removed)."""
+
+    def __init__(self, artifact: ErasureArtifact, installed: list[Installed]) -> None:
+        self.artifact = artifact
+        self._installed = installed
+
+    @property
+    def active(self) -> bool:
+        return bool(self._installed)
+
+    def remove(self) -> None:
+        while self._installed:
+            self._installed.pop().remove()
+
+    def __enter__(self) -> ArtifactHandle:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.remove()
+
+
+def _install(wrapper: PipelineWrapper, artifact: ErasureArtifact) -> ArtifactHandle:
+    """Check every payload against the live pipeline, then install them all (or, on an error, none)."""
+    kinds = {name: payload_kind(name) for name in artifact.payloads}
+    for name, payload in artifact.payloads.items():
+        kinds[name].check(payload, wrapper)
+    replaced = {r for kind in kinds.values() for r in kind.replaces}
+    handle = ArtifactHandle(artifact, [])
     try:
-        wrapper.hook_point(artifact.intervention.hook_point)
+        for name, payload in artifact.payloads.items():
+            if name not in replaced:
+                handle._installed.append(kinds[name].install(payload, wrapper, artifact.payloads))
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+def install_artifact(wrapper: PipelineWrapper, artifact: ErasureArtifact, where: str = "artifact") -> ArtifactHandle:
+    """Install the artifact on ``wrapper`` after checking it was made for these base weights and fits the live
+    pipeline (``ArtifactMismatchError`` otherwise, before anything changes); a second installation is refused."""
+    check_artifact_base(wrapper, artifact, where)
+    try:
+        return _install(wrapper, artifact)
     except ValueError as err:
-        raise ArtifactMismatchError(f"{where}: {err}; it was made for {artifact.base_model!r}") from err
-    if wrapper.fingerprint([component]) == artifact.base_fingerprint:
-        return
-    exact = _low_precision_match(wrapper, artifact)
-    if exact:
-        return
-    expected = ((artifact.weight_norms or {}).get("base") or {}).get(component)
-    if exact is None and wrapper.dtype != torch.float32 and isinstance(expected, int | float):
-        if math.isclose(wrapper.parameter_norm(component), float(expected), rel_tol=LOW_PRECISION_NORM_RTOL):
-            return
-    raise ArtifactMismatchError(
-        f"{where} was made for base model {artifact.base_model!r} (its {component}'s weights "
-        f"{artifact.base_fingerprint[:12]}), but {wrapper.model_id!r} has different weights"
-    )
-
-
-def apply_artifact(wrapper: PipelineWrapper, artifact: ErasureArtifact | str | Path) -> ErasureArtifact:
-    """Edit ``wrapper`` in place with the artifact, after checking it was made for these base weights.
-
-    All or nothing: every module and shape is checked before the first weight changes. A runtime intervention is
-    attached instead (``artifact.handle.remove()`` takes it off again).
-    """
-    if not isinstance(artifact, ErasureArtifact):
-        artifact = load_artifact(artifact)
-    check_artifact_base(wrapper, artifact)
-    if artifact.intervention is not None:
-        artifact.handle = artifact.intervention.attach(wrapper)
-    elif artifact.transport is not None:
-        artifact.handle = artifact.transport.attach(wrapper, artifact.lora_factors())
-    else:
-        wrapper.apply_weight_deltas(artifact.deltas)
-    return artifact
-
-
-def load(pipe: Any, folder: str | Path) -> ErasureArtifact:
-    """Apply an erasure artifact to a plain diffusers pipeline object, in place; returns the artifact.
-
-    ``pipe`` is a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (any pipeline of those classes, in any
-    precision, on any device) holding the base model the artifact was made from. The base-model fingerprint is
-    checked and a second application refused, so ``erase.load(pipe, folder)`` is safe to call where a LoRA could
-    otherwise be stacked twice::
-
-        pipe = StableDiffusionPipeline.from_pretrained("CompVis/stable-diffusion-v1-4")
-        erase.load(pipe, "erased/van-gogh-uce")
-    """
-    wrapper = wrap_pipeline(pipe)
-    artifact = load_artifact(folder)
-    if artifact.intervention is not None:
-        raise ArtifactError(f"{folder} is a runtime intervention ({artifact.method}): install it with erase.attach")
-    if artifact.transport is not None:
-        raise ArtifactError(
-            f"{folder} scales its LoRA per prompt (facilitated transport): install it with erase.attach, or apply it "
-            "at full strength to every prompt with pipe.load_lora_weights"
-        )
-    return apply_artifact(wrapper, artifact)
+        raise ArtifactMismatchError(f"{where}: {err}") from err

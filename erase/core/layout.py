@@ -17,12 +17,14 @@ __all__ = [
     "ArtifactError",
     "ArtifactExistsError",
     "ArtifactMismatchError",
+    "check_checkpoint_folder",
     "check_output_folder",
     "check_writable_folder",
     "default_output_folder",
+    "temporary_folder",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: payloads by kind, and the sha256 of every payload file
 METADATA_FILE = "erasure.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 FULL_FILE = "edited_weights.safetensors"
@@ -54,6 +56,13 @@ class ArtifactMismatchError(ArtifactError):
 
 
 TEMPORARY_MARK = ".erase-tmp-"
+
+
+def temporary_folder(folder: Path) -> Path:
+    """The temporary sibling an artifact is written to before it is swapped in. Its name has one length whatever the
+    process (a fixed-width pid), the longest name a save makes beside ``folder``, so the up-front probe, which
+    creates one, proves the real one fits."""
+    return folder.with_name(f".{folder.name}{TEMPORARY_MARK}{os.getpid():07d}-{uuid.uuid4().hex[:8]}")
 
 
 def current_umask() -> int:
@@ -95,6 +104,7 @@ def check_output_folder(folder: str | Path, overwrite: bool = False) -> Path:
     """
     given = Path(folder).expanduser()
     folder = Path(os.path.abspath(given))
+    _check_names(folder)
     if folder.is_symlink():
         folder = given = folder.resolve()
     if folder == Path.cwd() or folder.parent == folder:
@@ -118,27 +128,61 @@ def check_output_folder(folder: str | Path, overwrite: bool = False) -> Path:
                 f"{folder} holds files beside the artifact ({', '.join(foreign[:3])}"
                 f"{', ...' if len(foreign) > 3 else ''}); --overwrite replaces an artifact folder only: move them"
             )
-    _probe_writable(folder, _writable_ancestor(folder))
+    ancestor = _writable_ancestor(folder)
+    _probe_writable(folder, ancestor, temporary_folder(folder).name)
     return given
 
 
-def _probe_writable(folder: Path, ancestor: Path) -> None:
+def _check_names(folder: Path, entries: tuple[str, ...] = (), temporary: bool = True) -> None:
+    from pipelines.files import WriteError, check_name_lengths
+
     try:
-        probe = ancestor / f".{folder.name[:64]}{TEMPORARY_MARK}probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        check_name_lengths(folder, entries, temporary=temporary)
+    except WriteError as err:
+        raise ArtifactError(str(err)) from None
+
+
+def _probe_writable(folder: Path, where: Path, name: str) -> None:
+    """Create and remove the folder ``where / name`` (the real temporary's name, where there is one)."""
+    from pipelines.files import write_failure_reason
+
+    try:
+        probe = where / name
         probe.mkdir()
         probe.rmdir()
     except OSError as err:
-        raise ArtifactError(f"cannot write {folder}: {ancestor} is not writable ({err.strerror})") from None
+        raise ArtifactError(
+            f"cannot write {folder}: {where} is not writable ({write_failure_reason(err.errno, err.strerror)})"
+        ) from None
 
 
-def check_writable_folder(folder: str | Path) -> Path:
+def check_writable_folder(folder: str | Path, entries: tuple[str, ...] = ()) -> Path:
     """A folder that will be created or added to (an SAE store, a cache): ``ArtifactError`` in one line unless it,
-    or the nearest existing folder above it, is a writable folder."""
+    or the nearest existing folder above it, is a writable folder, and every name to be created fits the file system
+    (the folder's missing components, and the temporaries of ``entries``, the names to be written in it)."""
     folder = Path(os.path.abspath(Path(folder).expanduser()))
+    _check_names(folder, entries, temporary=False)  # the folder is added to, not swapped in
     if folder.exists() and not folder.is_dir():
         raise ArtifactError(f"cannot write {folder}: it is a file, not a folder")
-    _probe_writable(folder, folder if folder.is_dir() else _writable_ancestor(folder))
+    where = folder if folder.is_dir() else _writable_ancestor(folder)
+    _probe_writable(folder, where, f".erase-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     return folder
+
+
+def check_checkpoint_folder(checkpoint_dir: str | Path | None, out: str | Path) -> None:
+    """``ArtifactError`` when a training's checkpoint folder is the output folder or inside it (symbolic links
+    resolved): the artifact is swapped in whole over ``out``, so its checkpoints would make the save refuse, or be
+    lost with an earlier artifact. Checked before training."""
+    if checkpoint_dir is None:
+        return
+    checkpoints = Path(os.path.realpath(Path(checkpoint_dir).expanduser()))
+    folder = Path(os.path.realpath(Path(out).expanduser()))
+    if checkpoints == folder or folder in checkpoints.parents:
+        where = "is" if checkpoints == folder else "is inside"
+        raise ArtifactError(
+            f"checkpoint_dir {checkpoint_dir} {where} the output folder {out}, which the artifact replaces whole: "
+            "choose a checkpoint_dir outside it"
+        )
 
 
 def default_output_folder(concepts: Sequence[str], method: str) -> Path:

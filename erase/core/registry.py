@@ -1,15 +1,15 @@
 """The method interface every erasure method shares, and the registry that lists them.
 
-A method is one file in ``erase/``: a config dataclass validated in ``__post_init__`` and one function
-``(pipeline wrapper, concepts, config) -> WeightEdit`` registered under a name. Methods do not mutate the pipeline:
-they return the change (weight changes, or for the runtime family an ``SAEIntervention``), and ``erase_concepts``
-packages it as an artifact with the provenance a user needs.
+A method is one file in its family's package (``erase/closed_form``, ``erase/lora``, ``erase/sae``, found there by
+``erase.core.discovery``): a config dataclass validated in ``__post_init__`` and one function ``(pipeline wrapper,
+concepts, config) -> WeightEdit`` registered under a name with what it can do (``Capabilities``). Methods do not
+mutate the pipeline: they return the change (weight changes, and payloads such as an ``SAEIntervention``), and
+``erase_concepts`` packages it as an artifact with the provenance a user needs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -20,9 +20,14 @@ import torch
 
 from pipelines import PipelineWrapper
 
+from .artifact import ErasureArtifact
+from .discovery import discover_families
 from .inputs import check_concept_text, concept_key
+from .payloads import kind_of
+from .weights import WEIGHTS_KIND, WeightChange
 
 __all__ = [
+    "Capabilities",
     "ConceptSpec",
     "Method",
     "WeightEdit",
@@ -33,12 +38,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-# One line per method module; importing it registers the method.
-_METHOD_MODULES: tuple[str, ...] = (
-    "erase.closed_form.uce", "erase.closed_form.time", "erase.closed_form.rece",
-    "erase.lora.esd", "erase.lora.ca", "erase.lora.spm", "erase.sae.itd", "erase.sae.saeuron",
-)  # fmt: skip
 
 FAMILIES = ("closed_form", "lora", "runtime")
 
@@ -107,16 +106,42 @@ class ConceptSpec:
 
 @dataclass
 class WeightEdit:
-    """A method's result: additive changes ``dW`` to Linear weights (qualified names), and anything worth recording."""
+    """A method's result: additive changes ``dW`` to Linear weights (qualified names), any further payloads (a
+    runtime intervention, a facilitated transport; ``erase.core.payloads``), and anything worth recording."""
 
     deltas: dict[str, torch.Tensor]
     info: dict[str, Any] = field(default_factory=dict)
     #: exact low-rank factors (A, B) with dW = B @ A, when the method knows them (saves an SVD per layer)
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-    #: the runtime family's result (``erase.sae.intervention.SAEIntervention``) instead of weight changes
-    intervention: Any = None
-    #: a LoRA whose strength follows each prompt (``erase.lora.transport.FacilitatedTransport``), if the method has one
-    transport: Any = None
+    #: payloads beside the weight change, each of a registered payload kind
+    payloads: list[Any] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method can do, declared where it registers; the workflow, the scripts and the tests read these instead
+    of guessing from config field names.
+
+    Attributes:
+        guides: the method reads ``ConceptSpec.guides`` (``False``: ``--guide`` is refused and no guide recorded).
+        preserve: the method has a preserve term that reads ``ConceptSpec.preserve`` (``False``: ``--preserve`` is
+            refused rather than ignored).
+        preserve_setting: a config field the workflow fills with the preserve set unless the user set it, so the
+            artifact's config records it (the LoRA family's ``anchor_prompts``).
+        templates: a config field of prompt templates (``{}`` the concept) that ``--expand-prompts`` fills.
+        training: the method trains by gradient steps (the LoRA trainer).
+        sampler_steps: config fields that are sampler step counts, checked against the model's sampler before work.
+        quick: config settings for a run of seconds on the tiny model (tests and smoke benchmarks); ``None`` where
+            the method needs more than a config (e.g. a trained SAE).
+    """
+
+    guides: bool = True
+    preserve: bool = False
+    preserve_setting: str | None = None
+    templates: str | None = None
+    training: bool = False
+    sampler_steps: tuple[str, ...] = ()
+    quick: dict[str, Any] | None = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -126,15 +151,24 @@ class Method:
     run: Callable[[PipelineWrapper, ConceptSpec, Any], WeightEdit]
     family: str
     summary: str
-    uses_guides: bool = True  # False: the method ignores guides (ESD erases towards nothing in particular)
+    capabilities: Capabilities = Capabilities()
     #: runtime family: ``(intervention, tokens, timestep) -> tokens`` (``None``: leave them as they are)
     runtime_edit: Callable | None = None
-    #: runtime family: raises ``ValueError`` when a loaded intervention's tables do not fit its SAE
+    #: runtime family: raises ``ValueError`` when a loaded intervention's tables or settings do not fit its SAE
     check_intervention: Callable | None = None
+
+    @property
+    def runtime(self) -> bool:
+        """The method edits nothing but installs a runtime intervention."""
+        return self.runtime_edit is not None
+
+    def quick_config(self) -> Any:
+        """The config of a run of seconds on the tiny model (``capabilities.quick``); ``None`` where there is none."""
+        quick = self.capabilities.quick
+        return None if quick is None else self.config_class(**quick)
 
 
 _REGISTRY: dict[str, Method] = {}
-_loaded = False
 
 
 def register_method(
@@ -143,15 +177,13 @@ def register_method(
     family: str,
     summary: str = "",
     *,
-    uses_guides: bool = True,
+    capabilities: Capabilities = Capabilities(),
     runtime_edit: Callable | None = None,
     check_intervention: Callable | None = None,
 ) -> Callable:
-    """Decorator registering ``fn(wrapper, concepts, config) -> WeightEdit`` under ``name``.
-
-    ``uses_guides=False`` marks a method that ignores ``ConceptSpec.guides``: the workflow then refuses ``--guide``
-    and records no guide, instead of a default the method never read. A "runtime" method gives ``runtime_edit``,
-    which applies its intervention to a hook point's tokens while the pipeline runs.
+    """Decorator registering ``fn(wrapper, concepts, config) -> WeightEdit`` under ``name``, with what the method
+    can do (``Capabilities``). A "runtime" method gives ``runtime_edit``, which applies its intervention to a hook
+    point's tokens while the pipeline runs.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown method family {family!r}; expected one of {FAMILIES}")
@@ -159,33 +191,31 @@ def register_method(
         raise ValueError("a runtime method, and only a runtime method, gives a runtime_edit")
     if not dataclasses.is_dataclass(config_class):
         raise TypeError(f"config class of method {name!r} must be a dataclass")
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    named = [capabilities.preserve_setting, capabilities.templates, *capabilities.sampler_steps]
+    unknown = [n for n in named if n is not None and n not in fields]
+    if unknown or (capabilities.quick and set(capabilities.quick) - fields):
+        missing = unknown or sorted(set(capabilities.quick) - fields)
+        raise ValueError(f"method {name!r} declares capabilities on {missing}, which its config does not have")
 
     def decorator(fn: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"an erasure method named {name!r} is already registered")
         summary_line = summary or (fn.__doc__ or "").strip().split("\n")[0]
-        _REGISTRY[name] = Method(name, config_class, fn, family, summary_line, uses_guides, runtime_edit,
+        _REGISTRY[name] = Method(name, config_class, fn, family, summary_line, capabilities, runtime_edit,
                                  check_intervention)  # fmt: skip
         return fn
 
     return decorator
 
 
-def _load_methods() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        for module in _METHOD_MODULES:
-            importlib.import_module(module)
-
-
 def available_methods() -> list[str]:
-    _load_methods()
+    discover_families()
     return sorted(_REGISTRY)
 
 
 def get_method(name: str) -> Method:
-    _load_methods()
+    discover_families()
     if name not in _REGISTRY:
         raise ValueError(f"unknown erasure method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
@@ -196,10 +226,10 @@ def erase_concepts(
     concepts: ConceptSpec | Sequence[str],
     method: str = "uce",
     config: Any = None,
-):  # -> ErasureArtifact (imported lazily to keep the modules acyclic)
+) -> ErasureArtifact:
     """Run an erasure method and return its artifact; the pipeline itself is left unchanged.
 
-    Apply the result with ``erase.apply_artifact(wrapper, artifact)`` or save it with ``erase.save_artifact``.
+    Install the result with ``erase.load(wrapper, artifact)`` or save it with ``erase.save_artifact``.
     """
     spec = get_method(method)
     if not isinstance(concepts, ConceptSpec):
@@ -211,46 +241,45 @@ def erase_concepts(
     start = time.perf_counter()
     edit = spec.run(wrapper, concepts, config)
     seconds = time.perf_counter() - start
-    if edit.intervention is not None:
-        component = edit.intervention.component  # a runtime edit reads its whole component
-        logger.info("%s: intervention at %s in %.3f s", method, edit.intervention.hook_point, seconds)
-        return _artifact(wrapper, concepts, method, config, seconds, [component], deltas={}, info=dict(edit.info),
-                         weight_norms={"base": {component: wrapper.parameter_norm(component)}},
-                         intervention=edit.intervention)  # fmt: skip
-    if not edit.deltas:
-        raise RuntimeError(f"method {method!r} returned no weight change")
-    norms = _weight_norms(wrapper, edit.deltas)
-    relative = _relative_change(norms["base"], edit.deltas)
-    if max(relative.values()) == 0.0:
-        raise ValueError(f"the {method} edit changes nothing: the guide reads like the concept to this text encoder")
-    logger.info("%s edited %d modules in %.3f s", method, len(edit.deltas), seconds)
-    factors = None
-    if edit.factors is not None:
-        factors = {k: (a.detach().float().cpu(), b.detach().float().cpu()) for k, (a, b) in edit.factors.items()}
-    return _artifact(wrapper, concepts, method, config, seconds, list(edit.deltas),
-                     deltas={k: v.detach().float().cpu() for k, v in edit.deltas.items()},
-                     info={**edit.info, "relative_change": relative}, factors=factors, weight_norms=norms,
-                     transport=edit.transport)  # fmt: skip
-
-
-def _artifact(wrapper: PipelineWrapper, concepts: ConceptSpec, method: str, config: Any, seconds: float,
-              fingerprinted: list[str], **fields: Any):  # fmt: skip  # -> ErasureArtifact
-    """The artifact of an edit: its provenance, and the base fingerprint of the ``fingerprinted`` modules (in float32
-    and rounded to float16 and bfloat16, which recognise a half-precision copy of the same weights exactly)."""
-    from .artifact import ErasureArtifact
-
-    return ErasureArtifact(
+    payloads: dict[str, Any] = {}
+    info = dict(edit.info)
+    if edit.deltas:
+        deltas = {k: v.detach().float().cpu() for k, v in edit.deltas.items()}
+        base = wrapper.weight_norms(list(deltas))
+        info["relative_change"] = relative = _relative_change(base, deltas)
+        if max(relative.values()) == 0.0:
+            raise ValueError(
+                f"the {method} edit changes nothing: the guide reads like the concept to this text encoder"
+            )
+        factors = None
+        if edit.factors is not None:
+            factors = {k: (a.detach().float().cpu(), b.detach().float().cpu()) for k, (a, b) in edit.factors.items()}
+        payloads[WEIGHTS_KIND.name] = WeightChange(deltas, factors)
+    for payload in edit.payloads:
+        payloads[kind_of(payload).name] = payload
+    if not payloads:
+        raise RuntimeError(f"method {method!r} returned no weight change and no payload")
+    artifact = ErasureArtifact(
         method=method,
         config=dataclasses.asdict(config),
         concepts=list(concepts.targets),
         guides=list(concepts.guides),
         preserve=list(concepts.preserve),
         base_model=wrapper.model_id,
-        base_fingerprint=wrapper.fingerprint(fingerprinted),
+        base_fingerprint="",
+        payloads=payloads,
         seconds=seconds,
-        low_precision_fingerprints=_low_precision_fingerprints(wrapper, fingerprinted),
-        **fields,
+        info=info,
     )
+    fingerprinted = artifact.fingerprint_modules
+    artifact.base_fingerprint = wrapper.fingerprint(fingerprinted)
+    artifact.low_precision_fingerprints = _low_precision_fingerprints(wrapper, fingerprinted)
+    artifact.weight_norms = {"base": artifact.base_norms(wrapper)}
+    if artifact.deltas:
+        with wrapper.weight_deltas(artifact.deltas):
+            artifact.weight_norms["edited"] = artifact.base_norms(wrapper)
+    logger.info("%s: %s on %d modules in %.3f s", method, ", ".join(payloads), len(artifact.layers), seconds)
+    return artifact
 
 
 def _low_precision_fingerprints(wrapper: PipelineWrapper, modules: list[str]) -> dict[str, str] | None:
@@ -259,13 +288,6 @@ def _low_precision_fingerprints(wrapper: PipelineWrapper, modules: list[str]) ->
     if wrapper.dtype != torch.float32:
         return None
     return {str(d).removeprefix("torch."): wrapper.fingerprint(modules, d) for d in (torch.float16, torch.bfloat16)}
-
-
-def _weight_norms(wrapper: PipelineWrapper, deltas: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
-    """Norms of the base and the edited weights, by which ``check_artifact_base`` recognises an edited pipeline."""
-    with wrapper.weight_deltas(deltas):
-        edited = wrapper.weight_norms(list(deltas))
-    return {"base": wrapper.weight_norms(list(deltas)), "edited": edited}
 
 
 def _relative_change(base_norms: dict[str, float], deltas: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -49,6 +49,7 @@ from pipelines import PipelineWrapper, PromptEncoding
 
 from ..core.registry import ConceptSpec, WeightEdit, register_method
 from .trainer import (
+    TRAINED,
     Batch,
     LoraTrainConfig,
     Predictions,
@@ -130,7 +131,7 @@ def ca_loss(wrapper: PipelineWrapper, concepts: ConceptSpec, config: CAConfig) -
 
 @register_method("ca", CAConfig, "lora", "Ablating Concepts (Kumari et al., 2023), model-based: LoRA trained so the "
                  "concept's prediction is the frozen model's for its anchor (the guide), optional anchor "
-                 "regularization")  # fmt: skip
+                 "regularization", capabilities=TRAINED)  # fmt: skip
 def erase_ca(wrapper: PipelineWrapper, concepts: ConceptSpec, config: CAConfig) -> WeightEdit:
     """Train the concept-ablation LoRA for every target of ``concepts`` on trajectories of their anchors."""
     loss = ca_loss(wrapper, concepts, config)

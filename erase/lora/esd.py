@@ -37,6 +37,7 @@ Micro setting: ``--lr 1e-3`` (the reference's rate moves the rank-4 LoRA too lit
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import ClassVar
@@ -47,6 +48,7 @@ from pipelines import PipelineWrapper, PromptEncoding
 
 from ..core.registry import ConceptSpec, WeightEdit, register_method
 from .trainer import (
+    TRAINED,
     Batch,
     LoraTrainConfig,
     Predictions,
@@ -127,7 +129,7 @@ def esd_loss(wrapper: PipelineWrapper, concepts: ConceptSpec, config: ESDConfig)
     "lora",
     "Erased Stable Diffusion (Gandikota et al., 2023): LoRA trained to negatively guide the concept's prediction, "
     "optional anchor regularization",
-    uses_guides=False,
+    capabilities=dataclasses.replace(TRAINED, guides=False),
 )
 def erase_esd(wrapper: PipelineWrapper, concepts: ConceptSpec, config: ESDConfig) -> WeightEdit:
     """Train the ESD LoRA for every target of ``concepts`` (anchors: ``config.anchor_prompts`` and the preserved)."""

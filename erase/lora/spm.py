@@ -32,7 +32,7 @@ get one adapter each, as the reference; one shared rank-1 adapter holds none of 
 
 Facilitated transport (``facilitated_transport``, on by default as in the reference's inference): the artifact is
 the LoRA plus the erased concepts as ``erase.lora.transport`` reads them, and wherever it is applied through ``erase``
-(``erase.attach(pipe, folder)``, ``apply_artifact``, audits, attacks) the adapter's strength for each prompt is the
+(``erase.load(pipe, folder)``, audits, attacks) the adapter's strength for each prompt is the
 prompt's likeness to the erased concepts, so prompts far from them meet the base model. ``pipe.load_lora_weights``
 still loads the same folder as a plain LoRA at full strength for every prompt.
 
@@ -53,10 +53,10 @@ import torch
 
 from pipelines import PipelineWrapper, PromptEncoding
 
-from ..core.artifact import factor_products
 from ..core.registry import ConceptSpec, WeightEdit, register_method
+from ..core.weights import factor_products
 from .esd import ESDConfig, ESDLoss, esd_loss
-from .trainer import Batch, Predictions, config_key, train_lora
+from .trainer import TRAINED, Batch, Predictions, config_key, train_lora
 from .transport import METRICS as TRANSPORT_METRICS
 from .transport import FacilitatedTransport
 
@@ -172,7 +172,7 @@ class SPMLoss:
     "lora",
     "SPM-style one-dimensional adapter (Lyu et al., 2024): rank-1 LoRA with ESD's loss and latent anchoring, "
     "facilitated transport at inference",
-    uses_guides=False,
+    capabilities=dataclasses.replace(TRAINED, guides=False),
 )
 def erase_spm(wrapper: PipelineWrapper, concepts: ConceptSpec, config: SPMConfig) -> WeightEdit:
     """Train the SPM adapter for ``concepts``' targets (prompt anchors: ``anchor_prompts`` and the preserved).
@@ -195,7 +195,7 @@ def erase_spm(wrapper: PipelineWrapper, concepts: ConceptSpec, config: SPMConfig
         edit = _stack_adapters(edits)
         groups = list(range(len(targets)))
     if config.facilitated_transport:
-        edit.transport = FacilitatedTransport.of_concepts(wrapper, targets, config.transport_metric, groups)
+        edit.payloads.append(FacilitatedTransport.of_concepts(wrapper, targets, config.transport_metric, groups))
     edit.info.update(
         {
             "anchors": anchors,

@@ -52,7 +52,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import resource
 import shutil
 import time
@@ -62,16 +61,27 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from pipelines import LORA_TARGETS, LoraAdapters, PipelineWrapper, PromptEncoding
+from pipelines.files import (
+    atomic_output,
+    atomic_save_safetensors,
+    atomic_write_json,
+    damaged_checkpoint,
+    read_json_object,
+    read_tensors,
+    remove_stale_temporaries,
+    write_error,
+)
 
-from ..core.artifact import factor_products
 from ..core.inputs import check_number_fields
-from ..core.registry import WeightEdit
+from ..core.registry import Capabilities, WeightEdit
+from ..core.weights import factor_products
 
 __all__ = [
+    "TRAINED",
     "Batch",
     "LoraTrainConfig",
     "LossFunction",
@@ -106,6 +116,8 @@ class LoraTrainConfig:
         pool_images: frozen-model trajectories sampled per prompt before training.
         pool_steps, pool_guidance: the sampler's steps and classifier-free guidance for those trajectories.
         checkpoint_dir: folder for checkpoints (``None``: none); rerunning with the same folder resumes.
+        restart: start afresh: delete this run's checkpoints in ``checkpoint_dir`` first (only the files a run
+            writes there: ``run.json``, ``pool.safetensors``, ``step-*``), e.g. when one is damaged.
         checkpoint_every: steps between checkpoints (one is also written at the end).
         mixed_precision: ``accelerate``'s setting: "no", "fp16" or "bf16" (autocast; the adapters stay float32).
         train: which modules the adapters go on, one of the method's ``VARIANTS`` (a ``pipelines.LORA_TARGETS``
@@ -135,6 +147,7 @@ class LoraTrainConfig:
     pool_guidance: float = 3.0
     checkpoint_dir: str | None = None
     checkpoint_every: int = 100
+    restart: bool = False
     mixed_precision: str = "no"
     train: str = "xattn"
     anchor_weight: float = 1.0
@@ -145,7 +158,9 @@ class LoraTrainConfig:
             self.layers = tuple(self.layers)
             if not self.layers:
                 raise ValueError("layers is empty: give at least one module-name pattern, or None for the default")
-        check_number_fields(self)  # every number of the method's config class, against its NUMBER_RANGES
+        check_number_fields(self)  # every number and bool of the method's config class, against its NUMBER_RANGES
+        if self.restart and not self.checkpoint_dir:
+            raise ValueError("restart deletes the checkpoints in checkpoint_dir: it needs a checkpoint_dir")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         if self.train not in self.VARIANTS:
@@ -277,23 +292,35 @@ def _run_key(wrapper: PipelineWrapper, key: dict[str, Any], modules: Sequence[st
 def _claim_folder(folder: Path, key: str) -> None:
     """Mark ``folder`` as this run's, or refuse it when another run's checkpoints are there."""
     path = folder / _RUN_FILE
-    if path.is_file():
+    if path.exists():
         try:
-            found = json.loads(path.read_text()).get("key")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            found = None
+            found = read_json_object(path).get("key")
+        except ValueError as err:
+            raise damaged_checkpoint(path, err) from None
         if found != key:
             raise ValueError(
                 f"{folder} holds checkpoints of another run (other settings, concepts or base weights): "
                 "delete it or choose another checkpoint_dir"
             )
         return
-    if folder.exists() and any(folder.iterdir()):
+    if folder.is_dir() and any(folder.iterdir()):
         raise ValueError(f"{folder} is not empty and holds no checkpoints of ours: choose another checkpoint_dir")
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"key": key}))
-    os.replace(tmp, path)
+    atomic_write_json(path, {"key": key})
+
+
+def _clear_checkpoints(folder: Path) -> None:
+    """Delete this run's files in ``folder`` (``run.json``, the pool, ``step-*``, their temporaries), nothing else."""
+    if not folder.is_dir():
+        return
+    ours = (_RUN_FILE, _POOL_FILE, f"{_CHECKPOINT_PREFIX}*", f".{_RUN_FILE}.*", f".{_POOL_FILE}.*",
+            f".{_CHECKPOINT_PREFIX}*")  # fmt: skip
+    for pattern in ours:
+        for path in folder.glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    logger.info("restart: deleted the checkpoints in %s", folder)
 
 
 def _latest_checkpoint(folder: Path) -> Path | None:
@@ -324,19 +351,16 @@ def _save_checkpoint(
     ``generator_states`` holds each process's batch generator (``generator`` for process 0, ``generator.R`` for
     process R), so a multi-process run resumes with every process where it was."""
     final = folder / f"{_CHECKPOINT_PREFIX}{step:08d}"
-    tmp = folder / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous().cpu() for k, v in adapters.state_dict().items()}, str(tmp / "lora.safetensors"))
     opt_state = optimizer.state_dict()
     tensors = {"generator" if r == 0 else f"generator.{r}": g for r, g in enumerate(generator_states)}
     for index, values in opt_state["state"].items():
         for key, value in values.items():
             tensors[f"state.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**state, "param_groups": opt_state["param_groups"]}, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    state_json = json.dumps({**state, "param_groups": opt_state["param_groups"]}, indent=1).encode()
+    with atomic_output(final, folder=True) as tmp:  # a failed write leaves the last checkpoint as it was
+        save_file({k: v.contiguous().cpu() for k, v in adapters.state_dict().items()}, str(tmp / "lora.safetensors"))
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_bytes(state_json)
     for old in folder.glob(f"{_CHECKPOINT_PREFIX}*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
@@ -345,16 +369,26 @@ def _save_checkpoint(
 def _load_checkpoint(
     path: Path, adapters: LoraAdapters, optimizer: torch.optim.Optimizer, generator: torch.Generator, rank: int = 0
 ) -> dict[str, Any]:
-    state = json.loads((path / "state.json").read_text())
-    adapters.load_state_dict(load_file(str(path / "lora.safetensors")))
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    states = {name: tensors.pop(name) for name in list(tensors) if name.startswith("generator")}
-    generator.set_state(states["generator" if rank == 0 else f"generator.{rank}"])
-    opt_state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        _, index, key = name.split(".", 2)
-        opt_state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
+    """Restore a checkpoint; ``DamagedCheckpointError`` naming the file that cannot be read back."""
+    file = path / "state.json"
+    try:
+        state = read_json_object(file)
+        if not isinstance(state.get("losses"), list) or not isinstance(state.get("seconds"), int | float):
+            raise ValueError("no losses or seconds")
+        file = path / "lora.safetensors"
+        adapters.load_state_dict(read_tensors(file))
+        file = path / "optimizer.safetensors"
+        tensors = read_tensors(file)
+        states = {name: tensors.pop(name) for name in list(tensors) if name.startswith("generator")}
+        generator.set_state(states["generator" if rank == 0 else f"generator.{rank}"])
+        opt_state: dict[int, dict[str, torch.Tensor]] = {}
+        for name, value in tensors.items():
+            _, index, key = name.split(".", 2)
+            opt_state.setdefault(int(index), {})[key] = value
+        file = path / "state.json"
+        optimizer.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise damaged_checkpoint(file, err) from None
     return state
 
 
@@ -394,7 +428,13 @@ def train_lora(
     key = _run_key(wrapper, {**run_key, "processes": processes}, wrapper.lora_modules(layers))
     if folder is not None:
         if main:
-            _claim_folder(folder, key)
+            try:
+                if config.restart:
+                    _clear_checkpoints(folder)
+                remove_stale_temporaries(folder)
+                _claim_folder(folder, key)
+            except OSError as err:
+                raise write_error(folder, err) from err
         accelerator.wait_for_everyone()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -490,20 +530,34 @@ def _pool(
     sampled or read.
     """
     path = folder / _POOL_FILE if folder else None
-    if path is not None and path.is_file():
+    if path is not None and path.exists():
         torch.randint(0, 2**31 - 1, (len(prompts) * config.pool_images,), generator=generator)
-        tensors = load_file(str(path))
-        return TrainingPool(tensors["latents"], tensors["timesteps"], tensors["owners"])
+        try:
+            tensors = read_tensors(path)
+            return TrainingPool(tensors["latents"], tensors["timesteps"], tensors["owners"])
+        except (ValueError, KeyError) as err:
+            raise damaged_checkpoint(path, err) from None
     pool = sample_pool(wrapper, prompts, config, generator)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in pool.tensors().items()}, str(tmp))
-        os.replace(tmp, path)
+        atomic_save_safetensors(pool.tensors(), path)
     return pool
 
 
-def config_key(config: Any, ignore: Sequence[str] = ("checkpoint_dir", "checkpoint_every", "steps")) -> dict[str, Any]:
+#: What every method of the LoRA trainer can do: keep preserved concepts as anchors (``anchor_prompts``, filled in
+#: by the workflow), train, sample its pool with ``pool_steps`` sampler steps; ``quick``: a few large steps on a
+#: small pool, seconds on the tiny model.
+TRAINED = Capabilities(
+    preserve=True,
+    preserve_setting="anchor_prompts",
+    training=True,
+    sampler_steps=("pool_steps",),
+    quick={"steps": 8, "lr": 1e-2, "pool_images": 2, "pool_steps": 4},
+)
+
+
+def config_key(
+    config: Any, ignore: Sequence[str] = ("checkpoint_dir", "checkpoint_every", "restart", "steps")
+) -> dict[str, Any]:
     """A config as a JSON-able dict without the fields that do not change the result (for ``run_key``).
 
     ``steps`` is left out because the first k steps of a run do not depend on how many follow (constant learning

@@ -17,8 +17,8 @@ process; an embedding passed in directly (``prompt_embeds``, as the embedding at
 two encoders, ``clip_skip``) is scored by the cosine term alone, clipped at 0 (the reference's token term is never
 negative, so its strength never is).
 
-Installed with ``erase.attach(pipe, folder)`` (the artifact is then still a plain LoRA: ``pipe.load_lora_weights``
-applies it at full strength to every prompt). Files beside ``erasure.json``::
+Installed with ``erase.load(pipe, folder)``, in place of the artifact's LoRA (which stays a plain LoRA:
+``pipe.load_lora_weights`` applies it at full strength to every prompt). Files beside ``erasure.json``::
 
     transport.json           the metric, the erased prompts, their token-id sets, the special token ids, and the
                              sha256 of the embeddings file
@@ -27,19 +27,22 @@ applies it at full strength to every prompt). Files beside ``erasure.json``::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from pipelines import HookHandles, PipelineWrapper
 from pipelines.files import atomic_save_safetensors, file_sha256, read_json_object, read_tensors
 
-from ..sae.intervention import attach_once
+from ..core.payloads import PayloadKind, install_once, register_payload_kind
+from ..core.weights import WEIGHTS_KIND
 
-__all__ = ["TRANSPORT_FILE", "TRANSPORT_TENSORS", "FacilitatedTransport"]
+__all__ = ["TRANSPORT_FILE", "TRANSPORT_KIND", "TRANSPORT_TENSORS", "FacilitatedTransport"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,8 +134,6 @@ class FacilitatedTransport:
         return torch.stack(rows)
 
     def identity(self) -> str:
-        import hashlib
-
         digest = hashlib.sha256(json.dumps([self.prompts, self.metric, self.token_sets, self.groups]).encode())
         digest.update(self.embeddings.contiguous().numpy().tobytes())
         return digest.hexdigest()
@@ -140,7 +141,7 @@ class FacilitatedTransport:
     def attach(self, wrapper: PipelineWrapper, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> HookHandles:
         """Install the adapter ``factors`` (name -> (A, B), dW = B A) at per-prompt strength until the handle is
         removed; attaching the same transport to the same UNet twice is refused."""
-        return attach_once(
+        return install_once(
             wrapper.unet,
             self.identity(),
             lambda: wrapper.add_prompt_scaled_lora(factors, self.strengths),
@@ -182,3 +183,36 @@ class FacilitatedTransport:
 
 def _ints(value: object) -> bool:
     return isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+
+
+class TransportKind(PayloadKind):
+    """Installs the artifact's LoRA (its weight change, read as diffusers reads it) at each prompt's strength."""
+
+    name = "transport"
+    payload_type = FacilitatedTransport
+    files = (TRANSPORT_FILE, TRANSPORT_TENSORS)
+    replaces = (WEIGHTS_KIND.name,)
+
+    def save(self, payload: FacilitatedTransport, folder: Path, wrapper: PipelineWrapper) -> dict[str, Any]:
+        payload.save(folder)
+        return {"metric": payload.metric}
+
+    def load(self, folder: Path, record: dict[str, Any]) -> FacilitatedTransport:
+        return FacilitatedTransport.load(folder)
+
+    def check(self, payload: FacilitatedTransport, wrapper: PipelineWrapper) -> None:
+        width = wrapper.encode_prompts([""]).embeddings.shape[1:]
+        if tuple(width) != tuple(payload.embeddings.shape[1:]):
+            raise ValueError(f"the transport's concept embeddings are {tuple(payload.embeddings.shape[1:])}, but the "
+                             f"pipeline's prompt embeddings are {tuple(width)}")  # fmt: skip
+
+    def install(
+        self, payload: FacilitatedTransport, wrapper: PipelineWrapper, payloads: dict[str, Any]
+    ) -> HookHandles:
+        weights = payloads.get(WEIGHTS_KIND.name)
+        if weights is None:
+            raise ValueError("a facilitated transport needs the artifact's LoRA, and the artifact has none")
+        return payload.attach(wrapper, weights.lora_factors())
+
+
+TRANSPORT_KIND = register_payload_kind(TransportKind())

@@ -1,31 +1,31 @@
-"""The runtime-intervention artifact kind: an SAE and a rule that edits its features while the pipeline runs.
+"""The SAE intervention payload kind: an SAE and a rule that edits its features while the pipeline runs.
 
 The SAE family does not change weights. Its artifact is the SAE, the features to edit and the method's tables,
 installed on a pipeline as forward hooks (through ``PipelineWrapper.add_output_edit``; a pre-hook on the UNet records
-the timestep). ``attach(pipe, folder)`` does that for a *plain* ``StableDiffusionPipeline`` or
-``StableDiffusionXLPipeline`` and returns a handle that removes the hooks (also as a context manager)::
+the timestep) by ``erase.load(pipe, folder)``, whose handle removes them again::
 
     import erase
-    handle = erase.attach(pipe, "erased/van-gogh-itd")
+    handle = erase.load(pipe, "erased/van-gogh-itd")
     image = pipe("a red star in the style of van gogh").images[0]
     handle.remove()                       # the pipeline is its original self again
 
-Files beside ``erasure.json`` (``weight_format: "intervention"``)::
+Files beside ``erasure.json`` (each covered by its checksums)::
 
     intervention.json              kind (the method), hook point, the method's settings
     intervention.safetensors       the method's tables (features, multipliers, per-timestep tables)
     sae.safetensors, sae.json      the SAE it reads the activations with
 
 How the features are edited is the method's: each runtime method registers its ``runtime_edit`` (intervention,
-tokens, timestep, guided) -> tokens with the registry, and ``intervention.json``'s ``kind`` names it.
+tokens, timestep, guided) -> tokens with the registry, and ``intervention.json``'s ``kind`` names it. Before anything
+is installed, the intervention is checked against the live pipeline: the hook point's width is the SAE's, and the
+method's own check (``check_intervention``) accepts the tables and settings.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import weakref
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,27 +33,19 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from pipelines import HookHandles, PipelineWrapper, wrap_pipeline
+from pipelines import HookHandles, PipelineWrapper
 from pipelines.files import read_json_object, read_tensors
 
+from ..core.payloads import PayloadKind, install_once, register_payload_kind
+from ..core.registry import get_method
 from .sae import SAE_FILE, SAE_METADATA, TopKSAE, load_sae, save_sae
 
-__all__ = [
-    "INTERVENTION_FILE",
-    "INTERVENTION_TENSORS",
-    "SAEIntervention",
-    "attach",
-    "attach_once",
-    "attached_interventions",
-]
+__all__ = ["INTERVENTION_FILE", "INTERVENTION_KIND", "INTERVENTION_TENSORS", "SAEIntervention"]
 
 logger = logging.getLogger(__name__)
 
 INTERVENTION_FILE = "intervention.json"
 INTERVENTION_TENSORS = "intervention.safetensors"
-
-# module -> the runtime edits attached to it now (handle id -> identity), so a second attachment of one is refused
-_ATTACHED: weakref.WeakKeyDictionary[torch.nn.Module, dict[int, str]] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -85,8 +77,6 @@ class SAEIntervention:
 
     def identity(self) -> str:
         """What tells two interventions apart (kind, hook point, settings, tables): a second attachment is refused."""
-        import hashlib
-
         digest = hashlib.sha256(json.dumps([self.kind, self.hook_point, self.settings], sort_keys=True).encode())
         for name in sorted(self.tables):
             digest.update(name.encode())
@@ -96,8 +86,6 @@ class SAEIntervention:
     def edit(self, tokens: torch.Tensor, timestep: torch.Tensor | None, guided: bool = False) -> torch.Tensor:
         """The hook point's activations ``(batch, tokens, width)`` after the method's edit (float32 maths);
         ``guided``: the batch is classifier-free guidance's [unconditional; conditional] halves."""
-        from ..core.registry import get_method
-
         runtime_edit = get_method(self.kind).runtime_edit
         if runtime_edit is None:
             raise ValueError(f"method {self.kind!r} has no runtime edit")
@@ -109,7 +97,7 @@ class SAEIntervention:
 
     def attach(self, wrapper: PipelineWrapper) -> HookHandles:
         """Install on the wrapper's pipeline until the handle is removed; a second attachment is refused."""
-        return attach_once(
+        return install_once(
             wrapper.hook_point(self.hook_point),
             self.identity(),
             lambda: wrapper.add_output_edit(
@@ -140,8 +128,10 @@ class SAEIntervention:
                 raise ValueError(f"{path}: {key} must be a {kind.__name__}")
         tables = read_tensors(folder / INTERVENTION_TENSORS)
         sae, sae_meta = load_sae(folder)
-        from ..core.registry import get_method
-
+        trained_at = sae_meta.get("hook_point") if isinstance(sae_meta, dict) else None
+        if trained_at is not None and trained_at != description["hook_point"]:
+            raise ValueError(f"{path}: the hook point {description['hook_point']!r} is not the one its SAE was "
+                             f"trained at ({trained_at!r})")  # fmt: skip
         method = get_method(description["kind"])
         if method.runtime_edit is None:
             raise ValueError(f"{path}: method {description['kind']!r} makes no runtime intervention")
@@ -152,41 +142,41 @@ class SAEIntervention:
         return intervention
 
 
-def attach_once(module: torch.nn.Module, key: str, install: Callable[[], HookHandles], refusal: str) -> HookHandles:
-    """``install()`` the hooks of a runtime edit identified by ``key`` on ``module``, unless the same edit is attached
-    there now (``ValueError(refusal)``: it would apply twice); the handle forgets the attachment when removed."""
-    attached = _ATTACHED.setdefault(module, {})
-    if key in attached.values():
-        raise ValueError(refusal)
-    handles = install()
-    token = id(handles)
-    attached[token] = key
-    handles.on_remove.append(lambda: _ATTACHED.get(module, {}).pop(token, None))
-    return handles
+class InterventionKind(PayloadKind):
+    name = "intervention"
+    payload_type = SAEIntervention
+    files = (INTERVENTION_FILE, INTERVENTION_TENSORS, SAE_FILE, SAE_METADATA)
+
+    def save(self, payload: SAEIntervention, folder: Path, wrapper: PipelineWrapper) -> dict[str, Any]:
+        payload.save(folder)
+        return {"weight_format": "intervention", "hook_point": payload.hook_point}
+
+    def load(self, folder: Path, record: dict[str, Any]) -> SAEIntervention:
+        intervention = SAEIntervention.load(folder)
+        if record.get("hook_point") != intervention.hook_point:
+            raise ValueError(f"{folder / INTERVENTION_FILE}: its hook point is not the one erasure.json records")
+        return intervention
+
+    def modules(self, payload: SAEIntervention) -> list[str]:
+        return [payload.hook_point]
+
+    def fingerprinted(self, payload: SAEIntervention) -> list[str]:
+        return [payload.component]  # the edit reads the whole component's activations
+
+    def norms(self, payload: SAEIntervention, wrapper: PipelineWrapper) -> dict[str, float]:
+        return {payload.component: wrapper.parameter_norm(payload.component)}
+
+    def check(self, payload: SAEIntervention, wrapper: PipelineWrapper) -> None:
+        check_intervention = get_method(payload.kind).check_intervention
+        if check_intervention is not None:
+            check_intervention(payload)
+        width = wrapper.hook_width(payload.hook_point)
+        if width != payload.sae.d_in:
+            raise ValueError(f"the hook point {payload.hook_point} is {width} wide, but the intervention's SAE reads "
+                             f"{payload.sae.d_in}")  # fmt: skip
+
+    def install(self, payload: SAEIntervention, wrapper: PipelineWrapper, payloads: dict[str, Any]) -> HookHandles:
+        return payload.attach(wrapper)
 
 
-def attached_interventions(wrapper: PipelineWrapper, hook_point: str) -> int:
-    """How many interventions are attached at a hook point of the wrapper's pipeline now."""
-    return len(_ATTACHED.get(wrapper.hook_point(hook_point), {}))
-
-
-def attach(pipe: Any, folder: str | Path) -> HookHandles:
-    """Install a runtime artifact on a plain diffusers pipeline; returns the handle that removes it.
-
-    Runtime artifacts: the SAE family's interventions, and a LoRA with facilitated transport (``spm``; its strength
-    follows each prompt, see ``erase.lora.transport``).
-
-    ``pipe`` is a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` holding the base model the artifact was
-    made for (checked by fingerprint). The handle's ``remove()`` (or leaving ``with erase.attach(pipe, folder):``)
-    restores the original pipeline exactly. A weight-edit artifact is refused: use ``erase.load`` for those.
-    """
-    from ..core.artifact import check_artifact_base, load_artifact
-
-    wrapper = pipe if isinstance(pipe, PipelineWrapper) else wrap_pipeline(pipe)
-    artifact = load_artifact(folder)
-    if artifact.intervention is None and artifact.transport is None:
-        raise ValueError(f"{folder} is a weight edit ({artifact.method}), not a runtime intervention: use erase.load")
-    check_artifact_base(wrapper, artifact, where=str(folder))
-    if artifact.transport is not None:
-        return artifact.transport.attach(wrapper, artifact.lora_factors())
-    return artifact.intervention.attach(wrapper)
+INTERVENTION_KIND = register_payload_kind(InterventionKind())

@@ -46,13 +46,16 @@ import torch
 from pipelines import PipelineWrapper
 
 from ..core.inputs import check_number_fields, check_number_values, check_templates, concept_key
-from ..core.registry import ConceptSpec, WeightEdit, register_method
+from ..core.registry import Capabilities, ConceptSpec, WeightEdit, register_method
 from .intervention import SAEIntervention
 from .sae import resolve_sae
 
 __all__ = ["ItDConfig", "erase_itd", "itd_edit"]
 
 logger = logging.getLogger(__name__)
+
+#: the per-prompt statistics of the reconstruction error the gate can threshold
+GATE_STATISTICS = ("mean", "max")
 
 
 @dataclass
@@ -90,7 +93,7 @@ class ItDConfig:
 
     def __post_init__(self) -> None:
         check_number_fields(self)  # scale <= 0: a negative factor, or 0 to switch features off
-        if self.gate_statistic not in ("mean", "max"):
+        if self.gate_statistic not in GATE_STATISTICS:
             raise ValueError(f"gate_statistic must be 'mean' or 'max', got {self.gate_statistic!r}")
         self.templates = check_templates(self.templates)
         self.sae_stores = tuple(self.sae_stores)
@@ -144,7 +147,15 @@ def check_itd(intervention: SAEIntervention) -> None:
     features = intervention.tables.get("features")
     if features is None or features.dtype != torch.bool or tuple(features.shape) != (intervention.sae.latents,):
         raise ValueError(f"an itd intervention needs a boolean 'features' table of {intervention.sae.latents} latents")
-    check_number_values(intervention.settings, {"scale": "<= 0", "threshold": ">= 0"}, "an itd intervention")
+    if not intervention.hook_point.startswith("text_encoder"):
+        raise ValueError(f"itd edits the text encoder: {intervention.hook_point!r} is not a text-encoder hook point")
+    settings = intervention.settings
+    check_number_values(settings, {"scale": "<= 0", "threshold": ">= 0"}, "an itd intervention")
+    if settings.get("gate_statistic", "mean") not in GATE_STATISTICS:
+        raise ValueError(f"an itd intervention's gate_statistic must be one of {', '.join(GATE_STATISTICS)}, got "
+                         f"{settings['gate_statistic']!r}")  # fmt: skip
+    if not isinstance(settings.get("keep_error", False), bool):
+        raise ValueError(f"an itd intervention's keep_error must be true or false, got {settings['keep_error']!r}")
 
 
 @register_method(
@@ -152,7 +163,7 @@ def check_itd(intervention: SAEIntervention) -> None:
     ItDConfig,
     family="runtime",
     summary="Interpret-then-Deactivate: gated SAE feature deactivation in the text encoder",
-    uses_guides=False,
+    capabilities=Capabilities(guides=False, preserve=True, templates="templates", quick=None),
     runtime_edit=itd_edit,
     check_intervention=check_itd,
 )
@@ -192,4 +203,4 @@ def erase_itd(wrapper: PipelineWrapper, concepts: ConceptSpec, config: ItDConfig
             "retain_prompts": len(retain)}  # fmt: skip
     logger.info("itd: %d of %d features selected at %s, gate threshold %.4g", int(selected.sum()), sae.latents, hook,
                 settings["threshold"])  # fmt: skip
-    return WeightEdit(deltas={}, info=info, intervention=intervention)
+    return WeightEdit(deltas={}, info=info, payloads=[intervention])

@@ -47,9 +47,12 @@ from pipelines.files import (
     atomic_save_safetensors,
     atomic_write_bytes,
     atomic_write_json,
+    damaged_checkpoint,
     file_sha256,
     read_json_object,
+    read_safetensors_metadata,
     read_tensors,
+    remove_stale_temporaries,
 )
 
 from ..core.inputs import check_number_fields
@@ -188,12 +191,15 @@ def train_sae(
     *,
     device: str | torch.device = "cpu",
     checkpoint_dir: str | Path | None = None,
+    restart: bool = False,
     progress: bool = False,
 ) -> tuple[TopKSAE, dict[str, Any]]:
     """Train a TopK SAE on ``activations`` (tokens x width); returns it with its training statistics.
 
-    With ``checkpoint_dir`` the run is checkpointed after every epoch (safetensors + JSON) and rerunning the same
-    call resumes from the last epoch; a checkpoint of other settings or other data is refused.
+    With ``checkpoint_dir`` the run is checkpointed after every epoch (one safetensors file, its state in the header,
+    written atomically) and rerunning the same call resumes from the last epoch; a checkpoint of other settings or
+    other data is refused, a damaged one named (``DamagedCheckpointError``). ``restart`` deletes the checkpoint
+    first.
     """
     if activations.dim() != 2 or activations.shape[0] < 2:
         raise ValueError(f"activations must be (tokens, width) with at least 2 tokens, got {tuple(activations.shape)}")
@@ -222,7 +228,12 @@ def train_sae(
     history: list[float] = []
     start_epoch = 0
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if folder is not None and (folder / _CHECKPOINT_STATE).is_file():
+    if folder is not None and restart:
+        for name in (_CHECKPOINT_FILE, _CHECKPOINT_STATE):
+            (folder / name).unlink(missing_ok=True)
+    if folder is not None:
+        remove_stale_temporaries(folder)
+    if folder is not None and (folder / _CHECKPOINT_FILE).exists():
         start_epoch, history, generator = _resume(folder, run_key, sae, optimizer, since_fired)
         logger.info("resuming SAE training at epoch %d of %d", start_epoch, config.epochs)
     else:
@@ -273,38 +284,48 @@ def train_sae(
 
 
 def _checkpoint(folder, run_key, epoch, history, generator, sae, optimizer, since_fired) -> None:  # noqa: ANN001
-    folder.mkdir(parents=True, exist_ok=True)
+    """One file, its state (run, epoch, losses) in the safetensors header: tensors and state are replaced together."""
     tensors = {f"sae.{k}": v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
     tensors["since_fired"] = since_fired.cpu()
     tensors["generator"] = generator.get_state()
     for i, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():
             tensors[f"adam.{i}.{key}"] = torch.as_tensor(value).cpu().contiguous()
-    atomic_save_safetensors(tensors, folder / _CHECKPOINT_FILE)
-    atomic_write_json(folder / _CHECKPOINT_STATE, {"run": run_key, "epoch": epoch, "history": history})
+    state = {"run": run_key, "epoch": epoch, "history": history}
+    atomic_save_safetensors(tensors, folder / _CHECKPOINT_FILE, metadata={"state": json.dumps(state)})
 
 
 def _resume(folder, run_key, sae, optimizer, since_fired):  # noqa: ANN001, ANN202
+    """Restore a checkpoint: ``DamagedCheckpointError`` naming the file when it cannot be read back."""
+    path = folder / _CHECKPOINT_FILE
     try:
-        state = json.loads((folder / _CHECKPOINT_STATE).read_text())
-        tensors = load_file(str(folder / _CHECKPOINT_FILE))
-    except (OSError, json.JSONDecodeError, SafetensorError) as err:
-        raise ValueError(f"cannot read the SAE checkpoint in {folder}: {err}") from err
+        state = json.loads(read_safetensors_metadata(path)["state"])
+        if not isinstance(state, dict) or not isinstance(state.get("history"), list):
+            raise ValueError("its state is not a record of epochs")
+        epoch = state["epoch"]
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch {epoch!r} is not a count")
+        tensors = read_tensors(path)
+    except (ValueError, KeyError) as err:
+        raise damaged_checkpoint(path, err) from None
     if state.get("run") != run_key:
         raise ValueError(
             f"{folder} holds a checkpoint of another SAE run (other settings or data); use another folder"
         )
-    sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
-    since_fired.copy_(tensors["since_fired"])
-    generator = torch.Generator("cpu")
-    generator.set_state(tensors["generator"])
-    opt_state = optimizer.state_dict()
-    for i in range(len(list(sae.parameters()))):
-        entry = {key.split(".", 2)[2]: value for key, value in tensors.items() if key.startswith(f"adam.{i}.")}
-        if entry:
-            opt_state["state"][i] = entry
-    optimizer.load_state_dict(opt_state)
-    return int(state["epoch"]), list(state["history"]), generator
+    try:
+        sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
+        since_fired.copy_(tensors["since_fired"])
+        generator = torch.Generator("cpu")
+        generator.set_state(tensors["generator"])
+        opt_state = optimizer.state_dict()
+        for i in range(len(list(sae.parameters()))):
+            entry = {key.split(".", 2)[2]: value for key, value in tensors.items() if key.startswith(f"adam.{i}.")}
+            if entry:
+                opt_state["state"][i] = entry
+        optimizer.load_state_dict(opt_state)
+    except (KeyError, RuntimeError, ValueError, TypeError) as err:
+        raise damaged_checkpoint(path, err) from None
+    return epoch, list(state["history"]), generator
 
 
 # ---------------------------------------------------------------------------------------------------- files
@@ -488,6 +509,7 @@ def build_sae(
     steps: int = DEFAULT_STEPS,
     guidance: float = DEFAULT_GUIDANCE,
     cache_dir: str | Path | None = None,
+    restart: bool = False,
     progress: bool = False,
     force: bool = False,
 ) -> tuple[TopKSAE, dict[str, Any]]:
@@ -495,7 +517,8 @@ def build_sae(
 
     The last 5% of the tokens (the last prompts' tokens) are held out: the SAE's quality is measured on them, as
     the fraction of variance unexplained and the share of features that fire on none of them (dead). Training
-    checkpoints go to ``cache_dir`` (default: ``out/.work``), so an interrupted run resumes.
+    checkpoints go to ``cache_dir`` (default: ``out/.work``), so an interrupted run resumes; ``restart`` deletes the
+    training checkpoint first (the activations, keyed by what they depend on, are kept).
 
     An SAE below the quality floor (``sae_quality_problems``) is a ``ValueError`` and is not written unless
     ``force``: too few tokens before training, an FVU of 1 or more after it (its checkpoint is kept, so a forced
@@ -515,7 +538,7 @@ def build_sae(
             "features: give more prompts or a smaller expansion (or force it: train_sae.py --force)"
         )
     sae, stats = train_sae(tokens[:-held], config, device=wrapper.device, checkpoint_dir=work / "checkpoint",
-                           progress=progress)  # fmt: skip
+                           restart=restart, progress=progress)  # fmt: skip
     sae.cpu()
     with torch.no_grad():
         test = tokens[-held:]

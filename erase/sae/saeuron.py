@@ -52,7 +52,7 @@ import torch
 from pipelines import PipelineWrapper
 
 from ..core.inputs import check_number_fields, check_number_values, check_templates, concept_key
-from ..core.registry import ConceptSpec, WeightEdit, register_method
+from ..core.registry import Capabilities, ConceptSpec, WeightEdit, register_method
 from .intervention import SAEIntervention
 from .sae import resolve_sae
 
@@ -206,6 +206,9 @@ def check_saeuron(intervention: SAEIntervention) -> None:
         raise ValueError(f"a saeuron intervention needs a 'selected' table of shape (concepts, {steps}, {latents})")
     if selected.dtype != torch.bool:
         raise ValueError("a saeuron intervention's 'selected' table must be boolean")
+    for name in ("timesteps", "threshold", "factor", "gate"):
+        if name in tables and not tables[name].is_floating_point():
+            raise ValueError(f"a saeuron intervention's {name!r} table must hold floats, not {tables[name].dtype}")
     if tables.get("factor") is None or tables["factor"].shape != selected.shape:
         raise ValueError(f"a saeuron intervention needs a 'factor' table of the selected table's shape "
                          f"{tuple(selected.shape)}")  # fmt: skip
@@ -262,7 +265,7 @@ def _mean_codes(wrapper: PipelineWrapper, sae, hook: str, prompts: list[str], co
     SAeUronConfig,
     family="runtime",
     summary="SAeUron: per-timestep SAE feature damping in a UNet transformer block",
-    uses_guides=False,
+    capabilities=Capabilities(guides=False, preserve=True, templates="templates", quick=None),
     runtime_edit=saeuron_edit,
     check_intervention=check_saeuron,
 )
@@ -309,4 +312,4 @@ def erase_saeuron(wrapper: PipelineWrapper, concepts: ConceptSpec, config: SAeUr
     info = {"hook_point": hook, "latents": sae.latents, "timesteps": int(timesteps.numel()),
             "features_per_timestep": counts, "other_prompts": len(others)}  # fmt: skip
     logger.info("saeuron: %s features a timestep at %s", counts, hook)
-    return WeightEdit(deltas={}, info=info, intervention=intervention)
+    return WeightEdit(deltas={}, info=info, payloads=[intervention])

@@ -6,7 +6,6 @@ other's internals, so each can change without the others.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import PipelineWrapper
-from pipelines.files import atomic_write_bytes, slug
+from pipelines.files import WriteError, atomic_write_bytes, slug, write_failure_reason
 
 __all__ = [
     "ORIGINAL",
@@ -78,18 +77,15 @@ def json_text(obj: Any) -> str:
 
 def reason(err: OSError) -> str:
     """Why a file operation failed, with what to do when the disk is full (the audit resumes)."""
-    text = err.strerror or str(err) or type(err).__name__
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        text += "; free some space and rerun the same command to resume"
-    return text
+    return write_failure_reason(err.errno, err.strerror or str(err) or type(err).__name__)
 
 
 def write_file(path: Path, data: bytes) -> None:
     """Atomic write; a failure (disk full, read-only folder) is an :class:`AuditError` naming the file."""
     try:
         atomic_write_bytes(path, data)
-    except OSError as err:
-        raise AuditError(f"cannot write {path}: {reason(err)}") from err
+    except WriteError as err:
+        raise AuditError(str(err)) from err
 
 
 def make_folder(path: Path) -> None:

@@ -26,7 +26,6 @@ import importlib.metadata
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,7 +37,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
-from pipelines.files import png_bytes, write_synced_sibling
+from pipelines.files import png_bytes, remove_stale_temporaries, write_synced_sibling
 from pipelines.tokenizer import concept_folder
 
 from ..attacks import AttackTarget, attack_labels
@@ -73,11 +72,6 @@ logger = logging.getLogger(__name__)
 
 #: The folder's settings guard (what it was made with); a rerun with other settings is refused.
 SETTINGS_FILE = "audit.json"
-# A temporary file of pipelines.files.temporary_sibling: ".<name>.<pid>.<12 hex>.tmp".
-_TEMPORARY = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{12}\.tmp$")
-_STALE_SECONDS = 10.0  # a dead writer's temporary file is removed once this old (another machine may share the folder)
-_ABANDONED_SECONDS = 86400.0  # ... and anyone's once this old (its pid may have been reused)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Files
@@ -215,34 +209,8 @@ def _remove_stale_temporaries(out_dir: Path) -> None:
     folders = [out_dir, out_dir / "grids"]
     if (out_dir / "images").is_dir():
         folders += [f for f in (out_dir / "images").iterdir() if f.is_dir()]
-    now = time.time()
     for folder in folders:
-        if not folder.is_dir():
-            continue
-        for path in folder.iterdir():
-            match = _TEMPORARY.match(path.name)
-            if not match:
-                continue
-            try:
-                age = now - path.lstat().st_mtime
-            except FileNotFoundError:
-                continue  # its writer just renamed it
-            if age > _ABANDONED_SECONDS or (age > _STALE_SECONDS and not _process_alive(int(match.group(1)))):
-                logger.info("removing %s, left by a run that was stopped", path)
-                with contextlib.suppress(OSError):
-                    path.unlink()
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, OSError):
-        return True  # someone else's process, or not a pid this system can tell about: leave its file alone
-    return True
+        remove_stale_temporaries(folder)
 
 
 def _image_ok(path: Path, size: int) -> bool:

@@ -65,9 +65,9 @@ from evals.microworld.train_utils import (
     step_rng,
     to_device,
 )
+from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from pipelines.files import atomic_write_bytes, atomic_write_json
 from pipelines.tokenizer import clip_vocab_and_merges, offline_clip_tokenizer
-from pipelines.wrapper import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 __all__ = [
     "Preset",

@@ -1,0 +1,348 @@
+"""Forward hooks on a pipeline: hook points, activations read out, outputs edited, low-rank changes per prompt.
+
+Hooks only: the pipeline's classes are never patched, and every hook a function installs is removed in a ``finally``
+(or by the :class:`HookHandles` it returns). A hook point's output is a sequence of tokens: a text-encoder layer's
+residual stream as it is, a UNet transformer block's ``(B, C, H, W)`` hidden states with each spatial position a
+token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .modules import Pipeline, components, module
+from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
+from .text import encode_prompts
+
+__all__ = [
+    "HOOK_POINT_PATTERNS",
+    "HookHandles",
+    "add_output_edit",
+    "add_prompt_scaled_lora",
+    "capture",
+    "hook_point",
+    "hook_points",
+    "hook_width",
+    "intervene",
+    "text_activations",
+    "unet_activations",
+]
+
+#: Where the SAE family reads and edits activations, as fnmatch patterns over qualified module names (digits spelled
+#: out, since fnmatch's ``*`` would also match deeper modules): a CLIP text encoder's layers (the residual stream
+#: after layer N; SDXL's second encoder too) and the UNet's transformer blocks (``Transformer2DModel`` in a down, mid
+#: or up block). transformers 5 names CLIPTextModel's layers ``encoder.layers.N``, earlier versions
+#: ``text_model.encoder.layers.N``.
+HOOK_POINT_PATTERNS: tuple[str, ...] = tuple(
+    f"{encoder}.{prefix}encoder.layers.{digits}"
+    for encoder in ("text_encoder", "text_encoder_2")
+    for prefix in ("", "text_model.")
+    for digits in ("[0-9]", "[0-9][0-9]")
+) + (
+    "unet.down_blocks.[0-9].attentions.[0-9]",
+    "unet.mid_block.attentions.[0-9]",
+    "unet.up_blocks.[0-9].attentions.[0-9]",
+)
+
+
+class HookHandles:
+    """The hooks of one intervention: ``remove()`` takes them all off (also as a context manager's exit)."""
+
+    def __init__(self, handles: Sequence[torch.utils.hooks.RemovableHandle]) -> None:
+        self._handles = list(handles)
+        #: called once, after the hooks are off (e.g. to forget a record of the attachment)
+        self.on_remove: list[Callable[[], None]] = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+        while self.on_remove:
+            self.on_remove.pop()()
+
+    def __enter__(self) -> HookHandles:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.remove()
+
+
+def _install(register: Callable[[list[torch.utils.hooks.RemovableHandle]], None]) -> HookHandles:
+    """The hooks ``register`` installs (appending their handles to the list it is given), all or none: a failure
+    part-way removes those already in place."""
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        register(handles)
+    except BaseException:
+        for handle in handles:
+            handle.remove()
+        raise
+    return HookHandles(handles)
+
+
+def _timestep(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The timestep a UNet call received (second positional argument or ``timestep=``), as a 0-d CPU tensor."""
+    timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+    return torch.as_tensor(timestep).detach().reshape(-1)[0].cpu()
+
+
+def hook_points(pipe: Pipeline) -> list[str]:
+    """Every hook point of the pipeline: text-encoder layers and UNet transformer blocks, by qualified name."""
+    points = []
+    for component, root in components(pipe).items():
+        for path, _ in root.named_modules():
+            name = f"{component}.{path}"
+            if any(fnmatch.fnmatchcase(name, p) for p in HOOK_POINT_PATTERNS):
+                points.append(name)
+    return points
+
+
+def hook_point(pipe: Pipeline, name: str) -> torch.nn.Module:
+    """The module a hook point names, validated: a text encoder's layer or a UNet transformer block.
+
+    Hook points are qualified module names matching ``HOOK_POINT_PATTERNS``. ``ValueError`` in one line names the
+    hook points this pipeline has when ``name`` is not one of them.
+    """
+    points = hook_points(pipe)
+    if name not in points:
+        sample = ", ".join(points[:2] + points[-2:])
+        raise ValueError(f"{name!r} is not a hook point of this pipeline; it has {len(points)}, e.g. {sample}")
+    return module(pipe, name)
+
+
+def hook_width(pipe: Pipeline, name: str) -> int:
+    """The width of a hook point's activations (features per token)."""
+    point = hook_point(pipe, name)
+    if name.startswith("unet."):
+        return int(point.config.in_channels)  # a transformer block's output has its input's channels
+    return int(module(pipe, name.partition(".")[0]).config.hidden_size)
+
+
+@contextlib.contextmanager
+def capture(pipe: Pipeline, module_names: Sequence[str]) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Record the outputs of the named modules (qualified names) during the ``with`` block."""
+    captured: dict[str, list[torch.Tensor]] = {name: [] for name in module_names}
+    handles = []
+    try:
+        for name in module_names:
+
+            def hook(_module, _inputs, output, name=name):  # noqa: ANN001, ANN202 - torch's forward hook signature
+                captured[name].append((output[0] if isinstance(output, tuple) else output).detach())
+
+            handles.append(module(pipe, name).register_forward_hook(hook))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def intervene(pipe: Pipeline, edits: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
+    """Replace the outputs of the named modules by ``edit(output)`` during the ``with`` block."""
+    handles = []
+    try:
+        for name, edit in edits.items():
+
+            def hook(_module, _inputs, output, edit=edit):  # noqa: ANN001, ANN202 - torch's forward hook signature
+                if isinstance(output, tuple):
+                    return (edit(output[0]), *output[1:])
+                return edit(output)
+
+            handles.append(module(pipe, name).register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def text_activations(pipe: Pipeline, hook: str, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+    """The residual stream at a text-encoder hook point, ``(len(prompts), tokens, width)`` float32 on the CPU, for
+    the prompts exactly as generation encodes them (padded to the encoder's full length)."""
+    if not hook.startswith("text_encoder"):
+        raise ValueError(f"{hook!r} is not a text-encoder hook point")
+    hook_point(pipe, hook)
+    prompts, chunks = list(prompts), []
+    for start in range(0, len(prompts), batch_size):
+        with capture(pipe, [hook]) as got:
+            encode_prompts(pipe, prompts[start : start + batch_size])
+        chunks.append(got[hook][0].float().cpu())
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def unet_activations(
+    pipe: Pipeline,
+    hook: str,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A UNet hook point's output at every sampling step of each (prompt, seed), conditional half only.
+
+    Returns ``(activations, timesteps)``: ``(len(prompts), K, H*W, C)`` float32 on the CPU (each spatial position a
+    token) and the ``(K,)`` timesteps of the K UNet calls. Classifier-free guidance runs the unconditional and the
+    conditional batch together (``[uncond, cond]``, as diffusers' pipelines concatenate them); only the conditional
+    half is kept.
+    """
+    if not hook.startswith("unet."):
+        raise ValueError(f"{hook!r} is not a UNet hook point")
+    point = hook_point(pipe, hook)
+    prompts = list(prompts)
+    calls: list[torch.Tensor] = []
+    times: list[torch.Tensor] = []
+    count = {"n": 0}
+
+    def record_timestep(_module, args, kwargs):  # noqa: ANN001, ANN202 - torch's forward pre-hook signature
+        times.append(_timestep(args, kwargs).float())
+
+    def record_output(_module, _inputs, output):  # noqa: ANN001, ANN202 - torch's forward hook signature
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden[-count["n"] :]  # the conditional half ([uncond, cond]), or all without guidance
+        calls.append(hidden.detach().float().cpu().flatten(2).transpose(1, 2))
+
+    handles = [
+        pipe.unet.register_forward_pre_hook(record_timestep, with_kwargs=True),
+        point.register_forward_hook(record_output),
+    ]
+    activations, timesteps = [], None
+    try:
+        batches = range(0, len(prompts), batch_size)
+        for start in tqdm(batches, desc="activations", unit="batch", disable=not progress):
+            chunk = prompts[start : start + batch_size]
+            count["n"], calls[:], times[:] = len(chunk), [], []
+            generate(pipe, chunk, seeds[start : start + batch_size], steps=steps, guidance=guidance,
+                     batch_size=batch_size, progress=False)  # fmt: skip
+            activations.append(torch.stack(calls, dim=1))
+            found = torch.stack(times)
+            if timesteps is not None and not torch.equal(found, timesteps):
+                raise RuntimeError("the sampler's timesteps differ between batches")
+            timesteps = found
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.cat(activations), timesteps
+
+
+def add_output_edit(
+    pipe: Pipeline, name: str, edit: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+) -> HookHandles:
+    """Replace a hook point's output by ``edit(tokens, timestep)`` until the returned handle is removed.
+
+    ``tokens`` is the output as ``(batch, tokens, width)``: a text encoder's as it is, a transformer block's
+    ``(B, C, H, W)`` with each spatial position a token (both halves of classifier-free guidance's batch), and the
+    edit returns the same shape. ``timestep`` is the UNet's current timestep for a UNet hook point (recorded by a
+    forward pre-hook on the UNet) and ``None`` for a text-encoder one.
+    """
+    point = hook_point(pipe, name)
+    state: dict[str, torch.Tensor | None] = {"t": None}
+
+    def record_timestep(_module, args, kwargs):  # noqa: ANN001, ANN202 - torch's forward pre-hook signature
+        state["t"] = _timestep(args, kwargs)
+
+    def as_tokens(hidden: torch.Tensor) -> torch.Tensor:
+        edited = edit(hidden.flatten(2).transpose(1, 2) if hidden.dim() == 4 else hidden, state["t"])
+        if hidden.dim() == 4:
+            edited = edited.transpose(1, 2).reshape(hidden.shape)
+        return edited
+
+    def apply(_module, _inputs, output):  # noqa: ANN001, ANN202 - torch's forward hook signature
+        if isinstance(output, tuple):
+            return (as_tokens(output[0]), *output[1:])
+        return as_tokens(output)
+
+    def register(handles: list) -> None:
+        if name.startswith("unet."):
+            handles.append(pipe.unet.register_forward_pre_hook(record_timestep, with_kwargs=True))
+        handles.append(point.register_forward_hook(apply))
+
+    return _install(register)
+
+
+def add_prompt_scaled_lora(
+    pipe: Pipeline,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    scale_of: Callable[[torch.Tensor, list[torch.Tensor | None]], torch.Tensor],
+    guidance_halves: Callable[[], bool],
+) -> HookHandles:
+    """Add a low-rank change to named Linears, its strength set per prompt, until the handle is removed.
+
+    Each Linear ``W`` in ``factors`` (name -> ``(A, B)``) computes ``W x + s B A x``, with ``s`` the strength of the
+    prompt that conditions the image: ``scale_of(embeddings, token_ids)`` on the conditional prompts of the UNet's
+    batch (``(n, tokens, width)`` text embeddings as the UNet receives them, and each prompt's token ids where the
+    text encoder made that embedding in this process, else ``None``, e.g. an embedding passed in directly) returns
+    ``(n,)`` strengths, or ``(n, G)``: then the rank is G equal blocks (adapters added together), ``B_g A_g`` scaled
+    by the prompt's strength g. ``guidance_halves()`` says whether the UNet's batch is classifier-free guidance's
+    [unconditional; conditional] halves; the unconditional half then takes the strength of its conditional partner,
+    so a prompt's whole guided prediction is scaled as one. A UNet forward pre-hook computes the strengths, forward
+    hooks on the Linears add the change; the text encoder's forward hook remembers which token ids made which
+    embedding. Linears inside transformer blocks only (their inputs are batch-first).
+    """
+    modules = {name: module(pipe, name) for name in factors}
+    for name, layer in modules.items():
+        if not isinstance(layer, torch.nn.Linear):
+            raise ValueError(f"{name} is a {type(layer).__name__}, not a Linear")
+        lora_a, lora_b = factors[name]
+        if lora_a.shape[1] != layer.in_features or lora_b.shape[0] != layer.out_features:
+            raise ValueError(f"the change of {name} does not fit its weight {tuple(layer.weight.shape)}")
+    token_ids: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+    state: dict[str, torch.Tensor | None] = {"scale": None}
+
+    def digest(row: torch.Tensor) -> bytes:
+        return hashlib.sha1(row.detach().float().cpu().contiguous().numpy().tobytes()).digest()
+
+    def remember_tokens(_module, args, kwargs, output):  # noqa: ANN001, ANN202 - torch's forward hook signature
+        ids = args[0] if args else kwargs.get("input_ids")
+        hidden = output[0]
+        if ids is None or hidden.dim() != 3:
+            return
+        for row_ids, row in zip(ids, hidden, strict=True):
+            token_ids[digest(row)] = row_ids.detach().cpu()
+            if len(token_ids) > 4096:
+                token_ids.popitem(last=False)
+
+    def set_strengths(_module, args, kwargs):  # noqa: ANN001, ANN202 - torch's forward pre-hook signature
+        text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[2]
+        halves = guidance_halves() and text.shape[0] % 2 == 0
+        conditional = text[text.shape[0] // 2 :] if halves else text
+        strengths = scale_of(conditional.float(), [token_ids.get(digest(row)) for row in conditional])
+        strengths = strengths.reshape(conditional.shape[0], -1).float()  # (prompts, groups)
+        state["scale"] = torch.cat([strengths, strengths]) if halves else strengths
+
+    def add_change(name: str):  # noqa: ANN202
+        lora_a, lora_b = factors[name]
+
+        def hook(_module, inputs, output):  # noqa: ANN001, ANN202 - torch's forward hook signature
+            scale = state["scale"]
+            if scale is None or output.shape[0] != scale.shape[0] or lora_a.shape[0] % scale.shape[1]:
+                raise RuntimeError(f"{name}: no per-prompt strength for a batch of {tuple(output.shape)}")
+            a, b = lora_a.to(output.device, output.dtype), lora_b.to(output.device, output.dtype)
+            hidden = torch.nn.functional.linear(inputs[0], a)  # (rows, ..., rank)
+            scale = scale.to(output.device, output.dtype).repeat_interleave(a.shape[0] // scale.shape[1], dim=1)
+            hidden = hidden * scale.view(scale.shape[0], *[1] * (hidden.dim() - 2), scale.shape[1])
+            return output + torch.nn.functional.linear(hidden, b)
+
+        return hook
+
+    def register(handles: list) -> None:
+        handles.append(pipe.unet.register_forward_pre_hook(set_strengths, with_kwargs=True))
+        if getattr(pipe, "text_encoder", None) is not None:
+            handles.append(pipe.text_encoder.register_forward_hook(remember_tokens, with_kwargs=True))
+        for name, layer in modules.items():
+            handles.append(layer.register_forward_hook(add_change(name)))
+
+    return _install(register)

@@ -1,0 +1,243 @@
+"""Weights: edits in place and undone exactly, trainable LoRA adapters, fingerprints and norms, and export.
+
+Everything here addresses modules by qualified name (``"unet.<path>"``, see :mod:`pipelines.modules`); a LoRA is
+saved in diffusers' own format, so ``pipe.load_lora_weights(folder)`` reproduces the change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from .modules import Pipeline, linear_module_names, module
+
+__all__ = [
+    "LoraAdapters",
+    "apply_weight_deltas",
+    "export_pipeline",
+    "fingerprint",
+    "lora_adapters",
+    "parameter_norm",
+    "save_lora_weights",
+    "weight_deltas",
+    "weight_norms",
+]
+
+
+class LoraAdapters:
+    """peft LoRA adapters injected into the UNet by :func:`lora_adapters`; valid inside its block.
+
+    Training code sees only these parameters, a switch that turns the adapters off (the frozen model is then the very
+    same UNet, so one UNet sits in memory), their state for checkpoints, and the trained change as exact factors.
+    """
+
+    def __init__(self, unet: torch.nn.Module, names: Sequence[str], adapter_name: str) -> None:
+        self.names = list(names)
+        self.adapter_name = adapter_name
+        self._layers = {name: unet.get_submodule(name) for name in self.names}
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """The trainable tensors, A then B per module in name order (a stable order for optimizer state)."""
+        params = []
+        for layer in self._layers.values():
+            params += [layer.lora_A[self.adapter_name].weight, layer.lora_B[self.adapter_name].weight]
+        return params
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """``{"<module>.lora_A": A, "<module>.lora_B": B}``, detached copies (B without the scaling)."""
+        state = {}
+        for name, layer in self._layers.items():
+            state[f"{name}.lora_A"] = layer.lora_A[self.adapter_name].weight.detach().clone()
+            state[f"{name}.lora_B"] = layer.lora_B[self.adapter_name].weight.detach().clone()
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore ``state_dict()``'s tensors; ``ValueError`` for a missing key or a shape that differs."""
+        expected = self.state_dict()
+        if set(state) != set(expected):
+            raise ValueError(f"LoRA state holds {len(state)} tensors, the adapters {len(expected)}: another setup")
+        for name, layer in self._layers.items():
+            for part in ("lora_A", "lora_B"):
+                target = getattr(layer, part)[self.adapter_name].weight
+                value = state[f"{name}.{part}"]
+                if value.shape != target.shape:
+                    raise ValueError(f"{name}.{part}: saved shape {tuple(value.shape)}, adapter {tuple(target.shape)}")
+                target.copy_(value.to(target.device, target.dtype))
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """The base model for the ``with`` block: every adapter off, re-enabled afterwards (also on error)."""
+        try:
+            for layer in self._layers.values():
+                layer.enable_adapters(False)
+            yield
+        finally:
+            for layer in self._layers.values():
+                layer.enable_adapters(True)
+
+    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The trained change as exact factors ``{"unet.<module>": (A, B * scaling)}``, dW = B @ A, float32 on CPU."""
+        out = {}
+        for name, layer in self._layers.items():
+            lora_a = layer.lora_A[self.adapter_name].weight.detach().float().cpu().clone()
+            lora_b = layer.lora_B[self.adapter_name].weight.detach().float().cpu() * float(
+                layer.scaling[self.adapter_name]
+            )
+            out[f"unet.{name}"] = (lora_a, lora_b)
+        return out
+
+    @torch.no_grad()
+    def _initialise(self, generator: torch.Generator) -> None:
+        """A from ``generator`` within peft's own Kaiming-uniform bound, 1/sqrt(in_features); B zero."""
+        for layer in self._layers.values():
+            weight = layer.lora_A[self.adapter_name].weight
+            bound = 1.0 / weight.shape[1] ** 0.5
+            draw = torch.rand(weight.shape, generator=generator, dtype=torch.float32) * 2 * bound - bound
+            weight.copy_(draw.to(weight.device, weight.dtype))
+            layer.lora_B[self.adapter_name].weight.zero_()
+
+
+@contextlib.contextmanager
+def lora_adapters(
+    unet: torch.nn.Module,
+    patterns: Sequence[str],
+    rank: int,
+    alpha: float,
+    *,
+    generator: torch.Generator,
+    adapter_name: str = "erase",
+) -> Iterator[LoraAdapters]:
+    """Trainable peft LoRA adapters on the matching UNet Linear modules, in place, for the ``with`` block.
+
+    A is drawn from ``generator`` (peft's own Kaiming-uniform bound, so the start is a function of the seed alone)
+    and B is zero, so the adapted model starts equal to the base. Afterwards the adapters are removed (also on
+    error): the original Linear modules are put back, with their weights bit-identical (peft never writes them
+    unless merged, which this never does) and their ``requires_grad`` flags as they were.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    if getattr(unet, "peft_config", None) or any(isinstance(m, BaseTunerLayer) for m in unet.modules()):
+        raise ValueError("the UNet already holds peft adapters (a loaded LoRA?): erase from the plain base model")
+    names = linear_module_names(unet, patterns)
+    requires_grad = {name: p.requires_grad for name, p in unet.named_parameters()}
+    had_config = hasattr(unet, "peft_config")
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=names, lora_dropout=0.0, bias="none", init_lora_weights=True
+    )
+    try:
+        inject_adapter_in_model(config, unet, adapter_name)
+        adapters = LoraAdapters(unet, names, adapter_name)
+        adapters._initialise(generator)
+        yield adapters
+    finally:
+        for name in names:
+            layer = unet.get_submodule(name)
+            if isinstance(layer, BaseTunerLayer):
+                parent, _, child = name.rpartition(".")
+                setattr(unet.get_submodule(parent) if parent else unet, child, layer.get_base_layer())
+        if not had_config and hasattr(unet, "peft_config"):
+            del unet.peft_config
+        for name, param in unet.named_parameters():
+            param.requires_grad_(requires_grad.get(name, param.requires_grad))
+
+
+@torch.no_grad()
+def apply_weight_deltas(pipe: Pipeline, deltas: dict[str, torch.Tensor], scale: float = 1.0) -> None:
+    """In place: ``W <- W + scale * dW`` for each Linear named (qualified) in ``deltas``.
+
+    All or nothing: every module and shape is checked before the first weight changes.
+    """
+    weights = {name: module(pipe, name).weight for name in deltas}
+    for name, delta in deltas.items():
+        if weights[name].shape != delta.shape:
+            raise ValueError(
+                f"{name}: weight change of shape {tuple(delta.shape)} for weight {tuple(weights[name].shape)}"
+            )
+    for name, delta in deltas.items():
+        weights[name].add_(delta.to(weights[name].device, weights[name].dtype), alpha=scale)
+
+
+@contextlib.contextmanager
+def weight_deltas(pipe: Pipeline, deltas: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Apply weight changes for the ``with`` block and restore the exact original weights afterwards."""
+    originals = {name: module(pipe, name).weight.detach().clone() for name in deltas}
+    try:
+        apply_weight_deltas(pipe, deltas)
+        yield
+    finally:
+        with torch.no_grad():
+            for name, weight in originals.items():
+                module(pipe, name).weight.copy_(weight)
+
+
+def fingerprint(pipe: Pipeline, module_names: Sequence[str], precision: torch.dtype = torch.float32) -> str:
+    """sha256 over the float32 weights of the named modules (qualified names), in sorted order.
+
+    ``precision`` rounds the weights to that dtype first: a float32 pipeline's float16 fingerprint equals the plain
+    fingerprint of the same weights loaded in float16 (diffusers' ``torch_dtype`` casts the same way).
+    """
+    digest = hashlib.sha256()
+    for name in sorted(module_names):
+        for pname, param in sorted(module(pipe, name).state_dict().items()):
+            digest.update(f"{name}.{pname}".encode())
+            rounded = param.detach().to("cpu").to(precision).to(torch.float32)
+            digest.update(rounded.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def weight_norms(pipe: Pipeline, module_names: Sequence[str]) -> dict[str, float]:
+    """Frobenius norm of each named module's weight, in float64."""
+    return {name: float(module(pipe, name).weight.detach().double().norm()) for name in sorted(module_names)}
+
+
+def parameter_norm(pipe: Pipeline, name: str) -> float:
+    """Frobenius norm of all of a module's parameters together (a whole component), in float64."""
+    return float(sum(p.detach().double().pow(2).sum() for p in module(pipe, name).parameters()) ** 0.5)
+
+
+def save_lora_weights(
+    pipe: Pipeline, folder: str | Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    """Save ``dW = B @ A`` per module as a diffusers LoRA that ``pipe.load_lora_weights(folder)`` reproduces.
+
+    ``factors`` maps a qualified Linear name to ``(A, B)`` with A: (rank, in) and B: (out, rank). Alpha equals the
+    rank so the LoRA scale is exactly 1; ranks may differ per module (peft's ``rank_pattern``).
+    """
+    by_component: dict[str, dict[str, torch.Tensor]] = {}
+    ranks: dict[str, dict[str, int]] = {}
+    for name, (lora_a, lora_b) in factors.items():
+        component, _, path = name.partition(".")
+        if component not in ("unet", "text_encoder", "text_encoder_2"):
+            raise ValueError(f"cannot save a LoRA for component {component!r}")
+        by_component.setdefault(component, {})[f"{path}.lora_A.weight"] = lora_a.contiguous().float().cpu()
+        by_component.setdefault(component, {})[f"{path}.lora_B.weight"] = lora_b.contiguous().float().cpu()
+        ranks.setdefault(component, {})[path] = int(lora_a.shape[0])
+    kwargs = {}
+    for component, state in by_component.items():
+        pattern = ranks[component]
+        top = max(pattern.values())
+        kwargs[f"{component}_lora_layers"] = state
+        kwargs[f"{component}_lora_adapter_metadata"] = {
+            "r": top,
+            "lora_alpha": top,
+            "rank_pattern": pattern,
+            "alpha_pattern": pattern,
+            "target_modules": sorted(pattern),
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "use_dora": False,
+        }
+    type(pipe).save_lora_weights(str(folder), safe_serialization=True, **kwargs)
+
+
+def export_pipeline(pipe: Pipeline, folder: str | Path) -> None:
+    """A complete diffusers folder of the pipeline as it is now (edits included)."""
+    pipe.save_pretrained(str(folder), safe_serialization=True)
