@@ -6,8 +6,9 @@
     python scripts/bench_sae.py --erasure erased/van-gogh-itd     # an artifact you made
 
 Same prompts and seeds both ways (half name the concept, so itd's gate fires on them), timed alternately (bare,
-attached, bare, ...) to cancel drift; prints the median seconds of each and the overhead. Goals: itd at most 5%,
-saeuron at most 15%.
+attached, bare, ...) to cancel drift; prints the median seconds of each and the overhead, and how many images the
+attachment changed (concept prompts and the others, last round), which shows the intervention ran. ``--json`` prints
+the same as one JSON object. Goals: itd at most 5%, saeuron at most 15%.
 
 Figures: ``docs/benchmarks.md``.
 """
@@ -15,6 +16,7 @@ Figures: ``docs/benchmarks.md``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -47,22 +49,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=16, help="images per timed run (default: 16)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs each way (default: 3)")
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
     return parser.parse_args(argv)
 
 
-def overhead(wrapper, artifact, prompts: list[str], seeds: list[int], steps: int, repeats: int) -> tuple:  # noqa: ANN001
-    """Median seconds of generating ``prompts`` bare and with the artifact attached (one warm-up each first)."""
+def overhead(wrapper, artifact, prompts: list[str], seeds: list[int], steps: int, repeats: int) -> dict:  # noqa: ANN001
+    """Median seconds of generating ``prompts`` bare and with the artifact attached (one warm-up each first), the
+    overhead ``attached / bare - 1``, and which images of the last round the attachment changed."""
     bare, attached = [], []
     for i in range(repeats + 1):
         start = time.perf_counter()
-        wrapper.generate(prompts, seeds, steps=steps, progress=False)
+        bare_images = wrapper.generate(prompts, seeds, steps=steps, progress=False)
         middle = time.perf_counter()
         with artifact.applied(wrapper):
-            wrapper.generate(prompts, seeds, steps=steps, progress=False)
+            attached_images = wrapper.generate(prompts, seeds, steps=steps, progress=False)
         if i:  # the first round warms both up
             bare.append(middle - start)
             attached.append(time.perf_counter() - middle)
-    return statistics.median(bare), statistics.median(attached)
+    bare_median, attached_median = statistics.median(bare), statistics.median(attached)
+    changed = [a.tobytes() != b.tobytes() for a, b in zip(attached_images, bare_images, strict=True)]
+    return {
+        "bare_seconds": bare_median,
+        "attached_seconds": attached_median,
+        "overhead": attached_median / bare_median - 1,
+        "changed_images": changed,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,12 +103,29 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, KeyError, OSError) as err:
         print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
-    prompts = [PROMPTS[i % len(PROMPTS)].format(concept) for i in range(args.images)]
-    seeds = list(range(args.images))
+    templates = [PROMPTS[i % len(PROMPTS)] for i in range(args.images)]
+    prompts, seeds = [t.format(concept) for t in templates], list(range(args.images))
+    names_concept = ["{}" in t for t in templates]
+    results = {}
     for method, artifact in artifacts.items():
-        bare, attached = overhead(wrapper, artifact, prompts, seeds, args.steps, args.repeats)
-        print(f"{method:8s} {args.images} images x {args.steps} steps: bare {bare:.2f} s, attached {attached:.2f} s, "
-              f"overhead {100 * (attached / bare - 1):+.1f}%  (hook point {artifact.layers[0]})")  # fmt: skip
+        result = overhead(wrapper, artifact, prompts, seeds, args.steps, args.repeats)
+        changed = result.pop("changed_images")
+        result["hook_point"] = artifact.layers[0]
+        result["concept_images"] = sum(names_concept)
+        result["concept_images_changed"] = sum(c for c, named in zip(changed, names_concept, strict=True) if named)
+        result["other_images"] = args.images - sum(names_concept)
+        result["other_images_changed"] = sum(c for c, named in zip(changed, names_concept, strict=True) if not named)
+        results[method] = result
+        if not args.json:
+            print(f"{method:8s} {args.images} images x {args.steps} steps: bare {result['bare_seconds']:.2f} s, "
+                  f"attached {result['attached_seconds']:.2f} s, overhead {100 * result['overhead']:+.1f}%, "
+                  f"changed {result['concept_images_changed']}/{result['concept_images']} concept images and "
+                  f"{result['other_images_changed']}/{result['other_images']} others  "
+                  f"(hook point {result['hook_point']})")  # fmt: skip
+    if args.json:
+        settings = {"model": args.model, "concept": concept, "images": args.images, "steps": args.steps,
+                    "repeats": args.repeats}  # fmt: skip
+        print(json.dumps({**settings, "methods": results}, indent=2))
     return 0
 
 

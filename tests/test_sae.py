@@ -683,10 +683,20 @@ def test_bench_sae_bad_input_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_bench_sae_prints_the_overhead_on_micro():
+def test_bench_sae_reports_the_overhead_of_an_attached_intervention_on_micro(capsys):
+    """The benchmark's JSON: both medians positive, the overhead their ratio less one, and the attached run changed
+    every image whose prompt names the concept and none of the others (itd's gate fires on the concept alone), so the
+    time is that of a working intervention."""
+    import runpy
+
     _micro_with_saes()
-    command = [sys.executable, "scripts/bench_sae.py", "--method", "itd", "--images", "2", "--steps", "4",
-               "--repeats", "1"]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    assert "itd" in done.stdout and "overhead" in done.stdout
+    main = runpy.run_path("scripts/bench_sae.py", run_name="bench_sae_script")["main"]  # in-process: no start-up
+    assert main(["--method", "itd", "--images", "4", "--steps", "4", "--repeats", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["images"], report["steps"], report["repeats"]) == (4, 4, 1) and list(report["methods"]) == ["itd"]
+    itd = report["methods"]["itd"]
+    assert itd["bare_seconds"] > 0 and itd["attached_seconds"] > 0
+    assert itd["overhead"] == pytest.approx(itd["attached_seconds"] / itd["bare_seconds"] - 1, abs=1e-12)
+    counts = ("concept_images", "concept_images_changed", "other_images", "other_images_changed")
+    assert [itd[key] for key in counts] == [2, 2, 2, 0], itd
+    assert itd["hook_point"].startswith(("text_encoder.", "unet."))
