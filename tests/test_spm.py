@@ -88,8 +88,40 @@ def test_latent_anchoring_keeps_other_embeddings_predictions_closer(tiny):
 
 
 def test_spm_on_sdxl_draws_pooled_anchors(tiny_sdxl):
-    artifact = erase_concepts(tiny_sdxl, ConceptSpec(("van gogh",)), "spm", SPMConfig(**{**FAST, "steps": 2}))
-    assert artifact.deltas and artifact.info["steps"] == 2
+    """On SDXL each latent anchor carries its own pooled text embedding, drawn around the concept's like the token
+    embeddings: the UNet's added conditioning (``text_embeds``) receives, besides the concept's and the empty
+    prompt's pooled embeddings, ``latent_anchors`` new ones a step, each at 0.8-1.2 times the concept's norm, none
+    parallel to it, each seen twice (the frozen and the trained prediction) beside anchor token embeddings."""
+    steps, m = 2, 4
+    reference = tiny_sdxl.encode_prompts(["van gogh", ""])
+    calls = []
+
+    def record(module, args, kwargs):  # noqa: ANN001, ARG001 - a forward pre-hook's signature
+        pooled = kwargs["added_cond_kwargs"]["text_embeds"].detach().float().clone()
+        calls.append((kwargs["encoder_hidden_states"].detach().float().clone(), pooled))
+
+    handle = tiny_sdxl.pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        config = SPMConfig(latent_anchors=m, **{**FAST, "steps": steps})
+        artifact = erase_concepts(tiny_sdxl, ConceptSpec(("van gogh",)), "spm", config)
+    finally:
+        handle.remove()
+    assert artifact.deltas and artifact.info["steps"] == steps
+    known = reference.pooled.float()
+    anchors = []
+    for tokens, pooled in calls:
+        for row_tokens, row in zip(tokens, pooled, strict=True):
+            if not any(torch.allclose(row, k, atol=1e-5) for k in known):
+                anchors.append(row)
+                # an anchor's token embeddings are drawn too: neither the concept's nor the empty prompt's
+                assert not any(torch.allclose(row_tokens, e, atol=1e-5) for e in reference.embeddings.float())
+    assert len(anchors) == 2 * steps * m, len(anchors)
+    distinct = torch.unique(torch.stack(anchors), dim=0)
+    assert distinct.shape[0] == steps * m
+    concept = known[0]
+    ratio = distinct.norm(dim=1) / concept.norm()
+    assert ratio.min() >= 0.8 - 1e-4 and ratio.max() <= 1.2 + 1e-4
+    assert torch.nn.functional.cosine_similarity(distinct, concept[None], dim=1).abs().max() < 0.9
 
 
 # ------------------------------------------------------------------------------------------ facilitated transport
