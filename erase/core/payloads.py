@@ -132,8 +132,3 @@ def install_once(module: torch.nn.Module, key: str, install: Callable[[], Any], 
     installed[token] = key
     handles.on_remove.append(lambda: _INSTALLED.get(module, {}).pop(token, None))
     return handles
-
-
-def installed_count(module: torch.nn.Module) -> int:
-    """How many payloads are installed on ``module`` now."""
-    return len(_INSTALLED.get(module, {}))
