@@ -42,6 +42,7 @@ __all__ = [
     "file_sha256",
     "move_into_place",
     "png_bytes",
+    "process_alive",
     "read_json_object",
     "read_safetensors_metadata",
     "read_tensors",
@@ -137,7 +138,9 @@ _STALE_SECONDS = 10.0  # a dead writer's temporary is removed once this old (ano
 _ABANDONED_SECONDS = 86400.0  # ... and anyone's once this old (its pid may have been reused)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` may still be running (this one, someone else's, or one this system cannot tell about
+    count as alive), so its temporaries are left alone."""
     if pid == os.getpid():
         return True
     try:
@@ -163,7 +166,7 @@ def remove_stale_temporaries(folder: str | Path) -> None:
             age = now - path.lstat().st_mtime
         except FileNotFoundError:
             continue  # its writer just moved it into place
-        if age > _ABANDONED_SECONDS or (age > _STALE_SECONDS and not _process_alive(int(found.group(1)))):
+        if age > _ABANDONED_SECONDS or (age > _STALE_SECONDS and not process_alive(int(found.group(1)))):
             _remove(path)
 
 

@@ -25,7 +25,6 @@ import glob
 import json
 import logging
 import math
-import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ import torch
 from safetensors import SafetensorError
 
 from pipelines import PipelineWrapper
-from pipelines.files import file_sha256, move_into_place, sync_to_disk, write_error
+from pipelines.files import file_sha256, move_into_place, process_alive, sync_to_disk, write_error
 
 from .discovery import discover_families
 from .layout import (
@@ -166,20 +165,10 @@ def _remove_stale_temporaries(folder: Path) -> None:
     prefix = f".{folder.name}{TEMPORARY_MARK}"
     for path in folder.parent.glob(f"{glob.escape(prefix)}*"):
         pid = path.name[len(prefix) :].split("-")[0]
-        if not pid.isdigit() or _process_alive(int(pid)):
+        if not pid.isdigit() or process_alive(int(pid)):
             continue
         logger.info("removing %s, left by an interrupted save", path)
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _finish_tree(root: Path) -> None:
