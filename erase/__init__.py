@@ -30,6 +30,7 @@ _EXPORTS: dict[str, str] = {
     "load_artifact": "core.artifact",
     "low_rank_factors": "core.weights",
     "save_artifact": "core.artifact",
+    "save_kohya_lora": "core.kohya",
     "ConceptSpec": "core.registry",
     "Method": "core.registry",
     "WeightEdit": "core.registry",
@@ -65,11 +66,13 @@ __all__ = [
     "low_rank_factors",
     "register_method",
     "save_artifact",
+    "save_kohya_lora",
 ]
 
 if TYPE_CHECKING:
     from .core.artifact import ArtifactHandle, ErasureArtifact, check_artifact_base, load_artifact, save_artifact
     from .core.inputs import concept_key
+    from .core.kohya import save_kohya_lora
     from .core.layout import ArtifactError, ArtifactExistsError, ArtifactMismatchError, check_output_folder
     from .core.registry import (
         ConceptSpec,

@@ -83,6 +83,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out = parser.add_argument_group("output")
     out.add_argument("--out", help="artifact folder (default: erased/<concept>-<method>)")
     out.add_argument("--overwrite", action="store_true", help="replace an earlier artifact at --out")
+    out.add_argument(
+        "--format",
+        default="diffusers",
+        choices=["diffusers", "kohya"],
+        help="'kohya' also writes the LoRA in the key layout Automatic1111, ComfyUI and kohya-ss read, "
+        "lora_kohya.safetensors in the artifact (default: diffusers only)",
+    )
     out.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     out.add_argument("--quiet", action="store_true", help="no progress bar")
     out.add_argument("--verbose", action="store_true", help="log details, and show the libraries' loading bars")
@@ -163,6 +170,8 @@ def print_summary(summary) -> None:  # noqa: ANN001 - erase.workflow.EraseSummar
     for warning in summary.warnings:
         print(f"  warning: {warning}")
     print(f"  artifact:           {summary.out}")
+    if "kohya_lora" in summary.extra:
+        print(f"  for A1111/ComfyUI:  {summary.extra['kohya_lora']}  (copy it to their LoRA folder)")
     print(f"  load it:            import erase; {summary.load_code}  (handle.remove() undoes it)")
 
 
@@ -196,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         set_library_verbosity(args.verbose)
         method = get_method(args.method)
+        if args.format == "kohya" and method.runtime:
+            raise ValueError(f"--format kohya: {args.method} changes no weights (a runtime edit): it has no LoRA form")
         overrides = config_overrides(args, {f.name for f in dataclasses.fields(method.config_class)})
         config_from_overrides(method.config_class, overrides, f"method {args.method!r}")  # values, before the model
         device = resolve_device(args.device)
@@ -221,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             scorer=args.scorer,
             config_overrides=overrides,
             progress=not (args.quiet or args.json),
+            lora_format=args.format,
         )
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)

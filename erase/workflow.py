@@ -28,8 +28,10 @@ from .core.inputs import (
     config_from_overrides,
     error_line,
 )
+from .core.kohya import LORA_FORMATS, kohya_bytes
 from .core.layout import (
     CHECK_PICTURE,
+    KOHYA_FILE,
     METADATA_FILE,
     check_checkpoint_folder,
     check_output_folder,
@@ -328,13 +330,17 @@ def run_erase(
     scorer: str | None = None,
     config_overrides: dict[str, Any] | None = None,
     progress: bool = False,
+    lora_format: str = "diffusers",
 ) -> EraseSummary:
     """Erase ``concepts`` from ``wrapper``'s model, check the result, and save the artifact.
 
     Every input is validated, and the check's scorer loaded, before the edit; the artifact (with the check's picture)
     is written last, in one atomic step, so a run that fails writes nothing and replaces nothing. The output folder
     is claimed for the whole run (``pipelines.files.claim_folder``): a second run to it fails at once.
+    ``lora_format="kohya"`` adds the weight change in kohya-ss's LoRA layout (``erase.core.kohya``) to the artifact.
     """
+    if lora_format not in LORA_FORMATS:
+        raise ValueError(f"unknown LoRA format {lora_format!r}; expected one of {', '.join(LORA_FORMATS)}")
     if check_images < 1 or check_steps < 1:
         raise ValueError(f"the check needs at least 1 image and 1 step, got {check_images} and {check_steps}")
     targets = [c.strip() if isinstance(c, str) else c for c in concepts] if concepts else []
@@ -342,6 +348,8 @@ def run_erase(
         wrapper, targets, method, guides, preserve, config_overrides,
         concept_type=concept_type, preserve_sets=preserve_sets, expand_prompts=expand_prompts,
     )  # fmt: skip
+    if lora_format == "kohya" and get_method(method).runtime:
+        raise ValueError(f"method {method!r} changes no weights (a runtime intervention): it has no kohya LoRA form")
     folder = check_output_folder(out if out else default_output_folder(concept_spec.targets, method), overwrite)
     check_checkpoint_folder(getattr(config, "checkpoint_dir", None), folder)
     if check:
@@ -362,6 +370,8 @@ def run_erase(
                 progress=progress, probes=probes,
             )  # fmt: skip
             extra_files[CHECK_PICTURE] = png_bytes(grid)
+        if lora_format == "kohya":
+            extra_files[KOHYA_FILE] = kohya_bytes(artifact, wrapper)
         folder = save_artifact(artifact, folder, wrapper, overwrite=overwrite, extra_files=extra_files)
     weight_format = json.loads((folder / METADATA_FILE).read_text())["weight_format"]
     load_code = f'handle = erase.load(pipe, "{folder}")'
@@ -385,6 +395,7 @@ def run_erase(
             "scorer": scorer_name,
             "info": artifact.info,
             "payloads": list(artifact.payloads),
+            **({"kohya_lora": str(folder / KOHYA_FILE)} if lora_format == "kohya" else {}),
         },
         warnings=edit_size_warnings(artifact.info.get("relative_change", {})),
     )

@@ -22,7 +22,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
-from . import hooks, loading, modules, sampling, text, weights
+from . import hooks, loading, modules, original_names, sampling, text, weights
 from .hooks import HookHandles
 from .modules import CROSS_ATTENTION_PATTERNS, CrossAttentionLayer
 from .text import PromptEncoding
@@ -114,6 +114,11 @@ class PipelineWrapper:
         """UNet cross-attention projections matching ``patterns``; ``ValueError`` for none
         (:func:`modules.cross_attention_layers`)."""
         return modules.cross_attention_layers(self.unet, patterns)
+
+    def original_unet_path(self, path: str) -> str:
+        """A UNet module's path in the original Stable Diffusion checkpoint layout, ``input_blocks.4.1...`` (kohya's
+        SDXL LoRA keys; :func:`original_names.original_unet_path`)."""
+        return original_names.original_unet_path(self.unet, path)
 
     def lora_modules(self, patterns: Sequence[str]) -> list[str]:
         """UNet Linear module names (unqualified) matching ``patterns``, sorted; ``ValueError`` for none

@@ -30,13 +30,16 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 FULL_FILE = "edited_weights.safetensors"
 PIPELINE_FOLDER = "pipeline"
 CHECK_PICTURE = "before_after.png"
+#: the weight change in kohya-ss's LoRA layout, for Automatic1111 and ComfyUI (``erase.core.kohya``; not checksummed:
+#: erase itself never reads it)
+KOHYA_FILE = "lora_kohya.safetensors"
 INTERVENTION_ENTRIES = ("intervention.json", "intervention.safetensors", "sae.safetensors", "sae.json")
 #: facilitated transport beside a LoRA (``erase.lora.transport``)
 TRANSPORT_ENTRIES = ("transport.json", "transport.safetensors")
 #: the file whose sha256 ``erasure.json`` records, by weight format
 WEIGHTS_FILES = {"lora": LORA_FILE, "full": FULL_FILE, "intervention": "intervention.safetensors"}
 #: Everything an artifact folder may hold; ``overwrite`` replaces a folder only if it holds nothing else.
-ARTIFACT_ENTRIES = frozenset({METADATA_FILE, LORA_FILE, FULL_FILE, PIPELINE_FOLDER, CHECK_PICTURE,
+ARTIFACT_ENTRIES = frozenset({METADATA_FILE, LORA_FILE, FULL_FILE, PIPELINE_FOLDER, CHECK_PICTURE, KOHYA_FILE,
                               *INTERVENTION_ENTRIES, *TRANSPORT_ENTRIES})  # fmt: skip
 #: Relative tolerance on per-module weight norms when the pipeline runs in float16/bfloat16: its weights are the
 #: base's rounded, so the float32 fingerprint cannot match, while rounding moves a norm by far less than this.
