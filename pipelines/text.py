@@ -99,6 +99,14 @@ def encode_prompts(pipe: Pipeline, prompts: Sequence[str]) -> PromptEncoding:
     return PromptEncoding(prompts, input_ids, embeds, lengths, pooled)
 
 
+def _text_encoders(pipe: Pipeline) -> list[tuple[object, torch.nn.Module]]:
+    """(tokenizer, text encoder) pairs whose outputs the UNet reads side by side: one, or SDXL's two."""
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if is_sdxl(pipe):
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    return pairs
+
+
 def encode_with_vectors(pipe: Pipeline, templates: Sequence[str], vectors: torch.Tensor) -> PromptEncoding:
     """Text embeddings of prompts in which free input-embedding vectors stand for words, differentiably.
 
@@ -111,24 +119,44 @@ def encode_with_vectors(pipe: Pipeline, templates: Sequence[str], vectors: torch
     under the caller's grad mode). The vectors enter through a forward hook on the input-embedding module, removed
     before returning; ``input_ids`` holds BOS's id at the slots, a placeholder the hook overwrites.
 
-    ``ValueError`` when a template lacks ``{}`` or has it twice, or when a prompt would be longer than the text
-    encoder reads; ``NotImplementedError`` on SDXL (two encoders, two input embeddings).
+    On SDXL a vector is the token's input embeddings of both encoders side by side (``width`` = 768 + 1280 for
+    SDXL's), each encoder reading its own part as ``StableDiffusionXLPipeline.encode_prompt`` reads text (the
+    penultimate layer, the pooled embedding from the second encoder). ``ValueError`` when a template lacks ``{}`` or
+    has it twice, or when a prompt would be longer than the text encoder reads.
     """
-    if is_sdxl(pipe):
-        raise NotImplementedError("encode_with_vectors: free token vectors are SD 1.x/2.x only, not on SDXL yet")
     templates = list(templates)
     if not templates:
         raise ValueError("encode_with_vectors needs at least one template")
-    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
-    embedding = encoder.get_input_embeddings()
-    width = embedding.embedding_dim
+    encoders = _text_encoders(pipe)
+    widths = [encoder.get_input_embeddings().embedding_dim for _, encoder in encoders]
+    width = sum(widths)
     if vectors.dim() == 2:
         vectors = vectors.unsqueeze(0).expand(len(templates), -1, -1)
     if vectors.dim() != 3 or vectors.shape[0] != len(templates) or vectors.shape[2] != width:
         raise ValueError(f"vectors must be (k, {width}) or (templates, k, {width}), got {tuple(vectors.shape)}")
-    k, length = vectors.shape[1], tokenizer.model_max_length
-    if k < 1:
+    if vectors.shape[1] < 1:
         raise ValueError("vectors hold no slot (k = 0)")
+    parts = torch.split(vectors, widths, dim=-1)
+    runs = [
+        _encode_slots(pipe, tok, encoder, templates, part)
+        for (tok, encoder), part in zip(encoders, parts, strict=True)
+    ]
+    input_ids, lengths, out = runs[0]
+    if len(runs) == 1:
+        embeds, pooled = out[0], None
+    else:  # SDXL: the penultimate layers side by side, the second encoder's projected, pooled embedding
+        embeds, pooled = torch.cat([o.hidden_states[-2] for _, _, o in runs], dim=-1), runs[-1][2][0]
+    k = vectors.shape[1]
+    names = [t.replace("{}", " ".join(f"<v{i}>" for i in range(k))) for t in templates]
+    return PromptEncoding(names, input_ids, embeds.to(encoders[0][1].dtype), torch.tensor(lengths), pooled)
+
+
+def _encode_slots(
+    pipe: Pipeline, tokenizer: object, encoder: torch.nn.Module, templates: list[str], vectors: torch.Tensor
+) -> tuple[torch.Tensor, list[int], object]:
+    """One encoder's run of :func:`encode_with_vectors`: (input ids, lengths, the encoder's output)."""
+    embedding = encoder.get_input_embeddings()
+    k, length = vectors.shape[1], tokenizer.model_max_length
     rows, starts, lengths = [], [], []
     for template in templates:
         if template.count("{}") != 1:
@@ -152,24 +180,25 @@ def encode_with_vectors(pipe: Pipeline, templates: Sequence[str], vectors: torch
         return output.scatter(1, index, vectors.to(output.device, output.dtype))
 
     device = pipe.unet.device
-    mask = None  # as the pipeline's encode_prompt: a mask only for encoders configured to take one
-    if getattr(encoder.config, "use_attention_mask", False):
+    mask = None  # as the pipeline's encode_prompt: a mask only for encoders configured to take one (never SDXL)
+    if not is_sdxl(pipe) and getattr(encoder.config, "use_attention_mask", False):
         mask = (torch.arange(length) < torch.tensor(lengths).unsqueeze(1)).long().to(device)
     handle = embedding.register_forward_hook(insert)
     try:
-        embeds = encoder(input_ids.to(device), attention_mask=mask)[0]
+        out = encoder(input_ids.to(device), attention_mask=mask, output_hidden_states=is_sdxl(pipe))
     finally:
         handle.remove()
-    names = [t.replace("{}", " ".join(f"<v{i}>" for i in range(k))) for t in templates]
-    return PromptEncoding(names, input_ids, embeds.to(encoder.dtype), torch.tensor(lengths))
+    return input_ids, lengths, out
 
 
 def token_embedding_matrix(pipe: Pipeline) -> torch.Tensor:
     """The text encoder's input token embeddings, ``(vocab, width)``, detached (shares the weight's storage: read
-    it, do not write it). Row ``i`` is what token id ``i`` puts into :func:`encode_with_vectors`' slots."""
-    if is_sdxl(pipe):
-        raise NotImplementedError("token_embedding_matrix: SD 1.x/2.x only, not on SDXL yet")
-    return pipe.text_encoder.get_input_embeddings().weight.detach()
+    it, do not write it). Row ``i`` is what token id ``i`` puts into :func:`encode_with_vectors`' slots; on SDXL both
+    encoders' rows side by side (a copy: ``(vocab, 768 + 1280)`` for SDXL's)."""
+    matrices = [encoder.get_input_embeddings().weight.detach() for _, encoder in _text_encoders(pipe)]
+    if len({m.shape[0] for m in matrices}) > 1:
+        raise ValueError(f"the text encoders' vocabularies differ ({[m.shape[0] for m in matrices]} tokens)")
+    return matrices[0] if len(matrices) == 1 else torch.cat(matrices, dim=1)
 
 
 def special_token_ids(pipe: Pipeline) -> set[int]:

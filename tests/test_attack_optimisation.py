@@ -71,7 +71,7 @@ def test_bad_templates_and_models_are_refused(wrapper, tiny_sdxl):
         wrapper.encode_with_vectors(["star " * 70 + "{}"], torch.zeros(6, vector.shape[1]))
     with pytest.raises(ValueError, match="vectors must be"):
         wrapper.encode_with_vectors(["{}"], torch.zeros(1, 3))
-    with pytest.raises(NotImplementedError, match="not on SDXL yet"):
+    with pytest.raises(ValueError, match=r"vectors must be \(k, 64\)"):  # SDXL: both encoders' widths, 32 + 32
         tiny_sdxl.encode_with_vectors(["{}"], torch.zeros(1, 32))
 
 

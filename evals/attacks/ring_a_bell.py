@@ -199,8 +199,6 @@ def search_tokens(
 
 
 def _check_prompt_search(target: AttackTarget, config: RingABellPromptConfig) -> None:
-    if target.wrapper.is_sdxl:
-        raise NotImplementedError("ring_a_bell_prompt: the token search is SD 1.x/2.x only, not on SDXL yet")
     if config.length > target.wrapper.max_prompt_tokens:
         raise ValueError(f"length {config.length} is more tokens than the text encoder reads "
                          f"({target.wrapper.max_prompt_tokens})")  # fmt: skip
