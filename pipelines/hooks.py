@@ -158,7 +158,9 @@ def intervene(pipe: Pipeline, edits: dict[str, Callable[[torch.Tensor], torch.Te
                     return (edit(output[0]), *output[1:])
                 return edit(output)
 
-            handles.append(module(pipe, name).register_forward_hook(hook))
+            # first among the module's hooks: transformers 5 records ``hidden_states`` (SDXL reads the penultimate)
+            # with forward hooks installed on first use, which must see the edited output
+            handles.append(module(pipe, name).register_forward_hook(hook, prepend=True))
         yield
     finally:
         for handle in handles:
@@ -268,7 +270,7 @@ def add_output_edit(
     def register(handles: list) -> None:
         if name.startswith("unet."):
             handles.append(pipe.unet.register_forward_pre_hook(record_timestep, with_kwargs=True))
-        handles.append(point.register_forward_hook(apply))
+        handles.append(point.register_forward_hook(apply, prepend=True))  # first, as in intervene()
 
     return _install(register)
 

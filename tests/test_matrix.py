@@ -1,0 +1,150 @@
+"""The method x architecture matrix, one cell per (registered method, tiny pipeline of an architecture).
+
+Each cell erases "van gogh" (the method's quick settings, two training steps), saves the artifact, loads it into a
+freshly built plain diffusers pipeline of the same weights, generates with it, and checks the loaded change is the
+in-memory one within 1e-3: weights by ``load_lora_weights`` (then ``fuse_lora``; the kohya-layout file too) or
+``from_pretrained`` of the exported pipeline, runtime interventions by ``erase.load``'s own loader (the noise
+prediction). The README's matrix table is the same cells.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import erase
+from erase import ConceptSpec, erase_concepts
+from erase.core.kohya import kohya_bytes
+from erase.core.layout import KOHYA_FILE, LORA_FILE, PIPELINE_FOLDER
+from erase.sae.sae import SAETrainConfig, build_sae
+from pipelines import load_pipeline, wrap_pipeline
+from pipelines.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+#: column -> (tiny model name, a builder of the same pipeline as plain diffusers gives it)
+ARCHITECTURES = {"SD1": ("tiny", tiny_sd_pipeline), "SDXL": ("tiny-sdxl", tiny_sdxl_pipeline)}
+#: the runtime methods' SAE hook points (an SAE trained per model); the first text layer, as SDXL's UNet reads the
+#: penultimate layer's output and the tiny encoders have two
+SAE_HOOKS = {"text": "text_encoder.encoder.layers.0", "unet": "unet.up_blocks.0.attentions.1"}
+WORDS = "red blue green cat dog house tree car city night sun moon river boat bird star".split()
+
+
+def _cell(method: str, column: str):
+    """Slow: the runtime methods (an SAE trained per model), rece (its adversarial-embedding rounds) and spm (its
+    transport): a second or more each."""
+    slow = erase.get_method(method).runtime or method in ("rece", "spm")
+    return pytest.param(method, column, marks=pytest.mark.slow if slow else (), id=f"{method}-{column}")
+
+
+CELLS = [_cell(m, c) for m in erase.available_methods() for c in ARCHITECTURES]
+
+
+@pytest.fixture(scope="module")
+def wrappers():
+    return {}
+
+
+def _wrapper(wrappers, column):
+    if column not in wrappers:
+        wrappers[column] = load_pipeline(ARCHITECTURES[column][0])
+    return wrappers[column]
+
+
+@pytest.fixture(scope="module")
+def sae_stores(tmp_path_factory):
+    """Per column, SAEs for the runtime methods' hook points, trained in seconds (on first use)."""
+    return {"root": tmp_path_factory.mktemp("saes")}
+
+
+def _sae_store(sae_stores, wrapper, column):
+    if column not in sae_stores:
+        store = sae_stores["root"] / column
+        rng = np.random.default_rng(0)
+        prompts = [" ".join(rng.choice(WORDS, size=int(rng.integers(2, 6)))) for _ in range(48)]
+        config = SAETrainConfig(expansion=4, k=8, batch_size=512, epochs=3, dead_tokens=5000)
+        build_sae(wrapper, SAE_HOOKS["text"], prompts, store / "text", config)
+        build_sae(wrapper, SAE_HOOKS["unet"], prompts[:16], store / "unet", config, steps=4)
+        sae_stores[column] = store
+    return sae_stores[column]
+
+
+def _config(method: str, store):
+    spec = erase.get_method(method)
+    if spec.runtime:
+        settings = {"sae_stores": (str(store),), "hook_point": SAE_HOOKS["text"], "top_features": 8}
+        if method == "saeuron":
+            settings = {"sae_stores": (str(store),), "hook_point": SAE_HOOKS["unet"], "percentile": 95.0,
+                        "multiplier": -5.0, "images_per_prompt": 1, "other_prompts": 6, "steps": 4}  # fmt: skip
+        return spec.config_class(**settings)
+    config = spec.quick_config()
+    if spec.capabilities.training:
+        config = dataclasses.replace(config, steps=2, pool_images=1, pool_steps=2)
+    return config
+
+
+def _relative_error(plain, wrapper, deltas) -> float:
+    worst = 0.0
+    for name, delta in deltas.items():
+        component, _, path = name.partition(".")
+        change = getattr(plain, component).get_submodule(path).weight.detach() - wrapper.module(name).weight.detach()
+        worst = max(worst, float((change - delta).norm() / delta.norm()))
+    return worst
+
+
+PROMPT = "painting by van gogh"  # the runtime methods' SAE gate fires on it
+
+
+def _draws(pipe) -> np.ndarray:
+    out = pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+               output_type="np").images  # fmt: skip
+    assert np.isfinite(out).all()
+    return out
+
+
+@pytest.mark.parametrize(("method", "column"), CELLS)
+def test_cell(method, column, wrappers, sae_stores, tmp_path):
+    wrapper = _wrapper(wrappers, column)
+    build = ARCHITECTURES[column][1]
+    store = _sae_store(sae_stores, wrapper, column) if erase.get_method(method).runtime else None
+    artifact = erase_concepts(wrapper, ConceptSpec(("van gogh",)), method, _config(method, store))
+    folder = erase.save_artifact(artifact, tmp_path / method, wrapper)
+    base = _draws(build(0))
+    if artifact.deltas:  # a weight change: plain diffusers loads it
+        if (folder / LORA_FILE).is_file():
+            plain = build(0)
+            plain.load_lora_weights(str(folder))
+            plain.fuse_lora(components=["unet"])
+        else:  # full rank on the tiny pipeline's narrow layers: the exported pipeline
+            plain = type(build(0)).from_pretrained(str(folder / PIPELINE_FOLDER))
+        assert _relative_error(plain, wrapper, artifact.deltas) < 1e-3
+        assert np.abs(_draws(plain) - base).max() > 0
+        (folder / KOHYA_FILE).write_bytes(kohya_bytes(artifact, wrapper))
+        kohya = build(0)
+        kohya.load_lora_weights(str(folder), weight_name=KOHYA_FILE)
+        kohya.fuse_lora(components=["unet"])
+        assert _relative_error(kohya, wrapper, artifact.deltas) < 1e-3
+        return
+    # a runtime intervention: erase.load's own loader, on the plain pipeline, acts as the in-memory one
+    plain = wrap_pipeline(build(0))
+    latents, t = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    with torch.no_grad():
+        before = wrapper.noise_prediction(latents, t, wrapper.encode_prompts([PROMPT]))
+        with artifact.applied(wrapper):
+            in_memory = wrapper.noise_prediction(latents, t, wrapper.encode_prompts([PROMPT]))
+        with erase.load(plain.pipe, folder):
+            loaded = plain.noise_prediction(latents, t, plain.encode_prompts([PROMPT]))
+            _draws(plain.pipe)
+    assert (loaded - in_memory).abs().max() < 1e-3
+    assert (in_memory - before).abs().max() > 0
+
+
+def test_sdxl_reads_an_output_edit_of_a_text_encoder_layer(tiny_sdxl):
+    """SDXL conditions on the encoders' penultimate hidden states, which transformers records with hooks of its own,
+    installed at the first encoding: an edit installed later still reaches them."""
+    before = tiny_sdxl.encode_prompts([PROMPT]).embeddings
+    with tiny_sdxl.intervene({"text_encoder.encoder.layers.0": lambda x: x + 1.0}):
+        after = tiny_sdxl.encode_prompts([PROMPT]).embeddings
+    assert (after[..., :32] - before[..., :32]).abs().max() > 0.1  # the first encoder's half
+    assert torch.equal(after[..., 32:], before[..., 32:])
