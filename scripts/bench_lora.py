@@ -7,11 +7,15 @@
     python scripts/bench_lora.py --set lr=1e-3 --efficacy-at 25,50,100,200   # CPU time and steps to erase
     python scripts/bench_uce.py --save-sd14 /tmp/sd14 && python scripts/bench_lora.py --model /tmp/sd14 \
         --set steps=1 --set pool_images=1 --set pool_steps=2 --repeats 1        # one step at SD 1.4 shapes
+    python scripts/bench_lora.py --model sdxl-shapes --device cuda --dtype bfloat16 --set steps=1 \
+        --set pool_images=1 --set pool_steps=2 --repeats 1 --json               # one step at SDXL shapes (random)
 
 Prints the edit's CPU seconds (all threads of this process) and wall seconds, split into sampling the pool of
 frozen-model trajectories and training; seconds per training step relative to one forward+backward of the UNet at
 the same batch with the same LoRA adapters trainable (the trainer's step is a frozen forward pass or two plus that);
-and the peak resident memory relative to the same process right after ``load_pipeline`` (the pipeline alone).
+and the peak resident memory relative to the same process right after ``load_pipeline`` (the pipeline alone); on
+CUDA also the peak GPU memory allocated, and the same after loading. ``--model sdxl-shapes`` is SDXL 1.0 base's
+architecture with random weights (``pipelines.shapes``), drawn on ``--device``: no download.
 ``--efficacy-at`` adds how many steps and CPU-seconds it takes to erase the concept (micro CLIP on its probes);
 the full before/after tables are ``scripts/measure_erasure.py``'s business.
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import resource
 import statistics
@@ -37,12 +42,32 @@ import torch  # noqa: E402
 import erase  # noqa: E402
 from erase.core.inputs import check_concept_text, check_option_minimums, error_line, parse_config_overrides  # noqa: E402
 from erase.workflow import erasure_settings  # noqa: E402
-from pipelines import load_pipeline, set_library_verbosity  # noqa: E402
+from pipelines import load_pipeline, resolve_device, set_library_verbosity, wrap_pipeline  # noqa: E402
+from pipelines.shapes import SHAPED_MODELS, sdxl_shaped_pipeline  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def peak_rss_mb() -> float:
     """This process's peak resident set so far (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def gpu_peak_mb(device: torch.device) -> float | None:
+    """Peak GPU memory allocated by torch since the last reset, on CUDA; ``None`` elsewhere."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_pipeline(model: str, device: torch.device, dtype: torch.dtype):  # noqa: ANN201 - a PipelineWrapper
+    """``model`` loaded, or built at its real shapes with random weights (``SHAPED_MODELS``)."""
+    if model in SHAPED_MODELS:
+        return wrap_pipeline(sdxl_shaped_pipeline(device, dtype), model)
+    return load_pipeline(model, device=device, dtype=dtype)
 
 
 def forward_backward_seconds(wrapper, config, concept: str, repeats: int) -> float:
@@ -58,6 +83,7 @@ def forward_backward_seconds(wrapper, config, concept: str, repeats: int) -> flo
             start = time.perf_counter()
             loss = wrapper.noise_prediction(latents.to(wrapper.dtype), timesteps, encoding).float().pow(2).mean()
             loss.backward()
+            synchronize(wrapper.device)
             if i:
                 times.append(time.perf_counter() - start)
             for p in adapters.parameters():
@@ -101,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guide", action="append", help="the guide (ca: the anchor); default by concept type art")
     parser.add_argument("--preserve", action="append", help="preserved concepts (anchor regularization)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method config field")
-    parser.add_argument("--model", default="micro")
+    parser.add_argument("--model", default="micro", help=f"micro, a model folder or hub id, or {SHAPED_MODELS[0]}")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10, help="forward+backward timings (median)")
     parser.add_argument(
@@ -131,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--efficacy-at needs step counts >= 1 and the micro model (its probes)")
 
     try:
-        wrapper = load_pipeline(args.model)
+        device = resolve_device(args.device)
+        wrapper = bench_pipeline(args.model, device, DTYPES[args.dtype])
         spec, config = erasure_settings(wrapper, [args.concept], args.method, args.guide, args.preserve, overrides)
     except (ValueError, TypeError, KeyError, OSError) as err:
         parser.error(error_line(err))
@@ -141,10 +171,14 @@ def main(argv: list[str] | None = None) -> int:
             for param in module.parameters():
                 param.sum()
     baseline = peak_rss_mb()
+    gpu_loaded = gpu_peak_mb(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     cpu, wall = time.process_time(), time.perf_counter()
     artifact = erase.erase_concepts(wrapper, spec, args.method, config)
+    synchronize(device)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    peak = peak_rss_mb()
+    peak, gpu_peak = peak_rss_mb(), gpu_peak_mb(device)
     info = artifact.info
     fb = forward_backward_seconds(wrapper, config, args.concept, args.repeats)
     per_step = info["train_seconds"] / info["steps"]
@@ -171,10 +205,20 @@ def main(argv: list[str] | None = None) -> int:
         f"  peak memory        {peak:.0f} MB resident = {peak / baseline:.2f} x the process after load_pipeline "
         f"({baseline:.0f} MB)"
     )
+    if gpu_peak is not None:
+        print(f"  peak GPU memory    {gpu_peak:.0f} MB allocated (the pipeline alone: {gpu_loaded:.0f} MB)")
     print(
         f"  final loss         {info['final_loss']:.4g} (per 100 steps: "
         f"{', '.join(f'{v:.4g}' for v in info['loss_per_100_steps'])})"
     )
+    if args.json:
+        print(json.dumps({
+            "method": args.method, "model": args.model, "device": str(device), "dtype": args.dtype,
+            "steps": config.steps, "batch_size": config.batch_size, "edit_cpu_seconds": cpu, "edit_wall_seconds": wall,
+            "pool_seconds": info["pool_seconds"], "train_seconds": info["train_seconds"],
+            "seconds_per_step": per_step, "forward_backward_seconds": fb, "peak_rss_mb": peak,
+            "loaded_rss_mb": baseline, "peak_gpu_mb": gpu_peak, "loaded_gpu_mb": gpu_loaded,
+        }))  # fmt: skip
     if args.efficacy_at:
         print(f"efficacy by training steps ({args.images} images, micro CLIP; CPU-s of the edits, pool included):")
         rows = efficacy_curve(wrapper, spec, args.method, config, stages, args.images)

@@ -5,15 +5,20 @@
     python scripts/bench_uce.py --skip-sd14     # micro only
     python scripts/bench_uce.py --save-sd14 /tmp/sd14   # also save the SD 1.4-shaped pipeline (4 GB) for erase.py:
     python scripts/erase.py --model /tmp/sd14 --concept "van gogh" --no-check
+    python scripts/bench_uce.py --skip-sd14 --sdxl --device cuda --json   # also UCE end to end at SDXL shapes
 
 At SD 1.4 shapes the text embeddings are drawn at random (prompt encoding is excluded from the timing, as
 encoding cost is the text encoder's, not the method's); the solve and the per-layer weight changes are timed.
+``--sdxl`` times the whole UCE edit (both text encoders' encoding included) on SDXL 1.0 base's architecture with
+random weights (``pipelines.shapes``) on ``--device``, with the peak memory it adds.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -29,7 +34,8 @@ from erase.closed_form.uce import edit_from_update, uce_update  # noqa: E402
 from erase.core.inputs import check_option_minimums, error_line  # noqa: E402
 from erase.core.layout import check_writable_folder  # noqa: E402
 from erase.workflow import erasure_settings  # noqa: E402
-from pipelines import load_pipeline  # noqa: E402
+from pipelines import load_pipeline, resolve_device, wrap_pipeline  # noqa: E402
+from pipelines.shapes import sdxl_shaped_pipeline  # noqa: E402
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:
@@ -81,12 +87,44 @@ def sd14_wrapper():
     return PipelineWrapper(pipe, "sd14-shaped-random")
 
 
+def sdxl_uce(repeats: int, device: str, dtype: str) -> dict:
+    """UCE's default edit of one concept, end to end, at SDXL shapes with random weights: median and best seconds,
+    and the peak memory above the loaded pipeline (resident; on CUDA also allocated GPU memory)."""
+    torch_device = resolve_device(device)
+    wrapper = wrap_pipeline(sdxl_shaped_pipeline(torch_device, getattr(torch, dtype)), "sdxl-shapes")
+    cuda = torch_device.type == "cuda"
+    loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    loaded_gpu = torch.cuda.memory_allocated(torch_device) / 2**20 if cuda else None
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(torch_device)
+    spec, config = erasure_settings(wrapper, ["van gogh"], "uce")
+    artifact = None
+
+    def edit() -> None:
+        nonlocal artifact
+        artifact = erase.erase_concepts(wrapper, spec, "uce", config)
+        if cuda:
+            torch.cuda.synchronize(torch_device)
+
+    med, best = timed(edit, repeats)
+    return {
+        "model": "sdxl-shapes", "device": str(torch_device), "dtype": dtype, "layers": len(artifact.layers),
+        "median_seconds": med, "best_seconds": best, "loaded_rss_mb": loaded_rss,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "loaded_gpu_mb": loaded_gpu,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated(torch_device) / 2**20 if cuda else None,
+    }  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-sd14", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--save-sd14", metavar="DIR", help="save the SD 1.4-shaped random pipeline to DIR")
+    parser.add_argument("--sdxl", action="store_true", help="also time UCE end to end at SDXL shapes (random)")
+    parser.add_argument("--device", default="cpu", help="torch device of --sdxl (default: cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="of --sdxl")
+    parser.add_argument("--json", action="store_true", help="print --sdxl's figures as one JSON line")
     args = parser.parse_args()
     try:
         check_option_minimums(args, {"repeats": 1, "threads": 1})
@@ -106,6 +144,18 @@ def main() -> None:
         med, best = timed(lambda: erase.erase_concepts(micro, spec, "uce", config), args.repeats)
         print(f"micro: full UCE edit of 1 concept (encoding included): median {med:.3f} s, best {best:.3f} s")
 
+    if args.sdxl:
+        figures = sdxl_uce(args.repeats, args.device, args.dtype)
+        print(
+            f"SDXL shapes ({figures['device']}, {args.dtype}): UCE edit of 1 concept over {figures['layers']} "
+            f"projections (encoding included): median {figures['median_seconds']:.3f} s, best "
+            f"{figures['best_seconds']:.3f} s; peak memory {figures['peak_rss_mb']:.0f} MB resident (loaded: "
+            f"{figures['loaded_rss_mb']:.0f} MB)"
+            + (f", {figures['peak_gpu_mb']:.0f} MB GPU (loaded: {figures['loaded_gpu_mb']:.0f} MB)"
+               if figures["peak_gpu_mb"] is not None else "")
+        )  # fmt: skip
+        if args.json:
+            print(json.dumps(figures))
     if args.skip_sd14:
         return
     wrapper = sd14_wrapper()
