@@ -15,6 +15,7 @@ SOURCE is a file or a glob relative to the repository root; KIND names how it is
     sae       sae.json files (scripts/train_sae.py): the SAEs' sizes, data and held-out quality
     erasure   a ``scripts/measure_erasure.py --json`` file: accuracy of each probe group before and after the edit
     attacks   the ``table.json`` of ``scripts/attack_table.py``: attack success rates and preserved accuracy
+    matrix    the method registry itself (SOURCE erase/core/registry.py): which architecture each method runs on
 
 A block whose SOURCE matches no file is left as it is and listed as pending: its table is recorded by hand from
 the command its heading gives, until that command writes SOURCE.
@@ -32,8 +33,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+# scripts/erase.py would shadow the erase package (the matrix table reads its registry): drop this folder from the
+# import path.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+
 ROOT = Path(__file__).resolve().parents[1]
-DOC_FILES = ("pipelines/micro/README.md", "pipelines/saes/README.md", "docs/*.md")
+DOC_FILES = ("README.md", "pipelines/micro/README.md", "pipelines/saes/README.md", "docs/*.md")
 BLOCK = re.compile(r"(<!-- table: (\w+) (\S+) -->\n)(.*?)(<!-- end table -->)", re.DOTALL)
 
 
@@ -121,8 +126,40 @@ def attack_table(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
+#: the matrix's columns: each architecture's heading, by the name methods declare it under
+MATRIX_COLUMNS = {"sd": "SD 1.x / 2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux"}
+
+
+def matrix_table(_paths: list[Path]) -> str:
+    """Methods (rows) on each architecture (columns), as each declares where it registers (``Capabilities``): yes,
+    or no with the one-line reason it is refused there (numbered under the table). Methods alike share a row."""
+    import erase
+
+    reasons: list[str] = []
+    rows: dict[tuple[str, ...], list[str]] = {}
+    for name in erase.available_methods():
+        method = erase.get_method(name)
+        runs_on = getattr(method.capabilities, "architectures", ("sd", "sdxl"))
+        cells = []
+        for architecture in MATRIX_COLUMNS:
+            if architecture in runs_on:
+                cells.append("yes (its SAE)" if method.runtime else "yes")
+                continue
+            reason = getattr(method.capabilities, "unported", "not declared")
+            reasons += [reason] if reason not in reasons else []
+            cells.append(f"no ({reasons.index(reason) + 1})")
+        rows.setdefault(tuple(cells), []).append(f"`{name}`")
+    lines = [f"| method | {' | '.join(MATRIX_COLUMNS.values())} |", "| --- |" + " --- |" * len(MATRIX_COLUMNS)]
+    lines += [f"| {', '.join(names)} | {' | '.join(cells)} |" for cells, names in rows.items()]
+    if reasons:
+        lines += ["", "; ".join(f"({i}) {reason}" for i, reason in enumerate(reasons, 1))]
+    return "\n".join(lines)
+
+
 Renderer = Callable[[list[Path]], str]
-RENDERERS: dict[str, Renderer] = {"sae": sae_table, "erasure": erasure_table, "attacks": attack_table}
+RENDERERS: dict[str, Renderer] = {
+    "sae": sae_table, "erasure": erasure_table, "attacks": attack_table, "matrix": matrix_table,
+}  # fmt: skip
 
 
 def regenerate(text: str, root: Path) -> tuple[str, list[str], list[str]]:
