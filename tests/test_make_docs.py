@@ -5,7 +5,8 @@ import runpy
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MAIN = runpy.run_path(str(ROOT / "scripts" / "make_docs.py"), run_name="make_docs_script")["main"]
+SCRIPT = runpy.run_path(str(ROOT / "scripts" / "make_docs.py"), run_name="make_docs_script")
+MAIN, MATRIX = SCRIPT["main"], SCRIPT["matrix_table"]
 
 MEASURED = {
     "concepts": ["van gogh"], "method": "uce", "guides": ["art"], "preserve": [],
@@ -91,6 +92,7 @@ def test_the_committed_docs_are_up_to_date_with_their_json(capsys):
     assert MAIN(["--check"]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "pipelines/saes/README.md: 1 table(s) up to date" in out  # at least one table is generated, not pending
+    assert "README.md: 1 table(s) up to date" in out.splitlines()  # the method x architecture matrix
     card = (ROOT / "pipelines/saes/README.md").read_text()
     for sae_json in sorted((ROOT / "pipelines/saes").glob("*/sae.json")):
         fvu = json.loads(sae_json.read_text())["quality"]["fvu"]
@@ -100,3 +102,16 @@ def test_the_committed_docs_are_up_to_date_with_their_json(capsys):
 def test_the_readme_stays_a_guide_of_at_most_12_kb():
     readme = (ROOT / "README.md").read_bytes()
     assert len(readme) <= 12 * 1024, f"README.md is {len(readme)} bytes: measurements go to docs/ or the model card"
+
+
+def test_the_matrix_table_names_every_method_once_and_says_why_not():
+    import erase
+
+    table = MATRIX(())
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    named = [name.strip(" `") for row in rows for name in row.split(" | ")[0].strip("| ").split(",")]
+    assert sorted(named) == erase.available_methods()
+    for row in rows:
+        for cell in row.strip("|").split(" | ")[1:]:
+            number = cell.strip().removeprefix("no (").removesuffix(")")
+            assert cell.strip().startswith("yes") or f"({number}) " in table, cell  # every "no" has its reason
