@@ -10,7 +10,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from .tokenizer import offline_clip_tokenizer
 
-__all__ = ["SHAPED_MODELS", "sdxl_shaped_pipeline"]
+__all__ = ["SHAPED_MODELS", "sdxl_shaped_pipeline", "stable_diffusion_vae"]
 
 #: the shaped models by the name the benchmarks' ``--model`` takes
 SHAPED_MODELS = ("sdxl-shapes",)
@@ -28,6 +28,19 @@ def sdxl_shaped_pipeline(
         return _sdxl_pipeline(device)
     finally:
         torch.set_default_dtype(default)
+
+
+def stable_diffusion_vae(sample_size: int = 512, scaling_factor: float = 0.18215) -> AutoencoderKL:
+    """The VAE of Stable Diffusion 1.x/2.x and XL (one architecture; SDXL's scales its latents by 0.13025)."""
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=sample_size,
+        scaling_factor=scaling_factor,
+    )
 
 
 def _sdxl_pipeline(device: str | torch.device) -> StableDiffusionXLPipeline:
@@ -54,15 +67,7 @@ def _sdxl_pipeline(device: str | torch.device) -> StableDiffusionXLPipeline:
             hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
             hidden_act="gelu", projection_dim=1280,
         ))  # fmt: skip
-        vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=2,
-            latent_channels=4,
-            sample_size=1024,
-            scaling_factor=0.13025,
-        )
+        vae = stable_diffusion_vae(sample_size=1024, scaling_factor=0.13025)
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
     )

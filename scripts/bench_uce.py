@@ -35,7 +35,7 @@ from erase.core.inputs import check_option_minimums, error_line  # noqa: E402
 from erase.core.layout import check_writable_folder  # noqa: E402
 from erase.workflow import erasure_settings  # noqa: E402
 from pipelines import load_pipeline, resolve_device, wrap_pipeline  # noqa: E402
-from pipelines.shapes import sdxl_shaped_pipeline  # noqa: E402
+from pipelines.shapes import sdxl_shaped_pipeline, stable_diffusion_vae  # noqa: E402
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:
@@ -49,7 +49,7 @@ def timed(fn, repeats: int) -> tuple[float, float]:
 
 def sd14_wrapper():
     """SD 1.4's UNet and text-encoder shapes with random weights (no download: configs written out here)."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from pipelines import offline_clip_tokenizer
@@ -67,13 +67,7 @@ def sd14_wrapper():
     text = CLIPTextModel(
         CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
     )
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=2,
-    )
+    vae = stable_diffusion_vae()
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text,
