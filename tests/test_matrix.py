@@ -43,6 +43,7 @@ CELLS = [_cell(m, c) for m in erase.available_methods() for c in ARCHITECTURES]
 
 @pytest.fixture(scope="module")
 def wrappers():
+    """Per column, the pipeline erased from, and (key ``(column, "draws")``) the plain base pipeline's draws."""
     return {}
 
 
@@ -110,21 +111,25 @@ def test_cell(method, column, wrappers, sae_stores, tmp_path):
     store = _sae_store(sae_stores, wrapper, column) if erase.get_method(method).runtime else None
     artifact = erase_concepts(wrapper, ConceptSpec(("van gogh",)), method, _config(method, store))
     folder = erase.save_artifact(artifact, tmp_path / method, wrapper)
-    base = _draws(build(0))
+    if (column, "draws") not in wrappers:
+        wrappers[column, "draws"] = _draws(build(0))
+    base = wrappers[column, "draws"]
     if artifact.deltas:  # a weight change: plain diffusers loads it
+        plain = build(0)
         if (folder / LORA_FILE).is_file():
-            plain = build(0)
             plain.load_lora_weights(str(folder))
             plain.fuse_lora(components=["unet"])
+            assert _relative_error(plain, wrapper, artifact.deltas) < 1e-3
+            plain.unfuse_lora(components=["unet"])
+            plain.unload_lora_weights()
         else:  # full rank on the tiny pipeline's narrow layers: the exported pipeline
-            plain = type(build(0)).from_pretrained(str(folder / PIPELINE_FOLDER))
+            exported = type(plain).from_pretrained(str(folder / PIPELINE_FOLDER))
+            assert _relative_error(exported, wrapper, artifact.deltas) < 1e-3
+        (folder / KOHYA_FILE).write_bytes(kohya_bytes(artifact, wrapper))  # the same change for the UIs
+        plain.load_lora_weights(str(folder), weight_name=KOHYA_FILE)
+        plain.fuse_lora(components=["unet"])
         assert _relative_error(plain, wrapper, artifact.deltas) < 1e-3
         assert np.abs(_draws(plain) - base).max() > 0
-        (folder / KOHYA_FILE).write_bytes(kohya_bytes(artifact, wrapper))
-        kohya = build(0)
-        kohya.load_lora_weights(str(folder), weight_name=KOHYA_FILE)
-        kohya.fuse_lora(components=["unet"])
-        assert _relative_error(kohya, wrapper, artifact.deltas) < 1e-3
         return
     # a runtime intervention: erase.load's own loader, on the plain pipeline, acts as the in-memory one
     plain = wrap_pipeline(build(0))
