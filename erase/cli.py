@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     when interrupted)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    if args.model in ("micro", "tiny", "tiny-sdxl") or os.path.isdir(args.model):
+    if args.model in ("micro", "tiny", "tiny-sd2", "tiny-sdxl", "tiny-sd3", "tiny-flux") or os.path.isdir(args.model):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:

@@ -44,7 +44,7 @@ from typing import ClassVar
 
 import torch
 
-from pipelines import PipelineWrapper, PromptEncoding
+from pipelines import ARCHITECTURES, PipelineWrapper, PromptEncoding
 
 from ..core.registry import ConceptSpec, WeightEdit, register_method
 from .trainer import (
@@ -129,7 +129,7 @@ def esd_loss(wrapper: PipelineWrapper, concepts: ConceptSpec, config: ESDConfig)
     "lora",
     "Erased Stable Diffusion (Gandikota et al., 2023): LoRA trained to negatively guide the concept's prediction, "
     "optional anchor regularization",
-    capabilities=dataclasses.replace(TRAINED, guides=False),
+    capabilities=dataclasses.replace(TRAINED, guides=False, architectures=ARCHITECTURES),
 )
 def erase_esd(wrapper: PipelineWrapper, concepts: ConceptSpec, config: ESDConfig) -> WeightEdit:
     """Train the ESD LoRA for every target of ``concepts`` (anchors: ``config.anchor_prompts`` and the preserved)."""
