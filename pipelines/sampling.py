@@ -1,4 +1,4 @@
-"""Denoiser predictions and sampling: the denoiser called directly, and images drawn through the pipeline's own sampler.
+"""Denoiser predictions and sampling: the denoiser called directly, and images drawn through the pipeline's sampler.
 
 Every image is a function of its (prompt, seed) pair: its starting noise and a stochastic sampler's step noise come
 from one CPU generator seeded with its seed, as ``pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed))``
@@ -187,7 +187,7 @@ def ddim_sampler(pipe: Pipeline, eta: float | None) -> Iterator[dict[str, float]
         yield {}
         return
     if is_transformer(pipe):
-        raise ValueError("eta selects DDIM, a sampler of noise-prediction models; SD3 and Flux sample by flow matching")
+        raise ValueError("eta selects DDIM, a sampler of noise-prediction models; SD3 and Flux sample by flow")
     original = pipe.scheduler
     pipe.scheduler = DDIMScheduler.from_config(original.config)
     try:

@@ -169,9 +169,8 @@ def encode_with_vectors(pipe: Pipeline, templates: Sequence[str], vectors: torch
     encoder reads; ``NotImplementedError`` on SDXL, SD3 and Flux (several encoders, several input embeddings).
     """
     if architecture(pipe) != "sd":
-        raise NotImplementedError(
-            f"encode_with_vectors: free token vectors are SD 1.x/2.x only, not on {_ARCHITECTURE_NAMES[architecture(pipe)]} yet"
-        )
+        name = _ARCHITECTURE_NAMES[architecture(pipe)]
+        raise NotImplementedError(f"encode_with_vectors: free token vectors are SD 1.x/2.x only, not on {name} yet")
     templates = list(templates)
     if not templates:
         raise ValueError("encode_with_vectors needs at least one template")

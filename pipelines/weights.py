@@ -36,7 +36,9 @@ class LoraAdapters:
     same denoiser, so one sits in memory), their state for checkpoints, and the trained change as exact factors.
     """
 
-    def __init__(self, model: torch.nn.Module, names: Sequence[str], adapter_name: str, component: str = "unet") -> None:
+    def __init__(
+        self, model: torch.nn.Module, names: Sequence[str], adapter_name: str, component: str = "unet"
+    ) -> None:
         self.names = list(names)
         self.adapter_name = adapter_name
         self.component = component

@@ -22,13 +22,13 @@ SD3 has no reference script; its token rows are the CLIP rows (where SD3's posit
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from pipelines import CrossAttentionLayer, PipelineWrapper
+from pipelines import CrossAttentionLayer, PipelineWrapper, PromptEncoding
 
 from ..core.inputs import check_number_fields
 from ..core.registry import Capabilities, ConceptSpec, WeightEdit, register_method
@@ -114,22 +114,25 @@ def concept_embeddings(
     guides: Sequence[str] | None,
     config: UCEConfig,
     reads: str = "tokens",
+    encode: Callable[[Sequence[str]], PromptEncoding] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rows c_i (and the guide rows c_guide_i aligned to them) for every concept in every template, float64.
 
     ``reads="tokens"``: token embeddings at ``config.token_positions``. Target and guide positions are aligned from
     the concept's last token, as in the authors' code: the k-th position after the target's last token is sent where
     the k-th position after the guide's last token goes. ``reads="pooled"``: the pooled text vector, one row per
-    prompt (what SD3/Flux's pooled projection reads).
+    prompt (what SD3/Flux's pooled projection reads). ``encode`` encodes prompts (default:
+    ``wrapper.encode_prompts``; a memo of it lets both kinds share one encoding).
     """
+    encode = encode or wrapper.encode_prompts
     rows, guide_rows = [], []
     for template in config.templates:
         prompts = [template.format(c) for c in concepts]
-        encoding = wrapper.encode_prompts(prompts)
+        encoding = encode(prompts)
         guide_encoding = None
         if guides is not None:
             guide_prompts = [template.format(g).strip() if g else template.format("").strip() for g in guides]
-            guide_encoding = wrapper.encode_prompts(guide_prompts)
+            guide_encoding = encode(guide_prompts)
         if reads == "pooled":
             if encoding.pooled is None:
                 raise ValueError("this model has no pooled text vector for a layer to read")
@@ -266,11 +269,19 @@ def erase_uce(wrapper: PipelineWrapper, concepts: ConceptSpec, config: UCEConfig
         preserve_scale = max(0.1, 1.0 / max(1, len(concepts.preserve)))
     layers = wrapper.cross_attention_layers(config.layers)
     deltas, factors, embeddings = {}, {}, {}
+    encodings: dict[tuple[str, ...], PromptEncoding] = {}
+
+    def encode(prompts: Sequence[str]) -> PromptEncoding:
+        key = tuple(prompts)
+        if key not in encodings:
+            encodings[key] = wrapper.encode_prompts(prompts)
+        return encodings[key]
+
     for reads in sorted({layer.reads for layer in layers}, reverse=True):  # "tokens" first
-        c_erase, c_guide = concept_embeddings(wrapper, concepts.targets, guides, config, reads)
+        c_erase, c_guide = concept_embeddings(wrapper, concepts.targets, guides, config, reads, encode)
         c_preserve = None
         if concepts.preserve:
-            c_preserve, _ = concept_embeddings(wrapper, concepts.preserve, None, config, reads)
+            c_preserve, _ = concept_embeddings(wrapper, concepts.preserve, None, config, reads, encode)
         scales = (config.erase_scale, preserve_scale)
         u, v = uce_update(c_erase, c_guide, c_preserve, *scales, config.lamb)
         bias_row = bias_direction(c_erase, c_preserve, *scales, config.lamb) if config.target_bias else None
@@ -281,7 +292,7 @@ def erase_uce(wrapper: PipelineWrapper, concepts: ConceptSpec, config: UCEConfig
         embeddings[reads] = int(c_erase.shape[0])
     low_rank = len(factors) == len(deltas)
     edit = WeightEdit(deltas, {"layers_matched": len(layers)}, factors=factors if low_rank else None)
-    edit.info.update(erase_embeddings=embeddings.get("tokens", embeddings.get("pooled")), preserve_scale=preserve_scale)
+    edit.info.update(erase_embeddings=next(iter(embeddings.values())), preserve_scale=preserve_scale)
     if "pooled" in embeddings:
         edit.info["erase_embeddings_pooled"] = embeddings["pooled"]
     return edit

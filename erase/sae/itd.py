@@ -163,7 +163,13 @@ def check_itd(intervention: SAEIntervention) -> None:
     ItDConfig,
     family="runtime",
     summary="Interpret-then-Deactivate: gated SAE feature deactivation in the text encoder",
-    capabilities=Capabilities(guides=False, preserve=True, templates="templates", quick=None),
+    capabilities=Capabilities(
+        guides=False,
+        preserve=True,
+        templates="templates",
+        quick=None,
+        unported="its SAEs read CLIP layers and UNet transformer blocks; none is trained for SD3/Flux",
+    ),
     runtime_edit=itd_edit,
     check_intervention=check_itd,
 )

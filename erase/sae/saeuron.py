@@ -265,7 +265,13 @@ def _mean_codes(wrapper: PipelineWrapper, sae, hook: str, prompts: list[str], co
     SAeUronConfig,
     family="runtime",
     summary="SAeUron: per-timestep SAE feature damping in a UNet transformer block",
-    capabilities=Capabilities(guides=False, preserve=True, templates="templates", quick=None),
+    capabilities=Capabilities(
+        guides=False,
+        preserve=True,
+        templates="templates",
+        quick=None,
+        unported="its SAEs read CLIP layers and UNet transformer blocks; none is trained for SD3/Flux",
+    ),
     runtime_edit=saeuron_edit,
     check_intervention=check_saeuron,
 )
