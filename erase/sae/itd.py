@@ -48,7 +48,7 @@ from pipelines import PipelineWrapper
 from ..core.inputs import check_number_fields, check_number_values, check_templates, concept_key
 from ..core.registry import Capabilities, ConceptSpec, WeightEdit, register_method
 from .intervention import SAEIntervention
-from .sae import resolve_sae
+from .sae import SAE_ARCHITECTURES_NOTE, resolve_sae
 
 __all__ = ["ItDConfig", "erase_itd", "itd_edit"]
 
@@ -168,7 +168,7 @@ def check_itd(intervention: SAEIntervention) -> None:
         preserve=True,
         templates="templates",
         quick=None,
-        unported="its SAEs read CLIP layers and UNet transformer blocks; none is trained for SD3/Flux",
+        unported=SAE_ARCHITECTURES_NOTE,
     ),
     runtime_edit=itd_edit,
     check_intervention=check_itd,
