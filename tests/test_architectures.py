@@ -64,7 +64,7 @@ def test_prompt_positions_follow_the_position_tokenizer(sd3, flux):
     assert sd3.last_token_position("") == 0
 
 
-@pytest.mark.parametrize("model", ["sd2", "sd3", "flux"])
+@pytest.mark.parametrize("model", ["sd3", "flux"])
 def test_prediction_is_what_the_pipeline_computes_at_recorded_inputs(model, request):
     """noise_prediction on a trajectory's recorded (x_t, t) reproduces the denoiser output of the pipeline's own call
     (conditional half), so training on trajectories trains what the pipeline samples with."""
@@ -184,21 +184,12 @@ def test_methods_refuse_architectures_they_do_not_run_on(flux):
             erase.erase_concepts(flux, ["van gogh"], method)
 
 
-def test_velocity_esd_trains_the_joint_attentions_text_side(sd3):
-    """ESD on flow matching, in seconds: the LoRA (ESD-x's ``xattn``) sits on the text-side projections of SD3's
-    joint attention and moves them."""
-    config = erase.get_method("esd").config_class(steps=2, lr=1e-2, pool_images=1, pool_steps=2)
-    artifact = erase.erase_concepts(sd3, ["van gogh"], "esd", config)
-    assert artifact.layers and all(".attn.add_" in n or ".attn.to_add_out" in n for n in artifact.layers)
-    assert artifact.info["final_loss"] > 0 and max(artifact.info["relative_change"].values()) > 0
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["uce", "esd"])
 def test_erase_script_on_saved_sd3_and_flux_folders(method, tmp_path_factory, capsys):
     """``scripts/erase.py --model <folder> --no-check`` (its ``erase.cli.main``) for uce and esd on saved tiny SD3
     and Flux folders; the artifact loads with the pipeline's own ``load_lora_weights`` and its change equals the
-    artifact's."""
+    artifact's. ESD's LoRA sits on the joint attention's text side and trains on velocity predictions."""
     from diffusers import DiffusionPipeline
 
     from erase.cli import main
@@ -215,6 +206,8 @@ def test_erase_script_on_saved_sd3_and_flux_folders(method, tmp_path_factory, ca
                 "--quiet", *quick]  # fmt: skip
         assert main(argv) == 0, capsys.readouterr().err[-2000:]
         artifact = load_artifact(out)
+        if method == "esd":
+            assert all(".attn.add_" in n or ".attn.to_add_out" in n for n in artifact.layers)
         pipe = DiffusionPipeline.from_pretrained(model)
         modules = {n: pipe.transformer.get_submodule(n.partition(".")[2]) for n in artifact.layers}
         before = {n: m.weight.detach().clone() for n, m in modules.items()}
