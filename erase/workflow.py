@@ -28,7 +28,7 @@ from .core.inputs import (
     config_from_overrides,
     error_line,
 )
-from .core.kohya import LORA_FORMATS, kohya_bytes
+from .core.kohya import LORA_FORMATS, check_kohya_architecture, kohya_bytes
 from .core.layout import (
     CHECK_PICTURE,
     KOHYA_FILE,
@@ -279,6 +279,7 @@ def erasure_settings(
     adds the concept type's five templates to the bare concept.
     """
     spec = get_method(method)
+    spec.check_architecture(wrapper)
     if concept_type not in CONCEPT_TYPES:
         raise ValueError(f"unknown concept type {concept_type!r}; expected one of {', '.join(CONCEPT_TYPES)}")
     kind = CONCEPT_TYPES[concept_type]
@@ -350,6 +351,8 @@ def run_erase(
     )  # fmt: skip
     if lora_format == "kohya" and get_method(method).runtime:
         raise ValueError(f"method {method!r} changes no weights (a runtime intervention): it has no kohya LoRA form")
+    if lora_format == "kohya":
+        check_kohya_architecture(wrapper)
     folder = check_output_folder(out if out else default_output_folder(concept_spec.targets, method), overwrite)
     check_checkpoint_folder(getattr(config, "checkpoint_dir", None), folder)
     if check:

@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from erase.core.inputs import error_line
     from erase.core.layout import KOHYA_FILE
     from pipelines import ModelNotFoundError, check_model_reference, load_pipeline, set_library_verbosity
+    from pipelines.loading import TINY_NAMES
 
     set_library_verbosity(args.verbose)
     try:
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                              "intervention): it has no LoRA form")  # fmt: skip
         model = args.model or artifact.base_model
         check_model_reference(model)
-        if model in ("micro", "tiny", "tiny-sdxl") or os.path.isdir(model):
+        if model in ("micro", *TINY_NAMES) or os.path.isdir(model):
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
         wrapper = load_pipeline(model)
         check_artifact_base(wrapper, artifact, where=args.artifact)

@@ -127,7 +127,7 @@ def attack_table(paths: list[Path]) -> str:
 
 
 #: the matrix's columns: each architecture's heading, by the name methods declare it under
-MATRIX_COLUMNS = {"sd": "SD 1.x / 2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux"}
+MATRIX_COLUMNS = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux"}
 
 
 def matrix_table(_paths: list[Path]) -> str:
@@ -139,13 +139,13 @@ def matrix_table(_paths: list[Path]) -> str:
     rows: dict[tuple[str, ...], list[str]] = {}
     for name in erase.available_methods():
         method = erase.get_method(name)
-        runs_on = getattr(method.capabilities, "architectures", ("sd", "sdxl"))
+        runs_on = method.capabilities.architectures
         cells = []
         for architecture in MATRIX_COLUMNS:
             if architecture in runs_on:
-                cells.append("yes (its SAE)" if method.runtime else "yes")
+                cells.append("yes (SAE)" if method.runtime else "yes")
                 continue
-            reason = getattr(method.capabilities, "unported", "not declared")
+            reason = method.capabilities.unported
             reasons += [reason] if reason not in reasons else []
             cells.append(f"no ({reasons.index(reason) + 1})")
         rows.setdefault(tuple(cells), []).append(f"`{name}`")

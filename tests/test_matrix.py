@@ -10,6 +10,7 @@ prediction). The README's matrix table is the same cells.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -17,14 +18,14 @@ import torch
 
 import erase
 from erase import ConceptSpec, erase_concepts
-from erase.core.kohya import kohya_bytes
+from erase.core.kohya import KOHYA_ARCHITECTURES, kohya_bytes
 from erase.core.layout import KOHYA_FILE, LORA_FILE, PIPELINE_FOLDER
 from erase.sae.sae import SAETrainConfig, build_sae
 from pipelines import load_pipeline, wrap_pipeline
-from pipelines.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
+from pipelines.tiny import TINY_MODELS, tiny_pipeline
 
-#: column -> (tiny model name, a builder of the same pipeline as plain diffusers gives it)
-ARCHITECTURES = {"SD1": ("tiny", tiny_sd_pipeline), "SDXL": ("tiny-sdxl", tiny_sdxl_pipeline)}
+#: column -> the tiny pipeline of that architecture (``pipelines.tiny.TINY_MODELS``)
+ARCHITECTURES = {"SD1": "tiny", "SD2-v": "tiny-sd2", "SDXL": "tiny-sdxl", "SD3": "tiny-sd3", "Flux": "tiny-flux"}
 #: the runtime methods' SAE hook points (an SAE trained per model); the first text layer, as SDXL's UNet reads the
 #: penultimate layer's output and the tiny encoders have two
 SAE_HOOKS = {"text": "text_encoder.encoder.layers.0", "unet": "unet.up_blocks.0.attentions.1"}
@@ -33,8 +34,10 @@ WORDS = "red blue green cat dog house tree car city night sun moon river boat bi
 
 def _cell(method: str, column: str):
     """Slow: the runtime methods (an SAE trained per model), rece (its adversarial-embedding rounds) and spm (its
-    transport): a second or more each."""
-    slow = erase.get_method(method).runtime or method in ("rece", "spm")
+    transport), a second or more each, and the columns arch's tests already cover for uce, esd and ca (SD2-v, SD3,
+    Flux); the refusals are fast."""
+    runs = TINY_MODELS[ARCHITECTURES[column]] in erase.get_method(method).capabilities.architectures
+    slow = runs and (erase.get_method(method).runtime or method in ("rece", "spm") or column not in ("SD1", "SDXL"))
     return pytest.param(method, column, marks=pytest.mark.slow if slow else (), id=f"{method}-{column}")
 
 
@@ -49,7 +52,7 @@ def wrappers():
 
 def _wrapper(wrappers, column):
     if column not in wrappers:
-        wrappers[column] = load_pipeline(ARCHITECTURES[column][0])
+        wrappers[column] = load_pipeline(ARCHITECTURES[column])
     return wrappers[column]
 
 
@@ -107,7 +110,13 @@ def _draws(pipe) -> np.ndarray:
 @pytest.mark.parametrize(("method", "column"), CELLS)
 def test_cell(method, column, wrappers, sae_stores, tmp_path):
     wrapper = _wrapper(wrappers, column)
-    build = ARCHITECTURES[column][1]
+    spec = erase.get_method(method)
+    if wrapper.architecture not in spec.capabilities.architectures:  # refused in one line, before any work
+        with pytest.raises(ValueError, match=f"method '{method}' does not run on {wrapper.architecture}") as refused:
+            erase_concepts(wrapper, ConceptSpec(("van gogh",)), method, spec.config_class())
+        assert "\n" not in str(refused.value) and spec.capabilities.unported in str(refused.value)
+        return
+    build = functools.partial(tiny_pipeline, ARCHITECTURES[column])
     store = _sae_store(sae_stores, wrapper, column) if erase.get_method(method).runtime else None
     artifact = erase_concepts(wrapper, ConceptSpec(("van gogh",)), method, _config(method, store))
     folder = erase.save_artifact(artifact, tmp_path / method, wrapper)
@@ -115,19 +124,24 @@ def test_cell(method, column, wrappers, sae_stores, tmp_path):
         wrappers[column, "draws"] = _draws(build(0))
     base = wrappers[column, "draws"]
     if artifact.deltas:  # a weight change: plain diffusers loads it
-        plain = build(0)
+        plain, denoiser = build(0), wrapper.denoiser_name
         if (folder / LORA_FILE).is_file():
             plain.load_lora_weights(str(folder))
-            plain.fuse_lora(components=["unet"])
+            plain.fuse_lora(components=[denoiser])
             assert _relative_error(plain, wrapper, artifact.deltas) < 1e-3
-            plain.unfuse_lora(components=["unet"])
+            plain.unfuse_lora(components=[denoiser])
             plain.unload_lora_weights()
         else:  # full rank on the tiny pipeline's narrow layers: the exported pipeline
             exported = type(plain).from_pretrained(str(folder / PIPELINE_FOLDER))
             assert _relative_error(exported, wrapper, artifact.deltas) < 1e-3
-        (folder / KOHYA_FILE).write_bytes(kohya_bytes(artifact, wrapper))  # the same change for the UIs
-        plain.load_lora_weights(str(folder), weight_name=KOHYA_FILE)
-        plain.fuse_lora(components=["unet"])
+        if wrapper.architecture in KOHYA_ARCHITECTURES:  # the same change for the UIs, in kohya's layout
+            (folder / KOHYA_FILE).write_bytes(kohya_bytes(artifact, wrapper))
+            plain.load_lora_weights(str(folder), weight_name=KOHYA_FILE)
+        else:
+            with pytest.raises(ValueError, match="kohya"):
+                kohya_bytes(artifact, wrapper)
+            plain.load_lora_weights(str(folder))
+        plain.fuse_lora(components=[denoiser])
         assert _relative_error(plain, wrapper, artifact.deltas) < 1e-3
         assert np.abs(_draws(plain) - base).max() > 0
         return

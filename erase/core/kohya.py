@@ -42,14 +42,33 @@ from pipelines.files import atomic_write_bytes
 from .artifact import ErasureArtifact
 from .weights import WEIGHTS_KIND, WeightChange
 
-__all__ = ["LORA_FORMATS", "kohya_bytes", "kohya_name", "kohya_state_dict", "lora_scale", "save_kohya_lora"]
+__all__ = [
+    "KOHYA_ARCHITECTURES",
+    "LORA_FORMATS",
+    "check_kohya_architecture",
+    "kohya_bytes",
+    "kohya_name",
+    "kohya_state_dict",
+    "lora_scale",
+    "save_kohya_lora",
+]
 
 #: the LoRA layouts an artifact can be written in: diffusers' (the artifact's own file) and kohya-ss's
 LORA_FORMATS = ("diffusers", "kohya")
 
 #: CLIP text-encoder modules the UIs map, ``text_model.`` optional (transformers 5 flattens ``CLIPTextModel``; the
 #: keys keep it, as kohya-ss writes them and diffusers strips it again for a flattened encoder)
+#: the architectures whose LoRAs the layout names (``PipelineWrapper.architecture``): SD 1.x/2.x and SDXL's UNets
+KOHYA_ARCHITECTURES = ("sd", "sdxl")
+
 _TEXT_ENCODER_MODULE = re.compile(r"(text_model\.)?encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])")
+
+
+def check_kohya_architecture(wrapper: PipelineWrapper) -> None:
+    """``ValueError`` in one line for a pipeline whose LoRAs the kohya layout does not name (SD3, Flux)."""
+    if wrapper.architecture not in KOHYA_ARCHITECTURES:
+        raise ValueError(f"the kohya LoRA layout written here is SD 1.x/2.x and SDXL's, not {wrapper.architecture}'s: "
+                         "load the artifact's diffusers LoRA instead")  # fmt: skip
 
 
 def kohya_name(wrapper: PipelineWrapper, name: str) -> str:
@@ -106,6 +125,7 @@ def kohya_bytes(artifact: ErasureArtifact, wrapper: PipelineWrapper) -> bytes:
     """The artifact's weight change as a kohya-layout safetensors file (bytes); ``wrapper`` is its base model
     (names the SDXL UNet's modules in the original layout). ``ValueError`` in one line for a runtime artifact or a
     module the UIs cannot read."""
+    check_kohya_architecture(wrapper)
     factors = _weight_change(artifact).lora_factors()
     scale = lora_scale(artifact, factors)
     tensors = kohya_state_dict(wrapper, factors, scale)
