@@ -166,7 +166,7 @@ def test_original_block_numbers_are_kohyas_for_real_sdxl_and_map_back():
         original_unet_path(unet, "time_embedding.linear_1")
 
 
-def test_modules_the_uis_cannot_read_and_runtime_methods_are_refused(tiny_sdxl, tmp_path):
+def test_modules_the_uis_cannot_read_and_runtime_methods_are_refused(tiny_sdxl, tmp_path, capsys):
     with pytest.raises(ValueError, match="encoder layers only"):
         kohya_name(tiny_sdxl, "text_encoder_2.text_projection")
     with pytest.raises(ValueError, match="no kohya LoRA key"):
@@ -175,6 +175,9 @@ def test_modules_the_uis_cannot_read_and_runtime_methods_are_refused(tiny_sdxl, 
     args = ["--model", "tiny", "--concept", "van gogh", "--method", "itd", "--format", "kohya", "--out", str(out)]
     assert erase_main([*args, "--no-check"]) == 2
     assert not out.exists()
+    flux = ["--model", "tiny-flux", "--concept", "van gogh", "--format", "kohya", "--out", str(out), "--no-check"]
+    assert erase_main(flux) == 2  # the layout names UNet modules: refused before the erasure
+    assert not out.exists() and "not flux's" in capsys.readouterr().err
 
 
 def test_erase_format_kohya_and_the_export_script_write_the_same_lora(tiny_sdxl, tmp_path):
