@@ -80,17 +80,6 @@ def budget_overrides(pairs: list[str]) -> dict[str, dict[str, object]]:
     return grouped
 
 
-def parse_budget(text: str) -> float:
-    """``--budget`` as a finite number > 0 (``ValueError`` in one line otherwise)."""
-    from evals.attacks import check_budget
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"--budget must be a finite number > 0, got {text!r}") from None
-    return check_budget(value)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
@@ -114,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     claim = contextlib.ExitStack()  # the --out folder, held from its check to the end of the run
     try:
         check_option_minimums(args, {"images": 1, "batch_size": 1})
+        from evals.attacks import parse_budget
+
         budget = parse_budget(args.budget)
         names = args.attack or ["all"]
         attacks = resolve_attacks(names)

@@ -61,6 +61,7 @@ __all__ = [
     "check_attack",
     "check_budget",
     "get_attack",
+    "parse_budget",
     "register_attack",
     "resolve_attacks",
     "run_attack",
@@ -263,8 +264,17 @@ def attack_configs(overrides: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]
 def check_budget(budget: float) -> float:
     """``budget`` as a float when it is a finite number > 0; ``ValueError`` in one line otherwise."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
-        raise ValueError(f"--budget must be a finite number > 0, got {budget!r}")
+        raise ValueError(f"budget must be a finite number > 0, got {budget!r}")
     return float(budget)
+
+
+def parse_budget(text: str) -> float:
+    """A budget as a user writes it (``"4"``, ``"0.5"``), checked by :func:`check_budget`."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"budget must be a finite number > 0, got {text!r}") from None
+    return check_budget(value)
 
 
 def budget_fields(name: str) -> tuple[str, ...]:
