@@ -161,8 +161,9 @@ def world_probes(
 ) -> list[Probe]:
     """``per_concept`` probes per micro-world concept; the other attributes are random (fixed by ``seed``).
 
-    ``forms`` (some of :data:`PROMPT_FORMS`): probe ``i`` of a concept takes form ``forms[i % len(forms)]`` with a
-    random template of its attribute set; ``None`` names each other attribute half the time in the canonical template
+    ``forms`` (some of :data:`PROMPT_FORMS`): the ``i``-th probe of the list takes form ``forms[i % len(forms)]``
+    (so a pooled group of many concepts, one probe each, still holds every form) with a random template of its
+    attribute set; ``None`` names each other attribute half the time in the canonical template
     (the quick self-check's probes). ``split`` picks the seed set (:func:`probe_seed`; ``tune`` by default: the
     seeds settings are chosen on). ``name_as`` writes the
     concept under another name (a synonym) while it is still judged as the canonical one.
@@ -173,9 +174,9 @@ def world_probes(
     for concept in concepts:
         category = world.category_of(concept)
         canonical = world.canonical(concept)
-        for i in range(per_concept):
+        for _ in range(per_concept):
             if forms is not None:
-                form = forms[i % len(forms)]
+                form = forms[len(probes) % len(forms)]
                 text, _ = form_prompt(category, name_as or concept, form, rng)
                 probes.append(Probe(text, probe_seed(seed, len(probes), split), canonical, category, form))
                 continue
