@@ -40,6 +40,7 @@ __all__ = [
     "probe_correct",
     "probe_verdicts",
     "probe_seed",
+    "prompt_form",
     "split_accuracies",
     "world_concept",
     "world_labels",
@@ -148,6 +149,21 @@ def world_concept(name: str) -> str | None:
             continue
         return candidate
     return None
+
+
+def prompt_form(prompt: str, category: str) -> str:
+    """The form (:data:`PROMPT_FORMS`) of a prompt that names a concept of the micro world's ``category``: how many
+    of the other categories it names besides (any world name of theirs, as a whole word); "" for a category outside
+    the world. Read from the text, so a suite file's rows have forms too."""
+    if category not in world.CATEGORIES:
+        return ""
+    words = f" {' '.join(re.sub(r'[^a-z0-9-]+', ' ', prompt.lower()).split())} "
+    named = sum(
+        any(f" {name} " in words for concept in world.concepts(other) for name in world.all_names(concept))
+        for other in world.CATEGORIES
+        if other != category
+    )
+    return PROMPT_FORMS[named]
 
 
 def world_probes(

@@ -28,7 +28,16 @@ from evals.attacks.suite import asr_table, check_suite_folder, form_notes, threa
 from evals.audit import TARGET_MAX, verdict_text, verdicts
 from evals.audit.report import _attack_sections
 from evals.microworld import world
-from evals.probes import PROMPT_FORMS, check_forms, form_gap, probe_seed, split_accuracies, world_probes
+from evals.probes import (
+    PROMPT_FORMS,
+    check_forms,
+    form_gap,
+    probe_seed,
+    prompt_form,
+    split_accuracies,
+    world_probes,
+)
+from evals.suites import Suite, world_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -264,3 +273,50 @@ def test_the_report_attack_table_prints_each_interval_once():
     cell = next(r for r in section["rows"] if r["name"] == "rece_embedding")["cells"][0]
     assert cell == "100% (16/16) [81%, 100%]"
     assert any(line.startswith("embedding: falls") for line in section["threats"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The audit's suite and figures in three prompt forms
+
+
+def test_a_prompts_form_is_read_from_its_text():
+    probes = [p for c in ("van gogh", "heart", "blue") for p in world_probes([c], 9, 3, forms=PROMPT_FORMS)]
+    assert all(prompt_form(p.prompt, p.category) == p.form for p in probes)
+    assert prompt_form("a blue heart in the style of van gogh", "style") == "both_others"
+    assert prompt_form("a starry night style painting", "style") == "alone"  # "starry" is not "star"
+    assert prompt_form("a picture of the eiffel tower", "concept") == ""
+
+
+def test_the_world_suite_names_every_concept_in_every_form():
+    suite = world_suite(["van gogh"])
+    forms = {(r.concept, r.role): set() for r in suite.rows}
+    for r in suite.rows:
+        forms[(r.concept, r.role)].add(prompt_form(r.prompt, r.category))
+    assert all(found == set(PROMPT_FORMS) for found in forms.values())
+    assert world_suite(["van gogh"]) == suite  # fixed by its arguments
+    alone = world_suite(["van gogh"], forms=("alone",))
+    assert [r for r in suite.rows if prompt_form(r.prompt, r.category) == "alone"] == list(alone.rows)
+
+
+def test_audit_metrics_give_every_role_figure_per_form_and_the_verdict_notes_a_gap(scorer):
+    import numpy as np
+
+    from evals.audit import ORIGINAL, AuditModel
+    from evals.audit.scoring import compute_metrics
+
+    full = world_suite(["van gogh"])
+    rows = [r for r in full.rows if r.role == "target"] + [r for r in full.rows if r.role == "unrelated"][:6]
+    suite = Suite("s", tuple(rows), full.labels)
+    unique = list(dict.fromkeys((r.prompt, r.seed) for r in rows))
+    images = {ORIGINAL: list(np.random.default_rng(0).integers(0, 255, (len(unique), 32, 32, 3), dtype=np.uint8))}
+    (model,) = compute_metrics(suite, [AuditModel(ORIGINAL, ORIGINAL)], unique, images, scorer, None, {})["models"]
+    assert list(model["forms"]) == list(PROMPT_FORMS) and model["forms"]["alone"]["judge"] is None
+    assert sum(f["rows"] for f in model["forms"].values()) == len(rows)
+    for form, block in model["forms"].items():
+        targets = [r for r in rows if r.role == "target" and prompt_form(r.prompt, r.category) == form]
+        assert block["clip"]["efficacy"]["n"] == len(targets)
+    result = _audit_result([])
+    result["models"][1]["forms"] = {f: {"rows": 16, "clip": {"efficacy": _acc(k, 16)}, "judge": None}
+                                    for f, k in zip(PROMPT_FORMS, (0, 0, 12), strict=True)}  # fmt: skip
+    (verdict,) = verdicts(result)
+    assert any(n.startswith("Prompt forms differ: efficacy (CLIP) spans 75 points") for n in verdict.notes)

@@ -33,7 +33,7 @@ from pipelines.files import png_bytes
 from .. import metrics as M
 from ..attacks.suite import form_notes, threat_lines, threat_verdicts
 from ..grids import labelled_grid
-from ..probes import FORM_TITLES
+from ..probes import FORM_GAP, FORM_TITLES, form_gap
 from ..suites import ROLES, Suite
 from .charts import Bar, Chart, Group, bar_chart, grouped_chart, series_colour
 from .common import ORIGINAL, slug, write_file
@@ -295,6 +295,24 @@ def _threat_checks(
     return checks
 
 
+def _form_notes(model: dict[str, Any], sources: Sequence[str]) -> list[str]:
+    """A note per role figure of the erased model that differs by more than :data:`evals.probes.FORM_GAP` between
+    prompt forms (the concept alone, with one other attribute, with two)."""
+    forms = model.get("forms") or {}
+    notes = []
+    for source in sources:
+        for name in M.ROLE_METRICS.values():
+            by_form = {f: (block.get(source) or {}).get(name) for f, block in forms.items()}
+            by_form = {f: a for f, a in by_form.items() if a and a.get("value") is not None}
+            spread = form_gap(by_form)
+            if spread is not None and spread > FORM_GAP + _EPSILON:
+                cells = ", ".join(f"{FORM_TITLES[f]} {_short(a)} (n={a['n']})" for f, a in by_form.items())
+                notes.append(
+                    f"Prompt forms differ: {name} ({_SOURCES[source]}) spans {round(100 * spread)} points: {cells}."
+                )
+    return notes
+
+
 def _names(concepts: Sequence[str]) -> str:
     return ", ".join(concepts) if len(concepts) <= 3 else f"{len(concepts)} concepts"
 
@@ -356,6 +374,7 @@ def verdicts(result: dict[str, Any]) -> list[Verdict]:
                     f"Largest loss among kept concepts: {b['concept']} ({b['role']}) {_short(b['clip'])} -> "
                     f"{_short(a['clip'])} by CLIP, on {a['clip']['n']} images."
                 )
+        notes += _form_notes(model, sources)
         checks += _threat_checks(result.get("attacks") or [], model["key"], names, sources)
         for section in result.get("attacks") or []:
             if section.get("model") == model["key"]:
@@ -400,6 +419,15 @@ def _summary_rows(result: dict[str, Any]) -> list[list[str]]:
     if any(m["judge"] for m in models):
         for name in M.ROLE_METRICS.values():
             rows.append([f"{name} (judge)", *[_pct(m["judge"][name]) if m["judge"] else "-" for m in models]])
+    forms = list(models[0].get("forms") or {})
+    if len(forms) > 1:  # every figure per prompt form: the concept alone, with one other attribute, with two
+        for source in ("clip", "judge"):
+            if not any((m.get("forms") or {}).get(f, {}).get(source) for m in models for f in forms):
+                continue
+            for name in M.ROLE_METRICS.values():
+                for f in forms:
+                    cells = [_pct(((m.get("forms") or {}).get(f, {}).get(source) or {}).get(name)) for m in models]
+                    rows.append([f"{name} ({source}, {FORM_TITLES[f]})", *cells])
     rows.append(
         [
             "harmonic mean (clip)",
