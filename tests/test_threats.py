@@ -25,7 +25,7 @@ from evals.attacks import (
     parse_budget,
 )
 from evals.attacks.suite import asr_table, check_suite_folder, form_notes, threat_lines, threat_verdicts
-from evals.audit import TARGET_MAX, verdict_text, verdicts
+from evals.audit import TARGET_MAX, summary_table, verdict_text, verdicts
 from evals.audit.report import _attack_sections
 from evals.microworld import world
 from evals.probes import (
@@ -315,6 +315,12 @@ def test_audit_metrics_give_every_role_figure_per_form_and_the_verdict_notes_a_g
     for form, block in model["forms"].items():
         targets = [r for r in rows if r.role == "target" and prompt_form(r.prompt, r.category) == form]
         assert block["clip"]["efficacy"]["n"] == len(targets)
+    table = summary_table({"models": [model]})  # each role figure per form, after the pooled ones
+    alone = next(line for line in table.splitlines() if line.startswith("efficacy (clip, alone)"))
+    assert (
+        f"n={model['forms']['alone']['clip']['efficacy']['n']}" in alone
+        and "preservation (clip, +2 attributes)" in table
+    )
     result = _audit_result([])
     result["models"][1]["forms"] = {f: {"rows": 16, "clip": {"efficacy": _acc(k, 16)}, "judge": None}
                                     for f, k in zip(PROMPT_FORMS, (0, 0, 12), strict=True)}  # fmt: skip
