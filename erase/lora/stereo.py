@@ -94,9 +94,7 @@ from evals.attacks.unlearn_diff_atk import (
 from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper, PromptEncoding
 from pipelines.files import (
     atomic_save_safetensors,
-    atomic_write_json,
     damaged_checkpoint,
-    read_json_object,
     read_tensors,
     remove_stale_temporaries,
     write_error,
@@ -109,6 +107,7 @@ from .trainer import (
     Batch,
     LoraTrainConfig,
     Predictions,
+    claim_checkpoint_folder,
     config_key,
     predict_anchored,
     predict_rows,
@@ -131,7 +130,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_RUN_FILE = "stereo.json"
+_RUN_FILE = "run.json"  # the trainer's claim (claim_checkpoint_folder)
 
 #: The micro preset (``preset="micro"``): the micro model on a CPU in minutes rather than the reference's hours.
 MICRO: dict[str, Any] = {
@@ -377,10 +376,10 @@ class _Cost:
 
 
 def _claim(folder: Path, key: str, restart: bool) -> None:
-    """Mark ``folder`` as this STEREO run's (deleting its files first on ``restart``), or refuse another's."""
-    path = folder / _RUN_FILE
+    """Mark ``folder`` as this STEREO run's (deleting the stages it holds first on ``restart``), or refuse another
+    run's."""
     try:
-        if restart and path.exists():
+        if restart and (folder / _RUN_FILE).exists():
             for child in folder.iterdir():
                 if not child.name.startswith(("concept-", "stage-2", _RUN_FILE, f".{_RUN_FILE}")):
                     continue
@@ -390,20 +389,7 @@ def _claim(folder: Path, key: str, restart: bool) -> None:
                     child.unlink()
         folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(folder)
-        if path.exists():
-            try:
-                found = read_json_object(path).get("key")
-            except ValueError as err:
-                raise damaged_checkpoint(path, err) from None
-            if found != key:
-                raise ValueError(
-                    f"{folder} holds another STEREO run's stages (other settings, concepts or base weights): "
-                    "delete it or choose another checkpoint_dir"
-                )
-            return
-        if any(folder.iterdir()):
-            raise ValueError(f"{folder} is not empty and holds no STEREO stages: choose another checkpoint_dir")
-        atomic_write_json(path, {"key": key})
+        claim_checkpoint_folder(folder, key)
     except OSError as err:
         raise write_error(folder, err) from err
 

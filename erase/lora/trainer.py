@@ -87,6 +87,7 @@ __all__ = [
     "LossFunction",
     "Predictions",
     "TrainingPool",
+    "claim_checkpoint_folder",
     "config_key",
     "predict_anchored",
     "predict_rows",
@@ -298,8 +299,9 @@ def _run_key(wrapper: PipelineWrapper, key: dict[str, Any], modules: Sequence[st
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
-def _claim_folder(folder: Path, key: str) -> None:
-    """Mark ``folder`` as this run's, or refuse it when another run's checkpoints are there."""
+def claim_checkpoint_folder(folder: Path, key: str) -> None:
+    """Mark ``folder`` as the run ``key``'s (``run.json``), or refuse it when another run's checkpoints, or files of
+    no run, are there."""
     path = folder / _RUN_FILE
     if path.exists():
         try:
@@ -442,7 +444,7 @@ def train_lora(
                 if config.restart:
                     _clear_checkpoints(folder)
                 remove_stale_temporaries(folder)
-                _claim_folder(folder, key)
+                claim_checkpoint_folder(folder, key)
             except OSError as err:
                 raise write_error(folder, err) from err
         accelerator.wait_for_everyone()
