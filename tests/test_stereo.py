@@ -189,5 +189,9 @@ def test_an_interrupted_run_resumed_equals_an_uninterrupted_one(tiny_module, tmp
         assert np.abs(np.array(a["embedding"]) - np.array(b["embedding"])).max() <= 1e-6
     again = erase_concepts(tiny, spec, "stereo", config)  # everything on disk: nothing trains again
     assert again.info["resumed_from_step"] == FAST["steps"]
-    with pytest.raises(ValueError, match="another run"):
+    with pytest.raises(ValueError, match="another run"):  # a search setting
         erase_concepts(tiny, spec, "stereo", dataclasses.replace(config, ci_lr=1e-2))
+    other = erase_concepts(tiny, spec, "stereo", dataclasses.replace(config, lr=3e-3, compositional_guidance=3.0))
+    assert other.info["found_tokens"] == resumed.info["found_tokens"]
+    assert len(list(folder.glob("stage-2-*"))) == 2  # stage 2 again in a folder of its own, on the search on disk
+    assert any((other.deltas[n] - d).abs().max() > 1e-6 for n, d in whole.deltas.items())

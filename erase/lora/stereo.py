@@ -57,7 +57,8 @@ stream per stage) rather than seed 42 reset in every call.
 
 Resuming: with a ``checkpoint_dir`` every stage writes its output there (each erasure is a trainer checkpoint folder,
 each gallery and inversion a safetensors file, the inversion also every ``checkpoint_every`` steps), and a rerun of
-the same call continues where it stopped and ends with the weights an uninterrupted run ends with.
+the same call continues where it stopped and ends with the weights an uninterrupted run ends with. A rerun that
+changes only stage 2's settings (``STAGE_TWO_FIELDS``) reuses the search and trains stage 2 in a folder of its own.
 
 ``preset="micro"`` swaps the reference's settings for ones sized to the micro model on a CPU (``MICRO``: far fewer
 steps, rates that move a rank-4 LoRA on it); fields set explicitly to another value than the reference default are
@@ -116,6 +117,7 @@ from .trainer import (
 
 __all__ = [
     "MICRO",
+    "STAGE_TWO_FIELDS",
     "CompositionalLoss",
     "FoundToken",
     "SearchLoss",
@@ -148,6 +150,10 @@ MICRO: dict[str, Any] = {
 }
 
 PRESETS = ("reference", "micro")
+
+#: The settings of stage 2 alone: a checkpoint folder's search (stage 1) is reused when only these change.
+STAGE_TWO_FIELDS = ("lr", "steps", "num_adv_concepts", "compositional_guidance", "composition_anchors",
+                    "composition_anchor_count", "anchor_weight", "anchor_prompts")  # fmt: skip
 
 
 @dataclass
@@ -419,7 +425,8 @@ def _erase_round(
     encoding = _join([prompt, wrapper.encode_prompts([""])])
     key = {
         "method": "stereo", "stage": "search erase", "concept": concept, "round": index,
-        "prompt": _vector_digest(prompt.embeddings), "config": config_key(round_config),
+        "prompt": _vector_digest(prompt.embeddings),
+        "config": config_key(round_config, ("checkpoint_dir", "checkpoint_every", "restart", *STAGE_TWO_FIELDS)),
     }  # fmt: skip
     return train_lora(
         wrapper,
@@ -597,14 +604,15 @@ def robustly_erase_once(
     encoding = _join([erase_set, wrapper.encode_prompts(["", *anchors, *preserved])])
     loss = CompositionalLoss(encoding, n_erase, len(anchors), len(preserved), float(config.compositional_guidance),
                              float(config.anchor_weight))  # fmt: skip
-    stage_config = dataclasses.replace(
-        config, checkpoint_dir=str(folder / "stage-2") if folder else None, restart=False, preset="reference"
-    )
+    stage_config = dataclasses.replace(config, restart=False, preset="reference")
     key = {
         "method": "stereo", "stage": "robust erase", "targets": list(concepts.targets),
         "tokens": [_vector_digest(t.vector) for t in tokens], "anchors": anchors, "preserved": preserved,
         "config": config_key(stage_config),
     }  # fmt: skip
+    if folder is not None:  # a folder per stage-2 setting: other stage-2 settings reuse the search on disk
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+        stage_config = dataclasses.replace(stage_config, checkpoint_dir=str(folder / f"stage-2-{digest}"))
     edit = train_lora(
         wrapper,
         pool_prompts=erase_set,
@@ -668,10 +676,9 @@ def erase_stereo(wrapper: PipelineWrapper, concepts: ConceptSpec, config: Stereo
     folder = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     if folder is not None:
         unet = wrapper.lora_modules(config.patterns)
-        key = {
-            "targets": list(concepts.targets), "preserve": list(concepts.preserve),
-            "config": config_key(config), "base": wrapper.fingerprint([f"unet.{m}" for m in unet]),
-        }  # fmt: skip
+        search = config_key(config, ("checkpoint_dir", "checkpoint_every", "restart", "preset", *STAGE_TWO_FIELDS))
+        key = {"targets": list(concepts.targets), "config": search,
+               "base": wrapper.fingerprint([f"unet.{m}" for m in unet])}  # fmt: skip
         _claim(folder, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest(), config.restart)
     rounds: list[SearchRound] = []
     for j, concept in enumerate(concepts.targets):
