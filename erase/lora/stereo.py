@@ -142,7 +142,7 @@ MICRO: dict[str, Any] = {
     "ci_lr": 2e-2,
     "ci_batch": 4,
     "gallery_images": 32,
-    "lr": 1e-3,
+    "lr": 3e-3,
     "steps": 400,
     "pool_images": 4,
     "pool_steps": 20,
