@@ -294,7 +294,8 @@ def _draw(pool: TrainingPool, batch_size: int, generator: torch.Generator, devic
 
 def _run_key(wrapper: PipelineWrapper, key: dict[str, Any], modules: Sequence[str]) -> str:
     """What identifies a run for resuming: the caller's description and the adapted modules' base weights."""
-    text = json.dumps({"run": key, "base": wrapper.fingerprint([f"unet.{m}" for m in modules])}, sort_keys=True)
+    base = wrapper.fingerprint([f"{wrapper.denoiser_name}.{m}" for m in modules])
+    text = json.dumps({"run": key, "base": base}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
