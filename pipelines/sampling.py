@@ -278,7 +278,7 @@ def generate(
 @torch.no_grad()
 def sample_trajectories(
     pipe: Pipeline,
-    prompts: Sequence[str],
+    prompts: Sequence[str] | PromptEncoding,
     seeds: Sequence[int],
     *,
     steps: int = DEFAULT_STEPS,
@@ -292,9 +292,13 @@ def sample_trajectories(
     denoiser received them (after the scheduler's input scaling, one copy of classifier-free guidance's doubled batch;
     Flux's unpacked, its timestep divided by 1000 as its pipeline passes it), by a forward pre-hook that is removed
     afterwards: the step callback sees latents after the scheduler step, whose scaling into the next input is
-    scheduler-specific. Together they are what :func:`noise_prediction` takes.
+    scheduler-specific. Together they are what :func:`noise_prediction` takes. ``prompts`` may be a
+    :class:`PromptEncoding`, as in :func:`generate`.
     """
-    prompts = list(prompts)
+    encoded = isinstance(prompts, PromptEncoding)
+    total = len(prompts.prompts) if encoded else len(prompts)
+    if not encoded:
+        prompts = list(prompts)
     calls: list[tuple[torch.Tensor, torch.Tensor]] = []
     count = {"n": 0}
     side = _latent_side(pipe, image_size(pipe))
@@ -311,9 +315,10 @@ def sample_trajectories(
     handle = denoiser(pipe).register_forward_pre_hook(hook, with_kwargs=True)
     latents, timesteps = [], None
     try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            count["n"], calls = len(chunk), []
+        for start in range(0, total, batch_size):
+            rows = range(start, min(start + batch_size, total))
+            chunk = prompts.select(list(rows)) if encoded else prompts[start : start + batch_size]
+            count["n"], calls = len(rows), []
             generate(pipe, chunk, seeds[start : start + batch_size], steps=steps, guidance=guidance,
                      batch_size=batch_size, progress=False)  # fmt: skip
             latents.append(torch.stack([x for x, _ in calls], dim=1))

@@ -242,10 +242,11 @@ class PipelineWrapper:
         return sampling.generate(self.pipe, prompts, seeds, **options)
 
     def sample_trajectories(
-        self, prompts: Sequence[str], seeds: Sequence[int], **options: Any
+        self, prompts: Sequence[str] | PromptEncoding, seeds: Sequence[int], **options: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every denoiser input of the sampler's run on each (prompt, seed): ``(latents, timesteps)``. ``options`` are
-        :func:`sampling.sample_trajectories`' (steps, guidance, batch_size)."""
+        """Every denoiser input of the sampler's run on each (prompt, seed): ``(latents, timesteps)``; prompts as text
+        or as a :class:`PromptEncoding`. ``options`` are :func:`sampling.sample_trajectories`' (steps, guidance,
+        batch_size)."""
         return sampling.sample_trajectories(self.pipe, prompts, seeds, **options)
 
     # ------------------------------------------------------------------ weights (pipelines.weights)
