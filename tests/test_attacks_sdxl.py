@@ -58,7 +58,7 @@ BUDGETS = {
     "unlearn_diff_atk": UnlearnDiffAtkConfig(
         tokens=2, iterations=4, lr=0.05, batch=2, optimisation_probes=1, eval_pairs=2, checks=2
     ),
-    "concept_inversion": ConceptInversionConfig(steps=4, lr=0.05, batch=2, train_prompts=1, eval_pairs=2),
+    "concept_inversion": ConceptInversionConfig(steps=4, lr=0.01, batch=2, train_prompts=1, eval_pairs=2),
     "rece_embedding": ReceEmbeddingConfig(),
 }
 
