@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from .modules import Pipeline, is_sdxl
 
@@ -18,6 +19,7 @@ __all__ = [
     "PromptEncoding",
     "check_prompt",
     "decode_tokens",
+    "encode_prompt_prefixes",
     "encode_prompts",
     "encode_with_vectors",
     "max_prompt_tokens",
@@ -97,6 +99,48 @@ def encode_prompts(pipe: Pipeline, prompts: Sequence[str]) -> PromptEncoding:
         embeds, _ = pipe.encode_prompt(prompts, **options)
         pooled = None
     return PromptEncoding(prompts, input_ids, embeds, lengths, pooled)
+
+
+@torch.no_grad()
+def encode_prompt_prefixes(pipe: Pipeline, prompts: Sequence[str], length: int) -> PromptEncoding:
+    """The first ``length`` token positions (BOS = 0) of :func:`encode_prompts`' embeddings, computed from those
+    positions alone where the text encoders are causal.
+
+    CLIP's text transformer is causal (position i attends to positions <= i) and its final layer norm works per
+    token, so the first ``length`` outputs depend on the first ``length`` tokens only: SD 1.x/2.x and SDXL encode
+    just that prefix, as their ``encode_prompt`` calls the encoders (SD: last hidden state; SDXL: both encoders'
+    penultimate hidden states side by side). A pipeline with any other encoder is encoded whole and sliced.
+    ``pooled`` is ``None`` (the pooled embedding is read at EOS, which a prefix may not reach).
+    """
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    prompts = list(prompts)
+    full = pipe.tokenizer.model_max_length
+    if not 1 <= length <= full:
+        raise ValueError(f"prefix length must be in 1..{full}, got {length}")
+    tok = pipe.tokenizer(prompts, padding="max_length", max_length=full, truncation=True)
+    input_ids = torch.tensor(tok["input_ids"])
+    lengths = torch.tensor([sum(m) for m in tok["attention_mask"]])
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if is_sdxl(pipe):
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    causal = isinstance(pipe, StableDiffusionPipeline | StableDiffusionXLPipeline) and all(
+        isinstance(encoder, CLIPTextModel | CLIPTextModelWithProjection) for _, encoder in pairs
+    )
+    if not causal:
+        whole = encode_prompts(pipe, prompts)
+        return PromptEncoding(prompts, input_ids, whole.embeddings[:, :length], lengths)
+    device, parts = pipe.unet.device, []
+    for tokenizer, encoder in pairs:
+        ids = tokenizer(prompts, padding="max_length", max_length=full, truncation=True, return_tensors="pt")
+        mask = None
+        if getattr(encoder.config, "use_attention_mask", False):
+            mask = ids.attention_mask[:, :length].to(device)
+        out = encoder(ids.input_ids[:, :length].to(device), attention_mask=mask, output_hidden_states=is_sdxl(pipe))
+        parts.append(out.hidden_states[-2] if is_sdxl(pipe) else out[0])
+    dtype = (pipe.text_encoder_2 if is_sdxl(pipe) else pipe.text_encoder).dtype
+    embeds = torch.cat(parts, dim=-1).to(dtype=dtype, device=device)
+    return PromptEncoding(prompts, input_ids, embeds, lengths)
 
 
 def encode_with_vectors(pipe: Pipeline, templates: Sequence[str], vectors: torch.Tensor) -> PromptEncoding:

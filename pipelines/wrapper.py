@@ -137,6 +137,11 @@ class PipelineWrapper:
         """Per-token text embeddings exactly as the pipeline computes them for generation."""
         return text.encode_prompts(self.pipe, prompts)
 
+    def encode_prompt_prefixes(self, prompts: Sequence[str], length: int) -> PromptEncoding:
+        """The first ``length`` positions of :meth:`encode_prompts`' embeddings, from those positions alone where the
+        text encoders are causal (:func:`text.encode_prompt_prefixes`)."""
+        return text.encode_prompt_prefixes(self.pipe, prompts, length)
+
     def encode_with_vectors(self, templates: Sequence[str], vectors: torch.Tensor) -> PromptEncoding:
         """Text embeddings of prompts whose ``{}`` slots hold free input-embedding vectors, differentiably
         (:func:`text.encode_with_vectors`)."""
@@ -219,9 +224,18 @@ class PipelineWrapper:
         """sha256 over the named modules' weights rounded to ``precision`` (:func:`weights.fingerprint`)."""
         return weights.fingerprint(self.pipe, module_names, precision)
 
-    def weight_norms(self, module_names: Sequence[str]) -> dict[str, float]:
-        """Frobenius norm of each named module's weight, in float64."""
-        return weights.weight_norms(self.pipe, module_names)
+    def fingerprints(
+        self, module_names: Sequence[str], precisions: Sequence[torch.dtype] = (torch.float32,)
+    ) -> dict[torch.dtype, str]:
+        """:meth:`fingerprint` at several precisions in one pass over the weights (:func:`weights.fingerprints`)."""
+        return weights.fingerprints(self.pipe, module_names, precisions)
+
+    def weight_norms(
+        self, module_names: Sequence[str], deltas: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, float]:
+        """Frobenius norm of each named module's weight, in float64; with ``deltas``, of ``W + dW`` as applying
+        them would leave it, the pipeline unchanged (:func:`weights.weight_norms`)."""
+        return weights.weight_norms(self.pipe, module_names, deltas)
 
     def parameter_norm(self, name: str) -> float:
         """Frobenius norm of all of a module's parameters together (a whole component), in float64."""

@@ -100,20 +100,20 @@ def concept_embeddings(
     rows, guide_rows = [], []
     for template in config.templates:
         prompts = [template.format(c) for c in concepts]
-        enc = wrapper.encode_prompts(prompts).embeddings.double()
-        genc = None
+        pos = [_positions(wrapper, p, c, config.token_positions) for p, c in zip(prompts, concepts, strict=True)]
+        guide_prompts, gpos = [], []
         if guides is not None:
             guide_prompts = [template.format(g).strip() if g else template.format("").strip() for g in guides]
-            genc = wrapper.encode_prompts(guide_prompts).embeddings.double()
-        for i, concept in enumerate(concepts):
-            pos = _positions(wrapper, prompts[i], concept, config.token_positions)
-            if genc is None:
-                rows.append(enc[i, pos])
-                continue
-            gpos = _positions(wrapper, guide_prompts[i], guides[i], config.token_positions)
-            n = min(len(pos), len(gpos))
-            rows.append(enc[i, pos[:n]])
-            guide_rows.append(genc[i, gpos[:n]])
+            pairs = zip(guide_prompts, guides, strict=True)
+            gpos = [_positions(wrapper, p, g, config.token_positions) for p, g in pairs]
+        # one batch, encoded up to the last position read: a causal text encoder needs no more
+        length = 1 + max(max(p) for p in pos + gpos)
+        enc = wrapper.encode_prompt_prefixes(prompts + guide_prompts, length).embeddings.double()
+        for i in range(len(concepts)):
+            n = min(len(pos[i]), len(gpos[i])) if gpos else len(pos[i])
+            rows.append(enc[i, pos[i][:n]])
+            if gpos:
+                guide_rows.append(enc[len(concepts) + i, gpos[i][:n]])
     return torch.cat(rows), (torch.cat(guide_rows) if guides is not None else None)
 
 
