@@ -41,7 +41,7 @@ def test_fingerprints_in_one_pass_are_the_single_fingerprints(tiny):
 def test_artifact_records_are_those_of_the_pipeline_and_computed_once_per_base(tiny, monkeypatch):
     """Norms and low-precision fingerprints equal what measuring the pipeline gives (edited: with the edit applied),
     reused while the base fingerprint is the same, measured again when the weights differ."""
-    registry._BASE_RECORDS.clear()
+    registry.forget_base_records()
     spec = ConceptSpec(("van gogh",), preserve=("claude monet",))
     first = erase_concepts(tiny, spec, "uce")
     modules = first.fingerprint_modules

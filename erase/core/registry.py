@@ -298,6 +298,12 @@ _BASE_RECORDS: OrderedDict[tuple, tuple[dict[str, str] | None, dict[str, float]]
 _BASE_RECORDS_KEPT = 8
 
 
+def forget_base_records() -> None:
+    """Drop the remembered base records, so that the next erase measures its base in full (benchmarks of a first
+    call, tests)."""
+    _BASE_RECORDS.clear()
+
+
 def _base_record(
     wrapper: PipelineWrapper, artifact: ErasureArtifact
 ) -> tuple[dict[str, str] | None, dict[str, float]]:
