@@ -266,6 +266,13 @@ class PipelineWrapper:
         """Record the outputs of the named modules (qualified names) during the ``with`` block."""
         return hooks.capture(self.pipe, module_names)
 
+    def attention_probabilities(
+        self, attention_names: Sequence[str]
+    ) -> contextlib.AbstractContextManager[dict[str, list[torch.Tensor]]]:
+        """Record, differentiably, the attention probabilities of the named attention modules during the ``with``
+        block (:func:`hooks.attention_probabilities`)."""
+        return hooks.attention_probabilities(self.pipe, attention_names)
+
     def intervene(
         self, edits: dict[str, Callable[[torch.Tensor], torch.Tensor]]
     ) -> contextlib.AbstractContextManager[None]:
