@@ -31,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import erase  # noqa: E402
+from erase.closed_form.speed import SPEEDConfig, speed_update  # noqa: E402
 from erase.closed_form.uce import concept_embeddings, edit_from_update, uce_update  # noqa: E402
 from erase.core.inputs import check_option_minimums, error_line  # noqa: E402
 from erase.core.layout import check_writable_folder  # noqa: E402
@@ -199,6 +200,36 @@ def sd14(args: argparse.Namespace, report: dict) -> None:
                 f"SD 1.4 shapes: closed-form UCE ({mode}), {n:3d} concept(s) ({n * positions} embeddings, "
                 f"20 preserved): median {med:.3f} s, best {best:.3f} s"
             )
+    report["speed_sd14"] = speed_solve(wrapper, args.repeats)
+
+
+def speed_solve(wrapper, repeats: int) -> dict[str, float]:
+    """SPEED's closed form on every value projection (its default layers) at 1 and 100 concepts, 100 retained
+    concepts and the reference's refinement (random embeddings), median seconds."""
+    config = SPEEDConfig()
+    layers = wrapper.cross_attention_layers(config.layers)
+    weights = [layer.module.weight.detach().double() for layer in layers]
+    gen = torch.Generator().manual_seed(1)
+    retain = torch.randn(100, 768, generator=gen, dtype=torch.float64)
+    invariant = torch.randn(1 + config.null_clusters, 768, generator=gen, dtype=torch.float64)
+    figures = {}
+    for n in (1, 100):
+        c_target = torch.randn(n, 768, generator=gen, dtype=torch.float64)
+        c_anchor = torch.randn(n, 768, generator=gen, dtype=torch.float64)
+
+        def edit(c_target: torch.Tensor = c_target, c_anchor: torch.Tensor = c_anchor) -> None:
+            draws = torch.Generator().manual_seed(0)
+            for weight in weights:
+                lora_b, lora_a = speed_update(weight, c_target, c_anchor, retain, invariant, config, draws)
+                (lora_b @ lora_a).float()
+
+        med, best = timed(edit, repeats)
+        figures[f"concepts_{n}"] = med
+        print(
+            f"SD 1.4 shapes: closed-form SPEED (reference defaults, {len(layers)} value projections), {n:3d} "
+            f"concept(s), 100 retained: median {med:.3f} s, best {best:.3f} s"
+        )
+    return figures
 
 
 if __name__ == "__main__":
