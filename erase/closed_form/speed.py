@@ -73,7 +73,7 @@ class SPEEDConfig:
 
     NUMBER_RANGES: ClassVar[dict[str, str]] = {
         "retain_scale": "> 0", "threshold": "> 0", "lamb": ">= 0", "augment": ">= 0", "null_clusters": ">= 1",
-        "chunk_size": ">= 1",
+        "seed": ">= 0", "chunk_size": ">= 1",
     }  # fmt: skip
 
     layers: tuple[str, ...] = ("*attn2.to_v",)
