@@ -318,16 +318,17 @@ def _base_record(
     key = (artifact.base_fingerprint, tuple(modules), tuple(sorted(artifact.payloads)), wrapper.dtype, wrapper.device)
     if key in _BASE_RECORDS:
         _BASE_RECORDS.move_to_end(key)
-        return _BASE_RECORDS[key]
+        low_precision, norms = _BASE_RECORDS[key]
+        return (None if low_precision is None else dict(low_precision)), dict(norms)  # the artifact's own copies
     low_precision = None
     if wrapper.dtype == torch.float32:
         found = wrapper.fingerprints(modules, (torch.float16, torch.bfloat16))
         low_precision = {str(d).removeprefix("torch."): f for d, f in found.items()}
-    record = (low_precision, artifact.base_norms(wrapper))
-    _BASE_RECORDS[key] = record
+    norms = artifact.base_norms(wrapper)
+    _BASE_RECORDS[key] = (None if low_precision is None else dict(low_precision), dict(norms))
     while len(_BASE_RECORDS) > _BASE_RECORDS_KEPT:
         _BASE_RECORDS.popitem(last=False)
-    return record
+    return low_precision, norms
 
 
 def _edited_norms(
