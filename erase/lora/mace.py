@@ -60,8 +60,8 @@ import torch
 
 from pipelines import PipelineWrapper, PromptEncoding
 
-from ..core.registry import Capabilities, ConceptSpec, WeightEdit, register_method
-from .trainer import Batch, LoraTrainConfig, Predictions, config_key, train_lora
+from ..core.registry import ConceptSpec, WeightEdit, register_method
+from .trainer import TRAINED, Batch, LoraTrainConfig, Predictions, config_key, train_lora
 
 __all__ = [
     "MACEConfig",
@@ -245,13 +245,7 @@ def _train_concept_lora(
     MACEConfig,
     "lora",
     "MACE (Lu et al., 2024): closed-form refinement, one attention-suppressing LoRA per concept, closed-form fusion",
-    capabilities=Capabilities(
-        preserve=True,
-        templates="templates",
-        training=True,
-        sampler_steps=("pool_steps",),
-        quick={"steps": 4, "lr": 1e-2, "pool_images": 1, "pool_steps": 4},
-    ),
+    capabilities=dataclasses.replace(TRAINED, preserve_setting=None, templates="templates"),  # preserve: closed forms
 )
 def erase_mace(wrapper: PipelineWrapper, concepts: ConceptSpec, config: MACEConfig) -> WeightEdit:
     """Erase every target of ``concepts`` into its guide, keeping ``concepts.preserve``."""
