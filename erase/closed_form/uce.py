@@ -106,14 +106,17 @@ def concept_embeddings(
             guide_prompts = [template.format(g).strip() if g else template.format("").strip() for g in guides]
             pairs = zip(guide_prompts, guides, strict=True)
             gpos = [_positions(wrapper, p, g, config.token_positions) for p, g in pairs]
-        # one batch, encoded up to the last position read: a causal text encoder needs no more
+        # each distinct prompt once (the same text, the same rows), in one batch, encoded up to the last position
+        # read: a causal text encoder needs no more
+        distinct = list(dict.fromkeys(prompts + guide_prompts))
         length = 1 + max(max(p) for p in pos + gpos)
-        enc = wrapper.encode_prompt_prefixes(prompts + guide_prompts, length).embeddings.double()
+        enc = wrapper.encode_prompt_prefixes(distinct, length).embeddings.double()
+        row = {p: i for i, p in enumerate(distinct)}
         for i in range(len(concepts)):
             n = min(len(pos[i]), len(gpos[i])) if gpos else len(pos[i])
-            rows.append(enc[i, pos[i][:n]])
+            rows.append(enc[row[prompts[i]], pos[i][:n]])
             if gpos:
-                guide_rows.append(enc[len(concepts) + i, gpos[i][:n]])
+                guide_rows.append(enc[row[guide_prompts[i]], gpos[i][:n]])
     return torch.cat(rows), (torch.cat(guide_rows) if guides is not None else None)
 
 
