@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import erase  # noqa: E402
-from erase.closed_form.speed import SPEEDConfig, speed_update  # noqa: E402
+from erase.closed_form.speed import SPEEDConfig, speed_terms, speed_update  # noqa: E402
 from erase.closed_form.uce import concept_embeddings, edit_from_update, uce_update  # noqa: E402
 from erase.core.inputs import check_option_minimums, error_line  # noqa: E402
 from erase.core.layout import check_writable_folder  # noqa: E402
@@ -218,9 +218,9 @@ def speed_solve(wrapper, repeats: int) -> dict[str, float]:
         c_anchor = torch.randn(n, 768, generator=gen, dtype=torch.float64)
 
         def edit(c_target: torch.Tensor = c_target, c_anchor: torch.Tensor = c_anchor) -> None:
-            draws = torch.Generator().manual_seed(0)
+            draws, terms = torch.Generator().manual_seed(0), speed_terms(c_target, c_anchor)
             for weight in weights:
-                lora_b, lora_a = speed_update(weight, c_target, c_anchor, retain, invariant, config, draws)
+                lora_b, lora_a = speed_update(weight, terms, retain, invariant, config, draws)
                 (lora_b @ lora_a).float()
 
         med, best = timed(edit, repeats)

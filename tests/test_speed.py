@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from erase import ConceptSpec, erase_concepts
-from erase.closed_form.speed import SPEEDConfig, kmeans_centres, refined_retain
+from erase.closed_form.speed import (
+    SPEEDConfig,
+    kmeans_centres,
+    null_space_projection,
+    refined_retain,
+    weakest_direction,
+)
 
 
 def _last_subject_embedding(pipe, text):
@@ -92,14 +98,19 @@ def test_speed_keeps_the_empty_prompt_exactly_and_refines_with_reference_default
 def test_refinement_filters_by_influence_and_augments_along_the_weakest_direction():
     gen = torch.Generator().manual_seed(0)
     retain = torch.randn(40, 6, generator=gen, dtype=torch.float64)
-    erase_map = torch.randn(5, 6, generator=gen, dtype=torch.float64)
+    erase_input = torch.randn(6, 6, generator=gen, dtype=torch.float64)
     weight = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    erase_map = weight @ erase_input
+    weakest = weakest_direction(weight)
+    reference = torch.svd(weight).V[:, -1]  # the reference's torch.svd(W): reduced, V's last column
+    assert min(float((weakest - reference).norm()), float((weakest + reference).norm())) < 1e-10
+    tall = torch.randn(9, 6, generator=gen, dtype=torch.float64)
+    assert float((tall @ weakest_direction(tall)).norm()) == pytest.approx(float(torch.svd(tall).S[-1]), rel=1e-9)
     config = SPEEDConfig(augment=3, chunk_size=16)
-    rows = refined_retain(retain, erase_map, weight, config, torch.Generator().manual_seed(1))
+    rows = refined_retain(retain, weight, erase_input, weakest, config, torch.Generator().manual_seed(1))
     influence = (retain @ erase_map.T).norm(dim=1)
     strong = retain[influence > influence.mean()]
     assert 0 < len(strong) < len(retain) and torch.equal(rows[: min(16, len(strong))], strong[:16])
-    weakest = torch.linalg.svd(weight, full_matrices=False).Vh[-1]
     originals = {tuple(r.tolist()) for r in strong}
     augmented = [r for r in rows if tuple(r.tolist()) not in originals]
     assert len(rows) == len(strong) + len(augmented) and 0 < len(augmented) < 3 * len(strong)
@@ -107,10 +118,30 @@ def test_refinement_filters_by_influence_and_augments_along_the_weakest_directio
         offsets = strong - row
         along = offsets @ weakest
         assert float((offsets - along[:, None] * weakest).norm(dim=1).min()) < 1e-9
-    plain = refined_retain(retain, erase_map, weight, SPEEDConfig(augment=0), torch.Generator())
+    # a draw's influence is E r + s E v: the kept draws are those above their chunk's mean, recomputed directly
+    drawn = torch.stack(augmented)
+    assert float((drawn @ erase_map.T).norm(dim=1).min()) > 0
+    plain = refined_retain(retain, weight, erase_input, weakest, SPEEDConfig(augment=0), torch.Generator())
     assert torch.equal(plain, retain)
-    unfiltered = refined_retain(retain, erase_map, weight, SPEEDConfig(augment=1, influence_filter=False), gen)
+    unfiltered = SPEEDConfig(augment=1, influence_filter=False)
+    unfiltered = refined_retain(retain, weight, erase_input, weakest, unfiltered, gen)
     assert torch.equal(unfiltered[: len(retain)], retain)
+
+
+def test_null_space_projection_in_a_span_basis_is_the_reference_projection():
+    """The reference's P = U[:, S < t] U[:, S < t]^T from the SVD of R, whether found in the whole space or in a
+    basis of the rows' span."""
+    gen = torch.Generator().manual_seed(3)
+    originals = torch.randn(7, 20, generator=gen, dtype=torch.float64)
+    direction = torch.randn(20, generator=gen, dtype=torch.float64)
+    rows = torch.cat([originals, originals[:3] + 0.5 * direction, originals[2:5] - 2.0 * direction])
+    covariance = rows.T @ rows / len(rows)
+    u, s, _ = torch.svd(covariance)
+    for threshold in (0.1, 1.0):
+        expected = u[:, s < threshold] @ u[:, s < threshold].T
+        torch.testing.assert_close(null_space_projection(rows, threshold), expected)
+        spanned = null_space_projection(rows, threshold, torch.cat([originals, direction[None]]))
+        torch.testing.assert_close(spanned, expected)
 
 
 def test_kmeans_centres_are_a_fixed_point_of_lloyd():

@@ -45,7 +45,18 @@ from pipelines import PipelineWrapper
 from ..core.inputs import check_number_fields
 from ..core.registry import Capabilities, ConceptSpec, WeightEdit, register_method
 
-__all__ = ["SPEEDConfig", "erase_speed", "kmeans_centres", "refined_retain", "speed_update"]
+__all__ = [
+    "SPEEDConfig",
+    "SPEEDTerms",
+    "erase_speed",
+    "kmeans_centres",
+    "null_space_projection",
+    "refined_retain",
+    "retained_basis",
+    "speed_terms",
+    "speed_update",
+    "weakest_direction",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -116,44 +127,105 @@ def kmeans_centres(points: torch.Tensor, clusters: int, generator: torch.Generat
     return centres
 
 
+def weakest_direction(weight: torch.Tensor) -> torch.Tensor:
+    """The right singular vector of ``weight`` with the smallest singular value of its reduced SVD (the reference's
+    ``torch.svd(W)[2][:, -1]``), from the eigenvectors of the smaller of W W^T and W^T W; its sign is arbitrary."""
+    out, d = weight.shape
+    if out >= d:
+        return torch.linalg.eigh(weight.T @ weight).eigenvectors[:, 0]
+    values, vectors = torch.linalg.eigh(weight @ weight.T)  # W^T u / sigma for the smallest sigma
+    direction = weight.T @ vectors[:, 0]
+    return direction / direction.norm()
+
+
 def refined_retain(
     retain: torch.Tensor,
-    erase_map: torch.Tensor,
     weight: torch.Tensor,
+    erase_input: torch.Tensor,
+    direction: torch.Tensor,
     config: SPEEDConfig,
     generator: torch.Generator,
 ) -> torch.Tensor:
     """The retain set of one layer after IPF and DPA (see the module docstring); rows are embeddings.
 
-    ``erase_map`` is E = W (A - T) (I + T)^-1 of this layer, ``weight`` its W; ``retain`` in the (shuffled) order
-    its chunks are taken in.
+    The layer's erase map is E = ``weight`` @ ``erase_input`` (W (A - T) (I + T)^-1, applied in factors) and
+    ``direction`` W's weakest right singular vector (:func:`weakest_direction`); ``retain`` in the (shuffled) order
+    its chunks are taken in. A draw r + s v has E r + s E v: the draws' influences come from the originals'.
     """
     if config.augment == 0:
         return retain
+    influence = (retain @ erase_input.T) @ weight.T
     if config.influence_filter:
-        influence = (retain @ erase_map.T).norm(dim=1)
-        kept = retain[influence > influence.mean()]
-        retain = kept if len(kept) else retain
-    direction = torch.linalg.svd(weight, full_matrices=False).Vh[-1]  # smallest singular value's right vector
+        norms = influence.norm(dim=1)
+        kept = norms > norms.mean()
+        if kept.any():
+            retain, influence = retain[kept], influence[kept]
+    moved = weight @ (erase_input @ direction)
     rows = []
     for start in range(0, len(retain), config.chunk_size):
-        chunk = retain[start : start + config.chunk_size]
-        drawn = []
+        chunk, chunk_influence = (
+            retain[start : start + config.chunk_size],
+            influence[start : start + config.chunk_size],
+        )
+        drawn, drawn_influence = [], []
         for mini in range(0, len(chunk), 8):
-            batch = chunk[mini : mini + 8]
+            batch, batch_influence = chunk[mini : mini + 8], chunk_influence[mini : mini + 8]
             for _ in range(config.augment):
                 noise = torch.randn(batch.shape, generator=generator, dtype=batch.dtype)
-                drawn.append(batch + (noise @ direction)[:, None] * direction)
-        drawn = torch.cat(drawn)
-        influence = (drawn @ erase_map.T).norm(dim=1)
-        rows += [chunk, drawn[influence > influence.mean()]]
+                steps = (noise @ direction)[:, None]
+                drawn.append(batch + steps * direction)
+                drawn_influence.append(batch_influence + steps * moved)
+        drawn, norms = torch.cat(drawn), torch.cat(drawn_influence).norm(dim=1)
+        rows += [chunk, drawn[norms > norms.mean()]]
     return torch.cat(rows)
+
+
+def retained_basis(rows: torch.Tensor, threshold: float, span: torch.Tensor | None = None) -> torch.Tensor:
+    """U_1: orthonormal eigenvectors of R = rows^T rows / len(rows) with eigenvalue >= ``threshold``, (d, q).
+
+    R is zero outside the rows' span, so they are found in an orthonormal basis of ``span`` (rows whose span holds
+    every row: the originals and W's weakest direction for a refined set) when that basis is smaller than the width.
+    """
+    basis = None
+    if span is not None and len(span) < rows.shape[1]:
+        basis = torch.linalg.qr(span.T).Q  # (d, k)
+    coordinates = rows if basis is None else rows @ basis
+    values, vectors = torch.linalg.eigh(coordinates.T @ coordinates / len(rows))
+    kept = vectors[:, values >= threshold]
+    return kept if basis is None else basis @ kept
+
+
+def null_space_projection(rows: torch.Tensor, threshold: float, span: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference's P = U_0 U_0^T, U_0 the eigenvectors of R with eigenvalue < ``threshold``: I - U_1 U_1^T
+    (:func:`retained_basis`)."""
+    kept = retained_basis(rows, threshold, span)
+    return torch.eye(rows.shape[1], dtype=rows.dtype) - kept @ kept.T
+
+
+@dataclass
+class SPEEDTerms:
+    """What the edit of every layer shares: the target rows C, D / N (A - T = (D / N) C^T with embeddings as
+    columns), T and (A - T) (I + T)^-1."""
+
+    c_target: torch.Tensor
+    difference: torch.Tensor
+    gram: torch.Tensor
+    erase_input: torch.Tensor
+
+
+def speed_terms(c_target: torch.Tensor, c_anchor: torch.Tensor) -> SPEEDTerms:
+    """:class:`SPEEDTerms` of aligned (N, d) target and anchor rows, float64."""
+    n, d = c_target.shape
+    gram = c_target.T @ c_target / n  # T
+    difference = (c_anchor - c_target).T / n
+    # (A - T)(I + T)^-1 = difference C (I + T)^-1, and (I + T) is symmetric
+    erase_input = difference @ torch.linalg.solve(torch.eye(d, dtype=torch.float64) + gram, c_target.T).T
+    return SPEEDTerms(c_target, difference, gram, erase_input)
 
 
 def speed_update(
     weight: torch.Tensor,
-    c_target: torch.Tensor,
-    c_anchor: torch.Tensor,
+    terms: SPEEDTerms,
     retain: torch.Tensor,
     invariant: torch.Tensor,
     config: SPEEDConfig,
@@ -161,25 +233,32 @@ def speed_update(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SPEED's change of one projection as exact factors (B, A): dW = B @ A (module docstring's formula), float64.
 
-    ``c_target``/``c_anchor``: (N, d) aligned rows; ``retain``: (R, d); ``invariant``: K's columns as rows (k, d).
-    A - T = (1/N) D C^T with D the anchor-minus-target and C the target columns, so dW = (W D / N) (C^T P X M):
-    rank at most N.
+    ``retain``: (R, d) rows; ``invariant``: K's columns as rows (k, d). With A - T = (D / N) C^T,
+    dW = (W D / N) (C^T P X M): rank at most N. M's inverse is applied by solves (Q = T P + retain_scale I).
     """
-    n, d = c_target.shape
-    eye = torch.eye(d, dtype=torch.float64)
-    gram = c_target.T @ c_target / n  # T
-    difference = (c_anchor - c_target).T / n  # D / N: A - T = difference @ c_target
-    erase_map = weight @ difference @ c_target @ torch.linalg.inv(eye + gram)
-    rows = refined_retain(retain, erase_map, weight, config, generator)
-    covariance = rows.T @ rows / len(rows)
-    values, vectors = torch.linalg.eigh(covariance)  # R is symmetric PSD: its SVD's U and S
-    null = vectors[:, values < config.threshold]
-    projection = null @ null.T
-    m = torch.linalg.inv(gram @ projection + config.retain_scale * eye)
+    d = weight.shape[1]
+    span = retain
+    if config.augment:
+        direction = weakest_direction(weight)
+        rows = refined_retain(retain, weight, terms.erase_input, direction, config, generator)
+        span = torch.cat([retain, direction[None]])
+    else:
+        rows = retain
+    kept = retained_basis(rows, config.threshold, span)
+
+    def project(x: torch.Tensor) -> torch.Tensor:  # x P for rows x, P = I - U_1 U_1^T (symmetric)
+        return x - (x @ kept) @ kept.T
+
+    q = project(terms.gram) + config.retain_scale * torch.eye(d, dtype=torch.float64)  # T P + r I (T symmetric)
+    factors = torch.linalg.lu_factor(q)  # M = Q^-1
     k = invariant.T
-    inner = k.T @ projection @ m @ k + config.lamb * torch.eye(k.shape[1], dtype=torch.float64)
-    constrained = eye - m @ k @ torch.linalg.solve(inner, k.T @ projection)
-    return weight @ difference, c_target @ projection @ constrained @ m
+    m_k = torch.linalg.lu_solve(*factors, k)
+    k_p = project(invariant)  # K^T P
+    inner = k_p @ m_k + config.lamb * torch.eye(k.shape[1], dtype=torch.float64)
+    left = project(terms.c_target)  # C^T P
+    left = left - (left @ m_k) @ torch.linalg.solve(inner, k_p)  # C^T P (I - M K (..)^-1 K^T P)
+    right = torch.linalg.lu_solve(*factors, left.T, adjoint=True).T  # left M = (Q^-T left^T)^T
+    return weight @ terms.difference, right
 
 
 def _last_token_rows(wrapper: PipelineWrapper, prompts: Sequence[str]) -> torch.Tensor:
@@ -222,13 +301,14 @@ def erase_speed(wrapper: PipelineWrapper, concepts: ConceptSpec, config: SPEEDCo
     invariant = torch.cat([empty[:1], kmeans_centres(empty[1:], config.null_clusters, generator)])
     layers = wrapper.cross_attention_layers(config.layers)
     deltas, factors = {}, {}
+    terms = speed_terms(c_target, c_anchor)
     for layer in layers:
         if layer.in_features != c_target.shape[1]:
             raise ValueError(
                 f"{layer.name} reads {layer.in_features}-d inputs, text embeddings are {c_target.shape[1]}-d"
             )
         weight = layer.module.weight.detach().double().cpu()
-        lora_b, lora_a = speed_update(weight, c_target, c_anchor, retain, invariant, config, generator)
+        lora_b, lora_a = speed_update(weight, terms, retain, invariant, config, generator)
         name = f"unet.{layer.name}"
         factors[name] = (lora_a.float(), lora_b.float())
         deltas[name] = (lora_b @ lora_a).float()
