@@ -118,21 +118,21 @@ def encode_prompt_prefixes(pipe: Pipeline, prompts: Sequence[str], length: int) 
     full = pipe.tokenizer.model_max_length
     if not 1 <= length <= full:
         raise ValueError(f"prefix length must be in 1..{full}, got {length}")
-    tok = pipe.tokenizer(prompts, padding="max_length", max_length=full, truncation=True)
-    input_ids = torch.tensor(tok["input_ids"])
-    lengths = torch.tensor([sum(m) for m in tok["attention_mask"]])
-    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    tok = pipe.tokenizer(prompts, padding="max_length", max_length=full, truncation=True, return_tensors="pt")
+    input_ids, lengths = tok.input_ids, tok.attention_mask.sum(dim=1)
+    pairs = [(tok, pipe.text_encoder)]
     if is_sdxl(pipe):
-        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+        second = pipe.tokenizer_2(prompts, padding="max_length", max_length=full, truncation=True, return_tensors="pt")
+        pairs.append((second, pipe.text_encoder_2))
     causal = isinstance(pipe, StableDiffusionPipeline | StableDiffusionXLPipeline) and all(
         isinstance(encoder, CLIPTextModel | CLIPTextModelWithProjection) for _, encoder in pairs
     )
     if not causal:
         whole = encode_prompts(pipe, prompts)
         return PromptEncoding(prompts, input_ids, whole.embeddings[:, :length], lengths)
-    device, parts = pipe.unet.device, []
-    for tokenizer, encoder in pairs:
-        ids = tokenizer(prompts, padding="max_length", max_length=full, truncation=True, return_tensors="pt")
+    # the device encode_prompt runs the encoders on (the UNet's, which they share), read without walking the UNet
+    device, parts = next(pipe.text_encoder.parameters()).device, []
+    for ids, encoder in pairs:
         mask = None
         if getattr(encoder.config, "use_attention_mask", False):
             mask = ids.attention_mask[:, :length].to(device)

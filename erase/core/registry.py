@@ -315,7 +315,8 @@ def _base_record(
     fingerprint is the same.
     """
     modules = artifact.fingerprint_modules
-    key = (artifact.base_fingerprint, tuple(modules), tuple(sorted(artifact.payloads)), wrapper.dtype, wrapper.device)
+    weight = next(wrapper.module(modules[0]).parameters())  # their dtype and device (cheaper than the UNet's)
+    key = (artifact.base_fingerprint, tuple(modules), tuple(sorted(artifact.payloads)), weight.dtype, weight.device)
     if key in _BASE_RECORDS:
         _BASE_RECORDS.move_to_end(key)
         low_precision, norms = _BASE_RECORDS[key]
