@@ -245,7 +245,12 @@ def _train_concept_lora(
     MACEConfig,
     "lora",
     "MACE (Lu et al., 2024): closed-form refinement, one attention-suppressing LoRA per concept, closed-form fusion",
-    capabilities=dataclasses.replace(TRAINED, preserve_setting=None, templates="templates"),  # preserve: closed forms
+    capabilities=dataclasses.replace(
+        TRAINED,
+        preserve_setting=None,  # the preserve set is read by the closed forms
+        templates="templates",
+        quick={"steps": 4, "lr": 1e-2, "pool_images": 1, "pool_steps": 4, "templates": ("{}", "a painting of {}")},
+    ),
 )
 def erase_mace(wrapper: PipelineWrapper, concepts: ConceptSpec, config: MACEConfig) -> WeightEdit:
     """Erase every target of ``concepts`` into its guide, keeping ``concepts.preserve``."""
