@@ -108,7 +108,7 @@ def test_attention_probabilities_are_those_the_unet_uses(tiny):
 @pytest.mark.slow
 def test_mace_on_tiny_lowers_the_attention_to_the_concept(tiny):
     """A short run (tiny, 20 steps): the erased model attends less to the concept's tokens than the base (at 6 steps
-    of 1e-2 it does not yet: 3.78 against 3.76)."""
+    of 1e-2 it does not yet)."""
     config = MACEConfig(steps=20, lr=3e-2, pool_images=1, pool_steps=4, templates=("{}", "a painting of {}"))
     artifact = erase_concepts(tiny, ConceptSpec(("van gogh",), guides=("art",), preserve=("a cat",)), "mace", config)
     assert set(artifact.deltas) == {n for n in artifact.deltas if n.endswith(("attn2.to_k", "attn2.to_v"))}
