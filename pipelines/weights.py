@@ -1,7 +1,8 @@
 """Weights: edits in place and undone exactly, trainable LoRA adapters, fingerprints and norms, and export.
 
-Everything here addresses modules by qualified name (``"unet.<path>"``, see :mod:`pipelines.modules`); a LoRA is
-saved in diffusers' own format, so ``pipe.load_lora_weights(folder)`` reproduces the change.
+Everything here addresses modules by qualified name (``"unet.<path>"``, ``"transformer.<path>"``, see
+:mod:`pipelines.modules`); a LoRA is saved in diffusers' own format, so ``pipe.load_lora_weights(folder)`` reproduces
+the change.
 """
 
 from __future__ import annotations
@@ -30,16 +31,19 @@ __all__ = [
 
 
 class LoraAdapters:
-    """peft LoRA adapters injected into the UNet by :func:`lora_adapters`; valid inside its block.
+    """peft LoRA adapters injected into the denoiser by :func:`lora_adapters`; valid inside its block.
 
     Training code sees only these parameters, a switch that turns the adapters off (the frozen model is then the very
-    same UNet, so one UNet sits in memory), their state for checkpoints, and the trained change as exact factors.
+    same denoiser, so one sits in memory), their state for checkpoints, and the trained change as exact factors.
     """
 
-    def __init__(self, unet: torch.nn.Module, names: Sequence[str], adapter_name: str) -> None:
+    def __init__(
+        self, model: torch.nn.Module, names: Sequence[str], adapter_name: str, component: str = "unet"
+    ) -> None:
         self.names = list(names)
         self.adapter_name = adapter_name
-        self._layers = {name: unet.get_submodule(name) for name in self.names}
+        self.component = component
+        self._layers = {name: model.get_submodule(name) for name in self.names}
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """The trainable tensors, A then B per module in name order (a stable order for optimizer state)."""
@@ -82,14 +86,15 @@ class LoraAdapters:
                 layer.enable_adapters(True)
 
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """The trained change as exact factors ``{"unet.<module>": (A, B * scaling)}``, dW = B @ A, float32 on CPU."""
+        """The trained change as exact factors ``{"<component>.<module>": (A, B * scaling)}``, dW = B @ A, float32 on
+        CPU."""
         out = {}
         for name, layer in self._layers.items():
             lora_a = layer.lora_A[self.adapter_name].weight.detach().float().cpu().clone()
             lora_b = layer.lora_B[self.adapter_name].weight.detach().float().cpu() * float(
                 layer.scaling[self.adapter_name]
             )
-            out[f"unet.{name}"] = (lora_a, lora_b)
+            out[f"{self.component}.{name}"] = (lora_a, lora_b)
         return out
 
     @torch.no_grad()
@@ -112,8 +117,10 @@ def lora_adapters(
     *,
     generator: torch.Generator,
     adapter_name: str = "erase",
+    component: str = "unet",
 ) -> Iterator[LoraAdapters]:
-    """Trainable peft LoRA adapters on the matching UNet Linear modules, in place, for the ``with`` block.
+    """Trainable peft LoRA adapters on the matching Linear modules of the denoiser ``unet`` (the pipeline's
+    ``component``: a UNet, or an SD3/Flux transformer), in place, for the ``with`` block.
 
     A is drawn from ``generator`` (peft's own Kaiming-uniform bound, so the start is a function of the seed alone)
     and B is zero, so the adapted model starts equal to the base. Afterwards the adapters are removed (also on
@@ -126,7 +133,9 @@ def lora_adapters(
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     if getattr(unet, "peft_config", None) or any(isinstance(m, BaseTunerLayer) for m in unet.modules()):
-        raise ValueError("the UNet already holds peft adapters (a loaded LoRA?): erase from the plain base model")
+        raise ValueError(
+            f"the {component} already holds peft adapters (a loaded LoRA?): erase from the plain base model"
+        )
     names = linear_module_names(unet, patterns)
     requires_grad = {name: p.requires_grad for name, p in unet.named_parameters()}
     had_config = hasattr(unet, "peft_config")
@@ -135,7 +144,7 @@ def lora_adapters(
     )
     try:
         inject_adapter_in_model(config, unet, adapter_name)
-        adapters = LoraAdapters(unet, names, adapter_name)
+        adapters = LoraAdapters(unet, names, adapter_name, component)
         adapters._initialise(generator)
         yield adapters
     finally:
@@ -237,7 +246,7 @@ def save_lora_weights(
     ranks: dict[str, dict[str, int]] = {}
     for name, (lora_a, lora_b) in factors.items():
         component, _, path = name.partition(".")
-        if component not in ("unet", "text_encoder", "text_encoder_2"):
+        if component not in ("unet", "transformer", "text_encoder", "text_encoder_2"):
             raise ValueError(f"cannot save a LoRA for component {component!r}")
         by_component.setdefault(component, {})[f"{path}.lora_A.weight"] = lora_a.contiguous().float().cpu()
         by_component.setdefault(component, {})[f"{path}.lora_B.weight"] = lora_b.contiguous().float().cpu()
