@@ -1,5 +1,7 @@
 """What ``erase_concepts`` computes besides the method's solve: prompt prefixes, fingerprints and norms, each once."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -72,17 +74,15 @@ def test_artifact_records_are_those_of_the_pipeline_and_computed_once_per_base(t
 
 
 def test_a_non_finite_edit_is_refused_naming_the_module(tiny, monkeypatch):
-    from erase.closed_form import uce
+    uce = registry.get_method("uce")
 
-    real = uce.edit_from_update
-
-    def broken(*args):
-        edit = real(*args)
+    def broken(wrapper, concepts, config):
+        edit = uce.run(wrapper, concepts, config)
         name = sorted(edit.deltas)[1]
         edit.deltas[name] = edit.deltas[name].clone()
         edit.deltas[name][0, 0] = float("nan")
         return edit
 
-    monkeypatch.setattr(uce, "edit_from_update", broken)
+    monkeypatch.setattr(registry, "get_method", lambda name: dataclasses.replace(uce, run=broken))
     with pytest.raises(ValueError, match="is not finite"):
         erase_concepts(tiny, ["van gogh"], "uce")
