@@ -33,11 +33,12 @@ WORDS = "red blue green cat dog house tree car city night sun moon river boat bi
 
 
 def _cell(method: str, column: str):
-    """Slow: the runtime methods (an SAE trained per model), rece (its adversarial-embedding rounds) and spm (its
-    transport), a second or more each, and the columns arch's tests already cover for uce, esd and ca (SD2-v, SD3,
-    Flux); the refusals are fast."""
-    runs = TINY_MODELS[ARCHITECTURES[column]] in erase.get_method(method).capabilities.architectures
-    slow = runs and (erase.get_method(method).runtime or method in ("rece", "spm") or column not in ("SD1", "SDXL"))
+    """Slow: the runtime methods (an SAE trained per model), rece (its adversarial-embedding rounds), spm (its
+    transport) and mace (a LoRA per concept, then its fusion), a second or more each, and the columns arch's tests
+    already cover for uce, esd and ca (SD2-v, SD3, Flux); the refusals are fast."""
+    spec = erase.get_method(method)
+    runs = TINY_MODELS[ARCHITECTURES[column]] in spec.capabilities.architectures
+    slow = runs and (spec.runtime or method in ("rece", "spm", "mace") or column not in ("SD1", "SDXL"))
     return pytest.param(method, column, marks=pytest.mark.slow if slow else (), id=f"{method}-{column}")
 
 
