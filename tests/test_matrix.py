@@ -33,13 +33,13 @@ WORDS = "red blue green cat dog house tree car city night sun moon river boat bi
 
 
 def _cell(method: str, column: str):
-    """Slow: the runtime methods (an SAE trained per model), rece (its adversarial-embedding rounds), spm (its
-    transport) and mace (a LoRA per concept, then its fusion), a second or more each, and the columns arch's tests
-    already cover for uce, esd and ca (SD2-v, SD3, Flux); the refusals are fast."""
+    """Fast: the refusals, and the closed forms but rece on SD1 and SDXL. Slow, seconds each on 2 shared cores: the
+    trained methods (mace, stereo and the LoRA trainer's), the runtime ones (an SAE trained per model), rece (its
+    adversarial-embedding rounds), and the SD2-v, SD3 and Flux columns, which arch's tests cover for uce, esd, ca."""
     spec = erase.get_method(method)
     runs = TINY_MODELS[ARCHITECTURES[column]] in spec.capabilities.architectures
-    slow = runs and (spec.runtime or method in ("rece", "spm", "mace") or column not in ("SD1", "SDXL"))
-    return pytest.param(method, column, marks=pytest.mark.slow if slow else (), id=f"{method}-{column}")
+    fast = spec.family == "closed_form" and method != "rece" and column in ("SD1", "SDXL")
+    return pytest.param(method, column, marks=() if fast or not runs else pytest.mark.slow, id=f"{method}-{column}")
 
 
 CELLS = [_cell(m, c) for m in erase.available_methods() for c in ARCHITECTURES]
