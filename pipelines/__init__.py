@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     "CrossAttentionLayer": "modules",
     "HookHandles": "hooks",
     "LoraAdapters": "weights",
+    "TEXT_ENCODER_PREFIX": "weights",
     "ModelNotFoundError": "loading",
     "PipelineWrapper": "wrapper",
     "PromptEncoding": "text",
@@ -47,6 +48,7 @@ __all__ = [
     "ModelNotFoundError",
     "PipelineWrapper",
     "PromptEncoding",
+    "TEXT_ENCODER_PREFIX",
     "check_model_reference",
     "clean_prompt",
     "load_pipeline",
@@ -67,7 +69,7 @@ if TYPE_CHECKING:
     from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS
     from .text import PromptEncoding
     from .tokenizer import clean_prompt, offline_clip_tokenizer
-    from .weights import LoraAdapters
+    from .weights import TEXT_ENCODER_PREFIX, LoraAdapters
     from .wrapper import PipelineWrapper, load_pipeline, wrap_pipeline
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

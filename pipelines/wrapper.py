@@ -116,9 +116,9 @@ class PipelineWrapper:
         return modules.cross_attention_layers(self.unet, patterns)
 
     def lora_modules(self, patterns: Sequence[str]) -> list[str]:
-        """UNet Linear module names (unqualified) matching ``patterns``, sorted; ``ValueError`` for none
-        (:func:`modules.linear_module_names`)."""
-        return modules.linear_module_names(self.unet, patterns)
+        """Linear module names matching ``patterns``, sorted: UNet ones unqualified, text-encoder ones (patterns
+        starting ``"text_encoder."``) qualified; ``ValueError`` for none (:func:`weights.lora_module_names`)."""
+        return weights.lora_module_names(self.unet, patterns, getattr(self.pipe, "text_encoder", None))
 
     # ------------------------------------------------------------------ prompts (pipelines.text)
     def token_count(self, prompt: str) -> int:
@@ -133,9 +133,10 @@ class PipelineWrapper:
         """Token positions (BOS = 0) that ``phrase`` occupies inside ``prompt``; its last occurrence wins."""
         return text.phrase_positions(self.pipe, prompt, phrase)
 
-    def encode_prompts(self, prompts: Sequence[str]) -> PromptEncoding:
-        """Per-token text embeddings exactly as the pipeline computes them for generation."""
-        return text.encode_prompts(self.pipe, prompts)
+    def encode_prompts(self, prompts: Sequence[str], grad: bool = False) -> PromptEncoding:
+        """Per-token text embeddings exactly as the pipeline computes them for generation (``grad``: differentiable,
+        for training the text encoder)."""
+        return text.encode_prompts(self.pipe, prompts, grad)
 
     def encode_with_vectors(self, templates: Sequence[str], vectors: torch.Tensor) -> PromptEncoding:
         """Text embeddings of prompts whose ``{}`` slots hold free input-embedding vectors, differentiably
@@ -203,9 +204,12 @@ class PipelineWrapper:
         generator: torch.Generator,
         adapter_name: str = "erase",
     ) -> contextlib.AbstractContextManager[LoraAdapters]:
-        """Trainable peft LoRA adapters on the matching UNet Linear modules for the ``with`` block, removed
-        afterwards with the weights bit-identical (:func:`weights.lora_adapters`)."""
-        return weights.lora_adapters(self.unet, patterns, rank, alpha, generator=generator, adapter_name=adapter_name)
+        """Trainable peft LoRA adapters on the matching UNet (and, for ``"text_encoder."`` patterns, text-encoder)
+        Linear modules for the ``with`` block, removed afterwards with the weights bit-identical
+        (:func:`weights.lora_adapters`)."""
+        text_encoder = getattr(self.pipe, "text_encoder", None)
+        return weights.lora_adapters(self.unet, patterns, rank, alpha, generator=generator, adapter_name=adapter_name,
+                                     text_encoder=text_encoder)  # fmt: skip
 
     def apply_weight_deltas(self, deltas: dict[str, torch.Tensor], scale: float = 1.0) -> None:
         """In place, all or nothing: ``W <- W + scale * dW`` for each Linear named (qualified) in ``deltas``."""
