@@ -239,7 +239,8 @@ class Batch:
 
     ``generator`` is the trainer's, for a loss that needs more randomness (an anchor prompt to draw): drawing from
     it keeps the run deterministic and resumable. ``initial`` is the first UNet input of each example's trajectory
-    (the sampler's initial noise x_T).
+    (the sampler's initial noise x_T); ``step`` the 0-based optimizer step the batch is for (a loss with a schedule);
+    ``pool`` the training pool, for a loss that draws more examples of it (an inner attack), with ``generator``.
     """
 
     latents: torch.Tensor
@@ -247,6 +248,8 @@ class Batch:
     prompts: torch.Tensor
     generator: torch.Generator
     initial: torch.Tensor | None = None
+    step: int = 0
+    pool: TrainingPool | None = None
 
 
 class Predictions:
@@ -346,6 +349,9 @@ def predict_anchored(
     return frozen[:-1], trained[:-1], weight * torch.nn.functional.mse_loss(trained[-1], frozen[-1])
 
 
+#: ``loss_fn(batch, predictions) -> loss``. A loss that carries tensors from step to step (an inner attack's
+#: warm start) keeps them in a ``state`` attribute, a ``dict[str, torch.Tensor]``: the trainer checkpoints it and
+#: restores it on resume.
 LossFunction = Callable[[Batch, Predictions], torch.Tensor]
 
 
@@ -437,7 +443,7 @@ def _save_checkpoint(
 
     ``generator_states`` holds each process's batch generator (``generator`` for process 0, ``generator.R`` for
     process R), so a multi-process run resumes with every process where it was. ``extra`` tensors (the adversary's
-    state, names prefixed ``adversary.``) go into the optimizer file beside them."""
+    and the loss's state, names prefixed ``adversary.`` and ``loss.``) go into the optimizer file beside them."""
     final = folder / f"{_CHECKPOINT_PREFIX}{step:08d}"
     opt_state = optimizer.state_dict()
     tensors = {"generator" if r == 0 else f"generator.{r}": g for r, g in enumerate(generator_states)}
@@ -464,7 +470,7 @@ def _load_checkpoint(
     extra: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Restore a checkpoint; ``DamagedCheckpointError`` naming the file that cannot be read back. ``extra`` receives
-    the saved ``adversary.*`` tensors."""
+    the saved ``adversary.*`` and ``loss.*`` tensors."""
     file = path / "state.json"
     try:
         state = read_json_object(file)
@@ -476,7 +482,7 @@ def _load_checkpoint(
         tensors = read_tensors(file)
         states = {name: tensors.pop(name) for name in list(tensors) if name.startswith("generator")}
         generator.set_state(states["generator" if rank == 0 else f"generator.{rank}"])
-        for name in [n for n in tensors if n.startswith("adversary.")]:
+        for name in [n for n in tensors if n.startswith(("adversary.", "loss."))]:
             value = tensors.pop(name)
             if extra is not None:
                 extra[name] = value
@@ -567,6 +573,9 @@ def train_lora(
             state = _load_checkpoint(latest, adapters, optimizer, generator, rank, saved)
             if adversary is not None:
                 adversary.load(saved)
+            if isinstance(getattr(loss_fn, "state", None), dict):
+                loss_fn.state.clear()
+                loss_fn.state.update({k.removeprefix("loss."): v for k, v in saved.items() if k.startswith("loss.")})
             losses, seconds_before = list(state["losses"]), float(state["seconds"])
             resumed_from = len(losses)
             if resumed_from > config.steps:
@@ -582,7 +591,9 @@ def train_lora(
         with bar:
             for step in range(resumed_from, config.steps):
                 latents, timesteps, owners, initial = _draw(pool, config.batch_size, generator, device)
-                batch = Batch(latents.to(wrapper.dtype), timesteps, owners, generator, initial.to(wrapper.dtype))
+                batch = Batch(
+                    latents.to(wrapper.dtype), timesteps, owners, generator, initial.to(wrapper.dtype), step, pool
+                )
                 if adversary is not None:
                     with accelerator.autocast():
                         predictions.perturbations = adversary.perturbations(
@@ -607,7 +618,11 @@ def train_lora(
                     meta = {"step": done, "losses": losses, "seconds": seconds, "processes": processes}
                     states = _generator_states(accelerator, generator)
                     if main:
-                        extra = adversary.tensors() if adversary is not None else None
+                        extra = adversary.tensors() if adversary is not None else {}
+                        if isinstance(getattr(loss_fn, "state", None), dict):
+                            extra.update(
+                                {f"loss.{k}": v.detach().cpu().contiguous() for k, v in loss_fn.state.items()}
+                            )
                         _save_checkpoint(folder, done, adapters, optimizer, states, meta, extra)
                     accelerator.wait_for_everyone()
         train_seconds = seconds_before + time.perf_counter() - run_start
