@@ -77,7 +77,7 @@ def test_method_changes_target_and_leaves_other_modules_bit_identical(tiny, meth
     patterns = _edited_patterns(method)
     assert all(any(fnmatch.fnmatchcase(name, p) for p in patterns) for name in names)
     edited = {name + ".weight" for name in names if not name.startswith("text_encoder.")}
-    text_edited = {name.removeprefix("text_encoder.") + ".weight" for name in names if name.startswith("text_encoder.")}
+    text_edited = {n.removeprefix("text_encoder.") + ".weight" for n in names if n.startswith("text_encoder.")}
     base = _pixels(tiny.generate(["a painting by van gogh"], [0], steps=3, progress=False))
     if artifact.payload("transport") is not None:  # facilitated transport: applied as hooks, the weights stay
         tiny.apply_weight_deltas(artifact.deltas)
