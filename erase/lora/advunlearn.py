@@ -319,12 +319,12 @@ class _RetainPoolSettings:
         guides=False,
         quick={
             **TRAINED.quick,
-            "warmup": 2,
-            "attack_steps": 2,
-            "retain_batch": 2,
-            "retain_prompts": ("a photo of a cat", "a photo of a dog", "a photo of a car"),
+            "warmup": 4,
+            "attack_steps": 1,
+            "retain_batch": 1,
+            "retain_prompts": ("a photo of a cat", "a photo of a dog"),
         },
-    ),  # fmt: skip
+    ),
 )
 def erase_advunlearn(wrapper: PipelineWrapper, concepts: ConceptSpec, config: AdvUnlearnConfig) -> WeightEdit:
     """Train the AdvUnlearn text-encoder LoRA for every target of ``concepts``."""
