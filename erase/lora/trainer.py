@@ -67,7 +67,9 @@ own batches (process 0 from the run's generator, process R from one seeded by (s
 the adapters' gradients and the loss are averaged across processes, so every process takes the same Adam step and
 ends with the same adapters: N processes train on N x ``batch_size`` examples a step. Process 0 alone writes the
 checkpoints, which hold every process's generator state. Each process samples the whole pool (it is small next to
-training); sharding it is left undone.
+training); sharding it is left undone. Under adversarial training each process renews its adversary on its own batch; a
+checkpoint holds process 0's adversary state, which every process resumes with (exact for a fresh adversary every
+step, ``adversarial_every`` 1; with a longer period the other processes continue from process 0's perturbation).
 """
 
 from __future__ import annotations
