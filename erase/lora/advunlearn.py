@@ -319,7 +319,9 @@ class _RetainPoolSettings:
         guides=False,
         quick={
             **TRAINED.quick,
-            "warmup": 4,
+            "steps": 6,
+            "pool_images": 1,
+            "warmup": 3,
             "attack_steps": 1,
             "retain_batch": 1,
             "retain_prompts": ("a photo of a cat", "a photo of a dog"),
