@@ -75,8 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     how.add_argument(
         "--model",
         default="micro",
-        help="'micro' (embedded default), 'tiny' or 'tiny-sdxl' (random test pipelines), a local diffusers folder, "
-        "or a hub id such as CompVis/stable-diffusion-v1-4",
+        help="'micro' (embedded default), 'tiny', 'tiny-sd2', 'tiny-sdxl', 'tiny-sd3' or 'tiny-flux' (random test "
+        "pipelines), a local diffusers folder (SD 1.x/2.x, SDXL, SD3, Flux), or a hub id such as "
+        "CompVis/stable-diffusion-v1-4",
     )
     how.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N, mps (default: cpu)")
     how.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     when interrupted)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    if args.model in ("micro", "tiny", "tiny-sdxl") or os.path.isdir(args.model):
+    if args.model in ("micro", "tiny", "tiny-sd2", "tiny-sdxl", "tiny-sd3", "tiny-flux") or os.path.isdir(args.model):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:

@@ -277,6 +277,7 @@ def erasure_settings(
     adds the concept type's five templates to the bare concept.
     """
     spec = get_method(method)
+    spec.check_architecture(wrapper)
     if concept_type not in CONCEPT_TYPES:
         raise ValueError(f"unknown concept type {concept_type!r}; expected one of {', '.join(CONCEPT_TYPES)}")
     kind = CONCEPT_TYPES[concept_type]

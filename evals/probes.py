@@ -18,17 +18,30 @@ from PIL import Image
 
 from pipelines.tokenizer import concept_text
 
+from .metrics import accuracy
 from .microworld import world
 from .scorer import TEMPLATES, ClipScorer
 
 __all__ = [
+    "FORM_GAP",
+    "FORM_TITLES",
     "GENERIC_TEMPLATES",
+    "PROMPT_FORMS",
+    "SEED_SPLITS",
     "Probe",
+    "check_forms",
+    "check_split",
+    "form_attributes",
+    "form_gap",
+    "form_prompt",
     "generic_probes",
     "judge_correct",
     "probe_accuracy",
     "probe_correct",
     "probe_verdicts",
+    "probe_seed",
+    "prompt_form",
+    "split_accuracies",
     "world_concept",
     "world_labels",
     "world_probes",
@@ -39,6 +52,24 @@ logger = logging.getLogger(__name__)
 #: Zero-shot templates for concepts of unknown category (hub models, user-given concepts).
 GENERIC_TEMPLATES: tuple[str, ...] = ("{}", "a picture of {}", "in the style of {}", "an image of {}")
 
+#: The three forms a probe's prompt takes: the concept alone in the world's templates ("a van gogh painting"); with
+#: one other attribute named ("a heart in the style of van gogh"); with both other attributes named ("a blue heart in
+#: the style of van gogh": for a style, its object and its colour). A user writes all three; an erasure measured on
+#: one form alone can look better than it is on another.
+PROMPT_FORMS: tuple[str, ...] = ("alone", "one_other", "both_others")
+FORM_TITLES: dict[str, str] = {
+    "alone": "alone",
+    "one_other": "+1 attribute",
+    "both_others": "+2 attributes",
+}
+#: Figures of one setting that differ between prompt forms by more than this (absolute) are flagged.
+FORM_GAP = 0.05
+#: Seed sets: settings are chosen on ``tune`` seeds and reported on ``report`` seeds, which never coincide.
+SEED_SPLITS: tuple[str, ...] = ("tune", "report")
+#: Where each split's seeds start inside a base seed's block of ``_SEED_BLOCK`` seeds.
+_SPLIT_OFFSETS = {"tune": 0, "report": 500_000}
+_SEED_BLOCK = 1_000_003
+
 
 @dataclass(frozen=True)
 class Probe:
@@ -46,6 +77,59 @@ class Probe:
     seed: int
     concept: str  # the canonical concept the prompt names
     category: str  # the zero-shot label set it is judged among
+    form: str = ""  # one of PROMPT_FORMS; "" for probes built otherwise (generic, or other attributes at random)
+
+
+def check_forms(forms: Sequence[str]) -> tuple[str, ...]:
+    """``forms`` as a tuple, each one of :data:`PROMPT_FORMS`, none twice; ``ValueError`` in one line otherwise."""
+    forms = tuple(forms)
+    unknown = [f for f in forms if f not in PROMPT_FORMS]
+    if unknown or not forms or len(set(forms)) != len(forms):
+        raise ValueError(f"prompt forms must be distinct ones of {', '.join(PROMPT_FORMS)}; got {', '.join(forms)}")
+    return forms
+
+
+def check_split(split: str) -> str:
+    if split not in SEED_SPLITS:
+        raise ValueError(f"seed split must be one of {', '.join(SEED_SPLITS)}, got {split!r}")
+    return split
+
+
+def probe_seed(seed: int, index: int, split: str) -> int:
+    """The image seed of probe ``index`` of a probe set drawn with ``seed``: ``seed * 1_000_003 + offset + index``,
+    the offset 0 for ``tune`` and 500,000 for ``report``, so the two splits share no seed for up to 500,000 probes
+    per set (more are refused)."""
+    if not 0 <= index < _SPLIT_OFFSETS["report"]:
+        raise ValueError(f"a probe set holds at most {_SPLIT_OFFSETS['report']} probes per seed")
+    return seed * _SEED_BLOCK + _SPLIT_OFFSETS[check_split(split)] + index
+
+
+def form_attributes(category: str, form: str, rng: np.random.Generator) -> dict[str, str]:
+    """The other attributes a prompt of ``form`` names besides its ``category`` concept (random world names)."""
+    others = [c for c in world.CATEGORIES if c != category]
+    if form == "alone":
+        picked = []
+    elif form == "one_other":
+        picked = [others[int(rng.integers(len(others)))]]
+    elif form == "both_others":
+        picked = others
+    else:
+        raise ValueError(f"unknown prompt form {form!r}; expected one of {', '.join(PROMPT_FORMS)}")
+    named = {}
+    for other in picked:
+        choices = [c for c in world.concepts(other) if c != "plain"]
+        named[other] = choices[int(rng.integers(len(choices)))]
+    return named
+
+
+def form_prompt(category: str, name: str, form: str, rng: np.random.Generator) -> tuple[str, dict[str, str]]:
+    """A prompt of ``form`` naming ``name`` (a ``category`` concept) with a random template of its attribute set,
+    and the other attributes it names."""
+    named = form_attributes(category, form, rng)
+    attributes = {**named, category: name}
+    plain = category == "style" and world.canonical(name) == "plain"
+    templates = world.templates_for(**{c: c in attributes for c in world.CATEGORIES}, plain=plain)
+    return world.prompt(**attributes, template=int(rng.integers(len(templates)))), named
 
 
 def world_concept(name: str) -> str | None:
@@ -67,24 +151,58 @@ def world_concept(name: str) -> str | None:
     return None
 
 
-def world_probes(concepts: Sequence[str], per_concept: int, seed: int = 0, name_as: str | None = None) -> list[Probe]:
+def prompt_form(prompt: str, category: str) -> str:
+    """The form (:data:`PROMPT_FORMS`) of a prompt that names a concept of the micro world's ``category``: how many
+    of the other categories it names besides (any world name of theirs, as a whole word); "" for a category outside
+    the world. Read from the text, so a suite file's rows have forms too."""
+    if category not in world.CATEGORIES:
+        return ""
+    words = f" {' '.join(re.sub(r'[^a-z0-9-]+', ' ', prompt.lower()).split())} "
+    named = sum(
+        any(f" {name} " in words for concept in world.concepts(other) for name in world.all_names(concept))
+        for other in world.CATEGORIES
+        if other != category
+    )
+    return PROMPT_FORMS[named]
+
+
+def world_probes(
+    concepts: Sequence[str],
+    per_concept: int,
+    seed: int = 0,
+    name_as: str | None = None,
+    *,
+    forms: Sequence[str] | None = None,
+    split: str = "tune",
+) -> list[Probe]:
     """``per_concept`` probes per micro-world concept; the other attributes are random (fixed by ``seed``).
 
-    ``name_as`` writes the concept under another name (a synonym) while it is still judged as the canonical one.
+    ``forms`` (some of :data:`PROMPT_FORMS`): the ``i``-th probe of the list takes form ``forms[i % len(forms)]``
+    (so a pooled group of many concepts, one probe each, still holds every form) with a random template of its
+    attribute set; ``None`` names each other attribute half the time in the canonical template
+    (the quick self-check's probes). ``split`` picks the seed set (:func:`probe_seed`; ``tune`` by default: the
+    seeds settings are chosen on). ``name_as`` writes the
+    concept under another name (a synonym) while it is still judged as the canonical one.
     """
+    forms = None if forms is None else check_forms(forms)
     rng = np.random.default_rng(seed)
     probes = []
     for concept in concepts:
         category = world.category_of(concept)
         canonical = world.canonical(concept)
         for _ in range(per_concept):
+            if forms is not None:
+                form = forms[len(probes) % len(forms)]
+                text, _ = form_prompt(category, name_as or concept, form, rng)
+                probes.append(Probe(text, probe_seed(seed, len(probes), split), canonical, category, form))
+                continue
             named = {category: name_as or concept}
             for other in world.CATEGORIES:
                 # Name each other attribute half the time, as real prompts do.
                 if other != category and rng.random() < 0.5:
                     choices = [c for c in world.concepts(other) if c != "plain"]
                     named[other] = choices[int(rng.integers(len(choices)))]
-            probes.append(Probe(world.prompt(**named), seed * 1_000_003 + len(probes), canonical, category))
+            probes.append(Probe(world.prompt(**named), probe_seed(seed, len(probes), split), canonical, category))
     return probes
 
 
@@ -140,3 +258,18 @@ def probe_accuracy(correct: Sequence[bool]) -> float:
 
 def world_labels() -> dict[str, list[str]]:
     return {c: world.concepts(c) for c in world.CATEGORIES}
+
+
+def split_accuracies(correct: Sequence[bool], forms: Sequence[str]) -> dict[str, dict]:
+    """The accuracy of each prompt form's probes (:func:`evals.metrics.accuracy`), in :data:`PROMPT_FORMS` order;
+    empty when the probes carry no form."""
+    if len(correct) != len(forms):
+        raise ValueError(f"{len(correct)} flags for {len(forms)} forms")
+    return {f: accuracy([c for c, g in zip(correct, forms, strict=True) if g == f])
+            for f in PROMPT_FORMS if f in forms}  # fmt: skip
+
+
+def form_gap(by_form: Mapping[str, Mapping[str, Any] | None]) -> float | None:
+    """The largest difference between two forms' figures (``{form: ACC}``), None with fewer than two figures."""
+    values = [a["value"] for a in by_form.values() if a and a.get("value") is not None]
+    return max(values) - min(values) if len(values) > 1 else None

@@ -33,7 +33,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from .microworld import world
+from .probes import PROMPT_FORMS, check_forms, form_prompt
 
 __all__ = [
     "COLUMNS",
@@ -250,19 +253,26 @@ def world_suite(
     images_per_prompt: int = 1,
     seed: int = 0,
     prompts_per_concept: int = 2,
+    forms: Sequence[str] = PROMPT_FORMS,
 ) -> Suite:
     """A suite over the micro world for erasing ``targets`` (any names of world concepts; none audits the model).
 
     For each target: ``prompts_per_concept`` prompts naming it (role ``target``), as many naming each of its
     synonyms (``synonym``, judged as the target), and as many for each of its neighbours that is not itself a
     target (``neighbour``); then as many for every other concept of every category (``unrelated``), "plain" style
-    excepted since captions rarely name it. Prompts name the one attribute alone, with the world's templates
-    (``world.prompt(..., template=k)``); each category is judged among all of its world concepts.
+    excepted since captions rarely name it. Each of those is made in every prompt form of ``forms``
+    (:data:`evals.probes.PROMPT_FORMS`): the attribute alone with the world's templates (``world.prompt(...,
+    template=k)``), then with one other attribute, then with both (random other attributes and templates, fixed by
+    the prompt's concept, form, index and ``seed``). Each category is judged among all of its world concepts.
 
     Row seeds depend on the prompt and ``seed`` only; ``world_suite(t, k) == world_suite(t, 1).expand(k)``.
     """
     if prompts_per_concept < 1:
         raise SuiteError(f"prompts_per_concept must be >= 1, got {prompts_per_concept}")
+    try:
+        forms = check_forms(forms)
+    except ValueError as err:
+        raise SuiteError(str(err)) from None
     canon: list[str] = []
     for name in targets:
         try:
@@ -276,11 +286,16 @@ def world_suite(
     def add(name: str, concept: str, role: str) -> None:
         category = world.category_of(concept)
         n_templates = len(world.templates_for(**{c: c == category for c in world.CATEGORIES}))
-        for k in range(prompts_per_concept):
-            text = world.prompt(**{category: name}, template=k % n_templates)
-            if any(r.prompt == text for r in rows):
-                continue  # more prompts asked than the category has templates
-            rows.append(SuiteRow(text, _prompt_seed(text, seed), concept, category, role))
+        for form in forms:
+            for k in range(prompts_per_concept):
+                if form == "alone":
+                    text = world.prompt(**{category: name}, template=k % n_templates)
+                else:
+                    key = hashlib.sha1(f"{name}|{form}|{k}|{seed}".encode()).hexdigest()[:8]
+                    text, _ = form_prompt(category, name, form, np.random.default_rng(int(key, 16)))
+                if any(r.prompt == text for r in rows):
+                    continue  # more prompts asked than the category has templates
+                rows.append(SuiteRow(text, _prompt_seed(text, seed), concept, category, role))
 
     neighbour_set: list[str] = []
     for target in canon:
@@ -296,7 +311,7 @@ def world_suite(
             if concept not in canon and concept not in neighbour_set and concept != "plain":
                 add(concept, concept, "unrelated")
     labels = {c: tuple(world.concepts(c)) for c in world.CATEGORIES}
-    what = f"targets={canon}, seed={seed}, prompts_per_concept={prompts_per_concept}"
+    what = f"targets={canon}, seed={seed}, prompts_per_concept={prompts_per_concept}, forms={list(forms)}"
     return Suite("world", tuple(rows), labels, f"evals.suites.world_suite({what})").expand(images_per_prompt)
 
 

@@ -16,11 +16,14 @@ _EXPORTS: dict[str, str] = {
     "clean_prompt": "tokenizer",
     "HubUnreachableError": "hub",
     "offline_clip_tokenizer": "tokenizer",
+    "ARCHITECTURES": "modules",
     "CROSS_ATTENTION_PATTERNS": "modules",
     "DEFAULT_GUIDANCE": "sampling",
     "DEFAULT_STEPS": "sampling",
     "HOOK_POINT_PATTERNS": "hooks",
     "LORA_TARGETS": "modules",
+    "TEXT_PROJECTION_PATTERNS": "modules",
+    "TINY_NAMES": "loading",
     "CrossAttentionLayer": "modules",
     "HookHandles": "hooks",
     "LoraAdapters": "weights",
@@ -36,6 +39,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "ARCHITECTURES",
     "CROSS_ATTENTION_PATTERNS",
     "CrossAttentionLayer",
     "DEFAULT_GUIDANCE",
@@ -49,6 +53,8 @@ __all__ = [
     "PipelineWrapper",
     "PromptEncoding",
     "TEXT_ENCODER_PREFIX",
+    "TEXT_PROJECTION_PATTERNS",
+    "TINY_NAMES",
     "check_model_reference",
     "clean_prompt",
     "load_pipeline",
@@ -63,8 +69,14 @@ __all__ = [
 if TYPE_CHECKING:
     from .hooks import HOOK_POINT_PATTERNS, HookHandles
     from .hub import HubUnreachableError
-    from .loading import ModelNotFoundError, check_model_reference, micro_model_path, world_file
-    from .modules import CROSS_ATTENTION_PATTERNS, LORA_TARGETS, CrossAttentionLayer
+    from .loading import TINY_NAMES, ModelNotFoundError, check_model_reference, micro_model_path, world_file
+    from .modules import (
+        ARCHITECTURES,
+        CROSS_ATTENTION_PATTERNS,
+        LORA_TARGETS,
+        TEXT_PROJECTION_PATTERNS,
+        CrossAttentionLayer,
+    )
     from .runtime import resolve_device, set_library_verbosity
     from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS
     from .text import PromptEncoding

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .modules import Pipeline, components, module
+from .modules import Pipeline, components, denoiser, module
 from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
 from .text import encode_prompts
 
@@ -339,7 +339,7 @@ def add_prompt_scaled_lora(
         return hook
 
     def register(handles: list) -> None:
-        handles.append(pipe.unet.register_forward_pre_hook(set_strengths, with_kwargs=True))
+        handles.append(denoiser(pipe).register_forward_pre_hook(set_strengths, with_kwargs=True))
         if getattr(pipe, "text_encoder", None) is not None:
             handles.append(pipe.text_encoder.register_forward_hook(remember_tokens, with_kwargs=True))
         for name, layer in modules.items():

@@ -1,7 +1,8 @@
 """Which model a name means, and loading it as a diffusers pipeline.
 
-A model is ``"micro"`` (the embedded default), ``"tiny"`` / ``"tiny-sdxl"`` (small random pipelines built in code,
-for tests), a local diffusers folder, or a hub id such as ``"CompVis/stable-diffusion-v1-4"``. What can be known
+A model is ``"micro"`` (the embedded default), a tiny pipeline's name (``pipelines.tiny.TINY_MODELS``: ``tiny``,
+``tiny-sd2``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``, small random pipelines built in code, for tests), a local
+diffusers folder, or a hub id such as ``"CompVis/stable-diffusion-v1-4"``. What can be known
 without loading (an empty name, a missing folder, a folder that is no pipeline) is checked before anything slow; a
 hub id goes through :func:`pipelines.hub.load_from_hub`, so no network is said in one line within seconds.
 """
@@ -18,6 +19,7 @@ from .hub import HubUnreachableError, load_from_hub
 from .modules import Pipeline
 
 __all__ = [
+    "TINY_NAMES",
     "ModelNotFoundError",
     "check_model_reference",
     "load_diffusers_pipeline",
@@ -26,7 +28,10 @@ __all__ = [
     "world_file",
 ]
 
-_TINY = ("tiny", "tiny-sdxl")
+#: The tiny pipelines' names (``pipelines.tiny.TINY_MODELS``' keys, spelled here so that names are checked without
+#: importing diffusers' models).
+TINY_NAMES: tuple[str, ...] = ("tiny", "tiny-sd2", "tiny-sdxl", "tiny-sd3", "tiny-flux")
+_TINY = TINY_NAMES
 
 
 class ModelNotFoundError(ValueError):
@@ -108,23 +113,18 @@ def load_diffusers_pipeline(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> tuple[Pipeline, str]:
-    """The Stable Diffusion (XL) pipeline ``model`` names, on ``device`` in ``dtype`` with its progress bar off, and
-    the id it is known by (``"micro"``, a folder's resolved path, a hub id, ``"tiny-sd(seed=0)"``).
+    """The diffusion pipeline ``model`` names, on ``device`` in ``dtype`` with its progress bar off, and the id it is
+    known by (``"micro"``, a folder's resolved path, a hub id, ``"tiny-sd(seed=0)"``).
 
     ``seed`` initialises the random tiny pipelines and is ignored for trained models. ``ModelNotFoundError`` in one
-    line for anything that does not load as SD 1.x/2.x or SDXL.
+    line for anything that does not load as SD 1.x/2.x, SDXL, SD3 or Flux.
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
     check_model_reference(model)
-    if model == "tiny":
-        from .tiny import tiny_sd_pipeline
+    if model in _TINY:
+        from .tiny import tiny_pipeline
 
-        pipe, model_id = tiny_sd_pipeline(seed), f"tiny-sd(seed={seed})"
-    elif model == "tiny-sdxl":
-        from .tiny import tiny_sdxl_pipeline
-
-        pipe, model_id = tiny_sdxl_pipeline(seed), f"tiny-sdxl(seed={seed})"
+        name = "tiny-sd" if model == "tiny" else model
+        pipe, model_id = tiny_pipeline(model, seed), f"{name}(seed={seed})"
     elif model == "micro":
         pipe, model_id = _from_pretrained(model, str(micro_model_path()), dtype, hub=False), "micro"
     elif _is_local(model):
@@ -134,8 +134,10 @@ def load_diffusers_pipeline(
         pipe, model_id = _from_pretrained(model, model, dtype, hub=True), model
     if model in _TINY and dtype != torch.float32:
         pipe.to(dtype=dtype)
-    if not isinstance(pipe, StableDiffusionPipeline | StableDiffusionXLPipeline):
-        raise ModelNotFoundError(f"model {model!r} is a {type(pipe).__name__}, not a Stable Diffusion (XL) pipeline")
+    if not isinstance(pipe, Pipeline):
+        raise ModelNotFoundError(
+            f"model {model!r} is a {type(pipe).__name__}, not an SD 1.x/2.x, SDXL, SD3 or Flux pipeline"
+        )
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe, model_id

@@ -1,8 +1,18 @@
-"""Noise predictions and sampling: the UNet called directly, and images drawn through the pipeline's own sampler.
+"""Denoiser predictions and sampling: the denoiser called directly, and images drawn through the pipeline's sampler.
 
 Every image is a function of its (prompt, seed) pair: its starting noise and a stochastic sampler's step noise come
 from one CPU generator seeded with its seed, as ``pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed))``
 draws them, so batching changes only floating-point summation order.
+
+What the denoiser predicts is :func:`prediction_type`: the noise (``"epsilon"``, SD 1.x, SDXL, the micro model),
+``"v_prediction"`` (SD 2.x 768-v: v = alpha eps - sigma x_0) or ``"flow"`` (SD3, Flux: the flow-matching velocity
+v = eps - x_0 on x_t = (1 - sigma) x_0 + sigma eps). :func:`noise_prediction` returns that raw prediction; a loss that
+combines predictions linearly with coefficients summing to 1 (ESD's target, a single prediction as CA's) means the same
+thing in every form, since eps is affine in the prediction with coefficients shared by every condition at one x_t.
+
+Latents are ``(batch, channels, h, w)`` everywhere in this API; Flux's 2x2-packed token form is made and undone here,
+at the transformer's door. The timestep is what the denoiser receives: the scheduler's t in [0, 1000) for a UNet and
+SD3, t / 1000 (the flow sigma) for Flux, whose pipeline divides it before the call.
 """
 
 from __future__ import annotations
@@ -17,12 +27,13 @@ from diffusers import DDIMScheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .modules import Pipeline, is_sdxl
+from .modules import Pipeline, architecture, denoiser, is_sdxl, is_transformer
 from .text import PromptEncoding
 
 __all__ = [
     "DEFAULT_GUIDANCE",
     "DEFAULT_STEPS",
+    "FLUX_EMBEDDED_GUIDANCE",
     "check_sampler_steps",
     "ddim_sampler",
     "generate",
@@ -30,6 +41,7 @@ __all__ = [
     "image_size",
     "initial_latents",
     "noise_prediction",
+    "prediction_type",
     "sample_trajectories",
 ]
 
@@ -41,10 +53,48 @@ __all__ = [
 DEFAULT_STEPS: int = 20
 DEFAULT_GUIDANCE: float = 7.5
 
+#: The guidance a guidance-distilled Flux (FLUX.1-dev) is told in :func:`noise_prediction`: ``FluxPipeline``'s default.
+#: In :func:`generate` Flux's ``guidance`` is this embedded value (Flux samples without classifier-free guidance).
+FLUX_EMBEDDED_GUIDANCE: float = 3.5
+
 
 def image_size(pipe: Pipeline) -> int:
-    """The side, in pixels, of the images the UNet was trained for."""
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+    """The side, in pixels, of the images the denoiser was trained for (Flux's transformer has no size: its VAE's)."""
+    kind = architecture(pipe)
+    if kind == "flux":
+        return int(pipe.vae.config.sample_size)
+    return denoiser(pipe).config.sample_size * pipe.vae_scale_factor
+
+
+def prediction_type(pipe: Pipeline) -> str:
+    """What the denoiser predicts: ``"epsilon"``, ``"v_prediction"`` (or ``"sample"``) as its scheduler says, or
+    ``"flow"`` (SD3, Flux)."""
+    if is_transformer(pipe):
+        return "flow"
+    return str(pipe.scheduler.config.get("prediction_type", "epsilon"))
+
+
+def _latent_side(pipe: Pipeline, pixels: int) -> int:
+    if architecture(pipe) == "flux":  # FluxPipeline.prepare_latents: a whole number of 2x2 patches
+        return 2 * (int(pixels) // (pipe.vae_scale_factor * 2))
+    return int(pixels) // pipe.vae_scale_factor
+
+
+def _latent_channels(pipe: Pipeline) -> int:
+    channels = denoiser(pipe).config.in_channels
+    return channels // 4 if architecture(pipe) == "flux" else channels
+
+
+def _pack(pipe: Pipeline, latents: torch.Tensor) -> torch.Tensor:
+    """Flux's token form of ``(B, C, h, w)`` latents: ``(B, h/2 * w/2, 4C)`` (the pipeline's own packing)."""
+    b, c, h, w = latents.shape
+    return pipe._pack_latents(latents, b, c, h, w)
+
+
+def _unpack(pipe: Pipeline, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of :func:`_pack` for ``(h, w)`` latents (the pipeline's own unpacking)."""
+    scale = pipe.vae_scale_factor
+    return pipe._unpack_latents(tokens, h * scale, w * scale, scale)
 
 
 def _added_conditions(pipe: Pipeline, encoding: PromptEncoding, batch: int) -> dict[str, torch.Tensor] | None:
@@ -57,15 +107,39 @@ def _added_conditions(pipe: Pipeline, encoding: PromptEncoding, batch: int) -> d
 
 
 def noise_prediction(
-    pipe: Pipeline, latents: torch.Tensor, timestep: torch.Tensor | int, encoding: PromptEncoding
+    pipe: Pipeline, latents: torch.Tensor, timestep: torch.Tensor | int | float, encoding: PromptEncoding
 ) -> torch.Tensor:
-    """The UNet's noise prediction eps(latents, t, text) for a batch (no classifier-free guidance)."""
-    return pipe.unet(
-        latents,
-        timestep,
-        encoder_hidden_states=encoding.embeddings.to(latents.dtype),
-        added_cond_kwargs=_added_conditions(pipe, encoding, latents.shape[0]),
-    ).sample
+    """The denoiser's raw prediction (:func:`prediction_type`) on ``(B, C, h, w)`` latents for a batch, with no
+    classifier-free guidance; the same shape as ``latents``. ``timestep`` is as the denoiser receives it (see the
+    module docstring), one for the batch or one per row."""
+    kind, batch = architecture(pipe), latents.shape[0]
+    text = encoding.embeddings.to(latents.device, latents.dtype)
+    if kind in ("sd", "sdxl"):
+        return pipe.unet(
+            latents, timestep, encoder_hidden_states=text, added_cond_kwargs=_added_conditions(pipe, encoding, batch)
+        ).sample
+    times = torch.as_tensor(timestep, device=latents.device, dtype=latents.dtype).reshape(-1).expand(batch)
+    pooled = encoding.pooled.to(latents.device, latents.dtype)
+    if kind == "sd3":
+        return pipe.transformer(
+            hidden_states=latents, timestep=times, encoder_hidden_states=text, pooled_projections=pooled,
+            return_dict=False,
+        )[0]  # fmt: skip
+    transformer, (_, _, h, w) = pipe.transformer, latents.shape
+    guidance = None
+    if transformer.config.guidance_embeds:
+        guidance = torch.full((batch,), FLUX_EMBEDDED_GUIDANCE, device=latents.device, dtype=torch.float32)
+    velocity = transformer(
+        hidden_states=_pack(pipe, latents),
+        timestep=times,
+        guidance=guidance,
+        pooled_projections=pooled,
+        encoder_hidden_states=text,
+        txt_ids=torch.zeros(text.shape[1], 3, device=latents.device, dtype=latents.dtype),
+        img_ids=pipe._prepare_latent_image_ids(batch, h // 2, w // 2, latents.device, latents.dtype),
+        return_dict=False,
+    )[0]
+    return _unpack(pipe, velocity, h, w)
 
 
 def guides_now(pipe: Pipeline) -> bool:
@@ -79,12 +153,13 @@ def guides_now(pipe: Pipeline) -> bool:
 
 def _draw_latents(pipe: Pipeline, generator: torch.Generator, height: int | None, width: int | None) -> torch.Tensor:
     height, width = height or image_size(pipe), width or image_size(pipe)
-    shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    shape = (1, _latent_channels(pipe), _latent_side(pipe, height), _latent_side(pipe, width))
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
 def initial_latents(pipe: Pipeline, seed: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
-    """The starting noise for one image, a function of the seed alone (drawn on the CPU for portability)."""
+    """The starting noise for one image, ``(1, C, h, w)``, a function of the seed alone (drawn on the CPU for
+    portability; Flux packs it into tokens as its pipeline does)."""
     return _draw_latents(pipe, torch.Generator("cpu").manual_seed(int(seed)), height, width)
 
 
@@ -94,8 +169,10 @@ def check_sampler_steps(pipe: Pipeline, steps: int) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"sampling steps must be an integer >= 1, got {steps!r}")
     scheduler = copy.deepcopy(pipe.scheduler)
+    # a resolution-shifted flow schedule (Flux) needs the shift the pipeline computes; any value tells the count
+    shift = {"mu": 1.0} if scheduler.config.get("use_dynamic_shifting", False) else {}
     try:
-        scheduler.set_timesteps(steps)
+        scheduler.set_timesteps(steps, **shift)
     except (ValueError, IndexError) as err:
         name = type(scheduler).__name__
         raise ValueError(f"the model's sampler ({name}) cannot run {steps} steps: {err}; use more steps") from None
@@ -109,6 +186,8 @@ def ddim_sampler(pipe: Pipeline, eta: float | None) -> Iterator[dict[str, float]
     if eta is None:
         yield {}
         return
+    if is_transformer(pipe):
+        raise ValueError("eta selects DDIM, a sampler of noise-prediction models; SD3 and Flux sample by flow")
     original = pipe.scheduler
     pipe.scheduler = DDIMScheduler.from_config(original.config)
     try:
@@ -122,10 +201,10 @@ def _condition(pipe: Pipeline, prompts: Sequence[str] | PromptEncoding, rows: ra
     if not isinstance(prompts, PromptEncoding):
         return {"prompt": [prompts[i] for i in rows]}
     chunk = prompts.select(list(rows))
-    unet = pipe.unet
-    condition = {"prompt_embeds": chunk.embeddings.to(unet.device, unet.dtype)}
-    if is_sdxl(pipe):
-        condition["pooled_prompt_embeds"] = chunk.pooled.to(unet.device, unet.dtype)
+    model = denoiser(pipe)
+    condition = {"prompt_embeds": chunk.embeddings.to(model.device, model.dtype)}
+    if chunk.pooled is not None:
+        condition["pooled_prompt_embeds"] = chunk.pooled.to(model.device, model.dtype)
     return condition
 
 
@@ -154,7 +233,9 @@ def generate(
     ``prompts`` may also be a :class:`PromptEncoding`: its embeddings then condition the images as they are
     (diffusers' ``prompt_embeds``), which is how an attack feeds adversarial embeddings. ``eta`` samples with DDIM
     at that noise level instead of the pipeline's own sampler (0: deterministic DDIM, 1: as much noise as DDPM's
-    ancestral sampler), for every model alike.
+    ancestral sampler), for every noise-prediction model alike (not SD3/Flux). Flux samples without classifier-free
+    guidance, as its pipeline does: ``guidance`` is the value its guidance embedding is told (FLUX.1-dev), and
+    ``negative_prompt`` is not read.
     """
     encoded = isinstance(prompts, PromptEncoding)
     count = len(prompts.prompts) if encoded else len(prompts)
@@ -168,15 +249,19 @@ def generate(
     check_sampler_steps(pipe, steps)
     images: list[Image.Image] = []
     batches = range(0, count, batch_size)
+    model, flux = denoiser(pipe), architecture(pipe) == "flux"
     with ddim_sampler(pipe, eta) as sampler_kwargs:
         for start in tqdm(batches, desc="generating", unit="batch", disable=not progress or len(batches) < 2):
             rows = range(start, min(start + batch_size, count))
             generators = [torch.Generator("cpu").manual_seed(seeds[i]) for i in rows]
             latents = torch.cat([_draw_latents(pipe, g, height, width) for g in generators])
+            if flux:
+                latents = _pack(pipe, latents)
+            else:
+                sampler_kwargs = {**sampler_kwargs, "negative_prompt": [negative_prompt] * len(rows)}
             result = pipe(
                 **_condition(pipe, prompts, rows),
-                negative_prompt=[negative_prompt] * len(rows),
-                latents=latents.to(pipe.unet.device, pipe.unet.dtype),
+                latents=latents.to(model.device, model.dtype),
                 generator=generators,
                 num_inference_steps=steps,
                 guidance_scale=guidance,
@@ -193,37 +278,47 @@ def generate(
 @torch.no_grad()
 def sample_trajectories(
     pipe: Pipeline,
-    prompts: Sequence[str],
+    prompts: Sequence[str] | PromptEncoding,
     seeds: Sequence[int],
     *,
     steps: int = DEFAULT_STEPS,
     guidance: float = DEFAULT_GUIDANCE,
     batch_size: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every UNet input of the sampler's run on each (prompt, seed): ``(latents, timesteps)``.
+    """Every denoiser input of the sampler's run on each (prompt, seed): ``(latents, timesteps)``.
 
-    ``latents`` is ``(len(prompts), K, C, h, w)`` float32 on the CPU and ``timesteps`` ``(K,)``, K being the UNet
-    calls of one run (``steps`` for single-evaluation samplers). The inputs are recorded exactly as the UNet
-    received them (after the scheduler's input scaling, one copy of classifier-free guidance's doubled batch), by a
-    forward pre-hook that is removed afterwards: the step callback sees latents after the scheduler step, whose
-    scaling into the next UNet input is scheduler-specific.
+    ``latents`` is ``(len(prompts), K, C, h, w)`` float32 on the CPU and ``timesteps`` ``(K,)``, K being the
+    denoiser calls of one run (``steps`` for single-evaluation samplers). The inputs are recorded exactly as the
+    denoiser received them (after the scheduler's input scaling, one copy of classifier-free guidance's doubled batch;
+    Flux's unpacked, its timestep divided by 1000 as its pipeline passes it), by a forward pre-hook that is removed
+    afterwards: the step callback sees latents after the scheduler step, whose scaling into the next input is
+    scheduler-specific. Together they are what :func:`noise_prediction` takes. ``prompts`` may be a
+    :class:`PromptEncoding`, as in :func:`generate`.
     """
-    prompts = list(prompts)
+    encoded = isinstance(prompts, PromptEncoding)
+    total = len(prompts.prompts) if encoded else len(prompts)
+    if not encoded:
+        prompts = list(prompts)
     calls: list[tuple[torch.Tensor, torch.Tensor]] = []
     count = {"n": 0}
+    side = _latent_side(pipe, image_size(pipe))
 
     def hook(_module, args, kwargs):  # noqa: ANN001, ANN202 - torch's forward pre-hook signature
-        sample = args[0] if args else kwargs["sample"]
+        sample = args[0] if args else kwargs["sample" if "sample" in kwargs else "hidden_states"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         n = count["n"]
-        calls.append((sample[:n].detach().float().cpu(), torch.as_tensor(timestep).detach().float().cpu()))
+        sample = sample[:n].detach()
+        if sample.dim() == 3:  # Flux's packed tokens
+            sample = _unpack(pipe, sample, side, side)
+        calls.append((sample.float().cpu(), torch.as_tensor(timestep).detach().float().cpu()))
 
-    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = denoiser(pipe).register_forward_pre_hook(hook, with_kwargs=True)
     latents, timesteps = [], None
     try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            count["n"], calls = len(chunk), []
+        for start in range(0, total, batch_size):
+            rows = range(start, min(start + batch_size, total))
+            chunk = prompts.select(list(rows)) if encoded else prompts[start : start + batch_size]
+            count["n"], calls = len(rows), []
             generate(pipe, chunk, seeds[start : start + batch_size], steps=steps, guidance=guidance,
                      batch_size=batch_size, progress=False)  # fmt: skip
             latents.append(torch.stack([x for x, _ in calls], dim=1))

@@ -1,8 +1,14 @@
-"""Prompts into text embeddings, exactly as the pipeline conditions its UNet on them.
+"""Prompts into text embeddings, exactly as the pipeline conditions its denoiser on them.
 
 SD 1.x/2.x and the micro world use one text encoder; SDXL's two are concatenated along the feature axis exactly as
-``StableDiffusionXLPipeline.encode_prompt`` does, so every caller sees one ``(batch, tokens, width)`` tensor. The
-tokenizer is the pipeline's first one; token positions count BOS as 0.
+``StableDiffusionXLPipeline.encode_prompt`` does, so every caller sees one ``(batch, tokens, width)`` tensor, and a
+pooled vector where the model takes one. SD3 joins its two CLIPs' tokens (77 rows, zero-padded to T5's width) and T5's
+(256 rows) as ``StableDiffusion3Pipeline.encode_prompt`` does; Flux conditions on T5's tokens (512 rows, the
+pipeline's default length) and CLIP's pooled vector.
+
+Token positions index the embeddings' rows, counted by the pipeline's *position tokenizer*: the first (CLIP) one, whose
+BOS is row 0, everywhere but Flux, whose T5 tokenizer has no start token (its first word is row 0). SD3's positions
+therefore address the CLIP rows. Prompt length limits are CLIP's (75 tokens) on every model, the shortest reader.
 """
 
 from __future__ import annotations
@@ -12,20 +18,28 @@ from dataclasses import dataclass
 
 import torch
 
-from .modules import Pipeline, is_sdxl
+from .modules import Pipeline, architecture, is_sdxl
 
 __all__ = [
+    "FLUX_T5_LENGTH",
     "PromptEncoding",
     "check_prompt",
     "decode_tokens",
     "encode_prompts",
     "encode_with_vectors",
+    "last_token_position",
     "max_prompt_tokens",
     "phrase_positions",
     "special_token_ids",
     "token_count",
+    "text_length",
     "token_embedding_matrix",
 ]
+
+#: T5 tokens Flux reads (``FluxPipeline.__call__``'s default ``max_sequence_length``; FLUX.1-schnell users pass 256).
+FLUX_T5_LENGTH = 512
+#: T5 tokens SD3 reads (``StableDiffusion3Pipeline.__call__``'s default).
+SD3_T5_LENGTH = 256
 
 
 @dataclass
@@ -33,10 +47,10 @@ class PromptEncoding:
     """Text-encoder output for a batch of prompts, as the UNet's cross-attention consumes it."""
 
     prompts: list[str]
-    input_ids: torch.Tensor  # (batch, tokens) of the first tokenizer
+    input_ids: torch.Tensor  # (batch, tokens) of the position tokenizer (CLIP; Flux: T5)
     embeddings: torch.Tensor  # (batch, tokens, width)
-    lengths: torch.Tensor  # (batch,) number of real tokens, BOS and EOS included
-    pooled: torch.Tensor | None = None  # SDXL's pooled embedding of the second encoder
+    lengths: torch.Tensor  # (batch,) number of real tokens, BOS (where there is one) and EOS included
+    pooled: torch.Tensor | None = None  # the pooled text vector of SDXL (second CLIP), SD3 (both CLIPs), Flux (CLIP)
 
     def eos_position(self, index: int) -> int:
         return int(self.lengths[index]) - 1
@@ -51,6 +65,34 @@ class PromptEncoding:
             self.lengths[rows],
             None if self.pooled is None else self.pooled[rows.to(self.pooled.device)],
         )
+
+
+_ARCHITECTURE_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux"}
+
+
+def _position_tokenizer(pipe: Pipeline):  # noqa: ANN202 - a transformers tokenizer
+    """The tokenizer whose positions index the token embeddings' rows: T5 for Flux, else the first CLIP."""
+    return pipe.tokenizer_2 if architecture(pipe) == "flux" else pipe.tokenizer
+
+
+def _leading_specials(tokenizer) -> int:  # noqa: ANN001
+    """1 when the tokenizer starts every prompt with BOS (CLIP), 0 when it does not (T5)."""
+    ids = tokenizer("")["input_ids"]
+    return int(tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id])
+
+
+def text_length(pipe: Pipeline) -> int:
+    """Rows of token embeddings that token positions address: CLIP's 77, Flux's T5 length."""
+    return FLUX_T5_LENGTH if architecture(pipe) == "flux" else pipe.tokenizer.model_max_length
+
+
+def last_token_position(pipe: Pipeline, prompt: str) -> int:
+    """The row of a prompt's last word, as the reference UCE scripts compute it: ``attention_mask.sum() - 2`` of the
+    position tokenizer, modulo the length. With CLIP that is BOS (row 0) for the empty prompt; with Flux's T5 (no
+    BOS) it is -1 for the empty prompt, i.e. the last padding row (``uce_flux_edit.py``'s behaviour)."""
+    tokenizer, length = _position_tokenizer(pipe), text_length(pipe)
+    mask = tokenizer(prompt, padding="max_length", max_length=length, truncation=True)["attention_mask"]
+    return (sum(mask) - 2) % length
 
 
 def max_prompt_tokens(pipe: Pipeline) -> int:
@@ -74,12 +116,15 @@ def check_prompt(pipe: Pipeline, prompt: str, what: str = "prompt") -> str:
 
 
 def phrase_positions(pipe: Pipeline, prompt: str, phrase: str) -> list[int]:
-    """Token positions (BOS = 0) that ``phrase`` occupies inside ``prompt``; its last occurrence wins."""
-    ids = pipe.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    sub = pipe.tokenizer(phrase, add_special_tokens=False)["input_ids"]
+    """Token positions (embedding rows: BOS = 0 with CLIP, the first word = 0 with Flux's T5) that ``phrase``
+    occupies inside ``prompt``; its last occurrence wins."""
+    tokenizer = _position_tokenizer(pipe)
+    offset = _leading_specials(tokenizer)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    sub = tokenizer(phrase, add_special_tokens=False)["input_ids"]
     for start in range(len(ids) - len(sub), -1, -1):
         if ids[start : start + len(sub)] == sub:
-            return [1 + start + i for i in range(len(sub))]
+            return [offset + start + i for i in range(len(sub))]
     raise ValueError(f"phrase {phrase!r} does not occur in prompt {prompt!r}")
 
 
@@ -91,9 +136,18 @@ def encode_prompts(pipe: Pipeline, prompts: Sequence[str], grad: bool = False) -
 
 
 def _encode_prompts(pipe: Pipeline, prompts: list[str]) -> PromptEncoding:
-    tok = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True)
+    tokenizer, kind = _position_tokenizer(pipe), architecture(pipe)
+    tok = tokenizer(prompts, padding="max_length", max_length=text_length(pipe), truncation=True)
     input_ids = torch.tensor(tok["input_ids"])
     lengths = torch.tensor([sum(m) for m in tok["attention_mask"]])
+    if kind == "flux":
+        device = pipe.transformer.device
+        embeds, pooled, _ = pipe.encode_prompt(prompts, device=device, max_sequence_length=FLUX_T5_LENGTH)
+        return PromptEncoding(prompts, input_ids, embeds, lengths, pooled)
+    if kind == "sd3":
+        options = dict(device=pipe.transformer.device, do_classifier_free_guidance=False)
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, max_sequence_length=SD3_T5_LENGTH, **options)
+        return PromptEncoding(prompts, input_ids, embeds, lengths, pooled)
     options = dict(device=pipe.unet.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
     if is_sdxl(pipe):
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, **options)
@@ -116,10 +170,11 @@ def encode_with_vectors(pipe: Pipeline, templates: Sequence[str], vectors: torch
     before returning; ``input_ids`` holds BOS's id at the slots, a placeholder the hook overwrites.
 
     ``ValueError`` when a template lacks ``{}`` or has it twice, or when a prompt would be longer than the text
-    encoder reads; ``NotImplementedError`` on SDXL (two encoders, two input embeddings).
+    encoder reads; ``NotImplementedError`` on SDXL, SD3 and Flux (several encoders, several input embeddings).
     """
-    if is_sdxl(pipe):
-        raise NotImplementedError("encode_with_vectors: free token vectors are SD 1.x/2.x only, not on SDXL yet")
+    if architecture(pipe) != "sd":
+        name = _ARCHITECTURE_NAMES[architecture(pipe)]
+        raise NotImplementedError(f"encode_with_vectors: free token vectors are SD 1.x/2.x only, not on {name} yet")
     templates = list(templates)
     if not templates:
         raise ValueError("encode_with_vectors needs at least one template")
@@ -171,14 +226,16 @@ def encode_with_vectors(pipe: Pipeline, templates: Sequence[str], vectors: torch
 def token_embedding_matrix(pipe: Pipeline) -> torch.Tensor:
     """The text encoder's input token embeddings, ``(vocab, width)``, detached (shares the weight's storage: read
     it, do not write it). Row ``i`` is what token id ``i`` puts into :func:`encode_with_vectors`' slots."""
-    if is_sdxl(pipe):
-        raise NotImplementedError("token_embedding_matrix: SD 1.x/2.x only, not on SDXL yet")
+    if architecture(pipe) != "sd":
+        raise NotImplementedError(
+            f"token_embedding_matrix: SD 1.x/2.x only, not on {_ARCHITECTURE_NAMES[architecture(pipe)]} yet"
+        )
     return pipe.text_encoder.get_input_embeddings().weight.detach()
 
 
 def special_token_ids(pipe: Pipeline) -> set[int]:
-    """The tokenizer's special token ids (start, end, padding, unknown)."""
-    tokenizer = pipe.tokenizer
+    """The position tokenizer's special token ids (start, end, padding, unknown)."""
+    tokenizer = _position_tokenizer(pipe)
     ids = tokenizer.convert_tokens_to_ids(list(tokenizer.special_tokens_map.values()))
     return {int(i) for i in ids if i is not None}
 
@@ -186,4 +243,4 @@ def special_token_ids(pipe: Pipeline) -> set[int]:
 def decode_tokens(pipe: Pipeline, ids: Sequence[int] | torch.Tensor) -> str:
     """Text of token ids (special tokens dropped), as the tokenizer writes it back."""
     ids = [int(i) for i in (ids.reshape(-1).tolist() if isinstance(ids, torch.Tensor) else ids)]
-    return pipe.tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return _position_tokenizer(pipe).decode(ids, skip_special_tokens=True).strip()

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import ftfy
 
 if TYPE_CHECKING:
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer, PreTrainedTokenizerBase
 
 __all__ = [
     "bpe_vocabulary_path",
@@ -34,6 +34,7 @@ __all__ = [
     "concept_folder",
     "concept_text",
     "offline_clip_tokenizer",
+    "offline_t5_tokenizer",
 ]
 
 START_OF_TEXT = "<|startoftext|>"
@@ -134,3 +135,36 @@ def concept_folder(text: str) -> str:
         return slug
     digest = hashlib.sha256(reading.encode()).hexdigest()[:8]
     return f"{slug[: _FOLDER_LENGTH - 9] or 'concept'}-{digest}"
+
+
+#: T5's special pieces and their ids (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2), as in every T5 checkpoint.
+T5_SPECIAL_PIECES = ("<pad>", "</s>", "<unk>")
+
+
+@lru_cache(maxsize=1)
+def _t5_pieces() -> tuple[tuple[str, float], ...]:
+    """A SentencePiece-style Unigram vocabulary made from CLIP's: each CLIP word-final token ``w</w>`` becomes the
+    word-initial piece ``▁w`` and each other token a continuation piece, every piece scored alike, so that the
+    Unigram segmentation is the one with the fewest pieces (whole words where CLIP has them)."""
+    vocab, _ = clip_vocab_and_merges()
+    pieces: dict[str, float] = {p: 0.0 for p in T5_SPECIAL_PIECES}
+    pieces["▁"] = -2.0
+    for token in vocab:
+        if token in (START_OF_TEXT, END_OF_TEXT):
+            continue
+        piece = "▁" + token.removesuffix("</w>") if token.endswith("</w>") else token
+        pieces.setdefault(piece, -1.0)
+    return tuple(pieces.items())
+
+
+def offline_t5_tokenizer(model_max_length: int = 512) -> PreTrainedTokenizerBase:
+    """A T5-style tokenizer (``transformers.T5TokenizerFast``) built with no download and no sentencepiece.
+
+    T5's own SentencePiece model is not shipped offline, so this one is a stand-in with T5's conventions, which is
+    what the tiny SD3 and Flux pipelines need: Unigram over ``▁``-prefixed pieces (:func:`_t5_pieces`), ids 0/1/2
+    for ``<pad>``/``</s>``/``<unk>``, no start token, ``</s>`` appended, padding with ``<pad>``. Token ids are NOT
+    those of a real T5 checkpoint. Saved with ``save_pretrained`` it loads back from its ``tokenizer.json``.
+    """
+    from transformers import T5TokenizerFast
+
+    return T5TokenizerFast(vocab=list(_t5_pieces()), extra_ids=0, model_max_length=model_max_length)

@@ -1,11 +1,12 @@
 """Weights: edits in place and undone exactly, trainable LoRA adapters, fingerprints and norms, and export.
 
-Everything here addresses modules by qualified name (``"unet.<path>"``, see :mod:`pipelines.modules`); a LoRA is
-saved in diffusers' own format, so ``pipe.load_lora_weights(folder)`` reproduces the change.
+Everything here addresses modules by qualified name (``"unet.<path>"``, ``"transformer.<path>"``, see
+:mod:`pipelines.modules`); a LoRA is saved in diffusers' own format, so ``pipe.load_lora_weights(folder)`` reproduces
+the change.
 
-Trainable adapters go on the UNet and, for patterns that start with ``"text_encoder."``, on the (first) text
-encoder: adapter names are the UNet's module paths as they are and the text encoder's qualified
-(``"text_encoder.text_model.encoder.layers.0.self_attn.q_proj"``), so a UNet-only setup reads as it always has.
+Trainable adapters go on the denoiser and, for patterns that start with ``"text_encoder."``, on the (first) text
+encoder: adapter names are the denoiser's module paths as they are and the text encoder's qualified
+(``"text_encoder.text_model.encoder.layers.0.self_attn.q_proj"``), so a denoiser-only setup reads as it always has.
 """
 
 from __future__ import annotations
@@ -73,24 +74,26 @@ def lora_module_names(
 
 
 class LoraAdapters:
-    """peft LoRA adapters injected into the UNet (and the text encoder) by :func:`lora_adapters`; valid inside its
-    block.
+    """peft LoRA adapters injected into the denoiser (and the text encoder) by :func:`lora_adapters`; valid inside
+    its block.
 
     Training code sees only these parameters, a switch that turns the adapters off (the frozen model is then the very
-    same UNet and text encoder, so one of each sits in memory), their state for checkpoints, and the trained change
-    as exact factors.
+    same denoiser and text encoder, so one of each sits in memory), their state for checkpoints, and the trained
+    change as exact factors.
     """
 
     def __init__(
         self,
-        unet: torch.nn.Module,
+        model: torch.nn.Module,
         names: Sequence[str],
         adapter_name: str,
+        component: str = "unet",
         text_encoder: torch.nn.Module | None = None,
     ) -> None:
         self.names = list(names)
         self.adapter_name = adapter_name
-        self._layers = {name: _root(name, unet, text_encoder).get_submodule(_path(name)) for name in self.names}
+        self.component = component
+        self._layers = {name: _root(name, model, text_encoder).get_submodule(_path(name)) for name in self.names}
 
     @property
     def adapts_text_encoder(self) -> bool:
@@ -151,15 +154,15 @@ class LoraAdapters:
                 layer.enable_adapters(True)
 
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """The trained change as exact factors ``{"unet.<module>" or "text_encoder.<module>": (A, B * scaling)}``,
-        dW = B @ A, float32 on CPU."""
+        """The trained change as exact factors ``{"<component>.<module>" or "text_encoder.<module>": (A, B *
+        scaling)}``, dW = B @ A, float32 on CPU."""
         out = {}
         for name, layer in self._layers.items():
             lora_a = layer.lora_A[self.adapter_name].weight.detach().float().cpu().clone()
             lora_b = layer.lora_B[self.adapter_name].weight.detach().float().cpu() * float(
                 layer.scaling[self.adapter_name]
             )
-            out[_qualified(name)] = (lora_a, lora_b)
+            out[name if name.startswith(TEXT_ENCODER_PREFIX) else f"{self.component}.{name}"] = (lora_a, lora_b)
         return out
 
     @torch.no_grad()
@@ -181,10 +184,6 @@ def _path(name: str) -> str:
     return name[len(TEXT_ENCODER_PREFIX) :] if name.startswith(TEXT_ENCODER_PREFIX) else name
 
 
-def _qualified(name: str) -> str:
-    return name if name.startswith(TEXT_ENCODER_PREFIX) else f"unet.{name}"
-
-
 @contextlib.contextmanager
 def lora_adapters(
     unet: torch.nn.Module,
@@ -194,13 +193,15 @@ def lora_adapters(
     *,
     generator: torch.Generator,
     adapter_name: str = "erase",
+    component: str = "unet",
     text_encoder: torch.nn.Module | None = None,
 ) -> Iterator[LoraAdapters]:
-    """Trainable peft LoRA adapters on the matching Linear modules, in place, for the ``with`` block.
+    """Trainable peft LoRA adapters on the matching Linear modules of the denoiser ``unet`` (the pipeline's
+    ``component``: a UNet, or an SD3/Flux transformer) and, for patterns that start with ``"text_encoder."``, of
+    ``text_encoder`` (:func:`lora_module_names`), in place, for the ``with`` block.
 
-    Patterns select UNet modules, or text-encoder modules when they start with ``"text_encoder."``
-    (:func:`lora_module_names`). A is drawn from ``generator`` (peft's own Kaiming-uniform bound, so the start is a
-    function of the seed alone; UNet modules first, then the text encoder's) and B is zero, so the adapted model
+    A is drawn from ``generator`` (peft's own Kaiming-uniform bound, so the start is a function of the seed alone;
+    the denoiser's modules first, then the text encoder's) and B is zero, so the adapted model
     starts equal to the base. Afterwards the adapters are removed (also on error): the original Linear modules are
     put back, with their weights bit-identical (peft never writes them unless merged, which this never does) and
     their ``requires_grad`` flags as they were.
@@ -213,7 +214,7 @@ def lora_adapters(
     roots = {"unet": unet} if text_encoder is None else {"unet": unet, "text_encoder": text_encoder}
     for what, root in roots.items():
         if getattr(root, "peft_config", None) or any(isinstance(m, BaseTunerLayer) for m in root.modules()):
-            holder = "UNet" if what == "unet" else "text encoder"
+            holder = component if what == "unet" else "text encoder"
             raise ValueError(
                 f"the {holder} already holds peft adapters (a loaded LoRA?): erase from the plain base model"
             )
@@ -229,7 +230,7 @@ def lora_adapters(
                 r=rank, lora_alpha=alpha, target_modules=paths, lora_dropout=0.0, bias="none", init_lora_weights=True
             )
             inject_adapter_in_model(config, roots[what], adapter_name)
-        adapters = LoraAdapters(unet, names, adapter_name, text_encoder)
+        adapters = LoraAdapters(unet, names, adapter_name, component, text_encoder)
         adapters._initialise(generator)
         yield adapters
     finally:
@@ -313,7 +314,7 @@ def save_lora_weights(
     ranks: dict[str, dict[str, int]] = {}
     for name, (lora_a, lora_b) in factors.items():
         component, _, path = name.partition(".")
-        if component not in ("unet", "text_encoder", "text_encoder_2"):
+        if component not in ("unet", "transformer", "text_encoder", "text_encoder_2"):
             raise ValueError(f"cannot save a LoRA for component {component!r}")
         by_component.setdefault(component, {})[f"{path}.lora_A.weight"] = lora_a.contiguous().float().cpu()
         by_component.setdefault(component, {})[f"{path}.lora_B.weight"] = lora_b.contiguous().float().cpu()

@@ -1,4 +1,9 @@
-"""The shared Stable Diffusion pipeline wrapper: :class:`PipelineWrapper`, the one object methods and evaluations ask.
+"""The shared diffusion pipeline wrapper: :class:`PipelineWrapper`, the one object methods and evaluations ask.
+
+It serves SD 1.x/2.x (noise or v-prediction), SDXL, SD3 and Flux (MMDiT transformers, flow matching). What differs
+between them (the denoiser, its inputs and what it predicts, the text encoders, the layers that read text) is answered
+here, so methods and evaluations stay architecture-blind where the mathematics allows and ask
+:attr:`PipelineWrapper.architecture` / :attr:`PipelineWrapper.prediction_type` where it does not.
 
 It is the only code that knows diffusers' internals, and it keeps them in modules by concern; this facade holds the
 pipeline and answers every question through them:
@@ -6,7 +11,7 @@ pipeline and answers every question through them:
 * :mod:`pipelines.loading`: which model a name means, and loading it;
 * :mod:`pipelines.modules`: modules by qualified name, layers picked by name patterns;
 * :mod:`pipelines.text`: prompts into text embeddings;
-* :mod:`pipelines.sampling`: noise predictions and sampling;
+* :mod:`pipelines.sampling`: denoiser predictions and sampling;
 * :mod:`pipelines.weights`: weight edits, LoRA adapters, fingerprints, export;
 * :mod:`pipelines.hooks`: hook points, activations, output edits.
 """
@@ -19,12 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
 from . import hooks, loading, modules, sampling, text, weights
 from .hooks import HookHandles
-from .modules import CROSS_ATTENTION_PATTERNS, CrossAttentionLayer
+from .modules import CrossAttentionLayer, Pipeline
 from .text import PromptEncoding
 from .weights import LoraAdapters
 
@@ -38,11 +42,12 @@ def load_pipeline(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> PipelineWrapper:
-    """Load a Stable Diffusion pipeline and wrap it.
+    """Load a diffusion pipeline (SD 1.x/2.x, SDXL, SD3, Flux) and wrap it.
 
     Args:
-        model: ``"micro"`` (the embedded default), ``"tiny"`` / ``"tiny-sdxl"`` (small random pipelines built in
-            code, for tests), a local diffusers folder, or a hub id such as ``"CompVis/stable-diffusion-v1-4"``.
+        model: ``"micro"`` (the embedded default), a tiny pipeline's name (``pipelines.tiny.TINY_MODELS``: small
+            random pipelines built in code, for tests), a local diffusers folder, or a hub id such as
+            ``"CompVis/stable-diffusion-v1-4"``.
         device, dtype: where and in what precision the pipeline runs.
         seed: initialises the random tiny pipelines; ignored for trained models.
     """
@@ -51,21 +56,25 @@ def load_pipeline(
 
 
 def wrap_pipeline(pipe: object, model_id: str | None = None) -> PipelineWrapper:
-    """Wrap a pipeline object a user built with plain diffusers; ``TypeError`` for anything but SD 1.x/2.x/XL."""
-    if not isinstance(pipe, StableDiffusionPipeline | StableDiffusionXLPipeline):
-        raise TypeError(f"expected a StableDiffusionPipeline or StableDiffusionXLPipeline, got {type(pipe).__name__}")
+    """Wrap a pipeline object a user built with plain diffusers; ``TypeError`` for anything but SD 1.x/2.x, SDXL,
+    SD3 or Flux."""
+    if not isinstance(pipe, Pipeline):
+        raise TypeError(
+            "expected a StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline or FluxPipeline, "
+            f"got {type(pipe).__name__}"
+        )
     return PipelineWrapper(pipe, model_id=loading.pipeline_name(pipe, model_id))
 
 
 class PipelineWrapper:
-    """A Stable Diffusion (XL) pipeline with the operations erasure methods and evaluations need.
+    """A diffusion pipeline with the operations erasure methods and evaluations need.
 
     Each operation is a function of the pipeline in the module of its concern (see the module docstring); the
-    wrapper adds the one piece of state they share: whether the UNet is being called by :meth:`noise_prediction`
+    wrapper adds the one piece of state they share: whether the denoiser is being called by :meth:`noise_prediction`
     (a plain batch) rather than inside a guided pipeline call (:meth:`guidance_halves`).
     """
 
-    def __init__(self, pipe: StableDiffusionPipeline | StableDiffusionXLPipeline, model_id: str) -> None:
+    def __init__(self, pipe: Pipeline, model_id: str) -> None:
         self.pipe = pipe
         self.model_id = model_id
         self._direct_unet_calls = 0  # > 0 while noise_prediction calls the UNet itself (no guidance halves)
@@ -76,15 +85,39 @@ class PipelineWrapper:
         return modules.is_sdxl(self.pipe)
 
     @property
+    def architecture(self) -> str:
+        """``"sd"`` (1.x/2.x), ``"sdxl"``, ``"sd3"`` or ``"flux"`` (``modules.ARCHITECTURES``)."""
+        return modules.architecture(self.pipe)
+
+    @property
+    def prediction_type(self) -> str:
+        """What :meth:`noise_prediction` returns: ``"epsilon"``, ``"v_prediction"`` or ``"flow"`` (velocity)."""
+        return sampling.prediction_type(self.pipe)
+
+    @property
     def device(self) -> torch.device:
-        return self.pipe.unet.device
+        return self.denoiser.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.pipe.unet.dtype
+        return self.denoiser.dtype
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The UNet (SD 1.x/2.x, SDXL) or the transformer (SD3, Flux)."""
+        return modules.denoiser(self.pipe)
+
+    @property
+    def denoiser_name(self) -> str:
+        """The denoiser's component name, the first part of its modules' qualified names: ``"unet"`` or
+        ``"transformer"``."""
+        return modules.denoiser_name(self.pipe)
 
     @property
     def unet(self) -> torch.nn.Module:
+        """The UNet; ``TypeError`` on SD3 and Flux, whose denoiser is a transformer (:attr:`denoiser`)."""
+        if modules.is_transformer(self.pipe):
+            raise TypeError(f"a {self.architecture} pipeline has a transformer, not a UNet")
         return self.pipe.unet
 
     @property
@@ -96,6 +129,11 @@ class PipelineWrapper:
     def max_prompt_tokens(self) -> int:
         """Tokens a prompt may have, BOS and EOS excluded."""
         return text.max_prompt_tokens(self.pipe)
+
+    @property
+    def text_length(self) -> int:
+        """Rows of token embeddings that token positions address (:func:`text.text_length`)."""
+        return text.text_length(self.pipe)
 
     @property
     def image_size(self) -> int:
@@ -110,15 +148,21 @@ class PipelineWrapper:
         """A module by qualified name, ``"<component>.<path>"``, e.g. ``"unet.mid_block.attentions.0"``."""
         return modules.module(self.pipe, name)
 
-    def cross_attention_layers(self, patterns: Sequence[str] = CROSS_ATTENTION_PATTERNS) -> list[CrossAttentionLayer]:
-        """UNet cross-attention projections matching ``patterns``; ``ValueError`` for none
-        (:func:`modules.cross_attention_layers`)."""
-        return modules.cross_attention_layers(self.unet, patterns)
+    def cross_attention_layers(self, patterns: Sequence[str] | None = None) -> list[CrossAttentionLayer]:
+        """The denoiser's text-reading projections matching ``patterns`` (default: :meth:`closed_form_patterns`);
+        ``ValueError`` for none (:func:`modules.cross_attention_layers`)."""
+        return modules.cross_attention_layers(self.denoiser, patterns or self.closed_form_patterns())
+
+    def closed_form_patterns(self) -> tuple[str, ...]:
+        """The layers a closed-form edit changes by default: UNet cross-attention keys and values, or SD3/Flux's
+        text-side input projections (:func:`modules.closed_form_patterns`)."""
+        return modules.closed_form_patterns(self.pipe)
 
     def lora_modules(self, patterns: Sequence[str]) -> list[str]:
-        """Linear module names matching ``patterns``, sorted: UNet ones unqualified, text-encoder ones (patterns
-        starting ``"text_encoder."``) qualified; ``ValueError`` for none (:func:`weights.lora_module_names`)."""
-        return weights.lora_module_names(self.unet, patterns, getattr(self.pipe, "text_encoder", None))
+        """The denoiser's Linear module names matching ``patterns``, sorted: unqualified, and the text encoder's
+        (patterns starting ``"text_encoder."``) qualified; ``ValueError`` for none
+        (:func:`weights.lora_module_names`)."""
+        return weights.lora_module_names(self.denoiser, patterns, getattr(self.pipe, "text_encoder", None))
 
     # ------------------------------------------------------------------ prompts (pipelines.text)
     def token_count(self, prompt: str) -> int:
@@ -130,8 +174,14 @@ class PipelineWrapper:
         return text.check_prompt(self.pipe, prompt, what)
 
     def phrase_positions(self, prompt: str, phrase: str) -> list[int]:
-        """Token positions (BOS = 0) that ``phrase`` occupies inside ``prompt``; its last occurrence wins."""
+        """Token positions (embedding rows; BOS = 0 where there is one) that ``phrase`` occupies inside ``prompt``;
+        its last occurrence wins."""
         return text.phrase_positions(self.pipe, prompt, phrase)
+
+    def last_token_position(self, prompt: str) -> int:
+        """The row of ``prompt``'s last word as the reference UCE scripts compute it (:func:`text.last_token_position`:
+        BOS for an empty CLIP prompt, the last padding row for Flux's empty T5 prompt)."""
+        return text.last_token_position(self.pipe, prompt)
 
     def encode_prompts(self, prompts: Sequence[str], grad: bool = False) -> PromptEncoding:
         """Per-token text embeddings exactly as the pipeline computes them for generation (``grad``: differentiable,
@@ -159,7 +209,8 @@ class PipelineWrapper:
     def noise_prediction(
         self, latents: torch.Tensor, timestep: torch.Tensor | int, encoding: PromptEncoding
     ) -> torch.Tensor:
-        """The UNet's noise prediction eps(latents, t, text) for a batch (no classifier-free guidance)."""
+        """The denoiser's raw prediction for a batch (no classifier-free guidance): the noise, v, or the flow
+        velocity, as :attr:`prediction_type` says (:func:`sampling.noise_prediction`)."""
         self._direct_unet_calls += 1
         try:
             return sampling.noise_prediction(self.pipe, latents, timestep, encoding)
@@ -188,10 +239,11 @@ class PipelineWrapper:
         return sampling.generate(self.pipe, prompts, seeds, **options)
 
     def sample_trajectories(
-        self, prompts: Sequence[str], seeds: Sequence[int], **options: Any
+        self, prompts: Sequence[str] | PromptEncoding, seeds: Sequence[int], **options: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every UNet input of the sampler's run on each (prompt, seed): ``(latents, timesteps)``. ``options`` are
-        :func:`sampling.sample_trajectories`' (steps, guidance, batch_size)."""
+        """Every denoiser input of the sampler's run on each (prompt, seed): ``(latents, timesteps)``; prompts as text
+        or as a :class:`PromptEncoding`. ``options`` are :func:`sampling.sample_trajectories`' (steps, guidance,
+        batch_size)."""
         return sampling.sample_trajectories(self.pipe, prompts, seeds, **options)
 
     # ------------------------------------------------------------------ weights (pipelines.weights)
@@ -204,12 +256,13 @@ class PipelineWrapper:
         generator: torch.Generator,
         adapter_name: str = "erase",
     ) -> contextlib.AbstractContextManager[LoraAdapters]:
-        """Trainable peft LoRA adapters on the matching UNet (and, for ``"text_encoder."`` patterns, text-encoder)
-        Linear modules for the ``with`` block, removed afterwards with the weights bit-identical
+        """Trainable peft LoRA adapters on the matching denoiser (and, for ``"text_encoder."`` patterns,
+        text-encoder) Linear modules for the ``with`` block, removed afterwards with the weights bit-identical
         (:func:`weights.lora_adapters`)."""
-        text_encoder = getattr(self.pipe, "text_encoder", None)
-        return weights.lora_adapters(self.unet, patterns, rank, alpha, generator=generator, adapter_name=adapter_name,
-                                     text_encoder=text_encoder)  # fmt: skip
+        return weights.lora_adapters(
+            self.denoiser, patterns, rank, alpha, generator=generator, adapter_name=adapter_name,
+            component=self.denoiser_name, text_encoder=getattr(self.pipe, "text_encoder", None),
+        )  # fmt: skip
 
     def apply_weight_deltas(self, deltas: dict[str, torch.Tensor], scale: float = 1.0) -> None:
         """In place, all or nothing: ``W <- W + scale * dW`` for each Linear named (qualified) in ``deltas``."""

@@ -4,12 +4,19 @@
 python scripts/attack.py --erasure erased/van-gogh-uce --out attacks/vg-uce                  # every attack
 python scripts/attack.py --erasure erased/van-gogh-uce --attack rece_embedding --out attacks/vg
 python scripts/attack.py --erasure erased/van-gogh-uce --attack noise_probe --set noise_probe.candidates=16 --out a/vg
+python scripts/attack.py --erasure erased/van-gogh-uce --budget 4 --out attacks/vg-uce-x4       # 4x every budget
 
 For each erased concept: N probe prompts naming it (--images, default 48) drawn by the original model, by the erased
-model, and by the erased model under each attack. The success rate of a row is the share of its images the scorer
-(and on the micro world the judge) reads as the erased concept, with its Wilson 95% interval. Writes, per concept,
-OUT/<concept>/attack.json (settings), OUT/<concept>/<row>/ (images, result.json), OUT/<concept>/comparison.png and
-OUT/<concept>/attacks.json (the table), and prints the table; rerunning the same command resumes. Attacks: see
+model, and by the erased model under each attack. The probes' prompts take three forms in turn (the concept alone in
+the world's templates, with one other attribute, with both: "a blue heart in the style of van gogh") on the
+``report`` seeds (--split tune for the seeds settings are chosen on). The success rate of a row is the share of its
+images the scorer (and on the micro world the judge) reads as the erased concept, with its Wilson 95% interval,
+overall and per prompt form; rows whose forms differ by more than 5 points are listed. Each attack belongs to a
+threat model (what the attacker controls: prompt, embedding, sampling); the verdict per threat model is the worst
+rate within it. --budget K multiplies the fields of every attack's config that set its cost (steps, candidates,
+generations; evals.attacks.budget_fields), after --set. Writes, per concept, OUT/<concept>/attack.json (settings),
+OUT/<concept>/<row>/ (images, result.json), OUT/<concept>/comparison.png and OUT/<concept>/attacks.json (the table),
+and prints the table; rerunning the same command resumes (a run at another budget needs another --out). Attacks: see
 evals/attacks/__init__.py.
 """
 
@@ -40,7 +47,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="ATTACK.KEY=VALUE",
         help="an attack's budget setting, e.g. noise_probe.candidates=4 (repeatable; see evals/attacks)",
     )
+    parser.add_argument("--budget", default="1", help="multiplier of every attack's budget fields (default: 1)")
     parser.add_argument("--images", type=int, default=48, help="probes (images) per row (default: 48)")
+    parser.add_argument(
+        "--split",
+        default="report",
+        choices=("tune", "report"),
+        help="seed set of the probes: settings are tuned on 'tune', reported on 'report' (default)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the probes and the attacks (default: 0)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per generation batch (default: 16)")
     parser.add_argument(
@@ -72,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from erase import ArtifactError, check_artifact_base, load_artifact
     from erase.core.inputs import check_option_minimums, error_line
     from evals.attacks import AttackTarget, attack_configs, attack_labels, attack_probes, resolve_attacks
-    from evals.attacks.suite import asr_table, check_suite_folder, run_attack_suite
+    from evals.attacks.suite import asr_table, check_suite_folder, check_suite_targets, run_attack_suite
     from evals.audit import AuditError, check_output_folder
     from evals.scorer import load_scoring
     from pipelines import (
@@ -89,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     claim = contextlib.ExitStack()  # the --out folder, held from its check to the end of the run
     try:
         check_option_minimums(args, {"images": 1, "batch_size": 1})
+        from evals.attacks import parse_budget
+
+        budget = parse_budget(args.budget)
         names = args.attack or ["all"]
         attacks = resolve_attacks(names)
         configs = attack_configs(budget_overrides(args.set))
@@ -96,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         check_output_folder(args.out)
         claim.enter_context(claim_folder(args.out))
         artifact = load_artifact(args.erasure)
-        check_suite_folder(args.out, artifact.concepts)
+        check_suite_folder(args.out, artifact.concepts, budget)
         model = args.model or artifact.base_model
         check_model_reference(model)
         if model in ("micro", "tiny", "tiny-sdxl") or os.path.isdir(model):
@@ -106,12 +123,16 @@ def main(argv: list[str] | None = None) -> int:
         check_artifact_base(wrapper, artifact, where=args.erasure)
         erasure = {"folder": os.path.abspath(args.erasure), "method": artifact.method, "concepts": artifact.concepts,
                    "base_fingerprint": artifact.base_fingerprint, "config": artifact.config}  # fmt: skip
-        for concept in artifact.concepts:
-            target = AttackTarget(wrapper, artifact.applied, concept, attack_probes(concept, args.images, args.seed),
-                                  labels=attack_labels(concept, artifact.preserve), scorer=scorer,
-                                  batch_size=args.batch_size, progress=not args.quiet)  # fmt: skip
+        targets = [AttackTarget(wrapper, artifact.applied, concept,
+                                attack_probes(concept, args.images, args.seed, split=args.split),
+                                labels=attack_labels(concept, artifact.preserve), scorer=scorer,
+                                batch_size=args.batch_size, progress=not args.quiet)
+                   for concept in artifact.concepts]  # fmt: skip
+        check_suite_targets(targets, attacks, configs, budget)  # every concept's attacks, before the first image
+        for target in targets:
+            concept = target.concept
             summary = run_attack_suite(target, attacks, args.out, scorer=scorer, judge=judge, seed=args.seed,
-                                       configs=configs, erasure=erasure)  # fmt: skip
+                                       configs=configs, erasure=erasure, budget=budget, split=args.split)  # fmt: skip
             print(asr_table(summary))
             print(f"table and images: {os.path.join(args.out, concept_folder(concept))}")
     except (ValueError, TypeError, OSError, ModelNotFoundError, ArtifactError, AuditError) as err:

@@ -3,12 +3,15 @@
 
 python scripts/attack_table.py --concept "van gogh" --out attacks/table                  # every method, every attack
 python scripts/attack_table.py --method uce --method rece --attack rece_embedding --out attacks/table
+python scripts/attack_table.py --method uce --budget 4 --out attacks/table      # rows "uce x4 budget", kept apart
 
 For each method: its erasure with default settings (as ``scripts/erase.py --method M`` makes it), the attack suite
-of ``scripts/attack.py`` on it (N probes per row), and its preserved accuracy (other styles, objects and colours,
-N images each) so that robustness bought by breaking the model shows. Prints a markdown table (CLIP and judge, each
-rate with its Wilson 95% interval) and writes it to OUT/table.md and OUT/table.json; rerunning resumes (finished
-rows are kept).
+of ``scripts/attack.py`` on it (N probes per row, three prompt forms in turn, on the ``report`` seeds unless --split
+tune), and its preserved accuracy (other styles, objects and colours, N images each, the same forms and seeds) so
+that robustness bought by breaking the model shows. Prints a markdown table (CLIP and judge, each rate with its
+Wilson 95% interval; then the worst rate per threat model: prompt, embedding, sampling) and writes it to OUT/table.md
+and OUT/table.json; rerunning resumes (finished rows are kept). --budget K multiplies every attack's budget fields;
+rows at another budget are kept apart (their names say it).
 """
 
 from __future__ import annotations
@@ -29,12 +32,25 @@ import numpy as np  # noqa: E402
 import erase  # noqa: E402
 from erase.core.inputs import PRESERVE_SETS, check_option_minimums, error_line, parse_config_overrides  # noqa: E402
 from erase.workflow import erasure_settings  # noqa: E402
-from evals.attacks import AttackTarget, attack_probes, resolve_attacks  # noqa: E402
-from evals.attacks.suite import check_suite_folder, run_attack_suite  # noqa: E402
+from evals.attacks import THREAT_MODELS, AttackTarget, attack_probes, parse_budget, resolve_attacks  # noqa: E402
+from evals.attacks.suite import (  # noqa: E402
+    check_suite_folder,
+    check_suite_targets,
+    form_notes,
+    run_attack_suite,
+    threat_verdicts,
+)
 from evals.audit import AuditError, check_output_folder  # noqa: E402
 from evals.metrics import accuracy  # noqa: E402
 from evals.microworld import world  # noqa: E402
-from evals.probes import judge_correct, probe_correct, world_labels, world_probes  # noqa: E402
+from evals.probes import (  # noqa: E402
+    PROMPT_FORMS,
+    judge_correct,
+    probe_correct,
+    split_accuracies,
+    world_labels,
+    world_probes,
+)
 from evals.scorer import load_scoring  # noqa: E402
 from pipelines import ModelNotFoundError, load_pipeline, set_library_verbosity  # noqa: E402
 from pipelines.files import atomic_write_json, slug  # noqa: E402
@@ -50,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config field, every method")
     parser.add_argument("--label", default="", help="suffix of the table's row names (default: the options given)")
     parser.add_argument("--images", type=int, default=48, help="probes per row and images per preserved group")
+    parser.add_argument("--budget", default="1", help="multiplier of every attack's budget fields (default: 1)")
+    parser.add_argument("--split", default="report", choices=("tune", "report"),
+                        help="seed set: settings are tuned on 'tune', reported on 'report' (default)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
     return parser.parse_args(argv)
@@ -61,16 +80,26 @@ def cell(acc: dict | None) -> str:
     return f"{acc['value']:.0%} [{acc['low']:.0%}, {acc['high']:.0%}]"
 
 
-def preserved(wrapper, applied, scorer, judge, concept: str, n: int, seed: int) -> dict:  # noqa: ANN001
-    """Accuracy on other styles, objects and colours (n images each), with ``applied(wrapper)`` in force."""
+def preserved(wrapper, applied, scorer, judge, concept: str, n: int, seed: int, split: str) -> dict:  # noqa: ANN001
+    """Accuracy on other styles, objects and colours (n images each, the three prompt forms), with
+    ``applied(wrapper)`` in force: overall and per prompt form."""
     styles = [s for s in world.concepts("style") if s not in ("plain", world.canonical(concept))]
     probes = []
     for k, group in enumerate((styles, world.concepts("object"), world.concepts("colour"))):
-        probes += world_probes(group, max(1, n // len(group)), seed + 500 + k)
+        probes += world_probes(group, max(1, n // len(group)), seed + 500 + k, forms=PROMPT_FORMS, split=split)
     with applied(wrapper):
         images = wrapper.generate([p.prompt for p in probes], [p.seed for p in probes], batch_size=16, progress=False)
     clip = probe_correct(scorer, images, probes, world_labels())
-    return {"clip": accuracy(clip), "judge": accuracy(judge_correct(judge, images, probes))}
+    judged = judge_correct(judge, images, probes)
+    forms = [p.form for p in probes]
+    clip_forms, judge_forms = split_accuracies(clip, forms), split_accuracies(judged, forms)
+    by_form = {f: {"clip": clip_forms[f], "judge": judge_forms[f]} for f in clip_forms}
+    return {"clip": accuracy(clip), "judge": accuracy(judged), "forms": by_form}
+
+
+def worst_cell(worst: dict | None) -> str:
+    """A threat model's worst rate with its interval and the attack it came from."""
+    return "-" if not worst else f"{cell(worst)} {worst['row']}"
 
 
 def _read_table(path: str) -> dict:
@@ -92,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     set_library_verbosity(False)
     try:
         check_option_minimums(args, {"images": 1})
+        budget = parse_budget(args.budget)
         world.canonical(args.concept)  # the table is the micro world's: a concept outside it has no probes
         methods = [erase.get_method(m).name for m in args.method or erase.available_methods()]
         attacks = resolve_attacks(args.attack or ["all"])
@@ -101,36 +131,45 @@ def main(argv: list[str] | None = None) -> int:
         table = _read_table(table_path)
         suffix = args.label or "".join([*(f" +{p} preserve" for p in args.preserve_set),
                                         *(f" {kv}" for kv in args.set)])  # fmt: skip
+        suffix += "".join([*([f" x{budget:g} budget"] if budget != 1 else []),
+                           *([f" ({args.split} seeds)"] if args.split != "report" else [])])  # fmt: skip
         for method in methods:
-            check_suite_folder(os.path.join(args.out, slug(method + suffix)), [args.concept])
+            check_suite_folder(os.path.join(args.out, slug(method + suffix)), [args.concept], budget)
         wrapper = load_pipeline("micro")
+        probes = attack_probes(args.concept, args.images, args.seed, split=args.split)
+        # every attack is checked against the model before the first erasure (their checks read the model alone)
+        check_suite_targets([AttackTarget(wrapper, lambda w: contextlib.nullcontext(), args.concept, probes)],
+                            attacks, budget=budget)  # fmt: skip
         _, scorer, judge = load_scoring("micro", None, judge=True)
         # every method's settings are checked before the first one runs
         settings = {m: erasure_settings(wrapper, [args.concept], m, None, None, dict(overrides), concept_type="art",
                                         preserve_sets=args.preserve_set) for m in methods}  # fmt: skip
         os.makedirs(args.out, exist_ok=True)
-        if "original" not in table:
+        original = "original" + (f" ({args.split} seeds)" if args.split != "report" else "")
+        if "forms" not in (table.get(original) or {}).get("preserved", {}):
             untouched = preserved(wrapper, lambda w: contextlib.nullcontext(), scorer, judge, args.concept,
-                                  args.images, args.seed)  # fmt: skip
-            table["original"] = {"rows": {}, "preserved": untouched}
+                                  args.images, args.seed, args.split)  # fmt: skip
+            table[original] = {"rows": {}, "preserved": untouched}
         for method in methods:
             start = time.perf_counter()
             spec, config = settings[method]
             name = method + suffix
             artifact = erase.erase_concepts(wrapper, spec, method, config)
             erase_seconds = time.perf_counter() - start
-            target = AttackTarget(wrapper, artifact.applied, args.concept, attack_probes(args.concept, args.images,
-                                  args.seed), scorer=scorer, progress=False)  # fmt: skip
+            target = AttackTarget(wrapper, artifact.applied, args.concept, probes, scorer=scorer, progress=False)
             erasure = {"method": method, "config": artifact.config}
             if spec.preserve:
                 erasure["preserve"] = list(spec.preserve)
             summary = run_attack_suite(target, attacks, os.path.join(args.out, slug(name)), scorer=scorer,
-                                       judge=judge, seed=args.seed, erasure=erasure)  # fmt: skip
+                                       judge=judge, seed=args.seed, erasure=erasure, budget=budget,
+                                       split=args.split)  # fmt: skip
             entry = table.get(name, {})
-            if "preserved" not in entry:
+            if "forms" not in (entry.get("preserved") or {}):
                 entry["preserved"] = preserved(wrapper, artifact.applied, scorer, judge, args.concept, args.images,
-                                               args.seed)  # fmt: skip
-            entry.update(rows={r["row"]: r for r in summary["rows"]}, erase_seconds=erase_seconds)
+                                               args.seed, args.split)  # fmt: skip
+            entry.update(rows={r["row"]: r for r in summary["rows"]}, erase_seconds=erase_seconds,
+                         threats=summary["threats"], budget=budget, split=args.split,
+                         forms=summary["forms"])  # fmt: skip
             table[name] = entry
             atomic_write_json(table_path, table)
             print(f"{name}: done in {time.perf_counter() - start:.0f} s", flush=True)
@@ -138,17 +177,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     names = ["original", "unattacked", *attacks]
-    lines = [f"| method | {' | '.join(names)} | preserved |", "|" + " --- |" * (len(names) + 2)]
-    for method, entry in sorted(table.items(), key=lambda item: item[0] != "original"):
+    threats = list(THREAT_MODELS)
+    lines = [f"| method | {' | '.join(names)} | preserved | {' | '.join(f'worst: {t}' for t in threats)} |",
+             "|" + " --- |" * (len(names) + 2 + len(threats))]  # fmt: skip
+    notes = []
+    for method, entry in sorted(table.items(), key=lambda item: not item[0].startswith("original")):
+        verdicts = entry.get("threats") or (threat_verdicts(list(entry["rows"].values())) if entry["rows"] else {})
         for scorer_name in ("clip", "judge"):
             cells = [cell(entry["rows"].get(n, {}).get(scorer_name)) for n in names]
-            lines.append(
-                f"| {method} ({scorer_name}) | {' | '.join(cells)} | {cell(entry['preserved'][scorer_name])} |"
-            )
+            worst = [worst_cell((verdicts.get(t) or {}).get(scorer_name)) for t in threats]
+            lines.append(f"| {method} ({scorer_name}) | {' | '.join(cells)} | {cell(entry['preserved'][scorer_name])} "
+                         f"| {' | '.join(worst)} |")  # fmt: skip
+        notes += [f"{method}: {n}" for n in form_notes(list(entry["rows"].values()))]
     seconds = {a: np.median([e["rows"][a]["seconds"] for e in table.values() if a in e["rows"]]) for a in attacks}
     lines.append("")
     lines.append("Wall time per attack (median over methods, 2 CPU cores): "
                  + ", ".join(f"{a} {s:.0f} s" for a, s in seconds.items()))  # fmt: skip
+    lines.append("Worst per threat model: the highest rate among its attacks and the unattacked prompts (prompt: "
+                 "written text; embedding: text embeddings, and any prompt; sampling: the sampler).")  # fmt: skip
+    if notes:
+        lines += ["", "Rates that differ by more than 5 points between prompt forms:", *(f"- {n}" for n in notes)]
     text = "\n".join(lines)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(text + "\n")

@@ -4,13 +4,17 @@
 python scripts/audit.py --out audits/micro                                     # the micro model alone
 python scripts/audit.py --erasure erased/van-gogh-uce --out audits/vg          # before/after one erasure
 python scripts/audit.py --erasure erased/van-gogh-uce --attack all --out audits/vg   # ... and every attack on it
+python scripts/audit.py --erasure erased/van-gogh-uce --attack all --budget 4 --out audits/vg-x4   # 4x attack budgets
 python scripts/audit.py --model CompVis/stable-diffusion-v1-4 --suite art_styles --erasure erased/vg --out a/vg
 accelerate launch --num_processes 2 scripts/audit.py --erasure erased/vg --out audits/vg
 accelerate launch --multi_gpu --num_processes 2 scripts/audit.py --device cpu ...   # two CPU processes
 
 Writes OUT/metrics.json, OUT/report.html, OUT/grids/<category>.png and the images, and prints the verdict (each
 erased concept's accuracy before -> after against the limits), the headline metrics and the per-concept table;
-rerunning the same command resumes an interrupted audit. Suites: "world" (the micro world, built for the erased
+rerunning the same command resumes an interrupted audit. With --attack, each erased concept is attacked too (probes of
+three prompt forms, on seeds apart from any a setting was tuned on) and the verdict counts the attacks: each threat
+model (prompt, embedding, sampling: what the attacker controls) whose worst attack brings the concept back in more
+than 10% of its images fails the erasure. Suites: "world" (the micro world, built for the erased
 concepts), a shipped suite (art_styles, objects, general) or --prompts FILE (CSV/JSONL: prompt,seed,concept,category,
 role).
 
@@ -68,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also attack each erased concept: an attack name or 'all' (repeatable); adds an attacks section",
     )
     parser.add_argument("--attack-images", type=int, default=48, help="probes per attack row (default: 48)")
+    parser.add_argument("--budget", default="1", help="multiplier of every attack's budget fields (default: 1)")
     parser.add_argument("--out", required=True, help="output folder (an existing audit there is resumed)")
     parser.add_argument("--device", help="torch device (default: accelerate's device for this process)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -110,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     claim = contextlib.ExitStack()  # the --out folder, held by the main process from its check to the end of the run
     try:
         check_option_minimums(args, {"images_per_prompt": 1, "batch_size": 1, "steps": 1, "attack_images": 1})
+        from evals.attacks import parse_budget
+
+        budget = parse_budget(args.budget)
+        if budget != 1.0 and not args.attack:
+            raise ValueError("--budget multiplies the attacks' budgets: give --attack too")
         # Everything that can be checked is checked before the scorer and the model load: the device, the output
         # folder, the artifacts, the suite.
         device = resolve_device(args.device) if args.device is not None else None
@@ -174,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             scorer_name=scorer_name,
             attacks=attacks,
             attack_probes=args.attack_images,
+            attack_budget=budget,
         )
     except (ValueError, TypeError, OSError, ModelNotFoundError, ArtifactError, SuiteError, AuditError) as err:
         print(f"error: {error_line(err)}", file=sys.stderr)

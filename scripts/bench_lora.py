@@ -5,6 +5,7 @@
     python scripts/bench_lora.py --set lr=1e-3                    # esd as measured on micro
     python scripts/bench_lora.py --method ca --set lr=1e-3        # concept ablation (anchor: --guide, default "art")
     python scripts/bench_lora.py --set lr=1e-3 --efficacy-at 25,50,100,200   # CPU time and steps to erase
+    python scripts/bench_lora.py --method stereo --set preset=micro  # and each stage's cost (rounds, robust erase)
     python scripts/bench_uce.py --save-sd14 /tmp/sd14 && python scripts/bench_lora.py --model /tmp/sd14 \
         --set steps=1 --set pool_images=1 --set pool_steps=2 --repeats 1        # one step at SD 1.4 shapes
 
@@ -175,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         f"  final loss         {info['final_loss']:.4g} (per 100 steps: "
         f"{', '.join(f'{v:.4g}' for v in info['loss_per_100_steps'])})"
     )
+    for stage in info.get("stages", []):  # a method of several stages (stereo): each one's cost
+        print(
+            f"  stage {stage['stage']!r:32s} {stage['steps']:5d} steps  {stage['cpu_seconds']:7.1f} CPU-s  "
+            f"{stage['wall_seconds']:7.1f} s wall  peak {stage['peak_memory_mb']:.0f} MB resident so far"
+        )
     if args.efficacy_at:
         print(f"efficacy by training steps ({args.images} images, micro CLIP; CPU-s of the edits, pool included):")
         rows = efficacy_curve(wrapper, spec, args.method, config, stages, args.images)

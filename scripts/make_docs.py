@@ -14,7 +14,9 @@ SOURCE is a file or a glob relative to the repository root; KIND names how it is
 
     sae       sae.json files (scripts/train_sae.py): the SAEs' sizes, data and held-out quality
     erasure   a ``scripts/measure_erasure.py --json`` file: accuracy of each probe group before and after the edit
-    attacks   the ``table.json`` of ``scripts/attack_table.py``: attack success rates and preserved accuracy
+              (and, from files that have them, after the edit per prompt form, "!" past a 5-point difference)
+    attacks   the ``table.json`` of ``scripts/attack_table.py``: attack success rates and preserved accuracy (and,
+              from tables that have them, the worst rate per threat model)
 
 A block whose SOURCE matches no file is left as it is and listed as pending: its table is recorded by hand from
 the command its heading gives, until that command writes SOURCE.
@@ -63,8 +65,13 @@ def sae_table(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
+FORM_TITLES = {"alone": "alone", "one_other": "+1", "both_others": "+2"}
+THREATS = ("prompt", "embedding", "sampling")
+
+
 def erasure_table(paths: list[Path]) -> str:
-    """Each probe group's accuracy before -> after, micro CLIP and judge, from ``measure_erasure.py --json``."""
+    """Each probe group's accuracy before -> after, micro CLIP and judge, from ``measure_erasure.py --json``; files
+    with prompt forms get a column of the CLIP rate after the edit per form."""
     blocks = []
     for path in sorted(paths):
         result = json.loads(path.read_text())
@@ -73,8 +80,12 @@ def erasure_table(paths: list[Path]) -> str:
             f"`{path.name}`: {result.get('method', '?')} erasing {', '.join(result.get('concepts', []))} (guide "
             f"{', '.join(repr(g) for g in result.get('guides', []))}; preserved: {preserve})"
         )
-        lines = [head, "", "| group | N | CLIP before -> after | judge before -> after | after, CLIP reads it as |",
-                 "| --- | --- | --- | --- | --- |"]  # fmt: skip
+        forms = result.get("forms") or []
+        if forms:
+            head += f"; {result.get('split', '?')} seeds"
+        form_head = f" CLIP after: {' / '.join(FORM_TITLES.get(f, f) for f in forms)} |" if forms else ""
+        columns = f"| group | N | CLIP before -> after | judge before -> after |{form_head} after, CLIP reads it as |"
+        lines = [head, "", columns, "| --- | --- | --- | --- |" + (" --- |" if forms else "") + " --- |"]
         for name, group in result["groups"].items():
             n = group["n"]
             judge = "-"
@@ -82,7 +93,13 @@ def erasure_table(paths: list[Path]) -> str:
                 judge = f"{pct(group['judge_before'], 1)} -> {pct(group['judge_after'], 1)}%"
             reads = ", ".join(f"{c} {k / n:.0%}" for c, k in list(group.get("after_reads_as", {}).items())[:2])
             clip = f"{pct(group['clip_before'], 1)} -> {pct(group['clip_after'], 1)}%"
-            lines.append(f"| {name} | {n} | {clip} | {judge} | {reads} |")
+            by_form = ""
+            if forms:
+                cells = [pct((group.get("forms") or {}).get(f, {}).get("clip_after")) for f in forms]
+                by_form = f" {' / '.join(cells)}{' !' if group.get('forms_differ') else ''} |"
+            lines.append(f"| {name} | {n} | {clip} | {judge} |{by_form} {reads} |")
+        if any(g.get("forms_differ") for g in result["groups"].values()):
+            lines += ["", "!: CLIP or judge after the edit differs by more than 5 points between prompt forms."]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
@@ -95,29 +112,45 @@ def _rate(entry: dict | None) -> str:
     return f"{pct(clip['value'])} / {pct(judge.get('value'))} [{pct(clip['low'])}-{pct(clip['high'])}]"
 
 
+def _worst(entry: dict) -> str:
+    """A threat model's worst rate: ``CLIP / judge [CLIP's interval] attack``, or ``-``."""
+    clip, judge = entry.get("clip"), entry.get("judge")
+    if not clip:
+        return "-"
+    return f"{_rate({'clip': clip, 'judge': judge})} {clip['row']}"
+
+
 def attack_table(paths: list[Path]) -> str:
-    """Method rows, attack columns, from ``attack_table.py``'s ``table.json`` (several files: rows of each)."""
+    """Method rows, attack columns, from ``attack_table.py``'s ``table.json`` (several files: rows of each); tables
+    with threat-model verdicts get a worst-rate column per threat model."""
     table: dict[str, dict] = {}
     for path in sorted(paths):
         table.update(json.loads(path.read_text()))
     attacks: list[str] = []
     for entry in table.values():
         attacks += [name for name in entry["rows"] if name not in ("original", "unattacked", *attacks)]
-    lines = [f"| method | unattacked | {' | '.join(attacks)} | preserved |", "|" + " --- |" * (len(attacks) + 3)]
+    threats = [t for t in THREATS if any(t in (e.get("threats") or {}) for e in table.values())]
+    head = "".join(f" worst: {t} |" for t in threats)
+    lines = [f"| method | unattacked | {' | '.join(attacks)} | preserved |{head}",
+             "|" + " --- |" * (len(attacks) + 3 + len(threats))]  # fmt: skip
     # the original model's row: its rate on the probes (each method's "original" row, the same images) and its
     # preserved accuracy
     probes = next((e["rows"]["original"] for e in table.values() if "original" in e["rows"]), None)
-    for name, entry in sorted(table.items(), key=lambda item: item[0] != "original"):
-        if name == "original":
+    for name, entry in sorted(table.items(), key=lambda item: not item[0].startswith("original")):
+        if name.startswith("original"):
             cells = [_rate(probes), *[""] * len(attacks)]
         else:
             cells = [_rate(entry["rows"].get(a)) for a in ("unattacked", *attacks)]
-        lines.append(f"| {name} | {' | '.join(cells)} | {_rate(entry.get('preserved'))} |")
+        worst = "".join(f" {_worst((entry.get('threats') or {}).get(t) or {})} |" for t in threats)
+        lines.append(f"| {name} | {' | '.join(cells)} | {_rate(entry.get('preserved'))} |{worst}")
     seconds = {a: [e["rows"][a]["seconds"] for e in table.values() if "seconds" in e["rows"].get(a, {})]
                for a in attacks}  # fmt: skip
     timed = [f"{a} {statistics.median(s):.0f} s" for a, s in seconds.items() if s]
     if timed:
         lines += ["", "Wall time per attack, median over the methods: " + ", ".join(timed) + "."]
+    if threats:
+        lines += ["", "Worst per threat model: the highest rate among its attacks and the unattacked prompts (prompt: "
+                  "written text; embedding: text embeddings, and any prompt; sampling: the sampler)."]  # fmt: skip
     return "\n".join(lines)
 
 

@@ -9,6 +9,11 @@ Groups: each erased concept under its canonical name and under every synonym; ev
 colours (pooled). Accuracy = micro-CLIP zero-shot verdict equals the named concept (the judge's beside it). For a
 group of one concept the last column says what its images read as after the edit (the two most common verdicts).
 
+Every group's prompts take three forms in turn: the concept alone in the world's templates, with one other attribute
+(an object or a colour, for a style), with both ("a blue heart in the style of van gogh"); each figure is given per
+form too, and a group whose after-edit figures differ between forms by more than 5 points is flagged ("!") and
+listed. Images are drawn on the ``report`` seeds, apart from the ``tune`` seeds (--split tune) a setting is chosen on.
+
 The edit is the one ``scripts/erase.py`` makes with the same options (``--concept-type``, ``--guide``, ``--preserve``,
 ``--preserve-set``, ``--expand-prompts``, ``--set KEY=VALUE``). Bad input is a one-line error and exit 2, before any
 image is generated.
@@ -42,25 +47,39 @@ from erase.core.inputs import (  # noqa: E402
 from erase.workflow import erasure_settings  # noqa: E402
 from evals.metrics import wilson_interval  # noqa: E402
 from evals.microworld import world  # noqa: E402
-from evals.probes import Probe, judge_correct, probe_correct, probe_verdicts, world_labels, world_probes  # noqa: E402
+from evals.probes import (  # noqa: E402
+    FORM_GAP,
+    FORM_TITLES,
+    PROMPT_FORMS,
+    Probe,
+    judge_correct,
+    probe_correct,
+    probe_verdicts,
+    world_labels,
+    world_probes,
+)
 from evals.scorer import ClipScorer  # noqa: E402
 from pipelines import load_pipeline, resolve_device, set_library_verbosity  # noqa: E402
 from pipelines.files import atomic_write_json  # noqa: E402
 
+#: ``schema_version`` of the ``--json`` file. 2: probes of three prompt forms with per-form figures, a seed split.
+RESULTS_SCHEMA_VERSION = 2
 
-def probe_groups(targets: list[str], n: int, seed: int) -> dict[str, list[Probe]]:
+
+def probe_groups(targets: list[str], n: int, seed: int, split: str = "report") -> dict[str, list[Probe]]:
     groups: dict[str, list[Probe]] = {}
+    kw = {"forms": PROMPT_FORMS, "split": split}
     for t in targets:
-        groups[f"erased: {t}"] = world_probes([t], n, seed)
+        groups[f"erased: {t}"] = world_probes([t], n, seed, **kw)
         for k, syn in enumerate(world.synonyms(t)):
-            groups[f"erased: {t} as '{syn}'"] = world_probes([t], n, seed + 10 + k, name_as=syn)
+            groups[f"erased: {t} as '{syn}'"] = world_probes([t], n, seed + 10 + k, name_as=syn, **kw)
     for s in world.concepts("style"):
         if s not in targets and s != "plain":
-            groups[f"kept style: {s}"] = world_probes([s], n, seed + 100)
+            groups[f"kept style: {s}"] = world_probes([s], n, seed + 100, **kw)
     objects, colours = world.concepts("object"), world.concepts("colour")
     # at least n images in the pooled groups too: the same number of each object (colour), rounded up
-    groups["kept: objects"] = world_probes(objects, -(-n // len(objects)), seed + 200)
-    groups["kept: colours"] = world_probes(colours, -(-n // len(colours)), seed + 300)
+    groups["kept: objects"] = world_probes(objects, -(-n // len(objects)), seed + 200, **kw)
+    groups["kept: colours"] = world_probes(colours, -(-n // len(colours)), seed + 300, **kw)
     return groups
 
 
@@ -78,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--split", default="report", choices=("tune", "report"),
+                        help="seed set: settings are chosen on 'tune', reported on 'report' (default)")  # fmt: skip
     parser.add_argument("--group", action="append", help="measure only groups whose name contains this (repeatable)")
     parser.add_argument("--json", help="also write the results here")
     return parser.parse_args(argv)
@@ -100,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             wrapper, args.concept, args.method, args.guide, args.preserve, parse_config_overrides(args.set),
             concept_type=args.concept_type, preserve_sets=args.preserve_set, expand_prompts=args.expand_prompts,
         )  # fmt: skip
-        groups = probe_groups(list(spec.targets), args.images, args.seed)
+        groups = probe_groups(list(spec.targets), args.images, args.seed, args.split)
         if args.group:
             groups = {name: g for name, g in groups.items() if any(part in name for part in args.group)}
             if not groups:
@@ -153,9 +174,11 @@ def measure(wrapper, args, spec, config, artifact, groups) -> None:  # noqa: ANN
         judge_before, judge_after = judge_correct(judge, before, probes), judge_correct(judge, after, probes)
     except (ImportError, OSError, ValueError) as err:
         print(f"judge unavailable: {err}")
-    results, start = {}, 0
+    results, start, flagged = {}, 0, []
+    titles = " / ".join(FORM_TITLES[f] for f in PROMPT_FORMS)
     header = f"{'group':42s} {'N':>4s}  {'CLIP before':>11s} {'CLIP after':>10s}"
-    print(header + f"  {'after 95% CI':>14s}  {'judge before':>12s} {'judge after':>11s}  after, CLIP reads it as")
+    print(header + f"  {'after 95% CI':>14s}  {'judge before':>12s} {'judge after':>11s}  CLIP after: {titles}"
+          "  after, CLIP reads it as")  # fmt: skip
     for name, group in groups.items():
         sl = slice(start, start + len(group))
         start += len(group)
@@ -168,18 +191,50 @@ def measure(wrapper, args, spec, config, artifact, groups) -> None:  # noqa: ANN
             row["after_reads_as"] = dict(Counter(read_after[sl]).most_common())
         if judge_before is not None:
             row.update(judge_before=float(np.mean(judge_before[sl])), judge_after=float(np.mean(judge_after[sl])))
+        flags = {"clip_before": ok_before[sl], "clip_after": ok_after[sl]}
+        if judge_before is not None:
+            flags.update(judge_before=judge_before[sl], judge_after=judge_after[sl])
+        row["forms"], row["form_gap"] = form_figures(group, flags)
+        row["forms_differ"] = any(g is not None and g > FORM_GAP + 1e-9 for k, g in row["form_gap"].items()
+                                  if k.endswith("_after"))  # fmt: skip
         results[name] = row
         jb = f"{row['judge_before']:12.1%} {row['judge_after']:11.1%}" if judge_before is not None else ""
         low, high = wilson_interval(int(np.sum(ok_after[sl])), len(group))
         ci = f"[{low:.0%}, {high:.0%}]"
         reads = ", ".join(f"{c} {k / len(group):.0%}" for c, k in list(row.get("after_reads_as", {}).items())[:2])
+        per_form = " / ".join(
+            f"{row['forms'][f]['clip_after']:.0%}" if f in row["forms"] else "-" for f in PROMPT_FORMS
+        )
+        per_form += " !" if row["forms_differ"] else "  "
         cells = f"{row['clip_before']:11.1%} {row['clip_after']:10.1%}  {ci:>14s}  {jb}"
-        print(f"{name:42s} {len(group):4d}  {cells}  {reads}")
+        print(f"{name:42s} {len(group):4d}  {cells}  {per_form:>{len(titles) + 12}s}  {reads}")
+        if row["forms_differ"]:
+            flagged.append(name)
+    if flagged:
+        print(f"\n! after the edit, these groups differ by more than {FORM_GAP:.0%} between prompt forms "
+              f"(CLIP or judge): {', '.join(flagged)}")  # fmt: skip
     if args.json:
-        atomic_write_json(args.json, {"concepts": args.concept, "method": args.method, "guides": list(spec.guides),
+        atomic_write_json(args.json, {"schema_version": RESULTS_SCHEMA_VERSION, "concepts": args.concept,
+                                      "method": args.method, "guides": list(spec.guides),
                                       "preserve": list(spec.preserve), "config": dataclasses.asdict(config),
+                                      "split": args.split, "seed": args.seed, "forms": list(PROMPT_FORMS),
                                       "edit_seconds": artifact.seconds, "info": artifact.info, "groups": results,
                                       "torch_threads": torch.get_num_threads()})  # fmt: skip
+
+
+def form_figures(group: list[Probe], flags: dict[str, list[bool]]) -> tuple[dict, dict]:
+    """Each prompt form's figures of one group (``{form: {"n", <figure>: share}}``) and, per figure, the largest
+    difference between two forms (None with fewer than two forms)."""
+    forms = {}
+    for form in PROMPT_FORMS:
+        idx = [i for i, p in enumerate(group) if p.form == form]
+        if idx:
+            forms[form] = {"n": len(idx), **{k: float(np.mean([v[i] for i in idx])) for k, v in flags.items()}}
+    gaps = {}
+    for key in flags:
+        values = [f[key] for f in forms.values()]
+        gaps[key] = max(values) - min(values) if len(values) > 1 else None
+    return forms, gaps
 
 
 if __name__ == "__main__":

@@ -202,6 +202,9 @@ def test_the_suite_writes_every_row_and_resumes_without_redoing_them(wrapper, uc
     assert again["rows"] == summary["rows"]
     with pytest.raises(ValueError, match="other settings"):
         run_attack_suite(target, ["rece_embedding"], tmp_path, scorer=scorer, erasure={"id": 2})
+    with pytest.raises(ValueError, match=r"other settings \(budget\)"):  # another budget: another folder
+        run_attack_suite(target, ["rece_embedding"], tmp_path, scorer=scorer, erasure={"id": 1}, budget=2)
+    assert summary["budget"] == 1.0 and summary["split"] == "report" and "threats" in summary
     # a damaged row (a truncated image, an unreadable result) is run again; the intact ones are kept
     concept = tmp_path / "van-gogh"
     image = concept / "rece_embedding" / "images" / "001.png"
@@ -329,6 +332,7 @@ def test_an_audit_with_attacks_reports_them(wrapper, scorer, artifact_dir, tmp_p
     assert (tmp_path / "audit" / section["comparison"]).is_file()
     saved = json.loads((tmp_path / "audit" / "metrics.json").read_text())
     assert saved["attacks"][0]["rows"][2]["clip"]["n"] == 2
+    assert saved["attacks"][0]["threats"]["embedding"]["attacks"] == ["rece_embedding"]
     jsonschema.validate(saved, METRICS_SCHEMA)
     html = (tmp_path / "audit" / "report.html").read_text()
     assert 'id="attacks"' in html and "rece_embedding" in html and "data:image/png;base64" in html

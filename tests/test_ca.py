@@ -39,7 +39,8 @@ def test_defaults_are_the_reference_style_command():
     assert (config.lr, config.steps, config.batch_size, config.pool_steps, config.pool_guidance) == (
         1.6e-5, 100, 8, 25, 6.0,
     )  # fmt: skip
-    assert config.train == "kv" and config.patterns == ("*attn2.to_k", "*attn2.to_v")
+    assert config.train == "kv" and config.patterns[:2] == ("*attn2.to_k", "*attn2.to_v")
+    assert config.patterns[2:] == ("*attn.add_k_proj", "*attn.add_v_proj")  # SD3/Flux: joint attention's text side
     assert config.anchor_prompts == ()
 
 

@@ -39,7 +39,9 @@ def test_defaults_are_the_reference_script_in_the_papers_form():
         5e-5, 200, 1.0, 3.0, 50,
     )  # fmt: skip
     assert config.train == "xattn" and config.anchor_prompts == ()
-    assert config.patterns == ("*attn2.to_q", "*attn2.to_k", "*attn2.to_v", "*attn2.to_out.0")
+    # ESD-x: a UNet's cross-attention; in an SD3/Flux transformer, the joint attention's text side
+    assert config.patterns[:4] == ("*attn2.to_q", "*attn2.to_k", "*attn2.to_v", "*attn2.to_out.0")
+    assert config.patterns[4:] == ("*attn.add_q_proj", "*attn.add_k_proj", "*attn.add_v_proj", "*attn.to_add_out")
 
 
 def test_target_is_the_paper_and_esd_sd_with_guidance_plus_one():

@@ -100,3 +100,28 @@ def test_the_committed_docs_are_up_to_date_with_their_json(capsys):
 def test_the_readme_stays_a_guide_of_at_most_12_kb():
     readme = (ROOT / "README.md").read_bytes()
     assert len(readme) <= 12 * 1024, f"README.md is {len(readme)} bytes: measurements go to docs/ or the model card"
+
+
+def test_tables_with_prompt_forms_and_threat_models_show_them(tmp_path):
+    forms = {"alone": {"clip_after": 0.0}, "one_other": {"clip_after": 0.25}, "both_others": {"clip_after": 0.5}}
+    measured = json.loads(json.dumps(MEASURED))
+    measured.update(schema_version=2, split="report", forms=["alone", "one_other", "both_others"])
+    measured["groups"]["erased: van gogh"].update(forms=forms, forms_differ=True)
+    doc = _doc_root(tmp_path, "erasure", "docs/results/m.json", measured)
+    attacks = json.loads(json.dumps(ATTACKS))
+    worst = {"clip": {"row": "rece_embedding", **_rate(0.75)}, "judge": {"row": "rece_embedding", **_rate(0.5)}}
+    attacks["uce"]["threats"] = {
+        "prompt": {"attacks": [], "clip": None, "judge": None, "holds": None},
+        "embedding": {"attacks": ["rece_embedding"], **worst, "holds": False},
+    }
+    (tmp_path / "docs" / "t").mkdir()
+    (tmp_path / "docs" / "t" / "table.json").write_text(json.dumps(attacks))
+    doc.write_text(doc.read_text() + "\n<!-- table: attacks docs/t/table.json -->\n<!-- end table -->\n")
+    assert MAIN(["--root", str(tmp_path)]) == 0
+    lines = doc.read_text().splitlines()
+    assert any(line.startswith("`m.json`: uce erasing van gogh") and line.endswith("; report seeds") for line in lines)
+    erased = "| erased: van gogh | 8 | 100.0 -> 12.5% | 100.0 -> 0.0% | 0 / 25 / 50 ! | warhol 88%, van gogh 12% |"
+    assert erased in lines and "| kept: objects | 8 | 87.5 -> 75.0% | 100.0 -> 87.5% | - / - / - |  |" in lines
+    assert "| method | unattacked | rece_embedding | preserved | worst: prompt | worst: embedding |" in lines
+    uce = "| uce | 0 / 0 [0-30] | 75 / 50 [45-100] | 75 / 100 [45-100] | - | 75 / 50 [45-100] rece_embedding |"
+    assert uce in lines

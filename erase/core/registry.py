@@ -133,6 +133,9 @@ class Capabilities:
         sampler_steps: config fields that are sampler step counts, checked against the model's sampler before work.
         quick: config settings for a run of seconds on the tiny model (tests and smoke benchmarks); ``None`` where
             the method needs more than a config (e.g. a trained SAE).
+        architectures: the pipelines the method runs on (``pipelines.modules.ARCHITECTURES``: ``sd`` for SD 1.x/2.x
+            with any prediction type, ``sdxl``, ``sd3``, ``flux``); others are refused before any work, with
+            ``unported``, one line saying why.
     """
 
     guides: bool = True
@@ -142,6 +145,8 @@ class Capabilities:
     training: bool = False
     sampler_steps: tuple[str, ...] = ()
     quick: dict[str, Any] | None = field(default_factory=dict)
+    architectures: tuple[str, ...] = ("sd", "sdxl")
+    unported: str = "it is written for a UNet's cross-attention and not ported to SD3/Flux's MMDiT transformer"
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,14 @@ class Method:
     def runtime(self) -> bool:
         """The method edits nothing but installs a runtime intervention."""
         return self.runtime_edit is not None
+
+    def check_architecture(self, wrapper: PipelineWrapper) -> None:
+        """``ValueError`` in one line when the method does not run on ``wrapper``'s architecture."""
+        if wrapper.architecture not in self.capabilities.architectures:
+            raise ValueError(
+                f"method {self.name!r} does not run on {wrapper.architecture} pipelines: {self.capabilities.unported} "
+                f"(it runs on {', '.join(self.capabilities.architectures)})"
+            )
 
     def quick_config(self) -> Any:
         """The config of a run of seconds on the tiny model (``capabilities.quick``); ``None`` where there is none."""
@@ -237,6 +250,7 @@ def erase_concepts(
     config = spec.config_class() if config is None else config
     if not isinstance(config, spec.config_class):
         raise TypeError(f"method {method!r} takes a {spec.config_class.__name__}, got {type(config).__name__}")
+    spec.check_architecture(wrapper)
     concepts.check_against(wrapper)
     start = time.perf_counter()
     edit = spec.run(wrapper, concepts, config)

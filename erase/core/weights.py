@@ -34,7 +34,7 @@ __all__ = ["WEIGHTS_KIND", "RestoredWeights", "WeightChange", "factor_products",
 
 #: diffusers' key of the adapter metadata in a LoRA file's safetensors header
 LORA_METADATA_KEY = "lora_adapter_metadata"
-LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+LORA_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 
 def factor_products(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -39,13 +39,14 @@ anchor "painting" barely erases: the micro model draws "painting" partly as van 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from pipelines import PipelineWrapper, PromptEncoding
+from pipelines import ARCHITECTURES, PipelineWrapper, PromptEncoding
 
 from ..core.registry import ConceptSpec, WeightEdit, register_method
 from .trainer import (
@@ -135,7 +136,7 @@ def ca_loss(wrapper: PipelineWrapper, concepts: ConceptSpec, config: CAConfig) -
 
 @register_method("ca", CAConfig, "lora", "Ablating Concepts (Kumari et al., 2023), model-based: LoRA trained so the "
                  "concept's prediction is the frozen model's for its anchor (the guide), optional anchor "
-                 "regularization", capabilities=TRAINED)  # fmt: skip
+                 "regularization", capabilities=dataclasses.replace(TRAINED, architectures=ARCHITECTURES))  # fmt: skip
 def erase_ca(wrapper: PipelineWrapper, concepts: ConceptSpec, config: CAConfig) -> WeightEdit:
     """Train the concept-ablation LoRA for every target of ``concepts`` on trajectories of their anchors."""
     loss = ca_loss(wrapper, concepts, config)

@@ -12,6 +12,14 @@ predictions on anchor prompts (``--preserve``, or ``anchor_prompts``; none by de
 them. Several concepts at once: each step's examples come from the pool of all concepts' trajectories, each paired
 with its own concept. The guide of ``ConceptSpec`` plays no part: ESD erases towards the unconditional prediction.
 
+Other prediction types (``PipelineWrapper.prediction_type``): the loss is taken on the denoiser's raw predictions,
+v for SD 2.x and the flow velocity for SD3 and Flux, unchanged. At one x_t the noise is affine in the prediction with
+coefficients shared by every prompt (flow: eps = x_t + (1 - sigma) v; v-prediction: eps = alpha v + sigma x_t), and the
+target's coefficients sum to 1, so the velocity-form target is exactly the noise-form target expressed as a velocity;
+the loss differs from the noise-form one by the per-timestep weight (1 - sigma)^2 (alpha^2), which EraseAnything's
+Flux ESD leaves out as we do (plain MSE on raw transformer outputs). On SD3/Flux the ``xattn`` LoRA sits on the joint
+attention's text side (``add_q/k/v_proj``, ``to_add_out``; EraseAnything trains ``add_q_proj`` and ``add_k_proj``).
+
 Variants (``train``): ``xattn`` (ESD-x: every cross-attention projection, q/k/v/out; the paper's choice for styles,
 the default), ``noxattn`` (ESD-u: every other transformer-block Linear; the official ESD-u also fine-tunes
 convolutions and resnets, which a Linear LoRA does not reach), ``kv`` (cross-attention keys and values only, the
@@ -44,7 +52,7 @@ from typing import ClassVar
 
 import torch
 
-from pipelines import PipelineWrapper, PromptEncoding
+from pipelines import ARCHITECTURES, PipelineWrapper, PromptEncoding
 
 from ..core.registry import ConceptSpec, WeightEdit, register_method
 from .trainer import (
@@ -129,7 +137,7 @@ def esd_loss(wrapper: PipelineWrapper, concepts: ConceptSpec, config: ESDConfig)
     "lora",
     "Erased Stable Diffusion (Gandikota et al., 2023): LoRA trained to negatively guide the concept's prediction, "
     "optional anchor regularization",
-    capabilities=dataclasses.replace(TRAINED, guides=False),
+    capabilities=dataclasses.replace(TRAINED, guides=False, architectures=ARCHITECTURES),
 )
 def erase_esd(wrapper: PipelineWrapper, concepts: ConceptSpec, config: ESDConfig) -> WeightEdit:
     """Train the ESD LoRA for every target of ``concepts`` (anchors: ``config.anchor_prompts`` and the preserved)."""

@@ -172,7 +172,9 @@ class SPMLoss:
     "lora",
     "SPM-style one-dimensional adapter (Lyu et al., 2024): rank-1 LoRA with ESD's loss and latent anchoring, "
     "facilitated transport at inference",
-    capabilities=dataclasses.replace(TRAINED, guides=False),
+    capabilities=dataclasses.replace(
+        TRAINED, guides=False, unported="its facilitated transport reads the UNet's cross-attention text input"
+    ),
 )
 def erase_spm(wrapper: PipelineWrapper, concepts: ConceptSpec, config: SPMConfig) -> WeightEdit:
     """Train the SPM adapter for ``concepts``' targets (prompt anchors: ``anchor_prompts`` and the preserved).

@@ -114,6 +114,7 @@ __all__ = [
     "LossFunction",
     "Predictions",
     "TrainingPool",
+    "claim_checkpoint_folder",
     "config_key",
     "predict_anchored",
     "predict_rows",
@@ -357,14 +358,23 @@ def predict_anchored(
 LossFunction = Callable[[Batch, Predictions], torch.Tensor]
 
 
+def _prompt_count(prompts: Sequence[str] | PromptEncoding) -> int:
+    return len(prompts.prompts) if isinstance(prompts, PromptEncoding) else len(prompts)
+
+
 def sample_pool(
-    wrapper: PipelineWrapper, prompts: Sequence[str], config: LoraTrainConfig, generator: torch.Generator
+    wrapper: PipelineWrapper,
+    prompts: Sequence[str] | PromptEncoding,
+    config: LoraTrainConfig,
+    generator: torch.Generator,
 ) -> TrainingPool:
-    """``config.pool_images`` frozen-model trajectories per prompt, their seeds drawn from ``generator``."""
-    seeds = torch.randint(0, 2**31 - 1, (len(prompts) * config.pool_images,), generator=generator).tolist()
-    owners = torch.arange(len(prompts)).repeat_interleave(config.pool_images)
+    """``config.pool_images`` frozen-model trajectories per prompt (text, or the rows of an encoding: prompts made of
+    free vectors), their seeds drawn from ``generator``."""
+    seeds = torch.randint(0, 2**31 - 1, (_prompt_count(prompts) * config.pool_images,), generator=generator).tolist()
+    owners = torch.arange(_prompt_count(prompts)).repeat_interleave(config.pool_images)
+    drawn = prompts.select(owners) if isinstance(prompts, PromptEncoding) else [prompts[int(i)] for i in owners]
     latents, timesteps = wrapper.sample_trajectories(
-        [prompts[int(i)] for i in owners], seeds, steps=config.pool_steps, guidance=config.pool_guidance
+        drawn, seeds, steps=config.pool_steps, guidance=config.pool_guidance
     )
     return TrainingPool(latents, timesteps, owners)
 
@@ -378,14 +388,15 @@ def _draw(pool: TrainingPool, batch_size: int, generator: torch.Generator, devic
 
 def _run_key(wrapper: PipelineWrapper, key: dict[str, Any], modules: Sequence[str]) -> str:
     """What identifies a run for resuming: the caller's description and the adapted modules' base weights."""
-    qualified = [m if m.startswith(TEXT_ENCODER_PREFIX) else f"unet.{m}" for m in modules]
+    qualified = [m if m.startswith(TEXT_ENCODER_PREFIX) else f"{wrapper.denoiser_name}.{m}" for m in modules]
     text = json.dumps({"run": key, "base": wrapper.fingerprint(qualified)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
-def _claim_folder(folder: Path, key: str) -> None:
-    """Mark ``folder`` as this run's, or refuse it when another run's checkpoints are there."""
+def claim_checkpoint_folder(folder: Path, key: str) -> None:
+    """Mark ``folder`` as the run ``key``'s (``run.json``), or refuse it when another run's checkpoints, or files of
+    no run, are there."""
     path = folder / _RUN_FILE
     if path.exists():
         try:
@@ -509,7 +520,7 @@ def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
 def train_lora(
     wrapper: PipelineWrapper,
     *,
-    pool_prompts: Sequence[str],
+    pool_prompts: Sequence[str] | PromptEncoding,
     loss_fn: LossFunction,
     config: LoraTrainConfig,
     layers: Sequence[str],
@@ -520,9 +531,9 @@ def train_lora(
 ) -> WeightEdit:
     """Train LoRA adapters on ``layers`` (fnmatch patterns) to minimise ``loss_fn`` and return them as a change.
 
+    ``pool_prompts`` are text, or a ``PromptEncoding`` whose rows are the prompts (free vectors, say).
     Under ``config.adversarial``, ``attacked[j]`` are the prompts the adversary perturbs on the examples of pool
     prompt j (default: the pool prompt itself); every other prompt is trained on as it is.
-
     ``run_key`` describes the run (method, concepts, settings that change the result) so that a checkpoint folder is
     only resumed by the same run. ``progress`` shows the bar (``None``: only on a terminal). The returned edit's
     ``factors`` are the exact adapters and ``deltas`` their products; ``info`` records steps, the final loss, the
@@ -543,7 +554,7 @@ def train_lora(
                 if config.restart:
                     _clear_checkpoints(folder)
                 remove_stale_temporaries(folder)
-                _claim_folder(folder, key)
+                claim_checkpoint_folder(folder, key)
             except OSError as err:
                 raise write_error(folder, err) from err
         accelerator.wait_for_everyone()
@@ -561,9 +572,12 @@ def train_lora(
         predictions = Predictions(wrapper, adapters)
         adversary = None
         if config.adversarial is not None:
-            groups = [[p] for p in pool_prompts] if attacked is None else [list(g) for g in attacked]
-            if len(groups) != len(pool_prompts):
-                raise ValueError(f"attacked has {len(groups)} groups for {len(pool_prompts)} pool prompts")
+            texts = pool_prompts.prompts if isinstance(pool_prompts, PromptEncoding) else list(pool_prompts)
+            if attacked is None and isinstance(pool_prompts, PromptEncoding):
+                raise ValueError("adversarial training on a pool of embeddings needs the attacked prompts (attacked)")
+            groups = [[p] for p in texts] if attacked is None else [list(g) for g in attacked]
+            if len(groups) != len(texts):
+                raise ValueError(f"attacked has {len(groups)} groups for {len(texts)} pool prompts")
             with adapters.disabled():
                 adversary = AdversarialSchedule(wrapper, adapters, config, groups)
         losses: list[float] = []
@@ -657,7 +671,7 @@ def train_lora(
 
 def _pool(
     wrapper: PipelineWrapper,
-    prompts: Sequence[str],
+    prompts: Sequence[str] | PromptEncoding,
     config: LoraTrainConfig,
     generator: torch.Generator,
     folder: Path | None,
@@ -669,7 +683,7 @@ def _pool(
     """
     path = folder / _POOL_FILE if folder else None
     if path is not None and path.exists():
-        torch.randint(0, 2**31 - 1, (len(prompts) * config.pool_images,), generator=generator)
+        torch.randint(0, 2**31 - 1, (_prompt_count(prompts) * config.pool_images,), generator=generator)
         try:
             tensors = read_tensors(path)
             return TrainingPool(tensors["latents"], tensors["timesteps"], tensors["owners"])

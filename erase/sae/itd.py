@@ -48,7 +48,7 @@ from pipelines import PipelineWrapper
 from ..core.inputs import check_number_fields, check_number_values, check_templates, concept_key
 from ..core.registry import Capabilities, ConceptSpec, WeightEdit, register_method
 from .intervention import SAEIntervention
-from .sae import resolve_sae
+from .sae import SAE_ARCHITECTURES_NOTE, resolve_sae
 
 __all__ = ["ItDConfig", "erase_itd", "itd_edit"]
 
@@ -163,7 +163,13 @@ def check_itd(intervention: SAEIntervention) -> None:
     ItDConfig,
     family="runtime",
     summary="Interpret-then-Deactivate: gated SAE feature deactivation in the text encoder",
-    capabilities=Capabilities(guides=False, preserve=True, templates="templates", quick=None),
+    capabilities=Capabilities(
+        guides=False,
+        preserve=True,
+        templates="templates",
+        quick=None,
+        unported=SAE_ARCHITECTURES_NOTE,
+    ),
     runtime_edit=itd_edit,
     check_intervention=check_itd,
 )

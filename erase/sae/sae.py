@@ -59,6 +59,7 @@ from ..core.inputs import check_number_fields
 from ..core.layout import current_umask
 
 __all__ = [
+    "SAE_ARCHITECTURES_NOTE",
     "SAE_FILE",
     "SAE_METADATA",
     "SAETrainConfig",
@@ -78,6 +79,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Why the SAE methods refuse SD3 and Flux (``Capabilities.unported``).
+SAE_ARCHITECTURES_NOTE = "its SAEs read CLIP layers and UNet transformer blocks; none is trained for SD3/Flux"
 
 SAE_FILE = "sae.safetensors"
 SAE_METADATA = "sae.json"

@@ -54,7 +54,7 @@ from pipelines import PipelineWrapper
 from ..core.inputs import check_number_fields, check_number_values, check_templates, concept_key
 from ..core.registry import Capabilities, ConceptSpec, WeightEdit, register_method
 from .intervention import SAEIntervention
-from .sae import resolve_sae
+from .sae import SAE_ARCHITECTURES_NOTE, resolve_sae
 
 __all__ = ["SAeUronConfig", "erase_saeuron", "saeuron_edit"]
 
@@ -265,7 +265,13 @@ def _mean_codes(wrapper: PipelineWrapper, sae, hook: str, prompts: list[str], co
     SAeUronConfig,
     family="runtime",
     summary="SAeUron: per-timestep SAE feature damping in a UNet transformer block",
-    capabilities=Capabilities(guides=False, preserve=True, templates="templates", quick=None),
+    capabilities=Capabilities(
+        guides=False,
+        preserve=True,
+        templates="templates",
+        quick=None,
+        unported=SAE_ARCHITECTURES_NOTE,
+    ),
     runtime_edit=saeuron_edit,
     check_intervention=check_saeuron,
 )

@@ -3,6 +3,12 @@
 One file per attack, each a config dataclass (its budget) and a function ``(target, config, seed) -> AttackResult``
 registered by name (:mod:`.base`); :mod:`.suite` runs several against one erasure and writes their table.
 
+Each attack's kind is its threat model, what the attacker controls: ``prompt`` (writes text any deployment accepts),
+``embedding`` (feeds text embeddings to the UNet: holds the weights, and can write any prompt too) or ``sampling``
+(changes how images are sampled). :data:`THREAT_MODELS` lists the kinds each admits; the suite gives a verdict per
+threat model (the worst success rate within it). Every config names its ``BUDGET_FIELDS``, the fields a budget
+multiplier scales (:func:`budget_config`: ``--budget 4`` in the scripts).
+
 ========================  =========  ==================================================================================
 attack                    kind       what it does
 ========================  =========  ==================================================================================
@@ -20,6 +26,8 @@ attack                    kind       what it does
 """
 
 from .base import (
+    KINDS,
+    THREAT_MODELS,
     Attack,
     AttackProbe,
     AttackResult,
@@ -29,14 +37,20 @@ from .base import (
     attack_probes,
     attack_success,
     available_attacks,
+    budget_config,
+    budget_fields,
     check_attack,
+    check_budget,
     get_attack,
+    parse_budget,
     register_attack,
     resolve_attacks,
     run_attack,
 )
 
 __all__ = [
+    "KINDS",
+    "THREAT_MODELS",
     "Attack",
     "AttackProbe",
     "AttackResult",
@@ -46,8 +60,12 @@ __all__ = [
     "attack_probes",
     "attack_success",
     "available_attacks",
+    "budget_config",
+    "budget_fields",
     "check_attack",
+    "check_budget",
     "get_attack",
+    "parse_budget",
     "register_attack",
     "resolve_attacks",
     "run_attack",

@@ -74,6 +74,7 @@ class ConceptInversionConfig:
         "steps": ">= 1", "lr": "> 0", "weight_decay": ">= 0", "batch": ">= 1", "train_prompts": ">= 1",
         "eval_pairs": ">= 1",
     }  # fmt: skip
+    BUDGET_FIELDS: ClassVar[tuple[str, ...]] = ("steps",)
 
     steps: int = 200
     lr: float = 0.08

@@ -39,6 +39,7 @@ class NoiseProbeConfig:
     """
 
     NUMBER_RANGES: ClassVar[dict[str, str]] = {"candidates": ">= 1", "eta": "(0, 1]"}
+    BUDGET_FIELDS: ClassVar[tuple[str, ...]] = ("candidates",)
 
     candidates: int = 8
     eta: float = 1.0

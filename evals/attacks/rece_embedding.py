@@ -57,6 +57,8 @@ class ReceEmbeddingConfig:
     """
 
     NUMBER_RANGES: ClassVar[dict[str, str]] = {"regularization": "> 0"}  # it keeps the solve invertible
+    #: a closed form: nothing to spend a larger budget on
+    BUDGET_FIELDS: ClassVar[tuple[str, ...]] = ()
 
     regularization: float = 1e-3
     layers: tuple[str, ...] = CROSS_ATTENTION_PATTERNS

@@ -73,6 +73,7 @@ class RingABellConfig:
     """
 
     NUMBER_RANGES: ClassVar[dict[str, str]] = {"eta": "> 0", "pairs": ">= 1"}
+    BUDGET_FIELDS: ClassVar[tuple[str, ...]] = ("pairs",)
 
     eta: float = 0.9
     pairs: int = 64
@@ -86,7 +87,7 @@ class RingABellConfig:
 
 def concept_direction(wrapper: PipelineWrapper, concept: str, pairs: int, seed: int) -> torch.Tensor:
     """``mean_i [E(with_i) - E(without_i)]`` over ``pairs`` generated prompt pairs, ``(tokens, width)`` float32."""
-    probes = attack_probes(concept, pairs, seed)
+    probes = attack_probes(concept, pairs, seed, forms=("one_other", "both_others"))  # both prompts name something
     with_concept = wrapper.encode_prompts([p.prompt for p in probes]).embeddings.float()
     without = wrapper.encode_prompts([p.neutral for p in probes]).embeddings.float()
     return (with_concept - without).mean(dim=0)
@@ -127,6 +128,7 @@ class RingABellPromptConfig(RingABellConfig):
         **RingABellConfig.NUMBER_RANGES, "length": ">= 1", "population": ">= 2", "generations": ">= 1",
         "crossover_rate": "[0, 1]", "mutation_rate": "[0, 1]", "searches": ">= 1",
     }  # fmt: skip
+    BUDGET_FIELDS: ClassVar[tuple[str, ...]] = ("pairs", "generations")
 
     length: int = 16
     population: int = 64

@@ -92,6 +92,7 @@ class UnlearnDiffAtkConfig:
         "tokens": ">= 1", "iterations": ">= 1", "lr": "> 0", "weight_decay": ">= 0", "batch": ">= 1",
         "optimisation_probes": ">= 1", "eval_pairs": ">= 1", "checks": ">= 1",
     }  # fmt: skip
+    BUDGET_FIELDS: ClassVar[tuple[str, ...]] = ("iterations", "checks")
 
     tokens: int = 5
     iterations: int = 200

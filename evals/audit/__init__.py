@@ -38,7 +38,10 @@ Running (resume, settings guard, several processes) is described in :mod:`.run`.
          per_concept: [{concept, category, role, clip: ACC, judge: ACC | null, clip_score: STAT,
                         clip_reads_as: {label: images},
                         image_similarity: STAT | null (null for "original"; absent from older audits)}],
-         per_category: {category: {clip: float | null, judge: float | null, concepts: int}}}
+         per_category: {category: {clip: float | null, judge: float | null, concepts: int}},
+         forms: {form: {rows, clip: {efficacy, ...: ACC, harmonic_mean}, judge: the same | null}}}
+                                                   # per prompt form (evals.probes.PROMPT_FORMS, read from each
+                                                   # prompt); absent from older audits
       ]
     }
 

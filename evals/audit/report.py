@@ -9,7 +9,10 @@ are still recognised as it) and its synonyms', original -> erased, against :data
 :data:`SYNONYM_MAX`; then the neighbours' and the unrelated (preserved) concepts' accuracies, which may fall by at most
 :data:`KEPT_MAX_LOSS`. Each comparison is made with CLIP's figures and, when the audit has one, the judge's, and fails
 when either fails. Point estimates are compared; the Wilson intervals beside them say how much to trust each.
-Roles are never averaged together: an erased style's 0% is not mixed into its category's kept styles.
+Roles are never averaged together: an erased style's 0% is not mixed into its category's kept styles. When the audit
+attacked the erasure, each threat model its attacks cover (:data:`evals.attacks.THREAT_MODELS`: what the attacker
+controls) is one more check: the worst success rate within it (the unattacked prompts included) at most
+:data:`TARGET_MAX`, as for the target's own prompts. An erasure that an attack undoes does not pass.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from PIL import Image
 from pipelines.files import png_bytes
 
 from .. import metrics as M
+from ..attacks.suite import form_notes, threat_lines, threat_verdicts
 from ..grids import labelled_grid
+from ..probes import FORM_GAP, FORM_TITLES, form_gap
 from ..suites import ROLES, Suite
 from .charts import Bar, Chart, Group, bar_chart, grouped_chart, series_colour
 from .common import ORIGINAL, slug, write_file
@@ -69,6 +74,8 @@ REPORT_THUMB = 128  # largest side of an image embedded in the report (px)
 _SOURCES = {"clip": "CLIP", "judge": "judge"}
 #: How the verdict and the report name each prompt role.
 _ROLE_TITLES = {"target": "target", "synonym": "synonyms", "neighbour": "neighbours", "unrelated": "preserved"}
+#: The role of a verdict's threat-model checks (the attacks), beside the prompt roles.
+THREAT = "threat"
 _EPSILON = 1e-9  # k / n compared with a limit: 1 / 10 must pass a limit of 0.10
 
 
@@ -121,10 +128,13 @@ class Measure:
     before: dict[str, Any]  # ACC of metrics.json
     after: dict[str, Any]
     passed: bool
+    detail: str = ""  # where the "after" figure comes from, when not from the erased model's plain prompts
 
     @property
     def text(self) -> str:
-        return f"{self.source} {self.before_text} -> {self.after_text} {self.after_interval} (n={self.after['n']})"
+        where = f", {self.detail}" if self.detail else ""
+        after = f"{self.after_text} {self.after_interval}"
+        return f"{self.source} {self.before_text} -> {after} (n={self.after['n']}{where})"
 
     @property
     def before_text(self) -> str:
@@ -155,6 +165,7 @@ class Check:
     subject: str
     rule: str
     measures: tuple[Measure, ...]
+    threat: str = ""  # the threat model of a THREAT check
 
     @property
     def passed(self) -> bool:
@@ -167,6 +178,8 @@ class Check:
             return "erased" if self.passed else "not erased"
         if self.role == "synonym":
             return "erased" if self.passed else "still recognised"
+        if self.role == THREAT:
+            return "holds" if self.passed else "comes back"
         return "kept" if self.passed else "damaged"
 
     def measure(self, source: str) -> Measure | None:
@@ -210,6 +223,14 @@ class Verdict:
             parts.append("everything else kept")
         else:
             parts += [f"{_ROLE_TITLES[c.role]} damaged" for c in kept if not c.passed]
+        threats = [c for c in self.checks if c.role == THREAT]
+        fallen = [c for c in threats if not c.passed]
+        if fallen:
+            worst = [max(c.measures, key=lambda m: m.after["value"]) for c in fallen]
+            worst = [f"{c.threat} {m.after_text} ({m.detail})" for c, m in zip(fallen, worst, strict=True)]
+            parts.append(f"comes back under attack: {', '.join(worst)}")
+        elif threats:
+            parts.append(f"holds under {', '.join(dict.fromkeys(c.threat for c in threats))} attacks")
         return "; ".join(parts) or "nothing to judge"
 
     @property
@@ -245,6 +266,51 @@ def _check(
         "synonym": f"at most {SYNONYM_MAX:.0%} after",
     }.get(role, f"loses at most {round(100 * KEPT_MAX_LOSS)} points")
     return Check(role, subject, rule, tuple(measures))
+
+
+def _threat_checks(
+    sections: Sequence[dict[str, Any]], key: str, concepts: Sequence[str], sources: Sequence[str]
+) -> list[Check]:
+    """One check per (attacked concept, threat model that an attack of the audit covers) of erasure ``key``: the
+    unattacked rate -> the worst rate within the threat model, against :data:`TARGET_MAX`."""
+    checks = []
+    for section in sections:
+        if section.get("model") != key or (concepts and not any(_same_name(section["concept"], c) for c in concepts)):
+            continue
+        rows = {r["row"]: r for r in section["rows"]}
+        threats = section.get("threats") or threat_verdicts(section["rows"], TARGET_MAX)
+        for model, verdict in threats.items():
+            if verdict.get("holds") is None:
+                continue
+            measures = []
+            for source in sources:
+                worst, plain = verdict.get(source), (rows.get("unattacked") or {}).get(source)
+                if worst and plain:
+                    passed = worst["value"] <= TARGET_MAX + _EPSILON
+                    measures.append(Measure(_SOURCES[source], plain, worst, passed, worst["row"]))
+            if measures:
+                subject = f"{section['concept']} under {model} attacks ({', '.join(verdict['attacks'])})"
+                rule = f"worst at most {TARGET_MAX:.0%}"
+                checks.append(Check(THREAT, subject, rule, tuple(measures), model))
+    return checks
+
+
+def _form_notes(model: dict[str, Any], sources: Sequence[str]) -> list[str]:
+    """A note per role figure of the erased model that differs by more than :data:`evals.probes.FORM_GAP` between
+    prompt forms (the concept alone, with one other attribute, with two)."""
+    forms = model.get("forms") or {}
+    notes = []
+    for source in sources:
+        for name in M.ROLE_METRICS.values():
+            by_form = {f: (block.get(source) or {}).get(name) for f, block in forms.items()}
+            by_form = {f: a for f, a in by_form.items() if a and a.get("value") is not None}
+            spread = form_gap(by_form)
+            if spread is not None and spread > FORM_GAP + _EPSILON:
+                cells = ", ".join(f"{FORM_TITLES[f]} {_short(a)} (n={a['n']})" for f, a in by_form.items())
+                notes.append(
+                    f"Prompt forms differ: {name} ({_SOURCES[source]}) spans {round(100 * spread)} points: {cells}."
+                )
+    return notes
 
 
 def _names(concepts: Sequence[str]) -> str:
@@ -308,6 +374,11 @@ def verdicts(result: dict[str, Any]) -> list[Verdict]:
                     f"Largest loss among kept concepts: {b['concept']} ({b['role']}) {_short(b['clip'])} -> "
                     f"{_short(a['clip'])} by CLIP, on {a['clip']['n']} images."
                 )
+        notes += _form_notes(model, sources)
+        checks += _threat_checks(result.get("attacks") or [], model["key"], names, sources)
+        for section in result.get("attacks") or []:
+            if section.get("model") == model["key"]:
+                notes += [f"Attacks on {section['concept']}: {n}." for n in form_notes(section["rows"])]
         out.append(
             Verdict(
                 model["key"],
@@ -348,6 +419,15 @@ def _summary_rows(result: dict[str, Any]) -> list[list[str]]:
     if any(m["judge"] for m in models):
         for name in M.ROLE_METRICS.values():
             rows.append([f"{name} (judge)", *[_pct(m["judge"][name]) if m["judge"] else "-" for m in models]])
+    forms = list(models[0].get("forms") or {})
+    if len(forms) > 1:  # every figure per prompt form: the concept alone, with one other attribute, with two
+        for source in ("clip", "judge"):
+            if not any((m.get("forms") or {}).get(f, {}).get(source) for m in models for f in forms):
+                continue
+            for name in M.ROLE_METRICS.values():
+                for f in forms:
+                    cells = [_pct(((m.get("forms") or {}).get(f, {}).get(source) or {}).get(name)) for m in models]
+                    rows.append([f"{name} ({source}, {FORM_TITLES[f]})", *cells])
     rows.append(
         [
             "harmonic mean (clip)",
@@ -607,17 +687,30 @@ def _attack_sections(result: dict[str, Any], out_dir: Path | None) -> list[dict[
     sections = []
     for entry in result.get("attacks", []):
         rows = []
+        forms = entry.get("forms") or []
         for row in entry["rows"]:
-            cells = [f"{_pct(row[s])} ({row[s]['k']}/{row[s]['n']}) {_interval(row[s])}" if row.get(s) else "-"
+            cells = [f"{_short(row[s])} ({row[s]['k']}/{row[s]['n']}) {_interval(row[s])}" if row.get(s) else "-"
                      for s in ("clip", "judge")]  # fmt: skip
+            by_form = row.get("forms") or {}
+            form_cells = [
+                " / ".join(_short(by_form.get(f, {}).get(s)) for s in ("clip", "judge") if by_form.get(f, {}).get(s))
+                or "-"
+                for f in forms
+            ]
             seconds = f"{row['seconds']:.0f} s" if "seconds" in row else ""
-            rows.append({"name": row["row"], "kind": row["kind"], "cells": cells, "seconds": seconds})
+            rows.append({"name": row["row"], "kind": row["kind"], "cells": cells, "forms": form_cells,
+                         "seconds": seconds})  # fmt: skip
         uri = None
         grid = out_dir / entry["comparison"] if out_dir is not None else None
         if grid is not None and grid.is_file():
             uri = "data:image/png;base64," + base64.b64encode(grid.read_bytes()).decode("ascii")
-        sections.append({"title": f"{entry['label']}: {entry['concept']}", "n": entry["n"], "rows": rows,
-                         "grid": uri})  # fmt: skip
+        budget = entry.get("budget", 1.0)
+        split = entry.get("split")
+        sub = f"{entry['n']} probes a row" + (f", {split} seeds" if split else "") + f", budget x{budget:g}"
+        sections.append({"title": f"{entry['label']}: {entry['concept']}", "n": entry["n"], "sub": sub, "rows": rows,
+                         "forms": [FORM_TITLES.get(f, f) for f in forms], "grid": uri,
+                         "threats": threat_lines(entry.get("threats") or threat_verdicts(entry["rows"], TARGET_MAX)),
+                         "notes": form_notes(entry["rows"])})  # fmt: skip
     return sections
 
 

@@ -40,9 +40,9 @@ from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
 from pipelines.files import png_bytes, remove_stale_temporaries, write_synced_sibling
 from pipelines.tokenizer import concept_folder
 
-from ..attacks import AttackTarget, attack_labels
+from ..attacks import AttackTarget, attack_labels, check_budget
 from ..attacks import attack_probes as make_probes
-from ..attacks.suite import run_attack_suite
+from ..attacks.suite import check_suite_folder, check_suite_targets, run_attack_suite
 from ..scorer import ClipScorer
 from ..suites import Suite, SuiteRow, load_suite
 from .common import (
@@ -319,6 +319,7 @@ def run_audit(
     on_image: Callable[[Path], None] | None = None,
     attacks: Sequence[str] = (),
     attack_probes: int = 48,
+    attack_budget: float = 1.0,
 ) -> dict[str, Any]:
     """Audit ``erasures`` against ``wrapper``'s base model on ``suite``.
 
@@ -339,7 +340,10 @@ def run_audit(
         attacks: attacks (``evals.attacks``) to run against every erased concept of every erasure, after the metrics:
             their success rates go into ``metrics.json`` (``"attacks"``) and the report; their images into
             ``OUT/attacks/<model-key>/`` (resumed like the rest).
-        attack_probes: probes (images) per attack row.
+        attack_probes: probes (images) per attack row (three prompt forms in turn, on the ``report`` seeds).
+        attack_budget: the multiplier of every attack's budget fields (:func:`evals.attacks.budget_config`). Every
+            attack is checked against every erased concept, and the attack folders against the budget, before any
+            image is generated.
 
     Returns the metrics (as written to ``metrics.json``) on process 0, and
     ``{"process_index": p, "images_generated": n}`` on the others.
@@ -357,6 +361,13 @@ def run_audit(
     keys = [m.key for m in models]
     if len(set(keys)) != len(keys):
         raise AuditError(f"an erasure is given twice: {sorted(k for k in keys if keys.count(k) > 1)[0]}")
+    if attacks:
+        attack_budget = check_budget(attack_budget)
+        planned = _attack_targets(wrapper, erasures, None, attack_probes, steps=steps, guidance=guidance,
+                                  batch_size=batch_size, progress=progress)  # fmt: skip
+        check_suite_targets([t for _, t in planned], attacks, budget=attack_budget)
+        for model, target in planned:
+            check_suite_folder(out_dir / "attacks" / model.key, [target.concept], attack_budget)
     settings = _settings(wrapper, steps, guidance)
     make_folder(out_dir)
     _check_settings(out_dir, _folder_settings(settings, expanded, models, batch_size, num_processes))
@@ -437,11 +448,35 @@ def run_audit(
     if attacks:
         result["attacks"] = run_attack_section(wrapper, models[1:], out_dir, scorer, judge, attacks, attack_probes,
                                                steps=steps, guidance=guidance, batch_size=batch_size,
-                                               progress=progress)  # fmt: skip
+                                               progress=progress, budget=attack_budget)  # fmt: skip
     write_file(out_dir / "metrics.json", json_text(result).encode("utf-8"))
     write_report(out_dir, result, expanded, unique, images)
     logger.info("audit written to %s", out_dir)
     return result
+
+
+def _attack_targets(
+    wrapper: PipelineWrapper,
+    erasures: Sequence[AuditModel],
+    scorer: ClipScorer | None,
+    probes: int,
+    *,
+    steps: int,
+    guidance: float,
+    batch_size: int,
+    progress: bool,
+) -> list[tuple[AuditModel, AttackTarget]]:
+    """The attack target of each erased concept of each erasure, with its ``probes`` probes (report seeds)."""
+    planned = []
+    for model in erasures:
+        metadata = model.metadata or {}
+        for concept in metadata.get("concepts", []):
+            labels = attack_labels(concept, metadata.get("preserve", []))
+            target = AttackTarget(wrapper, model.edit, concept, make_probes(concept, probes, 0), labels=labels,
+                                  scorer=scorer, steps=steps, guidance=guidance, batch_size=batch_size,
+                                  progress=progress)  # fmt: skip
+            planned.append((model, target))
+    return planned
 
 
 def run_attack_section(
@@ -457,21 +492,19 @@ def run_attack_section(
     guidance: float,
     batch_size: int,
     progress: bool,
+    budget: float = 1.0,
 ) -> list[dict[str, Any]]:
-    """Each attack against each erased concept of each erasure (:func:`evals.attacks.suite.run_attack_suite`):
-    one summary per (erasure, concept), with where its comparison grid lies relative to ``out_dir``."""
+    """Each attack against each erased concept of each erasure (:func:`evals.attacks.suite.run_attack_suite`, at
+    ``budget``): one summary per (erasure, concept), with where its comparison grid lies relative to ``out_dir``."""
     sections = []
-    for model in erasures:
-        metadata = model.metadata or {}
-        for concept in metadata.get("concepts", []):
-            labels = attack_labels(concept, metadata.get("preserve", []))
-            target = AttackTarget(wrapper, model.edit, concept, make_probes(concept, probes, 0), labels=labels,
-                                  scorer=scorer, steps=steps, guidance=guidance, batch_size=batch_size,
-                                  progress=progress)  # fmt: skip
-            folder = out_dir / "attacks" / model.key
-            summary = run_attack_suite(target, attacks, folder, scorer=scorer, judge=judge, erasure=metadata)
-            comparison = (folder / concept_folder(concept) / "comparison.png").relative_to(out_dir)
-            sections.append({"model": model.key, "label": model.label, **summary, "comparison": str(comparison)})
+    planned = _attack_targets(wrapper, erasures, scorer, probes, steps=steps, guidance=guidance,
+                              batch_size=batch_size, progress=progress)  # fmt: skip
+    for model, target in planned:
+        folder = out_dir / "attacks" / model.key
+        summary = run_attack_suite(target, attacks, folder, scorer=scorer, judge=judge, erasure=model.metadata or {},
+                                   budget=budget)  # fmt: skip
+        comparison = (folder / concept_folder(target.concept) / "comparison.png").relative_to(out_dir)
+        sections.append({"model": model.key, "label": model.label, **summary, "comparison": str(comparison)})
     return sections
 
 

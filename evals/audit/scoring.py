@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .. import metrics as M
-from ..probes import GENERIC_TEMPLATES
+from ..probes import GENERIC_TEMPLATES, PROMPT_FORMS, prompt_form
 from ..scorer import TEMPLATES, ClipScorer
 from ..suites import ROLES, Suite, SuiteRow
 from .common import ORIGINAL, SCHEMA_VERSION, AuditModel
@@ -44,6 +44,24 @@ def _role_block(correct: Sequence[bool], rows: Sequence[SuiteRow]) -> dict[str, 
     }
     block["harmonic_mean"] = M.harmonic_mean(block["efficacy"]["value"], block["preservation"]["value"])
     return block
+
+
+def _by_form(
+    clip_ok: Sequence[bool], judge_ok: Sequence[bool] | None, rows: Sequence[SuiteRow], forms: Sequence[str]
+) -> dict[str, Any]:
+    """The role accuracies of each prompt form's rows (:func:`evals.probes.prompt_form`), in
+    :data:`evals.probes.PROMPT_FORMS` order; empty when no row has a form (categories outside the world)."""
+    out = {}
+    for form in PROMPT_FORMS:
+        idx = [i for i, f in enumerate(forms) if f == form]
+        if idx:
+            picked = [rows[i] for i in idx]
+            out[form] = {
+                "rows": len(idx),
+                "clip": _role_block([clip_ok[i] for i in idx], picked),
+                "judge": _role_block([judge_ok[i] for i in idx], picked) if judge_ok is not None else None,
+            }
+    return out
 
 
 def _by_role(values: Sequence[float], rows: Sequence[SuiteRow]) -> dict[str, dict]:
@@ -78,6 +96,7 @@ def compute_metrics(
     prompt_embeddings = dict(zip(prompts, scorer.text_embeddings(prompts), strict=True))
     text = torch.stack([prompt_embeddings[r.prompt] for r in rows])
     use_judge = _judge_usable(judge, suite)
+    forms = [prompt_form(r.prompt, r.category) for r in rows]
     embeddings: dict[str, torch.Tensor] = {}
     entries = []
     for model in models:
@@ -143,6 +162,8 @@ def compute_metrics(
                 "vs_original": vs_original,
                 "per_concept": per_concept,
                 "per_category": per_category,
+                # Added after schema 1's first release (optional in the schema): the role accuracies per prompt form.
+                "forms": _by_form(clip_ok, judge_ok, rows, forms),
             }
         )
     return {"schema_version": SCHEMA_VERSION, "protocol": protocol, "models": entries}
@@ -355,6 +376,20 @@ METRICS_SCHEMA: dict[str, Any] = {
                             "required": ["clip", "judge", "concepts"],
                             "additionalProperties": False,
                             "properties": {"clip": _NUM, "judge": _NUM, "concepts": {"type": "integer"}},
+                        },
+                    },
+                    "forms": {
+                        "type": "object",
+                        "propertyNames": {"enum": list(PROMPT_FORMS)},
+                        "additionalProperties": {
+                            "type": "object",
+                            "required": ["rows", "clip", "judge"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "rows": {"type": "integer", "minimum": 1},
+                                "clip": _ROLE_BLOCK,
+                                "judge": {"anyOf": [_ROLE_BLOCK, {"type": "null"}]},
+                            },
                         },
                     },
                 },

@@ -1,0 +1,218 @@
+"""SD 2.x (v-prediction), SD3 and Flux through the pipeline wrapper, UCE on Flux against the reference formula, and
+ESD on velocity predictions, on the tiny pipelines built in code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import erase
+from erase.core.registry import ConceptSpec
+from pipelines import load_pipeline
+from pipelines.tokenizer import offline_t5_tokenizer
+
+
+@pytest.fixture(scope="module")
+def sd2():
+    return load_pipeline("tiny-sd2")
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return load_pipeline("tiny-sd3")
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return load_pipeline("tiny-flux")
+
+
+def test_tiny_pipelines_say_what_they_are(sd2, sd3, flux):
+    assert (sd2.architecture, sd2.prediction_type, sd2.denoiser_name) == ("sd", "v_prediction", "unet")
+    assert (sd3.architecture, sd3.prediction_type, sd3.denoiser_name) == ("sd3", "flow", "transformer")
+    assert (flux.architecture, flux.prediction_type, flux.denoiser_name) == ("flux", "flow", "transformer")
+    with pytest.raises(TypeError, match="transformer, not a UNet"):
+        flux.unet  # noqa: B018
+    # the reference UCE-Flux script tells the pooled input from the token input by its width: 768 and not 768
+    transformer = flux.denoiser.config
+    assert transformer.pooled_projection_dim == 768 and transformer.joint_attention_dim != 768
+    layers = {layer.name: layer.reads for layer in flux.cross_attention_layers()}
+    assert layers == {"context_embedder": "tokens", "time_text_embed.text_embedder.linear_1": "pooled"}
+
+
+def test_offline_t5_tokenizer_follows_t5_conventions_and_saves(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = offline_t5_tokenizer()
+    ids = tokenizer("van gogh", padding="max_length", max_length=8)
+    assert ids["input_ids"][2:4] == [tokenizer.eos_token_id, tokenizer.pad_token_id] == [1, 0]  # no BOS, </s>, <pad>
+    assert sum(ids["attention_mask"]) == 3 and tokenizer.bos_token_id is None
+    tokenizer.save_pretrained(tmp_path)
+    assert (
+        AutoTokenizer.from_pretrained(tmp_path)("a painting of a cat")["input_ids"]
+        == tokenizer("a painting of a cat")["input_ids"]
+    )
+
+
+def test_prompt_positions_follow_the_position_tokenizer(sd3, flux):
+    assert flux.text_length == 512  # FluxPipeline's default T5 length, the reference script's for FLUX.1-dev
+    assert flux.phrase_positions("a painting by van gogh", "van gogh") == [3, 4]  # T5: no BOS, first word is row 0
+    assert flux.last_token_position("van gogh") == 1 and flux.last_token_position("") == 511  # -1: last padding row
+    enc3 = sd3.encode_prompts(["van gogh"])
+    assert enc3.embeddings.shape == (1, 77 + 256, 96) and enc3.pooled.shape == (1, 64)
+    assert sd3.phrase_positions("a painting by van gogh", "van gogh") == [4, 5]  # CLIP rows: BOS is row 0
+    assert sd3.last_token_position("") == 0
+
+
+@pytest.mark.parametrize("model", ["sd3", "flux"])
+def test_prediction_is_what_the_pipeline_computes_at_recorded_inputs(model, request):
+    """noise_prediction on a trajectory's recorded (x_t, t) reproduces the denoiser output of the pipeline's own call
+    (conditional half), so training on trajectories trains what the pipeline samples with."""
+    from pipelines.sampling import FLUX_EMBEDDED_GUIDANCE
+
+    wrapper = request.getfixturevalue(model)
+    outputs = []
+
+    def keep(_module, _inputs, output):  # noqa: ANN001, ANN202
+        outputs.append((output[0] if isinstance(output, tuple) else output.sample).detach())
+
+    handle = wrapper.denoiser.register_forward_hook(keep)
+    try:
+        latents, timesteps = wrapper.sample_trajectories(["van gogh"], [3], steps=2, guidance=FLUX_EMBEDDED_GUIDANCE)
+    finally:
+        handle.remove()
+    assert latents.shape == (1, 2, 4, 16, 16) and timesteps.shape == (2,)
+    encoding = wrapper.encode_prompts(["van gogh"])
+    for k in range(2):
+        predicted = wrapper.noise_prediction(latents[:, k], timesteps[k], encoding)
+        called = outputs[k][-1:]
+        if called.dim() == 3:  # Flux's packed tokens
+            called = wrapper.pipe._unpack_latents(called, 32, 32, wrapper.pipe.vae_scale_factor)
+        assert predicted.shape == (1, 4, 16, 16)
+        assert torch.allclose(predicted, called, atol=1e-4), (model, k)
+
+
+def test_velocity_esd_target_is_the_noise_target_in_velocity_form():
+    """Design note section 6: at one x_t, eps is affine in the prediction with coefficients shared by every
+    condition, and ESD's target combines predictions with coefficients summing to 1, so the target computed on raw
+    velocities (flow matching) or v (SD 2.x) is the noise-form target expressed in that form."""
+    from erase.lora.esd import esd_target
+
+    gen = torch.Generator().manual_seed(0)
+    x_t, v_c, v_0 = (torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    eta = 1.7
+    sigma = 0.6  # flow matching: x_t = (1 - sigma) x_0 + sigma eps, v = eps - x_0  =>  eps = x_t + (1 - sigma) v
+    to_eps = lambda v: x_t + (1 - sigma) * v  # noqa: E731
+    assert torch.allclose(to_eps(esd_target(v_c, v_0, eta)), esd_target(to_eps(v_c), to_eps(v_0), eta))
+    alpha, s = 0.8, 0.6  # v-prediction: v = alpha eps - s x_0  =>  eps = alpha v + s x_t
+    to_eps = lambda v: alpha * v + s * x_t  # noqa: E731
+    assert torch.allclose(to_eps(esd_target(v_c, v_0, eta)), esd_target(to_eps(v_c), to_eps(v_0), eta))
+
+
+def _reference_uce_flux(wrapper, edit, guides, preserve, erase_scale=1.0, preserve_scale=1.0, lamb=0.5):
+    """``trainscripts/uce_flux_edit.py`` (rohitgandikota/unified-concept-editing) written out in float64: keys from
+    ``pipe.encode_prompt`` (T5 row ``attention_mask.sum() - 2`` of ``tokenizer_2`` at length 512, or the pooled CLIP
+    vector for the 768-input layer), targets ``module(c_guide)`` with the bias, and
+
+        W_new = (lamb W + s_e sum v*_g c_i^T + s_p sum v*_j c_j^T) (lamb I + s_e sum c_i c_i^T + s_p sum c_j c_j^T)^-1
+    """
+    pipe = wrapper.pipe
+    keys = {}
+    for text in dict.fromkeys([*edit, *guides, *preserve]):
+        t5, pooled, _ = pipe.encode_prompt(prompt=text, prompt_2=None, device="cpu", max_sequence_length=512)
+        mask = pipe.tokenizer_2(text, padding="max_length", max_length=512, truncation=True, return_tensors="pt")
+        index = int(mask["attention_mask"].sum()) - 2
+        keys[text] = (t5[0, index].double(), pooled[0].double())
+    weights = {}
+    for name in ("context_embedder", "time_text_embed.text_embedder.linear_1"):
+        module = pipe.transformer.get_submodule(name)
+        w, b = module.weight.detach().double(), module.bias.detach().double()
+        slot = 1 if w.shape[1] == 768 else 0
+        left, right = lamb * w, lamb * torch.eye(w.shape[1], dtype=torch.float64)
+        for concept, guide in zip(edit, guides, strict=True):
+            c, target = keys[concept][slot], w @ keys[guide][slot] + b
+            left, right = left + erase_scale * torch.outer(target, c), right + erase_scale * torch.outer(c, c)
+        for concept in preserve:
+            c = keys[concept][slot]
+            left = left + preserve_scale * torch.outer(w @ c + b, c)
+            right = right + preserve_scale * torch.outer(c, c)
+        weights[name] = left @ torch.linalg.inv(right)
+    return weights
+
+
+def _relative_gaps(wrapper, artifact, reference):
+    gaps = {}
+    for name, expected in reference.items():
+        ours = wrapper.module(f"transformer.{name}").weight.detach().double() + artifact.deltas[f"transformer.{name}"]
+        gaps[name] = float((ours - expected).norm() / expected.norm())  # ours: float32 weights plus the change
+    return gaps
+
+
+@pytest.mark.parametrize(
+    "edit, guide, preserve",
+    [
+        (["van gogh"], "", []),
+        pytest.param(["van gogh", "claude monet"], "art", ["a dog", "pablo picasso"], marks=pytest.mark.slow),
+    ],
+)
+def test_uce_on_flux_equals_the_reference_formula(flux, edit, guide, preserve):
+    """Our uce on Flux gives the reference's weights (relative Frobenius <= 1e-5): same layers, same keys (the empty
+    guide's last *padding* row of T5 included), same bias-carrying targets (the bias direction is one more rank of
+    the change)."""
+    with torch.no_grad():
+        reference = _reference_uce_flux(flux, edit, [guide] * len(edit), preserve)
+    artifact = erase.erase_concepts(flux, ConceptSpec(tuple(edit), (guide,), tuple(preserve)), "uce")
+    gaps = _relative_gaps(flux, artifact, reference)
+    assert max(gaps.values()) <= 1e-5, gaps
+    ranks = {name: a.shape[0] for name, (a, _) in artifact.payload("weights").lora_factors().items()}
+    assert set(ranks.values()) == {len(edit) + 1}
+
+
+def test_uce_on_sd3_edits_both_projections_with_exact_factors(sd3):
+    artifact = erase.erase_concepts(sd3, ConceptSpec(("van gogh",), preserve=("a dog",)), "uce")
+    names = {"transformer.context_embedder", "transformer.time_text_embed.text_embedder.linear_1"}
+    assert set(artifact.deltas) == names and all(0 < r < 1 for r in artifact.info["relative_change"].values())
+    factors = artifact.payload("weights").lora_factors()
+    for name, (lora_a, lora_b) in factors.items():
+        assert lora_a.shape[0] == 2  # one erased embedding plus the bias direction
+        assert torch.allclose(lora_b @ lora_a, artifact.deltas[name], atol=1e-6)
+
+
+def test_methods_refuse_architectures_they_do_not_run_on(flux):
+    for method in ("time", "spm", "itd"):
+        with pytest.raises(ValueError, match=f"method '{method}' does not run on flux pipelines: .+ runs on sd"):
+            erase.erase_concepts(flux, ["van gogh"], method)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["uce", "esd"])
+def test_erase_script_on_saved_sd3_and_flux_folders(method, tmp_path_factory, capsys):
+    """``scripts/erase.py --model <folder> --no-check`` (its ``erase.cli.main``) for uce and esd on saved tiny SD3
+    and Flux folders; the artifact loads with the pipeline's own ``load_lora_weights`` and its change equals the
+    artifact's. ESD's LoRA sits on the joint attention's text side and trains on velocity predictions."""
+    from diffusers import DiffusionPipeline
+
+    from erase.cli import main
+    from erase.core.artifact import load_artifact
+    from pipelines.tiny import tiny_pipeline
+
+    for name in ("tiny-sd3", "tiny-flux"):
+        model = tmp_path_factory.getbasetemp() / f"model-{name}"
+        if not model.exists():
+            tiny_pipeline(name).save_pretrained(model)
+        out = tmp_path_factory.mktemp("out") / f"{method}-{name}"
+        quick = ["--set", "steps=2", "--set", "pool_images=1", "--set", "pool_steps=2"] if method == "esd" else []
+        argv = ["--model", str(model), "--concept", "van gogh", "--method", method, "--no-check", "--out", str(out),
+                "--quiet", *quick]  # fmt: skip
+        assert main(argv) == 0, capsys.readouterr().err[-2000:]
+        artifact = load_artifact(out)
+        if method == "esd":
+            assert all(".attn.add_" in n or ".attn.to_add_out" in n for n in artifact.layers)
+        pipe = DiffusionPipeline.from_pretrained(model)
+        modules = {n: pipe.transformer.get_submodule(n.partition(".")[2]) for n in artifact.layers}
+        before = {n: m.weight.detach().clone() for n, m in modules.items()}
+        pipe.load_lora_weights(out)
+        pipe.fuse_lora()
+        for layer, delta in artifact.deltas.items():
+            change = modules[layer].weight.detach() - before[layer]
+            assert torch.allclose(change, delta, atol=1e-3 * max(delta.abs().max().item(), 1e-6) + 1e-7), layer
