@@ -317,6 +317,7 @@ class _RetainPoolSettings:
         training=True,
         sampler_steps=("pool_steps",),
         guides=False,
+        architectures=("sd",),  # the inner attack's soft tokens enter through one text encoder's input embeddings
         quick={
             **TRAINED.quick,
             "steps": 6,
