@@ -103,6 +103,7 @@ def test_rece_adversary_is_the_attacks_map_against_the_current_adapted_keys_and_
     assert torch.equal(none, torch.zeros_like(none))  # nothing adapted on the keys/values: the clean prompt
 
 
+@pytest.mark.slow
 def test_predictions_perturb_and_reencode_only_the_trained_side_and_text_rows(tiny):
     encoding = tiny.encode_prompts(["van gogh", "monet"])
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
