@@ -26,6 +26,7 @@ __all__ = [
     "HookHandles",
     "add_output_edit",
     "add_prompt_scaled_lora",
+    "attention_probabilities",
     "capture",
     "hook_point",
     "hook_points",
@@ -141,6 +142,41 @@ def capture(pipe: Pipeline, module_names: Sequence[str]) -> Iterator[dict[str, l
 
             handles.append(module(pipe, name).register_forward_hook(hook))
         yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def attention_probabilities(pipe: Pipeline, attention_names: Sequence[str]) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Record, differentiably, the attention probabilities of the named attention modules (qualified names, e.g.
+    ``"unet.<block>.attn2"``) during the ``with`` block: ``softmax(q k^T * scale)`` per head, ``(batch, heads,
+    queries, keys)`` float32 for every call, from the outputs of the module's ``to_q`` and ``to_k`` (whatever adapters
+    they hold) as diffusers' attention processors form them (no query/key norm: SD 1.x/2.x/XL's blocks).
+    Hooks on ``to_q`` and ``to_k``, removed afterwards."""
+    found: dict[str, list[torch.Tensor]] = {name: [] for name in attention_names}
+    queries: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+        return x.reshape(x.shape[0], x.shape[1], heads, x.shape[2] // heads).transpose(1, 2).float()
+
+    try:
+        for name in attention_names:
+            attention = module(pipe, name)
+            if getattr(attention, "norm_q", None) is not None or getattr(attention, "norm_k", None) is not None:
+                raise ValueError(f"{name} normalises its queries or keys: its probabilities are not q k^T")
+
+            def on_query(_module, _inputs, output, name=name):  # noqa: ANN001, ANN202 - torch's forward hook signature
+                queries[name] = output
+
+            def on_key(_module, _inputs, output, name=name, attention=attention):  # noqa: ANN001, ANN202
+                q, k = split_heads(queries.pop(name), attention.heads), split_heads(output, attention.heads)
+                found[name].append((q @ k.transpose(-1, -2) * attention.scale).softmax(dim=-1))
+
+            handles.append(attention.to_q.register_forward_hook(on_query))
+            handles.append(attention.to_k.register_forward_hook(on_key))
+        yield found
     finally:
         for handle in handles:
             handle.remove()

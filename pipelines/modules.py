@@ -143,11 +143,12 @@ def components(pipe: Pipeline) -> dict[str, torch.nn.Module]:
 def module(pipe: Pipeline, name: str) -> torch.nn.Module:
     """A module by qualified name, ``"<component>.<path>"``; ``KeyError`` in one line when there is none."""
     component, _, path = name.partition(".")
-    modules = components(pipe)
-    if component not in modules:
-        raise KeyError(f"no pipeline component {component!r} (have {sorted(modules)})")
+    # the pipeline's config names its components; ``pipe.components`` would inspect signatures at every lookup
+    root = getattr(pipe, component, None) if component in pipe.config and not component.startswith("_") else None
+    if not isinstance(root, torch.nn.Module):
+        raise KeyError(f"no pipeline component {component!r} (have {sorted(components(pipe))})")
     try:
-        return modules[component].get_submodule(path) if path else modules[component]
+        return root.get_submodule(path) if path else root
     except AttributeError as err:
         raise KeyError(f"no module {name!r} in the pipeline") from err
 

@@ -25,11 +25,13 @@ __all__ = [
     "PromptEncoding",
     "check_prompt",
     "decode_tokens",
+    "encode_prompt_prefixes",
     "encode_prompts",
     "encode_with_vectors",
     "last_token_position",
     "max_prompt_tokens",
     "phrase_positions",
+    "prefix_encodable",
     "special_token_ids",
     "token_count",
     "text_length",
@@ -155,6 +157,53 @@ def _encode_prompts(pipe: Pipeline, prompts: list[str]) -> PromptEncoding:
         embeds, _ = pipe.encode_prompt(prompts, **options)
         pooled = None
     return PromptEncoding(prompts, input_ids, embeds, lengths, pooled)
+
+
+def prefix_encodable(pipe: Pipeline) -> bool:
+    """Whether every text encoder is causal, so that :func:`encode_prompt_prefixes` encodes only the prefix:
+    SD 1.x/2.x and SDXL with CLIP text encoders (not SD3/Flux, whose T5 attends both ways)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if architecture(pipe) not in ("sd", "sdxl"):
+        return False
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if is_sdxl(pipe) else [])
+    return all(isinstance(encoder, CLIPTextModel | CLIPTextModelWithProjection) for encoder in encoders)
+
+
+@torch.no_grad()
+def encode_prompt_prefixes(pipe: Pipeline, prompts: Sequence[str], length: int) -> PromptEncoding:
+    """The first ``length`` token positions of :func:`encode_prompts`' embeddings, computed from those positions
+    alone where the text encoders are causal (:func:`prefix_encodable`).
+
+    CLIP's text transformer is causal (position i attends to positions <= i) and its final layer norm works per
+    token, so the first ``length`` outputs depend on the first ``length`` tokens only: SD 1.x/2.x and SDXL encode
+    just that prefix, as their ``encode_prompt`` calls the encoders (SD: last hidden state; SDXL: both encoders'
+    penultimate hidden states side by side). Any other pipeline is encoded whole and sliced. ``pooled`` is
+    ``None`` (the pooled embedding is read at EOS, which a prefix may not reach).
+    """
+    prompts = list(prompts)
+    full = text_length(pipe)
+    if not 1 <= length <= full:
+        raise ValueError(f"prefix length must be in 1..{full}, got {length}")
+    if not prefix_encodable(pipe):
+        whole = encode_prompts(pipe, prompts)
+        return PromptEncoding(prompts, whole.input_ids, whole.embeddings[:, :length], whole.lengths)
+    tok = pipe.tokenizer(prompts, padding="max_length", max_length=full, truncation=True, return_tensors="pt")
+    pairs = [(tok, pipe.text_encoder)]
+    if is_sdxl(pipe):
+        second = pipe.tokenizer_2(prompts, padding="max_length", max_length=full, truncation=True, return_tensors="pt")
+        pairs.append((second, pipe.text_encoder_2))
+    # the device encode_prompt runs the encoders on (the UNet's, which they share), read without walking the UNet
+    device, parts = next(pipe.text_encoder.parameters()).device, []
+    for ids, encoder in pairs:
+        mask = None
+        if getattr(encoder.config, "use_attention_mask", False):
+            mask = ids.attention_mask[:, :length].to(device)
+        out = encoder(ids.input_ids[:, :length].to(device), attention_mask=mask, output_hidden_states=is_sdxl(pipe))
+        parts.append(out.hidden_states[-2] if is_sdxl(pipe) else out[0])
+    dtype = (pipe.text_encoder_2 if is_sdxl(pipe) else pipe.text_encoder).dtype
+    embeds = torch.cat(parts, dim=-1).to(dtype=dtype, device=device)
+    return PromptEncoding(prompts, tok.input_ids, embeds, tok.attention_mask.sum(dim=1))
 
 
 def encode_with_vectors(pipe: Pipeline, templates: Sequence[str], vectors: torch.Tensor) -> PromptEncoding:

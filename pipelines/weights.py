@@ -30,6 +30,7 @@ __all__ = [
     "apply_weight_deltas",
     "export_pipeline",
     "fingerprint",
+    "fingerprints",
     "lora_adapters",
     "lora_module_names",
     "parameter_norm",
@@ -283,18 +284,39 @@ def fingerprint(pipe: Pipeline, module_names: Sequence[str], precision: torch.dt
     ``precision`` rounds the weights to that dtype first: a float32 pipeline's float16 fingerprint equals the plain
     fingerprint of the same weights loaded in float16 (diffusers' ``torch_dtype`` casts the same way).
     """
-    digest = hashlib.sha256()
+    return fingerprints(pipe, module_names, (precision,))[precision]
+
+
+def fingerprints(
+    pipe: Pipeline, module_names: Sequence[str], precisions: Sequence[torch.dtype] = (torch.float32,)
+) -> dict[torch.dtype, str]:
+    """:func:`fingerprint` at each of ``precisions``, in one pass over the weights (each module looked up once,
+    each tensor moved to the CPU once and hashed in place)."""
+    digests = {p: hashlib.sha256() for p in precisions}
     for name in sorted(module_names):
         for pname, param in sorted(module(pipe, name).state_dict().items()):
-            digest.update(f"{name}.{pname}".encode())
-            rounded = param.detach().to("cpu").to(precision).to(torch.float32)
-            digest.update(rounded.contiguous().numpy().tobytes())
-    return digest.hexdigest()
+            label = f"{name}.{pname}".encode()
+            values = param.detach().to("cpu")
+            for precision, digest in digests.items():
+                rounded = values.to(precision).to(torch.float32).contiguous()
+                digest.update(label)
+                digest.update(rounded.numpy())
+    return {p: d.hexdigest() for p, d in digests.items()}
 
 
-def weight_norms(pipe: Pipeline, module_names: Sequence[str]) -> dict[str, float]:
-    """Frobenius norm of each named module's weight, in float64."""
-    return {name: float(module(pipe, name).weight.detach().double().norm()) for name in sorted(module_names)}
+def weight_norms(
+    pipe: Pipeline, module_names: Sequence[str], deltas: dict[str, torch.Tensor] | None = None
+) -> dict[str, float]:
+    """Frobenius norm of each named module's weight, in float64; with ``deltas``, of the weight
+    :func:`apply_weight_deltas` would leave (``W + dW`` summed in the weight's dtype), the pipeline left unchanged."""
+    deltas = deltas or {}
+    norms = {}
+    for name in sorted(module_names):
+        weight = module(pipe, name).weight.detach()
+        if name in deltas:
+            weight = weight + deltas[name].to(weight.device, weight.dtype)
+        norms[name] = float(weight.double().norm())
+    return norms
 
 
 def parameter_norm(pipe: Pipeline, name: str) -> float:

@@ -188,6 +188,16 @@ class PipelineWrapper:
         for training the text encoder)."""
         return text.encode_prompts(self.pipe, prompts, grad)
 
+    @property
+    def prefix_encodable(self) -> bool:
+        """Whether :meth:`encode_prompt_prefixes` encodes only the prefix (causal text encoders: SD 1.x/2.x, SDXL)."""
+        return text.prefix_encodable(self.pipe)
+
+    def encode_prompt_prefixes(self, prompts: Sequence[str], length: int) -> PromptEncoding:
+        """The first ``length`` positions of :meth:`encode_prompts`' embeddings, from those positions alone where the
+        text encoders are causal (:func:`text.encode_prompt_prefixes`)."""
+        return text.encode_prompt_prefixes(self.pipe, prompts, length)
+
     def encode_with_vectors(self, templates: Sequence[str], vectors: torch.Tensor) -> PromptEncoding:
         """Text embeddings of prompts whose ``{}`` slots hold free input-embedding vectors, differentiably
         (:func:`text.encode_with_vectors`)."""
@@ -276,9 +286,18 @@ class PipelineWrapper:
         """sha256 over the named modules' weights rounded to ``precision`` (:func:`weights.fingerprint`)."""
         return weights.fingerprint(self.pipe, module_names, precision)
 
-    def weight_norms(self, module_names: Sequence[str]) -> dict[str, float]:
-        """Frobenius norm of each named module's weight, in float64."""
-        return weights.weight_norms(self.pipe, module_names)
+    def fingerprints(
+        self, module_names: Sequence[str], precisions: Sequence[torch.dtype] = (torch.float32,)
+    ) -> dict[torch.dtype, str]:
+        """:meth:`fingerprint` at several precisions in one pass over the weights (:func:`weights.fingerprints`)."""
+        return weights.fingerprints(self.pipe, module_names, precisions)
+
+    def weight_norms(
+        self, module_names: Sequence[str], deltas: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, float]:
+        """Frobenius norm of each named module's weight, in float64; with ``deltas``, of ``W + dW`` as applying
+        them would leave it, the pipeline unchanged (:func:`weights.weight_norms`)."""
+        return weights.weight_norms(self.pipe, module_names, deltas)
 
     def parameter_norm(self, name: str) -> float:
         """Frobenius norm of all of a module's parameters together (a whole component), in float64."""
@@ -308,6 +327,13 @@ class PipelineWrapper:
     def capture(self, module_names: Sequence[str]) -> contextlib.AbstractContextManager[dict[str, list[torch.Tensor]]]:
         """Record the outputs of the named modules (qualified names) during the ``with`` block."""
         return hooks.capture(self.pipe, module_names)
+
+    def attention_probabilities(
+        self, attention_names: Sequence[str]
+    ) -> contextlib.AbstractContextManager[dict[str, list[torch.Tensor]]]:
+        """Record, differentiably, the attention probabilities of the named attention modules during the ``with``
+        block (:func:`hooks.attention_probabilities`)."""
+        return hooks.attention_probabilities(self.pipe, attention_names)
 
     def intervene(
         self, edits: dict[str, Callable[[torch.Tensor], torch.Tensor]]

@@ -5,6 +5,11 @@
     python scripts/bench_uce.py --skip-sd14     # micro only
     python scripts/bench_uce.py --save-sd14 /tmp/sd14   # also save the SD 1.4-shaped pipeline (4 GB) for erase.py:
     python scripts/erase.py --model /tmp/sd14 --concept "van gogh" --no-check
+    python scripts/bench_uce.py --threads 1 --json /tmp/uce.json   # also write the figures as JSON
+
+Each model also gets the cost breakdown of one ``erase.erase_concepts`` call (one concept, scripts/erase.py's
+defaults): prompt encoding, the solve (closed form and per-layer changes), fingerprints, norms, and the whole call,
+repeated on one base (its float16/bfloat16 fingerprints and norms remembered) and first on a base.
 
 At SD 1.4 shapes the text embeddings are drawn at random (prompt encoding is excluded from the timing, as
 encoding cost is the text encoder's, not the method's); the solve and the per-layer weight changes are timed.
@@ -13,6 +18,7 @@ encoding cost is the text encoder's, not the method's); the solve and the per-la
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -25,9 +31,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import erase  # noqa: E402
-from erase.closed_form.uce import edit_from_update, uce_update  # noqa: E402
+from erase.closed_form.speed import SPEEDConfig, speed_terms, speed_update  # noqa: E402
+from erase.closed_form.uce import concept_embeddings, edit_from_update, uce_update  # noqa: E402
 from erase.core.inputs import check_option_minimums, error_line  # noqa: E402
 from erase.core.layout import check_writable_folder  # noqa: E402
+from erase.core.registry import forget_base_records  # noqa: E402
 from erase.workflow import erasure_settings  # noqa: E402
 from pipelines import load_pipeline  # noqa: E402
 
@@ -39,6 +47,45 @@ def timed(fn, repeats: int) -> tuple[float, float]:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times), min(times)
+
+
+def erase_breakdown(wrapper, label: str, repeats: int) -> dict[str, float]:
+    """Median seconds of one UCE ``erase_concepts`` call and of its parts, printed as one line."""
+    spec, config = erasure_settings(wrapper, ["van gogh"], "uce")  # the defaults scripts/erase.py uses
+    guides = [spec.guide_for(i) for i in range(len(spec.targets))]
+    embeddings = {}
+
+    def encode() -> None:
+        embeddings["erase"], embeddings["guide"] = concept_embeddings(wrapper, spec.targets, guides, config)
+
+    def solve() -> None:
+        u, v = uce_update(embeddings["erase"], embeddings["guide"], None, config.erase_scale, 1.0, config.lamb)
+        edit_from_update(wrapper, config.layers, u, v)
+
+    def first() -> None:
+        forget_base_records()
+        erase.erase_concepts(wrapper, spec, "uce", config)
+
+    steps = []
+    erase.erase_concepts(wrapper, spec, "uce", config)  # warm-up
+    figures = {"encode": timed(encode, repeats)[0], "solve": timed(solve, repeats)[0]}
+    totals = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        steps.append(erase.erase_concepts(wrapper, spec, "uce", config).info["seconds_by_step"])
+        totals.append(time.perf_counter() - start)
+    figures["total"] = statistics.median(totals)
+    for step in ("fingerprints", "norms"):
+        figures[step] = statistics.median(s[step] for s in steps)
+    figures["total_first_on_base"] = timed(first, repeats)[0]
+    figures["total_over_solve"] = figures["total"] / figures["solve"]
+    print(
+        f"{label}: erase_concepts, 1 concept: encode {figures['encode']:.3f} s, solve {figures['solve']:.3f} s, "
+        f"fingerprints {figures['fingerprints']:.3f} s, norms {figures['norms']:.3f} s, "
+        f"total {figures['total']:.3f} s ({figures['total_over_solve']:.1f}x the solve; "
+        f"first on a base {figures['total_first_on_base']:.3f} s)"
+    )
+    return figures
 
 
 def sd14_wrapper():
@@ -87,15 +134,19 @@ def main() -> None:
     parser.add_argument("--skip-sd14", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--save-sd14", metavar="DIR", help="save the SD 1.4-shaped random pipeline to DIR")
+    parser.add_argument("--json", metavar="FILE", help="also write the cost breakdowns to FILE (JSON)")
     args = parser.parse_args()
     try:
         check_option_minimums(args, {"repeats": 1, "threads": 1})
         if args.save_sd14:
             check_writable_folder(args.save_sd14)
+        if args.json:
+            check_writable_folder(os.path.dirname(os.path.abspath(args.json)))
     except (ValueError, OSError) as err:
         parser.error(error_line(err))
     torch.set_num_threads(args.threads)
     print(f"torch threads: {torch.get_num_threads()}")
+    report = {"threads": torch.get_num_threads(), "load_average": os.getloadavg()[0], "breakdown": {}}
 
     try:
         micro = load_pipeline("micro")
@@ -105,9 +156,25 @@ def main() -> None:
         spec, config = erasure_settings(micro, ["van gogh"], "uce")  # the defaults scripts/erase.py uses
         med, best = timed(lambda: erase.erase_concepts(micro, spec, "uce", config), args.repeats)
         print(f"micro: full UCE edit of 1 concept (encoding included): median {med:.3f} s, best {best:.3f} s")
+        report["breakdown"]["micro"] = erase_breakdown(micro, "micro", args.repeats)
 
-    if args.skip_sd14:
-        return
+    if not args.skip_sd14:
+        sd14(args, report)
+    if args.json:
+        write_json(args.json, report)
+
+
+def write_json(path: str, report: dict) -> None:
+    """``report`` as JSON at ``path``, written atomically."""
+    report["load_average_after"] = os.getloadavg()[0]
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(temporary, path)
+
+
+def sd14(args: argparse.Namespace, report: dict) -> None:
+    """The SD 1.4-shaped benchmarks: the cost breakdown of a whole call, then the solver at 1 and 100 concepts."""
     wrapper = sd14_wrapper()
     if args.save_sd14:
         wrapper.export_pipeline(args.save_sd14)
@@ -115,6 +182,7 @@ def main() -> None:
     layers = wrapper.cross_attention_layers()
     params = sum(p.numel() for p in wrapper.unet.parameters()) / 1e6
     print(f"SD 1.4 shapes: {len(layers)} cross-attention projections, {params:.0f}M UNet params")
+    report["breakdown"]["sd14"] = erase_breakdown(wrapper, "SD 1.4 shapes", args.repeats)
     gen = torch.Generator().manual_seed(0)
     # one embedding a concept ("last_token", the default) and 75 ("from_last": last token, EOS and padding)
     for mode, positions in (("last_token", 1), ("from_last", 75)):
@@ -132,6 +200,36 @@ def main() -> None:
                 f"SD 1.4 shapes: closed-form UCE ({mode}), {n:3d} concept(s) ({n * positions} embeddings, "
                 f"20 preserved): median {med:.3f} s, best {best:.3f} s"
             )
+    report["speed_sd14"] = speed_solve(wrapper, args.repeats)
+
+
+def speed_solve(wrapper, repeats: int) -> dict[str, float]:
+    """SPEED's closed form on every value projection (its default layers) at 1 and 100 concepts, 100 retained
+    concepts and the reference's refinement (random embeddings), median seconds."""
+    config = SPEEDConfig()
+    layers = wrapper.cross_attention_layers(config.layers)
+    weights = [layer.module.weight.detach().double() for layer in layers]
+    gen = torch.Generator().manual_seed(1)
+    retain = torch.randn(100, 768, generator=gen, dtype=torch.float64)
+    invariant = torch.randn(1 + config.null_clusters, 768, generator=gen, dtype=torch.float64)
+    figures = {}
+    for n in (1, 100):
+        c_target = torch.randn(n, 768, generator=gen, dtype=torch.float64)
+        c_anchor = torch.randn(n, 768, generator=gen, dtype=torch.float64)
+
+        def edit(c_target: torch.Tensor = c_target, c_anchor: torch.Tensor = c_anchor) -> None:
+            draws, terms = torch.Generator().manual_seed(0), speed_terms(c_target, c_anchor)
+            for weight in weights:
+                lora_b, lora_a = speed_update(weight, terms, retain, invariant, config, draws)
+                (lora_b @ lora_a).float()
+
+        med, best = timed(edit, repeats)
+        figures[f"concepts_{n}"] = med
+        print(
+            f"SD 1.4 shapes: closed-form SPEED (reference defaults, {len(layers)} value projections), {n:3d} "
+            f"concept(s), 100 retained: median {med:.3f} s, best {best:.3f} s"
+        )
+    return figures
 
 
 if __name__ == "__main__":

@@ -145,11 +145,17 @@ def _settings(**changes):
     "change, message",
     [
         (_settings(threshold=float("nan")), "threshold must be a finite number >= 0, got nan"),  # D5: NaN threshold
-        (_settings(threshold=float("inf")), "threshold must be a finite number >= 0, got inf"),  # D5: infinite threshold
+        (
+            _settings(threshold=float("inf")),
+            "threshold must be a finite number >= 0, got inf",
+        ),  # D5: infinite threshold
         (_settings(scale=float("nan")), "scale must be a finite number <= 0, got nan"),  # D5: NaN scale
         (_settings(gate_statistic="median"), "gate_statistic must be one of"),  # D5: unknown gate statistic
         (_settings(keep_error="no"), "keep_error must be true or false"),  # further: a string for a switch
-        (_settings(threshold=-1.0), "threshold must be a finite number >= 0, got -1.0"),  # further: a gate that lets every prompt through
+        (
+            _settings(threshold=-1.0),
+            "threshold must be a finite number >= 0, got -1.0",
+        ),  # further: a gate that lets every prompt through
     ],
 )
 def test_an_intervention_that_does_not_fit_is_refused_before_anything_is_installed(

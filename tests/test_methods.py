@@ -100,17 +100,18 @@ def test_artifact_loads_in_plain_diffusers_and_reproduces_the_in_memory_model(ti
     """Every method's default artifact loads in plain diffusers and draws what the in-memory edit draws (uint8 pixels
     within rounding), and the edit is visible: a LoRA (``load_lora_weights`` on a freshly loaded base) where that is
     smaller than the changed weights, which on the tiny model's 32-wide projections is every method but RECE (its
-    rounds edit all 77 token rows: full rank), whose artifact is the exported pipeline (``from_pretrained``)."""
+    rounds edit all 77 token rows: full rank) and MACE (its fusion solves for whole weights: full rank), whose
+    artifacts are the exported pipeline (``from_pretrained``)."""
     from pipelines import load_pipeline
 
     spec = ConceptSpec(("van gogh",), guides=("painting",))
     artifact = erase_concepts(tiny, spec, method, _fast_config(method))
     folder = erase.save_artifact(artifact, tmp_path / method, tiny)
     meta = json.loads((folder / "erasure.json").read_text())
-    full_rank = method == "rece"
+    full_rank = method in ("rece", "mace")
     assert meta["method"] == method and meta["guides"] == ["painting"]
     assert meta["weight_format"] == ("full" if full_rank else "lora")
-    if erase.get_method(method).capabilities.training:  # the adapters' own rank, saved exactly (no SVD)
+    if erase.get_method(method).capabilities.training and not full_rank:  # the adapters' own rank, saved exactly
         assert set(meta["payloads"]["weights"]["lora_ranks"].values()) == {meta["config"]["rank"]}
     prompts, seeds = ["a painting by van gogh", "a cat"], [0, 1]
     with tiny.weight_deltas(artifact.deltas):

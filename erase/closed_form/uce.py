@@ -108,6 +108,32 @@ def _positions(wrapper: PipelineWrapper, prompt: str, phrase: str, mode: str) ->
     return list(range(span[0] if mode == "from_first" else span[-1], total))
 
 
+def _prefix_rows(
+    wrapper: PipelineWrapper,
+    prompts: list[str],
+    concepts: Sequence[str],
+    guide_prompts: list[str],
+    guides: Sequence[str] | None,
+    config: UCEConfig,
+    rows: list[torch.Tensor],
+    guide_rows: list[torch.Tensor],
+) -> None:
+    """``concept_embeddings``' token rows of one template on causal text encoders: each distinct prompt once (the same
+    text, the same rows), in one batch, encoded up to the last position read; appended to ``rows``/``guide_rows``."""
+    pos = [_positions(wrapper, p, c, config.token_positions) for p, c in zip(prompts, concepts, strict=True)]
+    gpos = []
+    if guides is not None:
+        gpos = [_positions(wrapper, p, g, config.token_positions) for p, g in zip(guide_prompts, guides, strict=True)]
+    distinct = list(dict.fromkeys(prompts + guide_prompts))
+    enc = wrapper.encode_prompt_prefixes(distinct, 1 + max(max(p) for p in pos + gpos)).embeddings.double()
+    row = {p: i for i, p in enumerate(distinct)}
+    for i in range(len(prompts)):
+        n = min(len(pos[i]), len(gpos[i])) if gpos else len(pos[i])
+        rows.append(enc[row[prompts[i]], pos[i][:n]])
+        if gpos:
+            guide_rows.append(enc[row[guide_prompts[i]], gpos[i][:n]])
+
+
 def concept_embeddings(
     wrapper: PipelineWrapper,
     concepts: Sequence[str],
@@ -122,17 +148,21 @@ def concept_embeddings(
     the concept's last token, as in the authors' code: the k-th position after the target's last token is sent where
     the k-th position after the guide's last token goes. ``reads="pooled"``: the pooled text vector, one row per
     prompt (what SD3/Flux's pooled projection reads). ``encode`` encodes prompts (default:
-    ``wrapper.encode_prompts``; a memo of it lets both kinds share one encoding).
+    ``wrapper.encode_prompts``; a memo of it lets both kinds share one encoding). Token rows on causal text encoders
+    (SD 1.x/2.x, SDXL) come from prefix encodings instead (``_prefix_rows``): the same rows at less cost.
     """
     encode = encode or wrapper.encode_prompts
     rows, guide_rows = [], []
     for template in config.templates:
         prompts = [template.format(c) for c in concepts]
-        encoding = encode(prompts)
-        guide_encoding = None
+        guide_prompts = []
         if guides is not None:
             guide_prompts = [template.format(g).strip() if g else template.format("").strip() for g in guides]
-            guide_encoding = encode(guide_prompts)
+        if reads == "tokens" and wrapper.prefix_encodable:
+            _prefix_rows(wrapper, prompts, concepts, guide_prompts, guides, config, rows, guide_rows)
+            continue
+        encoding = encode(prompts)
+        guide_encoding = encode(guide_prompts) if guides is not None else None
         if reads == "pooled":
             if encoding.pooled is None:
                 raise ValueError("this model has no pooled text vector for a layer to read")
