@@ -27,6 +27,7 @@ _EXPORTS: dict[str, str] = {
     "CrossAttentionLayer": "modules",
     "HookHandles": "hooks",
     "LoraAdapters": "weights",
+    "TEXT_ENCODER_PREFIX": "weights",
     "ModelNotFoundError": "loading",
     "PipelineWrapper": "wrapper",
     "PromptEncoding": "text",
@@ -51,6 +52,7 @@ __all__ = [
     "ModelNotFoundError",
     "PipelineWrapper",
     "PromptEncoding",
+    "TEXT_ENCODER_PREFIX",
     "TEXT_PROJECTION_PATTERNS",
     "TINY_NAMES",
     "check_model_reference",
@@ -79,7 +81,7 @@ if TYPE_CHECKING:
     from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS
     from .text import PromptEncoding
     from .tokenizer import clean_prompt, offline_clip_tokenizer
-    from .weights import LoraAdapters
+    from .weights import TEXT_ENCODER_PREFIX, LoraAdapters
     from .wrapper import PipelineWrapper, load_pipeline, wrap_pipeline
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -130,10 +130,14 @@ def phrase_positions(pipe: Pipeline, prompt: str, phrase: str) -> list[int]:
     raise ValueError(f"phrase {phrase!r} does not occur in prompt {prompt!r}")
 
 
-@torch.no_grad()
-def encode_prompts(pipe: Pipeline, prompts: Sequence[str]) -> PromptEncoding:
-    """Per-token text embeddings exactly as the pipeline computes them for generation."""
-    prompts = list(prompts)
+def encode_prompts(pipe: Pipeline, prompts: Sequence[str], grad: bool = False) -> PromptEncoding:
+    """Per-token text embeddings exactly as the pipeline computes them for generation; ``grad``: with gradients
+    (a text encoder being trained), else without."""
+    with torch.set_grad_enabled(grad):
+        return _encode_prompts(pipe, list(prompts))
+
+
+def _encode_prompts(pipe: Pipeline, prompts: list[str]) -> PromptEncoding:
     tokenizer, kind = _position_tokenizer(pipe), architecture(pipe)
     tok = tokenizer(prompts, padding="max_length", max_length=text_length(pipe), truncation=True)
     input_ids = torch.tensor(tok["input_ids"])

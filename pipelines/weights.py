@@ -3,12 +3,18 @@
 Everything here addresses modules by qualified name (``"unet.<path>"``, ``"transformer.<path>"``, see
 :mod:`pipelines.modules`); a LoRA is saved in diffusers' own format, so ``pipe.load_lora_weights(folder)`` reproduces
 the change.
+
+Trainable adapters go on the denoiser and, for patterns that start with ``"text_encoder."``, on the (first) text
+encoder: adapter names are the denoiser's module paths as they are and the text encoder's qualified
+(``"text_encoder.text_model.encoder.layers.0.self_attn.q_proj"``), so a denoiser-only setup reads as it always has.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -16,13 +22,17 @@ import torch
 
 from .modules import Pipeline, linear_module_names, module
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
+    "TEXT_ENCODER_PREFIX",
     "LoraAdapters",
     "apply_weight_deltas",
     "export_pipeline",
     "fingerprint",
     "fingerprints",
     "lora_adapters",
+    "lora_module_names",
     "parameter_norm",
     "save_lora_weights",
     "weight_deltas",
@@ -30,20 +40,79 @@ __all__ = [
 ]
 
 
+#: LoRA target patterns with this prefix select text-encoder modules (the rest of the pattern is matched against the
+#: text encoder's own module names); the others select UNet modules
+TEXT_ENCODER_PREFIX = "text_encoder."
+
+
+def _split_patterns(patterns: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(UNet patterns, text-encoder patterns without the prefix)."""
+    unet = [p for p in patterns if not p.startswith(TEXT_ENCODER_PREFIX)]
+    text = [p[len(TEXT_ENCODER_PREFIX) :] for p in patterns if p.startswith(TEXT_ENCODER_PREFIX)]
+    return unet, text
+
+
+def lora_module_names(
+    unet: torch.nn.Module, patterns: Sequence[str], text_encoder: torch.nn.Module | None = None
+) -> list[str]:
+    """The Linear modules a LoRA on ``patterns`` adapts: UNet paths as they are, then text-encoder ones qualified
+    (``"text_encoder.<path>"``), each part sorted; ``ValueError`` when a part's patterns match nothing."""
+    unet_patterns, text_patterns = _split_patterns(patterns)
+    names = linear_module_names(unet, unet_patterns) if unet_patterns else []
+    if text_patterns:
+        if text_encoder is None:
+            raise ValueError("LoRA patterns name text_encoder modules, but the pipeline has no text encoder")
+        found = sorted(
+            name
+            for name, layer in text_encoder.named_modules()
+            if isinstance(layer, torch.nn.Linear) and any(fnmatch.fnmatchcase(name, p) for p in text_patterns)
+        )
+        if not found:
+            raise ValueError(f"no text-encoder Linear module matches the LoRA target patterns {text_patterns}")
+        logger.info("%d text-encoder Linear modules match the LoRA targets %s", len(found), text_patterns)
+        names += [TEXT_ENCODER_PREFIX + name for name in found]
+    return names
+
+
 class LoraAdapters:
-    """peft LoRA adapters injected into the denoiser by :func:`lora_adapters`; valid inside its block.
+    """peft LoRA adapters injected into the denoiser (and the text encoder) by :func:`lora_adapters`; valid inside
+    its block.
 
     Training code sees only these parameters, a switch that turns the adapters off (the frozen model is then the very
-    same denoiser, so one sits in memory), their state for checkpoints, and the trained change as exact factors.
+    same denoiser and text encoder, so one of each sits in memory), their state for checkpoints, and the trained
+    change as exact factors.
     """
 
     def __init__(
-        self, model: torch.nn.Module, names: Sequence[str], adapter_name: str, component: str = "unet"
+        self,
+        model: torch.nn.Module,
+        names: Sequence[str],
+        adapter_name: str,
+        component: str = "unet",
+        text_encoder: torch.nn.Module | None = None,
     ) -> None:
         self.names = list(names)
         self.adapter_name = adapter_name
         self.component = component
-        self._layers = {name: model.get_submodule(name) for name in self.names}
+        self._layers = {name: _root(name, model, text_encoder).get_submodule(_path(name)) for name in self.names}
+
+    @property
+    def adapts_text_encoder(self) -> bool:
+        """Whether some adapters sit on the text encoder (its encodings then change with training)."""
+        return any(name.startswith(TEXT_ENCODER_PREFIX) for name in self.names)
+
+    @torch.no_grad()
+    def adapted_weights(self, patterns: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{name: (W, W + dW)}`` float64 on the CPU for every adapted module whose name matches ``patterns``: its
+        base weight and its weight with the adapter's change as it is now."""
+        out = {}
+        for name, layer in self._layers.items():
+            if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+                base = layer.get_base_layer().weight.detach().double().cpu()
+                lora_a = layer.lora_A[self.adapter_name].weight.detach().double().cpu()
+                lora_b = layer.lora_B[self.adapter_name].weight.detach().double().cpu()
+                out[name] = (base, base + float(layer.scaling[self.adapter_name]) * lora_b @ lora_a)
+        return out
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """The trainable tensors, A then B per module in name order (a stable order for optimizer state)."""
@@ -86,15 +155,15 @@ class LoraAdapters:
                 layer.enable_adapters(True)
 
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """The trained change as exact factors ``{"<component>.<module>": (A, B * scaling)}``, dW = B @ A, float32 on
-        CPU."""
+        """The trained change as exact factors ``{"<component>.<module>" or "text_encoder.<module>": (A, B *
+        scaling)}``, dW = B @ A, float32 on CPU."""
         out = {}
         for name, layer in self._layers.items():
             lora_a = layer.lora_A[self.adapter_name].weight.detach().float().cpu().clone()
             lora_b = layer.lora_B[self.adapter_name].weight.detach().float().cpu() * float(
                 layer.scaling[self.adapter_name]
             )
-            out[f"{self.component}.{name}"] = (lora_a, lora_b)
+            out[name if name.startswith(TEXT_ENCODER_PREFIX) else f"{self.component}.{name}"] = (lora_a, lora_b)
         return out
 
     @torch.no_grad()
@@ -108,6 +177,14 @@ class LoraAdapters:
             layer.lora_B[self.adapter_name].weight.zero_()
 
 
+def _root(name: str, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> torch.nn.Module:
+    return text_encoder if name.startswith(TEXT_ENCODER_PREFIX) else unet
+
+
+def _path(name: str) -> str:
+    return name[len(TEXT_ENCODER_PREFIX) :] if name.startswith(TEXT_ENCODER_PREFIX) else name
+
+
 @contextlib.contextmanager
 def lora_adapters(
     unet: torch.nn.Module,
@@ -118,45 +195,58 @@ def lora_adapters(
     generator: torch.Generator,
     adapter_name: str = "erase",
     component: str = "unet",
+    text_encoder: torch.nn.Module | None = None,
 ) -> Iterator[LoraAdapters]:
     """Trainable peft LoRA adapters on the matching Linear modules of the denoiser ``unet`` (the pipeline's
-    ``component``: a UNet, or an SD3/Flux transformer), in place, for the ``with`` block.
+    ``component``: a UNet, or an SD3/Flux transformer) and, for patterns that start with ``"text_encoder."``, of
+    ``text_encoder`` (:func:`lora_module_names`), in place, for the ``with`` block.
 
-    A is drawn from ``generator`` (peft's own Kaiming-uniform bound, so the start is a function of the seed alone)
-    and B is zero, so the adapted model starts equal to the base. Afterwards the adapters are removed (also on
-    error): the original Linear modules are put back, with their weights bit-identical (peft never writes them
-    unless merged, which this never does) and their ``requires_grad`` flags as they were.
+    A is drawn from ``generator`` (peft's own Kaiming-uniform bound, so the start is a function of the seed alone;
+    the denoiser's modules first, then the text encoder's) and B is zero, so the adapted model
+    starts equal to the base. Afterwards the adapters are removed (also on error): the original Linear modules are
+    put back, with their weights bit-identical (peft never writes them unless merged, which this never does) and
+    their ``requires_grad`` flags as they were.
     """
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    if getattr(unet, "peft_config", None) or any(isinstance(m, BaseTunerLayer) for m in unet.modules()):
-        raise ValueError(
-            f"the {component} already holds peft adapters (a loaded LoRA?): erase from the plain base model"
-        )
-    names = linear_module_names(unet, patterns)
-    requires_grad = {name: p.requires_grad for name, p in unet.named_parameters()}
-    had_config = hasattr(unet, "peft_config")
-    config = LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=names, lora_dropout=0.0, bias="none", init_lora_weights=True
-    )
+    roots = {"unet": unet} if text_encoder is None else {"unet": unet, "text_encoder": text_encoder}
+    for what, root in roots.items():
+        if getattr(root, "peft_config", None) or any(isinstance(m, BaseTunerLayer) for m in root.modules()):
+            holder = component if what == "unet" else "text encoder"
+            raise ValueError(
+                f"the {holder} already holds peft adapters (a loaded LoRA?): erase from the plain base model"
+            )
+    names = lora_module_names(unet, patterns, text_encoder)
+    by_root: dict[str, list[str]] = {}
+    for name in names:
+        by_root.setdefault("text_encoder" if name.startswith(TEXT_ENCODER_PREFIX) else "unet", []).append(_path(name))
+    requires_grad = {what: {n: p.requires_grad for n, p in root.named_parameters()} for what, root in roots.items()}
+    had_config = {what: hasattr(root, "peft_config") for what, root in roots.items()}
     try:
-        inject_adapter_in_model(config, unet, adapter_name)
-        adapters = LoraAdapters(unet, names, adapter_name, component)
+        for what, paths in by_root.items():
+            config = LoraConfig(
+                r=rank, lora_alpha=alpha, target_modules=paths, lora_dropout=0.0, bias="none", init_lora_weights=True
+            )
+            inject_adapter_in_model(config, roots[what], adapter_name)
+        adapters = LoraAdapters(unet, names, adapter_name, component, text_encoder)
         adapters._initialise(generator)
         yield adapters
     finally:
-        for name in names:
-            layer = unet.get_submodule(name)
-            if isinstance(layer, BaseTunerLayer):
-                parent, _, child = name.rpartition(".")
-                setattr(unet.get_submodule(parent) if parent else unet, child, layer.get_base_layer())
-        if not had_config and hasattr(unet, "peft_config"):
-            del unet.peft_config
-        for name, param in unet.named_parameters():
-            param.requires_grad_(requires_grad.get(name, param.requires_grad))
+        for what, paths in by_root.items():
+            root = roots[what]
+            for name in paths:
+                layer = root.get_submodule(name)
+                if isinstance(layer, BaseTunerLayer):
+                    parent, _, child = name.rpartition(".")
+                    setattr(root.get_submodule(parent) if parent else root, child, layer.get_base_layer())
+        for what, root in roots.items():
+            if not had_config[what] and hasattr(root, "peft_config"):
+                del root.peft_config
+            for name, param in root.named_parameters():
+                param.requires_grad_(requires_grad[what].get(name, param.requires_grad))
 
 
 @torch.no_grad()

@@ -164,9 +164,10 @@ class PipelineWrapper:
         return original_names.original_unet_path(self.unet, path)
 
     def lora_modules(self, patterns: Sequence[str]) -> list[str]:
-        """The denoiser's Linear module names (unqualified) matching ``patterns``, sorted; ``ValueError`` for none
-        (:func:`modules.linear_module_names`)."""
-        return modules.linear_module_names(self.denoiser, patterns)
+        """The denoiser's Linear module names matching ``patterns``, sorted: unqualified, and the text encoder's
+        (patterns starting ``"text_encoder."``) qualified; ``ValueError`` for none
+        (:func:`weights.lora_module_names`)."""
+        return weights.lora_module_names(self.denoiser, patterns, getattr(self.pipe, "text_encoder", None))
 
     # ------------------------------------------------------------------ prompts (pipelines.text)
     def token_count(self, prompt: str) -> int:
@@ -187,9 +188,10 @@ class PipelineWrapper:
         BOS for an empty CLIP prompt, the last padding row for Flux's empty T5 prompt)."""
         return text.last_token_position(self.pipe, prompt)
 
-    def encode_prompts(self, prompts: Sequence[str]) -> PromptEncoding:
-        """Per-token text embeddings exactly as the pipeline computes them for generation."""
-        return text.encode_prompts(self.pipe, prompts)
+    def encode_prompts(self, prompts: Sequence[str], grad: bool = False) -> PromptEncoding:
+        """Per-token text embeddings exactly as the pipeline computes them for generation (``grad``: differentiable,
+        for training the text encoder)."""
+        return text.encode_prompts(self.pipe, prompts, grad)
 
     @property
     def prefix_encodable(self) -> bool:
@@ -269,11 +271,12 @@ class PipelineWrapper:
         generator: torch.Generator,
         adapter_name: str = "erase",
     ) -> contextlib.AbstractContextManager[LoraAdapters]:
-        """Trainable peft LoRA adapters on the matching denoiser Linear modules for the ``with`` block, removed
-        afterwards with the weights bit-identical (:func:`weights.lora_adapters`)."""
+        """Trainable peft LoRA adapters on the matching denoiser (and, for ``"text_encoder."`` patterns,
+        text-encoder) Linear modules for the ``with`` block, removed afterwards with the weights bit-identical
+        (:func:`weights.lora_adapters`)."""
         return weights.lora_adapters(
             self.denoiser, patterns, rank, alpha, generator=generator, adapter_name=adapter_name,
-            component=self.denoiser_name,
+            component=self.denoiser_name, text_encoder=getattr(self.pipe, "text_encoder", None),
         )  # fmt: skip
 
     def apply_weight_deltas(self, deltas: dict[str, torch.Tensor], scale: float = 1.0) -> None:

@@ -72,9 +72,12 @@ def test_method_changes_target_and_leaves_other_modules_bit_identical(tiny, meth
     artifact = erase_concepts(tiny, ConceptSpec(("van gogh",), preserve=("monet",)), method, _fast_config(method))
     # Methods return the change; the pipeline is untouched until it is applied.
     assert all(torch.equal(v, tiny.pipe.unet.state_dict()[k]) for k, v in before.items())
-    edited = {name.removeprefix("unet.") + ".weight" for name in artifact.deltas}
+    # UNet modules by their path, text-encoder modules qualified (as LoRA patterns name them)
+    names = [name.removeprefix("unet.") for name in artifact.deltas]
     patterns = _edited_patterns(method)
-    assert all(any(fnmatch.fnmatchcase(name.removesuffix(".weight"), p) for p in patterns) for name in edited)
+    assert all(any(fnmatch.fnmatchcase(name, p) for p in patterns) for name in names)
+    edited = {name + ".weight" for name in names if not name.startswith("text_encoder.")}
+    text_edited = {n.removeprefix("text_encoder.") + ".weight" for n in names if n.startswith("text_encoder.")}
     base = _pixels(tiny.generate(["a painting by van gogh"], [0], steps=3, progress=False))
     if artifact.payload("transport") is not None:  # facilitated transport: applied as hooks, the weights stay
         tiny.apply_weight_deltas(artifact.deltas)
@@ -86,7 +89,8 @@ def test_method_changes_target_and_leaves_other_modules_bit_identical(tiny, meth
             assert not torch.equal(value, after_state[key]), key
         else:
             assert torch.equal(value, after_state[key]), key
-    assert all(torch.equal(v, tiny.pipe.text_encoder.state_dict()[k]) for k, v in text_before.items())
+    text_after = tiny.pipe.text_encoder.state_dict()
+    assert all(torch.equal(v, text_after[k]) != (k in text_edited) for k, v in text_before.items())
     erased = _pixels(tiny.generate(["a painting by van gogh"], [0], steps=3, progress=False))
     assert np.abs(base - erased).max() > 1
 

@@ -1,1 +1,1 @@
-"""LoRA unlearning: the trainer, esd, ca, spm and its facilitated transport."""
+"""LoRA unlearning: the trainer (adversarial training too), esd, ca, spm and its facilitated transport, advunlearn."""

@@ -71,6 +71,9 @@ class CAConfig(LoraTrainConfig):
 
     Attributes:
         train: ``kv`` (cross-attention keys and values, the reference's default) or ``xattn`` (all four projections).
+        adversarial_objective: ``"frozen"`` for adversarial training (``adversarial``): the adversary restores the
+            original model's prediction on the concept; RACE's ``"noise"`` would restore the pool's images, which are
+            the anchor's here.
         (``anchor_weight`` and ``anchor_prompts``: the family's anchor term, ``LoraTrainConfig``'s.)
     """
 
@@ -82,6 +85,7 @@ class CAConfig(LoraTrainConfig):
     pool_steps: int = 25
     pool_guidance: float = 6.0
     train: str = "kv"
+    adversarial_objective: str = "frozen"  # the pool is the anchor's: RACE's x_T would restore the anchor's image
 
 
 @dataclass
@@ -151,6 +155,7 @@ def erase_ca(wrapper: PipelineWrapper, concepts: ConceptSpec, config: CAConfig) 
             "config": config_key(config),
         },
         description=f"ca {', '.join(targets)}",
+        attacked=[[targets[i] for i in group] for group in loss.concepts_of],
     )
     edit.info.update(
         {

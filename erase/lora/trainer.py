@@ -26,12 +26,36 @@ training example), and each step draws (x_t, t) from it uniformly. This is the n
 without its per-iteration denoising cost, and close to what concept ablation does. What it gives up is the
 on-policy drift of the older ESD script and of SPM, which we do not reproduce.
 
+Adversarial training
+--------------------
+``adversarial`` names a training-time adversary (:mod:`erase.lora.adversarial`, RACE-style by default: PGD on the
+text encoder's output embedding of the concept prompt, renewed every step): the perturbation is added to the attacked
+prompts' embeddings on the trained model's side; the frozen targets keep the clean prompts. A method says which
+prompts are attacked on each pool prompt's examples (``attacked``; by default each pool prompt itself).
+
+How it meets the frozen-model pool: the adversary attacks at the pool's (x_t, t), the same examples the step trains
+on, so the trajectories stay the frozen model's on the clean prompt. RACE samples z_t with the model being trained on
+the clean prompt; the pool keeps the trainer's one distribution for every method and makes the attack the only
+thing that adapts to the model during training: an adversarial example is always fresh against the current adapters
+(renewed on schedule), only its x_t is not on-policy. RACE's objective needs the initial noise x_T of each example's
+trajectory, which the pool holds (its first UNet input, ``Batch.initial``). The pool is never re-sampled under attack.
+
+Text-encoder adapters
+---------------------
+Patterns that start with ``"text_encoder."`` put adapters on the text encoder's Linear modules (e.g.
+``"text_encoder.*self_attn.q_proj"``). The trained predictions then read the prompts through the adapted encoder:
+:meth:`Predictions.trained` re-encodes, with gradients, every row of the encoding it is given that is text (its
+prompt tokenises to its ``input_ids``); rows a loss made itself (SPM's latent anchors, embeddings with free vectors)
+go to the UNet as they are. The frozen predictions take the encoding as given, adapters off: losses encode their
+prompts before training, with the original encoder.
+
 Determinism and resuming
 ------------------------
 One explicit ``torch.Generator`` seeded with ``config.seed`` draws, in order: the pool's seeds, the LoRA A matrices,
 then every batch. A checkpoint (``checkpoint_dir``, every ``checkpoint_every`` steps and at the end) holds the
 adapters, Adam's state (safetensors tensors, hyperparameters in JSON), the generator's state, the losses so far and
-the pool: rerunning the same call continues from the last checkpoint and ends with the weights an uninterrupted run
+the pool, and the adversary's state (its perturbations in force and any tensors it keeps): rerunning the same call
+continues from the last checkpoint and ends with the weights an uninterrupted run
 ends with; rerunning it with more ``steps`` trains a finished run further. Nothing is pickled. A checkpoint folder
 made by another run (other settings, concepts, base weights or number of processes) is refused.
 
@@ -43,7 +67,9 @@ own batches (process 0 from the run's generator, process R from one seeded by (s
 the adapters' gradients and the loss are averaged across processes, so every process takes the same Adam step and
 ends with the same adapters: N processes train on N x ``batch_size`` examples a step. Process 0 alone writes the
 checkpoints, which hold every process's generator state. Each process samples the whole pool (it is small next to
-training); sharding it is left undone.
+training); sharding it is left undone. Under adversarial training each process renews its adversary on its own batch; a
+checkpoint holds process 0's adversary state, which every process resumes with (exact for a fresh adversary every
+step, ``adversarial_every`` 1; with a longer period the other processes continue from process 0's perturbation).
 """
 
 from __future__ import annotations
@@ -64,7 +90,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from pipelines import LORA_TARGETS, LoraAdapters, PipelineWrapper, PromptEncoding
+from pipelines import LORA_TARGETS, TEXT_ENCODER_PREFIX, LoraAdapters, PipelineWrapper, PromptEncoding
 from pipelines.files import (
     atomic_output,
     atomic_save_safetensors,
@@ -79,6 +105,7 @@ from pipelines.files import (
 from ..core.inputs import check_number_fields
 from ..core.registry import Capabilities, WeightEdit
 from ..core.weights import factor_products
+from .adversarial import AdversarialSchedule, check_adversarial
 
 __all__ = [
     "TRAINED",
@@ -125,6 +152,17 @@ class LoraTrainConfig:
             set); ``layers`` overrides it with explicit patterns.
         anchor_weight: weight of the family's anchor regularization (used only when there are anchor prompts).
         anchor_prompts: prompts whose predictions must not move; ``scripts/erase.py`` fills in ``--preserve``.
+        adversarial: a training-time adversary (``evals.attacks.adversaries``: ``race_pgd``, ``rece_embedding``,
+            ``ring_a_bell``) whose perturbation of the attacked prompts' embeddings the loss is taken on; ``None``:
+            clean training. A name that is not one (unknown, a prompt or sampling attack) is refused.
+        adversarial_every: renew the adversary every this many steps (RACE: 1, fresh every step).
+        adversarial_warmup: clean steps before the first attack (AdvUnlearn: 200 of 1000).
+        adversarial_steps, adversarial_step_size, adversarial_epsilon: the adversary's budget per renewal: its
+            optimisation steps and step size, and its L-inf radius on the embedding (RACE: 10, epsilon / 4, 0.1);
+            closed-form adversaries use none of it.
+        adversarial_objective: what the adversary restores: ``"noise"`` (RACE: the trajectory's initial noise) or
+            ``"frozen"`` (AdvUnlearn: the original model's prediction on the clean prompt), see
+            ``erase.lora.adversarial``.
     """
 
     #: the ``train`` settings a method offers; a method's config narrows it
@@ -133,7 +171,8 @@ class LoraTrainConfig:
     NUMBER_RANGES: ClassVar[dict[str, str]] = {
         "rank": ">= 1", "alpha": "> 0", "lr": "(0, 1)", "steps": ">= 1", "batch_size": ">= 1", "seed": ">= 0",
         "pool_images": ">= 1", "pool_steps": ">= 1", "pool_guidance": ">= 0", "checkpoint_every": ">= 1",
-        "anchor_weight": ">= 0",
+        "anchor_weight": ">= 0", "adversarial_every": ">= 1", "adversarial_warmup": ">= 0",
+        "adversarial_steps": ">= 1", "adversarial_step_size": "> 0", "adversarial_epsilon": "> 0",
     }  # fmt: skip
 
     rank: int = 4
@@ -153,6 +192,13 @@ class LoraTrainConfig:
     train: str = "xattn"
     anchor_weight: float = 1.0
     anchor_prompts: tuple[str, ...] = ()
+    adversarial: str | None = None
+    adversarial_every: int = 1
+    adversarial_warmup: int = 0
+    adversarial_steps: int = 10
+    adversarial_step_size: float = 0.025
+    adversarial_epsilon: float = 0.1
+    adversarial_objective: str = "noise"
 
     def __post_init__(self) -> None:
         if self.layers is not None:
@@ -169,6 +215,7 @@ class LoraTrainConfig:
         self.anchor_prompts = tuple(self.anchor_prompts)
         if any(not isinstance(p, str) or not p.strip() for p in self.anchor_prompts):
             raise ValueError(f"anchor_prompts must be non-empty strings, got {list(self.anchor_prompts)}")
+        check_adversarial(self.adversarial, self.adversarial_objective)
 
     @property
     def patterns(self) -> tuple[str, ...]:
@@ -194,24 +241,67 @@ class Batch:
     """One training step's examples: noisy latents, their timesteps and which pool prompt each came from.
 
     ``generator`` is the trainer's, for a loss that needs more randomness (an anchor prompt to draw): drawing from
-    it keeps the run deterministic and resumable.
+    it keeps the run deterministic and resumable. ``initial`` is the first UNet input of each example's trajectory
+    (the sampler's initial noise x_T); ``step`` the 0-based optimizer step the batch is for (a loss with a schedule);
+    ``pool`` the training pool, for a loss that draws more examples of it (an inner attack), with ``generator``.
     """
 
     latents: torch.Tensor
     timesteps: torch.Tensor
     prompts: torch.Tensor
     generator: torch.Generator
+    initial: torch.Tensor | None = None
+    step: int = 0
+    pool: TrainingPool | None = None
 
 
 class Predictions:
-    """The two noise predictions a loss may ask of the one UNet: with the adapters and, without gradient, without."""
+    """The two noise predictions a loss may ask of the one UNet: with the adapters and, without gradient, without.
+
+    ``perturbations`` (prompt -> (tokens, width)), set by the trainer each step under adversarial training, are added
+    to the trained side's embedding of every text row of those prompts."""
 
     def __init__(self, wrapper: PipelineWrapper, adapters: LoraAdapters) -> None:
         self._wrapper = wrapper
         self._adapters = adapters
+        self.perturbations: dict[str, torch.Tensor] = {}
+        self._token_ids: dict[str, torch.Tensor] = {}
 
     def trained(self, latents: torch.Tensor, timesteps: torch.Tensor, encoding: PromptEncoding) -> torch.Tensor:
-        return self._wrapper.noise_prediction(latents, timesteps, encoding)
+        return self._wrapper.noise_prediction(latents, timesteps, self.trained_encoding(encoding))
+
+    def trained_encoding(self, encoding: PromptEncoding) -> PromptEncoding:
+        """``encoding`` as the model being trained reads it: its text rows re-encoded by the adapted text encoder
+        (when it is adapted), plus the perturbations in force; the other rows as they are."""
+        retext = self._adapters.adapts_text_encoder
+        if not retext and not self.perturbations:
+            return encoding
+        rows = [i for i in range(len(encoding.prompts)) if self._is_text(encoding, i)]
+        if retext:
+            rows_text = [encoding.prompts[i] for i in rows]
+            unique = list(dict.fromkeys(rows_text))
+            if not unique:
+                return encoding
+            fresh = self._wrapper.encode_prompts(unique, grad=True).embeddings
+            embeddings = encoding.embeddings.clone()
+            index = torch.tensor(rows, device=embeddings.device)
+            embeddings = embeddings.index_copy(0, index, fresh[[unique.index(p) for p in rows_text]])
+        else:
+            embeddings = encoding.embeddings
+        shifts = [(i, self.perturbations[p]) for i in rows if (p := encoding.prompts[i]) in self.perturbations]
+        if shifts:
+            delta = torch.zeros_like(embeddings)
+            for i, shift in shifts:
+                delta[i] = shift.to(delta.device, delta.dtype)
+            embeddings = embeddings + delta
+        return PromptEncoding(encoding.prompts, encoding.input_ids, embeddings, encoding.lengths, encoding.pooled)
+
+    def _is_text(self, encoding: PromptEncoding, row: int) -> bool:
+        prompt = encoding.prompts[row]
+        if prompt not in self._token_ids:
+            with self._adapters.disabled():
+                self._token_ids[prompt] = self._wrapper.encode_prompts([prompt]).input_ids[0]
+        return torch.equal(self._token_ids[prompt], encoding.input_ids[row])
 
     @torch.no_grad()
     def frozen(self, latents: torch.Tensor, timesteps: torch.Tensor, encoding: PromptEncoding) -> torch.Tensor:
@@ -262,6 +352,9 @@ def predict_anchored(
     return frozen[:-1], trained[:-1], weight * torch.nn.functional.mse_loss(trained[-1], frozen[-1])
 
 
+#: ``loss_fn(batch, predictions) -> loss``. A loss that carries tensors from step to step (an inner attack's
+#: warm start) keeps them in a ``state`` attribute, a ``dict[str, torch.Tensor]``: the trainer checkpoints it and
+#: restores it on resume.
 LossFunction = Callable[[Batch, Predictions], torch.Tensor]
 
 
@@ -289,13 +382,14 @@ def sample_pool(
 def _draw(pool: TrainingPool, batch_size: int, generator: torch.Generator, device: torch.device) -> tuple:
     rows = torch.randint(0, pool.latents.shape[0], (batch_size,), generator=generator)
     steps = torch.randint(0, pool.latents.shape[1], (batch_size,), generator=generator)
-    return pool.latents[rows, steps].to(device), pool.timesteps[steps].to(device), pool.owners[rows]
+    latents, initial = pool.latents[rows, steps].to(device), pool.latents[rows, 0].to(device)
+    return latents, pool.timesteps[steps].to(device), pool.owners[rows], initial
 
 
 def _run_key(wrapper: PipelineWrapper, key: dict[str, Any], modules: Sequence[str]) -> str:
     """What identifies a run for resuming: the caller's description and the adapted modules' base weights."""
-    base = wrapper.fingerprint([f"{wrapper.denoiser_name}.{m}" for m in modules])
-    text = json.dumps({"run": key, "base": base}, sort_keys=True)
+    qualified = [m if m.startswith(TEXT_ENCODER_PREFIX) else f"{wrapper.denoiser_name}.{m}" for m in modules]
+    text = json.dumps({"run": key, "base": wrapper.fingerprint(qualified)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -356,15 +450,17 @@ def _generator_states(accelerator: Any, generator: torch.Generator) -> list[torc
 
 def _save_checkpoint(
     folder: Path, step: int, adapters: LoraAdapters, optimizer: torch.optim.Optimizer,
-    generator_states: list[torch.Tensor], state: dict[str, Any],
+    generator_states: list[torch.Tensor], state: dict[str, Any], extra: dict[str, torch.Tensor] | None = None,
 ) -> None:  # fmt: skip
     """Write ``step-NNNNNNNN/`` whole (a temporary folder renamed into place), then drop older checkpoints.
 
     ``generator_states`` holds each process's batch generator (``generator`` for process 0, ``generator.R`` for
-    process R), so a multi-process run resumes with every process where it was."""
+    process R), so a multi-process run resumes with every process where it was. ``extra`` tensors (the adversary's
+    and the loss's state, names prefixed ``adversary.`` and ``loss.``) go into the optimizer file beside them."""
     final = folder / f"{_CHECKPOINT_PREFIX}{step:08d}"
     opt_state = optimizer.state_dict()
     tensors = {"generator" if r == 0 else f"generator.{r}": g for r, g in enumerate(generator_states)}
+    tensors.update(extra or {})
     for index, values in opt_state["state"].items():
         for key, value in values.items():
             tensors[f"state.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
@@ -379,9 +475,15 @@ def _save_checkpoint(
 
 
 def _load_checkpoint(
-    path: Path, adapters: LoraAdapters, optimizer: torch.optim.Optimizer, generator: torch.Generator, rank: int = 0
+    path: Path,
+    adapters: LoraAdapters,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    rank: int = 0,
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Restore a checkpoint; ``DamagedCheckpointError`` naming the file that cannot be read back."""
+    """Restore a checkpoint; ``DamagedCheckpointError`` naming the file that cannot be read back. ``extra`` receives
+    the saved ``adversary.*`` and ``loss.*`` tensors."""
     file = path / "state.json"
     try:
         state = read_json_object(file)
@@ -393,6 +495,10 @@ def _load_checkpoint(
         tensors = read_tensors(file)
         states = {name: tensors.pop(name) for name in list(tensors) if name.startswith("generator")}
         generator.set_state(states["generator" if rank == 0 else f"generator.{rank}"])
+        for name in [n for n in tensors if n.startswith(("adversary.", "loss."))]:
+            value = tensors.pop(name)
+            if extra is not None:
+                extra[name] = value
         opt_state: dict[int, dict[str, torch.Tensor]] = {}
         for name, value in tensors.items():
             _, index, key = name.split(".", 2)
@@ -421,10 +527,13 @@ def train_lora(
     run_key: dict[str, Any],
     progress: bool | None = None,
     description: str = "training",
+    attacked: Sequence[Sequence[str]] | None = None,
 ) -> WeightEdit:
     """Train LoRA adapters on ``layers`` (fnmatch patterns) to minimise ``loss_fn`` and return them as a change.
 
     ``pool_prompts`` are text, or a ``PromptEncoding`` whose rows are the prompts (free vectors, say).
+    Under ``config.adversarial``, ``attacked[j]`` are the prompts the adversary perturbs on the examples of pool
+    prompt j (default: the pool prompt itself); every other prompt is trained on as it is.
     ``run_key`` describes the run (method, concepts, settings that change the result) so that a checkpoint folder is
     only resumed by the same run. ``progress`` shows the bar (``None``: only on a terminal). The returned edit's
     ``factors`` are the exact adapters and ``deltas`` their products; ``info`` records steps, the final loss, the
@@ -461,12 +570,28 @@ def train_lora(
             generator = torch.Generator("cpu").manual_seed(_process_seed(config.seed, rank))
         optimizer = torch.optim.Adam(adapters.parameters(), lr=config.lr)
         predictions = Predictions(wrapper, adapters)
+        adversary = None
+        if config.adversarial is not None:
+            texts = pool_prompts.prompts if isinstance(pool_prompts, PromptEncoding) else list(pool_prompts)
+            if attacked is None and isinstance(pool_prompts, PromptEncoding):
+                raise ValueError("adversarial training on a pool of embeddings needs the attacked prompts (attacked)")
+            groups = [[p] for p in texts] if attacked is None else [list(g) for g in attacked]
+            if len(groups) != len(texts):
+                raise ValueError(f"attacked has {len(groups)} groups for {len(texts)} pool prompts")
+            with adapters.disabled():
+                adversary = AdversarialSchedule(wrapper, adapters, config, groups)
         losses: list[float] = []
         seconds_before = 0.0
         resumed_from = 0
         latest = _latest_checkpoint(folder) if folder else None
         if latest is not None:
-            state = _load_checkpoint(latest, adapters, optimizer, generator, rank)
+            saved: dict[str, torch.Tensor] = {}
+            state = _load_checkpoint(latest, adapters, optimizer, generator, rank, saved)
+            if adversary is not None:
+                adversary.load(saved)
+            if isinstance(getattr(loss_fn, "state", None), dict):
+                loss_fn.state.clear()
+                loss_fn.state.update({k.removeprefix("loss."): v for k, v in saved.items() if k.startswith("loss.")})
             losses, seconds_before = list(state["losses"]), float(state["seconds"])
             resumed_from = len(losses)
             if resumed_from > config.steps:
@@ -481,8 +606,15 @@ def train_lora(
                    disable=None if show is None else not show)  # fmt: skip
         with bar:
             for step in range(resumed_from, config.steps):
-                latents, timesteps, owners = _draw(pool, config.batch_size, generator, device)
-                batch = Batch(latents.to(wrapper.dtype), timesteps, owners, generator)
+                latents, timesteps, owners, initial = _draw(pool, config.batch_size, generator, device)
+                batch = Batch(
+                    latents.to(wrapper.dtype), timesteps, owners, generator, initial.to(wrapper.dtype), step, pool
+                )
+                if adversary is not None:
+                    with accelerator.autocast():
+                        predictions.perturbations = adversary.perturbations(
+                            step, batch.latents, timesteps, owners, batch.initial, generator
+                        )
                 with accelerator.autocast():
                     loss = loss_fn(batch, predictions)
                 optimizer.zero_grad(set_to_none=True)
@@ -502,7 +634,12 @@ def train_lora(
                     meta = {"step": done, "losses": losses, "seconds": seconds, "processes": processes}
                     states = _generator_states(accelerator, generator)
                     if main:
-                        _save_checkpoint(folder, done, adapters, optimizer, states, meta)
+                        extra = adversary.tensors() if adversary is not None else {}
+                        if isinstance(getattr(loss_fn, "state", None), dict):
+                            extra.update(
+                                {f"loss.{k}": v.detach().cpu().contiguous() for k, v in loss_fn.state.items()}
+                            )
+                        _save_checkpoint(folder, done, adapters, optimizer, states, meta, extra)
                     accelerator.wait_for_everyone()
         train_seconds = seconds_before + time.perf_counter() - run_start
         factors = adapters.factors()
@@ -527,6 +664,8 @@ def train_lora(
         "lora_modules": len(modules),
         "trainable_parameters": sum(a.numel() + b.numel() for a, b in factors.values()),
     }
+    if adversary is not None:
+        info["adversarial"] = adversary.info()
     return WeightEdit(deltas=deltas, info=info, factors=factors)
 
 
@@ -574,6 +713,12 @@ def config_key(
     """A config as a JSON-able dict without the fields that do not change the result (for ``run_key``).
 
     ``steps`` is left out because the first k steps of a run do not depend on how many follow (constant learning
-    rate): rerunning with more steps and the same checkpoint folder continues a finished run.
+    rate): rerunning with more steps and the same checkpoint folder continues a finished run. Without adversarial
+    training the ``adversarial_*`` fields are left out too (they change nothing then).
     """
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in ignore}
+    clean = getattr(config, "adversarial", None) is None
+    return {
+        k: v
+        for k, v in dataclasses.asdict(config).items()
+        if k not in ignore and not (clean and k.startswith("adversarial"))
+    }

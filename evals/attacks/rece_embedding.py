@@ -31,9 +31,17 @@ import torch
 from pipelines import CROSS_ATTENTION_PATTERNS, PipelineWrapper
 from pipelines.checks import check_number_fields
 
+from .adversaries import AdversaryProblem, register_adversary
 from .base import AttackResult, AttackTarget, register_attack
 
-__all__ = ["ReceEmbeddingConfig", "adversarial_map", "projection_weights", "rece_embedding", "restored_share"]
+__all__ = [
+    "ReceEmbeddingConfig",
+    "adversarial_map",
+    "projection_weights",
+    "rece_adversary",
+    "rece_embedding",
+    "restored_share",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -128,3 +136,19 @@ def rece_embedding(target: AttackTarget, config: ReceEmbeddingConfig, seed: int)
     info = {"layers_matched": len(original), "layers_edited": changed, "restored_share": restored,
             "map_distance_from_identity": float((m - torch.eye(m.shape[0], dtype=m.dtype)).norm())}  # fmt: skip
     return AttackResult("rece_embedding", {}, images, 0.0, embeddings=c_star.float(), info=info)
+
+
+@register_adversary("rece_embedding", "RECE's closed-form embedding against the current adapted keys/values")
+def rece_adversary(problem: AdversaryProblem) -> torch.Tensor:
+    """The training-time form: ``c* = M c`` with M solved from the adapted key/value projections as they are now
+    (``W`` the base weights, ``W'`` with the adapters), the attack's default lambda and layers; the perturbation is
+    ``c* - c``. No budget: one d x d solve per renewal. Zero when no adapted module is a key or value projection
+    (the map is then the identity up to lambda, and the attack the clean prompt)."""
+    config = ReceEmbeddingConfig()
+    pairs = problem.weights(config.layers)
+    if not pairs:
+        return torch.zeros_like(problem.embeddings)
+    m = adversarial_map({n: w for n, (w, _) in pairs.items()}, {n: w for n, (_, w) in pairs.items()},
+                        config.regularization)  # fmt: skip
+    c = problem.embeddings.double().cpu()
+    return (c @ m.T - c).to(problem.embeddings.device, problem.embeddings.dtype)

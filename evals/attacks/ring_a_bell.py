@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from pipelines import PipelineWrapper
 from pipelines.checks import check_number_fields
 
+from .adversaries import AdversaryProblem, register_adversary
 from .base import AttackResult, AttackTarget, attack_probes, register_attack, word_vocabulary
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "TokenSearch",
     "concept_direction",
     "ring_a_bell",
+    "ring_a_bell_adversary",
     "ring_a_bell_prompt",
     "search_tokens",
 ]
@@ -244,3 +246,17 @@ def ring_a_bell_prompt(target: AttackTarget, config: RingABellPromptConfig, seed
         "direction_norm": float(direction.norm()),
     }
     return AttackResult("ring_a_bell_prompt", {}, images, 0.0, prompts=attacked, info=info)
+
+
+@register_adversary("ring_a_bell", "Ring-A-Bell's concept direction, eta times, added to the attacked embedding")
+def ring_a_bell_adversary(problem: AdversaryProblem) -> torch.Tensor:
+    """The training-time form: ``eta * d`` for each attacked prompt, ``d`` its concept direction from the ORIGINAL
+    model (adapters off; the attack's default eta and pairs, pairs seeded as the attack seeds them for seed 0),
+    computed at the first renewal and kept in ``problem.state`` (the trainer checkpoints it). No budget."""
+    config = RingABellConfig()
+    if "direction" not in problem.state:
+        with problem.original():
+            directions = [concept_direction(problem.wrapper, p, config.pairs, 7919) for p in problem.prompts]
+        problem.state["direction"] = torch.stack(directions).float().cpu()
+    direction = problem.state["direction"].to(problem.embeddings.device, problem.embeddings.dtype)
+    return config.eta * direction
