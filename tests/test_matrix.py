@@ -125,12 +125,13 @@ def test_cell(method, column, wrappers, sae_stores, tmp_path):
         wrappers[column, "draws"] = _draws(build(0))
     base = wrappers[column, "draws"]
     if artifact.deltas:  # a weight change: plain diffusers loads it
-        plain, denoiser = build(0), wrapper.denoiser_name
+        plain = build(0)
+        components = sorted({name.partition(".")[0] for name in artifact.deltas})  # the denoiser, text encoders
         if (folder / LORA_FILE).is_file():
             plain.load_lora_weights(str(folder))
-            plain.fuse_lora(components=[denoiser])
+            plain.fuse_lora(components=components)
             assert _relative_error(plain, wrapper, artifact.deltas) < 1e-3
-            plain.unfuse_lora(components=[denoiser])
+            plain.unfuse_lora(components=components)
             plain.unload_lora_weights()
         else:  # full rank on the tiny pipeline's narrow layers: the exported pipeline
             exported = type(plain).from_pretrained(str(folder / PIPELINE_FOLDER))
@@ -142,7 +143,7 @@ def test_cell(method, column, wrappers, sae_stores, tmp_path):
             with pytest.raises(ValueError, match="kohya"):
                 kohya_bytes(artifact, wrapper)
             plain.load_lora_weights(str(folder))
-        plain.fuse_lora(components=[denoiser])
+        plain.fuse_lora(components=components)
         assert _relative_error(plain, wrapper, artifact.deltas) < 1e-3
         assert np.abs(_draws(plain) - base).max() > 0
         return
