@@ -4,9 +4,6 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# One thread, here and in the scripts the tests start: the tests' models are tiny or micro, where a second thread
-# costs more in synchronisation than it gains (tests/test_matrix.py + test_methods.py on 2 cores: 65 s -> 59 s).
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -14,7 +11,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
+torch.set_num_threads(2)
 
 # The time ``pytest -m "not slow"`` takes, read off a run of more than that subset, so that ``.ci/run`` runs the
 # suite once and prints both times: collection plus the setup, call and teardown of every test not marked slow. A

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 
 import numpy as np
 import pytest
@@ -125,6 +126,9 @@ def test_cell(method, column, wrappers, sae_stores, tmp_path):
         wrappers[column, "draws"] = _draws(build(0))
     base = wrappers[column, "draws"]
     if artifact.deltas:  # a weight change: plain diffusers loads it
+        meta = json.loads((folder / "erasure.json").read_text())
+        if spec.capabilities.training and (folder / LORA_FILE).is_file():  # the adapters' own rank, saved exactly
+            assert set(meta["payloads"]["weights"]["lora_ranks"].values()) == {meta["config"]["rank"]}
         plain = build(0)
         components = sorted({name.partition(".")[0] for name in artifact.deltas})  # the denoiser, text encoders
         if (folder / LORA_FILE).is_file():

@@ -95,38 +95,6 @@ def test_method_changes_target_and_leaves_other_modules_bit_identical(tiny, meth
     assert np.abs(base - erased).max() > 1
 
 
-@pytest.mark.slow
-def test_artifact_loads_in_plain_diffusers_and_reproduces_the_in_memory_model(tiny, method, tmp_path):
-    """Every method's default artifact loads in plain diffusers and draws what the in-memory edit draws (uint8 pixels
-    within rounding), and the edit is visible: a LoRA (``load_lora_weights`` on a freshly loaded base) where that is
-    smaller than the changed weights, which on the tiny model's 32-wide projections is every method but RECE (its
-    rounds edit all 77 token rows: full rank) and MACE (its fusion solves for whole weights: full rank), whose
-    artifacts are the exported pipeline (``from_pretrained``)."""
-    from pipelines import load_pipeline
-
-    spec = ConceptSpec(("van gogh",), guides=("painting",))
-    artifact = erase_concepts(tiny, spec, method, _fast_config(method))
-    folder = erase.save_artifact(artifact, tmp_path / method, tiny)
-    meta = json.loads((folder / "erasure.json").read_text())
-    full_rank = method in ("rece", "mace")
-    assert meta["method"] == method and meta["guides"] == ["painting"]
-    assert meta["weight_format"] == ("full" if full_rank else "lora")
-    if erase.get_method(method).capabilities.training and not full_rank:  # the adapters' own rank, saved exactly
-        assert set(meta["payloads"]["weights"]["lora_ranks"].values()) == {meta["config"]["rank"]}
-    prompts, seeds = ["a painting by van gogh", "a cat"], [0, 1]
-    with tiny.weight_deltas(artifact.deltas):
-        in_memory = _pixels(tiny.generate(prompts, seeds, steps=4, progress=False))
-    base = _pixels(tiny.generate(prompts, seeds, steps=4, progress=False))
-    if full_rank:
-        plain = load_pipeline(str(folder / "pipeline"))  # StableDiffusionPipeline.from_pretrained
-    else:
-        plain = load_pipeline("tiny")  # the same random weights, loaded afresh
-        plain.pipe.load_lora_weights(str(folder))
-    loaded = _pixels(plain.generate(prompts, seeds, steps=4, progress=False))
-    assert np.abs(loaded - in_memory).max() <= 1.0
-    assert np.abs(base - in_memory).max() > 1.0
-
-
 def test_save_load_round_trip(tiny, method, tmp_path):
     artifact = erase_concepts(tiny, ConceptSpec(("van gogh", "monet")), method, _fast_config(method))
     erase.save_artifact(artifact, tmp_path / "a", tiny)
