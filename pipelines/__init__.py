@@ -16,7 +16,9 @@ _EXPORTS: dict[str, str] = {
     "clean_prompt": "tokenizer",
     "HubUnreachableError": "hub",
     "offline_clip_tokenizer": "tokenizer",
-    "ARCHITECTURES": "modules",
+    "ARCHITECTURES": "architectures",
+    "ARCHITECTURE_NAMES": "architectures",
+    "model_architecture": "architectures",
     "CROSS_ATTENTION_PATTERNS": "modules",
     "DEFAULT_GUIDANCE": "sampling",
     "DEFAULT_STEPS": "sampling",
@@ -40,6 +42,7 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "ARCHITECTURES",
+    "ARCHITECTURE_NAMES",
     "CROSS_ATTENTION_PATTERNS",
     "CrossAttentionLayer",
     "DEFAULT_GUIDANCE",
@@ -59,6 +62,7 @@ __all__ = [
     "clean_prompt",
     "load_pipeline",
     "micro_model_path",
+    "model_architecture",
     "offline_clip_tokenizer",
     "resolve_device",
     "set_library_verbosity",
@@ -67,11 +71,11 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .architectures import ARCHITECTURE_NAMES, ARCHITECTURES, model_architecture
     from .hooks import HOOK_POINT_PATTERNS, HookHandles
     from .hub import HubUnreachableError
     from .loading import TINY_NAMES, ModelNotFoundError, check_model_reference, micro_model_path, world_file
     from .modules import (
-        ARCHITECTURES,
         CROSS_ATTENTION_PATTERNS,
         LORA_TARGETS,
         TEXT_PROJECTION_PATTERNS,

@@ -18,10 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .architectures import ARCHITECTURE_NAMES
 from .modules import Pipeline, architecture, is_sdxl
 
 __all__ = [
     "FLUX_T5_LENGTH",
+    "FREE_VECTOR_ARCHITECTURES",
     "PromptEncoding",
     "check_prompt",
     "decode_tokens",
@@ -38,6 +40,9 @@ __all__ = [
     "token_embedding_matrix",
 ]
 
+#: Where prompts can hold free token vectors (:func:`token_embedding_matrix`, :func:`encode_with_vectors`): the
+#: pipelines that read text through CLIP alone, one token table (SDXL's two side by side). SD3 and Flux also read T5.
+FREE_VECTOR_ARCHITECTURES: tuple[str, ...] = ("sd", "sdxl")
 #: T5 tokens Flux reads (``FluxPipeline.__call__``'s default ``max_sequence_length``; FLUX.1-schnell users pass 256).
 FLUX_T5_LENGTH = 512
 #: T5 tokens SD3 reads (``StableDiffusion3Pipeline.__call__``'s default).
@@ -67,9 +72,6 @@ class PromptEncoding:
             self.lengths[rows],
             None if self.pooled is None else self.pooled[rows.to(self.pooled.device)],
         )
-
-
-_ARCHITECTURE_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux"}
 
 
 def _position_tokenizer(pipe: Pipeline):  # noqa: ANN202 - a transformers tokenizer
@@ -208,8 +210,8 @@ def encode_prompt_prefixes(pipe: Pipeline, prompts: Sequence[str], length: int) 
 
 def _check_free_vectors(pipe: Pipeline, what: str) -> None:
     """``NotImplementedError`` in one line where free token vectors are not served: SD3 and Flux."""
-    if architecture(pipe) not in ("sd", "sdxl"):
-        name = _ARCHITECTURE_NAMES[architecture(pipe)]
+    if architecture(pipe) not in FREE_VECTOR_ARCHITECTURES:
+        name = ARCHITECTURE_NAMES[architecture(pipe)]
         raise NotImplementedError(f"{what}: free token vectors are SD 1.x/2.x and SDXL only, not on {name} yet")
 
 

@@ -52,7 +52,7 @@ from evals.probes import (  # noqa: E402
     world_probes,
 )
 from evals.scorer import load_scoring  # noqa: E402
-from pipelines import ModelNotFoundError, load_pipeline, set_library_verbosity  # noqa: E402
+from pipelines import ModelNotFoundError, load_pipeline, model_architecture, set_library_verbosity  # noqa: E402
 from pipelines.files import atomic_write_json, slug  # noqa: E402
 
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         budget = parse_budget(args.budget)
         world.canonical(args.concept)  # the table is the micro world's: a concept outside it has no probes
         methods = [erase.get_method(m).name for m in args.method or erase.available_methods()]
-        attacks = resolve_attacks(args.attack or ["all"])
+        attacks = resolve_attacks(args.attack or ["all"], model_architecture("micro"))  # the micro world's model
         overrides = parse_config_overrides(args.set)
         check_output_folder(args.out)
         table_path = os.path.join(args.out, "table.json")

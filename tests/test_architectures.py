@@ -3,6 +3,8 @@ ESD on velocity predictions, on the tiny pipelines built in code."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -216,3 +218,50 @@ def test_erase_script_on_saved_sd3_and_flux_folders(method, tmp_path_factory, ca
         for layer, delta in artifact.deltas.items():
             change = modules[layer].weight.detach() - before[layer]
             assert torch.allclose(change, delta, atol=1e-3 * max(delta.abs().max().item(), 1e-6) + 1e-7), layer
+
+
+def test_attacks_declare_where_they_run_and_refuse_elsewhere_in_one_line(flux):
+    """Every attack declares its architectures (a reason where not all); ``"all"`` on a kind of model means the
+    attacks that run on it, a named one that does not is refused in one line, and so is a target of that kind."""
+    from evals.attacks import AttackTarget, attack_probes, available_attacks, check_attack, get_attack, resolve_attacks
+    from pipelines import ARCHITECTURES
+
+    for name in available_attacks():
+        attack = get_attack(name)
+        assert set(attack.architectures) <= set(ARCHITECTURES) and {"sd", "sdxl"} <= set(attack.architectures)
+        assert set(attack.architectures) == set(ARCHITECTURES) or attack.unported
+    on_flux = resolve_attacks(["all"], "flux")
+    assert on_flux == [n for n in available_attacks() if get_attack(n).runs_on("flux")]
+    assert "noise_probe" in on_flux and "concept_inversion" not in on_flux
+    assert resolve_attacks(["all"], "sd") == resolve_attacks(["all"]) == available_attacks()
+    with pytest.raises(ValueError, match="attack 'concept_inversion' does not run on Flux pipelines: ") as refused:
+        resolve_attacks(["noise_probe", "concept_inversion"], "flux")
+    assert "\n" not in str(refused.value) and get_attack("concept_inversion").unported in str(refused.value)
+    target = AttackTarget(flux, lambda w: contextlib.nullcontext(), "van gogh", attack_probes("van gogh", 1))
+    for name in set(available_attacks()) - set(on_flux):  # before the attack's own check, which would need T5 tokens
+        with pytest.raises(ValueError, match=f"attack '{name}' does not run on Flux pipelines"):
+            check_attack(name, target)
+
+
+def test_attack_script_refuses_an_attack_the_model_does_not_run_before_loading_it(flux, tmp_path, capsys):
+    """``scripts/attack.py`` on tiny Flux: a named attack Flux does not run is one line, exit 2, with no output
+    folder made, before the scorer or the model loads (the name, or a folder's ``model_index.json``, says Flux)."""
+    import json
+    import runpy
+
+    from pipelines import model_architecture
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    assert model_architecture(str(tmp_path / "folder")) == "flux" and model_architecture("tiny-sd3") == "sd3"
+    assert model_architecture("micro") == "sd" and model_architecture("owner/hub-id") is None
+    erase.save_artifact(erase.erase_concepts(flux, ConceptSpec(("van gogh",)), "uce"), tmp_path / "uce", flux)
+    main = runpy.run_path("scripts/attack.py", run_name="attack_script")["main"]
+    capsys.readouterr()
+    for attack in ("rece_embedding", "unlearn_diff_atk"):
+        out = tmp_path / f"out-{attack}"
+        argv = ["--erasure", str(tmp_path / "uce"), "--model", "tiny-flux", "--attack", attack, "--out", str(out)]
+        assert main([*argv, "--scorer", "no-such-scorer", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: attack '{attack}' does not run on Flux pipelines:") and "\n" not in err
+        assert not out.exists()

@@ -45,6 +45,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: Why the attack refuses SD3 and Flux: its map is solved from UNet cross-attention keys and values; a transformer's
+#: text projections (``pipelines.TEXT_PROJECTION_PATTERNS``) read the token stream and the pooled vector apart,
+#: which would take one map for each
+UNPORTED = "its map restores UNet cross-attention keys and values; SD3/Flux's text projections are not ported"
+
 
 @dataclass
 class ReceEmbeddingConfig:
@@ -114,7 +119,8 @@ def restored_share(
     return None if before == 0.0 else 1.0 - (after / before) ** 0.5
 
 
-@register_attack("rece_embedding", ReceEmbeddingConfig, "closed-form embedding restoring the keys/values", "embedding")
+@register_attack("rece_embedding", ReceEmbeddingConfig, "closed-form embedding restoring the keys/values", "embedding",
+                 architectures=("sd", "sdxl"), unported=UNPORTED)  # fmt: skip
 def rece_embedding(target: AttackTarget, config: ReceEmbeddingConfig, seed: int) -> AttackResult:
     """Draw every probe from ``c* = M c``, ``c`` its embedding as the erased model encodes it (deterministic: the
     seed is unused)."""
