@@ -265,3 +265,21 @@ def test_attack_script_refuses_an_attack_the_model_does_not_run_before_loading_i
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"error: attack '{attack}' does not run on Flux pipelines:") and "\n" not in err
         assert not out.exists()
+
+
+@pytest.mark.parametrize("model", ["flux", pytest.param("sd3", marks=pytest.mark.slow)])
+def test_rece_embedding_restores_both_text_projections_of_a_transformer(model, request):
+    """On SD3/Flux the attack maps the token rows through ``context_embedder``'s solve and the pooled vector through
+    ``linear_1``'s: each undoes nearly all of uce's change to its projection (a small ridge: the tiny projections'
+    smallest singular values are near the default lambda's scale)."""
+    from evals.attacks import AttackTarget, attack_probes, run_attack
+    from evals.attacks.rece_embedding import ReceEmbeddingConfig
+
+    wrapper = request.getfixturevalue(model)
+    uce = erase.erase_concepts(wrapper, ConceptSpec(("van gogh",)), "uce")
+    target = AttackTarget(wrapper, uce.applied, "van gogh", attack_probes("van gogh", 2, 1), steps=2, progress=False)
+    result = run_attack("rece_embedding", target, ReceEmbeddingConfig(regularization=1e-6), seed=0)
+    info = result.info
+    assert len(result.images) == 2 and info["layers_matched"] == info["layers_edited"] == 2
+    assert info["restored_share"] > 0.99 and info["restored_share_pooled"] > 0.99, info
+    assert result.embeddings.shape[-1] == wrapper.denoiser.config.joint_attention_dim

@@ -89,7 +89,7 @@ _ATTACK_MODULES: tuple[str, ...] = (
 #: Where the attacks that write or learn tokens run: the pipelines whose prompts can hold free token vectors
 #: (``pipelines.text.FREE_VECTOR_ARCHITECTURES``), and why not elsewhere.
 TOKEN_ATTACK_ARCHITECTURES: tuple[str, ...] = FREE_VECTOR_ARCHITECTURES
-TOKEN_ATTACK_UNPORTED = "its tokens are rows of CLIP's token table, and SD3/Flux also read the prompt through T5"
+TOKEN_ATTACK_UNPORTED = "its tokens are CLIP's; SD3/Flux also read T5"
 
 #: Labels a concept outside the micro world is told apart from when nothing else is given (zero-shot needs rivals).
 GENERIC_ALTERNATIVES: tuple[str, ...] = ("a photo", "a painting", "a drawing", "an abstract pattern")
