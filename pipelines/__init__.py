@@ -30,6 +30,8 @@ _EXPORTS: dict[str, str] = {
     "HookHandles": "hooks",
     "LoraAdapters": "weights",
     "TEXT_ENCODER_PREFIX": "weights",
+    "TEXT_ENCODER_COMPONENTS": "weights",
+    "text_encoder_component": "weights",
     "ModelNotFoundError": "loading",
     "PipelineWrapper": "wrapper",
     "PromptEncoding": "text",
@@ -55,6 +57,7 @@ __all__ = [
     "ModelNotFoundError",
     "PipelineWrapper",
     "PromptEncoding",
+    "TEXT_ENCODER_COMPONENTS",
     "TEXT_ENCODER_PREFIX",
     "TEXT_PROJECTION_PATTERNS",
     "TINY_NAMES",
@@ -66,6 +69,7 @@ __all__ = [
     "offline_clip_tokenizer",
     "resolve_device",
     "set_library_verbosity",
+    "text_encoder_component",
     "world_file",
     "wrap_pipeline",
 ]
@@ -85,7 +89,7 @@ if TYPE_CHECKING:
     from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS
     from .text import PromptEncoding
     from .tokenizer import clean_prompt, offline_clip_tokenizer
-    from .weights import TEXT_ENCODER_PREFIX, LoraAdapters
+    from .weights import TEXT_ENCODER_COMPONENTS, TEXT_ENCODER_PREFIX, LoraAdapters, text_encoder_component
     from .wrapper import PipelineWrapper, load_pipeline, wrap_pipeline
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -164,10 +164,15 @@ class PipelineWrapper:
         return original_names.original_unet_path(self.unet, path)
 
     def lora_modules(self, patterns: Sequence[str]) -> list[str]:
-        """The denoiser's Linear module names matching ``patterns``, sorted: unqualified, and the text encoder's
-        (patterns starting ``"text_encoder."``) qualified; ``ValueError`` for none
+        """The denoiser's Linear module names matching ``patterns``, sorted: unqualified, and the text encoders'
+        (patterns starting ``"text_encoder."``, ``"text_encoder_2."``) qualified; ``ValueError`` for none
         (:func:`weights.lora_module_names`)."""
-        return weights.lora_module_names(self.denoiser, patterns, getattr(self.pipe, "text_encoder", None))
+        return weights.lora_module_names(self.denoiser, patterns, self._text_encoders())
+
+    def _text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The pipeline's text encoders by component name (``weights.TEXT_ENCODER_COMPONENTS``)."""
+        found = {name: getattr(self.pipe, name, None) for name in weights.TEXT_ENCODER_COMPONENTS}
+        return {name: encoder for name, encoder in found.items() if isinstance(encoder, torch.nn.Module)}
 
     # ------------------------------------------------------------------ prompts (pipelines.text)
     def token_count(self, prompt: str) -> int:
@@ -271,12 +276,12 @@ class PipelineWrapper:
         generator: torch.Generator,
         adapter_name: str = "erase",
     ) -> contextlib.AbstractContextManager[LoraAdapters]:
-        """Trainable peft LoRA adapters on the matching denoiser (and, for ``"text_encoder."`` patterns,
-        text-encoder) Linear modules for the ``with`` block, removed afterwards with the weights bit-identical
-        (:func:`weights.lora_adapters`)."""
+        """Trainable peft LoRA adapters on the matching denoiser (and, for ``"text_encoder."`` and
+        ``"text_encoder_2."`` patterns, text-encoder) Linear modules for the ``with`` block, removed afterwards with
+        the weights bit-identical (:func:`weights.lora_adapters`)."""
         return weights.lora_adapters(
             self.denoiser, patterns, rank, alpha, generator=generator, adapter_name=adapter_name,
-            component=self.denoiser_name, text_encoder=getattr(self.pipe, "text_encoder", None),
+            component=self.denoiser_name, text_encoders=self._text_encoders(),
         )  # fmt: skip
 
     def apply_weight_deltas(self, deltas: dict[str, torch.Tensor], scale: float = 1.0) -> None:

@@ -283,3 +283,13 @@ def test_rece_embedding_restores_both_text_projections_of_a_transformer(model, r
     assert len(result.images) == 2 and info["layers_matched"] == info["layers_edited"] == 2
     assert info["restored_share"] > 0.99 and info["restored_share_pooled"] > 0.99, info
     assert result.embeddings.shape[-1] == wrapper.denoiser.config.joint_attention_dim
+
+
+def test_lora_patterns_name_each_text_encoder_by_its_component(sd2, sd3):
+    """``text_encoder_2.<pattern>`` adapts the second text encoder (SD3's CLIP-G here); a pipeline without one says so
+    in one line."""
+    names = sd3.lora_modules(["*attn.add_k_proj", "text_encoder.*q_proj", "text_encoder_2.*q_proj"])
+    assert {n.partition(".")[0] for n in names if n.startswith("text_encoder")} == {"text_encoder", "text_encoder_2"}
+    assert all(n.startswith("transformer_blocks.") for n in names if not n.startswith("text_encoder"))
+    with pytest.raises(ValueError, match="^LoRA patterns name text_encoder_2 modules, but the pipeline has no "):
+        sd2.lora_modules(["text_encoder_2.*q_proj"])
