@@ -358,8 +358,9 @@ class PipelineWrapper:
     def unet_activations(
         self, hook: str, prompts: Sequence[str], seeds: Sequence[int], **options: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A UNet hook point's output at every sampling step, conditional half only: ``(activations, timesteps)``.
-        ``options`` are :func:`hooks.unet_activations`' (steps, guidance, batch_size, progress)."""
+        """A denoiser hook point's output at every sampling step, conditional half only: ``(activations, timesteps)``;
+        a UNet transformer block's, or an SD3/Flux transformer block's image tokens. ``options`` are
+        :func:`hooks.unet_activations`' (steps, guidance, batch_size, progress)."""
         return hooks.unet_activations(self.pipe, hook, prompts, seeds, **options)
 
     def add_output_edit(

@@ -293,3 +293,39 @@ def test_lora_patterns_name_each_text_encoder_by_its_component(sd2, sd3):
     assert all(n.startswith("transformer_blocks.") for n in names if not n.startswith("text_encoder"))
     with pytest.raises(ValueError, match="^LoRA patterns name text_encoder_2 modules, but the pipeline has no "):
         sd2.lora_modules(["text_encoder_2.*q_proj"])
+
+
+@pytest.mark.parametrize(
+    "model, hook",
+    [
+        ("sd3", "transformer.transformer_blocks.0"),
+        pytest.param("flux", "transformer.single_transformer_blocks.0", marks=pytest.mark.slow),
+    ],
+)
+def test_an_sae_trains_on_a_transformer_block_and_edits_its_image_tokens(model, hook, request, tmp_path):
+    """SD3/Flux transformer blocks are hook points: their activations are the image tokens (not the text ones) at
+    every sampling step, a tiny SAE trains on them, and an output edit there reaches the prediction (the identity
+    edit bit for bit)."""
+    from erase.sae.sae import SAETrainConfig, build_sae, load_sae
+
+    wrapper = request.getfixturevalue(model)
+    assert hook in wrapper.hook_points()
+    config = wrapper.denoiser.config
+    width, image_tokens = wrapper.hook_width(hook), (16 // config.patch_size) ** 2 if model == "sd3" else 8 * 8
+    acts, timesteps = wrapper.unet_activations(hook, ["van gogh", "a red star"], [0, 1], steps=2)
+    assert acts.shape == (2, 2, image_tokens, width) and timesteps.shape == (2,)
+    prompts = ["van gogh", "a red star", "a blue house at night", "a boat on a river"]
+    settings = SAETrainConfig(expansion=2, k=4, batch_size=128, epochs=2, dead_tokens=500)
+    build_sae(wrapper, hook, prompts, tmp_path / "sae", settings, steps=2, guidance=2.0)
+    sae, meta = load_sae(tmp_path / "sae")
+    assert sae.d_in == width and meta["hook_point"] == hook and meta["collection"]["steps"] == 2
+    assert meta["collection"]["tokens"] == len(prompts) * 2 * image_tokens
+    latents, t = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    encoding = wrapper.encode_prompts(["van gogh"])
+    with torch.no_grad():
+        before = wrapper.noise_prediction(latents, t, encoding)
+        with wrapper.add_output_edit(hook, lambda tokens, _t: tokens):
+            same = wrapper.noise_prediction(latents, t, encoding)
+        with wrapper.add_output_edit(hook, lambda tokens, _t: sae(tokens.float()).to(tokens.dtype)):
+            reconstructed = wrapper.noise_prediction(latents, t, encoding)
+    assert torch.equal(same, before) and (reconstructed - before).abs().max() > 0
