@@ -183,15 +183,21 @@ class PipelineWrapper:
         """``prompt`` stripped, or ``ValueError`` if it is empty or longer than the text encoder reads."""
         return text.check_prompt(self.pipe, prompt, what)
 
-    def phrase_positions(self, prompt: str, phrase: str) -> list[int]:
-        """Token positions (embedding rows; BOS = 0 where there is one) that ``phrase`` occupies inside ``prompt``;
-        its last occurrence wins."""
-        return text.phrase_positions(self.pipe, prompt, phrase)
+    def token_streams(self) -> list[text.TokenStream]:
+        """The text encoders' row ranges in the token embeddings (:func:`text.token_streams`: one, or SD3's CLIP rows
+        then T5 rows)."""
+        return text.token_streams(self.pipe)
 
-    def last_token_position(self, prompt: str) -> int:
+    def phrase_positions(self, prompt: str, phrase: str, stream: int = 0) -> list[int]:
+        """Token positions (embedding rows; BOS = 0 where there is one) that ``phrase`` occupies inside ``prompt``, in
+        a stream of :meth:`token_streams` (the first by default); its last occurrence wins."""
+        return text.phrase_positions(self.pipe, prompt, phrase, stream)
+
+    def last_token_position(self, prompt: str, stream: int = 0) -> int:
         """The row of ``prompt``'s last word as the reference UCE scripts compute it (:func:`text.last_token_position`:
-        BOS for an empty CLIP prompt, the last padding row for Flux's empty T5 prompt)."""
-        return text.last_token_position(self.pipe, prompt)
+        BOS for an empty CLIP prompt, the last padding row for an empty T5 prompt), in a stream of
+        :meth:`token_streams`."""
+        return text.last_token_position(self.pipe, prompt, stream)
 
     def encode_prompts(self, prompts: Sequence[str], grad: bool = False) -> PromptEncoding:
         """Per-token text embeddings exactly as the pipeline computes them for generation (``grad``: differentiable,

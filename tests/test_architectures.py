@@ -125,19 +125,30 @@ def _reference_uce_flux(wrapper, edit, guides, preserve, erase_scale=1.0, preser
         mask = pipe.tokenizer_2(text, padding="max_length", max_length=512, truncation=True, return_tensors="pt")
         index = int(mask["attention_mask"].sum()) - 2
         keys[text] = (t5[0, index].double(), pooled[0].double())
+    # the reference's routing: the 768-input layer reads the pooled vector
+    widths = {n: pipe.transformer.get_submodule(n).weight.shape[1] for n in ("context_embedder", _POOLED)}
+    routed = {text: {n: [key[1 if w == 768 else 0]] for n, w in widths.items()} for text, key in keys.items()}
+    return _uce_formula(wrapper, edit, guides, preserve, routed, erase_scale, preserve_scale, lamb)
+
+
+_POOLED = "time_text_embed.text_embedder.linear_1"
+
+
+def _uce_formula(wrapper, edit, guides, preserve, keys, erase_scale=1.0, preserve_scale=1.0, lamb=0.5):
+    """The reference formula with bias-carrying targets, float64, per text projection; ``keys[text][module]`` lists
+    the rows of ``text`` that projection reads (the k-th of a concept paired with the k-th of its guide)."""
     weights = {}
-    for name in ("context_embedder", "time_text_embed.text_embedder.linear_1"):
-        module = pipe.transformer.get_submodule(name)
+    for name in ("context_embedder", _POOLED):
+        module = wrapper.pipe.transformer.get_submodule(name)
         w, b = module.weight.detach().double(), module.bias.detach().double()
-        slot = 1 if w.shape[1] == 768 else 0
         left, right = lamb * w, lamb * torch.eye(w.shape[1], dtype=torch.float64)
         for concept, guide in zip(edit, guides, strict=True):
-            c, target = keys[concept][slot], w @ keys[guide][slot] + b
-            left, right = left + erase_scale * torch.outer(target, c), right + erase_scale * torch.outer(c, c)
+            for c, g in zip(keys[concept][name], keys[guide][name], strict=True):
+                left, right = left + erase_scale * torch.outer(w @ g + b, c), right + erase_scale * torch.outer(c, c)
         for concept in preserve:
-            c = keys[concept][slot]
-            left = left + preserve_scale * torch.outer(w @ c + b, c)
-            right = right + preserve_scale * torch.outer(c, c)
+            for c in keys[concept][name]:
+                left = left + preserve_scale * torch.outer(w @ c + b, c)
+                right = right + preserve_scale * torch.outer(c, c)
         weights[name] = left @ torch.linalg.inv(right)
     return weights
 
@@ -170,13 +181,26 @@ def test_uce_on_flux_equals_the_reference_formula(flux, edit, guide, preserve):
     assert set(ranks.values()) == {len(edit) + 1}
 
 
-def test_uce_on_sd3_edits_both_projections_with_exact_factors(sd3):
+def test_uce_on_sd3_edits_both_projections_and_both_token_streams(sd3):
+    """SD3's ``context_embedder`` reads CLIP's rows and T5's: each prompt's last-token row of both streams (T5's at
+    77 + its ``attention_mask.sum() - 2``) goes into its solve, the pooled vector into ``linear_1``'s; the edit equals
+    the formula written out in float64, with exact low-rank factors (two erased rows and the bias direction)."""
+    pipe, keys = sd3.pipe, {}
+    with torch.no_grad():
+        for text in ("van gogh", "", "a dog"):
+            embeddings, _, pooled, _ = pipe.encode_prompt(text, None, None, device="cpu", max_sequence_length=256,
+                                                          do_classifier_free_guidance=False)  # fmt: skip
+            clip = int(pipe.tokenizer(text, padding="max_length", max_length=77)["attention_mask"].count(1)) - 2
+            t5 = sum(pipe.tokenizer_3(text, padding="max_length", max_length=256)["attention_mask"]) - 2
+            rows = [embeddings[0, clip].double(), embeddings[0, 77 + t5 % 256].double()]
+            keys[text] = {"context_embedder": rows, _POOLED: [pooled[0].double()]}
     artifact = erase.erase_concepts(sd3, ConceptSpec(("van gogh",), preserve=("a dog",)), "uce")
-    names = {"transformer.context_embedder", "transformer.time_text_embed.text_embedder.linear_1"}
-    assert set(artifact.deltas) == names and all(0 < r < 1 for r in artifact.info["relative_change"].values())
+    gaps = _relative_gaps(sd3, artifact, _uce_formula(sd3, ["van gogh"], [""], ["a dog"], keys))
+    assert max(gaps.values()) <= 1e-5, gaps
     factors = artifact.payload("weights").lora_factors()
+    ranks = {name.rpartition("transformer.")[2]: lora_a.shape[0] for name, (lora_a, _) in factors.items()}
+    assert ranks == {"context_embedder": 3, _POOLED: 2}
     for name, (lora_a, lora_b) in factors.items():
-        assert lora_a.shape[0] == 2  # one erased embedding plus the bias direction
         assert torch.allclose(lora_b @ lora_a, artifact.deltas[name], atol=1e-6)
 
 
