@@ -170,23 +170,22 @@ def matrix_table(_paths: list[Path]) -> str:
     reasons: list[str] = []
     rows: dict[tuple[str, ...], list[str]] = {}
 
-    def add(name: str, runs_on: tuple[str, ...], reason: str, yes: str) -> None:
+    def add(name: str, runs_on: tuple[str, ...], reason: str) -> None:
         cells = []
         for architecture in ARCHITECTURES:
             if architecture in runs_on:
-                cells.append(yes)
+                cells.append("yes")
                 continue
             reasons.extend([reason] if reason not in reasons else [])
             cells.append(f"no ({reasons.index(reason) + 1})")
         rows.setdefault(tuple(cells), []).append(f"`{name}`")
 
     for name in erase.available_methods():
-        method = erase.get_method(name)
-        capabilities = method.capabilities
-        add(name, capabilities.architectures, capabilities.unported, "yes (SAE)" if method.runtime else "yes")
+        capabilities = erase.get_method(name).capabilities
+        add(name, capabilities.architectures, capabilities.unported)
     for name in available_attacks():
         attack = get_attack(name)
-        add(name, attack.architectures, attack.unported, "yes")
+        add(name, attack.architectures, attack.unported)
     lines = [f"| method, attack | {' | '.join(ARCHITECTURE_NAMES[a] for a in ARCHITECTURES)} |",
              "| --- |" + " --- |" * len(ARCHITECTURES)]  # fmt: skip
     lines += [f"| {', '.join(names)} | {' | '.join(cells)} |" for cells, names in rows.items()]

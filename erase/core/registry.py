@@ -148,7 +148,7 @@ class Capabilities:
     sampler_steps: tuple[str, ...] = ()
     quick: dict[str, Any] | None = field(default_factory=dict)
     architectures: tuple[str, ...] = ("sd", "sdxl")
-    unported: str = "it edits a UNet's cross-attention; not ported to SD3/Flux's MMDiT transformer"
+    unported: str = "it edits UNet cross-attention, which SD3/Flux lack"
 
 
 @dataclass(frozen=True)
