@@ -183,7 +183,7 @@ def matrix_table(_paths: list[Path]) -> str:
     for name in erase.available_methods():
         capabilities = erase.get_method(name).capabilities
         add(name, capabilities.architectures, capabilities.unported)
-    for name in available_attacks():
+    for name in sorted(available_attacks()):  # the registry's order depends on which module imported first
         attack = get_attack(name)
         add(name, attack.architectures, attack.unported)
     lines = [f"| method, attack | {' | '.join(ARCHITECTURE_NAMES[a] for a in ARCHITECTURES)} |",
