@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from evals.microworld import emblems, world
 
@@ -324,3 +325,23 @@ def test_world_json_version_2_keeps_version_1(tmp_path) -> None:
         # a reader decodes a badge from the file alone: cells row by row, 1 is ink
         assert int(c["cells"][::-1], 2) == c["code"] == world.emblem_of(c["name"]).code
     assert emblem["templates"] == {k: list(v) for k, v in world.EMBLEM_TEMPLATES.items()}
+
+
+def test_emblem_readback_tells_a_faithful_path_from_a_blurring_one() -> None:
+    from PIL import ImageFilter
+
+    from evals.microworld import emblem_check
+
+    images, scenes, marks = emblem_check.badge_renders(range(24))
+    assert {s.emblem for s in scenes} == set(world.emblem_names()[:24]) and all(m.size == 20 for m in marks)
+    exact = emblem_check.emblem_readback(images, marks, lambda x: x.copy())
+    assert exact["emblem_accuracy"] == exact["cell_accuracy"] == 1.0 and exact["psnr_badge"] == float("inf")
+
+    def blur(x: np.ndarray) -> np.ndarray:
+        return np.stack([np.asarray(Image.fromarray(i).filter(ImageFilter.GaussianBlur(6))) for i in x])
+
+    blurred = emblem_check.emblem_readback(images, marks, blur)
+    assert blurred["emblem_accuracy"] < 0.5 and blurred["cell_accuracy"] < 0.75
+    assert blurred["psnr_badge"] < blurred["psnr_image"] < 40
+    with pytest.raises(ValueError):
+        emblem_check.emblem_readback(images, marks, lambda x: x[:, :32])
