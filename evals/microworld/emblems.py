@@ -8,6 +8,10 @@ invented two-syllable word that says nothing about the picture, the analogue of 
 The table of names and codes is generated once by :func:`build_table` from fixed seeds and the shipped micro
 tokenizer, and committed as ``emblems.json`` beside this file, so that rendering needs neither the tokenizer nor
 transformers; ``tests/test_world.py`` regenerates it and checks that the committed table is what the generator gives.
+To write it again (after changing a rule or a reserved word)::
+
+    tokenize = transformers.CLIPTokenizer.from_pretrained("pipelines/micro/tokenizer").tokenize
+    emblems.write_table(emblems.TABLE_PATH, emblems.build_table(tokenize, world.emblem_reserved_words()))
 
 numpy only, like the rest of the world's generator.
 """
@@ -34,6 +38,7 @@ __all__ = [
     "badge_pixels",
     "badge_size",
     "build_table",
+    "code_cells",
     "generate_codes",
     "generate_names",
     "hamming",

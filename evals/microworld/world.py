@@ -38,6 +38,7 @@ from evals.microworld import emblems as _emblems
 __all__ = [
     "CATEGORIES",
     "COLOUR_RGB",
+    "EMBLEM",
     "EMBLEM_CELL_PX",
     "EMBLEM_NAMED_SHARE",
     "EMBLEM_PLAIN_TEMPLATES",
@@ -318,12 +319,13 @@ def emblem_of(name: str) -> _emblems.Emblem:
 def emblem_reserved_words() -> list[str]:
     """Every word an emblem name must keep clear of: the other categories' names and synonyms, and every template
     word of both versions (what ``emblems.build_table`` is given)."""
-    words = {w for table in _TABLES.values() for canon, (syns, _) in table.items() for n in (canon, *syns)
-             for w in re.findall(r"[a-z]+", n)}  # fmt: skip
+    words: set[str] = set()
+    for table in _TABLES.values():
+        for canon, (syns, _) in table.items():
+            words.update(w for name in (canon, *syns) for w in re.findall(r"[a-z]+", name))
     for table in (TEMPLATES, PLAIN_TEMPLATES, EMBLEM_TEMPLATES, EMBLEM_PLAIN_TEMPLATES):
         for options in table.values():
-            for t in options:
-                words.update(re.findall(r"[a-z]+", re.sub(r"\{\w+\}", " ", t)))
+            words.update(w for t in options for w in re.findall(r"[a-z]+", re.sub(r"\{\w+\}", " ", t)))
     return sorted(words | {"an", "the", "sign", "emblem"})
 
 
@@ -423,14 +425,7 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
         chosen.remove("style")
         if not chosen:
             chosen = ["object"]
-    values = {}
-    for cat in chosen:
-        canon = getattr(scene, cat)
-        names = all_names(canon)
-        if len(names) > 1 and rng.random() < 0.3:
-            values[cat] = names[1 + int(rng.integers(len(names) - 1))]
-        else:
-            values[cat] = canon
+    values = {cat: _name_variant(all_names(getattr(scene, cat)), rng) for cat in chosen}
     options = templates_for(object="object" in values, colour="colour" in values, style="style" in values, plain=plain)
     return _fill(options[int(rng.integers(len(options)))], values)
 
