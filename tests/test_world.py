@@ -246,6 +246,9 @@ def test_emblem_free_renders_are_byte_identical_and_badges_stay_in_their_box() -
         assert mark.size == 20 and mark.to_dict()["name"] == scene2.emblem
         # the badge sits in a corner, away from the object's half of the image
         assert min(mark.x, 64 - mark.size - mark.x) <= 3 and min(mark.y, 64 - mark.size - mark.y) <= 3
+    images, scenes2 = world.render_dataset(range(64), workers=2, version=2)
+    assert scenes2 == [world.scene_of_seed(s, version=2) for s in range(64)]
+    assert all(images[s].tobytes() == world.render_seed(s, version=2)[0].tobytes() for s in range(0, 64, 9))
     with pytest.raises(ValueError):
         world.render_seed(0, version=3)
     with pytest.raises(ValueError):

@@ -391,10 +391,8 @@ def prompt(
         emblem_of(emblem)  # refuses an unknown emblem name
         values[EMBLEM] = emblem
     plain = style is not None and canonical(style) == "plain"
-    options = templates_for(
-        object=object is not None, colour=colour is not None, style=style is not None, plain=plain,
-        emblem=emblem is not None,
-    )  # fmt: skip
+    named = {"object": object is not None, "colour": colour is not None, "style": style is not None}
+    options = templates_for(**named, plain=plain, emblem=emblem is not None)
     index = 0 if template is None else template
     if not 0 <= index < len(options):
         raise ValueError(f"template {index} out of range: {len(options)} templates name these attributes")
