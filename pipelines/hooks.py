@@ -118,16 +118,16 @@ def _stream(name: str) -> int:
     return 1 if any(fnmatch.fnmatchcase(name, p) for p in TRANSFORMER_BLOCK_PATTERNS) else 0
 
 
-def _output_tokens(name: str, output: object) -> torch.Tensor:
-    return output[_stream(name)] if isinstance(output, tuple) else output
+def _output_tokens(stream: int, output: object) -> torch.Tensor:
+    """A module output's tokens: ``output[stream]`` of a tuple (:func:`_stream`), the output itself otherwise."""
+    return output[stream] if isinstance(output, tuple) else output
 
 
-def _with_tokens(name: str, output: object, tokens: torch.Tensor) -> object:
+def _with_tokens(stream: int, output: object, tokens: torch.Tensor) -> object:
     """``output`` with its tokens (:func:`_output_tokens`) replaced."""
     if not isinstance(output, tuple):
         return tokens
-    index = _stream(name)
-    return (*output[:index], tokens, *output[index + 1 :])
+    return (*output[:stream], tokens, *output[stream + 1 :])
 
 
 def _timestep(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -184,9 +184,10 @@ def capture(pipe: Pipeline, module_names: Sequence[str]) -> Iterator[dict[str, l
     handles = []
     try:
         for name in module_names:
+            stream = _stream(name)
 
-            def hook(_module, _inputs, output, name=name):  # noqa: ANN001, ANN202 - torch's forward hook signature
-                captured[name].append(_output_tokens(name, output).detach())
+            def hook(_module, _inputs, output, name=name, stream=stream):  # noqa: ANN001, ANN202 - torch's hook
+                captured[name].append(_output_tokens(stream, output).detach())
 
             handles.append(module(pipe, name).register_forward_hook(hook))
         yield captured
@@ -237,9 +238,10 @@ def intervene(pipe: Pipeline, edits: dict[str, Callable[[torch.Tensor], torch.Te
     handles = []
     try:
         for name, edit in edits.items():
+            stream = _stream(name)
 
-            def hook(_module, _inputs, output, edit=edit, name=name):  # noqa: ANN001, ANN202 - torch's forward hook
-                return _with_tokens(name, output, edit(_output_tokens(name, output)))
+            def hook(_module, _inputs, output, edit=edit, stream=stream):  # noqa: ANN001, ANN202 - torch's hook
+                return _with_tokens(stream, output, edit(_output_tokens(stream, output)))
 
             # first among the module's hooks: transformers 5 records ``hidden_states`` (SDXL reads the penultimate)
             # with forward hooks installed on first use, which must see the edited output
@@ -297,8 +299,10 @@ def unet_activations(
     def record_timestep(_module, args, kwargs):  # noqa: ANN001, ANN202 - torch's forward pre-hook signature
         times.append(_timestep(args, kwargs).float())
 
+    stream = _stream(hook)
+
     def record_output(_module, _inputs, output):  # noqa: ANN001, ANN202 - torch's forward hook signature
-        hidden = _output_tokens(hook, output)
+        hidden = _output_tokens(stream, output)
         hidden = hidden[-count["n"] :]  # the conditional half ([uncond, cond]), or all without guidance
         calls.append(_as_tokens(hidden.detach().float().cpu()))
 
@@ -345,8 +349,10 @@ def add_output_edit(
         out = edit(_as_tokens(hidden), state["t"])
         return out.transpose(1, 2).reshape(hidden.shape) if hidden.dim() == 4 else out
 
+    stream = _stream(name)
+
     def apply(_module, _inputs, output):  # noqa: ANN001, ANN202 - torch's forward hook signature
-        return _with_tokens(name, output, edited(_output_tokens(name, output)))
+        return _with_tokens(stream, output, edited(_output_tokens(stream, output)))
 
     def register(handles: list) -> None:
         if is_denoiser_hook(name):
