@@ -29,6 +29,7 @@ from typing import Any
 from PIL import Image
 
 __all__ = [
+    "DIGEST_KEY",
     "DamagedCheckpointError",
     "FolderInUseError",
     "WriteError",
@@ -47,6 +48,7 @@ __all__ = [
     "read_safetensors_metadata",
     "read_tensors",
     "remove_stale_temporaries",
+    "safetensors_digest",
     "slug",
     "sync_to_disk",
     "temporary_sibling",
@@ -343,12 +345,39 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def atomic_save_safetensors(tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Atomically save a flat tensor dict as safetensors (contiguous CPU copies, so views and GPU tensors work)."""
+#: The safetensors header entry holding :func:`safetensors_digest` of a file's tensors and other header entries:
+#: files erase writes and reads back itself (training checkpoints, caches), so that a changed number is found when
+#: the file is read, not only a truncated file.
+DIGEST_KEY = "erase_digest"
+
+
+def safetensors_digest(tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> str:
+    """sha256 of every tensor (name, dtype, shape, bytes) and every header entry but :data:`DIGEST_KEY`, in name
+    order."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"tensor\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    for key in sorted(set(metadata or {}) - {DIGEST_KEY}):
+        digest.update(f"meta\0{key}\0{metadata[key]}\0".encode())
+    return digest.hexdigest()
+
+
+def atomic_save_safetensors(
+    tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None, *, digest: bool = False
+) -> None:
+    """Atomically save a flat tensor dict as safetensors (contiguous CPU copies, so views and GPU tensors work);
+    ``digest`` adds :func:`safetensors_digest` to the header, which ``read_tensors(..., digest=True)`` checks."""
     from safetensors.torch import save_file
 
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    if digest:
+        metadata = {**(metadata or {}), DIGEST_KEY: safetensors_digest(tensors, metadata)}
     with atomic_output(path) as tmp:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -376,19 +405,26 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     return found
 
 
-def read_tensors(path: str | Path) -> dict[str, Any]:
+def read_tensors(path: str | Path, *, digest: bool = False) -> dict[str, Any]:
     """The tensors of a safetensors file, every floating-point one finite; ``ValueError`` in one line naming the file
-    when it is not a regular file (a FIFO would block), unreadable, or holds NaN or infinite values."""
+    when it is not a regular file (a FIFO would block), unreadable, or holds NaN or infinite values. ``digest``: the
+    file must also hold the :func:`safetensors_digest` of what it holds (written by ``atomic_save_safetensors(...,
+    digest=True)``), and match it."""
     import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
 
     if not Path(path).is_file():
         raise ValueError(f"cannot read {path}: not a regular file")
     try:
-        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no iteration
     except (OSError, SafetensorError) as err:
         raise ValueError(f"cannot read {path}: {err}") from None
+    if digest and DIGEST_KEY not in metadata:
+        raise ValueError(f"{path} records no digest of its contents (written by another version, or changed)")
+    if digest and metadata[DIGEST_KEY] != safetensors_digest(tensors, metadata):
+        raise ValueError(f"{path} does not match the digest in its header: the file was changed")
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ValueError(f"{path}: {name} holds NaN or infinite values")
@@ -415,7 +451,7 @@ def damaged_checkpoint(path: str | Path, why: BaseException | str) -> DamagedChe
     if isinstance(why, KeyError):
         why = f"{why.args[0] if why.args else 'an entry'} is missing"
     why = (str(why).strip().splitlines() or [type(why).__name__])[0]
-    why = why.removeprefix(f"cannot read {path}: ").removeprefix(f"{path}: ")
+    why = why.removeprefix(f"cannot read {path}: ").removeprefix(f"{path}: ").removeprefix(f"{path} ")
     return DamagedCheckpointError(
         f"the checkpoint file {path} is damaged ({why}); rerun with --restart (restart=True) to start afresh, "
         "which deletes this run's checkpoints and nothing else"
