@@ -257,11 +257,11 @@ def test_an_out_whose_temporary_name_is_too_long_is_refused_before_the_model_loa
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("where", ["equal", "inside", "spelled_with_dots", "link_into_out"])
+@pytest.mark.parametrize("where", ["equal", "inside", "spelled_with_dots", "link_into_out", "holding_out"])
 def test_a_checkpoint_dir_in_the_output_folder_is_refused_before_training(tmp_path, capsys, monkeypatch, where):
     out = tmp_path / "a"
     checkpoints = {"equal": out, "inside": out / "ck", "spelled_with_dots": tmp_path / "b" / ".." / "a" / "ck",
-                   "link_into_out": tmp_path / "link"}[where]  # fmt: skip
+                   "link_into_out": tmp_path / "link", "holding_out": tmp_path}[where]  # fmt: skip
     if where == "link_into_out":
         out.mkdir()
         (tmp_path / "link").symlink_to(out / "ck", target_is_directory=True)
@@ -269,7 +269,7 @@ def test_a_checkpoint_dir_in_the_output_folder_is_refused_before_training(tmp_pa
     code, err = _erase_in_process(capsys, "--model", "tiny", "--concept", "van gogh", "--method", "esd",
                                   "--steps", "2", "--no-check", "--set", f"checkpoint_dir={checkpoints}",
                                   "--out", str(out))  # fmt: skip
-    assert code == 2 and "choose a checkpoint_dir outside it" in _error_line(err)
+    assert code == 2 and "choose a checkpoint_dir apart from --out" in _error_line(err)
     assert not (out / "ck").exists() and (not out.exists() or os.listdir(out) == [])
 
 
