@@ -41,6 +41,7 @@ __all__ = [
     "claim_folder",
     "damaged_checkpoint",
     "file_sha256",
+    "folder_name",
     "move_into_place",
     "png_bytes",
     "process_alive",
@@ -387,6 +388,25 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+#: Folder names stay well under file systems' 255-byte limit, leaving room for suffixes and temporaries.
+FOLDER_NAME_LENGTH = 60
+
+
+def folder_name(text: str) -> str:
+    """A file-name-safe folder name, distinct for distinct ``text`` (concepts, table rows).
+
+    The plain slug (``a-z``, ``0-9``, single hyphens) when it spells ``text`` with spaces as hyphens and is short
+    enough (``van gogh`` -> ``van-gogh``); otherwise the slug cut short, ``_`` and 16 hex digits of the sha256 of
+    ``text`` (``van-gogh`` -> ``van-gogh_b0bf...``). A slug holds no ``_``, so no text's plain name is another's
+    hashed one.
+    """
+    plain = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    if plain.replace("-", " ") == text and len(plain) <= FOLDER_NAME_LENGTH:
+        return plain
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return f"{plain[: FOLDER_NAME_LENGTH - 17].rstrip('-') or 'x'}_{digest}"
 
 
 def slug(text: str) -> str:

@@ -310,3 +310,33 @@ def test_erase_names_a_damaged_checkpoint_and_restart_starts_afresh(tmp_path, ca
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
     code, err = _erase_in_process(capsys, "--model", "tiny", "--concept", "van gogh", "--restart", "--out", "c")
     assert code == 2 and "--restart does not apply to method 'uce'" in _error_line(err)
+
+
+# ------------------------------------------------------------------------------------------------ folder names
+def test_folder_names_are_distinct_even_for_texts_that_spell_another_ones_hashed_name():  # D7
+    """Per-concept folders (attack suites, audits), the default --out, the robustness table's rows and the SAE store's
+    folders: distinct texts get distinct names, and a text made to spell another text's hashed name (its slug plus
+    digest) does not get that name."""
+    from erase.core.layout import default_output_folder
+    from pipelines.files import folder_name
+    from pipelines.tokenizer import concept_folder, concept_text
+
+    texts = ["van gogh", "van-gogh", "van_gogh", "Van-Gogh!", "\U0001f3a8", "\U0001f58c\ufe0f", "a" * 59 + "b",
+             "a" * 59 + "c", "uce +world preserve", "uce-world-preserve"]  # fmt: skip
+    folders = {concept_folder(t) for t in texts}
+    assert len(folders) == len({concept_text(t) for t in texts}) and concept_folder("Van Gogh") == "van-gogh"
+    for text in texts:
+        name = concept_folder(text)
+        spelling = name.replace("-", " ").replace("_", " ")  # the hashed name as a concept's words
+        assert spelling == concept_text(text) or concept_folder(spelling) != name, (text, name)
+    assert folder_name("uce +world preserve") != folder_name("uce-world-preserve") and folder_name("uce") == "uce"
+    many = [c * 30 for c in "abc"]
+    cut = default_output_folder(many, "uce").name.removesuffix("-uce")
+    spelled = [part.replace("-", " ").replace("_", " ") for part in cut.split("+")]
+    assert default_output_folder(spelled, "uce") != default_output_folder(many, "uce")
+    assert len(default_output_folder(many, "uce").name) <= 90
+    sae_folder = runpy.run_path(str(ROOT / "scripts" / "train_sae.py"), run_name="train_sae_script")["sae_folder"]
+    hook = "text_encoder.encoder.layers.2"
+    assert sae_folder("s", "micro", hook).name == f"micro-{hook}"  # the shipped SAEs' folder names
+    assert sae_folder("s", "/x/sd", hook) != sae_folder("s", "/y/sd", hook)
+    assert sae_folder("s", "org/sd", hook) != sae_folder("s", "sd", hook)

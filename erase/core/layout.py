@@ -193,9 +193,10 @@ def check_checkpoint_folder(checkpoint_dir: str | Path | None, out: str | Path) 
 def default_output_folder(concepts: Sequence[str], method: str) -> Path:
     """``erased/<concept>[+<concept>...]-<method>``, each concept by its folder name
     (``pipelines.tokenizer.concept_folder``: distinct readings, distinct names); a list past 80 characters is cut
-    and marked with a hash of all the readings, so two long lists still differ."""
+    and marked ``__`` and a hash of all the readings, so two long lists still differ, and no list of concepts spells
+    a cut name (a concept's folder name holds no ``__``)."""
     name = "+".join(concept_folder(c) for c in concepts)
     if len(name) > 80:
-        digest = hashlib.sha256("\n".join(concept_text(c) for c in concepts).encode()).hexdigest()[:8]
-        name = f"{name[:71]}-{digest}"
+        digest = hashlib.sha256("\n".join(concept_text(c) for c in concepts).encode()).hexdigest()[:16]
+        name = f"{name[:62]}__{digest}"
     return Path("erased") / f"{name}-{method}"
