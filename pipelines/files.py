@@ -182,22 +182,25 @@ def _exists(path: Path) -> bool:
     return True
 
 
+#: Room left under the system's path limit for what a written folder holds (an artifact's ``pipeline/`` export).
+_CONTENT_ROOM = 128
+
+
 def check_name_lengths(path: str | Path, entries: tuple[str, ...] = (), *, temporary: bool = True) -> None:
     """``WriteError`` (ENAMETOOLONG) when a name a write to ``path`` will create is longer than its file system
     allows: each component of ``path`` that does not exist yet, the temporary sibling of its last (``temporary``:
     ``path`` itself is written atomically), and the temporary sibling of each of ``entries`` (names that will be
-    written inside ``path``). Checked before any work."""
+    written inside ``path``); or when the whole path of one of those, with ``_CONTENT_ROOM`` to spare, is longer than
+    the system's path limit. Checked before any work."""
     path = Path(os.path.abspath(path))
     existing = path
     while not _exists(existing) and existing.parent != existing:
         existing = existing.parent
-    try:
-        limit = os.pathconf(existing if existing.is_dir() else existing.parent, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        limit = 255
+    where = existing if existing.is_dir() else existing.parent
     names = [p.name for p in [path, *path.parents] if p != existing and existing in p.parents]
     names += [temporary_sibling(path).name] if temporary else []
     names += [temporary_sibling(path / e).name for e in entries]
+    limit = _path_setting(where, "PC_NAME_MAX", 255)
     for name in names:
         if len(os.fsencode(name)) > limit:
             shown = name if len(name) <= 40 else f"{name[:20]}...{name[-12:]}"
@@ -206,6 +209,23 @@ def check_name_lengths(path: str | Path, entries: tuple[str, ...] = (), *, tempo
                 f"the name {shown!r} ({len(os.fsencode(name))} bytes) is longer than this file system allows "
                 f"({limit}): {write_failure_reason(errno.ENAMETOOLONG)}",
             )  # fmt: skip
+    written = [path.parent / temporary_sibling(path).name if temporary else path]
+    written += [path / temporary_sibling(path / e).name for e in entries]
+    longest = max(len(os.fsencode(p)) for p in written) + _CONTENT_ROOM
+    path_limit = _path_setting(where, "PC_PATH_MAX", 4096) - 1  # the limit counts the terminating NUL
+    if longest > path_limit:
+        raise WriteError(
+            path, errno.ENAMETOOLONG,
+            f"its path ({len(os.fsencode(path))} bytes, {longest} with what is written in it) is longer than this "
+            f"system allows ({path_limit}): {write_failure_reason(errno.ENAMETOOLONG)}",
+        )  # fmt: skip
+
+
+def _path_setting(folder: Path, name: str, default: int) -> int:
+    try:
+        return os.pathconf(folder, name)
+    except (OSError, ValueError):
+        return default
 
 
 def sync_to_disk(path: Path) -> None:
