@@ -423,7 +423,7 @@ def folder_name(text: str) -> str:
     hashed one.
     """
     plain = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    if plain.replace("-", " ") == text and len(plain) <= FOLDER_NAME_LENGTH:
+    if plain and plain.replace("-", " ") == text and len(plain) <= FOLDER_NAME_LENGTH:
         return plain
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     return f"{plain[: FOLDER_NAME_LENGTH - 17].rstrip('-') or 'x'}_{digest}"

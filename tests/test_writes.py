@@ -332,6 +332,7 @@ def test_folder_names_are_distinct_even_for_texts_that_spell_another_ones_hashed
         spelling = name.replace("-", " ").replace("_", " ")  # the hashed name as a concept's words
         assert spelling == concept_text(text) or concept_folder(spelling) != name, (text, name)
     assert folder_name("uce +world preserve") != folder_name("uce-world-preserve") and folder_name("uce") == "uce"
+    assert folder_name("") and folder_name("") != folder_name("-")
     many = [c * 30 for c in "abc"]
     cut = default_output_folder(many, "uce").name.removesuffix("-uce")
     spelled = [part.replace("-", " ").replace("_", " ") for part in cut.split("+")]
