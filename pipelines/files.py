@@ -506,23 +506,24 @@ def claim_path(folder: Path) -> Path:
 
 
 @contextlib.contextmanager
-def claim_folder(folder: str | Path) -> Iterator[Path]:
+def claim_folder(folder: str | Path, option: str = "--out") -> Iterator[Path]:
     """Hold ``folder`` for this run: an exclusive ``flock`` on its sibling lock file (:func:`claim_path`), taken
     without waiting, so a second run to the same folder fails at once (:class:`FolderInUseError`, one line naming the
-    holder's process). Released, and the lock file removed, on exit.
+    holder's process, and ``option``, the setting that names the folder). Released, and the lock file removed, on
+    exit.
 
     The kernel drops the lock of a process that dies, so a claim left by a killed run is taken over, never stale.
     Locks are per open file: two claims on one folder conflict in one process too. The lock file is checked to still
     be the one at the path after locking (its previous holder may have removed it in between), else taken again.
     """
     folder = Path(os.path.abspath(Path(folder).expanduser()))
-    if folder.is_symlink():
-        folder = folder.resolve()
-    lock = claim_path(folder)
     try:
+        if folder.is_symlink():  # a name too long to exist raises here
+            folder = folder.resolve()
+        lock = claim_path(folder)
         lock.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise write_error(lock.parent, err) from err
+        raise write_error(folder, err) from err
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
@@ -535,7 +536,7 @@ def claim_folder(folder: str | Path) -> Iterator[Path]:
             os.close(fd)
             who = f"process {holder}" if holder.isdigit() else "another process"
             raise FolderInUseError(
-                f"{folder} is being written by another run ({who}); wait for it to end or choose another --out"
+                f"{folder} is being written by another run ({who}); wait for it to end or choose another {option}"
             ) from None
         except OSError as err:
             os.close(fd)

@@ -1,6 +1,7 @@
 """The wrapper's LoRA adapters and the shared LoRA trainer, on the tiny random pipeline (seconds each)."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -19,7 +20,7 @@ from erase.lora.trainer import (
     train_lora,
 )
 from pipelines import LORA_TARGETS
-from pipelines.files import DamagedCheckpointError, WriteError
+from pipelines.files import DamagedCheckpointError, FolderInUseError, WriteError, claim_folder
 
 FAST = dict(steps=6, lr=1e-2, pool_images=2, pool_steps=4)
 
@@ -305,6 +306,14 @@ def test_a_changed_checkpoint_file_is_named_before_training(tmp_path, damage, fi
     message = str(caught.value)
     assert message.startswith(f"the checkpoint file {folder / file} is damaged (") and "--restart" in message
     assert "\n" not in message
+
+
+def test_a_checkpoint_dir_another_run_holds_is_refused_before_training(tiny, tmp_path):  # D4
+    folder = tmp_path / "ck"
+    with claim_folder(folder, option="checkpoint_dir"), pytest.raises(FolderInUseError) as caught:
+        _train(tiny, steps=2, checkpoint_dir=str(folder))
+    assert "\n" not in str(caught.value) and str(caught.value).endswith("choose another checkpoint_dir")
+    assert os.listdir(tmp_path) == []  # nothing written, and the claim released
 
 
 def test_restart_deletes_only_the_runs_own_files(tiny, tmp_path):

@@ -77,6 +77,7 @@ step, ``adversarial_every`` 1; with a longer period the other processes continue
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -101,6 +102,7 @@ from pipelines.files import (
     atomic_output,
     atomic_save_safetensors,
     atomic_write_json,
+    claim_folder,
     damaged_checkpoint,
     read_json_object,
     read_tensors,
@@ -567,14 +569,40 @@ def train_lora(
     only resumed by the same run. ``progress`` shows the bar (``None``: only on a terminal). The returned edit's
     ``factors`` are the exact adapters and ``deltas`` their products; ``info`` records steps, the final loss, the
     mean loss of every 100 steps, wall time and peak memory.
+
+    The checkpoint folder is claimed for the run (``pipelines.files.claim_folder``, by process 0): a second run with
+    the same ``checkpoint_dir`` fails at once (``FolderInUseError``) instead of writing and dropping checkpoints
+    beside this one's.
     """
     from accelerate import Accelerator
 
     device = wrapper.device
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=config.mixed_precision)
-    processes, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    processes, rank = accelerator.num_processes, accelerator.process_index
     if processes > 1 and device != accelerator.device and device.type != "cpu":
         raise ValueError(f"process {rank} trains on {device}, but accelerate assigned it {accelerator.device}")
+    with contextlib.ExitStack() as hold:
+        if config.checkpoint_dir and accelerator.is_main_process:
+            hold.enter_context(claim_folder(config.checkpoint_dir, option="checkpoint_dir"))
+        return _train(wrapper, accelerator, pool_prompts, loss_fn, config, layers, run_key, progress, description,
+                      attacked)  # fmt: skip
+
+
+def _train(
+    wrapper: PipelineWrapper,
+    accelerator: Any,
+    pool_prompts: Sequence[str] | PromptEncoding,
+    loss_fn: LossFunction,
+    config: LoraTrainConfig,
+    layers: Sequence[str],
+    run_key: dict[str, Any],
+    progress: bool | None,
+    description: str,
+    attacked: Sequence[Sequence[str]] | None,
+) -> WeightEdit:
+    """``train_lora``'s run, under its claim on the checkpoint folder."""
+    device = wrapper.device
+    processes, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     folder = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     key = _run_key(wrapper, {**run_key, "processes": processes}, wrapper.lora_modules(layers))
     if folder is not None:
