@@ -81,7 +81,7 @@ def test_train_sae_script_refuses_a_two_line_prompt_file_and_itd_refuses_a_force
     assert err.startswith("error:") and "fewer than the SAE's" in err and len(err.splitlines()) == 1
     assert not list(store.glob(f"*/{SAE_METADATA}"))
     assert train([*args, "--force", "--set", "epochs=1"]) == 0
-    assert "warning: saved below the quality floor" in capsys.readouterr().out
+    assert "warning: below the quality floor, saved (--force)" in capsys.readouterr().out
     erase_main = runpy.run_path(str(ROOT / "scripts" / "erase.py"))["main"]
     itd = ["--concept", "van gogh", "--method", "itd", "--no-check", "--out", str(tmp_path / "itd"),
            "--set", f'sae_stores=["{store}"]', "--set", "top_features=4", "--set", "gate=false"]  # fmt: skip
