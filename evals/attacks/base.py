@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
+from pipelines.checks import check_config_fields, check_text_fields
 
 from .. import metrics as M
 from ..microworld import world
@@ -246,7 +247,8 @@ def resolve_attacks(names: Sequence[str]) -> list[str]:
 
 def attack_configs(overrides: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """Configs of the named attacks with some fields changed (``{"noise_probe": {"candidates": 4}}``); ``ValueError``
-    in one line for an unknown attack or field, or a bad value."""
+    in one line for an unknown attack or field, or a bad value (every number, switch and text checked:
+    ``pipelines.checks.check_config_fields``, whatever the attack's own checks)."""
     configs = {}
     for name, fields in overrides.items():
         attack = get_attack(name)
@@ -255,7 +257,9 @@ def attack_configs(overrides: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]
         if unknown:
             raise ValueError(f"attack {name!r} has no setting {unknown[0]!r}; it has {', '.join(sorted(known))}")
         try:
+            check_text_fields(attack.config_class, fields)
             configs[name] = attack.config_class(**fields)
+            check_config_fields(configs[name])
         except TypeError as err:
             raise ValueError(f"attack {name!r}: {err}") from None
     return configs
