@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,33 @@ def _world_name(name: str) -> str | None:
     return world_concept(name)
 
 
+#: How alike (``difflib``'s ratio) a name outside the micro world must be to a world name to read as a misspelling
+#: of it: "van gohg", "vangogh", "monnet", "circles" do; "a dog", "dark red", "box" against "fox" do not.
+NEAR_NAME_RATIO = 0.8
+
+
+def _check_world_names(names: Sequence[str], what: str) -> None:
+    """``ValueError`` in one line, listing the near world names, for the first of ``names`` that is not a micro-world
+    name but spells one nearly (``NEAR_NAME_RATIO``): the check would probe it generically, a test of another
+    concept than the one meant. Names far from every world name ("a dog") pass: they are probed generically."""
+    import difflib
+
+    from evals.microworld import world
+
+    known = [n for cat in world.CATEGORIES for c in world.concepts(cat) for n in world.all_names(c)]
+    for name in names:
+        if _world_name(name) is not None:
+            continue
+        spaced = " ".join(re.sub(r"[-_]+", " ", concept_key(name)).split())  # as world_concept reads it
+        bare = re.sub(r"^(a|an|the) ", "", spaced)
+        near = difflib.get_close_matches(bare, known, n=3, cutoff=NEAR_NAME_RATIO)
+        if near:
+            raise ValueError(
+                f"{what} {name!r} is no micro-world name; near ones: {', '.join(map(repr, near))} (use one, or "
+                "give --no-check to erase the text as written)"
+            )
+
+
 @dataclass
 class CheckResult:
     """Accuracy of the named concept on a few fixed-seed images, before and after the edit."""
@@ -149,12 +177,15 @@ def check_probes(
 
     Decided before any edit, for any concept a user can write: on the micro world a target that names a world
     concept in any spelling (``evals.probes.world_concept``) gets world probes, judged in its category; any other
-    ("a dog") gets generic probes, judged among the other such targets and the preserved world concepts.
+    ("a dog") gets generic probes, judged among the other such targets and the preserved world concepts; a name that
+    nearly spells a world name ("van gohg") is refused with the near names, before any work.
     """
     from evals.microworld import world
     from evals.probes import generic_probes, world_labels, world_probes
 
     if wrapper.world_file is not None:
+        _check_world_names(targets, "concept to erase")
+        _check_world_names(preserve, "preserved concept")
         per_target = max(1, images_per_group // max(1, len(targets)))
         named = [_world_name(t) for t in targets]
         outside = [t for t, n in zip(targets, named, strict=True) if n is None]

@@ -83,8 +83,12 @@ def test_the_world_lookup_reads_names_as_the_tokenizer_does(name, world_name):
     assert world_concept(name) == world_name
 
 
-def test_the_checks_probes_take_any_concept_before_any_edit():
-    micro = load_pipeline("micro")
+@pytest.fixture(scope="module")
+def micro():
+    return load_pipeline("micro")
+
+
+def test_the_checks_probes_take_any_concept_before_any_edit(micro):
     targets, preserved, labels = check_probes(micro, ["Van Gogh", "a dog", "a circle"], [], 6, 0)
     judged = {(p.concept, p.category) for p in targets}
     assert judged == {("van gogh", "style"), ("circle", "object"), ("a dog", "concept")}
@@ -101,3 +105,22 @@ def test_the_script_erases_a_capitalised_world_name_and_an_unknown_one_with_its_
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "Erased 'van gogh', 'a dog'" in captured.out and (out / "before_after.png").is_file()
+
+
+@pytest.mark.parametrize("name, near", [("van gohg", "van gogh"), ("VanGogh", "van gogh"), ("a circl", "circle"),
+                                        ("Monnet", "monet"), ("hearts", "heart")])  # fmt: skip
+def test_a_near_miss_of_a_world_name_is_refused_with_the_near_names_before_any_edit(micro, name, near):
+    with pytest.raises(ValueError, match=f"^concept to erase '{name}' is no micro-world name; near ones: '{near}'"):
+        check_probes(micro, [name], [], 6, 0)
+    with pytest.raises(ValueError, match=f"^preserved concept '{name}' is no micro-world name"):
+        check_probes(micro, ["van gogh"], [name], 6, 0)
+
+
+def test_the_script_refuses_a_misspelt_world_name_before_training(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = runpy.run_path(str(SCRIPT))["main"](
+        ["--concept", "Van Gohg", "--method", "esd", "--steps", "1000", "--out", str(out), "--quiet"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "near ones: 'van gogh'" in err and "--no-check" in err, err
+    assert not out.exists()
