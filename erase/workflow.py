@@ -441,11 +441,12 @@ def edit_size_warnings(relative_change: dict[str, float], limit: float = 1.0) ->
     large = {name: r for name, r in relative_change.items() if not r <= limit}
     if not large:
         return []
-    worst = max(large.values(), key=lambda r: r if r == r else float("inf"))
+    ordered = sorted(relative_change.values(), key=lambda r: r if r == r else float("inf"))
+    median, worst = ordered[len(ordered) // 2], ordered[-1]
     return [
-        f"the edit is larger than the weights in {len(large)} of {len(relative_change)} layers (up to {worst:.0%} of "
-        "a layer's norm): expect the model to change beyond the concepts; erase fewer concepts at once, or raise "
-        "lamb / lower the learning rate"
+        f"the edit is larger than the weights in {len(large)} of {len(relative_change)} layers (median {median:.0%}, "
+        f"up to {worst:.0%} of a layer's norm): expect the model to change beyond the concepts; erase fewer concepts "
+        "at once, or raise lamb / lower the learning rate"
     ]
 
 
