@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
 from pipelines.files import claim_folder, png_bytes
+from pipelines.hub import HubUnreachableError
 
 from .core.artifact import ErasureArtifact, check_artifact_base, load_artifact, save_artifact
 from .core.inputs import (
@@ -156,6 +157,8 @@ def load_check_scorer(wrapper: PipelineWrapper, scorer: str | None) -> tuple[str
 
     try:
         name, clip, _ = load_scoring(wrapper.model_id, scorer, judge=False, device=wrapper.device)
+    except HubUnreachableError as err:  # its line already says what to pass instead
+        raise HubUnreachableError(f"{error_line(err)} (the check needs it: --no-check skips the check)") from None
     except ValueError as err:
         raise ValueError(
             f"{error_line(err)}; the check needs it: pass --no-check to skip the check, or --scorer with a local CLIP "
