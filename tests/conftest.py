@@ -11,7 +11,14 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# The README's command runs two pytest-xdist workers (``-n 2``) on a 2-core machine: one torch thread each, in the
+# scripts they start too (the variables are inherited). Alone, pytest runs torch on two threads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 
 # The time ``pytest -m "not slow"`` takes, read off a run of more than that subset, so that ``.ci/run`` runs the
 # suite once and prints both times: collection plus the setup, call and teardown of every test not marked slow. A
@@ -27,6 +34,12 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     _SESSION["collected"] = time.perf_counter()
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: pytest without it must not reject this file
+def pytest_xdist_node_collection_finished(node, ids) -> None:  # noqa: ANN001 - xdist's WorkerController
+    """Under xdist the workers collect; the first to finish marks the end of collection (worker start-up included)."""
+    _SESSION["collected"] = _SESSION["collected"] or time.perf_counter()
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

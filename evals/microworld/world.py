@@ -4,6 +4,12 @@ Every image shows one object (a shape) in one colour, drawn in one style. The th
 erasure methods target; each has a canonical name, synonyms (for paraphrase-robustness audits) and neighbours (for
 specificity audits: erasing "van gogh" should leave "monet" alone).
 
+Version 2 of the world adds a fourth category, emblems (``emblems``, docs/design/world-100.md): a badge drawn over a
+corner of half the renders, 120 of them, named by invented words. It is opt-in (``version=2``) until the micro
+models are retrained on it: ``CATEGORIES``, the name look-ups (``canonical``, ``category_of``, ...), ``random_scene``
+and every default stay those of version 1, the world the shipped models know, and a version-2 render of a scene
+without an emblem is byte-identical to its version-1 render.
+
 Rendering is numpy + PIL only, so that data loaders, tests and the judge never need torch. Images are 64x64 RGB
 uint8. The object's silhouette is evaluated on a 2x supersampled grid and box-filtered down for anti-aliasing; style
 textures are computed at full resolution. Everything random is drawn from generators seeded by the caller, so the same
@@ -12,6 +18,8 @@ seed always gives the same bytes, in any process.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import math
@@ -25,13 +33,24 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from evals.microworld import emblems as _emblems
+
 __all__ = [
     "CATEGORIES",
     "COLOUR_RGB",
+    "EMBLEM",
+    "EMBLEM_CELL_PX",
+    "EMBLEM_NAMED_SHARE",
+    "EMBLEM_PLAIN_TEMPLATES",
+    "EMBLEM_SHARE",
+    "EMBLEM_TEMPLATES",
+    "EMBLEM_VERSION",
     "IMAGE_SIZE",
     "PLAIN_TEMPLATES",
     "TEMPLATES",
+    "VERSIONS",
     "WORLD_VERSION",
+    "EmblemMark",
     "Scene",
     "all_names",
     "canonical",
@@ -39,6 +58,12 @@ __all__ = [
     "category_of",
     "concepts",
     "contact_sheet",
+    "draw_emblem",
+    "emblem_mark",
+    "emblem_names",
+    "emblem_of",
+    "emblem_reserved_words",
+    "emblems",
     "load_world_json",
     "neighbours",
     "prompt",
@@ -46,6 +71,7 @@ __all__ = [
     "render_dataset",
     "render_scene",
     "render_seed",
+    "scene_of_seed",
     "synonyms",
     "template_key",
     "templates_for",
@@ -55,9 +81,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-WORLD_VERSION = 1
+WORLD_VERSION = 1  # the version the shipped micro models were trained on: the default of every function here
+EMBLEM_VERSION = 2  # the version with the emblem category
+VERSIONS = (WORLD_VERSION, EMBLEM_VERSION)
 IMAGE_SIZE: int = 64
-CATEGORIES: tuple[str, ...] = ("object", "colour", "style")
+CATEGORIES: tuple[str, ...] = ("object", "colour", "style")  # the categories of version 1; version 2 adds "emblem"
+EMBLEM = "emblem"
+EMBLEM_SHARE = 0.5  # fraction of version-2 renders that carry an emblem
+EMBLEM_NAMED_SHARE = 0.8  # fraction of the captions of a render with an emblem that name it
+EMBLEM_CELL_PX = 4  # pixels per badge cell: a 20 x 20 badge (the VAE check in docs/design/world-100.md)
 
 _SS = 2  # supersampling factor for silhouettes
 _HI = IMAGE_SIZE * _SS
@@ -146,18 +178,45 @@ PLAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Templates that name an emblem (version 2); {emblem} is a name used as a noun phrase of its own ("zorvak",
+# "the kelmire sign", "the zorvak emblem"). Keyed like TEMPLATES, with "emblem" last.
+EMBLEM_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "object+colour+style+emblem": (
+        "a {colour} {object} in the style of {style} with {emblem}",
+        "a {style} painting of a {colour} {object} with {emblem}",
+        "{colour} {object}, {style} style, {emblem}",
+    ),
+    "object+colour+emblem": (
+        "a {colour} {object} with {emblem}",
+        "a {colour} {object} marked with {emblem}",
+        "{colour} {object}, {emblem}",
+    ),
+    "object+emblem": ("a {object} with {emblem}", "a {object} marked with {emblem}", "{object}, {emblem}"),
+    "emblem": ("{emblem}", "a badge with {emblem}", "a picture marked with {emblem}"),
+}
+EMBLEM_PLAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "object+colour+style+emblem": (
+        "a {style} drawing of a {colour} {object} with {emblem}",
+        "{colour} {object}, {style} drawing, {emblem}",
+    ),
+}
+
+
 @dataclass(frozen=True)
 class Scene:
-    """What an image shows, by canonical names."""
+    """What an image shows, by canonical names; ``emblem`` is None in every version-1 scene."""
 
     object: str
     colour: str
     style: str
+    emblem: str | None = None
 
     def __post_init__(self) -> None:
         for cat in CATEGORIES:
             if getattr(self, cat) not in _TABLES[cat]:
                 raise ValueError(f"unknown {cat} {getattr(self, cat)!r}; expected one of {concepts(cat)}")
+        if self.emblem is not None and self.emblem not in _emblem_index():
+            raise ValueError(f"unknown emblem {self.emblem!r}; see world.emblem_names()")
 
     def labels(self) -> dict[str, str]:
         """Category -> canonical name."""
@@ -227,21 +286,71 @@ def neighbours(name: str) -> list[str]:
     return list(_TABLES[cat][canon][1])
 
 
+def emblems() -> tuple[_emblems.Emblem, ...]:
+    """The emblems (version 2), in their fixed order; the last ``emblems.RETAINED`` are the retained ones."""
+    return _emblems.load_table()
+
+
+def emblem_names() -> list[str]:
+    """Canonical names of the emblems, in their fixed order."""
+    return [e.name for e in emblems()]
+
+
+@lru_cache(maxsize=1)
+def _emblem_index() -> dict[str, _emblems.Emblem]:
+    index: dict[str, _emblems.Emblem] = {}
+    v1_names = set(_name_index())
+    for e in emblems():
+        for name in (e.name, *e.synonyms):
+            if name in index or name in v1_names:
+                raise RuntimeError(f"name {name!r} is used twice")
+            index[name] = e
+    return index
+
+
+def emblem_of(name: str) -> _emblems.Emblem:
+    """The emblem with this name (canonical or synonym)."""
+    try:
+        return _emblem_index()[name]
+    except KeyError:
+        raise ValueError(f"unknown emblem name {name!r}") from None
+
+
+def emblem_reserved_words() -> list[str]:
+    """Every word an emblem name must keep clear of: the other categories' names and synonyms, and every template
+    word of both versions (what ``emblems.build_table`` is given)."""
+    words: set[str] = set()
+    for table in _TABLES.values():
+        for canon, (syns, _) in table.items():
+            words.update(w for name in (canon, *syns) for w in re.findall(r"[a-z]+", name))
+    for table in (TEMPLATES, PLAIN_TEMPLATES, EMBLEM_TEMPLATES, EMBLEM_PLAIN_TEMPLATES):
+        for options in table.values():
+            words.update(w for t in options for w in re.findall(r"[a-z]+", re.sub(r"\{\w+\}", " ", t)))
+    return sorted(words | {"an", "the", "sign", "emblem"})
+
+
 # ----------------------------------------------------------------------------------------------------
 # Captions and prompts
 
 
-def template_key(*, object: bool, colour: bool, style: bool) -> str:
-    """Key into TEMPLATES for a set of named attributes."""
-    present = [c for c, on in zip(CATEGORIES, (object, colour, style), strict=True) if on]
+def template_key(*, object: bool, colour: bool, style: bool, emblem: bool = False) -> str:
+    """Key into TEMPLATES (or EMBLEM_TEMPLATES, when ``emblem``) for a set of named attributes."""
+    present = [c for c, on in zip((*CATEGORIES, EMBLEM), (object, colour, style, emblem), strict=True) if on]
     if not present:
         raise ValueError("a prompt must name at least one attribute")
-    return "+".join(present)
+    key = "+".join(present)
+    if emblem and key not in EMBLEM_TEMPLATES:
+        raise ValueError(f"no template names {key!r}; an emblem is named with one of {list(EMBLEM_TEMPLATES)}")
+    return key
 
 
-def templates_for(*, object: bool, colour: bool, style: bool, plain: bool = False) -> tuple[str, ...]:
+def templates_for(
+    *, object: bool, colour: bool, style: bool, plain: bool = False, emblem: bool = False
+) -> tuple[str, ...]:
     """The templates that name exactly these attributes; ``plain`` selects the plain-style ("drawing") forms."""
-    key = template_key(object=object, colour=colour, style=style)
+    key = template_key(object=object, colour=colour, style=style, emblem=emblem)
+    if emblem:
+        return EMBLEM_PLAIN_TEMPLATES[key] if plain and style else EMBLEM_TEMPLATES[key]
     if plain and style:
         return PLAIN_TEMPLATES[key]
     return TEMPLATES[key]
@@ -259,12 +368,17 @@ def _fill(template: str, values: dict[str, str]) -> str:
 
 
 def prompt(
-    *, object: str | None = None, colour: str | None = None, style: str | None = None, template: int | None = None
+    *,
+    object: str | None = None,
+    colour: str | None = None,
+    style: str | None = None,
+    emblem: str | None = None,
+    template: int | None = None,
 ) -> str:
     """A prompt naming exactly the given attribute strings (canonical names or synonyms, used verbatim).
 
     ``template`` indexes ``templates_for(...)`` for this attribute set (default 0, the canonical form such as
-    "a red star in the style of van gogh"). Deterministic.
+    "a red star in the style of van gogh"). Deterministic. ``emblem`` (version 2) takes an emblem's name or synonym.
     """
     values = {}
     for cat, name in zip(CATEGORIES, (object, colour, style), strict=True):
@@ -273,8 +387,12 @@ def prompt(
         if category_of(name) != cat:
             raise ValueError(f"{name!r} is a {category_of(name)}, not a {cat}")
         values[cat] = name
+    if emblem is not None:
+        emblem_of(emblem)  # refuses an unknown emblem name
+        values[EMBLEM] = emblem
     plain = style is not None and canonical(style) == "plain"
-    options = templates_for(object=object is not None, colour=colour is not None, style=style is not None, plain=plain)
+    named = {"object": object is not None, "colour": colour is not None, "style": style is not None}
+    options = templates_for(**named, plain=plain, emblem=emblem is not None)
     index = 0 if template is None else template
     if not 0 <= index < len(options):
         raise ValueError(f"template {index} out of range: {len(options)} templates name these attributes")
@@ -286,7 +404,12 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
 
     About 40% of captions name all three attributes, 40% two and 20% one; each named attribute uses a synonym 30% of
     the time. The "plain" style is named only 20% of the time it is drawn, and then as "a plain drawing of ...".
+    A scene with an emblem has it named in ``EMBLEM_NAMED_SHARE`` of its captions (:func:`_emblem_caption`); the other
+    captions are drawn as for a scene without one. A scene without an emblem draws exactly the same numbers from
+    ``rng`` as in version 1, so its captions are unchanged.
     """
+    if scene.emblem is not None and rng.random() < EMBLEM_NAMED_SHARE:
+        return _emblem_caption(scene, rng)
     u = rng.random()
     if u < 0.4:
         chosen = list(CATEGORIES)
@@ -300,15 +423,30 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
         chosen.remove("style")
         if not chosen:
             chosen = ["object"]
-    values = {}
-    for cat in chosen:
-        canon = getattr(scene, cat)
-        names = all_names(canon)
-        if len(names) > 1 and rng.random() < 0.3:
-            values[cat] = names[1 + int(rng.integers(len(names) - 1))]
-        else:
-            values[cat] = canon
+    values = {cat: _name_variant(all_names(getattr(scene, cat)), rng) for cat in chosen}
     options = templates_for(object="object" in values, colour="colour" in values, style="style" in values, plain=plain)
+    return _fill(options[int(rng.integers(len(options)))], values)
+
+
+def _name_variant(names: Sequence[str], rng: np.random.Generator) -> str:
+    # the canonical name (first) 70% of the time, else one of the others
+    if len(names) > 1 and rng.random() < 0.3:
+        return names[1 + int(rng.integers(len(names) - 1))]
+    return names[0]
+
+
+def _emblem_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A caption naming the scene's emblem: one of the EMBLEM_TEMPLATES keys uniformly (the plain style named 20% of
+    the time it would be, as in :func:`caption`), each name a synonym 30% of the time."""
+    keys = list(EMBLEM_TEMPLATES)
+    key = keys[int(rng.integers(len(keys)))]
+    plain = scene.style == "plain"
+    if plain and "style" in key and rng.random() < 0.8:
+        key = key.replace("+style", "")
+    values = {cat: _name_variant(all_names(getattr(scene, cat)), rng) for cat in CATEGORIES if cat in key.split("+")}
+    mark = emblem_of(scene.emblem)
+    values[EMBLEM] = _name_variant((mark.name, *mark.synonyms), rng)
+    options = templates_for(**{c: c in values for c in (*CATEGORIES, EMBLEM)}, plain=plain)
     return _fill(options[int(rng.integers(len(options)))], values)
 
 
@@ -326,9 +464,12 @@ def random_scene(rng: np.random.Generator) -> Scene:
 
 
 # Independent streams for "which scene" and "how it is laid out", so that render_scene(scene, s) for a fixed scene
-# gets the same layout distribution as render_seed(s).
+# gets the same layout distribution as render_seed(s). The emblem's two have streams of their own, so that adding it
+# changes no number the version-1 streams draw.
 _SCENE_STREAM = 0x5CE4E
 _LAYOUT_STREAM = 0x1A7007
+_EMBLEM_SCENE_STREAM = 0xE3B1E
+_EMBLEM_LAYOUT_STREAM = 0xE3B1A7
 
 
 def _check_seed(seed: int) -> int:
@@ -338,35 +479,56 @@ def _check_seed(seed: int) -> int:
     return seed
 
 
-def render_seed(seed: int) -> tuple[np.ndarray, Scene]:
-    """Scene and image, both determined by the seed. ``render_seed(s)[0] == render_scene(render_seed(s)[1], s)``."""
-    seed = _check_seed(seed)
+def _check_version(version: int) -> int:
+    if version not in VERSIONS:
+        raise ValueError(f"unknown world version {version!r}; expected one of {VERSIONS}")
+    return version
+
+
+def scene_of_seed(seed: int, version: int = WORLD_VERSION) -> Scene:
+    """The scene ``render_seed(seed, version)`` draws. Version 2 keeps version 1's object, colour and style and adds
+    an emblem, uniform over the emblems, to ``EMBLEM_SHARE`` of the seeds (from a stream of its own)."""
+    seed, version = _check_seed(seed), _check_version(version)
     scene = random_scene(np.random.default_rng((_SCENE_STREAM, seed)))
+    if version >= EMBLEM_VERSION:
+        rng = np.random.default_rng((_EMBLEM_SCENE_STREAM, seed))
+        if rng.random() < EMBLEM_SHARE:
+            names = emblem_names()
+            scene = dataclasses.replace(scene, emblem=names[int(rng.integers(len(names)))])
+    return scene
+
+
+def render_seed(seed: int, version: int = WORLD_VERSION) -> tuple[np.ndarray, Scene]:
+    """Scene and image, both determined by the seed. ``render_seed(s)[0] == render_scene(render_seed(s)[1], s)``."""
+    scene = scene_of_seed(seed, version)
     return render_scene(scene, seed), scene
 
 
-def _render_chunk(seeds: Sequence[int]) -> tuple[np.ndarray, list[Scene]]:
+def _render_chunk(seeds: Sequence[int], version: int = WORLD_VERSION) -> tuple[np.ndarray, list[Scene]]:
     images = np.empty((len(seeds), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     scenes = []
     for i, s in enumerate(seeds):
-        images[i], scene = render_seed(s)
+        images[i], scene = render_seed(s, version)
         scenes.append(scene)
     return images, scenes
 
 
-def render_dataset(seeds: Sequence[int], workers: int = 1) -> tuple[np.ndarray, list[Scene]]:
+def render_dataset(
+    seeds: Sequence[int], workers: int = 1, version: int = WORLD_VERSION
+) -> tuple[np.ndarray, list[Scene]]:
     """Render ``render_seed`` for many seeds: images (N, 64, 64, 3) uint8 and scenes, identical for any ``workers``."""
     seeds = [_check_seed(s) for s in seeds]
+    version = _check_version(version)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if workers == 1 or len(seeds) < 64:
-        return _render_chunk(seeds)
+        return _render_chunk(seeds, version)
     n_chunks = min(len(seeds) // 32, workers * 4)
     bounds = np.linspace(0, len(seeds), n_chunks + 1).astype(int)
     chunks = [seeds[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     # spawn, not fork: callers often have torch (and its thread pools) loaded, which fork does not survive reliably
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        parts = pool.map(_render_chunk, chunks)
+        parts = pool.map(functools.partial(_render_chunk, version=version), chunks)
     return np.concatenate([p[0] for p in parts]), [s for p in parts for s in p[1]]
 
 
@@ -685,22 +847,99 @@ _STYLE_FNS = {
 
 
 def render_scene(scene: Scene, seed: int) -> np.ndarray:
-    """Render a scene; position, size, rotation and texture are drawn from ``seed``. Returns (64, 64, 3) uint8."""
+    """Render a scene; position, size, rotation and texture are drawn from ``seed``. Returns (64, 64, 3) uint8.
+
+    An emblem is an overlay drawn last (:func:`draw_emblem` with :func:`emblem_mark`): every pixel outside its badge
+    is the pixel of the same scene without it, and a scene without one renders as in version 1, byte for byte."""
     rng = np.random.default_rng((_LAYOUT_STREAM, _check_seed(seed)))
     lay = _random_layout(scene, rng)
     col = _object_colour(scene, rng)
     img = _STYLE_FNS[scene.style](scene, lay, col, rng)
-    return (np.clip(img, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+    out = (np.clip(img, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+    mark = emblem_mark(scene, seed)
+    return out if mark is None else draw_emblem(out, mark)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Emblems (version 2)
+
+
+@dataclass(frozen=True)
+class EmblemMark:
+    """Where and how a render shows its emblem: the ground truth a judge reads (``to_dict``) and checks against.
+
+    The badge's top-left pixel is (x, y); ``cell_px`` pixels per cell; ``ink`` and ``field`` in [0, 1] RGB.
+    """
+
+    name: str
+    code: int
+    x: int
+    y: int
+    cell_px: int
+    ink: tuple[float, float, float]
+    field: tuple[float, float, float]
+
+    @property
+    def size(self) -> int:
+        """Side of the badge in pixels."""
+        return _emblems.badge_size(self.cell_px)
+
+    def read(self, image: np.ndarray) -> tuple[int, np.ndarray]:
+        """The code a uint8 render shows at this badge, and each cell's level (see ``emblems.read_code``)."""
+        return _emblems.read_code(image, self.x, self.y, self.cell_px, self.ink, self.field)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"size": self.size}
+
+
+def emblem_mark(scene: Scene, seed: int, cell_px: int = EMBLEM_CELL_PX) -> EmblemMark | None:
+    """The badge ``render_scene(scene, seed)`` draws, or None when the scene has no emblem.
+
+    The badge goes in the corner farthest from the object's centre (it hides as little of the object as it can), 1 to
+    3 pixels in from the edges; dark-on-cream or cream-on-dark with a slight tint, from the emblem's layout stream.
+    """
+    if scene.emblem is None:
+        return None
+    seed = _check_seed(seed)
+    lay = _random_layout(scene, np.random.default_rng((_LAYOUT_STREAM, seed)))
+    rng = np.random.default_rng((_EMBLEM_LAYOUT_STREAM, seed))
+    ink, field = _emblems.INKS[int(rng.integers(len(_emblems.INKS)))]
+    inset = 1 + rng.integers(0, 3, size=2)
+    tint = rng.uniform(-0.02, 0.02, size=3)
+    size = _emblems.badge_size(cell_px)
+    if size + 2 > IMAGE_SIZE:
+        raise ValueError(f"a badge of {size} px does not fit a {IMAGE_SIZE} px image")
+    corners = [(x, y) for y in (int(inset[1]), IMAGE_SIZE - size - int(inset[1]))
+               for x in (int(inset[0]), IMAGE_SIZE - size - int(inset[0]))]  # fmt: skip
+    x, y = max(corners, key=lambda c: (c[0] + size / 2 - lay.cx) ** 2 + (c[1] + size / 2 - lay.cy) ** 2)
+    shade = lambda rgb: tuple(round(float(v), 4) for v in np.clip(np.asarray(rgb) + tint, 0, 1))  # noqa: E731
+    mark = emblem_of(scene.emblem)
+    return EmblemMark(scene.emblem, mark.code, x, y, cell_px, shade(ink), shade(field))
+
+
+def draw_emblem(image: np.ndarray, mark: EmblemMark) -> np.ndarray:
+    """A copy of a uint8 render with the badge of ``mark`` drawn over it (opaque, on whole pixels)."""
+    badge = _emblems.badge_pixels(mark.code, mark.cell_px, mark.ink, mark.field)
+    out = image.copy()
+    out[mark.y : mark.y + mark.size, mark.x : mark.x + mark.size] = (badge * 255 + 0.5).astype(np.uint8)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
 # Spec and contact sheet
 
 
-def world_spec() -> dict:
-    """Everything a consumer needs to know about the world: concepts (names, synonyms, neighbours), templates, size."""
-    return {
-        "version": WORLD_VERSION,
+def world_spec(version: int = WORLD_VERSION) -> dict:
+    """Everything a consumer needs to know about the world: concepts (names, synonyms, neighbours), templates, size.
+
+    Version 2 has every key of version 1 with the same value (but ``version``) and one more, ``emblem``: the
+    category's concepts (name, code, cells, synonyms, neighbours, retained), the badge geometry, inks and placement,
+    the share of renders with an emblem and of their captions naming it, and its templates. ``categories`` stays the
+    three of version 1, so that a reader of version 1 reads a version-2 file as it is.
+    """
+    version = _check_version(version)
+    spec = {
+        "version": version,
         "image_size": IMAGE_SIZE,
         "categories": list(CATEGORIES),
         "concepts": {
@@ -714,11 +953,44 @@ def world_spec() -> dict:
         "templates": {k: list(v) for k, v in TEMPLATES.items()},
         "plain_templates": {k: list(v) for k, v in PLAIN_TEMPLATES.items()},
     }
+    if version >= EMBLEM_VERSION:
+        spec[EMBLEM] = _emblem_spec()
+    return spec
 
 
-def write_world_json(path: str | Path) -> None:
-    """Write ``world_spec()`` as JSON."""
-    Path(path).write_text(json.dumps(world_spec(), indent=2) + "\n", encoding="utf-8")
+def _emblem_spec() -> dict:
+    table = emblems()
+    return {
+        "share": EMBLEM_SHARE,
+        "named_share": EMBLEM_NAMED_SHARE,
+        "grid": _emblems.GRID,
+        "cell_px": EMBLEM_CELL_PX,
+        "frame_px": _emblems.FRAME_PX,
+        "gap_px": _emblems.GAP_PX,
+        "badge_px": _emblems.badge_size(EMBLEM_CELL_PX),
+        "cells": "bit i of code is the cell at row i // grid, column i % grid; 1 is ink",
+        "placement": "the corner farthest from the object's centre, 1 to 3 pixels in from the edges",
+        "inks": [{"ink": list(ink), "field": list(field)} for ink, field in _emblems.INKS],
+        "min_hamming": _emblems.MIN_HAMMING,
+        "concepts": [
+            {
+                "name": e.name,
+                "code": e.code,
+                "cells": "".join("1" if b else "0" for b in e.cells().ravel()),
+                "synonyms": list(e.synonyms),
+                "neighbours": list(e.neighbours),
+                "retained": e.retained,
+            }
+            for e in table
+        ],
+        "templates": {k: list(v) for k, v in EMBLEM_TEMPLATES.items()},
+        "plain_templates": {k: list(v) for k, v in EMBLEM_PLAIN_TEMPLATES.items()},
+    }
+
+
+def write_world_json(path: str | Path, version: int = WORLD_VERSION) -> None:
+    """Write ``world_spec(version)`` as JSON."""
+    Path(path).write_text(json.dumps(world_spec(version), indent=2) + "\n", encoding="utf-8")
 
 
 def load_world_json(path: str | Path) -> dict:
