@@ -50,6 +50,7 @@ __all__ = [
     "edit_size_warnings",
     "erasure_settings",
     "load_check_scorer",
+    "micro_world_name",
     "preserve_set",
     "reconstruction_check",
     "run_erase",
@@ -94,26 +95,31 @@ def _world_name(name: str) -> str | None:
 NEAR_NAME_RATIO = 0.8
 
 
-def _check_world_names(names: Sequence[str], what: str) -> None:
-    """``ValueError`` in one line, listing the near world names, for the first of ``names`` that is not a micro-world
-    name but spells one nearly (``NEAR_NAME_RATIO``): the check would probe it generically, a test of another
-    concept than the one meant. Names far from every world name ("a dog") pass: they are probed generically."""
+def micro_world_name(name: str, what: str, *, outside: str | None) -> str | None:
+    """The micro-world name ``name`` stands for (read as the tokenizer reads it: ``evals.probes.world_concept``).
+
+    A name that is none but nearly spells one (``NEAR_NAME_RATIO``: "van gohg") is a ``ValueError`` in one line
+    listing the near world names, ``outside`` saying what else the user can do; so is any other name when
+    ``outside`` is ``None`` (only world concepts will do), while with ``outside`` given it is ``None`` (the caller
+    takes it as it is: the check probes "a dog" generically)."""
     import difflib
 
     from evals.microworld import world
 
+    found = _world_name(name)
+    if found is not None:
+        return found
     known = [n for cat in world.CATEGORIES for c in world.concepts(cat) for n in world.all_names(c)]
-    for name in names:
-        if _world_name(name) is not None:
-            continue
-        spaced = " ".join(re.sub(r"[-_]+", " ", concept_key(name)).split())  # as world_concept reads it
-        bare = re.sub(r"^(a|an|the) ", "", spaced)
-        near = difflib.get_close_matches(bare, known, n=3, cutoff=NEAR_NAME_RATIO)
-        if near:
-            raise ValueError(
-                f"{what} {name!r} is no micro-world name; near ones: {', '.join(map(repr, near))} (use one, or "
-                "give --no-check to erase the text as written)"
-            )
+    spaced = " ".join(re.sub(r"[-_]+", " ", concept_key(name)).split())  # as world_concept reads it
+    bare = re.sub(r"^(a|an|the) ", "", spaced)
+    near = difflib.get_close_matches(bare, known, n=3, cutoff=NEAR_NAME_RATIO)
+    if near:
+        suffix = f" ({outside})" if outside else ""
+        raise ValueError(f"{what} {name!r} is no micro-world name; near ones: {', '.join(map(repr, near))}{suffix}")
+    if outside is None:
+        names = ", ".join(c for cat in world.CATEGORIES for c in world.concepts(cat))
+        raise ValueError(f"{what} {name!r} is no micro-world name; the world's concepts: {names}")
+    return None
 
 
 @dataclass
@@ -187,8 +193,9 @@ def check_probes(
     from evals.probes import generic_probes, world_labels, world_probes
 
     if wrapper.world_file is not None:
-        _check_world_names(targets, "concept to erase")
-        _check_world_names(preserve, "preserved concept")
+        for names, what in ((targets, "concept to erase"), (preserve, "preserved concept")):
+            for name in names:  # a near miss of a world name is refused here, before any work
+                micro_world_name(name, what, outside="use one, or give --no-check to erase the text as written")
         per_target = max(1, images_per_group // max(1, len(targets)))
         named = [_world_name(t) for t in targets]
         outside = [t for t, n in zip(targets, named, strict=True) if n is None]
