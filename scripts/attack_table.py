@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 
 import erase  # noqa: E402
 from erase.core.inputs import PRESERVE_SETS, check_option_minimums, error_line, parse_config_overrides  # noqa: E402
-from erase.workflow import erasure_settings  # noqa: E402
+from erase.workflow import erasure_settings, micro_world_name  # noqa: E402
 from evals.attacks import THREAT_MODELS, AttackTarget, attack_probes, parse_budget, resolve_attacks  # noqa: E402
 from evals.attacks.suite import (  # noqa: E402
     check_suite_folder,
@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_option_minimums(args, {"images": 1})
         budget = parse_budget(args.budget)
-        world.canonical(args.concept)  # the table is the micro world's: a concept outside it has no probes
+        # the table is the micro world's: a concept outside it has no probes; a world name in any spelling will do
+        args.concept = micro_world_name(args.concept, "--concept", outside=None)
         methods = [erase.get_method(m).name for m in args.method or erase.available_methods()]
         attacks = resolve_attacks(args.attack or ["all"])
         overrides = parse_config_overrides(args.set)

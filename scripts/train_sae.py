@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  fraction of variance unexplained {r['fvu']:.4f}, dead features {r['dead_share']:.1%} "
               f"({r['held_out_tokens']} held-out tokens)")  # fmt: skip
         if r.get("below_floor"):
-            print(f"  warning: saved below the quality floor (--force): {'; '.join(r['below_floor'])}")
+            print("  warning: below the quality floor, saved (--force) for inspection only: no method uses it")
+            print(f"    {'; '.join(r['below_floor'])}")
         if "check" in r:
             c = r["check"]
             before, after = c["accuracy_original"], c["accuracy_reconstructed"]

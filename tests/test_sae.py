@@ -244,7 +244,7 @@ def test_sae_folder_round_trip_and_damage_is_one_line(tmp_path):
         load_sae(tmp_path / "nothing")
     with pytest.raises(ValueError, match="must be an integer"):
         SAETrainConfig(k=0)
-    # metadata that is not an object, and NaN weights under metadata that records no sha256
+    # metadata that is not an object, NaN weights, metadata without the sha256 or with sizes that are booleans
     save_sae(sae, tmp_path / "t", {"hook_point": "x"}, [])
     meta_path = tmp_path / "t" / "sae.json"
     meta_path.write_text("[1, 2]")
@@ -253,11 +253,13 @@ def test_sae_folder_round_trip_and_damage_is_one_line(tmp_path):
     with torch.no_grad():
         sae.b_dec[0] = float("nan")
     save_sae(sae, tmp_path / "t", {"hook_point": "x"}, [])
-    meta = json.loads(meta_path.read_text())
-    meta.pop("sha256")
-    meta_path.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="b_dec holds NaN"):
         load_sae(tmp_path / "t")
+    meta = json.loads(meta_path.read_text())
+    for change, message in (({"sha256": None}, "records no sha256"), ({"k": True}, "lacks the SAE's sizes")):
+        meta_path.write_text(json.dumps({**meta, **change}))
+        with pytest.raises(ValueError, match=message):
+            load_sae(tmp_path / "t")
 
 
 # ---------------------------------------------------------------------------------------------------- the wrapper

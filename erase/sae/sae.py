@@ -21,8 +21,8 @@ weights it was trained on, whatever that model is called.
 
 Quality floor (``sae_quality_problems``): an SAE whose fraction of variance unexplained on held-out tokens is 1 or
 more explains less than the activations' mean, and one trained on fewer tokens than it has features cannot have
-learnt them; neither is a result. ``build_sae`` refuses to save such an SAE unless forced, and a method reading one
-(``resolve_sae``) logs a warning.
+learnt them; neither is a result. ``build_sae`` refuses to save such an SAE unless forced (to look at it), and
+neither a method (``resolve_sae``) nor an artifact's intervention uses one.
 """
 
 from __future__ import annotations
@@ -355,9 +355,11 @@ def load_sae(folder: str | Path) -> tuple[TopKSAE, dict[str, Any]]:
     if not meta_path.is_file() or not path.is_file():
         raise ValueError(f"{folder} is not an SAE folder (needs {SAE_METADATA} and {SAE_FILE})")
     meta = read_json_object(meta_path)
-    if not all(isinstance(meta.get(k), int) for k in ("d_in", "latents", "k")):
+    if not all(isinstance(meta.get(k), int) and not isinstance(meta[k], bool) for k in ("d_in", "latents", "k")):
         raise ValueError(f"{meta_path} lacks the SAE's sizes (d_in, latents, k)")
-    if meta.get("sha256") and file_sha256(path) != meta["sha256"]:
+    if not isinstance(meta.get("sha256"), str):
+        raise ValueError(f"{meta_path} records no sha256 of {SAE_FILE}: it cannot be checked")
+    if file_sha256(path) != meta["sha256"]:
         raise ValueError(f"{path} does not match the sha256 in {SAE_METADATA}: the file was changed")
     tensors = read_tensors(path)
     sae = TopKSAE(meta["d_in"], meta["latents"], meta["k"])
@@ -444,8 +446,9 @@ def resolve_sae(
     model, meta = load_sae(folder)
     problems = sae_quality_problems(meta)
     if problems:
-        logger.warning("the SAE in %s is below the quality floor: %s", folder, "; ".join(problems))
-    if meta.get("hook_point") not in (None, hook):
+        raise ValueError(f"the SAE in {folder} is below the quality floor, no result to use: {'; '.join(problems)}; "
+                         "train it on more prompts (scripts/train_sae.py)")  # fmt: skip
+    if meta.get("hook_point") != hook:
         raise ValueError(f"the SAE in {folder} reads {meta.get('hook_point')}, not {hook}")
     width = wrapper.hook_width(hook)
     if width != model.d_in:
