@@ -53,7 +53,7 @@ from evals.probes import (  # noqa: E402
 )
 from evals.scorer import load_scoring  # noqa: E402
 from pipelines import ModelNotFoundError, load_pipeline, set_library_verbosity  # noqa: E402
-from pipelines.files import atomic_write_json, slug  # noqa: E402
+from pipelines.files import atomic_write_json, folder_name  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         suffix += "".join([*([f" x{budget:g} budget"] if budget != 1 else []),
                            *([f" ({args.split} seeds)"] if args.split != "report" else [])])  # fmt: skip
         for method in methods:
-            check_suite_folder(os.path.join(args.out, slug(method + suffix)), [args.concept], budget)
+            check_suite_folder(os.path.join(args.out, folder_name(method + suffix)), [args.concept], budget)
         wrapper = load_pipeline("micro")
         probes = attack_probes(args.concept, args.images, args.seed, split=args.split)
         # every attack is checked against the model before the first erasure (their checks read the model alone)
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             erasure = {"method": method, "config": artifact.config}
             if spec.preserve:
                 erasure["preserve"] = list(spec.preserve)
-            summary = run_attack_suite(target, attacks, os.path.join(args.out, slug(name)), scorer=scorer,
+            summary = run_attack_suite(target, attacks, os.path.join(args.out, folder_name(name)), scorer=scorer,
                                        judge=judge, seed=args.seed, erasure=erasure, budget=budget,
                                        split=args.split)  # fmt: skip
             entry = table.get(name, {})

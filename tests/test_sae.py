@@ -119,12 +119,29 @@ def test_an_interrupted_training_resumes_to_the_uninterrupted_weights(tmp_path, 
         train_sae(x, SAETrainConfig(expansion=2, k=3, batch_size=256, epochs=3), checkpoint_dir=tmp_path / "ck")
 
 
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _rewrite_state(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+    state = json.loads(meta["state"])
+    save_file(tensors, str(path), metadata={**meta, "state": json.dumps({**state, "epoch": 1})})
+
+
 @pytest.mark.parametrize(
     "damage",
     [
         lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),  # truncated
         lambda p: save_file({"x": torch.zeros(1)}, str(p)),  # no state in its header
         lambda p: save_file({"x": torch.zeros(1)}, str(p), metadata={"state": '{"run": 1, "epoch": "2"}'}),
+        _flip_last_byte,  # a valid file whose numbers changed
+        _rewrite_state,  # the same tensors, the state edited
     ],
 )
 def test_a_damaged_sae_checkpoint_is_named_and_restart_starts_afresh(tmp_path, damage):  # D1
@@ -193,6 +210,24 @@ def test_train_sae_script_write_faults_are_one_line(tmp_path, capsys):  # D1, D4
     assert "being written by another run" in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / ("s" * 256) / "saes")]) == 2  # before the model loads
     assert "longer than this file system allows" in capsys.readouterr().err
+
+
+def test_a_damaged_activation_cache_is_named_collected_again_and_replaced(wrapper, tmp_path, caplog):  # D1
+    from erase.sae.sae import collect_activations
+
+    prompts = _prompts(4)
+    fresh = collect_activations(wrapper, TEXT_HOOK, prompts, cache_dir=tmp_path)
+    (cache,) = tmp_path.iterdir()
+    _flip_last_byte(cache)
+    with caplog.at_level("WARNING", logger="erase.sae.sae"):
+        again = collect_activations(wrapper, TEXT_HOOK, prompts, cache_dir=tmp_path)
+    assert torch.equal(again, fresh)
+    assert f"{cache} does not match the digest in its header" in caplog.text
+    assert [p.name for p in tmp_path.iterdir()] == [cache.name]  # replaced, no temporary left
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="erase.sae.sae"):
+        assert torch.equal(collect_activations(wrapper, TEXT_HOOK, prompts, cache_dir=tmp_path), fresh)
+    assert caplog.text == ""
 
 
 def test_sae_folder_round_trip_and_damage_is_one_line(tmp_path):

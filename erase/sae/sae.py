@@ -38,8 +38,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
@@ -296,20 +294,21 @@ def _checkpoint(folder, run_key, epoch, history, generator, sae, optimizer, sinc
         for key, value in state.items():
             tensors[f"adam.{i}.{key}"] = torch.as_tensor(value).cpu().contiguous()
     state = {"run": run_key, "epoch": epoch, "history": history}
-    atomic_save_safetensors(tensors, folder / _CHECKPOINT_FILE, metadata={"state": json.dumps(state)})
+    atomic_save_safetensors(tensors, folder / _CHECKPOINT_FILE, metadata={"state": json.dumps(state)}, digest=True)
 
 
 def _resume(folder, run_key, sae, optimizer, since_fired):  # noqa: ANN001, ANN202
-    """Restore a checkpoint: ``DamagedCheckpointError`` naming the file when it cannot be read back."""
+    """Restore a checkpoint: ``DamagedCheckpointError`` naming the file when it cannot be read back, or does not
+    match the digest of its tensors and state that it carries."""
     path = folder / _CHECKPOINT_FILE
     try:
+        tensors = read_tensors(path, digest=True)
         state = json.loads(read_safetensors_metadata(path)["state"])
         if not isinstance(state, dict) or not isinstance(state.get("history"), list):
             raise ValueError("its state is not a record of epochs")
         epoch = state["epoch"]
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch {epoch!r} is not a count")
-        tensors = read_tensors(path)
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch != len(state["history"]):
+            raise ValueError(f"epoch {epoch!r} is not the count of its {len(state['history'])} epochs")
     except (ValueError, KeyError) as err:
         raise damaged_checkpoint(path, err) from None
     if state.get("run") != run_key:
@@ -486,12 +485,17 @@ def collect_activations(
         settings |= {"seed": seed, "steps": steps, "guidance": guidance}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"activations-{key}.safetensors" if cache_dir is not None else None
-    if path is not None and path.is_file():
+    if path is not None and path.exists():
         try:
+            cached = read_tensors(path, digest=True).get("activations")
+            if cached is None or cached.dim() != 2 or cached.dtype != torch.float16:
+                raise ValueError(f"{path} holds no float16 tokens x width activations")
+            if cached.shape[1] != wrapper.hook_width(hook):
+                raise ValueError(f"{path} holds activations of width {cached.shape[1]}, not {hook}'s")
             logger.info("reusing cached activations %s", path)
-            return load_file(str(path))["activations"].float()
-        except (OSError, SafetensorError, KeyError):
-            logger.warning("cached activations %s are unreadable; collecting again", path)
+            return cached.float()
+        except ValueError as err:  # a cache: what cannot be read back is collected again, and replaced
+            logger.warning("%s; collecting the activations again", err)
     if is_text:
         acts = wrapper.text_activations(hook, prompts, batch_size=max(batch_size, 64))[:, 1:]
         tokens = acts.reshape(-1, acts.shape[-1])
@@ -502,7 +506,7 @@ def collect_activations(
         tokens = acts.reshape(-1, acts.shape[-1])
     tokens = tokens.half()  # what the cache keeps: a rerun trains on the same numbers whether cached or not
     if path is not None:
-        atomic_save_safetensors({"activations": tokens}, path)
+        atomic_save_safetensors({"activations": tokens}, path, digest=True)
     return tokens.float()
 
 
