@@ -16,7 +16,9 @@ _EXPORTS: dict[str, str] = {
     "clean_prompt": "tokenizer",
     "HubUnreachableError": "hub",
     "offline_clip_tokenizer": "tokenizer",
-    "ARCHITECTURES": "modules",
+    "ARCHITECTURES": "architectures",
+    "ARCHITECTURE_NAMES": "architectures",
+    "model_architecture": "architectures",
     "CROSS_ATTENTION_PATTERNS": "modules",
     "DEFAULT_GUIDANCE": "sampling",
     "DEFAULT_STEPS": "sampling",
@@ -28,6 +30,8 @@ _EXPORTS: dict[str, str] = {
     "HookHandles": "hooks",
     "LoraAdapters": "weights",
     "TEXT_ENCODER_PREFIX": "weights",
+    "TEXT_ENCODER_COMPONENTS": "weights",
+    "text_encoder_component": "weights",
     "ModelNotFoundError": "loading",
     "PipelineWrapper": "wrapper",
     "PromptEncoding": "text",
@@ -40,6 +44,7 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "ARCHITECTURES",
+    "ARCHITECTURE_NAMES",
     "CROSS_ATTENTION_PATTERNS",
     "CrossAttentionLayer",
     "DEFAULT_GUIDANCE",
@@ -52,6 +57,7 @@ __all__ = [
     "ModelNotFoundError",
     "PipelineWrapper",
     "PromptEncoding",
+    "TEXT_ENCODER_COMPONENTS",
     "TEXT_ENCODER_PREFIX",
     "TEXT_PROJECTION_PATTERNS",
     "TINY_NAMES",
@@ -59,19 +65,21 @@ __all__ = [
     "clean_prompt",
     "load_pipeline",
     "micro_model_path",
+    "model_architecture",
     "offline_clip_tokenizer",
     "resolve_device",
     "set_library_verbosity",
+    "text_encoder_component",
     "world_file",
     "wrap_pipeline",
 ]
 
 if TYPE_CHECKING:
+    from .architectures import ARCHITECTURE_NAMES, ARCHITECTURES, model_architecture
     from .hooks import HOOK_POINT_PATTERNS, HookHandles
     from .hub import HubUnreachableError
     from .loading import TINY_NAMES, ModelNotFoundError, check_model_reference, micro_model_path, world_file
     from .modules import (
-        ARCHITECTURES,
         CROSS_ATTENTION_PATTERNS,
         LORA_TARGETS,
         TEXT_PROJECTION_PATTERNS,
@@ -81,7 +89,7 @@ if TYPE_CHECKING:
     from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS
     from .text import PromptEncoding
     from .tokenizer import clean_prompt, offline_clip_tokenizer
-    from .weights import TEXT_ENCODER_PREFIX, LoraAdapters
+    from .weights import TEXT_ENCODER_COMPONENTS, TEXT_ENCODER_PREFIX, LoraAdapters, text_encoder_component
     from .wrapper import PipelineWrapper, load_pipeline, wrap_pipeline
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -3,7 +3,8 @@
 Hooks only: the pipeline's classes are never patched, and every hook a function installs is removed in a ``finally``
 (or by the :class:`HookHandles` it returns). A hook point's output is a sequence of tokens: a text-encoder layer's
 residual stream as it is, a UNet transformer block's ``(B, C, H, W)`` hidden states with each spatial position a
-token.
+token, an SD3/Flux transformer block's image tokens ``(B, N, C)`` (the second of the ``(text tokens, image tokens)``
+pair its joint and single-stream blocks return; Flux's are its packed 2x2 latent patches).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .text import encode_prompts
 
 __all__ = [
     "HOOK_POINT_PATTERNS",
+    "TRANSFORMER_BLOCK_PATTERNS",
     "HookHandles",
     "add_output_edit",
     "add_prompt_scaled_lora",
@@ -32,24 +34,37 @@ __all__ = [
     "hook_points",
     "hook_width",
     "intervene",
+    "is_denoiser_hook",
     "text_activations",
     "unet_activations",
 ]
 
+#: SD3/Flux transformer blocks as hook points: the joint (MMDiT) blocks and Flux's single-stream blocks, whose
+#: outputs are ``(text tokens, image tokens)``; the hook point reads and edits the image tokens
+TRANSFORMER_BLOCK_PATTERNS: tuple[str, ...] = tuple(
+    f"transformer.{blocks}.{digits}"
+    for blocks in ("transformer_blocks", "single_transformer_blocks")
+    for digits in ("[0-9]", "[0-9][0-9]")
+)
+
 #: Where the SAE family reads and edits activations, as fnmatch patterns over qualified module names (digits spelled
 #: out, since fnmatch's ``*`` would also match deeper modules): a CLIP text encoder's layers (the residual stream
-#: after layer N; SDXL's second encoder too) and the UNet's transformer blocks (``Transformer2DModel`` in a down, mid
-#: or up block). transformers 5 names CLIPTextModel's layers ``encoder.layers.N``, earlier versions
-#: ``text_model.encoder.layers.N``.
-HOOK_POINT_PATTERNS: tuple[str, ...] = tuple(
-    f"{encoder}.{prefix}encoder.layers.{digits}"
-    for encoder in ("text_encoder", "text_encoder_2")
-    for prefix in ("", "text_model.")
-    for digits in ("[0-9]", "[0-9][0-9]")
-) + (
-    "unet.down_blocks.[0-9].attentions.[0-9]",
-    "unet.mid_block.attentions.[0-9]",
-    "unet.up_blocks.[0-9].attentions.[0-9]",
+#: after layer N; SDXL's second encoder too), the UNet's transformer blocks (``Transformer2DModel`` in a down, mid
+#: or up block) and an SD3/Flux transformer's blocks (:data:`TRANSFORMER_BLOCK_PATTERNS`). transformers 5 names
+#: CLIPTextModel's layers ``encoder.layers.N``, earlier versions ``text_model.encoder.layers.N``.
+HOOK_POINT_PATTERNS: tuple[str, ...] = (
+    tuple(
+        f"{encoder}.{prefix}encoder.layers.{digits}"
+        for encoder in ("text_encoder", "text_encoder_2")
+        for prefix in ("", "text_model.")
+        for digits in ("[0-9]", "[0-9][0-9]")
+    )
+    + (
+        "unet.down_blocks.[0-9].attentions.[0-9]",
+        "unet.mid_block.attentions.[0-9]",
+        "unet.up_blocks.[0-9].attentions.[0-9]",
+    )
+    + TRANSFORMER_BLOCK_PATTERNS
 )
 
 
@@ -91,14 +106,43 @@ def _install(register: Callable[[list[torch.utils.hooks.RemovableHandle]], None]
     return HookHandles(handles)
 
 
+def is_denoiser_hook(name: str) -> bool:
+    """Whether a hook point sits in the denoiser (a UNet or SD3/Flux transformer block) rather than a text encoder:
+    its activations are per sampling step."""
+    return name.startswith(("unet.", "transformer."))
+
+
+def _stream(name: str) -> int:
+    """Which of a module's tuple outputs holds its tokens: an SD3/Flux transformer block's image tokens (second),
+    any other module's first."""
+    return 1 if any(fnmatch.fnmatchcase(name, p) for p in TRANSFORMER_BLOCK_PATTERNS) else 0
+
+
+def _output_tokens(stream: int, output: object) -> torch.Tensor:
+    """A module output's tokens: ``output[stream]`` of a tuple (:func:`_stream`), the output itself otherwise."""
+    return output[stream] if isinstance(output, tuple) else output
+
+
+def _with_tokens(stream: int, output: object, tokens: torch.Tensor) -> object:
+    """``output`` with its tokens (:func:`_output_tokens`) replaced."""
+    if not isinstance(output, tuple):
+        return tokens
+    return (*output[:stream], tokens, *output[stream + 1 :])
+
+
 def _timestep(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The timestep a UNet call received (second positional argument or ``timestep=``), as a 0-d CPU tensor."""
+    """The timestep a denoiser call received (second positional argument or ``timestep=``), as a 0-d CPU tensor."""
     timestep = args[1] if len(args) > 1 else kwargs["timestep"]
     return torch.as_tensor(timestep).detach().reshape(-1)[0].cpu()
 
 
+def _as_tokens(hidden: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` as ``(B, H*W, C)``; tokens ``(B, N, C)`` as they are."""
+    return hidden.flatten(2).transpose(1, 2) if hidden.dim() == 4 else hidden
+
+
 def hook_points(pipe: Pipeline) -> list[str]:
-    """Every hook point of the pipeline: text-encoder layers and UNet transformer blocks, by qualified name."""
+    """Every hook point of the pipeline: text-encoder layers and denoiser blocks, by qualified name."""
     points = []
     for component, root in components(pipe).items():
         for path, _ in root.named_modules():
@@ -109,7 +153,7 @@ def hook_points(pipe: Pipeline) -> list[str]:
 
 
 def hook_point(pipe: Pipeline, name: str) -> torch.nn.Module:
-    """The module a hook point names, validated: a text encoder's layer or a UNet transformer block.
+    """The module a hook point names, validated: a text encoder's layer, a UNet or SD3/Flux transformer block.
 
     Hook points are qualified module names matching ``HOOK_POINT_PATTERNS``. ``ValueError`` in one line names the
     hook points this pipeline has when ``name`` is not one of them.
@@ -126,19 +170,24 @@ def hook_width(pipe: Pipeline, name: str) -> int:
     point = hook_point(pipe, name)
     if name.startswith("unet."):
         return int(point.config.in_channels)  # a transformer block's output has its input's channels
+    if name.startswith("transformer."):  # an MMDiT block's image tokens: the transformer's inner width
+        config = module(pipe, "transformer").config
+        return int(config.num_attention_heads * config.attention_head_dim)
     return int(module(pipe, name.partition(".")[0]).config.hidden_size)
 
 
 @contextlib.contextmanager
 def capture(pipe: Pipeline, module_names: Sequence[str]) -> Iterator[dict[str, list[torch.Tensor]]]:
-    """Record the outputs of the named modules (qualified names) during the ``with`` block."""
+    """Record the outputs of the named modules (qualified names) during the ``with`` block (of a tuple output, the
+    tokens: an SD3/Flux transformer block's image tokens, another module's first)."""
     captured: dict[str, list[torch.Tensor]] = {name: [] for name in module_names}
     handles = []
     try:
         for name in module_names:
+            stream = _stream(name)
 
-            def hook(_module, _inputs, output, name=name):  # noqa: ANN001, ANN202 - torch's forward hook signature
-                captured[name].append((output[0] if isinstance(output, tuple) else output).detach())
+            def hook(_module, _inputs, output, name=name, stream=stream):  # noqa: ANN001, ANN202 - torch's hook
+                captured[name].append(_output_tokens(stream, output).detach())
 
             handles.append(module(pipe, name).register_forward_hook(hook))
         yield captured
@@ -184,15 +233,15 @@ def attention_probabilities(pipe: Pipeline, attention_names: Sequence[str]) -> I
 
 @contextlib.contextmanager
 def intervene(pipe: Pipeline, edits: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
-    """Replace the outputs of the named modules by ``edit(output)`` during the ``with`` block."""
+    """Replace the outputs of the named modules by ``edit(output)`` during the ``with`` block (of a tuple output, the
+    tokens :func:`capture` records)."""
     handles = []
     try:
         for name, edit in edits.items():
+            stream = _stream(name)
 
-            def hook(_module, _inputs, output, edit=edit):  # noqa: ANN001, ANN202 - torch's forward hook signature
-                if isinstance(output, tuple):
-                    return (edit(output[0]), *output[1:])
-                return edit(output)
+            def hook(_module, _inputs, output, edit=edit, stream=stream):  # noqa: ANN001, ANN202 - torch's hook
+                return _with_tokens(stream, output, edit(_output_tokens(stream, output)))
 
             # first among the module's hooks: transformers 5 records ``hidden_states`` (SDXL reads the penultimate)
             # with forward hooks installed on first use, which must see the edited output
@@ -230,15 +279,17 @@ def unet_activations(
     batch_size: int = 8,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A UNet hook point's output at every sampling step of each (prompt, seed), conditional half only.
+    """A denoiser hook point's output at every sampling step of each (prompt, seed), conditional half only: a UNet
+    transformer block's, or an SD3/Flux transformer block's image tokens.
 
-    Returns ``(activations, timesteps)``: ``(len(prompts), K, H*W, C)`` float32 on the CPU (each spatial position a
-    token) and the ``(K,)`` timesteps of the K UNet calls. Classifier-free guidance runs the unconditional and the
-    conditional batch together (``[uncond, cond]``, as diffusers' pipelines concatenate them); only the conditional
-    half is kept.
+    Returns ``(activations, timesteps)``: ``(len(prompts), K, tokens, C)`` float32 on the CPU (a UNet's spatial
+    positions, or the transformer's image tokens) and the ``(K,)`` timesteps of the K denoiser calls, as the denoiser
+    receives them (Flux's divided by 1000). Classifier-free guidance runs the unconditional and the conditional batch
+    together (``[uncond, cond]``, as diffusers' pipelines concatenate them); only the conditional half is kept (Flux
+    embeds its guidance: one batch).
     """
-    if not hook.startswith("unet."):
-        raise ValueError(f"{hook!r} is not a UNet hook point")
+    if not is_denoiser_hook(hook):
+        raise ValueError(f"{hook!r} is not a UNet or transformer hook point")
     point = hook_point(pipe, hook)
     prompts = list(prompts)
     calls: list[torch.Tensor] = []
@@ -248,13 +299,15 @@ def unet_activations(
     def record_timestep(_module, args, kwargs):  # noqa: ANN001, ANN202 - torch's forward pre-hook signature
         times.append(_timestep(args, kwargs).float())
 
+    stream = _stream(hook)
+
     def record_output(_module, _inputs, output):  # noqa: ANN001, ANN202 - torch's forward hook signature
-        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = _output_tokens(stream, output)
         hidden = hidden[-count["n"] :]  # the conditional half ([uncond, cond]), or all without guidance
-        calls.append(hidden.detach().float().cpu().flatten(2).transpose(1, 2))
+        calls.append(_as_tokens(hidden.detach().float().cpu()))
 
     handles = [
-        pipe.unet.register_forward_pre_hook(record_timestep, with_kwargs=True),
+        denoiser(pipe).register_forward_pre_hook(record_timestep, with_kwargs=True),
         point.register_forward_hook(record_output),
     ]
     activations, timesteps = [], None
@@ -281,10 +334,10 @@ def add_output_edit(
 ) -> HookHandles:
     """Replace a hook point's output by ``edit(tokens, timestep)`` until the returned handle is removed.
 
-    ``tokens`` is the output as ``(batch, tokens, width)``: a text encoder's as it is, a transformer block's
-    ``(B, C, H, W)`` with each spatial position a token (both halves of classifier-free guidance's batch), and the
-    edit returns the same shape. ``timestep`` is the UNet's current timestep for a UNet hook point (recorded by a
-    forward pre-hook on the UNet) and ``None`` for a text-encoder one.
+    ``tokens`` is the output as ``(batch, tokens, width)``: a text encoder's as it is, a UNet transformer block's
+    ``(B, C, H, W)`` with each spatial position a token, an SD3/Flux block's image tokens (both halves of
+    classifier-free guidance's batch), and the edit returns the same shape. ``timestep`` is the denoiser's current
+    timestep for a denoiser hook point (recorded by a forward pre-hook on it) and ``None`` for a text-encoder one.
     """
     point = hook_point(pipe, name)
     state: dict[str, torch.Tensor | None] = {"t": None}
@@ -292,20 +345,18 @@ def add_output_edit(
     def record_timestep(_module, args, kwargs):  # noqa: ANN001, ANN202 - torch's forward pre-hook signature
         state["t"] = _timestep(args, kwargs)
 
-    def as_tokens(hidden: torch.Tensor) -> torch.Tensor:
-        edited = edit(hidden.flatten(2).transpose(1, 2) if hidden.dim() == 4 else hidden, state["t"])
-        if hidden.dim() == 4:
-            edited = edited.transpose(1, 2).reshape(hidden.shape)
-        return edited
+    def edited(hidden: torch.Tensor) -> torch.Tensor:
+        out = edit(_as_tokens(hidden), state["t"])
+        return out.transpose(1, 2).reshape(hidden.shape) if hidden.dim() == 4 else out
+
+    stream = _stream(name)
 
     def apply(_module, _inputs, output):  # noqa: ANN001, ANN202 - torch's forward hook signature
-        if isinstance(output, tuple):
-            return (as_tokens(output[0]), *output[1:])
-        return as_tokens(output)
+        return _with_tokens(stream, output, edited(_output_tokens(stream, output)))
 
     def register(handles: list) -> None:
-        if name.startswith("unet."):
-            handles.append(pipe.unet.register_forward_pre_hook(record_timestep, with_kwargs=True))
+        if is_denoiser_hook(name):
+            handles.append(denoiser(pipe).register_forward_pre_hook(record_timestep, with_kwargs=True))
         handles.append(point.register_forward_hook(apply, prepend=True))  # first, as in intervene()
 
     return _install(register)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+from .architectures import ARCHITECTURES
+
 __all__ = [
     "ARCHITECTURES",
     "CROSS_ATTENTION_PATTERNS",
@@ -45,8 +47,6 @@ logger = logging.getLogger(__name__)
 #: The pipelines the wrapper serves: SD 1.x/2.x (the micro model is one), SDXL, SD3 and Flux.
 Pipeline = StableDiffusionPipeline | StableDiffusionXLPipeline | StableDiffusion3Pipeline | FluxPipeline
 
-#: Architecture names, as methods declare where they run: SD 1.x/2.x (``sd``, any prediction type), SDXL, SD3, Flux.
-ARCHITECTURES: tuple[str, ...] = ("sd", "sdxl", "sd3", "flux")
 
 #: Cross-attention in diffusers' transformer blocks is always ``attn2``; its key/value projections read the text.
 CROSS_ATTENTION_PATTERNS: tuple[str, ...] = ("*attn2.to_k", "*attn2.to_v")

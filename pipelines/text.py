@@ -18,11 +18,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .architectures import ARCHITECTURE_NAMES
 from .modules import Pipeline, architecture, is_sdxl
 
 __all__ = [
     "FLUX_T5_LENGTH",
+    "FREE_VECTOR_ARCHITECTURES",
     "PromptEncoding",
+    "TokenStream",
     "check_prompt",
     "decode_tokens",
     "encode_prompt_prefixes",
@@ -36,8 +39,12 @@ __all__ = [
     "token_count",
     "text_length",
     "token_embedding_matrix",
+    "token_streams",
 ]
 
+#: Where prompts can hold free token vectors (:func:`token_embedding_matrix`, :func:`encode_with_vectors`): the
+#: pipelines that read text through CLIP alone, one token table (SDXL's two side by side). SD3 and Flux also read T5.
+FREE_VECTOR_ARCHITECTURES: tuple[str, ...] = ("sd", "sdxl")
 #: T5 tokens Flux reads (``FluxPipeline.__call__``'s default ``max_sequence_length``; FLUX.1-schnell users pass 256).
 FLUX_T5_LENGTH = 512
 #: T5 tokens SD3 reads (``StableDiffusion3Pipeline.__call__``'s default).
@@ -69,12 +76,29 @@ class PromptEncoding:
         )
 
 
-_ARCHITECTURE_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux"}
+@dataclass(frozen=True)
+class TokenStream:
+    """One text encoder's rows in the token embeddings the denoiser reads: its tokenizer (whose positions index
+    them), the first row and the number of rows."""
+
+    tokenizer: object
+    offset: int
+    length: int
+
+
+def token_streams(pipe: Pipeline) -> list[TokenStream]:
+    """The token embeddings' streams, in row order: CLIP's 77 rows (SDXL's two encoders side by side, one stream),
+    Flux's T5 rows, or SD3's CLIP rows then its T5 rows (``StableDiffusion3Pipeline.encode_prompt`` joins them)."""
+    kind = architecture(pipe)
+    if kind == "flux":
+        return [TokenStream(pipe.tokenizer_2, 0, FLUX_T5_LENGTH)]
+    clip = TokenStream(pipe.tokenizer, 0, pipe.tokenizer.model_max_length)
+    return [clip, TokenStream(pipe.tokenizer_3, clip.length, SD3_T5_LENGTH)] if kind == "sd3" else [clip]
 
 
 def _position_tokenizer(pipe: Pipeline):  # noqa: ANN202 - a transformers tokenizer
-    """The tokenizer whose positions index the token embeddings' rows: T5 for Flux, else the first CLIP."""
-    return pipe.tokenizer_2 if architecture(pipe) == "flux" else pipe.tokenizer
+    """The tokenizer whose positions index the token embeddings' first rows: T5 for Flux, else the first CLIP."""
+    return token_streams(pipe)[0].tokenizer
 
 
 def _leading_specials(tokenizer) -> int:  # noqa: ANN001
@@ -88,13 +112,14 @@ def text_length(pipe: Pipeline) -> int:
     return FLUX_T5_LENGTH if architecture(pipe) == "flux" else pipe.tokenizer.model_max_length
 
 
-def last_token_position(pipe: Pipeline, prompt: str) -> int:
+def last_token_position(pipe: Pipeline, prompt: str, stream: int = 0) -> int:
     """The row of a prompt's last word, as the reference UCE scripts compute it: ``attention_mask.sum() - 2`` of the
-    position tokenizer, modulo the length. With CLIP that is BOS (row 0) for the empty prompt; with Flux's T5 (no
-    BOS) it is -1 for the empty prompt, i.e. the last padding row (``uce_flux_edit.py``'s behaviour)."""
-    tokenizer, length = _position_tokenizer(pipe), text_length(pipe)
-    mask = tokenizer(prompt, padding="max_length", max_length=length, truncation=True)["attention_mask"]
-    return (sum(mask) - 2) % length
+    stream's tokenizer (:func:`token_streams`; the first by default), modulo its length, plus its offset. With CLIP
+    that is BOS (row 0) for the empty prompt; with T5 (no BOS) it is -1 for the empty prompt, i.e. the last padding
+    row (``uce_flux_edit.py``'s behaviour)."""
+    found = token_streams(pipe)[stream]
+    mask = found.tokenizer(prompt, padding="max_length", max_length=found.length, truncation=True)["attention_mask"]
+    return found.offset + (sum(mask) - 2) % found.length
 
 
 def max_prompt_tokens(pipe: Pipeline) -> int:
@@ -117,11 +142,13 @@ def check_prompt(pipe: Pipeline, prompt: str, what: str = "prompt") -> str:
     return prompt.strip()
 
 
-def phrase_positions(pipe: Pipeline, prompt: str, phrase: str) -> list[int]:
+def phrase_positions(pipe: Pipeline, prompt: str, phrase: str, stream: int = 0) -> list[int]:
     """Token positions (embedding rows: BOS = 0 with CLIP, the first word = 0 with Flux's T5) that ``phrase``
-    occupies inside ``prompt``; its last occurrence wins."""
-    tokenizer = _position_tokenizer(pipe)
-    offset = _leading_specials(tokenizer)
+    occupies inside ``prompt`` in a stream of :func:`token_streams` (the first by default; SD3's T5 rows follow its
+    77 CLIP rows); its last occurrence wins."""
+    found = token_streams(pipe)[stream]
+    tokenizer = found.tokenizer
+    offset = found.offset + _leading_specials(tokenizer)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     sub = tokenizer(phrase, add_special_tokens=False)["input_ids"]
     for start in range(len(ids) - len(sub), -1, -1):
@@ -208,8 +235,8 @@ def encode_prompt_prefixes(pipe: Pipeline, prompts: Sequence[str], length: int) 
 
 def _check_free_vectors(pipe: Pipeline, what: str) -> None:
     """``NotImplementedError`` in one line where free token vectors are not served: SD3 and Flux."""
-    if architecture(pipe) not in ("sd", "sdxl"):
-        name = _ARCHITECTURE_NAMES[architecture(pipe)]
+    if architecture(pipe) not in FREE_VECTOR_ARCHITECTURES:
+        name = ARCHITECTURE_NAMES[architecture(pipe)]
         raise NotImplementedError(f"{what}: free token vectors are SD 1.x/2.x and SDXL only, not on {name} yet")
 
 

@@ -29,6 +29,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+from .architectures import TINY_ARCHITECTURES
 from .tokenizer import offline_clip_tokenizer, offline_t5_tokenizer
 
 __all__ = [
@@ -246,13 +247,7 @@ def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
 
 
 #: The tiny pipelines by the name ``load_pipeline`` takes, and the architecture each stands for.
-TINY_MODELS: dict[str, str] = {
-    "tiny": "sd",
-    "tiny-sd2": "sd",
-    "tiny-sdxl": "sdxl",
-    "tiny-sd3": "sd3",
-    "tiny-flux": "flux",
-}
+TINY_MODELS: dict[str, str] = TINY_ARCHITECTURES
 
 
 def tiny_pipeline(

@@ -4,9 +4,10 @@ Everything here addresses modules by qualified name (``"unet.<path>"``, ``"trans
 :mod:`pipelines.modules`); a LoRA is saved in diffusers' own format, so ``pipe.load_lora_weights(folder)`` reproduces
 the change.
 
-Trainable adapters go on the denoiser and, for patterns that start with ``"text_encoder."``, on the (first) text
-encoder: adapter names are the denoiser's module paths as they are and the text encoder's qualified
-(``"text_encoder.text_model.encoder.layers.0.self_attn.q_proj"``), so a denoiser-only setup reads as it always has.
+Trainable adapters go on the denoiser and, for patterns that start with a text encoder's component name and a dot
+(``"text_encoder."``, SDXL's second CLIP ``"text_encoder_2."``), on that text encoder: adapter names are the
+denoiser's module paths as they are and the text encoders' qualified
+(``"text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj"``), so a denoiser-only setup reads as it always has.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import contextlib
 import fnmatch
 import hashlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from .modules import Pipeline, linear_module_names, module
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "TEXT_ENCODER_COMPONENTS",
     "TEXT_ENCODER_PREFIX",
     "LoraAdapters",
     "apply_weight_deltas",
@@ -33,6 +35,7 @@ __all__ = [
     "fingerprints",
     "lora_adapters",
     "lora_module_names",
+    "text_encoder_component",
     "parameter_norm",
     "save_lora_weights",
     "weight_deltas",
@@ -40,37 +43,44 @@ __all__ = [
 ]
 
 
-#: LoRA target patterns with this prefix select text-encoder modules (the rest of the pattern is matched against the
-#: text encoder's own module names); the others select UNet modules
+#: The text encoders' component names a LoRA target pattern can start with (``"<component>."``, then a pattern over
+#: that encoder's own module names); the other patterns select denoiser modules
+TEXT_ENCODER_COMPONENTS: tuple[str, ...] = ("text_encoder", "text_encoder_2", "text_encoder_3")
+#: the first text encoder's prefix (SD 1.x/2.x's only one, SDXL's CLIP ViT-L)
 TEXT_ENCODER_PREFIX = "text_encoder."
 
 
-def _split_patterns(patterns: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(UNet patterns, text-encoder patterns without the prefix)."""
-    unet = [p for p in patterns if not p.startswith(TEXT_ENCODER_PREFIX)]
-    text = [p[len(TEXT_ENCODER_PREFIX) :] for p in patterns if p.startswith(TEXT_ENCODER_PREFIX)]
-    return unet, text
+def text_encoder_component(name: str) -> str | None:
+    """The text encoder a LoRA pattern or adapted module name belongs to (``"text_encoder_2.<path>"`` ->
+    ``"text_encoder_2"``), ``None`` for a denoiser one."""
+    component, dot, _ = name.partition(".")
+    return component if dot and component in TEXT_ENCODER_COMPONENTS else None
 
 
 def lora_module_names(
-    unet: torch.nn.Module, patterns: Sequence[str], text_encoder: torch.nn.Module | None = None
+    unet: torch.nn.Module, patterns: Sequence[str], text_encoders: Mapping[str, torch.nn.Module] | None = None
 ) -> list[str]:
-    """The Linear modules a LoRA on ``patterns`` adapts: UNet paths as they are, then text-encoder ones qualified
-    (``"text_encoder.<path>"``), each part sorted; ``ValueError`` when a part's patterns match nothing."""
-    unet_patterns, text_patterns = _split_patterns(patterns)
+    """The Linear modules a LoRA on ``patterns`` adapts: denoiser paths as they are, then each text encoder's
+    (``text_encoders``: component name -> module) qualified (``"text_encoder_2.<path>"``), each part sorted;
+    ``ValueError`` when a part's patterns match nothing or name an encoder the pipeline lacks."""
+    unet_patterns = [p for p in patterns if text_encoder_component(p) is None]
     names = linear_module_names(unet, unet_patterns) if unet_patterns else []
-    if text_patterns:
-        if text_encoder is None:
-            raise ValueError("LoRA patterns name text_encoder modules, but the pipeline has no text encoder")
+    for component in TEXT_ENCODER_COMPONENTS:
+        text_patterns = [p.partition(".")[2] for p in patterns if text_encoder_component(p) == component]
+        if not text_patterns:
+            continue
+        encoder = (text_encoders or {}).get(component)
+        if encoder is None:
+            raise ValueError(f"LoRA patterns name {component} modules, but the pipeline has no {component}")
         found = sorted(
             name
-            for name, layer in text_encoder.named_modules()
+            for name, layer in encoder.named_modules()
             if isinstance(layer, torch.nn.Linear) and any(fnmatch.fnmatchcase(name, p) for p in text_patterns)
         )
         if not found:
-            raise ValueError(f"no text-encoder Linear module matches the LoRA target patterns {text_patterns}")
-        logger.info("%d text-encoder Linear modules match the LoRA targets %s", len(found), text_patterns)
-        names += [TEXT_ENCODER_PREFIX + name for name in found]
+            raise ValueError(f"no {component} Linear module matches the LoRA target patterns {text_patterns}")
+        logger.info("%d %s Linear modules match the LoRA targets %s", len(found), component, text_patterns)
+        names += [f"{component}.{name}" for name in found]
     return names
 
 
@@ -89,17 +99,18 @@ class LoraAdapters:
         names: Sequence[str],
         adapter_name: str,
         component: str = "unet",
-        text_encoder: torch.nn.Module | None = None,
+        text_encoders: Mapping[str, torch.nn.Module] | None = None,
     ) -> None:
         self.names = list(names)
         self.adapter_name = adapter_name
         self.component = component
-        self._layers = {name: _root(name, model, text_encoder).get_submodule(_path(name)) for name in self.names}
+        roots = {component: model, **(text_encoders or {})}
+        self._layers = {name: roots[_root(name, component)].get_submodule(_path(name)) for name in self.names}
 
     @property
     def adapts_text_encoder(self) -> bool:
-        """Whether some adapters sit on the text encoder (its encodings then change with training)."""
-        return any(name.startswith(TEXT_ENCODER_PREFIX) for name in self.names)
+        """Whether some adapters sit on a text encoder (its encodings then change with training)."""
+        return any(text_encoder_component(name) for name in self.names)
 
     @torch.no_grad()
     def adapted_weights(self, patterns: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -155,7 +166,7 @@ class LoraAdapters:
                 layer.enable_adapters(True)
 
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """The trained change as exact factors ``{"<component>.<module>" or "text_encoder.<module>": (A, B *
+        """The trained change as exact factors ``{"<component>.<module>" or "text_encoder[_2].<module>": (A, B *
         scaling)}``, dW = B @ A, float32 on CPU."""
         out = {}
         for name, layer in self._layers.items():
@@ -163,7 +174,7 @@ class LoraAdapters:
             lora_b = layer.lora_B[self.adapter_name].weight.detach().float().cpu() * float(
                 layer.scaling[self.adapter_name]
             )
-            out[name if name.startswith(TEXT_ENCODER_PREFIX) else f"{self.component}.{name}"] = (lora_a, lora_b)
+            out[name if text_encoder_component(name) else f"{self.component}.{name}"] = (lora_a, lora_b)
         return out
 
     @torch.no_grad()
@@ -177,12 +188,13 @@ class LoraAdapters:
             layer.lora_B[self.adapter_name].weight.zero_()
 
 
-def _root(name: str, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> torch.nn.Module:
-    return text_encoder if name.startswith(TEXT_ENCODER_PREFIX) else unet
+def _root(name: str, component: str) -> str:
+    """The component an adapted module name lives in: its text encoder's, or the denoiser ``component``."""
+    return text_encoder_component(name) or component
 
 
 def _path(name: str) -> str:
-    return name[len(TEXT_ENCODER_PREFIX) :] if name.startswith(TEXT_ENCODER_PREFIX) else name
+    return name.partition(".")[2] if text_encoder_component(name) else name
 
 
 @contextlib.contextmanager
@@ -195,14 +207,14 @@ def lora_adapters(
     generator: torch.Generator,
     adapter_name: str = "erase",
     component: str = "unet",
-    text_encoder: torch.nn.Module | None = None,
+    text_encoders: Mapping[str, torch.nn.Module] | None = None,
 ) -> Iterator[LoraAdapters]:
     """Trainable peft LoRA adapters on the matching Linear modules of the denoiser ``unet`` (the pipeline's
-    ``component``: a UNet, or an SD3/Flux transformer) and, for patterns that start with ``"text_encoder."``, of
-    ``text_encoder`` (:func:`lora_module_names`), in place, for the ``with`` block.
+    ``component``: a UNet, or an SD3/Flux transformer) and, for patterns that start with a text encoder's name and a
+    dot, of that encoder in ``text_encoders`` (:func:`lora_module_names`), in place, for the ``with`` block.
 
     A is drawn from ``generator`` (peft's own Kaiming-uniform bound, so the start is a function of the seed alone;
-    the denoiser's modules first, then the text encoder's) and B is zero, so the adapted model
+    the denoiser's modules first, then the text encoders') and B is zero, so the adapted model
     starts equal to the base. Afterwards the adapters are removed (also on error): the original Linear modules are
     put back, with their weights bit-identical (peft never writes them unless merged, which this never does) and
     their ``requires_grad`` flags as they were.
@@ -212,17 +224,16 @@ def lora_adapters(
 
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    roots = {"unet": unet} if text_encoder is None else {"unet": unet, "text_encoder": text_encoder}
+    roots = {component: unet, **(text_encoders or {})}
     for what, root in roots.items():
         if getattr(root, "peft_config", None) or any(isinstance(m, BaseTunerLayer) for m in root.modules()):
-            holder = component if what == "unet" else "text encoder"
             raise ValueError(
-                f"the {holder} already holds peft adapters (a loaded LoRA?): erase from the plain base model"
+                f"the {what} already holds peft adapters (a loaded LoRA?): erase from the plain base model"
             )
-    names = lora_module_names(unet, patterns, text_encoder)
+    names = lora_module_names(unet, patterns, text_encoders)
     by_root: dict[str, list[str]] = {}
     for name in names:
-        by_root.setdefault("text_encoder" if name.startswith(TEXT_ENCODER_PREFIX) else "unet", []).append(_path(name))
+        by_root.setdefault(_root(name, component), []).append(_path(name))
     requires_grad = {what: {n: p.requires_grad for n, p in root.named_parameters()} for what, root in roots.items()}
     had_config = {what: hasattr(root, "peft_config") for what, root in roots.items()}
     try:
@@ -231,7 +242,7 @@ def lora_adapters(
                 r=rank, lora_alpha=alpha, target_modules=paths, lora_dropout=0.0, bias="none", init_lora_weights=True
             )
             inject_adapter_in_model(config, roots[what], adapter_name)
-        adapters = LoraAdapters(unet, names, adapter_name, component, text_encoder)
+        adapters = LoraAdapters(unet, names, adapter_name, component, text_encoders)
         adapters._initialise(generator)
         yield adapters
     finally:

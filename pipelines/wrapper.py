@@ -164,10 +164,15 @@ class PipelineWrapper:
         return original_names.original_unet_path(self.unet, path)
 
     def lora_modules(self, patterns: Sequence[str]) -> list[str]:
-        """The denoiser's Linear module names matching ``patterns``, sorted: unqualified, and the text encoder's
-        (patterns starting ``"text_encoder."``) qualified; ``ValueError`` for none
+        """The denoiser's Linear module names matching ``patterns``, sorted: unqualified, and the text encoders'
+        (patterns starting ``"text_encoder."``, ``"text_encoder_2."``) qualified; ``ValueError`` for none
         (:func:`weights.lora_module_names`)."""
-        return weights.lora_module_names(self.denoiser, patterns, getattr(self.pipe, "text_encoder", None))
+        return weights.lora_module_names(self.denoiser, patterns, self._text_encoders())
+
+    def _text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The pipeline's text encoders by component name (``weights.TEXT_ENCODER_COMPONENTS``)."""
+        found = {name: getattr(self.pipe, name, None) for name in weights.TEXT_ENCODER_COMPONENTS}
+        return {name: encoder for name, encoder in found.items() if isinstance(encoder, torch.nn.Module)}
 
     # ------------------------------------------------------------------ prompts (pipelines.text)
     def token_count(self, prompt: str) -> int:
@@ -178,15 +183,21 @@ class PipelineWrapper:
         """``prompt`` stripped, or ``ValueError`` if it is empty or longer than the text encoder reads."""
         return text.check_prompt(self.pipe, prompt, what)
 
-    def phrase_positions(self, prompt: str, phrase: str) -> list[int]:
-        """Token positions (embedding rows; BOS = 0 where there is one) that ``phrase`` occupies inside ``prompt``;
-        its last occurrence wins."""
-        return text.phrase_positions(self.pipe, prompt, phrase)
+    def token_streams(self) -> list[text.TokenStream]:
+        """The text encoders' row ranges in the token embeddings (:func:`text.token_streams`: one, or SD3's CLIP rows
+        then T5 rows)."""
+        return text.token_streams(self.pipe)
 
-    def last_token_position(self, prompt: str) -> int:
+    def phrase_positions(self, prompt: str, phrase: str, stream: int = 0) -> list[int]:
+        """Token positions (embedding rows; BOS = 0 where there is one) that ``phrase`` occupies inside ``prompt``, in
+        a stream of :meth:`token_streams` (the first by default); its last occurrence wins."""
+        return text.phrase_positions(self.pipe, prompt, phrase, stream)
+
+    def last_token_position(self, prompt: str, stream: int = 0) -> int:
         """The row of ``prompt``'s last word as the reference UCE scripts compute it (:func:`text.last_token_position`:
-        BOS for an empty CLIP prompt, the last padding row for Flux's empty T5 prompt)."""
-        return text.last_token_position(self.pipe, prompt)
+        BOS for an empty CLIP prompt, the last padding row for an empty T5 prompt), in a stream of
+        :meth:`token_streams`."""
+        return text.last_token_position(self.pipe, prompt, stream)
 
     def encode_prompts(self, prompts: Sequence[str], grad: bool = False) -> PromptEncoding:
         """Per-token text embeddings exactly as the pipeline computes them for generation (``grad``: differentiable,
@@ -271,12 +282,12 @@ class PipelineWrapper:
         generator: torch.Generator,
         adapter_name: str = "erase",
     ) -> contextlib.AbstractContextManager[LoraAdapters]:
-        """Trainable peft LoRA adapters on the matching denoiser (and, for ``"text_encoder."`` patterns,
-        text-encoder) Linear modules for the ``with`` block, removed afterwards with the weights bit-identical
-        (:func:`weights.lora_adapters`)."""
+        """Trainable peft LoRA adapters on the matching denoiser (and, for ``"text_encoder."`` and
+        ``"text_encoder_2."`` patterns, text-encoder) Linear modules for the ``with`` block, removed afterwards with
+        the weights bit-identical (:func:`weights.lora_adapters`)."""
         return weights.lora_adapters(
             self.denoiser, patterns, rank, alpha, generator=generator, adapter_name=adapter_name,
-            component=self.denoiser_name, text_encoder=getattr(self.pipe, "text_encoder", None),
+            component=self.denoiser_name, text_encoders=self._text_encoders(),
         )  # fmt: skip
 
     def apply_weight_deltas(self, deltas: dict[str, torch.Tensor], scale: float = 1.0) -> None:
@@ -353,8 +364,9 @@ class PipelineWrapper:
     def unet_activations(
         self, hook: str, prompts: Sequence[str], seeds: Sequence[int], **options: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A UNet hook point's output at every sampling step, conditional half only: ``(activations, timesteps)``.
-        ``options`` are :func:`hooks.unet_activations`' (steps, guidance, batch_size, progress)."""
+        """A denoiser hook point's output at every sampling step, conditional half only: ``(activations, timesteps)``;
+        a UNet transformer block's, or an SD3/Flux transformer block's image tokens. ``options`` are
+        :func:`hooks.unet_activations`' (steps, guidance, batch_size, progress)."""
         return hooks.unet_activations(self.pipe, hook, prompts, seeds, **options)
 
     def add_output_edit(

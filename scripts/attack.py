@@ -85,7 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from erase import ArtifactError, check_artifact_base, load_artifact
     from erase.core.inputs import check_option_minimums, error_line
-    from evals.attacks import AttackTarget, attack_configs, attack_labels, attack_probes, resolve_attacks
+    from evals.attacks import (
+        AttackTarget,
+        attack_configs,
+        attack_labels,
+        attack_probes,
+        available_attacks,
+        resolve_attacks,
+    )
     from evals.attacks.suite import asr_table, check_suite_folder, check_suite_targets, run_attack_suite
     from evals.audit import AuditError, check_output_folder
     from evals.scorer import load_scoring
@@ -93,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         ModelNotFoundError,
         check_model_reference,
         load_pipeline,
+        model_architecture,
         resolve_device,
         set_library_verbosity,
     )
@@ -116,10 +124,15 @@ def main(argv: list[str] | None = None) -> int:
         check_suite_folder(args.out, artifact.concepts, budget)
         model = args.model or artifact.base_model
         check_model_reference(model)
+        attacks = resolve_attacks(names, model_architecture(model))  # an attack the model's kind refuses: here
         if model in ("micro", "tiny", "tiny-sdxl") or os.path.isdir(model):
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
         _, scorer, judge = load_scoring(model, args.scorer, judge=not args.no_judge, device=device)
         wrapper = load_pipeline(model, device=device)
+        attacks = resolve_attacks(names, wrapper.architecture)  # a hub model's kind is known once it loads
+        if "all" in names and len(attacks) < len(available_attacks()):
+            skipped = [a for a in available_attacks() if a not in attacks]
+            print(f"note: not run on {wrapper.architecture} pipelines: {', '.join(skipped)}", file=sys.stderr)
         check_artifact_base(wrapper, artifact, where=args.erasure)
         erasure = {"folder": os.path.abspath(args.erasure), "method": artifact.method, "concepts": artifact.concepts,
                    "base_fingerprint": artifact.base_fingerprint, "config": artifact.config}  # fmt: skip

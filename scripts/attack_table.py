@@ -52,7 +52,7 @@ from evals.probes import (  # noqa: E402
     world_probes,
 )
 from evals.scorer import load_scoring  # noqa: E402
-from pipelines import ModelNotFoundError, load_pipeline, set_library_verbosity  # noqa: E402
+from pipelines import ModelNotFoundError, load_pipeline, model_architecture, set_library_verbosity  # noqa: E402
 from pipelines.files import atomic_write_json, folder_name  # noqa: E402
 
 
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         # the table is the micro world's: a concept outside it has no probes; a world name in any spelling will do
         args.concept = micro_world_name(args.concept, "--concept", outside=None)
         methods = [erase.get_method(m).name for m in args.method or erase.available_methods()]
-        attacks = resolve_attacks(args.attack or ["all"])
+        attacks = resolve_attacks(args.attack or ["all"], model_architecture("micro"))  # the micro world's model
         overrides = parse_config_overrides(args.set)
         check_output_folder(args.out)
         table_path = os.path.join(args.out, "table.json")

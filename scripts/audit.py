@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         ModelNotFoundError,
         check_model_reference,
         load_pipeline,
+        model_architecture,
         resolve_device,
         set_library_verbosity,
         world_file,
@@ -138,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         if main_process:  # the processes of one launch write one audit together
             claim.enter_context(claim_folder(args.out))
         attacks = []
-        if args.attack:
-            from evals.attacks import resolve_attacks
+        from evals.attacks import resolve_attacks
 
+        if args.attack:
             attacks = resolve_attacks(args.attack)
             if not args.erasure:
                 raise ValueError("--attack needs an --erasure to attack")
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             suite = concept_suite(targets, preserve, seed=args.seed)
         steps, guidance = args.steps, args.guidance
         check_model_reference(args.model)
+        if attacks:  # an attack the model's kind refuses: before the scorer and the model load, where that is known
+            attacks = resolve_attacks(args.attack, model_architecture(args.model))
         from evals.scorer import default_scorer, load_scoring
 
         scorer_name, scorer, judge = args.scorer or default_scorer(args.model), None, None
@@ -166,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.model, args.scorer, judge=not args.no_judge, device=device, progress=not args.quiet
             )
         wrapper = load_pipeline(args.model, device=device)
+        if attacks:
+            attacks = resolve_attacks(args.attack, wrapper.architecture)  # a hub model's kind is known once it loads
         result = run_audit(
             wrapper,
             suite,

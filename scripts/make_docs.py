@@ -159,30 +159,35 @@ def attack_table(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
-#: the matrix's columns: each architecture's heading, by the name methods declare it under
-MATRIX_COLUMNS = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux"}
-
-
 def matrix_table(_paths: list[Path]) -> str:
-    """Methods (rows) on each architecture (columns), as each declares where it registers (``Capabilities``): yes,
-    or no with the one-line reason it is refused there (numbered under the table). Methods alike share a row."""
+    """Methods, then attacks (rows) on each architecture (columns), as each declares where it registers (methods'
+    ``Capabilities``, attacks' ``register_attack``): yes, or no with the one-line reason it is refused there
+    (numbered under the table). Rows alike share a line, methods and attacks alike."""
     import erase
+    from evals.attacks import available_attacks, get_attack
+    from pipelines import ARCHITECTURE_NAMES, ARCHITECTURES
 
     reasons: list[str] = []
     rows: dict[tuple[str, ...], list[str]] = {}
-    for name in erase.available_methods():
-        method = erase.get_method(name)
-        runs_on = method.capabilities.architectures
+
+    def add(name: str, runs_on: tuple[str, ...], reason: str) -> None:
         cells = []
-        for architecture in MATRIX_COLUMNS:
+        for architecture in ARCHITECTURES:
             if architecture in runs_on:
-                cells.append("yes (SAE)" if method.runtime else "yes")
+                cells.append("yes")
                 continue
-            reason = method.capabilities.unported
-            reasons += [reason] if reason not in reasons else []
+            reasons.extend([reason] if reason not in reasons else [])
             cells.append(f"no ({reasons.index(reason) + 1})")
         rows.setdefault(tuple(cells), []).append(f"`{name}`")
-    lines = [f"| method | {' | '.join(MATRIX_COLUMNS.values())} |", "| --- |" + " --- |" * len(MATRIX_COLUMNS)]
+
+    for name in erase.available_methods():
+        capabilities = erase.get_method(name).capabilities
+        add(name, capabilities.architectures, capabilities.unported)
+    for name in sorted(available_attacks()):  # the registry's order depends on which module imported first
+        attack = get_attack(name)
+        add(name, attack.architectures, attack.unported)
+    lines = [f"| method, attack | {' | '.join(ARCHITECTURE_NAMES[a] for a in ARCHITECTURES)} |",
+             "| --- |" + " --- |" * len(ARCHITECTURES)]  # fmt: skip
     lines += [f"| {', '.join(names)} | {' | '.join(cells)} |" for cells, names in rows.items()]
     if reasons:
         lines += ["", "; ".join(f"({i}) {reason}" for i, reason in enumerate(reasons, 1))]

@@ -3,6 +3,8 @@ ESD on velocity predictions, on the tiny pipelines built in code."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -123,19 +125,30 @@ def _reference_uce_flux(wrapper, edit, guides, preserve, erase_scale=1.0, preser
         mask = pipe.tokenizer_2(text, padding="max_length", max_length=512, truncation=True, return_tensors="pt")
         index = int(mask["attention_mask"].sum()) - 2
         keys[text] = (t5[0, index].double(), pooled[0].double())
+    # the reference's routing: the 768-input layer reads the pooled vector
+    widths = {n: pipe.transformer.get_submodule(n).weight.shape[1] for n in ("context_embedder", _POOLED)}
+    routed = {text: {n: [key[1 if w == 768 else 0]] for n, w in widths.items()} for text, key in keys.items()}
+    return _uce_formula(wrapper, edit, guides, preserve, routed, erase_scale, preserve_scale, lamb)
+
+
+_POOLED = "time_text_embed.text_embedder.linear_1"
+
+
+def _uce_formula(wrapper, edit, guides, preserve, keys, erase_scale=1.0, preserve_scale=1.0, lamb=0.5):
+    """The reference formula with bias-carrying targets, float64, per text projection; ``keys[text][module]`` lists
+    the rows of ``text`` that projection reads (the k-th of a concept paired with the k-th of its guide)."""
     weights = {}
-    for name in ("context_embedder", "time_text_embed.text_embedder.linear_1"):
-        module = pipe.transformer.get_submodule(name)
+    for name in ("context_embedder", _POOLED):
+        module = wrapper.pipe.transformer.get_submodule(name)
         w, b = module.weight.detach().double(), module.bias.detach().double()
-        slot = 1 if w.shape[1] == 768 else 0
         left, right = lamb * w, lamb * torch.eye(w.shape[1], dtype=torch.float64)
         for concept, guide in zip(edit, guides, strict=True):
-            c, target = keys[concept][slot], w @ keys[guide][slot] + b
-            left, right = left + erase_scale * torch.outer(target, c), right + erase_scale * torch.outer(c, c)
+            for c, g in zip(keys[concept][name], keys[guide][name], strict=True):
+                left, right = left + erase_scale * torch.outer(w @ g + b, c), right + erase_scale * torch.outer(c, c)
         for concept in preserve:
-            c = keys[concept][slot]
-            left = left + preserve_scale * torch.outer(w @ c + b, c)
-            right = right + preserve_scale * torch.outer(c, c)
+            for c in keys[concept][name]:
+                left = left + preserve_scale * torch.outer(w @ c + b, c)
+                right = right + preserve_scale * torch.outer(c, c)
         weights[name] = left @ torch.linalg.inv(right)
     return weights
 
@@ -168,13 +181,26 @@ def test_uce_on_flux_equals_the_reference_formula(flux, edit, guide, preserve):
     assert set(ranks.values()) == {len(edit) + 1}
 
 
-def test_uce_on_sd3_edits_both_projections_with_exact_factors(sd3):
+def test_uce_on_sd3_edits_both_projections_and_both_token_streams(sd3):
+    """SD3's ``context_embedder`` reads CLIP's rows and T5's: each prompt's last-token row of both streams (T5's at
+    77 + its ``attention_mask.sum() - 2``) goes into its solve, the pooled vector into ``linear_1``'s; the edit equals
+    the formula written out in float64, with exact low-rank factors (two erased rows and the bias direction)."""
+    pipe, keys = sd3.pipe, {}
+    with torch.no_grad():
+        for text in ("van gogh", "", "a dog"):
+            embeddings, _, pooled, _ = pipe.encode_prompt(text, None, None, device="cpu", max_sequence_length=256,
+                                                          do_classifier_free_guidance=False)  # fmt: skip
+            clip = int(pipe.tokenizer(text, padding="max_length", max_length=77)["attention_mask"].count(1)) - 2
+            t5 = sum(pipe.tokenizer_3(text, padding="max_length", max_length=256)["attention_mask"]) - 2
+            rows = [embeddings[0, clip].double(), embeddings[0, 77 + t5 % 256].double()]
+            keys[text] = {"context_embedder": rows, _POOLED: [pooled[0].double()]}
     artifact = erase.erase_concepts(sd3, ConceptSpec(("van gogh",), preserve=("a dog",)), "uce")
-    names = {"transformer.context_embedder", "transformer.time_text_embed.text_embedder.linear_1"}
-    assert set(artifact.deltas) == names and all(0 < r < 1 for r in artifact.info["relative_change"].values())
+    gaps = _relative_gaps(sd3, artifact, _uce_formula(sd3, ["van gogh"], [""], ["a dog"], keys))
+    assert max(gaps.values()) <= 1e-5, gaps
     factors = artifact.payload("weights").lora_factors()
+    ranks = {name.rpartition("transformer.")[2]: lora_a.shape[0] for name, (lora_a, _) in factors.items()}
+    assert ranks == {"context_embedder": 3, _POOLED: 2}
     for name, (lora_a, lora_b) in factors.items():
-        assert lora_a.shape[0] == 2  # one erased embedding plus the bias direction
         assert torch.allclose(lora_b @ lora_a, artifact.deltas[name], atol=1e-6)
 
 
@@ -216,3 +242,114 @@ def test_erase_script_on_saved_sd3_and_flux_folders(method, tmp_path_factory, ca
         for layer, delta in artifact.deltas.items():
             change = modules[layer].weight.detach() - before[layer]
             assert torch.allclose(change, delta, atol=1e-3 * max(delta.abs().max().item(), 1e-6) + 1e-7), layer
+
+
+def test_attacks_declare_where_they_run_and_refuse_elsewhere_in_one_line(flux):
+    """Every attack declares its architectures (a reason where not all); ``"all"`` on a kind of model means the
+    attacks that run on it, a named one that does not is refused in one line, and so is a target of that kind."""
+    from evals.attacks import AttackTarget, attack_probes, available_attacks, check_attack, get_attack, resolve_attacks
+    from pipelines import ARCHITECTURES
+
+    for name in available_attacks():
+        attack = get_attack(name)
+        assert set(attack.architectures) <= set(ARCHITECTURES) and {"sd", "sdxl"} <= set(attack.architectures)
+        assert set(attack.architectures) == set(ARCHITECTURES) or attack.unported
+    on_flux = resolve_attacks(["all"], "flux")
+    assert on_flux == [n for n in available_attacks() if get_attack(n).runs_on("flux")]
+    assert set(on_flux) == {"rece_embedding", "ring_a_bell"}  # DDIM re-sampling and CLIP tokens are not Flux's
+    assert resolve_attacks(["all"], "sd") == resolve_attacks(["all"]) == available_attacks()
+    with pytest.raises(ValueError, match="attack 'concept_inversion' does not run on Flux pipelines: ") as refused:
+        resolve_attacks(["ring_a_bell", "concept_inversion"], "flux")
+    assert "\n" not in str(refused.value) and get_attack("concept_inversion").unported in str(refused.value)
+    target = AttackTarget(flux, lambda w: contextlib.nullcontext(), "van gogh", attack_probes("van gogh", 1))
+    for name in set(available_attacks()) - set(on_flux):  # before the attack's own check, which would need T5 tokens
+        with pytest.raises(ValueError, match=f"attack '{name}' does not run on Flux pipelines"):
+            check_attack(name, target)
+
+
+def test_attack_script_refuses_an_attack_the_model_does_not_run_before_loading_it(flux, tmp_path, capsys):
+    """``scripts/attack.py`` on tiny Flux: a named attack Flux does not run is one line, exit 2, with no output
+    folder made, before the scorer or the model loads (the name, or a folder's ``model_index.json``, says Flux)."""
+    import json
+    import runpy
+
+    from pipelines import model_architecture
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    assert model_architecture(str(tmp_path / "folder")) == "flux" and model_architecture("tiny-sd3") == "sd3"
+    assert model_architecture("micro") == "sd" and model_architecture("owner/hub-id") is None
+    erase.save_artifact(erase.erase_concepts(flux, ConceptSpec(("van gogh",)), "uce"), tmp_path / "uce", flux)
+    main = runpy.run_path("scripts/attack.py", run_name="attack_script")["main"]
+    capsys.readouterr()
+    for attack in ("noise_probe", "unlearn_diff_atk"):
+        out = tmp_path / f"out-{attack}"
+        argv = ["--erasure", str(tmp_path / "uce"), "--model", "tiny-flux", "--attack", attack, "--out", str(out)]
+        assert main([*argv, "--scorer", "no-such-scorer", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: attack '{attack}' does not run on Flux pipelines:") and "\n" not in err
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("model", ["flux", pytest.param("sd3", marks=pytest.mark.slow)])
+def test_rece_embedding_restores_both_text_projections_of_a_transformer(model, request):
+    """On SD3/Flux the attack maps the token rows through ``context_embedder``'s solve and the pooled vector through
+    ``linear_1``'s: each undoes nearly all of uce's change to its projection (a small ridge: the tiny projections'
+    smallest singular values are near the default lambda's scale)."""
+    from evals.attacks import AttackTarget, attack_probes, run_attack
+    from evals.attacks.rece_embedding import ReceEmbeddingConfig
+
+    wrapper = request.getfixturevalue(model)
+    uce = erase.erase_concepts(wrapper, ConceptSpec(("van gogh",)), "uce")
+    target = AttackTarget(wrapper, uce.applied, "van gogh", attack_probes("van gogh", 2, 1), steps=2, progress=False)
+    result = run_attack("rece_embedding", target, ReceEmbeddingConfig(regularization=1e-6), seed=0)
+    info = result.info
+    assert len(result.images) == 2 and info["layers_matched"] == info["layers_edited"] == 2
+    assert info["restored_share"] > 0.99 and info["restored_share_pooled"] > 0.99, info
+    assert result.embeddings.shape[-1] == wrapper.denoiser.config.joint_attention_dim
+
+
+def test_lora_patterns_name_each_text_encoder_by_its_component(sd2, sd3):
+    """``text_encoder_2.<pattern>`` adapts the second text encoder (SD3's CLIP-G here); a pipeline without one says so
+    in one line."""
+    names = sd3.lora_modules(["*attn.add_k_proj", "text_encoder.*q_proj", "text_encoder_2.*q_proj"])
+    assert {n.partition(".")[0] for n in names if n.startswith("text_encoder")} == {"text_encoder", "text_encoder_2"}
+    assert all(n.startswith("transformer_blocks.") for n in names if not n.startswith("text_encoder"))
+    with pytest.raises(ValueError, match="^LoRA patterns name text_encoder_2 modules, but the pipeline has no "):
+        sd2.lora_modules(["text_encoder_2.*q_proj"])
+
+
+@pytest.mark.parametrize(
+    "model, hook",
+    [
+        ("sd3", "transformer.transformer_blocks.0"),
+        pytest.param("flux", "transformer.single_transformer_blocks.0", marks=pytest.mark.slow),
+    ],
+)
+def test_an_sae_trains_on_a_transformer_block_and_edits_its_image_tokens(model, hook, request, tmp_path):
+    """SD3/Flux transformer blocks are hook points: their activations are the image tokens (not the text ones) at
+    every sampling step, a tiny SAE trains on them, and an output edit there reaches the prediction (the identity
+    edit bit for bit)."""
+    from erase.sae.sae import SAETrainConfig, build_sae, load_sae
+
+    wrapper = request.getfixturevalue(model)
+    assert hook in wrapper.hook_points()
+    config = wrapper.denoiser.config
+    width, image_tokens = wrapper.hook_width(hook), (16 // config.patch_size) ** 2 if model == "sd3" else 8 * 8
+    acts, timesteps = wrapper.unet_activations(hook, ["van gogh", "a red star"], [0, 1], steps=2)
+    assert acts.shape == (2, 2, image_tokens, width) and timesteps.shape == (2,)
+    prompts = ["van gogh", "a red star", "a blue house at night", "a boat on a river"]
+    settings = SAETrainConfig(expansion=2, k=4, batch_size=128, epochs=2, dead_tokens=500)
+    build_sae(wrapper, hook, prompts, tmp_path / "sae", settings, steps=2, guidance=2.0)
+    sae, meta = load_sae(tmp_path / "sae")
+    assert sae.d_in == width and meta["hook_point"] == hook and meta["collection"]["steps"] == 2
+    assert meta["collection"]["tokens"] == len(prompts) * 2 * image_tokens
+    latents, t = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    encoding = wrapper.encode_prompts(["van gogh"])
+    with torch.no_grad():
+        before = wrapper.noise_prediction(latents, t, encoding)
+        with wrapper.add_output_edit(hook, lambda tokens, _t: tokens):
+            same = wrapper.noise_prediction(latents, t, encoding)
+        with wrapper.add_output_edit(hook, lambda tokens, _t: sae(tokens.float()).to(tokens.dtype)):
+            reconstructed = wrapper.noise_prediction(latents, t, encoding)
+    assert torch.equal(same, before) and (reconstructed - before).abs().max() > 0

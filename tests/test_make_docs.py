@@ -104,13 +104,14 @@ def test_the_readme_stays_a_guide_of_at_most_12_kb():
     assert len(readme) <= 12 * 1024, f"README.md is {len(readme)} bytes: measurements go to docs/ or the model card"
 
 
-def test_the_matrix_table_names_every_method_once_and_says_why_not():
+def test_the_matrix_table_names_every_method_and_attack_once_and_says_why_not():
     import erase
+    from evals.attacks import available_attacks
 
     table = MATRIX(())
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     named = [name.strip(" `") for row in rows for name in row.split(" | ")[0].strip("| ").split(",")]
-    assert sorted(named) == erase.available_methods()
+    assert sorted(named) == sorted(erase.available_methods() + available_attacks())
     for row in rows:
         for cell in row.strip("|").split(" | ")[1:]:
             number = cell.strip().removeprefix("no (").removesuffix(")")

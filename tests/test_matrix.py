@@ -43,7 +43,8 @@ def _cell(method: str, column: str):
     return pytest.param(method, column, marks=() if fast or not runs else pytest.mark.slow, id=f"{method}-{column}")
 
 
-CELLS = [_cell(m, c) for m in erase.available_methods() for c in ARCHITECTURES]
+#: esd on SDXL is test_text_encoder_adapters_cell: the same cell, with adapters on both text encoders too
+CELLS = [_cell(m, c) for m in erase.available_methods() for c in ARCHITECTURES if (m, c) != ("esd", "SDXL")]
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +119,39 @@ def test_cell(method, column, wrappers, sae_stores, tmp_path):
             erase_concepts(wrapper, ConceptSpec(("van gogh",)), method, spec.config_class())
         assert "\n" not in str(refused.value) and spec.capabilities.unported in str(refused.value)
         return
-    build = functools.partial(tiny_pipeline, ARCHITECTURES[column])
     store = _sae_store(sae_stores, wrapper, column) if erase.get_method(method).runtime else None
-    artifact = erase_concepts(wrapper, ConceptSpec(("van gogh",)), method, _config(method, store))
+    _check_cell(method, column, _config(method, store), wrappers, tmp_path)
+
+
+#: The LoRA trainer's text-encoder adapters beside the UNet's: every text encoder of the pipeline (SDXL's second).
+#: Output projections: diffusers' loader tells a text encoder LoRA's format by its attention keys, and a converted
+#: kohya one's by ``out_proj`` (a LoRA on q/k/v or the MLP alone loads in the UIs but not in diffusers).
+TEXT_ENCODER_LAYERS = ("*attn2.to_k", "text_encoder.*self_attn.out_proj", "text_encoder_2.*self_attn.out_proj")
+
+
+@pytest.mark.slow
+def test_text_encoder_adapters_cell(wrappers, tmp_path):
+    """The esd x SDXL cell, with adapters on both SDXL text encoders (``text_encoder_2.*``: the pooled vector changes
+    too) beside the UNet's: plain diffusers and the kohya file (``lora_te2_`` keys) load it like any other cell."""
+    config = dataclasses.replace(_config("esd", None), layers=TEXT_ENCODER_LAYERS)
+    artifact = _check_cell("esd", "SDXL", config, wrappers, tmp_path)
+    components = {name.partition(".")[0] for name in artifact.deltas}
+    assert components == {"unet", "text_encoder", "text_encoder_2"}
+    wrapper = _wrapper(wrappers, "SDXL")
+    with wrapper.weight_deltas(artifact.deltas):
+        edited = wrapper.encode_prompts([PROMPT])
+    plain = wrapper.encode_prompts([PROMPT])
+    assert (edited.pooled - plain.pooled).abs().max() > 0  # the second encoder's adapters reach the pooled vector
+    kohya = kohya_bytes(artifact, wrapper)
+    assert b"lora_te2_text_model_encoder_layers_0_self_attn_out_proj.lora_down.weight" in kohya
+
+
+def _check_cell(method, column, config, wrappers, tmp_path):
+    """Erase with ``config``, save, load the artifact into a plain pipeline, generate, compare; the artifact."""
+    wrapper = _wrapper(wrappers, column)
+    spec = erase.get_method(method)
+    build = functools.partial(tiny_pipeline, ARCHITECTURES[column])
+    artifact = erase_concepts(wrapper, ConceptSpec(("van gogh",)), method, config)
     folder = erase.save_artifact(artifact, tmp_path / method, wrapper)
     if (column, "draws") not in wrappers:
         wrappers[column, "draws"] = _draws(build(0))
@@ -150,7 +181,7 @@ def test_cell(method, column, wrappers, sae_stores, tmp_path):
         plain.fuse_lora(components=components)
         assert _relative_error(plain, wrapper, artifact.deltas) < 1e-3
         assert np.abs(_draws(plain) - base).max() > 0
-        return
+        return artifact
     # a runtime intervention: erase.load's own loader, on the plain pipeline, acts as the in-memory one
     plain = wrap_pipeline(build(0))
     latents, t = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
@@ -163,6 +194,7 @@ def test_cell(method, column, wrappers, sae_stores, tmp_path):
             _draws(plain.pipe)
     assert (loaded - in_memory).abs().max() < 1e-3
     assert (in_memory - before).abs().max() > 0
+    return artifact
 
 
 def test_sdxl_reads_an_output_edit_of_a_text_encoder_layer(tiny_sdxl):

@@ -16,7 +16,12 @@ the pipeline wrapper's ``closed_form_patterns``), each solved with the embedding
 pooled vector one row per prompt. These layers have biases, and the reference takes the output of the layer as the
 target, v* = W c + b, while the edited layer adds b again; the formula keeps that (``target_bias``), so that the edit
 equals the reference's: dW = W U V + b (R^-1 m)^T (``uce_update``'s U, V, R; m = s_e sum_i c_i + s_p sum_j c_j).
-SD3 has no reference script; its token rows are the CLIP rows (where SD3's positions point), T5's are not edited.
+SD3 has no reference script. Its ``context_embedder`` reads CLIP's 77 rows and T5's rows joined in one sequence
+(``PipelineWrapper.token_streams``), so a concept reaches the transformer through both; following the reference's
+rule for every text stream a projection reads (``uce_flux_edit.py``: T5's last token into ``context_embedder``;
+``uce_hidream_edit.py``: Llama's and T5's last tokens, each into its caption projection), each prompt gives one row
+per stream at the chosen positions (CLIP's, and T5's from ``attention_mask.sum() - 2`` of SD3's T5 tokenizer), both
+in the one solve of ``context_embedder``.
 """
 
 from __future__ import annotations
@@ -92,20 +97,25 @@ class UCEConfig:
             raise ValueError(f"every template must contain '{{}}', got {list(self.templates)}")
 
 
-def _positions(wrapper: PipelineWrapper, prompt: str, phrase: str, mode: str) -> list[int]:
-    """Token positions (embedding rows) of ``phrase`` inside ``prompt`` that ``mode`` edits.
+def _positions(wrapper: PipelineWrapper, prompt: str, phrase: str, mode: str, stream: int = 0) -> list[int]:
+    """Token positions (embedding rows) of ``phrase`` inside ``prompt`` that ``mode`` edits, in one text stream
+    (``PipelineWrapper.token_streams``: the only one but on SD3, whose T5 rows follow its CLIP rows).
 
     An empty phrase (the empty guide) ends where the prompt's own words end, as the reference's
     ``attention_mask.sum() - 2`` gives (``PipelineWrapper.last_token_position``): BOS for a bare CLIP template, the
-    last padding row for Flux's T5.
+    last padding row for T5.
     """
-    total = wrapper.text_length
-    span = wrapper.phrase_positions(prompt, phrase) if phrase else [wrapper.last_token_position(prompt)]
+    found = wrapper.token_streams()[stream]
+    end = found.offset + found.length
+    if phrase:
+        span = wrapper.phrase_positions(prompt, phrase, stream)
+    else:
+        span = [wrapper.last_token_position(prompt, stream)]
     if mode == "last_token":
         return [span[-1]]
     if mode == "last":
-        return [p for p in (span[-1], span[-1] + 1) if p < total]
-    return list(range(span[0] if mode == "from_first" else span[-1], total))
+        return [p for p in (span[-1], span[-1] + 1) if p < end]
+    return list(range(span[0] if mode == "from_first" else span[-1], end))
 
 
 def _prefix_rows(
@@ -173,14 +183,15 @@ def concept_embeddings(
         enc = encoding.embeddings.double()
         genc = None if guide_encoding is None else guide_encoding.embeddings.double()
         for i, concept in enumerate(concepts):
-            pos = _positions(wrapper, prompts[i], concept, config.token_positions)
-            if genc is None:
-                rows.append(enc[i, pos])
-                continue
-            gpos = _positions(wrapper, guide_prompts[i], guides[i], config.token_positions)
-            n = min(len(pos), len(gpos))
-            rows.append(enc[i, pos[:n]])
-            guide_rows.append(genc[i, gpos[:n]])
+            for stream in range(len(wrapper.token_streams())):
+                pos = _positions(wrapper, prompts[i], concept, config.token_positions, stream)
+                if genc is None:
+                    rows.append(enc[i, pos])
+                    continue
+                gpos = _positions(wrapper, guide_prompts[i], guides[i], config.token_positions, stream)
+                n = min(len(pos), len(gpos))
+                rows.append(enc[i, pos[:n]])
+                guide_rows.append(genc[i, gpos[:n]])
     return torch.cat(rows), (torch.cat(guide_rows) if guides is not None else None)
 
 

@@ -148,7 +148,7 @@ class Capabilities:
     sampler_steps: tuple[str, ...] = ()
     quick: dict[str, Any] | None = field(default_factory=dict)
     architectures: tuple[str, ...] = ("sd", "sdxl")
-    unported: str = "it is written for a UNet's cross-attention and not ported to SD3/Flux's MMDiT transformer"
+    unported: str = "it edits UNet cross-attention, which SD3/Flux lack"
 
 
 @dataclass(frozen=True)

@@ -318,7 +318,7 @@ class _RetainPoolSettings:
         sampler_steps=("pool_steps",),
         guides=False,
         architectures=("sd",),
-        unported="its inner attack's soft tokens and its LoRA are on one CLIP text encoder",
+        unported="it learns token vectors for one CLIP text encoder",  # its inner attack's soft tokens
         quick={
             **TRAINED.quick,
             "steps": 6,

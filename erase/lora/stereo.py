@@ -652,7 +652,7 @@ def _check_inputs(wrapper: PipelineWrapper, concepts: ConceptSpec, config: Stere
         TRAINED,
         guides=False,
         architectures=("sd",),
-        unported="its search learns free token vectors for one text encoder",
+        unported="it learns token vectors for one CLIP text encoder",  # its search's concept inversion
         sampler_steps=("pool_steps", "gallery_steps"),
         quick={
             "steps": 6,

@@ -43,7 +43,8 @@ trajectory, which the pool holds (its first UNet input, ``Batch.initial``). The 
 Text-encoder adapters
 ---------------------
 Patterns that start with ``"text_encoder."`` put adapters on the text encoder's Linear modules (e.g.
-``"text_encoder.*self_attn.q_proj"``). The trained predictions then read the prompts through the adapted encoder:
+``"text_encoder.*self_attn.q_proj"``; ``"text_encoder_2."``: SDXL's second encoder, whose pooled vector then changes
+too). The trained predictions then read the prompts through the adapted encoders:
 :meth:`Predictions.trained` re-encodes, with gradients, every row of the encoding it is given that is text (its
 prompt tokenises to its ``input_ids``); rows a loss made itself (SPM's latent anchors, embeddings with free vectors)
 go to the UNet as they are. The frozen predictions take the encoding as given, adapters off: losses encode their
@@ -96,7 +97,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from pipelines import LORA_TARGETS, TEXT_ENCODER_PREFIX, LoraAdapters, PipelineWrapper, PromptEncoding
+from pipelines import LORA_TARGETS, LoraAdapters, PipelineWrapper, PromptEncoding, text_encoder_component
 from pipelines.files import (
     DIGEST_KEY,
     atomic_output,
@@ -287,15 +288,18 @@ class Predictions:
         if not retext and not self.perturbations:
             return encoding
         rows = [i for i in range(len(encoding.prompts)) if self._is_text(encoding, i)]
+        pooled = encoding.pooled
         if retext:
             rows_text = [encoding.prompts[i] for i in rows]
             unique = list(dict.fromkeys(rows_text))
             if not unique:
                 return encoding
-            fresh = self._wrapper.encode_prompts(unique, grad=True).embeddings
-            embeddings = encoding.embeddings.clone()
-            index = torch.tensor(rows, device=embeddings.device)
-            embeddings = embeddings.index_copy(0, index, fresh[[unique.index(p) for p in rows_text]])
+            fresh = self._wrapper.encode_prompts(unique, grad=True)
+            order = [unique.index(p) for p in rows_text]
+            index = torch.tensor(rows, device=encoding.embeddings.device)
+            embeddings = encoding.embeddings.index_copy(0, index, fresh.embeddings[order])
+            if pooled is not None:  # SDXL's pooled vector is the second encoder's: adapted there, it changes too
+                pooled = pooled.index_copy(0, index.to(pooled.device), fresh.pooled[order].to(pooled.dtype))
         else:
             embeddings = encoding.embeddings
         shifts = [(i, self.perturbations[p]) for i in rows if (p := encoding.prompts[i]) in self.perturbations]
@@ -304,7 +308,7 @@ class Predictions:
             for i, shift in shifts:
                 delta[i] = shift.to(delta.device, delta.dtype)
             embeddings = embeddings + delta
-        return PromptEncoding(encoding.prompts, encoding.input_ids, embeddings, encoding.lengths, encoding.pooled)
+        return PromptEncoding(encoding.prompts, encoding.input_ids, embeddings, encoding.lengths, pooled)
 
     def _is_text(self, encoding: PromptEncoding, row: int) -> bool:
         prompt = encoding.prompts[row]
@@ -398,7 +402,7 @@ def _draw(pool: TrainingPool, batch_size: int, generator: torch.Generator, devic
 
 def _run_key(wrapper: PipelineWrapper, key: dict[str, Any], modules: Sequence[str]) -> str:
     """What identifies a run for resuming: the caller's description and the adapted modules' base weights."""
-    qualified = [m if m.startswith(TEXT_ENCODER_PREFIX) else f"{wrapper.denoiser_name}.{m}" for m in modules]
+    qualified = [m if text_encoder_component(m) else f"{wrapper.denoiser_name}.{m}" for m in modules]
     text = json.dumps({"run": key, "base": wrapper.fingerprint(qualified)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -562,7 +562,7 @@ def build_sae(
         "model": wrapper.model_id,
         "component_fingerprint": component_fingerprint(wrapper, hook),
         "collection": {"prompts": len(prompts), "tokens": int(tokens.shape[0]), "steps": steps, "guidance": guidance}
-        if hook.startswith("unet.")
+        if not hook.partition(".")[0].startswith("text_encoder")  # a denoiser's: sampled, with these settings
         else {"prompts": len(prompts), "tokens": int(tokens.shape[0])},
         "training": {**dataclasses.asdict(config), **stats},
         "quality": quality,

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
+from pipelines import ARCHITECTURE_NAMES, ARCHITECTURES, DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
 from pipelines.checks import check_config_fields, check_text_fields
+from pipelines.text import FREE_VECTOR_ARCHITECTURES
 
 from .. import metrics as M
 from ..microworld import world
@@ -48,6 +49,8 @@ from ..probes import (
 
 __all__ = [
     "KINDS",
+    "TOKEN_ATTACK_ARCHITECTURES",
+    "TOKEN_ATTACK_UNPORTED",
     "THREAT_MODELS",
     "Attack",
     "AttackProbe",
@@ -61,6 +64,7 @@ __all__ = [
     "budget_config",
     "budget_fields",
     "check_attack",
+    "check_attack_architecture",
     "check_budget",
     "get_attack",
     "parse_budget",
@@ -83,6 +87,11 @@ _ATTACK_MODULES: tuple[str, ...] = (
     "evals.attacks.unlearn_diff_atk",
     "evals.attacks.concept_inversion",
 )
+
+#: Where the attacks that write or learn tokens run: the pipelines whose prompts can hold free token vectors
+#: (``pipelines.text.FREE_VECTOR_ARCHITECTURES``), and why not elsewhere.
+TOKEN_ATTACK_ARCHITECTURES: tuple[str, ...] = FREE_VECTOR_ARCHITECTURES
+TOKEN_ATTACK_UNPORTED = "its tokens are CLIP's; SD3/Flux also read T5"
 
 #: Labels a concept outside the micro world is told apart from when nothing else is given (zero-shot needs rivals).
 GENERIC_ALTERNATIVES: tuple[str, ...] = ("a photo", "a painting", "a drawing", "an abstract pattern")
@@ -182,6 +191,13 @@ class Attack:
     #: ``check(target, config)`` raises for a target the attack cannot run on (known once the model is loaded, before
     #: any image is drawn: a suite checks every attack before its baselines)
     check: Callable[[AttackTarget, Any], None] | None = None
+    #: the pipelines it runs on (``pipelines.ARCHITECTURES``); the others are refused before any work, with
+    #: ``unported``, one line saying why
+    architectures: tuple[str, ...] = ARCHITECTURES
+    unported: str = ""
+
+    def runs_on(self, architecture: str) -> bool:
+        return architecture in self.architectures
 
 
 _REGISTRY: dict[str, Attack] = {}
@@ -198,12 +214,24 @@ THREAT_MODELS: dict[str, tuple[str, ...]] = {
 
 
 def register_attack(
-    name: str, config_class: type, summary: str, kind: str, check: Callable[[AttackTarget, Any], None] | None = None
+    name: str,
+    config_class: type,
+    summary: str,
+    kind: str,
+    check: Callable[[AttackTarget, Any], None] | None = None,
+    *,
+    architectures: tuple[str, ...] = ARCHITECTURES,
+    unported: str = "",
 ) -> Callable:
-    """Decorator registering ``fn(target, config, seed) -> AttackResult`` under ``name`` (``check``: see
-    :attr:`Attack.check`)."""
+    """Decorator registering ``fn(target, config, seed) -> AttackResult`` under ``name`` (``check``,
+    ``architectures``, ``unported``: see :class:`Attack`; an attack that does not run everywhere says why)."""
     if kind not in KINDS:
         raise ValueError(f"unknown attack kind {kind!r}; expected one of {KINDS}")
+    unknown = sorted(set(architectures) - set(ARCHITECTURES))
+    if unknown or not architectures:
+        raise ValueError(f"attack {name!r}: architectures must be some of {ARCHITECTURES}, got {architectures}")
+    if set(architectures) != set(ARCHITECTURES) and (not unported.strip() or "\n" in unported):
+        raise ValueError(f"attack {name!r} does not run on every architecture: say why in one line (unported)")
     if not dataclasses.is_dataclass(config_class):
         raise TypeError(f"config class of attack {name!r} must be a dataclass")
     fields = {f.name: f for f in dataclasses.fields(config_class)}
@@ -214,7 +242,7 @@ def register_attack(
     def decorator(fn: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"an attack named {name!r} is already registered")
-        _REGISTRY[name] = Attack(name, config_class, fn, summary, kind, check)
+        _REGISTRY[name] = Attack(name, config_class, fn, summary, kind, check, tuple(architectures), unported)
         return fn
 
     return decorator
@@ -236,14 +264,33 @@ def available_attacks() -> list[str]:
     return list(_REGISTRY)
 
 
-def resolve_attacks(names: Sequence[str]) -> list[str]:
+def resolve_attacks(names: Sequence[str], architecture: str | None = None) -> list[str]:
     """Attack names as a user gives them (``"all"`` for every attack), checked: ``ValueError`` names the first
-    unknown one."""
+    unknown one. With ``architecture`` (the model's, ``pipelines.ARCHITECTURES``), ``"all"`` means every attack that
+    runs on it, and a named attack that does not is refused (:func:`check_attack_architecture`)."""
     known = available_attacks()
     unknown = [n for n in names if n != "all" and n not in known]
     if unknown:
         raise ValueError(f"unknown attack {unknown[0]!r}; available: all, {', '.join(known)}")
-    return known if "all" in names else list(dict.fromkeys(names))
+    named = list(dict.fromkeys(n for n in names if n != "all"))
+    if architecture is not None:
+        for name in named:
+            check_attack_architecture(name, architecture)
+    if "all" not in names:
+        return named
+    return [n for n in known if architecture is None or n in named or get_attack(n).runs_on(architecture)]
+
+
+def check_attack_architecture(name: str, architecture: str) -> None:
+    """``ValueError`` in one line when attack ``name`` does not run on ``architecture`` (what it declares where it
+    registers)."""
+    attack = get_attack(name)
+    if not attack.runs_on(architecture):
+        runs_on = ", ".join(ARCHITECTURE_NAMES[a] for a in attack.architectures)
+        raise ValueError(
+            f"attack {name!r} does not run on {ARCHITECTURE_NAMES.get(architecture, architecture)} pipelines: "
+            f"{attack.unported} (it runs on {runs_on})"
+        )
 
 
 def attack_configs(overrides: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -312,9 +359,11 @@ def get_attack(name: str) -> Attack:
 
 
 def check_attack(name: str, target: AttackTarget, config: Any = None) -> Any:
-    """The config ``name`` runs ``target`` with (its default when ``None``); raises when it is of the wrong class,
-    there are no probes, or the attack's own check refuses the target."""
+    """The config ``name`` runs ``target`` with (its default when ``None``); raises when the attack does not run on
+    the target's architecture, the config is of the wrong class, there are no probes, or the attack's own check
+    refuses the target."""
     attack = get_attack(name)
+    check_attack_architecture(name, target.wrapper.architecture)
     config = attack.config_class() if config is None else config
     if not isinstance(config, attack.config_class):
         raise TypeError(f"attack {name!r} takes a {attack.config_class.__name__}, got {type(config).__name__}")

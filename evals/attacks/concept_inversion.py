@@ -48,7 +48,14 @@ from tqdm.auto import tqdm
 from pipelines import PipelineWrapper
 from pipelines.checks import check_number_fields
 
-from .base import AttackResult, AttackTarget, attack_probes, register_attack
+from .base import (
+    TOKEN_ATTACK_ARCHITECTURES,
+    TOKEN_ATTACK_UNPORTED,
+    AttackResult,
+    AttackTarget,
+    attack_probes,
+    register_attack,
+)
 from .unlearn_diff_atk import NoiseTargets, matching_step, noise_matching_loss, original_noise_targets, prompt_loss
 
 __all__ = ["ConceptInversionConfig", "concept_inversion", "concept_template", "nearest_words"]
@@ -126,7 +133,7 @@ def _vector_loss(
 
 
 @register_attack("concept_inversion", ConceptInversionConfig, "a new token learnt against the erased model",
-                 "embedding")  # fmt: skip
+                 "embedding", architectures=TOKEN_ATTACK_ARCHITECTURES, unported=TOKEN_ATTACK_UNPORTED)  # fmt: skip
 def concept_inversion(target: AttackTarget, config: ConceptInversionConfig, seed: int) -> AttackResult:
     """Learn the token on ``train_prompts`` fresh prompts of the concept (drawn with ``seed``), then draw every probe
     with it in the concept's place."""

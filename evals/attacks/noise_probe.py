@@ -48,7 +48,12 @@ class NoiseProbeConfig:
         check_number_fields(self)
 
 
-@register_attack("noise_probe", NoiseProbeConfig, "best of N noisy re-samplings, picked by the scorer", "sampling")
+#: Why SD3 and Flux are refused: the re-sampling noise is DDIM's eta, and their flow-matching sampler has none
+UNPORTED = "it re-samples with DDIM's eta; SD3/Flux sample by flow"
+
+
+@register_attack("noise_probe", NoiseProbeConfig, "best of N noisy re-samplings, picked by the scorer", "sampling",
+                 architectures=("sd", "sdxl"), unported=UNPORTED)  # fmt: skip
 def noise_probe(target: AttackTarget, config: NoiseProbeConfig, seed: int) -> AttackResult:
     """``candidates`` DDIM samples per probe (seeds from ``seed`` and the probe's), the scorer's favourite kept."""
     if target.scorer is None:

@@ -14,6 +14,11 @@ Defaults are the reference's for artistic styles and objects (CharlesGong12/RECE
 README): lambda = 1e-3 (1e-1 for nudity), all keys and values. Where we differ: the solve is float64 (the reference
 inverts in float32), and the attack maps each probe prompt's embedding instead of the bare concept's alone.
 
+On SD3 and Flux (the reference is SD 1.x only) the edited projections are the transformer's text inputs that uce
+changes there: ``context_embedder`` reads every token row and ``time_text_embed.text_embedder.linear_1`` the pooled
+vector, so the token rows and the pooled vector each get their own map, solved the same way. The biases of those
+projections are unchanged by the edit and cancel from ``W' x + b = W c + b``.
+
 Against an erasure that leaves the keys and values as they are (LoRA on other layers, SAE interventions) the map is
 the identity up to lambda and the attack is the unattacked prompt: it is the natural attack on UCE/TIME-style edits,
 not a general one.
@@ -37,6 +42,7 @@ from .base import AttackResult, AttackTarget, register_attack
 __all__ = [
     "ReceEmbeddingConfig",
     "adversarial_map",
+    "layer_patterns",
     "projection_weights",
     "rece_adversary",
     "rece_embedding",
@@ -53,7 +59,8 @@ class ReceEmbeddingConfig:
     Attributes:
         regularization: lambda, the ridge towards the zero embedding (the reference's ``regular_scale``).
         layers: fnmatch patterns of the projections whose outputs the embedding restores (all cross-attention keys
-            and values).
+            and values; on SD3/Flux, which have none, the default means the transformer's text projections: see
+            :func:`layer_patterns`).
     """
 
     NUMBER_RANGES: ClassVar[dict[str, str]] = {"regularization": "> 0"}  # it keeps the solve invertible
@@ -68,6 +75,13 @@ class ReceEmbeddingConfig:
         check_number_fields(self)
         if not self.layers:
             raise ValueError("layers is empty: give at least one module-name pattern")
+
+
+def layer_patterns(wrapper: PipelineWrapper, config: ReceEmbeddingConfig) -> tuple[str, ...]:
+    """The projections the attack restores on ``wrapper``: ``config.layers``, where the default (UNet cross-attention
+    keys and values) stands for the pipeline's closed-form layers, which on SD3/Flux are the transformer's text
+    projections (``PipelineWrapper.closed_form_patterns``: what uce edits there)."""
+    return wrapper.closed_form_patterns() if tuple(config.layers) == CROSS_ATTENTION_PATTERNS else config.layers
 
 
 def projection_weights(wrapper: PipelineWrapper, patterns: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -117,24 +131,42 @@ def restored_share(
 @register_attack("rece_embedding", ReceEmbeddingConfig, "closed-form embedding restoring the keys/values", "embedding")
 def rece_embedding(target: AttackTarget, config: ReceEmbeddingConfig, seed: int) -> AttackResult:
     """Draw every probe from ``c* = M c``, ``c`` its embedding as the erased model encodes it (deterministic: the
-    seed is unused)."""
+    seed is unused); where some matched projections read the pooled vector (SD3/Flux), that vector is mapped by its
+    own ``M`` (one solve per kind of input: the token rows and the pooled vector differ in width and meaning)."""
     del seed
-    original = projection_weights(target.wrapper, config.layers)
+    patterns = layer_patterns(target.wrapper, config)
+    reads = {layer.name: layer.reads for layer in target.wrapper.cross_attention_layers(patterns)}
+    original = projection_weights(target.wrapper, patterns)
     with target.erased_model() as wrapper:
-        edited = projection_weights(wrapper, config.layers)
+        edited = projection_weights(wrapper, patterns)
         changed = sum(not torch.equal(original[n], edited[n]) for n in original)
-        m = adversarial_map(original, edited, config.regularization)
+        groups = {kind: sorted(n for n in original if reads[n] == kind) for kind in ("tokens", "pooled")}
+        maps = {kind: adversarial_map({n: original[n] for n in names}, {n: edited[n] for n in names},
+                                      config.regularization)
+                for kind, names in groups.items() if names}  # fmt: skip
         encoding = wrapper.encode_prompts([p.prompt for p in target.probes])
         c = encoding.embeddings.double().cpu()
-        c_star = c @ m.T
+        c_star = c @ maps["tokens"].T if "tokens" in maps else c
         encoding.embeddings = c_star.to(encoding.embeddings.device, encoding.embeddings.dtype)
+        pooled = pooled_star = None
+        if "pooled" in maps and encoding.pooled is not None:
+            pooled = encoding.pooled.double().cpu()
+            pooled_star = pooled @ maps["pooled"].T
+            encoding.pooled = pooled_star.to(encoding.pooled.device, encoding.pooled.dtype)
         images = target.generate(encoding, [p.seed for p in target.probes])
-    flat, flat_star = c.reshape(-1, c.shape[-1]), c_star.reshape(-1, c.shape[-1])
-    restored = restored_share(original, edited, flat, flat_star)
+    info = {"layers_matched": len(original), "layers_edited": changed}
+    for kind, (x, x_star) in {"tokens": (c, c_star), "pooled": (pooled, pooled_star)}.items():
+        if kind in maps and x is not None:
+            names = groups[kind]
+            flat, flat_star = x.reshape(-1, x.shape[-1]), x_star.reshape(-1, x.shape[-1])
+            share = restored_share({n: original[n] for n in names}, {n: edited[n] for n in names}, flat, flat_star)
+            suffix = "" if kind == "tokens" else "_pooled"
+            eye = torch.eye(maps[kind].shape[0], dtype=maps[kind].dtype)
+            info.update({f"restored_share{suffix}": share,
+                         f"map_distance_from_identity{suffix}": float((maps[kind] - eye).norm())})  # fmt: skip
+    restored = info.get("restored_share")
     logger.info("rece_embedding: %d of %d projections edited; restores %s of their change", changed, len(original),
                 "n/a" if restored is None else f"{restored:.1%}")  # fmt: skip
-    info = {"layers_matched": len(original), "layers_edited": changed, "restored_share": restored,
-            "map_distance_from_identity": float((m - torch.eye(m.shape[0], dtype=m.dtype)).norm())}  # fmt: skip
     return AttackResult("rece_embedding", {}, images, 0.0, embeddings=c_star.float(), info=info)
 
 

@@ -43,7 +43,15 @@ from pipelines import PipelineWrapper
 from pipelines.checks import check_number_fields
 
 from .adversaries import AdversaryProblem, register_adversary
-from .base import AttackResult, AttackTarget, attack_probes, register_attack, word_vocabulary
+from .base import (
+    TOKEN_ATTACK_ARCHITECTURES,
+    TOKEN_ATTACK_UNPORTED,
+    AttackResult,
+    AttackTarget,
+    attack_probes,
+    register_attack,
+    word_vocabulary,
+)
 
 __all__ = [
     "RingABellConfig",
@@ -210,7 +218,8 @@ def _check_prompt_search(target: AttackTarget, config: RingABellPromptConfig) ->
 
 @register_attack("ring_a_bell_prompt", RingABellPromptConfig,
                  "a written prompt whose embedding is the concept direction's (Ring-A-Bell's genetic search)",
-                 "prompt", check=_check_prompt_search)  # fmt: skip
+                 "prompt", check=_check_prompt_search, architectures=TOKEN_ATTACK_ARCHITECTURES,
+                 unported=TOKEN_ATTACK_UNPORTED)  # fmt: skip
 def ring_a_bell_prompt(target: AttackTarget, config: RingABellPromptConfig, seed: int) -> AttackResult:
     """Search the first ``config.searches`` probes' targets on the original model (white box), then draw every probe
     from a found prompt, as text, with the erased model."""

@@ -53,7 +53,14 @@ from tqdm.auto import tqdm
 from pipelines import PipelineWrapper, PromptEncoding
 from pipelines.checks import check_number_fields
 
-from .base import AttackResult, AttackTarget, register_attack, word_vocabulary
+from .base import (
+    TOKEN_ATTACK_ARCHITECTURES,
+    TOKEN_ATTACK_UNPORTED,
+    AttackResult,
+    AttackTarget,
+    register_attack,
+    word_vocabulary,
+)
 
 __all__ = [
     "NoiseTargets",
@@ -289,7 +296,8 @@ def _check_prefix_room(target: AttackTarget, config: UnlearnDiffAtkConfig) -> No
 
 
 @register_attack("unlearn_diff_atk", UnlearnDiffAtkConfig, "adversarial prefix tokens matching the original's noise",
-                 "prompt", check=_check_prefix_room)  # fmt: skip
+                 "prompt", check=_check_prefix_room, architectures=TOKEN_ATTACK_ARCHITECTURES,
+                 unported=TOKEN_ATTACK_UNPORTED)  # fmt: skip
 def unlearn_diff_atk(target: AttackTarget, config: UnlearnDiffAtkConfig, seed: int) -> AttackResult:
     """Optimise one prefix over ``optimisation_probes`` probes (chosen and initialised with ``seed``), then draw every
     probe from ``"<prefix> <probe prompt>"`` with the erased model."""
