@@ -333,17 +333,21 @@ def pool_seeds(seed: int, size: int, split: str = "train") -> list[int]:
 
 
 def load_pool(
-    seeds: Sequence[int], cache_dir: str | Path | None, workers: int, tag: str = "pool"
+    seeds: Sequence[int], cache_dir: str | Path | None, workers: int, tag: str = "pool", version: int | None = None
 ) -> tuple[np.ndarray, list[Any]]:
-    """Render the world images for ``seeds`` (multiprocess), cached as ``.npy`` + JSON labels in ``cache_dir``.
+    """Render the world images for ``seeds`` (multiprocess) in world ``version`` (default ``world.WORLD_VERSION``),
+    cached as ``.npy`` + JSON labels in ``cache_dir``.
 
-    The cache is keyed by the seed range, so a rerun (or the next stage in the same work dir) skips rendering.
-    Returns ``(uint8 images (N, 64, 64, 3), scenes)``.
+    The cache is keyed by the seed range (and the version, past 1), so a rerun (or the next stage in the same work
+    dir) skips rendering. A version-2 cache stores each scene's emblem (null when it has none) with its three other
+    labels. Returns ``(uint8 images (N, 64, 64, 3), scenes)``.
     """
     from evals.microworld import world  # late import: the world is only needed when a stage actually renders
 
     seeds = list(seeds)
-    key = f"{tag}-{seeds[0]}-{len(seeds)}"
+    version = world.WORLD_VERSION if version is None else version
+    emblems = version >= world.EMBLEM_VERSION
+    key = f"{tag}-{seeds[0]}-{len(seeds)}" + (f"-v{version}" if emblems else "")
     if cache_dir is not None:
         cache = Path(cache_dir)
         img_path, lab_path = cache / f"{key}.npy", cache / f"{key}.json"
@@ -353,11 +357,12 @@ def load_pool(
             if len(labels) == len(seeds) == len(images):
                 return images, [world.Scene(**lab) for lab in labels]
             logger.warning("pool cache %s is inconsistent; re-rendering", key)
-    images, scenes = world.render_dataset(seeds, workers=workers)
+    images, scenes = world.render_dataset(seeds, workers=workers, version=version)
     images = np.ascontiguousarray(images, dtype=np.uint8)
     if cache_dir is not None:
         atomic_save_npy(img_path, images)
-        atomic_write_json(lab_path, [s.labels() for s in scenes])
+        labels = [{**s.labels(), "emblem": s.emblem} if emblems else s.labels() for s in scenes]
+        atomic_write_json(lab_path, labels)
     return images, list(scenes)
 
 
