@@ -145,7 +145,7 @@ def test_judge_training_resumes_exactly(tmp_path) -> None:
         assert torch.equal(a, b), k
     assert set(fresh.metrics["heldout_accuracy_vae"]) == {"object", "colour", "style", "emblem"}
     assert "heldout_accuracy_with_badge" in fresh.metrics and "heldout_accuracy_vae_without_badge" in fresh.metrics
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match="of other settings"):
         train_judge(JudgeConfig(**{**config.to_dict(), "lr": 1e-3, "widths": (4, 8)}), seed=1, progress=False,
                     work_dir=tmp_path / "a", reconstruct=_darken)  # fmt: skip
     with pytest.raises(ValueError, match="reconstruct"):

@@ -38,6 +38,7 @@ __all__ = [
     "Judge",
     "JudgeConfig",
     "augment",
+    "check_judge_work",
     "degrade",
     "evaluate",
     "judge_classes",
@@ -378,6 +379,8 @@ def train_judge(
     t0 = time.perf_counter()
     work = None if work_dir is None else Path(work_dir)
     ckpt_dir = None if work is None else work / "judge"
+    if work is not None:
+        check_judge_work(work, config, seed)
     pool_seeds = range(config.seed_offset, config.seed_offset + config.pool_size)
     pool, scenes = load_pool(
         pool_seeds,
@@ -403,8 +406,6 @@ def train_judge(
     start = 0
     ckpt = None if ckpt_dir is None else load_checkpoint(ckpt_dir, opt, device=device)
     if ckpt is not None:
-        if ckpt.info.get("recipe") != _recipe(config) or ckpt.info.get("seed") != seed:
-            raise ValueError(f"{ckpt_dir} holds a judge trained with other settings: resume with them or use another")
         judge.load_state_dict(ckpt.tensors["model"])
         gen.set_state(ckpt.tensors["rng"]["state"].cpu())
         sched.load_state_dict(ckpt.info["scheduler"])
@@ -468,6 +469,20 @@ def train_judge(
         metrics.update(_heldout_metrics(judge, config, seed, reconstruct))
     judge.metrics = metrics
     return judge
+
+
+def check_judge_work(work_dir: str | Path, config: JudgeConfig, seed: int) -> None:
+    """ValueError in one line when ``work_dir`` holds a judge checkpoint of other settings (what ``train_judge``
+    would refuse after rendering its pool), so a script can refuse before any work."""
+    meta_path = Path(work_dir) / "judge" / "ckpt.json"
+    if not meta_path.is_file():
+        return
+    try:
+        info = json.loads(meta_path.read_text(encoding="utf-8")).get("info", {})
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"cannot read the judge checkpoint {meta_path} ({err}); delete {meta_path.parent}") from None
+    if info.get("recipe") != _recipe(config) or info.get("seed") != seed:
+        raise ValueError(f"{meta_path.parent} holds a judge of other settings: resume with them or use another --work")
 
 
 def _recipe(config: JudgeConfig) -> dict:

@@ -78,6 +78,7 @@ __all__ = [
     "export_micro",
     "declare_float32",
     "final_path",
+    "folder_vae_reconstructor",
     "import_micro",
     "load_final_clip",
     "load_final_unet",
@@ -765,11 +766,32 @@ def vae_reconstructor(
     file and the images (reconstructing 20k images takes minutes on a CPU; a resumed stage should not redo it)."""
     work_dir = Path(work_dir)
     vae = load_final_vae(work_dir, device)
-    vae_digest = hashlib.sha256(final_path(work_dir, "vae").read_bytes()).digest()
+    return _cached_reconstructor(vae, final_path(work_dir, "vae"), work_dir / "pool", device, progress)
+
+
+def folder_vae_reconstructor(
+    vae_folder: str | Path, cache_dir: str | Path | None, device: str | torch.device, progress: bool = False
+) -> Callable[[np.ndarray], np.ndarray]:
+    """:func:`vae_roundtrip` through a diffusers VAE folder (e.g. ``pipelines/micro/vae``), cached in ``cache_dir``
+    (when given) as :func:`vae_reconstructor` caches it (the judge trains on the shipped VAE's reconstructions)."""
+    vae_folder = Path(vae_folder)
+    weights = sorted(vae_folder.glob("*.safetensors"))
+    if not (vae_folder / "config.json").is_file() or not weights:
+        raise FileNotFoundError(f"{vae_folder} is not a diffusers VAE folder (config.json and *.safetensors)")
+    vae = AutoencoderKL.from_pretrained(vae_folder, dtype=torch.float32).to(device).eval()
+    return _cached_reconstructor(vae, weights[0], None if cache_dir is None else Path(cache_dir), device, progress)
+
+
+def _cached_reconstructor(
+    vae: AutoencoderKL, weights: Path, cache_dir: Path | None, device: str | torch.device, progress: bool
+) -> Callable[[np.ndarray], np.ndarray]:
+    vae_digest = hashlib.sha256(weights.read_bytes()).digest()
 
     def reconstruct(images: np.ndarray) -> np.ndarray:
+        if cache_dir is None:
+            return vae_roundtrip(vae, images, device, progress=progress)
         key = hashlib.sha256(vae_digest + np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
-        path = work_dir / "pool" / f"vae-recon-{len(images)}-{key}.npy"
+        path = cache_dir / f"vae-recon-{len(images)}-{key}.npy"
         if path.exists():
             recon = np.load(path, allow_pickle=False)
             if recon.shape == images.shape:
