@@ -328,9 +328,9 @@ def _on_uint8(images: np.ndarray | torch.Tensor, fn) -> torch.Tensor:
     return (fn(x) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def degrade(images: np.ndarray | torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def degrade(images: np.ndarray | torch.Tensor, generator: torch.Generator, mirror: bool = True) -> torch.Tensor:
     """:func:`augment` on uint8 images (N, 64, 64, 3), returning uint8 images as a generated PNG would store them."""
-    return _on_uint8(images, lambda x: augment(x, generator))
+    return _on_uint8(images, lambda x: augment(x, generator, mirror))
 
 
 def warp_images(images: np.ndarray | torch.Tensor, generator: torch.Generator, amplitude: float = 0.1) -> torch.Tensor:
@@ -498,7 +498,8 @@ def _heldout_metrics(
     held_seeds = range(HELDOUT_SEED_OFFSET, HELDOUT_SEED_OFFSET + config.eval_size)
     held, held_scenes = world.render_dataset(held_seeds, workers=config.render_workers, version=config.world_version)
     sets = {"heldout_accuracy": held}
-    sets["heldout_accuracy_augmented"] = degrade(held, torch.Generator().manual_seed(seed + 1)).numpy()
+    mirror = config.world_version < world.EMBLEM_VERSION
+    sets["heldout_accuracy_augmented"] = degrade(held, torch.Generator().manual_seed(seed + 1), mirror).numpy()
     if reconstruct is not None:
         sets["heldout_accuracy_vae"] = reconstruct(held)
     badge = np.array([s.emblem is not None for s in held_scenes])

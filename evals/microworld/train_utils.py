@@ -46,6 +46,7 @@ __all__ = [
     "SpeedMeter",
     "load_pool",
     "pool_seeds",
+    "replay_batch",
     "save_checkpoint",
     "step_generator",
     "step_rng",
@@ -364,6 +365,22 @@ def load_pool(
         labels = [{**s.labels(), "emblem": s.emblem} if emblems else s.labels() for s in scenes]
         atomic_write_json(lab_path, labels)
     return images, list(scenes)
+
+
+def replay_batch(
+    rng: np.random.Generator, has_emblem: np.ndarray, size: int, replay_share: float, replace: bool
+) -> np.ndarray:
+    """Pool indices of one version-2 batch: ``round(size * replay_share)`` scenes without an emblem (the replay of
+    the world the models know, docs/design/world-100.md) and the rest with one, each part drawn uniformly."""
+    if not 0.0 <= replay_share <= 1.0:
+        raise ValueError(f"replay_share must be in [0, 1], got {replay_share}")
+    n_free = round(size * replay_share)
+    parts = []
+    for pool, n in ((np.flatnonzero(~has_emblem), n_free), (np.flatnonzero(has_emblem), size - n_free)):
+        if n and (len(pool) == 0 or (not replace and len(pool) < n)):
+            raise ValueError(f"the pool has {len(pool)} scenes of a kind a batch needs {n} of: render a larger pool")
+        parts.append(pool[rng.choice(len(pool), size=n, replace=replace)] if n else pool[:0])
+    return np.concatenate(parts)
 
 
 def chunks(n: int, size: int) -> Iterable[slice]:
