@@ -358,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     stages = [s for s in STAGES if s in requested]  # always in pipeline order, whatever order they were named in
     if args.emblem_replay is not None and (args.world_version < 2 or not 0.0 <= args.emblem_replay <= 1.0):
         ap.error(f"--emblem-replay takes a share in [0, 1] with --world-version 2, got {args.emblem_replay}")
+    if args.world_version >= 2 and "clip" in stages and "export" in stages and "unet" not in stages:
+        ap.error("--world-version 2 trains the CLIP's text tower: the unet stage has to follow it before an export")
     if args.world_version >= 2 and "vae" in stages:
         ap.error("--world-version 2 keeps the VAE (a new one would send the UNet back to scratch): leave out the vae "
                  "stage and start from --init-from")  # fmt: skip
@@ -405,7 +407,11 @@ def main(argv: list[str] | None = None) -> int:
         elif stage == "unet":
             train_unet(p.unet, device=args.device, seed=args.seed, work_dir=args.work, progress=progress)
         elif stage == "export":
-            sd, clip = export_micro(args.work, args.out_sd, args.out_clip)
+            try:
+                sd, clip = export_micro(args.work, args.out_sd, args.out_clip)
+            except (ValueError, FileNotFoundError) as err:
+                print(f"train_micro.py: error: {err}", file=sys.stderr)
+                return 2
             for folder in (sd, clip):
                 size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
                 print(f"exported {folder}: {size / 1e6:.2f} MB", flush=True)

@@ -411,3 +411,24 @@ def test_import_continues_exported_models(work, tmp_path):
     other = save_micro_clip(CLIPModel(micro_clip_config(TINY_CLIP.arch)), tmp_path / "other")
     with pytest.raises(ValueError, match="not trained together"):
         import_micro(tmp_path / "b", sd, other)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--emblem-replay", "0.3"], "--emblem-replay takes a share"),
+        (["--world-version", "2", "--emblem-replay", "1.5", "--stages", "clip"], "--emblem-replay takes a share"),
+        (["--world-version", "2", "--stages", "vae,clip,unet"], "keeps the VAE"),
+        (["--world-version", "2", "--stages", "clip,export"], "the unet stage has to follow"),
+        (["--world-version", "3"], "invalid choice"),
+    ],
+)
+def test_train_micro_refuses_bad_world_version_options(argv, message, tmp_path, capsys):
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_micro.py"
+    main = runpy.run_path(str(script), run_name="train_micro_script")["main"]
+    with pytest.raises(SystemExit) as refused:
+        main([*argv, "--work", str(tmp_path / "work")])
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
