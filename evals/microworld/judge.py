@@ -225,6 +225,7 @@ class Judge(nn.Module):
         payload = json.loads((path / "config.json").read_text(encoding="utf-8"))
         cfg = payload["config"]
         cfg["widths"] = tuple(cfg["widths"])
+        cfg.setdefault("world_version", 1)  # a config without it was written before version 2 existed
         judge = cls(JudgeConfig(**cfg), metrics=payload.get("metrics"))
         current = judge_classes(judge.config.world_version)
         if judge.config.classes != current:
