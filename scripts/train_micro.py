@@ -42,6 +42,7 @@ from evals.microworld.training import (  # noqa: E402
     Preset,
     evaluate_micro,
     export_micro,
+    final_metadata,
     import_micro,
     preset,
     save_final_clip,
@@ -383,6 +384,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             import_micro(args.work, *sources)
             print(f"imported {sources[0]} and {sources[1]} into {args.work}", flush=True)
+    if "unet" in stages and "clip" not in stages:
+        try:  # before rendering and encoding the pool
+            clip_version = final_metadata(args.work, "clip")["world_version"]
+        except FileNotFoundError:
+            clip_version = None
+        if clip_version not in (None, args.world_version):
+            ap.error(f"{args.work}'s CLIP is of world version {clip_version}: run its clip stage with "
+                     f"--world-version {args.world_version} before the unet stage")  # fmt: skip
     for stage in stages:
         t = time.perf_counter()
         print(f"== stage {stage}", flush=True)

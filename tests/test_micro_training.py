@@ -137,6 +137,8 @@ def test_version_2_clip_unet_and_export(work, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
+    with pytest.raises(ValueError, match="world version 1"):  # a version-2 UNet on a version-1 text tower
+        train_unet(dataclasses.replace(TINY_UNET, world_version=2), device="cpu", seed=0, work_dir=work)
     w2 = tmp_path / "v2"
     (w2 / "final").mkdir(parents=True)
     shutil.copy(final_path(work, "vae"), final_path(w2, "vae"))

@@ -79,6 +79,7 @@ __all__ = [
     "evaluate_micro",
     "export_micro",
     "declare_float32",
+    "final_metadata",
     "final_path",
     "folder_vae_reconstructor",
     "text_tower_digest",
@@ -456,6 +457,12 @@ def train_unet(
     device = torch.device(device)
     work_dir = Path(work_dir)
     ckpt_dir = work_dir / "unet"
+    clip_version = final_metadata(work_dir, "clip")["world_version"]
+    if clip_version != config.world_version:
+        raise ValueError(
+            f"{work_dir}'s CLIP was trained on world version {clip_version}: a UNet of version {config.world_version} "
+            "reads a text tower of its own version (run the clip stage first)"
+        )
     clip, _ = load_final_clip(work_dir, device)
     text_encoder = _text_encoder_from_clip(clip)
     text_digest = text_tower_digest(clip)
@@ -636,17 +643,21 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old)
 
 
+def final_metadata(work_dir: str | Path, stage: str) -> dict[str, Any]:
+    """The JSON metadata of a stage's hand-over file (``world_version`` 1 when it does not record one)."""
+    path = final_path(work_dir, stage)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the {stage} stage first")
+    with safe_open(str(path), framework="pt") as f:
+        return {"world_version": 1} | {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+
+
 def _check_pairing(work_dir: str | Path, clip: CLIPModel) -> int:
     """The world version of ``work_dir``'s final CLIP and UNet; ValueError unless they share it and, for version 2,
     the UNet was trained on this text tower (the clip stage of version 2 retrains it; the unet stage must follow)."""
-    with safe_open(str(final_path(work_dir, "clip")), framework="pt") as f:
-        clip_version = json.loads((f.metadata() or {}).get("world_version", "1"))
-    path = final_path(work_dir, "unet")
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run the unet stage first")
-    with safe_open(str(path), framework="pt") as f:
-        unet_meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-    unet_version = unet_meta.get("world_version", 1)
+    clip_version = final_metadata(work_dir, "clip")["world_version"]
+    unet_meta = final_metadata(work_dir, "unet")
+    unet_version = unet_meta["world_version"]
     if clip_version != unet_version:
         raise ValueError(
             f"{work_dir}'s CLIP is of world version {clip_version} and its UNet of version {unet_version}: "
