@@ -244,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     summary.extra["load_seconds"] = load_seconds
     if args.json:
         print(summary.to_json())
+        for warning in summary.warnings:  # in the JSON too; said where a person reads it
+            print(f"warning: {warning}", file=sys.stderr)
     else:
         print_summary(summary)
     return 0

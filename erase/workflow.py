@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 
 from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
 from pipelines.files import claim_folder, png_bytes
+from pipelines.hub import HubUnreachableError
 
 from .core.artifact import ErasureArtifact, check_artifact_base, load_artifact, save_artifact
 from .core.inputs import (
@@ -48,6 +50,7 @@ __all__ = [
     "edit_size_warnings",
     "erasure_settings",
     "load_check_scorer",
+    "micro_world_name",
     "preserve_set",
     "reconstruction_check",
     "run_erase",
@@ -85,6 +88,38 @@ def _world_name(name: str) -> str | None:
     from evals.probes import world_concept
 
     return world_concept(name)
+
+
+#: How alike (``difflib``'s ratio) a name outside the micro world must be to a world name to read as a misspelling
+#: of it: "van gohg", "vangogh", "monnet", "circles" do; "a dog", "dark red", "box" against "fox" do not.
+NEAR_NAME_RATIO = 0.8
+
+
+def micro_world_name(name: str, what: str, *, outside: str | None) -> str | None:
+    """The micro-world name ``name`` stands for (read as the tokenizer reads it: ``evals.probes.world_concept``).
+
+    A name that is none but nearly spells one (``NEAR_NAME_RATIO``: "van gohg") is a ``ValueError`` in one line
+    listing the near world names, ``outside`` saying what else the user can do; so is any other name when
+    ``outside`` is ``None`` (only world concepts will do), while with ``outside`` given it is ``None`` (the caller
+    takes it as it is: the check probes "a dog" generically)."""
+    import difflib
+
+    from evals.microworld import world
+
+    found = _world_name(name)
+    if found is not None:
+        return found
+    known = [n for cat in world.CATEGORIES for c in world.concepts(cat) for n in world.all_names(c)]
+    spaced = " ".join(re.sub(r"[-_]+", " ", concept_key(name)).split())  # as world_concept reads it
+    bare = re.sub(r"^(a|an|the) ", "", spaced)
+    near = difflib.get_close_matches(bare, known, n=3, cutoff=NEAR_NAME_RATIO)
+    if near:
+        suffix = f" ({outside})" if outside else ""
+        raise ValueError(f"{what} {name!r} is no micro-world name; near ones: {', '.join(map(repr, near))}{suffix}")
+    if outside is None:
+        names = ", ".join(c for cat in world.CATEGORIES for c in world.concepts(cat))
+        raise ValueError(f"{what} {name!r} is no micro-world name; the world's concepts: {names}")
+    return None
 
 
 @dataclass
@@ -128,6 +163,8 @@ def load_check_scorer(wrapper: PipelineWrapper, scorer: str | None) -> tuple[str
 
     try:
         name, clip, _ = load_scoring(wrapper.model_id, scorer, judge=False, device=wrapper.device)
+    except HubUnreachableError as err:  # its line already says what to pass instead
+        raise HubUnreachableError(f"{error_line(err)} (the check needs it: --no-check skips the check)") from None
     except ValueError as err:
         raise ValueError(
             f"{error_line(err)}; the check needs it: pass --no-check to skip the check, or --scorer with a local CLIP "
@@ -149,12 +186,16 @@ def check_probes(
 
     Decided before any edit, for any concept a user can write: on the micro world a target that names a world
     concept in any spelling (``evals.probes.world_concept``) gets world probes, judged in its category; any other
-    ("a dog") gets generic probes, judged among the other such targets and the preserved world concepts.
+    ("a dog") gets generic probes, judged among the other such targets and the preserved world concepts; a name that
+    nearly spells a world name ("van gohg") is refused with the near names, before any work.
     """
     from evals.microworld import world
     from evals.probes import generic_probes, world_labels, world_probes
 
     if wrapper.world_file is not None:
+        for names, what in ((targets, "concept to erase"), (preserve, "preserved concept")):
+            for name in names:  # a near miss of a world name is refused here, before any work
+                micro_world_name(name, what, outside="use one, or give --no-check to erase the text as written")
         per_target = max(1, images_per_group // max(1, len(targets)))
         named = [_world_name(t) for t in targets]
         outside = [t for t, n in zip(targets, named, strict=True) if n is None]
@@ -410,11 +451,12 @@ def edit_size_warnings(relative_change: dict[str, float], limit: float = 1.0) ->
     large = {name: r for name, r in relative_change.items() if not r <= limit}
     if not large:
         return []
-    worst = max(large.values(), key=lambda r: r if r == r else float("inf"))
+    ordered = sorted(relative_change.values(), key=lambda r: r if r == r else float("inf"))
+    median, worst = ordered[len(ordered) // 2], ordered[-1]
     return [
-        f"the edit is larger than the weights in {len(large)} of {len(relative_change)} layers (up to {worst:.0%} of "
-        "a layer's norm): expect the model to change beyond the concepts; erase fewer concepts at once, or raise "
-        "lamb / lower the learning rate"
+        f"the edit is larger than the weights in {len(large)} of {len(relative_change)} layers (median {median:.0%}, "
+        f"up to {worst:.0%} of a layer's norm): expect the model to change beyond the concepts; erase fewer concepts "
+        "at once, or raise lamb / lower the learning rate"
     ]
 
 

@@ -49,6 +49,9 @@ __all__ = [
 #: The scorer of models that ship none (needs the hub once, then its cache).
 DEFAULT_HUB_SCORER = "open_clip:ViT-L-14/openai"
 
+#: What a script's user passes instead of a hub-served scorer, to work without the hub.
+SCORER_INSTEAD = "--scorer with a local CLIP folder"
+
 logger = logging.getLogger(__name__)
 
 #: What the scorer accepts as images: a sequence of PIL images (any mode, converted to RGB) or of ``(H, W, 3)`` arrays,
@@ -300,21 +303,21 @@ def _check_open_clip_download(model_name: str, pretrained: str | None) -> None:
     """``HubUnreachableError`` in one line, within seconds, when a pretrained tag's weights must come from the hub
     and it cannot be reached (:func:`pipelines.hub.hub_unreachable`): open_clip itself would retry the download
     several times with growing waits. Weights already cached load with ``HF_HUB_OFFLINE=1``, which open_clip's
-    downloads honour (nothing is checked then); without it they are tried online first, so the error then names
-    that setting."""
+    downloads honour; without it they are tried online first, so the error then names that setting. In offline mode
+    weights that are not cached are the same one line (open_clip's own error asks to check the connection)."""
     import open_clip
 
     if pretrained is None:
         return
     hub_file = open_clip.get_pretrained_cfg(model_name, pretrained).get("hf_hub", "")
-    if not hub_file or hub_offline():
-        return  # a local file or a tag open_clip does not know; offline, open_clip reads its cache without waiting
-    reason = hub_unreachable()
-    if reason is None:
-        return
+    if not hub_file:
+        return  # a local file or a tag open_clip does not know
     repo_id, filename = os.path.split(hub_file)
     cached = _open_clip_cached(repo_id, filename or "open_clip_pytorch_model.bin")
-    raise hub_error(f"the CLIP scorer 'open_clip:{model_name}/{pretrained}'", reason, cached=cached)
+    reason = None if hub_offline() else hub_unreachable()
+    if (hub_offline() and not cached) or reason is not None:
+        what = f"the CLIP scorer 'open_clip:{model_name}/{pretrained}'"
+        raise hub_error(what, reason, cached=cached, instead=SCORER_INSTEAD)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from .microworld import world
-from .probes import PROMPT_FORMS, check_forms, form_prompt
+from .probes import PROMPT_FORMS, check_forms, form_prompt, world_concept
 
 __all__ = [
     "COLUMNS",
@@ -275,10 +275,10 @@ def world_suite(
         raise SuiteError(str(err)) from None
     canon: list[str] = []
     for name in targets:
-        try:
-            concept = world.canonical(name)
-        except ValueError:
-            raise SuiteError(f"{name!r} is not a micro-world concept; the world suite audits world concepts") from None
+        read = world_concept(name)  # any spelling erase.py's check takes for a world concept ("a circle")
+        if read is None:
+            raise SuiteError(f"{name!r} is not a micro-world concept; the world suite audits world concepts")
+        concept = world.canonical(read)
         if concept not in canon:
             canon.append(concept)
     rows: list[SuiteRow] = []

@@ -4,6 +4,9 @@ loads (``pipelines`` loads its torch modules on first use), the method and attac
 Every number a user can set goes through :func:`check_number`: a real number, never a bool (JSON's ``true`` is not
 1 here), finite, an integer where one is asked for, and inside its range. A config states its ranges once, as
 ``NUMBER_RANGES`` (field -> range), and :func:`check_number_fields` checks every number field of it, ranged or not.
+Every text setting is a string, every list of texts a list of strings (:func:`check_text_fields`): ``--set
+layers=attn2`` is one text where a list is asked, not five one-letter patterns. :func:`check_config_fields` checks
+both kinds; the shared paths that build a config from user settings call it, so every config gets it.
 """
 
 from __future__ import annotations
@@ -14,12 +17,15 @@ import re
 from collections.abc import Mapping
 
 __all__ = [
+    "check_config_fields",
     "check_number",
     "check_number_fields",
     "check_number_values",
     "check_option_minimums",
+    "check_text_fields",
     "error_line",
     "number_kind",
+    "text_kind",
 ]
 
 #: A range as configs write it: ``"> 0"``, ``">= 1"``, ``"< 0"``, ``"<= 0"``, or an interval ``"(0, 1]"``.
@@ -119,6 +125,47 @@ def check_number_fields(config: object, ranges: Mapping[str, str] | None = None)
                 check_number(f"{name}[{i}]", item, spec, integer=kind[0] == "int[]")
         else:
             check_number(name, value, spec, integer=kind[0] == "int", optional=kind[1])
+
+
+def text_kind(annotation: object) -> tuple[str, bool] | None:
+    """What a dataclass field's annotation asks for when it is text: ``("str" | "str[]", optional)`` for ``str`` or
+    a tuple of them (``| None``), or ``None`` for anything else."""
+    text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    parts = set(text.replace("typing.", "").replace(" ", "").split("|"))
+    optional = "None" in parts
+    parts -= {"None"}
+    if parts == {"str"}:
+        return "str", optional
+    if len(parts) == 1 and parts.pop() in ("tuple[str,...]", "Sequence[str]", "list[str]"):
+        return "str[]", optional
+    return None
+
+
+def check_text_fields(config: object, values: Mapping[str, object] | None = None) -> None:
+    """``ValueError`` naming the first text field of the dataclass ``config`` that is not a string, or list field
+    that is not a list of strings (``None`` where the annotation allows it). ``values``: the settings about to build
+    ``config`` (a class), checked before its ``__post_init__`` reads them; default: the instance's own fields."""
+    for f in dataclasses.fields(config):
+        kind = text_kind(f.type)
+        if kind is None or (values is not None and f.name not in values):
+            continue
+        value = getattr(config, f.name) if values is None else values[f.name]
+        if kind[1] and value is None:
+            continue
+        none = " or null" if kind[1] else ""
+        if kind[0] == "str" and not isinstance(value, str):
+            raise ValueError(f"{f.name} must be a text{none}, got {value!r}")
+        if kind[0] == "str[]" and (not isinstance(value, tuple | list) or not all(isinstance(v, str) for v in value)):
+            example = f' (a JSON list: {f.name}=["{value}"])' if isinstance(value, str) else ""
+            raise ValueError(f"{f.name} must be a list of texts{none}{example}, got {value!r}")
+
+
+def check_config_fields(config: object) -> None:
+    """Every number, switch and text of the dataclass ``config`` (:func:`check_number_fields`,
+    :func:`check_text_fields`): what the shared paths from user settings to a config ask of every config, whatever
+    its own ``__post_init__`` checks."""
+    check_number_fields(config)
+    check_text_fields(config)
 
 
 def check_number_values(values: Mapping[str, object], ranges: Mapping[str, str], where: str) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 from PIL import Image
 
 __all__ = [
+    "DIGEST_KEY",
     "DamagedCheckpointError",
     "FolderInUseError",
     "WriteError",
@@ -40,6 +41,7 @@ __all__ = [
     "claim_folder",
     "damaged_checkpoint",
     "file_sha256",
+    "folder_name",
     "move_into_place",
     "png_bytes",
     "process_alive",
@@ -47,6 +49,7 @@ __all__ = [
     "read_safetensors_metadata",
     "read_tensors",
     "remove_stale_temporaries",
+    "safetensors_digest",
     "slug",
     "sync_to_disk",
     "temporary_sibling",
@@ -179,22 +182,25 @@ def _exists(path: Path) -> bool:
     return True
 
 
+#: Room left under the system's path limit for what a written folder holds (an artifact's ``pipeline/`` export).
+_CONTENT_ROOM = 128
+
+
 def check_name_lengths(path: str | Path, entries: tuple[str, ...] = (), *, temporary: bool = True) -> None:
     """``WriteError`` (ENAMETOOLONG) when a name a write to ``path`` will create is longer than its file system
     allows: each component of ``path`` that does not exist yet, the temporary sibling of its last (``temporary``:
     ``path`` itself is written atomically), and the temporary sibling of each of ``entries`` (names that will be
-    written inside ``path``). Checked before any work."""
+    written inside ``path``); or when the whole path of one of those, with ``_CONTENT_ROOM`` to spare, is longer than
+    the system's path limit. Checked before any work."""
     path = Path(os.path.abspath(path))
     existing = path
     while not _exists(existing) and existing.parent != existing:
         existing = existing.parent
-    try:
-        limit = os.pathconf(existing if existing.is_dir() else existing.parent, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        limit = 255
+    where = existing if existing.is_dir() else existing.parent
     names = [p.name for p in [path, *path.parents] if p != existing and existing in p.parents]
     names += [temporary_sibling(path).name] if temporary else []
     names += [temporary_sibling(path / e).name for e in entries]
+    limit = _path_setting(where, "PC_NAME_MAX", 255)
     for name in names:
         if len(os.fsencode(name)) > limit:
             shown = name if len(name) <= 40 else f"{name[:20]}...{name[-12:]}"
@@ -203,6 +209,23 @@ def check_name_lengths(path: str | Path, entries: tuple[str, ...] = (), *, tempo
                 f"the name {shown!r} ({len(os.fsencode(name))} bytes) is longer than this file system allows "
                 f"({limit}): {write_failure_reason(errno.ENAMETOOLONG)}",
             )  # fmt: skip
+    written = [path.parent / temporary_sibling(path).name if temporary else path]
+    written += [path / temporary_sibling(path / e).name for e in entries]
+    longest = max(len(os.fsencode(p)) for p in written) + _CONTENT_ROOM
+    path_limit = _path_setting(where, "PC_PATH_MAX", 4096) - 1  # the limit counts the terminating NUL
+    if longest > path_limit:
+        raise WriteError(
+            path, errno.ENAMETOOLONG,
+            f"its path ({len(os.fsencode(path))} bytes, {longest} with what is written in it) is longer than this "
+            f"system allows ({path_limit}): {write_failure_reason(errno.ENAMETOOLONG)}",
+        )  # fmt: skip
+
+
+def _path_setting(folder: Path, name: str, default: int) -> int:
+    try:
+        return os.pathconf(folder, name)
+    except (OSError, ValueError):
+        return default
 
 
 def sync_to_disk(path: Path) -> None:
@@ -343,12 +366,39 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def atomic_save_safetensors(tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Atomically save a flat tensor dict as safetensors (contiguous CPU copies, so views and GPU tensors work)."""
+#: The safetensors header entry holding :func:`safetensors_digest` of a file's tensors and other header entries:
+#: files erase writes and reads back itself (training checkpoints, caches), so that a changed number is found when
+#: the file is read, not only a truncated file.
+DIGEST_KEY = "erase_digest"
+
+
+def safetensors_digest(tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> str:
+    """sha256 of every tensor (name, dtype, shape, bytes) and every header entry but :data:`DIGEST_KEY`, in name
+    order."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"tensor\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    for key in sorted(set(metadata or {}) - {DIGEST_KEY}):
+        digest.update(f"meta\0{key}\0{metadata[key]}\0".encode())
+    return digest.hexdigest()
+
+
+def atomic_save_safetensors(
+    tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None, *, digest: bool = False
+) -> None:
+    """Atomically save a flat tensor dict as safetensors (contiguous CPU copies, so views and GPU tensors work);
+    ``digest`` adds :func:`safetensors_digest` to the header, which ``read_tensors(..., digest=True)`` checks."""
     from safetensors.torch import save_file
 
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    if digest:
+        metadata = {**(metadata or {}), DIGEST_KEY: safetensors_digest(tensors, metadata)}
     with atomic_output(path) as tmp:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -358,6 +408,25 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+#: Folder names stay well under file systems' 255-byte limit, leaving room for suffixes and temporaries.
+FOLDER_NAME_LENGTH = 60
+
+
+def folder_name(text: str) -> str:
+    """A file-name-safe folder name, distinct for distinct ``text`` (concepts, table rows).
+
+    The plain slug (``a-z``, ``0-9``, single hyphens) when it spells ``text`` with spaces as hyphens and is short
+    enough (``van gogh`` -> ``van-gogh``); otherwise the slug cut short, ``_`` and 16 hex digits of the sha256 of
+    ``text`` (``van-gogh`` -> ``van-gogh_b0bf...``). A slug holds no ``_``, so no text's plain name is another's
+    hashed one.
+    """
+    plain = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    if plain and plain.replace("-", " ") == text and len(plain) <= FOLDER_NAME_LENGTH:
+        return plain
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return f"{plain[: FOLDER_NAME_LENGTH - 17].rstrip('-') or 'x'}_{digest}"
 
 
 def slug(text: str) -> str:
@@ -376,19 +445,26 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     return found
 
 
-def read_tensors(path: str | Path) -> dict[str, Any]:
+def read_tensors(path: str | Path, *, digest: bool = False) -> dict[str, Any]:
     """The tensors of a safetensors file, every floating-point one finite; ``ValueError`` in one line naming the file
-    when it is not a regular file (a FIFO would block), unreadable, or holds NaN or infinite values."""
+    when it is not a regular file (a FIFO would block), unreadable, or holds NaN or infinite values. ``digest``: the
+    file must also hold the :func:`safetensors_digest` of what it holds (written by ``atomic_save_safetensors(...,
+    digest=True)``), and match it."""
     import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
 
     if not Path(path).is_file():
         raise ValueError(f"cannot read {path}: not a regular file")
     try:
-        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no iteration
     except (OSError, SafetensorError) as err:
         raise ValueError(f"cannot read {path}: {err}") from None
+    if digest and DIGEST_KEY not in metadata:
+        raise ValueError(f"{path} records no digest of its contents (written by another version, or changed)")
+    if digest and metadata[DIGEST_KEY] != safetensors_digest(tensors, metadata):
+        raise ValueError(f"{path} does not match the digest in its header: the file was changed")
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ValueError(f"{path}: {name} holds NaN or infinite values")
@@ -415,7 +491,7 @@ def damaged_checkpoint(path: str | Path, why: BaseException | str) -> DamagedChe
     if isinstance(why, KeyError):
         why = f"{why.args[0] if why.args else 'an entry'} is missing"
     why = (str(why).strip().splitlines() or [type(why).__name__])[0]
-    why = why.removeprefix(f"cannot read {path}: ").removeprefix(f"{path}: ")
+    why = why.removeprefix(f"cannot read {path}: ").removeprefix(f"{path}: ").removeprefix(f"{path} ")
     return DamagedCheckpointError(
         f"the checkpoint file {path} is damaged ({why}); rerun with --restart (restart=True) to start afresh, "
         "which deletes this run's checkpoints and nothing else"
@@ -430,23 +506,24 @@ def claim_path(folder: Path) -> Path:
 
 
 @contextlib.contextmanager
-def claim_folder(folder: str | Path) -> Iterator[Path]:
+def claim_folder(folder: str | Path, option: str = "--out") -> Iterator[Path]:
     """Hold ``folder`` for this run: an exclusive ``flock`` on its sibling lock file (:func:`claim_path`), taken
     without waiting, so a second run to the same folder fails at once (:class:`FolderInUseError`, one line naming the
-    holder's process). Released, and the lock file removed, on exit.
+    holder's process, and ``option``, the setting that names the folder). Released, and the lock file removed, on
+    exit.
 
     The kernel drops the lock of a process that dies, so a claim left by a killed run is taken over, never stale.
     Locks are per open file: two claims on one folder conflict in one process too. The lock file is checked to still
     be the one at the path after locking (its previous holder may have removed it in between), else taken again.
     """
     folder = Path(os.path.abspath(Path(folder).expanduser()))
-    if folder.is_symlink():
-        folder = folder.resolve()
-    lock = claim_path(folder)
     try:
+        if folder.is_symlink():  # a name too long to exist raises here
+            folder = folder.resolve()
+        lock = claim_path(folder)
         lock.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise write_error(lock.parent, err) from err
+        raise write_error(folder, err) from err
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
@@ -459,7 +536,7 @@ def claim_folder(folder: str | Path) -> Iterator[Path]:
             os.close(fd)
             who = f"process {holder}" if holder.isdigit() else "another process"
             raise FolderInUseError(
-                f"{folder} is being written by another run ({who}); wait for it to end or choose another --out"
+                f"{folder} is being written by another run ({who}); wait for it to end or choose another {option}"
             ) from None
         except OSError as err:
             os.close(fd)

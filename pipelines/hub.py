@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 __all__ = [
     "HUB_TIMEOUT_S",
-    "OFFLINE_HINT",
+    "MODEL_INSTEAD",
     "HubUnreachableError",
     "hub_error",
     "hub_offline",
@@ -33,10 +33,8 @@ T = TypeVar("T")
 #: Seconds the hub's endpoint has to accept a connection (name lookup included) before it counts as unreachable.
 HUB_TIMEOUT_S: float = 3.0
 
-#: The ways to work without the hub, as a script's user takes them.
-OFFLINE_HINT = (
-    "to work offline, pass a local folder or --model micro, or set HF_HUB_OFFLINE=1 once the files are cached"
-)
+#: What a script's user passes instead of a hub id of a model, to work without the hub.
+MODEL_INSTEAD = "a local folder or --model micro"
 
 
 class HubUnreachableError(ValueError):
@@ -100,19 +98,25 @@ def hub_unreachable(timeout: float = HUB_TIMEOUT_S) -> str | None:
     return None if error is None else f"{host}:{port}: {error}"
 
 
-def hub_error(what: str, reason: str | None, *, cached: bool = False) -> HubUnreachableError:
+def hub_error(
+    what: str, reason: str | None, *, cached: bool = False, instead: str = MODEL_INSTEAD
+) -> HubUnreachableError:
     """The one-line error for ``what`` (e.g. ``"model 'org/name'"``) when the hub cannot serve it: ``reason`` from
     :func:`hub_unreachable`, or ``None`` for offline mode. ``cached``: the files are in the local cache but the
-    loader cannot read them without trying the network first (open_clip), so offline mode is the way to use them."""
+    loader cannot read them without trying the network first (open_clip), so offline mode is the way to use them.
+    ``instead``: what the user can pass in its place (a model's local folder, a scorer's)."""
     if reason is None:
         return HubUnreachableError(
             f"{what} is not in the local cache and HF_HUB_OFFLINE is set (no downloads): download it once with "
-            "HF_HUB_OFFLINE unset and the network on, or pass a local folder or --model micro"
+            f"HF_HUB_OFFLINE unset and the network on, or pass {instead}"
         )
     head = f"no network: the model hub {_endpoint()} cannot be reached ({reason})"
     if cached:
         return HubUnreachableError(f"{head}; {what} is in the local cache: set HF_HUB_OFFLINE=1 to use it offline")
-    return HubUnreachableError(f"{head} and {what} is not (fully) in the local cache; {OFFLINE_HINT}")
+    return HubUnreachableError(
+        f"{head} and {what} is not (fully) in the local cache; to work offline, pass {instead}, or set "
+        "HF_HUB_OFFLINE=1 once the files are cached"
+    )
 
 
 def load_from_hub(what: str, load: Callable[[bool], T], *, timeout: float = HUB_TIMEOUT_S) -> T:

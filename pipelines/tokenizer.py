@@ -13,7 +13,6 @@ compared (duplicates, a guide equal to its concept), looked up in the micro worl
 from __future__ import annotations
 
 import gzip
-import hashlib
 import html
 import importlib.resources
 import re
@@ -118,23 +117,13 @@ def concept_text(text: str) -> str:
     return unicodedata.normalize("NFKC", text)
 
 
-#: Folder names stay well under file systems' 255-byte limit, leaving room for suffixes and temporaries.
-_FOLDER_LENGTH = 60
-
-
 def concept_folder(text: str) -> str:
-    """A file-name-safe folder name for a concept, distinct for distinct :func:`concept_text` readings.
+    """A file-name-safe folder name for a concept, distinct for distinct :func:`concept_text` readings: the
+    reading's :func:`pipelines.files.folder_name` (``van gogh`` -> ``van-gogh``; ``van-gogh``, emoji or a long
+    reading get a hash of the reading)."""
+    from .files import folder_name
 
-    The plain slug (``van gogh`` -> ``van-gogh``) when it spells the reading exactly (only ``a-z``, ``0-9`` and
-    single spaces, short enough); otherwise the slug, or ``concept``, plus 8 hex digits of the reading's sha256
-    (``van-gogh`` -> ``van-gogh-1f0e...``; two emoji get two folders).
-    """
-    reading = concept_text(text)
-    slug = re.sub(r"[^a-z0-9]+", "-", reading).strip("-")
-    if slug.replace("-", " ") == reading and len(slug) <= _FOLDER_LENGTH:
-        return slug
-    digest = hashlib.sha256(reading.encode()).hexdigest()[:8]
-    return f"{slug[: _FOLDER_LENGTH - 9] or 'concept'}-{digest}"
+    return folder_name(concept_text(text))
 
 
 #: T5's special pieces and their ids (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2), as in every T5 checkpoint.

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 
 import erase  # noqa: E402
 from erase.core.inputs import PRESERVE_SETS, check_option_minimums, error_line, parse_config_overrides  # noqa: E402
-from erase.workflow import erasure_settings  # noqa: E402
+from erase.workflow import erasure_settings, micro_world_name  # noqa: E402
 from evals.attacks import THREAT_MODELS, AttackTarget, attack_probes, parse_budget, resolve_attacks  # noqa: E402
 from evals.attacks.suite import (  # noqa: E402
     check_suite_folder,
@@ -53,7 +53,7 @@ from evals.probes import (  # noqa: E402
 )
 from evals.scorer import load_scoring  # noqa: E402
 from pipelines import ModelNotFoundError, load_pipeline, set_library_verbosity  # noqa: E402
-from pipelines.files import atomic_write_json, slug  # noqa: E402
+from pipelines.files import atomic_write_json, folder_name  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_option_minimums(args, {"images": 1})
         budget = parse_budget(args.budget)
-        world.canonical(args.concept)  # the table is the micro world's: a concept outside it has no probes
+        # the table is the micro world's: a concept outside it has no probes; a world name in any spelling will do
+        args.concept = micro_world_name(args.concept, "--concept", outside=None)
         methods = [erase.get_method(m).name for m in args.method or erase.available_methods()]
         attacks = resolve_attacks(args.attack or ["all"])
         overrides = parse_config_overrides(args.set)
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         suffix += "".join([*([f" x{budget:g} budget"] if budget != 1 else []),
                            *([f" ({args.split} seeds)"] if args.split != "report" else [])])  # fmt: skip
         for method in methods:
-            check_suite_folder(os.path.join(args.out, slug(method + suffix)), [args.concept], budget)
+            check_suite_folder(os.path.join(args.out, folder_name(method + suffix)), [args.concept], budget)
         wrapper = load_pipeline("micro")
         probes = attack_probes(args.concept, args.images, args.seed, split=args.split)
         # every attack is checked against the model before the first erasure (their checks read the model alone)
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             erasure = {"method": method, "config": artifact.config}
             if spec.preserve:
                 erasure["preserve"] = list(spec.preserve)
-            summary = run_attack_suite(target, attacks, os.path.join(args.out, slug(name)), scorer=scorer,
+            summary = run_attack_suite(target, attacks, os.path.join(args.out, folder_name(name)), scorer=scorer,
                                        judge=judge, seed=args.seed, erasure=erasure, budget=budget,
                                        split=args.split)  # fmt: skip
             entry = table.get(name, {})

@@ -44,7 +44,7 @@ from erase.core.inputs import (  # noqa: E402
     error_line,
     parse_config_overrides,
 )
-from erase.workflow import erasure_settings  # noqa: E402
+from erase.workflow import erasure_settings, micro_world_name  # noqa: E402
 from evals.metrics import wilson_interval  # noqa: E402
 from evals.microworld import world  # noqa: E402
 from evals.probes import (  # noqa: E402
@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         check_option_minimums(args, {"images": 1, "batch_size": 1})
         for concept in args.concept:
             check_concept_text(concept, "concept to erase")
-            world.canonical(concept)  # a concept outside the world has no probes to measure
+        # a concept outside the world has no probes to measure; a world name in any spelling will do
+        args.concept = [micro_world_name(c, "concept to erase", outside=None) for c in args.concept]
         if args.json:
             check_writable_file(args.json)
         device = resolve_device(args.device)

@@ -20,6 +20,7 @@ Prompts: 'world' (the micro world's captions, --prompt-count of them) or a text 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -87,8 +88,14 @@ def read_prompts(source: str, count: int, seed: int) -> list[str]:
 
 
 def sae_folder(out: str, model_id: str, hook: str) -> Path:
-    name = Path(model_id).name if os.sep in model_id else model_id
-    return Path(out) / re.sub(r"[^A-Za-z0-9_.=-]+", "-", f"{name}-{hook}")
+    """``OUT/<model>-<hook point>``, distinct for distinct models: a model id that is not a plain name (a hub id, a
+    folder's path) is shown by its last part, marked ``@`` and 16 hex digits of the sha256 of the whole id (which a
+    plain name cannot hold), so two folders called ``sd`` get two SAE folders."""
+    plain = re.fullmatch(r"[A-Za-z0-9_.=-]+", model_id) is not None
+    name = model_id if plain else re.sub(r"[^A-Za-z0-9_.=-]+", "-", Path(model_id).name).strip("-")
+    if not plain:
+        name = f"{name[:60]}@{hashlib.sha256(model_id.encode()).hexdigest()[:16]}"
+    return Path(out) / f"{name}-{hook}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  fraction of variance unexplained {r['fvu']:.4f}, dead features {r['dead_share']:.1%} "
               f"({r['held_out_tokens']} held-out tokens)")  # fmt: skip
         if r.get("below_floor"):
-            print(f"  warning: saved below the quality floor (--force): {'; '.join(r['below_floor'])}")
+            print("  warning: below the quality floor, saved (--force) for inspection only: no method uses it")
+            print(f"    {'; '.join(r['below_floor'])}")
         if "check" in r:
             c = r["check"]
             before, after = c["accuracy_original"], c["accuracy_reconstructed"]

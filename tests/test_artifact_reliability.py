@@ -59,6 +59,10 @@ def _retamper_weights(folder, change, adapter=None):
         ({"layers": []}, "lists no layers"),  # A13b
         ({"concepts": [1]}, "concepts must be a list of strings"),
         ({"payloads": {"pickle": {}}}, "unknown payload kind 'pickle'"),
+        ({"seconds": "abc"}, "seconds must be a finite number"),  # a ValueError without the file's name
+        ({"weight_norms": {"base": {"unet.x": float("nan")}}}, "must map module names to finite numbers"),
+        ({"low_precision_fingerprints": {"float16": 5}}, "must map dtype names"),  # silently ignored
+        ({"info": [1]}, "info must be a dict"),
     ],
 )
 def test_malformed_metadata_is_an_artifact_error(saved, changes, message):
@@ -301,6 +305,8 @@ def test_erase_load_applies_a_lora_as_load_lora_weights_does(saved, factor, rslo
         (lambda t: t, lambda m: {k: ({p: 2 for p in v} if k.endswith("rank_pattern") else v) for k, v in m.items()},
          "the metadata says 2"),  # further: a rank the factors do not have
         (lambda t: t, lambda m: {**m, "unet.use_dora": True}, "DoRA"),  # further: diffusers would apply DoRA
+        (lambda t: t, lambda m: {**m, "unet.lora_bias": True}, "lora_bias is True"),  # diffusers cannot fuse it
+        (lambda t: t, lambda m: {**m, "unet.modules_to_save": ["conv_in"]}, "modules_to_save"),  # diffusers fails
     ],
 )  # fmt: skip
 def test_a_lora_erase_cannot_apply_as_diffusers_would_is_refused(saved, change, adapter, message):

@@ -11,8 +11,10 @@ import torch
 import erase
 from erase.core.inputs import check_concept_text
 from erase.core.layout import default_output_folder
-from erase.workflow import check_probes
+from erase.workflow import check_probes, micro_world_name
+from evals.attacks import attack_labels, attack_probes
 from evals.probes import world_concept
+from evals.suites import world_suite
 from pipelines import load_pipeline
 from pipelines.tokenizer import concept_folder, concept_text, offline_clip_tokenizer
 
@@ -83,8 +85,12 @@ def test_the_world_lookup_reads_names_as_the_tokenizer_does(name, world_name):
     assert world_concept(name) == world_name
 
 
-def test_the_checks_probes_take_any_concept_before_any_edit():
-    micro = load_pipeline("micro")
+@pytest.fixture(scope="module")
+def micro():
+    return load_pipeline("micro")
+
+
+def test_the_checks_probes_take_any_concept_before_any_edit(micro):
     targets, preserved, labels = check_probes(micro, ["Van Gogh", "a dog", "a circle"], [], 6, 0)
     judged = {(p.concept, p.category) for p in targets}
     assert judged == {("van gogh", "style"), ("circle", "object"), ("a dog", "concept")}
@@ -101,3 +107,46 @@ def test_the_script_erases_a_capitalised_world_name_and_an_unknown_one_with_its_
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "Erased 'van gogh', 'a dog'" in captured.out and (out / "before_after.png").is_file()
+
+
+@pytest.mark.parametrize("name, near", [("van gohg", "van gogh"), ("VanGogh", "van gogh"), ("a circl", "circle"),
+                                        ("Monnet", "monet"), ("hearts", "heart")])  # fmt: skip
+def test_a_near_miss_of_a_world_name_is_refused_with_the_near_names_before_any_edit(micro, name, near):
+    with pytest.raises(ValueError, match=f"^concept to erase '{name}' is no micro-world name; near ones: '{near}'"):
+        check_probes(micro, [name], [], 6, 0)
+    with pytest.raises(ValueError, match=f"^preserved concept '{name}' is no micro-world name"):
+        check_probes(micro, ["van gogh"], [name], 6, 0)
+
+
+def test_the_script_refuses_a_misspelt_world_name_before_training(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = runpy.run_path(str(SCRIPT))["main"](
+        ["--concept", "Van Gohg", "--method", "esd", "--steps", "1000", "--out", str(out), "--quiet"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "near ones: 'van gogh'" in err and "--no-check" in err, err
+    assert not out.exists()
+
+
+def test_a_world_name_in_any_spelling_is_that_name_and_only_world_names_do_where_the_world_is_all():
+    assert micro_world_name("VINCENT  Van-Gogh", "concept", outside=None) == "vincent van gogh"
+    assert micro_world_name("a dog", "concept", outside="probed generically") is None
+    with pytest.raises(ValueError, match="^concept 'a dog' is no micro-world name; the world's concepts: circle, "):
+        micro_world_name("a dog", "concept", outside=None)
+
+
+def test_the_attack_table_reads_its_concept_as_erase_does_and_refuses_a_misspelt_one_at_once(tmp_path, capsys):
+    main = runpy.run_path(str(SCRIPT.with_name("attack_table.py")))["main"]
+    code = main(["--concept", "Van Gohg", "--out", str(tmp_path / "table")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "--concept 'Van Gohg' is no micro-world name; near ones: 'van gogh'" in err
+    assert not (tmp_path / "table").exists()
+
+
+def test_the_audit_suite_and_the_attack_probes_read_a_world_name_in_any_spelling_as_the_check_does():
+    assert world_suite(["a circle", "Van-Gogh"]).rows == world_suite(["circle", "van gogh"]).rows
+    assert attack_probes("van-gogh", 6, 1) == attack_probes("van gogh", 6, 1)
+    assert attack_labels("a circle") == attack_labels("circle") and "circle" in attack_labels("a circle")["object"]
+    assert {p.category for p in attack_probes("a dog", 3)} == {"concept"}
+    assert "a dog" in attack_labels("a dog")["concept"]

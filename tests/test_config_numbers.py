@@ -1,4 +1,5 @@
-"""Every number of every config is checked the same way: a finite real number, never a bool, in its range."""
+"""Every number of every config is checked the same way: a finite real number, never a bool, in its range; every text
+setting is a text and every list of texts a list of them."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import re
 
 import pytest
 
+from erase.core.inputs import config_from_overrides
 from erase.core.registry import available_methods, get_method
 from erase.sae.sae import SAETrainConfig
-from evals.attacks import available_attacks, get_attack
-from pipelines.checks import check_number, check_number_fields, check_number_values, number_kind
+from evals.attacks import attack_configs, available_attacks, get_attack
+from pipelines.checks import check_number, check_number_fields, check_number_values, number_kind, text_kind
 
 CONFIGS = {f"method {n}": get_method(n).config_class for n in available_methods()}
 CONFIGS |= {f"attack {n}": get_attack(n).config_class for n in available_attacks()}
@@ -114,3 +116,55 @@ def test_huge_integers_and_tiny_floats_are_numbers_and_a_float_past_its_range_is
         check_number("x", value, "", integer=isinstance(value, int))
     with pytest.raises(ValueError, match="x must be a finite number"):
         check_number("x", 10**400, "> 0")
+
+
+TEXTS = [
+    (owner, cls, f.name, kind)
+    for owner, cls in CONFIGS.items()
+    for f in dataclasses.fields(cls)
+    if (kind := text_kind(f.type)) is not None
+]
+
+
+def _from_settings(owner: str, cls: type, settings: dict) -> object:
+    """The config as the scripts build it from --set: attack.py's path for an attack, erase.py's for the rest."""
+    if owner.startswith("attack "):
+        return attack_configs({owner.removeprefix("attack "): settings})[owner.removeprefix("attack ")]
+    return config_from_overrides(cls, settings, owner)
+
+
+@pytest.mark.parametrize("owner, cls, name, kind", TEXTS, ids=_ids(TEXTS))
+def test_every_text_setting_refuses_numbers_bools_and_a_lone_text_for_a_list_in_one_line(owner, cls, name, kind):
+    bads = [5, True, 1.5, None] if not kind[1] else [5, True, 1.5]
+    bads.append("attn2" if kind[0] == "str[]" else ("attn2",))
+    for bad in bads:
+        with pytest.raises(ValueError) as refused:
+            _from_settings(owner, cls, {name: bad})
+        message = str(refused.value)
+        assert f"{name} must be a " in message and "\n" not in message, message
+    if kind[0] == "str[]":
+        assert "a JSON list: " in str(pytest.raises(ValueError, _from_settings, owner, cls, {name: "attn2"}).value)
+
+
+def test_the_shared_paths_check_every_field_of_a_config_that_checks_nothing_itself():
+    @dataclasses.dataclass
+    class Unchecked:
+        NUMBER_RANGES = {"rate": "> 0"}
+        rate: float = 1.0
+        steps: int = 2
+        fast: bool = False
+        layers: tuple[str, ...] = ("a",)
+        folder: str | None = None
+
+    assert config_from_overrides(Unchecked, {"layers": ("x", "y"), "folder": "f"}, "it").layers == ("x", "y")
+    refusals = [
+        ({"rate": math.nan}, "rate must be"),
+        ({"steps": True}, "steps must be an integer"),
+        ({"fast": 1}, "fast must be true or false"),
+        ({"layers": "x"}, "layers must be a list"),
+        ({"layers": ("x", 1)}, "layers must be a list"),
+        ({"folder": 5}, "folder must be a text or null"),
+    ]
+    for bad, refused in refusals:
+        with pytest.raises(ValueError, match=f"^{refused}"):
+            config_from_overrides(Unchecked, bad, "it")

@@ -70,6 +70,11 @@ def test_json_summary_and_artifact(tmp_path):
             "all read as 'van gogh'",
         ),
         (["--concept", "&nbsp;"], "reads as empty text"),
+        (
+            ["--concept", "van gogh", "--set", "layers=attn2"],
+            'layers must be a list of texts or null (a JSON list: layers=["',
+        ),
+        (["--concept", "van gogh", "--method", "esd", "--set", "checkpoint_dir=5"], "checkpoint_dir must be a text"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, message):
@@ -188,3 +193,14 @@ def test_a_multi_process_launch_is_refused_in_one_line(tmp_path, capsys, monkeyp
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, _, err = run_in_process(capsys, "--model", "tiny", "--concept", "van gogh", "--out", str(tmp_path / "o"))
     assert code == 2 and "runs as one process" in err and not (tmp_path / "o").exists()
+
+
+def test_an_edit_larger_than_the_weights_is_one_warning_line_beside_the_json_summary(tmp_path, capsys):
+    big = ["--set", "token_positions=from_first", "--set", "erase_scale=50", "--set", "lamb=0.01"]
+    code, out, err = run_in_process(
+        capsys, "--model", "tiny", "--concept", "van gogh", "--concept", "monet", "--no-check", *big, "--json",
+        "--out", str(tmp_path / "big"),
+    )  # fmt: skip
+    warnings = json.loads(out)["warnings"]
+    assert code == 0 and len(warnings) == 1 and "larger than the weights" in warnings[0] and "median " in warnings[0]
+    assert err.splitlines() == [f"warning: {warnings[0]}"], err

@@ -140,6 +140,9 @@ def test_every_script_says_no_network_in_one_line_within_seconds(no_hub, artifac
         line = _one_line(err)
         assert code == 2 and line.startswith("error: no network: the model hub"), (script, err)
         assert "not (fully) in the local cache" in line and "HF_HUB_OFFLINE=1" in line, (script, line)
+        scorer = "the CLIP scorer" in line  # audit.py loads its scorer before the model
+        instead = "--scorer with a local CLIP folder" if scorer else "a local folder or --model micro"
+        assert instead in line, (script, line)
         assert seconds < WITHIN_S, (script, seconds)
     assert not any((tmp_path / name).exists() for name in "esak")
 
@@ -157,6 +160,35 @@ def test_an_open_clip_tag_in_the_cache_names_offline_mode(no_hub, tmp_path, monk
         "is in the local cache: set HF_HUB_OFFLINE=1 to use it offline"
     )
     assert time.perf_counter() - start < WITHIN_S
+
+
+def test_an_open_clip_tag_missing_from_the_cache_in_offline_mode_is_one_line_at_once(monkeypatch):
+    """Offline mode: no download is tried, and the line is ours, not open_clip's 'check your connection'."""
+    from huggingface_hub import constants
+
+    from evals.scorer import ClipScorer
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda repo_id, filename, **kw: None)
+    start = time.perf_counter()
+    with pytest.raises(HubUnreachableError) as err:
+        ClipScorer.from_pretrained("open_clip:ViT-B-32/openai")
+    line = _one_line(str(err.value))
+    assert line.startswith("the CLIP scorer 'open_clip:ViT-B-32/openai' is not in the local cache and HF_HUB_OFFLINE")
+    assert line.endswith("or pass --scorer with a local CLIP folder") and time.perf_counter() - start < 1.0
+
+
+def test_the_checks_scorer_without_the_hub_is_one_line_naming_no_check(no_hub):
+    """erase.py loads the check's scorer before the edit; its line names the scorer's way out and --no-check once."""
+    from types import SimpleNamespace
+
+    from erase.workflow import load_check_scorer
+
+    with pytest.raises(HubUnreachableError) as err:
+        load_check_scorer(SimpleNamespace(model_id="micro", device="cpu"), "open_clip:ViT-B-32/openai")
+    line = _one_line(str(err.value))
+    assert line.startswith("no network") and "--scorer with a local CLIP folder" in line, line
+    assert line.endswith("(the check needs it: --no-check skips the check)") and line.count("--scorer") == 1, line
 
 
 def _fake_hub_cache(cache: Path, repo_id: str) -> Path:

@@ -197,3 +197,96 @@ def test_an_intervention_moved_to_another_layer_of_the_same_width_is_refused(bas
     (folder / "erasure.json").write_text(json.dumps(meta))
     with pytest.raises(erase.ArtifactError, match="not the one its SAE was trained at"):
         erase.load(tiny_sd_pipeline(0), folder)
+
+
+@pytest.fixture(scope="module")
+def itd_saved(base, sae_store, tmp_path_factory):
+    """One itd artifact, copied by each test that changes it."""
+    return _itd_folder(base, sae_store, tmp_path_factory.mktemp("itd"))
+
+
+def _tables(change):
+    """Change intervention.safetensors (and the tables intervention.json describes, so that they agree)."""
+
+    def rewrite(folder):
+        import json
+
+        from safetensors.torch import load_file, save_file
+
+        from pipelines.files import file_sha256
+
+        path = folder / "intervention.safetensors"
+        tables = change(load_file(str(path)))
+        save_file(tables, str(path))
+        meta = json.loads((folder / "erasure.json").read_text())
+        meta["checksums"][path.name] = file_sha256(path)
+        (folder / "erasure.json").write_text(json.dumps(meta))
+        _rewrite_json(folder, "intervention.json", lambda d: {**d, "tables": {k: list(v.shape) for k, v in
+                                                                              tables.items()}})  # fmt: skip
+
+    return rewrite
+
+
+def _in(name, change):
+    return lambda folder: _rewrite_json(folder, name, change)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (_in("intervention.json", lambda d: {**d, "gate": "off"}), "'gate' is no key of an intervention"),
+        (_in("intervention.json", _settings(treshold=0.0)), "has no setting 'treshold'"),  # a misspelt setting
+        (_in("intervention.json", lambda d: {**d, "tables": {"features": [7]}}), "describes the tables"),
+        (_in("sae.json", lambda d: {k: v for k, v in d.items() if k != "hook_point"}), "trained at \\(None\\)"),
+        (_in("sae.json", lambda d: {**d, "quality": {**d["quality"], "fvu": 5.0}}), "below the quality floor"),  # D11
+        (_in("sae.json", lambda d: {**d, "k": True}), "lacks the SAE's sizes"),  # crashed the first generation
+        (_tables(lambda t: {"features": torch.zeros_like(t["features"])}), "deactivates no feature"),  # a no-op
+        (_tables(lambda t: {**t, "gate": torch.ones(3)}), "has no table 'gate'"),  # another method's table
+    ],
+)
+def test_an_intervention_claiming_what_it_does_not_do_is_refused(itd_saved, tmp_path, change, message):
+    """D5's class: every field of an intervention is one the method reads and checks, its SAE is the one trained at
+    its hook point and above the quality floor; files changed and re-signed in erasure.json are still refused."""
+    import shutil
+
+    folder = shutil.copytree(itd_saved, tmp_path / "itd")
+    change(folder)
+    with pytest.raises(erase.ArtifactError, match=message) as err:
+        erase.load_artifact(folder)
+    assert "\n" not in str(err.value)
+
+
+def _saeuron(**tables):
+    from erase.sae.intervention import SAEIntervention
+    from erase.sae.sae import TopKSAE
+
+    selected = torch.zeros(1, 2, 8, dtype=torch.bool)
+    selected[0, :, 3] = True
+    valid = {"timesteps": torch.tensor([900.0, 100.0]), "selected": selected, "threshold": torch.zeros(2, 8),
+             "factor": torch.where(selected, -0.5, 1.0), "gate": torch.ones(1, 2)}  # fmt: skip
+    settings = {"percentile": 99.0, "multiplier": -1.0, "gate": 0.3, "gate_steps": 1}
+    tables = {k: v for k, v in {**valid, **tables}.items() if v is not None}
+    return SAEIntervention("saeuron", "unet.up_blocks.0.attentions.1", TopKSAE(4, 8, 2), settings, tables)
+
+
+@pytest.mark.parametrize(
+    "tables, message",
+    [
+        ({}, None),
+        ({"selected": torch.zeros(1, 2, 8, dtype=torch.bool)}, "selects no feature"),
+        ({"factor": torch.full((1, 2, 8), 0.5)}, "must be <= 0 where a feature is selected"),
+        ({"threshold": torch.full((2, 8), float("nan"))}, "'threshold' table holds NaN"),
+        ({"gate": None}, "'gate' table exactly when"),
+        ({"gate": -torch.ones(1, 2)}, "'gate' table must be >= 0"),
+        ({"features": torch.ones(8, dtype=torch.bool)}, "has no table 'features'"),
+    ],
+)
+def test_a_saeuron_intervention_that_would_do_nothing_or_something_else_is_refused(tables, message):
+    from erase.sae.saeuron import check_saeuron
+
+    intervention = _saeuron(**tables)
+    if message is None:
+        check_saeuron(intervention)
+    else:
+        with pytest.raises(ValueError, match=message):
+            check_saeuron(intervention)

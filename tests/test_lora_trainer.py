@@ -1,14 +1,26 @@
 """The wrapper's LoRA adapters and the shared LoRA trainer, on the tiny random pipeline (seconds each)."""
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
 from faults import file_size_limit
+from safetensors.torch import load_file, save_file
 
-from erase.lora.trainer import LoraTrainConfig, train_lora
+from erase.lora.trainer import (
+    LoraTrainConfig,
+    TrainingPool,
+    _latest_checkpoint,
+    _load_checkpoint,
+    _read_pool,
+    _save_checkpoint,
+    _save_pool,
+    train_lora,
+)
 from pipelines import LORA_TARGETS
-from pipelines.files import DamagedCheckpointError, WriteError
+from pipelines.files import DamagedCheckpointError, FolderInUseError, WriteError, claim_folder
 
 FAST = dict(steps=6, lr=1e-2, pool_images=2, pool_steps=4)
 
@@ -219,6 +231,89 @@ def test_a_damaged_checkpoint_is_named_and_restart_starts_afresh(tiny, tmp_path,
     again = _train(tiny, steps=4, checkpoint_dir=str(folder), checkpoint_every=2, restart=True)
     assert again.info["resumed_from_step"] == 0 and _same_factors(again, fresh)
     assert sorted(p.name for p in folder.iterdir()) == ["pool.safetensors", "run.json", "step-00000004"]
+
+
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _edit_state(path, **changes):
+    state = json.loads(path.read_text())
+    for key, value in changes.items():
+        if key == "lr":
+            state["param_groups"][0]["lr"] = value
+        else:
+            state[key] = value
+    path.write_text(json.dumps(state))
+
+
+def _add_one(path):
+    tensors = load_file(str(path))
+    save_file({k: v + 1 if v.is_floating_point() else v for k, v in tensors.items()}, str(path))
+
+
+def _step_as_file(path):
+    shutil.rmtree(path.parent)
+    path.parent.write_text("")
+
+
+@pytest.mark.parametrize(
+    "damage, file",
+    [
+        (_flip_last_byte, "step-00000002/lora.safetensors"),  # valid files whose numbers changed
+        (_flip_last_byte, "step-00000002/optimizer.safetensors"),
+        (_flip_last_byte, "pool.safetensors"),
+        (_add_one, "step-00000002/lora.safetensors"),  # rewritten whole, by another writer
+        (_add_one, "pool.safetensors"),
+        (lambda p: _edit_state(p, losses=[0.5]), "step-00000002/state.json"),  # one loss for two steps
+        (lambda p: _edit_state(p, losses=[float("nan"), 0.5]), "step-00000002/state.json"),
+        (lambda p: _edit_state(p, seconds=-1), "step-00000002/state.json"),
+        (lambda p: _edit_state(p, lr="fast"), "step-00000002/state.json"),  # not this run's optimizer
+        (_step_as_file, "step-00000002/state.json"),
+    ],
+)
+def test_a_changed_checkpoint_file_is_named_before_training(tmp_path, damage, file):  # D1
+    """Damage that leaves a readable file (a flipped bit, an edit) is found as a truncation is: the checkpoint's
+    files carry the digest of their contents, its state is checked against its step and optimizer."""
+    folder = tmp_path / "ck"
+    folder.mkdir()
+
+    def run_state(seed):
+        torch.manual_seed(seed)
+        adapters = torch.nn.Linear(4, 3)
+        return adapters, torch.optim.Adam(adapters.parameters(), lr=1e-3), torch.Generator().manual_seed(seed)
+
+    adapters, optimizer, generator = run_state(0)
+    adapters(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    meta = {"step": 2, "losses": [0.5, 0.25], "seconds": 1.5, "processes": 1}
+    _save_checkpoint(folder, 2, adapters, optimizer, [generator.get_state()], meta)
+    pool = TrainingPool(torch.randn(4, 3, 4, 2, 2), torch.tensor([900.0, 500.0, 100.0]), torch.tensor([0, 0, 1, 1]))
+    _save_pool(folder / "pool.safetensors", pool)
+
+    def load():
+        fresh, fresh_optimizer, fresh_generator = run_state(1)
+        _read_pool(folder / "pool.safetensors", prompts=2, images=2)
+        return fresh, _load_checkpoint(_latest_checkpoint(folder), fresh, fresh_optimizer, fresh_generator)
+
+    restored, state = load()  # intact: read back exactly
+    assert state["losses"] == [0.5, 0.25] and torch.equal(restored.weight, adapters.weight)
+    damage(folder / file)
+    with pytest.raises(DamagedCheckpointError) as caught:
+        load()
+    message = str(caught.value)
+    assert message.startswith(f"the checkpoint file {folder / file} is damaged (") and "--restart" in message
+    assert "\n" not in message
+
+
+def test_a_checkpoint_dir_another_run_holds_is_refused_before_training(tiny, tmp_path):  # D4
+    folder = tmp_path / "ck"
+    with claim_folder(folder, option="checkpoint_dir"), pytest.raises(FolderInUseError) as caught:
+        _train(tiny, steps=2, checkpoint_dir=str(folder))
+    assert "\n" not in str(caught.value) and str(caught.value).endswith("choose another checkpoint_dir")
+    assert os.listdir(tmp_path) == []  # nothing written, and the claim released
 
 
 def test_restart_deletes_only_the_runs_own_files(tiny, tmp_path):

@@ -162,7 +162,8 @@ def test_saved_lora_reproduces_the_in_memory_edit(tmp_path):
         (["--concept", "van gogh", "--method", "foo"], "unknown erasure method"),  # M2
         (["--concept", "van gogh", "--images", "0"], "--images must be >= 1"),  # M3
         (["--concept", "van gogh", "--json", "/proc/no/m.json"], "cannot write"),  # M4
-        (["--concept", "banana"], "unknown concept name 'banana'"),  # M5
+        (["--concept", "banana"], "concept to erase 'banana' is no micro-world name; the world's concepts: "),  # M5
+        (["--concept", "Van Gohg"], "near ones: 'van gogh'"),
         (["--concept", "van gogh", "--device", "nonsense"], "unknown device"),
         (["--concept", "van gogh", "--group", "no such group"], "no group matches"),
     ],

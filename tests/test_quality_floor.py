@@ -1,10 +1,10 @@
 """Trained things have a quality floor: an SAE that explains less than the mean, or saw fewer tokens than it has
-features, is refused unless forced and warned about when used; an edit larger than the weights is said so."""
+features, is not saved unless forced and is refused by the methods that would read it (at erase time and in an
+artifact); an edit larger than the weights is said so."""
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import runpy
 from pathlib import Path
@@ -42,7 +42,7 @@ def test_the_shipped_saes_are_above_the_floor():
     assert shipped and all(sae_quality_problems(json.loads(p.read_text())) == [] for p in shipped)
 
 
-def test_too_few_tokens_is_refused_before_training_and_forced_it_is_recorded_and_warned(wrapper, tmp_path, caplog):
+def test_too_few_tokens_is_refused_before_training_and_forced_it_is_recorded_and_not_used(wrapper, tmp_path):
     config = SAETrainConfig(expansion=16, k=8, batch_size=64, epochs=1)
     with pytest.raises(ValueError, match="145 training tokens .* fewer than the SAE's 512 features"):
         build_sae(wrapper, HOOK, ["red cat", "blue dog"], tmp_path / "few", config)
@@ -53,9 +53,8 @@ def test_too_few_tokens_is_refused_before_training_and_forced_it_is_recorded_and
         saved["quality"]["training_tokens"] == 145
         and saved["quality"]["below_floor"] == meta["quality"]["below_floor"]
     )
-    with caplog.at_level(logging.WARNING, logger="erase.sae"):
+    with pytest.raises(ValueError, match="below the quality floor, no result to use: .*fewer than its 512 features"):
         resolve_sae(wrapper, HOOK, tmp_path / "few")
-    assert "below the quality floor" in caplog.text and "fewer than its 512 features" in caplog.text
 
 
 def test_an_sae_that_explains_less_than_the_mean_is_not_saved(wrapper, tmp_path):
@@ -69,7 +68,9 @@ def test_an_sae_that_explains_less_than_the_mean_is_not_saved(wrapper, tmp_path)
     assert json.loads((tmp_path / "poor" / SAE_METADATA).read_text())["quality"]["fvu"] >= 1
 
 
-def test_train_sae_script_refuses_a_two_line_prompt_file_and_erase_warns_about_a_forced_one(tmp_path, capsys, caplog):
+def test_train_sae_script_refuses_a_two_line_prompt_file_and_itd_refuses_a_forced_one(tmp_path, capsys):
+    """D11: the report's two-line prompt file is refused by train_sae.py (exit 2, nothing written); forced, the SAE is
+    refused by itd in one line, exit 2, before any artifact is written."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes(b"\xef\xbb\xbfa red\x00 star\r\n" + b"a blue circle " * 40 + b"\r\n")
     train = runpy.run_path(str(ROOT / "scripts" / "train_sae.py"), run_name="train_sae")["main"]
@@ -80,14 +81,14 @@ def test_train_sae_script_refuses_a_two_line_prompt_file_and_erase_warns_about_a
     assert err.startswith("error:") and "fewer than the SAE's" in err and len(err.splitlines()) == 1
     assert not list(store.glob(f"*/{SAE_METADATA}"))
     assert train([*args, "--force", "--set", "epochs=1"]) == 0
-    assert "warning: saved below the quality floor" in capsys.readouterr().out
+    assert "warning: below the quality floor, saved (--force)" in capsys.readouterr().out
     erase_main = runpy.run_path(str(ROOT / "scripts" / "erase.py"))["main"]
     itd = ["--concept", "van gogh", "--method", "itd", "--no-check", "--out", str(tmp_path / "itd"),
            "--set", f'sae_stores=["{store}"]', "--set", "top_features=4", "--set", "gate=false"]  # fmt: skip
-    with caplog.at_level(logging.WARNING):  # the script's log handler, which pytest stands in for here
-        erase_main(itd)
-    warned = [r.getMessage() for r in caplog.records if "below the quality floor" in r.getMessage()]
-    assert len(warned) == 1 and str(store) in warned[0] and "\n" not in warned[0]
+    assert erase_main(itd) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "below the quality floor" in err and str(store) in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "itd").exists()
 
 
 def test_an_edit_larger_than_the_weights_is_a_warning_in_the_summary(wrapper, tmp_path):

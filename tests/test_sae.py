@@ -119,12 +119,29 @@ def test_an_interrupted_training_resumes_to_the_uninterrupted_weights(tmp_path, 
         train_sae(x, SAETrainConfig(expansion=2, k=3, batch_size=256, epochs=3), checkpoint_dir=tmp_path / "ck")
 
 
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _rewrite_state(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+    state = json.loads(meta["state"])
+    save_file(tensors, str(path), metadata={**meta, "state": json.dumps({**state, "epoch": 1})})
+
+
 @pytest.mark.parametrize(
     "damage",
     [
         lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),  # truncated
         lambda p: save_file({"x": torch.zeros(1)}, str(p)),  # no state in its header
         lambda p: save_file({"x": torch.zeros(1)}, str(p), metadata={"state": '{"run": 1, "epoch": "2"}'}),
+        _flip_last_byte,  # a valid file whose numbers changed
+        _rewrite_state,  # the same tensors, the state edited
     ],
 )
 def test_a_damaged_sae_checkpoint_is_named_and_restart_starts_afresh(tmp_path, damage):  # D1
@@ -195,6 +212,24 @@ def test_train_sae_script_write_faults_are_one_line(tmp_path, capsys):  # D1, D4
     assert "longer than this file system allows" in capsys.readouterr().err
 
 
+def test_a_damaged_activation_cache_is_named_collected_again_and_replaced(wrapper, tmp_path, caplog):  # D1
+    from erase.sae.sae import collect_activations
+
+    prompts = _prompts(4)
+    fresh = collect_activations(wrapper, TEXT_HOOK, prompts, cache_dir=tmp_path)
+    (cache,) = tmp_path.iterdir()
+    _flip_last_byte(cache)
+    with caplog.at_level("WARNING", logger="erase.sae.sae"):
+        again = collect_activations(wrapper, TEXT_HOOK, prompts, cache_dir=tmp_path)
+    assert torch.equal(again, fresh)
+    assert f"{cache} does not match the digest in its header" in caplog.text
+    assert [p.name for p in tmp_path.iterdir()] == [cache.name]  # replaced, no temporary left
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="erase.sae.sae"):
+        assert torch.equal(collect_activations(wrapper, TEXT_HOOK, prompts, cache_dir=tmp_path), fresh)
+    assert caplog.text == ""
+
+
 def test_sae_folder_round_trip_and_damage_is_one_line(tmp_path):
     sae = TopKSAE(8, 16, 2)
     save_sae(sae, tmp_path / "s", {"hook_point": "x"}, ["a cat", "a dog"])
@@ -209,7 +244,7 @@ def test_sae_folder_round_trip_and_damage_is_one_line(tmp_path):
         load_sae(tmp_path / "nothing")
     with pytest.raises(ValueError, match="must be an integer"):
         SAETrainConfig(k=0)
-    # metadata that is not an object, and NaN weights under metadata that records no sha256
+    # metadata that is not an object, NaN weights, metadata without the sha256 or with sizes that are booleans
     save_sae(sae, tmp_path / "t", {"hook_point": "x"}, [])
     meta_path = tmp_path / "t" / "sae.json"
     meta_path.write_text("[1, 2]")
@@ -218,11 +253,13 @@ def test_sae_folder_round_trip_and_damage_is_one_line(tmp_path):
     with torch.no_grad():
         sae.b_dec[0] = float("nan")
     save_sae(sae, tmp_path / "t", {"hook_point": "x"}, [])
-    meta = json.loads(meta_path.read_text())
-    meta.pop("sha256")
-    meta_path.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="b_dec holds NaN"):
         load_sae(tmp_path / "t")
+    meta = json.loads(meta_path.read_text())
+    for change, message in (({"sha256": None}, "records no sha256"), ({"k": True}, "lacks the SAE's sizes")):
+        meta_path.write_text(json.dumps({**meta, **change}))
+        with pytest.raises(ValueError, match=message):
+            load_sae(tmp_path / "t")
 
 
 # ---------------------------------------------------------------------------------------------------- the wrapper

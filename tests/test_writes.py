@@ -131,12 +131,13 @@ def test_names_too_long_for_the_temporary_are_refused_up_front(tmp_path):
     fits = tmp_path / ("a" * 200)
     check_name_lengths(fits)
     assert len(temporary_sibling(fits).name) == len(temporary_sibling(tmp_path / ("b" * 200)).name)
+    deep = tmp_path.joinpath(*["d" * 200] * 20)  # every name fits, the whole path does not (PATH_MAX)
     for path, entries in ((tmp_path / ("a" * 240), ()), (tmp_path / ("a" * 256) / "x", ()),
-                          (tmp_path / "ok", ("c" * 240,))):  # fmt: skip
+                          (tmp_path / "ok", ("c" * 240,)), (deep, ())):  # fmt: skip
         with pytest.raises(WriteError) as caught:
             check_name_lengths(path, entries)
         assert caught.value.errno == errno.ENAMETOOLONG
-        _one_line(caught.value, "longer than this file system allows", "choose a shorter name")
+        _one_line(caught.value, "longer than this", "allows", "choose a shorter name")
     with pytest.raises(WriteError, match="File name too long"):  # the writer itself, if nothing checked
         atomic_write_bytes(tmp_path / ("a" * 240), b"x")
     assert os.listdir(tmp_path) == []
@@ -250,18 +251,19 @@ def test_two_erase_runs_racing_for_one_folder_leave_one_artifact(tmp_path):  # D
 
 # ------------------------------------------------------------------------------------------------ erase.py up front
 def test_an_out_whose_temporary_name_is_too_long_is_refused_before_the_model_loads(tmp_path):  # D10
-    for out in ("a" * 240, "b" * 256 + "/out"):
+    for out in ("a" * 240, "b" * 256 + "/out", "/".join(["c" * 200] * 20)):  # a name, a parent's, the whole path
         result = subprocess.run([sys.executable, str(ERASE), "--model", "/no/such/model", "--concept", "van gogh",
                                  "--out", out], capture_output=True, text=True, timeout=600, cwd=tmp_path)  # fmt: skip
-        assert result.returncode == 2 and "longer than this file system allows" in _error_line(result.stderr)
+        line = _error_line(result.stderr)
+        assert result.returncode == 2 and "allows" in line and line.endswith("choose a shorter name"), line
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("where", ["equal", "inside", "spelled_with_dots", "link_into_out"])
+@pytest.mark.parametrize("where", ["equal", "inside", "spelled_with_dots", "link_into_out", "holding_out"])
 def test_a_checkpoint_dir_in_the_output_folder_is_refused_before_training(tmp_path, capsys, monkeypatch, where):
     out = tmp_path / "a"
     checkpoints = {"equal": out, "inside": out / "ck", "spelled_with_dots": tmp_path / "b" / ".." / "a" / "ck",
-                   "link_into_out": tmp_path / "link"}[where]  # fmt: skip
+                   "link_into_out": tmp_path / "link", "holding_out": tmp_path}[where]  # fmt: skip
     if where == "link_into_out":
         out.mkdir()
         (tmp_path / "link").symlink_to(out / "ck", target_is_directory=True)
@@ -269,7 +271,7 @@ def test_a_checkpoint_dir_in_the_output_folder_is_refused_before_training(tmp_pa
     code, err = _erase_in_process(capsys, "--model", "tiny", "--concept", "van gogh", "--method", "esd",
                                   "--steps", "2", "--no-check", "--set", f"checkpoint_dir={checkpoints}",
                                   "--out", str(out))  # fmt: skip
-    assert code == 2 and "choose a checkpoint_dir outside it" in _error_line(err)
+    assert code == 2 and "choose a checkpoint_dir apart from --out" in _error_line(err)
     assert not (out / "ck").exists() and (not out.exists() or os.listdir(out) == [])
 
 
@@ -310,3 +312,34 @@ def test_erase_names_a_damaged_checkpoint_and_restart_starts_afresh(tmp_path, ca
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
     code, err = _erase_in_process(capsys, "--model", "tiny", "--concept", "van gogh", "--restart", "--out", "c")
     assert code == 2 and "--restart does not apply to method 'uce'" in _error_line(err)
+
+
+# ------------------------------------------------------------------------------------------------ folder names
+def test_folder_names_are_distinct_even_for_texts_that_spell_another_ones_hashed_name():  # D7
+    """Per-concept folders (attack suites, audits), the default --out, the robustness table's rows and the SAE store's
+    folders: distinct texts get distinct names, and a text made to spell another text's hashed name (its slug plus
+    digest) does not get that name."""
+    from erase.core.layout import default_output_folder
+    from pipelines.files import folder_name
+    from pipelines.tokenizer import concept_folder, concept_text
+
+    texts = ["van gogh", "van-gogh", "van_gogh", "Van-Gogh!", "\U0001f3a8", "\U0001f58c\ufe0f", "a" * 59 + "b",
+             "a" * 59 + "c", "uce +world preserve", "uce-world-preserve"]  # fmt: skip
+    folders = {concept_folder(t) for t in texts}
+    assert len(folders) == len({concept_text(t) for t in texts}) and concept_folder("Van Gogh") == "van-gogh"
+    for text in texts:
+        name = concept_folder(text)
+        spelling = name.replace("-", " ").replace("_", " ")  # the hashed name as a concept's words
+        assert spelling == concept_text(text) or concept_folder(spelling) != name, (text, name)
+    assert folder_name("uce +world preserve") != folder_name("uce-world-preserve") and folder_name("uce") == "uce"
+    assert folder_name("") and folder_name("") != folder_name("-")
+    many = [c * 30 for c in "abc"]
+    cut = default_output_folder(many, "uce").name.removesuffix("-uce")
+    spelled = [part.replace("-", " ").replace("_", " ") for part in cut.split("+")]
+    assert default_output_folder(spelled, "uce") != default_output_folder(many, "uce")
+    assert len(default_output_folder(many, "uce").name) <= 90
+    sae_folder = runpy.run_path(str(ROOT / "scripts" / "train_sae.py"), run_name="train_sae_script")["sae_folder"]
+    hook = "text_encoder.encoder.layers.2"
+    assert sae_folder("s", "micro", hook).name == f"micro-{hook}"  # the shipped SAEs' folder names
+    assert sae_folder("s", "/x/sd", hook) != sae_folder("s", "/y/sd", hook)
+    assert sae_folder("s", "org/sd", hook) != sae_folder("s", "sd", hook)

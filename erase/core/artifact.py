@@ -289,6 +289,28 @@ def _check_metadata(meta: Any, meta_path: Path) -> None:
         raise ArtifactError(f"{meta_path}: payloads must map each payload kind to an object")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta["checksums"].items()):
         raise ArtifactError(f"{meta_path}: checksums must map file names to sha256 strings")
+    _check_optional_metadata(meta, meta_path)
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_optional_metadata(meta: dict[str, Any], meta_path: Path) -> None:
+    """The fields erasure.json may hold are what they say, where present: a field read as another type, or a norm
+    that is no number, would be a record of something that did not happen."""
+    seconds = meta.get("seconds", 0.0)
+    if not _finite_number(seconds) or seconds < 0:
+        raise ArtifactError(f"{meta_path}: seconds must be a finite number >= 0, got {seconds!r}")
+    for key, kind in (("created", str), ("erase_version", str), ("info", dict), ("weight_norms", dict),
+                      ("low_precision_fingerprints", dict)):  # fmt: skip
+        if key in meta and not isinstance(meta[key], kind):
+            raise ArtifactError(f"{meta_path}: {key} must be a {kind.__name__}, got {type(meta[key]).__name__}")
+    for which, norms in meta.get("weight_norms", {}).items():
+        if not isinstance(norms, dict) or not all(isinstance(k, str) and _finite_number(v) for k, v in norms.items()):
+            raise ArtifactError(f"{meta_path}: weight_norms[{which!r}] must map module names to finite numbers")
+    if _string_map(meta.get("low_precision_fingerprints", {})) is None:
+        raise ArtifactError(f"{meta_path}: low_precision_fingerprints must map dtype names to sha256 strings")
 
 
 def _check_files(folder: Path, meta: dict[str, Any]) -> None:
@@ -346,9 +368,9 @@ def load_artifact(folder: str | Path) -> ErasureArtifact:
         base_model=meta["base_model"],
         base_fingerprint=meta["base_fingerprint"],
         payloads=payloads,
-        seconds=float(meta.get("seconds") or 0.0),
-        info=meta.get("info") if isinstance(meta.get("info"), dict) else {},
-        weight_norms=meta.get("weight_norms") if isinstance(meta.get("weight_norms"), dict) else None,
+        seconds=float(meta.get("seconds", 0.0)),
+        info=meta.get("info", {}),
+        weight_norms=meta.get("weight_norms"),
         low_precision_fingerprints=_string_map(meta.get("low_precision_fingerprints")),
         created=str(meta.get("created", "")),
         version=str(meta.get("erase_version", "unknown")),

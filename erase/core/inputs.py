@@ -9,7 +9,15 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
-from pipelines.checks import check_number, check_number_fields, check_number_values, check_option_minimums, error_line
+from pipelines.checks import (
+    check_config_fields,
+    check_number,
+    check_number_fields,
+    check_number_values,
+    check_option_minimums,
+    check_text_fields,
+    error_line,
+)
 from pipelines.tokenizer import concept_text
 
 __all__ = [
@@ -19,10 +27,12 @@ __all__ = [
     "ConceptType",
     "check_concept_text",
     "concept_key",
+    "check_config_fields",
     "check_number",
     "check_number_fields",
     "check_number_values",
     "check_option_minimums",
+    "check_text_fields",
     "error_line",
     "check_templates",
     "config_from_overrides",
@@ -83,12 +93,17 @@ def parse_config_overrides(pairs: Sequence[str]) -> dict[str, object]:
 
 
 def config_from_overrides(config_class: type, overrides: dict[str, object], owner: str) -> object:
-    """``config_class(**overrides)``; a key it has no field for is a ``ValueError`` naming ``owner``'s settings."""
+    """``config_class(**overrides)`` with every number, switch and text checked (``check_config_fields``; texts
+    before the class's own checks read them); a key it has no field for is a ``ValueError`` naming ``owner``'s
+    settings."""
     known = {f.name for f in fields(config_class)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"{owner} has no setting {unknown[0]!r}; it has {', '.join(sorted(known))}")
-    return config_class(**overrides)
+    check_text_fields(config_class, overrides)
+    config = config_class(**overrides)
+    check_config_fields(config)
+    return config
 
 
 @dataclass(frozen=True)

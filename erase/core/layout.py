@@ -173,27 +173,30 @@ def check_writable_folder(folder: str | Path, entries: tuple[str, ...] = ()) -> 
 
 
 def check_checkpoint_folder(checkpoint_dir: str | Path | None, out: str | Path) -> None:
-    """``ArtifactError`` when a training's checkpoint folder is the output folder or inside it (symbolic links
-    resolved): the artifact is swapped in whole over ``out``, so its checkpoints would make the save refuse, or be
-    lost with an earlier artifact. Checked before training."""
+    """``ArtifactError`` when a training's checkpoint folder is the output folder, inside it or holds it (symbolic
+    links resolved). The artifact is swapped in whole over ``out``, so checkpoints in it would make the save refuse,
+    or be lost with an earlier artifact; and a checkpoint folder holds the run's files and nothing else, so one
+    holding ``out`` is refused at the start of training, after the model loaded. Checked before either."""
     if checkpoint_dir is None:
         return
     checkpoints = Path(os.path.realpath(Path(checkpoint_dir).expanduser()))
     folder = Path(os.path.realpath(Path(out).expanduser()))
-    if checkpoints == folder or folder in checkpoints.parents:
-        where = "is" if checkpoints == folder else "is inside"
+    where = ("is" if checkpoints == folder else "is inside" if folder in checkpoints.parents
+             else "holds" if checkpoints in folder.parents else None)  # fmt: skip
+    if where is not None:
         raise ArtifactError(
-            f"checkpoint_dir {checkpoint_dir} {where} the output folder {out}, which the artifact replaces whole: "
-            "choose a checkpoint_dir outside it"
+            f"checkpoint_dir {checkpoint_dir} {where} the output folder {out}: the artifact replaces its folder "
+            "whole and a checkpoint folder holds the run's files alone; choose a checkpoint_dir apart from --out"
         )
 
 
 def default_output_folder(concepts: Sequence[str], method: str) -> Path:
     """``erased/<concept>[+<concept>...]-<method>``, each concept by its folder name
     (``pipelines.tokenizer.concept_folder``: distinct readings, distinct names); a list past 80 characters is cut
-    and marked with a hash of all the readings, so two long lists still differ."""
+    and marked ``__`` and a hash of all the readings, so two long lists still differ, and no list of concepts spells
+    a cut name (a concept's folder name holds no ``__``)."""
     name = "+".join(concept_folder(c) for c in concepts)
     if len(name) > 80:
-        digest = hashlib.sha256("\n".join(concept_text(c) for c in concepts).encode()).hexdigest()[:8]
-        name = f"{name[:71]}-{digest}"
+        digest = hashlib.sha256("\n".join(concept_text(c) for c in concepts).encode()).hexdigest()[:16]
+        name = f"{name[:62]}__{digest}"
     return Path("erased") / f"{name}-{method}"

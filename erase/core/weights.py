@@ -6,7 +6,7 @@ A LoRA is read back as ``pipe.load_lora_weights`` reads it: each module's change
 alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), ``r`` and ``alpha`` from the file's adapter metadata (peft's
 ``rank_pattern`` / ``alpha_pattern``, matched as peft matches them), ``scale = 1`` without metadata. What diffusers
 would read differently, or not at all, is refused: a key that is no LoRA factor of a listed module, factors that are
-not floating point or do not multiply, a rank other than the metadata's, DoRA, a bias.
+not floating point or do not multiply, a rank other than the metadata's, DoRA, a bias, modules to save whole.
 
 Installed, the change is added to the weights in place; the handle's ``remove()`` copies the saved original
 weights back, so the pipeline is restored bit for bit.
@@ -35,6 +35,10 @@ __all__ = ["WEIGHTS_KIND", "RestoredWeights", "WeightChange", "factor_products",
 #: diffusers' key of the adapter metadata in a LoRA file's safetensors header
 LORA_METADATA_KEY = "lora_adapter_metadata"
 LORA_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+#: peft adapter settings that make ``load_lora_weights`` do more than add ``scale * B @ A`` (whole modules saved
+#: beside the LoRA, a bias on B), or fail; diffusers builds its layers from the file's keys, so ``target_modules``,
+#: ``exclude_modules`` and ``layers_to_transform`` change nothing
+_UNMODELLED = ("modules_to_save", "lora_bias")
 
 
 def factor_products(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -131,6 +135,9 @@ def _lora_scales(path: Path, metadata: dict[str, str], ranks: dict[str, int]) ->
             raise ValueError(f"{where}: a DoRA adapter; erase applies plain LoRA only")
         if config.get("bias", "none") != "none":
             raise ValueError(f"{where}: a LoRA with biases ({config['bias']!r}); erase applies plain LoRA only")
+        for key in _UNMODELLED:
+            if config.get(key) not in (None, False, [], {}, ""):
+                raise ValueError(f"{where}: {key} is {config[key]!r}; erase applies plain LoRA only")
         rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
         if not isinstance(rank_pattern, dict) or not isinstance(alpha_pattern, dict):
             raise ValueError(f"{where}: rank_pattern and alpha_pattern must be objects")

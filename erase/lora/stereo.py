@@ -448,7 +448,7 @@ def _gallery(
     path = folder / f"round-{index}-gallery.safetensors" if folder else None
     if path is not None and path.exists():
         try:
-            t = read_tensors(path)
+            t = read_tensors(path, digest=True)
             return NoiseTargets(t["latents"], t["timesteps"], t["targets"], t["rows"]), t["eval_index"]
         except (ValueError, KeyError) as err:
             raise damaged_checkpoint(path, err) from None
@@ -457,7 +457,7 @@ def _gallery(
     generator = torch.Generator().manual_seed(_stream_seed(config.seed, concept, index, "gallery"))
     pairs, eval_index = original_noise_targets(target, prompts, generator, config.eval_pairs)
     if path is not None:
-        atomic_save_safetensors({**dataclasses.asdict(pairs), "eval_index": eval_index}, path)
+        atomic_save_safetensors({**dataclasses.asdict(pairs), "eval_index": eval_index}, path, digest=True)
     return pairs, eval_index
 
 
@@ -493,7 +493,7 @@ def _invert(
     curve: list[float] = []
     if path is not None and path.exists():
         try:
-            t = read_tensors(path)
+            t = read_tensors(path, digest=True)
             with torch.no_grad():
                 vector.copy_(t["vector"])
             curve = t["losses"].tolist()
@@ -511,7 +511,7 @@ def _invert(
             {"vector": vector.detach(), "losses": torch.tensor(curve, dtype=torch.float64),
              "generator": generator.get_state(), "step": torch.as_tensor(state["step"]).clone(),
              "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]},
-            path,
+            path, digest=True,
         )  # fmt: skip
 
     show = None if progress is None else not progress

@@ -57,7 +57,10 @@ adapters, Adam's state (safetensors tensors, hyperparameters in JSON), the gener
 the pool, and the adversary's state (its perturbations in force and any tensors it keeps): rerunning the same call
 continues from the last checkpoint and ends with the weights an uninterrupted run
 ends with; rerunning it with more ``steps`` trains a finished run further. Nothing is pickled. A checkpoint folder
-made by another run (other settings, concepts, base weights or number of processes) is refused.
+made by another run (other settings, concepts, base weights or number of processes) is refused. Each safetensors
+file of a checkpoint carries the digest of its contents, and ``state.json`` is checked against the step it is
+named for and the optimizer it restores: a damaged or changed checkpoint is named (``DamagedCheckpointError``, with
+what to do: rerun with ``restart``) before training, never found by a crash mid-run.
 
 Several processes
 -----------------
@@ -74,10 +77,13 @@ step, ``adversarial_every`` 1; with a longer period the other processes continue
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
+import math
+import re
 import resource
 import shutil
 import time
@@ -92,13 +98,16 @@ from tqdm.auto import tqdm
 
 from pipelines import LORA_TARGETS, TEXT_ENCODER_PREFIX, LoraAdapters, PipelineWrapper, PromptEncoding
 from pipelines.files import (
+    DIGEST_KEY,
     atomic_output,
     atomic_save_safetensors,
     atomic_write_json,
+    claim_folder,
     damaged_checkpoint,
     read_json_object,
     read_tensors,
     remove_stale_temporaries,
+    safetensors_digest,
     write_error,
 )
 
@@ -128,6 +137,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 _CHECKPOINT_PREFIX = "step-"
 _POOL_FILE = "pool.safetensors"
 _RUN_FILE = "run.json"
+_CHECKPOINT_NAME = re.compile(rf"{_CHECKPOINT_PREFIX}(\d{{8}})")
 
 
 @dataclass
@@ -430,7 +440,9 @@ def _clear_checkpoints(folder: Path) -> None:
 
 
 def _latest_checkpoint(folder: Path) -> Path | None:
-    found = sorted(p for p in folder.glob(f"{_CHECKPOINT_PREFIX}*") if (p / "state.json").is_file())
+    """The last ``step-NNNNNNNN`` entry of ``folder``; a complete checkpoint folder is the only thing the writer leaves
+    under that name, so whatever else it is is damaged (``_load_checkpoint`` names it)."""
+    found = sorted(p for p in folder.glob(f"{_CHECKPOINT_PREFIX}*") if _CHECKPOINT_NAME.fullmatch(p.name))
     return found[-1] if found else None
 
 
@@ -465,9 +477,10 @@ def _save_checkpoint(
         for key, value in values.items():
             tensors[f"state.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     state_json = json.dumps({**state, "param_groups": opt_state["param_groups"]}, indent=1).encode()
+    lora = {k: v.contiguous().cpu() for k, v in adapters.state_dict().items()}
     with atomic_output(final, folder=True) as tmp:  # a failed write leaves the last checkpoint as it was
-        save_file({k: v.contiguous().cpu() for k, v in adapters.state_dict().items()}, str(tmp / "lora.safetensors"))
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        save_file(lora, str(tmp / "lora.safetensors"), metadata={DIGEST_KEY: safetensors_digest(lora)})
+        save_file(tensors, str(tmp / "optimizer.safetensors"), metadata={DIGEST_KEY: safetensors_digest(tensors)})
         (tmp / "state.json").write_bytes(state_json)
     for old in folder.glob(f"{_CHECKPOINT_PREFIX}*"):
         if old != final:
@@ -487,12 +500,11 @@ def _load_checkpoint(
     file = path / "state.json"
     try:
         state = read_json_object(file)
-        if not isinstance(state.get("losses"), list) or not isinstance(state.get("seconds"), int | float):
-            raise ValueError("no losses or seconds")
+        _check_state(state, int(path.name.removeprefix(_CHECKPOINT_PREFIX)), optimizer)
         file = path / "lora.safetensors"
-        adapters.load_state_dict(read_tensors(file))
+        adapters.load_state_dict(read_tensors(file, digest=True))
         file = path / "optimizer.safetensors"
-        tensors = read_tensors(file)
+        tensors = read_tensors(file, digest=True)
         states = {name: tensors.pop(name) for name in list(tensors) if name.startswith("generator")}
         generator.set_state(states["generator" if rank == 0 else f"generator.{rank}"])
         for name in [n for n in tensors if n.startswith(("adversary.", "loss."))]:
@@ -508,6 +520,25 @@ def _load_checkpoint(
     except (ValueError, KeyError, TypeError, RuntimeError) as err:
         raise damaged_checkpoint(file, err) from None
     return state
+
+
+def _check_state(state: dict[str, Any], step: int, optimizer: torch.optim.Optimizer) -> None:
+    """``ValueError`` unless ``state.json`` is what ``_save_checkpoint`` writes for ``step``: one finite loss per step
+    so far, finite seconds, and the optimizer's own hyperparameters (they are fixed by the run's settings)."""
+    losses, seconds = state.get("losses"), state.get("seconds")
+    if not isinstance(losses, list) or not all(_is_finite_number(v) for v in losses):
+        raise ValueError("losses is not a list of finite numbers")
+    if state.get("step") != step or len(losses) != step:
+        raise ValueError(f"it is the checkpoint of step {step}, but records step {state.get('step')!r} and "
+                         f"{len(losses)} losses")  # fmt: skip
+    if not _is_finite_number(seconds) or seconds < 0:
+        raise ValueError(f"seconds {seconds!r} is not a time")
+    if state.get("param_groups") != json.loads(json.dumps(optimizer.state_dict()["param_groups"])):
+        raise ValueError("its param_groups are not this run's optimizer settings")
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
@@ -538,14 +569,40 @@ def train_lora(
     only resumed by the same run. ``progress`` shows the bar (``None``: only on a terminal). The returned edit's
     ``factors`` are the exact adapters and ``deltas`` their products; ``info`` records steps, the final loss, the
     mean loss of every 100 steps, wall time and peak memory.
+
+    The checkpoint folder is claimed for the run (``pipelines.files.claim_folder``, by process 0): a second run with
+    the same ``checkpoint_dir`` fails at once (``FolderInUseError``) instead of writing and dropping checkpoints
+    beside this one's.
     """
     from accelerate import Accelerator
 
     device = wrapper.device
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=config.mixed_precision)
-    processes, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    processes, rank = accelerator.num_processes, accelerator.process_index
     if processes > 1 and device != accelerator.device and device.type != "cpu":
         raise ValueError(f"process {rank} trains on {device}, but accelerate assigned it {accelerator.device}")
+    with contextlib.ExitStack() as hold:
+        if config.checkpoint_dir and accelerator.is_main_process:
+            hold.enter_context(claim_folder(config.checkpoint_dir, option="checkpoint_dir"))
+        return _train(wrapper, accelerator, pool_prompts, loss_fn, config, layers, run_key, progress, description,
+                      attacked)  # fmt: skip
+
+
+def _train(
+    wrapper: PipelineWrapper,
+    accelerator: Any,
+    pool_prompts: Sequence[str] | PromptEncoding,
+    loss_fn: LossFunction,
+    config: LoraTrainConfig,
+    layers: Sequence[str],
+    run_key: dict[str, Any],
+    progress: bool | None,
+    description: str,
+    attacked: Sequence[Sequence[str]] | None,
+) -> WeightEdit:
+    """``train_lora``'s run, under its claim on the checkpoint folder."""
+    device = wrapper.device
+    processes, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     folder = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     key = _run_key(wrapper, {**run_key, "processes": processes}, wrapper.lora_modules(layers))
     if folder is not None:
@@ -684,14 +741,28 @@ def _pool(
     path = folder / _POOL_FILE if folder else None
     if path is not None and path.exists():
         torch.randint(0, 2**31 - 1, (_prompt_count(prompts) * config.pool_images,), generator=generator)
-        try:
-            tensors = read_tensors(path)
-            return TrainingPool(tensors["latents"], tensors["timesteps"], tensors["owners"])
-        except (ValueError, KeyError) as err:
-            raise damaged_checkpoint(path, err) from None
+        return _read_pool(path, _prompt_count(prompts), config.pool_images)
     pool = sample_pool(wrapper, prompts, config, generator)
     if path is not None:
-        atomic_save_safetensors(pool.tensors(), path)
+        _save_pool(path, pool)
+    return pool
+
+
+def _save_pool(path: Path, pool: TrainingPool) -> None:
+    atomic_save_safetensors(pool.tensors(), path, digest=True)
+
+
+def _read_pool(path: Path, prompts: int, images: int) -> TrainingPool:
+    """The pool a checkpoint folder holds: ``images`` trajectories for each of ``prompts`` prompts, matching its
+    digest; ``DamagedCheckpointError`` naming the file otherwise."""
+    try:
+        tensors = read_tensors(path, digest=True)
+        pool = TrainingPool(tensors["latents"], tensors["timesteps"], tensors["owners"])
+        owners = torch.arange(prompts).repeat_interleave(images)
+        if not torch.equal(pool.owners, owners) or pool.latents.shape[:2] != (len(owners), len(pool.timesteps)):
+            raise ValueError(f"it is not a pool of {images} trajectories for each of {prompts} prompts")
+    except (ValueError, KeyError) as err:
+        raise damaged_checkpoint(path, err) from None
     return pool
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,14 +39,22 @@ from pipelines.files import read_json_object, read_tensors
 
 from ..core.payloads import PayloadKind, install_once, register_payload_kind
 from ..core.registry import get_method
-from .sae import SAE_FILE, SAE_METADATA, TopKSAE, load_sae, save_sae
+from .sae import SAE_FILE, SAE_METADATA, TopKSAE, load_sae, sae_quality_problems, save_sae
 
-__all__ = ["INTERVENTION_FILE", "INTERVENTION_KIND", "INTERVENTION_TENSORS", "SAEIntervention"]
+__all__ = [
+    "INTERVENTION_FILE",
+    "INTERVENTION_KIND",
+    "INTERVENTION_TENSORS",
+    "SAEIntervention",
+    "check_intervention_keys",
+]
 
 logger = logging.getLogger(__name__)
 
 INTERVENTION_FILE = "intervention.json"
 INTERVENTION_TENSORS = "intervention.safetensors"
+#: the keys of ``intervention.json``
+DESCRIPTION_KEYS = ("kind", "hook_point", "settings", "tables")
 
 
 @dataclass
@@ -120,18 +129,30 @@ class SAEIntervention:
 
     @classmethod
     def load(cls, folder: Path) -> SAEIntervention:
-        """Read the intervention files of an artifact folder; ``ValueError`` in one line when they are bad."""
+        """Read the intervention files of an artifact folder; ``ValueError`` in one line when they are bad: a key
+        ``intervention.json`` does not hold, tables other than it describes, an SAE trained at another hook point (or
+        recording none) or below the quality floor, or what the method's own check refuses."""
         path = folder / INTERVENTION_FILE
         description = read_json_object(path)
-        for key, kind in (("kind", str), ("hook_point", str), ("settings", dict)):
+        unknown = sorted(set(description) - set(DESCRIPTION_KEYS))
+        if unknown:
+            raise ValueError(f"{path}: {unknown[0]!r} is no key of an intervention ({', '.join(DESCRIPTION_KEYS)})")
+        for key, kind in (("kind", str), ("hook_point", str), ("settings", dict), ("tables", dict)):
             if not isinstance(description.get(key), kind):
                 raise ValueError(f"{path}: {key} must be a {kind.__name__}")
         tables = read_tensors(folder / INTERVENTION_TENSORS)
+        shapes = {name: list(tensor.shape) for name, tensor in tables.items()}
+        if description["tables"] != shapes:
+            raise ValueError(f"{path}: it describes the tables {description['tables']}, but {INTERVENTION_TENSORS} "
+                             f"holds {shapes}")  # fmt: skip
         sae, sae_meta = load_sae(folder)
-        trained_at = sae_meta.get("hook_point") if isinstance(sae_meta, dict) else None
-        if trained_at is not None and trained_at != description["hook_point"]:
+        trained_at = sae_meta.get("hook_point")
+        if trained_at != description["hook_point"]:
             raise ValueError(f"{path}: the hook point {description['hook_point']!r} is not the one its SAE was "
                              f"trained at ({trained_at!r})")  # fmt: skip
+        problems = sae_quality_problems(sae_meta)
+        if problems:
+            raise ValueError(f"{path}: its SAE is below the quality floor, no result to apply: {'; '.join(problems)}")
         method = get_method(description["kind"])
         if method.runtime_edit is None:
             raise ValueError(f"{path}: method {description['kind']!r} makes no runtime intervention")
@@ -140,6 +161,17 @@ class SAEIntervention:
         if method.check_intervention is not None:
             method.check_intervention(intervention)
         return intervention
+
+
+def check_intervention_keys(
+    intervention: SAEIntervention, settings: Collection[str], tables: Collection[str], where: str
+) -> None:
+    """``ValueError`` in one line naming a setting or table the method does not read: the artifact would claim an
+    edit that does not happen (a misspelt setting, a table of another method)."""
+    for what, found, known in (("setting", intervention.settings, settings), ("table", intervention.tables, tables)):
+        unknown = sorted(set(found) - set(known))
+        if unknown:
+            raise ValueError(f"{where} has no {what} {unknown[0]!r} (it reads {', '.join(known)})")
 
 
 class InterventionKind(PayloadKind):

@@ -47,7 +47,7 @@ from pipelines import PipelineWrapper
 
 from ..core.inputs import check_number_fields, check_number_values, check_templates, concept_key
 from ..core.registry import Capabilities, ConceptSpec, WeightEdit, register_method
-from .intervention import SAEIntervention
+from .intervention import SAEIntervention, check_intervention_keys
 from .sae import SAE_ARCHITECTURES_NOTE, resolve_sae
 
 __all__ = ["ItDConfig", "erase_itd", "itd_edit"]
@@ -56,6 +56,8 @@ logger = logging.getLogger(__name__)
 
 #: the per-prompt statistics of the reconstruction error the gate can threshold
 GATE_STATISTICS = ("mean", "max")
+#: the settings an itd intervention holds
+ITD_SETTINGS = ("scale", "threshold", "keep_error", "gate_statistic")
 
 
 @dataclass
@@ -147,6 +149,9 @@ def check_itd(intervention: SAEIntervention) -> None:
     features = intervention.tables.get("features")
     if features is None or features.dtype != torch.bool or tuple(features.shape) != (intervention.sae.latents,):
         raise ValueError(f"an itd intervention needs a boolean 'features' table of {intervention.sae.latents} latents")
+    check_intervention_keys(intervention, ITD_SETTINGS, ("features",), "an itd intervention")
+    if not features.any():
+        raise ValueError("an itd intervention that deactivates no feature changes nothing")
     if not intervention.hook_point.startswith("text_encoder"):
         raise ValueError(f"itd edits the text encoder: {intervention.hook_point!r} is not a text-encoder hook point")
     settings = intervention.settings

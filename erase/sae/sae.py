@@ -21,8 +21,8 @@ weights it was trained on, whatever that model is called.
 
 Quality floor (``sae_quality_problems``): an SAE whose fraction of variance unexplained on held-out tokens is 1 or
 more explains less than the activations' mean, and one trained on fewer tokens than it has features cannot have
-learnt them; neither is a result. ``build_sae`` refuses to save such an SAE unless forced, and a method reading one
-(``resolve_sae``) logs a warning.
+learnt them; neither is a result. ``build_sae`` refuses to save such an SAE unless forced (to look at it), and
+neither a method (``resolve_sae``) nor an artifact's intervention uses one.
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
@@ -296,20 +294,21 @@ def _checkpoint(folder, run_key, epoch, history, generator, sae, optimizer, sinc
         for key, value in state.items():
             tensors[f"adam.{i}.{key}"] = torch.as_tensor(value).cpu().contiguous()
     state = {"run": run_key, "epoch": epoch, "history": history}
-    atomic_save_safetensors(tensors, folder / _CHECKPOINT_FILE, metadata={"state": json.dumps(state)})
+    atomic_save_safetensors(tensors, folder / _CHECKPOINT_FILE, metadata={"state": json.dumps(state)}, digest=True)
 
 
 def _resume(folder, run_key, sae, optimizer, since_fired):  # noqa: ANN001, ANN202
-    """Restore a checkpoint: ``DamagedCheckpointError`` naming the file when it cannot be read back."""
+    """Restore a checkpoint: ``DamagedCheckpointError`` naming the file when it cannot be read back, or does not
+    match the digest of its tensors and state that it carries."""
     path = folder / _CHECKPOINT_FILE
     try:
+        tensors = read_tensors(path, digest=True)
         state = json.loads(read_safetensors_metadata(path)["state"])
         if not isinstance(state, dict) or not isinstance(state.get("history"), list):
             raise ValueError("its state is not a record of epochs")
         epoch = state["epoch"]
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch {epoch!r} is not a count")
-        tensors = read_tensors(path)
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch != len(state["history"]):
+            raise ValueError(f"epoch {epoch!r} is not the count of its {len(state['history'])} epochs")
     except (ValueError, KeyError) as err:
         raise damaged_checkpoint(path, err) from None
     if state.get("run") != run_key:
@@ -356,9 +355,11 @@ def load_sae(folder: str | Path) -> tuple[TopKSAE, dict[str, Any]]:
     if not meta_path.is_file() or not path.is_file():
         raise ValueError(f"{folder} is not an SAE folder (needs {SAE_METADATA} and {SAE_FILE})")
     meta = read_json_object(meta_path)
-    if not all(isinstance(meta.get(k), int) for k in ("d_in", "latents", "k")):
+    if not all(isinstance(meta.get(k), int) and not isinstance(meta[k], bool) for k in ("d_in", "latents", "k")):
         raise ValueError(f"{meta_path} lacks the SAE's sizes (d_in, latents, k)")
-    if meta.get("sha256") and file_sha256(path) != meta["sha256"]:
+    if not isinstance(meta.get("sha256"), str):
+        raise ValueError(f"{meta_path} records no sha256 of {SAE_FILE}: it cannot be checked")
+    if file_sha256(path) != meta["sha256"]:
         raise ValueError(f"{path} does not match the sha256 in {SAE_METADATA}: the file was changed")
     tensors = read_tensors(path)
     sae = TopKSAE(meta["d_in"], meta["latents"], meta["k"])
@@ -445,8 +446,9 @@ def resolve_sae(
     model, meta = load_sae(folder)
     problems = sae_quality_problems(meta)
     if problems:
-        logger.warning("the SAE in %s is below the quality floor: %s", folder, "; ".join(problems))
-    if meta.get("hook_point") not in (None, hook):
+        raise ValueError(f"the SAE in {folder} is below the quality floor, no result to use: {'; '.join(problems)}; "
+                         "train it on more prompts (scripts/train_sae.py)")  # fmt: skip
+    if meta.get("hook_point") != hook:
         raise ValueError(f"the SAE in {folder} reads {meta.get('hook_point')}, not {hook}")
     width = wrapper.hook_width(hook)
     if width != model.d_in:
@@ -483,12 +485,17 @@ def collect_activations(
         settings |= {"seed": seed, "steps": steps, "guidance": guidance}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"activations-{key}.safetensors" if cache_dir is not None else None
-    if path is not None and path.is_file():
+    if path is not None and path.exists():
         try:
+            cached = read_tensors(path, digest=True).get("activations")
+            if cached is None or cached.dim() != 2 or cached.dtype != torch.float16:
+                raise ValueError(f"{path} holds no float16 tokens x width activations")
+            if cached.shape[1] != wrapper.hook_width(hook):
+                raise ValueError(f"{path} holds activations of width {cached.shape[1]}, not {hook}'s")
             logger.info("reusing cached activations %s", path)
-            return load_file(str(path))["activations"].float()
-        except (OSError, SafetensorError, KeyError):
-            logger.warning("cached activations %s are unreadable; collecting again", path)
+            return cached.float()
+        except ValueError as err:  # a cache: what cannot be read back is collected again, and replaced
+            logger.warning("%s; collecting the activations again", err)
     if is_text:
         acts = wrapper.text_activations(hook, prompts, batch_size=max(batch_size, 64))[:, 1:]
         tokens = acts.reshape(-1, acts.shape[-1])
@@ -499,7 +506,7 @@ def collect_activations(
         tokens = acts.reshape(-1, acts.shape[-1])
     tokens = tokens.half()  # what the cache keeps: a rerun trains on the same numbers whether cached or not
     if path is not None:
-        atomic_save_safetensors({"activations": tokens}, path)
+        atomic_save_safetensors({"activations": tokens}, path, digest=True)
     return tokens.float()
 
 

@@ -53,12 +53,15 @@ from pipelines import PipelineWrapper
 
 from ..core.inputs import check_number_fields, check_number_values, check_templates, concept_key
 from ..core.registry import Capabilities, ConceptSpec, WeightEdit, register_method
-from .intervention import SAEIntervention
+from .intervention import SAEIntervention, check_intervention_keys
 from .sae import SAE_ARCHITECTURES_NOTE, resolve_sae
 
 __all__ = ["SAeUronConfig", "erase_saeuron", "saeuron_edit"]
 
 logger = logging.getLogger(__name__)
+
+#: the tables a saeuron intervention holds ("gate" only with a gate)
+SAEURON_TABLES = ("timesteps", "selected", "threshold", "factor", "gate")
 
 
 @dataclass
@@ -217,6 +220,18 @@ def check_saeuron(intervention: SAEIntervention) -> None:
         raise ValueError(f"a saeuron intervention's 'gate' table must have shape (concepts, {steps})")
     ranges = {"percentile": "(0, 100)", "multiplier": "< 0", "gate": "(0, 1] | null", "gate_steps": "int >= 1"}
     check_number_values(intervention.settings, ranges, "a saeuron intervention")
+    check_intervention_keys(intervention, ranges, SAEURON_TABLES, "a saeuron intervention")
+    for name in ("timesteps", "threshold", "factor", "gate"):
+        if name in tables and not torch.isfinite(tables[name]).all():
+            raise ValueError(f"a saeuron intervention's {name!r} table holds NaN or infinite values")
+    if not selected.any():
+        raise ValueError("a saeuron intervention that selects no feature at any timestep changes nothing")
+    if (tables["factor"][selected] > 0).any():
+        raise ValueError("a saeuron intervention's 'factor' must be <= 0 where a feature is selected (it damps them)")
+    if (intervention.settings["gate"] is None) != (gate is None):
+        raise ValueError("a saeuron intervention has a 'gate' table exactly when its gate setting is not null")
+    if gate is not None and (gate < 0).any():
+        raise ValueError("a saeuron intervention's 'gate' table must be >= 0 (a presence its images reach)")
 
 
 def _gate(ratio: float, own: torch.Tensor, rivals: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
+from pipelines.checks import check_config_fields, check_text_fields
 
 from .. import metrics as M
 from ..microworld import world
@@ -41,6 +42,7 @@ from ..probes import (
     probe_seed,
     probe_verdicts,
     split_accuracies,
+    world_concept,
     world_labels,
 )
 
@@ -246,7 +248,8 @@ def resolve_attacks(names: Sequence[str]) -> list[str]:
 
 def attack_configs(overrides: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """Configs of the named attacks with some fields changed (``{"noise_probe": {"candidates": 4}}``); ``ValueError``
-    in one line for an unknown attack or field, or a bad value."""
+    in one line for an unknown attack or field, or a bad value (every number, switch and text checked:
+    ``pipelines.checks.check_config_fields``, whatever the attack's own checks)."""
     configs = {}
     for name, fields in overrides.items():
         attack = get_attack(name)
@@ -255,7 +258,9 @@ def attack_configs(overrides: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]
         if unknown:
             raise ValueError(f"attack {name!r} has no setting {unknown[0]!r}; it has {', '.join(sorted(known))}")
         try:
+            check_text_fields(attack.config_class, fields)
             configs[name] = attack.config_class(**fields)
+            check_config_fields(configs[name])
         except TypeError as err:
             raise ValueError(f"attack {name!r}: {err}") from None
     return configs
@@ -342,23 +347,24 @@ def attack_probes(
     (:data:`evals.probes.PROMPT_FORMS`: the concept alone, with one other attribute, with both; random templates
     and other attributes) and is judged among its category; the prompt without the concept names the same other
     attributes, or is :data:`NEUTRAL_ALONE` when there are none. Any other concept gets generic prompts judged among
-    the label set ``"concept"``. ``split`` picks the seeds (:func:`evals.probes.probe_seed`): settings are tuned on
-    ``tune`` and reported on ``report``.
+    the label set ``"concept"``. A name is a world concept in any spelling :func:`evals.probes.world_concept` reads
+    ("a circle", "Van-Gogh"), as erase.py's check takes it. ``split`` picks the seeds
+    (:func:`evals.probes.probe_seed`): settings are tuned on ``tune`` and reported on ``report``.
     """
     if n < 1:
         raise ValueError(f"need at least one probe, got {n}")
     forms, split = check_forms(forms), check_split(split)
     rng = np.random.default_rng(seed)
-    try:
-        category, canonical = world.category_of(concept), world.canonical(concept)
-    except ValueError:
+    name = world_concept(concept)  # read as the check of scripts/erase.py reads it: "a circle", "Van-Gogh"
+    if name is None:
         pairs = [GENERIC_PAIRS[i % len(GENERIC_PAIRS)] for i in range(n)]
         return [AttackProbe(with_.format(concept), without, probe_seed(seed, i, split), concept, "concept")
                 for i, (with_, without) in enumerate(pairs)]  # fmt: skip
+    category, canonical = world.category_of(name), world.canonical(name)
     probes = []
     for i in range(n):
         form = forms[i % len(forms)]
-        text, named = form_prompt(category, concept, form, rng)
+        text, named = form_prompt(category, name, form, rng)
         neutral = world.prompt(**named) if named else NEUTRAL_ALONE
         probes.append(AttackProbe(text, neutral, probe_seed(seed, i, split), canonical, category, form))
     return probes
@@ -368,11 +374,9 @@ def attack_labels(concept: str, others: Sequence[str] = ()) -> dict[str, list[st
     """The zero-shot label sets an attacked concept's images are judged among: the micro world's categories for a
     world concept; otherwise one set ``"concept"``: the concept, ``others`` (say the erasure's preserved concepts)
     and :data:`GENERIC_ALTERNATIVES`."""
-    try:
-        world.category_of(concept)
+    if world_concept(concept) is not None:
         return world_labels()
-    except ValueError:
-        return {"concept": list(dict.fromkeys([concept, *others, *GENERIC_ALTERNATIVES]))}
+    return {"concept": list(dict.fromkeys([concept, *others, *GENERIC_ALTERNATIVES]))}
 
 
 def attack_success(
