@@ -12,6 +12,9 @@ Examples::
     python scripts/train_micro.py --preset cpu --device cpu --estimate
     # replay every run that made the shipped weights (README, runs table): about 9.5 h on 2 CPU cores
     python scripts/train_micro.py --recipe shipped --work .train/shipped
+    # world version 2 (the emblems, docs/design/world-100.md): the CLIP with its text tower, then the UNet on it,
+    # both from the shipped models (the VAE is kept); --estimate first prints what they cost
+    python scripts/train_micro.py --world-version 2 --init-from --work .train/micro-v2 --stages clip --estimate
 
 Every stage resumes from its checkpoint in --work; finished stages hand over through ``<work>/final/*.safetensors``.
 """
@@ -39,6 +42,7 @@ from evals.microworld.training import (  # noqa: E402
     Preset,
     evaluate_micro,
     export_micro,
+    final_metadata,
     import_micro,
     preset,
     save_final_clip,
@@ -77,8 +81,12 @@ def _override(p: Preset, args: argparse.Namespace) -> Preset:
             changes["time_limit_s"] = 60.0 * args.time_limit_min
         if stage == "clip" and args.clip_freeze_text_after is not None:
             changes["freeze_text_after"] = args.clip_freeze_text_after
-        elif stage == "clip" and args.init_from is not None:
-            changes["freeze_text_after"] = 0  # the imported UNet reads the text tower
+        elif stage == "clip" and args.init_from is not None and args.world_version < 2:
+            changes["freeze_text_after"] = 0  # the imported UNet reads the text tower (version 2 retrains the UNet)
+        if stage in ("clip", "unet"):
+            changes["world_version"] = args.world_version
+            if args.emblem_replay is not None:
+                changes["emblem_replay"] = args.emblem_replay
         if stage == "clip":
             clip_options = {
                 "augment_from": args.clip_augment_from,
@@ -102,8 +110,11 @@ def _steps_timer() -> tuple[dict, object]:
     return marks, callback
 
 
-def estimate(p: Preset, device: str, seed: int, workers: int, n_steps: int = 6) -> float:
-    """Run each training stage for a few steps in a scratch dir and extrapolate the preset's total wall time."""
+def estimate(
+    p: Preset, device: str, seed: int, workers: int, n_steps: int = 6, stages: tuple[str, ...] = STAGES
+) -> float:
+    """Run each training stage for a few steps in a scratch dir and extrapolate the wall time of ``stages`` at the
+    preset's settings (the clip and unet stages render the preset's world version)."""
     from evals.microworld import world
     from evals.microworld.training import final_path
 
@@ -112,16 +123,18 @@ def estimate(p: Preset, device: str, seed: int, workers: int, n_steps: int = 6) 
     with tempfile.TemporaryDirectory() as tmp:
         small = dict(steps=n_steps, warmup=1, pool_size=max(256, p.clip.batch_size), checkpoint_every_s=1e9)
         t = time.perf_counter()
-        world.render_dataset(range(2000), workers=workers)
+        world.render_dataset(range(2000), workers=workers, version=p.clip.world_version)
         render_s = (time.perf_counter() - t) / 2000 * (p.clip.pool_size + p.clip.heldout_size)
-        print(f"  pool rendering: ~{render_s / 60:.1f} min (once; cached in --work)")
+        print(f"  pool rendering (world version {p.clip.world_version}): ~{render_s / 60:.1f} min (once; cached)")
         total += render_s
         clip_cfg = dataclasses.replace(p.clip, **small, heldout_size=64, eval_every=10**9)
         model = train_micro_clip(clip_cfg, device=device, seed=seed, work_dir=tmp, callback=cb)
-        save_final_clip(model, clip_cfg.arch, tmp)
+        save_final_clip(model, clip_cfg.arch, tmp, world_version=clip_cfg.world_version)
         train_vae(dataclasses.replace(p.vae, **small), device=device, seed=seed, work_dir=tmp, callback=cb)
         train_unet(dataclasses.replace(p.unet, **small), device=device, seed=seed, work_dir=tmp, callback=cb)
         for stage, cfg in (("clip", p.clip), ("vae", p.vae), ("unet", p.unet)):
+            if stage not in stages:
+                continue
             m = marks[stage]
             per_step = (m[-1] - m[1]) / (len(m) - 2)  # skip the first step (lazy init, allocator warm-up)
             print(
@@ -140,7 +153,11 @@ def estimate(p: Preset, device: str, seed: int, workers: int, n_steps: int = 6) 
                 encode_pool_latents(vae, imgs, device)
             latent_s = (time.perf_counter() - t) / 512 * p.unet.pool_size
             print(f"  latent caching: {latent_s / 60:.1f} min")
-        total += latent_s
+        if "unet" in stages:
+            total += latent_s
+        if "eval" not in stages:
+            print(f"  estimated total of {','.join(s for s in STAGES if s in stages)}: {total / 3600:.2f} h")
+            return total
         export_micro(tmp, Path(tmp) / "sd", Path(tmp) / "clip_out")
         t = time.perf_counter()
         evaluate_micro(Path(tmp) / "sd", Path(tmp) / "clip_out", device=device, seed=seed, n_images=1, batch=1)
@@ -188,7 +205,7 @@ SHIPPED_RUNS: tuple[tuple[str, tuple[str, ...]], ...] = (
 #: Options (argparse dests) a recipe sets itself, run by run, and those every run of it shares.
 _RECIPE_SETS = ("stages", "init_from", "preset", "clip_steps", "clip_lr", "vae_steps", "vae_lr", "unet_steps",
                 "unet_lr", "clip_freeze_text_after", "clip_augment_from", "clip_warp_from", "clip_vae_from",
-                "clip_class_prompt_weight")  # fmt: skip
+                "clip_class_prompt_weight", "world_version", "emblem_replay")  # fmt: skip
 _RECIPE_SHARES = ("device", "seed", "workers", "max_steps", "pool_size", "batch_size", "eval_images", "eval_seed",
                   "eval_steps", "time_limit_min", "checkpoint_every_s")  # fmt: skip
 
@@ -283,6 +300,21 @@ def main(argv: list[str] | None = None) -> int:
         help="add the zero-shot classification loss (each image against every concept's one-attribute prompt) "
         "with this weight",
     )
+    ap.add_argument(
+        "--world-version",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="2: the micro world with emblems (docs/design/world-100.md): pools render them, captions name them, the "
+        "clip stage trains its text tower even from --init-from, and the unet stage follows it; the VAE is kept",
+    )
+    ap.add_argument(
+        "--emblem-replay",
+        type=float,
+        default=None,
+        help="with --world-version 2: share of every clip and unet batch drawn from scenes without an emblem "
+        "(default 0.5)",
+    )
     ap.add_argument("--pool-size", type=int, default=None, help="override the pool size (smoke tests)")
     ap.add_argument("--batch-size", type=int, default=None, help="override every stage's batch size")
     ap.add_argument("--eval-images", type=int, default=None, help="images per concept in the eval stage")
@@ -325,6 +357,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.init_from not in (None, []) and len(args.init_from) != 2:
         ap.error("--init-from takes no folder (the shipped models) or two: an SD pipeline folder and a CLIP folder")
     stages = [s for s in STAGES if s in requested]  # always in pipeline order, whatever order they were named in
+    if args.emblem_replay is not None and (args.world_version < 2 or not 0.0 <= args.emblem_replay <= 1.0):
+        ap.error(f"--emblem-replay takes a share in [0, 1] with --world-version 2, got {args.emblem_replay}")
+    if args.world_version >= 2 and "clip" in stages and "export" in stages and "unet" not in stages:
+        ap.error("--world-version 2 trains the CLIP's text tower: the unet stage has to follow it before an export")
+    if args.world_version >= 2 and "vae" in stages:
+        ap.error("--world-version 2 keeps the VAE (a new one would send the UNet back to scratch): leave out the vae "
+                 "stage and start from --init-from")  # fmt: skip
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -334,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"preset {args.preset} on {args.device}: stages {stages}, work dir {args.work}", flush=True)
 
     if args.estimate:
-        estimate(p, args.device, args.seed, args.workers)
+        estimate(p, args.device, args.seed, args.workers, stages=tuple(stages))
         return 0
 
     t_all = time.perf_counter()
@@ -345,6 +384,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             import_micro(args.work, *sources)
             print(f"imported {sources[0]} and {sources[1]} into {args.work}", flush=True)
+    if "unet" in stages and "clip" not in stages:
+        try:  # before rendering and encoding the pool
+            clip_version = final_metadata(args.work, "clip")["world_version"]
+        except FileNotFoundError:
+            clip_version = None
+        if clip_version not in (None, args.world_version):
+            ap.error(f"{args.work}'s CLIP is of world version {clip_version}: run its clip stage with "
+                     f"--world-version {args.world_version} before the unet stage")  # fmt: skip
     for stage in stages:
         t = time.perf_counter()
         print(f"== stage {stage}", flush=True)
@@ -360,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress=progress,
                 reconstruct=reconstruct,
             )
-            path = save_final_clip(model, p.clip.arch, args.work)
+            path = save_final_clip(model, p.clip.arch, args.work, world_version=p.clip.world_version)
             metrics = (args.work / "clip" / "metrics.json").read_text()
             print(f"micro CLIP -> {path}\n{metrics}", flush=True)
         elif stage == "vae":
@@ -369,7 +416,11 @@ def main(argv: list[str] | None = None) -> int:
         elif stage == "unet":
             train_unet(p.unet, device=args.device, seed=args.seed, work_dir=args.work, progress=progress)
         elif stage == "export":
-            sd, clip = export_micro(args.work, args.out_sd, args.out_clip)
+            try:
+                sd, clip = export_micro(args.work, args.out_sd, args.out_clip)
+            except (ValueError, FileNotFoundError) as err:
+                print(f"train_micro.py: error: {err}", file=sys.stderr)
+                return 2
             for folder in (sd, clip):
                 size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
                 print(f"exported {folder}: {size / 1e6:.2f} MB", flush=True)

@@ -25,7 +25,7 @@ from evals.microworld.clip import (
     zero_shot_accuracy,
 )
 from evals.microworld.sd_model import UNetArch, VAEArch
-from evals.microworld.train_utils import init_path
+from evals.microworld.train_utils import init_path, load_pool, replay_batch
 from evals.microworld.training import (
     UNetTrainConfig,
     VAETrainConfig,
@@ -90,6 +90,78 @@ def test_caption_consistency_is_multi_positive():
     assert m[0].tolist() == [True, False, False]  # "a red star" fits only scene 0
     assert m[1].tolist() == [True, True, False]  # both monet scenes
     assert m[2].tolist() == [True, False, True]  # a synonym of red fits both red scenes
+
+
+def test_caption_consistency_reads_emblems():
+    a, b = world.emblem_names()[:2]
+    scenes = [
+        world.Scene("star", "red", "monet", a),
+        world.Scene("star", "red", "monet", b),
+        world.Scene("star", "red", "monet"),
+    ]
+    synonym = world.emblem_of(a).synonyms[0]
+    m = caption_consistency([f"a red star with {synonym}", "a red star", "a red star"], scenes)
+    assert m[0].tolist() == [True, False, False]  # naming emblem a fits only the scene that shows it
+    assert m[1].all() and m[2].all()  # a caption that names no emblem fits a scene with or without one
+
+
+def test_replay_batch_draws_the_share_of_scenes_without_an_emblem():
+    has = np.array([False] * 10 + [True] * 30)
+    rng = np.random.default_rng(0)
+    idx = replay_batch(rng, has, 8, 0.25, replace=False)
+    assert len(set(idx)) == 8 and (~has[idx]).sum() == 2
+    assert (~has[replay_batch(rng, has, 64, 0.5, replace=True)]).sum() == 32
+    with pytest.raises(ValueError, match="larger pool"):
+        replay_batch(rng, has, 40, 0.5, replace=False)
+
+
+def test_version_2_pool_cache_keeps_the_emblem(tmp_path):
+    seeds = range(16)
+    images, scenes = load_pool(seeds, tmp_path, 1, tag="t", version=2)
+    again_images, again = load_pool(seeds, tmp_path, 1, tag="t", version=2)
+    assert again == scenes == [world.scene_of_seed(s, version=2) for s in seeds]
+    assert any(s.emblem for s in again) and np.array_equal(images, again_images)
+    _, v1 = load_pool(seeds, tmp_path, 1, tag="t")  # a cache of its own: version 1 scenes have no emblem
+    assert all(s.emblem is None for s in v1) and sorted(p.name for p in tmp_path.glob("*.json")) == [
+        "t-0-16-v2.json",
+        "t-0-16.json",
+    ]
+
+
+@pytest.mark.slow
+def test_version_2_clip_unet_and_export(work, tmp_path):
+    """The clip and unet stages of world version 2 (tiny): emblem captions, the held-out emblem read from its name,
+    a version-2 world.json on export, and an export refused when the UNet was trained on another text tower."""
+    import dataclasses
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    with pytest.raises(ValueError, match="world version 1"):  # a version-2 UNet on a version-1 text tower
+        train_unet(dataclasses.replace(TINY_UNET, world_version=2), device="cpu", seed=0, work_dir=work)
+    w2 = tmp_path / "v2"
+    (w2 / "final").mkdir(parents=True)
+    shutil.copy(final_path(work, "vae"), final_path(w2, "vae"))
+    clip_cfg = dataclasses.replace(TINY_CLIP, world_version=2, heldout_size=48)
+    model = train_micro_clip(clip_cfg, device="cpu", seed=0, work_dir=w2)
+    metrics = json.loads((w2 / "clip" / "metrics.json").read_text())
+    assert 0.0 <= metrics["heldout_zero_shot"]["emblem"] <= 1.0
+    assert any(
+        "emblem" in lab and lab["emblem"] for lab in json.loads((w2 / "pool" / "train-0-64-v2.json").read_text())
+    )
+    save_final_clip(model, clip_cfg.arch, w2, world_version=2)
+    train_unet(dataclasses.replace(TINY_UNET, world_version=2, steps=2), device="cpu", seed=0, work_dir=w2)
+    sd, _ = export_micro(w2, tmp_path / "sd", tmp_path / "clip")
+    spec = world.load_world_json(sd / "world.json")
+    assert spec["version"] == 2 and len(spec["emblem"]["concepts"]) == 120
+    # a text tower changed after the UNet was trained on it: the export is refused
+    tensors = load_file(str(final_path(w2, "clip")))
+    key = next(k for k in tensors if k.startswith("text_model.") and "weight" in k)
+    tensors[key] = tensors[key] + 0.01
+    save_file(tensors, str(final_path(w2, "clip")), metadata={"arch": json.dumps(dataclasses.asdict(clip_cfg.arch)),
+                                                            "world_version": "2"})  # fmt: skip
+    with pytest.raises(ValueError, match="another text tower"):
+        export_micro(w2, tmp_path / "sd2", tmp_path / "clip2")
 
 
 @pytest.mark.slow
@@ -341,3 +413,24 @@ def test_import_continues_exported_models(work, tmp_path):
     other = save_micro_clip(CLIPModel(micro_clip_config(TINY_CLIP.arch)), tmp_path / "other")
     with pytest.raises(ValueError, match="not trained together"):
         import_micro(tmp_path / "b", sd, other)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--emblem-replay", "0.3"], "--emblem-replay takes a share"),
+        (["--world-version", "2", "--emblem-replay", "1.5", "--stages", "clip"], "--emblem-replay takes a share"),
+        (["--world-version", "2", "--stages", "vae,clip,unet"], "keeps the VAE"),
+        (["--world-version", "2", "--stages", "clip,export"], "the unet stage has to follow"),
+        (["--world-version", "3"], "invalid choice"),
+    ],
+)
+def test_train_micro_refuses_bad_world_version_options(argv, message, tmp_path, capsys):
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_micro.py"
+    main = runpy.run_path(str(script), run_name="train_micro_script")["main"]
+    with pytest.raises(SystemExit) as refused:
+        main([*argv, "--work", str(tmp_path / "work")])
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()

@@ -39,6 +39,7 @@ from evals.microworld.train_utils import (
     load_initial_weights,
     load_pool,
     pool_seeds,
+    replay_batch,
     save_checkpoint,
     step_generator,
     step_rng,
@@ -141,6 +142,11 @@ class ClipTrainConfig:
     # that the judge reads right (the micro model's card, run 11).
     warp_from: int | None = None
     warp_amplitude: float = 0.1
+    # World version of the pool and captions. Version 2 (docs/design/world-100.md, stage 2) renders emblems on half
+    # the pool, names them in captions, trains the text tower even over an imported UNet (which the unet stage then
+    # retrains), and draws ``emblem_replay`` of every batch from scenes without an emblem.
+    world_version: int = 1
+    emblem_replay: float = 0.5
     checkpoint_every_s: float = 180.0
     time_limit_s: float | None = None
 
@@ -165,6 +171,9 @@ class ClipTrainConfig:
             raise ValueError(f"warp_amplitude must be in (0, 0.5], got {self.warp_amplitude}")
         if not 0 < self.vae_fraction <= 1 or self.vae_pool_size < 1:
             raise ValueError("vae_fraction must be in (0, 1] and vae_pool_size >= 1")
+        if self.world_version not in (1, 2) or not 0.0 <= self.emblem_replay <= 1.0:
+            raise ValueError(f"world_version must be 1 or 2 and emblem_replay in [0, 1], got {self.world_version}, "
+                             f"{self.emblem_replay}")  # fmt: skip
         if self.lr <= 0 or self.weight_decay < 0 or self.render_workers < 1 or self.heldout_size < 1:
             raise ValueError("lr > 0, weight_decay >= 0, render_workers >= 1, heldout_size >= 1 required")
 
@@ -290,13 +299,15 @@ def encode_images(
 def concept_text_embeddings(
     model: CLIPModel, tokenizer: CLIPTokenizer, category: str, device: str | torch.device
 ) -> tuple[list[str], torch.Tensor]:
-    """Zero-shot class embeddings for a category: each concept's mean over the world's one-attribute templates."""
+    """Zero-shot class embeddings for a category: each concept's mean over the world's one-attribute templates
+    (the emblems of version 2: their ``emblem`` templates)."""
     from evals.microworld import world
 
-    names = world.concepts(category)
+    names = world.emblem_names() if category == world.EMBLEM else world.concepts(category)
     rows = []
     for name in names:
-        n_templates = len(world.templates_for(**{c: c == category for c in world.CATEGORIES}, plain=name == "plain"))
+        named = {c: c == category for c in (*world.CATEGORIES, world.EMBLEM)}
+        n_templates = len(world.templates_for(**named, plain=name == "plain"))
         prompts = [world.prompt(**{category: name}, template=k) for k in range(n_templates)]
         rows.append(encode_texts(model, tokenizer, prompts, device).mean(0))
     return names, F.normalize(torch.stack(rows), dim=-1)
@@ -319,9 +330,15 @@ def zero_shot_predict(
 
 @torch.no_grad()
 def zero_shot_accuracy(
-    model: CLIPModel, tokenizer: CLIPTokenizer, images: np.ndarray, scenes: list, device: str | torch.device
+    model: CLIPModel,
+    tokenizer: CLIPTokenizer,
+    images: np.ndarray,
+    scenes: list,
+    device: str | torch.device,
+    emblems: bool = False,
 ) -> dict[str, float]:
-    """Per-category zero-shot accuracy of ``model`` on labelled images."""
+    """Per-category zero-shot accuracy of ``model`` on labelled images; with ``emblems``, also the emblem among the
+    120 on the images that show one (from its name alone: what risk 2 of docs/design/world-100.md checks)."""
     from evals.microworld import world
 
     was_training = model.training
@@ -331,6 +348,10 @@ def zero_shot_accuracy(
     for cat in world.CATEGORIES:
         pred = zero_shot_predict(model, tokenizer, images, cat, device, image_embeds=img)
         acc[cat] = float(np.mean([p == getattr(s, cat) for p, s in zip(pred, scenes, strict=True)]))
+    marked = [i for i, s in enumerate(scenes) if s.emblem is not None]
+    if emblems and marked:
+        pred = zero_shot_predict(model, tokenizer, None, world.EMBLEM, device, image_embeds=img[marked])
+        acc[world.EMBLEM] = float(np.mean([p == scenes[i].emblem for p, i in zip(pred, marked, strict=True)]))
     model.train(was_training)
     return acc
 
@@ -346,38 +367,46 @@ def _name_pattern(name: str) -> re.Pattern[str]:
 
 
 def _mentions(caption: str, scene) -> dict[str, str]:
-    """The attributes of ``scene`` that ``caption`` names (any synonym). Only the scene's own names are searched: a
-    caption is written for its scene, so this cannot mistake another concept's name for a mention."""
-    return dict(_mentions_cached(caption, scene.object, scene.colour, scene.style))
+    """The attributes of ``scene`` that ``caption`` names (any synonym; its emblem too, in version 2). Only the
+    scene's own names are searched: a caption is written for its scene, so this cannot mistake another concept's name
+    for a mention."""
+    return dict(_mentions_cached(caption, scene.object, scene.colour, scene.style, scene.emblem))
 
 
 @lru_cache(maxsize=1 << 18)
-def _mentions_cached(caption: str, object: str, colour: str, style: str) -> tuple[tuple[str, str], ...]:
+def _mentions_cached(
+    caption: str, object: str, colour: str, style: str, emblem: str | None = None
+) -> tuple[tuple[str, str], ...]:
     # Captions repeat across steps; caching the regex scan keeps it off the GPU step's critical path.
     from evals.microworld import world
 
-    scene = world.Scene(object, colour, style)
+    scene = world.Scene(object, colour, style, emblem)
     text = caption.lower()
     found = {}
     for cat in world.CATEGORIES:
         canon = getattr(scene, cat)
         if any(_name_pattern(n).search(text) for n in world.all_names(canon)):
             found[cat] = canon
+    if emblem is not None:
+        mark = world.emblem_of(emblem)
+        if any(_name_pattern(n).search(text) for n in (mark.name, *mark.synonyms)):
+            found[world.EMBLEM] = emblem
     return tuple(found.items())
 
 
 def caption_consistency(captions: list[str], scenes: list) -> np.ndarray:
     """Bool matrix M[i, j]: caption i (written for scene i) is consistent with scene j (every attribute it names
-    matches). The diagonal is always True."""
+    matches; a caption naming an emblem fits only the scenes with that emblem). The diagonal is always True."""
     from evals.microworld import world
 
     n = len(captions)
     mask = np.ones((n, n), dtype=bool)
-    for cat in world.CATEGORIES:
-        index = {name: k for k, name in enumerate(world.concepts(cat))}
-        lab = np.array([index[getattr(s, cat)] for s in scenes])
-        named = np.array([cat in _mentions(c, s) for c, s in zip(captions, scenes, strict=True)])
-        mask &= ~named[:, None] | (lab[:, None] == lab[None, :])
+    mentions = [_mentions(c, s) for c, s in zip(captions, scenes, strict=True)]
+    for cat in (*world.CATEGORIES, world.EMBLEM):
+        lab = np.unique([getattr(s, cat) or "" for s in scenes], return_inverse=True)[1]
+        named = np.array([cat in m for m in mentions])
+        if named.any():
+            mask &= ~named[:, None] | (lab[:, None] == lab[None, :])
     return mask
 
 
@@ -480,25 +509,36 @@ def train_micro_clip(
     if config.vae_from is not None and reconstruct is None:
         raise ValueError("config.vae_from is set but no reconstruct function was given")
     text_trains = config.freeze_text_after is None or config.freeze_text_after > start
-    if text_trains and final_path(work_dir, "unet").exists():
+    if text_trains and final_path(work_dir, "unet").exists() and config.world_version >= world.EMBLEM_VERSION:
+        # the emblem names are new words: the text tower has to learn them, and the unet stage retrains the UNet
+        # on it (export_micro refuses a UNet trained on another text tower)
+        logger.warning("the UNet in %s reads the text tower this stage changes: run the unet stage after it", work_dir)
+    elif text_trains and final_path(work_dir, "unet").exists():
         raise ValueError(
             f"{work_dir} holds a UNet that reads this CLIP's text tower: train only the vision side "
             f"(freeze_text_after <= {start}, --clip-freeze-text-after {start})"
         )
 
+    version = config.world_version
     images, scenes = load_pool(
-        pool_seeds(seed, config.pool_size), work_dir / "pool", config.render_workers, tag="train"
+        pool_seeds(seed, config.pool_size), work_dir / "pool", config.render_workers, tag="train", version=version
     )
     held_images, held_scenes = load_pool(
-        pool_seeds(seed, config.heldout_size, "heldout"), work_dir / "pool", config.render_workers, tag="heldout"
+        pool_seeds(seed, config.heldout_size, "heldout"),
+        work_dir / "pool",
+        config.render_workers,
+        tag="heldout",
+        version=version,
     )
+    emblems = version >= world.EMBLEM_VERSION
+    has_emblem = np.array([s.emblem is not None for s in scenes])
     pool = torch.from_numpy(images).to(device)
     # The same number of training images as held-out ones: their accuracy gap is how much the pool is memorised.
     seen = np.random.default_rng(seed).choice(len(scenes), size=min(len(scenes), len(held_scenes)), replace=False)
     seen_images, seen_scenes = images[seen], [scenes[i] for i in seen]
 
     # The held-out renders once more, degraded as generated samples are: how well the scorer reads imperfect images.
-    held_degraded = degrade(held_images, torch.Generator().manual_seed(seed + 1)).numpy()
+    held_degraded = degrade(held_images, torch.Generator().manual_seed(seed + 1), mirror=not emblems).numpy()
     # ... and with their shapes bent as a small UNet bends them (amplitude up to 0.1, see ``warp_from``)
     held_warped = warp_images(held_images, torch.Generator().manual_seed(seed + 2)).numpy()
     recon_pool, held_recon = None, None
@@ -507,14 +547,17 @@ def train_micro_clip(
         held_recon = reconstruct(held_images)
 
     def evaluate() -> dict[str, dict[str, float]]:
+        def accuracy(imgs: np.ndarray, labelled: list) -> dict[str, float]:
+            return zero_shot_accuracy(model, tokenizer, imgs, labelled, device, emblems)
+
         acc = {
-            "heldout_zero_shot": zero_shot_accuracy(model, tokenizer, held_images, held_scenes, device),
-            "heldout_degraded_zero_shot": zero_shot_accuracy(model, tokenizer, held_degraded, held_scenes, device),
-            "heldout_warped_zero_shot": zero_shot_accuracy(model, tokenizer, held_warped, held_scenes, device),
-            "train_pool_zero_shot": zero_shot_accuracy(model, tokenizer, seen_images, seen_scenes, device),
+            "heldout_zero_shot": accuracy(held_images, held_scenes),
+            "heldout_degraded_zero_shot": accuracy(held_degraded, held_scenes),
+            "heldout_warped_zero_shot": accuracy(held_warped, held_scenes),
+            "train_pool_zero_shot": accuracy(seen_images, seen_scenes),
         }
         if held_recon is not None:
-            acc["heldout_vae_zero_shot"] = zero_shot_accuracy(model, tokenizer, held_recon, held_scenes, device)
+            acc["heldout_vae_zero_shot"] = accuracy(held_recon, held_scenes)
         return acc
 
     evaluation: dict[str, dict[str, float]] = {}
@@ -531,7 +574,10 @@ def train_micro_clip(
             # Parameters without gradients are skipped by AdamW: the text tower stays bit-identical.
             model.text_model.requires_grad_(False)
         rng = step_rng(seed, step)
-        idx = rng.choice(len(scenes), size=config.batch_size, replace=False)
+        if emblems:
+            idx = replay_batch(rng, has_emblem, config.batch_size, config.emblem_replay, replace=False)
+        else:
+            idx = rng.choice(len(scenes), size=config.batch_size, replace=False)
         n_recon = 0
         if recon_pool is not None and step >= config.vae_from:
             # The batch's first n_recon images become reconstructions (of other pool images, drawn separately so
@@ -547,7 +593,8 @@ def train_micro_clip(
             warp_gen = step_generator(seed, step, "cpu", stream=5)
             batch_images = warp_images(batch_images.cpu(), warp_gen, config.warp_amplitude).to(device)
         if config.augment_from is not None and step >= config.augment_from:
-            batch_images = degrade(batch_images.cpu(), step_generator(seed, step, "cpu", stream=3)).to(device)
+            degrade_gen = step_generator(seed, step, "cpu", stream=3)
+            batch_images = degrade(batch_images.cpu(), degrade_gen, mirror=not emblems).to(device)
         if n_recon:
             recon = recon_pool[to_device(torch.from_numpy(idx[:n_recon]), device)]
             batch_images = torch.cat([recon, batch_images])

@@ -46,6 +46,7 @@ __all__ = [
     "SpeedMeter",
     "load_pool",
     "pool_seeds",
+    "replay_batch",
     "save_checkpoint",
     "step_generator",
     "step_rng",
@@ -333,17 +334,21 @@ def pool_seeds(seed: int, size: int, split: str = "train") -> list[int]:
 
 
 def load_pool(
-    seeds: Sequence[int], cache_dir: str | Path | None, workers: int, tag: str = "pool"
+    seeds: Sequence[int], cache_dir: str | Path | None, workers: int, tag: str = "pool", version: int | None = None
 ) -> tuple[np.ndarray, list[Any]]:
-    """Render the world images for ``seeds`` (multiprocess), cached as ``.npy`` + JSON labels in ``cache_dir``.
+    """Render the world images for ``seeds`` (multiprocess) in world ``version`` (default ``world.WORLD_VERSION``),
+    cached as ``.npy`` + JSON labels in ``cache_dir``.
 
-    The cache is keyed by the seed range, so a rerun (or the next stage in the same work dir) skips rendering.
-    Returns ``(uint8 images (N, 64, 64, 3), scenes)``.
+    The cache is keyed by the seed range (and the version, past 1), so a rerun (or the next stage in the same work
+    dir) skips rendering. A version-2 cache stores each scene's emblem (null when it has none) with its three other
+    labels. Returns ``(uint8 images (N, 64, 64, 3), scenes)``.
     """
     from evals.microworld import world  # late import: the world is only needed when a stage actually renders
 
     seeds = list(seeds)
-    key = f"{tag}-{seeds[0]}-{len(seeds)}"
+    version = world.WORLD_VERSION if version is None else version
+    emblems = version >= world.EMBLEM_VERSION
+    key = f"{tag}-{seeds[0]}-{len(seeds)}" + (f"-v{version}" if emblems else "")
     if cache_dir is not None:
         cache = Path(cache_dir)
         img_path, lab_path = cache / f"{key}.npy", cache / f"{key}.json"
@@ -353,12 +358,29 @@ def load_pool(
             if len(labels) == len(seeds) == len(images):
                 return images, [world.Scene(**lab) for lab in labels]
             logger.warning("pool cache %s is inconsistent; re-rendering", key)
-    images, scenes = world.render_dataset(seeds, workers=workers)
+    images, scenes = world.render_dataset(seeds, workers=workers, version=version)
     images = np.ascontiguousarray(images, dtype=np.uint8)
     if cache_dir is not None:
         atomic_save_npy(img_path, images)
-        atomic_write_json(lab_path, [s.labels() for s in scenes])
+        labels = [{**s.labels(), "emblem": s.emblem} if emblems else s.labels() for s in scenes]
+        atomic_write_json(lab_path, labels)
     return images, list(scenes)
+
+
+def replay_batch(
+    rng: np.random.Generator, has_emblem: np.ndarray, size: int, replay_share: float, replace: bool
+) -> np.ndarray:
+    """Pool indices of one version-2 batch: ``round(size * replay_share)`` scenes without an emblem (the replay of
+    the world the models know, docs/design/world-100.md) and the rest with one, each part drawn uniformly."""
+    if not 0.0 <= replay_share <= 1.0:
+        raise ValueError(f"replay_share must be in [0, 1], got {replay_share}")
+    n_free = round(size * replay_share)
+    parts = []
+    for pool, n in ((np.flatnonzero(~has_emblem), n_free), (np.flatnonzero(has_emblem), size - n_free)):
+        if n and (len(pool) == 0 or (not replace and len(pool) < n)):
+            raise ValueError(f"the pool has {len(pool)} scenes of a kind a batch needs {n} of: render a larger pool")
+        parts.append(pool[rng.choice(len(pool), size=n, replace=replace)] if n else pool[:0])
+    return np.concatenate(parts)
 
 
 def chunks(n: int, size: int) -> Iterable[slice]:

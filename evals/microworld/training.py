@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
+from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPTextModel
 
@@ -60,6 +61,7 @@ from evals.microworld.train_utils import (
     load_pool,
     load_weights,
     pool_seeds,
+    replay_batch,
     save_checkpoint,
     step_generator,
     step_rng,
@@ -77,7 +79,10 @@ __all__ = [
     "evaluate_micro",
     "export_micro",
     "declare_float32",
+    "final_metadata",
     "final_path",
+    "folder_vae_reconstructor",
+    "text_tower_digest",
     "import_micro",
     "load_final_clip",
     "load_final_unet",
@@ -137,12 +142,18 @@ class UNetTrainConfig:
     pool_size: int = 40_000
     render_workers: int = 1
     encode_batch: int = 256
+    # World version of the pool and captions; in version 2 ``emblem_replay`` of every batch are scenes without an
+    # emblem (the replay of the world the UNet knows), the rest carry one (docs/design/world-100.md, stage 3).
+    world_version: int = 1
+    emblem_replay: float = 0.5
     checkpoint_every_s: float = 180.0
     time_limit_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or not 0 <= self.warmup <= self.steps:
             raise ValueError("steps >= 1, batch_size >= 1 and 0 <= warmup <= steps required")
+        if self.world_version not in (1, 2) or not 0.0 <= self.emblem_replay <= 1.0:
+            raise ValueError("world_version must be 1 or 2 and emblem_replay in [0, 1]")
         if not 0.0 <= self.caption_dropout < 1.0 or not 0.0 < self.ema_decay < 1.0:
             raise ValueError("caption_dropout must be in [0, 1) and ema_decay in (0, 1)")
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
@@ -235,11 +246,21 @@ def _read_final(path: Path, device: str | torch.device) -> tuple[dict[str, torch
     return load_weights(path, device)
 
 
-def save_final_clip(model: CLIPModel, arch: ClipArch, work_dir: str | Path) -> Path:
-    """Save the trained CLIP as the clip stage's hand-over file."""
+def save_final_clip(model: CLIPModel, arch: ClipArch, work_dir: str | Path, world_version: int = 1) -> Path:
+    """Save the trained CLIP as the clip stage's hand-over file, with the world version it was trained on."""
     path = final_path(work_dir, "clip")
-    _save_final(model, path, {"arch": asdict(arch)})
+    _save_final(model, path, {"arch": asdict(arch), "world_version": world_version})
     return path
+
+
+def text_tower_digest(clip: CLIPModel) -> str:
+    """sha256 of the CLIP's text tower as the hand-over file stores it (fp16): which text encoder a UNet was trained
+    on, so that an export never pairs a UNet with a text tower trained after it."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(clip.text_model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def load_final_clip(work_dir: str | Path, device: str | torch.device = "cpu") -> tuple[CLIPModel, ClipArch]:
@@ -436,8 +457,15 @@ def train_unet(
     device = torch.device(device)
     work_dir = Path(work_dir)
     ckpt_dir = work_dir / "unet"
+    clip_version = final_metadata(work_dir, "clip")["world_version"]
+    if clip_version != config.world_version:
+        raise ValueError(
+            f"{work_dir}'s CLIP was trained on world version {clip_version}: a UNet of version {config.world_version} "
+            "reads a text tower of its own version (run the clip stage first)"
+        )
     clip, _ = load_final_clip(work_dir, device)
     text_encoder = _text_encoder_from_clip(clip)
+    text_digest = text_tower_digest(clip)
     del clip
     tokenizer = offline_clip_tokenizer()
     vae = load_final_vae(work_dir, device)
@@ -468,8 +496,14 @@ def train_unet(
 
     if start < config.steps:
         images, scenes = load_pool(
-            pool_seeds(seed, config.pool_size), work_dir / "pool", config.render_workers, tag="train"
+            pool_seeds(seed, config.pool_size),
+            work_dir / "pool",
+            config.render_workers,
+            tag="train",
+            version=config.world_version,
         )
+        emblems = config.world_version >= world.EMBLEM_VERSION
+        has_emblem = np.array([s.emblem is not None for s in scenes])
         with torch.no_grad(), autocast_context(device):
             lat_mean, lat_std = encode_pool_latents(vae, images, device, config.encode_batch, progress)
         del vae, images
@@ -484,7 +518,10 @@ def train_unet(
         bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="unet", disable=not progress)
         for step in bar:
             rng = step_rng(seed, step, stream=2)
-            idx_np = rng.integers(0, len(scenes), size=config.batch_size)
+            if emblems:
+                idx_np = replay_batch(rng, has_emblem, config.batch_size, config.emblem_replay, replace=True)
+            else:
+                idx_np = rng.integers(0, len(scenes), size=config.batch_size)
             drop = rng.random(config.batch_size) < config.caption_dropout
             captions = ["" if d else world.caption(scenes[i], rng) for i, d in zip(idx_np, drop, strict=True)]
             ids = to_device(tokenize(tokenizer, captions, pad_to_max=True, cache=token_cache), device)
@@ -540,6 +577,8 @@ def train_unet(
         "cross_attention_dim": cross_dim,
         "step": final_step,
         "complete": final_step >= config.steps,
+        "world_version": config.world_version,
+        "text_tower_sha256": text_digest,
     }
     _save_final(unet, final_path(work_dir, "unet"), meta)
     return unet
@@ -604,13 +643,43 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old)
 
 
+def final_metadata(work_dir: str | Path, stage: str) -> dict[str, Any]:
+    """The JSON metadata of a stage's hand-over file (``world_version`` 1 when it does not record one)."""
+    path = final_path(work_dir, stage)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the {stage} stage first")
+    with safe_open(str(path), framework="pt") as f:
+        return {"world_version": 1} | {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+
+
+def _check_pairing(work_dir: str | Path, clip: CLIPModel) -> int:
+    """The world version of ``work_dir``'s final CLIP and UNet; ValueError unless they share it and, for version 2,
+    the UNet was trained on this text tower (the clip stage of version 2 retrains it; the unet stage must follow)."""
+    clip_version = final_metadata(work_dir, "clip")["world_version"]
+    unet_meta = final_metadata(work_dir, "unet")
+    unet_version = unet_meta["world_version"]
+    if clip_version != unet_version:
+        raise ValueError(
+            f"{work_dir}'s CLIP is of world version {clip_version} and its UNet of version {unet_version}: "
+            "run the unet stage after the clip stage"
+        )
+    if unet_version >= 2 and unet_meta.get("text_tower_sha256") != text_tower_digest(clip):
+        raise ValueError(f"{work_dir}'s UNet was trained on another text tower than its CLIP's: run the unet stage")
+    return unet_version
+
+
 def export_micro(work_dir: str | Path, out_sd: str | Path, out_clip: str | Path) -> tuple[Path, Path]:
     """Assemble the shipped folders from the ``final/*`` files: the micro CLIP folder and the SD pipeline folder
-    (fp16 safetensors, SDE-DPM-Solver++ scheduler, no safety checker, ``world.json`` beside ``model_index.json``)."""
+    (fp16 safetensors, SDE-DPM-Solver++ scheduler, no safety checker, ``world.json`` beside ``model_index.json``, of
+    the world version the models were trained on).
+
+    A version-2 export writes the version-2 ``world.json``; ``world.WORLD_VERSION``, ``CATEGORIES`` and the name
+    look-ups stay version 1 until such a model is shipped (docs/design/world-100.md, stage 8)."""
     from evals.microworld import world
 
     out_sd, out_clip = Path(out_sd), Path(out_clip)
     clip, _ = load_final_clip(work_dir)
+    version = _check_pairing(work_dir, clip)
     tmp_clip = out_clip.with_name(f".{out_clip.name}.tmp")
     shutil.rmtree(tmp_clip, ignore_errors=True)
     save_micro_clip(clip, tmp_clip)
@@ -634,7 +703,7 @@ def export_micro(work_dir: str | Path, out_sd: str | Path, out_clip: str | Path)
     pipe.save_pretrained(tmp_sd, safe_serialization=True)
     save_compact_tokenizer(tmp_sd / "tokenizer")
     declare_float32(tmp_sd / "text_encoder" / "config.json")
-    world.write_world_json(tmp_sd / "world.json")
+    world.write_world_json(tmp_sd / "world.json", version=version)
     _replace_dir(tmp_sd, out_sd)
     return out_sd, out_clip
 
@@ -717,7 +786,12 @@ def import_micro(work_dir: str | Path, sd_path: str | Path, clip_path: str | Pat
     if any(not torch.equal(v, clip_text[k]) for k, v in text_encoder.state_dict().items()):
         raise ValueError(f"{clip_path}'s text tower is not {sd_path}'s text encoder: they were not trained together")
     source = {"imported_from": {"sd": str(sd_path), "clip": str(clip_path)}}
-    unet_meta = {"arch": archs["unet"], "cross_attention_dim": unet.config.cross_attention_dim, "step": 0}
+    unet_meta = {
+        "arch": archs["unet"],
+        "cross_attention_dim": unet.config.cross_attention_dim,
+        "step": 0,
+        "text_tower_sha256": text_tower_digest(clip),
+    }
     _save_final(vae, final_path(work_dir, "vae"), {"arch": archs["vae"], "scaling_factor": vae.config.scaling_factor})
     # init/unet last: its presence marks a finished import (train_micro.py --init-from resumes on it)
     for path in (final_path(work_dir, "clip"), init_path(work_dir, "clip")):
@@ -765,11 +839,32 @@ def vae_reconstructor(
     file and the images (reconstructing 20k images takes minutes on a CPU; a resumed stage should not redo it)."""
     work_dir = Path(work_dir)
     vae = load_final_vae(work_dir, device)
-    vae_digest = hashlib.sha256(final_path(work_dir, "vae").read_bytes()).digest()
+    return _cached_reconstructor(vae, final_path(work_dir, "vae"), work_dir / "pool", device, progress)
+
+
+def folder_vae_reconstructor(
+    vae_folder: str | Path, cache_dir: str | Path | None, device: str | torch.device, progress: bool = False
+) -> Callable[[np.ndarray], np.ndarray]:
+    """:func:`vae_roundtrip` through a diffusers VAE folder (e.g. ``pipelines/micro/vae``), cached in ``cache_dir``
+    (when given) as :func:`vae_reconstructor` caches it (the judge trains on the shipped VAE's reconstructions)."""
+    vae_folder = Path(vae_folder)
+    weights = sorted(vae_folder.glob("*.safetensors"))
+    if not (vae_folder / "config.json").is_file() or not weights:
+        raise FileNotFoundError(f"{vae_folder} is not a diffusers VAE folder (config.json and *.safetensors)")
+    vae = AutoencoderKL.from_pretrained(vae_folder, dtype=torch.float32).to(device).eval()
+    return _cached_reconstructor(vae, weights[0], None if cache_dir is None else Path(cache_dir), device, progress)
+
+
+def _cached_reconstructor(
+    vae: AutoencoderKL, weights: Path, cache_dir: Path | None, device: str | torch.device, progress: bool
+) -> Callable[[np.ndarray], np.ndarray]:
+    vae_digest = hashlib.sha256(weights.read_bytes()).digest()
 
     def reconstruct(images: np.ndarray) -> np.ndarray:
+        if cache_dir is None:
+            return vae_roundtrip(vae, images, device, progress=progress)
         key = hashlib.sha256(vae_digest + np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
-        path = work_dir / "pool" / f"vae-recon-{len(images)}-{key}.npy"
+        path = cache_dir / f"vae-recon-{len(images)}-{key}.npy"
         if path.exists():
             recon = np.load(path, allow_pickle=False)
             if recon.shape == images.shape:
