@@ -377,7 +377,12 @@ def test_pickle_checkpoint_and_unloadable_scorer_are_one_line(main, prompts, tmp
         raise RuntimeError("Failed to download weights for tag 'openai': cannot reach the hub\nmore detail")
 
     monkeypatch.setattr(open_clip, "create_model_and_transforms", offline)
-    assert main([*base, "--scorer", "open_clip:ViT-B-32/openai"]) == 2
+    monkeypatch.setattr("evals.scorer._open_clip_cached", lambda repo_id, filename: False)
+    assert main([*base, "--scorer", "open_clip:ViT-B-32/openai"]) == 2  # offline and not cached: said before open_clip
+    line = _one_error(capsys)
+    assert line.startswith("error: the CLIP scorer 'open_clip:ViT-B-32/openai' is not in the local cache")
+    monkeypatch.setattr("evals.scorer._open_clip_cached", lambda repo_id, filename: True)
+    assert main([*base, "--scorer", "open_clip:ViT-B-32/openai"]) == 2  # cached, yet open_clip fails: its reason
     line = _one_error(capsys)
     assert line.startswith("error: cannot load the CLIP scorer 'open_clip:ViT-B-32/openai': Failed to download")
     assert not out.exists()

@@ -256,7 +256,9 @@ def test_open_clip_pickle_checkpoints_are_refused_before_loading(tmp_path: Path,
     assert not marker.exists()
     with pytest.raises(ValueError, match="unknown open_clip model 'no-such-model'"):
         ClipScorer.from_pretrained("open_clip:no-such-model/openai")
-    # a safetensors file and a known tag go on to open_clip (which reads safetensors without unpickling)
+    # a safetensors file and a known tag whose weights are cached go on to open_clip (which reads safetensors
+    # without unpickling)
+    monkeypatch.setattr("evals.scorer._open_clip_cached", lambda repo_id, filename: True)
     (tmp_path / "weights.safetensors").write_bytes(b"{}")
     for pretrained in (str(tmp_path / "weights.safetensors"), "openai"):
         with pytest.raises(_Built, match=pretrained):
