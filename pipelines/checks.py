@@ -17,6 +17,7 @@ import re
 from collections.abc import Mapping
 
 __all__ = [
+    "SEED_RANGE",
     "check_config_fields",
     "check_number",
     "check_number_fields",
@@ -27,6 +28,11 @@ __all__ = [
     "number_kind",
     "text_kind",
 ]
+
+#: The range of every seed a user sets (``--seed``, a config's ``seed`` or ``*_seed``): 32 bits, as numpy's legacy
+#: seeding takes. Seeds are derived from it (``seed * 1_000_003 + index`` for probes, sums for streams) and a torch
+#: generator refuses one past 64 bits only when the first image is drawn, after the model loaded and the work began.
+SEED_RANGE = "[0, 4294967295]"
 
 #: A range as configs write it: ``"> 0"``, ``">= 1"``, ``"< 0"``, ``"<= 0"``, or an interval ``"(0, 1]"``.
 _BOUND = re.compile(r"^(>=|>|<=|<)\s*(-?[\d.e+-]+)$")
@@ -104,7 +110,8 @@ def number_kind(annotation: object) -> tuple[str, bool] | None:
 def check_number_fields(config: object, ranges: Mapping[str, str] | None = None) -> None:
     """Check every number of the dataclass ``config``: each field annotated ``int``, ``float`` (``| None``) or a
     tuple of them with :func:`check_number` in its range (``ranges``, default the class's ``NUMBER_RANGES``; an
-    unranged number must still be finite), and each ``bool`` field is a bool. ``ValueError`` names the first bad
+    unranged number must still be finite; an integer ``seed`` or ``*_seed`` also in :data:`SEED_RANGE`), and each
+    ``bool`` field is a bool. ``ValueError`` names the first bad
     field."""
     ranges = dict(getattr(type(config), "NUMBER_RANGES", {}) if ranges is None else ranges)
     kinds = {f.name: number_kind(f.type) for f in dataclasses.fields(config)}
@@ -125,6 +132,8 @@ def check_number_fields(config: object, ranges: Mapping[str, str] | None = None)
                 check_number(f"{name}[{i}]", item, spec, integer=kind[0] == "int[]")
         else:
             check_number(name, value, spec, integer=kind[0] == "int", optional=kind[1])
+            if _is_seed(name) and kind[0] == "int":  # whatever the config's own range says
+                check_number(name, value, SEED_RANGE, integer=True, optional=kind[1])
 
 
 def text_kind(annotation: object) -> tuple[str, bool] | None:
@@ -185,9 +194,20 @@ def check_number_values(values: Mapping[str, object], ranges: Mapping[str, str],
             raise ValueError(f"{where}: {err}") from None
 
 
+def _is_seed(name: str) -> bool:
+    return name == "seed" or name.endswith("_seed")
+
+
 def check_option_minimums(args: object, minimums: dict[str, float]) -> None:
     """``ValueError`` naming the first command-line option (an ``argparse`` attribute) below its minimum or not
-    finite, as ``--option-name must be >= minimum, got value``; options left unset (``None``) pass."""
+    finite, as ``--option-name must be >= minimum, got value``; options left unset (``None``) pass. Every seed
+    option (``--seed``, ``--*-seed``) is checked too, listed or not: an integer in :data:`SEED_RANGE`."""
+    for name, value in sorted(vars(args).items()):
+        if _is_seed(name) and value is not None:
+            try:
+                check_number(name, value, SEED_RANGE, integer=True)
+            except ValueError:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer in {SEED_RANGE}, got {value}") from None
     for name, minimum in minimums.items():
         value = getattr(args, name)
         try:
