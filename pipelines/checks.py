@@ -207,7 +207,8 @@ def check_option_minimums(args: object, minimums: dict[str, float]) -> None:
             try:
                 check_number(name, value, SEED_RANGE, integer=True)
             except ValueError:
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer in {SEED_RANGE}, got {value}") from None
+                option = f"--{name.replace('_', '-')}"
+                raise ValueError(f"{option} must be an integer in {SEED_RANGE}, got {value}") from None
     for name, minimum in minimums.items():
         value = getattr(args, name)
         try:
