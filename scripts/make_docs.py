@@ -230,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = Path(args.root)
     stale = []
+    if not doc_files(root):  # else --check passes having checked nothing
+        print(f"error: {root} holds no documentation to render ({', '.join(DOC_FILES)}): is --root a checkout of "
+              "erase?", file=sys.stderr)  # fmt: skip
+        return 2
     try:
         for path in doc_files(root):
             text = path.read_text()
