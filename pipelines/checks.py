@@ -11,10 +11,13 @@ both kinds; the shared paths that build a config from user settings call it, so 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import re
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 
 __all__ = [
     "SEED_RANGE",
@@ -26,6 +29,7 @@ __all__ = [
     "check_text_fields",
     "error_line",
     "number_kind",
+    "run_script",
     "text_kind",
 ]
 
@@ -46,6 +50,30 @@ def error_line(err: BaseException) -> str:
         return f"{err.filename}: {err.strerror or err}"
     text = str(err.args[0] if isinstance(err, KeyError) and err.args else err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def run_script(main: Callable[[], int | None]) -> int:
+    """A script's ``main()`` and its exit code, its output made safe to write: a character standard output cannot
+    encode (``LC_ALL=C``, ``PYTHONIOENCODING=ascii``) is written escaped, not a ``UnicodeEncodeError``; a reader that
+    went away (``| head``) ends the script quietly with exit 1; any other file error that reaches here (standard
+    output on a full disk) is one ``error:`` line and exit 1, not a traceback after the work is done."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # None (closed), or a stream of another kind
+            stream.reconfigure(errors="backslashreplace")
+    try:
+        code = main()
+        if sys.stdout is not None:
+            sys.stdout.flush()  # here, not at exit, where a failed flush is a message Python prints itself
+    except BrokenPipeError:
+        with contextlib.suppress(OSError, AttributeError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit fails no more
+        return 1
+    except OSError as err:
+        with contextlib.suppress(OSError, AttributeError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"error: {error_line(err) if err.filename is not None else err.strerror or err}", file=sys.stderr)
+        return 1
+    return code if isinstance(code, int) else 0
 
 
 def _in_range(value: float, spec: str) -> bool:

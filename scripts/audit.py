@@ -34,6 +34,7 @@ import sys
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 
 from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS  # noqa: E402
+from pipelines.checks import run_script  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 
@@ -216,4 +217,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -39,6 +39,8 @@ from pathlib import Path
 # import path.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 
+from pipelines.checks import run_script  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = ("README.md", "pipelines/micro/README.md", "pipelines/saes/README.md", "docs/*.md")
 BLOCK = re.compile(r"(<!-- table: (\w+) (\S+) -->\n)(.*?)(<!-- end table -->)", re.DOTALL)
@@ -260,4 +262,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -30,6 +30,9 @@ from collections import Counter
 
 # scripts/erase.py would shadow the erase package: drop this folder from the import path.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+
+from pipelines.checks import run_script  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
@@ -239,4 +242,4 @@ def form_figures(group: list[Probe], flags: dict[str, list[bool]]) -> tuple[dict
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -51,7 +51,7 @@ from evals.microworld.training import (  # noqa: E402
     vae_reconstructor,
 )
 from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, micro_model_path  # noqa: E402
-from pipelines.checks import check_option_minimums  # noqa: E402
+from pipelines.checks import check_option_minimums, run_script  # noqa: E402
 
 # The VAE comes first: the CLIP can train on its reconstructions (--clip-vae-from); the two are otherwise independent.
 STAGES = ("vae", "clip", "unet", "export", "eval")
@@ -460,4 +460,4 @@ def _fmt(acc: dict[str, float | None]) -> str:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(run_script(main))

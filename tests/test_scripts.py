@@ -177,3 +177,38 @@ def test_benchmark_and_world_scripts_refuse_bad_input_in_one_line(script, args, 
     err = capsys.readouterr().err.strip()
     assert refused.value.code == 2 and err.splitlines()[-1].startswith(f"{script}: error:"), err
     assert message in err.splitlines()[-1], err
+
+
+def test_run_script_writes_a_failed_output_in_one_line_escapes_what_it_cannot_encode_and_ends_quietly_on_a_pipe(
+    monkeypatch, capsys
+):
+    """A script's output that cannot be written (a full disk: ``>/dev/full``), or encoded (``LC_ALL=C``), was a
+    traceback after the work was done (the artifact saved, the audit finished)."""
+    import errno
+    import io
+
+    from pipelines.checks import run_script
+
+    class Full(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(Full()))
+    assert run_script(lambda: print("Erased 'van gogh'") or 0) == 1
+    assert capsys.readouterr().err == "error: No space left on device\n"
+
+    ascii_out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", ascii_out)
+    assert run_script(lambda: print("Erased 'café'") or 0) == 0  # a UnicodeEncodeError after the work
+    ascii_out.seek(0)
+    assert ascii_out.read() == "Erased 'caf\\xe9'\n"
+
+    def gone() -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BytesIO()))  # no file number: nothing to redirect
+    assert run_script(gone) == 1
+    assert run_script(lambda: 2) == 2 and run_script(lambda: None) == 0
