@@ -418,7 +418,7 @@ def run_erase(
             extra_files[KOHYA_FILE] = kohya_bytes(artifact, wrapper)
         folder = save_artifact(artifact, folder, wrapper, overwrite=overwrite, extra_files=extra_files)
     weight_format = json.loads((folder / METADATA_FILE).read_text())["weight_format"]
-    load_code = f'handle = erase.load(pipe, "{folder}")'
+    load_code = f"handle = erase.load(pipe, {json.dumps(str(folder), ensure_ascii=False)})"  # quotes, newlines escaped
     relative = sorted(artifact.info.get("relative_change", {}).values()) or [0.0]  # a runtime edit changes none
     return EraseSummary(
         concepts=list(concept_spec.targets),

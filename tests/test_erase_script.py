@@ -204,3 +204,15 @@ def test_an_edit_larger_than_the_weights_is_one_warning_line_beside_the_json_sum
     warnings = json.loads(out)["warnings"]
     assert code == 0 and len(warnings) == 1 and "larger than the weights" in warnings[0] and "median " in warnings[0]
     assert err.splitlines() == [f"warning: {warnings[0]}"], err
+
+
+def test_the_printed_load_line_is_python_whatever_the_folder_is_named(tmp_path, capsys):
+    """A folder named with a quote, a backslash or a newline printed a load line that was no Python string."""
+    import ast
+
+    out = tmp_path / 'odd "name"\\ with\na newline'
+    code, printed, err = run_in_process(capsys, "--model", "tiny", "--concept", "van gogh", "--no-check", "--json",
+                                        "--out", str(out))  # fmt: skip
+    assert code == 0, err
+    call = ast.parse(json.loads(printed)["load_code"]).body[0].value
+    assert ast.literal_eval(call.args[1]) == str(out) and (out / "erasure.json").is_file()
