@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from erase.workflow import audit_models
     from evals.audit import (
         AuditError,
+        check_audit_folder,
         check_output_folder,
         generation_summary,
         per_concept_table,
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         main_process = state.is_main_process
         device = device or state.device
         check_output_folder(args.out)
+        check_audit_folder(args.out)
         if main_process:  # the processes of one launch write one audit together
             claim.enter_context(claim_folder(args.out))
         attacks = []
