@@ -41,7 +41,7 @@ import erase  # noqa: E402
 from erase.closed_form.speed import SPEEDConfig, speed_terms, speed_update  # noqa: E402
 from erase.closed_form.uce import concept_embeddings, edit_from_update, uce_update  # noqa: E402
 from erase.core.inputs import check_option_minimums, error_line  # noqa: E402
-from erase.core.layout import check_writable_folder  # noqa: E402
+from erase.core.layout import check_result_file, check_writable_folder  # noqa: E402
 from erase.core.registry import forget_base_records  # noqa: E402
 from erase.workflow import erasure_settings  # noqa: E402
 from pipelines import load_pipeline, resolve_device, wrap_pipeline  # noqa: E402
@@ -175,6 +175,7 @@ def main() -> None:
             check_writable_folder(args.save_sd14)
         if args.json:
             check_writable_folder(os.path.dirname(os.path.abspath(args.json)))
+            check_result_file(args.json, "--json", ("threads", "breakdown"))
     except (ValueError, OSError) as err:
         parser.error(error_line(err))
     torch.set_num_threads(args.threads)

@@ -47,6 +47,7 @@ from erase.core.inputs import (  # noqa: E402
     error_line,
     parse_config_overrides,
 )
+from erase.core.layout import check_result_file  # noqa: E402
 from erase.workflow import erasure_settings, micro_world_name  # noqa: E402
 from evals.metrics import wilson_interval  # noqa: E402
 from evals.microworld import world  # noqa: E402
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         args.concept = [micro_world_name(c, "concept to erase", outside=None) for c in args.concept]
         if args.json:
             check_writable_file(args.json)
+            check_result_file(args.json, "--json", ("schema_version", "concepts", "groups"))
         device = resolve_device(args.device)
         wrapper = load_pipeline("micro", device=device)
         # the settings scripts/erase.py uses for the same options

@@ -212,3 +212,20 @@ def test_run_script_writes_a_failed_output_in_one_line_escapes_what_it_cannot_en
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BytesIO()))  # no file number: nothing to redirect
     assert run_script(gone) == 1
     assert run_script(lambda: 2) == 2 and run_script(lambda: None) == 0
+
+
+@pytest.mark.parametrize("script", ["measure_erasure.py", "bench_uce.py"])
+def test_a_result_file_that_is_not_an_earlier_result_is_never_replaced(script, tmp_path, capsys, monkeypatch):
+    """``measure_erasure.py --json <an artifact's erasure.json>`` replaced it with the measurement, after it."""
+    target = tmp_path / "erasure.json"
+    target.write_text('{"schema_version": 2, "method": "uce"}')
+    main = runpy.run_path(str(ROOT / "scripts" / script), run_name=f"{Path(script).stem}_script")["main"]
+    args = {"measure_erasure.py": ["--concept", "van gogh", "--images", "1"], "bench_uce.py": ["--skip-sd14"]}
+    monkeypatch.setattr(sys, "argv", [script, *args[script], "--json", str(target)])
+    try:
+        code = main()
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "is not an earlier result of this command" in err[-1], err
+    assert target.read_text() == '{"schema_version": 2, "method": "uce"}'
