@@ -223,6 +223,22 @@ class PipelineWrapper:
         """The text encoder's input token embeddings, ``(vocab, width)``, detached (read it, do not write it)."""
         return text.token_embedding_matrix(self.pipe)
 
+    def slot_token_ids(self) -> torch.Tensor:
+        """The tokens a slot of :meth:`encode_with_vectors` can hold as their text encodes
+        (:func:`text.slot_token_ids`: every token, or on SD3/Flux those every tokenizer reads as one)."""
+        return text.slot_token_ids(self.pipe)
+
+    def token_rows(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """What a slot of :meth:`encode_with_vectors` holds to encode as each token of ``ids``
+        (:func:`text.token_rows`: rows of :meth:`token_embedding_matrix`, or on SD3/Flux every text encoder's rows
+        side by side)."""
+        return text.token_rows(self.pipe, ids)
+
+    def start_tokens(self, component: str | None = None) -> int:
+        """Tokens a text encoder's tokenizer (by default the position tokenizer's) puts before the first word: 1
+        (CLIP's BOS) or 0 (T5)."""
+        return text.start_tokens(self.pipe, component)
+
     def special_token_ids(self) -> set[int]:
         """The tokenizer's special token ids (start, end, padding, unknown)."""
         return text.special_token_ids(self.pipe)
