@@ -42,6 +42,7 @@ __all__ = [
     "start_tokens",
     "token_count",
     "text_length",
+    "token_encoder",
     "token_embedding_matrix",
     "token_rows",
     "token_streams",
@@ -128,6 +129,19 @@ def start_tokens(pipe: Pipeline, component: str | None = None) -> int:
     if component not in readers:
         raise ValueError(f"the pipeline has no text encoder {component!r}; it has {', '.join(readers)}")
     return _leading_specials(readers[component])
+
+
+def token_encoder(pipe: Pipeline) -> str:
+    """The component name of the text encoder whose outputs are most of the token rows the denoiser reads: the
+    first CLIP (``text_encoder``) on SD 1.x/2.x and SDXL, T5 on SD3 (``text_encoder_3``, its 256 rows beside CLIP's
+    77; the first CLIP where T5 is not loaded) and Flux (``text_encoder_2``; its CLIP gives the pooled vector
+    alone)."""
+    kind = architecture(pipe)
+    if kind == "flux":
+        return "text_encoder_2"
+    if kind == "sd3" and getattr(pipe, "text_encoder_3", None) is not None:
+        return "text_encoder_3"
+    return "text_encoder"
 
 
 def text_length(pipe: Pipeline) -> int:

@@ -234,6 +234,12 @@ class PipelineWrapper:
         side by side)."""
         return text.token_rows(self.pipe, ids)
 
+    @property
+    def token_encoder(self) -> str:
+        """The text encoder (component name) that gives most of the token rows the denoiser reads: CLIP's, or T5's on
+        SD3/Flux (:func:`text.token_encoder`)."""
+        return text.token_encoder(self.pipe)
+
     def start_tokens(self, component: str | None = None) -> int:
         """Tokens a text encoder's tokenizer (by default the position tokenizer's) puts before the first word: 1
         (CLIP's BOS) or 0 (T5)."""
@@ -345,7 +351,8 @@ class PipelineWrapper:
 
     # ------------------------------------------------------------------ hooks (pipelines.hooks)
     def hook_points(self) -> list[str]:
-        """Every hook point of the pipeline: text-encoder layers and UNet transformer blocks, by qualified name."""
+        """Every hook point of the pipeline: text-encoder layers (CLIP's, T5's) and UNet or SD3/Flux transformer
+        blocks, by qualified name."""
         return hooks.hook_points(self.pipe)
 
     def hook_point(self, name: str) -> torch.nn.Module:

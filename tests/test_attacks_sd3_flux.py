@@ -5,6 +5,7 @@ Flux: CLIP, T5), entering each encoder through a hook on its token embedding whi
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -111,3 +112,46 @@ def test_token_attack_runs_on_sd3_and_flux(models, model, attack):
     else:
         assert len(info["token_embedding"]) == sum(_widths(wrapper))
         assert info["loss_final"] < info["loss_initial"]
+
+
+def _pixels(images):
+    return np.stack([np.asarray(i, dtype=np.int16) for i in images])
+
+
+@pytest.mark.parametrize("model", ["flux", pytest.param("sd3", marks=pytest.mark.slow)])
+def test_flow_ddim_at_eta_0_is_the_pipelines_sampler_and_at_eta_1_renews_noise_per_image(models, model):
+    """``eta`` on SD3/Flux (``FlowDDIMScheduler``): 0 draws the pipeline's own images, 1 others; each image's step
+    noise is its seed's alone (the same image alone or in a batch), and the pipeline's scheduler is put back."""
+    wrapper = models[model]
+    scheduler = wrapper.pipe.scheduler
+    prompts, seeds = ["van gogh", "a red star"], [1, 2]
+    own = _pixels(wrapper.generate(prompts, seeds, steps=3, progress=False))
+    assert np.array_equal(_pixels(wrapper.generate(prompts, seeds, steps=3, progress=False, eta=0.0)), own)
+    noisy = _pixels(wrapper.generate(prompts, seeds, steps=3, progress=False, eta=1.0))
+    assert (np.abs(noisy - own).max(axis=(1, 2, 3)) > 0).all()
+    assert np.array_equal(_pixels(wrapper.generate(prompts[1:], seeds[1:], steps=3, progress=False, eta=1.0)),
+                          noisy[1:])  # fmt: skip
+    assert wrapper.pipe.scheduler is scheduler
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["sd3", "flux"])
+def test_noise_probe_keeps_the_flow_candidate_the_scorer_likes_best(models, model, scorer):
+    from evals.attacks.noise_probe import NoiseProbeConfig
+    from evals.probes import GENERIC_TEMPLATES
+    from evals.scorer import TEMPLATES
+
+    wrapper = models[model]
+    uce = erase.erase_concepts(wrapper, erase.ConceptSpec(("van gogh",)), "uce")
+    probes = attack_probes("van gogh", 2, 1)
+    target = AttackTarget(wrapper, uce.applied, "van gogh", probes, scorer=scorer, steps=2, progress=False)
+    result = run_attack("noise_probe", target, NoiseProbeConfig(candidates=3), seed=5)
+    assert result.info["candidates_drawn"] == 6 and len(result.images) == 2
+    labels = list(target.labels[probes[0].category])
+    with target.erased_model():
+        seeds = [(p.seed * 7 + 5 * 1_000_003 + j) % 2**63 for p in probes for j in range(3)]
+        again = target.generate([p.prompt for p in probes for _ in range(3)], seeds, eta=1.0)
+    probs = scorer.zero_shot(again, labels, TEMPLATES.get(probes[0].category, GENERIC_TEMPLATES)).probs
+    best = probs[:, labels.index(probes[0].concept)].reshape(2, 3).argmax(dim=1).tolist()
+    assert result.info["picked"] == best
+    assert np.array_equal(_pixels(result.images), _pixels([again[i * 3 + j] for i, j in enumerate(best)]))
