@@ -1,7 +1,8 @@
-"""The attacks that write or learn tokens, on SD3 and Flux: a token is one that every text encoder reads as one (CLIP's
-and T5's), its slot vector the token's input embeddings in every encoder side by side (SD3: CLIP-L, CLIP-G, T5;
-Flux: CLIP, T5), entering each encoder through a hook on its token embedding while the pipeline's own
-``encode_prompt`` runs. Tiny SD3 and Flux pipelines, tiny budgets."""
+"""The attacks on SD3 and Flux. A token of the attacks that write or learn tokens is one that every text encoder reads
+as one (CLIP's and T5's), its slot vector the token's input embeddings in every encoder side by side (SD3: CLIP-L,
+CLIP-G, T5; Flux: CLIP, T5), entering each encoder through a hook on its token embedding while the pipeline's own
+``encode_prompt`` runs (the attacks themselves: tests/test_attacks_sdxl.py). noise_probe re-samples the flow path
+with DDIM's eta. Tiny SD3 and Flux pipelines, tiny budgets."""
 
 from __future__ import annotations
 
@@ -11,9 +12,6 @@ import torch
 
 import erase
 from evals.attacks import AttackTarget, attack_probes, run_attack
-from evals.attacks.concept_inversion import ConceptInversionConfig
-from evals.attacks.ring_a_bell import RingABellPromptConfig, concept_direction
-from evals.attacks.unlearn_diff_atk import UnlearnDiffAtkConfig
 from pipelines import load_pipeline
 from pipelines.text import _input_embedding, _token_readers
 
@@ -75,43 +73,6 @@ def test_a_token_some_encoder_reads_as_several_is_refused(models, model):
         wrapper.encode_with_vectors(["star " * 74 + "{}"], torch.zeros(6, width))
     with pytest.raises(ValueError, match=rf"vectors must be \(k, {width}\)"):
         wrapper.encode_with_vectors(["{}"], torch.zeros(1, 3))
-
-
-BUDGETS = {
-    "ring_a_bell_prompt": RingABellPromptConfig(eta=2.0, pairs=4, length=3, population=8, generations=4, searches=1),
-    "unlearn_diff_atk": UnlearnDiffAtkConfig(
-        tokens=2, iterations=4, lr=0.05, batch=2, optimisation_probes=1, eval_pairs=2, checks=2
-    ),
-    "concept_inversion": ConceptInversionConfig(steps=4, lr=0.01, batch=2, train_prompts=1, eval_pairs=2),
-}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("attack", sorted(BUDGETS))
-@pytest.mark.parametrize("model", ["sd3", "flux"])
-def test_token_attack_runs_on_sd3_and_flux(models, model, attack):
-    """Each attack against uce's erasure: the words it writes are read as the searched tokens by every encoder (their
-    loss recomputed from the text), and the learnt vector has every encoder's width and lowers its loss."""
-    wrapper = models[model]
-    uce = erase.erase_concepts(wrapper, erase.ConceptSpec(("van gogh",)), "uce")
-    target = AttackTarget(wrapper, uce.applied, "van gogh", attack_probes("van gogh", 2, 1), steps=2, progress=False)
-    result = run_attack(attack, target, BUDGETS[attack], seed=1)
-    info = result.info
-    assert len(result.images) == 2
-    if attack == "ring_a_bell_prompt":
-        assert info["loss_final"][0] <= info["loss_initial"][0]
-        direction = concept_direction(wrapper, "van gogh", 4, 1 + 7919)
-        searched = wrapper.encode_prompts(info["searched_prompts"]).embeddings + 2.0 * direction
-        written = wrapper.encode_prompts(info["prompts_found"]).embeddings
-        assert float((written - searched).pow(2).sum()) == pytest.approx(info["loss_final"][0], rel=1e-4)
-    elif attack == "unlearn_diff_atk":
-        assert all(p.startswith(info["prefix"] + " ") for p in result.prompts)
-        assert info["retokenized_same"] == 1.0
-        for component, tokenizer, _ in _token_readers(wrapper.pipe):  # every encoder reads the prefix as k words
-            assert len(tokenizer(info["prefix"], add_special_tokens=False)["input_ids"]) == 2, component
-    else:
-        assert len(info["token_embedding"]) == sum(_widths(wrapper))
-        assert info["loss_final"] < info["loss_initial"]
 
 
 def _pixels(images):
