@@ -225,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         classes = {m: get_method(m).config_class for m in methods}
         overrides = config_overrides(args, {m: {f.name for f in dataclasses.fields(c)} for m, c in classes.items()})
         for m, member in member_overrides(methods, overrides).items():  # values, before the model
-            config_from_overrides(classes[m], member, f"method {m!r}")
+            try:
+                config_from_overrides(classes[m], member, f"method {m!r}")
+            except ValueError as err:  # in a stack, say whose setting it is
+                raise ValueError(f"{m}: {error_line(err)}" if len(methods) > 1 else error_line(err)) from None
         device = resolve_device(args.device)
         start = time.perf_counter()
         wrapper = load_pipeline(args.model, device=device, dtype=getattr(torch, args.dtype))

@@ -13,6 +13,12 @@ is of those weights), so a member is installed only on exactly that state. On di
 ``erase.load(pipe, STACK)`` installs the members in order, each checked against the state its predecessors leave,
 and returns one handle whose ``remove()`` takes them off in reverse, bit for bit. The stack names no method: it reads
 each member's settings from the registry.
+
+Order matters where a member learns from the model's images. ``uce+saeuron`` scores saeuron's features on images of
+the concept's prompts drawn with uce in force, which no longer show the concept; ``saeuron+uce`` scores them on the
+base model's, and uce, a closed form over weights and text embeddings, is the same made under saeuron's hooks or
+without them. What a member looks up by the model's weights (the SAE trained on them: ``Capabilities.base_lookup``)
+is looked up on the base model either way.
 """
 
 from __future__ import annotations
@@ -117,7 +123,8 @@ def member_overrides(
         member, dot, field_name = key.rpartition(".")
         if dot:
             if member not in allowed:
-                raise ValueError(f"--set {key}: {member!r} is no member of {STACK_SEPARATOR.join(methods)}")
+                named = STACK_SEPARATOR.join(methods) if known_members is None else ", ".join(sorted(allowed))
+                raise ValueError(f"--set {key}: {member!r} is no member of {named}")
             if member in split:
                 split[member][field_name] = value
             continue

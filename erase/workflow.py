@@ -397,11 +397,17 @@ def stack_settings(
                               (expand_prompts, "templates", "templates (--expand-prompts)")):  # fmt: skip
         if given and not any(getattr(can[m], able) for m in methods):
             raise ValueError(f"no member of {stack} takes {what}")
-    return [(m, *erasure_settings(
-        wrapper, targets, m, guides if can[m].guides else None, preserve if can[m].preserve else None,
-        overrides.get(m), concept_type=concept_type, preserve_sets=preserve_sets if can[m].preserve else (),
-        expand_prompts=expand_prompts and can[m].templates is not None,
-    )) for m in methods]  # fmt: skip
+    members = []
+    for m in methods:
+        try:
+            members.append((m, *erasure_settings(
+                wrapper, targets, m, guides if can[m].guides else None, preserve if can[m].preserve else None,
+                overrides.get(m), concept_type=concept_type, preserve_sets=preserve_sets if can[m].preserve else (),
+                expand_prompts=expand_prompts and can[m].templates is not None,
+            )))  # fmt: skip
+        except ValueError as err:  # say whose setting it is
+            raise ValueError(f"{m}: {error_line(err)}") from None
+    return members
 
 
 def run_erase(

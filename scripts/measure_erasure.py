@@ -114,12 +114,12 @@ def main(argv: list[str] | None = None) -> int:
             check_concept_text(concept, "concept to erase")
         # a concept outside the world has no probes to measure; a world name in any spelling will do
         args.concept = [micro_world_name(c, "concept to erase", outside=None) for c in args.concept]
+        methods = parse_method_stack(args.method)  # before the model loads
         if args.json:
             check_writable_file(args.json)
         device = resolve_device(args.device)
         wrapper = load_pipeline("micro", device=device)
         # the settings scripts/erase.py uses for the same options
-        methods = parse_method_stack(args.method)
         members = stack_settings(
             wrapper, args.concept, methods, args.guide, args.preserve,
             member_overrides(methods, parse_config_overrides(args.set)),

@@ -2,6 +2,8 @@
 force, saved as a stack folder, loaded, removed bit for bit; members checked against the state before them."""
 
 import json
+import runpy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,8 +68,15 @@ def stack(wrapper, tmp_path_factory):
     store = tmp_path_factory.mktemp("saes")
     build_sae(wrapper, UNET_HOOK, PROMPTS, store / "unet",
               SAETrainConfig(expansion=4, k=8, batch_size=512, epochs=3, dead_tokens=5000), steps=4)  # fmt: skip
-    saeuron = erase.get_method("saeuron").config_class(sae_stores=(str(store),), percentile=90.0, multiplier=-5.0,
-                                                       other_prompts=4, steps=4, guidance=7.5, templates=("{}",))  # fmt: skip
+    saeuron = erase.get_method("saeuron").config_class(
+        sae_stores=(str(store),),
+        percentile=90.0,
+        multiplier=-5.0,
+        other_prompts=4,
+        steps=4,
+        guidance=7.5,
+        templates=("{}",),
+    )
     uce = erase.get_method("uce").config_class()
     made = erase_stack(wrapper, [("uce", ConceptSpec(("van gogh",), ("art",)), uce),
                                  ("saeuron", ConceptSpec(("van gogh",)), saeuron)])  # fmt: skip
@@ -161,3 +170,87 @@ def test_a_stack_folder_is_replaced_only_with_overwrite(wrapper, stack, tmp_path
     (target / "notes.txt").write_text("mine")
     with pytest.raises(erase.ArtifactExistsError, match="notes.txt"):
         save_stack(made, target, wrapper, overwrite=True)
+
+
+# ---------------------------------------------------------------------------------------------------- the scripts
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name):
+    return runpy.run_path(str(ROOT / "scripts" / name), run_name="script")["main"]
+
+
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("attack_table.py", ["--method", "uce++saeuron"], "has an empty member"),
+        ("attack_table.py", ["--method", "uce+saeuron", "--set", "nope=1"], "no member of uce+saeuron has"),
+        (
+            "attack_table.py",
+            ["--method", "uce", "--method", "rece+saeuron", "--set", "esd.lr=1"],
+            "'esd' is no member of rece, saeuron, uce",
+        ),
+        ("attack_table.py", ["--method", "uce+saeuron", "--set", "saeuron.steps=0"], "saeuron: steps must be"),
+        ("measure_erasure.py", ["--concept", "van gogh", "--method", "uce+uce"], "names 'uce' twice"),
+        ("erase.py", ["--concept", "van gogh", "--method", "uce+nope", "--no-check"], "unknown erasure method 'nope'"),
+    ],
+)
+def test_a_bad_stack_on_the_command_line_is_one_line_and_writes_nothing(tmp_path, capsys, script, args, message):
+    out = ["--json", str(tmp_path / "out.json")] if script == "measure_erasure.py" else ["--out", str(tmp_path / "o")]
+    assert _script(script)([*args, *out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and len(err.splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_erase_script_saves_a_stack_with_each_members_settings_and_it_loads(wrapper, stack, tmp_path, capsys):
+    from erase.cli import main
+
+    store = json.loads((stack[1] / "2-saeuron" / "erasure.json").read_text())["config"]["sae_stores"]
+    sets = ["--set", f"saeuron.sae_stores={json.dumps(store)}", "--set", "saeuron.steps=4", "--set",
+            "saeuron.other_prompts=4", "--set", "templates=[\"{}\"]", "--set", "uce.lamb=0.25"]  # fmt: skip
+    code = main(["--model", "tiny", "--concept", "van gogh", "--method", "uce+saeuron", *sets, "--no-check",
+                 "--out", str(tmp_path / "vg")])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0 and "a stack of uce then saeuron" in printed
+    meta = json.loads((tmp_path / "vg" / "stack.json").read_text())
+    assert meta["method"] == "uce+saeuron" and meta["config"]["uce"]["lamb"] == 0.25
+    assert meta["config"]["saeuron"]["steps"] == 4 and "lamb" not in meta["config"]["saeuron"]
+    assert meta["config"]["uce"]["templates"] == meta["config"]["saeuron"]["templates"] == ["{}"]  # a plain --set
+    before = _state(wrapper)
+    with erase.load(wrapper, tmp_path / "vg") as handle:
+        assert [m.method for m in handle.stack.members] == ["uce", "saeuron"]
+    assert all(torch.equal(v, wrapper.pipe.unet.state_dict()[k]) for k, v in before.items())
+
+
+def test_the_audit_reads_a_stack_folder(wrapper, stack):
+    from erase.workflow import audit_models
+
+    (model,) = audit_models(wrapper, [stack[1]])
+    assert model.metadata["method"] == "uce+saeuron" and model.metadata["weight_format"] == "stack"
+    assert set(model.metadata["config"]) == {"uce", "saeuron"}
+
+
+@pytest.mark.slow
+def test_the_attack_script_attacks_a_stack_folder(stack, clip_dir, tmp_path, capsys):
+    code = _script("attack.py")(["--erasure", str(stack[1]), "--model", "tiny", "--attack", "rece_embedding",
+                                 "--scorer", str(clip_dir), "--no-judge", "--images", "2", "--quiet",
+                                 "--out", str(tmp_path / "attacks")])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads(next((tmp_path / "attacks").rglob("attack.json")).read_text())
+    assert summary["erasure"]["method"] == "uce+saeuron" and set(summary["erasure"]["config"]) == {"uce", "saeuron"}
+
+
+@pytest.mark.slow
+def test_attack_table_measures_a_stack_under_a_row_named_for_it_and_its_settings(tmp_path):
+    """The coordinator's command, cut to one attack, two probes and a short saeuron on the micro model."""
+    sets = ["saeuron.steps=4", "saeuron.percentile=99", "saeuron.multiplier=-20", "saeuron.gate=0.3",
+            "saeuron.other_prompts=4", "saeuron.templates=[\"{}\"]"]  # fmt: skip
+    args = ["--method", "uce+saeuron", "--method", "uce", *(a for s in sets for a in ("--set", s))]
+    assert _script("attack_table.py")([*args, "--attack", "rece_embedding", "--images", "2",
+                                        "--out", str(tmp_path)]) == 0  # fmt: skip
+    table = json.loads((tmp_path / "table.json").read_text())
+    stack_row = "uce+saeuron " + " ".join(sets)
+    assert set(table) == {"original", stack_row, "uce"}  # the uce row names no saeuron setting
+    assert table[stack_row]["rows"]["rece_embedding"]["clip"]["n"] == 2
+    assert f"| {stack_row} (clip) |" in (tmp_path / "table.md").read_text()
