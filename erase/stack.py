@@ -166,7 +166,9 @@ class ErasureStack:
 
     @property
     def guides(self) -> list[str]:
-        return list(dict.fromkeys(c for m in self.members for c in m.guides))
+        """The guides of the members that read guides."""
+        readers = [m for m in self.members if get_method(m.method).capabilities.guides]
+        return list(dict.fromkeys(g for m in readers for g in m.guides))
 
     @property
     def base_model(self) -> str:

@@ -1,6 +1,7 @@
 """Stacked erasures on the tiny pipeline: a weight edit (uce) and then a runtime payload (saeuron) made with it in
 force, saved as a stack folder, loaded, removed bit for bit; members checked against the state before them."""
 
+import argparse
 import json
 import runpy
 from pathlib import Path
@@ -217,6 +218,7 @@ def test_erase_script_saves_a_stack_with_each_members_settings_and_it_loads(wrap
     assert meta["method"] == "uce+saeuron" and meta["config"]["uce"]["lamb"] == 0.25
     assert meta["config"]["saeuron"]["steps"] == 4 and "lamb" not in meta["config"]["saeuron"]
     assert meta["config"]["uce"]["templates"] == meta["config"]["saeuron"]["templates"] == ["{}"]  # a plain --set
+    assert meta["guides"] == ["art"]  # saeuron reads no guide
     before = _state(wrapper)
     with erase.load(wrapper, tmp_path / "vg") as handle:
         assert [m.method for m in handle.stack.members] == ["uce", "saeuron"]
@@ -241,16 +243,27 @@ def test_the_attack_script_attacks_a_stack_folder(stack, clip_dir, tmp_path, cap
     assert summary["erasure"]["method"] == "uce+saeuron" and set(summary["erasure"]["config"]) == {"uce", "saeuron"}
 
 
+def test_attack_table_rows_name_the_stack_and_the_settings_that_reach_it():
+    row_suffix = runpy.run_path(str(ROOT / "scripts" / "attack_table.py"), run_name="script")["row_suffix"]
+    args = argparse.Namespace(label="", preserve_set=[], split="report",
+                              set=["saeuron.steps=20", "lamb=1", "saeuron.gate=0.3"])  # fmt: skip
+    assert (
+        "uce+saeuron" + row_suffix(args, ["uce", "saeuron"], 1)
+        == "uce+saeuron saeuron.steps=20 lamb=1 saeuron.gate=0.3"
+    )
+    assert "uce" + row_suffix(args, ["uce"], 4) == "uce lamb=1 x4 budget"  # another row's member settings left out
+
+
 @pytest.mark.slow
 def test_attack_table_measures_a_stack_under_a_row_named_for_it_and_its_settings(tmp_path):
-    """The coordinator's command, cut to one attack, two probes and a short saeuron on the micro model."""
+    """The coordinator's command, cut to one attack, one probe and a short saeuron on the micro model."""
     sets = ["saeuron.steps=4", "saeuron.percentile=99", "saeuron.multiplier=-20", "saeuron.gate=0.3",
-            "saeuron.other_prompts=4", "saeuron.templates=[\"{}\"]"]  # fmt: skip
-    args = ["--method", "uce+saeuron", "--method", "uce", *(a for s in sets for a in ("--set", s))]
-    assert _script("attack_table.py")([*args, "--attack", "rece_embedding", "--images", "2",
+            "saeuron.other_prompts=2", "saeuron.templates=[\"{}\"]"]  # fmt: skip
+    args = ["--method", "uce+saeuron", *(a for s in sets for a in ("--set", s))]
+    assert _script("attack_table.py")([*args, "--attack", "rece_embedding", "--images", "1",
                                         "--out", str(tmp_path)]) == 0  # fmt: skip
     table = json.loads((tmp_path / "table.json").read_text())
     stack_row = "uce+saeuron " + " ".join(sets)
-    assert set(table) == {"original", stack_row, "uce"}  # the uce row names no saeuron setting
-    assert table[stack_row]["rows"]["rece_embedding"]["clip"]["n"] == 2
+    assert set(table) == {"original", stack_row}
+    assert table[stack_row]["rows"]["rece_embedding"]["clip"]["n"] == 1
     assert f"| {stack_row} (clip) |" in (tmp_path / "table.md").read_text()
