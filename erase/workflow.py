@@ -43,6 +43,7 @@ from .core.layout import (
 from .core.registry import ConceptSpec, get_method
 from .stack import (
     STACK_FORMAT,
+    STACK_SEPARATOR,
     ErasureStack,
     check_erasure_base,
     erase_stack,
@@ -391,7 +392,7 @@ def stack_settings(
             preserve_sets=preserve_sets, expand_prompts=expand_prompts,
         ))]  # fmt: skip
     can = {m: get_method(m).capabilities for m in methods}
-    stack = "+".join(methods)
+    stack = STACK_SEPARATOR.join(methods)
     for given, able, what in ((guides, "guides", "a guide (--guide)"),
                               (preserve or preserve_sets, "preserve", "a preserve term (--preserve)"),
                               (expand_prompts, "templates", "templates (--expand-prompts)")):  # fmt: skip
@@ -452,7 +453,8 @@ def run_erase(
         wrapper, targets, methods, guides, preserve, member_overrides(methods, dict(config_overrides or {})),
         concept_type=concept_type, preserve_sets=preserve_sets, expand_prompts=expand_prompts,
     )  # fmt: skip
-    concept_spec = members[0][1]
+    concept_spec = members[0][1]  # every member erases the same targets; the preserved ones are the members' together
+    kept = list(dict.fromkeys(p for _, spec, _ in members for p in spec.preserve))
     if lora_format == "kohya" and len(methods) > 1:
         raise ValueError(f"--format kohya: the stack {method} is several erasures, not one LoRA; erase its members "
                          "one by one for their kohya LoRAs")  # fmt: skip
@@ -460,7 +462,8 @@ def run_erase(
         raise ValueError(f"method {method!r} changes no weights (a runtime intervention): it has no kohya LoRA form")
     if lora_format == "kohya":
         check_kohya_architecture(wrapper)
-    folder = check_output_folder(out if out else default_output_folder(concept_spec.targets, method), overwrite)
+    named = STACK_SEPARATOR.join(methods)
+    folder = check_output_folder(out if out else default_output_folder(concept_spec.targets, named), overwrite)
     for name, _, config in members:
         check_checkpoint_folder(getattr(config, "checkpoint_dir", None), folder)
         for field_name in get_method(name).capabilities.sampler_steps:  # e.g. the LoRA methods' pool, sampled first
@@ -469,7 +472,7 @@ def run_erase(
         wrapper.check_sampler_steps(check_steps)
     probes = None  # the check's probes, decided before the edit: a concept they cannot take fails here, not after it
     if check:
-        probes = check_probes(wrapper, concept_spec.targets, concept_spec.preserve, check_images, check_seed)
+        probes = check_probes(wrapper, concept_spec.targets, kept, check_images, check_seed)
     with claim_folder(folder):
         check_output_folder(folder, overwrite)  # again, now that no other run can write it
         scorer_name, clip = load_check_scorer(wrapper, scorer) if check else (None, None)
