@@ -89,7 +89,8 @@ class RECEConfig(UCEConfig):
 
 def _input_rows(wrapper: PipelineWrapper, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
     """What the edited layers read of each prompt, float64 rows by kind: ``"tokens"``, every token embedding (BOS,
-    words, EOS and padding; ``(len * tokens, width)``), and where the model has one the pooled vector (one row each)."""
+    words, EOS and padding; ``(len * tokens, width)``), and where the model has one, the pooled vector (a row each).
+    """
     encoding = wrapper.encode_prompts(list(prompts))
     embeddings = encoding.embeddings.double().cpu()
     rows = {"tokens": embeddings.reshape(-1, embeddings.shape[-1])}
