@@ -120,22 +120,29 @@ def test_mace_on_tiny_lowers_the_attention_to_the_concept(tiny):
     assert set(artifact.deltas) == {n for n in artifact.deltas if n.endswith(("attn2.to_k", "attn2.to_v"))}
     assert artifact.info["layers_matched"] == len(artifact.deltas) and len(artifact.info["lora_final_losses"]) == 1
 
-    layers = tiny.cross_attention_layers(("*attn2.to_k",))
-    attention = ["unet." + layer.name.rpartition(".")[0] for layer in layers]
-    prompts = [t.format("van gogh") for t in config.templates]
-    encoding = tiny.encode_prompts(prompts)
-    positions = [tiny.phrase_positions(p, "van gogh") for p in prompts]
-    latents = torch.cat([tiny.initial_latents(s) for s in range(len(prompts))])
+    before, after = _concept_attention(tiny, config.templates, artifact.deltas)
+    assert after < before
+
+
+def _concept_attention(wrapper, templates, deltas) -> tuple[float, float]:
+    """The attention of the image tokens to "van gogh"'s text rows (in every stream) in ``templates``, summed over the
+    text-attention layers at t = 300: the base model's, and with ``deltas`` applied."""
+    attention = wrapper.text_attention_names()
+    prompts = [t.format("van gogh") for t in templates]
+    encoding = wrapper.encode_prompts(prompts)
+    streams = range(len(wrapper.token_streams()))
+    positions = [[r for s in streams for r in wrapper.phrase_positions(p, "van gogh", s)] for p in prompts]
+    assert len(positions[0]) == 2 * len(streams)
+    latents = torch.cat([wrapper.initial_latents(s) for s in range(len(prompts))])
 
     def concept_attention() -> float:
-        with torch.no_grad(), tiny.attention_probabilities(attention) as found:
-            tiny.noise_prediction(latents, 300, encoding)
+        with torch.no_grad(), wrapper.attention_probabilities(attention) as found:
+            wrapper.noise_prediction(latents, 300, encoding)
         return sum(float(p[i][..., positions[i]].norm()) for a in attention for p in found[a] for i in range(len(p)))
 
     before = concept_attention()
-    with tiny.weight_deltas(artifact.deltas):
-        after = concept_attention()
-    assert after < before
+    with wrapper.weight_deltas(deltas):
+        return before, concept_attention()
 
 
 def test_joint_attention_probabilities_are_those_the_transformer_uses(transformer, tiny):
@@ -190,20 +197,5 @@ def test_mace_on_sd3_and_flux_lowers_the_attention_to_the_concept(transformer):
     spec = ConceptSpec(("van gogh",), guides=("art",), preserve=("a cat",))
     artifact = erase_concepts(transformer, spec, "mace", config)
     assert set(artifact.deltas) == {f"transformer.{layer.name}" for layer in transformer.cross_attention_layers()}
-    attention = transformer.text_attention_names()
-    prompts = [t.format("van gogh") for t in config.templates]
-    encoding = transformer.encode_prompts(prompts)
-    streams = range(len(transformer.token_streams()))
-    positions = [[r for s in streams for r in transformer.phrase_positions(p, "van gogh", s)] for p in prompts]
-    assert len(positions[0]) == 2 * len(streams)
-    latents = torch.randn(len(prompts), 4, 16, 16, generator=torch.Generator().manual_seed(0))
-
-    def concept_attention() -> float:
-        with torch.no_grad(), transformer.attention_probabilities(attention) as found:
-            transformer.noise_prediction(latents, 300, encoding)
-        return sum(float(p[i][..., positions[i]].norm()) for a in attention for p in found[a] for i in range(len(p)))
-
-    before = concept_attention()
-    with transformer.weight_deltas(artifact.deltas):
-        after = concept_attention()
+    before, after = _concept_attention(transformer, config.templates, artifact.deltas)
     assert after < before
