@@ -59,7 +59,7 @@ from pipelines import PipelineWrapper
 from ..core.inputs import check_number_fields, check_number_values, check_templates, concept_key
 from ..core.registry import Capabilities, ConceptSpec, WeightEdit, register_method
 from .intervention import SAEIntervention, check_intervention_keys
-from .sae import resolve_sae
+from .sae import pinned_sae, resolve_sae
 
 __all__ = ["SAeUronConfig", "erase_saeuron", "saeuron_edit"]
 
@@ -286,6 +286,10 @@ def _mean_codes(wrapper: PipelineWrapper, sae, hook: str, prompts: list[str], co
     return codes, timesteps
 
 
+def _pin_sae(wrapper: PipelineWrapper, config: Any) -> Any:
+    return pinned_sae(wrapper, config, default_denoiser_hook)
+
+
 @register_method(
     "saeuron",
     SAeUronConfig,
@@ -297,6 +301,7 @@ def _mean_codes(wrapper: PipelineWrapper, sae, hook: str, prompts: list[str], co
         templates="templates",
         quick=None,
         architectures=("sd", "sdxl", "sd3", "flux"),
+        base_lookup=_pin_sae,
     ),
     runtime_edit=saeuron_edit,
     check_intervention=check_saeuron,
