@@ -188,6 +188,11 @@ class PipelineWrapper:
         then T5 rows)."""
         return text.token_streams(self.pipe)
 
+    def stream_token_ids(self, prompt: str, stream: int = 0) -> list[int]:
+        """The token ids of ``prompt`` before the padding in a stream of :meth:`token_streams`, BOS and EOS included
+        where its tokenizer adds them (:func:`text.stream_token_ids`)."""
+        return text.stream_token_ids(self.pipe, prompt, stream)
+
     def phrase_positions(self, prompt: str, phrase: str, stream: int = 0) -> list[int]:
         """Token positions (embedding rows; BOS = 0 where there is one) that ``phrase`` occupies inside ``prompt``, in
         a stream of :meth:`token_streams` (the first by default); its last occurrence wins."""
@@ -222,6 +227,28 @@ class PipelineWrapper:
     def token_embedding_matrix(self) -> torch.Tensor:
         """The text encoder's input token embeddings, ``(vocab, width)``, detached (read it, do not write it)."""
         return text.token_embedding_matrix(self.pipe)
+
+    def slot_token_ids(self) -> torch.Tensor:
+        """The tokens a slot of :meth:`encode_with_vectors` can hold as their text encodes
+        (:func:`text.slot_token_ids`: every token, or on SD3/Flux those every tokenizer reads as one)."""
+        return text.slot_token_ids(self.pipe)
+
+    def token_rows(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """What a slot of :meth:`encode_with_vectors` holds to encode as each token of ``ids``
+        (:func:`text.token_rows`: rows of :meth:`token_embedding_matrix`, or on SD3/Flux every text encoder's rows
+        side by side)."""
+        return text.token_rows(self.pipe, ids)
+
+    @property
+    def token_encoder(self) -> str:
+        """The text encoder (component name) that gives most of the token rows the denoiser reads: CLIP's, or T5's on
+        SD3/Flux (:func:`text.token_encoder`)."""
+        return text.token_encoder(self.pipe)
+
+    def start_tokens(self, component: str | None = None) -> int:
+        """Tokens a text encoder's tokenizer (by default the position tokenizer's) puts before the first word: 1
+        (CLIP's BOS) or 0 (T5)."""
+        return text.start_tokens(self.pipe, component)
 
     def special_token_ids(self) -> set[int]:
         """The tokenizer's special token ids (start, end, padding, unknown)."""
@@ -329,7 +356,8 @@ class PipelineWrapper:
 
     # ------------------------------------------------------------------ hooks (pipelines.hooks)
     def hook_points(self) -> list[str]:
-        """Every hook point of the pipeline: text-encoder layers and UNet transformer blocks, by qualified name."""
+        """Every hook point of the pipeline: text-encoder layers (CLIP's, T5's) and UNet or SD3/Flux transformer
+        blocks, by qualified name."""
         return hooks.hook_points(self.pipe)
 
     def hook_point(self, name: str) -> torch.nn.Module:
@@ -344,11 +372,16 @@ class PipelineWrapper:
         """Record the outputs of the named modules (qualified names) during the ``with`` block."""
         return hooks.capture(self.pipe, module_names)
 
+    def text_attention_names(self) -> list[str]:
+        """The denoiser's attention modules where image tokens attend to text tokens, qualified: UNet cross-attention,
+        SD3/Flux joint and single-stream attention (:func:`hooks.text_attention_names`)."""
+        return hooks.text_attention_names(self.pipe)
+
     def attention_probabilities(
         self, attention_names: Sequence[str]
     ) -> contextlib.AbstractContextManager[dict[str, list[torch.Tensor]]]:
-        """Record, differentiably, the attention probabilities of the named attention modules during the ``with``
-        block (:func:`hooks.attention_probabilities`)."""
+        """Record, differentiably, the attention probabilities of image queries over text keys in the named attention
+        modules during the ``with`` block, ``(batch, heads, image, text)`` (:func:`hooks.attention_probabilities`)."""
         return hooks.attention_probabilities(self.pipe, attention_names)
 
     def intervene(

@@ -32,7 +32,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -57,7 +57,7 @@ from ..core.inputs import check_number_fields
 from ..core.layout import current_umask
 
 __all__ = [
-    "SAE_ARCHITECTURES_NOTE",
+    "pinned_sae",
     "SAE_FILE",
     "SAE_METADATA",
     "SAETrainConfig",
@@ -77,9 +77,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Why the SAE methods refuse SD3 and Flux (``Capabilities.unported``).
-SAE_ARCHITECTURES_NOTE = "its SAEs read CLIP layers and UNet transformer blocks; none is trained for SD3/Flux"
 
 SAE_FILE = "sae.safetensors"
 SAE_METADATA = "sae.json"
@@ -433,6 +430,17 @@ def find_sae(wrapper: PipelineWrapper, hook: str, stores: Sequence[str | Path] =
     return None
 
 
+def pinned_sae(wrapper: PipelineWrapper, config: Any, default_hook: Callable[[PipelineWrapper], str]) -> Any:
+    """``config`` (an SAE method's: ``sae``, ``sae_stores``, ``hook_point``) with ``sae`` naming the folder
+    ``find_sae`` picks for the pipeline's weights as they are now; as it is when it names one already or none is found
+    (``resolve_sae`` then says what to do). A stack (``erase.stack``) calls it on the unedited model, whose weights
+    the SAE was trained on, before earlier members change them."""
+    if config.sae is not None:
+        return config
+    folder = find_sae(wrapper, config.hook_point or default_hook(wrapper), config.sae_stores)
+    return config if folder is None else dataclasses.replace(config, sae=str(folder))
+
+
 def resolve_sae(
     wrapper: PipelineWrapper, hook: str, sae: str | Path | None, stores: Sequence[str | Path] = ()
 ) -> tuple[TopKSAE, dict[str, Any], list[str]]:
@@ -475,10 +483,11 @@ def collect_activations(
 ) -> torch.Tensor:
     """Tokens x width activations of ``hook`` over ``prompts``, the SAE's training data.
 
-    A text-encoder hook point gives every token of every prompt but the start token (whose activation is the same
-    for every prompt); a UNet hook point gives every spatial position at every sampling step of one image per
-    prompt (seeds ``seed``, ``seed + 1``, ...), conditional half (SAeUron). With ``cache_dir`` the result is kept as
-    safetensors under a key of everything it depends on, and reused.
+    A text-encoder hook point gives every token of every prompt but CLIP's start token (whose activation is the same
+    for every prompt; T5 has none); a denoiser hook point gives every image token (a UNet block's spatial position,
+    an SD3/Flux block's image token) at every sampling step of one image per prompt (seeds ``seed``, ``seed + 1``,
+    ...), conditional half (SAeUron). With ``cache_dir`` the result is kept as safetensors under a key of everything
+    it depends on, and reused.
     """
     prompts = list(prompts)
     if not prompts:
@@ -501,7 +510,8 @@ def collect_activations(
         except ValueError as err:  # a cache: what cannot be read back is collected again, and replaced
             logger.warning("%s; collecting the activations again", err)
     if is_text:
-        acts = wrapper.text_activations(hook, prompts, batch_size=max(batch_size, 64))[:, 1:]
+        first = wrapper.start_tokens(hook.partition(".")[0])  # CLIP's start token is left out; T5 has none
+        acts = wrapper.text_activations(hook, prompts, batch_size=max(batch_size, 64))[:, first:]
         tokens = acts.reshape(-1, acts.shape[-1])
     else:
         seeds = [seed + i for i in range(len(prompts))]
