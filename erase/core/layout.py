@@ -113,7 +113,8 @@ def _refuse_dangling_link(path: Path, option: str = "") -> None:
     if path.is_symlink() and not path.exists():
         named = f"{option} " if option else ""
         raise ArtifactError(
-            f"{named}{path} is a symbolic link to nothing ({os.readlink(path)}); create its target or name another path"
+            f"{named}{path} is a symbolic link to nothing ({os.readlink(path)}); create its target or name "
+            "another path"
         )
 
 
@@ -212,9 +213,7 @@ def check_replaceable_file(
     if not path.exists() or path.is_dir():
         return  # a folder is refused by the writability check, which names it
     if not is_ours(path):
-        raise ArtifactError(
-            f"{option} {path} exists and is not {what}: it would be replaced; {advice}"
-        )
+        raise ArtifactError(f"{option} {path} exists and is not {what}: it would be replaced; {advice}")
 
 
 def check_result_file(path: str | Path, option: str, keys: Sequence[str]) -> None:
