@@ -174,3 +174,15 @@ def test_a_killed_run_resumes_bit_exact_with_its_warm_started_tokens(tiny, tmp_p
     assert resumed.info["resumed_from_step"] == 2 and resumed.info["attacks_this_run"] == 1  # step 3 only
     for name, (a, b) in whole.factors.items():
         assert torch.equal(resumed.factors[name][0], a) and torch.equal(resumed.factors[name][1], b), name
+
+
+def test_sdxl_trains_both_clip_text_encoders_and_sd_the_one(tiny, tiny_sdxl):
+    """The default layers on SDXL add the second encoder's same modules (its pooled vector reaches the UNet too)."""
+    from erase.lora.advunlearn import text_encoder_layers
+
+    components = {m.partition(".")[0] for m in tiny_sdxl.lora_modules(text_encoder_layers(tiny_sdxl))}
+    assert components == {"text_encoder", "text_encoder_2"}
+    assert text_encoder_layers(tiny) == TEXT_ENCODER_LAYERS
+    names = tiny_sdxl.lora_modules(text_encoder_layers(tiny_sdxl))
+    suffixes = [{m.rsplit(".", 1)[-1] for m in names if m.startswith(f"{c}.")} for c in sorted(components)]
+    assert suffixes[0] == suffixes[1] == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}

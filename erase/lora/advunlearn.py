@@ -24,6 +24,13 @@ default). The reference trains the WHOLE text encoder (``text_encoder_full``: ev
 norms and biases included, and the final layer norm); here a LoRA on the layers' q/k/v/out projections and fc1/fc2
 (``layers`` default), which is what a LoRA file can carry and what ``pipe.load_lora_weights`` loads.
 
+SDXL (the reference is SD 1.4 only): both CLIP text encoders are trained (:func:`text_encoder_layers`: the same
+modules of ``text_encoder_2``, whose pooled vector the UNet reads too), and a soft token is the pair of one token's
+input embeddings, one per encoder side by side (``PipelineWrapper.encode_with_vectors``), each encoder reading its own
+half; a random init takes the same vocabulary row in both (SDXL's tokenizers share their vocabulary). SD3 and Flux
+are refused: the soft tokens would have to enter T5 beside CLIP, which the wrapper's free token vectors do not serve,
+and a T5 LoRA is no file their ``load_lora_weights`` reads.
+
 Where we differ:
 
 * The change is a rank-8 LoRA (alpha 8), not a full fine-tune, so the reference's rate moves it less.
@@ -70,6 +77,7 @@ __all__ = [
     "advunlearn_loss",
     "erase_advunlearn",
     "retain_prompts",
+    "text_encoder_layers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,6 +87,14 @@ TEXT_ENCODER_LAYERS: tuple[str, ...] = (
     "text_encoder.*self_attn.q_proj", "text_encoder.*self_attn.k_proj", "text_encoder.*self_attn.v_proj",
     "text_encoder.*self_attn.out_proj", "text_encoder.*mlp.fc1", "text_encoder.*mlp.fc2",
 )  # fmt: skip
+
+
+def text_encoder_layers(wrapper: PipelineWrapper) -> tuple[str, ...]:
+    """:data:`TEXT_ENCODER_LAYERS`, and on SDXL the same modules of its second CLIP text encoder."""
+    if not wrapper.is_sdxl:
+        return TEXT_ENCODER_LAYERS
+    return (*TEXT_ENCODER_LAYERS, *(p.replace("text_encoder.", "text_encoder_2.", 1) for p in TEXT_ENCODER_LAYERS))
+
 
 #: The 80 COCO object categories (the retain set for models outside the micro world).
 COCO_OBJECTS: tuple[str, ...] = (
@@ -117,7 +133,7 @@ class AdvUnlearnConfig(LoraTrainConfig):
             :data:`COCO_OBJECTS`, each as "a photo of <object>".
         retain_pool_images: frozen-model trajectories per retain prompt.
         negative_guidance: eta of the ESD target.
-        (``layers``: the adapted modules, :data:`TEXT_ENCODER_LAYERS` by default; ``adversarial`` is refused: the
+        (``layers``: the adapted modules, :func:`text_encoder_layers` by default; ``adversarial`` is refused: the
         method runs its own inner attack.)
     """
 
@@ -167,6 +183,7 @@ class AdvUnlearnConfig(LoraTrainConfig):
 
     @property
     def patterns(self) -> tuple[str, ...]:
+        """``layers``, else the one-encoder default (:func:`text_encoder_layers` adds SDXL's second encoder)."""
         return self.layers if self.layers is not None else TEXT_ENCODER_LAYERS
 
 
@@ -317,8 +334,8 @@ class _RetainPoolSettings:
         training=True,
         sampler_steps=("pool_steps",),
         guides=False,
-        architectures=("sd",),
-        unported="it learns token vectors for one CLIP text encoder",  # its inner attack's soft tokens
+        architectures=("sd", "sdxl"),
+        unported="its soft tokens would enter T5 beside CLIP, and free token vectors are CLIP-only",
         quick={
             **TRAINED.quick,
             "steps": 6,
@@ -333,19 +350,20 @@ class _RetainPoolSettings:
 def erase_advunlearn(wrapper: PipelineWrapper, concepts: ConceptSpec, config: AdvUnlearnConfig) -> WeightEdit:
     """Train the AdvUnlearn text-encoder LoRA for every target of ``concepts``."""
     loss = advunlearn_loss(wrapper, concepts, config)
+    layers = config.layers if config.layers is not None else text_encoder_layers(wrapper)
     edit = train_lora(
         wrapper,
         pool_prompts=loss.targets,
         loss_fn=loss,
         config=config,
-        layers=config.patterns,
+        layers=layers,
         run_key={"method": "advunlearn", "targets": loss.targets, "retain": loss.retain, "config": config_key(config)},
         description=f"advunlearn {', '.join(loss.targets)}",
     )
     edit.info.update(
         {
             "retain_prompts": loss.retain,
-            "patterns": list(config.patterns),
+            "patterns": list(layers),
             "attack_losses_last": loss.attack_losses[-5:],
             "attacks_this_run": len(loss.attack_losses),
         }

@@ -55,6 +55,11 @@ partial DDIM sampling with the model being trained at guidance 3 every iteration
 uniformly per example rather than the reference's balanced shuffles; the random streams are ours (one seed, a
 stream per stage) rather than seed 42 reset in every call.
 
+SDXL (the reference is SD 1.4 only): a found token is the pair of input embeddings of one token in both CLIP text
+encoders side by side (``PipelineWrapper.encode_with_vectors``; ``init_word``'s row in each), each encoder reading its
+own half, as the concept inversion attack does there; the erasures are the same LoRAs on SDXL's UNet. SD3 and Flux
+are refused: the inversion would need a token in T5's vocabulary beside CLIP's, which free token vectors do not serve.
+
 Resuming: with a ``checkpoint_dir`` every stage writes its output there (each erasure is a trainer checkpoint folder,
 each gallery and inversion a safetensors file, the inversion also every ``checkpoint_every`` steps), and a rerun of
 the same call continues where it stopped and ends with the weights an uninterrupted run ends with. A rerun that
@@ -341,12 +346,14 @@ def _stream_seed(seed: int, *labels: object) -> int:
 
 
 def _join(encodings: Sequence[PromptEncoding]) -> PromptEncoding:
-    """One encoding holding the rows of several (same text encoder, SD 1.x/2.x)."""
+    """One encoding holding the rows of several of one pipeline (with their pooled vectors where it has them)."""
+    pooled = [e.pooled for e in encodings]
     return PromptEncoding(
         [p for e in encodings for p in e.prompts],
         torch.cat([e.input_ids for e in encodings]),
         torch.cat([e.embeddings for e in encodings]),
         torch.cat([e.lengths for e in encodings]),
+        None if any(p is None for p in pooled) else torch.cat(pooled),
     )
 
 
@@ -630,8 +637,6 @@ def robustly_erase_once(
 # ------------------------------------------------------------------------------------------------ the method
 def _check_inputs(wrapper: PipelineWrapper, concepts: ConceptSpec, config: StereoConfig) -> None:
     """What needs the model, before any work: the init word is one token, the prompts fit the text encoder."""
-    if wrapper.is_sdxl:
-        raise ValueError("stereo learns free token vectors, which are SD 1.x/2.x only (one text encoder), not SDXL")
     count = wrapper.token_count(config.init_word.strip())
     if count != 1:
         raise ValueError(f"init_word {config.init_word!r} is {count} tokens; give a one-token word")
@@ -651,8 +656,8 @@ def _check_inputs(wrapper: PipelineWrapper, concepts: ConceptSpec, config: Stere
     capabilities=dataclasses.replace(
         TRAINED,
         guides=False,
-        architectures=("sd",),
-        unported="it learns token vectors for one CLIP text encoder",  # its search's concept inversion
+        architectures=("sd", "sdxl"),
+        unported="its search inverts a token into CLIP's vocabulary, and SD3/Flux also read T5",
         sampler_steps=("pool_steps", "gallery_steps"),
         quick={
             "steps": 6,
@@ -677,10 +682,10 @@ def erase_stereo(wrapper: PipelineWrapper, concepts: ConceptSpec, config: Stereo
     _check_inputs(wrapper, concepts, config)
     folder = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     if folder is not None:
-        unet = wrapper.lora_modules(config.patterns)
+        modules = wrapper.lora_modules(config.patterns)
         search = config_key(config, ("checkpoint_dir", "checkpoint_every", "restart", "preset", *STAGE_TWO_FIELDS))
         key = {"targets": list(concepts.targets), "config": search,
-               "base": wrapper.fingerprint([f"unet.{m}" for m in unet])}  # fmt: skip
+               "base": wrapper.fingerprint([f"{wrapper.denoiser_name}.{m}" for m in modules])}  # fmt: skip
         _claim(folder, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest(), config.restart)
     rounds: list[SearchRound] = []
     for j, concept in enumerate(concepts.targets):
