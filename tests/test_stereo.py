@@ -195,3 +195,21 @@ def test_an_interrupted_run_resumed_equals_an_uninterrupted_one(tiny_module, tmp
     assert other.info["found_tokens"] == resumed.info["found_tokens"]
     assert len(list(folder.glob("stage-2-*"))) == 2  # stage 2 again in a folder of its own, on the search on disk
     assert any((other.deltas[n] - d).abs().max() > 1e-6 for n, d in whole.deltas.items())
+
+
+def test_on_sdxl_a_found_token_is_a_pair_of_rows_and_its_prompt_keeps_the_pooled_vector(tiny_sdxl):
+    """A found token on SDXL holds one token's input rows of both encoders side by side; its bare prompt, joined into
+    the erase set, carries SDXL's pooled vector: with a real token's rows it is that word's own prompt."""
+    word = "cat"
+    row = int(tiny_sdxl.encode_prompts([word]).input_ids[0, 1])
+    vector = tiny_sdxl.token_embedding_matrix()[[row]].float()
+    assert (
+        vector.shape[1]
+        == tiny_sdxl.pipe.text_encoder.config.hidden_size + tiny_sdxl.pipe.text_encoder_2.config.hidden_size
+    )
+    token = stereo.FoundToken("van gogh", 0, vector, [], 0.0, 0.0, 0.0, [])
+    joined = stereo._join([tiny_sdxl.encode_prompts(["van gogh"]), stereo._token_encoding(tiny_sdxl, token)])
+    plain = tiny_sdxl.encode_prompts(["van gogh", word])
+    assert joined.prompts == ["van gogh", token.name] and joined.pooled.shape == plain.pooled.shape
+    torch.testing.assert_close(joined.embeddings, plain.embeddings, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(joined.pooled, plain.pooled, atol=1e-5, rtol=1e-5)

@@ -335,7 +335,7 @@ class _RetainPoolSettings:
         sampler_steps=("pool_steps",),
         guides=False,
         architectures=("sd", "sdxl"),
-        unported="its soft tokens would enter T5 beside CLIP, and free token vectors are CLIP-only",
+        unported="its tokens are CLIP's; SD3/Flux also read T5",  # its soft tokens: CLIP input embeddings
         quick={
             **TRAINED.quick,
             "steps": 6,

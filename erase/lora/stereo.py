@@ -657,7 +657,7 @@ def _check_inputs(wrapper: PipelineWrapper, concepts: ConceptSpec, config: Stere
         TRAINED,
         guides=False,
         architectures=("sd", "sdxl"),
-        unported="its search inverts a token into CLIP's vocabulary, and SD3/Flux also read T5",
+        unported="its tokens are CLIP's; SD3/Flux also read T5",  # its soft tokens: CLIP input embeddings
         sampler_steps=("pool_steps", "gallery_steps"),
         quick={
             "steps": 6,
