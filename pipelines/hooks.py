@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .modules import Pipeline, components, denoiser, module
+from .modules import CROSS_ATTENTION_PATTERNS, Pipeline, architecture, components, denoiser, denoiser_name, module
 from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
 from .text import encode_prompts, verbatim_stream
 
@@ -36,6 +36,7 @@ __all__ = [
     "intervene",
     "is_denoiser_hook",
     "text_activations",
+    "text_attention_names",
     "unet_activations",
 ]
 
@@ -196,15 +197,81 @@ def capture(pipe: Pipeline, module_names: Sequence[str]) -> Iterator[dict[str, l
             handle.remove()
 
 
+#: SD3/Flux attention modules in which image tokens attend to text tokens: the joint (MMDiT) blocks' attention and
+#: Flux's single-stream blocks' (text and image tokens in one sequence)
+TEXT_ATTENTION_PATTERNS: tuple[str, ...] = tuple(
+    f"{blocks}.{digits}.attn" for blocks in ("transformer_blocks", "single_transformer_blocks")
+    for digits in ("[0-9]", "[0-9][0-9]")
+)  # fmt: skip
+
+
+def text_attention_names(pipe: Pipeline) -> list[str]:
+    """The denoiser's attention modules where image tokens attend to text tokens, qualified and sorted: a UNet's
+    cross-attention (the parents of :data:`~pipelines.modules.CROSS_ATTENTION_PATTERNS`' projections), an SD3/Flux
+    transformer's joint and single-stream attention."""
+    found = set()
+    for name, _ in denoiser(pipe).named_modules():
+        if any(fnmatch.fnmatchcase(name, p) for p in CROSS_ATTENTION_PATTERNS):
+            found.add(name.rpartition(".")[0])
+        elif any(fnmatch.fnmatchcase(name, p) for p in TEXT_ATTENTION_PATTERNS):
+            found.add(name)
+    return sorted(f"{denoiser_name(pipe)}.{name}" for name in found)
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(B, S, heads * D)`` -> ``(B, S, heads, D)``: the layout diffusers' Flux processor normalises and rotates
+    (SD3's normalises ``(B, heads, S, D)``, the same per-head norm)."""
+    return x.unflatten(-1, (heads, x.shape[-1] // heads))
+
+
+def _joint_image_to_text(
+    attention: torch.nn.Module, text_first: bool, text_tokens: int, hidden: torch.Tensor,
+    context: torch.Tensor | None, rotary: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:  # fmt: skip
+    """The attention probabilities of the image queries over the text keys, ``(B, heads, image, text)``, of one SD3
+    (``JointAttnProcessor2_0``) or Flux (``FluxAttnProcessor``) attention call, its softmax over every key (text and
+    image) as the processor takes it: queries and keys from the module's own projections and query/key norms, joined
+    in the processor's order (SD3: image then text; Flux: text then image, rotated by ``image_rotary_emb``). With
+    ``context`` None (Flux's single-stream blocks) the first ``text_tokens`` of ``hidden`` are the text."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    if getattr(attention, "fused_projections", False):
+        raise ValueError("the attention's projections are fused (to_qkv): unfuse them to record its probabilities")
+    heads = attention.heads
+    q, k = _heads(attention.to_q(hidden), heads), _heads(attention.to_k(hidden), heads)
+    q = q if attention.norm_q is None else attention.norm_q(q)
+    k = k if attention.norm_k is None else attention.norm_k(k)
+    if context is not None:
+        q_text, k_text = _heads(attention.add_q_proj(context), heads), _heads(attention.add_k_proj(context), heads)
+        q_text = q_text if attention.norm_added_q is None else attention.norm_added_q(q_text)
+        k_text = k_text if attention.norm_added_k is None else attention.norm_added_k(k_text)
+        q, k = (torch.cat([t, x] if text_first else [x, t], dim=1) for t, x in ((q_text, q), (k_text, k)))
+        text_tokens = context.shape[1]
+    if rotary is not None:
+        q, k = apply_rotary_emb(q, rotary, sequence_dim=1), apply_rotary_emb(k, rotary, sequence_dim=1)
+    q, k = q.transpose(1, 2).float(), k.transpose(1, 2).float()  # (B, heads, S, D)
+    total = q.shape[2]
+    text = slice(0, text_tokens) if text_first else slice(total - text_tokens, total)
+    image = slice(text_tokens, total) if text_first else slice(0, total - text_tokens)
+    probabilities = (q[:, :, image] @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)
+    return probabilities[..., text]
+
+
 @contextlib.contextmanager
 def attention_probabilities(pipe: Pipeline, attention_names: Sequence[str]) -> Iterator[dict[str, list[torch.Tensor]]]:
-    """Record, differentiably, the attention probabilities of the named attention modules (qualified names, e.g.
-    ``"unet.<block>.attn2"``) during the ``with`` block: ``softmax(q k^T * scale)`` per head, ``(batch, heads,
-    queries, keys)`` float32 for every call, from the outputs of the module's ``to_q`` and ``to_k`` (whatever adapters
-    they hold) as diffusers' attention processors form them (no query/key norm: SD 1.x/2.x/XL's blocks).
-    Hooks on ``to_q`` and ``to_k``, removed afterwards."""
+    """Record, differentiably, the attention probabilities of image queries over text keys in the named attention
+    modules (qualified names, :func:`text_attention_names`) during the ``with`` block, ``(batch, heads, image
+    queries, text keys)`` float32 for every call.
+
+    A UNet's cross-attention (``"unet.<block>.attn2"``): ``softmax(q k^T * scale)`` per head from the outputs of the
+    module's ``to_q`` and ``to_k`` (whatever adapters they hold) as diffusers' attention processors form them (no
+    query/key norm: SD 1.x/2.x/XL's blocks); hooks on ``to_q`` and ``to_k``. SD3/Flux's joint attention
+    (``"transformer.<blocks>.N.attn"``): the image rows and text columns of the joint softmax over text and image
+    keys (:func:`_joint_image_to_text`), from the module's inputs (a forward pre-hook; Flux's single-stream blocks
+    tell the text length from their own inputs). Hooks removed afterwards."""
     found: dict[str, list[torch.Tensor]] = {name: [] for name in attention_names}
     queries: dict[str, torch.Tensor] = {}
+    text_lengths: dict[str, int] = {}
     handles = []
 
     def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -213,6 +280,23 @@ def attention_probabilities(pipe: Pipeline, attention_names: Sequence[str]) -> I
     try:
         for name in attention_names:
             attention = module(pipe, name)
+            if name.startswith("transformer."):
+                text_first = architecture(pipe) == "flux"
+                block = module(pipe, name.rpartition(".")[0])
+
+                def on_block(_module, args, kwargs, name=name):  # noqa: ANN001, ANN202 - torch's pre-hook signature
+                    context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+                    text_lengths[name] = context.shape[1]
+
+                def on_joint(_module, args, kwargs, name=name, attention=attention, text_first=text_first):  # noqa: ANN001, ANN202
+                    hidden = kwargs.get("hidden_states", args[0] if args else None)
+                    context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+                    found[name].append(_joint_image_to_text(attention, text_first, text_lengths.get(name, 0), hidden,
+                                                            context, kwargs.get("image_rotary_emb")))  # fmt: skip
+
+                handles.append(block.register_forward_pre_hook(on_block, with_kwargs=True))
+                handles.append(attention.register_forward_pre_hook(on_joint, with_kwargs=True))
+                continue
             if getattr(attention, "norm_q", None) is not None or getattr(attention, "norm_k", None) is not None:
                 raise ValueError(f"{name} normalises its queries or keys: its probabilities are not q k^T")
 

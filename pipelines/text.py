@@ -40,6 +40,7 @@ __all__ = [
     "text_length",
     "token_embedding_matrix",
     "token_streams",
+    "stream_token_ids",
     "verbatim_stream",
     "verbatim_token_sets",
 ]
@@ -142,6 +143,13 @@ def check_prompt(pipe: Pipeline, prompt: str, what: str = "prompt") -> str:
     if n > limit:
         raise ValueError(f"{what} {prompt[:40]!r}... has {n} tokens; the text encoder reads {limit}")
     return prompt.strip()
+
+
+def stream_token_ids(pipe: Pipeline, prompt: str, stream: int = 0) -> list[int]:
+    """The token ids a stream of :func:`token_streams` holds for ``prompt`` in its first rows, before the padding:
+    BOS (where the tokenizer adds one), the words, EOS, truncated to the stream's length."""
+    found = token_streams(pipe)[stream]
+    return found.tokenizer(prompt, truncation=True, max_length=found.length)["input_ids"]
 
 
 def phrase_positions(pipe: Pipeline, prompt: str, phrase: str, stream: int = 0) -> list[int]:

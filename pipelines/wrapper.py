@@ -188,6 +188,11 @@ class PipelineWrapper:
         then T5 rows)."""
         return text.token_streams(self.pipe)
 
+    def stream_token_ids(self, prompt: str, stream: int = 0) -> list[int]:
+        """The token ids of ``prompt`` before the padding in a stream of :meth:`token_streams`, BOS and EOS included
+        where its tokenizer adds them (:func:`text.stream_token_ids`)."""
+        return text.stream_token_ids(self.pipe, prompt, stream)
+
     def phrase_positions(self, prompt: str, phrase: str, stream: int = 0) -> list[int]:
         """Token positions (embedding rows; BOS = 0 where there is one) that ``phrase`` occupies inside ``prompt``, in
         a stream of :meth:`token_streams` (the first by default); its last occurrence wins."""
@@ -350,11 +355,16 @@ class PipelineWrapper:
         """Record the outputs of the named modules (qualified names) during the ``with`` block."""
         return hooks.capture(self.pipe, module_names)
 
+    def text_attention_names(self) -> list[str]:
+        """The denoiser's attention modules where image tokens attend to text tokens, qualified: UNet cross-attention,
+        SD3/Flux joint and single-stream attention (:func:`hooks.text_attention_names`)."""
+        return hooks.text_attention_names(self.pipe)
+
     def attention_probabilities(
         self, attention_names: Sequence[str]
     ) -> contextlib.AbstractContextManager[dict[str, list[torch.Tensor]]]:
-        """Record, differentiably, the attention probabilities of the named attention modules during the ``with``
-        block (:func:`hooks.attention_probabilities`)."""
+        """Record, differentiably, the attention probabilities of image queries over text keys in the named attention
+        modules during the ``with`` block, ``(batch, heads, image, text)`` (:func:`hooks.attention_probabilities`)."""
         return hooks.attention_probabilities(self.pipe, attention_names)
 
     def intervene(

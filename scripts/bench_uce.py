@@ -35,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import erase  # noqa: E402
-from erase.closed_form.speed import SPEEDConfig, speed_terms, speed_update  # noqa: E402
+from erase.closed_form.speed import VALUE_PATTERNS, SPEEDConfig, speed_terms, speed_update  # noqa: E402
 from erase.closed_form.uce import concept_embeddings, edit_from_update, uce_update  # noqa: E402
 from erase.core.inputs import check_option_minimums, error_line  # noqa: E402
 from erase.core.layout import check_writable_folder  # noqa: E402
@@ -248,7 +248,7 @@ def speed_solve(wrapper, repeats: int) -> dict[str, float]:
     """SPEED's closed form on every value projection (its default layers) at 1 and 100 concepts, 100 retained
     concepts and the reference's refinement (random embeddings), median seconds."""
     config = SPEEDConfig()
-    layers = wrapper.cross_attention_layers(config.layers)
+    layers = wrapper.cross_attention_layers(VALUE_PATTERNS)
     weights = [layer.module.weight.detach().double() for layer in layers]
     gen = torch.Generator().manual_seed(1)
     retain = torch.randn(100, 768, generator=gen, dtype=torch.float64)

@@ -1,11 +1,17 @@
 """MACE: its closed forms against the reference's written out in float64, its token pairing, the attention maps its
-loss reads, and a short run on tiny."""
+loss reads (UNet cross-attention, SD3/Flux joint attention), and short runs on tiny, tiny SD3 and tiny Flux."""
 
 import pytest
 import torch
 
 from erase import ConceptSpec, erase_concepts
 from erase.lora.mace import MACEConfig, fusion_update, importance_weight, matched_positions, refinement_update
+from pipelines import load_pipeline
+
+
+@pytest.fixture(scope="module", params=["tiny-sd3", "tiny-flux"])
+def transformer(request):
+    return load_pipeline(request.param)
 
 
 def _reference_closed_form(weight, all_contexts, all_valuess, lamb, preserve_scale, cache):
@@ -114,19 +120,82 @@ def test_mace_on_tiny_lowers_the_attention_to_the_concept(tiny):
     assert set(artifact.deltas) == {n for n in artifact.deltas if n.endswith(("attn2.to_k", "attn2.to_v"))}
     assert artifact.info["layers_matched"] == len(artifact.deltas) and len(artifact.info["lora_final_losses"]) == 1
 
-    layers = tiny.cross_attention_layers(("*attn2.to_k",))
-    attention = ["unet." + layer.name.rpartition(".")[0] for layer in layers]
-    prompts = [t.format("van gogh") for t in config.templates]
-    encoding = tiny.encode_prompts(prompts)
-    positions = [tiny.phrase_positions(p, "van gogh") for p in prompts]
-    latents = torch.cat([tiny.initial_latents(s) for s in range(len(prompts))])
+    before, after = _concept_attention(tiny, config.templates, artifact.deltas)
+    assert after < before
+
+
+def _concept_attention(wrapper, templates, deltas) -> tuple[float, float]:
+    """The attention of the image tokens to "van gogh"'s text rows (in every stream) in ``templates``, summed over the
+    text-attention layers at t = 300: the base model's, and with ``deltas`` applied."""
+    attention = wrapper.text_attention_names()
+    prompts = [t.format("van gogh") for t in templates]
+    encoding = wrapper.encode_prompts(prompts)
+    streams = range(len(wrapper.token_streams()))
+    positions = [[r for s in streams for r in wrapper.phrase_positions(p, "van gogh", s)] for p in prompts]
+    assert len(positions[0]) == 2 * len(streams)
+    latents = torch.cat([wrapper.initial_latents(s) for s in range(len(prompts))])
 
     def concept_attention() -> float:
-        with torch.no_grad(), tiny.attention_probabilities(attention) as found:
-            tiny.noise_prediction(latents, 300, encoding)
+        with torch.no_grad(), wrapper.attention_probabilities(attention) as found:
+            wrapper.noise_prediction(latents, 300, encoding)
         return sum(float(p[i][..., positions[i]].norm()) for a in attention for p in found[a] for i in range(len(p)))
 
     before = concept_attention()
-    with tiny.weight_deltas(artifact.deltas):
-        after = concept_attention()
+    with wrapper.weight_deltas(deltas):
+        return before, concept_attention()
+
+
+def test_joint_attention_probabilities_are_those_the_transformer_uses(transformer, tiny):
+    """SD3/Flux: with the image tokens' values zeroed, each joint (and Flux single-stream) attention's image rows are
+    the recorded image-to-text probabilities times the text values: the rows and columns of the joint softmax the
+    processor takes (Flux's rotary embedding included). The UNet's text attention is its cross-attention."""
+    assert tiny.text_attention_names() == sorted(
+        {"unet." + layer.name.rpartition(".")[0] for layer in tiny.cross_attention_layers()}
+    )
+    attention = transformer.text_attention_names()
+    assert any(".single_transformer_blocks." in n for n in attention) == (transformer.architecture == "flux")
+    encoding = transformer.encode_prompts(["van gogh"])
+    text = encoding.embeddings.shape[1]
+    values, outputs, handles = {}, {}, []
+
+    def keep(store, name, rows=slice(None)):  # noqa: ANN001, ANN202
+        return lambda _module, args, *output: store.__setitem__(name, (output[0] if output else args[0])[:, rows])
+
+    for name in attention:
+        module = transformer.module(name)
+        joint = module.add_v_proj is not None if hasattr(module, "add_v_proj") else False
+        image = slice(None) if joint else slice(text, None)  # single-stream: text rows first, then image rows
+        handles.append(module.to_v.register_forward_hook(lambda _m, _a, out, image=image: out.index_fill(
+            1, torch.arange(out.shape[1])[image], 0.0)))  # fmt: skip
+        if joint:
+            handles.append(module.add_v_proj.register_forward_hook(keep(values, name)))
+            handles.append(module.to_out[0].register_forward_pre_hook(keep(outputs, name)))
+        else:
+            handles.append(module.to_v.register_forward_hook(keep(values, name, slice(0, text))))
+            handles.append(module.register_forward_hook(keep(outputs, name, slice(text, None))))
+    try:
+        with torch.no_grad(), transformer.attention_probabilities(attention) as probabilities:
+            transformer.noise_prediction(torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), 500,
+                                         encoding)  # fmt: skip
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name in attention:
+        (probs,) = probabilities[name]
+        heads = transformer.module(name).heads
+        assert probs.shape[1:] == (heads, outputs[name].shape[1], text)
+        assert float(probs.sum(-1).max()) < 1.0  # the image keys take the rest of each row
+        v = values[name].unflatten(-1, (heads, -1)).transpose(1, 2).float()
+        torch.testing.assert_close((probs @ v).transpose(1, 2).flatten(2), outputs[name].float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_mace_on_sd3_and_flux_lowers_the_attention_to_the_concept(transformer):
+    """A short run: all three stages on the text-side input projections (token rows and pooled vector), and the
+    erased transformer's image tokens attend less to the concept's text rows, in every stream, than the base's."""
+    config = MACEConfig(steps=20, lr=3e-2, pool_images=1, pool_steps=4, templates=("{}", "a painting of {}"))
+    spec = ConceptSpec(("van gogh",), guides=("art",), preserve=("a cat",))
+    artifact = erase_concepts(transformer, spec, "mace", config)
+    assert set(artifact.deltas) == {f"transformer.{layer.name}" for layer in transformer.cross_attention_layers()}
+    before, after = _concept_attention(transformer, config.templates, artifact.deltas)
     assert after < before

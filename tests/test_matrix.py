@@ -158,7 +158,8 @@ def _check_cell(method, column, config, wrappers, tmp_path):
     base = wrappers[column, "draws"]
     if artifact.deltas:  # a weight change: plain diffusers loads it
         meta = json.loads((folder / "erasure.json").read_text())
-        if spec.capabilities.training and (folder / LORA_FILE).is_file():  # the adapters' own rank, saved exactly
+        exact = artifact.payload("weights").factors is not None  # the adapters themselves (not mace's fused change)
+        if spec.capabilities.training and exact and (folder / LORA_FILE).is_file():  # their own rank, saved exactly
             assert set(meta["payloads"]["weights"]["lora_ranks"].values()) == {meta["config"]["rank"]}
         plain = build(0)
         components = sorted({name.partition(".")[0] for name in artifact.deltas})  # the denoiser, text encoders

@@ -24,6 +24,12 @@ Each round's change has rank up to 77 per concept (every token row): on SD's 768
 still a LoRA, on narrow models (the micro model's 128, the tiny test model's 32) it is saved as full weights with an
 exported pipeline (``StableDiffusionPipeline.from_pretrained(folder / "pipeline")``).
 
+SD3 and Flux (the reference is SD 1.x only): the layers are uce's there, the transformer's text-side input
+projections. ``context_embedder`` reads the token rows (every row of every text stream) and
+``time_text_embed.text_embedder.linear_1`` the pooled vector, so each kind of input has its own adversarial map and
+its own round edit, as the attack (``evals.attacks.rece_embedding``) solves them. The round's targets are the
+current layer's W g without its bias b, which the edited layer adds back (W' c* + b = W g + b).
+
 Every edit of this family is W -> W A with one A shared by all layers, so the attack's c* = A^-1 c exists whenever
 A is invertible: one round removes the embedding that undid UCE (``tests/test_attacks.py``) but the attack,
 re-solved against the edited model, finds the next one. Micro setting: ``--preserve-set world --set rounds=20`` (the
@@ -44,10 +50,10 @@ from typing import ClassVar
 import torch
 
 from evals.attacks.rece_embedding import adversarial_map, projection_weights, restored_share
-from pipelines import PipelineWrapper
+from pipelines import CrossAttentionLayer, PipelineWrapper
 
 from ..core.registry import Capabilities, ConceptSpec, WeightEdit, register_method
-from .uce import UCEConfig, edit_from_update, erase_uce, uce_update
+from .uce import UCEConfig, erase_uce, layer_edits, uce_update
 
 __all__ = ["RECEConfig", "erase_rece"]
 
@@ -81,10 +87,16 @@ class RECEConfig(UCEConfig):
         super().__post_init__()  # UCEConfig's checks every number of this class against its NUMBER_RANGES
 
 
-def _sequence_rows(wrapper: PipelineWrapper, prompts: Sequence[str]) -> torch.Tensor:
-    """Every token embedding of each prompt (BOS, words, EOS and padding), float64 ``(len * tokens, width)``."""
-    embeddings = wrapper.encode_prompts(list(prompts)).embeddings.double().cpu()
-    return embeddings.reshape(-1, embeddings.shape[-1])
+def _input_rows(wrapper: PipelineWrapper, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """What the edited layers read of each prompt, float64 rows by kind: ``"tokens"``, every token embedding (BOS,
+    words, EOS and padding; ``(len * tokens, width)``), and where the model has one, the pooled vector (a row each).
+    """
+    encoding = wrapper.encode_prompts(list(prompts))
+    embeddings = encoding.embeddings.double().cpu()
+    rows = {"tokens": embeddings.reshape(-1, embeddings.shape[-1])}
+    if encoding.pooled is not None:
+        rows["pooled"] = encoding.pooled.double().cpu()
+    return rows
 
 
 @register_method(
@@ -92,31 +104,41 @@ def _sequence_rows(wrapper: PipelineWrapper, prompts: Sequence[str]) -> torch.Te
     RECEConfig,
     family="closed_form",
     summary="RECE: UCE plus erasing its adversarial embeddings",
-    capabilities=Capabilities(preserve=True, templates="templates"),
+    capabilities=Capabilities(preserve=True, templates="templates", architectures=("sd", "sdxl", "sd3", "flux")),
 )
 def erase_rece(wrapper: PipelineWrapper, concepts: ConceptSpec, config: RECEConfig) -> WeightEdit:
-    """UCE's edit, then ``config.rounds`` rounds of erasing the closed-form embeddings that restore the concepts."""
+    """UCE's edit, then ``config.rounds`` rounds of erasing the closed-form embeddings that restore the concepts; each
+    kind of input the edited layers read (token rows; SD3/Flux's pooled vector too) has its own adversarial map and
+    solve, as the attack and uce have."""
     uce_fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(UCEConfig)}
     edit = erase_uce(wrapper, concepts, UCEConfig(**uce_fields))
     deltas = {k: v.detach().float().cpu() for k, v in edit.deltas.items()}
     targets = list(concepts.targets)
     guides = [concepts.guide_for(i) for i in range(len(targets))]
-    c_target = _sequence_rows(wrapper, targets)
-    c_guide = _sequence_rows(wrapper, guides)
-    c_preserve = _sequence_rows(wrapper, ["", *concepts.preserve])
+    groups: dict[str, list[CrossAttentionLayer]] = {}
+    for layer in wrapper.cross_attention_layers(config.layers):
+        groups.setdefault(layer.reads, []).append(layer)
+    c_target, c_guide = _input_rows(wrapper, targets), _input_rows(wrapper, guides)
+    c_preserve = _input_rows(wrapper, ["", *concepts.preserve])
     original = projection_weights(wrapper, config.layers)
-    restored = []
+    restored: dict[str, list[float | None]] = {reads: [] for reads in groups}
     for _ in range(config.rounds):
+        steps = {}
         with wrapper.weight_deltas(deltas):
             edited = projection_weights(wrapper, config.layers)
-            m = adversarial_map(original, edited, config.regularization)
-            c_adv = c_target @ m.T
-            u, v = uce_update(c_adv, c_guide, c_preserve, config.round_erase_scale, config.round_preserve_scale,
-                              config.round_lamb)  # fmt: skip
-            step = edit_from_update(wrapper, config.layers, u, v)
-        restored.append(restored_share(original, edited, c_target, c_adv))
-        deltas = {k: deltas[k] + step.deltas[k].float().cpu() for k in deltas}
+            for reads, layers in groups.items():
+                before, after = ({layer.name: w[layer.name] for layer in layers} for w in (original, edited))
+                m = adversarial_map(before, after, config.regularization)
+                c_adv = c_target[reads] @ m.T
+                u, v = uce_update(c_adv, c_guide[reads], c_preserve[reads], config.round_erase_scale,
+                                  config.round_preserve_scale, config.round_lamb)  # fmt: skip
+                steps.update(layer_edits(wrapper, layers, u, v)[0])
+                restored[reads].append(restored_share(before, after, c_target[reads], c_adv))
+        deltas = {k: deltas[k] + steps[k].float().cpu() for k in deltas}
+    shares = restored.get("tokens", [])
     logger.info("rece: %d rounds after UCE; the adversarial embeddings restored %s of the keys/values", config.rounds,
-                ", ".join("n/a" if r is None else f"{r:.1%}" for r in restored) or "-")  # fmt: skip
-    info = {**edit.info, "rounds": config.rounds, "adversarial_restored_share": restored}
+                ", ".join("n/a" if r is None else f"{r:.1%}" for r in shares) or "-")  # fmt: skip
+    info = {**edit.info, "rounds": config.rounds, "adversarial_restored_share": shares}
+    if "pooled" in restored:
+        info["adversarial_restored_share_pooled"] = restored["pooled"]
     return WeightEdit(deltas, info)

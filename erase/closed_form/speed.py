@@ -28,6 +28,15 @@ for the empty anchor). Where we differ: float64 throughout (the reference runs f
 (k-means initialisation, shuffle, noise) come from a generator seeded by ``seed``, so no figure depends on the
 reference's global RNG; k-means is a plain Lloyd iteration from distinct random points (``kmeans_pytorch``'s, to
 its tolerance); a filter that would keep nothing (every influence equal) keeps every embedding.
+
+SD3 and Flux (the reference is SD 1.x only): a transformer projects the text once, for keys and values alike, so the
+edited layers are uce's there, the text-side input projections (``context_embedder`` for the token rows,
+``time_text_embed.text_embedder.linear_1`` for the pooled vector), each with the embeddings it reads. Token rows: a
+prompt's last-token row in every text stream (SD3: CLIP's and T5's, as uce takes them); K per stream: the row where
+the empty anchor is read (CLIP's BOS; T5, which has none, its last padding row, ``attention_mask.sum() - 2 = -1``)
+and ``null_clusters`` centres of the stream's other rows, which are also the default retain set. Pooled vector: one
+row per prompt, K the empty prompt's. The targets are W a, not W a + b: the biased layer then gives the anchor's
+output (where uce keeps ``uce_flux_edit.py``'s v* = W a + b for the equality with that script).
 """
 
 from __future__ import annotations
@@ -49,7 +58,9 @@ __all__ = [
     "SPEEDConfig",
     "SPEEDTerms",
     "erase_speed",
+    "VALUE_PATTERNS",
     "kmeans_centres",
+    "layer_patterns",
     "null_space_projection",
     "refined_retain",
     "retained_basis",
@@ -60,6 +71,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: the reference's default layers (``--params V``): every UNet cross-attention value projection
+VALUE_PATTERNS: tuple[str, ...] = ("*attn2.to_v",)
 KMEANS_TOLERANCE = 1e-4  # kmeans_pytorch's default: stop when the centres move less (sum of squared shifts)
 KMEANS_MAX_ROUNDS = 300
 
@@ -69,7 +82,8 @@ class SPEEDConfig:
     """Settings of a SPEED edit (the reference's command-line defaults).
 
     Attributes:
-        layers: fnmatch patterns of the UNet Linear modules to edit (``--params V``: the cross-attention values).
+        layers: fnmatch patterns of the denoiser's Linear modules to edit (``None``: the model's value-side layers,
+            :func:`layer_patterns`).
         retain_scale: weight of the identity in M = (T P + retain_scale I)^-1 (0.05 in the celebrity settings).
         threshold: eigenvalues of the retain covariance below it span the null space the edit is confined to.
         lamb: ridge on the invariance of the empty prompt's embeddings (0: exact invariance).
@@ -87,7 +101,7 @@ class SPEEDConfig:
         "seed": ">= 0", "chunk_size": ">= 1",
     }  # fmt: skip
 
-    layers: tuple[str, ...] = ("*attn2.to_v",)
+    layers: tuple[str, ...] | None = None
     retain_scale: float = 1.0
     threshold: float = 0.1
     lamb: float = 0.0
@@ -98,10 +112,19 @@ class SPEEDConfig:
     chunk_size: int = 128
 
     def __post_init__(self) -> None:
-        self.layers = tuple(self.layers)
+        self.layers = None if self.layers is None else tuple(self.layers)
         check_number_fields(self)
-        if not self.layers:
-            raise ValueError("layers is empty: give at least one module-name pattern")
+        if self.layers is not None and not self.layers:
+            raise ValueError("layers is empty: give at least one module-name pattern, or None for the model's")
+
+
+def layer_patterns(wrapper: PipelineWrapper, config: SPEEDConfig) -> tuple[str, ...]:
+    """The layers SPEED edits: ``config.layers``, or by default the UNet's cross-attention values
+    (:data:`VALUE_PATTERNS`, the reference's ``--params V``) and, on SD3/Flux, which project the text once for keys
+    and values alike, the transformer's text-side input projections (``PipelineWrapper.closed_form_patterns``)."""
+    if config.layers is not None:
+        return config.layers
+    return VALUE_PATTERNS if wrapper.denoiser_name == "unet" else wrapper.closed_form_patterns()
 
 
 def kmeans_centres(points: torch.Tensor, clusters: int, generator: torch.Generator) -> torch.Tensor:
@@ -262,10 +285,33 @@ def speed_update(
 
 
 def _last_token_rows(wrapper: PipelineWrapper, prompts: Sequence[str]) -> torch.Tensor:
-    """Each prompt's embedding at its last token (BOS for the empty prompt), float64 ``(len(prompts), d)``."""
-    positions = [wrapper.token_count(p) for p in prompts]
-    encoding = wrapper.encode_prompt_prefixes(list(prompts), 1 + max(positions)).embeddings.double().cpu()
-    return encoding[torch.arange(len(prompts)), torch.tensor(positions)]
+    """Each prompt's embedding at its last token in every text stream (``attention_mask.sum() - 2``: BOS for the
+    empty prompt with CLIP, its last padding row with T5), float64 ``(len(prompts) * streams, d)``, prompt-major."""
+    streams = range(len(wrapper.token_streams()))
+    positions = [[wrapper.last_token_position(p, s) for s in streams] for p in prompts]
+    if wrapper.prefix_encodable:  # causal text encoders: the rows up to the last one read, from those tokens alone
+        encoding = wrapper.encode_prompt_prefixes(list(prompts), 1 + max(max(p) for p in positions))
+    else:
+        encoding = wrapper.encode_prompts(list(prompts))
+    encoding = encoding.embeddings.double().cpu()
+    rows = torch.tensor([i for i, p in enumerate(positions) for _ in p])
+    return encoding[rows, torch.tensor([q for p in positions for q in p])]
+
+
+def _empty_rows(wrapper: PipelineWrapper, config: SPEEDConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The empty prompt's token rows per text stream: the row the empty anchor is read at (kept invariant exactly)
+    and the stream's other rows (clustered into the rest of K; the default retain set). On CLIP the anchor row is
+    BOS, the reference's; on T5 (no BOS) it is the last padding row, where ``""`` anchors a concept there."""
+    empty = wrapper.encode_prompts([""]).embeddings[0].double().cpu()
+    invariant, others = [], []
+    for s, stream in enumerate(wrapper.token_streams()):
+        anchor = wrapper.last_token_position("", s)
+        rest = [r for r in range(stream.offset, stream.offset + stream.length) if r != anchor]
+        if config.null_clusters > len(rest):
+            raise ValueError(f"null_clusters is {config.null_clusters}; the empty prompt has {len(rest)} positions")
+        invariant.append(empty[[anchor]])
+        others.append(empty[rest])
+    return invariant, others
 
 
 def _retain_texts(targets: Sequence[str], preserve: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -282,35 +328,55 @@ def _retain_texts(targets: Sequence[str], preserve: Sequence[str]) -> tuple[list
     SPEEDConfig,
     family="closed_form",
     summary="SPEED (closed-form value edit in the retained concepts' null space)",
-    capabilities=Capabilities(preserve=True),
+    capabilities=Capabilities(preserve=True, architectures=("sd", "sdxl", "sd3", "flux")),
 )
 def erase_speed(wrapper: PipelineWrapper, concepts: ConceptSpec, config: SPEEDConfig) -> WeightEdit:
-    """Erase ``concepts.targets`` into their guides (anchors) within the null space of ``concepts.preserve``."""
+    """Erase ``concepts.targets`` into their guides (anchors) within the null space of ``concepts.preserve``.
+
+    One edit per kind of input the layers read: the token rows (every text stream's last-token row of a prompt),
+    and on SD3/Flux the pooled vector (one row per prompt; the empty prompt's is K and, with nothing preserved, the
+    retain set).
+    """
     generator = torch.Generator().manual_seed(config.seed)
     targets = list(concepts.targets)
     anchors = [concepts.guide_for(i) for i in range(len(targets))]
     kept, dropped = _retain_texts(targets, concepts.preserve)
-    rows = _last_token_rows(wrapper, targets + anchors + kept)
-    c_target, c_anchor, retain = rows[: len(targets)], rows[len(targets) : 2 * len(targets)], rows[2 * len(targets) :]
-    empty = wrapper.encode_prompts([""]).embeddings[0].double().cpu()
-    if not kept:
-        retain = empty[1:]  # the reference's retain text "": its EOS and padding positions
-    retain = retain[torch.randperm(len(retain), generator=generator)]  # once, as the reference shuffles
-    if config.null_clusters > len(empty) - 1:
-        raise ValueError(f"null_clusters is {config.null_clusters}; the empty prompt has {len(empty) - 1} positions")
-    invariant = torch.cat([empty[:1], kmeans_centres(empty[1:], config.null_clusters, generator)])
-    layers = wrapper.cross_attention_layers(config.layers)
-    deltas, factors = {}, {}
-    terms = speed_terms(c_target, c_anchor)
-    for layer in layers:
-        if layer.in_features != c_target.shape[1]:
-            raise ValueError(
-                f"{layer.name} reads {layer.in_features}-d inputs, text embeddings are {c_target.shape[1]}-d"
-            )
-        weight = layer.module.weight.detach().double().cpu()
-        lora_b, lora_a = speed_update(weight, terms, retain, invariant, config, generator)
-        name = f"unet.{layer.name}"
-        factors[name] = (lora_a.float(), lora_b.float())
-        deltas[name] = (lora_b @ lora_a).float()
-    info = {"layers_matched": len(layers), "retain_embeddings": int(len(retain)), "retain_dropped": dropped}
-    return WeightEdit(deltas, info, factors=factors if len(targets) < c_target.shape[1] else None)
+    layers = wrapper.cross_attention_layers(layer_patterns(wrapper, config))
+    groups = {reads: [layer for layer in layers if layer.reads == reads] for reads in ("tokens", "pooled")}
+    texts = targets + anchors + kept
+    inputs, retained, invariants = {}, {}, {}
+    if groups["tokens"]:
+        rows = _last_token_rows(wrapper, texts)
+        per = len(rows) // len(texts)
+        anchor_rows, other_rows = _empty_rows(wrapper, config)
+        retain = rows[2 * len(targets) * per :] if kept else torch.cat(other_rows)
+        retained["tokens"] = retain[torch.randperm(len(retain), generator=generator)]  # once, as the reference
+        centres = [kmeans_centres(other, config.null_clusters, generator) for other in other_rows]
+        invariants["tokens"] = torch.cat([*anchor_rows, *centres])
+        inputs["tokens"] = rows[: len(targets) * per], rows[len(targets) * per : 2 * len(targets) * per]
+    if groups["pooled"]:
+        pooled = wrapper.encode_prompts([*texts, ""]).pooled.double().cpu()
+        retain = pooled[2 * len(targets) :] if kept else pooled[-1:]
+        retained["pooled"] = retain[torch.randperm(len(retain), generator=generator)]
+        invariants["pooled"] = pooled[-1:]
+        inputs["pooled"] = pooled[: len(targets)], pooled[len(targets) : 2 * len(targets)]
+    deltas, factors, low_rank = {}, {}, True
+    for reads, stream in groups.items():
+        if not stream:
+            continue
+        c_target, c_anchor = inputs[reads]
+        terms = speed_terms(c_target, c_anchor)
+        low_rank = low_rank and len(c_target) < c_target.shape[1]
+        for layer in stream:
+            if layer.in_features != c_target.shape[1]:
+                raise ValueError(
+                    f"{layer.name} reads {layer.in_features}-d inputs, text embeddings are {c_target.shape[1]}-d"
+                )
+            weight = layer.module.weight.detach().double().cpu()
+            lora_b, lora_a = speed_update(weight, terms, retained[reads], invariants[reads], config, generator)
+            name = f"{wrapper.denoiser_name}.{layer.name}"
+            factors[name] = (lora_a.float(), lora_b.float())
+            deltas[name] = (lora_b @ lora_a).float()
+    info = {"layers_matched": len(layers), "retain_embeddings": int(len(retained.get("tokens", ()))),
+            "retain_dropped": dropped}  # fmt: skip
+    return WeightEdit(deltas, info, factors=factors if low_rank else None)

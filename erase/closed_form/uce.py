@@ -44,6 +44,7 @@ __all__ = [
     "concept_embeddings",
     "edit_from_update",
     "erase_uce",
+    "layer_edits",
     "uce_update",
 ]
 
@@ -249,7 +250,7 @@ def bias_direction(
     return torch.linalg.solve(_gram(c_erase, c_preserve, erase_scale, preserve_scale, lamb), m)
 
 
-def _layer_edits(
+def layer_edits(
     wrapper: PipelineWrapper,
     layers: Sequence[CrossAttentionLayer],
     u: torch.Tensor,
@@ -288,7 +289,7 @@ def edit_from_update(
     B = W U and A = V (no SVD); otherwise dW = W (U V).
     """
     layers = wrapper.cross_attention_layers(layer_patterns)
-    deltas, factors = _layer_edits(wrapper, layers, u, v)
+    deltas, factors = layer_edits(wrapper, layers, u, v)
     return WeightEdit(deltas, {"layers_matched": len(layers)}, factors=factors or None)
 
 
@@ -327,7 +328,7 @@ def erase_uce(wrapper: PipelineWrapper, concepts: ConceptSpec, config: UCEConfig
         u, v = uce_update(c_erase, c_guide, c_preserve, *scales, config.lamb)
         bias_row = bias_direction(c_erase, c_preserve, *scales, config.lamb) if config.target_bias else None
         stream = [layer for layer in layers if layer.reads == reads]
-        stream_deltas, stream_factors = _layer_edits(wrapper, stream, u, v, bias_row)
+        stream_deltas, stream_factors = layer_edits(wrapper, stream, u, v, bias_row)
         deltas.update(stream_deltas)
         factors.update(stream_factors)
         embeddings[reads] = int(c_erase.shape[0])

@@ -1,7 +1,7 @@
 """MACE (Lu et al., CVPR 2024): closed-form refinement, one attention-suppressing LoRA per concept, closed-form fusion.
 
 Reference: Shilin-LU/MACE (``src/cfr_lora_training.py``, ``src/fuse_lora_close_form.py``, ``src/cfr_utils.py``).
-Three stages on the cross-attention keys and values (``attn2.to_k``, ``attn2.to_v``):
+Three stages on the cross-attention keys and values (``attn2.to_k``, ``attn2.to_v``; SD3/Flux: below):
 
 1. Closed-form refinement (CFR). For each concept prompt (the concept in each template) and its guide prompt (the
    guide, the reference's "mapping concept", in the same template), the tokens the two share (common prefix and
@@ -43,6 +43,15 @@ differ, and why:
   templates) are the domain cache, and ``lamb`` defaults to 0.5 (UCE's) so that directions no prompt reaches keep W.
 * Templates: the reference augments each concept with 30 prompts of its own per concept type; ours are a short
   neutral set, an option (``templates``).
+* SD3 and Flux (the reference is SD 1.x only). A transformer projects the text once for keys and values alike, so
+  all three stages act on uce's layers there, the text-side input projections: ``context_embedder`` with every
+  token row (stage 1 pairs the rows of each text stream, SD3's CLIP rows and T5 rows), and
+  ``time_text_embed.text_embedder.linear_1`` with the pooled vector (one row per prompt, paired with the guide
+  prompt's). The LoRAs (rank 1) go on those projections, and the attention they suppress is that of the image
+  queries over the concept's text keys in every joint and single-stream attention, the image rows and text columns
+  of the joint softmax (``PipelineWrapper.attention_probabilities``; the concept's rows in every stream). f(t) reads
+  the flow-matching scheduler's timesteps, sigma * 1000, on the same 0..999 scale. The closed forms' targets are
+  W c, the layers adding their bias b to W c + dW c as to W c.
 * Closed forms in float64 (the reference solves in float32 on the GPU); the trainer's Adam without weight decay and
   gradient clipping (the reference: AdamW, decay 0.01, clip 1).
 """
@@ -74,7 +83,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-KV_PATTERNS = ("*attn2.to_k", "*attn2.to_v")
 TRAIN_TIMESTEPS = 1000  # SD's training schedule, which f(t) is written for
 
 
@@ -184,7 +192,8 @@ def fusion_update(
 @dataclass
 class AttentionLoss:
     """Stage 2's loss for one concept: the Frobenius norm of the attention at the concept's tokens, summed over the
-    cross-attention layers, each example weighted by f(t) over f's mean on 0..999 (or uniformly)."""
+    text-attention layers (``PipelineWrapper.text_attention_names``), each example weighted by f(t) over f's mean on
+    0..999 (or uniformly)."""
 
     wrapper: PipelineWrapper
     attention: list[str]
@@ -207,13 +216,24 @@ class AttentionLoss:
         return loss
 
 
-def _token_ids(encoding: PromptEncoding, row: int) -> list[int]:
-    return encoding.input_ids[row, : int(encoding.lengths[row])].tolist()
+def _paired_rows(wrapper: PipelineWrapper, prompt: str, guide_prompt: str) -> tuple[list[int], list[int]]:
+    """Stage 1's paired embedding rows of a concept prompt and its guide prompt: :func:`matched_positions` in every
+    text stream (SD3: CLIP's rows, then T5's), each to the stream's length."""
+    old, new = [], []
+    for s, stream in enumerate(wrapper.token_streams()):
+        ids, guide_ids = wrapper.stream_token_ids(prompt, s), wrapper.stream_token_ids(guide_prompt, s)
+        rows, guide_rows = matched_positions(ids, guide_ids, stream.length)
+        old += [stream.offset + r for r in rows]
+        new += [stream.offset + r for r in guide_rows]
+    return old, new
 
 
-def _all_positions(encoding: PromptEncoding) -> torch.Tensor:
-    """Every position of every prompt, float64 rows."""
-    return encoding.embeddings.double().cpu().reshape(-1, encoding.embeddings.shape[-1])
+def _inputs(encoding: PromptEncoding, reads: str) -> torch.Tensor:
+    """What a layer reading ``reads`` takes of each prompt, float64 ``(prompts, rows, width)``: every token row, or
+    the pooled vector (one row)."""
+    if reads == "pooled":
+        return encoding.pooled.double().cpu()[:, None]
+    return encoding.embeddings.double().cpu()
 
 
 def _train_concept_lora(
@@ -221,7 +241,8 @@ def _train_concept_lora(
 ) -> WeightEdit:
     prompts = [t.format(concept) for t in config.templates]
     encoding = wrapper.encode_prompts(prompts)
-    positions = [wrapper.phrase_positions(p, concept) for p in prompts]
+    streams = range(len(wrapper.token_streams()))
+    positions = [[r for s in streams for r in wrapper.phrase_positions(p, concept, s)] for p in prompts]
     weights = None
     if config.importance_sampling:
         weights = importance_weight(torch.arange(TRAIN_TIMESTEPS)).mean()  # f(t) / its mean over 0..999
@@ -234,7 +255,7 @@ def _train_concept_lora(
         pool_prompts=prompts,
         loss_fn=loss,
         config=run_config,
-        layers=KV_PATTERNS,
+        layers=wrapper.closed_form_patterns(),
         run_key={"method": "mace", "concept": concept, "config": config_key(config)},
         description=f"mace {concept}",
     )
@@ -250,42 +271,51 @@ def _train_concept_lora(
         preserve_setting=None,  # the preserve set is read by the closed forms
         templates="templates",
         quick={"steps": 4, "lr": 1e-2, "pool_images": 1, "pool_steps": 4, "templates": ("{}", "a painting of {}")},
+        architectures=("sd", "sdxl", "sd3", "flux"),
     ),
 )
 def erase_mace(wrapper: PipelineWrapper, concepts: ConceptSpec, config: MACEConfig) -> WeightEdit:
     """Erase every target of ``concepts`` into its guide, keeping ``concepts.preserve``."""
     targets = list(concepts.targets)
-    layers = wrapper.cross_attention_layers(KV_PATTERNS)
-    attention = sorted({"unet." + layer.name.rpartition(".")[0] for layer in layers})
-    length = wrapper.max_prompt_tokens + 2
-    width = layers[0].in_features
-    preserve_gram = torch.zeros(width, width, dtype=torch.float64)
+    layers = wrapper.cross_attention_layers()
+    attention = wrapper.text_attention_names()
+    kinds = sorted({layer.reads for layer in layers}, reverse=True)  # "tokens" first
+    reads = {f"{wrapper.denoiser_name}.{layer.name}": layer.reads for layer in layers}
+    preserve_grams = {}
+    for kind in kinds:
+        width = next(layer.in_features for layer in layers if layer.reads == kind)
+        preserve_grams[kind] = torch.zeros(width, width, dtype=torch.float64)
     if concepts.preserve:
-        kept = _all_positions(
-            wrapper.encode_prompts([t.format(p) for t in config.templates for p in concepts.preserve])
-        )
-        preserve_gram = kept.T @ kept
-    # stage 1: pairs (c, c_guide) of every concept prompt with its guide prompt
-    contexts, guide_contexts, concept_grams = [], [], []
+        kept = wrapper.encode_prompts([t.format(p) for t in config.templates for p in concepts.preserve])
+        for kind in kinds:
+            rows = _inputs(kept, kind).reshape(-1, preserve_grams[kind].shape[0])
+            preserve_grams[kind] = rows.T @ rows
+    # stage 1: pairs (c, c_guide) of every concept prompt with its guide prompt, per kind of input
+    contexts = {kind: [] for kind in kinds}
+    guide_contexts = {kind: [] for kind in kinds}
+    concept_grams = {kind: [] for kind in kinds}
     for i, target in enumerate(targets):
         guide = concepts.guide_for(i)
         prompts = [t.format(target) for t in config.templates]
         guide_prompts = [t.format(guide).strip() for t in config.templates]
         encoding = wrapper.encode_prompts(prompts + guide_prompts)
-        rows = encoding.embeddings.double().cpu()
         n = len(prompts)
-        for j in range(n):
-            old, new = matched_positions(_token_ids(encoding, j), _token_ids(encoding, n + j), length)
-            contexts.append(rows[j, old])
-            guide_contexts.append(rows[n + j, new])
-        concept_grams.append(sum(rows[j].T @ rows[j] for j in range(n)))
-    contexts, guide_contexts = torch.cat(contexts), torch.cat(guide_contexts)
-    base = {f"unet.{layer.name}": layer.module.weight.detach().double().cpu() for layer in layers}
+        for kind in kinds:
+            rows = _inputs(encoding, kind)
+            for j in range(n):
+                old, new = _paired_rows(wrapper, prompts[j], guide_prompts[j]) if kind == "tokens" else ([0], [0])
+                contexts[kind].append(rows[j, old])
+                guide_contexts[kind].append(rows[n + j, new])
+            concept_grams[kind].append(sum(rows[j].T @ rows[j] for j in range(n)))
+    contexts = {kind: torch.cat(rows) for kind, rows in contexts.items()}
+    guide_contexts = {kind: torch.cat(rows) for kind, rows in guide_contexts.items()}
+    base = {name: wrapper.module(name).weight.detach().double().cpu() for name in reads}
     train_scale = config.train_preserve_scale**2 * config.preserve_weight
     refined = {
-        name: refinement_update(w, w, guide_contexts @ w.T, contexts, preserve_gram, train_scale, config.lamb)
+        name: refinement_update(w, w, guide_contexts[reads[name]] @ w.T, contexts[reads[name]],
+                                preserve_grams[reads[name]], train_scale, config.lamb)
         for name, w in base.items()
-    }
+    }  # fmt: skip
     refinement = {name: (refined[name] - w).float() for name, w in base.items()}
     # stage 2: one LoRA per concept on the refined weights
     lora_deltas: dict[str, list[torch.Tensor]] = {name: [] for name in base}
@@ -300,9 +330,9 @@ def erase_mace(wrapper: PipelineWrapper, concepts: ConceptSpec, config: MACEConf
     fuse_scale = config.fuse_preserve_scale * config.preserve_weight
     deltas = {}
     for name, w in base.items():
-        fused = fusion_update(
-            w, refined[name], lora_deltas[name], concept_grams, preserve_gram, fuse_scale, config.lamb
-        )
+        kind = reads[name]
+        fused = fusion_update(w, refined[name], lora_deltas[name], concept_grams[kind], preserve_grams[kind],
+                              fuse_scale, config.lamb)  # fmt: skip
         deltas[name] = (fused - w).float()
     refinement_share = {
         name: float(refinement[name].double().norm() / max(float(deltas[name].double().norm()), 1e-30))
@@ -311,7 +341,7 @@ def erase_mace(wrapper: PipelineWrapper, concepts: ConceptSpec, config: MACEConf
     info = {
         "layers_matched": len(layers),
         "attention_layers": len(attention),
-        "refinement_pairs": int(len(contexts)),
+        "refinement_pairs": int(len(contexts["tokens"])),
         "lora_final_losses": losses,
         "refinement_over_total_median": sorted(refinement_share.values())[len(refinement_share) // 2],
     }
