@@ -16,9 +16,10 @@ else", without a list of prompts to keep. The third is the family's anchor regul
 
 The adapter is rank 1 (the paper's "one-dimensional" membrane) on every Linear of the transformer blocks
 (``train="transformer"``, SPM's ``Transformer2DModel`` modules; SD 1.x's Conv2d ``proj_in``/``proj_out`` are not
-reached by a Linear LoRA). On SD3 and Flux (beyond the reference, which is SD 1.x/2.x) the same set names the joint
-attention's image- and text-side projections and the blocks' image feed-forwards (``pipelines.LORA_TARGETS``), the
-loss is taken on the velocity as ESD's is, and transport reads the transformer's text tokens
+reached by a Linear LoRA). On SD3 and Flux (beyond the reference, which is SD 1.x/2.x) the same set
+(``pipelines.LORA_TARGETS``) names the joint attention's image- and text-side projections, the image feed-forwards
+and every ``proj_out`` (Flux's single blocks', the transformer's last), not the text feed-forwards (``ff_context``) nor
+Flux's ``proj_mlp``; the loss is taken on the velocity as ESD's is, and transport reads the transformer's text tokens
 (``erase.lora.transport``).
 
 Reference (github.com/Con6924/SPM, ``train_spm.py`` and ``configs/*/config.yaml``): rank 1, alpha 1, lr 1e-4 (AdamW
