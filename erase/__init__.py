@@ -20,6 +20,10 @@ _EXPORTS: dict[str, str] = {
     "concept_key": "core.inputs",
     "ArtifactHandle": "core.artifact",
     "ErasureArtifact": "core.artifact",
+    "ErasureStack": "stack",
+    "erase_stack": "stack",
+    "load_stack": "stack",
+    "save_stack": "stack",
     "apply_artifact": "loading",
     "attach": "loading",
     "SAEIntervention": "sae.intervention",
@@ -47,6 +51,7 @@ __all__ = [
     "ArtifactMismatchError",
     "ConceptSpec",
     "ErasureArtifact",
+    "ErasureStack",
     "FacilitatedTransport",
     "Method",
     "SAEIntervention",
@@ -60,13 +65,16 @@ __all__ = [
     "check_output_folder",
     "concept_key",
     "erase_concepts",
+    "erase_stack",
     "get_method",
     "load",
     "load_artifact",
+    "load_stack",
     "low_rank_factors",
     "register_method",
     "save_artifact",
     "save_kohya_lora",
+    "save_stack",
 ]
 
 if TYPE_CHECKING:
@@ -87,5 +95,6 @@ if TYPE_CHECKING:
     from .loading import apply_artifact, attach, load
     from .lora.transport import FacilitatedTransport
     from .sae.intervention import SAEIntervention
+    from .stack import ErasureStack, erase_stack, load_stack, save_stack
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -7,6 +7,7 @@ erase-concept --model CompVis/stable-diffusion-v1-4 --concept "van gogh" --devic
 erase-concept --model ./my-sd-folder --concept "van gogh" --no-check        # offline, no scorer
 erase-concept --concept "van gogh" --set token_positions=from_last --set lamb=1.0
 erase-concept --concept "van gogh" --method esd --lr 1e-3 --steps 200   # LoRA training
+erase-concept --concept "van gogh" --method uce+saeuron --set saeuron.steps=20   # a stack: uce, then saeuron on it
 erase-concept --list-methods
 
 ``python scripts/erase.py`` and ``python -m erase.cli`` take the same arguments.
@@ -55,14 +56,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--expand-prompts", action="store_true", help="also edit the concept in its type's five templates"
     )
     how = parser.add_argument_group("how")
-    how.add_argument("--method", default="uce", help="erasure method (default: uce; see --list-methods)")
+    how.add_argument(
+        "--method", default="uce",
+        help="erasure method (default: uce; see --list-methods), or a stack of methods applied in order, each made "
+        "with the earlier ones in force: uce+saeuron",
+    )  # fmt: skip
     how.add_argument("--list-methods", action="store_true", help="list the erasure methods and exit")
     how.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a field of the method's config (VALUE is JSON, or a plain string), e.g. lamb=1.0 (repeatable)",
+        help="a field of the method's config (VALUE is JSON, or a plain string), e.g. lamb=1.0 (repeatable); in a "
+        "stack, saeuron.steps=20 sets one member's, a plain KEY every member's that has it",
     )
     train = parser.add_argument_group("training (the LoRA methods: esd, ca, spm)")
     train.add_argument("--steps", type=int, help="optimizer steps (default: the method's)")
@@ -127,9 +133,10 @@ def validate_early(args: argparse.Namespace) -> None:
     check_output_folder(args.out or default_output_folder(concepts, args.method), args.overwrite)
 
 
-def config_overrides(args: argparse.Namespace, config_fields: set[str] | None = None) -> dict:
-    """``--set`` plus the training flags as config fields; ``config_fields`` (the method's) refuses a flag the method
-    does not have. ``--seed`` seeds a method that has a seed; the check always."""
+def config_overrides(args: argparse.Namespace, member_fields: dict[str, set[str]] | None = None) -> dict:
+    """``--set`` plus the training flags as config fields; ``member_fields`` (each member's config fields, one member
+    for a single method) refuses a flag no member has. ``--seed`` seeds each member that has a seed and was given
+    none; the check always."""
     from .core.inputs import parse_config_overrides
 
     overrides = parse_config_overrides(args.set)
@@ -139,11 +146,12 @@ def config_overrides(args: argparse.Namespace, config_fields: set[str] | None = 
             continue
         if flag in overrides:
             raise ValueError(f"--{flag} and --set {flag}=... both given: give one")
-        if config_fields is not None and flag not in config_fields:
+        if member_fields is not None and not any(flag in f for f in member_fields.values()):
             raise ValueError(f"--{flag} does not apply to method {args.method!r}: it has no {flag} setting")
         overrides[flag] = value
-    if config_fields is not None and "seed" in config_fields and "seed" not in overrides:
-        overrides["seed"] = args.seed
+    for member, fields in (member_fields or {}).items():
+        if "seed" in fields and "seed" not in overrides and f"{member}.seed" not in overrides:
+            overrides["seed" if len(member_fields) == 1 else f"{member}.seed"] = args.seed
     return overrides
 
 
@@ -152,7 +160,10 @@ def print_summary(summary) -> None:  # noqa: ANN001 - erase.workflow.EraseSummar
     print(f"Erased {', '.join(repr(c) for c in summary.concepts)} from {summary.model} with {summary.method}")
     guided = f"guided to {guides}; " if summary.extra["guides"] else ""  # empty: the method takes no guide
     print(f"  {guided}{len(summary.extra['preserve'])} concept(s) preserved")
-    if summary.weight_format == "intervention":
+    if "members" in summary.extra:
+        print(f"  edit took {summary.edit_seconds:.3f} s: a stack of {' then '.join(summary.extra['members'])}, "
+              f"{summary.layers} modules")  # fmt: skip
+    elif summary.weight_format == "intervention":
         info = summary.extra["info"]
         features = f"{info['features']} features" if "features" in info else "per-timestep features"
         print(f"  edit took {summary.edit_seconds:.3f} s: an SAE intervention at {info['hook_point']} ({features})")
@@ -197,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from . import available_methods, get_method
         from .core.inputs import config_from_overrides
+        from .stack import member_overrides, parse_method_stack
         from .workflow import run_erase
 
         if args.list_methods:
@@ -205,11 +217,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:8s} {method.family:12s} {method.summary}")
             return 0
         set_library_verbosity(args.verbose)
-        method = get_method(args.method)
-        if args.format == "kohya" and method.runtime:
+        methods = parse_method_stack(args.method)
+        if args.format == "kohya" and len(methods) > 1:
+            raise ValueError(f"--format kohya: the stack {args.method} is several erasures, not one LoRA")
+        if args.format == "kohya" and get_method(methods[0]).runtime:
             raise ValueError(f"--format kohya: {args.method} changes no weights (a runtime edit): it has no LoRA form")
-        overrides = config_overrides(args, {f.name for f in dataclasses.fields(method.config_class)})
-        config_from_overrides(method.config_class, overrides, f"method {args.method!r}")  # values, before the model
+        classes = {m: get_method(m).config_class for m in methods}
+        overrides = config_overrides(args, {m: {f.name for f in dataclasses.fields(c)} for m, c in classes.items()})
+        for m, member in member_overrides(methods, overrides).items():  # values, before the model
+            try:
+                config_from_overrides(classes[m], member, f"method {m!r}")
+            except ValueError as err:  # in a stack, say whose setting it is
+                raise ValueError(f"{m}: {error_line(err)}" if len(methods) > 1 else error_line(err)) from None
         device = resolve_device(args.device)
         start = time.perf_counter()
         wrapper = load_pipeline(args.model, device=device, dtype=getattr(torch, args.dtype))

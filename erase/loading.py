@@ -11,6 +11,9 @@ transport) on a plain diffusers ``StableDiffusionPipeline`` / ``StableDiffusionX
 
     with erase.load(pipe, "erased/van-gogh-itd"):   # or for a block only
         ...
+
+A stack folder (``erase.stack``: several erasures made in order, ``--method uce+saeuron``) loads the same way: its
+members go in in order and ``remove()`` takes them all off.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ from typing import Any
 from pipelines import PipelineWrapper, wrap_pipeline
 
 from .core.artifact import ArtifactHandle, ErasureArtifact, install_artifact, load_artifact
+from .core.layout import ArtifactMismatchError
+from .stack import ErasureStack, install_stack, is_stack_folder, load_stack, refuse_as_member
 
 __all__ = ["apply_artifact", "attach", "load"]
 
 
-def load(pipe: Any, artifact: str | Path | ErasureArtifact) -> ArtifactHandle:
+def load(pipe: Any, artifact: str | Path | ErasureArtifact | ErasureStack) -> ArtifactHandle:
     """Install an erasure artifact on ``pipe``; returns the handle whose ``remove()`` undoes it exactly.
 
     ``pipe`` is a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (any precision, any device) or a
@@ -34,12 +39,21 @@ def load(pipe: Any, artifact: str | Path | ErasureArtifact) -> ArtifactHandle:
     fingerprint, and every payload against the live pipeline before anything changes; a second application of the
     same artifact is refused (``ArtifactMismatchError``). ``remove()`` copies the original weights back and takes
     every hook off, also when the handle is left as a context manager.
+
+    A stack folder (or an ``ErasureStack``) installs its members in order, each checked against the state the ones
+    before it leave; its handle (``erase.stack.StackHandle``) takes them all off. A later member of a stack loaded
+    alone is refused, naming the stack.
     """
     wrapper = pipe if isinstance(pipe, PipelineWrapper) else wrap_pipeline(pipe)
-    where = "artifact" if isinstance(artifact, ErasureArtifact) else str(artifact)
+    where = "artifact" if isinstance(artifact, ErasureArtifact | ErasureStack) else str(artifact)
+    if isinstance(artifact, ErasureStack) or (not isinstance(artifact, ErasureArtifact) and is_stack_folder(artifact)):
+        return install_stack(wrapper, artifact if isinstance(artifact, ErasureStack) else load_stack(artifact), where)
     if not isinstance(artifact, ErasureArtifact):
         artifact = load_artifact(artifact)
-    return install_artifact(wrapper, artifact, where)
+    try:
+        return install_artifact(wrapper, artifact, where)
+    except ArtifactMismatchError as err:
+        raise refuse_as_member(err, artifact) from None
 
 
 def attach(pipe: Any, folder: str | Path | ErasureArtifact) -> ArtifactHandle:

@@ -21,7 +21,7 @@ from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
 from pipelines.files import claim_folder, png_bytes
 from pipelines.hub import HubUnreachableError
 
-from .core.artifact import ErasureArtifact, check_artifact_base, load_artifact, save_artifact
+from .core.artifact import ErasureArtifact, save_artifact
 from .core.inputs import (
     CONCEPT_TYPES,
     DEFAULT_CONCEPT_TYPE,
@@ -35,11 +35,23 @@ from .core.layout import (
     CHECK_PICTURE,
     KOHYA_FILE,
     METADATA_FILE,
+    STACK_FILE,
     check_checkpoint_folder,
     check_output_folder,
     default_output_folder,
 )
-from .core.registry import ConceptSpec, erase_concepts, get_method
+from .core.registry import ConceptSpec, get_method
+from .stack import (
+    STACK_FORMAT,
+    STACK_SEPARATOR,
+    ErasureStack,
+    check_erasure_base,
+    erase_stack,
+    member_overrides,
+    parse_method_stack,
+    read_erasure,
+    save_stack,
+)
 
 __all__ = [
     "CheckResult",
@@ -55,6 +67,7 @@ __all__ = [
     "reconstruction_check",
     "run_erase",
     "self_check",
+    "stack_settings",
 ]
 
 logger = logging.getLogger(__name__)
@@ -352,6 +365,52 @@ def erasure_settings(
     return concept_spec, config_from_overrides(spec.config_class, overrides, f"method {method!r}")
 
 
+def stack_settings(
+    wrapper: PipelineWrapper,
+    targets: Sequence[str],
+    methods: Sequence[str],
+    guides: Sequence[str] | None = None,
+    preserve: Sequence[str] | None = None,
+    member_overrides: dict[str, dict[str, Any]] | None = None,
+    *,
+    concept_type: str = DEFAULT_CONCEPT_TYPE,
+    preserve_sets: Sequence[str] = (),
+    expand_prompts: bool = False,
+) -> list[tuple[str, ConceptSpec, Any]]:
+    """``(method, concepts, config)`` of each member of a stack (``erase.stack``), as :func:`erasure_settings` makes
+    them; ``member_overrides``: each member's settings (``erase.stack.member_overrides``).
+
+    A stack of one is exactly ``erasure_settings``. In a longer one the guides go to the members that read guides,
+    the preserved concepts to those with a preserve term and ``expand_prompts`` to those with templates; an option no
+    member takes is a ``ValueError`` in one line, as it is for one method.
+    """
+    overrides = member_overrides or {}
+    if len(methods) == 1:
+        method = methods[0]
+        return [(method, *erasure_settings(
+            wrapper, targets, method, guides, preserve, overrides.get(method), concept_type=concept_type,
+            preserve_sets=preserve_sets, expand_prompts=expand_prompts,
+        ))]  # fmt: skip
+    can = {m: get_method(m).capabilities for m in methods}
+    stack = STACK_SEPARATOR.join(methods)
+    for given, able, what in ((guides, "guides", "a guide (--guide)"),
+                              (preserve or preserve_sets, "preserve", "a preserve term (--preserve)"),
+                              (expand_prompts, "templates", "templates (--expand-prompts)")):  # fmt: skip
+        if given and not any(getattr(can[m], able) for m in methods):
+            raise ValueError(f"no member of {stack} takes {what}")
+    members = []
+    for m in methods:
+        try:
+            members.append((m, *erasure_settings(
+                wrapper, targets, m, guides if can[m].guides else None, preserve if can[m].preserve else None,
+                overrides.get(m), concept_type=concept_type, preserve_sets=preserve_sets if can[m].preserve else (),
+                expand_prompts=expand_prompts and can[m].templates is not None,
+            )))  # fmt: skip
+        except ValueError as err:  # say whose setting it is
+            raise ValueError(f"{m}: {error_line(err)}") from None
+    return members
+
+
 def run_erase(
     wrapper: PipelineWrapper,
     concepts: Sequence[str],
@@ -380,33 +439,45 @@ def run_erase(
     is written last, in one atomic step, so a run that fails writes nothing and replaces nothing. The output folder
     is claimed for the whole run (``pipelines.files.claim_folder``): a second run to it fails at once.
     ``lora_format="kohya"`` adds the weight change in kohya-ss's LoRA layout (``erase.core.kohya``) to the artifact.
+    ``method`` may be a stack (``"uce+saeuron"``, ``erase.stack``): its members are erased in order, each with the
+    earlier ones in force, and saved as a stack folder; ``config_overrides`` keys ``member.field`` set one member's
+    field, plain keys every member's that has it.
     """
     if lora_format not in LORA_FORMATS:
         raise ValueError(f"unknown LoRA format {lora_format!r}; expected one of {', '.join(LORA_FORMATS)}")
     if check_images < 1 or check_steps < 1:
         raise ValueError(f"the check needs at least 1 image and 1 step, got {check_images} and {check_steps}")
+    methods = parse_method_stack(method)
     targets = [c.strip() if isinstance(c, str) else c for c in concepts] if concepts else []
-    concept_spec, config = erasure_settings(
-        wrapper, targets, method, guides, preserve, config_overrides,
+    members = stack_settings(
+        wrapper, targets, methods, guides, preserve, member_overrides(methods, dict(config_overrides or {})),
         concept_type=concept_type, preserve_sets=preserve_sets, expand_prompts=expand_prompts,
     )  # fmt: skip
-    if lora_format == "kohya" and get_method(method).runtime:
+    concept_spec = members[0][1]  # every member erases the same targets; the preserved ones are the members' together
+    kept = list(dict.fromkeys(p for _, spec, _ in members for p in spec.preserve))
+    if lora_format == "kohya" and len(methods) > 1:
+        raise ValueError(f"--format kohya: the stack {method} is several erasures, not one LoRA; erase its members "
+                         "one by one for their kohya LoRAs")  # fmt: skip
+    if lora_format == "kohya" and get_method(methods[0]).runtime:
         raise ValueError(f"method {method!r} changes no weights (a runtime intervention): it has no kohya LoRA form")
     if lora_format == "kohya":
         check_kohya_architecture(wrapper)
-    folder = check_output_folder(out if out else default_output_folder(concept_spec.targets, method), overwrite)
-    check_checkpoint_folder(getattr(config, "checkpoint_dir", None), folder)
+    named = STACK_SEPARATOR.join(methods)
+    folder = check_output_folder(out if out else default_output_folder(concept_spec.targets, named), overwrite)
+    for name, _, config in members:
+        check_checkpoint_folder(getattr(config, "checkpoint_dir", None), folder)
+        for field_name in get_method(name).capabilities.sampler_steps:  # e.g. the LoRA methods' pool, sampled first
+            wrapper.check_sampler_steps(getattr(config, field_name))
     if check:
         wrapper.check_sampler_steps(check_steps)
-    for name in get_method(method).capabilities.sampler_steps:  # e.g. the LoRA methods' pool, sampled before training
-        wrapper.check_sampler_steps(getattr(config, name))
     probes = None  # the check's probes, decided before the edit: a concept they cannot take fails here, not after it
     if check:
-        probes = check_probes(wrapper, concept_spec.targets, concept_spec.preserve, check_images, check_seed)
+        probes = check_probes(wrapper, concept_spec.targets, kept, check_images, check_seed)
     with claim_folder(folder):
         check_output_folder(folder, overwrite)  # again, now that no other run can write it
         scorer_name, clip = load_check_scorer(wrapper, scorer) if check else (None, None)
-        artifact = erase_concepts(wrapper, concept_spec, method, config)
+        stack = erase_stack(wrapper, members)
+        artifact = stack.members[0] if len(members) == 1 else stack
         result, extra_files = None, {}
         if check:
             result, grid = self_check(
@@ -416,13 +487,18 @@ def run_erase(
             extra_files[CHECK_PICTURE] = png_bytes(grid)
         if lora_format == "kohya":
             extra_files[KOHYA_FILE] = kohya_bytes(artifact, wrapper)
-        folder = save_artifact(artifact, folder, wrapper, overwrite=overwrite, extra_files=extra_files)
-    weight_format = json.loads((folder / METADATA_FILE).read_text())["weight_format"]
+        if isinstance(artifact, ErasureStack):
+            folder = save_stack(stack, folder, wrapper, overwrite=overwrite, extra_files=extra_files)
+            weight_format = STACK_FORMAT
+        else:
+            folder = save_artifact(artifact, folder, wrapper, overwrite=overwrite, extra_files=extra_files)
+            weight_format = json.loads((folder / METADATA_FILE).read_text())["weight_format"]
     load_code = f'handle = erase.load(pipe, "{folder}")'
-    relative = sorted(artifact.info.get("relative_change", {}).values()) or [0.0]  # a runtime edit changes none
+    changes = {k: v for m in stack.members for k, v in m.info.get("relative_change", {}).items()}
+    relative = sorted(changes.values()) or [0.0]  # a runtime edit changes none
     return EraseSummary(
         concepts=list(concept_spec.targets),
-        method=method,
+        method=stack.method,
         model=wrapper.model_id,
         out=str(folder),
         weight_format=weight_format,
@@ -434,14 +510,15 @@ def run_erase(
         relative_change_median=relative[len(relative) // 2],
         relative_change_max=relative[-1],
         extra={
-            "preserve": list(concept_spec.preserve),
-            "guides": list(concept_spec.guides) if get_method(method).capabilities.guides else [],
+            "preserve": list(artifact.preserve),
+            "guides": [g for m, spec, _ in members if get_method(m).capabilities.guides for g in spec.guides],
             "scorer": scorer_name,
             "info": artifact.info,
             "payloads": list(artifact.payloads),
+            **({"members": [m.method for m in stack.members]} if len(members) > 1 else {}),
             **({"kohya_lora": str(folder / KOHYA_FILE)} if lora_format == "kohya" else {}),
         },
-        warnings=edit_size_warnings(artifact.info.get("relative_change", {})),
+        warnings=edit_size_warnings(changes),
     )
 
 
@@ -463,9 +540,9 @@ def edit_size_warnings(relative_change: dict[str, float], limit: float = 1.0) ->
 def audit_models(
     wrapper: PipelineWrapper,
     folders: Sequence[str | Path],
-    artifacts: Sequence[ErasureArtifact] | None = None,
+    artifacts: Sequence[ErasureArtifact | ErasureStack] | None = None,
 ) -> list:  # list[evals.audit.AuditModel]
-    """One audit column per artifact folder, each checked against ``wrapper``'s base model.
+    """One audit column per artifact (or stack) folder, each checked against ``wrapper``'s base model.
 
     ``artifacts`` are the folders' artifacts when the caller has already read them (``scripts/audit.py`` reads them
     before the model loads), so the weights are not read and hashed twice; otherwise each folder is read here.
@@ -478,7 +555,8 @@ def audit_models(
         raise ValueError(f"{len(artifacts)} artifacts for {len(folders)} folders")
     models = []
     for i, folder in enumerate(folders):
-        artifact = artifacts[i] if artifacts is not None else load_artifact(folder)
-        check_artifact_base(wrapper, artifact, where=str(folder))
-        models.append(AuditModel.erased(folder, (Path(folder) / METADATA_FILE).read_bytes(), artifact.applied))
+        artifact = artifacts[i] if artifacts is not None else read_erasure(folder)
+        check_erasure_base(wrapper, artifact, where=str(folder))
+        metadata = Path(folder) / (STACK_FILE if isinstance(artifact, ErasureStack) else METADATA_FILE)
+        models.append(AuditModel.erased(folder, metadata.read_bytes(), artifact.applied))
     return models

@@ -36,7 +36,7 @@ EXIT_BAD_INPUT = 2
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--erasure", required=True, help="erasure artifact folder")
+    parser.add_argument("--erasure", required=True, help="erasure artifact folder, or a stack folder")
     parser.add_argument("--attack", action="append", help="attack name, or 'all' (default: all; repeatable)")
     parser.add_argument("--out", required=True, help="output folder (an earlier run there is resumed)")
     parser.add_argument("--model", help="base model (default: the artifact's own base model)")
@@ -83,8 +83,9 @@ def budget_overrides(pairs: list[str]) -> dict[str, dict[str, object]]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    from erase import ArtifactError, check_artifact_base, load_artifact
+    from erase import ArtifactError
     from erase.core.inputs import check_option_minimums, error_line
+    from erase.stack import check_erasure_base, read_erasure
     from evals.attacks import (
         AttackTarget,
         attack_configs,
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         check_output_folder(args.out)
         claim.enter_context(claim_folder(args.out))
-        artifact = load_artifact(args.erasure)
+        artifact = read_erasure(args.erasure)  # an artifact, or a stack of them
         check_suite_folder(args.out, artifact.concepts, budget)
         model = args.model or artifact.base_model
         check_model_reference(model)
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         if "all" in names and len(attacks) < len(available_attacks()):
             skipped = [a for a in available_attacks() if a not in attacks]
             print(f"note: not run on {wrapper.architecture} pipelines: {', '.join(skipped)}", file=sys.stderr)
-        check_artifact_base(wrapper, artifact, where=args.erasure)
+        check_erasure_base(wrapper, artifact, where=args.erasure)
         erasure = {"folder": os.path.abspath(args.erasure), "method": artifact.method, "concepts": artifact.concepts,
                    "base_fingerprint": artifact.base_fingerprint, "config": artifact.config}  # fmt: skip
         targets = [AttackTarget(wrapper, artifact.applied, concept,

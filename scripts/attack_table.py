@@ -4,6 +4,11 @@
 python scripts/attack_table.py --concept "van gogh" --out attacks/table                  # every method, every attack
 python scripts/attack_table.py --method uce --method rece --attack rece_embedding --out attacks/table
 python scripts/attack_table.py --method uce --budget 4 --out attacks/table      # rows "uce x4 budget", kept apart
+python scripts/attack_table.py --method uce+saeuron --set saeuron.steps=20 --out attacks/table   # a stack
+
+A method may be a stack (``erase.stack``): methods joined by '+', each erased with the earlier ones in force;
+``--set member.key=value`` sets one member's field, an unqualified ``--set`` every member's that has the field. A
+row's name is its method (or stack) and the settings that reach it.
 
 For each method: its erasure with default settings (as ``scripts/erase.py --method M`` makes it), the attack suite
 of ``scripts/attack.py`` on it (N probes per row, three prompt forms in turn, on the ``report`` seeds unless --split
@@ -31,7 +36,8 @@ import numpy as np  # noqa: E402
 
 import erase  # noqa: E402
 from erase.core.inputs import PRESERVE_SETS, check_option_minimums, error_line, parse_config_overrides  # noqa: E402
-from erase.workflow import erasure_settings, micro_world_name  # noqa: E402
+from erase.stack import STACK_SEPARATOR, erase_stack, member_overrides, parse_method_stack  # noqa: E402
+from erase.workflow import micro_world_name, stack_settings  # noqa: E402
 from evals.attacks import THREAT_MODELS, AttackTarget, attack_probes, parse_budget, resolve_attacks  # noqa: E402
 from evals.attacks.suite import (  # noqa: E402
     check_suite_folder,
@@ -59,11 +65,13 @@ from pipelines.files import atomic_write_json, folder_name  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concept", default="van gogh", help="micro-world concept to erase (default: van gogh)")
-    parser.add_argument("--method", action="append", help="erasure method (repeatable; default: every method)")
+    parser.add_argument("--method", action="append",
+                        help="method, or a stack such as uce+saeuron (repeatable; default: every method)")  # fmt: skip
     parser.add_argument("--attack", action="append", help="attack (repeatable; default: every attack)")
     parser.add_argument("--preserve-set", action="append", default=[], choices=PRESERVE_SETS,
                         help="preserve set for every method (as scripts/erase.py)")  # fmt: skip
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config field, every method")
+    parser.add_argument("--set", action="append", default=[], metavar="[METHOD.]KEY=VALUE",
+                        help="config field of every method that has it, or of METHOD alone")  # fmt: skip
     parser.add_argument("--label", default="", help="suffix of the table's row names (default: the options given)")
     parser.add_argument("--images", type=int, default=48, help="probes per row and images per preserved group")
     parser.add_argument("--budget", default="1", help="multiplier of every attack's budget fields (default: 1)")
@@ -97,6 +105,16 @@ def preserved(wrapper, applied, scorer, judge, concept: str, n: int, seed: int, 
     return {"clip": accuracy(clip), "judge": accuracy(judged), "forms": by_form}
 
 
+def row_suffix(args: argparse.Namespace, members: list[str], budget: float) -> str:
+    """What follows a row's method in its name: --label, or the preserve sets and the --set settings that reach its
+    members (``saeuron.steps=20`` only on a row with saeuron); then the budget and seed split where not the
+    defaults."""
+    reaching = [kv for kv in args.set if kv.partition("=")[0].strip().rpartition(".")[0] in ("", *members)]
+    suffix = args.label or "".join([*(f" +{p} preserve" for p in args.preserve_set), *(f" {kv}" for kv in reaching)])
+    return suffix + "".join([*([f" x{budget:g} budget"] if budget != 1 else []),
+                             *([f" ({args.split} seeds)"] if args.split != "report" else [])])  # fmt: skip
+
+
 def worst_cell(worst: dict | None) -> str:
     """A threat model's worst rate with its interval and the attack it came from."""
     return "-" if not worst else f"{cell(worst)} {worst['row']}"
@@ -124,18 +142,20 @@ def main(argv: list[str] | None = None) -> int:
         budget = parse_budget(args.budget)
         # the table is the micro world's: a concept outside it has no probes; a world name in any spelling will do
         args.concept = micro_world_name(args.concept, "--concept", outside=None)
-        methods = [erase.get_method(m).name for m in args.method or erase.available_methods()]
+        given = args.method or erase.available_methods()
+        stacks = {STACK_SEPARATOR.join(ms): ms for ms in map(parse_method_stack, given)}
+        methods = list(stacks)
         attacks = resolve_attacks(args.attack or ["all"], model_architecture("micro"))  # the micro world's model
         overrides = parse_config_overrides(args.set)
+        every_member = [m for ms in stacks.values() for m in ms]
+        member_settings = {name: member_overrides(ms, overrides, known_members=every_member)
+                           for name, ms in stacks.items()}  # fmt: skip
         check_output_folder(args.out)
         table_path = os.path.join(args.out, "table.json")
         table = _read_table(table_path)
-        suffix = args.label or "".join([*(f" +{p} preserve" for p in args.preserve_set),
-                                        *(f" {kv}" for kv in args.set)])  # fmt: skip
-        suffix += "".join([*([f" x{budget:g} budget"] if budget != 1 else []),
-                           *([f" ({args.split} seeds)"] if args.split != "report" else [])])  # fmt: skip
+        row_names = {m: m + row_suffix(args, stacks[m], budget) for m in methods}
         for method in methods:
-            check_suite_folder(os.path.join(args.out, folder_name(method + suffix)), [args.concept], budget)
+            check_suite_folder(os.path.join(args.out, folder_name(row_names[method])), [args.concept], budget)
         wrapper = load_pipeline("micro")
         probes = attack_probes(args.concept, args.images, args.seed, split=args.split)
         # every attack is checked against the model before the first erasure (their checks read the model alone)
@@ -143,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
                             attacks, budget=budget)  # fmt: skip
         _, scorer, judge = load_scoring("micro", None, judge=True)
         # every method's settings are checked before the first one runs
-        settings = {m: erasure_settings(wrapper, [args.concept], m, None, None, dict(overrides), concept_type="art",
-                                        preserve_sets=args.preserve_set) for m in methods}  # fmt: skip
+        settings = {m: stack_settings(wrapper, [args.concept], stacks[m], None, None, member_settings[m],
+                                      concept_type="art", preserve_sets=args.preserve_set)
+                    for m in methods}  # fmt: skip
         os.makedirs(args.out, exist_ok=True)
         original = "original" + (f" ({args.split} seeds)" if args.split != "report" else "")
         if "forms" not in (table.get(original) or {}).get("preserved", {}):
@@ -153,14 +174,14 @@ def main(argv: list[str] | None = None) -> int:
             table[original] = {"rows": {}, "preserved": untouched}
         for method in methods:
             start = time.perf_counter()
-            spec, config = settings[method]
-            name = method + suffix
-            artifact = erase.erase_concepts(wrapper, spec, method, config)
+            name = row_names[method]
+            stack = erase_stack(wrapper, settings[method])
+            artifact = stack.members[0] if len(stack.members) == 1 else stack
             erase_seconds = time.perf_counter() - start
             target = AttackTarget(wrapper, artifact.applied, args.concept, probes, scorer=scorer, progress=False)
             erasure = {"method": method, "config": artifact.config}
-            if spec.preserve:
-                erasure["preserve"] = list(spec.preserve)
+            if artifact.preserve:
+                erasure["preserve"] = list(artifact.preserve)
             summary = run_attack_suite(target, attacks, os.path.join(args.out, folder_name(name)), scorer=scorer,
                                        judge=judge, seed=args.seed, erasure=erasure, budget=budget,
                                        split=args.split)  # fmt: skip

@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--model", default="micro", help="'micro' (default), 'tiny', a local diffusers folder or hub id"
     )
-    parser.add_argument("--erasure", action="append", default=[], help="erasure artifact folder (repeatable)")
+    parser.add_argument("--erasure", action="append", default=[], help="erasure artifact or stack folder (repeatable)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--suite",
@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from accelerate import PartialState
 
-    from erase import ArtifactError, load_artifact
+    from erase import ArtifactError
     from erase.core.inputs import check_option_minimums, error_line
+    from erase.stack import read_erasure
     from erase.workflow import audit_models
     from evals.audit import (
         AuditError,
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             attacks = resolve_attacks(args.attack)
             if not args.erasure:
                 raise ValueError("--attack needs an --erasure to attack")
-        artifacts = [load_artifact(folder) for folder in args.erasure]
+        artifacts = [read_erasure(folder) for folder in args.erasure]  # artifacts, or stacks of them
         targets = [c for a in artifacts for c in a.concepts]
         micro = world_file(args.model) is not None
         if args.prompts:

@@ -15,14 +15,14 @@ form too, and a group whose after-edit figures differ between forms by more than
 listed. Images are drawn on the ``report`` seeds, apart from the ``tune`` seeds (--split tune) a setting is chosen on.
 
 The edit is the one ``scripts/erase.py`` makes with the same options (``--concept-type``, ``--guide``, ``--preserve``,
-``--preserve-set``, ``--expand-prompts``, ``--set KEY=VALUE``). Bad input is a one-line error and exit 2, before any
-image is generated.
+``--preserve-set``, ``--expand-prompts``, ``--set KEY=VALUE``), a stack too (``--method uce+saeuron --set
+saeuron.steps=20``: each member made with the earlier ones in force). Bad input is a one-line error and exit 2,
+before any image is generated.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -35,7 +35,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import erase  # noqa: E402
 from erase.core.inputs import (  # noqa: E402
     CONCEPT_TYPES,
     PRESERVE_SETS,
@@ -44,7 +43,8 @@ from erase.core.inputs import (  # noqa: E402
     error_line,
     parse_config_overrides,
 )
-from erase.workflow import erasure_settings, micro_world_name  # noqa: E402
+from erase.stack import erase_stack, member_overrides, parse_method_stack  # noqa: E402
+from erase.workflow import micro_world_name, stack_settings  # noqa: E402
 from evals.metrics import wilson_interval  # noqa: E402
 from evals.microworld import world  # noqa: E402
 from evals.probes import (  # noqa: E402
@@ -86,13 +86,14 @@ def probe_groups(targets: list[str], n: int, seed: int, split: str = "report") -
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concept", action="append", required=True, help="micro-world concept to erase")
-    parser.add_argument("--method", default="uce")
+    parser.add_argument("--method", default="uce", help="erasure method, or a stack such as uce+saeuron")
     parser.add_argument("--concept-type", default="art", choices=sorted(CONCEPT_TYPES))
     parser.add_argument("--guide", action="append", help="what each concept becomes (default: by --concept-type)")
     parser.add_argument("--preserve", action="append", help="concept to keep intact (repeatable; default: none)")
     parser.add_argument("--preserve-set", action="append", default=[], choices=PRESERVE_SETS)
     parser.add_argument("--expand-prompts", action="store_true")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method config field")
+    parser.add_argument("--set", action="append", default=[], metavar="[METHOD.]KEY=VALUE",
+                        help="config field of every member that has it, or of METHOD alone")  # fmt: skip
     parser.add_argument("--images", type=int, default=100, help="images per group")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -113,25 +114,29 @@ def main(argv: list[str] | None = None) -> int:
             check_concept_text(concept, "concept to erase")
         # a concept outside the world has no probes to measure; a world name in any spelling will do
         args.concept = [micro_world_name(c, "concept to erase", outside=None) for c in args.concept]
+        methods = parse_method_stack(args.method)  # before the model loads
         if args.json:
             check_writable_file(args.json)
         device = resolve_device(args.device)
         wrapper = load_pipeline("micro", device=device)
         # the settings scripts/erase.py uses for the same options
-        spec, config = erasure_settings(
-            wrapper, args.concept, args.method, args.guide, args.preserve, parse_config_overrides(args.set),
+        members = stack_settings(
+            wrapper, args.concept, methods, args.guide, args.preserve,
+            member_overrides(methods, parse_config_overrides(args.set)),
             concept_type=args.concept_type, preserve_sets=args.preserve_set, expand_prompts=args.expand_prompts,
         )  # fmt: skip
+        spec = members[0][1]
         groups = probe_groups(list(spec.targets), args.images, args.seed, args.split)
         if args.group:
             groups = {name: g for name, g in groups.items() if any(part in name for part in args.group)}
             if not groups:
                 raise ValueError(f"no group matches {args.group}")
-        artifact = erase.erase_concepts(wrapper, spec, args.method, config)
+        stack = erase_stack(wrapper, members)
+        artifact = stack.members[0] if len(members) == 1 else stack
     except (ValueError, TypeError, KeyError, OSError) as err:
         print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
-    measure(wrapper, args, spec, config, artifact, groups)
+    measure(wrapper, args, artifact, groups)
     return 0
 
 
@@ -150,10 +155,10 @@ def check_writable_file(path: str) -> None:
     os.unlink(probe)
 
 
-def measure(wrapper, args, spec, config, artifact, groups) -> None:  # noqa: ANN001 - the objects main built
+def measure(wrapper, args, artifact, groups) -> None:  # noqa: ANN001 - the objects main built
     print(
-        f"{args.method} edit of {list(spec.targets)} (guides {list(spec.guides)}, {len(spec.preserve)} preserved): "
-        f"{artifact.seconds:.3f} s, {len(artifact.layers)} layers"
+        f"{artifact.method} edit of {artifact.concepts} (guides {artifact.guides}, {len(artifact.preserve)} "
+        f"preserved): {artifact.seconds:.3f} s, {len(artifact.layers)} layers"
     )
     probes = [p for g in groups.values() for p in g]
     prompts, seeds = [p.prompt for p in probes], [p.seed for p in probes]
@@ -216,8 +221,8 @@ def measure(wrapper, args, spec, config, artifact, groups) -> None:  # noqa: ANN
               f"(CLIP or judge): {', '.join(flagged)}")  # fmt: skip
     if args.json:
         atomic_write_json(args.json, {"schema_version": RESULTS_SCHEMA_VERSION, "concepts": args.concept,
-                                      "method": args.method, "guides": list(spec.guides),
-                                      "preserve": list(spec.preserve), "config": dataclasses.asdict(config),
+                                      "method": artifact.method, "guides": artifact.guides,
+                                      "preserve": artifact.preserve, "config": artifact.config,
                                       "split": args.split, "seed": args.seed, "forms": list(PROMPT_FORMS),
                                       "edit_seconds": artifact.seconds, "info": artifact.info, "groups": results,
                                       "torch_threads": torch.get_num_threads()})  # fmt: skip

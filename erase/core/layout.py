@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,11 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 FULL_FILE = "edited_weights.safetensors"
 PIPELINE_FOLDER = "pipeline"
 CHECK_PICTURE = "before_after.png"
+#: a stack of erasures (``erase.stack``): this file, and one artifact folder per member named ``<position>-<method>``
+STACK_FILE = "stack.json"
+STACK_MEMBER_FOLDER = re.compile(r"[1-9][0-9]*-[A-Za-z0-9_]+")
+#: what a stack folder may hold beside stack.json and its members
+STACK_EXTRA_ENTRIES = frozenset({CHECK_PICTURE})
 #: the weight change in kohya-ss's LoRA layout, for Automatic1111 and ComfyUI (``erase.core.kohya``; not checksummed:
 #: erase itself never reads it)
 KOHYA_FILE = "lora_kohya.safetensors"
@@ -118,14 +124,19 @@ def check_output_folder(folder: str | Path, overwrite: bool = False) -> Path:
         if _is_mount_point(folder):
             raise ArtifactError(f"{folder} is a mount point, which cannot be swapped atomically; name a folder in it")
         entries = sorted(p.name for p in folder.iterdir())
+        ours = METADATA_FILE in entries or STACK_FILE in entries
         if entries and not overwrite:
-            what = "another erasure artifact" if METADATA_FILE in entries else "files"
+            what = "another erasure artifact" if ours else "files"
             raise ArtifactExistsError(f"{folder} already holds {what}; choose another --out or pass --overwrite")
-        if entries and METADATA_FILE not in entries:
+        if entries and not ours:
             raise ArtifactExistsError(
                 f"{folder} holds files that are not an erasure artifact; refusing to replace them"
             )
-        foreign = [e for e in entries if e not in ARTIFACT_ENTRIES and not e.startswith(".")]
+        if METADATA_FILE in entries:
+            foreign = [e for e in entries if e not in ARTIFACT_ENTRIES and not e.startswith(".")]
+        else:  # a stack: stack.json and its members' folders
+            foreign = [e for e in entries if e != STACK_FILE and e not in STACK_EXTRA_ENTRIES
+                       and not STACK_MEMBER_FOLDER.fullmatch(e) and not e.startswith(".")]  # fmt: skip
         if foreign:
             raise ArtifactExistsError(
                 f"{folder} holds files beside the artifact ({', '.join(foreign[:3])}"

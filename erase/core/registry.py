@@ -138,6 +138,9 @@ class Capabilities:
         architectures: the pipelines the method runs on (``pipelines.modules.ARCHITECTURES``: ``sd`` for SD 1.x/2.x
             with any prediction type, ``sdxl``, ``sd3``, ``flux``); others are refused before any work, with
             ``unported``, one line saying why.
+        base_lookup: ``(wrapper, config) -> config`` fixing in the config what the method looks up by the model's
+            weights (the SAE trained on them), called on the unedited pipeline before a stack's earlier members are
+            put in force (``erase.stack``), which change those weights.
     """
 
     guides: bool = True
@@ -149,6 +152,7 @@ class Capabilities:
     quick: dict[str, Any] | None = field(default_factory=dict)
     architectures: tuple[str, ...] = ("sd", "sdxl")
     unported: str = "it edits UNet cross-attention, which SD3/Flux lack"
+    base_lookup: Callable[[PipelineWrapper, Any], Any] | None = None
 
 
 @dataclass(frozen=True)

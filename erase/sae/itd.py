@@ -48,7 +48,7 @@ from pipelines import PipelineWrapper
 from ..core.inputs import check_number_fields, check_number_values, check_templates, concept_key
 from ..core.registry import Capabilities, ConceptSpec, WeightEdit, register_method
 from .intervention import SAEIntervention, check_intervention_keys
-from .sae import SAE_ARCHITECTURES_NOTE, resolve_sae
+from .sae import SAE_ARCHITECTURES_NOTE, pinned_sae, resolve_sae
 
 __all__ = ["ItDConfig", "erase_itd", "itd_edit"]
 
@@ -163,6 +163,10 @@ def check_itd(intervention: SAEIntervention) -> None:
         raise ValueError(f"an itd intervention's keep_error must be true or false, got {settings['keep_error']!r}")
 
 
+def _pin_sae(wrapper: PipelineWrapper, config: Any) -> Any:
+    return pinned_sae(wrapper, config, default_text_hook)
+
+
 @register_method(
     "itd",
     ItDConfig,
@@ -174,6 +178,7 @@ def check_itd(intervention: SAEIntervention) -> None:
         templates="templates",
         quick=None,
         unported=SAE_ARCHITECTURES_NOTE,
+        base_lookup=_pin_sae,
     ),
     runtime_edit=itd_edit,
     check_intervention=check_itd,

@@ -32,7 +32,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -57,6 +57,7 @@ from ..core.inputs import check_number_fields
 from ..core.layout import current_umask
 
 __all__ = [
+    "pinned_sae",
     "SAE_ARCHITECTURES_NOTE",
     "SAE_FILE",
     "SAE_METADATA",
@@ -427,6 +428,17 @@ def find_sae(wrapper: PipelineWrapper, hook: str, stores: Sequence[str | Path] =
             if meta.get("component_fingerprint") == fingerprint:
                 return meta_path.parent
     return None
+
+
+def pinned_sae(wrapper: PipelineWrapper, config: Any, default_hook: Callable[[PipelineWrapper], str]) -> Any:
+    """``config`` (an SAE method's: ``sae``, ``sae_stores``, ``hook_point``) with ``sae`` naming the folder
+    ``find_sae`` picks for the pipeline's weights as they are now; as it is when it names one already or none is found
+    (``resolve_sae`` then says what to do). A stack (``erase.stack``) calls it on the unedited model, whose weights
+    the SAE was trained on, before earlier members change them."""
+    if config.sae is not None:
+        return config
+    folder = find_sae(wrapper, config.hook_point or default_hook(wrapper), config.sae_stores)
+    return config if folder is None else dataclasses.replace(config, sae=str(folder))
 
 
 def resolve_sae(

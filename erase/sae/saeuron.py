@@ -54,7 +54,7 @@ from pipelines import PipelineWrapper
 from ..core.inputs import check_number_fields, check_number_values, check_templates, concept_key
 from ..core.registry import Capabilities, ConceptSpec, WeightEdit, register_method
 from .intervention import SAEIntervention, check_intervention_keys
-from .sae import SAE_ARCHITECTURES_NOTE, resolve_sae
+from .sae import SAE_ARCHITECTURES_NOTE, pinned_sae, resolve_sae
 
 __all__ = ["SAeUronConfig", "erase_saeuron", "saeuron_edit"]
 
@@ -275,6 +275,10 @@ def _mean_codes(wrapper: PipelineWrapper, sae, hook: str, prompts: list[str], co
     return codes, timesteps
 
 
+def _pin_sae(wrapper: PipelineWrapper, config: Any) -> Any:
+    return pinned_sae(wrapper, config, default_unet_hook)
+
+
 @register_method(
     "saeuron",
     SAeUronConfig,
@@ -286,6 +290,7 @@ def _mean_codes(wrapper: PipelineWrapper, sae, hook: str, prompts: list[str], co
         templates="templates",
         quick=None,
         unported=SAE_ARCHITECTURES_NOTE,
+        base_lookup=_pin_sae,
     ),
     runtime_edit=saeuron_edit,
     check_intervention=check_saeuron,
