@@ -50,14 +50,21 @@ TRANSFORMER_BLOCK_PATTERNS: tuple[str, ...] = tuple(
 
 #: Where the SAE family reads and edits activations, as fnmatch patterns over qualified module names (digits spelled
 #: out, since fnmatch's ``*`` would also match deeper modules): a CLIP text encoder's layers (the residual stream
-#: after layer N; SDXL's second encoder too), the UNet's transformer blocks (``Transformer2DModel`` in a down, mid
-#: or up block) and an SD3/Flux transformer's blocks (:data:`TRANSFORMER_BLOCK_PATTERNS`). transformers 5 names
-#: CLIPTextModel's layers ``encoder.layers.N``, earlier versions ``text_model.encoder.layers.N``.
+#: after layer N; SDXL's second encoder too), a T5 encoder's blocks (SD3's ``text_encoder_3``, Flux's
+#: ``text_encoder_2``: the first of a block's outputs, the residual stream), the UNet's transformer blocks
+#: (``Transformer2DModel`` in a down, mid or up block) and an SD3/Flux transformer's blocks
+#: (:data:`TRANSFORMER_BLOCK_PATTERNS`). transformers 5 names CLIPTextModel's layers ``encoder.layers.N``, earlier
+#: versions ``text_model.encoder.layers.N``.
 HOOK_POINT_PATTERNS: tuple[str, ...] = (
     tuple(
         f"{encoder}.{prefix}encoder.layers.{digits}"
         for encoder in ("text_encoder", "text_encoder_2")
         for prefix in ("", "text_model.")
+        for digits in ("[0-9]", "[0-9][0-9]")
+    )
+    + tuple(
+        f"{encoder}.encoder.block.{digits}"
+        for encoder in ("text_encoder_2", "text_encoder_3")
         for digits in ("[0-9]", "[0-9][0-9]")
     )
     + (

@@ -20,10 +20,12 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -34,6 +36,7 @@ __all__ = [
     "DEFAULT_GUIDANCE",
     "DEFAULT_STEPS",
     "FLUX_EMBEDDED_GUIDANCE",
+    "FlowDDIMScheduler",
     "check_sampler_steps",
     "ddim_sampler",
     "generate",
@@ -178,20 +181,70 @@ def check_sampler_steps(pipe: Pipeline, steps: int) -> None:
         raise ValueError(f"the model's sampler ({name}) cannot run {steps} steps: {err}; use more steps") from None
 
 
+class FlowDDIMScheduler(FlowMatchEulerDiscreteScheduler):
+    """Flow matching's sampler with DDIM's noise level ``eta``: DDIM (Song et al., 2021) in the variance-preserving
+    form of the flow path, so that ``eta`` means what it means for a noise-prediction model.
+
+    On ``x = (1 - s) x0 + s eps`` the velocity ``v = eps - x0`` gives ``x0 = x - s v`` and ``eps = x + (1 - s) v``;
+    ``x / sqrt((1 - s)^2 + s^2)`` is a variance-preserving state with ``abar = (1 - s)^2 / ((1 - s)^2 + s^2)``. DDIM's
+    step from ``s`` to ``s'`` there, scaled back, is::
+
+        x' = (1 - s') x0 + s' (sqrt(1 - rho^2) eps + rho z),   rho = eta sqrt((1 - abar / abar') / (1 - abar))
+
+    ``z`` fresh noise. ``eta = 0`` is the deterministic step, equal to the pipeline's Euler step ``x + (s' - s) v``;
+    ``eta = 1`` renews as much noise per step as DDPM's ancestral sampler. ``generators`` (one per image of the
+    batch, set before a pipeline call) draw each image's ``z``, as a diffusers pipeline does not hand the flow
+    scheduler its generators."""
+
+    eta: float = 0.0
+    generators: Sequence[torch.Generator] | None = None
+
+    def step(  # noqa: D417 - diffusers' signature; the settings it names do not apply here
+        self, model_output: torch.Tensor, timestep: float | torch.Tensor, sample: torch.Tensor, *args: Any,
+        return_dict: bool = True, **kwargs: Any,
+    ) -> FlowMatchEulerDiscreteSchedulerOutput | tuple[torch.Tensor]:  # fmt: skip
+        """One DDIM step of the flow path (see the class docstring)."""
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        s, s_next = (float(self.sigmas[self.step_index + i]) for i in (0, 1))
+        x, v = sample.float(), model_output.float()
+        x0, eps = x - s * v, x + (1 - s) * v
+
+        def abar(sigma: float) -> float:
+            return (1 - sigma) ** 2 / ((1 - sigma) ** 2 + sigma**2)
+
+        rho = self.eta * ((1 - abar(s) / abar(s_next)) / (1 - abar(s))) ** 0.5 if self.eta and s_next < s else 0.0
+        noise = eps if rho == 0.0 else (1 - rho**2) ** 0.5 * eps + rho * self._fresh_noise(x)
+        previous = ((1 - s_next) * x0 + s_next * noise).to(model_output.dtype)
+        self._step_index += 1
+        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=previous) if return_dict else (previous,)
+
+    def _fresh_noise(self, sample: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise shaped like ``sample``, each row from its image's generator (the CPU's)."""
+        if self.generators is None or len(self.generators) != sample.shape[0]:
+            raise RuntimeError(f"FlowDDIMScheduler needs one generator per image: {sample.shape[0]} images")
+        pairs = zip(sample, self.generators, strict=True)
+        rows = [torch.randn(row.shape, generator=g, dtype=torch.float32) for row, g in pairs]
+        return torch.stack(rows).to(sample.device)
+
+
 @contextlib.contextmanager
 def ddim_sampler(pipe: Pipeline, eta: float | None) -> Iterator[dict[str, float]]:
     """The pipeline's own sampler (``eta is None``), or DDIM with noise level ``eta`` for the block: the scheduler
-    is swapped as diffusers documents (``pipe.scheduler = DDIMScheduler.from_config(...)``) and put back afterwards.
-    Yields the extra keyword arguments the pipeline call takes."""
+    is swapped as diffusers documents (``pipe.scheduler = DDIMScheduler.from_config(...)``; on SD3/Flux
+    :class:`FlowDDIMScheduler`, whose ``generators`` the caller sets per batch) and put back afterwards. Yields the
+    extra keyword arguments the pipeline call takes."""
     if eta is None:
         yield {}
         return
-    if is_transformer(pipe):
-        raise ValueError("eta selects DDIM, a sampler of noise-prediction models; SD3 and Flux sample by flow")
     original = pipe.scheduler
-    pipe.scheduler = DDIMScheduler.from_config(original.config)
+    if is_transformer(pipe):
+        pipe.scheduler = FlowDDIMScheduler.from_config(original.config)
+        pipe.scheduler.eta = float(eta)
+    else:
+        pipe.scheduler = DDIMScheduler.from_config(original.config)
     try:
-        yield {"eta": float(eta)}
+        yield {} if is_transformer(pipe) else {"eta": float(eta)}
     finally:
         pipe.scheduler = original
 
@@ -233,9 +286,9 @@ def generate(
     ``prompts`` may also be a :class:`PromptEncoding`: its embeddings then condition the images as they are
     (diffusers' ``prompt_embeds``), which is how an attack feeds adversarial embeddings. ``eta`` samples with DDIM
     at that noise level instead of the pipeline's own sampler (0: deterministic DDIM, 1: as much noise as DDPM's
-    ancestral sampler), for every noise-prediction model alike (not SD3/Flux). Flux samples without classifier-free
-    guidance, as its pipeline does: ``guidance`` is the value its guidance embedding is told (FLUX.1-dev), and
-    ``negative_prompt`` is not read.
+    ancestral sampler), on every model alike (SD3/Flux: :class:`FlowDDIMScheduler`). Flux samples without
+    classifier-free guidance, as its pipeline does: ``guidance`` is the value its guidance embedding is told
+    (FLUX.1-dev), and ``negative_prompt`` is not read.
     """
     encoded = isinstance(prompts, PromptEncoding)
     count = len(prompts.prompts) if encoded else len(prompts)
@@ -255,6 +308,8 @@ def generate(
             rows = range(start, min(start + batch_size, count))
             generators = [torch.Generator("cpu").manual_seed(seeds[i]) for i in rows]
             latents = torch.cat([_draw_latents(pipe, g, height, width) for g in generators])
+            if isinstance(pipe.scheduler, FlowDDIMScheduler):  # its step noise, which flow pipelines do not pass it
+                pipe.scheduler.generators = generators
             if flux:
                 latents = _pack(pipe, latents)
             else:

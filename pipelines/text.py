@@ -13,6 +13,8 @@ therefore address the CLIP rows. Prompt length limits are CLIP's (75 tokens) on 
 
 from __future__ import annotations
 
+import copy
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,19 +37,29 @@ __all__ = [
     "max_prompt_tokens",
     "phrase_positions",
     "prefix_encodable",
+    "slot_token_ids",
     "special_token_ids",
+    "start_tokens",
     "token_count",
     "text_length",
+    "token_encoder",
     "token_embedding_matrix",
+    "token_rows",
     "token_streams",
     "stream_token_ids",
     "verbatim_stream",
     "verbatim_token_sets",
 ]
 
-#: Where prompts can hold free token vectors (:func:`token_embedding_matrix`, :func:`encode_with_vectors`): the
-#: pipelines that read text through CLIP alone, one token table (SDXL's two side by side). SD3 and Flux also read T5.
+#: Where one table holds every token's input embeddings (:func:`token_embedding_matrix`): the pipelines that read text
+#: through CLIP alone (SDXL's two side by side). SD3 and Flux also read T5, whose vocabulary is another: there a slot
+#: holds a token that every tokenizer reads as one (:func:`slot_token_ids`, :func:`token_rows`).
 FREE_VECTOR_ARCHITECTURES: tuple[str, ...] = ("sd", "sdxl")
+#: The words :func:`encode_with_vectors` writes in the slots on SD3/Flux before the hooks replace their rows; two, so
+#: that the slots are the positions where the two fillings' token ids differ.
+SLOT_WORDS: tuple[str, str] = ("x", "y")
+#: Per pipeline, :func:`_slot_table` (computed once: a pass over the position tokenizer's vocabulary)
+_SLOT_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: T5 tokens Flux reads (``FluxPipeline.__call__``'s default ``max_sequence_length``; FLUX.1-schnell users pass 256).
 FLUX_T5_LENGTH = 512
 #: T5 tokens SD3 reads (``StableDiffusion3Pipeline.__call__``'s default).
@@ -108,6 +120,31 @@ def _leading_specials(tokenizer) -> int:  # noqa: ANN001
     """1 when the tokenizer starts every prompt with BOS (CLIP), 0 when it does not (T5)."""
     ids = tokenizer("")["input_ids"]
     return int(tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id])
+
+
+def start_tokens(pipe: Pipeline, component: str | None = None) -> int:
+    """Tokens a tokenizer puts before a prompt's first word: 1 (CLIP's BOS) or 0 (T5, no start token); of the text
+    encoder ``component`` names (``text_encoder``, ``text_encoder_2``, ``text_encoder_3``), by default the position
+    tokenizer's (the ids of :class:`PromptEncoding`)."""
+    if component is None:
+        return _leading_specials(_position_tokenizer(pipe))
+    readers = {name: tokenizer for name, tokenizer, _ in _token_readers(pipe)}
+    if component not in readers:
+        raise ValueError(f"the pipeline has no text encoder {component!r}; it has {', '.join(readers)}")
+    return _leading_specials(readers[component])
+
+
+def token_encoder(pipe: Pipeline) -> str:
+    """The component name of the text encoder whose outputs are most of the token rows the denoiser reads: the
+    first CLIP (``text_encoder``) on SD 1.x/2.x and SDXL, T5 on SD3 (``text_encoder_3``, its 256 rows beside CLIP's
+    77; the first CLIP where T5 is not loaded) and Flux (``text_encoder_2``; its CLIP gives the pooled vector
+    alone)."""
+    kind = architecture(pipe)
+    if kind == "flux":
+        return "text_encoder_2"
+    if kind == "sd3" and getattr(pipe, "text_encoder_3", None) is not None:
+        return "text_encoder_3"
+    return "text_encoder"
 
 
 def text_length(pipe: Pipeline) -> int:
@@ -244,10 +281,12 @@ def encode_prompt_prefixes(pipe: Pipeline, prompts: Sequence[str], length: int) 
 
 
 def _check_free_vectors(pipe: Pipeline, what: str) -> None:
-    """``NotImplementedError`` in one line where free token vectors are not served: SD3 and Flux."""
+    """``NotImplementedError`` in one line where one table does not hold every token (SD3 and Flux: T5's vocabulary
+    beside CLIP's)."""
     if architecture(pipe) not in FREE_VECTOR_ARCHITECTURES:
         name = ARCHITECTURE_NAMES[architecture(pipe)]
-        raise NotImplementedError(f"{what}: free token vectors are SD 1.x/2.x and SDXL only, not on {name} yet")
+        raise NotImplementedError(f"{what}: {name} reads CLIP's and T5's vocabularies; use token_rows of "
+                                  "slot_token_ids")  # fmt: skip
 
 
 def _text_encoders(pipe: Pipeline) -> list[tuple[object, torch.nn.Module]]:
@@ -272,23 +311,19 @@ def encode_with_vectors(pipe: Pipeline, templates: Sequence[str], vectors: torch
 
     On SDXL a vector is the token's input embeddings of both encoders side by side (``width`` = 768 + 1280 for
     SDXL's), each encoder reading its own part as ``StableDiffusionXLPipeline.encode_prompt`` reads text (the
-    penultimate layer, the pooled embedding from the second encoder). ``ValueError`` when a template lacks ``{}`` or
-    has it twice, or when a prompt would be longer than the text encoder reads; ``NotImplementedError`` on SD3 and
-    Flux (T5 beside CLIP).
+    penultimate layer, the pooled embedding from the second encoder). On SD3 and Flux a vector is the token's input
+    embeddings in every text encoder side by side (SD3: CLIP-L, CLIP-G, T5; Flux: CLIP, T5: :func:`token_rows`),
+    each encoder's part entering its own slots (:func:`_encode_with_vectors_by_hooks`). ``ValueError`` when a
+    template lacks ``{}`` or has it twice, or when a prompt would be longer than the text encoder reads.
     """
-    _check_free_vectors(pipe, "encode_with_vectors")
     templates = list(templates)
     if not templates:
         raise ValueError("encode_with_vectors needs at least one template")
+    if architecture(pipe) not in FREE_VECTOR_ARCHITECTURES:
+        return _encode_with_vectors_by_hooks(pipe, templates, vectors)
     encoders = _text_encoders(pipe)
     widths = [encoder.get_input_embeddings().embedding_dim for _, encoder in encoders]
-    width = sum(widths)
-    if vectors.dim() == 2:
-        vectors = vectors.unsqueeze(0).expand(len(templates), -1, -1)
-    if vectors.dim() != 3 or vectors.shape[0] != len(templates) or vectors.shape[2] != width:
-        raise ValueError(f"vectors must be (k, {width}) or (templates, k, {width}), got {tuple(vectors.shape)}")
-    if vectors.shape[1] < 1:
-        raise ValueError("vectors hold no slot (k = 0)")
+    vectors = _check_vectors(vectors, len(templates), widths)
     parts = torch.split(vectors, widths, dim=-1)
     runs = [
         _encode_slots(pipe, tok, encoder, templates, part)
@@ -302,6 +337,168 @@ def encode_with_vectors(pipe: Pipeline, templates: Sequence[str], vectors: torch
     k = vectors.shape[1]
     names = [t.replace("{}", " ".join(f"<v{i}>" for i in range(k))) for t in templates]
     return PromptEncoding(names, input_ids, embeds.to(encoders[0][1].dtype), torch.tensor(lengths), pooled)
+
+
+def _check_vectors(vectors: torch.Tensor, templates: int, widths: Sequence[int]) -> torch.Tensor:
+    """``vectors`` as ``(templates, k, sum(widths))`` (a ``(k, width)`` set repeated for every template);
+    ``ValueError`` for another shape or no slot."""
+    width = sum(widths)
+    if vectors.dim() == 2:
+        vectors = vectors.unsqueeze(0).expand(templates, -1, -1)
+    if vectors.dim() != 3 or vectors.shape[0] != templates or vectors.shape[2] != width:
+        raise ValueError(f"vectors must be (k, {width}) or (templates, k, {width}), got {tuple(vectors.shape)}")
+    if vectors.shape[1] < 1:
+        raise ValueError("vectors hold no slot (k = 0)")
+    return vectors
+
+
+def _token_readers(pipe: Pipeline) -> list[tuple[str, object, torch.nn.Module]]:
+    """(component, tokenizer, text encoder) of every text encoder the pipeline has, in component order (SD3: CLIP-L,
+    CLIP-G, T5 where it is loaded; Flux: CLIP, T5)."""
+    found = []
+    for suffix in ("", "_2", "_3"):
+        encoder, tokenizer = getattr(pipe, f"text_encoder{suffix}", None), getattr(pipe, f"tokenizer{suffix}", None)
+        if isinstance(encoder, torch.nn.Module) and tokenizer is not None:
+            found.append((f"text_encoder{suffix}", tokenizer, encoder))
+    return found
+
+
+def _input_embedding(encoder: torch.nn.Module) -> torch.nn.Embedding:
+    """The token-embedding module the encoder's forward calls: a T5 encoder's stack's ``embed_tokens`` (tied to, but
+    not the same module as, its ``shared``), CLIP's ``get_input_embeddings()``."""
+    stack = getattr(encoder, "encoder", None)
+    called = getattr(stack, "embed_tokens", None)
+    return called if isinstance(called, torch.nn.Embedding) else encoder.get_input_embeddings()
+
+
+def _reader_length(pipe: Pipeline, component: str, tokenizer: object) -> int:
+    """Tokens the pipeline's ``encode_prompt`` pads a text encoder's prompt to: CLIP's 77, T5's SD3/Flux length."""
+    if getattr(pipe, component).__class__.__name__.startswith("T5"):
+        return FLUX_T5_LENGTH if architecture(pipe) == "flux" else SD3_T5_LENGTH
+    return tokenizer.model_max_length
+
+
+def _read_as_one(tokenizer, texts: list[str]) -> list[int]:  # noqa: ANN001 - a transformers tokenizer
+    """Each text's id where ``tokenizer`` reads it as one token, else -1. A vocabulary's worth of words goes through
+    a copy of the fast tokenizer's backend, which reads them in a second (a copy: without the padding and truncation
+    that the tokenizer's calls leave set on its own); a few through the tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and len(texts) > 1000:
+        backend = copy.deepcopy(backend)
+        backend.no_padding()
+        backend.no_truncation()
+        read = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    else:
+        read = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [ids[0] if len(ids) == 1 else -1 for ids in read]
+
+
+def _slot_columns(pipe: Pipeline, ids: torch.Tensor) -> torch.Tensor:
+    """``(len(ids), encoders)``: for each id of the position tokenizer, the id of the same text in every text
+    encoder's tokenizer (:func:`_token_readers`' order), or -1 in the whole row where some tokenizer reads the text as
+    more than one token, or the position tokenizer does not read it back as the id itself (a word piece, a special
+    token). A tokenizer with the position tokenizer's vocabulary (SD3's CLIP-G) reads every id as itself."""
+    position, readers = _position_tokenizer(pipe), _token_readers(pipe)
+    # the tokenizer's own decoding (its backend's alone leaves CLIP's end-of-word marks in)
+    texts = [t.strip() for t in position.batch_decode([[int(i)] for i in ids], skip_special_tokens=True)]
+    valid = [row for row, t in enumerate(texts) if t]
+    table = torch.full((len(ids), len(readers)), -1, dtype=torch.long)
+    table[valid, :] = ids[valid, None]
+    words = [texts[row] for row in valid]
+    read_back = torch.tensor(_read_as_one(position, words), dtype=torch.long)
+    for column, (_, tokenizer, _) in enumerate(readers):
+        if tokenizer is not position and tokenizer.get_vocab() != position.get_vocab():
+            table[valid, column] = torch.tensor(_read_as_one(tokenizer, words), dtype=torch.long)
+    whole = (table >= 0).all(dim=1)
+    whole[valid] &= read_back == ids[valid]
+    table[~whole] = -1
+    return table
+
+
+def _slot_table(pipe: Pipeline) -> torch.Tensor:
+    """:func:`_slot_columns` of the position tokenizer's whole vocabulary, computed once per pipeline (seconds)."""
+    if pipe not in _SLOT_TABLES:
+        _SLOT_TABLES[pipe] = _slot_columns(pipe, torch.arange(len(_position_tokenizer(pipe))))
+    return _SLOT_TABLES[pipe]
+
+
+def slot_token_ids(pipe: Pipeline) -> torch.Tensor:
+    """The position tokenizer's ids whose :func:`token_rows` a slot of :func:`encode_with_vectors` can hold so that
+    it encodes as the token's text: every id on SD 1.x/2.x and SDXL; on SD3/Flux the tokens every tokenizer reads as
+    one (:func:`_slot_table`), sorted."""
+    if architecture(pipe) in FREE_VECTOR_ARCHITECTURES:
+        return torch.arange(token_embedding_matrix(pipe).shape[0])
+    return (_slot_table(pipe)[:, 0] >= 0).nonzero().flatten()
+
+
+def token_rows(pipe: Pipeline, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """The input embeddings of the position tokenizer's tokens ``ids``, ``(len(ids), width)``, detached: what a slot
+    of :func:`encode_with_vectors` holds to encode as that token. Rows of :func:`token_embedding_matrix` on SD
+    1.x/2.x and SDXL; on SD3/Flux each token's rows in every text encoder side by side (SD3: CLIP-L, CLIP-G, T5;
+    Flux: CLIP, T5), ``ValueError`` for a token some tokenizer reads as several (:func:`slot_token_ids`)."""
+    ids = torch.as_tensor([int(i) for i in ids] if not isinstance(ids, torch.Tensor) else ids, dtype=torch.long)
+    ids = ids.reshape(-1)
+    if architecture(pipe) in FREE_VECTOR_ARCHITECTURES:
+        matrix = token_embedding_matrix(pipe)
+        return matrix[ids.to(matrix.device)]
+    table = _SLOT_TABLES[pipe][ids] if pipe in _SLOT_TABLES else _slot_columns(pipe, ids)
+    if (table < 0).any():
+        bad = int(ids[(table < 0).any(dim=1)][0])
+        raise ValueError(f"token {bad} ({decode_tokens(pipe, [bad])!r}) is not one token in every text encoder of "
+                         "this pipeline")  # fmt: skip
+    parts = []
+    for column, (_, _, encoder) in enumerate(_token_readers(pipe)):
+        weight = _input_embedding(encoder).weight.detach()
+        parts.append(weight[table[:, column].to(weight.device)])
+    first = parts[0]
+    return torch.cat([p.to(first.device, first.dtype) for p in parts], dim=1)
+
+
+def _encode_with_vectors_by_hooks(pipe: Pipeline, templates: list[str], vectors: torch.Tensor) -> PromptEncoding:
+    """:func:`encode_with_vectors` on SD3/Flux: the pipeline's own ``encode_prompt`` (:func:`encode_prompts`) of
+    each template with :data:`SLOT_WORDS`' first word k times in its ``{}``, while a forward hook on every text
+    encoder's token embedding puts its part of the vectors at the slots: the positions where the token ids of the
+    two words' fillings differ, found per encoder. ``input_ids`` holds the first slot word's id at the slots."""
+    readers = _token_readers(pipe)
+    widths = [_input_embedding(encoder).embedding_dim for _, _, encoder in readers]
+    vectors = _check_vectors(vectors, len(templates), widths)
+    k = vectors.shape[1]
+    for template in templates:
+        if template.count("{}") != 1:
+            raise ValueError(f"template {template!r} must contain '{{}}' exactly once")
+    fillings = [[t.replace("{}", " ".join([word] * k)) for t in templates] for word in SLOT_WORDS]
+    hooks = []
+    for (component, tokenizer, encoder), part in zip(readers, torch.split(vectors, widths, dim=-1), strict=True):
+        length = _reader_length(pipe, component, tokenizer)
+        first, second = (tokenizer(f, max_length=length, truncation=True)["input_ids"] for f in fillings)
+        slots = []
+        for template, a, b in zip(templates, first, second, strict=True):
+            differ = [j for j, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+            if len(differ) != k:
+                raise ValueError(
+                    f"template {template[:40]!r} with {k} vector(s) does not fit {component}: longer "
+                    "than the text encoder reads, or its slots merge with the words beside them"
+                )
+            slots.append(differ)
+        hooks.append((_input_embedding(encoder), torch.tensor(slots), part))
+    handles = []
+
+    def insert(slots: torch.Tensor, part: torch.Tensor):  # noqa: ANN202
+        def hook(_module, _inputs, output):  # noqa: ANN001, ANN202 - torch's forward hook signature
+            index = slots.to(output.device).unsqueeze(-1).expand(-1, -1, output.shape[-1])
+            return output.scatter(1, index, part.to(output.device, output.dtype))
+
+        return hook
+
+    try:
+        for module, slots, part in hooks:
+            handles.append(module.register_forward_hook(insert(slots, part)))
+        encoding = _encode_prompts(pipe, fillings[0])
+    finally:
+        for handle in handles:
+            handle.remove()
+    encoding.prompts = [t.replace("{}", " ".join(f"<v{i}>" for i in range(k))) for t in templates]
+    return encoding
 
 
 def _encode_slots(

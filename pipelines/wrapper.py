@@ -228,6 +228,28 @@ class PipelineWrapper:
         """The text encoder's input token embeddings, ``(vocab, width)``, detached (read it, do not write it)."""
         return text.token_embedding_matrix(self.pipe)
 
+    def slot_token_ids(self) -> torch.Tensor:
+        """The tokens a slot of :meth:`encode_with_vectors` can hold as their text encodes
+        (:func:`text.slot_token_ids`: every token, or on SD3/Flux those every tokenizer reads as one)."""
+        return text.slot_token_ids(self.pipe)
+
+    def token_rows(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """What a slot of :meth:`encode_with_vectors` holds to encode as each token of ``ids``
+        (:func:`text.token_rows`: rows of :meth:`token_embedding_matrix`, or on SD3/Flux every text encoder's rows
+        side by side)."""
+        return text.token_rows(self.pipe, ids)
+
+    @property
+    def token_encoder(self) -> str:
+        """The text encoder (component name) that gives most of the token rows the denoiser reads: CLIP's, or T5's on
+        SD3/Flux (:func:`text.token_encoder`)."""
+        return text.token_encoder(self.pipe)
+
+    def start_tokens(self, component: str | None = None) -> int:
+        """Tokens a text encoder's tokenizer (by default the position tokenizer's) puts before the first word: 1
+        (CLIP's BOS) or 0 (T5)."""
+        return text.start_tokens(self.pipe, component)
+
     def special_token_ids(self) -> set[int]:
         """The tokenizer's special token ids (start, end, padding, unknown)."""
         return text.special_token_ids(self.pipe)
@@ -340,7 +362,8 @@ class PipelineWrapper:
 
     # ------------------------------------------------------------------ hooks (pipelines.hooks)
     def hook_points(self) -> list[str]:
-        """Every hook point of the pipeline: text-encoder layers and UNet transformer blocks, by qualified name."""
+        """Every hook point of the pipeline: text-encoder layers (CLIP's, T5's) and UNet or SD3/Flux transformer
+        blocks, by qualified name."""
         return hooks.hook_points(self.pipe)
 
     def hook_point(self, name: str) -> torch.nn.Module:

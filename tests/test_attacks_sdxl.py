@@ -1,6 +1,7 @@
 """The attacks that write or learn tokens, on SDXL: a token is its input embeddings in both text encoders side by
 side, read as ``StableDiffusionXLPipeline.encode_prompt`` reads text (penultimate layers, the second encoder's pooled
-embedding). Tiny SDXL pipeline, tiny budgets."""
+embedding); and on SD3 and Flux (tests/test_attacks_sd3_flux.py has their slots), whose tokens are those every text
+encoder (CLIP's, T5's) reads as one. Tiny pipelines, tiny budgets."""
 
 from __future__ import annotations
 
@@ -65,27 +66,48 @@ BUDGETS = {
 
 #: the optimising attacks take seconds of CPU each even at these budgets (the SD 1.x tests of them are slow too)
 SLOW = ("concept_inversion", "ring_a_bell_prompt", "unlearn_diff_atk")
+#: SDXL for every attack; on SD3 (three encoders, CLIP positions) and Flux (T5 positions, no start token) the token
+#: attacks, each where its own path differs (rece_embedding there: tests/test_architectures.py)
+CASES = [("sdxl", a) for a in sorted(BUDGETS)] + [
+    ("sd3", "ring_a_bell_prompt"), ("sd3", "concept_inversion"), ("flux", "concept_inversion"),
+    ("flux", "unlearn_diff_atk"),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def erased(sdxl, uce):
+    """Per model name, the tiny pipeline and uce's erasure of van gogh on it (SD3 and Flux built on first use)."""
+    return {"sdxl": (sdxl, uce)}
 
 
 @pytest.mark.parametrize(
-    "attack", [pytest.param(a, marks=pytest.mark.slow) if a in SLOW else a for a in sorted(BUDGETS)]
+    ("model", "attack"), [pytest.param(m, a, marks=pytest.mark.slow) if a in SLOW else (m, a) for m, a in CASES]
 )
-def test_attack_runs_on_sdxl(sdxl, uce, attack):
-    target = AttackTarget(sdxl, uce.applied, "van gogh", attack_probes("van gogh", 2, 1), steps=2, progress=False)
+def test_attack_runs_on_sdxl_sd3_and_flux(erased, model, attack):
+    if model not in erased:
+        wrapper = load_pipeline(f"tiny-{model}")
+        erased[model] = wrapper, erase.erase_concepts(wrapper, erase.ConceptSpec(("van gogh",)), "uce")
+    wrapper, artifact = erased[model]
+    target = AttackTarget(wrapper, artifact.applied, "van gogh", attack_probes("van gogh", 2, 1), steps=2,
+                          progress=False)  # fmt: skip
     result = run_attack(attack, target, BUDGETS[attack], seed=1)
     info = result.info
     assert len(result.images) == 2
-    if attack == "ring_a_bell_prompt":  # the written text encodes, in both encoders, as the searched tokens
+    if attack == "ring_a_bell_prompt":  # the written text encodes, in every encoder, as the searched tokens
         assert info["loss_final"][0] <= info["loss_initial"][0]
-        direction = concept_direction(sdxl, "van gogh", 4, 1 + 7919)
-        searched = sdxl.encode_prompts(info["searched_prompts"]).embeddings + 2.0 * direction
-        written = sdxl.encode_prompts(info["prompts_found"]).embeddings
+        direction = concept_direction(wrapper, "van gogh", 4, 1 + 7919)
+        searched = wrapper.encode_prompts(info["searched_prompts"]).embeddings + 2.0 * direction
+        written = wrapper.encode_prompts(info["prompts_found"]).embeddings
         assert float((written - searched).pow(2).sum()) == pytest.approx(info["loss_final"][0], rel=1e-4)
-    elif attack == "unlearn_diff_atk":
+    elif attack == "unlearn_diff_atk":  # every text encoder reads the prefix as the k optimised words
         assert all(p.startswith(info["prefix"] + " ") for p in result.prompts)
         assert info["retokenized_same"] == 1.0
-    elif attack == "concept_inversion":  # one vector for both encoders, and it lowers the loss
-        assert len(info["token_embedding"]) == sdxl.token_embedding_matrix().shape[1]
+        for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+            tokenizer = getattr(wrapper.pipe, name, None)
+            if tokenizer is not None:
+                assert len(tokenizer(info["prefix"], add_special_tokens=False)["input_ids"]) == 2, name
+    elif attack == "concept_inversion":  # one vector for every encoder, and it lowers the loss
+        assert len(info["token_embedding"]) == wrapper.token_rows(wrapper.slot_token_ids()[:1]).shape[1]
         assert info["loss_final"] < info["loss_initial"]
     else:  # the map acts on both encoders' features of every token
         assert result.embeddings.shape[-1] == 64 and info["restored_share"] > 0.95

@@ -28,8 +28,13 @@ from pipelines.tiny import TINY_MODELS, tiny_pipeline
 #: column -> the tiny pipeline of that architecture (``pipelines.tiny.TINY_MODELS``)
 ARCHITECTURES = {"SD1": "tiny", "SD2-v": "tiny-sd2", "SDXL": "tiny-sdxl", "SD3": "tiny-sd3", "Flux": "tiny-flux"}
 #: the runtime methods' SAE hook points (an SAE trained per model); the first text layer, as SDXL's UNet reads the
-#: penultimate layer's output and the tiny encoders have two
+#: penultimate layer's output and the tiny encoders have two; on SD3/Flux T5's first block (the encoder of their token
+#: rows) and a transformer block
 SAE_HOOKS = {"text": "text_encoder.encoder.layers.0", "unet": "unet.up_blocks.0.attentions.1"}
+TRANSFORMER_SAE_HOOKS = {
+    "SD3": {"text": "text_encoder_3.encoder.block.0", "unet": "transformer.transformer_blocks.0"},
+    "Flux": {"text": "text_encoder_2.encoder.block.0", "unet": "transformer.single_transformer_blocks.0"},
+}
 WORDS = "red blue green cat dog house tree car city night sun moon river boat bird star".split()
 
 
@@ -71,18 +76,20 @@ def _sae_store(sae_stores, wrapper, column):
         rng = np.random.default_rng(0)
         prompts = [" ".join(rng.choice(WORDS, size=int(rng.integers(2, 6)))) for _ in range(48)]
         config = SAETrainConfig(expansion=4, k=8, batch_size=512, epochs=3, dead_tokens=5000)
-        build_sae(wrapper, SAE_HOOKS["text"], prompts, store / "text", config)
-        build_sae(wrapper, SAE_HOOKS["unet"], prompts[:16], store / "unet", config, steps=4)
+        hooks = TRANSFORMER_SAE_HOOKS.get(column, SAE_HOOKS)
+        build_sae(wrapper, hooks["text"], prompts, store / "text", config)
+        build_sae(wrapper, hooks["unet"], prompts[:16], store / "unet", config, steps=4)
         sae_stores[column] = store
     return sae_stores[column]
 
 
-def _config(method: str, store):
+def _config(method: str, store, column: str = "SD1"):
     spec = erase.get_method(method)
     if spec.runtime:
-        settings = {"sae_stores": (str(store),), "hook_point": SAE_HOOKS["text"], "top_features": 8}
+        hooks = TRANSFORMER_SAE_HOOKS.get(column, SAE_HOOKS)
+        settings = {"sae_stores": (str(store),), "hook_point": hooks["text"], "top_features": 8}
         if method == "saeuron":
-            settings = {"sae_stores": (str(store),), "hook_point": SAE_HOOKS["unet"], "percentile": 95.0,
+            settings = {"sae_stores": (str(store),), "hook_point": hooks["unet"], "percentile": 95.0,
                         "multiplier": -5.0, "images_per_prompt": 1, "other_prompts": 6, "steps": 4}  # fmt: skip
         return spec.config_class(**settings)
     config = spec.quick_config()
@@ -120,7 +127,7 @@ def test_cell(method, column, wrappers, sae_stores, tmp_path):
         assert "\n" not in str(refused.value) and spec.capabilities.unported in str(refused.value)
         return
     store = _sae_store(sae_stores, wrapper, column) if erase.get_method(method).runtime else None
-    _check_cell(method, column, _config(method, store), wrappers, tmp_path)
+    _check_cell(method, column, _config(method, store, column), wrappers, tmp_path)
 
 
 #: The LoRA trainer's text-encoder adapters beside the UNet's: every text encoder of the pipeline (SDXL's second).

@@ -31,6 +31,10 @@ touches, and 500 retain prompts leave no feature); and the gate thresholds the p
 mean (on micro the mean let most of the concept's prompts through the gate; the maximum catches all of them and
 none of the prompts naming no erased concept).
 
+On SD3 and Flux the default hook point is a T5 block (the encoder of most token rows on SD3, of all of them on Flux,
+whose CLIP gives the pooled vector alone), with no start token to leave out; the other encoders still read the
+prompt unedited, as SDXL's second encoder does. A CLIP layer of SD3 (``hook_point``) is edited the same way.
+
 Micro setting: ``--preserve-set world --set scale=-1`` (the reference's -8 on 40 features also breaks the rest of a
 prompt that names the concept); figures in ``docs/methods.md``.
 """
@@ -48,7 +52,7 @@ from pipelines import PipelineWrapper
 from ..core.inputs import check_number_fields, check_number_values, check_templates, concept_key
 from ..core.registry import Capabilities, ConceptSpec, WeightEdit, register_method
 from .intervention import SAEIntervention, check_intervention_keys
-from .sae import SAE_ARCHITECTURES_NOTE, pinned_sae, resolve_sae
+from .sae import pinned_sae, resolve_sae
 
 __all__ = ["ItDConfig", "erase_itd", "itd_edit"]
 
@@ -57,7 +61,7 @@ logger = logging.getLogger(__name__)
 #: the per-prompt statistics of the reconstruction error the gate can threshold
 GATE_STATISTICS = ("mean", "max")
 #: the settings an itd intervention holds
-ITD_SETTINGS = ("scale", "threshold", "keep_error", "gate_statistic")
+ITD_SETTINGS = ("scale", "threshold", "keep_error", "gate_statistic", "start_tokens")
 
 
 @dataclass
@@ -66,7 +70,7 @@ class ItDConfig:
 
     Attributes:
         hook_point: the text-encoder layer the SAE reads (``None``: the layer two thirds of the way up, which for
-            SD 1.x's 12-layer encoder is layer 8, the reference's).
+            SD 1.x's 12-layer encoder is layer 8, the reference's; T5's on SD3/Flux: :func:`default_text_hook`).
         sae: an SAE folder (``scripts/train_sae.py``); ``None`` looks one up for this model's text encoder in
             ``sae_stores`` and the SAEs shipped with the package.
         sae_stores: folders of SAE folders to search.
@@ -102,10 +106,13 @@ class ItDConfig:
 
 
 def default_text_hook(wrapper: PipelineWrapper) -> str:
-    """The text-encoder layer two thirds of the way up (SD 1.x: layer 8 of 12, ItD's)."""
-    layers = [p for p in wrapper.hook_points() if p.startswith("text_encoder.")]
+    """The layer two thirds of the way up the text encoder that gives most of the denoiser's token rows
+    (``PipelineWrapper.token_encoder``): CLIP's on SD 1.x/2.x (layer 8 of 12, ItD's) and SDXL (the first encoder),
+    T5's on SD3 and Flux."""
+    component = wrapper.token_encoder
+    layers = [p for p in wrapper.hook_points() if p.startswith(component + ".")]
     if not layers:
-        raise ValueError("this pipeline has no text-encoder hook point")
+        raise ValueError(f"this pipeline has no hook point in its text encoder {component}")
     return layers[(2 * len(layers)) // 3]
 
 
@@ -117,10 +124,16 @@ def _prompt_features(z: torch.Tensor, n: int) -> torch.Tensor:
     return mask
 
 
+def _start(intervention: SAEIntervention) -> int:
+    """Tokens before the prompt's first word at the hook point's encoder, which the edit leaves alone: CLIP's start
+    token (1; an intervention without the setting is CLIP's) or none (T5)."""
+    return int(intervention.settings.get("start_tokens", 1))
+
+
 def _gate_error(intervention: SAEIntervention, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(mse per prompt, the edited decode, the plain decode) of the tokens after the start token."""
+    """(mse per prompt, the edited decode, the plain decode) of the tokens after the start token (if any)."""
     sae, features = intervention.sae, intervention.tables["features"]
-    x = tokens[:, 1:]
+    x = tokens[:, _start(intervention) :]
     z = sae.encode(x)
     z_edited = torch.where(features, z * intervention.settings["scale"], z)
     edited, plain = sae.decode(z_edited), sae.decode(z)
@@ -137,11 +150,11 @@ def itd_edit(
     fired = mse >= intervention.settings["threshold"]
     if not fired.any():
         return None
-    out = tokens.clone()
+    out, first = tokens.clone(), _start(intervention)
     if intervention.settings.get("keep_error"):
-        out[fired, 1:] = tokens[fired, 1:] + (edited - plain)[fired]
+        out[fired, first:] = tokens[fired, first:] + (edited - plain)[fired]
     else:
-        out[fired, 1:] = edited[fired]
+        out[fired, first:] = edited[fired]
     return out
 
 
@@ -159,6 +172,8 @@ def check_itd(intervention: SAEIntervention) -> None:
     if settings.get("gate_statistic", "mean") not in GATE_STATISTICS:
         raise ValueError(f"an itd intervention's gate_statistic must be one of {', '.join(GATE_STATISTICS)}, got "
                          f"{settings['gate_statistic']!r}")  # fmt: skip
+    if settings.get("start_tokens", 1) not in (0, 1) or isinstance(settings.get("start_tokens"), bool):
+        raise ValueError(f"an itd intervention's start_tokens must be 0 or 1, got {settings['start_tokens']!r}")
     if not isinstance(settings.get("keep_error", False), bool):
         raise ValueError(f"an itd intervention's keep_error must be true or false, got {settings['keep_error']!r}")
 
@@ -177,7 +192,7 @@ def _pin_sae(wrapper: PipelineWrapper, config: Any) -> Any:
         preserve=True,
         templates="templates",
         quick=None,
-        unported=SAE_ARCHITECTURES_NOTE,
+        architectures=("sd", "sdxl", "sd3", "flux"),
         base_lookup=_pin_sae,
     ),
     runtime_edit=itd_edit,
@@ -195,11 +210,12 @@ def erase_itd(wrapper: PipelineWrapper, concepts: ConceptSpec, config: ItDConfig
     unrelated = [p for p in trained_on if not any(e in concept_key(p) for e in erased)]
     retain += unrelated[: config.retain_prompts]
     with torch.no_grad():
-        z_concept = sae.encode(wrapper.text_activations(hook, concept_prompts)[:, 1:])
+        first = wrapper.start_tokens(hook.partition(".")[0])
+        z_concept = sae.encode(wrapper.text_activations(hook, concept_prompts)[:, first:])
         top = config.top_features or sae.k
         selected = _prompt_features(z_concept, top).any(0)
         if retain:
-            z_retain = sae.encode(wrapper.text_activations(hook, retain)[:, 1:])
+            z_retain = sae.encode(wrapper.text_activations(hook, retain)[:, first:])
             selected &= ~_prompt_features(z_retain, top).any(0)
     if not selected.any():
         raise ValueError(
@@ -208,7 +224,7 @@ def erase_itd(wrapper: PipelineWrapper, concepts: ConceptSpec, config: ItDConfig
             "retain set"
         )
     settings: dict[str, Any] = {"scale": float(config.scale), "threshold": 0.0, "keep_error": config.keep_error,
-                                "gate_statistic": config.gate_statistic}  # fmt: skip
+                                "gate_statistic": config.gate_statistic, "start_tokens": first}  # fmt: skip
     intervention = SAEIntervention("itd", hook, sae, settings, {"features": selected}, sae_meta)
     if config.gate:
         with torch.no_grad():

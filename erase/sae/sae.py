@@ -58,7 +58,6 @@ from ..core.layout import current_umask
 
 __all__ = [
     "pinned_sae",
-    "SAE_ARCHITECTURES_NOTE",
     "SAE_FILE",
     "SAE_METADATA",
     "SAETrainConfig",
@@ -78,9 +77,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Why the SAE methods refuse SD3 and Flux (``Capabilities.unported``).
-SAE_ARCHITECTURES_NOTE = "its SAEs read CLIP layers and UNet transformer blocks; none is trained for SD3/Flux"
 
 SAE_FILE = "sae.safetensors"
 SAE_METADATA = "sae.json"
@@ -483,10 +479,11 @@ def collect_activations(
 ) -> torch.Tensor:
     """Tokens x width activations of ``hook`` over ``prompts``, the SAE's training data.
 
-    A text-encoder hook point gives every token of every prompt but the start token (whose activation is the same
-    for every prompt); a UNet hook point gives every spatial position at every sampling step of one image per
-    prompt (seeds ``seed``, ``seed + 1``, ...), conditional half (SAeUron). With ``cache_dir`` the result is kept as
-    safetensors under a key of everything it depends on, and reused.
+    A text-encoder hook point gives every token of every prompt but CLIP's start token (whose activation is the same
+    for every prompt; T5 has none); a denoiser hook point gives every image token (a UNet block's spatial position,
+    an SD3/Flux block's image token) at every sampling step of one image per prompt (seeds ``seed``, ``seed + 1``,
+    ...), conditional half (SAeUron). With ``cache_dir`` the result is kept as safetensors under a key of everything
+    it depends on, and reused.
     """
     prompts = list(prompts)
     if not prompts:
@@ -509,7 +506,8 @@ def collect_activations(
         except ValueError as err:  # a cache: what cannot be read back is collected again, and replaced
             logger.warning("%s; collecting the activations again", err)
     if is_text:
-        acts = wrapper.text_activations(hook, prompts, batch_size=max(batch_size, 64))[:, 1:]
+        first = wrapper.start_tokens(hook.partition(".")[0])  # CLIP's start token is left out; T5 has none
+        acts = wrapper.text_activations(hook, prompts, batch_size=max(batch_size, 64))[:, first:]
         tokens = acts.reshape(-1, acts.shape[-1])
     else:
         seeds = [seed + i for i in range(len(prompts))]

@@ -36,6 +36,11 @@ in one half alone is amplified by the guidance). Erasing several concepts, an im
 most present in it relative to its gate, and latches to it (the edit raises other concepts' features, so edits
 open to every concept stack). Images that never pass are bit-identical to the original model's.
 
+On SD3 and Flux the SAE reads a transformer block's image tokens (a joint block's image stream, a single-stream
+block's image part; Flux's tokens are 2x2 latent patches) and the tables are per flow timestep as the transformer
+receives it. SD3 guides with [unconditional; conditional] halves as a UNet does; Flux embeds its guidance and runs one
+batch, each image its own. The default block is ours (the reference is SD 1.4's UNet).
+
 Micro setting (the shipped SAE on ``up_blocks.0.attentions.1``, where the reference's settings change nothing):
 ``--set steps=20 --set percentile=99 --set multiplier=-20 --set gate=0.3``; figures, other settings and the
 five-style limits in ``docs/methods.md``.
@@ -54,7 +59,7 @@ from pipelines import PipelineWrapper
 from ..core.inputs import check_number_fields, check_number_values, check_templates, concept_key
 from ..core.registry import Capabilities, ConceptSpec, WeightEdit, register_method
 from .intervention import SAEIntervention, check_intervention_keys
-from .sae import SAE_ARCHITECTURES_NOTE, pinned_sae, resolve_sae
+from .sae import pinned_sae, resolve_sae
 
 __all__ = ["SAeUronConfig", "erase_saeuron", "saeuron_edit"]
 
@@ -69,8 +74,9 @@ class SAeUronConfig:
     """Settings of SAeUron. Defaults: the reference's style unlearning.
 
     Attributes:
-        hook_point: the UNet transformer block the SAE reads (``None``: the last block of the first up block with
-            attention, SD 1.x's ``up_blocks.1.attentions.2``, the reference's style block).
+        hook_point: the denoiser's transformer block the SAE reads (``None``: on a UNet the last block of the first
+            up block with attention, SD 1.x's ``up_blocks.1.attentions.2``, the reference's style block; on SD3/Flux
+            the block halfway through the transformer).
         sae, sae_stores: an SAE folder, or where to look for one (then the shipped SAEs).
         percentile: features scoring above this percentile (of all features, per timestep) are the concept's.
         multiplier: scales the concept's mean activation that replaces a firing feature's factor (negative).
@@ -112,8 +118,13 @@ class SAeUronConfig:
         self.sae_stores = tuple(self.sae_stores)
 
 
-def default_unet_hook(wrapper: PipelineWrapper) -> str:
-    """The last transformer block of the first up block that has any (SD 1.x: ``unet.up_blocks.1.attentions.2``)."""
+def default_denoiser_hook(wrapper: PipelineWrapper) -> str:
+    """On a UNet the reference's style block: the last transformer block of the first up block that has any (SD 1.x:
+    ``unet.up_blocks.1.attentions.2``). On SD3/Flux, which have no up blocks, the block halfway through the
+    transformer (its joint blocks, then Flux's single-stream blocks), ours."""
+    if wrapper.denoiser_name == "transformer":
+        blocks = [p for p in wrapper.hook_points() if p.startswith("transformer.")]
+        return blocks[len(blocks) // 2]
     ups = [p for p in wrapper.hook_points() if p.startswith("unet.up_blocks.")]
     if not ups:
         raise ValueError("this pipeline's UNet has no transformer block in an up block")
@@ -276,20 +287,20 @@ def _mean_codes(wrapper: PipelineWrapper, sae, hook: str, prompts: list[str], co
 
 
 def _pin_sae(wrapper: PipelineWrapper, config: Any) -> Any:
-    return pinned_sae(wrapper, config, default_unet_hook)
+    return pinned_sae(wrapper, config, default_denoiser_hook)
 
 
 @register_method(
     "saeuron",
     SAeUronConfig,
     family="runtime",
-    summary="SAeUron: per-timestep SAE feature damping in a UNet transformer block",
+    summary="SAeUron: per-timestep SAE feature damping in a denoiser transformer block",
     capabilities=Capabilities(
         guides=False,
         preserve=True,
         templates="templates",
         quick=None,
-        unported=SAE_ARCHITECTURES_NOTE,
+        architectures=("sd", "sdxl", "sd3", "flux"),
         base_lookup=_pin_sae,
     ),
     runtime_edit=saeuron_edit,
@@ -297,9 +308,9 @@ def _pin_sae(wrapper: PipelineWrapper, config: Any) -> Any:
 )
 def erase_saeuron(wrapper: PipelineWrapper, concepts: ConceptSpec, config: SAeUronConfig) -> WeightEdit:
     """Score every feature at every timestep on the concept's images against other images; tabulate the edit."""
-    hook = config.hook_point or default_unet_hook(wrapper)
-    if not hook.startswith("unet."):
-        raise ValueError(f"saeuron edits the UNet: {hook!r} is not a UNet hook point")
+    hook = config.hook_point or default_denoiser_hook(wrapper)
+    if not hook.startswith(f"{wrapper.denoiser_name}."):
+        raise ValueError(f"saeuron edits the denoiser: {hook!r} is not a {wrapper.denoiser_name} hook point")
     wrapper.check_sampler_steps(config.steps)
     sae, sae_meta, trained_on = resolve_sae(wrapper, hook, config.sae, config.sae_stores)
     erased = [concept_key(t) for t in concepts.targets]

@@ -29,7 +29,6 @@ from PIL import Image
 
 from pipelines import ARCHITECTURE_NAMES, ARCHITECTURES, DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
 from pipelines.checks import check_config_fields, check_text_fields
-from pipelines.text import FREE_VECTOR_ARCHITECTURES
 
 from .. import metrics as M
 from ..microworld import world
@@ -49,8 +48,6 @@ from ..probes import (
 
 __all__ = [
     "KINDS",
-    "TOKEN_ATTACK_ARCHITECTURES",
-    "TOKEN_ATTACK_UNPORTED",
     "THREAT_MODELS",
     "Attack",
     "AttackProbe",
@@ -87,11 +84,6 @@ _ATTACK_MODULES: tuple[str, ...] = (
     "evals.attacks.unlearn_diff_atk",
     "evals.attacks.concept_inversion",
 )
-
-#: Where the attacks that write or learn tokens run: the pipelines whose prompts can hold free token vectors
-#: (``pipelines.text.FREE_VECTOR_ARCHITECTURES``), and why not elsewhere.
-TOKEN_ATTACK_ARCHITECTURES: tuple[str, ...] = FREE_VECTOR_ARCHITECTURES
-TOKEN_ATTACK_UNPORTED = "its tokens are CLIP's; SD3/Flux also read T5"
 
 #: Labels a concept outside the micro world is told apart from when nothing else is given (zero-shot needs rivals).
 GENERIC_ALTERNATIVES: tuple[str, ...] = ("a photo", "a painting", "a drawing", "an abstract pattern")
@@ -460,11 +452,13 @@ def attack_success(
 
 def word_vocabulary(wrapper: PipelineWrapper) -> torch.Tensor:
     """Ids of the whole-word lower-case alphabetic tokens that tokenise back to one token: a prefix of them, decoded
-    and joined by spaces, re-tokenises to the same ids. Computed once per wrapper (a second on CPU)."""
+    and joined by spaces, re-tokenises to the same ids. On SD3/Flux only tokens that every text encoder reads as one
+    word (``PipelineWrapper.slot_token_ids``: CLIP's and T5's), so the written text is the searched tokens in each.
+    Computed once per wrapper (seconds on CPU)."""
     if wrapper in _WORDS:
         return _WORDS[wrapper]
     ids = []
-    for i in range(wrapper.token_embedding_matrix().shape[0]):
+    for i in wrapper.slot_token_ids().tolist():
         text = wrapper.decode_tokens([i])
         word = text.isascii() and text.isalpha() and text.islower()  # the tokenizer lower-cases every prompt
         whole_word = word and wrapper.decode_tokens([i, i]) == f"{text} {text}"

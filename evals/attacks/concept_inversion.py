@@ -27,6 +27,10 @@ Where we differ (a CPU budget of a minute or two on the micro model):
 * No token is added to the tokenizer: the vector enters through a hook on the input embeddings, which is what an
   added token's embedding row does. The attack feeds the resulting prompt embeddings to the UNet (white box).
 
+On SD3 and Flux the token is read by CLIP and T5 alike: the learnt vector is its input embeddings in every text
+encoder side by side (``PipelineWrapper.token_rows``: SD3's CLIP-L, CLIP-G and T5; Flux's CLIP, which reaches only
+the pooled vector, and T5), started from ``init_word``'s rows in each, and the matched prediction is the velocity.
+
 On micro, against UCE's erasure of "van gogh" (16 probes, defaults, seed 0; 42 s on one CPU thread): 6/16 (37.5%)
 by CLIP and by the judge, against 0/16 unattacked; the loss falls from 0.0043 (the word "art") to 0.0005 (0.0028 for
 the erased model with the concept's own words). 60 steps already reach it; 16 training prompts did no better, and lr
@@ -48,14 +52,7 @@ from tqdm.auto import tqdm
 from pipelines import PipelineWrapper
 from pipelines.checks import check_number_fields
 
-from .base import (
-    TOKEN_ATTACK_ARCHITECTURES,
-    TOKEN_ATTACK_UNPORTED,
-    AttackResult,
-    AttackTarget,
-    attack_probes,
-    register_attack,
-)
+from .base import AttackResult, AttackTarget, attack_probes, register_attack
 from .unlearn_diff_atk import NoiseTargets, matching_step, noise_matching_loss, original_noise_targets, prompt_loss
 
 __all__ = ["ConceptInversionConfig", "concept_inversion", "concept_template", "nearest_words"]
@@ -107,17 +104,23 @@ def concept_template(prompt: str, concept: str) -> str:
 
 
 def nearest_words(wrapper: PipelineWrapper, vector: torch.Tensor, n: int = 5) -> list[str]:
-    """The ``n`` vocabulary tokens whose input embeddings are closest to ``vector`` in cosine similarity."""
-    matrix = wrapper.token_embedding_matrix().float()
-    similarity = F.normalize(matrix, dim=-1) @ F.normalize(vector.detach().float().reshape(-1), dim=0)
-    return [wrapper.decode_tokens([int(i)]) for i in similarity.topk(n).indices]
+    """The ``n`` vocabulary tokens whose input embeddings are closest to ``vector`` in cosine similarity (on SD3/Flux
+    among the tokens every text encoder reads as one, their rows side by side: ``PipelineWrapper.token_rows``)."""
+    ids = wrapper.slot_token_ids()
+    rows = wrapper.token_rows(ids).float()
+    similarity = F.normalize(rows, dim=-1) @ F.normalize(vector.detach().float().reshape(-1).to(rows.device), dim=0)
+    return [wrapper.decode_tokens([int(ids[i])]) for i in similarity.topk(n).indices.cpu()]
 
 
 def _init_token(wrapper: PipelineWrapper, word: str) -> int:
-    """The id of the one-token ``word``; ``ValueError`` for a longer one."""
+    """The id of the one-token ``word``; ``ValueError`` for a longer one, or on SD3/Flux one that some text encoder
+    reads as several tokens."""
     if wrapper.token_count(word.strip()) != 1:
         raise ValueError(f"init_word {word!r} is {wrapper.token_count(word.strip())} tokens; give a one-token word")
-    return int(wrapper.encode_prompts([word.strip()]).input_ids[0, 1])
+    token = int(wrapper.encode_prompts([word.strip()]).input_ids[0, wrapper.start_tokens()])
+    if token not in set(wrapper.slot_token_ids().tolist()):
+        raise ValueError(f"init_word {word!r} is not one token in every text encoder; give another word")
+    return token
 
 
 @torch.no_grad()
@@ -133,7 +136,7 @@ def _vector_loss(
 
 
 @register_attack("concept_inversion", ConceptInversionConfig, "a new token learnt against the erased model",
-                 "embedding", architectures=TOKEN_ATTACK_ARCHITECTURES, unported=TOKEN_ATTACK_UNPORTED)  # fmt: skip
+                 "embedding")  # fmt: skip
 def concept_inversion(target: AttackTarget, config: ConceptInversionConfig, seed: int) -> AttackResult:
     """Learn the token on ``train_prompts`` fresh prompts of the concept (drawn with ``seed``), then draw every probe
     with it in the concept's place."""
@@ -148,7 +151,7 @@ def concept_inversion(target: AttackTarget, config: ConceptInversionConfig, seed
     pairs, eval_index = original_noise_targets(target, prompts, generator, config.eval_pairs)
     seconds = {"targets": time.perf_counter() - clock}
     with target.erased_model():
-        start = wrapper.token_embedding_matrix()[token].float().clone().unsqueeze(0)
+        start = wrapper.token_rows([token]).float().clone()
         vector = start.clone().requires_grad_(True)
         optimizer = torch.optim.AdamW([vector], lr=config.lr, weight_decay=config.weight_decay)
         loss_unattacked = prompt_loss(wrapper, pairs, eval_index, prompts)

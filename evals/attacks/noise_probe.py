@@ -6,6 +6,10 @@ and different seeds, and the attacker keeps the one the CLIP scorer rates most l
 zero-shot probability among the probe's labels). An erasure that only lowers the concept's odds, rather than
 removing it, leaks under this best-of-N search.
 
+On SD3 and Flux, which sample by flow matching, the re-sampling is the flow path's DDIM at the same ``eta``
+(``pipelines.sampling.FlowDDIMScheduler``: DDIM in the variance-preserving form of the flow path; eta 0 is the
+pipelines' own Euler sampler, eta 1 renews as much noise per step as DDPM does).
+
 The scorer that picks the image is the scorer that counts successes, so the CLIP rate of this attack is optimistic
 by construction; on the micro world the judge, which the attack never sees, is the honest column.
 """
@@ -48,12 +52,7 @@ class NoiseProbeConfig:
         check_number_fields(self)
 
 
-#: Why SD3 and Flux are refused: the re-sampling noise is DDIM's eta, and their flow-matching sampler has none
-UNPORTED = "it re-samples with DDIM's eta; SD3/Flux sample by flow"
-
-
-@register_attack("noise_probe", NoiseProbeConfig, "best of N noisy re-samplings, picked by the scorer", "sampling",
-                 architectures=("sd", "sdxl"), unported=UNPORTED)  # fmt: skip
+@register_attack("noise_probe", NoiseProbeConfig, "best of N noisy re-samplings, picked by the scorer", "sampling")
 def noise_probe(target: AttackTarget, config: NoiseProbeConfig, seed: int) -> AttackResult:
     """``candidates`` DDIM samples per probe (seeds from ``seed`` and the probe's), the scorer's favourite kept."""
     if target.scorer is None:

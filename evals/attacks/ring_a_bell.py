@@ -27,6 +27,9 @@ point with probability 0.5 (both children join); each member then has one random
 take in turn; tokens drawn from whole words that tokenise back to themselves (``base.word_vocabulary``),
 so the written text encodes as the searched ids (the reference draws any id and decodes); and the best member is
 never mutated (elitism: the best loss only falls).
+
+On SD3 and Flux the search draws tokens that every text encoder (CLIP's and T5's) reads as one whole word, and the
+loss is over the whole joint token sequence the transformer reads (SD3's CLIP rows then T5's; Flux's T5 rows).
 """
 
 from __future__ import annotations
@@ -44,8 +47,6 @@ from pipelines.checks import check_number_fields
 
 from .adversaries import AdversaryProblem, register_adversary
 from .base import (
-    TOKEN_ATTACK_ARCHITECTURES,
-    TOKEN_ATTACK_UNPORTED,
     AttackResult,
     AttackTarget,
     attack_probes,
@@ -160,7 +161,7 @@ class TokenSearch:
 
 def _sequence_loss(wrapper: PipelineWrapper, members: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``|| E(BOS members EOS pad) - target ||^2`` per member, over the whole padded sequence, ``(n,)``."""
-    rows = wrapper.token_embedding_matrix()[members.to(wrapper.device)]
+    rows = wrapper.token_rows(members.reshape(-1)).reshape(*members.shape, -1)
     encoding = wrapper.encode_with_vectors(["{}"] * len(members), rows)
     return (encoding.embeddings.float() - target.to(encoding.embeddings.device)).pow(2).sum(dim=(1, 2)).cpu()
 
@@ -218,8 +219,7 @@ def _check_prompt_search(target: AttackTarget, config: RingABellPromptConfig) ->
 
 @register_attack("ring_a_bell_prompt", RingABellPromptConfig,
                  "a written prompt whose embedding is the concept direction's (Ring-A-Bell's genetic search)",
-                 "prompt", check=_check_prompt_search, architectures=TOKEN_ATTACK_ARCHITECTURES,
-                 unported=TOKEN_ATTACK_UNPORTED)  # fmt: skip
+                 "prompt", check=_check_prompt_search)  # fmt: skip
 def ring_a_bell_prompt(target: AttackTarget, config: RingABellPromptConfig, seed: int) -> AttackResult:
     """Search the first ``config.searches`` probes' targets on the original model (white box), then draw every probe
     from a found prompt, as text, with the erased model."""

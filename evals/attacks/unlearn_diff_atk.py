@@ -31,6 +31,10 @@ Where we differ (a CPU budget of a minute or two on the micro model):
   themselves, so the decoded prompt re-tokenises to the optimised ids; ``"all"`` is the reference's whole
   vocabulary (BOS and EOS excepted), whose decoded text may tokenise differently.
 
+On SD3 and Flux, which read the prompt with CLIP and T5, the prefix tokens are those every text encoder reads as one
+(``PipelineWrapper.slot_token_ids``), a token's vector its input embeddings in every encoder side by side, so the
+written prefix is the optimised one in each; the matched prediction is the velocity.
+
 On micro, against UCE's erasure of "van gogh" (16 probes, defaults, seed 0; 44 s on one CPU thread): 0/16 by CLIP
 and by the judge, as unattacked. The search does lower the loss (0.00207 at the random start, 0.00163 found, 0.00217
 unattacked), with prefixes such as "thwaite shape love cts missing"; no prefix of whole words it finds (nor "vincent",
@@ -53,14 +57,7 @@ from tqdm.auto import tqdm
 from pipelines import PipelineWrapper, PromptEncoding
 from pipelines.checks import check_number_fields
 
-from .base import (
-    TOKEN_ATTACK_ARCHITECTURES,
-    TOKEN_ATTACK_UNPORTED,
-    AttackResult,
-    AttackTarget,
-    register_attack,
-    word_vocabulary,
-)
+from .base import AttackResult, AttackTarget, register_attack, word_vocabulary
 
 __all__ = [
     "NoiseTargets",
@@ -202,25 +199,26 @@ def prompt_loss(wrapper: PipelineWrapper, pairs: NoiseTargets, index: torch.Tens
 
 
 def _all_vocabulary(wrapper: PipelineWrapper) -> torch.Tensor:
-    """Every token id but the special ones (BOS, EOS, which decode to nothing)."""
-    size = wrapper.token_embedding_matrix().shape[0]
-    return torch.tensor([i for i in range(size) if wrapper.decode_tokens([i])])
+    """Every token id a slot can hold (``PipelineWrapper.slot_token_ids``) but the special ones (BOS, EOS, which
+    decode to nothing)."""
+    return torch.tensor([i for i in wrapper.slot_token_ids().tolist() if wrapper.decode_tokens([i])])
 
 
 class _Projection:
-    """Nearest allowed vocabulary token by cosine similarity."""
+    """Nearest allowed vocabulary token by cosine similarity, and the allowed tokens' slot rows."""
 
-    def __init__(self, matrix: torch.Tensor, allowed: torch.Tensor) -> None:
+    def __init__(self, wrapper: PipelineWrapper, allowed: torch.Tensor) -> None:
         self.allowed = allowed
-        self.rows = matrix[allowed].float()
+        self.rows = wrapper.token_rows(allowed).float()
         self.unit = F.normalize(self.rows, dim=-1)
+        self.index = {int(token): row for row, token in enumerate(allowed)}
 
     def ids(self, vectors: torch.Tensor) -> torch.Tensor:
         similarity = F.normalize(vectors.detach().float(), dim=-1) @ self.unit.T.to(vectors.device)
         return self.allowed[similarity.argmax(dim=-1).cpu()]
 
-    def embeddings(self, ids: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-        return matrix[ids.to(matrix.device)].float()
+    def embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.rows[[self.index[int(i)] for i in ids]]
 
 
 @dataclass
@@ -252,11 +250,10 @@ def optimise_prefix(
     pairs, and the best of them is kept: the minibatch losses of different timesteps are not comparable.
     """
     k = config.tokens
-    matrix = wrapper.token_embedding_matrix()
     allowed = word_vocabulary(wrapper) if config.vocabulary == "words" else _all_vocabulary(wrapper)
-    projection = _Projection(matrix, allowed)
+    projection = _Projection(wrapper, allowed)
     start_ids = allowed[torch.randint(0, len(allowed), (k,), generator=generator)]
-    z = projection.embeddings(start_ids, matrix).clone().requires_grad_(True)
+    z = projection.embeddings(start_ids).clone().requires_grad_(True)
     optimizer = torch.optim.AdamW([z], lr=config.lr, weight_decay=config.weight_decay)
     templates = ["{} " + p for p in prompts]
 
@@ -269,7 +266,7 @@ def optimise_prefix(
     check_at = {round(config.iterations * (c + 1) / config.checks) for c in range(config.checks)}
 
     def straight(z: torch.Tensor) -> torch.Tensor:  # the loss at the projected tokens, its gradient to z
-        return z + (projection.embeddings(projection.ids(z), matrix) - z).detach()
+        return z + (projection.embeddings(projection.ids(z)).to(z.device) - z).detach()
 
     curve = []
     for step in tqdm(range(1, config.iterations + 1), desc="unlearn_diff_atk", unit="step", disable=not progress):
@@ -296,8 +293,7 @@ def _check_prefix_room(target: AttackTarget, config: UnlearnDiffAtkConfig) -> No
 
 
 @register_attack("unlearn_diff_atk", UnlearnDiffAtkConfig, "adversarial prefix tokens matching the original's noise",
-                 "prompt", check=_check_prefix_room, architectures=TOKEN_ATTACK_ARCHITECTURES,
-                 unported=TOKEN_ATTACK_UNPORTED)  # fmt: skip
+                 "prompt", check=_check_prefix_room)  # fmt: skip
 def unlearn_diff_atk(target: AttackTarget, config: UnlearnDiffAtkConfig, seed: int) -> AttackResult:
     """Optimise one prefix over ``optimisation_probes`` probes (chosen and initialised with ``seed``), then draw every
     probe from ``"<prefix> <probe prompt>"`` with the erased model."""
@@ -313,7 +309,8 @@ def unlearn_diff_atk(target: AttackTarget, config: UnlearnDiffAtkConfig, seed: i
         found = optimise_prefix(wrapper, pairs, prompts, config, generator, eval_index, target.progress)
         prefix = wrapper.decode_tokens(found.ids)
         attacked = [f"{prefix} {p.prompt}" for p in target.probes]
-        kept = wrapper.encode_prompts(attacked).input_ids[:, 1 : 1 + k]
+        first = wrapper.start_tokens()  # the prefix's first row: after CLIP's BOS, T5's first (Flux)
+        kept = wrapper.encode_prompts(attacked).input_ids[:, first : first + k]
         seconds["optimisation"] = time.perf_counter() - clock - seconds["targets"]
         images = target.generate(attacked, [p.seed for p in target.probes])
     same = float((kept == found.ids.unsqueeze(0)).all(dim=1).float().mean())
