@@ -55,10 +55,12 @@ partial DDIM sampling with the model being trained at guidance 3 every iteration
 uniformly per example rather than the reference's balanced shuffles; the random streams are ours (one seed, a
 stream per stage) rather than seed 42 reset in every call.
 
-SDXL (the reference is SD 1.4 only): a found token is the pair of input embeddings of one token in both CLIP text
-encoders side by side (``PipelineWrapper.encode_with_vectors``; ``init_word``'s row in each), each encoder reading its
-own half, as the concept inversion attack does there; the erasures are the same LoRAs on SDXL's UNet. SD3 and Flux
-are refused: the inversion would need a token in T5's vocabulary beside CLIP's, which free token vectors do not serve.
+Other architectures (the reference is SD 1.4 only): a found token is one token's input embeddings in every text
+encoder side by side (``PipelineWrapper.encode_with_vectors``; SDXL's two CLIPs, SD3's CLIP-L, CLIP-G and T5, Flux's
+CLIP and T5), started from ``init_word``'s rows in each (``PipelineWrapper.token_rows``; on SD3/Flux a word every
+tokenizer reads as one token), as the concept inversion attack does there. The erasures are the same LoRAs on the
+denoiser (on SD3/Flux the ``train`` sets name the joint attention's projections, ``pipelines.LORA_TARGETS``), their
+targets combinations of velocities there, which carry over exactly as ESD's do (``erase.lora.esd``).
 
 Resuming: with a ``checkpoint_dir`` every stage writes its output there (each erasure is a trainer checkpoint folder,
 each gallery and inversion a safetensors file, the inversion also every ``checkpoint_every`` steps), and a rerun of
@@ -89,7 +91,7 @@ import torch
 from tqdm.auto import tqdm
 
 from evals.attacks.base import AttackTarget, attack_probes
-from evals.attacks.concept_inversion import concept_template, nearest_words
+from evals.attacks.concept_inversion import concept_template, init_token, nearest_words
 from evals.attacks.unlearn_diff_atk import (
     NoiseTargets,
     matching_step,
@@ -97,7 +99,7 @@ from evals.attacks.unlearn_diff_atk import (
     original_noise_targets,
     prompt_loss,
 )
-from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper, PromptEncoding
+from pipelines import ARCHITECTURES, DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper, PromptEncoding
 from pipelines.files import (
     atomic_save_safetensors,
     damaged_checkpoint,
@@ -491,8 +493,7 @@ def _invert(
     Checkpointed every ``checkpoint_every`` steps and at the end."""
     pairs, eval_index = gallery
     templates = [concept_template(p, concept) for p in prompts]
-    token_id = int(wrapper.encode_prompts([config.init_word.strip()]).input_ids[0, 1])
-    start = wrapper.token_embedding_matrix()[token_id].float().clone().unsqueeze(0)
+    start = wrapper.token_rows([init_token(wrapper, config.init_word)]).float().clone()
     vector = start.clone().requires_grad_(True)
     optimizer = torch.optim.AdamW([vector], lr=config.ci_lr * config.ci_batch, weight_decay=config.ci_weight_decay)
     generator = torch.Generator().manual_seed(_stream_seed(config.seed, concept, index, "inversion"))
@@ -637,9 +638,7 @@ def robustly_erase_once(
 # ------------------------------------------------------------------------------------------------ the method
 def _check_inputs(wrapper: PipelineWrapper, concepts: ConceptSpec, config: StereoConfig) -> None:
     """What needs the model, before any work: the init word is one token, the prompts fit the text encoder."""
-    count = wrapper.token_count(config.init_word.strip())
-    if count != 1:
-        raise ValueError(f"init_word {config.init_word!r} is {count} tokens; give a one-token word")
+    init_token(wrapper, config.init_word)
     for prompt in [*config.composition_anchors, *config.anchor_prompts, *concepts.preserve]:
         wrapper.check_prompt(prompt, "anchor prompt")
     for concept in concepts.targets:
@@ -656,8 +655,7 @@ def _check_inputs(wrapper: PipelineWrapper, concepts: ConceptSpec, config: Stere
     capabilities=dataclasses.replace(
         TRAINED,
         guides=False,
-        architectures=("sd", "sdxl"),
-        unported="its tokens are CLIP's; SD3/Flux also read T5",  # its soft tokens: CLIP input embeddings
+        architectures=ARCHITECTURES,
         sampler_steps=("pool_steps", "gallery_steps"),
         quick={
             "steps": 6,
