@@ -24,6 +24,8 @@ import time
 
 # The command line's front end (``erase-concept``, ``python scripts/erase.py``): the one module of erase that reads
 # argv and the environment and prints; the library it calls does none of these.
+from pipelines.checks import run_script
+
 from .core.inputs import CONCEPT_TYPES, DEFAULT_CONCEPT_TYPE, PRESERVE_SETS, error_line  # torch-free
 
 __all__ = ["EXIT_BAD_INPUT", "main", "parse_args"]
@@ -189,7 +191,12 @@ def print_summary(summary) -> None:  # noqa: ANN001 - erase.workflow.EraseSummar
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), erase, print the summary; the exit code (0, 2 on bad input, 130
-    when interrupted)."""
+    when interrupted, 1 when the summary cannot be written: ``pipelines.checks.run_script``)."""
+    return run_script(lambda: erase_main(argv))
+
+
+def erase_main(argv: list[str] | None) -> int:
+    """:func:`main`'s work."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if args.model in ("micro", "tiny", "tiny-sd2", "tiny-sdxl", "tiny-sd3", "tiny-flux") or os.path.isdir(args.model):

@@ -493,7 +493,7 @@ def run_erase(
         else:
             folder = save_artifact(artifact, folder, wrapper, overwrite=overwrite, extra_files=extra_files)
             weight_format = json.loads((folder / METADATA_FILE).read_text())["weight_format"]
-    load_code = f'handle = erase.load(pipe, "{folder}")'
+    load_code = f"handle = erase.load(pipe, {json.dumps(str(folder), ensure_ascii=False)})"  # quotes, newlines escaped
     changes = {k: v for m in stack.members for k, v in m.info.get("relative_change", {}).items()}
     relative = sorted(changes.values()) or [0.0]  # a runtime edit changes none
     return EraseSummary(

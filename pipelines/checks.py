@@ -11,12 +11,16 @@ both kinds; the shared paths that build a config from user settings call it, so 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import re
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 
 __all__ = [
+    "SEED_RANGE",
     "check_config_fields",
     "check_number",
     "check_number_fields",
@@ -25,8 +29,14 @@ __all__ = [
     "check_text_fields",
     "error_line",
     "number_kind",
+    "run_script",
     "text_kind",
 ]
+
+#: The range of every seed a user sets (``--seed``, a config's ``seed`` or ``*_seed``): 32 bits, as numpy's legacy
+#: seeding takes. Seeds are derived from it (``seed * 1_000_003 + index`` for probes, sums for streams) and a torch
+#: generator refuses one past 64 bits only when the first image is drawn, after the model loaded and the work began.
+SEED_RANGE = "[0, 4294967295]"
 
 #: A range as configs write it: ``"> 0"``, ``">= 1"``, ``"< 0"``, ``"<= 0"``, or an interval ``"(0, 1]"``.
 _BOUND = re.compile(r"^(>=|>|<=|<)\s*(-?[\d.e+-]+)$")
@@ -40,6 +50,30 @@ def error_line(err: BaseException) -> str:
         return f"{err.filename}: {err.strerror or err}"
     text = str(err.args[0] if isinstance(err, KeyError) and err.args else err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def run_script(main: Callable[[], int | None]) -> int:
+    """A script's ``main()`` and its exit code, its output made safe to write: a character standard output cannot
+    encode (``LC_ALL=C``, ``PYTHONIOENCODING=ascii``) is written escaped, not a ``UnicodeEncodeError``; a reader that
+    went away (``| head``) ends the script quietly with exit 1; any other file error that reaches here (standard
+    output on a full disk) is one ``error:`` line and exit 1, not a traceback after the work is done."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # None (closed), or a stream of another kind
+            stream.reconfigure(errors="backslashreplace")
+    try:
+        code = main()
+        if sys.stdout is not None:
+            sys.stdout.flush()  # here, not at exit, where a failed flush is a message Python prints itself
+    except BrokenPipeError:
+        with contextlib.suppress(OSError, AttributeError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit fails no more
+        return 1
+    except OSError as err:
+        with contextlib.suppress(OSError, AttributeError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"error: {error_line(err) if err.filename is not None else err.strerror or err}", file=sys.stderr)
+        return 1
+    return code if isinstance(code, int) else 0
 
 
 def _in_range(value: float, spec: str) -> bool:
@@ -104,7 +138,8 @@ def number_kind(annotation: object) -> tuple[str, bool] | None:
 def check_number_fields(config: object, ranges: Mapping[str, str] | None = None) -> None:
     """Check every number of the dataclass ``config``: each field annotated ``int``, ``float`` (``| None``) or a
     tuple of them with :func:`check_number` in its range (``ranges``, default the class's ``NUMBER_RANGES``; an
-    unranged number must still be finite), and each ``bool`` field is a bool. ``ValueError`` names the first bad
+    unranged number must still be finite; an integer ``seed`` or ``*_seed`` also in :data:`SEED_RANGE`), and each
+    ``bool`` field is a bool. ``ValueError`` names the first bad
     field."""
     ranges = dict(getattr(type(config), "NUMBER_RANGES", {}) if ranges is None else ranges)
     kinds = {f.name: number_kind(f.type) for f in dataclasses.fields(config)}
@@ -125,6 +160,8 @@ def check_number_fields(config: object, ranges: Mapping[str, str] | None = None)
                 check_number(f"{name}[{i}]", item, spec, integer=kind[0] == "int[]")
         else:
             check_number(name, value, spec, integer=kind[0] == "int", optional=kind[1])
+            if _is_seed(name) and kind[0] == "int":  # whatever the config's own range says
+                check_number(name, value, SEED_RANGE, integer=True, optional=kind[1])
 
 
 def text_kind(annotation: object) -> tuple[str, bool] | None:
@@ -185,9 +222,21 @@ def check_number_values(values: Mapping[str, object], ranges: Mapping[str, str],
             raise ValueError(f"{where}: {err}") from None
 
 
+def _is_seed(name: str) -> bool:
+    return name == "seed" or name.endswith("_seed")
+
+
 def check_option_minimums(args: object, minimums: dict[str, float]) -> None:
     """``ValueError`` naming the first command-line option (an ``argparse`` attribute) below its minimum or not
-    finite, as ``--option-name must be >= minimum, got value``; options left unset (``None``) pass."""
+    finite, as ``--option-name must be >= minimum, got value``; options left unset (``None``) pass. Every seed
+    option (``--seed``, ``--*-seed``) is checked too, listed or not: an integer in :data:`SEED_RANGE`."""
+    for name, value in sorted(vars(args).items()):
+        if _is_seed(name) and value is not None:
+            try:
+                check_number(name, value, SEED_RANGE, integer=True)
+            except ValueError:
+                option = f"--{name.replace('_', '-')}"
+                raise ValueError(f"{option} must be an integer in {SEED_RANGE}, got {value}") from None
     for name, minimum in minimums.items():
         value = getattr(args, name)
         try:

@@ -34,6 +34,7 @@ import sys
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 
 from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS  # noqa: E402
+from pipelines.checks import run_script  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from erase.workflow import audit_models
     from evals.audit import (
         AuditError,
+        check_audit_folder,
         check_output_folder,
         generation_summary,
         per_concept_table,
@@ -137,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         main_process = state.is_main_process
         device = device or state.device
         check_output_folder(args.out)
+        check_audit_folder(args.out)
         if main_process:  # the processes of one launch write one audit together
             claim.enter_context(claim_folder(args.out))
         attacks = []
@@ -217,4 +220,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

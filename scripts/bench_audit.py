@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from evals.audit import ORIGINAL, AuditModel, generate_audit_images  # noqa: E402
 from evals.suites import world_suite  # noqa: E402
 from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_pipeline, resolve_device  # noqa: E402
-from pipelines.checks import check_option_minimums, error_line  # noqa: E402
+from pipelines.checks import check_option_minimums, error_line, run_script  # noqa: E402
 
 
 def main() -> None:
@@ -105,4 +105,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

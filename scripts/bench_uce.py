@@ -30,6 +30,9 @@ import time
 
 # scripts/erase.py would shadow the erase package: drop this folder from the import path.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+
+from pipelines.checks import run_script  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
@@ -38,7 +41,7 @@ import erase  # noqa: E402
 from erase.closed_form.speed import VALUE_PATTERNS, SPEEDConfig, speed_terms, speed_update  # noqa: E402
 from erase.closed_form.uce import concept_embeddings, edit_from_update, uce_update  # noqa: E402
 from erase.core.inputs import check_option_minimums, error_line  # noqa: E402
-from erase.core.layout import check_writable_folder  # noqa: E402
+from erase.core.layout import check_result_file, check_writable_folder  # noqa: E402
 from erase.core.registry import forget_base_records  # noqa: E402
 from erase.workflow import erasure_settings  # noqa: E402
 from pipelines import load_pipeline, resolve_device, wrap_pipeline  # noqa: E402
@@ -172,6 +175,7 @@ def main() -> None:
             check_writable_folder(args.save_sd14)
         if args.json:
             check_writable_folder(os.path.dirname(os.path.abspath(args.json)))
+            check_result_file(args.json, "--json", ("threads", "breakdown"))
     except (ValueError, OSError) as err:
         parser.error(error_line(err))
     torch.set_num_threads(args.threads)
@@ -274,4 +278,4 @@ def speed_solve(wrapper, repeats: int) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

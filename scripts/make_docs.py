@@ -39,6 +39,8 @@ from pathlib import Path
 # import path.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
 
+from pipelines.checks import run_script  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = ("README.md", "pipelines/micro/README.md", "pipelines/saes/README.md", "docs/*.md")
 BLOCK = re.compile(r"(<!-- table: (\w+) (\S+) -->\n)(.*?)(<!-- end table -->)", re.DOTALL)
@@ -230,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = Path(args.root)
     stale = []
+    if not doc_files(root):  # else --check passes having checked nothing
+        print(f"error: {root} holds no documentation to render ({', '.join(DOC_FILES)}): is --root a checkout of "
+              "erase?", file=sys.stderr)  # fmt: skip
+        return 2
     try:
         for path in doc_files(root):
             text = path.read_text()
@@ -256,4 +262,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

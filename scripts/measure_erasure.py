@@ -30,6 +30,9 @@ from collections import Counter
 
 # scripts/erase.py would shadow the erase package: drop this folder from the import path.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+
+from pipelines.checks import run_script  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
@@ -43,6 +46,7 @@ from erase.core.inputs import (  # noqa: E402
     error_line,
     parse_config_overrides,
 )
+from erase.core.layout import check_result_file  # noqa: E402
 from erase.stack import erase_stack, member_overrides, parse_method_stack  # noqa: E402
 from erase.workflow import micro_world_name, stack_settings  # noqa: E402
 from evals.metrics import wilson_interval  # noqa: E402
@@ -117,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         methods = parse_method_stack(args.method)  # before the model loads
         if args.json:
             check_writable_file(args.json)
+            check_result_file(args.json, "--json", ("schema_version", "concepts", "groups"))
         device = resolve_device(args.device)
         wrapper = load_pipeline("micro", device=device)
         # the settings scripts/erase.py uses for the same options
@@ -244,4 +249,4 @@ def form_figures(group: list[Probe], flags: dict[str, list[bool]]) -> tuple[dict
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -25,7 +25,7 @@ from erase.core.layout import check_writable_folder  # noqa: E402
 from evals.microworld import world  # noqa: E402
 from evals.microworld.judge import JudgeConfig, check_judge_work, judge_path, train_judge  # noqa: E402
 from pipelines import micro_model_path, resolve_device  # noqa: E402
-from pipelines.checks import check_option_minimums, error_line  # noqa: E402
+from pipelines.checks import check_option_minimums, error_line, run_script  # noqa: E402
 
 
 def main() -> None:
@@ -123,4 +123,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

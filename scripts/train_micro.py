@@ -51,6 +51,7 @@ from evals.microworld.training import (  # noqa: E402
     vae_reconstructor,
 )
 from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, micro_model_path  # noqa: E402
+from pipelines.checks import check_option_minimums, run_script  # noqa: E402
 
 # The VAE comes first: the CLIP can train on its reconstructions (--clip-vae-from); the two are otherwise independent.
 STAGES = ("vae", "clip", "unet", "export", "eval")
@@ -337,8 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.eval_steps is not None and args.eval_steps < 1:
-        ap.error(f"--eval-steps must be >= 1, got {args.eval_steps}")
+    try:
+        check_option_minimums(args, {"eval_steps": 1})  # and the seeds
+    except ValueError as err:
+        ap.error(str(err))
     if args.recipe is not None:
         owned = [f"--{d.replace('_', '-')}" for d in _RECIPE_SETS if getattr(args, d) != ap.get_default(d)]
         if owned:
@@ -457,4 +460,4 @@ def _fmt(acc: dict[str, float | None]) -> str:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(run_script(main))

@@ -11,7 +11,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path
 
 from erase.core.layout import check_writable_folder  # noqa: E402
 from evals.microworld.world import contact_sheet  # noqa: E402
-from pipelines.checks import check_option_minimums, error_line  # noqa: E402
+from pipelines.checks import check_option_minimums, error_line, run_script  # noqa: E402
 
 
 def main() -> None:
@@ -34,4 +34,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -63,6 +63,8 @@ def _retamper_weights(folder, change, adapter=None):
         ({"weight_norms": {"base": {"unet.x": float("nan")}}}, "must map module names to finite numbers"),
         ({"low_precision_fingerprints": {"float16": 5}}, "must map dtype names"),  # silently ignored
         ({"info": [1]}, "info must be a dict"),
+        ({"method": "nope"}, "method 'nope' is no erasure method this erase knows"),  # loaded, then named nothing
+        ({"method": ""}, "method '' is no erasure method"),
     ],
 )
 def test_malformed_metadata_is_an_artifact_error(saved, changes, message):

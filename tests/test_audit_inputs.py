@@ -127,6 +127,24 @@ def test_out_in_the_way_is_refused_early(main, clip_dir, prompts, tmp_path, caps
     assert _snapshot(tmp_path) == before and not (tmp_path / "nowhere").exists()
 
 
+def test_a_folder_of_other_files_is_refused_before_the_model_loads(
+    main, clip_dir, prompts, tmp_path, capsys, monkeypatch, wrapper, suite
+):
+    """An audit wrote report.html, metrics.json and images/ over a user's files of those names in any --out."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "report.html").write_text("my thesis")
+    (out / "metrics.json").write_text("{}")
+    before = _snapshot(out)
+    with monkeypatch.context() as patch:
+        patch.setattr("pipelines.load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+        assert main(_args(clip_dir, prompts, out)) == 2
+    assert "holds files but no audit (metrics.json, report.html)" in _one_error(capsys)
+    with pytest.raises(AuditError, match="holds files but no audit"):  # the library alone too
+        _audit(wrapper, suite, [], out, None)
+    assert _snapshot(out) == before
+
+
 @pytest.fixture
 def read_only_dir(tmp_path: Path):
     """A folder this process cannot write to: permissions for a user, a read-only bind mount for root."""

@@ -168,3 +168,21 @@ def test_the_shared_paths_check_every_field_of_a_config_that_checks_nothing_itse
     for bad, refused in refusals:
         with pytest.raises(ValueError, match=f"^{refused}"):
             config_from_overrides(Unchecked, bad, "it")
+
+
+SEEDS = [case for case in NUMBERS if case[3][0] == "int" and (case[2] == "seed" or case[2].endswith("_seed"))]
+
+
+def test_there_are_seed_settings_to_check():
+    assert len(SEEDS) >= 4, SEEDS
+
+
+@pytest.mark.parametrize("owner, cls, name, kind", SEEDS, ids=_ids(SEEDS))
+def test_every_seed_setting_refuses_one_a_generator_cannot_take(owner, cls, name, kind):
+    """A seed past 32 bits would be refused by torch only when the first image is drawn (or derived seeds would
+    overflow): refused with the config, in one line, whatever the config's own range says."""
+    for bad in (2**32, 10**23, -1):
+        with pytest.raises(ValueError, match=rf"^{name} must be an integer") as refused:
+            _from_settings(owner, cls, {name: bad})
+        assert "\n" not in str(refused.value)
+    _from_settings(owner, cls, {name: 2**32 - 1})

@@ -55,7 +55,8 @@ def test_json_summary_and_artifact(tmp_path):
         (["--concept", "van gogh", "--set", "nope=1"], "nope"),
         (["--concept", "van gogh", "--set", "lamb"], "KEY=VALUE"),
         (["--concept", "van gogh", "--check-images", "0"], "--check-images must be >= 1"),
-        (["--concept", "van gogh", "--seed", "-1"], "--seed must be >= 0"),
+        (["--concept", "van gogh", "--seed", "-1"], "--seed must be an integer in [0, 4294967295]"),
+        (["--concept", "van gogh", "--seed", str(2**64)], "--seed must be an integer in [0, 4294967295]"),
         (["--concept", "van gogh", "--check-guidance", "nan"], "--check-guidance must be >= 0"),
         (["--concept", "van gogh", "--steps", "100"], "--steps does not apply to method 'uce'"),
         (["--concept", "van gogh", "--method", "esd", "--lr", "2"], "--lr must be in (0, 1)"),
@@ -204,3 +205,15 @@ def test_an_edit_larger_than_the_weights_is_one_warning_line_beside_the_json_sum
     warnings = json.loads(out)["warnings"]
     assert code == 0 and len(warnings) == 1 and "larger than the weights" in warnings[0] and "median " in warnings[0]
     assert err.splitlines() == [f"warning: {warnings[0]}"], err
+
+
+def test_the_printed_load_line_is_python_whatever_the_folder_is_named(tmp_path, capsys):
+    """A folder named with a quote, a backslash or a newline printed a load line that was no Python string."""
+    import ast
+
+    out = tmp_path / 'odd "name"\\ with\na newline'
+    code, printed, err = run_in_process(capsys, "--model", "tiny", "--concept", "van gogh", "--no-check", "--json",
+                                        "--out", str(out))  # fmt: skip
+    assert code == 0, err
+    call = ast.parse(json.loads(printed)["load_code"]).body[0].value
+    assert ast.literal_eval(call.args[1]) == str(out) and (out / "erasure.json").is_file()

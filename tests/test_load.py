@@ -152,6 +152,8 @@ def _settings(**changes):
         (_settings(scale=float("nan")), "scale must be a finite number <= 0, got nan"),  # D5: NaN scale
         (_settings(gate_statistic="median"), "gate_statistic must be one of"),  # D5: unknown gate statistic
         (_settings(keep_error="no"), "keep_error must be true or false"),  # further: a string for a switch
+        (_settings(threshold=1e30), "gate threshold 1e\\+30 is above the smallest gate error"),  # a silent no-op
+        (_settings(calibration_error=-1.0), "calibration_error must be a finite number >= 0"),
         (
             _settings(threshold=-1.0),
             "threshold must be a finite number >= 0, got -1.0",

@@ -4,6 +4,8 @@ import json
 import runpy
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = runpy.run_path(str(ROOT / "scripts" / "make_docs.py"), run_name="make_docs_script")
 MAIN, MATRIX = SCRIPT["main"], SCRIPT["matrix_table"]
@@ -86,6 +88,14 @@ def test_an_unknown_kind_is_one_line_and_exit_2(tmp_path, capsys):
     assert MAIN(["--root", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "nonsense" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("check", [[], ["--check"]])
+def test_a_root_without_documentation_is_one_line_and_exit_2(tmp_path, capsys, check):
+    """--check on a folder that is no checkout checked nothing and passed."""
+    assert MAIN([*check, "--root", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "holds no documentation" in err and len(err.splitlines()) == 1
 
 
 def test_the_committed_docs_are_up_to_date_with_their_json(capsys):

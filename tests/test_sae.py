@@ -304,6 +304,8 @@ def test_find_sae_matches_by_hook_and_weights(wrapper, sae_store):
     assert find_sae(wrapper, "text_encoder.encoder.layers.0", [sae_store]) is None
     other = load_pipeline("tiny", seed=1)  # other weights: the SAE does not fit them
     assert find_sae(other, TEXT_HOOK, [sae_store]) is None
+    with pytest.raises(ValueError, match="is not a folder"):  # a mistyped store fell through to the shipped SAEs
+        find_sae(wrapper, TEXT_HOOK, [sae_store / "nope"])
 
 
 # ---------------------------------------------------------------------------------------------------- itd

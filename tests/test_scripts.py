@@ -158,6 +158,9 @@ def test_bench_lora_prints_cost_memory_and_the_efficacy_curve(tmp_path):
         ("bench_audit.py", ["--model", "tiny", "--batch-size", "0"], "--batch-size must be >= 1"),
         ("bench_audit.py", ["--model", "tiny", "--device", "nonsense"], "unknown device 'nonsense'"),
         ("world_sheet.py", ["--scale", "0"], "--scale must be >= 1"),
+        ("world_sheet.py", ["--seed", str(2**32)], "--seed must be an integer in [0, 4294967295]"),
+        ("train_micro.py", ["--seed", "-1"], "--seed must be an integer in [0, 4294967295]"),
+        ("train_micro.py", ["--eval-seed", str(10**20)], "--eval-seed must be an integer in [0, 4294967295]"),
         ("world_sheet.py", ["--out", "sheet.txt"], "must name a .png file"),
         ("world_sheet.py", ["--out", str(ROOT / "README.md" / "sheet.png")], "cannot write"),
         ("train_judge.py", ["--steps", "0"], "steps must be >= 1"),
@@ -174,3 +177,55 @@ def test_benchmark_and_world_scripts_refuse_bad_input_in_one_line(script, args, 
     err = capsys.readouterr().err.strip()
     assert refused.value.code == 2 and err.splitlines()[-1].startswith(f"{script}: error:"), err
     assert message in err.splitlines()[-1], err
+
+
+def test_run_script_writes_a_failed_output_in_one_line_escapes_what_it_cannot_encode_and_ends_quietly_on_a_pipe(
+    monkeypatch, capsys
+):
+    """A script's output that cannot be written (a full disk: ``>/dev/full``), or encoded (``LC_ALL=C``), was a
+    traceback after the work was done (the artifact saved, the audit finished)."""
+    import errno
+    import io
+
+    from pipelines.checks import run_script
+
+    class Full(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(Full()))
+    assert run_script(lambda: print("Erased 'van gogh'") or 0) == 1
+    assert capsys.readouterr().err == "error: No space left on device\n"
+
+    ascii_out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", ascii_out)
+    assert run_script(lambda: print("Erased 'café'") or 0) == 0  # a UnicodeEncodeError after the work
+    ascii_out.seek(0)
+    assert ascii_out.read() == "Erased 'caf\\xe9'\n"
+
+    def gone() -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BytesIO()))  # no file number: nothing to redirect
+    assert run_script(gone) == 1
+    assert run_script(lambda: 2) == 2 and run_script(lambda: None) == 0
+
+
+@pytest.mark.parametrize("script", ["measure_erasure.py", "bench_uce.py"])
+def test_a_result_file_that_is_not_an_earlier_result_is_never_replaced(script, tmp_path, capsys, monkeypatch):
+    """``measure_erasure.py --json <an artifact's erasure.json>`` replaced it with the measurement, after it."""
+    target = tmp_path / "erasure.json"
+    target.write_text('{"schema_version": 2, "method": "uce"}')
+    main = runpy.run_path(str(ROOT / "scripts" / script), run_name=f"{Path(script).stem}_script")["main"]
+    args = {"measure_erasure.py": ["--concept", "van gogh", "--images", "1"], "bench_uce.py": ["--skip-sd14"]}
+    monkeypatch.setattr(sys, "argv", [script, *args[script], "--json", str(target)])
+    try:
+        code = main()
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "is not an earlier result of this command" in err[-1], err
+    assert target.read_text() == '{"schema_version": 2, "method": "uce"}'

@@ -37,7 +37,7 @@ from safetensors import SafetensorError
 from pipelines import PipelineWrapper
 from pipelines.files import file_sha256, move_into_place, process_alive, sync_to_disk, write_error
 
-from .discovery import discover_families
+from .discovery import discover_families, method_names
 from .layout import (
     ARTIFACT_ENTRIES,
     LOW_PRECISION_NORM_RTOL,
@@ -347,6 +347,12 @@ def load_artifact(folder: str | Path) -> ErasureArtifact:
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
         raise ArtifactError(f"{meta_path} is corrupt: {err}") from err
     _check_metadata(meta, meta_path)
+    if meta["method"] not in method_names():
+        known = ", ".join(method_names())
+        raise ArtifactError(
+            f"{meta_path}: method {meta['method']!r} is no erasure method this erase knows ({known}): the file was "
+            "changed, or made by another program"
+        )
     try:
         for name in meta["payloads"]:
             payload_kind(name)

@@ -20,6 +20,7 @@ __all__ = [
     "ArtifactMismatchError",
     "check_checkpoint_folder",
     "check_output_folder",
+    "check_result_file",
     "check_writable_folder",
     "default_output_folder",
     "temporary_folder",
@@ -181,6 +182,26 @@ def check_writable_folder(folder: str | Path, entries: tuple[str, ...] = ()) -> 
     where = folder if folder.is_dir() else _writable_ancestor(folder)
     _probe_writable(folder, where, f".erase-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     return folder
+
+
+def check_result_file(path: str | Path, option: str, keys: Sequence[str]) -> None:
+    """``ArtifactError`` in one line when the result file ``path`` (given as ``option``) exists and is not an
+    earlier result of the same kind, a JSON object holding every one of ``keys``: the run would replace it, and only
+    our own files are ever replaced."""
+    import json
+
+    path = Path(path).expanduser()
+    if not path.exists() or path.is_dir():
+        return  # a folder is refused by the writability check, which names it
+    try:
+        found = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        found = None
+    if not isinstance(found, dict) or not set(keys) <= set(found):
+        raise ArtifactError(
+            f"{option} {path} exists and is not an earlier result of this command: it would be replaced; choose "
+            "another file or move it"
+        )
 
 
 def check_checkpoint_folder(checkpoint_dir: str | Path | None, out: str | Path) -> None:

@@ -23,7 +23,7 @@ import torch
 from pipelines import PipelineWrapper
 
 from .artifact import ErasureArtifact
-from .discovery import discover_families
+from .discovery import discover_families, record_method_name
 from .inputs import check_concept_text, concept_key
 from .payloads import kind_of
 from .weights import WEIGHTS_KIND, WeightChange
@@ -223,6 +223,7 @@ def register_method(
         summary_line = summary or (fn.__doc__ or "").strip().split("\n")[0]
         _REGISTRY[name] = Method(name, config_class, fn, family, summary_line, capabilities, runtime_edit,
                                  check_intervention)  # fmt: skip
+        record_method_name(name)
         return fn
 
     return decorator

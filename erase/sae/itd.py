@@ -61,7 +61,7 @@ logger = logging.getLogger(__name__)
 #: the per-prompt statistics of the reconstruction error the gate can threshold
 GATE_STATISTICS = ("mean", "max")
 #: the settings an itd intervention holds
-ITD_SETTINGS = ("scale", "threshold", "keep_error", "gate_statistic", "start_tokens")
+ITD_SETTINGS = ("scale", "threshold", "keep_error", "gate_statistic", "start_tokens", "calibration_error")
 
 
 @dataclass
@@ -169,6 +169,18 @@ def check_itd(intervention: SAEIntervention) -> None:
         raise ValueError(f"itd edits the text encoder: {intervention.hook_point!r} is not a text-encoder hook point")
     settings = intervention.settings
     check_number_values(settings, {"scale": "<= 0", "threshold": ">= 0"}, "an itd intervention")
+    if "calibration_error" in settings:
+        check_number_values(settings, {"calibration_error": ">= 0"}, "an itd intervention")
+        if settings["threshold"] > settings["calibration_error"]:
+            raise ValueError(
+                f"an itd intervention's gate threshold {settings['threshold']:.6g} is above the smallest gate error "
+                f"of the concept prompts it was calibrated on ({settings['calibration_error']:.6g}): the gate would "
+                "leave concept prompts unedited (calibration puts it at 0.99 times that error)"
+            )
+    elif settings["threshold"] > 0:
+        logger.warning("this itd intervention records no calibration error: its gate threshold %.6g cannot be "
+                       "checked against its concept prompts; erase the concept again to record it",
+                       settings["threshold"])  # fmt: skip
     if settings.get("gate_statistic", "mean") not in GATE_STATISTICS:
         raise ValueError(f"an itd intervention's gate_statistic must be one of {', '.join(GATE_STATISTICS)}, got "
                          f"{settings['gate_statistic']!r}")  # fmt: skip
@@ -226,10 +238,12 @@ def erase_itd(wrapper: PipelineWrapper, concepts: ConceptSpec, config: ItDConfig
     settings: dict[str, Any] = {"scale": float(config.scale), "threshold": 0.0, "keep_error": config.keep_error,
                                 "gate_statistic": config.gate_statistic, "start_tokens": first}  # fmt: skip
     intervention = SAEIntervention("itd", hook, sae, settings, {"features": selected}, sae_meta)
+    with torch.no_grad():
+        mse, _, _ = _gate_error(intervention, wrapper.text_activations(hook, concept_prompts))
+    # the concept prompts' smallest gate error: a threshold above it leaves some of them unedited (refused at load)
+    settings["calibration_error"] = float(mse.min())
     if config.gate:
-        with torch.no_grad():
-            mse, _, _ = _gate_error(intervention, wrapper.text_activations(hook, concept_prompts))
-        settings["threshold"] = 0.99 * float(mse.min())
+        settings["threshold"] = 0.99 * settings["calibration_error"]
     info = {"hook_point": hook, "features": int(selected.sum()), "latents": sae.latents,
             "gate_threshold": settings["threshold"], "concept_prompts": len(concept_prompts),
             "retain_prompts": len(retain)}  # fmt: skip

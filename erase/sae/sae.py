@@ -409,8 +409,12 @@ def component_fingerprint(wrapper: PipelineWrapper, hook: str) -> str:
 
 
 def find_sae(wrapper: PipelineWrapper, hook: str, stores: Sequence[str | Path] = ()) -> Path | None:
-    """The first SAE folder in ``stores`` (then the shipped store) trained on ``hook`` of this pipeline's weights."""
+    """The first SAE folder in ``stores`` (then the shipped store) trained on ``hook`` of this pipeline's weights.
+    ``ValueError`` when a store given is no folder: a mistyped one would fall through to the shipped SAEs."""
     wrapper.hook_point(hook)
+    for store in map(Path, stores):
+        if not store.is_dir():
+            raise ValueError(f"the SAE store {store} is not a folder (sae_stores names folders of SAE folders)")
     fingerprint = None
     for store in [*map(Path, stores), shipped_sae_store()]:
         for meta_path in sorted(store.glob(f"*/{SAE_METADATA}")) if store.is_dir() else []:

@@ -74,7 +74,14 @@ from .report import (
     verdict_text,
     verdicts,
 )
-from .run import check_output_folder, generate_audit_images, generation_summary, rewrite_report, run_audit
+from .run import (
+    check_audit_folder,
+    check_output_folder,
+    generate_audit_images,
+    generation_summary,
+    rewrite_report,
+    run_audit,
+)
 from .scoring import METRICS_SCHEMA
 
 __all__ = [
@@ -87,6 +94,7 @@ __all__ = [
     "AuditError",
     "AuditModel",
     "Verdict",
+    "check_audit_folder",
     "check_output_folder",
     "generate_audit_images",
     "generation_summary",

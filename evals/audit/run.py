@@ -61,6 +61,7 @@ from .scoring import compute_metrics
 
 __all__ = [
     "SETTINGS_FILE",
+    "check_audit_folder",
     "check_output_folder",
     "generate_audit_images",
     "generation_summary",
@@ -171,9 +172,26 @@ def _create_exclusive(path: Path, data: bytes) -> bool:
     return True
 
 
+def check_audit_folder(out_dir: str | Path) -> None:
+    """:class:`AuditError` when ``out_dir`` holds files but no audit (no ``audit.json``): an audit writes
+    ``report.html``, ``metrics.json``, ``images/`` and more into its folder and would replace a user's files of those
+    names. A new or empty folder (hidden entries aside), or an earlier audit to resume, passes."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir() or (out_dir / SETTINGS_FILE).exists():
+        return
+    foreign = sorted(e.name for e in out_dir.iterdir() if not e.name.startswith("."))
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise AuditError(
+            f"{out_dir} holds files but no audit ({listed}); an audit would write its report, metrics and images "
+            "among them: choose a new or empty output folder"
+        )
+
+
 def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
     """Pin ``settings`` to ``out_dir`` (``audit.json``), or refuse a folder whose audit was made with others."""
     path = out_dir / SETTINGS_FILE
+    check_audit_folder(out_dir)
     if path.exists() and not path.is_file():
         raise AuditError(f"{path} is not a file; use another output folder")
     # Concurrent audits into one folder: the first to link its audit.json wins, the others compare against it.
