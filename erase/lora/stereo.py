@@ -342,9 +342,10 @@ class SearchRound:
 
 # ------------------------------------------------------------------------------------------------ helpers
 def _stream_seed(seed: int, *labels: object) -> int:
-    """A seed for one stage's random stream, a function of the run's seed and the stage."""
+    """A seed for one stage's random stream, a function of the run's seed and the stage, in the range a config's
+    ``seed`` takes ([0, 2**32), ``pipelines.checks``), as each search round's erasure is a config of its own."""
     text = "/".join([str(seed), *map(str, labels)])
-    return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
 
 
 def _join(encodings: Sequence[PromptEncoding]) -> PromptEncoding:
