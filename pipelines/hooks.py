@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .modules import CROSS_ATTENTION_PATTERNS, Pipeline, architecture, components, denoiser, denoiser_name, module
 from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
-from .text import encode_prompts
+from .text import encode_prompts, verbatim_stream
 
 __all__ = [
     "HOOK_POINT_PATTERNS",
@@ -464,13 +464,15 @@ def add_prompt_scaled_lora(
     Each Linear ``W`` in ``factors`` (name -> ``(A, B)``) computes ``W x + s B A x``, with ``s`` the strength of the
     prompt that conditions the image: ``scale_of(embeddings, token_ids)`` on the conditional prompts of the UNet's
     batch (``(n, tokens, width)`` text embeddings as the UNet receives them, and each prompt's token ids where the
-    text encoder made that embedding in this process, else ``None``, e.g. an embedding passed in directly) returns
+    text encoder the denoiser reads as it is (:func:`text.verbatim_stream`: CLIP, SD3/Flux's T5; none on SDXL) made
+    that embedding's rows in this process, else ``None``, e.g. an embedding passed in directly) returns
     ``(n,)`` strengths, or ``(n, G)``: then the rank is G equal blocks (adapters added together), ``B_g A_g`` scaled
     by the prompt's strength g. ``guidance_halves()`` says whether the UNet's batch is classifier-free guidance's
     [unconditional; conditional] halves; the unconditional half then takes the strength of its conditional partner,
     so a prompt's whole guided prediction is scaled as one. A UNet forward pre-hook computes the strengths, forward
     hooks on the Linears add the change; the text encoder's forward hook remembers which token ids made which
-    embedding. Linears inside transformer blocks only (their inputs are batch-first).
+    embedding. Linears inside transformer blocks only (their inputs are batch-first). On SD3/Flux the UNet's text
+    input is the transformer's ``encoder_hidden_states``, the text tokens its joint attention reads.
     """
     modules = {name: module(pipe, name) for name in factors}
     for name, layer in modules.items():
@@ -479,6 +481,8 @@ def add_prompt_scaled_lora(
         lora_a, lora_b = factors[name]
         if lora_a.shape[1] != layer.in_features or lora_b.shape[0] != layer.out_features:
             raise ValueError(f"the change of {name} does not fit its weight {tuple(layer.weight.shape)}")
+    stream = verbatim_stream(pipe)  # the encoder whose output rows the denoiser reads as they are, and where
+    rows_read = slice(stream[1].offset, stream[1].offset + stream[1].length) if stream is not None else None
     token_ids: OrderedDict[bytes, torch.Tensor] = OrderedDict()
     state: dict[str, torch.Tensor | None] = {"scale": None}
 
@@ -499,7 +503,8 @@ def add_prompt_scaled_lora(
         text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[2]
         halves = guidance_halves() and text.shape[0] % 2 == 0
         conditional = text[text.shape[0] // 2 :] if halves else text
-        strengths = scale_of(conditional.float(), [token_ids.get(digest(row)) for row in conditional])
+        rows = conditional if stream is None else conditional[:, rows_read]
+        strengths = scale_of(conditional.float(), [token_ids.get(digest(row)) for row in rows])
         strengths = strengths.reshape(conditional.shape[0], -1).float()  # (prompts, groups)
         state["scale"] = torch.cat([strengths, strengths]) if halves else strengths
 
@@ -520,8 +525,8 @@ def add_prompt_scaled_lora(
 
     def register(handles: list) -> None:
         handles.append(denoiser(pipe).register_forward_pre_hook(set_strengths, with_kwargs=True))
-        if getattr(pipe, "text_encoder", None) is not None:
-            handles.append(pipe.text_encoder.register_forward_hook(remember_tokens, with_kwargs=True))
+        if stream is not None:
+            handles.append(stream[0].register_forward_hook(remember_tokens, with_kwargs=True))
         for name, layer in modules.items():
             handles.append(layer.register_forward_hook(add_change(name)))
 

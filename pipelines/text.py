@@ -47,6 +47,8 @@ __all__ = [
     "token_rows",
     "token_streams",
     "stream_token_ids",
+    "verbatim_stream",
+    "verbatim_token_sets",
 ]
 
 #: Where one table holds every token's input embeddings (:func:`token_embedding_matrix`): the pipelines that read text
@@ -552,9 +554,35 @@ def token_embedding_matrix(pipe: Pipeline) -> torch.Tensor:
 
 def special_token_ids(pipe: Pipeline) -> set[int]:
     """The position tokenizer's special token ids (start, end, padding, unknown)."""
-    tokenizer = _position_tokenizer(pipe)
+    return _special_ids(_position_tokenizer(pipe))
+
+
+def _special_ids(tokenizer) -> set[int]:  # noqa: ANN001 - a transformers tokenizer
     ids = tokenizer.convert_tokens_to_ids(list(tokenizer.special_tokens_map.values()))
     return {int(i) for i in ids if i is not None}
+
+
+def verbatim_stream(pipe: Pipeline) -> tuple[torch.nn.Module, TokenStream] | None:
+    """The text encoder whose last hidden state the denoiser reads unchanged, and its rows in the denoiser's text
+    input: SD 1.x/2.x's CLIP (every row), Flux's T5 (every row), SD3's T5 (the rows after CLIP's; ``None`` for an
+    SD3 pipeline loaded without T5, whose rows are zeros). ``None`` on SDXL, whose UNet reads both CLIPs'
+    penultimate layers side by side, no encoder's output as it is."""
+    kind = architecture(pipe)
+    if kind == "sdxl":
+        return None
+    encoder = getattr(pipe, {"sd": "text_encoder", "sd3": "text_encoder_3", "flux": "text_encoder_2"}[kind], None)
+    return None if encoder is None else (encoder, token_streams(pipe)[-1])
+
+
+def verbatim_token_sets(pipe: Pipeline, prompts: Sequence[str]) -> tuple[list[list[int]], list[int]]:
+    """Each prompt's token ids, special tokens removed and sorted, by the tokenizer of :func:`verbatim_stream`'s
+    encoder (the position tokenizer where there is none), and that tokenizer's special ids, sorted."""
+    found = verbatim_stream(pipe)
+    tokenizer = found[1].tokenizer if found else _position_tokenizer(pipe)
+    length = found[1].length if found else text_length(pipe)
+    special = _special_ids(tokenizer)
+    ids = tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True)["input_ids"]
+    return [sorted(set(row) - special) for row in ids], sorted(special)
 
 
 def decode_tokens(pipe: Pipeline, ids: Sequence[int] | torch.Tensor) -> str:

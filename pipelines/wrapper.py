@@ -254,6 +254,12 @@ class PipelineWrapper:
         """The tokenizer's special token ids (start, end, padding, unknown)."""
         return text.special_token_ids(self.pipe)
 
+    def verbatim_token_sets(self, prompts: Sequence[str]) -> tuple[list[list[int]], list[int]]:
+        """Each prompt's token ids (special ones removed) by the tokenizer of the text encoder whose output the
+        denoiser reads as it is, and that tokenizer's special ids (:func:`text.verbatim_token_sets`); the ids
+        :meth:`add_prompt_scaled_lora` hands its ``scale_of``."""
+        return text.verbatim_token_sets(self.pipe, prompts)
+
     def decode_tokens(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Text of token ids (special tokens dropped), as the tokenizer writes it back."""
         return text.decode_tokens(self.pipe, ids)

@@ -174,3 +174,36 @@ def test_a_killed_run_resumes_bit_exact_with_its_warm_started_tokens(tiny, tmp_p
     assert resumed.info["resumed_from_step"] == 2 and resumed.info["attacks_this_run"] == 1  # step 3 only
     for name, (a, b) in whole.factors.items():
         assert torch.equal(resumed.factors[name][0], a) and torch.equal(resumed.factors[name][1], b), name
+
+
+@pytest.mark.parametrize(
+    "model, components",
+    [
+        ("tiny-sdxl", {"text_encoder", "text_encoder_2"}),
+        pytest.param("tiny-sd3", {"text_encoder", "text_encoder_2"}, marks=pytest.mark.slow),
+        pytest.param("tiny-flux", {"text_encoder"}, marks=pytest.mark.slow),
+    ],
+)
+def test_the_clip_encoders_are_trained_and_a_random_token_is_one_tokens_rows_in_every_encoder(tiny, model, components):
+    """Default layers: every CLIP text encoder's (SDXL's and SD3's two, Flux's one; T5 is no LoRA file their loaders
+    read). A random init is one token's input rows in every text encoder side by side, T5's included."""
+    from erase.lora.advunlearn import text_encoder_layers
+    from pipelines import load_pipeline
+
+    wrapper = load_pipeline(model)
+    names = wrapper.lora_modules(text_encoder_layers(wrapper))
+    assert {m.partition(".")[0] for m in names} == components
+    for component in components:
+        assert {m.rsplit(".", 1)[-1] for m in names if m.startswith(f"{component}.")} == {
+            "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"
+        }  # fmt: skip
+    assert text_encoder_layers(tiny) == TEXT_ENCODER_LAYERS
+    config, loss = _loss_setup(wrapper, attack_steps=0)
+    pool = loss.retain_pool
+    batch = Batch(pool.latents[:, 1], pool.timesteps[1:2], torch.tensor([0]), torch.Generator().manual_seed(1),
+                  step=0, pool=pool)  # fmt: skip
+    with wrapper.lora_adapters(config.patterns, 2, 2.0, generator=torch.Generator().manual_seed(0)) as lora:
+        loss._attack(batch, Predictions(wrapper, lora))
+    token = loss.state["tokens"][0]
+    rows = wrapper.token_rows(wrapper.slot_token_ids())
+    assert token.shape == (1, rows.shape[1]) and (rows == token.to(rows.dtype)).all(dim=1).sum() >= 1

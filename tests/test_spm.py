@@ -257,3 +257,55 @@ def test_several_concepts_get_one_adapter_each_scaled_apart(tiny):
         shared.payload("transport").groups is None
         and next(iter(shared.payload("weights").factors.values()))[0].shape[0] == 1
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])
+def test_transport_on_sd3_and_flux_reads_the_transformers_text_tokens(model, tmp_path):
+    """The joint attention's text input (the transformer's ``encoder_hidden_states``) takes the UNet cross-attention
+    input's part: the strength rule gets each prompt's T5 token ids (T5's rows reach the transformer as T5 made them),
+    the concept's token set is T5's, and the artifact loaded into a plain pipeline acts as the in-memory one, in a
+    noise prediction and in the pipeline's own call."""
+    from pipelines import load_pipeline, wrap_pipeline
+    from pipelines.tiny import tiny_pipeline
+
+    wrapper = load_pipeline(model)
+    config = SPMConfig(**{**FAST, "steps": 2, "pool_images": 1, "pool_steps": 2})
+    artifact = erase_concepts(wrapper, ConceptSpec(("van gogh",)), "spm", config)
+    transport = artifact.payload("transport")
+    t5 = wrapper.pipe.tokenizer_2 if model == "tiny-flux" else wrapper.pipe.tokenizer_3
+    special = set(t5.all_special_ids)
+    assert transport.token_sets == [sorted(set(t5("van gogh")["input_ids"]) - special)]
+    assert transport.token_sets != [sorted(set(wrapper.pipe.tokenizer("van gogh")["input_ids"]) - special)]
+    prompts = ["a painting by van gogh", "a cat"]
+    x = torch.randn(2, *wrapper.initial_latents(0).shape[1:], generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([600.0, 600.0])
+    seen = []
+
+    def strengths(embeddings, token_ids):
+        seen.append(token_ids)
+        return transport.strengths(embeddings, token_ids)
+
+    with wrapper.add_prompt_scaled_lora(artifact.payload("weights").lora_factors(), strengths):
+        encoding = wrapper.encode_prompts(prompts)  # the hook sees T5 make it
+        wrapper.noise_prediction(x, t, encoding)
+        shifted = type(encoding)(encoding.prompts, encoding.input_ids, encoding.embeddings + 0.01, encoding.lengths,
+                                 encoding.pooled)  # fmt: skip
+        wrapper.noise_prediction(x, t, shifted)
+    expected, _ = wrapper.verbatim_token_sets(prompts)
+    assert [set(ids.tolist()) - special for ids in seen[0]] == [set(s) for s in expected]
+    assert seen[1] == [None, None]  # an embedding the encoder did not make: the cosine term alone
+    assert float(transport.strengths(encoding.embeddings.float(), seen[0])[0, 0]) == 1.0  # names every concept token
+    folder = erase.save_artifact(artifact, tmp_path / "spm", wrapper)
+    plain = wrap_pipeline(tiny_pipeline(model, 0))
+    call = dict(num_inference_steps=2, output_type="np")
+    with torch.no_grad():
+        base = wrapper.noise_prediction(x, t, encoding)
+        with artifact.applied(wrapper):  # encoded inside, so the token term applies as it does in a pipeline call
+            in_memory = wrapper.noise_prediction(x, t, wrapper.encode_prompts(prompts))
+            drawn = wrapper.pipe(prompts, generator=torch.Generator().manual_seed(0), **call).images
+        with erase.load(plain.pipe, folder):
+            loaded = plain.noise_prediction(x, t, plain.encode_prompts(prompts))
+            plain_drawn = plain.pipe(prompts, generator=torch.Generator().manual_seed(0), **call).images
+    assert (loaded - in_memory).abs().max() <= 1e-5 and (in_memory - base).abs().max() > 0
+    assert np.abs(plain_drawn - drawn).max() <= 1e-4

@@ -195,3 +195,24 @@ def test_an_interrupted_run_resumed_equals_an_uninterrupted_one(tiny_module, tmp
     assert other.info["found_tokens"] == resumed.info["found_tokens"]
     assert len(list(folder.glob("stage-2-*"))) == 2  # stage 2 again in a folder of its own, on the search on disk
     assert any((other.deltas[n] - d).abs().max() > 1e-6 for n, d in whole.deltas.items())
+
+
+@pytest.mark.parametrize("model", ["tiny-sdxl", pytest.param("tiny-sd3", marks=pytest.mark.slow),
+                                   pytest.param("tiny-flux", marks=pytest.mark.slow)])  # fmt: skip
+def test_a_found_token_holds_rows_of_every_encoder_and_its_prompt_keeps_the_pooled_vector(model):
+    """Beyond SD 1.x a found token holds one token's input rows in every text encoder side by side (SDXL's two CLIPs,
+    SD3's CLIPs and T5, Flux's CLIP and T5); its bare prompt, joined into the erase set, carries the pooled vector:
+    with a real token's rows it is that word's own prompt."""
+    from evals.attacks.concept_inversion import init_token
+    from pipelines import load_pipeline
+
+    wrapper, word = load_pipeline(model), "cat"
+    vector = wrapper.token_rows([init_token(wrapper, word)]).float()
+    encoders = [getattr(wrapper.pipe, f"text_encoder{s}", None) for s in ("", "_2", "_3")]
+    assert vector.shape[1] == sum(e.get_input_embeddings().embedding_dim for e in encoders if e is not None)
+    token = stereo.FoundToken("van gogh", 0, vector, [], 0.0, 0.0, 0.0, [])
+    joined = stereo._join([wrapper.encode_prompts(["van gogh"]), stereo._token_encoding(wrapper, token)])
+    plain = wrapper.encode_prompts(["van gogh", word])
+    assert joined.prompts == ["van gogh", token.name] and joined.pooled.shape == plain.pooled.shape
+    torch.testing.assert_close(joined.embeddings, plain.embeddings, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(joined.pooled, plain.pooled, atol=1e-5, rtol=1e-5)

@@ -24,6 +24,15 @@ default). The reference trains the WHOLE text encoder (``text_encoder_full``: ev
 norms and biases included, and the final layer norm); here a LoRA on the layers' q/k/v/out projections and fc1/fc2
 (``layers`` default), which is what a LoRA file can carry and what ``pipe.load_lora_weights`` loads.
 
+Other architectures (the reference is SD 1.4 only). A soft token is one token's input embeddings in every text
+encoder side by side (``PipelineWrapper.encode_with_vectors``), each encoder reading its own part: SDXL's two CLIPs,
+SD3's CLIP-L, CLIP-G and T5, Flux's CLIP and T5; a random init takes one token's rows in all of them
+(``PipelineWrapper.token_rows``; on SD3/Flux among the tokens every tokenizer reads as one). The trained modules are
+the CLIP encoders' (:func:`text_encoder_layers`): SDXL's and SD3's two, Flux's one, whose pooled vector is all of CLIP
+that Flux reads. T5 is not trained: a T5 LoRA is no file SD3's or Flux's ``load_lora_weights`` reads, so the attack
+reaches T5's rows and the defence answers through CLIP's alone; on Flux that is the pooled vector, a narrow lever.
+The loss is on the velocity on SD3/Flux, as ESD's (``erase.lora.esd``).
+
 Where we differ:
 
 * The change is a rank-8 LoRA (alpha 8), not a full fine-tune, so the reference's rate moves it less.
@@ -47,7 +56,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from pipelines import PipelineWrapper, PromptEncoding
+from pipelines import ARCHITECTURES, PipelineWrapper, PromptEncoding
 
 from ..core.registry import Capabilities, ConceptSpec, WeightEdit, register_method
 from .esd import esd_target
@@ -70,6 +79,7 @@ __all__ = [
     "advunlearn_loss",
     "erase_advunlearn",
     "retain_prompts",
+    "text_encoder_layers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,6 +89,15 @@ TEXT_ENCODER_LAYERS: tuple[str, ...] = (
     "text_encoder.*self_attn.q_proj", "text_encoder.*self_attn.k_proj", "text_encoder.*self_attn.v_proj",
     "text_encoder.*self_attn.out_proj", "text_encoder.*mlp.fc1", "text_encoder.*mlp.fc2",
 )  # fmt: skip
+
+
+def text_encoder_layers(wrapper: PipelineWrapper) -> tuple[str, ...]:
+    """:data:`TEXT_ENCODER_LAYERS`, and on SDXL and SD3 the same modules of their second CLIP text encoder (Flux's
+    second encoder is T5)."""
+    if wrapper.architecture not in ("sdxl", "sd3"):
+        return TEXT_ENCODER_LAYERS
+    return (*TEXT_ENCODER_LAYERS, *(p.replace("text_encoder.", "text_encoder_2.", 1) for p in TEXT_ENCODER_LAYERS))
+
 
 #: The 80 COCO object categories (the retain set for models outside the micro world).
 COCO_OBJECTS: tuple[str, ...] = (
@@ -105,9 +124,10 @@ class AdvUnlearnConfig(LoraTrainConfig):
         warmup: steps on the plain concept prompt before the first attack.
         attack_every: renew the adversarial tokens every this many steps.
         attack_steps, attack_lr: the inner attack's Adam steps and learning rate.
-        adv_tokens: soft tokens inserted after the start token (``prefix_k``).
-        attack_init: ``"random"`` (a random vocabulary token's embedding per token, each renewal) or ``"latest"``
-            (the last round's tokens).
+        adv_tokens: soft tokens put before the prompt's words, after the start token where there is one
+            (``prefix_k``).
+        attack_init: ``"random"`` (a random vocabulary token's input embeddings per token, each renewal) or
+            ``"latest"`` (the last round's tokens).
         attack_method: ``"pgd"`` (Adam on the gradient) or ``"fast_at"`` (Adam on its sign).
         attack_accumulates: the reference's attack never zeroes its gradient, so each step uses the sum of all its
             gradients so far; ``False`` uses each step's own.
@@ -117,7 +137,7 @@ class AdvUnlearnConfig(LoraTrainConfig):
             :data:`COCO_OBJECTS`, each as "a photo of <object>".
         retain_pool_images: frozen-model trajectories per retain prompt.
         negative_guidance: eta of the ESD target.
-        (``layers``: the adapted modules, :data:`TEXT_ENCODER_LAYERS` by default; ``adversarial`` is refused: the
+        (``layers``: the adapted modules, :func:`text_encoder_layers` by default; ``adversarial`` is refused: the
         method runs its own inner attack.)
     """
 
@@ -167,6 +187,7 @@ class AdvUnlearnConfig(LoraTrainConfig):
 
     @property
     def patterns(self) -> tuple[str, ...]:
+        """``layers``, else the one-encoder default (:func:`text_encoder_layers` adds SDXL's second encoder)."""
         return self.layers if self.layers is not None else TEXT_ENCODER_LAYERS
 
 
@@ -247,14 +268,14 @@ class AdvUnlearnLoss:
         """The inner attack (``soft_prompt_attack``): ``attack_steps`` Adam steps on the tokens of the batch's
         targets, each on a fresh (x_t, t) of the target's trajectories, against the text encoder as it is now."""
         config, wrapper = self.config, self.wrapper
-        vocabulary = wrapper.token_embedding_matrix()
         n, k = len(self.targets), config.adv_tokens
         previous = self.state.get("tokens")
         if config.attack_init == "latest" and previous is not None:
             tokens = previous.clone().float()
         else:
-            ids = torch.randint(0, vocabulary.shape[0], (n, k), generator=batch.generator)
-            tokens = vocabulary[ids].detach().float().cpu().clone()
+            slots = wrapper.slot_token_ids()
+            ids = slots[torch.randint(0, len(slots), (n, k), generator=batch.generator)]
+            tokens = wrapper.token_rows(ids.reshape(-1)).detach().float().cpu().reshape(n, k, -1)
         present = sorted(set(batch.prompts.tolist()))
         vectors = tokens[present].to(wrapper.device).requires_grad_(True)
         optimizer = torch.optim.Adam([vectors], lr=config.attack_lr)
@@ -317,8 +338,7 @@ class _RetainPoolSettings:
         training=True,
         sampler_steps=("pool_steps",),
         guides=False,
-        architectures=("sd",),
-        unported="it learns token vectors for one CLIP text encoder",  # its inner attack's soft tokens
+        architectures=ARCHITECTURES,
         quick={
             **TRAINED.quick,
             "steps": 6,
@@ -333,19 +353,20 @@ class _RetainPoolSettings:
 def erase_advunlearn(wrapper: PipelineWrapper, concepts: ConceptSpec, config: AdvUnlearnConfig) -> WeightEdit:
     """Train the AdvUnlearn text-encoder LoRA for every target of ``concepts``."""
     loss = advunlearn_loss(wrapper, concepts, config)
+    layers = config.layers if config.layers is not None else text_encoder_layers(wrapper)
     edit = train_lora(
         wrapper,
         pool_prompts=loss.targets,
         loss_fn=loss,
         config=config,
-        layers=config.patterns,
+        layers=layers,
         run_key={"method": "advunlearn", "targets": loss.targets, "retain": loss.retain, "config": config_key(config)},
         description=f"advunlearn {', '.join(loss.targets)}",
     )
     edit.info.update(
         {
             "retain_prompts": loss.retain,
-            "patterns": list(config.patterns),
+            "patterns": list(layers),
             "attack_losses_last": loss.attack_losses[-5:],
             "attacks_this_run": len(loss.attack_losses),
         }

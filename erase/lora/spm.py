@@ -16,7 +16,11 @@ else", without a list of prompts to keep. The third is the family's anchor regul
 
 The adapter is rank 1 (the paper's "one-dimensional" membrane) on every Linear of the transformer blocks
 (``train="transformer"``, SPM's ``Transformer2DModel`` modules; SD 1.x's Conv2d ``proj_in``/``proj_out`` are not
-reached by a Linear LoRA).
+reached by a Linear LoRA). On SD3 and Flux (beyond the reference, which is SD 1.x/2.x) the same set
+(``pipelines.LORA_TARGETS``) names the joint attention's image- and text-side projections, the image feed-forwards
+and every ``proj_out`` (Flux's single blocks', the transformer's last), not the text feed-forwards (``ff_context``) nor
+Flux's ``proj_mlp``; the loss is taken on the velocity as ESD's is, and transport reads the transformer's text tokens
+(``erase.lora.transport``).
 
 Reference (github.com/Con6924/SPM, ``train_spm.py`` and ``configs/*/config.yaml``): rank 1, alpha 1, lr 1e-4 (AdamW
 8-bit, cosine schedule with 3 restarts and 500 warm-up steps), 3000 iterations, batch 1, guidance 1 for the erase
@@ -51,7 +55,7 @@ from typing import ClassVar
 
 import torch
 
-from pipelines import PipelineWrapper, PromptEncoding
+from pipelines import ARCHITECTURES, PipelineWrapper, PromptEncoding
 
 from ..core.registry import ConceptSpec, WeightEdit, register_method
 from ..core.weights import factor_products
@@ -172,9 +176,7 @@ class SPMLoss:
     "lora",
     "SPM-style one-dimensional adapter (Lyu et al., 2024): rank-1 LoRA with ESD's loss and latent anchoring, "
     "facilitated transport at inference",
-    capabilities=dataclasses.replace(
-        TRAINED, guides=False, unported="its facilitated transport reads the UNet's cross-attention text input"
-    ),
+    capabilities=dataclasses.replace(TRAINED, guides=False, architectures=ARCHITECTURES),
 )
 def erase_spm(wrapper: PipelineWrapper, concepts: ConceptSpec, config: SPMConfig) -> WeightEdit:
     """Train the SPM adapter for ``concepts``' targets (prompt anchors: ``anchor_prompts`` and the preserved).

@@ -55,6 +55,13 @@ partial DDIM sampling with the model being trained at guidance 3 every iteration
 uniformly per example rather than the reference's balanced shuffles; the random streams are ours (one seed, a
 stream per stage) rather than seed 42 reset in every call.
 
+Other architectures (the reference is SD 1.4 only): a found token is one token's input embeddings in every text
+encoder side by side (``PipelineWrapper.encode_with_vectors``; SDXL's two CLIPs, SD3's CLIP-L, CLIP-G and T5, Flux's
+CLIP and T5), started from ``init_word``'s rows in each (``PipelineWrapper.token_rows``; on SD3/Flux a word every
+tokenizer reads as one token), as the concept inversion attack does there. The erasures are the same LoRAs on the
+denoiser (on SD3/Flux the ``train`` sets name the joint attention's projections, ``pipelines.LORA_TARGETS``), their
+targets combinations of velocities there, which carry over exactly as ESD's do (``erase.lora.esd``).
+
 Resuming: with a ``checkpoint_dir`` every stage writes its output there (each erasure is a trainer checkpoint folder,
 each gallery and inversion a safetensors file, the inversion also every ``checkpoint_every`` steps), and a rerun of
 the same call continues where it stopped and ends with the weights an uninterrupted run ends with. A rerun that
@@ -84,7 +91,7 @@ import torch
 from tqdm.auto import tqdm
 
 from evals.attacks.base import AttackTarget, attack_probes
-from evals.attacks.concept_inversion import concept_template, nearest_words
+from evals.attacks.concept_inversion import concept_template, init_token, nearest_words
 from evals.attacks.unlearn_diff_atk import (
     NoiseTargets,
     matching_step,
@@ -92,7 +99,7 @@ from evals.attacks.unlearn_diff_atk import (
     original_noise_targets,
     prompt_loss,
 )
-from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper, PromptEncoding
+from pipelines import ARCHITECTURES, DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper, PromptEncoding
 from pipelines.files import (
     atomic_save_safetensors,
     damaged_checkpoint,
@@ -335,18 +342,21 @@ class SearchRound:
 
 # ------------------------------------------------------------------------------------------------ helpers
 def _stream_seed(seed: int, *labels: object) -> int:
-    """A seed for one stage's random stream, a function of the run's seed and the stage."""
+    """A seed for one stage's random stream, a function of the run's seed and the stage, in the range a config's
+    ``seed`` takes ([0, 2**32), ``pipelines.checks``), as each search round's erasure is a config of its own."""
     text = "/".join([str(seed), *map(str, labels)])
-    return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
 
 
 def _join(encodings: Sequence[PromptEncoding]) -> PromptEncoding:
-    """One encoding holding the rows of several (same text encoder, SD 1.x/2.x)."""
+    """One encoding holding the rows of several of one pipeline (with their pooled vectors where it has them)."""
+    pooled = [e.pooled for e in encodings]
     return PromptEncoding(
         [p for e in encodings for p in e.prompts],
         torch.cat([e.input_ids for e in encodings]),
         torch.cat([e.embeddings for e in encodings]),
         torch.cat([e.lengths for e in encodings]),
+        None if any(p is None for p in pooled) else torch.cat(pooled),
     )
 
 
@@ -484,8 +494,7 @@ def _invert(
     Checkpointed every ``checkpoint_every`` steps and at the end."""
     pairs, eval_index = gallery
     templates = [concept_template(p, concept) for p in prompts]
-    token_id = int(wrapper.encode_prompts([config.init_word.strip()]).input_ids[0, 1])
-    start = wrapper.token_embedding_matrix()[token_id].float().clone().unsqueeze(0)
+    start = wrapper.token_rows([init_token(wrapper, config.init_word)]).float().clone()
     vector = start.clone().requires_grad_(True)
     optimizer = torch.optim.AdamW([vector], lr=config.ci_lr * config.ci_batch, weight_decay=config.ci_weight_decay)
     generator = torch.Generator().manual_seed(_stream_seed(config.seed, concept, index, "inversion"))
@@ -630,11 +639,7 @@ def robustly_erase_once(
 # ------------------------------------------------------------------------------------------------ the method
 def _check_inputs(wrapper: PipelineWrapper, concepts: ConceptSpec, config: StereoConfig) -> None:
     """What needs the model, before any work: the init word is one token, the prompts fit the text encoder."""
-    if wrapper.is_sdxl:
-        raise ValueError("stereo learns free token vectors, which are SD 1.x/2.x only (one text encoder), not SDXL")
-    count = wrapper.token_count(config.init_word.strip())
-    if count != 1:
-        raise ValueError(f"init_word {config.init_word!r} is {count} tokens; give a one-token word")
+    init_token(wrapper, config.init_word)
     for prompt in [*config.composition_anchors, *config.anchor_prompts, *concepts.preserve]:
         wrapper.check_prompt(prompt, "anchor prompt")
     for concept in concepts.targets:
@@ -651,8 +656,7 @@ def _check_inputs(wrapper: PipelineWrapper, concepts: ConceptSpec, config: Stere
     capabilities=dataclasses.replace(
         TRAINED,
         guides=False,
-        architectures=("sd",),
-        unported="it learns token vectors for one CLIP text encoder",  # its search's concept inversion
+        architectures=ARCHITECTURES,
         sampler_steps=("pool_steps", "gallery_steps"),
         quick={
             "steps": 6,
@@ -677,10 +681,10 @@ def erase_stereo(wrapper: PipelineWrapper, concepts: ConceptSpec, config: Stereo
     _check_inputs(wrapper, concepts, config)
     folder = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     if folder is not None:
-        unet = wrapper.lora_modules(config.patterns)
+        modules = wrapper.lora_modules(config.patterns)
         search = config_key(config, ("checkpoint_dir", "checkpoint_every", "restart", "preset", *STAGE_TWO_FIELDS))
         key = {"targets": list(concepts.targets), "config": search,
-               "base": wrapper.fingerprint([f"unet.{m}" for m in unet])}  # fmt: skip
+               "base": wrapper.fingerprint([f"{wrapper.denoiser_name}.{m}" for m in modules])}  # fmt: skip
         _claim(folder, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest(), config.restart)
     rounds: list[SearchRound] = []
     for j, concept in enumerate(concepts.targets):

@@ -10,6 +10,13 @@ ids without special tokens: the reference's ``clipcos_tokenuni`` metric (``infer
 github.com/Con6924/SPM), where a prompt naming every token of a concept gets the full adapter. Under classifier-free
 guidance the unconditional half runs at its prompt's strength too, as the reference scales the whole call.
 
+SD3 and Flux (the reference is SD 1.x/2.x only): the UNet's cross-attention text input has its equivalent in the
+transformer's text tokens (``encoder_hidden_states``, which every joint-attention block reads through its text-side
+projections), so E is those tokens (Flux: T5's rows; SD3: both CLIPs' rows then T5's), and T is counted in T5's
+tokens, the encoder whose output the transformer reads as it is (``PipelineWrapper.verbatim_token_sets``). Flux's
+true classifier-free guidance (``true_cfg_scale`` > 1) runs the negative prompt in a call of its own, at that prompt's
+strength.
+
 Where we differ from the reference: it computes s per prompt before generating one prompt at a time; we compute it
 inside the UNet's call for every prompt of a batch (``PipelineWrapper.add_prompt_scaled_lora``), from the
 embeddings the UNet receives. A prompt's token ids are known when the text encoder made its embedding in this
@@ -100,8 +107,7 @@ class FacilitatedTransport:
     ):
         """The rule for ``prompts`` as ``wrapper``'s text encoder reads them."""
         encoding = wrapper.encode_prompts(prompts)
-        special = sorted(wrapper.special_token_ids())
-        token_sets = [sorted(set(ids.tolist()) - set(special)) for ids in encoding.input_ids]
+        token_sets, special = wrapper.verbatim_token_sets(prompts)
         return cls(list(prompts), encoding.embeddings.detach().float().cpu(), token_sets, special, metric, groups)
 
     def strengths(self, embeddings: torch.Tensor, token_ids: list[torch.Tensor | None]) -> torch.Tensor:
@@ -142,7 +148,7 @@ class FacilitatedTransport:
         """Install the adapter ``factors`` (name -> (A, B), dW = B A) at per-prompt strength until the handle is
         removed; attaching the same transport to the same UNet twice is refused."""
         return install_once(
-            wrapper.unet,
+            wrapper.denoiser,
             self.identity(),
             lambda: wrapper.add_prompt_scaled_lora(factors, self.strengths),
             "this facilitated-transport adapter is already attached to the pipeline",

@@ -55,7 +55,7 @@ from pipelines.checks import check_number_fields
 from .base import AttackResult, AttackTarget, attack_probes, register_attack
 from .unlearn_diff_atk import NoiseTargets, matching_step, noise_matching_loss, original_noise_targets, prompt_loss
 
-__all__ = ["ConceptInversionConfig", "concept_inversion", "concept_template", "nearest_words"]
+__all__ = ["ConceptInversionConfig", "concept_inversion", "concept_template", "init_token", "nearest_words"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def nearest_words(wrapper: PipelineWrapper, vector: torch.Tensor, n: int = 5) ->
     return [wrapper.decode_tokens([int(ids[i])]) for i in similarity.topk(n).indices.cpu()]
 
 
-def _init_token(wrapper: PipelineWrapper, word: str) -> int:
+def init_token(wrapper: PipelineWrapper, word: str) -> int:
     """The id of the one-token ``word``; ``ValueError`` for a longer one, or on SD3/Flux one that some text encoder
     reads as several tokens."""
     if wrapper.token_count(word.strip()) != 1:
@@ -142,7 +142,7 @@ def concept_inversion(target: AttackTarget, config: ConceptInversionConfig, seed
     with it in the concept's place."""
     wrapper = target.wrapper
     probe_templates = [concept_template(p.prompt, target.concept) for p in target.probes]
-    token = _init_token(wrapper, config.init_word)
+    token = init_token(wrapper, config.init_word)
     generator = torch.Generator().manual_seed(seed)
     train = attack_probes(target.concept, config.train_prompts, seed + 104_729)
     prompts = [p.prompt for p in train]
