@@ -371,7 +371,7 @@ def test_readme_attack_table_command_on_micro(tmp_path):
             ["--method", "uce"],
             lambda out: (out / "photos").mkdir(parents=True) or (out / "photos" / "a.jpg").write_text(""),
             "not an attack table (photos)",
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_attack_table_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, setup, message):
