@@ -360,9 +360,15 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def png_bytes(image: Image.Image) -> bytes:
+def png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
+    """``image`` as PNG, with ``text`` as its tEXt chunks (a mark a later run reads to know the file is its own)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
 
 

@@ -45,6 +45,7 @@ from evals.attacks import THREAT_MODELS, AttackTarget, attack_probes, parse_budg
 from evals.attacks.suite import (  # noqa: E402
     check_suite_folder,
     check_suite_targets,
+    check_table_folder,
     form_notes,
     run_attack_suite,
     threat_verdicts,
@@ -62,7 +63,7 @@ from evals.probes import (  # noqa: E402
 )
 from evals.scorer import load_scoring  # noqa: E402
 from pipelines import ModelNotFoundError, load_pipeline, model_architecture, set_library_verbosity  # noqa: E402
-from pipelines.files import atomic_write_json, folder_name  # noqa: E402
+from pipelines.files import atomic_write_bytes, atomic_write_json, folder_name  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         check_output_folder(args.out)
         table_path = os.path.join(args.out, "table.json")
         table = _read_table(table_path)
+        check_table_folder(args.out, ("table.json", "table.md"))
         row_names = {m: m + row_suffix(args, stacks[m], budget) for m in methods}
         for method in methods:
             check_suite_folder(os.path.join(args.out, folder_name(row_names[method])), [args.concept], budget)
@@ -223,8 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     if notes:
         lines += ["", "Rates that differ by more than 5 points between prompt forms:", *(f"- {n}" for n in notes)]
     text = "\n".join(lines)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(text + "\n")
+    atomic_write_bytes(os.path.join(args.out, "table.md"), (text + "\n").encode())
     print(text)
     return 0
 

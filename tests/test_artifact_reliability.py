@@ -175,6 +175,22 @@ def test_symlinked_out_writes_into_its_target(tiny, tmp_path):  # E36
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "link"]
 
 
+@pytest.mark.parametrize("check", ["output_folder", "writable_folder", "result_file"])
+def test_an_output_that_is_a_link_to_nothing_is_refused_and_its_target_never_made(tmp_path, check):
+    """``--out`` naming a dangling symbolic link passed the checks, and the write created the link's target folder
+    wherever it pointed (``/nonexistent/...``)."""
+    from erase.core.layout import check_result_file, check_writable_folder
+
+    target = tmp_path / "nowhere" / "deeper"
+    (tmp_path / "link").symlink_to(target)
+    run = {"output_folder": erase.check_output_folder, "writable_folder": check_writable_folder,
+           "result_file": lambda path: check_result_file(path, "--json", ("groups",))}[check]  # fmt: skip
+    with pytest.raises(ArtifactError, match="symbolic link to nothing") as err:
+        run(tmp_path / "link")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "nowhere").exists() and (tmp_path / "link").is_symlink()
+
+
 @pytest.mark.parametrize("where", ["file_parent", "cwd", "file"])
 def test_unusable_output_folders_are_refused_before_work(tmp_path, monkeypatch, where):  # E23b, E24
     (tmp_path / "afile.txt").write_text("x")

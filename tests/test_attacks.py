@@ -270,6 +270,12 @@ def test_attack_script_bad_input_is_one_line(artifact_dir, tmp_path, capsys, arg
             "not an attack run of this version",
         ),
         (lambda out: out.mkdir() or (out / "van-gogh").write_text(""), "is a file, not a folder"),
+        # a user's folder that happens to hold a folder of the concept's name, or other files
+        (
+            lambda out: (out / "van-gogh").mkdir(parents=True) or (out / "van-gogh" / "notes.txt").write_text("mine"),
+            "holds files that are not attack runs (van-gogh)",
+        ),
+        (lambda out: out.mkdir() or (out / "thesis.pdf").write_text("mine"), "not attack runs (thesis.pdf)"),
     ],
 )
 def test_attack_script_refuses_a_damaged_output_folder_before_the_model_loads(
@@ -359,6 +365,13 @@ def test_readme_attack_table_command_on_micro(tmp_path):
         (["--method", "uce", "--concept", "banana"], None, "banana"),
         (["--method", "uce"], lambda out: out.mkdir() or (out / "table.json").write_text("{"), "is unreadable"),
         (["--method", "uce"], lambda out: out.write_text(""), "is a file"),
+        # a user's folder: a table.md (with no table.json), or a folder that is not attack runs
+        (["--method", "uce"], lambda out: out.mkdir() or (out / "table.md").write_text("mine"), "(table.md)"),
+        (
+            ["--method", "uce"],
+            lambda out: (out / "photos").mkdir(parents=True) or (out / "photos" / "a.jpg").write_text(""),
+            "not an attack table (photos)",
+        ),
     ],
 )
 def test_attack_table_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, setup, message):

@@ -131,6 +131,30 @@ def test_world_sheet_command(tmp_path):
         assert sheet.width >= 8 * 64 and sheet.height == 7 * 64  # 8 objects by 7 styles
 
 
+def test_world_sheet_replaces_only_its_own_sheet(tmp_path, monkeypatch, capsys):
+    """``world_sheet.py --out`` replaced any existing .png, a user's picture too, and wrote through a symbolic link
+    to nothing (creating its target)."""
+    main = runpy.run_path(str(ROOT / "scripts" / "world_sheet.py"), run_name="world_sheet_script")["main"]
+    mine = tmp_path / "holiday.png"
+    Image.new("RGB", (4, 4), "red").save(mine)
+    (tmp_path / "link.png").symlink_to(tmp_path / "nowhere.png")
+    before = mine.read_bytes()
+    for out, message in [(mine, "is not an earlier world sheet"), (tmp_path / "link.png", "link to nothing")]:
+        monkeypatch.setattr(sys, "argv", ["world_sheet.py", "--out", str(out), "--scale", "1"])
+        with pytest.raises(SystemExit) as refused:
+            main()
+        err = capsys.readouterr().err.strip().splitlines()
+        assert refused.value.code == 2 and message in err[-1], err
+    assert mine.read_bytes() == before and not (tmp_path / "nowhere.png").exists()
+    sheet = tmp_path / "sheet.png"
+    for args in (["--out", str(sheet)], ["--out", str(sheet), "--no-labels"], ["--out", str(mine), "--overwrite"]):
+        monkeypatch.setattr(sys, "argv", ["world_sheet.py", *args, "--scale", "1"])
+        main()  # a new file, an earlier sheet replaced, a user's file with --overwrite
+    assert "wrote" in capsys.readouterr().out
+    with Image.open(sheet) as first, Image.open(mine) as second:
+        assert first.size != second.size  # the rerun without labels replaced the first sheet
+
+
 @pytest.mark.slow
 def test_bench_lora_prints_cost_memory_and_the_efficacy_curve(tmp_path):
     args = ["--set", "pool_images=1", "--set", "pool_steps=4", "--repeats", "1", "--threads", "1"]

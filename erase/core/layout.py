@@ -8,7 +8,7 @@ import hashlib
 import os
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pipelines.tokenizer import concept_folder, concept_text
@@ -20,6 +20,7 @@ __all__ = [
     "ArtifactMismatchError",
     "check_checkpoint_folder",
     "check_output_folder",
+    "check_replaceable_file",
     "check_result_file",
     "check_writable_folder",
     "default_output_folder",
@@ -106,6 +107,17 @@ def _writable_ancestor(folder: Path) -> Path:
     return parent
 
 
+def _refuse_dangling_link(path: Path, option: str = "") -> None:
+    """``ArtifactError`` when ``path`` is a symbolic link to nothing: writing through it would create its target,
+    wherever that points (another disk, a folder the user never named)."""
+    if path.is_symlink() and not path.exists():
+        named = f"{option} " if option else ""
+        raise ArtifactError(
+            f"{named}{path} is a symbolic link to nothing ({os.readlink(path)}); create its target or name "
+            "another path"
+        )
+
+
 def check_output_folder(folder: str | Path, overwrite: bool = False) -> Path:
     """The folder an artifact will be written to (symbolic links resolved), or ``ArtifactError`` in one line.
 
@@ -115,6 +127,7 @@ def check_output_folder(folder: str | Path, overwrite: bool = False) -> Path:
     given = Path(folder).expanduser()
     folder = Path(os.path.abspath(given))
     _check_names(folder)
+    _refuse_dangling_link(folder)
     if folder.is_symlink():
         folder = given = folder.resolve()
     if folder == Path.cwd() or folder.parent == folder:
@@ -177,6 +190,7 @@ def check_writable_folder(folder: str | Path, entries: tuple[str, ...] = ()) -> 
     (the folder's missing components, and the temporaries of ``entries``, the names to be written in it)."""
     folder = Path(os.path.abspath(Path(folder).expanduser()))
     _check_names(folder, entries, temporary=False)  # the folder is added to, not swapped in
+    _refuse_dangling_link(folder)
     if folder.exists() and not folder.is_dir():
         raise ArtifactError(f"cannot write {folder}: it is a file, not a folder")
     where = folder if folder.is_dir() else _writable_ancestor(folder)
@@ -184,24 +198,37 @@ def check_writable_folder(folder: str | Path, entries: tuple[str, ...] = ()) -> 
     return folder
 
 
-def check_result_file(path: str | Path, option: str, keys: Sequence[str]) -> None:
-    """``ArtifactError`` in one line when the result file ``path`` (given as ``option``) exists and is not an
-    earlier result of the same kind, a JSON object holding every one of ``keys``: the run would replace it, and only
-    our own files are ever replaced."""
-    import json
-
+def check_replaceable_file(
+    path: str | Path,
+    option: str,
+    is_ours: Callable[[Path], bool],
+    what: str,
+    advice: str = "choose another file or move it",
+) -> None:
+    """``ArtifactError`` in one line when the output file ``path`` (given as ``option``) exists and ``is_ours`` says
+    it is not an earlier ``what``: the run would replace it, and only our own files are ever replaced. A symbolic
+    link to nothing is refused too: the write would create its target."""
     path = Path(path).expanduser()
+    _refuse_dangling_link(path, option)
     if not path.exists() or path.is_dir():
         return  # a folder is refused by the writability check, which names it
-    try:
-        found = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        found = None
-    if not isinstance(found, dict) or not set(keys) <= set(found):
-        raise ArtifactError(
-            f"{option} {path} exists and is not an earlier result of this command: it would be replaced; choose "
-            "another file or move it"
-        )
+    if not is_ours(path):
+        raise ArtifactError(f"{option} {path} exists and is not {what}: it would be replaced; {advice}")
+
+
+def check_result_file(path: str | Path, option: str, keys: Sequence[str]) -> None:
+    """:func:`check_replaceable_file` for a JSON result: an earlier one is a JSON object holding every one of
+    ``keys``."""
+    import json
+
+    def is_result(found: Path) -> bool:
+        try:
+            data = json.loads(found.read_bytes())
+        except (OSError, ValueError):
+            return False
+        return isinstance(data, dict) and set(keys) <= set(data)
+
+    check_replaceable_file(path, option, is_result, "an earlier result of this command")
 
 
 def check_checkpoint_folder(checkpoint_dir: str | Path | None, out: str | Path) -> None:

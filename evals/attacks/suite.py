@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ __all__ = [
     "SUITE_SCHEMA_VERSION",
     "asr_table",
     "check_suite_folder",
+    "check_table_folder",
     "check_suite_targets",
     "form_notes",
     "run_attack_suite",
@@ -85,7 +86,10 @@ def _read_settings(path: Path) -> dict[str, Any]:
 def check_suite_folder(out_dir: str | Path, concepts: Sequence[str], budget: float | None = None) -> None:
     """``ValueError`` in one line when ``out_dir`` cannot take a suite run on ``concepts``, before any model loads:
     a concept's folder is a file, or holds an unreadable ``attack.json``, one of another version, or (``budget``
-    given) a run at another budget."""
+    given) a run at another budget; or ``out_dir`` holds anything but attack runs (a folder with an ``attack.json``,
+    or an empty one: a run killed before its first write), hidden entries aside: a user's folder that happens to
+    hold a ``van-gogh/`` would get attack images among its files."""
+    out_dir = Path(out_dir)
     for concept in concepts:
         concept_dir = Path(out_dir) / concept_folder(concept)
         if concept_dir.exists() and not concept_dir.is_dir():
@@ -97,6 +101,44 @@ def check_suite_folder(out_dir: str | Path, concepts: Sequence[str], budget: flo
                     f"{concept_dir} holds an attack run at budget {found.get('budget')}, not {budget:g}; use another "
                     "--out folder"
                 )
+    _refuse_foreign_entries(out_dir, _is_attack_run, "attack runs")
+
+
+def check_table_folder(out_dir: str | Path, table_files: Sequence[str]) -> None:
+    """``ValueError`` in one line when ``out_dir``, the folder of a table of attack runs (one suite folder per row,
+    beside ``table_files``), holds anything else, hidden entries aside. The first of ``table_files`` is the table's
+    record: the others are ours only beside it."""
+    recorded = (Path(out_dir) / table_files[0]).is_file()
+
+    def ours(entry: Path) -> bool:
+        if entry.name in table_files:
+            return recorded and entry.is_file() and not entry.is_symlink()
+        return (
+            entry.is_dir()
+            and not entry.is_symlink()
+            and all(_is_attack_run(e) for e in entry.iterdir() if not e.name.startswith("."))
+        )
+
+    _refuse_foreign_entries(Path(out_dir), ours, "an attack table")
+
+
+def _refuse_foreign_entries(folder: Path, ours: Callable[[Path], bool], what: str) -> None:
+    if not folder.is_dir():
+        return
+    foreign = sorted(e.name for e in folder.iterdir() if not e.name.startswith(".") and not ours(e))
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ValueError(
+            f"{folder} holds files that are not {what} ({listed}); an attack would write its files among them: "
+            "choose a new or empty --out folder"
+        )
+
+
+def _is_attack_run(entry: Path) -> bool:
+    """A concept folder of a suite run: it holds ``attack.json``, or nothing (hidden entries aside)."""
+    if not entry.is_dir() or entry.is_symlink():
+        return False
+    return (entry / "attack.json").exists() or not any(not e.name.startswith(".") for e in entry.iterdir())
 
 
 def check_suite_targets(
