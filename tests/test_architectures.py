@@ -4,6 +4,7 @@ ESD on velocity predictions, on the tiny pipelines built in code."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -204,10 +205,23 @@ def test_uce_on_sd3_edits_both_projections_and_both_token_streams(sd3):
         assert torch.allclose(lora_b @ lora_a, artifact.deltas[name], atol=1e-6)
 
 
-def test_methods_refuse_architectures_they_do_not_run_on(flux):
-    for method in ("spm",):
-        with pytest.raises(ValueError, match=f"method '{method}' does not run on flux pipelines: .+ runs on sd"):
-            erase.erase_concepts(flux, ["van gogh"], method)
+def test_methods_declare_where_they_run_and_refuse_elsewhere_in_one_line(flux, monkeypatch):
+    """Every shipped method runs on every architecture; one registered for SD 1.x/2.x alone (for the test) is
+    refused on Flux in one line saying why, before its edit runs."""
+    from erase.core import registry
+    from pipelines import ARCHITECTURES
+
+    for name in erase.available_methods():
+        assert set(erase.get_method(name).capabilities.architectures) == set(ARCHITECTURES), name
+    uce = erase.get_method("uce")
+    only_sd = dataclasses.replace(uce.capabilities, architectures=("sd",), unported="its layers are UNet attention")
+    ran = []
+    method = dataclasses.replace(uce, name="sd_only", capabilities=only_sd, run=lambda *a: ran.append(a))
+    monkeypatch.setitem(registry._REGISTRY, "sd_only", method)
+    refusal = r"method 'sd_only' does not run on flux pipelines: its layers are UNet attention \(it runs on sd\)"
+    with pytest.raises(ValueError, match=refusal):
+        erase.erase_concepts(flux, ["van gogh"], "sd_only")
+    assert not ran
 
 
 @pytest.mark.slow

@@ -218,7 +218,7 @@ def _error_line(err: str) -> str:
 def test_erase_to_a_folder_another_run_holds_fails_before_the_edit(tmp_path, capsys, monkeypatch):  # D4
     out = tmp_path / "out"
     holder = _holder(out)
-    monkeypatch.setattr("erase.workflow.erase_concepts", lambda *a, **k: pytest.fail("the edit ran"))
+    monkeypatch.setattr("erase.workflow.erase_stack", lambda *a, **k: pytest.fail("the edit ran"))
     try:
         code, err = _erase_in_process(capsys, "--model", "tiny", "--concept", "van gogh", "--no-check",
                                       "--out", str(out))  # fmt: skip
@@ -267,7 +267,7 @@ def test_a_checkpoint_dir_in_the_output_folder_is_refused_before_training(tmp_pa
     if where == "link_into_out":
         out.mkdir()
         (tmp_path / "link").symlink_to(out / "ck", target_is_directory=True)
-    monkeypatch.setattr("erase.workflow.erase_concepts", lambda *a, **k: pytest.fail("training ran"))
+    monkeypatch.setattr("erase.workflow.erase_stack", lambda *a, **k: pytest.fail("training ran"))
     code, err = _erase_in_process(capsys, "--model", "tiny", "--concept", "van gogh", "--method", "esd",
                                   "--steps", "2", "--no-check", "--set", f"checkpoint_dir={checkpoints}",
                                   "--out", str(out))  # fmt: skip
