@@ -30,6 +30,7 @@ __all__ = [
     "TEXT_ENCODER_PREFIX",
     "LoraAdapters",
     "apply_weight_deltas",
+    "check_lora_rank",
     "export_pipeline",
     "fingerprint",
     "fingerprints",
@@ -197,6 +198,29 @@ def _path(name: str) -> str:
     return name.partition(".")[2] if text_encoder_component(name) else name
 
 
+def check_lora_rank(
+    unet: torch.nn.Module,
+    patterns: Sequence[str],
+    rank: int,
+    text_encoders: Mapping[str, torch.nn.Module] | None = None,
+) -> None:
+    """``ValueError`` in one line when ``rank`` is below 1 or above the smaller side of every Linear a LoRA on
+    ``patterns`` adapts: its change B @ A has at most that rank, so a larger one only costs memory (at 10^5, all
+    of it), and is refused before any work."""
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    roots = {"": unet, **(text_encoders or {})}
+    widest = 0
+    for name in lora_module_names(unet, patterns, text_encoders):
+        layer = roots[text_encoder_component(name) or ""].get_submodule(_path(name))
+        widest = max(widest, min(layer.in_features, layer.out_features))
+    if rank > widest:
+        raise ValueError(
+            f"LoRA rank {rank} exceeds every adapted layer's width (the widest allows {widest}): a LoRA's change has "
+            "at most that rank; choose a rank at most that"
+        )
+
+
 @contextlib.contextmanager
 def lora_adapters(
     unet: torch.nn.Module,
@@ -222,8 +246,7 @@ def lora_adapters(
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    check_lora_rank(unet, patterns, rank, text_encoders)
     roots = {component: unet, **(text_encoders or {})}
     for what, root in roots.items():
         if getattr(root, "peft_config", None) or any(isinstance(m, BaseTunerLayer) for m in root.modules()):

@@ -169,6 +169,11 @@ class PipelineWrapper:
         (:func:`weights.lora_module_names`)."""
         return weights.lora_module_names(self.denoiser, patterns, self._text_encoders())
 
+    def check_lora_rank(self, patterns: Sequence[str], rank: int) -> None:
+        """``ValueError`` in one line for a LoRA rank no module matching ``patterns`` can hold
+        (:func:`weights.check_lora_rank`)."""
+        weights.check_lora_rank(self.denoiser, patterns, rank, self._text_encoders())
+
     def _text_encoders(self) -> dict[str, torch.nn.Module]:
         """The pipeline's text encoders by component name (``weights.TEXT_ENCODER_COMPONENTS``)."""
         found = {name: getattr(self.pipe, name, None) for name in weights.TEXT_ENCODER_COMPONENTS}

@@ -104,6 +104,22 @@ def _mse_to_frozen_plus_shift(batch, predict):
 ENCODINGS = {}
 
 
+def test_a_rank_no_adapted_layer_can_hold_is_refused_before_the_pool(tiny, monkeypatch):
+    """A LoRA's change has at most the rank of its layer's smaller side: a larger rank (10^5 would exhaust memory)
+    is one line before any trajectory is sampled; the widest layer's own width is accepted."""
+    import erase.lora.trainer as trainer
+
+    widest = max(min(m.in_features, m.out_features) for n, m in tiny.unet.named_modules()
+                 if n in set(tiny.lora_modules(LORA_TARGETS["xattn"])))  # fmt: skip
+    monkeypatch.setattr(trainer, "_pool", lambda *a, **k: pytest.fail("the pool was sampled"))
+    with pytest.raises(
+        ValueError, match=rf"LoRA rank 100000 exceeds every adapted layer's width .+ allows {widest}\)"
+    ):
+        _train(tiny, rank=100000)
+    with pytest.raises(pytest.fail.Exception, match="the pool was sampled"):
+        _train(tiny, rank=widest)
+
+
 def _train(wrapper, **settings):
     ENCODINGS["enc"] = wrapper.encode_prompts(["van gogh", "monet"])
     config = LoraTrainConfig(**{**FAST, **settings})

@@ -608,6 +608,7 @@ def _train(
     device = wrapper.device
     processes, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     folder = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+    wrapper.check_lora_rank(layers, config.rank)
     key = _run_key(wrapper, {**run_key, "processes": processes}, wrapper.lora_modules(layers))
     if folder is not None:
         if main:
