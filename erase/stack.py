@@ -27,21 +27,19 @@ import contextlib
 import dataclasses
 import json
 import logging
-import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError
-
 from pipelines import PipelineWrapper
-from pipelines.files import file_sha256, move_into_place, sync_to_disk, write_error
+from pipelines.files import file_sha256
 
 from .core.artifact import (
     ArtifactHandle,
     ErasureArtifact,
     check_artifact_base,
+    folder_written_atomically,
     install_artifact,
     load_artifact,
     save_artifact,
@@ -52,11 +50,8 @@ from .core.layout import (
     STACK_FILE,
     STACK_MEMBER_FOLDER,
     ArtifactError,
-    ArtifactExistsError,
     ArtifactMismatchError,
     check_output_folder,
-    current_umask,
-    temporary_folder,
 )
 from .core.registry import ConceptSpec, erase_concepts, get_method
 from .core.version import __version__
@@ -272,10 +267,7 @@ def save_stack(
     for name in extra_files or {}:
         if name not in STACK_EXTRA_ENTRIES:
             raise ValueError(f"{name!r} is not a file a stack folder holds")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_folder(folder)
-    try:
-        tmp.mkdir()
+    with folder_written_atomically(folder, overwrite) as tmp:
         records = []
         with contextlib.ExitStack() as in_force:
             for i, member in enumerate(stack.members):
@@ -292,22 +284,6 @@ def save_stack(
         (tmp / STACK_FILE).write_text(json.dumps(meta, indent=2))
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
-        mask = current_umask()
-        for path in (tmp, tmp / STACK_FILE, *(tmp / name for name in extra_files or {})):
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
-        sync_to_disk(tmp)
-        try:
-            move_into_place(tmp, folder, replace=overwrite)
-        except FileExistsError:
-            raise ArtifactExistsError(
-                f"{folder} was filled by another run while this one worked; choose another --out or pass --overwrite"
-            ) from None
-    except (OSError, SafetensorError) as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise write_error(folder, err) from err
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("saved the %s stack (%d members) to %s", stack.method, len(stack.members), folder)
     return folder
 

@@ -63,6 +63,7 @@ __all__ = [
     "ErasureArtifact",
     "check_artifact_base",
     "check_output_folder",
+    "folder_written_atomically",
     "install_artifact",
     "load_artifact",
     "save_artifact",
@@ -179,6 +180,32 @@ def _finish_tree(root: Path) -> None:
     sync_to_disk(root)
 
 
+@contextlib.contextmanager
+def folder_written_atomically(folder: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling of ``folder`` for the ``with`` block to fill; afterwards its files get the user's umask
+    permissions (safetensors writes 0600), are flushed to disk and swapped in at once. Without ``overwrite`` a folder
+    another run put at ``folder`` meanwhile is refused, never replaced. On any error the temporary is removed; a full
+    disk or a read-only folder is one line (``write_error``)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_folder(folder)
+    try:
+        tmp.mkdir()
+        yield tmp
+        _finish_tree(tmp)
+        try:
+            move_into_place(tmp, folder, replace=overwrite)
+        except FileExistsError:
+            raise ArtifactExistsError(
+                f"{folder} was filled by another run while this one worked; choose another --out or pass --overwrite"
+            ) from None
+    except (OSError, SafetensorError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(folder, err) from err
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_artifact(
     artifact: ErasureArtifact,
     folder: str | Path,
@@ -210,11 +237,8 @@ def save_artifact(
     deltas = artifact.deltas
     if export_pipeline and not deltas:
         raise ValueError("the artifact changes no weights: there is no edited pipeline to export")
-    folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(folder)
-    tmp = temporary_folder(folder)
-    try:
-        tmp.mkdir()
+    with folder_written_atomically(folder, overwrite) as tmp:
         records, checksums = {}, {}
         for name, payload in artifact.payloads.items():
             kind = payload_kind(name)
@@ -229,19 +253,6 @@ def save_artifact(
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
         (tmp / METADATA_FILE).write_text(json.dumps(artifact.metadata(records, checksums), indent=2))
-        _finish_tree(tmp)
-        try:  # without overwrite, an artifact another run swapped in meanwhile is refused, never replaced
-            move_into_place(tmp, folder, replace=overwrite)
-        except FileExistsError:
-            raise ArtifactExistsError(
-                f"{folder} was filled by another run while this one worked; choose another --out or pass --overwrite"
-            ) from None
-    except (OSError, SafetensorError) as err:  # a full disk, a read-only folder: one line, nothing left behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise write_error(folder, err) from err
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("saved %s artifact (%s, %d modules) to %s", artifact.method, ", ".join(records),
                 len(artifact.layers), folder)  # fmt: skip
     return folder
