@@ -207,11 +207,18 @@ def check_lora_rank(
     """``ValueError`` in one line when ``rank`` is below 1 or above the smaller side of every Linear a LoRA on
     ``patterns`` adapts: its change B @ A has at most that rank, so a larger one only costs memory (at 10^5, all
     of it), and is refused before any work."""
+    _check_rank_fits(unet, lora_module_names(unet, patterns, text_encoders), rank, text_encoders)
+
+
+def _check_rank_fits(
+    unet: torch.nn.Module, names: Sequence[str], rank: int, text_encoders: Mapping[str, torch.nn.Module] | None
+) -> None:
+    """:func:`check_lora_rank` on the adapted modules ``names`` (:func:`lora_module_names`)."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     roots = {"": unet, **(text_encoders or {})}
     widest = 0
-    for name in lora_module_names(unet, patterns, text_encoders):
+    for name in names:
         layer = roots[text_encoder_component(name) or ""].get_submodule(_path(name))
         widest = max(widest, min(layer.in_features, layer.out_features))
     if rank > widest:
@@ -246,7 +253,6 @@ def lora_adapters(
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    check_lora_rank(unet, patterns, rank, text_encoders)
     roots = {component: unet, **(text_encoders or {})}
     for what, root in roots.items():
         if getattr(root, "peft_config", None) or any(isinstance(m, BaseTunerLayer) for m in root.modules()):
@@ -254,6 +260,7 @@ def lora_adapters(
                 f"the {what} already holds peft adapters (a loaded LoRA?): erase from the plain base model"
             )
     names = lora_module_names(unet, patterns, text_encoders)
+    _check_rank_fits(unet, names, rank, text_encoders)
     by_root: dict[str, list[str]] = {}
     for name in names:
         by_root.setdefault(_root(name, component), []).append(_path(name))
