@@ -22,7 +22,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ __all__ = [
     "damaged_checkpoint",
     "file_sha256",
     "folder_name",
+    "foreign_entries",
     "move_into_place",
     "png_bytes",
     "process_alive",
@@ -563,3 +564,13 @@ def claim_folder(folder: str | Path, option: str = "--out") -> Iterator[Path]:
         with contextlib.suppress(OSError):
             lock.unlink()
         os.close(fd)
+
+
+def foreign_entries(folder: str | Path, ours: Callable[[Path], bool] = lambda entry: False) -> str:
+    """The visible entries of ``folder`` that ``ours`` does not claim, named for a one-line refusal (the first three,
+    then "..."); empty when there are none or no folder. Hidden entries (our temporaries, locks) are left aside."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return ""
+    foreign = sorted(e.name for e in folder.iterdir() if not e.name.startswith(".") and not ours(e))
+    return ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")

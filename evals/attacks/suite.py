@@ -29,7 +29,13 @@ from typing import Any
 from PIL import Image
 
 from pipelines.checks import error_line
-from pipelines.files import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, png_bytes
+from pipelines.files import (
+    atomic_save_safetensors,
+    atomic_write_bytes,
+    atomic_write_json,
+    foreign_entries,
+    png_bytes,
+)
 from pipelines.tokenizer import concept_folder
 
 from ..grids import labelled_grid
@@ -123,11 +129,8 @@ def check_table_folder(out_dir: str | Path, table_files: Sequence[str]) -> None:
 
 
 def _refuse_foreign_entries(folder: Path, ours: Callable[[Path], bool], what: str) -> None:
-    if not folder.is_dir():
-        return
-    foreign = sorted(e.name for e in folder.iterdir() if not e.name.startswith(".") and not ours(e))
-    if foreign:
-        listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+    listed = foreign_entries(folder, ours)
+    if listed:
         raise ValueError(
             f"{folder} holds files that are not {what} ({listed}); an attack would write its files among them: "
             "choose a new or empty --out folder"

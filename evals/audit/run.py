@@ -37,7 +37,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipelines import DEFAULT_GUIDANCE, DEFAULT_STEPS, PipelineWrapper
-from pipelines.files import png_bytes, remove_stale_temporaries, write_synced_sibling
+from pipelines.files import foreign_entries, png_bytes, remove_stale_temporaries, write_synced_sibling
 from pipelines.tokenizer import concept_folder
 
 from ..attacks import AttackTarget, attack_labels, check_budget
@@ -179,9 +179,8 @@ def check_audit_folder(out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
     if not out_dir.is_dir() or (out_dir / SETTINGS_FILE).exists():
         return
-    foreign = sorted(e.name for e in out_dir.iterdir() if not e.name.startswith("."))
-    if foreign:
-        listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+    listed = foreign_entries(out_dir)
+    if listed:
         raise AuditError(
             f"{out_dir} holds files but no audit ({listed}); an audit would write its report, metrics and images "
             "among them: choose a new or empty output folder"
