@@ -20,8 +20,8 @@ _EXPORTS: dict[str, str] = {
     "ARCHITECTURE_NAMES": "architectures",
     "model_architecture": "architectures",
     "CROSS_ATTENTION_PATTERNS": "modules",
-    "DEFAULT_GUIDANCE": "sampling",
-    "DEFAULT_STEPS": "sampling",
+    "DEFAULT_GUIDANCE": "defaults",
+    "DEFAULT_STEPS": "defaults",
     "HOOK_POINT_PATTERNS": "hooks",
     "LORA_TARGETS": "modules",
     "TEXT_PROJECTION_PATTERNS": "modules",
@@ -76,6 +76,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .architectures import ARCHITECTURE_NAMES, ARCHITECTURES, model_architecture
+    from .defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS
     from .hooks import HOOK_POINT_PATTERNS, HookHandles
     from .hub import HubUnreachableError
     from .loading import TINY_NAMES, ModelNotFoundError, check_model_reference, micro_model_path, world_file
@@ -86,7 +87,6 @@ if TYPE_CHECKING:
         CrossAttentionLayer,
     )
     from .runtime import resolve_device, set_library_verbosity
-    from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS
     from .text import PromptEncoding
     from .tokenizer import clean_prompt, offline_clip_tokenizer
     from .weights import TEXT_ENCODER_COMPONENTS, TEXT_ENCODER_PREFIX, LoraAdapters, text_encoder_component

@@ -29,6 +29,7 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchE
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from .modules import Pipeline, architecture, denoiser, is_sdxl, is_transformer
 from .text import PromptEncoding
 
@@ -48,13 +49,6 @@ __all__ = [
     "sample_trajectories",
 ]
 
-#: Default sampler settings for every model: scheduler steps and classifier-free guidance scale. Generation, audits,
-#: erasure checks and the micro model's evaluation all start from these, so "default settings" means one thing.
-#: The guidance is diffusers' own default, so a plain ``pipe(prompt)`` samples as the toolkit does; larger scales
-#: were tried on the micro model and gave the scorer nothing beyond sampling spread (the micro model's card has
-#: the figures).
-DEFAULT_STEPS: int = 20
-DEFAULT_GUIDANCE: float = 7.5
 
 #: The guidance a guidance-distilled Flux (FLUX.1-dev) is told in :func:`noise_prediction`: ``FluxPipeline``'s default.
 #: In :func:`generate` Flux's ``guidance`` is this embedded value (Flux samples without classifier-free guidance).

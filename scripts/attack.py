@@ -85,8 +85,16 @@ def budget_overrides(pairs: list[str]) -> dict[str, dict[str, object]]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from erase.core.layout import check_erasure_folder
+    from pipelines.checks import check_option_minimums, error_line
+
+    try:  # what needs no model is checked before torch is imported
+        check_option_minimums(args, {"images": 1, "batch_size": 1})
+        check_erasure_folder(args.erasure)
+    except ValueError as err:
+        print(f"error: {error_line(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     from erase import ArtifactError
-    from erase.core.inputs import check_option_minimums, error_line
     from erase.stack import check_erasure_base, read_erasure
     from evals.attacks import (
         AttackTarget,
@@ -113,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     set_library_verbosity(args.verbose)
     claim = contextlib.ExitStack()  # the --out folder, held from its check to the end of the run
     try:
-        check_option_minimums(args, {"images": 1, "batch_size": 1})
         from evals.attacks import parse_budget
 
         budget = parse_budget(args.budget)

@@ -84,13 +84,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from erase.core.layout import check_erasure_folder
+    from pipelines.checks import check_option_minimums, error_line
+
+    try:  # what needs no model is checked before torch is imported
+        check_option_minimums(args, {"images_per_prompt": 1, "batch_size": 1, "steps": 1, "attack_images": 1})
+        for folder in args.erasure:
+            check_erasure_folder(folder)
+    except ValueError as err:
+        print(f"error: {error_line(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if args.model in ("micro", "tiny", "tiny-sdxl") or os.path.isdir(args.model):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from accelerate import PartialState
 
     from erase import ArtifactError
-    from erase.core.inputs import check_option_minimums, error_line
     from erase.stack import read_erasure
     from erase.workflow import audit_models
     from evals.audit import (
@@ -118,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     set_library_verbosity(args.verbose)
     claim = contextlib.ExitStack()  # the --out folder, held by the main process from its check to the end of the run
     try:
-        check_option_minimums(args, {"images_per_prompt": 1, "batch_size": 1, "steps": 1, "attack_images": 1})
         from evals.attacks import parse_budget
 
         budget = parse_budget(args.budget)

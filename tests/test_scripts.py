@@ -253,3 +253,21 @@ def test_a_result_file_that_is_not_an_earlier_result_is_never_replaced(script, t
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "is not an earlier result of this command" in err[-1], err
     assert target.read_text() == '{"schema_version": 2, "method": "uce"}'
+
+
+@pytest.mark.parametrize("script", ["attack.py", "audit.py"])
+def test_an_erasure_folder_that_is_none_is_refused_before_torch_is_imported(script, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    cases = {"missing": "no such folder", "empty": "is not an erasure artifact", "file": "not a folder"}
+    probe = (
+        "import runpy, sys\n"
+        f"main = runpy.run_path({str(ROOT / 'scripts' / script)!r}, run_name='script')['main']\n"
+        f"for folder in {[str(tmp_path / c) for c in cases]!r}:\n"
+        f"    print(main(['--erasure', folder, '--out', {str(tmp_path / 'out')!r}]), 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.stdout.split() == ["2", "False"] * len(cases), result.stderr[-2000:]
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == len(cases) and all(m in e for m, e in zip(cases.values(), errors, strict=True)), errors
+    assert not (tmp_path / "out").exists()

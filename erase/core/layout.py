@@ -19,6 +19,7 @@ __all__ = [
     "ArtifactExistsError",
     "ArtifactMismatchError",
     "check_checkpoint_folder",
+    "check_erasure_folder",
     "check_output_folder",
     "check_replaceable_file",
     "check_result_file",
@@ -247,6 +248,17 @@ def check_checkpoint_folder(checkpoint_dir: str | Path | None, out: str | Path) 
             f"checkpoint_dir {checkpoint_dir} {where} the output folder {out}: the artifact replaces its folder "
             "whole and a checkpoint folder holds the run's files alone; choose a checkpoint_dir apart from --out"
         )
+
+
+def check_erasure_folder(folder: str | Path, option: str = "--erasure") -> None:
+    """``ArtifactError`` in one line unless ``folder`` holds an erasure artifact (``erasure.json``) or a stack
+    (``stack.json``): the scripts' first check of a folder to read, before torch is imported. Whether the files are
+    whole and fit the model is for the loader (``erase.stack.read_erasure``)."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise ArtifactError(f"{option} {folder}: {'no such folder' if not path.exists() else 'not a folder'}")
+    if not (path / METADATA_FILE).is_file() and not (path / STACK_FILE).is_file():
+        raise ArtifactError(f"{folder} is not an erasure artifact (no {METADATA_FILE}, no {STACK_FILE})")
 
 
 def default_output_folder(concepts: Sequence[str], method: str) -> Path:
