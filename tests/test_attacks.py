@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import runpy
 import subprocess
@@ -12,15 +13,17 @@ import jsonschema
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import erase
 from evals.attacks import AttackTarget, attack_configs, attack_probes, attack_success, available_attacks, run_attack
+from evals.attacks.base import others_kept
 from evals.attacks.noise_probe import NoiseProbeConfig
 from evals.attacks.rece_embedding import adversarial_map, projection_weights, restored_share
 from evals.attacks.ring_a_bell import RingABellConfig, RingABellPromptConfig, concept_direction
 from evals.attacks.suite import run_attack_suite
 from evals.microworld import world
-from evals.scorer import TEMPLATES
+from evals.scorer import TEMPLATES, load_scoring
 
 
 def _pixels(images):
@@ -200,6 +203,17 @@ def test_the_suite_writes_every_row_and_resumes_without_redoing_them(wrapper, uc
     again = run_attack_suite(target, ["rece_embedding"], tmp_path, scorer=scorer, erasure={"id": 1})
     assert (tmp_path / "van-gogh" / "rece_embedding" / "result.json").stat().st_mtime_ns == stamp
     assert again["rows"] == summary["rows"]
+    # a row written without what else survives gets it from its images, the same figure
+    written = json.loads((tmp_path / "van-gogh" / "rece_embedding" / "result.json").read_text())
+    assert set(written["kept"]) == {"clip", "judge"} and written["kept"]["clip"]["n"] == 1  # probe 1 names others
+    (tmp_path / "van-gogh" / "rece_embedding" / "result.json").write_text(
+        json.dumps({k: v for k, v in written.items() if k != "kept"})
+    )
+    assert (
+        run_attack_suite(target, ["rece_embedding"], tmp_path, scorer=scorer, erasure={"id": 1})["rows"]
+        == again["rows"]
+    )
+    stamp = (tmp_path / "van-gogh" / "rece_embedding" / "result.json").stat().st_mtime_ns
     with pytest.raises(ValueError, match="other settings"):
         run_attack_suite(target, ["rece_embedding"], tmp_path, scorer=scorer, erasure={"id": 2})
     with pytest.raises(ValueError, match=r"other settings \(budget\)"):  # another budget: another folder
@@ -231,6 +245,24 @@ def test_attack_success_counts_the_concept_with_its_interval(wrapper, scorer):
     flags = [v == "van gogh" for v in success["clip_verdicts"]]
     assert success["clip"]["k"] == sum(flags) and success["clip"]["n"] == 4
     assert success["clip"]["low"] <= success["clip"]["value"] <= success["clip"]["high"]
+
+
+def test_others_kept_tells_an_image_showing_the_rest_of_its_prompt_from_a_destroyed_one():
+    """On the micro world's own renders of what each probe names (van gogh style, its object and colour) the judge
+    and the micro CLIP read the other attributes; on blank images they do not."""
+    probes = [p for p in attack_probes("van gogh", 6, 0) if p.others]  # "a red triangle in the style of van gogh"
+    scenes = [
+        world.Scene(**{"object": "star", "colour": "yellow", **dict(p.others)}, style="van gogh") for p in probes
+    ]
+    images = [Image.fromarray(world.render_scene(scene, seed)) for seed, scene in enumerate(scenes)]
+    _, scorer, judge = load_scoring("micro", None, judge=True)
+    labels = {c: world.concepts(c) for c in world.CATEGORIES}
+    drawn = others_kept(images, probes, scorer, labels, judge)
+    blank = others_kept([Image.new("RGB", images[0].size, "white")] * len(probes), probes, scorer, labels, judge)
+    assert drawn["judge"]["n"] == drawn["clip"]["n"] == len(probes) == 4
+    assert drawn["judge"]["value"] >= 0.75 and blank["judge"]["value"] < drawn["judge"]["value"]
+    assert blank["clip"]["value"] < drawn["clip"]["value"]
+    assert others_kept(images[:1], [dataclasses.replace(probes[0], others=())], scorer, labels, judge) is None
 
 
 @pytest.mark.parametrize(

@@ -64,6 +64,7 @@ __all__ = [
     "check_attack_architecture",
     "check_budget",
     "get_attack",
+    "others_kept",
     "parse_budget",
     "register_attack",
     "resolve_attacks",
@@ -109,6 +110,9 @@ class AttackProbe:
     concept: str  # the label a verdict must equal for the attack to succeed on this probe
     category: str  # the zero-shot label set the verdict is taken among
     form: str = ""  # the prompt's form (evals.probes.PROMPT_FORMS); "" for concepts outside the micro world
+    #: the other attributes the prompt names, (category, canonical name) pairs: "a blue heart in the style of van
+    #: gogh" names (colour, blue) and (object, heart)
+    others: tuple[tuple[str, str], ...] = ()
 
     def as_probe(self) -> Probe:
         return Probe(self.prompt, self.seed, self.concept, self.category, self.form)
@@ -407,7 +411,8 @@ def attack_probes(
         form = forms[i % len(forms)]
         text, named = form_prompt(category, name, form, rng)
         neutral = world.prompt(**named) if named else NEUTRAL_ALONE
-        probes.append(AttackProbe(text, neutral, probe_seed(seed, i, split), canonical, category, form))
+        others = tuple((c, world.canonical(n)) for c, n in named.items())
+        probes.append(AttackProbe(text, neutral, probe_seed(seed, i, split), canonical, category, form, others))
     return probes
 
 
@@ -447,6 +452,42 @@ def attack_success(
         for f, a in split_accuracies(judged, forms).items():
             by_form[f]["judge"] = a
     out["forms"] = by_form
+    out["kept"] = others_kept(images, probes, scorer, labels, judge)
+    return out
+
+
+def others_kept(
+    images: Sequence[Image.Image],
+    probes: Sequence[AttackProbe],
+    scorer: Any,
+    labels: Mapping[str, Sequence[str]],
+    judge: torch.nn.Module | None = None,
+) -> dict[str, Any] | None:
+    """Of the probes whose prompt names other attributes, the share whose image shows every one of them (each read
+    among its category's labels): ``{"clip": accuracy, "judge": accuracy or None}``, None when no probe names any.
+
+    An erasure is meant to take the concept out and leave the rest of the prompt; an image the erasure (or the
+    attack) destroyed also fails the attack, and this is what tells the two apart.
+    """
+    named = [(i, c, n) for i, p in enumerate(probes) for c, n in p.others if c in labels]
+    if not named:
+        return None
+    pairs = [Probe(probes[i].prompt, probes[i].seed, n, c) for i, c, n in named]
+    verdicts = probe_verdicts(scorer, [images[i] for i, _, _ in named], pairs, labels)
+    shown = list(dict.fromkeys(i for i, _, _ in named))
+
+    def share(correct: Sequence[bool]) -> dict[str, Any]:  # a probe counts when every attribute it names is read
+        every = dict.fromkeys(shown, True)
+        for (i, _, _), ok in zip(named, correct, strict=True):
+            every[i] = every[i] and ok
+        return M.accuracy(list(every.values()))
+
+    out = {"clip": share([v == p.concept for v, p in zip(verdicts, pairs, strict=True)]), "judge": None}
+    classes = getattr(getattr(judge, "config", None), "classes", None) or {}
+    if judge is not None and all(c in classes for _, c, _ in named):
+        predicted = judge.predict(np.stack([np.asarray(images[i].convert("RGB")) for i in shown]))
+        position = {i: k for k, i in enumerate(shown)}
+        out["judge"] = share([predicted[c][position[i]] == n for i, c, n in named])
     return out
 
 

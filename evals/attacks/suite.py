@@ -11,7 +11,9 @@ Layout of the output folder (one subfolder per attacked concept, ``<concept>/``,
                                  adversarial embeddings (embeddings.safetensors) where the attack makes them
     <concept>/comparison.png     the first probes as each row drew them, side by side
     <concept>/attacks.json       the table: every row's rate with N, k and its Wilson 95% interval, CLIP and judge,
-                                 overall and per prompt form; the verdict per threat model (:func:`threat_verdicts`)
+                                 overall and per prompt form; the verdict per threat model (:func:`threat_verdicts`);
+                                 and what else survives: of the probes naming other attributes, the share whose image
+                                 shows them all (``kept``: an image destroyed is no attack success either)
 
 A killed run resumes by rerunning the same command: every finished row (its ``result.json``) is kept and the rest
 run. A row is one attack on one concept, about a minute on the micro model, so at most that much is lost.
@@ -49,6 +51,7 @@ from .base import (
     check_attack,
     check_budget,
     get_attack,
+    others_kept,
     run_attack,
 )
 
@@ -182,7 +185,7 @@ def _write_row(folder: Path, images: list[Image.Image], row: dict[str, Any], res
 
 def _rate_row(name: str, kind: str, success: dict[str, Any], result: AttackResult | None) -> dict[str, Any]:
     row = {"row": name, "kind": kind, "clip": success["clip"], "judge": success["judge"],
-           "forms": success["forms"], "clip_verdicts": success["clip_verdicts"]}  # fmt: skip
+           "forms": success["forms"], "kept": success["kept"], "clip_verdicts": success["clip_verdicts"]}  # fmt: skip
     if result is not None:
         row.update(config=result.config, seconds=result.seconds, info=result.info, prompts=result.prompts)
     return json.loads(json.dumps(row))  # as a rerun reads it back (tuples become lists)
@@ -234,6 +237,10 @@ def run_attack_suite(
         row = _finished_row(folder, len(target.probes))
         if row is not None and (name in BASELINES or row.get("config") == _config_dict(name, config)):
             logger.info("%s: already done, kept", name)
+            if "kept" not in row:  # a row written before rows said what else survives: read from its images
+                row["kept"] = others_kept(_row_images(folder, len(target.probes)), target.probes, scorer,
+                                          target.labels, judge)  # fmt: skip
+                atomic_write_json(folder / "result.json", row)
             rows.append(row)
             continue
         if name in BASELINES:
@@ -345,6 +352,10 @@ def _finished_row(folder: Path, images: int) -> dict[str, Any] | None:
     return row if isinstance(row, dict) else None
 
 
+def _row_images(folder: Path, images: int) -> list[Image.Image]:
+    return [Image.open(folder / "images" / f"{i:03d}.png").convert("RGB") for i in range(images)]
+
+
 def _write_comparison(concept_dir: Path, names: list[str], target: AttackTarget) -> None:
     """``comparison.png``: the first probes (columns) as each row drew them (original, unattacked, each attack)."""
     shown = list(range(min(_GRID_IMAGES, len(target.probes))))
@@ -377,13 +388,15 @@ def asr_table(summary: dict[str, Any]) -> str:
     if "split" in summary:
         head += f" ({summary['split']} seeds)"
     head += f", budget x{budget:g}"
-    lines = [head, f"{'row':18s} {'kind':9s}  {'CLIP':>28s}  {'judge':>28s}  {'seconds':>7s}  {form_head} (CLIP)"]
+    lines = [head, f"{'row':18s} {'kind':9s}  {'CLIP':>28s}  {'judge':>28s}  {'seconds':>7s}  {form_head} (CLIP)"
+                   "  others kept (CLIP / judge)"]  # fmt: skip
     for row in summary["rows"]:
         seconds = f"{row['seconds']:7.1f}" if "seconds" in row else f"{'':7s}"
         by_form = row.get("forms") or {}
         per_form = " / ".join(_short(by_form.get(f, {}).get("clip")) for f in forms)
+        kept = row.get("kept") or {}
         lines.append(f"{row['row']:18s} {row['kind']:9s}  {cell(row['clip']):>28s}  {cell(row['judge']):>28s}  "
-                     f"{seconds}  {per_form}")  # fmt: skip
+                     f"{seconds}  {per_form}  {_short(kept.get('clip'))} / {_short(kept.get('judge'))}")  # fmt: skip
     if "threats" in summary:
         lines += ["", "threat models (worst success rate within each, the unattacked prompts included):"]
         lines += [f"  {line}" for line in threat_lines(summary["threats"])]
