@@ -127,6 +127,23 @@ def _worst(entry: dict) -> str:
     return f"{_rate({'clip': clip, 'judge': judge})} {clip['row']}"
 
 
+def _kept(kept: dict | None) -> str:
+    """``CLIP / judge`` share of images showing every other attribute their prompt names, or ``-``."""
+    if not kept or not kept.get("clip"):
+        return "-"
+    return f"{pct(kept['clip']['value'])} / {pct((kept.get('judge') or {}).get('value'))}"
+
+
+def _least_kept(rows: dict) -> str:
+    """The erased model's row (unattacked or an attack) whose images keep the fewest of the other attributes their
+    prompts name (CLIP), with its name: an erasure that holds by destroying the image shows here."""
+    kept = [(r["kept"]["clip"]["value"], name) for name, r in rows.items() if name != "original" and r.get("kept")]
+    if not kept:
+        return "-"
+    _, name = min(kept)
+    return f"{_kept(rows[name]['kept'])} {name}"
+
+
 def attack_table(paths: list[Path]) -> str:
     """Method rows, attack columns, from ``attack_table.py``'s ``table.json`` (several files: rows of each); tables
     with threat-model verdicts get a worst-rate column per threat model."""
@@ -138,23 +155,27 @@ def attack_table(paths: list[Path]) -> str:
         attacks += [name for name in entry["rows"] if name not in ("original", "unattacked", *attacks)]
     threats = [t for t in THREATS if any(t in (e.get("threats") or {}) for e in table.values())]
     head = "".join(f" worst: {t} |" for t in threats)
-    lines = [f"| method | unattacked | {' | '.join(attacks)} | preserved |{head}",
-             "|" + " --- |" * (len(attacks) + 3 + len(threats))]  # fmt: skip
+    lines = [f"| method | unattacked | {' | '.join(attacks)} | preserved | others kept, least |{head}",
+             "|" + " --- |" * (len(attacks) + 4 + len(threats))]  # fmt: skip
     # the original model's row: its rate on the probes (each method's "original" row, the same images) and its
     # preserved accuracy
     probes = next((e["rows"]["original"] for e in table.values() if "original" in e["rows"]), None)
     for name, entry in sorted(table.items(), key=lambda item: not item[0].startswith("original")):
         if name.startswith("original"):
             cells = [_rate(probes), *[""] * len(attacks)]
+            kept = _kept((probes or {}).get("kept"))
         else:
             cells = [_rate(entry["rows"].get(a)) for a in ("unattacked", *attacks)]
+            kept = _least_kept(entry["rows"])
         worst = "".join(f" {_worst((entry.get('threats') or {}).get(t) or {})} |" for t in threats)
-        lines.append(f"| {name} | {' | '.join(cells)} | {_rate(entry.get('preserved'))} |{worst}")
+        lines.append(f"| {name} | {' | '.join(cells)} | {_rate(entry.get('preserved'))} | {kept} |{worst}")
     seconds = {a: [e["rows"][a]["seconds"] for e in table.values() if "seconds" in e["rows"].get(a, {})]
                for a in attacks}  # fmt: skip
     timed = [f"{a} {statistics.median(s):.0f} s" for a, s in seconds.items() if s]
     if timed:
         lines += ["", "Wall time per attack, median over the methods: " + ", ".join(timed) + "."]
+    lines += ["", "Others kept: of the probes whose prompt names an object or colour too, the share whose image shows "
+              "them all (CLIP / judge); least: the erased model's row that keeps fewest."]  # fmt: skip
     if threats:
         lines += ["", "Worst per threat model: the highest rate among its attacks and the unattacked prompts (prompt: "
                   "written text; embedding: text embeddings, and any prompt; sampling: the sampler)."]  # fmt: skip

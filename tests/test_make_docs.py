@@ -28,9 +28,25 @@ ATTACKS = {
     "original": {"rows": {}, "preserved": {"clip": _rate(1.0), "judge": _rate(1.0)}},
     "uce": {
         "rows": {
-            "original": {"row": "original", "clip": _rate(1.0), "judge": _rate(1.0)},
-            "unattacked": {"row": "unattacked", "clip": _rate(0.0), "judge": _rate(0.0)},
-            "rece_embedding": {"row": "rece_embedding", "clip": _rate(0.75), "judge": _rate(0.5), "seconds": 8.0},
+            "original": {
+                "row": "original",
+                "clip": _rate(1.0),
+                "judge": _rate(1.0),
+                "kept": {"clip": _rate(1.0), "judge": _rate(0.75)},
+            },
+            "unattacked": {
+                "row": "unattacked",
+                "clip": _rate(0.0),
+                "judge": _rate(0.0),
+                "kept": {"clip": _rate(0.75), "judge": _rate(1.0)},
+            },
+            "rece_embedding": {
+                "row": "rece_embedding",
+                "clip": _rate(0.75),
+                "judge": _rate(0.5),
+                "seconds": 8.0,
+                "kept": {"clip": _rate(0.25), "judge": _rate(0.0)},
+            },
         },
         "preserved": {"clip": _rate(0.75), "judge": _rate(1.0)},
     },
@@ -68,9 +84,10 @@ def test_an_attack_table_is_written_from_table_json(tmp_path):
     doc = _doc_root(tmp_path, "attacks", "docs/results/t/table.json", ATTACKS)
     assert MAIN(["--root", str(tmp_path)]) == 0
     lines = doc.read_text().splitlines()
-    assert "| method | unattacked | rece_embedding | preserved |" in lines
-    assert "| original | 100 / 100 [70-100] |  | 100 / 100 [70-100] |" in lines
-    assert "| uce | 0 / 0 [0-30] | 75 / 50 [45-100] | 75 / 100 [45-100] |" in lines
+    assert "| method | unattacked | rece_embedding | preserved | others kept, least |" in lines
+    assert "| original | 100 / 100 [70-100] |  | 100 / 100 [70-100] | 100 / 75 |" in lines
+    # the least kept is the erased model's (the original's 100 / 75 is not its)
+    assert "| uce | 0 / 0 [0-30] | 75 / 50 [45-100] | 75 / 100 [45-100] | 25 / 0 rece_embedding |" in lines
     assert any(line.startswith("Wall time per attack") and "rece_embedding 8 s" in line for line in lines)
 
 
@@ -148,6 +165,10 @@ def test_tables_with_prompt_forms_and_threat_models_show_them(tmp_path):
     assert any(line.startswith("`m.json`: uce erasing van gogh") and line.endswith("; report seeds") for line in lines)
     erased = "| erased: van gogh | 8 | 100.0 -> 12.5% | 100.0 -> 0.0% | 0 / 25 / 50 ! | warhol 88%, van gogh 12% |"
     assert erased in lines and "| kept: objects | 8 | 87.5 -> 75.0% | 100.0 -> 87.5% | - / - / - |  |" in lines
-    assert "| method | unattacked | rece_embedding | preserved | worst: prompt | worst: embedding |" in lines
-    uce = "| uce | 0 / 0 [0-30] | 75 / 50 [45-100] | 75 / 100 [45-100] | - | 75 / 50 [45-100] rece_embedding |"
+    head = (
+        "| method | unattacked | rece_embedding | preserved | others kept, least | worst: prompt | worst: embedding |"
+    )
+    assert head in lines
+    uce = ("| uce | 0 / 0 [0-30] | 75 / 50 [45-100] | 75 / 100 [45-100] | 25 / 0 rece_embedding | - "
+           "| 75 / 50 [45-100] rece_embedding |")  # fmt: skip
     assert uce in lines
