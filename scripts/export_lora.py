@@ -15,6 +15,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 # scripts/erase.py would shadow the erase package: drop this folder from the import path.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
@@ -35,22 +36,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _is_exported_lora(path: Path) -> bool:
+    """A safetensors file whose header says erase wrote it (``erase.core.kohya``'s ``erase_method`` metadata)."""
+    from pipelines.files import read_safetensors_metadata
+
+    try:
+        return "erase_method" in read_safetensors_metadata(path)
+    except ValueError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from erase import ArtifactError, check_artifact_base, load_artifact, save_kohya_lora
     from erase.core.inputs import error_line
-    from erase.core.layout import KOHYA_FILE
+    from erase.core.layout import KOHYA_FILE, check_replaceable_file
     from pipelines import ModelNotFoundError, check_model_reference, load_pipeline, set_library_verbosity
     from pipelines.loading import TINY_NAMES
 
     set_library_verbosity(args.verbose)
     try:
         out = args.out or os.path.join(args.artifact, KOHYA_FILE)
-        if os.path.exists(out) and not args.overwrite:
-            raise ValueError(f"{out} exists; pass --overwrite to replace it")
         if os.path.isdir(out) or not out.endswith(".safetensors"):
             raise ValueError(f"--out {out}: give a .safetensors file name")
+        # a link to nothing is refused (writing would create its target); a file is replaced only with --overwrite,
+        # and only when it is a LoRA erase exported
+        check_replaceable_file(out, "--out", _is_exported_lora, "a LoRA exported by erase")
+        if os.path.exists(out) and not args.overwrite:
+            raise ValueError(f"{out} exists; pass --overwrite to replace it")
         artifact = load_artifact(args.artifact)
         if not artifact.deltas:
             raise ValueError(f"{args.artifact}: the {artifact.method} erasure changes no weights (a runtime "

@@ -191,5 +191,12 @@ def test_erase_format_kohya_and_the_export_script_write_the_same_lora(tiny_sdxl,
     ours, exported = load(written.read_bytes()), load((tmp_path / "x.safetensors").read_bytes())
     assert ours.keys() == exported.keys() and all(torch.equal(ours[k], exported[k]) for k in ours)
     assert export.main([str(tmp_path / "vg"), "--model", "tiny-sdxl"]) == 2  # the file exists: --overwrite replaces
+    assert export.main([str(tmp_path / "vg"), "--model", "tiny-sdxl", "--overwrite"]) == 0
+    foreign, dangling = tmp_path / "mine.safetensors", tmp_path / "link.safetensors"
+    foreign.write_bytes(b"a file erase did not write")
+    dangling.symlink_to(tmp_path / "nowhere")
+    for out in (foreign, dangling):  # never replaced, --overwrite or not
+        assert export.main([str(tmp_path / "vg"), "--model", "tiny-sdxl", "--out", str(out), "--overwrite"]) == 2
+    assert foreign.read_bytes() == b"a file erase did not write" and not (tmp_path / "nowhere").exists()
     assert export.main([str(tmp_path / "vg"), "--model", "tiny", "--out", str(tmp_path / "y.safetensors")]) == 2
     assert not (tmp_path / "y.safetensors").exists()
