@@ -135,9 +135,12 @@ def _kept(kept: dict | None) -> str:
 
 
 def _least_kept(rows: dict) -> str:
-    """The erased model's row (unattacked or an attack) whose images keep the fewest of the other attributes their
-    prompts name (CLIP), with its name: an erasure that holds by destroying the image shows here."""
-    kept = [(r["kept"]["clip"]["value"], name) for name, r in rows.items() if name != "original" and r.get("kept")]
+    """The erased model's row whose images keep the fewest of the other attributes their prompts name (CLIP), with
+    its name: an erasure that holds by destroying the image shows here. Among the unattacked row and the attacks that
+    draw from the probe's own prompt (embedding, sampling); a prompt attack writes text of its own, which need not
+    name the object or colour at all."""
+    kept = [(r["kept"]["clip"]["value"], name) for name, r in rows.items()
+            if name != "original" and r.get("kept") and r.get("kind") != "prompt"]  # fmt: skip
     if not kept:
         return "-"
     _, name = min(kept)
@@ -159,7 +162,8 @@ def attack_table(paths: list[Path]) -> str:
              "|" + " --- |" * (len(attacks) + 4 + len(threats))]  # fmt: skip
     # the original model's row: its rate on the probes (each method's "original" row, the same images) and its
     # preserved accuracy
-    probes = next((e["rows"]["original"] for e in table.values() if "original" in e["rows"]), None)
+    originals = [e["rows"]["original"] for e in table.values() if "original" in e["rows"]]
+    probes = next((r for r in originals if r.get("kept")), originals[0] if originals else None)
     for name, entry in sorted(table.items(), key=lambda item: not item[0].startswith("original")):
         if name.startswith("original"):
             cells = [_rate(probes), *[""] * len(attacks)]
@@ -175,7 +179,8 @@ def attack_table(paths: list[Path]) -> str:
     if timed:
         lines += ["", "Wall time per attack, median over the methods: " + ", ".join(timed) + "."]
     lines += ["", "Others kept: of the probes whose prompt names an object or colour too, the share whose image shows "
-              "them all (CLIP / judge); least: the erased model's row that keeps fewest."]  # fmt: skip
+              "them all (CLIP / judge); least: the erased model's row that keeps fewest, unattacked or under an "
+              "embedding or sampling attack (a prompt attack writes its own text)."]  # fmt: skip
     if threats:
         lines += ["", "Worst per threat model: the highest rate among its attacks and the unattacked prompts (prompt: "
                   "written text; embedding: text embeddings, and any prompt; sampling: the sampler)."]  # fmt: skip

@@ -89,6 +89,14 @@ def test_an_attack_table_is_written_from_table_json(tmp_path):
     # the least kept is the erased model's (the original's 100 / 75 is not its)
     assert "| uce | 0 / 0 [0-30] | 75 / 50 [45-100] | 75 / 100 [45-100] | 25 / 0 rece_embedding |" in lines
     assert any(line.startswith("Wall time per attack") and "rece_embedding 8 s" in line for line in lines)
+    # a prompt attack writes its own text: what its images keep is not the erasure's doing, and is not the least
+    attacks = json.loads(json.dumps(ATTACKS))
+    zero = {"clip": _rate(0.0), "judge": _rate(0.0)}
+    prompt_row = {"row": "ring_a_bell_prompt", "kind": "prompt", **zero, "kept": zero}
+    attacks["uce"]["rows"]["ring_a_bell_prompt"] = prompt_row
+    (tmp_path / "docs/results/t/table.json").write_text(json.dumps(attacks))
+    assert MAIN(["--root", str(tmp_path)]) == 0
+    assert "| 75 / 100 [45-100] | 25 / 0 rece_embedding |" in doc.read_text()
 
 
 def test_a_block_without_its_json_is_left_as_recorded(tmp_path, capsys):
