@@ -17,6 +17,7 @@ SOURCE is a file or a glob relative to the repository root; KIND names how it is
               (and, from files that have them, after the edit per prompt form, "!" past a 5-point difference)
     attacks   the ``table.json`` of ``scripts/attack_table.py``: attack success rates and preserved accuracy (and,
               from tables that have them, the worst rate per threat model)
+    suite     ``scripts/attack.py``'s ``<concept>/attacks.json`` files (a glob): the same table, a row per concept
     matrix    the method registry itself (SOURCE erase/core/registry.py): which architecture each method runs on
 
 A block whose SOURCE matches no file is left as it is and listed as pending: its table is recorded by hand from
@@ -153,12 +154,30 @@ def attack_table(paths: list[Path]) -> str:
     table: dict[str, dict] = {}
     for path in sorted(paths):
         table.update(json.loads(path.read_text()))
+    return _attack_rows(table)
+
+
+def suite_table(paths: list[Path]) -> str:
+    """Concept rows, attack columns, from ``attack.py``'s ``<concept>/attacks.json`` files (one erasure of several
+    concepts: a row per concept), under a line naming the erasure."""
+    suites = [json.loads(path.read_text()) for path in sorted(paths)]
+    erasures = {(s["erasure"]["method"], ", ".join(s["erasure"]["concepts"])) for s in suites}
+    named = "; ".join(f"{method} erasing {concepts}" for method, concepts in sorted(erasures))
+    splits = sorted({f"{s['split']} seeds, budget x{s['budget']:g}, {s['n']} probes a row" for s in suites})
+    head = f"`scripts/attack.py` on {named} ({'; '.join(splits)}):"
+    table = {s["concept"]: {"rows": {r["row"]: r for r in s["rows"]}, "threats": s["threats"]} for s in suites}
+    return head + "\n\n" + _attack_rows(table, "concept")
+
+
+def _attack_rows(table: dict[str, dict], rows_are: str = "method") -> str:
+    """The attack table of ``{row name: {"rows": {attack row: ...}, "preserved": ..., "threats": ...}}``; the first
+    column's head says what the rows are."""
     attacks: list[str] = []
     for entry in table.values():
         attacks += [name for name in entry["rows"] if name not in ("original", "unattacked", *attacks)]
     threats = [t for t in THREATS if any(t in (e.get("threats") or {}) for e in table.values())]
     head = "".join(f" worst: {t} |" for t in threats)
-    lines = [f"| method | unattacked | {' | '.join(attacks)} | preserved | others kept, least |{head}",
+    lines = [f"| {rows_are} | unattacked | {' | '.join(attacks)} | preserved | others kept, least |{head}",
              "|" + " --- |" * (len(attacks) + 4 + len(threats))]  # fmt: skip
     # the original model's row: its rate on the probes (each method's "original" row, the same images) and its
     # preserved accuracy
@@ -224,7 +243,7 @@ def matrix_table(_paths: list[Path]) -> str:
 
 Renderer = Callable[[list[Path]], str]
 RENDERERS: dict[str, Renderer] = {
-    "sae": sae_table, "erasure": erasure_table, "attacks": attack_table, "matrix": matrix_table,
+    "sae": sae_table, "erasure": erasure_table, "attacks": attack_table, "suite": suite_table, "matrix": matrix_table,
 }  # fmt: skip
 
 

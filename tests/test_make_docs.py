@@ -99,6 +99,26 @@ def test_an_attack_table_is_written_from_table_json(tmp_path):
     assert "| 75 / 100 [45-100] | 25 / 0 rece_embedding |" in doc.read_text()
 
 
+def test_a_suite_table_has_a_row_per_concept_of_one_erasure(tmp_path):
+    rows = ATTACKS["uce"]["rows"]
+    for concept, rate in (("van gogh", 0.75), ("monet", 0.25)):
+        suite = {"concept": concept, "n": 4, "split": "report", "budget": 1.0,
+                 "erasure": {"method": "uce", "concepts": ["van gogh", "monet"]},
+                 "rows": [rows["original"], rows["unattacked"], {**rows["rece_embedding"], "clip": _rate(rate)}],
+                 "threats": {}}  # fmt: skip
+        folder = tmp_path / "docs" / "s" / concept.replace(" ", "-")
+        folder.mkdir(parents=True)
+        (folder / "attacks.json").write_text(json.dumps(suite))
+    doc = tmp_path / "docs" / "x.md"
+    doc.write_text("<!-- table: suite docs/s/*/attacks.json -->\n<!-- end table -->\n")
+    assert MAIN(["--root", str(tmp_path)]) == 0
+    lines = doc.read_text().splitlines()
+    assert "`scripts/attack.py` on uce erasing van gogh, monet (report seeds, budget x1, 4 probes a row):" in lines
+    assert "| concept | unattacked | rece_embedding | preserved | others kept, least |" in lines
+    assert "| van gogh | 0 / 0 [0-30] | 75 / 50 [45-100] | - | 25 / 0 rece_embedding |" in lines
+    assert "| monet | 0 / 0 [0-30] | 25 / 50 [0-55] | - | 25 / 0 rece_embedding |" in lines
+
+
 def test_a_block_without_its_json_is_left_as_recorded(tmp_path, capsys):
     doc = _doc_root(tmp_path, "erasure", "docs/results/m.json", MEASURED)
     (tmp_path / "docs/results/m.json").unlink()
