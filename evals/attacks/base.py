@@ -445,8 +445,7 @@ def attack_success(
     forms = [p.form for p in probes]
     out = {"clip": M.accuracy(clip), "judge": None, "clip_verdicts": verdicts}
     by_form = {f: {"clip": a, "judge": None} for f, a in split_accuracies(clip, forms).items()}
-    classes = getattr(getattr(judge, "config", None), "classes", None) or {}
-    if judge is not None and all(p.category in classes for p in probes):
+    if _judge_reads(judge, {p.category for p in probes}):
         judged = judge_correct(judge, images, probes)
         out["judge"] = M.accuracy(judged)
         for f, a in split_accuracies(judged, forms).items():
@@ -472,23 +471,27 @@ def others_kept(
     named = [(i, c, n) for i, p in enumerate(probes) for c, n in p.others if c in labels]
     if not named:
         return None
+    # one (image, attribute) pair per named attribute, each read as a probe of that attribute
     pairs = [Probe(probes[i].prompt, probes[i].seed, n, c) for i, c, n in named]
-    verdicts = probe_verdicts(scorer, [images[i] for i, _, _ in named], pairs, labels)
-    shown = list(dict.fromkeys(i for i, _, _ in named))
+    pictured = [images[i] for i, _, _ in named]
 
     def share(correct: Sequence[bool]) -> dict[str, Any]:  # a probe counts when every attribute it names is read
-        every = dict.fromkeys(shown, True)
+        every: dict[int, bool] = {}
         for (i, _, _), ok in zip(named, correct, strict=True):
-            every[i] = every[i] and ok
+            every[i] = every.get(i, True) and ok
         return M.accuracy(list(every.values()))
 
+    verdicts = probe_verdicts(scorer, pictured, pairs, labels)
     out = {"clip": share([v == p.concept for v, p in zip(verdicts, pairs, strict=True)]), "judge": None}
-    classes = getattr(getattr(judge, "config", None), "classes", None) or {}
-    if judge is not None and all(c in classes for _, c, _ in named):
-        predicted = judge.predict(np.stack([np.asarray(images[i].convert("RGB")) for i in shown]))
-        position = {i: k for k, i in enumerate(shown)}
-        out["judge"] = share([predicted[c][position[i]] == n for i, c, n in named])
+    if _judge_reads(judge, {p.category for p in pairs}):
+        out["judge"] = share(judge_correct(judge, pictured, pairs))
     return out
+
+
+def _judge_reads(judge: torch.nn.Module | None, categories: set[str]) -> bool:
+    """The micro world's judge is given and was trained on every one of ``categories``."""
+    classes = getattr(getattr(judge, "config", None), "classes", None) or {}
+    return judge is not None and categories <= set(classes)
 
 
 def word_vocabulary(wrapper: PipelineWrapper) -> torch.Tensor:
