@@ -259,11 +259,16 @@ def test_a_result_file_that_is_not_an_earlier_result_is_never_replaced(script, t
 def test_an_erasure_folder_that_is_none_is_refused_before_torch_is_imported(script, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "file").write_text("x")
-    cases = {"missing": "no such folder", "empty": "is not an erasure artifact", "file": "not a folder"}
+    cases = {
+        str(tmp_path / "missing"): "no such folder",
+        str(tmp_path / "empty"): "is not an erasure artifact",
+        str(tmp_path / "file"): "not a folder",
+        " ": "--erasure is empty",
+    }
     probe = (
         "import runpy, sys\n"
         f"main = runpy.run_path({str(ROOT / 'scripts' / script)!r}, run_name='script')['main']\n"
-        f"for folder in {[str(tmp_path / c) for c in cases]!r}:\n"
+        f"for folder in {list(cases)!r}:\n"
         f"    print(main(['--erasure', folder, '--out', {str(tmp_path / 'out')!r}]), 'torch' in sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path)

@@ -254,6 +254,8 @@ def check_erasure_folder(folder: str | Path, option: str = "--erasure") -> None:
     """``ArtifactError`` in one line unless ``folder`` holds an erasure artifact (``erasure.json``) or a stack
     (``stack.json``): the scripts' first check of a folder to read, before torch is imported. Whether the files are
     whole and fit the model is for the loader (``erase.stack.read_erasure``)."""
+    if not str(folder).strip():
+        raise ArtifactError(f"{option} is empty: name an erasure artifact or stack folder")
     path = Path(folder).expanduser()
     if not path.is_dir():
         raise ArtifactError(f"{option} {folder}: {'no such folder' if not path.exists() else 'not a folder'}")
